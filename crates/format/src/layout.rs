@@ -1,0 +1,140 @@
+//! Where the files of a run live.
+//!
+//! ```text
+//! <run>/manifest.json
+//! <run>/instances/part-000000.parquet
+//! <run>/steps/part-000001.parquet
+//! <run>/updates/layer=<name>/part-000001.parquet
+//! <run>/weights/initial.safetensors | step-00000123.safetensors | final.safetensors
+//! <run>/probes/layer=<name>/part-000000.parquet
+//! <run>/contributions/layer=<name>/part-000000.parquet
+//! ```
+//!
+//! Files are written under a temporary name that starts with `.` and ends
+//! with `.tmp` — a name every Parquet reader skips — and renamed when
+//! complete.
+use crate::schema::Table;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The manifest file name.
+pub const MANIFEST: &str = "manifest.json";
+
+/// `<run>/manifest.json`.
+pub fn manifest_path(run: &Path) -> PathBuf {
+    run.join(MANIFEST)
+}
+
+/// Relative directory of a table (with its `layer=` partition, if any).
+pub fn table_dir(table: Table, layer: Option<&str>) -> String {
+    match layer {
+        Some(l) if table.is_partitioned() => format!("{}/layer={l}", table.name()),
+        _ => table.name().to_owned(),
+    }
+}
+
+/// Relative path of part `seq` of a table.
+pub fn part_path(table: Table, layer: Option<&str>, seq: u64) -> String {
+    format!("{}/part-{seq:06}.parquet", table_dir(table, layer))
+}
+
+/// Relative path of a weights snapshot taken after `step` (`None`: initial).
+pub fn weights_path(step: Option<i64>) -> String {
+    match step {
+        None => "weights/initial.safetensors".to_owned(),
+        Some(s) => format!("weights/step-{s:08}.safetensors"),
+    }
+}
+
+/// Relative path of the final weights.
+pub const FINAL_WEIGHTS: &str = "weights/final.safetensors";
+
+/// The temporary name a file is written under before it is renamed to `path`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Whether a file name is a temporary (incomplete) file.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Checks a layer (or other) name for use in a Hive partition path and SQL.
+pub fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let why = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 64 {
+        Some("longer than 64 characters")
+    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Some("only ASCII letters, digits and '_' are allowed")
+    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        Some("must start with a letter")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::InvalidName {
+            what,
+            name: name.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks that a manifest path stays inside the run directory.
+pub fn check_relative(path: &str) -> Result<()> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.is_relative()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            what: "file path",
+            name: path.to_owned(),
+            why: "must be relative and stay inside the run",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("layer", "fc1").is_ok());
+        assert!(check_name("layer", "conv_2").is_ok());
+        for bad in ["", "1fc", "fc-1", "a/b", "layer=x", "fc 1"] {
+            assert!(check_name("layer", bad).is_err(), "{bad}");
+        }
+        assert!(check_relative("updates/layer=fc1/part-000001.parquet").is_ok());
+        assert!(check_relative("../x").is_err());
+        assert!(check_relative("/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            part_path(Table::Updates, Some("fc1"), 3),
+            "updates/layer=fc1/part-000003.parquet"
+        );
+        assert_eq!(
+            part_path(Table::Steps, None, 12),
+            "steps/part-000012.parquet"
+        );
+        let t = temp_path(Path::new("/r/updates/layer=fc1/part-000003.parquet"));
+        assert_eq!(
+            t,
+            Path::new("/r/updates/layer=fc1/.part-000003.parquet.tmp")
+        );
+        assert!(is_temp_name(".part-000003.parquet.tmp"));
+    }
+}

@@ -1,0 +1,562 @@
+//! The manifest: `<run>/manifest.json`, the commit point of a run.
+//!
+//! The manifest is replaced atomically (written to a temporary name, then
+//! renamed). A file of the run counts as committed only when a manifest lists
+//! it; readers that go through [`Manifest::files`] never see rows past the
+//! last commit point, even while training is still writing.
+use crate::layout;
+use crate::schema::Table;
+use crate::{Error, FORMAT_NAME, FORMAT_VERSION, Result, Step};
+use arrow_schema::DataType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Whether a run is still being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Training is (or was, if the process died) still recording.
+    Recording,
+    /// `finish()` was called: every step, the final weights and probes are in.
+    Complete,
+    /// Recording stopped early (an error, a non-finite loss, a dropped recorder).
+    Aborted,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Recording => "recording",
+            Status::Complete => "complete",
+            Status::Aborted => "aborted",
+        })
+    }
+}
+
+/// Which part of the data set an instance belongs to (`instances.split`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    /// The value stored in `instances.split`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// What one update record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One record per step, layer and training instance (exact for SGD).
+    Instance,
+    /// One record per step and layer: the whole update of the batch.
+    Batch,
+}
+
+/// Float type of the stored factors `u` and `v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+}
+
+impl Dtype {
+    /// The Arrow type of one factor element.
+    pub fn arrow(self) -> DataType {
+        match self {
+            Dtype::F32 => DataType::Float32,
+            Dtype::F16 => DataType::Float16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+        })
+    }
+}
+
+/// How a Conv2d layer's per-example update is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// `u` (C_in·kh·kw × P, row-major) and `v` (C_out × P, row-major), ΔW = v uᵀ.
+    Factors,
+    /// `u` is empty; `v` holds ΔW (C_out × C_in·kh·kw, row-major) followed by
+    /// Δb (C_out) when the layer has a bias.
+    Full,
+}
+
+/// A fully connected layer `z = W a + b`, W of shape `out × in`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearSpec {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    /// Whether update records are written for this layer.
+    pub traced: bool,
+}
+
+/// A 2-d convolution (groups 1), W of shape `C_out × C_in × kh × kw`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conv2dSpec {
+    pub name: String,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    /// Spatial size `[h, w]` of the layer's input.
+    pub input_hw: [usize; 2],
+    /// Spatial size `[h, w]` of the layer's output.
+    pub output_hw: [usize; 2],
+    pub bias: bool,
+    pub traced: bool,
+    /// Whether records hold factors or the full per-example matrix.
+    pub storage: Storage,
+}
+
+impl Conv2dSpec {
+    /// Rows of the unfolded input: `C_in · kh · kw`.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output positions `P = h_out · w_out`.
+    pub fn positions(&self) -> usize {
+        self.output_hw[0] * self.output_hw[1]
+    }
+}
+
+/// One module of a sequential model, in forward order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Module {
+    Linear(LinearSpec),
+    Conv2d(Conv2dSpec),
+    Relu,
+    Tanh,
+    Sigmoid,
+    Gelu,
+    MaxPool2d {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    AvgPool2d {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    },
+    Flatten,
+    Dropout {
+        p: f64,
+    },
+    /// BatchNorm (batch mode only: it couples the examples of a batch).
+    BatchNorm2d {
+        name: String,
+        channels: usize,
+    },
+    BatchNorm1d {
+        name: String,
+        features: usize,
+    },
+}
+
+/// A traced layer as the analyzer sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TracedLayer<'a> {
+    Linear(&'a LinearSpec),
+    Conv2d(&'a Conv2dSpec),
+}
+
+impl<'a> TracedLayer<'a> {
+    /// The layer's name (its `layer=` partition).
+    pub fn name(&self) -> &'a str {
+        match self {
+            TracedLayer::Linear(l) => &l.name,
+            TracedLayer::Conv2d(c) => &c.name,
+        }
+    }
+
+    /// Whether the layer has a bias.
+    pub fn bias(&self) -> bool {
+        match self {
+            TracedLayer::Linear(l) => l.bias,
+            TracedLayer::Conv2d(c) => c.bias,
+        }
+    }
+
+    /// Shape of the weight tensor as PyTorch stores it.
+    pub fn weight_shape(&self) -> Vec<usize> {
+        match self {
+            TracedLayer::Linear(l) => vec![l.out_features, l.in_features],
+            TracedLayer::Conv2d(c) => {
+                vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]]
+            }
+        }
+    }
+
+    /// Lengths of one record's `u` and `v` lists.
+    pub fn factor_lens(&self) -> (usize, usize) {
+        match self {
+            TracedLayer::Linear(l) => (l.in_features, l.out_features),
+            TracedLayer::Conv2d(c) => match c.storage {
+                Storage::Factors => (
+                    c.patch_len() * c.positions(),
+                    c.out_channels * c.positions(),
+                ),
+                Storage::Full => (
+                    0,
+                    c.out_channels * c.patch_len() + if c.bias { c.out_channels } else { 0 },
+                ),
+            },
+        }
+    }
+
+    /// Lengths of a probe's `a` (layer input) and `p` (refinement) lists.
+    pub fn probe_lens(&self) -> (usize, usize) {
+        match self {
+            TracedLayer::Linear(l) => (l.in_features, l.out_features),
+            TracedLayer::Conv2d(c) => (
+                c.in_channels * c.input_hw[0] * c.input_hw[1],
+                c.out_channels * c.positions(),
+            ),
+        }
+    }
+}
+
+/// The model: a sequential stack of modules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    /// A short name (`mlp`, `cnn`, or the user's).
+    pub name: String,
+    /// Shape of one input example, without the batch dimension.
+    pub input_shape: Vec<usize>,
+    pub modules: Vec<Module>,
+}
+
+impl Model {
+    /// The traced Linear and Conv2d layers, in forward order.
+    pub fn traced_layers(&self) -> impl Iterator<Item = TracedLayer<'_>> {
+        self.modules.iter().filter_map(|m| match m {
+            Module::Linear(l) if l.traced => Some(TracedLayer::Linear(l)),
+            Module::Conv2d(c) if c.traced => Some(TracedLayer::Conv2d(c)),
+            _ => None,
+        })
+    }
+
+    /// A traced layer by name.
+    pub fn traced_layer(&self, name: &str) -> Option<TracedLayer<'_>> {
+        self.traced_layers().find(|l| l.name() == name)
+    }
+}
+
+/// The optimizer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+/// How the learning rate changes over steps (the per-step value is in `steps.lr`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    /// Multiply by `gamma` every `every_epochs` epochs.
+    Step {
+        every_epochs: u32,
+        gamma: f64,
+    },
+    /// Cosine annealing from the base rate to `min_lr` over the run's steps.
+    Cosine {
+        min_lr: f64,
+    },
+}
+
+/// Optimizer settings, with PyTorch semantics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    /// Base learning rate.
+    pub lr: f64,
+    pub schedule: LrSchedule,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Adam/AdamW betas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub betas: Option<[f64; 2]>,
+    /// Adam/AdamW epsilon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+}
+
+impl Optimizer {
+    /// Plain SGD with a constant learning rate.
+    pub fn sgd(lr: f64) -> Self {
+        Self {
+            kind: OptimizerKind::Sgd,
+            lr,
+            schedule: LrSchedule::Constant,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            betas: None,
+            eps: None,
+        }
+    }
+
+    /// Whether the stored records account for the whole weight change, so
+    /// that the reconstruction residual must be ~0 (SGD without weight decay,
+    /// in instance mode or batch mode; any optimizer in batch mode).
+    pub fn promises_exactness(&self, mode: Mode) -> bool {
+        match mode {
+            Mode::Batch => true,
+            Mode::Instance => self.kind == OptimizerKind::Sgd && self.weight_decay == 0.0,
+        }
+    }
+}
+
+/// One file of the run, as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the run directory, `/`-separated.
+    pub path: String,
+    pub table: String,
+    /// Layer, for partitioned tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// A commit point: what became durable together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    /// 0, 1, 2, … in order.
+    pub seq: u64,
+    /// Last training step whose rows are committed (none before the first step).
+    pub step: Option<Step>,
+    /// Epoch of that step.
+    pub epoch: Option<i32>,
+    /// Files added by this commit.
+    pub files: Vec<FileEntry>,
+    /// Weights snapshot taken at this commit, relative path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+    /// RFC 3339 time of the commit.
+    pub time: String,
+}
+
+/// The result of the last `reptrace attribute`, replaced as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attribution {
+    pub files: Vec<FileEntry>,
+    /// The probe selection as given (`test`, `train`, `ids:…`, `all`).
+    pub probes: String,
+    pub layers: Vec<String>,
+    /// Inclusive step range that was attributed.
+    pub steps: Option<[i64; 2]>,
+    pub self_only: bool,
+    /// Weights the probes were taken against: last step they include.
+    pub as_of_step: Option<Step>,
+    pub time: String,
+}
+
+/// `<run>/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    pub run_id: String,
+    pub status: Status,
+    pub mode: Mode,
+    pub dtype: Dtype,
+    pub model: Model,
+    pub optimizer: Optimizer,
+    /// Class names, indexed by label.
+    pub classes: Vec<String>,
+    /// Training settings that do not change the format (seed, epochs, data…).
+    #[serde(default)]
+    pub settings: BTreeMap<String, serde_json::Value>,
+    /// RFC 3339 creation time.
+    pub created: String,
+    pub commits: Vec<Commit>,
+    /// Why the run was aborted, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
+}
+
+impl Manifest {
+    /// A new manifest with status `recording` and no commits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        run_id: String,
+        mode: Mode,
+        dtype: Dtype,
+        model: Model,
+        optimizer: Optimizer,
+        classes: Vec<String>,
+        created: String,
+    ) -> Self {
+        Self {
+            format: FORMAT_NAME.to_owned(),
+            format_version: FORMAT_VERSION,
+            run_id,
+            status: Status::Recording,
+            mode,
+            dtype,
+            model,
+            optimizer,
+            classes,
+            settings: BTreeMap::new(),
+            created,
+            commits: Vec::new(),
+            abort_reason: None,
+            attribution: None,
+        }
+    }
+
+    /// Reads and checks `<run>/manifest.json`.
+    pub fn load(run: &Path) -> Result<Self> {
+        if !run.is_dir() {
+            return Err(Error::NoRun {
+                path: run.to_path_buf(),
+            });
+        }
+        let path = layout::manifest_path(run);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoManifest { path });
+            }
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        Self::parse(&text, &path)
+    }
+
+    /// Parses a manifest's text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        // Check format and version first, so that a newer manifest gets a
+        // version error rather than a confusing field error.
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::BadManifest {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let format = raw.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        let version = raw
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if format != FORMAT_NAME || version != u64::from(FORMAT_VERSION) {
+            return Err(Error::Version {
+                path: path.to_path_buf(),
+                format: if format.is_empty() {
+                    "<none>".into()
+                } else {
+                    format.to_owned()
+                },
+                version: u32::try_from(version).unwrap_or(u32::MAX),
+                supported: format!("{FORMAT_NAME} {FORMAT_VERSION}"),
+            });
+        }
+        let m: Manifest = serde_json::from_value(raw).map_err(|e| Error::BadManifest {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        m.validate(path)?;
+        Ok(m)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::BadManifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        for layer in self.model.traced_layers() {
+            layout::check_name("layer", layer.name()).map_err(|e| bad(e.to_string()))?;
+        }
+        for (i, c) in self.commits.iter().enumerate() {
+            if c.seq != i as u64 {
+                return Err(bad(format!("commit {i} has seq {}", c.seq)));
+            }
+            for f in &c.files {
+                layout::check_relative(&f.path).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializes as pretty JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing plain data structs cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The last committed training step, if any.
+    pub fn last_step(&self) -> Option<Step> {
+        self.commits.iter().rev().find_map(|c| c.step)
+    }
+
+    /// Every committed file of `table` (training commits and attribution).
+    pub fn files(&self, table: Table) -> Vec<&FileEntry> {
+        let name = table.name();
+        let from_commits = self.commits.iter().flat_map(|c| c.files.iter());
+        let from_attr = self.attribution.iter().flat_map(|a| a.files.iter());
+        from_commits
+            .chain(from_attr)
+            .filter(|f| f.table == name)
+            .collect()
+    }
+
+    /// The weights snapshot taken last, with the step it is "as of".
+    pub fn latest_weights(&self) -> Option<(&str, Option<Step>)> {
+        self.commits
+            .iter()
+            .rev()
+            .find_map(|c| c.weights.as_deref().map(|w| (w, c.step)))
+    }
+
+    /// The initial weights snapshot (taken before the first step).
+    pub fn initial_weights(&self) -> Option<&str> {
+        self.commits.first().and_then(|c| c.weights.as_deref())
+    }
+
+    /// Absolute path of a committed file.
+    pub fn resolve(run: &Path, rel: &str) -> PathBuf {
+        run.join(rel)
+    }
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Project-local set-up, idempotent: a Python virtual environment in .venv
+# with PyTorch 2.11.0 (the libtorch that tch 0.24 links against) and the
+# Python packages the tests use, and the .libtorch link that
+# .cargo/config.toml points tch at. Nothing is installed outside the
+# repository. Safe to run again: it does only what is missing.
+#
+#   scripts/setup.sh          # torch + test packages
+#   scripts/setup.sh --torch  # torch only (enough for the demo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+venv="$root/.venv"
+py=${PYTHON:-python3}
+
+want_tests=1
+[ "${1:-}" = "--torch" ] && want_tests=0
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  "$py" -m venv "$venv"
+fi
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# PyTorch 2.11.0 without its CUDA wheels: libtorch_cpu needs only the CUDA
+# runtime and CUPTI libraries. `import torch` does not work in this
+# environment (its pure-Python dependencies are left out); tch only needs the
+# shared libraries and headers.
+if [ ! -f "$site/torch/lib/libtorch_cpu.so" ] || ! grep -qx "__version__ = '2.11.0+cu130'" "$site/torch/version.py" 2>/dev/null; then
+  echo "setup: installing PyTorch 2.11.0 into $venv (about 1 GB, once)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+fi
+ln -sfn "$site/torch" "$root/.libtorch"
+
+if [ "$want_tests" = 1 ]; then
+  if ! "$venv/bin/python" -c 'import pyarrow, pandas, pytest' 2>/dev/null \
+     || ! cmp -s requirements-test.txt "$venv/.requirements-test.txt"; then
+    echo "setup: installing test packages (requirements-test.txt)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements-test.txt
+    cp requirements-test.txt "$venv/.requirements-test.txt"
+  fi
+fi
