@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The demo: trains a small network on the bundled digits data with tracing,
+# attributes the test probes and prints what shaped one of them.
+# Does its own set-up on a fresh machine (PyTorch 2.11.0 into .venv).
+#
+#   scripts/demo.sh [reptrace demo options…]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --torch
+cargo build --locked -p reptrace-cli --bin reptrace
+exec target/debug/reptrace demo "$@"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Does its own set-up on a fresh machine: the project-local Python
+# environment with PyTorch 2.11.0 and the test packages (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "set-up"
+scripts/setup.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build (binaries, examples and benchmarks compiled, not run)"
+cargo build --workspace --all-targets --locked --profile dev
+# The analyzer and the CLI must build without libtorch.
+cargo check -p reptrace-cli --no-default-features --locked
+
+step "Rust tests"
+cargo test --workspace --locked
+
+step "Python tests (pyarrow, pandas and friends reading our files)"
+export REPTRACE_BIN="$PWD/target/debug/reptrace"
+export REPTRACE_SYNTHETIC_BIN="$PWD/target/debug/examples/synthetic"
+set +e
+.venv/bin/python -m pytest tests/python -q
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure here too.
+exit $rc
