@@ -1,0 +1,167 @@
+//! Write throughput of the recorder and the size of the trace on disk.
+//!
+//! `cargo bench -p reptrace-record --bench write`
+//!
+//! Records an MLP 784-256-10 (both layers traced, batch 64) with realistic
+//! factors — ReLU-like sparse inputs `u` (about half zeros), Gaussian
+//! `v = −η·δ` — and prints, per factor dtype and zstd level: the raw f32
+//! size of the factors handed over, the bytes on disk, their ratio, and the
+//! rate at which the recorder accepted the data (until the last `updates`
+//! call returned) and wrote it (until `finish` returned).
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use reptrace_format::{Dtype, LinearSpec, Model, Module, Optimizer, Table};
+use reptrace_record::{Recorder, StepRow, UpdateBatch};
+use std::time::Instant;
+
+const BATCH: usize = 64;
+const STEPS: usize = 400;
+/// Distinct pre-generated batches, cycled (generation is not timed).
+const VARIANTS: usize = 40;
+const LAYERS: [(&str, usize, usize); 2] = [("fc1", 784, 256), ("fc2", 256, 10)];
+
+fn gaussian(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+struct Data {
+    /// Per variant, per layer: (u, v).
+    batches: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+}
+
+fn data() -> Data {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let batches = (0..VARIANTS)
+        .map(|_| {
+            LAYERS
+                .iter()
+                .map(|&(_, i, o)| {
+                    let u = (0..BATCH * i)
+                        .map(|_| gaussian(&mut rng).max(0.0))
+                        .collect();
+                    let v = (0..BATCH * o).map(|_| 1e-3 * gaussian(&mut rng)).collect();
+                    (u, v)
+                })
+                .collect()
+        })
+        .collect();
+    Data { batches }
+}
+
+fn model() -> Model {
+    Model {
+        name: "mlp".into(),
+        input_shape: vec![784],
+        modules: LAYERS
+            .iter()
+            .map(|&(name, i, o)| {
+                Module::Linear(LinearSpec {
+                    name: name.into(),
+                    in_features: i,
+                    out_features: o,
+                    bias: true,
+                    traced: true,
+                })
+            })
+            .collect(),
+    }
+}
+
+struct Row {
+    raw: u64,
+    disk: u64,
+    accept_s: f64,
+    total_s: f64,
+}
+
+fn run(data: &Data, dtype: Dtype, level: i32) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = dir.path().join("run");
+    let mut rec = Recorder::builder(&run)
+        .model(model())
+        .optimizer(Optimizer::sgd(0.1))
+        .dtype(dtype)
+        .zstd_level(level)
+        .build()
+        .expect("recorder");
+    let ids: Vec<i64> = (0..BATCH as i64).collect();
+    let labels = vec![0i32; BATCH];
+    let start = Instant::now();
+    let mut raw = 0u64;
+    for t in 0..STEPS {
+        let step = t as i64;
+        rec.step(StepRow {
+            step,
+            epoch: 0,
+            lr: 0.1,
+            batch_size: BATCH as i32,
+            loss: 1.0,
+        })
+        .expect("step");
+        for (l, (u, v)) in LAYERS.iter().zip(&data.batches[t % VARIANTS]) {
+            rec.updates(
+                l.0,
+                UpdateBatch {
+                    step,
+                    epoch: 0,
+                    instance_ids: &ids,
+                    labels: &labels,
+                    u,
+                    v,
+                    update_norm: None,
+                },
+            )
+            .expect("updates");
+            raw += ((u.len() + v.len()) * 4) as u64;
+        }
+        if t % 100 == 99 {
+            rec.commit().expect("commit");
+        }
+    }
+    let accept_s = start.elapsed().as_secs_f64();
+    let m = rec.finish(&[]).expect("finish");
+    let total_s = start.elapsed().as_secs_f64();
+    let disk = m.files(Table::Updates).iter().map(|f| f.bytes).sum();
+    Row {
+        raw,
+        disk,
+        accept_s,
+        total_s,
+    }
+}
+
+fn main() {
+    let data = data();
+    println!(
+        "recorder write bench: MLP 784-256-10, batch {BATCH}, {STEPS} steps, \
+         ReLU-sparse u, Gaussian v, {} threads available",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "{:<6} {:>5} {:>12} {:>12} {:>8} {:>12} {:>12}",
+        "dtype", "zstd", "raw f32 MB", "on disk MB", "ratio", "accept MB/s", "write MB/s"
+    );
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for level in [1, 3] {
+            // Median of three runs by total time.
+            let mut rows: Vec<Row> = (0..3).map(|_| run(&data, dtype, level)).collect();
+            rows.sort_by(|a, b| a.total_s.total_cmp(&b.total_s));
+            let r = &rows[1];
+            let mb = r.raw as f64 / 1e6;
+            println!(
+                "{:<6} {:>5} {:>12.1} {:>12.1} {:>8.3} {:>12.0} {:>12.0}",
+                dtype.to_string(),
+                level,
+                mb,
+                r.disk as f64 / 1e6,
+                r.disk as f64 / r.raw as f64,
+                mb / r.accept_s,
+                mb / r.total_s
+            );
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The rows a training loop hands to the recorder, borrowed from its buffers.
+//!
+//! Each `*Batch` is checked on the caller's thread (lengths, layer, order) and
+//! copied once into an owned message for the writer thread, so the caller's
+//! buffers are free again as soon as the call returns.
+use reptrace_format::Split;
+
+/// One row of the `steps` table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRow {
+    /// Training step, counted from 0 over the whole run; strictly increasing.
+    pub step: i64,
+    pub epoch: i32,
+    /// Learning rate η_t used at this step.
+    pub lr: f64,
+    pub batch_size: i32,
+    /// The batch loss.
+    pub loss: f64,
+}
+
+/// The update records of one step for one traced layer: `n` rows.
+///
+/// `u` is `n × u_len` and `v` is `n × v_len`, row-major, with
+/// `(u_len, v_len) = TracedLayer::factor_lens()`.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateBatch<'a> {
+    pub step: i64,
+    pub epoch: i32,
+    pub instance_ids: &'a [i64],
+    pub labels: &'a [i32],
+    pub u: &'a [f32],
+    pub v: &'a [f32],
+    /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
+    pub update_norm: Option<&'a [f32]>,
+}
+
+/// Probe rows for one traced layer: `n` rows, `a` is `n × a_len` and `p` is
+/// `n × p_len` with `(a_len, p_len) = TracedLayer::probe_lens()`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeBatch<'a> {
+    pub probe_ids: &'a [i64],
+    /// The training instance each probe is, or `None`.
+    pub instance_ids: &'a [Option<i64>],
+    pub labels: &'a [i32],
+    pub predicted: &'a [i32],
+    pub a: &'a [f64],
+    pub p: &'a [f64],
+}
+
+/// A named f32 tensor of a weights snapshot (PyTorch name and shape).
+#[derive(Debug, Clone, Copy)]
+pub struct NamedTensor<'a> {
+    /// `"<layer>.weight"`, `"<layer>.bias"`, …
+    pub name: &'a str,
+    pub shape: &'a [usize],
+    /// Row-major elements, `shape.iter().product()` of them.
+    pub data: &'a [f32],
+}
+
+/// An owned copy of [`NamedTensor`].
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Owned `instances` rows.
+#[derive(Debug)]
+pub(crate) struct InstanceRows {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i32>,
+    pub splits: Vec<Split>,
+}
+
+/// Owned `steps` rows, column by column.
+#[derive(Debug, Default)]
+pub(crate) struct StepRowsOwned {
+    pub step: Vec<i64>,
+    pub epoch: Vec<i32>,
+    pub lr: Vec<f64>,
+    pub batch_size: Vec<i32>,
+    pub loss: Vec<f64>,
+}
+
+impl StepRowsOwned {
+    pub fn push(&mut self, r: &StepRow) {
+        self.step.push(r.step);
+        self.epoch.push(r.epoch);
+        self.lr.push(r.lr);
+        self.batch_size.push(r.batch_size);
+        self.loss.push(r.loss);
+    }
+
+    pub fn len(&self) -> usize {
+        self.step.len()
+    }
+}
+
+/// Owned `updates` rows of one layer.
+#[derive(Debug)]
+pub(crate) struct UpdateRows {
+    pub step: i64,
+    pub epoch: i32,
+    pub ids: Vec<i64>,
+    pub labels: Vec<i32>,
+    pub u: Vec<f32>,
+    pub v: Vec<f32>,
+    pub u_len: usize,
+    pub v_len: usize,
+    pub norms: Option<Vec<f32>>,
+    /// How to compute ‖ΔW‖ when `norms` is `None`.
+    pub norm: NormKind,
+}
+
+/// Owned `probes` rows of one layer.
+#[derive(Debug)]
+pub(crate) struct ProbeRows {
+    pub probe_ids: Vec<i64>,
+    pub instance_ids: Vec<Option<i64>>,
+    pub labels: Vec<i32>,
+    pub predicted: Vec<i32>,
+    pub a: Vec<f64>,
+    pub p: Vec<f64>,
+    pub a_len: usize,
+    pub p_len: usize,
+}
+
+/// How a record's ‖ΔW‖_F follows from its `u` and `v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NormKind {
+    /// Rank one: ΔW = v uᵀ, ‖ΔW‖ = ‖v‖·‖u‖.
+    Outer,
+    /// Conv2d factors: U is `k × p`, V is `c_out × p`, ΔW = V Uᵀ.
+    Factors { k: usize, p: usize, c_out: usize },
+    /// `v` holds ΔW in its first `weight_len` elements (then the bias).
+    Full { weight_len: usize },
+}
+
+/// ‖ΔW‖_F of one record, accumulated in f64.
+pub(crate) fn update_norm(kind: NormKind, u: &[f32], v: &[f32]) -> f32 {
+    match kind {
+        NormKind::Outer => (sq_norm(u) * sq_norm(v)).sqrt() as f32,
+        NormKind::Full { weight_len } => sq_norm(&v[..weight_len.min(v.len())]).sqrt() as f32,
+        NormKind::Factors { k, p, c_out } => factors_norm(u, v, k, p, c_out) as f32,
+    }
+}
+
+fn sq_norm(x: &[f32]) -> f64 {
+    x.iter().map(|&e| f64::from(e) * f64::from(e)).sum()
+}
+
+/// ‖V Uᵀ‖_F for U (`k × p`) and V (`c_out × p`), whichever way is cheaper:
+/// forming ΔW (`c_out·k·p` multiplies) or through the Gram matrices
+/// (`p²·(c_out + k)`).
+fn factors_norm(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
+    if c_out * k <= p * (c_out + k) {
+        factors_norm_direct(u, v, k, p, c_out)
+    } else {
+        factors_norm_gram(u, v, k, p, c_out)
+    }
+}
+
+/// Forms each entry of ΔW = V Uᵀ and sums the squares.
+fn factors_norm_direct(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
+    let mut total = 0.0;
+    for vo in v.chunks_exact(p).take(c_out) {
+        for ur in u.chunks_exact(p).take(k) {
+            let w: f64 = vo
+                .iter()
+                .zip(ur)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            total += w * w;
+        }
+    }
+    total.sqrt()
+}
+
+/// ‖V Uᵀ‖² = tr(U VᵀV Uᵀ) = Σ_{ij} (VᵀV)_{ij} (UᵀU)_{ij}.
+fn factors_norm_gram(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
+    let gram_of = |m: &[f32], rows: usize| {
+        let mut g = vec![0.0f64; p * p];
+        for row in m.chunks_exact(p).take(rows) {
+            for (i, &ri) in row.iter().enumerate() {
+                let ri = f64::from(ri);
+                if ri == 0.0 {
+                    continue;
+                }
+                for (gij, &rj) in g[i * p..(i + 1) * p].iter_mut().zip(row) {
+                    *gij += ri * f64::from(rj);
+                }
+            }
+        }
+        g
+    };
+    let gu = gram_of(u, k);
+    let gv = gram_of(v, c_out);
+    gu.iter()
+        .zip(&gv)
+        .map(|(a, b)| a * b)
+        .sum::<f64>()
+        .max(0.0)
+        .sqrt()
+}
+
+/// Checks that `got == expected` for argument `what`.
+pub(crate) fn check_len(
+    context: impl FnOnce() -> String,
+    what: &'static str,
+    expected: usize,
+    got: usize,
+) -> crate::Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(crate::Error::Length {
+            context: context(),
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// ΔW = V Uᵀ formed explicitly, norm in f64.
+    fn brute(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
+        let mut s = 0.0;
+        for o in 0..c_out {
+            for r in 0..k {
+                let w: f64 = (0..p)
+                    .map(|q| f64::from(v[o * p + q]) * f64::from(u[r * p + q]))
+                    .sum();
+                s += w * w;
+            }
+        }
+        s.sqrt()
+    }
+
+    #[test]
+    fn factor_norm_both_ways_match_brute_force() {
+        for (k, p, c_out) in [(3, 2, 4), (2, 9, 3), (9, 16, 2), (4, 1, 1)] {
+            let u: Vec<f32> = (0..k * p).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+            let v: Vec<f32> = (0..c_out * p)
+                .map(|i| ((i * 5 % 13) as f32) * 0.1 - 0.6)
+                .collect();
+            let want = brute(&u, &v, k, p, c_out);
+            for got in [
+                factors_norm_direct(&u, &v, k, p, c_out),
+                factors_norm_gram(&u, &v, k, p, c_out),
+                f64::from(update_norm(NormKind::Factors { k, p, c_out }, &u, &v)),
+            ] {
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.max(1.0),
+                    "{k} {p} {c_out}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn outer_and_full_norms() {
+        let u = [3.0f32, 4.0];
+        let v = [1.0f32, 2.0, 2.0];
+        assert!((update_norm(NormKind::Outer, &u, &v) - 15.0).abs() < 1e-6);
+        // Full: weight part [3,4], bias [100] excluded.
+        let v = [3.0f32, 4.0, 100.0];
+        assert!((update_norm(NormKind::Full { weight_len: 2 }, &[], &v) - 5.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,201 @@
+//! Arrow record batches built from the owned rows of the writer's messages.
+//!
+//! The column layout is `reptrace_format::schema`: `u` and `v` are
+//! `List<Float32>` or `List<Float16>` (item field `item`, non-null), so a row
+//! of `n × len` row-major values becomes a list array with fixed-length
+//! offsets over one flat value buffer (moved, not copied, for f32).
+use crate::batch::{InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm};
+use crate::{Error, Result};
+use arrow_array::types::Float16Type;
+use arrow_array::{
+    ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, PrimitiveArray,
+    RecordBatch, StringArray,
+};
+use arrow_buffer::{OffsetBuffer, ScalarBuffer};
+use arrow_schema::{DataType, SchemaRef};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use reptrace_format::{Dtype, Table, col, schema};
+use std::sync::Arc;
+
+fn arrow_err(table: Table, source: arrow_schema::ArrowError) -> Error {
+    Error::Arrow {
+        table: table.name().to_owned(),
+        source,
+    }
+}
+
+/// A list column of `n` rows of `len` values each, over `values`.
+fn list(
+    table: Table,
+    field_type: &DataType,
+    values: ArrayRef,
+    len: usize,
+    n: usize,
+) -> Result<ArrayRef> {
+    let DataType::List(item) = field_type else {
+        return Err(Error::Invalid {
+            context: table.name().to_owned(),
+            message: format!("schema has {field_type} where a list is expected"),
+        });
+    };
+    let total = len.checked_mul(n).filter(|&t| i32::try_from(t).is_ok());
+    if total.is_none() {
+        return Err(Error::Invalid {
+            context: table.name().to_owned(),
+            message: format!(
+                "{n} rows of {len} values exceed the 2^31 values one batch can hold; pass fewer rows per call"
+            ),
+        });
+    }
+    let offsets = OffsetBuffer::<i32>::from_repeated_length(len, n);
+    let array =
+        ListArray::try_new(item.clone(), offsets, values, None).map_err(|e| arrow_err(table, e))?;
+    Ok(Arc::new(array))
+}
+
+/// Factor values in the run's dtype.
+fn factor_values(dtype: Dtype, values: Vec<f32>) -> ArrayRef {
+    match dtype {
+        Dtype::F32 => Arc::new(Float32Array::new(ScalarBuffer::from(values), None)),
+        Dtype::F16 => {
+            let mut out = vec![f16::ZERO; values.len()];
+            out.convert_from_f32_slice(&values);
+            Arc::new(PrimitiveArray::<Float16Type>::new(
+                ScalarBuffer::from(out),
+                None,
+            ))
+        }
+    }
+}
+
+fn field_type(schema: &SchemaRef, table: Table, name: &str) -> Result<DataType> {
+    schema
+        .field_with_name(name)
+        .map(|f| f.data_type().clone())
+        .map_err(|e| arrow_err(table, e))
+}
+
+fn batch(table: Table, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+    RecordBatch::try_new(schema, columns).map_err(|e| arrow_err(table, e))
+}
+
+/// `instances` rows.
+pub(crate) fn instances(rows: InstanceRows) -> Result<RecordBatch> {
+    let splits: StringArray = rows.splits.iter().map(|s| Some(s.as_str())).collect();
+    batch(
+        Table::Instances,
+        schema(Table::Instances, Dtype::F32),
+        vec![
+            Arc::new(Int64Array::from(rows.ids)),
+            Arc::new(Int32Array::from(rows.labels)),
+            Arc::new(splits),
+        ],
+    )
+}
+
+/// `steps` rows.
+pub(crate) fn steps(rows: StepRowsOwned) -> Result<RecordBatch> {
+    batch(
+        Table::Steps,
+        schema(Table::Steps, Dtype::F32),
+        vec![
+            Arc::new(Int64Array::from(rows.step)),
+            Arc::new(Int32Array::from(rows.epoch)),
+            Arc::new(Float64Array::from(rows.lr)),
+            Arc::new(Int32Array::from(rows.batch_size)),
+            Arc::new(Float64Array::from(rows.loss)),
+        ],
+    )
+}
+
+/// `updates` rows of one layer; computes `update_norm` when not given.
+pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
+    let n = rows.ids.len();
+    let norms = match rows.norms {
+        Some(norms) => norms,
+        None => (0..n)
+            .map(|i| {
+                update_norm(
+                    rows.norm,
+                    &rows.u[i * rows.u_len..(i + 1) * rows.u_len],
+                    &rows.v[i * rows.v_len..(i + 1) * rows.v_len],
+                )
+            })
+            .collect(),
+    };
+    let schema = schema(Table::Updates, dtype);
+    let u_type = field_type(&schema, Table::Updates, col::U)?;
+    let v_type = field_type(&schema, Table::Updates, col::V)?;
+    let u = list(
+        Table::Updates,
+        &u_type,
+        factor_values(dtype, rows.u),
+        rows.u_len,
+        n,
+    )?;
+    let v = list(
+        Table::Updates,
+        &v_type,
+        factor_values(dtype, rows.v),
+        rows.v_len,
+        n,
+    )?;
+    batch(
+        Table::Updates,
+        schema,
+        vec![
+            Arc::new(Int64Array::from(vec![rows.step; n])),
+            Arc::new(Int32Array::from(vec![rows.epoch; n])),
+            Arc::new(Int64Array::from(rows.ids)),
+            Arc::new(Int32Array::from(rows.labels)),
+            u,
+            v,
+            Arc::new(Float32Array::from(norms)),
+        ],
+    )
+}
+
+/// `probes` rows of one layer; computes `p_norm`.
+pub(crate) fn probes(rows: ProbeRows) -> Result<RecordBatch> {
+    let n = rows.probe_ids.len();
+    let p_norm: Vec<f64> = (0..n)
+        .map(|i| {
+            rows.p[i * rows.p_len..(i + 1) * rows.p_len]
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let schema = schema(Table::Probes, Dtype::F32);
+    let a_type = field_type(&schema, Table::Probes, col::A)?;
+    let p_type = field_type(&schema, Table::Probes, col::P)?;
+    let a = list(
+        Table::Probes,
+        &a_type,
+        Arc::new(Float64Array::new(ScalarBuffer::from(rows.a), None)),
+        rows.a_len,
+        n,
+    )?;
+    let p = list(
+        Table::Probes,
+        &p_type,
+        Arc::new(Float64Array::new(ScalarBuffer::from(rows.p), None)),
+        rows.p_len,
+        n,
+    )?;
+    batch(
+        Table::Probes,
+        schema,
+        vec![
+            Arc::new(Int64Array::from(rows.probe_ids)),
+            Arc::new(Int64Array::from(rows.instance_ids)),
+            Arc::new(Int32Array::from(rows.labels)),
+            Arc::new(Int32Array::from(rows.predicted)),
+            a,
+            p,
+            Arc::new(Float64Array::from(p_norm)),
+        ],
+    )
+}

@@ -1,0 +1,709 @@
+//! The [`Recorder`]: the training loop's handle on a run being written.
+//!
+//! Every call checks its arguments on the caller's thread (so mistakes come
+//! back at once, naming the layer and lengths), copies the rows once, and
+//! queues them for the writer thread. The queue is bounded: when the disk is
+//! slower than training, the training loop waits. Errors of the writer
+//! thread come back from the next call.
+use crate::batch::{
+    InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, ProbeRows, StepRow, UpdateBatch,
+    UpdateRows, check_len,
+};
+use crate::part::{ParquetOptions, properties};
+use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
+use crate::{Error, Result, durable};
+use reptrace_format::{
+    Dtype, Manifest, Mode, Model, Module, Optimizer, Split, Status, Storage, Table, TracedLayer,
+    layout,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, SyncSender};
+use std::thread::JoinHandle;
+
+/// Builds a [`Recorder`]; see [`Recorder::builder`].
+#[derive(Debug, Clone)]
+pub struct RecorderBuilder {
+    dir: PathBuf,
+    model: Option<Model>,
+    optimizer: Option<Optimizer>,
+    classes: Vec<String>,
+    dtype: Dtype,
+    mode: Mode,
+    settings: BTreeMap<String, serde_json::Value>,
+    queue_depth: usize,
+    parquet: ParquetOptions,
+    run_id: Option<String>,
+}
+
+impl RecorderBuilder {
+    /// The model being trained (required).
+    pub fn model(mut self, model: Model) -> Self {
+        self.model = Some(model);
+        self
+    }
+
+    /// The optimizer (required).
+    pub fn optimizer(mut self, optimizer: Optimizer) -> Self {
+        self.optimizer = Some(optimizer);
+        self
+    }
+
+    /// Class names, indexed by label. When given, labels are checked against it.
+    pub fn classes(mut self, classes: Vec<String>) -> Self {
+        self.classes = classes;
+        self
+    }
+
+    /// Float type of the stored factors (default f32).
+    pub fn dtype(mut self, dtype: Dtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// What one update record describes (default instance).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// A free-form training setting, stored in `manifest.settings`.
+    pub fn setting(mut self, key: impl Into<String>, value: serde_json::Value) -> Self {
+        self.settings.insert(key.into(), value);
+        self
+    }
+
+    /// Messages the queue to the writer thread holds before the caller waits (default 64).
+    pub fn queue_depth(mut self, depth: usize) -> Self {
+        self.queue_depth = depth;
+        self
+    }
+
+    /// Most rows per Parquet row group (default 65 536).
+    pub fn row_group_rows(mut self, rows: usize) -> Self {
+        self.parquet.row_group_rows = rows;
+        self
+    }
+
+    /// A row group is flushed once its encoded size passes this (default 32 MiB).
+    pub fn row_group_bytes(mut self, bytes: usize) -> Self {
+        self.parquet.row_group_bytes = bytes;
+        self
+    }
+
+    /// Zstandard level of every Parquet file, 1..=22 (default 3).
+    pub fn zstd_level(mut self, level: i32) -> Self {
+        self.parquet.zstd_level = level;
+        self
+    }
+
+    /// The run id (default: a random UUID).
+    pub fn run_id(mut self, id: impl Into<String>) -> Self {
+        self.run_id = Some(id.into());
+        self
+    }
+
+    /// Creates the run directory, writes the first manifest (status
+    /// `recording`, no commits) and starts the writer thread.
+    pub fn build(self) -> Result<Recorder> {
+        let model = self.model.ok_or(Error::Missing { what: "model" })?;
+        let optimizer = self.optimizer.ok_or(Error::Missing { what: "optimizer" })?;
+        for (setting, value) in [
+            ("queue_depth", self.queue_depth),
+            ("row_group_rows", self.parquet.row_group_rows),
+            ("row_group_bytes", self.parquet.row_group_bytes),
+        ] {
+            if value == 0 {
+                return Err(Error::Setting {
+                    setting,
+                    value: "0".into(),
+                    why: "must be at least 1",
+                });
+            }
+        }
+        let run_id = self
+            .run_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Checks the zstd level now rather than at the first write.
+        properties(&self.parquet, &run_id, Table::Steps, None)?;
+        let layers = layer_infos(&model, self.mode)?;
+        let weight_shapes = weight_shapes(&model);
+
+        if !usable_run_dir(&self.dir)? {
+            return Err(Error::NotEmpty { path: self.dir });
+        }
+        durable::create_dir(&self.dir)?;
+
+        let mut manifest = Manifest::new(
+            run_id.clone(),
+            self.mode,
+            self.dtype,
+            model,
+            optimizer,
+            self.classes,
+            now(),
+        );
+        manifest.settings = self.settings;
+        durable::write_atomic(
+            &layout::manifest_path(&self.dir),
+            manifest.to_json().as_bytes(),
+        )?;
+
+        let n_classes = manifest.classes.len();
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::sync_channel(self.queue_depth);
+        let writer = Writer::new(
+            self.dir.clone(),
+            manifest,
+            self.parquet,
+            layers.iter().map(|l| l.name.clone()).collect(),
+            Arc::clone(&shared),
+        );
+        let thread = std::thread::Builder::new()
+            .name("reptrace-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::io(&self.dir, e))?;
+        Ok(Recorder {
+            run: self.dir,
+            run_id,
+            tx: Some(tx),
+            thread: Some(thread),
+            shared,
+            layers,
+            weight_shapes,
+            n_classes,
+            last_step: None,
+            last_step_row: None,
+            pending_weights: None,
+            weight_paths: HashSet::new(),
+            closed: None,
+            failed: None,
+        })
+    }
+}
+
+/// What the recorder needs to know about a traced layer.
+#[derive(Debug, Clone)]
+struct LayerInfo {
+    name: String,
+    /// Accepted `(u_len, v_len)` with the norm to compute for each.
+    factor_shapes: Vec<(usize, usize, NormKind)>,
+    probe_lens: (usize, usize),
+}
+
+fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for layer in model.traced_layers() {
+        layout::check_name("layer", layer.name())?;
+        if !seen.insert(layer.name()) {
+            return Err(Error::Model {
+                message: format!("layer name {:?} is used twice", layer.name()),
+            });
+        }
+        let (u_len, v_len) = layer.factor_lens();
+        let (kind, weight_len, out_len) = match layer {
+            TracedLayer::Linear(l) => (
+                NormKind::Outer,
+                l.in_features * l.out_features,
+                l.out_features,
+            ),
+            TracedLayer::Conv2d(c) => {
+                let weight_len = c.out_channels * c.patch_len();
+                let kind = match c.storage {
+                    Storage::Factors => NormKind::Factors {
+                        k: c.patch_len(),
+                        p: c.positions(),
+                        c_out: c.out_channels,
+                    },
+                    Storage::Full => NormKind::Full { weight_len },
+                };
+                (kind, weight_len, c.out_channels)
+            }
+        };
+        let mut factor_shapes = vec![(u_len, v_len, kind)];
+        // Batch mode may store the whole update of a step: u empty, v = ΔW
+        // followed by Δb.
+        let full = (
+            0,
+            weight_len + if layer.bias() { out_len } else { 0 },
+            NormKind::Full { weight_len },
+        );
+        if mode == Mode::Batch && (full.0, full.1) != (u_len, v_len) {
+            factor_shapes.push(full);
+        }
+        out.push(LayerInfo {
+            name: layer.name().to_owned(),
+            factor_shapes,
+            probe_lens: layer.probe_lens(),
+        });
+    }
+    Ok(out)
+}
+
+/// PyTorch shapes of the weights and biases of every Linear and Conv2d module.
+fn weight_shapes(model: &Model) -> HashMap<String, Vec<usize>> {
+    let mut shapes = HashMap::new();
+    for m in &model.modules {
+        let layer = match m {
+            Module::Linear(l) => TracedLayer::Linear(l),
+            Module::Conv2d(c) => TracedLayer::Conv2d(c),
+            _ => continue,
+        };
+        let w = layer.weight_shape();
+        if layer.bias() {
+            shapes.insert(format!("{}.bias", layer.name()), vec![w[0]]);
+        }
+        shapes.insert(format!("{}.weight", layer.name()), w);
+    }
+    shapes
+}
+
+/// Records a training run into a run directory; see the crate docs.
+pub struct Recorder {
+    run: PathBuf,
+    run_id: String,
+    tx: Option<SyncSender<Msg>>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    layers: Vec<LayerInfo>,
+    weight_shapes: HashMap<String, Vec<usize>>,
+    n_classes: usize,
+    /// Largest step seen (step rows and updates) and its epoch.
+    last_step: Option<(i64, i32)>,
+    /// Step of the last `steps` row, for the order check.
+    last_step_row: Option<i64>,
+    pending_weights: Option<Vec<OwnedTensor>>,
+    weight_paths: HashSet<String>,
+    closed: Option<&'static str>,
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("run", &self.run)
+            .field("run_id", &self.run_id)
+            .field("last_step", &self.last_step)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// Starts building a recorder that writes into `dir` (which must not
+    /// exist or be empty).
+    pub fn builder(dir: impl AsRef<Path>) -> RecorderBuilder {
+        RecorderBuilder {
+            dir: dir.as_ref().to_path_buf(),
+            model: None,
+            optimizer: None,
+            classes: Vec::new(),
+            dtype: Dtype::F32,
+            mode: Mode::Instance,
+            settings: BTreeMap::new(),
+            queue_depth: 64,
+            parquet: ParquetOptions::default(),
+            run_id: None,
+        }
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run
+    }
+
+    /// The run id written into the manifest and every file.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Adds rows to the `instances` table.
+    pub fn instances(&mut self, ids: &[i64], labels: &[i32], splits: &[Split]) -> Result<()> {
+        self.check_open()?;
+        let ctx = || "instances".to_owned();
+        check_len(ctx, "labels", ids.len(), labels.len())?;
+        check_len(ctx, "splits", ids.len(), splits.len())?;
+        self.check_labels("instances", "labels", labels)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.send(Msg::Instances(InstanceRows {
+            ids: ids.to_vec(),
+            labels: labels.to_vec(),
+            splits: splits.to_vec(),
+        }))
+    }
+
+    /// Sets the weights snapshot written at the next commit
+    /// (`initial` before the first step, `step-<last step>` after).
+    pub fn weights(&mut self, tensors: &[NamedTensor<'_>]) -> Result<()> {
+        self.check_open()?;
+        self.pending_weights = Some(self.own_weights(tensors)?);
+        Ok(())
+    }
+
+    /// Queues a commit point: everything sent so far, and the weights given
+    /// since the last commit, become durable and listed in the manifest.
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_open()?;
+        let weights = self.take_pending_snapshot()?;
+        self.send(Msg::Commit {
+            step: self.last_step,
+            weights,
+        })
+    }
+
+    /// Adds one row to the `steps` table. Steps must be strictly increasing.
+    pub fn step(&mut self, row: StepRow) -> Result<()> {
+        self.check_open()?;
+        if row.step < 0 {
+            return Err(Error::Invalid {
+                context: "steps".into(),
+                message: format!("step {} is negative", row.step),
+            });
+        }
+        if let Some(previous) = self.last_step_row
+            && row.step <= previous
+        {
+            return Err(Error::StepOrder {
+                step: row.step,
+                previous,
+            });
+        }
+        self.last_step_row = Some(row.step);
+        self.see_step(row.step, row.epoch);
+        self.send(Msg::Step(row))
+    }
+
+    /// Adds the update records of one step for traced layer `layer`.
+    pub fn updates(&mut self, layer: &str, batch: UpdateBatch<'_>) -> Result<()> {
+        self.check_open()?;
+        let li = self.layer_index(layer)?;
+        let info = &self.layers[li];
+        let ctx = || format!("updates for layer {layer:?}");
+        let n = batch.instance_ids.len();
+        check_len(ctx, "labels", n, batch.labels.len())?;
+        if let Some(norms) = batch.update_norm {
+            check_len(ctx, "update_norm", n, norms.len())?;
+        }
+        if batch.step < 0 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: format!("step {} is negative", batch.step),
+            });
+        }
+        // The first accepted shape that fits the slices; report the primary
+        // one when none does.
+        let (u_len, v_len, norm) = info
+            .factor_shapes
+            .iter()
+            .copied()
+            .find(|&(u, v, _)| batch.u.len() == n * u && batch.v.len() == n * v)
+            .ok_or_else(|| {
+                let (u, v, _) = info.factor_shapes[0];
+                if batch.u.len() != n * u {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {u} values)", ctx()),
+                        what: "u",
+                        expected: n * u,
+                        got: batch.u.len(),
+                    }
+                } else {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {v} values)", ctx()),
+                        what: "v",
+                        expected: n * v,
+                        got: batch.v.len(),
+                    }
+                }
+            })?;
+        self.check_labels(&ctx(), "labels", batch.labels)?;
+        self.see_step(batch.step, batch.epoch);
+        if n == 0 {
+            return Ok(());
+        }
+        self.send(Msg::Updates {
+            layer: li,
+            rows: UpdateRows {
+                step: batch.step,
+                epoch: batch.epoch,
+                ids: batch.instance_ids.to_vec(),
+                labels: batch.labels.to_vec(),
+                u: batch.u.to_vec(),
+                v: batch.v.to_vec(),
+                u_len,
+                v_len,
+                norms: batch.update_norm.map(<[f32]>::to_vec),
+                norm,
+            },
+        })
+    }
+
+    /// Adds probe rows for traced layer `layer`; `p_norm` is computed.
+    pub fn probes(&mut self, layer: &str, batch: ProbeBatch<'_>) -> Result<()> {
+        self.check_open()?;
+        let li = self.layer_index(layer)?;
+        let (a_len, p_len) = self.layers[li].probe_lens;
+        let ctx = || format!("probes for layer {layer:?}");
+        let n = batch.probe_ids.len();
+        check_len(ctx, "instance_ids", n, batch.instance_ids.len())?;
+        check_len(ctx, "labels", n, batch.labels.len())?;
+        check_len(ctx, "predicted", n, batch.predicted.len())?;
+        check_len(
+            || format!("{} ({n} rows of {a_len} values)", ctx()),
+            "a",
+            n * a_len,
+            batch.a.len(),
+        )?;
+        check_len(
+            || format!("{} ({n} rows of {p_len} values)", ctx()),
+            "p",
+            n * p_len,
+            batch.p.len(),
+        )?;
+        self.check_labels(&ctx(), "labels", batch.labels)?;
+        self.check_labels(&ctx(), "predicted", batch.predicted)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.send(Msg::Probes {
+            layer: li,
+            rows: ProbeRows {
+                probe_ids: batch.probe_ids.to_vec(),
+                instance_ids: batch.instance_ids.to_vec(),
+                labels: batch.labels.to_vec(),
+                predicted: batch.predicted.to_vec(),
+                a: batch.a.to_vec(),
+                p: batch.p.to_vec(),
+                a_len,
+                p_len,
+            },
+        })
+    }
+
+    /// Waits until the writer thread has handled everything queued so far
+    /// (including commits), and returns its error if it failed.
+    pub fn flush(&mut self) -> Result<()> {
+        self.check_open()?;
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Flush(ack_tx))?;
+        match ack_rx.recv() {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.writer_error()),
+        }
+    }
+
+    /// The last commit: pending rows and probes, the final weights
+    /// (`weights/final.safetensors`); the run's status becomes `complete`.
+    /// Weights given with [`Recorder::weights`] since the last commit are
+    /// committed first, as their own snapshot.
+    pub fn finish(&mut self, final_weights: &[NamedTensor<'_>]) -> Result<Manifest> {
+        self.check_open()?;
+        let tensors = self.own_weights(final_weights)?;
+        if self.pending_weights.is_some() {
+            self.commit()?;
+        }
+        self.close(
+            "finish()",
+            Status::Complete,
+            None,
+            Some((layout::FINAL_WEIGHTS.to_owned(), tensors)),
+        )
+    }
+
+    /// Stops recording: what is pending is committed, the status becomes
+    /// `aborted` and `reason` is kept in the manifest.
+    pub fn abort(&mut self, reason: impl Into<String>) -> Result<Manifest> {
+        self.check_open()?;
+        let weights = self.take_pending_snapshot()?;
+        self.close("abort()", Status::Aborted, Some(reason.into()), weights)
+    }
+
+    fn close(
+        &mut self,
+        what: &'static str,
+        status: Status,
+        reason: Option<String>,
+        weights: Option<Snapshot>,
+    ) -> Result<Manifest> {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Close {
+            status,
+            reason,
+            step: self.last_step,
+            weights,
+            reply: reply_tx,
+        })?;
+        let reply = reply_rx.recv();
+        self.closed = Some(what);
+        self.tx = None;
+        self.join();
+        match reply {
+            Ok(Some(manifest)) => Ok(manifest),
+            _ => Err(self.writer_error()),
+        }
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("recorder: writer thread panicked");
+        }
+    }
+
+    fn check_open(&mut self) -> Result<()> {
+        if let Some(what) = self.closed {
+            return Err(Error::Closed(what));
+        }
+        if self.failed.is_some() || self.shared.failed() {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
+    /// The writer's error the first time, a short reminder after that.
+    fn writer_error(&mut self) -> Error {
+        if let Some(e) = self.shared.take_error() {
+            self.failed = Some(e.to_string());
+            return e;
+        }
+        match &self.failed {
+            Some(reason) => Error::Failed {
+                reason: reason.clone(),
+            },
+            None => Error::WriterGone,
+        }
+    }
+
+    fn send(&mut self, msg: Msg) -> Result<()> {
+        let Some(tx) = &self.tx else {
+            return Err(Error::WriterGone);
+        };
+        match tx.send(msg) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.writer_error()),
+        }
+    }
+
+    fn layer_index(&self, layer: &str) -> Result<usize> {
+        self.layers
+            .iter()
+            .position(|l| l.name == layer)
+            .ok_or_else(|| Error::UnknownLayer {
+                layer: layer.to_owned(),
+                traced: if self.layers.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.layers
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            })
+    }
+
+    fn check_labels(&self, context: &str, what: &str, labels: &[i32]) -> Result<()> {
+        if self.n_classes == 0 {
+            return Ok(());
+        }
+        match labels
+            .iter()
+            .find(|&&l| l < 0 || l as usize >= self.n_classes)
+        {
+            Some(bad) => Err(Error::Invalid {
+                context: context.to_owned(),
+                message: format!(
+                    "{what} value {bad} is out of range for {} classes",
+                    self.n_classes
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn see_step(&mut self, step: i64, epoch: i32) {
+        if self.last_step.is_none_or(|(s, _)| step > s) {
+            self.last_step = Some((step, epoch));
+        }
+    }
+
+    /// The pending weights with the path they will be written to.
+    fn take_pending_snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let Some(tensors) = self.pending_weights.take() else {
+            return Ok(None);
+        };
+        let rel = layout::weights_path(self.last_step.map(|s| s.0));
+        if !self.weight_paths.insert(rel.clone()) {
+            return Err(Error::WeightsExist { path: rel });
+        }
+        Ok(Some((rel, tensors)))
+    }
+
+    fn own_weights(&self, tensors: &[NamedTensor<'_>]) -> Result<Vec<OwnedTensor>> {
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let bad = |message: String| Error::Weights {
+                name: t.name.to_owned(),
+                message,
+            };
+            if !names.insert(t.name) {
+                return Err(bad("given twice".into()));
+            }
+            let n: usize = t.shape.iter().product();
+            if n != t.data.len() {
+                return Err(bad(format!(
+                    "shape {:?} has {n} elements but data has {}",
+                    t.shape,
+                    t.data.len()
+                )));
+            }
+            if let Some(want) = self.weight_shapes.get(t.name)
+                && want.as_slice() != t.shape
+            {
+                return Err(bad(format!(
+                    "shape {:?} does not match the model's {want:?}",
+                    t.shape
+                )));
+            }
+            out.push(OwnedTensor {
+                name: t.name.to_owned(),
+                shape: t.shape.to_vec(),
+                data: t.data.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Recorder {
+    /// Without `finish()`/`abort()`: what was queued is handled, uncommitted
+    /// files are removed, the manifest keeps its commits and is marked
+    /// aborted ("recorder dropped without finish()").
+    fn drop(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Drop);
+        }
+        self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training loop may hand the recorder to another thread.
+    #[test]
+    fn recorder_is_send() {
+        fn send<T: Send>() {}
+        send::<Recorder>();
+        send::<Error>();
+    }
+}

@@ -1,0 +1,405 @@
+//! The background writer thread: turns queued rows into part files and
+//! commit points into manifest commits.
+//!
+//! Messages are handled strictly in the order they were sent. Rows are
+//! buffered in one open part file per (table, layer) until the next commit
+//! point; a commit finishes and renames those parts, writes the weights
+//! snapshot, and then replaces the manifest. If anything fails, the thread
+//! removes its uncommitted files, marks the run aborted (committed data is
+//! kept as it was) and stops; the caller sees the error on its next call.
+use crate::batch::{InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned, UpdateRows};
+use crate::part::{ParquetOptions, PartWriter, properties};
+use crate::{Error, Result, columns, durable, weights};
+use arrow_array::RecordBatch;
+use reptrace_format::{
+    Commit, Dtype, FORMAT_VERSION, Manifest, Status, Step, Table, layout, schema,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+/// Steps rows are buffered and written in chunks of this many rows.
+const STEP_CHUNK: usize = 4096;
+
+/// Reason written into the manifest when a recorder is dropped unfinished.
+pub(crate) const DROPPED_REASON: &str = "recorder dropped without finish()";
+
+/// A weights snapshot to write at a commit: relative path and tensors.
+pub(crate) type Snapshot = (String, Vec<OwnedTensor>);
+
+/// What the caller sends to the writer thread.
+pub(crate) enum Msg {
+    Instances(InstanceRows),
+    Step(StepRow),
+    Updates {
+        layer: usize,
+        rows: UpdateRows,
+    },
+    Probes {
+        layer: usize,
+        rows: ProbeRows,
+    },
+    Commit {
+        step: Option<(i64, i32)>,
+        weights: Option<Snapshot>,
+    },
+    Flush(SyncSender<()>),
+    /// Last message of `finish()`/`abort()`: commit what is pending (always
+    /// for `Complete`, when anything is pending for `Aborted`), set the
+    /// status and reply with the final manifest.
+    Close {
+        status: Status,
+        reason: Option<String>,
+        step: Option<(i64, i32)>,
+        weights: Option<Snapshot>,
+        reply: SyncSender<Option<Manifest>>,
+    },
+    /// The recorder was dropped: discard what is not committed.
+    Drop,
+}
+
+/// State shared between the caller and the writer thread.
+#[derive(Default)]
+pub(crate) struct Shared {
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+}
+
+impl Shared {
+    /// Whether the writer thread has failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Takes the writer's error (once).
+    pub(crate) fn take_error(&self) -> Option<Error> {
+        match self.error.lock() {
+            Ok(mut e) => e.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    fn set_error(&self, e: Error) {
+        match self.error.lock() {
+            Ok(mut slot) => *slot = Some(e),
+            Err(poisoned) => *poisoned.into_inner() = Some(e),
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// Key of an open part: table and traced-layer index.
+type PartKey = (Table, Option<usize>);
+
+pub(crate) struct Writer {
+    run: PathBuf,
+    manifest: Manifest,
+    options: ParquetOptions,
+    dtype: Dtype,
+    layers: Vec<String>,
+    parts: BTreeMap<PartKey, PartWriter>,
+    steps: StepRowsOwned,
+    shared: Arc<Shared>,
+}
+
+/// Whether the loop goes on after a message.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        run: PathBuf,
+        manifest: Manifest,
+        options: ParquetOptions,
+        layers: Vec<String>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let dtype = manifest.dtype;
+        Self {
+            run,
+            manifest,
+            options,
+            dtype,
+            layers,
+            parts: BTreeMap::new(),
+            steps: StepRowsOwned::default(),
+            shared,
+        }
+    }
+
+    /// The thread's main loop.
+    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            // A closed channel without Close/Drop means the Recorder vanished
+            // without running its destructor: treat it like a drop.
+            let msg = rx.recv().unwrap_or(Msg::Drop);
+            let mut reply = None;
+            let result = match msg {
+                Msg::Close {
+                    status,
+                    reason,
+                    step,
+                    weights,
+                    reply: r,
+                } => {
+                    reply = Some(r);
+                    self.close(status, reason, step, weights)
+                        .map(|()| Flow::Stop)
+                }
+                other => self.handle(other),
+            };
+            match result {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Some(self.manifest.clone()));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.fail(e);
+                    if let Some(r) = reply {
+                        let _ = r.send(None);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) -> Result<Flow> {
+        match msg {
+            Msg::Instances(rows) => {
+                let batch = columns::instances(rows)?;
+                self.write(Table::Instances, None, &batch)?;
+            }
+            Msg::Step(row) => {
+                self.steps.push(&row);
+                if self.steps.len() >= STEP_CHUNK {
+                    self.flush_steps()?;
+                }
+            }
+            Msg::Updates { layer, rows } => {
+                if !rows.ids.is_empty() {
+                    let batch = columns::updates(rows, self.dtype)?;
+                    self.write(Table::Updates, Some(layer), &batch)?;
+                }
+            }
+            Msg::Probes { layer, rows } => {
+                if !rows.probe_ids.is_empty() {
+                    let batch = columns::probes(rows)?;
+                    self.write(Table::Probes, Some(layer), &batch)?;
+                }
+            }
+            Msg::Commit { step, weights } => self.commit(step, weights)?,
+            Msg::Flush(ack) => {
+                let _ = ack.send(());
+            }
+            Msg::Drop => {
+                self.discard();
+                self.manifest.status = Status::Aborted;
+                self.manifest.abort_reason = Some(DROPPED_REASON.to_owned());
+                self.write_manifest()?;
+                return Ok(Flow::Stop);
+            }
+            Msg::Close { .. } => {} // handled in `run`
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn write(&mut self, table: Table, layer: Option<usize>, batch: &RecordBatch) -> Result<()> {
+        let key = (table, layer);
+        if !self.parts.contains_key(&key) {
+            let name = layer.and_then(|i| self.layers.get(i)).map(String::as_str);
+            let props = properties(&self.options, &self.manifest.run_id, table, name)?;
+            let part = PartWriter::create(
+                &self.run,
+                table,
+                name,
+                self.manifest.commits.len() as u64,
+                schema(table, self.dtype),
+                props,
+                &self.options,
+            )?;
+            self.parts.insert(key, part);
+        }
+        match self.parts.get_mut(&key) {
+            Some(part) => part.write(batch),
+            None => Err(Error::WriterGone),
+        }
+    }
+
+    fn flush_steps(&mut self) -> Result<()> {
+        if self.steps.len() == 0 {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.steps);
+        let batch = columns::steps(rows)?;
+        self.write(Table::Steps, None, &batch)
+    }
+
+    /// Whether anything would go into a commit.
+    fn pending(&self) -> bool {
+        !self.parts.is_empty() || self.steps.len() > 0
+    }
+
+    /// Makes the pending parts and an optional weights snapshot durable and
+    /// records them in a new manifest commit.
+    fn commit(&mut self, step: Option<(i64, i32)>, weights: Option<Snapshot>) -> Result<()> {
+        self.flush_steps()?;
+        let seq = self.manifest.commits.len() as u64;
+        let mut files = Vec::new();
+        let mut published: Vec<PathBuf> = Vec::new();
+        let mut dirs = BTreeSet::new();
+        let parts = std::mem::take(&mut self.parts);
+        let mut parts = parts.into_values();
+        let mut failure = None;
+        for part in parts.by_ref() {
+            match part.finish() {
+                Ok((entry, path)) => {
+                    if let Some(d) = path.parent() {
+                        dirs.insert(d.to_path_buf());
+                    }
+                    published.push(path);
+                    files.push(entry);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut weights_rel = None;
+        if failure.is_none()
+            && let Some((rel, tensors)) = weights
+        {
+            match self.write_weights(&rel, &tensors, step.map(|s| s.0)) {
+                Ok(path) => {
+                    published.push(path);
+                    weights_rel = Some(rel);
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        if failure.is_none() {
+            for d in &dirs {
+                if let Err(e) = durable::sync_dir(d) {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            // Nothing of this commit is in the manifest: remove what was
+            // already renamed so that no complete-looking stray file remains.
+            for part in parts {
+                part.discard();
+            }
+            for path in published {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        self.manifest.commits.push(Commit {
+            seq,
+            step: step.map(|s| Step(s.0)),
+            epoch: step.map(|s| s.1),
+            files,
+            weights: weights_rel,
+            time: now(),
+        });
+        if let Err(e) = self.write_manifest() {
+            // The manifest on disk still has the previous commit; keep the
+            // in-memory one in step with it.
+            self.manifest.commits.pop();
+            return Err(e);
+        }
+        tracing::debug!(seq, "committed");
+        Ok(())
+    }
+
+    fn write_weights(
+        &self,
+        rel: &str,
+        tensors: &[OwnedTensor],
+        step: Option<i64>,
+    ) -> Result<PathBuf> {
+        let path = self.run.join(rel);
+        if let Some(dir) = path.parent() {
+            durable::create_dir(dir)?;
+        }
+        let mut meta = HashMap::new();
+        meta.insert(
+            "reptrace.format_version".to_owned(),
+            FORMAT_VERSION.to_string(),
+        );
+        meta.insert("reptrace.run_id".to_owned(), self.manifest.run_id.clone());
+        if let Some(s) = step {
+            meta.insert("reptrace.step".to_owned(), s.to_string());
+        }
+        let bytes = weights::serialize(tensors, meta, &path)?;
+        durable::write_atomic(&path, &bytes)?;
+        Ok(path)
+    }
+
+    fn close(
+        &mut self,
+        status: Status,
+        reason: Option<String>,
+        step: Option<(i64, i32)>,
+        weights: Option<Snapshot>,
+    ) -> Result<()> {
+        if status == Status::Complete || self.pending() || weights.is_some() {
+            self.commit(step, weights)?;
+        }
+        self.manifest.status = status;
+        self.manifest.abort_reason = reason;
+        self.write_manifest()
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        durable::write_atomic(
+            &layout::manifest_path(&self.run),
+            self.manifest.to_json().as_bytes(),
+        )
+    }
+
+    /// Removes every uncommitted part file.
+    fn discard(&mut self) {
+        for part in std::mem::take(&mut self.parts).into_values() {
+            part.discard();
+        }
+        self.steps = StepRowsOwned::default();
+    }
+
+    /// Cleans up after an error and marks the run aborted with the error.
+    fn fail(&mut self, e: Error) {
+        tracing::error!("recorder: {e}");
+        self.discard();
+        self.manifest.status = Status::Aborted;
+        self.manifest.abort_reason = Some(format!("recorder error: {e}"));
+        if let Err(e2) = self.write_manifest() {
+            tracing::error!("recorder: could not mark the run aborted: {e2}");
+        }
+        self.shared.set_error(e);
+    }
+}
+
+/// The current time, RFC 3339 in UTC.
+pub(crate) fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Whether `dir` is missing or an empty directory.
+pub(crate) fn usable_run_dir(dir: &Path) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}

@@ -1,0 +1,1157 @@
+//! Integration tests of the recorder: write through the public API, read
+//! back with the arrow Parquet reader and safetensors, and kill a recording
+//! process to check what survives a crash.
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow_array::{Array, RecordBatch};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use reptrace_format::{
+    Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, Split, Status,
+    Storage, Table, TracedLayer, layout,
+};
+use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------- helpers
+
+fn read_batches(path: &Path) -> Vec<RecordBatch> {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// Every committed file of `table` (and layer), read in commit order.
+fn read_table(run: &Path, m: &Manifest, table: Table, layer: Option<&str>) -> Vec<RecordBatch> {
+    m.files(table)
+        .into_iter()
+        .filter(|f| f.layer.as_deref() == layer)
+        .flat_map(|f| read_batches(&run.join(&f.path)))
+        .collect()
+}
+
+fn i64s(batches: &[RecordBatch], col: &str) -> Vec<i64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(col)
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn i32s(batches: &[RecordBatch], col: &str) -> Vec<i32> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(col)
+                .unwrap()
+                .as_primitive::<Int32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn f32s(batches: &[RecordBatch], col: &str) -> Vec<f32> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(col)
+                .unwrap()
+                .as_primitive::<Float32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn f64s(batches: &[RecordBatch], col: &str) -> Vec<f64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(col)
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+/// A list column as one Vec per row, f16/f32/f64 widened to f64 losslessly.
+fn lists(batches: &[RecordBatch], col: &str) -> Vec<Vec<f64>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let l = b.column_by_name(col).unwrap().as_list::<i32>();
+        for i in 0..l.len() {
+            let v = l.value(i);
+            let row: Vec<f64> = if let Some(a) = v.as_primitive_opt::<Float32Type>() {
+                a.values().iter().map(|&x| f64::from(x)).collect()
+            } else if let Some(a) = v.as_primitive_opt::<Float16Type>() {
+                a.values().iter().map(|&x| f64::from(x.to_f32())).collect()
+            } else {
+                v.as_primitive::<Float64Type>().values().to_vec()
+            };
+            out.push(row);
+        }
+    }
+    out
+}
+
+fn linear(name: &str, i: usize, o: usize, bias: bool) -> Module {
+    Module::Linear(LinearSpec {
+        name: name.into(),
+        in_features: i,
+        out_features: o,
+        bias,
+        traced: true,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv(
+    name: &str,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    hw: usize,
+    storage: Storage,
+) -> Module {
+    let out = (hw + 2 * pad - k) / stride + 1;
+    Module::Conv2d(Conv2dSpec {
+        name: name.into(),
+        in_channels: c_in,
+        out_channels: c_out,
+        kernel: [k, k],
+        stride: [stride, stride],
+        padding: [pad, pad],
+        dilation: [1, 1],
+        input_hw: [hw, hw],
+        output_hw: [out, out],
+        bias: true,
+        traced: true,
+        storage,
+    })
+}
+
+fn model(modules: Vec<Module>) -> Model {
+    Model {
+        name: "test".into(),
+        input_shape: vec![4],
+        modules,
+    }
+}
+
+/// Weights of every Linear/Conv2d module, filled with `fill`.
+fn weights_of(model: &Model, fill: f32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut out = Vec::new();
+    for l in model.traced_layers() {
+        let shape = l.weight_shape();
+        let n: usize = shape.iter().product();
+        out.push((
+            format!("{}.weight", l.name()),
+            shape.clone(),
+            (0..n).map(|i| fill + i as f32).collect(),
+        ));
+        if l.bias() {
+            out.push((
+                format!("{}.bias", l.name()),
+                vec![shape[0]],
+                vec![fill; shape[0]],
+            ));
+        }
+    }
+    out
+}
+
+fn named(w: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<NamedTensor<'_>> {
+    w.iter()
+        .map(|(n, s, d)| NamedTensor {
+            name: n,
+            shape: s,
+            data: d,
+        })
+        .collect()
+}
+
+fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// ‖ΔW‖_F of a record by forming ΔW in f64 (independent of the recorder).
+fn brute_norm(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> f64 {
+    match layer {
+        TracedLayer::Linear(_) => {
+            let mut s = 0.0;
+            for &vi in v {
+                for &uj in u {
+                    let w = f64::from(vi) * f64::from(uj);
+                    s += w * w;
+                }
+            }
+            s.sqrt()
+        }
+        TracedLayer::Conv2d(c) => match c.storage {
+            Storage::Full => {
+                let wl = c.out_channels * c.patch_len();
+                v[..wl]
+                    .iter()
+                    .map(|&x| f64::from(x) * f64::from(x))
+                    .sum::<f64>()
+                    .sqrt()
+            }
+            Storage::Factors => {
+                let (k, p) = (c.patch_len(), c.positions());
+                let mut s = 0.0;
+                for o in 0..c.out_channels {
+                    for r in 0..k {
+                        let w: f64 = (0..p)
+                            .map(|q| f64::from(v[o * p + q]) * f64::from(u[r * p + q]))
+                            .sum();
+                        s += w * w;
+                    }
+                }
+                s.sqrt()
+            }
+        },
+    }
+}
+
+// ------------------------------------------------------- round-trip property
+
+#[derive(Debug, Clone)]
+enum LayerSpec {
+    Linear {
+        i: usize,
+        o: usize,
+        bias: bool,
+    },
+    Conv {
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        hw: usize,
+        full: bool,
+    },
+}
+
+fn layer_spec() -> impl Strategy<Value = LayerSpec> {
+    prop_oneof![
+        (1usize..7, 1usize..6, any::<bool>()).prop_map(|(i, o, bias)| LayerSpec::Linear {
+            i,
+            o,
+            bias
+        }),
+        (
+            1usize..3,
+            1usize..4,
+            1usize..4,
+            1usize..3,
+            0usize..2,
+            0usize..3,
+            any::<bool>()
+        )
+            .prop_map(
+                |(c_in, c_out, k, stride, pad, extra, full)| LayerSpec::Conv {
+                    c_in,
+                    c_out,
+                    k,
+                    stride,
+                    pad,
+                    hw: k + extra,
+                    full,
+                }
+            ),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    f16: bool,
+    layers: Vec<LayerSpec>,
+    steps: usize,
+    commit_every: usize,
+    seed: u64,
+    norms_given: bool,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        any::<bool>(),
+        prop::collection::vec(layer_spec(), 1..4),
+        0usize..7,
+        1usize..4,
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(f16, layers, steps, commit_every, seed, norms_given)| Scenario {
+                f16,
+                layers,
+                steps,
+                commit_every,
+                seed,
+                norms_given,
+            },
+        )
+}
+
+/// Expected rows of one layer's `updates`.
+#[derive(Default)]
+struct Expected {
+    step: Vec<i64>,
+    epoch: Vec<i32>,
+    ids: Vec<i64>,
+    labels: Vec<i32>,
+    u: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    norms: Vec<Option<f32>>,
+}
+
+fn run_scenario(s: &Scenario) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let modules: Vec<Module> = s
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match *l {
+            LayerSpec::Linear { i: fi, o, bias } => linear(&format!("l{i}"), fi, o, bias),
+            LayerSpec::Conv {
+                c_in,
+                c_out,
+                k,
+                stride,
+                pad,
+                hw,
+                full,
+            } => conv(
+                &format!("l{i}"),
+                c_in,
+                c_out,
+                k,
+                stride,
+                pad,
+                hw,
+                if full {
+                    Storage::Full
+                } else {
+                    Storage::Factors
+                },
+            ),
+        })
+        .collect();
+    let model = model(modules);
+    let dtype = if s.f16 { Dtype::F16 } else { Dtype::F32 };
+    let classes = 3;
+    let mut rec = Recorder::builder(&run)
+        .model(model.clone())
+        .optimizer(Optimizer::sgd(0.1))
+        .classes((0..classes).map(|c| c.to_string()).collect())
+        .dtype(dtype)
+        .row_group_rows(5)
+        .queue_depth(2)
+        .setting("seed", serde_json::json!(s.seed))
+        .build()
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+    let n_inst = 12i64;
+    let ids: Vec<i64> = (0..n_inst).collect();
+    let labels: Vec<i32> = ids.iter().map(|i| (i % classes) as i32).collect();
+    let splits: Vec<Split> = ids
+        .iter()
+        .map(|i| {
+            if i % 4 == 0 {
+                Split::Test
+            } else {
+                Split::Train
+            }
+        })
+        .collect();
+    rec.instances(&ids, &labels, &splits).unwrap();
+    let w0 = weights_of(&model, 0.0);
+    rec.weights(&named(&w0)).unwrap();
+    rec.commit().unwrap();
+
+    let layers: Vec<TracedLayer> = model.traced_layers().collect();
+    let mut expected: Vec<Expected> = layers.iter().map(|_| Expected::default()).collect();
+    let mut exp_steps = Vec::new();
+    let mut snapshots = vec![("weights/initial.safetensors".to_owned(), w0.clone())];
+    for t in 0..s.steps {
+        let epoch = (t / 2) as i32;
+        let lr = 0.1 / (1.0 + t as f64);
+        let n = rng.random_range(0..4usize);
+        rec.step(StepRow {
+            step: t as i64,
+            epoch,
+            lr,
+            batch_size: n as i32,
+            loss: rng.random::<f64>(),
+        })
+        .unwrap();
+        exp_steps.push((t as i64, epoch, lr));
+        for (li, layer) in layers.iter().enumerate() {
+            let (ul, vl) = layer.factor_lens();
+            let batch_ids: Vec<i64> = (0..n).map(|_| rng.random_range(0..n_inst)).collect();
+            let batch_labels: Vec<i32> = batch_ids.iter().map(|i| (i % classes) as i32).collect();
+            let u: Vec<f32> = (0..n * ul)
+                .map(|_| {
+                    if rng.random_bool(0.3) {
+                        0.0
+                    } else {
+                        rng.random_range(-3.0f32..3.0)
+                    }
+                })
+                .collect();
+            let v: Vec<f32> = (0..n * vl)
+                .map(|_| rng.random_range(-1e-2f32..1e-2))
+                .collect();
+            let norms: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+            rec.updates(
+                layer.name(),
+                UpdateBatch {
+                    step: t as i64,
+                    epoch,
+                    instance_ids: &batch_ids,
+                    labels: &batch_labels,
+                    u: &u,
+                    v: &v,
+                    update_norm: s.norms_given.then_some(norms.as_slice()),
+                },
+            )
+            .unwrap();
+            let e = &mut expected[li];
+            for r in 0..n {
+                e.step.push(t as i64);
+                e.epoch.push(epoch);
+                e.ids.push(batch_ids[r]);
+                e.labels.push(batch_labels[r]);
+                e.u.push(u[r * ul..(r + 1) * ul].to_vec());
+                e.v.push(v[r * vl..(r + 1) * vl].to_vec());
+                e.norms.push(s.norms_given.then_some(norms[r]));
+            }
+        }
+        if (t + 1) % s.commit_every == 0 {
+            if t % 2 == 0 {
+                let w = weights_of(&model, t as f32);
+                rec.weights(&named(&w)).unwrap();
+                snapshots.push((layout::weights_path(Some(t as i64)), w));
+            }
+            rec.commit().unwrap();
+        }
+    }
+    // Probes for every layer.
+    let mut exp_probes = Vec::new();
+    for layer in &layers {
+        let (al, pl) = layer.probe_lens();
+        let n = 3;
+        let a: Vec<f64> = (0..n * al).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let p: Vec<f64> = (0..n * pl).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let probe_ids = [100, 101, 3];
+        let inst = [None, None, Some(3)];
+        rec.probes(
+            layer.name(),
+            ProbeBatch {
+                probe_ids: &probe_ids,
+                instance_ids: &inst,
+                labels: &[0, 1, 2],
+                predicted: &[0, 2, 2],
+                a: &a,
+                p: &p,
+            },
+        )
+        .unwrap();
+        exp_probes.push((a, p, al, pl));
+    }
+    let wf = weights_of(&model, -1.0);
+    snapshots.push((layout::FINAL_WEIGHTS.to_owned(), wf.clone()));
+    let returned = rec.finish(&named(&wf)).unwrap();
+
+    // ---- read back
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m, returned, "finish() returns the manifest on disk");
+    assert_eq!(m.status, Status::Complete);
+    assert_eq!(m.dtype, dtype);
+    assert_eq!(m.settings["seed"], serde_json::json!(s.seed));
+    let last = s.steps.checked_sub(1).map(|t| t as i64);
+    assert_eq!(m.last_step().map(|x| x.0), last);
+
+    for f in m.commits.iter().flat_map(|c| &c.files) {
+        let path = run.join(&f.path);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            f.bytes,
+            "{}",
+            f.path
+        );
+        let rows: usize = read_batches(&path).iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows as u64, f.rows, "{}", f.path);
+        assert!(f.rows > 0, "no empty files: {}", f.path);
+        // Each part is named after the commit that added it.
+        let c = m.commits.iter().find(|c| c.files.contains(f)).unwrap();
+        assert!(f.path.ends_with(&format!("part-{:06}.parquet", c.seq)));
+    }
+    // No temporary or uncommitted files remain.
+    let mut stack = vec![run.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            assert!(!layout::is_temp_name(&name), "temp file left: {name}");
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+
+    let inst = read_table(&run, &m, Table::Instances, None);
+    assert_eq!(i64s(&inst, "instance_id"), ids);
+    assert_eq!(i32s(&inst, "label"), labels);
+    let split_col: Vec<String> = inst
+        .iter()
+        .flat_map(|b| {
+            let a = b.column_by_name("split").unwrap().as_string::<i32>();
+            (0..a.len())
+                .map(|i| a.value(i).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want_splits: Vec<String> = splits.iter().map(|s| s.as_str().to_owned()).collect();
+    assert_eq!(split_col, want_splits);
+
+    let st = read_table(&run, &m, Table::Steps, None);
+    assert_eq!(
+        i64s(&st, "step"),
+        exp_steps.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        i32s(&st, "epoch"),
+        exp_steps.iter().map(|s| s.1).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        f64s(&st, "lr"),
+        exp_steps.iter().map(|s| s.2).collect::<Vec<_>>()
+    );
+
+    for (li, layer) in layers.iter().enumerate() {
+        let e = &expected[li];
+        let b = read_table(&run, &m, Table::Updates, Some(layer.name()));
+        assert_eq!(i64s(&b, "step"), e.step, "{}", layer.name());
+        assert_eq!(i32s(&b, "epoch"), e.epoch);
+        assert_eq!(i64s(&b, "instance_id"), e.ids);
+        assert_eq!(i32s(&b, "label"), e.labels);
+        let round = |x: &[f32]| -> Vec<f64> {
+            x.iter()
+                .map(|&x| match dtype {
+                    Dtype::F32 => f64::from(x),
+                    Dtype::F16 => f64::from(half::f16::from_f32(x).to_f32()),
+                })
+                .collect()
+        };
+        let want_u: Vec<Vec<f64>> = e.u.iter().map(|r| round(r)).collect();
+        let want_v: Vec<Vec<f64>> = e.v.iter().map(|r| round(r)).collect();
+        assert_eq!(lists(&b, "u"), want_u, "{} u", layer.name());
+        assert_eq!(lists(&b, "v"), want_v, "{} v", layer.name());
+        let norms = f32s(&b, "update_norm");
+        for (r, got) in norms.iter().enumerate() {
+            match e.norms[r] {
+                Some(given) => assert_eq!(*got, given),
+                None => {
+                    // Computed from the f32 input, not the stored f16.
+                    let want = brute_norm(*layer, &e.u[r], &e.v[r]);
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-5 * want.max(1e-6),
+                        "{} row {r}: {got} vs {want}",
+                        layer.name()
+                    );
+                }
+            }
+        }
+
+        let pb = read_table(&run, &m, Table::Probes, Some(layer.name()));
+        let (a, p, al, pl) = &exp_probes[li];
+        assert_eq!(i64s(&pb, "probe_id"), vec![100, 101, 3]);
+        let inst_col: Vec<Option<i64>> = pb
+            .iter()
+            .flat_map(|b| {
+                let c = b
+                    .column_by_name("instance_id")
+                    .unwrap()
+                    .as_primitive::<Int64Type>();
+                (0..c.len())
+                    .map(|i| c.is_valid(i).then(|| c.value(i)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(inst_col, vec![None, None, Some(3)]);
+        assert_eq!(i32s(&pb, "predicted"), vec![0, 2, 2]);
+        let a_rows: Vec<Vec<f64>> = a.chunks(*al).map(<[f64]>::to_vec).collect();
+        let p_rows: Vec<Vec<f64>> = p.chunks(*pl).map(<[f64]>::to_vec).collect();
+        if *al > 0 {
+            assert_eq!(lists(&pb, "a"), a_rows);
+        }
+        assert_eq!(lists(&pb, "p"), p_rows);
+        for (got, row) in f64s(&pb, "p_norm").iter().zip(&p_rows) {
+            let want = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0));
+        }
+    }
+
+    // Weights: one snapshot per commit that was given one, with exact contents.
+    let listed: Vec<&str> = m
+        .commits
+        .iter()
+        .filter_map(|c| c.weights.as_deref())
+        .collect();
+    let want: Vec<&str> = snapshots.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(listed, want);
+    for (rel, w) in &snapshots {
+        let mut w = w.clone();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(&read_safetensors(&run.join(rel)), &w, "{rel}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip(s in scenario()) {
+        run_scenario(&s);
+    }
+}
+
+// ------------------------------------------------------------- behaviour
+
+fn tiny_model() -> Model {
+    model(vec![
+        linear("fc1", 3, 2, true),
+        Module::Relu,
+        linear("fc2", 2, 2, false),
+    ])
+}
+
+fn tiny_recorder(run: &Path) -> Recorder {
+    Recorder::builder(run)
+        .model(tiny_model())
+        .optimizer(Optimizer::sgd(0.5))
+        .classes(vec!["a".into(), "b".into()])
+        .build()
+        .unwrap()
+}
+
+fn step_with_updates(rec: &mut Recorder, t: i64) {
+    rec.step(StepRow {
+        step: t,
+        epoch: 0,
+        lr: 0.5,
+        batch_size: 2,
+        loss: 1.0,
+    })
+    .unwrap();
+    rec.updates(
+        "fc1",
+        UpdateBatch {
+            step: t,
+            epoch: 0,
+            instance_ids: &[0, 1],
+            labels: &[0, 1],
+            u: &[1.0; 6],
+            v: &[0.5; 4],
+            update_norm: None,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn length_errors_name_layer_and_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = tiny_recorder(&dir.path().join("r"));
+    let e = rec
+        .updates(
+            "fc1",
+            UpdateBatch {
+                step: 0,
+                epoch: 0,
+                instance_ids: &[0, 1],
+                labels: &[0, 1],
+                u: &[1.0; 5],
+                v: &[0.5; 4],
+                update_norm: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"fc1\"") && e.contains("u has length 5, expected 6"),
+        "{e}"
+    );
+    let e = rec
+        .updates(
+            "conv9",
+            UpdateBatch {
+                step: 0,
+                epoch: 0,
+                instance_ids: &[],
+                labels: &[],
+                u: &[],
+                v: &[],
+                update_norm: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("conv9") && e.contains("fc1, fc2"), "{e}");
+    let e = rec
+        .probes(
+            "fc2",
+            ProbeBatch {
+                probe_ids: &[1],
+                instance_ids: &[None],
+                labels: &[0],
+                predicted: &[1],
+                a: &[0.0; 2],
+                p: &[0.0; 3],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"fc2\"") && e.contains("p has length 3, expected 2"),
+        "{e}"
+    );
+    let e = rec
+        .instances(&[1, 2], &[0, 5], &[Split::Train; 2])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("label") && e.contains('5') && e.contains("2 classes"),
+        "{e}"
+    );
+    let w = [0.0f32; 5];
+    let e = rec
+        .weights(&[NamedTensor {
+            name: "fc1.weight",
+            shape: &[5, 1],
+            data: &w,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc1.weight") && e.contains("[2, 3]"), "{e}");
+    // Mistakes do not poison the recorder.
+    step_with_updates(&mut rec, 0);
+    let e = rec
+        .step(StepRow {
+            step: 0,
+            epoch: 0,
+            lr: 0.5,
+            batch_size: 2,
+            loss: 1.0,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step 0 is not after the previous step 0"), "{e}");
+    let m = rec.finish(&[]).unwrap();
+    assert_eq!(m.last_step().map(|s| s.0), Some(0));
+}
+
+#[test]
+fn builder_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("something"), b"x").unwrap();
+    let e = Recorder::builder(dir.path())
+        .model(tiny_model())
+        .optimizer(Optimizer::sgd(0.1))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not empty"), "{e}");
+    let e = Recorder::builder(dir.path().join("x"))
+        .optimizer(Optimizer::sgd(0.1))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model is required"), "{e}");
+    let bad = model(vec![linear("fc-1", 2, 2, true)]);
+    let e = Recorder::builder(dir.path().join("y"))
+        .model(bad)
+        .optimizer(Optimizer::sgd(0.1))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc-1"), "{e}");
+    let e = Recorder::builder(dir.path().join("z"))
+        .model(tiny_model())
+        .optimizer(Optimizer::sgd(0.1))
+        .zstd_level(40)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("zstd_level"), "{e}");
+    // An existing empty directory is fine.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let mut rec = tiny_recorder(&empty);
+    let m = Manifest::load(&empty).unwrap();
+    assert_eq!(m.status, Status::Recording);
+    assert!(m.commits.is_empty());
+    rec.abort("test").unwrap();
+}
+
+#[test]
+fn drop_discards_uncommitted_and_keeps_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    {
+        let mut rec = tiny_recorder(&run);
+        step_with_updates(&mut rec, 0);
+        step_with_updates(&mut rec, 1);
+        rec.commit().unwrap();
+        step_with_updates(&mut rec, 2);
+        rec.flush().unwrap();
+        // The open part of commit 1 exists under its temporary name.
+        assert!(
+            run.join("updates/layer=fc1/.part-000001.parquet.tmp")
+                .exists()
+        );
+    }
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m.status, Status::Aborted);
+    assert_eq!(
+        m.abort_reason.as_deref(),
+        Some("recorder dropped without finish()")
+    );
+    assert_eq!(m.commits.len(), 1);
+    assert_eq!(m.last_step().map(|s| s.0), Some(1));
+    assert!(
+        !run.join("updates/layer=fc1/.part-000001.parquet.tmp")
+            .exists()
+    );
+    assert!(!run.join("steps/.part-000001.parquet.tmp").exists());
+    let steps = read_table(&run, &m, Table::Steps, None);
+    assert_eq!(i64s(&steps, "step"), vec![0, 1]);
+    assert_eq!(
+        read_table(&run, &m, Table::Updates, Some("fc1"))
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        4
+    );
+}
+
+#[test]
+fn abort_commits_pending_and_keeps_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = tiny_recorder(&run);
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 1);
+    let m = rec.abort("non-finite loss at step 2").unwrap();
+    assert_eq!(m.status, Status::Aborted);
+    assert_eq!(m.abort_reason.as_deref(), Some("non-finite loss at step 2"));
+    assert_eq!(m.commits.len(), 2);
+    assert_eq!(m.last_step().map(|s| s.0), Some(1));
+    assert_eq!(Manifest::load(&run).unwrap(), m);
+    let e = rec.commit().unwrap_err().to_string();
+    assert!(e.contains("abort() was already called"), "{e}");
+    drop(rec); // dropping after abort changes nothing
+    assert_eq!(Manifest::load(&run).unwrap(), m);
+}
+
+#[test]
+fn weights_only_commit_and_duplicate_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = tiny_recorder(&run);
+    let w = weights_of(&tiny_model(), 1.0);
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap(); // initial
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap(); // no new rows, weights at step 0
+    rec.weights(&named(&w)).unwrap();
+    let e = rec.commit().unwrap_err().to_string();
+    assert!(e.contains("weights/step-00000000.safetensors"), "{e}");
+    let m = rec.finish(&named(&w)).unwrap();
+    let seqs: Vec<(u64, usize, Option<&str>)> = m
+        .commits
+        .iter()
+        .map(|c| (c.seq, c.files.len(), c.weights.as_deref()))
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![
+            (0, 0, Some("weights/initial.safetensors")),
+            (1, 2, None),
+            (2, 0, Some("weights/step-00000000.safetensors")),
+            (3, 0, Some("weights/final.safetensors")),
+        ]
+    );
+    assert_eq!(m.initial_weights(), Some("weights/initial.safetensors"));
+}
+
+#[test]
+fn writer_error_comes_back_and_aborts_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = tiny_recorder(&run);
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    // Make the next part's directory impossible to create: a file where
+    // the `layer=fc2` directory should go.
+    std::fs::write(run.join("updates/layer=fc2"), b"in the way").unwrap();
+    rec.updates(
+        "fc2",
+        UpdateBatch {
+            step: 1,
+            epoch: 0,
+            instance_ids: &[0],
+            labels: &[0],
+            u: &[1.0, 1.0],
+            v: &[1.0, 1.0],
+            update_norm: None,
+        },
+    )
+    .unwrap();
+    let e = rec.flush().unwrap_err().to_string();
+    assert!(e.contains("layer=fc2"), "{e}");
+    let e2 = rec.commit().unwrap_err().to_string();
+    assert!(e2.contains("failed earlier"), "{e2}");
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m.status, Status::Aborted);
+    assert!(m.abort_reason.unwrap().contains("layer=fc2"));
+    assert_eq!(m.commits.len(), 1, "committed data is kept");
+    assert!(!run.join("steps/.part-000001.parquet.tmp").exists());
+}
+
+#[test]
+fn batch_mode_accepts_full_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = Recorder::builder(&run)
+        .model(tiny_model())
+        .optimizer(Optimizer::sgd(0.5))
+        .mode(Mode::Batch)
+        .build()
+        .unwrap();
+    // fc1: ΔW 2×3 followed by Δb (2).
+    let v = [3.0f32, 0.0, 0.0, 0.0, 4.0, 0.0, 9.0, 9.0];
+    rec.updates(
+        "fc1",
+        UpdateBatch {
+            step: 0,
+            epoch: 0,
+            instance_ids: &[7],
+            labels: &[1],
+            u: &[],
+            v: &v,
+            update_norm: None,
+        },
+    )
+    .unwrap();
+    let m = rec.finish(&[]).unwrap();
+    assert_eq!(m.mode, Mode::Batch);
+    let b = read_table(&run, &m, Table::Updates, Some("fc1"));
+    assert_eq!(f32s(&b, "update_norm"), vec![5.0]);
+    assert_eq!(lists(&b, "u"), vec![Vec::<f64>::new()]);
+}
+
+// ----------------------------------------------------------------- crash
+
+const CHILD_ENV: &str = "REPTRACE_CRASH_CHILD_RUN";
+const ROWS_PER_STEP: usize = 8;
+
+/// The child process of `crash_leaves_a_readable_trace`: records until it
+/// is killed. In a normal test run (no environment variable) it returns at once.
+#[test]
+fn crash_child_process() {
+    let Some(run) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let model = model(vec![
+        linear("fc1", 16, 8, true),
+        Module::Relu,
+        conv("conv", 1, 2, 3, 1, 1, 4, Storage::Factors),
+    ]);
+    let mut rec = Recorder::builder(PathBuf::from(run))
+        .model(model.clone())
+        .optimizer(Optimizer::sgd(0.1))
+        .row_group_rows(16)
+        .build()
+        .unwrap();
+    let ids: Vec<i64> = (0..ROWS_PER_STEP as i64).collect();
+    rec.instances(&ids, &[0; ROWS_PER_STEP], &[Split::Train; ROWS_PER_STEP])
+        .unwrap();
+    let w = weights_of(&model, 0.0);
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    let layers: Vec<(String, usize, usize)> = model
+        .traced_layers()
+        .map(|l| (l.name().to_owned(), l.factor_lens().0, l.factor_lens().1))
+        .collect();
+    for t in 0i64.. {
+        let epoch = (t / 5) as i32;
+        rec.step(StepRow {
+            step: t,
+            epoch,
+            lr: 0.1,
+            batch_size: ROWS_PER_STEP as i32,
+            loss: 1.0 / (1.0 + t as f64),
+        })
+        .unwrap();
+        for (name, ul, vl) in &layers {
+            let u: Vec<f32> = (0..ROWS_PER_STEP * ul)
+                .map(|i| (i as f32 + t as f32).sin())
+                .collect();
+            let v: Vec<f32> = (0..ROWS_PER_STEP * vl)
+                .map(|i| (i as f32 * 0.1).cos())
+                .collect();
+            rec.updates(
+                name,
+                UpdateBatch {
+                    step: t,
+                    epoch,
+                    instance_ids: &ids,
+                    labels: &[0; ROWS_PER_STEP],
+                    u: &u,
+                    v: &v,
+                    update_norm: None,
+                },
+            )
+            .unwrap();
+        }
+        if t % 3 == 2 {
+            if t % 2 == 0 {
+                rec.weights(&named(&w)).unwrap();
+            }
+            rec.commit().unwrap();
+        }
+    }
+}
+
+/// Checks a killed run: the manifest parses, committed files are complete
+/// and hold exactly the steps 0..=last_step, nothing with a final name is
+/// partial. Returns the last committed step.
+fn check_killed_run(run: &Path) -> Option<i64> {
+    let m = Manifest::load(run).unwrap();
+    assert_eq!(m.status, Status::Recording, "killed, not finished");
+    for f in m.commits.iter().flat_map(|c| &c.files) {
+        let rows: usize = read_batches(&run.join(&f.path))
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows as u64, f.rows, "{}", f.path);
+    }
+    for w in m.commits.iter().filter_map(|c| c.weights.as_deref()) {
+        assert!(!read_safetensors(&run.join(w)).is_empty(), "{w}");
+    }
+    let last = m.last_step().map(|s| s.0);
+    let want: Vec<i64> = match last {
+        Some(l) => (0..=l).collect(),
+        None => vec![],
+    };
+    let steps = read_table(run, &m, Table::Steps, None);
+    assert_eq!(i64s(&steps, "step"), want);
+    for layer in ["fc1", "conv"] {
+        let b = read_table(run, &m, Table::Updates, Some(layer));
+        let got = i64s(&b, "step");
+        let expect: Vec<i64> = want
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, ROWS_PER_STEP))
+            .collect();
+        assert_eq!(got, expect, "{layer}");
+    }
+    // Every file with a final (non-temporary) Parquet name opens.
+    let mut stack = vec![run.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if name.ends_with(".parquet") {
+                read_batches(&e.path());
+            }
+        }
+    }
+    last
+}
+
+#[test]
+fn crash_leaves_a_readable_trace() {
+    let exe = std::env::current_exe().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut lasts = Vec::new();
+    for round in 0..6 {
+        let run = dir.path().join(format!("run{round}"));
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "crash_child_process",
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, &run)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for the first commit, then kill at a random later point.
+        let start = Instant::now();
+        while Manifest::load(&run)
+            .map(|m| m.commits.is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "child made no commit"
+            );
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("child exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        lasts.push(check_killed_run(&run));
+    }
+    eprintln!("last committed steps at the kills: {lasts:?}");
+    // The kills landed after some training steps were committed.
+    assert!(lasts.iter().any(|l| l.is_some()), "{lasts:?}");
+}
