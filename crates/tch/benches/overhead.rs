@@ -1,1 +1,176 @@
-fn main(){}
+//! Tracing overhead: traced / untraced training time.
+//!
+//! ```text
+//! cargo bench -p reptrace-tch --bench overhead
+//! ```
+//!
+//! MLP 784-256-10, batch 64, plain SGD, on MNIST-shaped synthetic data
+//! (class prototypes plus noise), every layer traced. Each repeat trains
+//! untraced, traced with f32 factors and traced with f16 factors, side by
+//! side, so that all three see the same machine state; the table gives
+//! medians. "loop" is the training loop (steps and epoch-end commits);
+//! "total" adds the final flush of the recorder's queue and the last commit.
+//! Of the loop, "factors" is the time spent building the factors and copying
+//! them to the host, "recorder" the time spent in recorder calls, which block
+//! while the writer thread's queue is full.
+//!
+//! Environment: `REPTRACE_BENCH_REPEATS` (default 5), `REPTRACE_BENCH_ROWS`
+//! (training rows, default 6400 = 100 steps), `REPTRACE_BENCH_EPOCHS`
+//! (default 1), `REPTRACE_BENCH_DEVICE` (`cpu`, `cuda`), `REPTRACE_BENCH_THREADS`.
+use rand::{Rng, SeedableRng};
+use reptrace_format::Dtype;
+use reptrace_tch::{
+    Dataset, DeviceChoice, ModelChoice, ProbeSet, TraceLayers, TrainConfig, train_on,
+};
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `n` MNIST-shaped examples: a fixed random prototype per class plus noise, clipped to [0, 1].
+fn synthetic(n_train: usize, n_test: usize) -> Dataset {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let protos: Vec<Vec<f32>> = (0..10)
+        .map(|_| {
+            (0..784)
+                .map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let n = n_train + n_test;
+    let mut features = Vec::with_capacity(n * 784);
+    let mut labels = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = rng.random_range(0..10usize);
+        labels.push(l as i32);
+        features.extend(
+            protos[l]
+                .iter()
+                .map(|&p| (p + 0.3 * (rng.random::<f32>() - 0.5)).clamp(0.0, 1.0)),
+        );
+    }
+    let classes = (0..10).map(|c| c.to_string()).collect();
+    Dataset::new(
+        "synthetic-mnist",
+        vec![1, 28, 28],
+        classes,
+        features,
+        labels,
+        n_train,
+    )
+    .expect("valid data set")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs bench binaries with `--bench` absent: keep it short then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let repeats: usize = env("REPTRACE_BENCH_REPEATS", if quick { 1 } else { 5 });
+    let rows: usize = env("REPTRACE_BENCH_ROWS", if quick { 640 } else { 6400 });
+    let epochs: usize = env("REPTRACE_BENCH_EPOCHS", 1);
+    let device: DeviceChoice = std::env::var("REPTRACE_BENCH_DEVICE")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_default();
+    let threads: Option<usize> = std::env::var("REPTRACE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok());
+    let data = synthetic(rows, 64);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let base = TrainConfig {
+        model: ModelChoice::Mlp { hidden: vec![256] },
+        epochs,
+        batch_size: 64,
+        lr: 0.05,
+        probes: ProbeSet::None,
+        device,
+        threads,
+        ..TrainConfig::default()
+    };
+    let variants: [(&str, TraceLayers, Dtype); 3] = [
+        ("untraced", TraceLayers::None, Dtype::F32),
+        ("traced f32", TraceLayers::All, Dtype::F32),
+        ("traced f16", TraceLayers::All, Dtype::F16),
+    ];
+    // Warm-up (allocator, libtorch kernels), not measured.
+    let warm = TrainConfig {
+        out: dir.path().join("warm"),
+        ..base.clone()
+    };
+    train_on(&warm, &data, &mut |_| {}).expect("warm-up run");
+    let mut loop_s = vec![Vec::new(); variants.len()];
+    let mut total_s = vec![Vec::new(); variants.len()];
+    let mut factor_s = vec![Vec::new(); variants.len()];
+    let mut record_s = vec![Vec::new(); variants.len()];
+    let mut bytes = vec![0u64; variants.len()];
+    for r in 0..repeats {
+        for (i, (name, trace, dtype)) in variants.iter().enumerate() {
+            let out = dir.path().join(format!("r{r}-{i}"));
+            let cfg = TrainConfig {
+                trace_layers: trace.clone(),
+                dtype: *dtype,
+                out: out.clone(),
+                ..base.clone()
+            };
+            let s = train_on(&cfg, &data, &mut |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+            loop_s[i].push(s.train_seconds);
+            total_s[i].push(s.total_seconds);
+            factor_s[i].push(s.factor_seconds);
+            record_s[i].push(s.record_seconds);
+            if let Some((_, m)) = &s.run {
+                bytes[i] = m
+                    .files(reptrace_format::Table::Updates)
+                    .iter()
+                    .map(|f| f.bytes)
+                    .sum();
+            }
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
+    let steps = rows.div_ceil(64) * epochs;
+    println!(
+        "tracing overhead: MLP 784-256-10, batch 64, {steps} steps, device {device}, threads {}, {repeats} repeats (medians)",
+        threads.map_or("auto".to_owned(), |t| t.to_string())
+    );
+    println!(
+        "{:<12} {:>8} {:>8} {:>8} {:>10} {:>10} {:>11} {:>14}",
+        "variant",
+        "loop s",
+        "total s",
+        "ms/step",
+        "factors s",
+        "recorder s",
+        "ratio",
+        "updates bytes"
+    );
+    let base_loop = median(&mut loop_s[0].clone());
+    let base_total = median(&mut total_s[0].clone());
+    for (i, (name, ..)) in variants.iter().enumerate() {
+        let l = median(&mut loop_s[i]);
+        let t = median(&mut total_s[i]);
+        println!(
+            "{name:<12} {l:>8.3} {t:>8.3} {:>8.3} {:>10.3} {:>10.3} {:>11} {:>14}",
+            1000.0 * l / steps as f64,
+            median(&mut factor_s[i]),
+            median(&mut record_s[i]),
+            format!("{:.2}/{:.2}", l / base_loop, t / base_total),
+            bytes[i]
+        );
+    }
+    println!(
+        "ratio = loop/total time relative to untraced; factors = building and copying the factors, \
+         recorder = time in recorder calls (waits on its bounded queue included)"
+    );
+}

@@ -1,0 +1,727 @@
+//! Sequential models built from [`reptrace_format::Module`] specs.
+//!
+//! The manifest's [`Model`] is the model's only description: [`build_model`]
+//! turns a preset ([`ModelChoice`]) into one, with every shape worked out
+//! from the data, and [`Network`] runs exactly what it says. Linear and
+//! Conv2d (groups 1) are the traced layers; activations, pooling, flatten and
+//! dropout pass through. BatchNorm couples the examples of a batch, so it is
+//! refused (instance mode only).
+//!
+//! Weights are initialised like PyTorch's `nn.Linear`/`nn.Conv2d` defaults
+//! (uniform in ±1/√fan_in for weights and biases), drawn on the host from a
+//! ChaCha8 generator seeded with the seed, then moved to the device: a seed
+//! gives the same initial network on every device and in every thread.
+//! Dropout uses libtorch's generator, seeded with `tch::manual_seed(seed)`.
+use crate::{Error, Result};
+use rand::{Rng, SeedableRng};
+use reptrace_format::{Conv2dSpec, LinearSpec, Model, Module, Storage, TracedLayer};
+use std::fmt;
+use std::str::FromStr;
+use tch::{Device, Kind, Tensor};
+
+/// Which model to train.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelChoice {
+    /// Flatten, then Linear layers with these hidden widths (ReLU between),
+    /// then a Linear layer to the classes. `mlp` is `[32, 16]`.
+    Mlp { hidden: Vec<usize> },
+    /// Two small conv layers (1→8 3×3 pad 1, 8→16 3×3 stride 2 pad 1, ReLU
+    /// after each), flatten, Linear to the classes.
+    Cnn,
+    /// A model given module by module; its shapes must fit the data.
+    Custom(Model),
+}
+
+impl Default for ModelChoice {
+    fn default() -> Self {
+        ModelChoice::Mlp {
+            hidden: vec![32, 16],
+        }
+    }
+}
+
+impl FromStr for ModelChoice {
+    type Err = String;
+    /// `mlp`, `mlp:H1,H2,…` (hidden widths) or `cnn`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mlp" => Ok(ModelChoice::default()),
+            "cnn" => Ok(ModelChoice::Cnn),
+            _ => {
+                let Some(widths) = s.strip_prefix("mlp:") else {
+                    return Err(format!(
+                        "unknown model {s:?} (expected mlp, mlp:H1,H2,… or cnn)"
+                    ));
+                };
+                let hidden = widths
+                    .split(',')
+                    .map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| format!("invalid hidden widths {widths:?} in model {s:?}"))?;
+                Ok(ModelChoice::Mlp { hidden })
+            }
+        }
+    }
+}
+
+impl fmt::Display for ModelChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelChoice::Mlp { hidden } => {
+                let w: Vec<String> = hidden.iter().map(|h| h.to_string()).collect();
+                write!(f, "mlp:{}", w.join(","))
+            }
+            ModelChoice::Cnn => f.write_str("cnn"),
+            ModelChoice::Custom(m) => write!(f, "{}", m.name),
+        }
+    }
+}
+
+/// Which Linear/Conv2d layers are traced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TraceLayers {
+    #[default]
+    All,
+    None,
+    /// These layers (by name), the others untraced.
+    Names(Vec<String>),
+}
+
+impl FromStr for TraceLayers {
+    type Err = String;
+    /// `all`, `none` or a comma-separated list of layer names.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "all" => Ok(TraceLayers::All),
+            "none" => Ok(TraceLayers::None),
+            _ => {
+                let names: Vec<String> = s.split(',').map(|n| n.trim().to_owned()).collect();
+                if names.iter().any(|n| n.is_empty()) {
+                    return Err(format!("empty layer name in {s:?}"));
+                }
+                Ok(TraceLayers::Names(names))
+            }
+        }
+    }
+}
+
+impl fmt::Display for TraceLayers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TraceLayers::All => f.write_str("all"),
+            TraceLayers::None => f.write_str("none"),
+            TraceLayers::Names(n) => f.write_str(&n.join(",")),
+        }
+    }
+}
+
+/// The storage rule for a Conv2d layer's records: the full per-example
+/// matrix (`C_out·K` plus the bias) when it is smaller than the factors
+/// (`K·P + C_out·P`), else the factors.
+pub fn conv_storage(
+    out_channels: usize,
+    patch_len: usize,
+    positions: usize,
+    bias: bool,
+) -> Storage {
+    let full = out_channels * patch_len + if bias { out_channels } else { 0 };
+    if full < patch_len * positions + out_channels * positions {
+        Storage::Full
+    } else {
+        Storage::Factors
+    }
+}
+
+/// Output size of a convolution or pooling along one axis.
+fn conv_out(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Option<usize> {
+    let span = dilation * (kernel.checked_sub(1)?) + 1;
+    let padded = input + 2 * padding;
+    if stride == 0 || padded < span {
+        return None;
+    }
+    Some((padded - span) / stride + 1)
+}
+
+/// A Conv2d spec with its output size and storage worked out.
+#[allow(clippy::too_many_arguments)]
+fn conv(
+    name: &str,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    input_hw: [usize; 2],
+) -> Option<Conv2dSpec> {
+    let output_hw = [
+        conv_out(input_hw[0], kernel, stride, padding, 1)?,
+        conv_out(input_hw[1], kernel, stride, padding, 1)?,
+    ];
+    let patch = in_channels * kernel * kernel;
+    Some(Conv2dSpec {
+        name: name.to_owned(),
+        in_channels,
+        out_channels,
+        kernel: [kernel; 2],
+        stride: [stride; 2],
+        padding: [padding; 2],
+        dilation: [1; 2],
+        input_hw,
+        output_hw,
+        bias: true,
+        traced: true,
+        storage: conv_storage(out_channels, patch, output_hw[0] * output_hw[1], true),
+    })
+}
+
+fn linear(name: &str, in_features: usize, out_features: usize) -> Module {
+    Module::Linear(LinearSpec {
+        name: name.to_owned(),
+        in_features,
+        out_features,
+        bias: true,
+        traced: true,
+    })
+}
+
+/// Builds the model for examples of `input_shape` and `classes` classes,
+/// with the traced flags set from `trace`, and checks it ([`check_model`]).
+pub fn build_model(
+    choice: &ModelChoice,
+    input_shape: &[usize],
+    classes: usize,
+    trace: &TraceLayers,
+) -> Result<Model> {
+    let mut model = match choice {
+        ModelChoice::Mlp { hidden } => {
+            let mut modules = vec![Module::Flatten];
+            let mut width: usize = input_shape.iter().product();
+            for (i, &h) in hidden.iter().enumerate() {
+                modules.push(linear(&format!("fc{}", i + 1), width, h));
+                modules.push(Module::Relu);
+                width = h;
+            }
+            modules.push(linear(&format!("fc{}", hidden.len() + 1), width, classes));
+            Model {
+                name: "mlp".into(),
+                input_shape: input_shape.to_vec(),
+                modules,
+            }
+        }
+        ModelChoice::Cnn => {
+            let bad = || Error::BadModel {
+                model: "cnn".into(),
+                message: format!(
+                    "needs image examples [C, H, W] of at least 3×3, the data has shape {input_shape:?}"
+                ),
+            };
+            let &[c, h, w] = input_shape else {
+                return Err(bad());
+            };
+            let conv1 = conv("conv1", c, 8, 3, 1, 1, [h, w]).ok_or_else(bad)?;
+            let conv2 = conv("conv2", 8, 16, 3, 2, 1, conv1.output_hw).ok_or_else(bad)?;
+            let flat = 16 * conv2.output_hw[0] * conv2.output_hw[1];
+            Model {
+                name: "cnn".into(),
+                input_shape: input_shape.to_vec(),
+                modules: vec![
+                    Module::Conv2d(conv1),
+                    Module::Relu,
+                    Module::Conv2d(conv2),
+                    Module::Relu,
+                    Module::Flatten,
+                    linear("fc", flat, classes),
+                ],
+            }
+        }
+        ModelChoice::Custom(m) => {
+            if m.input_shape != input_shape {
+                return Err(Error::BadModel {
+                    model: m.name.clone(),
+                    message: format!(
+                        "expects {:?} inputs, the data has shape {input_shape:?}",
+                        m.input_shape
+                    ),
+                });
+            }
+            m.clone()
+        }
+    };
+    set_traced(&mut model, trace)?;
+    let out = check_model(&model)?;
+    if out != [classes] {
+        return Err(Error::BadModel {
+            model: model.name.clone(),
+            message: format!("output shape {out:?} does not match the {classes} classes"),
+        });
+    }
+    Ok(model)
+}
+
+/// Sets each Linear/Conv2d layer's `traced` flag.
+fn set_traced(model: &mut Model, trace: &TraceLayers) -> Result<()> {
+    let names: Vec<String> = model
+        .modules
+        .iter()
+        .filter_map(|m| match m {
+            Module::Linear(l) => Some(l.name.clone()),
+            Module::Conv2d(c) => Some(c.name.clone()),
+            _ => None,
+        })
+        .collect();
+    if let TraceLayers::Names(wanted) = trace
+        && let Some(unknown) = wanted.iter().find(|w| !names.contains(w))
+    {
+        return Err(Error::UnknownLayer {
+            name: unknown.clone(),
+            known: names.join(", "),
+        });
+    }
+    for m in &mut model.modules {
+        let (name, traced) = match m {
+            Module::Linear(l) => (l.name.clone(), &mut l.traced),
+            Module::Conv2d(c) => (c.name.clone(), &mut c.traced),
+            _ => continue,
+        };
+        *traced = match trace {
+            TraceLayers::All => true,
+            TraceLayers::None => false,
+            TraceLayers::Names(w) => w.contains(&name),
+        };
+    }
+    Ok(())
+}
+
+/// Checks that every module fits the shape coming into it (sizes, names,
+/// Conv2d input/output sizes) and returns the output shape of one example.
+pub fn check_model(model: &Model) -> Result<Vec<usize>> {
+    let bad = |message: String| Error::BadModel {
+        model: model.name.clone(),
+        message,
+    };
+    let mut shape = model.input_shape.clone();
+    let mut names: Vec<&str> = Vec::new();
+    for (i, m) in model.modules.iter().enumerate() {
+        let name_ok = |name: &str| -> Result<()> {
+            reptrace_format::layout::check_name("layer", name).map_err(|e| bad(e.to_string()))?;
+            if names.contains(&name) {
+                return Err(bad(format!("layer name {name:?} used twice")));
+            }
+            Ok(())
+        };
+        match m {
+            Module::Linear(l) => {
+                name_ok(&l.name)?;
+                names.push(&l.name);
+                if shape != [l.in_features] || l.out_features == 0 {
+                    return Err(bad(format!(
+                        "layer {} expects [{}] inputs, gets {shape:?} (module {i})",
+                        l.name, l.in_features
+                    )));
+                }
+                shape = vec![l.out_features];
+            }
+            Module::Conv2d(c) => {
+                name_ok(&c.name)?;
+                names.push(&c.name);
+                let &[ch, h, w] = shape.as_slice() else {
+                    return Err(bad(format!(
+                        "layer {} expects [C, H, W] inputs, gets {shape:?}",
+                        c.name
+                    )));
+                };
+                if ch != c.in_channels || [h, w] != c.input_hw || c.out_channels == 0 {
+                    return Err(bad(format!(
+                        "layer {} expects [{}, {}, {}] inputs, gets {shape:?}",
+                        c.name, c.in_channels, c.input_hw[0], c.input_hw[1]
+                    )));
+                }
+                let out = (0..2)
+                    .map(|a| {
+                        conv_out(
+                            c.input_hw[a],
+                            c.kernel[a],
+                            c.stride[a],
+                            c.padding[a],
+                            c.dilation[a],
+                        )
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|o| o.iter().all(|&x| x > 0))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "layer {}: kernel larger than its padded input",
+                            c.name
+                        ))
+                    })?;
+                if c.dilation.contains(&0) || out != c.output_hw {
+                    return Err(bad(format!(
+                        "layer {}: output size is {out:?}, the spec says {:?}",
+                        c.name, c.output_hw
+                    )));
+                }
+                shape = vec![c.out_channels, out[0], out[1]];
+            }
+            Module::Relu | Module::Tanh | Module::Sigmoid | Module::Gelu => {}
+            Module::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(bad(format!("dropout probability {p} not in [0, 1)")));
+                }
+            }
+            Module::MaxPool2d { kernel, stride } | Module::AvgPool2d { kernel, stride } => {
+                let &[ch, h, w] = shape.as_slice() else {
+                    return Err(bad(format!(
+                        "pooling (module {i}) expects [C, H, W] inputs, gets {shape:?}"
+                    )));
+                };
+                let oh = conv_out(h, kernel[0], stride[0], 0, 1).filter(|&x| x > 0);
+                let ow = conv_out(w, kernel[1], stride[1], 0, 1).filter(|&x| x > 0);
+                let (Some(oh), Some(ow)) = (oh, ow) else {
+                    return Err(bad(format!("pooling (module {i}) does not fit {shape:?}")));
+                };
+                shape = vec![ch, oh, ow];
+            }
+            Module::Flatten => shape = vec![shape.iter().product()],
+            Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => {
+                return Err(Error::CouplingModule {
+                    model: model.name.clone(),
+                    module: format!("{name} (batch norm)"),
+                });
+            }
+        }
+    }
+    Ok(shape)
+}
+
+/// One Linear or Conv2d layer's parameters.
+#[derive(Debug)]
+struct Params {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// A traced layer's input and output in one forward pass.
+#[derive(Debug)]
+pub struct Tap {
+    /// Index of the module in [`Model::modules`].
+    pub module: usize,
+    /// The layer input `a` (detached), batch first.
+    pub input: Tensor,
+    /// The pre-activation `z` (part of the graph when gradients are on).
+    pub output: Tensor,
+}
+
+/// A named parameter tensor copied to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// `<layer>.weight` or `<layer>.bias`.
+    pub name: String,
+    /// PyTorch shape.
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A runnable sequential network.
+#[derive(Debug)]
+pub struct Network {
+    model: Model,
+    /// Parameters per module (None for modules without any).
+    params: Vec<Option<Params>>,
+    device: Device,
+}
+
+impl Network {
+    /// Builds the network with seeded initial weights on `device`.
+    pub fn new(model: &Model, seed: i64, device: Device) -> Result<Self> {
+        check_model(model)?;
+        // Dropout draws from libtorch's global generator; seed it only when
+        // needed so that other threads' networks do not reset it.
+        if model
+            .modules
+            .iter()
+            .any(|m| matches!(m, Module::Dropout { .. }))
+        {
+            tch::manual_seed(seed);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+        let mut uniform = |shape: &[i64], bound: f64| -> Result<Tensor> {
+            let n: i64 = shape.iter().product();
+            let bound = bound as f32;
+            let data: Vec<f32> = (0..n)
+                .map(|_| (2.0 * rng.random::<f32>() - 1.0) * bound)
+                .collect();
+            let t = Tensor::f_from_slice(&data)?
+                .f_reshape(shape)?
+                .f_to_device(device)?
+                .f_set_requires_grad(true)?;
+            Ok(t)
+        };
+        let mut params = Vec::with_capacity(model.modules.len());
+        for m in &model.modules {
+            let (shape, fan_in, bias) = match m {
+                Module::Linear(l) => (vec![l.out_features, l.in_features], l.in_features, l.bias),
+                Module::Conv2d(c) => (
+                    vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]],
+                    c.patch_len(),
+                    c.bias,
+                ),
+                _ => {
+                    params.push(None);
+                    continue;
+                }
+            };
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
+            let weight = uniform(&shape, bound)?;
+            let bias = if bias {
+                Some(uniform(&shape[..1], bound)?)
+            } else {
+                None
+            };
+            params.push(Some(Params { weight, bias }));
+        }
+        Ok(Self {
+            model: model.clone(),
+            params,
+            device,
+        })
+    }
+
+    /// The model this network runs.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The device its parameters live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Every parameter tensor with its name, in forward order (weight, then bias).
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (m, p) in self.model.modules.iter().zip(&self.params) {
+            let (Some(name), Some(p)) = (layer_name(m), p) else {
+                continue;
+            };
+            out.push((format!("{name}.weight"), p.weight.shallow_clone()));
+            if let Some(b) = &p.bias {
+                out.push((format!("{name}.bias"), b.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// The weight and bias of module `module` (a Linear or Conv2d).
+    pub fn layer_params(&self, module: usize) -> Option<(Tensor, Option<Tensor>)> {
+        self.params.get(module)?.as_ref().map(|p| {
+            (
+                p.weight.shallow_clone(),
+                p.bias.as_ref().map(Tensor::shallow_clone),
+            )
+        })
+    }
+
+    /// Copies every parameter to the host as `f32`.
+    pub fn to_host(&self) -> Result<Vec<HostTensor>> {
+        self.parameters()
+            .into_iter()
+            .map(|(name, t)| {
+                let shape = t.size().iter().map(|&s| s as usize).collect();
+                let flat = t.f_detach()?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?;
+                let data = Vec::<f32>::try_from(&flat)?;
+                Ok(HostTensor { name, shape, data })
+            })
+            .collect()
+    }
+
+    /// Runs the network on a batch `x` (`[B, …input_shape]`).
+    ///
+    /// `train` switches dropout on. With `taps`, every traced layer's input
+    /// and output are returned in forward order.
+    pub fn forward(&self, x: &Tensor, train: bool, taps: bool) -> Result<(Tensor, Vec<Tap>)> {
+        let mut h = x.shallow_clone();
+        let mut out_taps = Vec::new();
+        for (i, (m, p)) in self.model.modules.iter().zip(&self.params).enumerate() {
+            let traced = matches!(m, Module::Linear(l) if l.traced)
+                || matches!(m, Module::Conv2d(c) if c.traced);
+            let next = match (m, p) {
+                (Module::Linear(_), Some(p)) => h.f_linear(&p.weight, p.bias.as_ref())?,
+                (Module::Conv2d(c), Some(p)) => h.f_conv2d(
+                    &p.weight,
+                    p.bias.as_ref(),
+                    to_i64(&c.stride),
+                    to_i64(&c.padding),
+                    to_i64(&c.dilation),
+                    1,
+                )?,
+                (Module::Relu, _) => h.f_relu()?,
+                (Module::Tanh, _) => h.f_tanh()?,
+                (Module::Sigmoid, _) => h.f_sigmoid()?,
+                (Module::Gelu, _) => h.f_gelu("none")?,
+                (Module::Dropout { p }, _) => h.f_dropout(*p, train)?,
+                (Module::MaxPool2d { kernel, stride }, _) => {
+                    h.f_max_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], [1i64, 1], false)?
+                }
+                (Module::AvgPool2d { kernel, stride }, _) => {
+                    h.f_avg_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], false, true, None)?
+                }
+                (Module::Flatten, _) => h.f_flatten(1, -1)?,
+                (Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. }, _) => {
+                    return Err(Error::CouplingModule {
+                        model: self.model.name.clone(),
+                        module: name.clone(),
+                    });
+                }
+                (Module::Linear(_) | Module::Conv2d(_), None) => {
+                    return Err(Error::BadModel {
+                        model: self.model.name.clone(),
+                        message: format!("module {i} has no parameters"),
+                    });
+                }
+            };
+            if taps && traced {
+                out_taps.push(Tap {
+                    module: i,
+                    input: h.f_detach()?,
+                    output: next.shallow_clone(),
+                });
+            }
+            h = next;
+        }
+        Ok((h, out_taps))
+    }
+
+    /// The traced layer spec of module `module`.
+    pub fn traced_layer(&self, module: usize) -> Option<TracedLayer<'_>> {
+        match self.model.modules.get(module)? {
+            Module::Linear(l) if l.traced => Some(TracedLayer::Linear(l)),
+            Module::Conv2d(c) if c.traced => Some(TracedLayer::Conv2d(c)),
+            _ => None,
+        }
+    }
+}
+
+/// Name of a Linear/Conv2d module.
+fn layer_name(m: &Module) -> Option<&str> {
+    match m {
+        Module::Linear(l) => Some(&l.name),
+        Module::Conv2d(c) => Some(&c.name),
+        _ => None,
+    }
+}
+
+fn to_i64(v: &[usize; 2]) -> [i64; 2] {
+    [v[0] as i64, v[1] as i64]
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_fit_digits() {
+        let mlp = build_model(&ModelChoice::default(), &[1, 8, 8], 10, &TraceLayers::All).unwrap();
+        let names: Vec<&str> = mlp.traced_layers().map(|l| l.name()).collect();
+        assert_eq!(names, ["fc1", "fc2", "fc3"]);
+        let cnn = build_model(
+            &ModelChoice::Cnn,
+            &[1, 8, 8],
+            10,
+            &TraceLayers::Names(vec!["conv2".into()]),
+        )
+        .unwrap();
+        let Module::Conv2d(c2) = &cnn.modules[2] else {
+            panic!()
+        };
+        assert_eq!(c2.output_hw, [4, 4]);
+        assert_eq!(cnn.traced_layers().count(), 1);
+        assert!(build_model(&ModelChoice::Cnn, &[64], 10, &TraceLayers::All).is_err());
+        let err = build_model(
+            &ModelChoice::default(),
+            &[64],
+            10,
+            &TraceLayers::Names(vec!["fc9".into()]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fc9"), "{err}");
+    }
+
+    /// Pooling, activations and dropout run, and the output shape of the
+    /// forward pass is the one [`check_model`] works out.
+    #[test]
+    fn every_module_runs() {
+        let conv = conv("c", 2, 3, 3, 1, 1, [7, 6]).unwrap();
+        let modules = vec![
+            Module::Conv2d(conv),
+            Module::Gelu,
+            Module::MaxPool2d {
+                kernel: [2, 2],
+                stride: [2, 2],
+            },
+            Module::Sigmoid,
+            Module::AvgPool2d {
+                kernel: [2, 1],
+                stride: [1, 1],
+            },
+            Module::Tanh,
+            Module::Dropout { p: 0.5 },
+            Module::Flatten,
+            linear("out", 3 * 2 * 3, 4),
+        ];
+        let model = Model {
+            name: "all".into(),
+            input_shape: vec![2, 7, 6],
+            modules,
+        };
+        assert_eq!(check_model(&model).unwrap(), [4]);
+        let net = Network::new(&model, 1, Device::Cpu).unwrap();
+        let x = Tensor::ones([5, 2, 7, 6], (Kind::Float, Device::Cpu));
+        let (y, taps) = net.forward(&x, true, true).unwrap();
+        assert_eq!(y.size(), [5, 4]);
+        assert_eq!(taps.len(), 2);
+        assert_eq!(taps[1].input.size(), [5, 18]);
+        // Same seed, same weights; another seed, other weights.
+        let again = Network::new(&model, 1, Device::Cpu)
+            .unwrap()
+            .to_host()
+            .unwrap();
+        assert_eq!(net.to_host().unwrap(), again);
+        assert_ne!(
+            Network::new(&model, 2, Device::Cpu)
+                .unwrap()
+                .to_host()
+                .unwrap(),
+            again
+        );
+    }
+
+    #[test]
+    fn batch_norm_refused() {
+        let model = Model {
+            name: "bn".into(),
+            input_shape: vec![4],
+            modules: vec![Module::BatchNorm1d {
+                name: "bn1".into(),
+                features: 4,
+            }],
+        };
+        let err = check_model(&model).unwrap_err();
+        assert!(err.to_string().contains("couples the examples"), "{err}");
+    }
+
+    #[test]
+    fn storage_rule() {
+        // conv1 of the cnn on digits: full 8·9+8 = 80 < 9·64 + 8·64.
+        assert_eq!(conv_storage(8, 9, 64, true), Storage::Full);
+        // Many channels, few positions: factors are smaller.
+        assert_eq!(conv_storage(64, 576, 4, true), Storage::Factors);
+    }
+}

@@ -1,0 +1,113 @@
+//! Probes: a traced layer's input in the final network and its refinement.
+//!
+//! For a probe `x` and traced layer, `a` is the layer input in the final
+//! network (Conv2d: the raw `C_in × H × W` input, not unfolded) and
+//! `p = (W_T − W_0) ⊛ a + (b_T − b_0)`, computed in `f64` from the weights
+//! (Conv2d: `C_out × h_out·w_out`).
+use crate::Result;
+use reptrace_format::TracedLayer;
+use tch::{Kind, Tensor};
+
+/// Which instances become probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeSet {
+    /// The test split (`instance_id` null: not training instances).
+    #[default]
+    Test,
+    /// The training split (`instance_id` = the instance).
+    Train,
+    /// Both splits.
+    All,
+    /// No probes.
+    None,
+}
+
+impl std::str::FromStr for ProbeSet {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "test" => Ok(ProbeSet::Test),
+            "train" => Ok(ProbeSet::Train),
+            "all" => Ok(ProbeSet::All),
+            "none" => Ok(ProbeSet::None),
+            _ => Err(format!(
+                "unknown probe set {s:?} (expected test, train, all or none)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProbeSet::Test => "test",
+            ProbeSet::Train => "train",
+            ProbeSet::All => "all",
+            ProbeSet::None => "none",
+        })
+    }
+}
+
+impl ProbeSet {
+    /// The data set rows that are probes, for `n_train` training rows of `n`.
+    pub fn rows(self, n_train: usize, n: usize) -> std::ops::Range<usize> {
+        match self {
+            ProbeSet::Test => n_train..n,
+            ProbeSet::Train => 0..n_train,
+            ProbeSet::All => 0..n,
+            ProbeSet::None => 0..0,
+        }
+    }
+}
+
+/// The layer's weight and bias change `W_T − W_0`, `b_T − b_0`, in `f64`.
+#[derive(Debug)]
+pub struct Displacement {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Displacement {
+    /// `final − initial`, in `f64`.
+    pub fn new(
+        w_final: &Tensor,
+        w_initial: &Tensor,
+        b_final: Option<&Tensor>,
+        b_initial: Option<&Tensor>,
+    ) -> Result<Self> {
+        let d = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok(a.f_detach()?
+                .f_to_kind(Kind::Double)?
+                .f_sub(&b.f_detach()?.f_to_kind(Kind::Double)?)?)
+        };
+        let bias = match (b_final, b_initial) {
+            (Some(f), Some(i)) => Some(d(f, i)?),
+            _ => None,
+        };
+        Ok(Self {
+            weight: d(w_final, w_initial)?,
+            bias,
+        })
+    }
+
+    /// `p` for a batch of layer inputs `a` (`N × …`), as `N × p_len` `f64`.
+    pub fn refinement(&self, layer: TracedLayer<'_>, a: &Tensor) -> Result<Tensor> {
+        let a = a.f_detach()?.f_to_kind(Kind::Double)?;
+        let n = a.size().first().copied().unwrap_or(0);
+        let p = match layer {
+            TracedLayer::Linear(_) => a.f_linear(&self.weight, self.bias.as_ref())?,
+            TracedLayer::Conv2d(c) => {
+                let i = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
+                a.f_conv2d(
+                    &self.weight,
+                    self.bias.as_ref(),
+                    i(c.stride),
+                    i(c.padding),
+                    i(c.dilation),
+                    1,
+                )?
+            }
+        };
+        Ok(p.f_reshape([n, -1])?)
+    }
+}

@@ -1,0 +1,714 @@
+//! Traced mini-batch SGD training.
+//!
+//! One forward and one backward pass per step give the gradient at every
+//! traced layer's output for every example of the batch (`δ`, asked of
+//! autograd together with the parameter gradients), from which the factors
+//! of each example's update are built on the device ([`crate::factors`]) and
+//! copied to the host once per layer and factor. The [`Recorder`] writes
+//! them on its own thread.
+//!
+//! What a run records: `instances` (both splits), per step one `steps` row
+//! and one `updates` row per traced layer and example, the weights before
+//! the first step, at each epoch end (a commit point) and at the end, and
+//! after training the probes of the chosen probe set. With no traced layers
+//! nothing is recorded and training is the same, bit for bit.
+use crate::data::{DataSource, Dataset};
+use crate::factors::layer_factors;
+use crate::model::{HostTensor, ModelChoice, Network, TraceLayers, build_model};
+use crate::probe::{Displacement, ProbeSet};
+use crate::sgd::{Sgd, learning_rate};
+use crate::{Error, Result};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
+use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use serde_json::json;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Where to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    /// A CUDA device by index.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    /// `cpu`, `cuda` or `cuda:N`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The tch device, or an error when it is not available.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(n) => {
+                let count = if tch::Cuda::is_available() {
+                    tch::Cuda::device_count() as usize
+                } else {
+                    0
+                };
+                if n < count {
+                    Ok(Device::Cuda(n))
+                } else {
+                    let hint = if count == 0 {
+                        if cfg!(feature = "cuda") {
+                            " (no CUDA device or driver found)".to_owned()
+                        } else {
+                            " (this build has no CUDA support: build with feature cuda)".to_owned()
+                        }
+                    } else {
+                        format!(" ({count} CUDA device(s))")
+                    };
+                    Err(Error::NoDevice {
+                        device: self.to_string(),
+                        hint,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Everything a training run needs; [`TrainConfig::default`] then set fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub model: ModelChoice,
+    /// Used by [`train`]; [`train_on`] takes the data set instead.
+    pub data: DataSource,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    pub schedule: LrSchedule,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Seeds initialisation, dropout and shuffling.
+    pub seed: u64,
+    pub trace_layers: TraceLayers,
+    /// Stored factor type.
+    pub dtype: Dtype,
+    pub device: DeviceChoice,
+    pub probes: ProbeSet,
+    /// The run directory (must not exist or be empty); unused without traced layers.
+    pub out: PathBuf,
+    /// libtorch's intra-op CPU threads (process-wide, set when training
+    /// starts); `None`: one less than the available cores (at least 1), which
+    /// leaves a core to the recorder's writer thread. Small models train
+    /// fastest with 1.
+    pub threads: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    /// MLP on digits, 10 epochs, batch 32, plain SGD with lr 0.1, all layers
+    /// traced, f32, CPU, test probes, into `runs/run`.
+    fn default() -> Self {
+        Self {
+            model: ModelChoice::default(),
+            data: DataSource::Digits,
+            epochs: 10,
+            batch_size: 32,
+            lr: 0.1,
+            schedule: LrSchedule::Constant,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            seed: 42,
+            trace_layers: TraceLayers::All,
+            dtype: Dtype::F32,
+            device: DeviceChoice::Cpu,
+            probes: ProbeSet::Test,
+            out: PathBuf::from("runs/run"),
+            threads: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The settings of `reptrace demo`: the MLP on digits, 20 epochs, batch
+    /// 32, lr 0.1 with cosine annealing to 0, momentum 0.9 (about 92 % test
+    /// accuracy, a few seconds on one core).
+    pub fn demo(out: impl Into<PathBuf>) -> Self {
+        Self {
+            epochs: 20,
+            momentum: 0.9,
+            schedule: LrSchedule::Cosine { min_lr: 0.0 },
+            out: out.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings; the error names the setting at fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad =
+            |setting: &'static str, message: String| Err(Error::BadSetting { setting, message });
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch-size", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} is not a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum", format!("{} is not in [0, 1)", self.momentum));
+        }
+        if !(0.0..=1.0).contains(&self.dampening) {
+            return bad("dampening", format!("{} is not in [0, 1]", self.dampening));
+        }
+        if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
+            return bad("nesterov", "needs a momentum > 0 and zero dampening".into());
+        }
+        if self.threads == Some(0) {
+            return bad("threads", "must be at least 1".into());
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight-decay",
+                format!("{} is not a number ≥ 0", self.weight_decay),
+            );
+        }
+        match &self.schedule {
+            LrSchedule::Constant => {}
+            LrSchedule::Step {
+                every_epochs,
+                gamma,
+            } => {
+                if *every_epochs == 0 || !(gamma.is_finite() && *gamma > 0.0) {
+                    return bad(
+                        "lr-schedule",
+                        format!("step:{every_epochs}:{gamma}: needs every ≥ 1 epoch and gamma > 0"),
+                    );
+                }
+            }
+            LrSchedule::Cosine { min_lr } => {
+                if !(min_lr.is_finite() && *min_lr >= 0.0 && *min_lr <= self.lr) {
+                    return bad(
+                        "lr-schedule",
+                        format!("cosine:{min_lr}: min lr must be in [0, lr]"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer as the manifest describes it.
+    pub fn optimizer(&self) -> Optimizer {
+        Optimizer {
+            kind: OptimizerKind::Sgd,
+            lr: self.lr,
+            schedule: self.schedule.clone(),
+            momentum: self.momentum,
+            dampening: self.dampening,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            betas: None,
+            eps: None,
+        }
+    }
+}
+
+/// What the training loop reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Before the first step.
+    Started {
+        epochs: usize,
+        steps_per_epoch: usize,
+        traced_layers: Vec<String>,
+    },
+    /// After each step.
+    Step {
+        epoch: usize,
+        /// Step within the epoch, from 0.
+        step_in_epoch: usize,
+        loss: f64,
+    },
+    /// After each epoch.
+    Epoch(EpochStats),
+    /// Writing probes after training.
+    Probes { probes: usize, layers: usize },
+}
+
+/// Statistics of one epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochStats {
+    pub epoch: usize,
+    /// Mean batch loss over the epoch.
+    pub loss: f64,
+    /// Accuracy on the training batches as they were trained (training mode).
+    pub train_accuracy: f64,
+    /// Accuracy of the network at the epoch end on the test split (none if empty).
+    pub test_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// What a training run produced.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub epochs: usize,
+    pub steps: usize,
+    /// Mean batch loss of the last epoch.
+    pub loss: f64,
+    /// Accuracy of the final network on the training split (eval mode).
+    pub train_accuracy: f64,
+    /// Accuracy of the final network on the test split, if it has rows.
+    pub test_accuracy: Option<f64>,
+    pub traced_layers: Vec<String>,
+    /// The run directory and its final manifest, when anything was recorded.
+    pub run: Option<(PathBuf, Manifest)>,
+    /// The final weights.
+    pub weights: Vec<HostTensor>,
+    /// Seconds spent in the training loop (steps and epoch-end evaluation).
+    pub train_seconds: f64,
+    /// Of those, seconds spent building the factors and copying them to
+    /// the host (on CUDA this includes waiting for the step's kernels).
+    pub factor_seconds: f64,
+    /// Of those, seconds spent in recorder calls during the steps (they
+    /// block while the writer thread's bounded queue is full).
+    pub record_seconds: f64,
+    /// Seconds for the whole run (including probes and the last commit).
+    pub total_seconds: f64,
+}
+
+/// Loads `config.data` and trains on it ([`train_on`]).
+pub fn train(config: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<TrainSummary> {
+    config.validate()?;
+    let data = config.data.load()?;
+    train_on(config, &data, progress)
+}
+
+/// Trains on `data` as `config` says, recording into `config.out` when any
+/// layer is traced.
+pub fn train_on(
+    config: &TrainConfig,
+    data: &Dataset,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainSummary> {
+    let started = Instant::now();
+    config.validate()?;
+    let device = config.device.device()?;
+    let threads = config.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+    });
+    tch::set_num_threads(threads as i32);
+    let model = build_model(
+        &config.model,
+        &data.shape,
+        data.classes.len(),
+        &config.trace_layers,
+    )?;
+    let traced: Vec<String> = model.traced_layers().map(|l| l.name().to_owned()).collect();
+    let net = Network::new(&model, config.seed as i64, device)?;
+    let mut rec = if traced.is_empty() {
+        None
+    } else {
+        Some(
+            Recorder::builder(&config.out)
+                .model(model.clone())
+                .optimizer(config.optimizer())
+                .classes(data.classes.clone())
+                .dtype(config.dtype)
+                .mode(Mode::Instance)
+                .setting("data", json!(data.name))
+                .setting("seed", json!(config.seed))
+                .setting("epochs", json!(config.epochs))
+                .setting("batch_size", json!(config.batch_size))
+                .setting("device", json!(config.device.to_string()))
+                .setting("threads", json!(threads))
+                .setting("trace_layers", json!(config.trace_layers.to_string()))
+                .setting("probes", json!(config.probes.to_string()))
+                .setting("n_train", json!(data.n_train))
+                .setting("n_test", json!(data.n_test()))
+                .build()?,
+        )
+    };
+    let mut run = Run {
+        config,
+        data,
+        net: &net,
+        rec: rec.as_mut(),
+        traced,
+        progress,
+        timing: Timing::default(),
+    };
+    let result = run.all();
+    match (result, rec) {
+        (Ok(mut summary), Some(mut rec)) => {
+            let named = summary.weights.iter().map(named).collect::<Vec<_>>();
+            let manifest = rec.finish(&named)?;
+            summary.run = Some((config.out.clone(), manifest));
+            summary.total_seconds = started.elapsed().as_secs_f64();
+            Ok(summary)
+        }
+        (Ok(mut summary), None) => {
+            summary.total_seconds = started.elapsed().as_secs_f64();
+            Ok(summary)
+        }
+        (Err(e), Some(mut rec)) => {
+            // Commit what is good so far and keep the reason in the manifest.
+            if let Err(abort) = rec.abort(e.to_string()) {
+                tracing::warn!("could not abort the run cleanly: {abort}");
+            }
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+fn named(t: &HostTensor) -> NamedTensor<'_> {
+    NamedTensor {
+        name: &t.name,
+        shape: &t.shape,
+        data: &t.data,
+    }
+}
+
+/// One training run in progress.
+struct Run<'a> {
+    config: &'a TrainConfig,
+    data: &'a Dataset,
+    net: &'a Network,
+    rec: Option<&'a mut Recorder>,
+    traced: Vec<String>,
+    progress: &'a mut dyn FnMut(&Progress),
+    timing: Timing,
+}
+
+/// Where the training thread spent the time tracing costs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Timing {
+    factors: std::time::Duration,
+    record: std::time::Duration,
+}
+
+/// Rows per forward pass when evaluating or probing.
+const EVAL_CHUNK: usize = 1024;
+
+impl Run<'_> {
+    fn all(&mut self) -> Result<TrainSummary> {
+        let (cfg, data, net) = (self.config, self.data, self.net);
+        let device = net.device();
+        let n = data.len() as i64;
+        let mut dims = vec![n];
+        dims.extend(data.shape.iter().map(|&s| s as i64));
+        let x_all = Tensor::f_from_slice(&data.features)?
+            .f_reshape(dims)?
+            .f_to_device(device)?;
+        let labels64: Vec<i64> = data.labels.iter().map(|&l| i64::from(l)).collect();
+        let y_all = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
+
+        let params: Vec<Tensor> = net.parameters().into_iter().map(|(_, t)| t).collect();
+        let initial: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.f_detach_copy())
+            .collect::<Result<_, _>>()?;
+        let initial_host = net.to_host()?;
+        if let Some(rec) = self.rec.as_deref_mut() {
+            let ids: Vec<i64> = (0..n).collect();
+            let splits: Vec<Split> = (0..data.len()).map(|r| data.split(r)).collect();
+            rec.instances(&ids, &data.labels, &splits)?;
+            rec.weights(&initial_host.iter().map(named).collect::<Vec<_>>())?;
+            rec.commit()?;
+        }
+
+        let steps_per_epoch = data.n_train.div_ceil(cfg.batch_size);
+        let total_steps = steps_per_epoch * cfg.epochs;
+        (self.progress)(&Progress::Started {
+            epochs: cfg.epochs,
+            steps_per_epoch,
+            traced_layers: self.traced.clone(),
+        });
+        let mut sgd = Sgd::new(
+            params.len(),
+            cfg.momentum,
+            cfg.dampening,
+            cfg.nesterov,
+            cfg.weight_decay,
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut order: Vec<usize> = (0..data.n_train).collect();
+        let mut step = 0usize;
+        let mut last_loss = f64::NAN;
+        let loop_start = Instant::now();
+        for epoch in 0..cfg.epochs {
+            let epoch_start = Instant::now();
+            order.shuffle(&mut rng);
+            let (mut loss_sum, mut correct) = (0.0f64, 0i64);
+            for (i, rows) in order.chunks(cfg.batch_size).enumerate() {
+                let lr = learning_rate(&cfg.schedule, cfg.lr, step, epoch, total_steps);
+                let (loss, ok) = self.step(StepInput {
+                    rows,
+                    step,
+                    epoch,
+                    lr,
+                    x_all: &x_all,
+                    y_all: &y_all,
+                    params: &params,
+                    sgd: &mut sgd,
+                })?;
+                loss_sum += loss;
+                correct += ok;
+                (self.progress)(&Progress::Step {
+                    epoch,
+                    step_in_epoch: i,
+                    loss,
+                });
+                step += 1;
+            }
+            let test_accuracy = if data.n_test() > 0 {
+                Some(accuracy(net, &x_all, &y_all, data.n_train..data.len())?)
+            } else {
+                None
+            };
+            if let Some(rec) = self.rec.as_deref_mut() {
+                let now = net.to_host()?;
+                rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
+                rec.commit()?;
+            }
+            last_loss = loss_sum / steps_per_epoch as f64;
+            (self.progress)(&Progress::Epoch(EpochStats {
+                epoch,
+                loss: last_loss,
+                train_accuracy: correct as f64 / data.n_train as f64,
+                test_accuracy,
+                seconds: epoch_start.elapsed().as_secs_f64(),
+            }));
+        }
+        let train_seconds = loop_start.elapsed().as_secs_f64();
+
+        let train_accuracy = accuracy(net, &x_all, &y_all, 0..data.n_train)?;
+        let test_accuracy = if data.n_test() > 0 {
+            Some(accuracy(net, &x_all, &y_all, data.n_train..data.len())?)
+        } else {
+            None
+        };
+        if self.rec.is_some() && cfg.probes != ProbeSet::None {
+            self.probes(&x_all, &initial)?;
+        }
+        Ok(TrainSummary {
+            epochs: cfg.epochs,
+            steps: total_steps,
+            loss: last_loss,
+            train_accuracy,
+            test_accuracy,
+            traced_layers: self.traced.clone(),
+            run: None,
+            weights: net.to_host()?,
+            train_seconds,
+            factor_seconds: self.timing.factors.as_secs_f64(),
+            record_seconds: self.timing.record.as_secs_f64(),
+            total_seconds: 0.0,
+        })
+    }
+
+    /// One SGD step; returns the batch loss and the number of correct predictions.
+    fn step(&mut self, s: StepInput<'_>) -> Result<(f64, i64)> {
+        let net = self.net;
+        let device = net.device();
+        let ids: Vec<i64> = s.rows.iter().map(|&r| r as i64).collect();
+        let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
+        let x = s.x_all.f_index_select(0, &index)?;
+        let y = s.y_all.f_index_select(0, &index)?;
+        let recording = self.rec.is_some();
+        let (logits, taps) = net.forward(&x, true, recording)?;
+        let loss = logits
+            .f_log_softmax(-1, Kind::Float)?
+            .f_nll_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100)?;
+        let loss_value = loss.f_double_value(&[])?;
+        if !loss_value.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: s.step as i64,
+                epoch: s.epoch as i32,
+                loss: loss_value,
+            });
+        }
+        let correct = logits
+            .f_argmax(-1, false)?
+            .f_eq_tensor(&y)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        // δ at every traced layer and the parameter gradients from one backward pass.
+        let mut inputs: Vec<&Tensor> = taps.iter().map(|t| &t.output).collect();
+        inputs.extend(s.params.iter());
+        let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
+        let (deltas, param_grads) = grads.split_at(taps.len());
+
+        if let Some(rec) = self.rec.as_deref_mut() {
+            let (step, epoch) = (s.step as i64, s.epoch as i32);
+            let t0 = Instant::now();
+            rec.step(StepRow {
+                step,
+                epoch,
+                lr: s.lr,
+                batch_size: ids.len() as i32,
+                loss: loss_value,
+            })?;
+            self.timing.record += t0.elapsed();
+            let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
+            for (tap, delta) in taps.iter().zip(deltas) {
+                let Some(layer) = net.traced_layer(tap.module) else {
+                    continue;
+                };
+                let t0 = Instant::now();
+                let f = layer_factors(layer, &tap.input, delta, s.lr)?.to_host()?;
+                let t1 = Instant::now();
+                self.timing.factors += t1 - t0;
+                rec.updates(
+                    layer.name(),
+                    UpdateBatch {
+                        step,
+                        epoch,
+                        instance_ids: &ids,
+                        labels: &labels,
+                        u: &f.u,
+                        v: &f.v,
+                        update_norm: Some(&f.update_norm),
+                    },
+                )?;
+                self.timing.record += t1.elapsed();
+            }
+        }
+        s.sgd.step(s.params, param_grads, s.lr)?;
+        Ok((loss_value, correct))
+    }
+
+    /// Writes the probes of every traced layer.
+    fn probes(&mut self, x_all: &Tensor, initial: &[Tensor]) -> Result<()> {
+        let (net, data) = (self.net, self.data);
+        let rows = self.config.probes.rows(data.n_train, data.len());
+        (self.progress)(&Progress::Probes {
+            probes: rows.len(),
+            layers: self.traced.len(),
+        });
+        let Some(rec) = self.rec.as_deref_mut() else {
+            return Ok(());
+        };
+        // Initial parameters by name, to pair with each layer's final ones.
+        let names: Vec<String> = net.parameters().into_iter().map(|(n, _)| n).collect();
+        let init = |name: String| names.iter().position(|n| *n == name).map(|i| &initial[i]);
+        let mut displacements = Vec::new();
+        for (i, _) in net.model().modules.iter().enumerate() {
+            let (Some(layer), Some((w, b))) = (net.traced_layer(i), net.layer_params(i)) else {
+                continue;
+            };
+            let w0 = init(format!("{}.weight", layer.name()));
+            let b0 = init(format!("{}.bias", layer.name()));
+            let Some(w0) = w0 else { continue };
+            displacements.push((i, Displacement::new(&w, w0, b.as_ref(), b0)?));
+        }
+        let _guard = tch::no_grad_guard();
+        let rows: Vec<usize> = rows.collect();
+        for chunk in rows.chunks(EVAL_CHUNK) {
+            let (start, len) = (chunk[0] as i64, chunk.len() as i64);
+            let x = x_all.f_narrow(0, start, len)?;
+            let (logits, taps) = net.forward(&x, false, true)?;
+            let predicted: Vec<i32> =
+                Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
+                    .into_iter()
+                    .map(|p| p as i32)
+                    .collect();
+            let probe_ids: Vec<i64> = chunk.iter().map(|&r| r as i64).collect();
+            let instance_ids: Vec<Option<i64>> = chunk
+                .iter()
+                .map(|&r| (data.split(r) == Split::Train).then_some(r as i64))
+                .collect();
+            let labels: Vec<i32> = chunk.iter().map(|&r| data.labels[r]).collect();
+            for tap in &taps {
+                let (Some(layer), Some((_, disp))) = (
+                    net.traced_layer(tap.module),
+                    displacements.iter().find(|(m, _)| *m == tap.module),
+                ) else {
+                    continue;
+                };
+                let p = disp.refinement(layer, &tap.input)?;
+                let a = tap
+                    .input
+                    .f_to_kind(Kind::Double)?
+                    .f_contiguous()?
+                    .f_flatten(0, -1)?;
+                let a = Vec::<f64>::try_from(&a)?;
+                let p = Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?;
+                rec.probes(
+                    layer.name(),
+                    ProbeBatch {
+                        probe_ids: &probe_ids,
+                        instance_ids: &instance_ids,
+                        labels: &labels,
+                        predicted: &predicted,
+                        a: &a,
+                        p: &p,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of one step.
+struct StepInput<'a> {
+    rows: &'a [usize],
+    step: usize,
+    epoch: usize,
+    lr: f64,
+    x_all: &'a Tensor,
+    y_all: &'a Tensor,
+    params: &'a [Tensor],
+    sgd: &'a mut Sgd,
+}
+
+/// Accuracy of the network (eval mode) on the contiguous rows `rows`.
+pub fn accuracy(
+    net: &Network,
+    x_all: &Tensor,
+    y_all: &Tensor,
+    rows: std::ops::Range<usize>,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut correct = 0i64;
+    let mut start = rows.start;
+    while start < rows.end {
+        let len = EVAL_CHUNK.min(rows.end - start);
+        let x = x_all.f_narrow(0, start as i64, len as i64)?;
+        let y = y_all.f_narrow(0, start as i64, len as i64)?;
+        let (logits, _) = net.forward(&x, false, false)?;
+        correct += logits
+            .f_argmax(-1, false)?
+            .f_eq_tensor(&y)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        start += len;
+    }
+    Ok(correct as f64 / rows.len().max(1) as f64)
+}
