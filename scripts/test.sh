@@ -23,8 +23,9 @@ step "Rust tests"
 cargo test --workspace --locked
 
 step "Python tests (pyarrow, pandas and friends reading our files)"
-export REPTRACE_BIN="$PWD/target/debug/reptrace"
-export REPTRACE_SYNTHETIC_BIN="$PWD/target/debug/examples/synthetic"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+export REPTRACE_BIN="$target_dir/debug/reptrace"
+export REPTRACE_SYNTHETIC_BIN="$target_dir/debug/examples/synthetic"
 set +e
 .venv/bin/python -m pytest tests/python -q
 rc=$?

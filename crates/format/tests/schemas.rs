@@ -85,15 +85,15 @@ impl Validator<'_> {
             let target = self.root["$defs"][name].clone();
             return self.check(&target, value, at);
         }
-        if let Some(c) = schema.get("const") {
-            if c != value {
-                return Err(format!("{at}: expected {c}, found {value}"));
-            }
+        if let Some(c) = schema.get("const")
+            && c != value
+        {
+            return Err(format!("{at}: expected {c}, found {value}"));
         }
-        if let Some(e) = schema.get("enum").and_then(Value::as_array) {
-            if !e.contains(value) {
-                return Err(format!("{at}: {value} not in {e:?}"));
-            }
+        if let Some(e) = schema.get("enum").and_then(Value::as_array)
+            && !e.contains(value)
+        {
+            return Err(format!("{at}: {value} not in {e:?}"));
         }
         if let Some(one) = schema.get("oneOf").and_then(Value::as_array) {
             // Try silently, then record the properties of the branch that matched.
@@ -136,10 +136,9 @@ impl Validator<'_> {
         if let (Some(min), Some(n)) = (
             schema.get("minimum").and_then(Value::as_f64),
             value.as_f64(),
-        ) {
-            if n < min {
-                return Err(format!("{at}: {n} < {min}"));
-            }
+        ) && n < min
+        {
+            return Err(format!("{at}: {n} < {min}"));
         }
         if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
             // Only the name pattern is used; check it by its meaning.
@@ -148,15 +147,15 @@ impl Validator<'_> {
             layout::check_name("name", s).map_err(|e| format!("{at}: {e}"))?;
         }
         if let Some(a) = value.as_array() {
-            if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-                if (a.len() as u64) < min {
-                    return Err(format!("{at}: fewer than {min} items"));
-                }
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (a.len() as u64) < min
+            {
+                return Err(format!("{at}: fewer than {min} items"));
             }
-            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-                if (a.len() as u64) > max {
-                    return Err(format!("{at}: more than {max} items"));
-                }
+            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+                && (a.len() as u64) > max
+            {
+                return Err(format!("{at}: more than {max} items"));
             }
             if let Some(items) = schema.get("items") {
                 for (i, v) in a.iter().enumerate() {

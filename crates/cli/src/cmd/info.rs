@@ -1,0 +1,479 @@
+//! `reptrace info <run>`: what a run holds, from its manifest, cross-checked
+//! against the Parquet footers of the committed files.
+//!
+//! Per table and layer it prints the committed files, rows, bytes on disk
+//! and, for `updates`, the size the factors would take as raw f32 and the
+//! ratio of the two. Files in the run's table directories that no commit
+//! lists (temporary files of an interrupted commit, leftovers) are reported
+//! as a warning, as are row counts that disagree with the footers.
+use anyhow::Context;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use reptrace_format::{FileEntry, Manifest, Module, Storage, Table, TracedLayer, layout};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `reptrace info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The run directory.
+    pub run: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything `info` reports (also its JSON form).
+#[derive(Debug, Serialize)]
+pub struct Info {
+    pub run: String,
+    pub run_id: String,
+    pub format: String,
+    pub format_version: u32,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort_reason: Option<String>,
+    pub mode: reptrace_format::Mode,
+    pub dtype: reptrace_format::Dtype,
+    pub created: String,
+    pub model: ModelInfo,
+    pub optimizer: reptrace_format::Optimizer,
+    pub classes: Vec<String>,
+    pub settings: BTreeMap<String, serde_json::Value>,
+    pub commits: usize,
+    pub last_step: Option<i64>,
+    pub last_epoch: Option<i32>,
+    pub weights: Vec<String>,
+    pub tables: Vec<TableInfo>,
+    pub stray_files: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The model, with the traced layers' shapes spelled out.
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub input_shape: Vec<usize>,
+    pub modules: Vec<ModuleInfo>,
+}
+
+/// One module of the model.
+#[derive(Debug, Serialize)]
+pub struct ModuleInfo {
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Short description: sizes, kernel, stride…
+    pub detail: String,
+    pub traced: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_shape: Option<Vec<usize>>,
+    /// Lengths of one update record's `u` and `v` (traced layers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor_lens: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// The committed files of one table (and layer).
+#[derive(Debug, Serialize)]
+pub struct TableInfo {
+    pub table: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    pub files: usize,
+    /// Rows according to the manifest.
+    pub rows: u64,
+    /// Rows according to the Parquet footers (files that could be read).
+    pub footer_rows: u64,
+    /// Bytes on disk according to the manifest.
+    pub bytes: u64,
+    /// `updates`: rows × (u_len + v_len) × 4.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_f32_bytes: Option<u64>,
+    /// `updates`: bytes / raw_f32_bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+}
+
+pub fn run(args: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let info = gather(&args.run)?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &info).context("writing JSON")?;
+        writeln!(out)?;
+    } else {
+        print_text(&info, out)?;
+    }
+    Ok(())
+}
+
+/// Reads the manifest and the footers of the committed files.
+pub fn gather(run: &Path) -> anyhow::Result<Info> {
+    let m = Manifest::load(run)?;
+    let mut warnings = Vec::new();
+
+    let mut groups: BTreeMap<(Table, Option<String>), Vec<&FileEntry>> = BTreeMap::new();
+    for table in Table::ALL {
+        for f in m.files(table) {
+            groups.entry((table, f.layer.clone())).or_default().push(f);
+        }
+    }
+    let mut tables = Vec::new();
+    for ((table, layer), files) in &groups {
+        let rows: u64 = files.iter().map(|f| f.rows).sum();
+        let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+        let mut footer_rows = 0;
+        for f in files {
+            match footer_rows_of(&run.join(&f.path)) {
+                Ok(n) => {
+                    footer_rows += n;
+                    if n != f.rows {
+                        warnings.push(format!(
+                            "{}: footer has {n} rows, manifest says {}",
+                            f.path, f.rows
+                        ));
+                    }
+                }
+                Err(e) => warnings.push(format!("{}: {e:#}", f.path)),
+            }
+        }
+        let raw = match (table, layer) {
+            (Table::Updates, Some(l)) => m.model.traced_layer(l).map(|tl| {
+                let (u, v) = tl.factor_lens();
+                rows * (u + v) as u64 * 4
+            }),
+            _ => None,
+        };
+        tables.push(TableInfo {
+            table: table.name().to_owned(),
+            layer: layer.clone(),
+            files: files.len(),
+            rows,
+            footer_rows,
+            bytes,
+            raw_f32_bytes: raw,
+            ratio: raw.filter(|&r| r > 0).map(|r| bytes as f64 / r as f64),
+        });
+    }
+
+    let weights: Vec<String> = m.commits.iter().filter_map(|c| c.weights.clone()).collect();
+    for w in &weights {
+        if !run.join(w).is_file() {
+            warnings.push(format!("{w}: committed weights snapshot is missing"));
+        }
+    }
+    let stray_files = stray_files(run, &m)?;
+    let last = m.commits.iter().rev().find(|c| c.step.is_some());
+
+    Ok(Info {
+        run: run.display().to_string(),
+        run_id: m.run_id.clone(),
+        format: m.format.clone(),
+        format_version: m.format_version,
+        status: m.status.to_string(),
+        abort_reason: m.abort_reason.clone(),
+        mode: m.mode,
+        dtype: m.dtype,
+        created: m.created.clone(),
+        model: model_info(&m),
+        optimizer: m.optimizer.clone(),
+        classes: m.classes.clone(),
+        settings: m.settings.clone(),
+        commits: m.commits.len(),
+        last_step: last.and_then(|c| c.step).map(|s| s.0),
+        last_epoch: last.and_then(|c| c.epoch),
+        weights,
+        tables,
+        stray_files,
+        warnings,
+    })
+}
+
+/// Row count from a Parquet footer (reads only the footer).
+fn footer_rows_of(path: &Path) -> anyhow::Result<u64> {
+    let file =
+        File::open(path).with_context(|| format!("committed file missing: {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
+}
+
+/// Files under the table and weights directories that no commit lists.
+fn stray_files(run: &Path, m: &Manifest) -> anyhow::Result<Vec<String>> {
+    let mut known: BTreeSet<String> = Table::ALL
+        .iter()
+        .flat_map(|&t| m.files(t))
+        .map(|f| f.path.clone())
+        .collect();
+    known.extend(m.commits.iter().filter_map(|c| c.weights.clone()));
+    let mut stray = Vec::new();
+    let tmp_manifest = format!(".{}.tmp", layout::MANIFEST);
+    if run.join(&tmp_manifest).exists() {
+        stray.push(tmp_manifest);
+    }
+    let dirs = Table::ALL
+        .iter()
+        .map(|t| t.name())
+        .chain(std::iter::once("weights"));
+    for dir in dirs {
+        walk(run, Path::new(dir), &known, &mut stray)?;
+    }
+    stray.sort();
+    Ok(stray)
+}
+
+fn walk(
+    run: &Path,
+    rel: &Path,
+    known: &BTreeSet<String>,
+    stray: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let dir = run.join(rel);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("{}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("{}", dir.display()))?;
+        let child = rel.join(entry.file_name());
+        let name = child.to_string_lossy().replace('\\', "/");
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            walk(run, &child, known, stray)?;
+        } else if !known.contains(&name) {
+            stray.push(name);
+        }
+    }
+    Ok(())
+}
+
+fn model_info(m: &Manifest) -> ModelInfo {
+    let modules = m
+        .model
+        .modules
+        .iter()
+        .map(|module| {
+            let (kind, name, detail, layer) = match module {
+                Module::Linear(l) => (
+                    "linear",
+                    Some(l.name.clone()),
+                    format!(
+                        "{} -> {}{}",
+                        l.in_features,
+                        l.out_features,
+                        if l.bias { ", bias" } else { ", no bias" }
+                    ),
+                    Some((TracedLayer::Linear(l), l.traced, None)),
+                ),
+                Module::Conv2d(c) => (
+                    "conv2d",
+                    Some(c.name.clone()),
+                    format!(
+                        "{} -> {} kernel {}x{} stride {}x{} padding {}x{} dilation {}x{}, input {}x{} -> output {}x{}{}",
+                        c.in_channels,
+                        c.out_channels,
+                        c.kernel[0],
+                        c.kernel[1],
+                        c.stride[0],
+                        c.stride[1],
+                        c.padding[0],
+                        c.padding[1],
+                        c.dilation[0],
+                        c.dilation[1],
+                        c.input_hw[0],
+                        c.input_hw[1],
+                        c.output_hw[0],
+                        c.output_hw[1],
+                        if c.bias { ", bias" } else { ", no bias" }
+                    ),
+                    Some((TracedLayer::Conv2d(c), c.traced, Some(c.storage))),
+                ),
+                Module::Relu => ("relu", None, String::new(), None),
+                Module::Tanh => ("tanh", None, String::new(), None),
+                Module::Sigmoid => ("sigmoid", None, String::new(), None),
+                Module::Gelu => ("gelu", None, String::new(), None),
+                Module::MaxPool2d { kernel, stride } => (
+                    "max_pool2d",
+                    None,
+                    format!("kernel {}x{} stride {}x{}", kernel[0], kernel[1], stride[0], stride[1]),
+                    None,
+                ),
+                Module::AvgPool2d { kernel, stride } => (
+                    "avg_pool2d",
+                    None,
+                    format!("kernel {}x{} stride {}x{}", kernel[0], kernel[1], stride[0], stride[1]),
+                    None,
+                ),
+                Module::Flatten => ("flatten", None, String::new(), None),
+                Module::Dropout { p } => ("dropout", None, format!("p {p}"), None),
+                Module::BatchNorm2d { name, channels } => (
+                    "batch_norm2d",
+                    Some(name.clone()),
+                    format!("{channels} channels"),
+                    None,
+                ),
+                Module::BatchNorm1d { name, features } => (
+                    "batch_norm1d",
+                    Some(name.clone()),
+                    format!("{features} features"),
+                    None,
+                ),
+            };
+            let traced = layer.as_ref().is_some_and(|l| l.1);
+            ModuleInfo {
+                kind: kind.to_owned(),
+                name,
+                detail,
+                traced,
+                weight_shape: layer.as_ref().map(|l| l.0.weight_shape()),
+                factor_lens: layer
+                    .as_ref()
+                    .filter(|l| l.1)
+                    .map(|l| l.0.factor_lens().into()),
+                storage: layer.and_then(|l| if l.1 { l.2 } else { None }),
+            }
+        })
+        .collect();
+    ModelInfo {
+        name: m.model.name.clone(),
+        input_shape: m.model.input_shape.clone(),
+        modules,
+    }
+}
+
+/// `1234567` → `1.2 MiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "run        {}", i.run)?;
+    writeln!(out, "run id     {}", i.run_id)?;
+    writeln!(out, "format     {} {}", i.format, i.format_version)?;
+    match &i.abort_reason {
+        Some(r) => writeln!(out, "status     {} ({r})", i.status)?,
+        None => writeln!(out, "status     {}", i.status)?,
+    }
+    let mode = serde_json::to_value(i.mode).ok();
+    let mode = mode.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+    writeln!(out, "mode       {mode}, factors {}", i.dtype)?;
+    writeln!(out, "created    {}", i.created)?;
+    writeln!(
+        out,
+        "model      {}, input {:?}",
+        i.model.name, i.model.input_shape
+    )?;
+    for m in &i.model.modules {
+        let mut line = format!(
+            "  {:<12} {:<12} {}",
+            m.name.as_deref().unwrap_or(""),
+            m.kind,
+            m.detail
+        );
+        if m.traced {
+            if let Some([u, v]) = m.factor_lens {
+                line.push_str(&format!("; traced: u {u}, v {v}"));
+            }
+            if let Some(s) = m.storage {
+                line.push_str(match s {
+                    Storage::Factors => " (factors)",
+                    Storage::Full => " (full)",
+                });
+            }
+        } else if m.weight_shape.is_some() {
+            line.push_str("; not traced");
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    let o = &i.optimizer;
+    let kind = serde_json::to_value(o.kind).ok();
+    let kind = kind.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+    let schedule = serde_json::to_string(&o.schedule).unwrap_or_default();
+    writeln!(
+        out,
+        "optimizer  {kind} lr {} momentum {} dampening {} nesterov {} weight decay {}, schedule {schedule}",
+        o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay
+    )?;
+    writeln!(
+        out,
+        "classes    {}: {}",
+        i.classes.len(),
+        i.classes.join(", ")
+    )?;
+    match (i.last_step, i.last_epoch) {
+        (Some(s), Some(e)) => writeln!(out, "commits    {}, last step {s} (epoch {e})", i.commits)?,
+        (Some(s), None) => writeln!(out, "commits    {}, last step {s}", i.commits)?,
+        _ => writeln!(out, "commits    {}, no training step committed", i.commits)?,
+    }
+    writeln!(
+        out,
+        "weights    {}",
+        if i.weights.is_empty() {
+            "none".to_owned()
+        } else {
+            i.weights.join(", ")
+        }
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
+        "table", "layer", "files", "rows", "on disk", "raw f32", "ratio"
+    )?;
+    for t in &i.tables {
+        writeln!(
+            out,
+            "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
+            t.table,
+            t.layer.as_deref().unwrap_or("-"),
+            t.files,
+            t.rows,
+            human(t.bytes),
+            t.raw_f32_bytes.map(human).unwrap_or_else(|| "-".into()),
+            t.ratio
+                .map(|r| format!("{r:.3}"))
+                .unwrap_or_else(|| "-".into()),
+        )?;
+    }
+    if i.tables.is_empty() {
+        writeln!(out, "(no committed files)")?;
+    }
+    if !i.stray_files.is_empty() {
+        writeln!(
+            out,
+            "warning: {} file(s) not in the manifest (uncommitted): {}",
+            i.stray_files.len(),
+            i.stray_files.join(", ")
+        )?;
+    }
+    for w in &i.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(5 << 20), "5.0 MiB");
+    }
+}

@@ -1,0 +1,307 @@
+//! `reptrace train`: train a model with SGD and record its trace.
+//!
+//! The flags are parsed in two steps: clap collects them as text, then
+//! [`TrainArgs::config`] turns them into a validated
+//! [`reptrace_tch::TrainConfig`]; every error names the flag at fault. A
+//! progress bar per epoch (on stderr, when it is a terminal) shows the loss
+//! and the accuracies; the summary of what was recorded goes to `out`.
+use anyhow::anyhow;
+use indicatif::{ProgressBar, ProgressStyle};
+use reptrace_format::{Dtype, LrSchedule, Table};
+use reptrace_tch::{
+    DataSource, DeviceChoice, ModelChoice, ProbeSet, Progress, TraceLayers, TrainConfig,
+    TrainSummary,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Arguments of `reptrace train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Model: mlp (hidden layers 32, 16), mlp:H1,H2,… or cnn.
+    #[arg(long, default_value = "mlp")]
+    pub model: String,
+    /// Data: digits (bundled), csv:PATH[?label=…&header=…&shape=CxHxW&scale=…&test=…&classes=…]
+    /// or idx:DIR (MNIST files).
+    #[arg(long, default_value = "digits")]
+    pub data: String,
+    /// Epochs.
+    #[arg(long, default_value = "10", allow_hyphen_values = true)]
+    pub epochs: String,
+    /// Mini-batch size.
+    #[arg(long, default_value = "32", allow_hyphen_values = true)]
+    pub batch_size: String,
+    /// Base learning rate.
+    #[arg(long, default_value = "0.1", allow_hyphen_values = true)]
+    pub lr: String,
+    /// Learning-rate schedule: constant, step:EPOCHS:GAMMA or cosine[:MIN_LR].
+    #[arg(long, default_value = "constant")]
+    pub lr_schedule: String,
+    /// SGD momentum.
+    #[arg(long, default_value = "0", allow_hyphen_values = true)]
+    pub momentum: String,
+    /// Nesterov momentum (needs --momentum > 0).
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay (L2), PyTorch semantics; shows up as the residual.
+    #[arg(long, default_value = "0", allow_hyphen_values = true)]
+    pub weight_decay: String,
+    /// Seed for initialisation, shuffling and dropout.
+    #[arg(long, default_value = "42", allow_hyphen_values = true)]
+    pub seed: String,
+    /// Traced layers: all, none (train without recording) or NAME,NAME,….
+    #[arg(long, default_value = "all")]
+    pub trace_layers: String,
+    /// Type of the stored factors: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Probes written after training: test, train, all or none.
+    #[arg(long, default_value = "test")]
+    pub probes: String,
+    /// CPU threads for libtorch (default: one less than the cores).
+    #[arg(long)]
+    pub threads: Option<String>,
+    /// The run directory to create (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Parses `value` of flag `--flag`, naming the flag and `what` was expected on error.
+fn parse<T: FromStr>(flag: &str, value: &str, what: &str) -> anyhow::Result<T> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--{flag}: {value:?} is not {what}"))
+}
+
+/// Parses `constant`, `step:E:G`, `cosine` or `cosine:MIN`.
+pub fn parse_schedule(value: &str) -> anyhow::Result<LrSchedule> {
+    let bad = || {
+        anyhow!("--lr-schedule: {value:?} is not constant, step:EPOCHS:GAMMA or cosine[:MIN_LR]")
+    };
+    let parts: Vec<&str> = value.split(':').collect();
+    match parts.as_slice() {
+        ["constant"] => Ok(LrSchedule::Constant),
+        ["cosine"] => Ok(LrSchedule::Cosine { min_lr: 0.0 }),
+        ["cosine", min] => Ok(LrSchedule::Cosine {
+            min_lr: min.parse().map_err(|_| bad())?,
+        }),
+        ["step", every, gamma] => Ok(LrSchedule::Step {
+            every_epochs: every.parse().map_err(|_| bad())?,
+            gamma: gamma.parse().map_err(|_| bad())?,
+        }),
+        _ => Err(bad()),
+    }
+}
+
+impl TrainArgs {
+    /// The validated training configuration.
+    pub fn config(&self) -> anyhow::Result<TrainConfig> {
+        let model: ModelChoice = self.model.parse().map_err(|e| anyhow!("--model: {e}"))?;
+        let data: DataSource = self.data.parse().map_err(|e| anyhow!("--data: {e}"))?;
+        let trace_layers: TraceLayers = self
+            .trace_layers
+            .parse()
+            .map_err(|e| anyhow!("--trace-layers: {e}"))?;
+        let dtype = match self.dtype.as_str() {
+            "f32" => Dtype::F32,
+            "f16" => Dtype::F16,
+            other => return Err(anyhow!("--dtype: {other:?} is not f32 or f16")),
+        };
+        let device: DeviceChoice = self.device.parse().map_err(|e| anyhow!("--device: {e}"))?;
+        device.device().map_err(|e| anyhow!("--device: {e}"))?;
+        let probes: ProbeSet = self.probes.parse().map_err(|e| anyhow!("--probes: {e}"))?;
+        let config = TrainConfig {
+            model,
+            data,
+            epochs: parse("epochs", &self.epochs, "a positive integer")?,
+            batch_size: parse("batch-size", &self.batch_size, "a positive integer")?,
+            lr: parse("lr", &self.lr, "a number")?,
+            schedule: parse_schedule(&self.lr_schedule)?,
+            momentum: parse("momentum", &self.momentum, "a number")?,
+            dampening: 0.0,
+            nesterov: self.nesterov,
+            weight_decay: parse("weight-decay", &self.weight_decay, "a number")?,
+            seed: parse("seed", &self.seed, "a non-negative integer")?,
+            trace_layers,
+            dtype,
+            device,
+            probes,
+            out: self.out.clone(),
+            threads: self
+                .threads
+                .as_deref()
+                .map(|t| parse("threads", t, "a positive integer"))
+                .transpose()?,
+        };
+        config.validate().map_err(flag_error)?;
+        Ok(config)
+    }
+}
+
+/// Names the flag behind a library error where there is one.
+pub fn flag_error(e: reptrace_tch::Error) -> anyhow::Error {
+    use reptrace_tch::Error as E;
+    let flag = match &e {
+        E::BadSetting { setting, message } => return anyhow!("--{setting}: {message}"),
+        E::Io { .. }
+        | E::BadRow { .. }
+        | E::BadIdx { .. }
+        | E::BadDataSpec { .. }
+        | E::BadData { .. } => "data",
+        E::BadModel { .. } | E::CouplingModule { .. } => "model",
+        E::UnknownLayer { .. } => "trace-layers",
+        E::NoDevice { .. } => "device",
+        E::Record(reptrace_record::Error::NotEmpty { .. }) => "out",
+        _ => return anyhow::Error::new(e),
+    };
+    anyhow!("--{flag}: {e}")
+}
+
+/// Trains with a progress bar per epoch on stderr.
+pub fn train_with_progress(config: &TrainConfig) -> anyhow::Result<TrainSummary> {
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut epochs = 0;
+    let mut steps_per_epoch = 0;
+    let mut bar: Option<ProgressBar> = None;
+    let mut loss_sum = 0.0;
+    let mut progress = |p: &Progress| match p {
+        Progress::Started {
+            epochs: e,
+            steps_per_epoch: s,
+            ..
+        } => {
+            (epochs, steps_per_epoch) = (*e, *s);
+        }
+        Progress::Step {
+            epoch,
+            step_in_epoch,
+            loss,
+        } => {
+            if *step_in_epoch == 0 {
+                loss_sum = 0.0;
+                bar = Some(
+                    ProgressBar::new(steps_per_epoch as u64)
+                        .with_style(style.clone())
+                        .with_prefix(format!("epoch {}/{epochs}", epoch + 1)),
+                );
+            }
+            loss_sum += loss;
+            if let Some(b) = &bar {
+                b.set_position(*step_in_epoch as u64 + 1);
+                b.set_message(format!(
+                    "loss {:.4}",
+                    loss_sum / (*step_in_epoch as f64 + 1.0)
+                ));
+            }
+        }
+        Progress::Epoch(e) => {
+            if let Some(b) = bar.take() {
+                let test = e
+                    .test_accuracy
+                    .map(|a| format!(", test acc {a:.4}"))
+                    .unwrap_or_default();
+                b.finish_with_message(format!(
+                    "loss {:.4}, train acc {:.4}{test}",
+                    e.loss, e.train_accuracy
+                ));
+            }
+        }
+        Progress::Probes { .. } => {}
+    };
+    let summary = reptrace_tch::train(config, &mut progress).map_err(flag_error)?;
+    Ok(summary)
+}
+
+/// Prints what a run recorded.
+pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "trained {} epochs, {} steps in {:.1} s (total {:.1} s)",
+        summary.epochs, summary.steps, summary.train_seconds, summary.total_seconds
+    )?;
+    let test = summary
+        .test_accuracy
+        .map(|a| format!("{:.2} %", 100.0 * a))
+        .unwrap_or_else(|| "n/a (no test split)".into());
+    writeln!(
+        out,
+        "final loss {:.4}, train accuracy {:.2} %, test accuracy {test}",
+        summary.loss,
+        100.0 * summary.train_accuracy
+    )?;
+    let Some((run, manifest)) = &summary.run else {
+        writeln!(out, "tracing off (--trace-layers none): nothing recorded")?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "run {} ({}, {})",
+        run.display(),
+        manifest.status,
+        manifest.dtype
+    )?;
+    let layer_rows = |table: Table, layer: &str| -> (u64, u64) {
+        manifest
+            .files(table)
+            .iter()
+            .filter(|f| f.layer.as_deref() == Some(layer))
+            .fold((0, 0), |(r, b), f| (r + f.rows, b + f.bytes))
+    };
+    for layer in manifest.model.traced_layers() {
+        let (rows, bytes) = layer_rows(Table::Updates, layer.name());
+        let (probes, _) = layer_rows(Table::Probes, layer.name());
+        writeln!(
+            out,
+            "  layer {:<8} {rows:>9} update rows {:>12}   {probes} probes",
+            layer.name(),
+            human_bytes(bytes),
+        )?;
+    }
+    let total: u64 = Table::ALL
+        .iter()
+        .flat_map(|&t| manifest.files(t))
+        .map(|f| f.bytes)
+        .sum();
+    let commits = manifest.commits.len();
+    let snapshots = manifest
+        .commits
+        .iter()
+        .filter(|c| c.weights.is_some())
+        .count();
+    writeln!(
+        out,
+        "  {commits} commits, {snapshots} weight snapshots, {} in tables",
+        human_bytes(total)
+    )?;
+    Ok(())
+}
+
+/// `1234567` → `1.2 MB`.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Runs `reptrace train`.
+pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let summary = train_with_progress(&config)?;
+    write_summary(out, &summary)
+}

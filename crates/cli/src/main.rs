@@ -1,0 +1,68 @@
+//! `reptrace`: the command line of the reptrace trace store.
+//!
+//! Each subcommand is one variant of [`Command`] with its arguments struct in
+//! `cmd/<name>.rs` and one arm in [`dispatch`]; it writes its output to a
+//! `&mut dyn Write` so tests can read it. Errors print as one line
+//! `error: …` (the context chain joined by ": ") with exit code 1; usage
+//! errors exit with 2 (clap); a closed stdout pipe counts as success.
+use clap::{Parser, Subcommand};
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+mod cmd;
+
+/// Explain a trained network by tracing its training: record per-instance
+/// updates to Parquet, attribute, and query them with SQL.
+#[derive(Debug, Parser)]
+#[command(name = "reptrace", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show a run's manifest, commits, row counts and sizes on disk.
+    Info(cmd::info::InfoArgs),
+    /// Train a model with SGD and record its trace.
+    #[cfg(feature = "tch")]
+    Train(Box<cmd::train::TrainArgs>),
+    /// Train the MLP on the bundled digits with tracing and show what was recorded.
+    #[cfg(feature = "tch")]
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
+    match command {
+        Command::Info(args) => cmd::info::run(args, out),
+        #[cfg(feature = "tch")]
+        Command::Train(args) => cmd::train::run(args, out),
+        #[cfg(feature = "tch")]
+        Command::Demo(args) => cmd::demo::run(args, out),
+    }
+}
+
+/// Whether the error is a write to a closed pipe (`reptrace … | head`).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Line-buffered: long commands show their output as they go.
+    let mut out = io::stdout().lock();
+    let result = dispatch(&cli.command, &mut out).and_then(|()| Ok(out.flush()?));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Whatever was printed before the error goes out first.
+            let _ = out.flush();
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

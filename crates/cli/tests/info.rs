@@ -1,0 +1,373 @@
+//! `reptrace info`, run as a binary on runs written through the recorder,
+//! including runs whose recording process was killed.
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rand::{Rng, SeedableRng};
+use reptrace_format::{
+    LinearSpec, Manifest, Model, Module, Optimizer, Split, Status, Table, layout,
+};
+use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn reptrace(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reptrace"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn info_json(run: &Path) -> serde_json::Value {
+    let out = reptrace(&["info".as_ref(), run.as_os_str(), "--json".as_ref()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Rows of a Parquet file, counted by reading every batch.
+fn count_rows(path: &Path) -> u64 {
+    ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap().num_rows() as u64)
+        .sum()
+}
+
+fn model() -> Model {
+    let lin = |name: &str, i, o| {
+        Module::Linear(LinearSpec {
+            name: name.into(),
+            in_features: i,
+            out_features: o,
+            bias: true,
+            traced: true,
+        })
+    };
+    Model {
+        name: "mlp".into(),
+        input_shape: vec![6],
+        modules: vec![lin("fc1", 6, 4), Module::Relu, lin("fc2", 4, 3)],
+    }
+}
+
+/// Records `steps` steps of `rows` rows per layer, committing every `every`.
+fn record(run: &Path, steps: i64, rows: usize, every: i64, finish: bool) {
+    let m = model();
+    let mut rec = Recorder::builder(run)
+        .model(m.clone())
+        .optimizer(Optimizer::sgd(0.1))
+        .classes(vec!["a".into(), "b".into(), "c".into()])
+        .build()
+        .unwrap();
+    let ids: Vec<i64> = (0..rows as i64).collect();
+    let labels: Vec<i32> = ids.iter().map(|i| (i % 3) as i32).collect();
+    rec.instances(&ids, &labels, &vec![Split::Train; rows])
+        .unwrap();
+    let w = vec![0.5f32; 24];
+    let b = vec![0.0f32; 4];
+    let weights = [
+        NamedTensor {
+            name: "fc1.weight",
+            shape: &[4, 6],
+            data: &w,
+        },
+        NamedTensor {
+            name: "fc1.bias",
+            shape: &[4],
+            data: &b,
+        },
+    ];
+    rec.weights(&weights).unwrap();
+    rec.commit().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for t in 0..steps {
+        rec.step(StepRow {
+            step: t,
+            epoch: (t / 4) as i32,
+            lr: 0.1,
+            batch_size: rows as i32,
+            loss: 1.0,
+        })
+        .unwrap();
+        for l in m.traced_layers() {
+            let (ul, vl) = l.factor_lens();
+            let u: Vec<f32> = (0..rows * ul).map(|_| rng.random::<f32>()).collect();
+            let v: Vec<f32> = (0..rows * vl).map(|_| rng.random::<f32>() - 0.5).collect();
+            rec.updates(
+                l.name(),
+                UpdateBatch {
+                    step: t,
+                    epoch: (t / 4) as i32,
+                    instance_ids: &ids,
+                    labels: &labels,
+                    u: &u,
+                    v: &v,
+                    update_norm: None,
+                },
+            )
+            .unwrap();
+        }
+        if t % every == every - 1 {
+            rec.commit().unwrap();
+        }
+    }
+    if finish {
+        rec.probes(
+            "fc2",
+            ProbeBatch {
+                probe_ids: &[0],
+                instance_ids: &[Some(0)],
+                labels: &[0],
+                predicted: &[1],
+                a: &[0.0; 4],
+                p: &[1.0, 2.0, 2.0],
+            },
+        )
+        .unwrap();
+        rec.finish(&weights).unwrap();
+    } else {
+        rec.flush().unwrap();
+        std::mem::forget(rec); // like a crash: no cleanup
+    }
+}
+
+#[test]
+fn info_reports_rows_sizes_and_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    record(&run, 10, 5, 4, true);
+    let j = info_json(&run);
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(j["status"], "complete");
+    assert_eq!(j["run_id"], m.run_id.as_str());
+    assert_eq!(j["last_step"], 9);
+    assert_eq!(j["last_epoch"], 2);
+    assert_eq!(j["commits"], m.commits.len());
+    assert_eq!(j["classes"], serde_json::json!(["a", "b", "c"]));
+    assert_eq!(j["model"]["modules"][0]["name"], "fc1");
+    assert_eq!(
+        j["model"]["modules"][0]["factor_lens"],
+        serde_json::json!([6, 4])
+    );
+    assert_eq!(
+        j["model"]["modules"][0]["weight_shape"],
+        serde_json::json!([4, 6])
+    );
+    assert_eq!(j["optimizer"]["kind"], "sgd");
+    assert!(j["stray_files"].as_array().unwrap().is_empty());
+    assert!(
+        j["warnings"].as_array().unwrap().is_empty(),
+        "{}",
+        j["warnings"]
+    );
+
+    // Each table/layer: files, rows (read back), bytes (stat) and the raw size.
+    for t in j["tables"].as_array().unwrap() {
+        let table: Table = t["table"].as_str().unwrap().parse().unwrap();
+        let layer = t["layer"].as_str();
+        let files: Vec<_> = m
+            .files(table)
+            .into_iter()
+            .filter(|f| f.layer.as_deref() == layer)
+            .collect();
+        let rows: u64 = files.iter().map(|f| count_rows(&run.join(&f.path))).sum();
+        let bytes: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(run.join(&f.path)).unwrap().len())
+            .sum();
+        assert_eq!(t["files"], files.len());
+        assert_eq!(t["rows"], rows, "{t}");
+        assert_eq!(t["footer_rows"], rows);
+        assert_eq!(t["bytes"], bytes);
+        if table == Table::Updates {
+            let (u, v) = match layer {
+                Some("fc1") => (6, 4),
+                _ => (4, 3),
+            };
+            assert_eq!(t["raw_f32_bytes"], rows * (u + v) * 4);
+            let ratio = t["ratio"].as_f64().unwrap();
+            assert!((ratio - bytes as f64 / (rows * (u + v) * 4) as f64).abs() < 1e-12);
+        }
+    }
+    let updates: Vec<_> = j["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["table"] == "updates")
+        .map(|t| {
+            (
+                t["layer"].as_str().unwrap().to_owned(),
+                t["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        updates,
+        vec![("fc1".to_owned(), 50), ("fc2".to_owned(), 50)]
+    );
+
+    let out = reptrace(&["info".as_ref(), run.as_os_str()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("status     complete"), "{text}");
+    assert!(text.contains("last step 9 (epoch 2)"), "{text}");
+    assert!(
+        text.contains("fc1          linear       6 -> 4, bias; traced: u 6, v 4"),
+        "{text}"
+    );
+    assert!(!text.contains("warning"), "{text}");
+}
+
+#[test]
+fn info_warns_about_stray_and_inconsistent_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    record(&run, 7, 3, 2, false);
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m.status, Status::Recording);
+    // `forget` left the open parts of the next commit as temporary files.
+    let stray = info_json(&run)["stray_files"].clone();
+    let stray: Vec<String> = serde_json::from_value(stray).unwrap();
+    assert!(!stray.is_empty());
+    assert!(
+        stray
+            .iter()
+            .all(|s| layout::is_temp_name(s.rsplit('/').next().unwrap())),
+        "{stray:?}"
+    );
+    // A complete-looking file that no commit lists, and a truncated committed file.
+    std::fs::write(run.join("updates/layer=fc1/part-000099.parquet"), b"x").unwrap();
+    let committed = &m.files(Table::Updates)[0].path;
+    let bytes = std::fs::read(run.join(committed)).unwrap();
+    std::fs::write(run.join(committed), &bytes[..bytes.len() / 2]).unwrap();
+    let j = info_json(&run);
+    let stray: Vec<String> = serde_json::from_value(j["stray_files"].clone()).unwrap();
+    assert!(
+        stray.contains(&"updates/layer=fc1/part-000099.parquet".to_owned()),
+        "{stray:?}"
+    );
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains(committed.as_str()), "{warnings}");
+    let text = String::from_utf8(reptrace(&["info".as_ref(), run.as_os_str()]).stdout).unwrap();
+    assert!(
+        text.contains("warning:") && text.contains("part-000099.parquet"),
+        "{text}"
+    );
+}
+
+#[test]
+fn info_errors_are_one_line_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |run: &Path, want: &str| {
+        let out = reptrace(&["info".as_ref(), run.as_os_str()]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(err.contains(&run.display().to_string()), "{err}");
+        assert!(err.contains(want), "{err}");
+    };
+    check(&dir.path().join("nope"), "no such run directory");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    check(&empty, "manifest missing");
+    let run = dir.path().join("run");
+    record(&run, 2, 2, 1, true);
+    let text = std::fs::read_to_string(run.join("manifest.json")).unwrap();
+    std::fs::write(run.join("manifest.json"), &text[..text.len() / 2]).unwrap();
+    check(&run, "invalid manifest");
+    std::fs::write(
+        run.join("manifest.json"),
+        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+    )
+    .unwrap();
+    check(&run, "version 99 is not supported");
+    // Usage errors exit with 2.
+    let out = reptrace(&["info".as_ref(), "--no-such-flag".as_ref()]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+// ---------------------------------------------------------- killed recorder
+
+const CHILD_ENV: &str = "REPTRACE_CLI_CRASH_CHILD_RUN";
+
+/// Child process of `info_on_a_killed_run`: records until killed. Returns
+/// at once in a normal test run.
+#[test]
+fn crash_child_process() {
+    let Some(run) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    record(&PathBuf::from(run), i64::MAX, 4, 3, false);
+}
+
+#[test]
+fn info_on_a_killed_run_reports_the_last_commit() {
+    let exe = std::env::current_exe().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for round in 0..5 {
+        let run = dir.path().join(format!("run{round}"));
+        let mut child = Command::new(&exe)
+            .args(["crash_child_process", "--exact", "--test-threads=1"])
+            .env(CHILD_ENV, &run)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while Manifest::load(&run)
+            .map(|m| m.last_step().is_none())
+            .unwrap_or(true)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "child made no commit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let m = Manifest::load(&run).unwrap();
+        // The last step, independently: the largest committed `steps.step`.
+        let max_step = m
+            .files(Table::Steps)
+            .iter()
+            .flat_map(|f| {
+                ParquetRecordBatchReaderBuilder::try_new(File::open(run.join(&f.path)).unwrap())
+                    .unwrap()
+                    .build()
+                    .unwrap()
+                    .flat_map(|b| {
+                        let b = b.unwrap();
+                        b.column_by_name("step")
+                            .unwrap()
+                            .as_primitive::<Int64Type>()
+                            .values()
+                            .to_vec()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .max();
+        let j = info_json(&run);
+        assert_eq!(j["status"], "recording");
+        assert_eq!(j["last_step"].as_i64(), max_step, "round {round}");
+        assert!(
+            j["warnings"].as_array().unwrap().is_empty(),
+            "{}",
+            j["warnings"]
+        );
+        let text = String::from_utf8(reptrace(&["info".as_ref(), run.as_os_str()]).stdout).unwrap();
+        let want = format!("last step {}", max_step.unwrap());
+        assert!(text.contains(&want), "{text}");
+    }
+}
