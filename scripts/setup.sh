@@ -41,3 +41,11 @@ if [ "$want_tests" = 1 ]; then
     cp requirements-test.txt "$venv/.requirements-test.txt"
   fi
 fi
+
+# Headless Chromium for the report's rendering test (crates/cli/tests/report.rs);
+# the system package, only when missing and we are root.
+if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium (apt-get) for the report rendering test"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

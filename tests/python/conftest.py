@@ -6,6 +6,7 @@ REPTRACE_SYNTHETIC_BIN (the built `synthetic` example of reptrace-record).
 Without them the fixtures fall back to the default debug build in target/.
 """
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,91 @@ def synthetic_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("synthetic") / "run"
     subprocess.run([str(exe), str(run)], check=True, capture_output=True)
     return run
+
+
+SNIPPETS = Path(__file__).resolve().parent / "snippets"
+
+
+def reptrace(reptrace_bin, *args, check=True):
+    """Runs the CLI; the completed process (stdout/stderr as text)."""
+    proc = subprocess.run(
+        [str(reptrace_bin), *map(str, args)], capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"reptrace {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def sql_json(reptrace_bin, run, sql):
+    """The rows of `reptrace sql --format json` (a NULL is a missing key)."""
+    import json
+
+    out = reptrace(reptrace_bin, "sql", run, sql, "--format", "json").stdout
+    return json.loads(out) if out.strip() else []
+
+
+def require_subcommands(reptrace_bin, *names):
+    """Fails (not skips) naming the subcommands the binary lacks."""
+    listed = reptrace(reptrace_bin, "--help").stdout
+    missing = [n for n in names if not re.search(rf"^\s+{n}\s", listed, re.M)]
+    if missing:
+        pytest.fail(f"{reptrace_bin} has no subcommand {', '.join(missing)}: rebuild the CLI")
+
+
+@pytest.fixture(scope="session")
+def digits_run(reptrace_bin, tmp_path_factory) -> Path:
+    """A small digits MLP run (2 epochs, probes of every instance), attributed
+    for three test and two training probes."""
+    import pyarrow.dataset as ds
+
+    require_subcommands(reptrace_bin, "train", "attribute", "sql", "query")
+    run = tmp_path_factory.mktemp("digits") / "run"
+    reptrace(
+        reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
+        "--batch-size", "64", "--probes", "all", "--threads", "1", "--out", run,
+    )
+    probes = ds.dataset(run / "probes", format="parquet", partitioning="hive").to_table(
+        columns=["probe_id", "instance_id"]
+    ).to_pandas().drop_duplicates()
+    instances = ds.dataset(run / "instances", format="parquet").to_table().to_pandas()
+    split = dict(zip(instances["instance_id"], instances["split"]))
+    probes = probes.sort_values("probe_id")
+    test = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if split.get(i) == "test"]
+    train = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if split.get(i) == "train"]
+    assert len(test) >= 3 and len(train) >= 2, "the run must have test and training probes"
+    ids = test[:3] + train[:2]
+    reptrace(reptrace_bin, "attribute", run, "--probes", "ids:" + ",".join(map(str, ids)))
+    return run
+
+
+@pytest.fixture(scope="session")
+def attributed_probes(digits_run):
+    """The probe ids attributed in `digits_run`, sorted (read from contributions)."""
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(digits_run / "contributions", format="parquet", partitioning="hive")
+    return sorted(set(t.to_table(columns=["probe_id"]).column("probe_id").to_pylist()))
+
+
+@pytest.fixture(scope="session")
+def snippets():
+    """The documentation's snippets (tests/python/snippets) importable by name."""
+    import sys
+
+    if str(SNIPPETS) not in sys.path:
+        sys.path.insert(0, str(SNIPPETS))
+    return SNIPPETS
+
+
+@pytest.fixture(scope="session")
+def spark(snippets):
+    """One local Spark session for the whole test session (needs Java 17+)."""
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("Spark tests need a Java runtime (java not on PATH)")
+    from spark_views import spark_session
+
+    session = spark_session()
+    yield session
+    session.stop()

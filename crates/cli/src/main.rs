@@ -24,6 +24,16 @@ struct Cli {
 enum Command {
     /// Show a run's manifest, commits, row counts and sizes on disk.
     Info(cmd::info::InfoArgs),
+    /// Compute the contributions of every update record to the chosen probes.
+    Attribute(cmd::attribute::AttributeArgs),
+    /// Run one read-only SQL query over a run's tables.
+    Sql(cmd::sql::SqlArgs),
+    /// Run a canned query (queries/*.sql) or a .sql file with parameters.
+    Query(cmd::query::QueryArgs),
+    /// Check a run's integrity and the completeness of its trace.
+    Verify(cmd::verify::VerifyArgs),
+    /// Stream one table of a run to Parquet, CSV or JSON lines.
+    Export(cmd::export::ExportArgs),
     /// Train a model with SGD and record its trace.
     #[cfg(feature = "tch")]
     Train(Box<cmd::train::TrainArgs>),
@@ -35,6 +45,11 @@ enum Command {
 fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
     match command {
         Command::Info(args) => cmd::info::run(args, out),
+        Command::Attribute(args) => cmd::attribute::run(args, out),
+        Command::Sql(args) => cmd::sql::run(args, out),
+        Command::Query(args) => cmd::query::run(args, out),
+        Command::Verify(args) => cmd::verify::run(args, out),
+        Command::Export(args) => cmd::export::run(args, out),
         #[cfg(feature = "tch")]
         Command::Train(args) => cmd::train::run(args, out),
         #[cfg(feature = "tch")]

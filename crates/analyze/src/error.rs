@@ -1,0 +1,106 @@
+//! Errors of the analyzer.
+use std::path::PathBuf;
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong analyzing a run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The run's manifest could not be read or is invalid.
+    #[error(transparent)]
+    Format(#[from] reptrace_format::Error),
+    /// An I/O error on a file of the run.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A Parquet file could not be read or written.
+    #[error("{path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    /// A column of a Parquet file has an unexpected type or length.
+    #[error("{path}: column {column}: {message}")]
+    Column {
+        path: PathBuf,
+        column: String,
+        message: String,
+    },
+    /// A weights snapshot is missing a tensor, has the wrong shape or dtype, or is corrupt.
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    /// The run lacks something the operation needs (weights, probes, steps).
+    #[error("{run}: {message}")]
+    Incomplete { run: PathBuf, message: String },
+    /// A traced layer name that the run does not have.
+    #[error("unknown layer {name:?} (traced layers: {known})")]
+    UnknownLayer { name: String, known: String },
+    /// A probe that training did not record.
+    #[error("probe {probe} was not recorded for layer {layer} (recorded probes: {known})")]
+    UnknownProbe {
+        probe: i64,
+        layer: String,
+        known: String,
+    },
+    /// An option value that cannot be parsed or makes no sense.
+    #[error("invalid {option} {value:?}: {why}")]
+    BadOption {
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+    /// A SQL statement that the read-only SQL interface refuses.
+    #[error("refused SQL: {0}")]
+    Refused(String),
+    /// A query failed to parse, plan or run.
+    #[error("sql: {0}")]
+    Sql(String),
+    /// A canned query could not be found or its header is malformed.
+    #[error("query {name}: {message}")]
+    Query { name: String, message: String },
+    /// A query parameter is unknown, missing or has a bad value.
+    #[error("parameter {name}: {message}")]
+    Param { name: String, message: String },
+    /// Writing query output failed.
+    #[error("writing {format} output: {message}")]
+    Output {
+        format: &'static str,
+        message: String,
+    },
+    /// A computation produced something inconsistent (lengths that do not match).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
+        Error::Parquet {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A DataFusion error as one line.
+    pub(crate) fn sql(e: datafusion::error::DataFusionError) -> Self {
+        Error::Sql(one_line(&e.to_string()))
+    }
+}
+
+/// Joins the lines of a message into one.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,43 @@
+//! The reptrace analyzer: turns a run's update records into contributions
+//! for chosen probes, and answers read-only SQL over every table of the run.
+//!
+//! - [`session`]: [`open`] a run and [`register`] its tables on a DataFusion
+//!   `SessionContext` (the committed files only);
+//! - [`attribution`]: [`attribute`] probes, writing the `contributions` table;
+//! - [`sql`]: read-only SQL and the output formats;
+//! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
+//! - [`verify`]: integrity and completeness checks;
+//! - [`export`]: one table streamed to Parquet, CSV or JSON lines.
+//!
+//! ```no_run
+//! # async fn example() -> reptrace_analyze::Result<()> {
+//! use reptrace_analyze::{attribute, attribution::Options, query, sql};
+//! let run = std::path::Path::new("runs/digits");
+//! // Contributions of every test probe, every traced layer.
+//! attribute(run, &Options::default(), &mut |_| {})?;
+//! // The ten strongest proponents of probe 3 per layer.
+//! let q = query::Query::resolve("top_proponents")?;
+//! let ctx = reptrace_analyze::context(&reptrace_analyze::open(run)?)?;
+//! let (schema, batches) = q.run(&ctx, &[("probe", "3")]).await?;
+//! sql::write(&schema, &batches, sql::Format::Table, &mut std::io::stdout())?;
+//! # Ok(()) }
+//! ```
+#![deny(clippy::unwrap_used)]
+
+pub mod attribution;
+pub mod error;
+pub mod export;
+pub mod kernel;
+pub mod probes;
+pub mod query;
+pub mod records;
+pub mod replay;
+pub mod session;
+pub mod sql;
+pub mod verify;
+pub mod weights;
+pub mod writer;
+
+pub use attribution::{Options, ProbeSelection, Progress, StepRange, attribute};
+pub use error::{Error, Result};
+pub use session::{Run, context, open, register};

@@ -1,0 +1,176 @@
+//! A run's tables on a DataFusion [`SessionContext`].
+//!
+//! [`register`] is the one entry point that puts every table of a run on a
+//! context, under its own name (`instances`, `steps`, `updates`, `probes`,
+//! `contributions`). Each table reads exactly the files the manifest lists as
+//! committed, never a directory listing, so rows written after the last
+//! commit point (or files left behind by a crash) are invisible.
+//!
+//! Partitioned tables get their `layer` column (Utf8) from the manifest's
+//! file entries, which equal the Hive `layer=<name>` directory: a table is a
+//! `UNION ALL` view over one Parquet listing table per layer, each with the
+//! layer as a constant column, so a filter on `layer` prunes whole layers at
+//! planning time. A table with no committed files is registered empty with
+//! its schema, so queries over it still plan.
+use crate::{Error, Result};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::{MemTable, TableProvider, ViewTable, provider_as_source};
+use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use datafusion::prelude::SessionContext;
+use reptrace_format::{Manifest, Table, col as c, schema};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An opened run: its directory and manifest.
+#[derive(Debug, Clone)]
+pub struct Run {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+/// Opens a run directory and reads its manifest.
+pub fn open(run: &Path) -> Result<Run> {
+    Run::open(run)
+}
+
+impl Run {
+    /// Opens a run directory and reads its manifest.
+    pub fn open(run: &Path) -> Result<Self> {
+        let manifest = Manifest::load(run)?;
+        let dir = std::fs::canonicalize(run).map_err(|e| Error::io(run, e))?;
+        Ok(Self { dir, manifest })
+    }
+
+    /// The run directory (absolute).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest as read by [`Run::open`].
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Absolute path of a file given relative to the run.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        Manifest::resolve(&self.dir, rel)
+    }
+
+    /// Re-reads the manifest from disk (after an attribution replaced it).
+    pub fn reload(&mut self) -> Result<()> {
+        self.manifest = Manifest::load(&self.dir)?;
+        Ok(())
+    }
+
+    /// Committed files of `table`, grouped by layer (`None` for unpartitioned
+    /// tables), in commit order.
+    pub fn files_by_layer(&self, table: Table) -> BTreeMap<Option<String>, Vec<PathBuf>> {
+        let mut out: BTreeMap<Option<String>, Vec<PathBuf>> = BTreeMap::new();
+        for f in self.manifest.files(table) {
+            let layer = if table.is_partitioned() {
+                f.layer.clone()
+            } else {
+                None
+            };
+            out.entry(layer).or_default().push(self.path(&f.path));
+        }
+        out
+    }
+
+    /// The Arrow schema of a table as SQL sees it (with `layer` for partitioned tables).
+    pub fn sql_schema(&self, table: Table) -> SchemaRef {
+        let file_schema = schema(table, self.manifest.dtype);
+        if !table.is_partitioned() {
+            return file_schema;
+        }
+        let mut fields: Vec<Field> = file_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(c::LAYER, DataType::Utf8, false));
+        Arc::new(Schema::new(fields))
+    }
+}
+
+/// A new context with every table of `run` registered (see [`register`]).
+pub fn context(run: &Run) -> Result<SessionContext> {
+    let ctx = SessionContext::new();
+    register(&ctx, run)?;
+    Ok(ctx)
+}
+
+/// Registers every table of `run` on `ctx` under its name.
+pub fn register(ctx: &SessionContext, run: &Run) -> Result<()> {
+    for table in Table::ALL {
+        let provider = table_provider(run, table)?;
+        ctx.register_table(table.name(), provider)
+            .map_err(Error::sql)?;
+    }
+    Ok(())
+}
+
+/// A listing table over exactly `files` (absolute paths), read with `file_schema`.
+fn listing(files: &[PathBuf], file_schema: SchemaRef) -> Result<ListingTable> {
+    let urls = files
+        .iter()
+        .map(|p| {
+            // From a URL rather than a path string, so that characters of the
+            // run directory are never read as a glob.
+            let url = url::Url::from_file_path(p).map_err(|()| Error::BadOption {
+                option: "run directory",
+                value: p.display().to_string(),
+                why: "cannot be turned into a file URL".into(),
+            })?;
+            ListingTableUrl::try_new(url, None).map_err(Error::sql)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(file_schema);
+    ListingTable::try_new(config).map_err(Error::sql)
+}
+
+fn table_provider(run: &Run, table: Table) -> Result<Arc<dyn TableProvider>> {
+    let file_schema = schema(table, run.manifest.dtype);
+    let sql_schema = run.sql_schema(table);
+    let by_layer = run.files_by_layer(table);
+    if by_layer.is_empty() {
+        let empty = MemTable::try_new(sql_schema, vec![vec![]]).map_err(Error::sql)?;
+        return Ok(Arc::new(empty));
+    }
+    if !table.is_partitioned() {
+        let files: Vec<PathBuf> = by_layer.into_values().flatten().collect();
+        return Ok(Arc::new(listing(&files, file_schema)?));
+    }
+    let mut plan: Option<LogicalPlanBuilder> = None;
+    for (layer, files) in by_layer {
+        let layer = layer.ok_or_else(|| Error::Incomplete {
+            run: run.dir.clone(),
+            message: format!("a committed {table} file has no layer in the manifest"),
+        })?;
+        let provider = Arc::new(listing(&files, Arc::clone(&file_schema))?);
+        let mut exprs: Vec<_> = file_schema.fields().iter().map(|f| col(f.name())).collect();
+        exprs.push(lit(layer).alias(c::LAYER));
+        let branch = LogicalPlanBuilder::scan(table.name(), provider_as_source(provider), None)
+            .and_then(|b| b.project(exprs))
+            .and_then(|b| b.build())
+            .map_err(Error::sql)?;
+        plan = Some(match plan {
+            None => LogicalPlanBuilder::from(branch),
+            Some(b) => b.union(branch).map_err(Error::sql)?,
+        });
+    }
+    let plan = plan
+        .ok_or_else(|| Error::Internal("no layers".into()))?
+        .build()
+        .map_err(Error::sql)?;
+    Ok(Arc::new(ViewTable::new(plan, None)))
+}

@@ -1,0 +1,9 @@
+//! Integration tests of reptrace-analyze (one binary): synthetic traces are
+//! written through the Recorder with a simulated SGD, then attributed,
+//! queried and verified against independent computations.
+mod attribution;
+mod queries;
+mod read;
+mod sql;
+mod synth;
+mod verify;

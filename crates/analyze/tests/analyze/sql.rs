@@ -1,0 +1,238 @@
+//! The DataFusion registration and the read-only SQL interface.
+use crate::synth::Synth;
+use arrow::array::AsArray;
+use arrow::compute::cast;
+use arrow_array::RecordBatch;
+use arrow_schema::DataType;
+use reptrace_analyze::{context, open, sql};
+use reptrace_format::{Manifest, Table};
+use std::collections::BTreeMap;
+
+/// Column `name` of every batch, cast to `ty`.
+pub fn column(batches: &[RecordBatch], name: &str, ty: &DataType) -> Vec<arrow_array::ArrayRef> {
+    batches
+        .iter()
+        .map(|b| {
+            cast(
+                b.column_by_name(name)
+                    .unwrap_or_else(|| panic!("no column {name}")),
+                ty,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+pub fn ints(batches: &[RecordBatch], name: &str) -> Vec<Option<i64>> {
+    column(batches, name, &DataType::Int64)
+        .iter()
+        .flat_map(|a| {
+            a.as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn floats(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> {
+    column(batches, name, &DataType::Float64)
+        .iter()
+        .flat_map(|a| {
+            a.as_primitive::<arrow::datatypes::Float64Type>()
+                .iter()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn strings(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
+    column(batches, name, &DataType::Utf8)
+        .iter()
+        .flat_map(|a| {
+            a.as_string::<i32>()
+                .iter()
+                .map(|s| s.map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tables_read_committed_files_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    Synth::default().write(&run);
+    let m = Manifest::load(&run).unwrap();
+    // A complete file that no commit lists: must stay invisible.
+    let f = &m.files(Table::Updates)[0];
+    let stray = run.join(&f.path).with_file_name("part-999999.parquet");
+    std::fs::copy(run.join(&f.path), stray).unwrap();
+
+    let ctx = context(&open(&run).unwrap()).unwrap();
+    let (_, b) = sql::run(
+        &ctx,
+        "SELECT layer, COUNT(*) AS n FROM updates GROUP BY layer ORDER BY layer",
+    )
+    .await
+    .unwrap();
+    let got: BTreeMap<String, i64> = strings(&b, "layer")
+        .into_iter()
+        .zip(ints(&b, "n"))
+        .map(|(l, n)| (l.unwrap(), n.unwrap()))
+        .collect();
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for f in m.files(Table::Updates) {
+        *want.entry(f.layer.clone().unwrap()).or_default() += f.rows as i64;
+    }
+    assert_eq!(got, want);
+    // A filter on the partition column, every table plans, empty contributions.
+    let (_, b) = sql::run(
+        &ctx,
+        "SELECT COUNT(*) AS n FROM updates WHERE layer = 'fc2'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ints(&b, "n"), vec![Some(want["fc2"])]);
+    for (q, n) in [
+        ("SELECT COUNT(*) AS n FROM contributions", 0),
+        ("SELECT COUNT(*) AS n FROM instances", 25),
+        ("SELECT COUNT(*) AS n FROM steps", 12),
+        ("SELECT COUNT(*) AS n FROM probes WHERE layer = 'fc1'", 8),
+    ] {
+        let (_, b) = sql::run(&ctx, q).await.unwrap();
+        assert_eq!(ints(&b, "n"), vec![Some(n)], "{q}");
+    }
+    let (schema, b) = sql::run(&ctx, "SELECT * FROM contributions").await.unwrap();
+    assert!(b.iter().all(|b| b.num_rows() == 0));
+    assert_eq!(
+        schema.field_with_name("layer").unwrap().data_type(),
+        &DataType::Utf8
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    Synth::default().write(&run);
+    let ctx = context(&open(&run).unwrap()).unwrap();
+    let target = tmp.path().join("out.csv");
+    let copy = format!("COPY (SELECT 1) TO '{}'", target.display());
+    let parquet = run.join("instances/part-000000.parquet");
+    let by_path = format!("SELECT * FROM '{}'", parquet.display());
+    let function = format!("SELECT * FROM read_parquet('{}')", parquet.display());
+    let cases: Vec<(&str, &str)> = vec![
+        (
+            "CREATE TABLE t AS SELECT 1",
+            "refused SQL: CREATE statements are not allowed",
+        ),
+        (
+            "DROP TABLE updates",
+            "refused SQL: DROP statements are not allowed",
+        ),
+        (
+            "INSERT INTO steps VALUES (1, 1, 0.1, 1, 0.5)",
+            "refused SQL: INSERT statements are not allowed",
+        ),
+        (
+            "SET datafusion.execution.batch_size = 1",
+            "refused SQL: SET statements are not allowed",
+        ),
+        (&copy, "refused SQL: COPY is not allowed"),
+        (
+            "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/tmp/x.parquet'",
+            "refused SQL: CREATE EXTERNAL TABLE is not allowed",
+        ),
+        (
+            &by_path,
+            "refused SQL: reading files through SQL is not allowed",
+        ),
+        (&function, "refused SQL: table function read_parquet"),
+        (
+            "SELECT * FROM generate_series(1, 3)",
+            "refused SQL: table function generate_series",
+        ),
+        (
+            "SELECT * FROM other.updates",
+            "refused SQL: other.updates: only the run's tables",
+        ),
+        ("SELECT * FROM nope", "nope"),
+        ("SELEC 1", "sql: "),
+        (
+            "SELECT 1; SELECT 2",
+            "refused SQL: expected one statement, found 2",
+        ),
+        (
+            "EXPLAIN COPY (SELECT 1) TO '/tmp/y.csv'",
+            "refused SQL: COPY is not allowed",
+        ),
+        ("SELECT no_such_column FROM steps", "no_such_column"),
+    ];
+    for (q, want) in cases {
+        let e = sql::run(&ctx, q).await.unwrap_err().to_string();
+        assert!(e.contains(want), "{q}: {e}");
+        assert!(!e.contains('\n'), "{q}: multi-line error {e:?}");
+    }
+    assert!(!target.exists());
+    // A CTE named like a table is fine, so is a subquery.
+    let (_, b) = sql::run(
+        &ctx,
+        "WITH s AS (SELECT step FROM steps) SELECT COUNT(*) AS n FROM (SELECT * FROM s) t",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ints(&b, "n"), vec![Some(12)]);
+}
+
+#[tokio::test]
+async fn output_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    Synth::default().write(&run);
+    let ctx = context(&open(&run).unwrap()).unwrap();
+    let (schema, b) = sql::run(
+        &ctx,
+        "SELECT step, lr FROM steps WHERE step < 2 ORDER BY step",
+    )
+    .await
+    .unwrap();
+    let text = |f: sql::Format| {
+        let mut out = Vec::new();
+        sql::write(&schema, &b, f, &mut out).unwrap();
+        out
+    };
+    let table = String::from_utf8(text(sql::Format::Table)).unwrap();
+    assert!(table.contains("| step | lr"), "{table}");
+    let csv = String::from_utf8(text(sql::Format::Csv)).unwrap();
+    assert_eq!(
+        csv.lines().collect::<Vec<_>>(),
+        vec!["step,lr", "0,0.1", "1,0.1"]
+    );
+    let json: serde_json::Value = serde_json::from_slice(&text(sql::Format::Json)).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"step": 0, "lr": 0.1}, {"step": 1, "lr": 0.1}])
+    );
+    let pq = tmp.path().join("out.parquet");
+    std::fs::write(&pq, text(sql::Format::Parquet)).unwrap();
+    let back: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&pq).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ints(&back, "step"), vec![Some(0), Some(1)]);
+    // Empty results still show their columns.
+    let (schema, b) = sql::run(&ctx, "SELECT step, lr FROM steps WHERE step < 0")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    sql::write(&schema, &b, sql::Format::Csv, &mut out).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap().trim(), "step,lr");
+    let mut out = Vec::new();
+    sql::write(&schema, &b, sql::Format::Json, &mut out).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap().trim(), "[]");
+}

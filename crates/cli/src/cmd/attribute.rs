@@ -1,0 +1,134 @@
+//! `reptrace attribute <run>`: contributions of every update record to the
+//! selected probes, written to the run's `contributions` table.
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reptrace_analyze::{Options, ProbeSelection, Progress, StepRange, attribute};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `reptrace attribute`.
+#[derive(Debug, clap::Args)]
+pub struct AttributeArgs {
+    /// The run directory.
+    pub run: PathBuf,
+    /// Probes to attribute: test, train, all or ids:N,M,… [default: test,
+    /// or train with --self-only]
+    #[arg(long)]
+    pub probes: Option<String>,
+    /// Traced layers to attribute, comma separated [default: every layer with probes]
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Only records of steps A..B (inclusive; A.. and ..B also work)
+    #[arg(long)]
+    pub steps: Option<String>,
+    /// Only each training probe's own records
+    #[arg(long)]
+    pub self_only: bool,
+    /// No progress bar
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl AttributeArgs {
+    /// The validated options.
+    pub fn options(&self) -> anyhow::Result<Options> {
+        let probes = match &self.probes {
+            Some(p) => p.parse::<ProbeSelection>()?,
+            None if self.self_only => ProbeSelection::Train,
+            None => ProbeSelection::Test,
+        };
+        let steps = self
+            .steps
+            .as_deref()
+            .map(str::parse::<StepRange>)
+            .transpose()?;
+        Ok(Options {
+            probes,
+            layers: self.layers.clone(),
+            steps,
+            self_only: self.self_only,
+            ..Options::default()
+        })
+    }
+}
+
+/// A progress bar per layer, with contribution rows per second.
+struct Bar {
+    bar: Option<ProgressBar>,
+    layer: usize,
+    quiet: bool,
+}
+
+impl Bar {
+    fn update(&mut self, p: &Progress) {
+        if self.quiet {
+            return;
+        }
+        if self.bar.is_none() || self.layer != p.layer_index {
+            if let Some(b) = self.bar.take() {
+                b.finish();
+            }
+            let bar =
+                ProgressBar::with_draw_target(Some(p.records_total), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{prefix:>12} [{bar:30}] {pos}/{len} records, {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(format!("{} ({}/{})", p.layer, p.layer_index + 1, p.layers));
+            self.bar = Some(bar);
+            self.layer = p.layer_index;
+        }
+        if let Some(b) = &self.bar {
+            b.set_length(p.records_total);
+            b.set_position(p.records_done);
+            b.set_message(format!("{:.0} rows/s", p.rows_per_sec()));
+        }
+    }
+}
+
+/// Runs `reptrace attribute`.
+pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let options = args.options()?;
+    let mut bar = Bar {
+        bar: None,
+        layer: 0,
+        quiet: args.quiet,
+    };
+    let report = attribute(&args.run, &options, &mut |p| bar.update(p))?;
+    if let Some(b) = bar.bar.take() {
+        b.finish_and_clear();
+    }
+    writeln!(
+        out,
+        "{:<16} {:>7} {:>10} {:>12} {:>7} {:>14}",
+        "layer", "probes", "records", "rows", "passes", "residual/Δ"
+    )?;
+    for l in &report.layers {
+        let rel = if l.change_norm > 0.0 {
+            l.residual_norm / l.change_norm
+        } else {
+            0.0
+        };
+        writeln!(
+            out,
+            "{:<16} {:>7} {:>10} {:>12} {:>7} {:>14.3e}",
+            l.layer, l.probes, l.records, l.rows, l.passes, rel
+        )?;
+    }
+    let secs = report.elapsed.as_secs_f64();
+    writeln!(
+        out,
+        "{} contribution rows in {:.1} s ({:.0} rows/s); probes {}, as of step {}",
+        report.rows,
+        secs,
+        if secs > 0.0 {
+            report.rows as f64 / secs
+        } else {
+            0.0
+        },
+        report.attribution.probes,
+        report.attribution.as_of_step.map_or(-1, |s| s.0),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! `reptrace query <run> <name|file.sql>`: a canned query with parameters.
+use crate::cmd::sql::{emit, output_format, runtime};
+use reptrace_analyze::query::Query;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `reptrace query`.
+#[derive(Debug, clap::Args)]
+pub struct QueryArgs {
+    /// The run directory.
+    pub run: PathBuf,
+    /// A built-in query (top_proponents, top_opponents, class_shares,
+    /// class_shares_by_epoch, cosine_histogram, self_influence, layer_summary)
+    /// or the path of a .sql file.
+    pub query: String,
+    /// A parameter, NAME=VALUE (repeatable), e.g. --param probe=3 --param k=5.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// Output format: table, csv, json or parquet (parquet needs --out).
+    #[arg(long, default_value = "table")]
+    pub format: String,
+    /// Write the result to this file instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs `reptrace query`.
+pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let format = output_format(&args.format, args.out.as_deref())?;
+    let params = args
+        .params
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--param expects NAME=VALUE, got {p:?}"))
+        })
+        .collect::<anyhow::Result<Vec<(&str, &str)>>>()?;
+    let query = Query::resolve(&args.query)?;
+    let run = reptrace_analyze::open(&args.run)?;
+    let ctx = reptrace_analyze::context(&run)?;
+    let (schema, batches) = runtime()?.block_on(query.run(&ctx, &params))?;
+    emit(&schema, &batches, format, args.out.as_deref(), out)
+}

@@ -1,0 +1,541 @@
+//! `reptrace attribute`, `sql`, `query` and `verify`, run as the binary on a
+//! small run written through the recorder (plain SGD, so that the final
+//! weights are exactly the initial ones plus the recorded updates).
+use rand::{Rng, SeedableRng};
+use reptrace_format::{LinearSpec, Manifest, Model, Module, Optimizer, Split, Table};
+use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn reptrace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reptrace"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// One Linear layer (3 → 2), 8 training instances, 6 steps of SGD, 4 probes.
+fn write_run(run: &Path) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let model = Model {
+        name: "tiny".into(),
+        input_shape: vec![3],
+        modules: vec![Module::Linear(LinearSpec {
+            name: "fc".into(),
+            in_features: 3,
+            out_features: 2,
+            bias: true,
+            traced: true,
+        })],
+    };
+    let mut rec = Recorder::builder(run)
+        .model(model)
+        .optimizer(Optimizer::sgd(0.1))
+        .classes(vec!["a".into(), "b".into()])
+        .build()
+        .unwrap();
+    let ids: Vec<i64> = (0..10).collect();
+    let labels: Vec<i32> = ids.iter().map(|i| (i % 2) as i32).collect();
+    let splits: Vec<Split> = ids
+        .iter()
+        .map(|&i| if i < 8 { Split::Train } else { Split::Test })
+        .collect();
+    rec.instances(&ids, &labels, &splits).unwrap();
+    let mut w: Vec<f64> = (0..6)
+        .map(|_| f64::from(rng.random_range(-0.5f32..0.5)))
+        .collect();
+    let mut b = vec![0.0f64; 2];
+    let first = w.clone();
+    let snapshot = |w: &[f64], b: &[f64], rec: &mut Recorder| {
+        let (wf, bf): (Vec<f32>, Vec<f32>) = (
+            w.iter().map(|&x| x as f32).collect(),
+            b.iter().map(|&x| x as f32).collect(),
+        );
+        rec.weights(&[
+            NamedTensor {
+                name: "fc.weight",
+                shape: &[2, 3],
+                data: &wf,
+            },
+            NamedTensor {
+                name: "fc.bias",
+                shape: &[2],
+                data: &bf,
+            },
+        ])
+        .unwrap();
+    };
+    snapshot(&w, &b, &mut rec);
+    rec.commit().unwrap();
+    for step in 0..6i64 {
+        let batch: Vec<i64> = vec![step % 8, (step + 3) % 8];
+        let bl: Vec<i32> = batch.iter().map(|&i| labels[i as usize]).collect();
+        let u: Vec<f32> = (0..6).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let v: Vec<f32> = (0..4).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+        rec.step(StepRow {
+            step,
+            epoch: (step / 3) as i32,
+            lr: 0.1,
+            batch_size: 2,
+            loss: 0.5,
+        })
+        .unwrap();
+        rec.updates(
+            "fc",
+            UpdateBatch {
+                step,
+                epoch: (step / 3) as i32,
+                instance_ids: &batch,
+                labels: &bl,
+                u: &u,
+                v: &v,
+                update_norm: None,
+            },
+        )
+        .unwrap();
+        for r in 0..2 {
+            for o in 0..2 {
+                let vo = f64::from(v[r * 2 + o]);
+                b[o] += vo;
+                for i in 0..3 {
+                    w[o * 3 + i] += vo * f64::from(u[r * 3 + i]);
+                }
+            }
+        }
+        if step % 3 == 2 {
+            snapshot(&w, &b, &mut rec);
+            rec.commit().unwrap();
+        }
+    }
+    let (wt, bt): (Vec<f64>, Vec<f64>) = (
+        w.iter().map(|&x| f64::from(x as f32)).collect(),
+        b.iter().map(|&x| f64::from(x as f32)).collect(),
+    );
+    // Probes: instances 1 (train), 8 and 9 (test), and p from the weights, in f64.
+    let mut a = Vec::new();
+    let mut p = Vec::new();
+    for _ in 0..3 {
+        let x: Vec<f64> = (0..3)
+            .map(|_| f64::from(rng.random_range(0.0f32..1.0)))
+            .collect();
+        for o in 0..2 {
+            let z: f64 = (0..3)
+                .map(|i| (wt[o * 3 + i] - first[o * 3 + i]) * x[i])
+                .sum();
+            p.push(z + bt[o]);
+        }
+        a.extend(x);
+    }
+    rec.probes(
+        "fc",
+        ProbeBatch {
+            probe_ids: &[1, 8, 9],
+            instance_ids: &[Some(1), Some(8), Some(9)],
+            labels: &[1, 0, 1],
+            predicted: &[1, 0, 0],
+            a: &a,
+            p: &p,
+        },
+    )
+    .unwrap();
+    let (wf, bf): (Vec<f32>, Vec<f32>) = (
+        wt.iter().map(|&x| x as f32).collect(),
+        bt.iter().map(|&x| x as f32).collect(),
+    );
+    rec.finish(&[
+        NamedTensor {
+            name: "fc.weight",
+            shape: &[2, 3],
+            data: &wf,
+        },
+        NamedTensor {
+            name: "fc.bias",
+            shape: &[2],
+            data: &bf,
+        },
+    ])
+    .unwrap();
+}
+
+#[test]
+fn attribute_query_sql_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    write_run(&run);
+    let r = run.to_str().unwrap();
+
+    let out = reptrace(&["attribute", r, "--probes", "all", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // 12 records × 3 probes + 3 residual rows.
+    assert!(
+        text(&out.stdout).contains("39 contribution rows"),
+        "{}",
+        text(&out.stdout)
+    );
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(
+        m.files(Table::Contributions)
+            .iter()
+            .map(|f| f.rows)
+            .sum::<u64>(),
+        39
+    );
+
+    let out = reptrace(&["verify", r]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("checks passed"));
+
+    // Shares of a complete attribution sum to 1.
+    let out = reptrace(&[
+        "query",
+        r,
+        "class_shares",
+        "--param",
+        "probe=8",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let total: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{rows:?}");
+
+    let out = reptrace(&[
+        "sql",
+        r,
+        "SELECT COUNT(*) AS n FROM contributions WHERE probe_id = 9",
+        "--format",
+        "csv",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "n\n13\n");
+
+    let pq = dir.path().join("top.parquet");
+    let out = reptrace(&[
+        "query",
+        r,
+        "top_proponents",
+        "--param",
+        "probe=1",
+        "--param",
+        "k=2",
+        "--format",
+        "parquet",
+        "--out",
+        pq.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 rows written"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn errors_are_one_line_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    write_run(&run);
+    let r = run.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["sql", r, "DROP TABLE steps"],
+        vec!["sql", r, "COPY (SELECT 1) TO '/tmp/reptrace-x.csv'"],
+        vec!["sql", r, "SELECT * FROM read_parquet('/etc/hosts')"],
+        vec!["sql", r, "SELECT * FROM nope"],
+        vec!["query", r, "top_proponents"],
+        vec![
+            "query",
+            r,
+            "top_proponents",
+            "--param",
+            "probe=1",
+            "--param",
+            "kk=1",
+        ],
+        vec!["query", r, "top_proponents", "--param", "probe"],
+        vec!["query", r, "no_such_query"],
+        vec!["sql", r, "SELECT 1", "--format", "parquet"],
+        vec!["attribute", r, "--probes", "ids:77"],
+        vec!["attribute", r, "--layers", "conv9"],
+        vec!["verify", "/nonexistent/run"],
+    ];
+    for args in cases {
+        let out = reptrace(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+            "{args:?}: {err:?}"
+        );
+    }
+
+    // A run missing records fails verify with a non-zero exit.
+    let mut m = Manifest::load(&run).unwrap();
+    m.commits[1].files.retain(|f| f.table != "updates");
+    std::fs::write(run.join("manifest.json"), m.to_json()).unwrap();
+    let out = reptrace(&["verify", r]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("FAIL   completeness: fc weights"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// Per (layer, probe) of an attributed run: Σ dot over the instance
+/// records, Σ dot including the residual row, and ‖p‖.
+fn dot_sums(run: &str) -> Vec<(String, i64, f64, f64, f64)> {
+    let out = reptrace(&[
+        "sql",
+        run,
+        "SELECT c.layer, c.probe_id, \
+                SUM(CASE WHEN c.instance_id IS NOT NULL THEN c.dot ELSE 0 END) AS records, \
+                SUM(c.dot) AS total, MAX(p.p_norm) AS p_norm \
+         FROM contributions c JOIN probes p ON p.layer = c.layer AND p.probe_id = c.probe_id \
+         GROUP BY c.layer, c.probe_id",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r["layer"].as_str().unwrap().to_owned(),
+                r["probe_id"].as_i64().unwrap(),
+                r["records"].as_f64().unwrap(),
+                r["total"].as_f64().unwrap(),
+                r["p_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Completeness on real digits runs from `reptrace train` (libtorch), every
+/// test probe, every traced layer: the instance records alone sum to ‖p‖²
+/// (the residual row is ≤ 1e-5·‖p‖²: no record was lost) for f32 traces of
+/// the MLP and the CNN with plain SGD and with momentum (Nesterov and a step
+/// schedule for one); with weight decay the residual row carries the decay
+/// and the sum including it is exact; `verify` passes on each, and the
+/// layer summary's shares sum to 1.
+///
+/// f16 traces: the factors are rounded to f16 (unit roundoff u = 2⁻¹¹ ≈
+/// 4.9e-4), and a record's dot `(v·p)(u·a + 1)` multiplies two rounded
+/// factors, so each contribution can be off by about 2u of its size; the
+/// records of a probe partly cancel (Σ|dot| exceeds ‖p‖²), so the
+/// instance-only sum is held to 8u ≈ 3.9e-3 relative (measured: ≤ 4.3e-4).
+/// The residual row absorbs that rounding, so the total stays exact.
+#[cfg(feature = "tch")]
+#[test]
+fn completeness_on_trained_digits_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let f16_tolerance = 8.0 * 2f64.powi(-11);
+    // (name, flags, tolerance of the instance-only sum; None: weight decay)
+    let runs: Vec<(&str, Vec<&str>, Option<f64>)> = vec![
+        ("mlp-sgd", vec!["--model", "mlp"], Some(1e-5)),
+        (
+            "mlp-momentum",
+            vec!["--model", "mlp", "--momentum", "0.9"],
+            Some(1e-5),
+        ),
+        ("cnn-sgd", vec!["--model", "cnn"], Some(1e-5)),
+        (
+            "cnn-nesterov",
+            vec![
+                "--model",
+                "cnn",
+                "--momentum",
+                "0.9",
+                "--nesterov",
+                "--lr-schedule",
+                "step:1:0.5",
+            ],
+            Some(1e-5),
+        ),
+        (
+            "mlp-decay",
+            vec![
+                "--model",
+                "mlp",
+                "--momentum",
+                "0.9",
+                "--weight-decay",
+                "0.001",
+            ],
+            None,
+        ),
+        (
+            "cnn-f16",
+            vec!["--model", "cnn", "--momentum", "0.9", "--dtype", "f16"],
+            Some(f16_tolerance),
+        ),
+    ];
+    for (name, flags, tolerance) in runs {
+        let run = dir.path().join(name);
+        let r = run.to_str().unwrap();
+        let mut args = vec!["train", "--threads", "1", "--epochs", "2", "--out", r];
+        args.extend(flags);
+        let out = reptrace(&args);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let out = reptrace(&["attribute", r, "--quiet"]);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+
+        let sums = dot_sums(r);
+        // 360 test probes × 3 traced layers.
+        assert_eq!(sums.len(), 3 * 360, "{name}");
+        let mut worst_records = 0f64;
+        let mut smallest_residual = f64::INFINITY;
+        for (layer, probe, records, total, p_norm) in &sums {
+            let p2 = p_norm * p_norm;
+            assert!(p2 > 0.0, "{name} {layer} {probe}");
+            let total_err = (total - p2).abs() / p2;
+            assert!(
+                total_err < 1e-9,
+                "{name} {layer} probe {probe}: Σ dot {total} vs ‖p‖² {p2}"
+            );
+            let records_err = (records - p2).abs() / p2;
+            worst_records = worst_records.max(records_err);
+            smallest_residual = smallest_residual.min(records_err);
+            if let Some(tol) = tolerance {
+                assert!(
+                    records_err <= tol,
+                    "{name} {layer} probe {probe}: records sum {records} vs ‖p‖² {p2} ({records_err:.2e} > {tol:.1e})"
+                );
+            }
+        }
+        if tolerance.is_none() {
+            // The decay is a real share of every probe's refinement.
+            assert!(
+                smallest_residual > 1e-3,
+                "{name}: residual {smallest_residual:.2e}"
+            );
+        }
+        eprintln!("{name}: worst |Σ dot(records) − ‖p‖²|/‖p‖² = {worst_records:.2e}");
+
+        let out = reptrace(&["verify", r]);
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let probe = format!("probe={}", sums[0].1);
+        let out = reptrace(&[
+            "query",
+            r,
+            "layer_summary",
+            "--param",
+            &probe,
+            "--format",
+            "json",
+        ]);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), 3, "{name}");
+        for row in rows {
+            let total = row["total_share"].as_f64().unwrap();
+            assert!((total - 1.0).abs() < 1e-9, "{name}: {row}");
+        }
+    }
+}
+
+/// A planted duplicate: three exact copies of a test instance inserted into
+/// the training data rank among the top 3 proponents of that instance (as a
+/// probe) at the last layer. The instance is one the model gets wrong
+/// without the copies (test row 154 of the digits, a 0 the unplanted MLP
+/// calls a 6): a copy of an easy instance is fitted within a few steps and
+/// then contributes little, like many other instances of its class, while a
+/// copy of a hard one keeps pulling its representation for most of training.
+#[cfg(feature = "tch")]
+#[test]
+fn planted_duplicate_ranks_among_top_proponents() {
+    use std::fmt::Write as _;
+    let digits = reptrace_tch::data::digits().unwrap();
+    let dim = digits.dim();
+    let n_train = digits.n_train;
+    let planted = n_train + 154;
+    let copies = 3;
+    let mut csv = String::new();
+    let mut line = |row: usize| {
+        for x in digits.row(row) {
+            write!(csv, "{x},").unwrap();
+        }
+        writeln!(csv, "{}", digits.labels[row]).unwrap();
+    };
+    let order: Vec<usize> = (0..n_train)
+        .chain(std::iter::repeat_n(planted, copies))
+        .chain(n_train..digits.len())
+        .collect();
+    for row in order {
+        line(row);
+    }
+    assert_eq!(dim, 64);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("planted.csv");
+    std::fs::write(&data, csv).unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let source = format!(
+        "csv:{}?test={}&shape=1x8x8",
+        data.display(),
+        digits.len() - n_train
+    );
+    let out = reptrace(&[
+        "train",
+        "--threads",
+        "1",
+        "--data",
+        &source,
+        "--epochs",
+        "10",
+        "--momentum",
+        "0.9",
+        "--out",
+        r,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The probe's id: its row in the planted file.
+    let probe = (planted + copies) as i64;
+    let out = reptrace(&[
+        "attribute",
+        r,
+        "--probes",
+        &format!("ids:{probe}"),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = reptrace(&[
+        "query",
+        r,
+        "top_proponents",
+        "--param",
+        &format!("probe={probe}"),
+        "--param",
+        "k=3",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let top: Vec<i64> = rows
+        .iter()
+        .filter(|r| r["layer"] == "fc3")
+        .map(|r| r["instance_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(top.len(), 3, "{rows:?}");
+    let copies: Vec<i64> = (n_train..n_train + copies).map(|i| i as i64).collect();
+    assert!(
+        top.iter().any(|id| copies.contains(id)),
+        "top 3 proponents at fc3 {top:?}, planted copies {copies:?}"
+    );
+}

@@ -1,0 +1,38 @@
+# Register every table of a run as a DuckDB view with the same name, over
+# exactly the files the manifest lists as committed (rows a running recorder
+# has not committed yet stay invisible), and run a canned query with DuckDB's
+# own named parameters ($probe in the .sql file binds {"probe": ...}).
+import json
+from pathlib import Path
+
+import duckdb
+
+TABLES = ["instances", "steps", "updates", "probes", "contributions"]
+PARTITIONED = {"updates", "probes", "contributions"}
+
+
+def committed_files(run, table):
+    """The committed files of a table, from the manifest (commits and attribution)."""
+    manifest = json.loads((Path(run) / "manifest.json").read_text())
+    entries = [f for c in manifest["commits"] for f in c["files"]]
+    entries += (manifest.get("attribution") or {}).get("files", [])
+    return [str(Path(run).resolve() / f["path"]) for f in entries if f["table"] == table]
+
+
+def duckdb_connect(run):
+    """An in-memory DuckDB connection with the run's tables as views."""
+    con = duckdb.connect()
+    for table in TABLES:
+        files = committed_files(run, table)
+        if not files:
+            continue  # e.g. contributions before `reptrace attribute`
+        hive = table in PARTITIONED
+        options = ", hive_partitioning = true, hive_types = {'layer': VARCHAR}" if hive else ""
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({files!r}{options})")
+    return con
+
+
+def duckdb_query(con, sql_file, params):
+    """Runs a canned query file with named parameters: (column names, rows)."""
+    result = con.execute(Path(sql_file).read_text(), params)
+    return [d[0] for d in result.description], result.fetchall()

@@ -1,0 +1,228 @@
+"""A real (small) digits run, trained and attributed with the CLI, opens in
+pyarrow, pandas, polars, DuckDB and Spark with the same rows and values as
+DataFusion sees (`reptrace sql`), and every canned query of queries/ gives
+the same answer, row for row, on DuckDB and Spark as on DataFusion
+(`reptrace query`). The helpers used come from tests/python/snippets, the
+code docs/interop.md shows."""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, reptrace, sql_json
+
+TABLES = ["instances", "steps", "updates", "probes", "contributions"]
+PARTITIONED = {"updates", "probes", "contributions"}
+QUERIES = sorted((ROOT / "queries").glob("*.sql"))
+# The order that identifies a row of each table, and its scalar columns.
+KEYS = {
+    "instances": ["instance_id"],
+    "steps": ["step"],
+    "updates": ["layer", "step", "instance_id"],
+    "probes": ["layer", "probe_id"],
+    "contributions": ["layer", "probe_id", "step", "instance_id"],
+}
+LISTS = {"updates": ["u", "v"], "probes": ["a", "p"]}
+F32_COLUMNS = {"u", "v", "update_norm"}  # f32 in a run recorded with --dtype f32
+SAMPLE = 40  # rows per table whose every value is compared
+
+
+def datafusion_counts(reptrace_bin, run, table):
+    """{layer or None: rows} according to DataFusion."""
+    if table in PARTITIONED:
+        rows = sql_json(
+            reptrace_bin, run, f"SELECT layer, COUNT(*) AS n FROM {table} GROUP BY layer"
+        )
+        return {r["layer"]: r["n"] for r in rows}
+    return {None: sql_json(reptrace_bin, run, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]}
+
+
+def datafusion_sample(reptrace_bin, run, table):
+    """The first SAMPLE rows of a table in key order, every column, from DataFusion."""
+    order = ", ".join(f"{k} NULLS FIRST" for k in KEYS[table])
+    return sql_json(reptrace_bin, run, f"SELECT * FROM {table} ORDER BY {order} LIMIT {SAMPLE}")
+
+
+def sort_frame(df, table):
+    return df.sort_values(KEYS[table], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def assert_rows_equal(got, want, table):
+    """Rows of a DataFrame (`got`) equal DataFusion's JSON rows (`want`)
+    exactly, floats compared in their stored type (the run stores f32
+    factors; JSON carries the shortest text of each value's own type)."""
+    assert len(got) == len(want)
+    for i, w in enumerate(want):
+        g = got.iloc[i]
+        for col in got.columns:
+            expected = w.get(col)  # a NULL is a missing key in DataFusion's JSON
+            value = g[col]
+            dtype = np.float32 if col in F32_COLUMNS else np.float64
+            if col in LISTS.get(table, []):
+                np.testing.assert_array_equal(
+                    np.asarray(value, dtype=dtype), np.asarray(expected, dtype=dtype), err_msg=col
+                )
+            elif expected is None:
+                assert pd.isna(value), (table, col, value)
+            elif isinstance(expected, float):
+                assert dtype(expected) == dtype(value), (table, col, value, expected)
+            else:
+                assert expected == (value.item() if hasattr(value, "item") else value), (
+                    table, col, value, expected,
+                )
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_in_pandas_and_pyarrow(reptrace_bin, digits_run, snippets, table):
+    from open_pandas import open_pandas, open_pyarrow
+
+    want = datafusion_counts(reptrace_bin, digits_run, table)
+    assert sum(want.values()) > 0
+    t = open_pyarrow(digits_run, table).to_table()
+    df = open_pandas(digits_run, table)
+    assert t.num_rows == len(df) == sum(want.values())
+    if table in PARTITIONED:
+        assert "layer" in df.columns
+        assert df.groupby("layer").size().to_dict() == want
+    else:
+        assert "layer" not in df.columns
+    assert_rows_equal(sort_frame(df, table).head(SAMPLE), datafusion_sample(reptrace_bin, digits_run, table), table)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_in_polars(reptrace_bin, digits_run, snippets, table):
+    import polars as pl
+
+    from open_polars import open_polars
+
+    want = datafusion_counts(reptrace_bin, digits_run, table)
+    lf = open_polars(digits_run, table)
+    if table in PARTITIONED:
+        got = lf.group_by("layer").len().collect()
+        assert dict(zip(got["layer"], got["len"])) == want
+    else:
+        assert lf.select(pl.len()).collect().item() == want[None]
+    sample = (
+        lf.sort(KEYS[table], nulls_last=False).head(SAMPLE).collect().to_pandas()
+    )
+    assert_rows_equal(sample, datafusion_sample(reptrace_bin, digits_run, table), table)
+
+
+@pytest.fixture(scope="module")
+def duck(digits_run, snippets):
+    from duckdb_views import duckdb_connect
+
+    return duckdb_connect(digits_run)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_in_duckdb(reptrace_bin, digits_run, duck, table):
+    want = datafusion_counts(reptrace_bin, digits_run, table)
+    if table in PARTITIONED:
+        got = dict(duck.execute(f"SELECT layer, COUNT(*) FROM {table} GROUP BY layer").fetchall())
+    else:
+        got = {None: duck.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]}
+    assert got == want
+    order = ", ".join(f"{k} NULLS FIRST" for k in KEYS[table])
+    df = duck.execute(f"SELECT * FROM {table} ORDER BY {order} LIMIT {SAMPLE}").df()
+    assert_rows_equal(df, datafusion_sample(reptrace_bin, digits_run, table), table)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_in_spark(reptrace_bin, digits_run, spark, table):
+    from spark_views import spark_register
+
+    spark_register(spark, digits_run)
+    want = datafusion_counts(reptrace_bin, digits_run, table)
+    if table in PARTITIONED:
+        got = {r[0]: r[1] for r in spark.sql(f"SELECT layer, COUNT(*) FROM {table} GROUP BY layer").collect()}
+    else:
+        got = {None: spark.sql(f"SELECT COUNT(*) FROM {table}").collect()[0][0]}
+    assert got == want
+    order = ", ".join(f"{k} NULLS FIRST" for k in KEYS[table])
+    rows = spark.sql(f"SELECT * FROM {table} ORDER BY {order} LIMIT {SAMPLE}")
+    df = pd.DataFrame([r.asDict() for r in rows.collect()], columns=rows.columns)
+    assert_rows_equal(df, datafusion_sample(reptrace_bin, digits_run, table), table)
+
+
+# ---- canned queries ----------------------------------------------------------
+
+
+def declared_params(sql_file):
+    """{name: type} from the `-- param: NAME (TYPE[, default V]) doc` header lines."""
+    found = re.findall(r"^--\s*param:\s*(\w+)\s*\((\w+)", sql_file.read_text(), re.M)
+    return dict(found)
+
+
+def param_values(sql_file, probe):
+    """The same parameter values for every engine."""
+    chosen = {"probe": probe, "k": 5, "bins": 8}
+    params = declared_params(sql_file)
+    assert set(params) <= set(chosen), f"{sql_file.name}: a parameter the harness does not know"
+    return {name: chosen[name] for name in params}
+
+
+def datafusion_query(reptrace_bin, run, sql_file, params):
+    args = [a for n, v in params.items() for a in ("--param", f"{n}={v}")]
+    # The file itself (not the embedded copy): the same text every engine runs.
+    out = reptrace(reptrace_bin, "query", run, sql_file, *args, "--format", "json").stdout
+    return json.loads(out) if out.strip() else []
+
+
+def assert_same_answer(columns, rows, want, what):
+    """Row for row: integers and strings equal, floats to 1e-9 of the column's scale."""
+    assert len(rows) == len(want), f"{what}: {len(rows)} rows, DataFusion {len(want)}"
+    for w in want:
+        assert set(w) <= set(columns), f"{what}: DataFusion columns {sorted(w)} vs {columns}"
+    scale = {
+        c: max([abs(float(r[i])) for r in rows if isinstance(r[i], float)] + [1e-300])
+        for i, c in enumerate(columns)
+    }
+    for n, (row, w) in enumerate(zip(rows, want)):
+        for i, c in enumerate(columns):
+            got, expected = row[i], w.get(c)
+            if expected is None or got is None:
+                assert expected is None and got is None, f"{what} row {n} {c}: {got!r} vs {expected!r}"
+            elif isinstance(expected, float) or isinstance(got, float):
+                assert math.isclose(float(got), float(expected), rel_tol=1e-9, abs_tol=1e-9 * scale[c]), (
+                    f"{what} row {n} {c}: {got!r} vs DataFusion {expected!r}"
+                )
+            else:
+                assert got == expected, f"{what} row {n} {c}: {got!r} vs DataFusion {expected!r}"
+
+
+def test_every_query_has_a_test():
+    assert {q.stem for q in QUERIES} >= {
+        "top_proponents", "top_opponents", "class_shares", "class_shares_by_epoch",
+        "cosine_histogram", "self_influence", "layer_summary",
+    }
+
+
+@pytest.mark.parametrize("sql_file", QUERIES, ids=lambda p: p.stem)
+def test_query_on_duckdb(reptrace_bin, digits_run, attributed_probes, duck, sql_file):
+    from duckdb_views import duckdb_query
+
+    for probe in (attributed_probes[0], attributed_probes[-1]):
+        params = param_values(sql_file, probe)
+        want = datafusion_query(reptrace_bin, digits_run, sql_file, params)
+        assert want, f"{sql_file.stem}: DataFusion returned no rows for {params}"
+        columns, rows = duckdb_query(duck, sql_file, params)
+        assert_same_answer(columns, rows, want, f"duckdb {sql_file.stem} {params}")
+
+
+@pytest.mark.parametrize("sql_file", QUERIES, ids=lambda p: p.stem)
+def test_query_on_spark(reptrace_bin, digits_run, attributed_probes, spark, sql_file):
+    from spark_views import spark_query, spark_register
+
+    spark_register(spark, digits_run)
+    for probe in (attributed_probes[0], attributed_probes[-1]):
+        params = param_values(sql_file, probe)
+        want = datafusion_query(reptrace_bin, digits_run, sql_file, params)
+        assert want, f"{sql_file.stem}: DataFusion returned no rows for {params}"
+        columns, rows = spark_query(spark, sql_file, params)
+        rows = [tuple(float(v) if hasattr(v, "as_tuple") else v for v in r) for r in rows]
+        assert_same_answer(columns, rows, want, f"spark {sql_file.stem} {params}")
