@@ -93,7 +93,10 @@ def digits_run(reptrace_bin, tmp_path_factory) -> Path:
     instances = ds.dataset(run / "instances", format="parquet").to_table().to_pandas()
     split = dict(zip(instances["instance_id"], instances["split"]))
     probes = probes.sort_values("probe_id")
-    test = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if split.get(i) == "test"]
+    import pandas as pd
+
+    # Test probes carry no instance id (they are not training instances).
+    test = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if pd.isna(i) or split.get(i) == "test"]
     train = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if split.get(i) == "train"]
     assert len(test) >= 3 and len(train) >= 2, "the run must have test and training probes"
     ids = test[:3] + train[:2]
