@@ -7,7 +7,8 @@
 //! - [`sql`]: read-only SQL and the output formats;
 //! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
 //! - [`verify`]: integrity and completeness checks;
-//! - [`export`]: one table streamed to Parquet, CSV or JSON lines.
+//! - [`export`]: one table streamed to Parquet, CSV or JSON lines;
+//! - [`report`]: the self-contained HTML report of one probe.
 //!
 //! ```no_run
 //! # async fn example() -> reptrace_analyze::Result<()> {
@@ -32,6 +33,7 @@ pub mod probes;
 pub mod query;
 pub mod records;
 pub mod replay;
+pub mod report;
 pub mod session;
 pub mod sql;
 pub mod verify;

@@ -32,6 +32,8 @@ enum Command {
     Query(cmd::query::QueryArgs),
     /// Check a run's integrity and the completeness of its trace.
     Verify(cmd::verify::VerifyArgs),
+    /// Write one probe's explanation as a self-contained HTML page.
+    Report(cmd::report::ReportArgs),
     /// Stream one table of a run to Parquet, CSV or JSON lines.
     Export(cmd::export::ExportArgs),
     /// Train a model with SGD and record its trace.
@@ -49,6 +51,7 @@ fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Sql(args) => cmd::sql::run(args, out),
         Command::Query(args) => cmd::query::run(args, out),
         Command::Verify(args) => cmd::verify::run(args, out),
+        Command::Report(args) => cmd::report::run(args, out),
         Command::Export(args) => cmd::export::run(args, out),
         #[cfg(feature = "tch")]
         Command::Train(args) => cmd::train::run(args, out),

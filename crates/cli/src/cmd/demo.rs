@@ -1,12 +1,12 @@
 //! `reptrace demo`: train the MLP on the bundled digits with tracing,
-//! attribute every test probe and explain one of them.
+//! attribute every test probe, explain one of them and write its report.
 //!
 //! One function per phase: [`prepare_dir`] replaces a previous demo run,
 //! [`train_phase`] trains with the demo settings
 //! ([`reptrace_tch::TrainConfig::demo`]), [`report_phase`] prints the
 //! training summary, [`attribute_phase`] attributes the test probes,
 //! [`explain_phase`] prints the top-5 proponents and the class shares per
-//! layer of one probe.
+//! layer of one probe and writes `report.html`.
 use anyhow::{Context, bail};
 use reptrace_tch::{TrainConfig, TrainSummary};
 use std::io::Write;
@@ -180,42 +180,22 @@ fn write_share_table(
     Ok(())
 }
 
-/// The probe the demo explains: the first test probe the network gets
-/// wrong at its last layer, else the first.
-pub fn pick_probe(dir: &Path) -> anyhow::Result<i64> {
-    use arrow_array::Array;
-    let run = reptrace_analyze::open(dir)?;
-    let last = run
-        .manifest()
-        .model
-        .traced_layers()
-        .last()
-        .map(|l| l.name().to_owned())
-        .ok_or_else(|| anyhow::anyhow!("{}: no traced layer", dir.display()))?;
-    let ctx = reptrace_analyze::context(&run)?;
-    let sql = format!(
-        "SELECT probe_id FROM probes WHERE layer = '{}' \
-         ORDER BY CASE WHEN label <> predicted THEN 0 ELSE 1 END, probe_id LIMIT 1",
-        last.replace('\'', "''")
-    );
-    let (_, batches) = super::sql::runtime()?.block_on(reptrace_analyze::sql::run(&ctx, &sql))?;
-    batches
-        .first()
-        .filter(|b| b.num_rows() > 0)
-        .and_then(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<arrow_array::Int64Array>()
-                .map(|c| c.value(0))
-        })
-        .ok_or_else(|| anyhow::anyhow!("{}: no probes recorded for layer {last}", dir.display()))
-}
-
-/// Explains the probe the demo picks ([`pick_probe`]) on the terminal.
-pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<i64> {
-    let probe = pick_probe(dir)?;
+/// Explains the probe the demo picks ([`reptrace_analyze::report::pick_probe`]:
+/// the first misclassified test probe, else the first) on the terminal, and
+/// writes its report to `<dir>/report.html`, printing the path.
+pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<PathBuf> {
+    let probe = reptrace_analyze::report::pick_probe(dir)?;
+    super::report::attribute_if_needed(dir, probe, &[])?;
     explain_probe(out, dir, probe)?;
-    Ok(probe)
+    let path = dir.join("report.html");
+    let options = reptrace_analyze::report::Options {
+        probe,
+        ..Default::default()
+    };
+    super::report::write_report(dir, &options, &path)?;
+    writeln!(out)?;
+    writeln!(out, "report of probe {probe}: {}", path.display())?;
+    Ok(path)
 }
 
 /// Runs `reptrace demo`.

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod export;
 pub mod info;
 pub mod query;
+pub mod report;
 pub mod sql;
 #[cfg(feature = "tch")]
 pub mod train;

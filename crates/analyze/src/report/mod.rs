@@ -1,0 +1,602 @@
+//! The visual report of one probe: a self-contained HTML page (inline SVG
+//! charts drawn by plotters, no scripts from the network, opens from disk).
+//!
+//! [`collect`] runs the canned queries (`class_shares`,
+//! `class_shares_by_epoch`, `top_proponents`, `top_opponents`,
+//! `layer_summary`) and one raw query for the `(cosine, norm, label)` rows of
+//! the ridge plot through the analyzer's SQL session, and gathers the result
+//! into a [`Report`]; [`render`] turns a [`Report`] into HTML;
+//! [`generate`] does both for a run directory.
+//!
+//! Per traced layer the page shows: the ridge plot (one norm-weighted
+//! density of cosine per class, [`kde`]), the class-share bars with the
+//! residual, class shares per epoch (lines), and the top-k proponents and
+//! opponents as a gallery. Inputs are drawn as images when the run was
+//! trained on the bundled digits (`settings.data == "digits"`, shape
+//! `[1, 8, 8]`, instance id = row of `data/digits.csv.gz`, embedded in the
+//! binary); otherwise the gallery shows ids and labels.
+//!
+//! The charts are drawn by the `plotters` crate (SVG backend, inline). Each
+//! is wrapped in an element that carries data attributes, so that tests (and
+//! scripts) can count what was drawn: `figure.ridge[data-layer][data-classes]`,
+//! `figure.shares[data-layer]` and `figure.epochs[data-layer][data-epochs]`,
+//! each with a hidden `ul.series` of `li.series-item[data-class][data-colour]`
+//! (ridge: `[data-records]`, shares: `[data-share]`, epochs: `[data-points]`;
+//! `.predicted` on the predicted class) and plotters' `<svg>`, in which each
+//! class's series is drawn in that class's colour; galleries are
+//! `div.gallery[data-kind][data-layer]` with `figure.gallery-item`.
+//!
+//! ```no_run
+//! # fn main() -> reptrace_analyze::Result<()> {
+//! use reptrace_analyze::report;
+//! let html = report::generate(
+//!     std::path::Path::new("runs/demo"),
+//!     &report::Options { probe: 3, ..report::Options::default() },
+//! )?;
+//! std::fs::write("report.html", html).expect("writable");
+//! # Ok(()) }
+//! ```
+pub mod digits;
+pub mod html;
+pub mod kde;
+pub mod plots;
+
+use crate::query::Query;
+use crate::{Error, Result, Run};
+use arrow::compute::cast;
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::DataType;
+use datafusion::prelude::SessionContext;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+/// Points on which each ridge density is evaluated.
+pub const GRID: usize = 201;
+
+/// What to put in the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// The probe to explain.
+    pub probe: i64,
+    /// Traced layers to show; empty: every layer with contributions for the probe.
+    pub layers: Vec<String>,
+    /// Proponents and opponents per layer.
+    pub k: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            probe: 0,
+            layers: Vec::new(),
+            k: 16,
+        }
+    }
+}
+
+/// The probe as recorded in the `probes` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub id: i64,
+    /// The row of the data set, when the probe is one.
+    pub instance_id: Option<i64>,
+    pub label: i32,
+    pub predicted: i32,
+    /// Softmax probability of the predicted and of the true class, when the
+    /// model ends in a traced Linear layer with one output per class: from
+    /// its logits `z_T = W_0 a + b_0 + p` (initial snapshot and probe row).
+    pub probability: Option<(f64, f64)>,
+}
+
+/// One training instance's influence on the probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Influence {
+    pub rank: i64,
+    pub instance_id: i64,
+    pub label: i32,
+    /// `Σ dot / ‖p‖` over the instance's records.
+    pub influence: f64,
+    pub records: i64,
+}
+
+/// The norm-weighted cosine density of one class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ridge {
+    pub label: i32,
+    /// `(cosine, density)` on [`GRID`] points from −1 to 1.
+    pub curve: Vec<(f64, f64)>,
+    pub bandwidth: f64,
+    /// Sum of the norms of the class's records.
+    pub weight: f64,
+    pub records: usize,
+}
+
+/// Everything the report shows for one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub name: String,
+    /// `‖p‖` of the probe at this layer.
+    pub p_norm: f64,
+    /// Attributed records (the residual row not counted).
+    pub records: i64,
+    /// Class share per label.
+    pub shares: BTreeMap<i32, f64>,
+    /// Share of the residual pseudo-source (weight decay, lost records).
+    pub residual_share: f64,
+    /// Sum of every share (1 for a complete attribution).
+    pub total_share: f64,
+    /// Class share per epoch and label.
+    pub epoch_shares: BTreeMap<i32, BTreeMap<i32, f64>>,
+    pub ridges: Vec<Ridge>,
+    pub proponents: Vec<Influence>,
+    pub opponents: Vec<Influence>,
+}
+
+/// Pixels of the instances shown, when the data set is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    /// `[C, H, W]` of one example.
+    pub shape: Vec<usize>,
+    /// Pixels (0..1) by instance id.
+    pub pixels: HashMap<i64, Vec<f32>>,
+}
+
+/// A report's content, ready to [`render`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub run_id: String,
+    pub model: String,
+    pub input_shape: Vec<usize>,
+    /// A one-line description of the optimizer.
+    pub optimizer: String,
+    pub classes: Vec<String>,
+    pub settings: BTreeMap<String, serde_json::Value>,
+    /// Epochs and steps recorded.
+    pub epochs: i64,
+    pub steps: i64,
+    /// Share of probes the final model classifies correctly (the test
+    /// accuracy when the probes are the test split), and how many probes.
+    pub probe_accuracy: Option<(f64, usize)>,
+    pub probe: Probe,
+    pub layers: Vec<Layer>,
+    pub images: Option<Images>,
+    pub k: usize,
+}
+
+/// Reads, opens and renders: the report's HTML for `run`.
+pub fn generate(run: &Path, options: &Options) -> Result<String> {
+    let run = Run::open(run)?;
+    let ctx = crate::context(&run)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
+    let report = rt.block_on(collect(&run, &ctx, options))?;
+    Ok(render(&report))
+}
+
+/// The probe a demo explains: the first misclassified probe (by id) of the
+/// last traced layer, else its first probe.
+pub fn pick_probe(run: &Path) -> Result<i64> {
+    let run = Run::open(run)?;
+    let layer = run
+        .manifest()
+        .model
+        .traced_layers()
+        .last()
+        .ok_or_else(|| Error::Incomplete {
+            run: run.dir().to_path_buf(),
+            message: "no traced layer".into(),
+        })?;
+    let probes = crate::probes::Probes::read(&run, &layer)?;
+    let wrong = (0..probes.len()).find(|&i| probes.label[i] != probes.predicted[i]);
+    wrong
+        .or((!probes.is_empty()).then_some(0))
+        .map(|i| probes.probe_id[i])
+        .ok_or_else(|| Error::Incomplete {
+            run: run.dir().to_path_buf(),
+            message: format!("no probes recorded for layer {}", layer.name()),
+        })
+}
+
+/// Renders a report as one HTML page.
+pub fn render(report: &Report) -> String {
+    html::page(report)
+}
+
+/// Runs the queries for `options.probe` on `ctx` (a context of `run`).
+pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Result<Report> {
+    let m = run.manifest();
+    let probe_s = options.probe.to_string();
+    let k_s = options.k.max(1).to_string();
+    let p = [("probe", probe_s.as_str())];
+    let pk = [("probe", probe_s.as_str()), ("k", k_s.as_str())];
+
+    // The probe's rows, one per traced layer that has it.
+    let (_, rows) = crate::sql::run(
+        ctx,
+        &format!(
+            "SELECT layer, instance_id, label, predicted, p_norm FROM probes \
+             WHERE probe_id = {} ORDER BY layer",
+            options.probe
+        ),
+    )
+    .await?;
+    let probe_layers = strings(&rows, "layer")?;
+    if probe_layers.is_empty() {
+        let (_, ids) = crate::sql::run(
+            ctx,
+            "SELECT DISTINCT probe_id FROM probes ORDER BY probe_id LIMIT 20",
+        )
+        .await?;
+        let known: Vec<String> = ints(&ids, "probe_id")?
+            .into_iter()
+            .flatten()
+            .map(|i| i.to_string())
+            .collect();
+        return Err(Error::UnknownProbe {
+            probe: options.probe,
+            layer: m
+                .model
+                .traced_layers()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            known: if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+        });
+    }
+    let instance_ids = ints(&rows, "instance_id")?;
+    let labels = ints(&rows, "label")?;
+    let predicted = ints(&rows, "predicted")?;
+    let probe = Probe {
+        id: options.probe,
+        instance_id: instance_ids[0],
+        label: labels[0].unwrap_or(-1) as i32,
+        predicted: predicted[0].unwrap_or(-1) as i32,
+        probability: probabilities(run, options.probe)?,
+    };
+
+    let summary = Query::resolve("layer_summary")?.run(ctx, &p).await?.1;
+    let attributed: Vec<String> = strings(&summary, "layer")?.into_iter().flatten().collect();
+    let layers: Vec<String> = if options.layers.is_empty() {
+        // Model order, not alphabetical.
+        m.model
+            .traced_layers()
+            .map(|l| l.name().to_owned())
+            .filter(|n| attributed.contains(n))
+            .collect()
+    } else {
+        for name in &options.layers {
+            if m.model.traced_layer(name).is_none() {
+                let known: Vec<&str> = m.model.traced_layers().map(|l| l.name()).collect();
+                return Err(Error::UnknownLayer {
+                    name: name.clone(),
+                    known: known.join(", "),
+                });
+            }
+        }
+        options.layers.clone()
+    };
+    let missing: Vec<&String> = layers.iter().filter(|l| !attributed.contains(l)).collect();
+    if layers.is_empty() || !missing.is_empty() {
+        let which = if missing.is_empty() {
+            "any traced layer".to_owned()
+        } else {
+            format!(
+                "layer {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(Error::Incomplete {
+            run: run.dir().to_path_buf(),
+            message: format!(
+                "no contributions of probe {} for {which}; run `reptrace attribute` first",
+                options.probe
+            ),
+        });
+    }
+
+    let s_layer = strings(&summary, "layer")?;
+    let s_pnorm = floats(&summary, "p_norm")?;
+    let s_records = ints(&summary, "records")?;
+    let s_resid = floats(&summary, "residual_share")?;
+    let s_total = floats(&summary, "total_share")?;
+
+    let shares = Query::resolve("class_shares")?.run(ctx, &p).await?.1;
+    let (sh_layer, sh_label, sh_share) = (
+        strings(&shares, "layer")?,
+        ints(&shares, "label")?,
+        floats(&shares, "share")?,
+    );
+    let by_epoch = Query::resolve("class_shares_by_epoch")?
+        .run(ctx, &p)
+        .await?
+        .1;
+    let (e_layer, e_epoch, e_label, e_share) = (
+        strings(&by_epoch, "layer")?,
+        ints(&by_epoch, "epoch")?,
+        ints(&by_epoch, "label")?,
+        floats(&by_epoch, "share")?,
+    );
+    let pros = influences(&Query::resolve("top_proponents")?.run(ctx, &pk).await?.1)?;
+    let opps = influences(&Query::resolve("top_opponents")?.run(ctx, &pk).await?.1)?;
+
+    let (_, raw) = crate::sql::run(
+        ctx,
+        &format!(
+            "SELECT layer, label, cosine, norm FROM contributions \
+             WHERE probe_id = {} AND instance_id IS NOT NULL",
+            options.probe
+        ),
+    )
+    .await?;
+    let (r_layer, r_label, r_cos, r_norm) = (
+        strings(&raw, "layer")?,
+        ints(&raw, "label")?,
+        floats(&raw, "cosine")?,
+        floats(&raw, "norm")?,
+    );
+    // layer -> label -> (cosines, norms)
+    type Sample = (Vec<f64>, Vec<f64>);
+    let mut samples: HashMap<&str, BTreeMap<i32, Sample>> = HashMap::new();
+    for i in 0..r_layer.len() {
+        let (Some(layer), Some(label), Some(c), Some(n)) =
+            (r_layer[i].as_deref(), r_label[i], r_cos[i], r_norm[i])
+        else {
+            continue;
+        };
+        let s = samples
+            .entry(layer)
+            .or_default()
+            .entry(label as i32)
+            .or_default();
+        s.0.push(c);
+        s.1.push(n);
+    }
+
+    let mut out_layers = Vec::new();
+    for name in &layers {
+        let nm: &str = name;
+        let at = |col: &[Option<String>]| col.iter().position(|l| l.as_deref() == Some(nm));
+        let si = at(&s_layer).ok_or_else(|| Error::Internal(format!("no summary for {name}")))?;
+        let mut class_shares = BTreeMap::new();
+        for i in 0..sh_layer.len() {
+            if sh_layer[i].as_deref() == Some(nm)
+                && let Some(l) = sh_label[i]
+            {
+                class_shares.insert(l as i32, sh_share[i].unwrap_or(0.0));
+            }
+        }
+        let mut epoch_shares: BTreeMap<i32, BTreeMap<i32, f64>> = BTreeMap::new();
+        for i in 0..e_layer.len() {
+            if e_layer[i].as_deref() == Some(nm)
+                && let (Some(e), Some(l)) = (e_epoch[i], e_label[i])
+            {
+                epoch_shares
+                    .entry(e as i32)
+                    .or_default()
+                    .insert(l as i32, e_share[i].unwrap_or(0.0));
+            }
+        }
+        let ridges = samples
+            .get(name.as_str())
+            .map(|by_label| {
+                by_label
+                    .iter()
+                    .map(|(&label, (xs, ws))| {
+                        let k = kde::Kde::new(xs, ws, None);
+                        Ridge {
+                            label,
+                            curve: k.grid(GRID),
+                            bandwidth: k.bandwidth,
+                            weight: k.total_weight,
+                            records: xs.len(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pick = |all: &[(String, Influence)]| -> Vec<Influence> {
+            all.iter()
+                .filter(|(l, _)| l == name)
+                .map(|(_, i)| i.clone())
+                .collect()
+        };
+        out_layers.push(Layer {
+            name: name.clone(),
+            p_norm: s_pnorm[si].unwrap_or(0.0),
+            records: s_records[si].unwrap_or(0),
+            shares: class_shares,
+            residual_share: s_resid[si].unwrap_or(0.0),
+            total_share: s_total[si].unwrap_or(0.0),
+            epoch_shares,
+            ridges,
+            proponents: pick(&pros),
+            opponents: pick(&opps),
+        });
+    }
+
+    let (_, st) = crate::sql::run(
+        ctx,
+        "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs FROM steps",
+    )
+    .await?;
+    let steps = ints(&st, "steps")?.first().copied().flatten().unwrap_or(0);
+    let epochs = ints(&st, "epochs")?.first().copied().flatten().unwrap_or(0);
+
+    // The probe's id is the row of the input it was taken from (training
+    // instance or not), so the probe itself is drawn from it.
+    let mut wanted: BTreeSet<i64> = BTreeSet::from([probe.id]);
+    for l in &out_layers {
+        wanted.extend(l.proponents.iter().map(|i| i.instance_id));
+        wanted.extend(l.opponents.iter().map(|i| i.instance_id));
+    }
+    let images = digits::images(m, &wanted)?;
+    let probe_accuracy = match m.model.traced_layers().last() {
+        Some(layer) => {
+            let all = crate::probes::Probes::read(run, &layer)?;
+            let right = (0..all.len())
+                .filter(|&i| all.label[i] == all.predicted[i])
+                .count();
+            (!all.is_empty()).then(|| (right as f64 / all.len() as f64, all.len()))
+        }
+        None => None,
+    };
+
+    let o = &m.optimizer;
+    let mut optimizer = format!("{:?} lr {}", o.kind, o.lr).to_lowercase();
+    if o.momentum != 0.0 {
+        optimizer.push_str(&format!(", momentum {}", o.momentum));
+    }
+    if o.nesterov {
+        optimizer.push_str(", nesterov");
+    }
+    if o.weight_decay != 0.0 {
+        optimizer.push_str(&format!(", weight decay {}", o.weight_decay));
+    }
+    optimizer.push_str(&format!(", schedule {:?}", o.schedule).to_lowercase());
+
+    Ok(Report {
+        run_id: m.run_id.clone(),
+        model: m.model.name.clone(),
+        input_shape: m.model.input_shape.clone(),
+        optimizer,
+        classes: m.classes.clone(),
+        settings: m.settings.clone(),
+        epochs,
+        steps,
+        probe_accuracy,
+        probe,
+        layers: out_layers,
+        images,
+        k: options.k,
+    })
+}
+
+/// Softmax probabilities `(predicted, true class)` of a probe, when the
+/// model's last weighted module is a traced Linear layer with one output per
+/// class (dropout and activations after it are ignored at inference, except
+/// that a final activation makes the outputs no logits: then `None`).
+fn probabilities(run: &Run, probe: i64) -> Result<Option<(f64, f64)>> {
+    use reptrace_format::{Module, TracedLayer};
+    let m = run.manifest();
+    let last = m
+        .model
+        .modules
+        .iter()
+        .rev()
+        .find(|x| !matches!(x, Module::Dropout { .. } | Module::Flatten));
+    let Some(Module::Linear(spec)) = last else {
+        return Ok(None);
+    };
+    if !spec.traced || spec.out_features != m.classes.len() {
+        return Ok(None);
+    }
+    let layer = TracedLayer::Linear(spec);
+    let probes = crate::probes::Probes::read(run, &layer)?;
+    let Some(i) = probes.probe_id.iter().position(|&id| id == probe) else {
+        return Ok(None);
+    };
+    let Some(initial) = m.initial_weights() else {
+        return Ok(None);
+    };
+    let w0 = crate::weights::Snapshot::read(&run.path(initial))?.layer(&layer)?;
+    let (a, p) = (probes.a(i), probes.p(i));
+    let n_in = spec.in_features;
+    let logits: Vec<f64> = (0..spec.out_features)
+        .map(|o| {
+            let row = &w0.weight[o * n_in..(o + 1) * n_in];
+            let z0: f64 = row.iter().zip(a).map(|(w, x)| w * x).sum();
+            z0 + w0.bias.get(o).copied().unwrap_or(0.0) + p[o]
+        })
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = logits.iter().map(|z| (z - max).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    let at = |c: i32| {
+        usize::try_from(c)
+            .ok()
+            .and_then(|c| exp.get(c))
+            .map_or(f64::NAN, |e| e / total)
+    };
+    Ok(Some((at(probes.predicted[i]), at(probes.label[i]))))
+}
+
+/// `(layer, influence)` rows of a top-k query.
+fn influences(batches: &[RecordBatch]) -> Result<Vec<(String, Influence)>> {
+    let layer = strings(batches, "layer")?;
+    let rank = ints(batches, "rank_in_layer")?;
+    let id = ints(batches, "instance_id")?;
+    let label = ints(batches, "label")?;
+    let infl = floats(batches, "influence")?;
+    let records = ints(batches, "records")?;
+    Ok((0..layer.len())
+        .filter_map(|i| {
+            Some((
+                layer[i].clone()?,
+                Influence {
+                    rank: rank[i]?,
+                    instance_id: id[i]?,
+                    label: label[i].unwrap_or(-1) as i32,
+                    influence: infl[i].unwrap_or(0.0),
+                    records: records[i].unwrap_or(0),
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Column `name` of every batch, cast to `ty`.
+fn column(
+    batches: &[RecordBatch],
+    name: &str,
+    ty: &DataType,
+) -> Result<Vec<arrow_array::ArrayRef>> {
+    batches
+        .iter()
+        .map(|b| {
+            let c = b.column_by_name(name).ok_or_else(|| {
+                Error::Internal(format!("report query result has no column {name}"))
+            })?;
+            cast(c, ty).map_err(|e| Error::Internal(format!("report column {name}: {e}")))
+        })
+        .collect()
+}
+
+fn ints(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<i64>>> {
+    let mut out = Vec::new();
+    for a in column(batches, name, &DataType::Int64)? {
+        if let Some(a) = a.as_any().downcast_ref::<Int64Array>() {
+            out.extend(a.iter());
+        }
+    }
+    Ok(out)
+}
+
+fn floats(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<f64>>> {
+    let mut out = Vec::new();
+    for a in column(batches, name, &DataType::Float64)? {
+        if let Some(a) = a.as_any().downcast_ref::<Float64Array>() {
+            out.extend(a.iter());
+        }
+    }
+    Ok(out)
+}
+
+fn strings(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<String>>> {
+    let mut out = Vec::new();
+    for a in column(batches, name, &DataType::Utf8)? {
+        if let Some(a) = a.as_any().downcast_ref::<StringArray>() {
+            out.extend(a.iter().map(|s| s.map(str::to_owned)));
+        }
+    }
+    Ok(out)
+}

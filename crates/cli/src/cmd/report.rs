@@ -1,0 +1,137 @@
+//! `reptrace report <run> --probe N`: one self-contained HTML page that
+//! explains a probe (ridge plots, class shares, shares per epoch,
+//! proponents and opponents per traced layer); see `reptrace_analyze::report`.
+//!
+//! A run that was never attributed is attributed for this probe first (with
+//! a progress bar); a run whose attribution lacks the probe is an error that
+//! says how to attribute it, since attributing again would replace the
+//! existing contributions.
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use reptrace_analyze::{ProbeSelection, report};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Arguments of `reptrace report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The run directory.
+    pub run: PathBuf,
+    /// The probe to explain (a probe id recorded in the run).
+    #[arg(long, allow_hyphen_values = true)]
+    pub probe: String,
+    /// Traced layers to show, comma-separated; default: every attributed layer.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Proponents and opponents per layer.
+    #[arg(long, default_value = "16")]
+    pub k: String,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+}
+
+impl ReportArgs {
+    /// The validated options.
+    pub fn options(&self) -> anyhow::Result<report::Options> {
+        let probe =
+            self.probe.trim().parse::<i64>().map_err(|_| {
+                anyhow::anyhow!("--probe: {:?} is not an integer probe id", self.probe)
+            })?;
+        let k = self
+            .k
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|k| (1..=1000).contains(k))
+            .ok_or_else(|| anyhow::anyhow!("--k: {:?} is not an integer in 1..=1000", self.k))?;
+        let layers = match &self.layers {
+            None => Vec::new(),
+            Some(s) => {
+                let v: Vec<String> = s
+                    .split(',')
+                    .map(|l| l.trim().to_owned())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                if v.is_empty() {
+                    bail!("--layers: no layer names in {s:?}");
+                }
+                v
+            }
+        };
+        Ok(report::Options { probe, layers, k })
+    }
+}
+
+/// Attributes `probe` when the run has no attribution yet, with a progress
+/// bar per layer on stderr. Returns whether it did.
+pub fn attribute_if_needed(run: &Path, probe: i64, layers: &[String]) -> anyhow::Result<bool> {
+    let manifest = reptrace_format::Manifest::load(run)?;
+    if manifest.attribution.is_some() {
+        return Ok(false);
+    }
+    let options = reptrace_analyze::Options {
+        probes: ProbeSelection::Ids(vec![probe]),
+        layers: layers.to_vec(),
+        ..reptrace_analyze::Options::default()
+    };
+    let style =
+        ProgressStyle::with_template("attribute {prefix} [{bar:30}] {pos}/{len} records {msg}")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut bar: Option<(usize, ProgressBar)> = None;
+    let mut progress = |p: &reptrace_analyze::Progress| {
+        if bar.as_ref().is_none_or(|(i, _)| *i != p.layer_index) {
+            if let Some((_, b)) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(p.records_total)
+                .with_style(style.clone())
+                .with_prefix(p.layer.clone());
+            bar = Some((p.layer_index, b));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(p.records_done);
+            b.set_message(format!("{:.0} rows/s", p.rows_per_sec()));
+        }
+    };
+    reptrace_analyze::attribute(run, &options, &mut progress)
+        .with_context(|| format!("attributing probe {probe}"))?;
+    if let Some((_, b)) = bar.take() {
+        b.finish();
+    }
+    Ok(true)
+}
+
+/// Writes the report of `options.probe` to `out_path`, with a spinner.
+pub fn write_report(run: &Path, options: &report::Options, out_path: &Path) -> anyhow::Result<()> {
+    let spinner = ProgressBar::new_spinner().with_message(format!(
+        "report: querying and plotting probe {}",
+        options.probe
+    ));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let html = report::generate(run, options);
+    spinner.finish_and_clear();
+    let html = html?;
+    if let Some(dir) = out_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("--out: {}", dir.display()))?;
+    }
+    std::fs::write(out_path, html).with_context(|| format!("--out: {}", out_path.display()))?;
+    Ok(())
+}
+
+/// Runs `reptrace report`.
+pub fn run(args: &ReportArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let options = args.options()?;
+    if attribute_if_needed(&args.run, options.probe, &options.layers)? {
+        writeln!(
+            out,
+            "attributed probe {} (the run had no attribution)",
+            options.probe
+        )?;
+    }
+    write_report(&args.run, &options, &args.out)?;
+    writeln!(out, "report: {}", args.out.display())?;
+    Ok(())
+}
