@@ -336,7 +336,9 @@ fn chosen_layers<'a>(run: &'a Run, options: &Options) -> Result<Vec<TracedLayer<
     };
     let with_probes: HashSet<String> = run
         .manifest()
-        .files(Table::Probes)
+        .analysis_probes()
+        .map(|a| a.files)
+        .unwrap_or_default()
         .iter()
         .filter_map(|f| f.layer.clone())
         .collect();
@@ -350,7 +352,7 @@ fn chosen_layers<'a>(run: &'a Run, options: &Options) -> Result<Vec<TracedLayer<
             return Err(Error::Incomplete {
                 run: run.dir().to_path_buf(),
                 message: format!(
-                    "no probes are committed (run status {}); probes are recorded when training finishes",
+                    "no probes are committed (run status {}); probes are recorded at each epoch end and when training finishes",
                     run.manifest().status
                 ),
             });

@@ -197,6 +197,7 @@ pub fn export(
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
     rt.block_on(export_async(&run, options, out, progress))
+        .map_err(|e| run.explain(e))
 }
 
 /// Exports a table of an opened run to `out` (see the module docs).

@@ -14,7 +14,8 @@ use std::sync::mpsc::sync_channel;
 pub struct Setup {
     /// The weights before the first step.
     pub initial: Snapshot,
-    /// The last weights snapshot (normally `final.safetensors`).
+    /// The weights snapshot the probes were taken against (normally
+    /// `final.safetensors`; the last checkpoint of an unfinished run).
     pub last: Snapshot,
     /// Relative path of `last`.
     pub last_path: String,
@@ -35,9 +36,13 @@ impl Setup {
         let initial_rel = m
             .initial_weights()
             .ok_or_else(|| incomplete("no initial weights snapshot is committed".into()))?;
-        let (last_rel, as_of) = m
-            .latest_weights()
-            .ok_or_else(|| incomplete("no weights snapshot is committed".into()))?;
+        // The snapshot the probes were taken against; without probes the latest.
+        let (last_rel, as_of) = match m.analysis_probes() {
+            Some(a) => (a.weights, a.step),
+            None => m
+                .latest_weights()
+                .ok_or_else(|| incomplete("no weights snapshot is committed".into()))?,
+        };
         let as_of = as_of
             .ok_or_else(|| {
                 incomplete("no weights snapshot after a training step is committed".into())

@@ -21,6 +21,7 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::{MemTable, TableProvider, ViewTable, provider_as_source};
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::prelude::SessionContext;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Manifest, Table, col as c, schema};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,9 +70,21 @@ impl Run {
 
     /// Committed files of `table`, grouped by layer (`None` for unpartitioned
     /// tables), in commit order.
+    ///
+    /// For `probes` these are the probes an analysis stands on
+    /// ([`Manifest::analysis_probes`]): the final ones, or the checkpoint
+    /// probes of the last commit of a run that did not finish.
     pub fn files_by_layer(&self, table: Table) -> BTreeMap<Option<String>, Vec<PathBuf>> {
         let mut out: BTreeMap<Option<String>, Vec<PathBuf>> = BTreeMap::new();
-        for f in self.manifest.files(table) {
+        let files = match table {
+            Table::Probes => self
+                .manifest
+                .analysis_probes()
+                .map(|a| a.files)
+                .unwrap_or_default(),
+            _ => self.manifest.files(table),
+        };
+        for f in files {
             let layer = if table.is_partitioned() {
                 f.layer.clone()
             } else {
@@ -80,6 +93,39 @@ impl Run {
             out.entry(layer).or_default().push(self.path(&f.path));
         }
         out
+    }
+
+    /// The first committed file that cannot be read as part of its table:
+    /// its footer is unreadable, or a column of the table is missing or has
+    /// another type. A failed query over the run is explained by it, so that
+    /// the user learns which file is at fault (DataFusion's own message does
+    /// not name it).
+    pub fn damaged_file(&self) -> Option<Error> {
+        for table in Table::ALL {
+            let want = schema(table, self.manifest.dtype);
+            for path in self.files_by_layer(table).into_values().flatten() {
+                if let Err(e) = check_file(&path, &want) {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    /// `e`, or the damaged file that explains it when the failure came from
+    /// reading the run's data.
+    pub fn explain(&self, e: Error) -> Error {
+        let reading = |m: &str| {
+            ["Parquet error", "Arrow error", "IO error", "External error"]
+                .iter()
+                .any(|w| m.contains(w))
+        };
+        match e {
+            Error::Sql(ref m) | Error::Query { message: ref m, .. } if reading(m) => {
+                self.damaged_file().unwrap_or(e)
+            }
+            e => e,
+        }
     }
 
     /// The Arrow schema of a table as SQL sees it (with `layer` for partitioned tables).
@@ -136,6 +182,30 @@ fn listing(files: &[PathBuf], file_schema: SchemaRef) -> Result<ListingTable> {
         .with_listing_options(options)
         .with_schema(file_schema);
     ListingTable::try_new(config).map_err(Error::sql)
+}
+
+/// Whether `path` is a readable Parquet file with every column of `want`
+/// (same name and type).
+fn check_file(path: &Path, want: &Schema) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    let have = reader.schema();
+    for field in want.fields() {
+        let message = match have.field_with_name(field.name()) {
+            Err(_) => "missing".to_owned(),
+            Ok(f) if !f.data_type().equals_datatype(field.data_type()) => {
+                format!("has type {}, expected {}", f.data_type(), field.data_type())
+            }
+            Ok(_) => continue,
+        };
+        return Err(Error::Column {
+            path: path.to_path_buf(),
+            column: field.name().clone(),
+            message,
+        });
+    }
+    Ok(())
 }
 
 fn table_provider(run: &Run, table: Table) -> Result<Arc<dyn TableProvider>> {

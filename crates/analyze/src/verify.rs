@@ -31,8 +31,8 @@ use crate::session::Run;
 use crate::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reptrace_format::{
-    Dtype, FORMAT_VERSION, FileEntry, Manifest, Storage, Table, TracedLayer, col, kv, layout,
-    schema,
+    Dtype, FORMAT_VERSION, FileEntry, Manifest, OLDEST_FORMAT_VERSION, Storage, Table, TracedLayer,
+    col, kv, layout, schema,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -153,9 +153,10 @@ pub fn verify(run: &Path, options: &Options) -> Result<Report> {
     Ok(report)
 }
 
-/// The committed files of every table, training commits and attribution.
+/// The committed files of every table, training commits, checkpoint probes
+/// and attribution.
 fn all_files(m: &Manifest) -> Vec<&FileEntry> {
-    Table::ALL.iter().flat_map(|t| m.files(*t)).collect()
+    m.all_files()
 }
 
 fn integrity(run: &Run, report: &mut Report) {
@@ -255,9 +256,20 @@ fn check_file(run: &Run, table: Table, f: &FileEntry) -> std::result::Result<(),
                 .collect()
         })
         .unwrap_or_default();
-    let version = FORMAT_VERSION.to_string();
+    // Files of any readable version: an older run gains files of the
+    // current version when it is attributed again.
+    let version = kvs
+        .get(kv::FORMAT_VERSION)
+        .and_then(|v| v.parse::<u32>().ok());
+    if !version.is_some_and(|v| (OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&v)) {
+        return Err(format!(
+            "{}: {} is {:?}, expected {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
+            f.path,
+            kv::FORMAT_VERSION,
+            kvs.get(kv::FORMAT_VERSION)
+        ));
+    }
     let expect = [
-        (kv::FORMAT_VERSION, Some(version.as_str())),
         (kv::RUN_ID, Some(run.manifest().run_id.as_str())),
         (kv::TABLE, Some(table.name())),
         (
@@ -322,6 +334,7 @@ fn strays(run: &Run, report: &mut Report) {
     let mut stray = Vec::new();
     let mut dirs: Vec<String> = Table::ALL.iter().map(|t| t.name().to_owned()).collect();
     dirs.push("weights".into());
+    dirs.push(layout::CHECKPOINTS.into());
     for dir in dirs {
         walk(run.dir(), &dir, &mut |rel, name| {
             if layout::is_temp_name(name) {

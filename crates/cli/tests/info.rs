@@ -285,7 +285,7 @@ fn info_errors_are_one_line_naming_the_path() {
     check(&run, "invalid manifest");
     std::fs::write(
         run.join("manifest.json"),
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        text.replace("\"format_version\": 2", "\"format_version\": 99"),
     )
     .unwrap();
     check(&run, "version 99 is not supported");

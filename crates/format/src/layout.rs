@@ -8,6 +8,7 @@
 //! <run>/weights/initial.safetensors | step-00000123.safetensors | final.safetensors
 //! <run>/probes/layer=<name>/part-000000.parquet
 //! <run>/contributions/layer=<name>/part-000000.parquet
+//! <run>/checkpoints/probes/layer=<name>/part-000003.parquet   (probes as of a commit)
 //! ```
 //!
 //! Files are written under a temporary name that starts with `.` and ends
@@ -37,6 +38,15 @@ pub fn table_dir(table: Table, layer: Option<&str>) -> String {
 pub fn part_path(table: Table, layer: Option<&str>, seq: u64) -> String {
     format!("{}/part-{seq:06}.parquet", table_dir(table, layer))
 }
+
+/// Relative path of part `seq` of the checkpoint probes of `layer`.
+pub fn checkpoint_probes_path(layer: &str, seq: u64) -> String {
+    format!("{CHECKPOINTS}/probes/layer={layer}/part-{seq:06}.parquet")
+}
+
+/// Directory of the checkpoint probes (not a table: no reader of the run's
+/// tables looks there).
+pub const CHECKPOINTS: &str = "checkpoints";
 
 /// Relative path of a weights snapshot taken after `step` (`None`: initial).
 pub fn weights_path(step: Option<i64>) -> String {

@@ -26,8 +26,8 @@ pub use displacement::displacement_scales;
 pub use error::{Error, Result};
 pub use ids::{InstanceId, ProbeId, Step};
 pub use manifest::{
-    Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec, LrSchedule, Manifest, Mode,
-    Model, Module, Optimizer, OptimizerKind, Split, Status, Storage, TracedLayer,
+    AnalysisProbes, Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec, LrSchedule,
+    Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage, TracedLayer,
 };
 pub use schema::{Table, col, schema};
 
@@ -38,7 +38,11 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this crate still reads (runs of every version
+/// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Parquet key/value metadata keys written into every file of a run.
 pub mod kv {

@@ -6,7 +6,7 @@
 //! last commit point, even while training is still writing.
 use crate::layout;
 use crate::schema::Table;
-use crate::{Error, FORMAT_NAME, FORMAT_VERSION, Result, Step};
+use crate::{Error, FORMAT_NAME, FORMAT_VERSION, OLDEST_FORMAT_VERSION, Result, Step};
 use arrow_schema::DataType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -372,6 +372,13 @@ pub struct Commit {
     /// Weights snapshot taken at this commit, relative path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// Checkpoint probes: the probes as of this commit's weights
+    /// (`checkpoints/probes/…`, table `probes`), so that a run can be
+    /// analysed before it completes. Superseded ones are dropped two commits
+    /// later, all of them when the run completes (its final `probes` table
+    /// takes over).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<FileEntry>,
     /// RFC 3339 time of the commit.
     pub time: String,
 }
@@ -389,6 +396,19 @@ pub struct Attribution {
     /// Weights the probes were taken against: last step they include.
     pub as_of_step: Option<Step>,
     pub time: String,
+}
+
+/// The probes an analysis uses ([`Manifest::analysis_probes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisProbes<'a> {
+    /// Probe files (table `probes`), all layers.
+    pub files: Vec<&'a FileEntry>,
+    /// The weights snapshot the probes were taken against, relative path.
+    pub weights: &'a str,
+    /// The last step that snapshot includes (`None`: before the first step).
+    pub step: Option<Step>,
+    /// Whether these are checkpoint probes of an unfinished run.
+    pub checkpoint: bool,
 }
 
 /// `<run>/manifest.json`.
@@ -481,7 +501,8 @@ impl Manifest {
             .get("format_version")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
-        if format != FORMAT_NAME || version != u64::from(FORMAT_VERSION) {
+        let known = u64::from(OLDEST_FORMAT_VERSION)..=u64::from(FORMAT_VERSION);
+        if format != FORMAT_NAME || !known.contains(&version) {
             return Err(Error::Version {
                 path: path.to_path_buf(),
                 format: if format.is_empty() {
@@ -490,7 +511,7 @@ impl Manifest {
                     format.to_owned()
                 },
                 version: u32::try_from(version).unwrap_or(u32::MAX),
-                supported: format!("{FORMAT_NAME} {FORMAT_VERSION}"),
+                supported: format!("{FORMAT_NAME} {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"),
             });
         }
         let m: Manifest = serde_json::from_value(raw).map_err(|e| Error::BadManifest {
@@ -513,9 +534,13 @@ impl Manifest {
             if c.seq != i as u64 {
                 return Err(bad(format!("commit {i} has seq {}", c.seq)));
             }
-            for f in &c.files {
-                layout::check_relative(&f.path).map_err(|e| bad(e.to_string()))?;
+            let paths = c.files.iter().chain(&c.probes).map(|f| f.path.as_str());
+            for p in paths.chain(c.weights.as_deref()) {
+                layout::check_relative(p).map_err(|e| bad(e.to_string()))?;
             }
+        }
+        for f in self.attribution.iter().flat_map(|a| &a.files) {
+            layout::check_relative(&f.path).map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
     }
@@ -548,6 +573,44 @@ impl Manifest {
             .iter()
             .rev()
             .find_map(|c| c.weights.as_deref().map(|w| (w, c.step)))
+    }
+
+    /// What an analysis of the run stands on: the probes, the weights
+    /// snapshot they were taken against and its step. A run with a committed
+    /// `probes` table uses it with the latest weights (normally final); one
+    /// without (killed or aborted during training) uses the checkpoint probes
+    /// of its latest commit that has both probes and weights. `None`: no
+    /// probes are committed.
+    pub fn analysis_probes(&self) -> Option<AnalysisProbes<'_>> {
+        let table = self.files(Table::Probes);
+        if !table.is_empty() {
+            let (weights, step) = self.latest_weights()?;
+            return Some(AnalysisProbes {
+                files: table,
+                weights,
+                step,
+                checkpoint: false,
+            });
+        }
+        self.commits.iter().rev().find_map(|c| {
+            let weights = c.weights.as_deref()?;
+            (!c.probes.is_empty()).then(|| AnalysisProbes {
+                files: c.probes.iter().collect(),
+                weights,
+                step: c.step,
+                checkpoint: true,
+            })
+        })
+    }
+
+    /// Every committed file: the tables' and the checkpoint probes.
+    pub fn all_files(&self) -> Vec<&FileEntry> {
+        let checkpoint = self.commits.iter().flat_map(|c| c.probes.iter());
+        Table::ALL
+            .iter()
+            .flat_map(|&t| self.files(t))
+            .chain(checkpoint)
+            .collect()
     }
 
     /// The initial weights snapshot (taken before the first step).

@@ -330,6 +330,7 @@ fn examples() -> Vec<Manifest> {
         epoch: None,
         files: vec![file("instances/part-000000.parquet", "instances", None)],
         weights: Some(layout::weights_path(None)),
+        probes: Vec::new(),
         time: "t".into(),
     });
     m.commits.push(Commit {
@@ -345,6 +346,11 @@ fn examples() -> Vec<Manifest> {
             ),
         ],
         weights: Some(layout::weights_path(Some(44))),
+        probes: vec![file(
+            &layout::checkpoint_probes_path("fc1", 1),
+            "probes",
+            Some("fc1"),
+        )],
         time: "t".into(),
     });
     m.status = Status::Aborted;

@@ -119,6 +119,7 @@ pub(crate) struct PartWriter {
 }
 
 impl PartWriter {
+    #[cfg(test)]
     /// Creates `<run>/<table>[/layer=<l>]/.part-<seq>.parquet.tmp`.
     pub(crate) fn create(
         run: &Path,
@@ -130,6 +131,19 @@ impl PartWriter {
         options: &ParquetOptions,
     ) -> Result<Self> {
         let rel = layout::part_path(table, layer, seq);
+        Self::create_at(run, rel, table, layer, schema, props, options)
+    }
+
+    /// Creates the part at `rel` (relative to the run), under its temporary name.
+    pub(crate) fn create_at(
+        run: &Path,
+        rel: String,
+        table: Table,
+        layer: Option<&str>,
+        schema: arrow_schema::SchemaRef,
+        props: WriterProperties,
+        options: &ParquetOptions,
+    ) -> Result<Self> {
         let path = run.join(&rel);
         let temp = layout::temp_path(&path);
         if let Some(dir) = path.parent() {

@@ -443,6 +443,18 @@ impl Recorder {
 
     /// Adds probe rows for traced layer `layer`; `p_norm` is computed.
     pub fn probes(&mut self, layer: &str, batch: ProbeBatch<'_>) -> Result<()> {
+        self.send_probes(layer, batch, false)
+    }
+
+    /// Adds checkpoint probe rows for traced layer `layer`: the probes as of
+    /// the weights given to the next [`Recorder::commit`], which let the run
+    /// be analysed before it completes (`checkpoints/probes/…`). Superseded
+    /// ones are dropped two commits later, all when the run completes.
+    pub fn checkpoint_probes(&mut self, layer: &str, batch: ProbeBatch<'_>) -> Result<()> {
+        self.send_probes(layer, batch, true)
+    }
+
+    fn send_probes(&mut self, layer: &str, batch: ProbeBatch<'_>, checkpoint: bool) -> Result<()> {
         self.check_open()?;
         let li = self.layer_index(layer)?;
         let (a_len, p_len) = self.layers[li].probe_lens;
@@ -480,6 +492,7 @@ impl Recorder {
                 a_len,
                 p_len,
             },
+            checkpoint,
         })
     }
 

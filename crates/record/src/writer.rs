@@ -41,6 +41,9 @@ pub(crate) enum Msg {
     Probes {
         layer: usize,
         rows: ProbeRows,
+        /// Checkpoint probes (as of the next commit's weights), not the
+        /// final `probes` table.
+        checkpoint: bool,
     },
     Commit {
         step: Option<(i64, i32)>,
@@ -91,8 +94,14 @@ impl Shared {
     }
 }
 
-/// Key of an open part: table and traced-layer index.
-type PartKey = (Table, Option<usize>);
+/// Key of an open part: table, traced-layer index and whether it holds
+/// checkpoint probes.
+type PartKey = (Table, Option<usize>, bool);
+
+/// Checkpoint probes of this many of the latest commits are kept; older ones
+/// are dropped (a reader that loaded an older manifest still finds its files
+/// for the span of a commit).
+const KEEP_CHECKPOINT_PROBES: usize = 2;
 
 pub(crate) struct Writer {
     run: PathBuf,
@@ -190,10 +199,14 @@ impl Writer {
                     self.write(Table::Updates, Some(layer), &batch)?;
                 }
             }
-            Msg::Probes { layer, rows } => {
+            Msg::Probes {
+                layer,
+                rows,
+                checkpoint,
+            } => {
                 if !rows.probe_ids.is_empty() {
                     let batch = columns::probes(rows)?;
-                    self.write(Table::Probes, Some(layer), &batch)?;
+                    self.write_part((Table::Probes, Some(layer), checkpoint), &batch)?;
                 }
             }
             Msg::Commit { step, weights } => self.commit(step, weights)?,
@@ -213,15 +226,24 @@ impl Writer {
     }
 
     fn write(&mut self, table: Table, layer: Option<usize>, batch: &RecordBatch) -> Result<()> {
-        let key = (table, layer);
+        self.write_part((table, layer, false), batch)
+    }
+
+    fn write_part(&mut self, key: PartKey, batch: &RecordBatch) -> Result<()> {
         if !self.parts.contains_key(&key) {
+            let (table, layer, checkpoint) = key;
             let name = layer.and_then(|i| self.layers.get(i)).map(String::as_str);
             let props = properties(&self.options, &self.manifest.run_id, table, name)?;
-            let part = PartWriter::create(
+            let seq = self.manifest.commits.len() as u64;
+            let rel = match (checkpoint, name) {
+                (true, Some(l)) => layout::checkpoint_probes_path(l, seq),
+                _ => layout::part_path(table, name, seq),
+            };
+            let part = PartWriter::create_at(
                 &self.run,
+                rel,
                 table,
                 name,
-                self.manifest.commits.len() as u64,
                 schema(table, self.dtype),
                 props,
                 &self.options,
@@ -254,19 +276,24 @@ impl Writer {
         self.flush_steps()?;
         let seq = self.manifest.commits.len() as u64;
         let mut files = Vec::new();
+        let mut probes = Vec::new();
         let mut published: Vec<PathBuf> = Vec::new();
         let mut dirs = BTreeSet::new();
         let parts = std::mem::take(&mut self.parts);
-        let mut parts = parts.into_values();
+        let mut parts = parts.into_iter();
         let mut failure = None;
-        for part in parts.by_ref() {
+        for ((_, _, checkpoint), part) in parts.by_ref() {
             match part.finish() {
                 Ok((entry, path)) => {
                     if let Some(d) = path.parent() {
                         dirs.insert(d.to_path_buf());
                     }
                     published.push(path);
-                    files.push(entry);
+                    if checkpoint {
+                        probes.push(entry);
+                    } else {
+                        files.push(entry);
+                    }
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -297,7 +324,7 @@ impl Writer {
         if let Some(e) = failure {
             // Nothing of this commit is in the manifest: remove what was
             // already renamed so that no complete-looking stray file remains.
-            for part in parts {
+            for (_, part) in parts {
                 part.discard();
             }
             for path in published {
@@ -311,6 +338,7 @@ impl Writer {
             epoch: step.map(|s| s.1),
             files,
             weights: weights_rel,
+            probes,
             time: now(),
         });
         if let Err(e) = self.write_manifest() {
@@ -320,6 +348,32 @@ impl Writer {
             return Err(e);
         }
         tracing::debug!(seq, "committed");
+        self.prune_checkpoint_probes(KEEP_CHECKPOINT_PROBES)
+    }
+
+    /// Drops the checkpoint probes of all but the latest `keep` commits that
+    /// have them: first from the manifest, then from the disk.
+    fn prune_checkpoint_probes(&mut self, keep: usize) -> Result<()> {
+        let with: Vec<usize> = (0..self.manifest.commits.len())
+            .filter(|&i| !self.manifest.commits[i].probes.is_empty())
+            .collect();
+        let drop = &with[..with.len().saturating_sub(keep)];
+        if drop.is_empty() {
+            return Ok(());
+        }
+        let taken: Vec<(usize, Vec<_>)> = drop
+            .iter()
+            .map(|&i| (i, std::mem::take(&mut self.manifest.commits[i].probes)))
+            .collect();
+        if let Err(e) = self.write_manifest() {
+            for (i, files) in taken {
+                self.manifest.commits[i].probes = files;
+            }
+            return Err(e);
+        }
+        for f in taken.iter().flat_map(|(_, files)| files) {
+            let _ = fs::remove_file(self.run.join(&f.path));
+        }
         Ok(())
     }
 
@@ -359,7 +413,12 @@ impl Writer {
         }
         self.manifest.status = status;
         self.manifest.abort_reason = reason;
-        self.write_manifest()
+        self.write_manifest()?;
+        if status == Status::Complete {
+            // The final probes take over from the checkpoint ones.
+            self.prune_checkpoint_probes(0)?;
+        }
+        Ok(())
     }
 
     fn write_manifest(&self) -> Result<()> {

@@ -1155,3 +1155,88 @@ fn crash_leaves_a_readable_trace() {
     // The kills landed after some training steps were committed.
     assert!(lasts.iter().any(|l| l.is_some()), "{lasts:?}");
 }
+
+/// Checkpoint probes: each commit lists its own; those of the two latest
+/// commits are kept, older ones leave the manifest and then the disk; the
+/// final probes replace them all.
+#[test]
+fn checkpoint_probes_are_kept_for_two_commits_and_dropped_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = tiny_recorder(&run);
+    let w = weights_of(&tiny_model(), 1.0);
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    let probe = |rec: &mut Recorder, checkpoint: bool, id: i64| {
+        let batch = ProbeBatch {
+            probe_ids: &[id],
+            instance_ids: &[None],
+            labels: &[1],
+            predicted: &[0],
+            a: &[1.0, 2.0, 3.0],
+            p: &[0.5, -0.5],
+        };
+        if checkpoint {
+            rec.checkpoint_probes("fc1", batch).unwrap();
+        } else {
+            rec.probes("fc1", batch).unwrap();
+        }
+    };
+    let checkpoint_files = |run: &Path| -> Vec<String> {
+        let dir = run.join("checkpoints/probes/layer=fc1");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    for t in 0..3 {
+        step_with_updates(&mut rec, t);
+        probe(&mut rec, true, 10 + t);
+        rec.weights(&named(&w)).unwrap();
+        rec.commit().unwrap();
+        rec.flush().unwrap();
+        let m = Manifest::load(&run).unwrap();
+        let with: Vec<u64> = m
+            .commits
+            .iter()
+            .filter(|c| !c.probes.is_empty())
+            .map(|c| c.seq)
+            .collect();
+        let last = t as u64 + 1;
+        let want: Vec<u64> = (last.saturating_sub(1).max(1)..=last).collect();
+        assert_eq!(with, want, "after step {t}");
+        let listed: Vec<String> = m
+            .commits
+            .iter()
+            .flat_map(|c| &c.probes)
+            .map(|f| f.path.rsplit('/').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            checkpoint_files(&run),
+            listed,
+            "files on disk after step {t}"
+        );
+        // Analysis of the unfinished run uses the latest checkpoint.
+        let a = m.analysis_probes().unwrap();
+        assert!(a.checkpoint);
+        assert_eq!(a.step.map(|s| s.0), Some(t));
+        assert_eq!(a.weights, format!("weights/step-{t:08}.safetensors"));
+        let rows = read_table(&run, &m, Table::Probes, Some("fc1"));
+        assert!(rows.is_empty(), "no final probes yet");
+        let ids = i64s(&read_batches(&run.join(&a.files[0].path)), "probe_id");
+        assert_eq!(ids, vec![10 + t]);
+    }
+    probe(&mut rec, false, 99);
+    let m = rec.finish(&named(&w)).unwrap();
+    assert!(m.commits.iter().all(|c| c.probes.is_empty()));
+    assert!(checkpoint_files(&run).is_empty());
+    let a = m.analysis_probes().unwrap();
+    assert!(!a.checkpoint);
+    assert_eq!(a.weights, "weights/final.safetensors");
+    assert_eq!(Manifest::load(&run).unwrap(), m);
+}

@@ -10,7 +10,9 @@
 //! What a run records: `instances` (both splits), per step one `steps` row
 //! and one `updates` row per traced layer and example, the weights before
 //! the first step, at each epoch end (a commit point) and at the end, and
-//! after training the probes of the chosen probe set. With no traced layers
+//! after training the probes of the chosen probe set. Each epoch-end commit
+//! also holds checkpoint probes (the probes as of its weights), so that a
+//! run that never finishes can still be analysed up to its last commit. With no traced layers
 //! nothing is recorded and training is the same, bit for bit.
 use crate::data::{DataSource, Dataset};
 use crate::factors::layer_factors;
@@ -377,6 +379,15 @@ pub fn train_on(
         }
         (Err(e), Some(mut rec)) => {
             // Commit what is good so far and keep the reason in the manifest.
+            // A non-finite loss stops the step before any update: the
+            // weights are those after the last good step, so they become
+            // its snapshot and the committed trace reaches that step.
+            if matches!(e, Error::NonFiniteLoss { .. })
+                && let Ok(now) = net.to_host()
+                && let Err(w) = rec.weights(&now.iter().map(named).collect::<Vec<_>>())
+            {
+                tracing::warn!("could not snapshot the last good weights: {w}");
+            }
             if let Err(abort) = rec.abort(e.to_string()) {
                 tracing::warn!("could not abort the run cleanly: {abort}");
             }
@@ -491,10 +502,17 @@ impl Run<'_> {
             } else {
                 None
             };
-            if let Some(rec) = self.rec.as_deref_mut() {
+            if self.rec.is_some() {
+                // A commit point: the weights and the probes as of now, so
+                // that the run can be analysed up to here if it never ends.
+                if cfg.probes != ProbeSet::None {
+                    self.probes(&x_all, &initial, true)?;
+                }
                 let now = net.to_host()?;
-                rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
-                rec.commit()?;
+                if let Some(rec) = self.rec.as_deref_mut() {
+                    rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
+                    rec.commit()?;
+                }
             }
             last_loss = loss_sum / steps_per_epoch as f64;
             (self.progress)(&Progress::Epoch(EpochStats {
@@ -514,7 +532,7 @@ impl Run<'_> {
             None
         };
         if self.rec.is_some() && cfg.probes != ProbeSet::None {
-            self.probes(&x_all, &initial)?;
+            self.probes(&x_all, &initial, false)?;
         }
         Ok(TrainSummary {
             epochs: cfg.epochs,
@@ -603,14 +621,17 @@ impl Run<'_> {
         Ok((loss_value, correct))
     }
 
-    /// Writes the probes of every traced layer.
-    fn probes(&mut self, x_all: &Tensor, initial: &[Tensor]) -> Result<()> {
+    /// Writes the probes of every traced layer as of the current weights:
+    /// the final ones, or (`checkpoint`) those of the next commit point.
+    fn probes(&mut self, x_all: &Tensor, initial: &[Tensor], checkpoint: bool) -> Result<()> {
         let (net, data) = (self.net, self.data);
         let rows = self.config.probes.rows(data.n_train, data.len());
-        (self.progress)(&Progress::Probes {
-            probes: rows.len(),
-            layers: self.traced.len(),
-        });
+        if !checkpoint {
+            (self.progress)(&Progress::Probes {
+                probes: rows.len(),
+                layers: self.traced.len(),
+            });
+        }
         let Some(rec) = self.rec.as_deref_mut() else {
             return Ok(());
         };
@@ -659,17 +680,19 @@ impl Run<'_> {
                     .f_flatten(0, -1)?;
                 let a = Vec::<f64>::try_from(&a)?;
                 let p = Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?;
-                rec.probes(
-                    layer.name(),
-                    ProbeBatch {
-                        probe_ids: &probe_ids,
-                        instance_ids: &instance_ids,
-                        labels: &labels,
-                        predicted: &predicted,
-                        a: &a,
-                        p: &p,
-                    },
-                )?;
+                let batch = ProbeBatch {
+                    probe_ids: &probe_ids,
+                    instance_ids: &instance_ids,
+                    labels: &labels,
+                    predicted: &predicted,
+                    a: &a,
+                    p: &p,
+                };
+                if checkpoint {
+                    rec.checkpoint_probes(layer.name(), batch)?;
+                } else {
+                    rec.probes(layer.name(), batch)?;
+                }
             }
         }
         Ok(())

@@ -171,7 +171,9 @@ pub fn generate(run: &Path, options: &Options) -> Result<String> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
-    let report = rt.block_on(collect(&run, &ctx, options))?;
+    let report = rt
+        .block_on(collect(&run, &ctx, options))
+        .map_err(|e| run.explain(e))?;
     Ok(render(&report))
 }
 

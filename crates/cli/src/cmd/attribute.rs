@@ -130,5 +130,14 @@ pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         report.attribution.probes,
         report.attribution.as_of_step.map_or(-1, |s| s.0),
     )?;
+    if let Ok(m) = reptrace_format::Manifest::load(&args.run)
+        && m.analysis_probes().is_some_and(|a| a.checkpoint)
+    {
+        writeln!(
+            out,
+            "the run did not finish (status {}): probes and weights are those of its last checkpoint",
+            m.status
+        )?;
+    }
     Ok(())
 }

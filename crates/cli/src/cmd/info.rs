@@ -45,6 +45,11 @@ pub struct Info {
     pub commits: usize,
     pub last_step: Option<i64>,
     pub last_epoch: Option<i32>,
+    /// What an analysis stands on: `final` (the run's probes table),
+    /// `checkpoint` (probes of its last commit point) or `none`.
+    pub probes: String,
+    /// The step of the weights those probes were taken against.
+    pub probes_as_of_step: Option<i64>,
     pub weights: Vec<String>,
     pub tables: Vec<TableInfo>,
     pub stray_files: Vec<String>,
@@ -166,6 +171,7 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
     }
     let stray_files = stray_files(run, &m)?;
     let last = m.commits.iter().rev().find(|c| c.step.is_some());
+    let analysis = m.analysis_probes();
 
     Ok(Info {
         run: run.display().to_string(),
@@ -184,6 +190,13 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         commits: m.commits.len(),
         last_step: last.and_then(|c| c.step).map(|s| s.0),
         last_epoch: last.and_then(|c| c.epoch),
+        probes: match &analysis {
+            Some(a) if a.checkpoint => "checkpoint",
+            Some(_) => "final",
+            None => "none",
+        }
+        .to_owned(),
+        probes_as_of_step: analysis.and_then(|a| a.step).map(|s| s.0),
         weights,
         tables,
         stray_files,
@@ -202,11 +215,7 @@ fn footer_rows_of(path: &Path) -> anyhow::Result<u64> {
 
 /// Files under the table and weights directories that no commit lists.
 fn stray_files(run: &Path, m: &Manifest) -> anyhow::Result<Vec<String>> {
-    let mut known: BTreeSet<String> = Table::ALL
-        .iter()
-        .flat_map(|&t| m.files(t))
-        .map(|f| f.path.clone())
-        .collect();
+    let mut known: BTreeSet<String> = m.all_files().iter().map(|f| f.path.clone()).collect();
     known.extend(m.commits.iter().filter_map(|c| c.weights.clone()));
     let mut stray = Vec::new();
     let tmp_manifest = format!(".{}.tmp", layout::MANIFEST);
@@ -216,7 +225,7 @@ fn stray_files(run: &Path, m: &Manifest) -> anyhow::Result<Vec<String>> {
     let dirs = Table::ALL
         .iter()
         .map(|t| t.name())
-        .chain(std::iter::once("weights"));
+        .chain(["weights", layout::CHECKPOINTS]);
     for dir in dirs {
         walk(run, Path::new(dir), &known, &mut stray)?;
     }
@@ -417,6 +426,11 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
         (Some(s), Some(e)) => writeln!(out, "commits    {}, last step {s} (epoch {e})", i.commits)?,
         (Some(s), None) => writeln!(out, "commits    {}, last step {s}", i.commits)?,
         _ => writeln!(out, "commits    {}, no training step committed", i.commits)?,
+    }
+    match (i.probes.as_str(), i.probes_as_of_step) {
+        ("none", _) => writeln!(out, "probes     none committed")?,
+        (kind, Some(s)) => writeln!(out, "probes     {kind}, as of step {s}")?,
+        (kind, None) => writeln!(out, "probes     {kind}")?,
     }
     writeln!(
         out,

@@ -38,6 +38,8 @@ pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let query = Query::resolve(&args.query)?;
     let run = reptrace_analyze::open(&args.run)?;
     let ctx = reptrace_analyze::context(&run)?;
-    let (schema, batches) = runtime()?.block_on(query.run(&ctx, &params))?;
+    let (schema, batches) = runtime()?
+        .block_on(query.run(&ctx, &params))
+        .map_err(|e| run.explain(e))?;
     emit(&schema, &batches, format, args.out.as_deref(), out)
 }

@@ -66,6 +66,8 @@ pub fn run(args: &SqlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let format = output_format(&args.format, args.out.as_deref())?;
     let run = reptrace_analyze::open(&args.run)?;
     let ctx = reptrace_analyze::context(&run)?;
-    let (schema, batches) = runtime()?.block_on(sql::run(&ctx, &args.query))?;
+    let (schema, batches) = runtime()?
+        .block_on(sql::run(&ctx, &args.query))
+        .map_err(|e| run.explain(e))?;
     emit(&schema, &batches, format, args.out.as_deref(), out)
 }

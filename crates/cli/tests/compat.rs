@@ -1,0 +1,88 @@
+//! Runs of every older format version still open: `tests/data/v1-digits`
+//! (format 1: a one-epoch digits run, layer fc3 traced, attributed for
+//! probes 1437 and 1500) is read, verified, queried and attributed again by
+//! this build.
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn reptrace(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_reptrace"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn v1_run(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/v1-digits");
+    let run = dir.join("v1");
+    copy_dir(&src, &run);
+    run
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = reptrace(args);
+    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+#[test]
+fn format_1_run_opens_verifies_queries_and_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = v1_run(dir.path());
+    let r = run.to_str().unwrap();
+    let m = reptrace_format::Manifest::load(&run).unwrap();
+    assert_eq!(m.format_version, 1);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", r, "--json"])).unwrap();
+    assert_eq!(info["format_version"], 1);
+    assert_eq!(info["status"], "complete");
+    assert_eq!(info["probes"], "final");
+    ok(&["verify", r]);
+
+    // Every table reads with the row counts its manifest lists.
+    for table in ["instances", "steps", "updates", "probes", "contributions"] {
+        let want: u64 = m.files(table.parse().unwrap()).iter().map(|f| f.rows).sum();
+        let out = ok(&[
+            "sql",
+            r,
+            &format!("SELECT count(*) FROM {table}"),
+            "--format",
+            "csv",
+        ]);
+        let got: u64 = out.lines().nth(1).unwrap().trim().parse().unwrap();
+        assert_eq!(got, want, "{table}");
+    }
+    let shares = ok(&[
+        "query",
+        r,
+        "class_shares",
+        "--param",
+        "probe=1437",
+        "--format",
+        "csv",
+    ]);
+    assert!(shares.lines().count() > 2, "{shares}");
+
+    // Attributing again adds files of the current version to the old run.
+    ok(&["attribute", r, "--probes", "ids:1500"]);
+    let after = reptrace_format::Manifest::load(&run).unwrap();
+    assert_eq!(after.format_version, 1, "the run keeps its version");
+    assert_eq!(after.attribution.unwrap().probes, "ids:1500");
+    ok(&["verify", r]);
+}

@@ -1,0 +1,347 @@
+//! Crash safety and reading while training, on real `reptrace train` runs
+//! of the digits.
+//!
+//! - `killed_training_leaves_an_analysable_trace`: SIGKILL at 12 points
+//!   (random moments, and moments when a checkpoint or manifest is being
+//!   written). Every time the trace is readable up to its last commit:
+//!   `info` names the status and last step, every committed step reads back
+//!   through SQL, every visible file is complete, `verify` passes, and
+//!   `attribute` works as of the last checkpoint (or says that no probes are
+//!   committed yet, when the kill came before the first epoch end).
+//! - `readers_see_only_committed_steps_while_training`: `info` and `sql`
+//!   run over and over against a run in training and never fail nor see an
+//!   uncommitted step.
+#![cfg(feature = "tch")]
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reptrace"));
+    c.env("OMP_NUM_THREADS", "1").env("RUST_BACKTRACE", "1");
+    c
+}
+
+fn reptrace(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Steps per epoch: 1437 training digits in batches of [`BATCH`].
+const BATCH: usize = 4;
+const STEPS_PER_EPOCH: i64 = 1437_usize.div_ceil(BATCH) as i64;
+
+/// `reptrace train` on digits into `run`, in the background.
+fn start_training(run: &Path, epochs: usize) -> Child {
+    bin()
+        .args(["train", "--epochs", &epochs.to_string()])
+        .args([
+            "--batch-size",
+            &BATCH.to_string(),
+            "--threads",
+            "1",
+            "--out",
+        ])
+        .arg(run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether any file under `dir` has a temporary name (a file being written).
+fn writing(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        (name.starts_with('.') && name.ends_with(".tmp")) || (p.is_dir() && writing(&p))
+    })
+}
+
+/// Every file under `dir` (relative paths).
+fn files(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir.join(rel)).unwrap().flatten() {
+        let r = rel.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            files(dir, &r, out);
+        } else {
+            out.push(r);
+        }
+    }
+}
+
+/// One CSV result row of `reptrace sql` as numbers.
+fn sql_numbers(run: &Path, query: &str) -> Vec<Vec<f64>> {
+    let o = reptrace(&["sql", run.to_str().unwrap(), query, "--format", "csv"]);
+    assert!(o.status.success(), "{query}: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .map(|v| v.parse::<f64>().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect()
+}
+
+fn info_json(run: &Path) -> serde_json::Value {
+    let o = reptrace(&["info", run.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "info: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Checks a killed run; returns `None` when the kill came after it completed,
+/// else its last committed step (if any).
+fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
+    let m = reptrace_format::Manifest::load(run).unwrap();
+    let info = info_json(run);
+    if m.status == reptrace_format::Status::Complete {
+        // Killed after its last commit, while the process was exiting.
+        assert_eq!(info["status"], "complete", "{what}");
+        let o = reptrace(&["verify", run.to_str().unwrap()]);
+        assert!(o.status.success(), "{what}: verify: {}", text(&o.stdout));
+        return None;
+    }
+    assert_eq!(info["status"], "recording", "{what}");
+    let last = m.last_step().map(|s| s.0);
+    assert_eq!(info["last_step"].as_i64(), last, "{what}");
+
+    // No partial file is visible: every file with a final name is complete.
+    let mut all = Vec::new();
+    files(run, Path::new(""), &mut all);
+    for rel in &all {
+        let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = run.join(rel);
+        if name.ends_with(".parquet") {
+            let f = std::fs::File::open(&path).unwrap();
+            parquet::file::reader::SerializedFileReader::new(f)
+                .unwrap_or_else(|e| panic!("{what}: {} is not complete: {e}", rel.display()));
+        } else if name.ends_with(".safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap_or_else(|e| panic!("{what}: {} is not complete: {e}", rel.display()));
+        }
+    }
+
+    // Every committed step reads back, with all its update rows.
+    let r = sql_numbers(
+        run,
+        "SELECT count(*), count(DISTINCT step), coalesce(max(step), -1), \
+         coalesce(sum(batch_size), 0) FROM steps",
+    );
+    let (n, distinct, max, rows) = (r[0][0], r[0][1], r[0][2], r[0][3]);
+    let want = last.map_or(0, |s| s + 1) as f64;
+    assert_eq!(
+        (n, distinct, max),
+        (want, want, want - 1.0),
+        "{what}: steps"
+    );
+    let per_layer = sql_numbers(
+        run,
+        "SELECT count(*), count(DISTINCT step) FROM updates GROUP BY layer",
+    );
+    if last.is_some() {
+        assert_eq!(per_layer.len(), 3, "{what}: updates of 3 layers");
+    }
+    for row in per_layer {
+        assert_eq!((row[0], row[1]), (rows, want), "{what}: updates per layer");
+    }
+
+    let o = reptrace(&["verify", run.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "{what}: verify failed:\n{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+
+    let o = reptrace(&[
+        "attribute",
+        run.to_str().unwrap(),
+        "--probes",
+        "ids:1437,1500",
+    ]);
+    match m.analysis_probes() {
+        Some(a) => {
+            let as_of = a.step.expect("checkpoint after a step").0;
+            assert!(
+                a.checkpoint,
+                "{what}: probes of a killed run are checkpoint probes"
+            );
+            assert!(o.status.success(), "{what}: attribute: {}", text(&o.stderr));
+            let out = text(&o.stdout) + &text(&o.stderr);
+            assert!(
+                out.contains(&format!("as of step {as_of}")),
+                "{what}: attribute does not say 'as of step {as_of}':\n{out}"
+            );
+            // Contributions of the checkpoint's steps sum to its refinement.
+            let o = reptrace(&["verify", run.to_str().unwrap()]);
+            assert!(
+                o.status.success(),
+                "{what}: verify after attribute:\n{}",
+                text(&o.stdout)
+            );
+            let r = sql_numbers(run, "SELECT coalesce(max(step), -1) FROM contributions");
+            assert!(
+                r[0][0] <= as_of as f64,
+                "{what}: contributions after step {as_of}"
+            );
+        }
+        None => {
+            assert!(!o.status.success(), "{what}: attribute without probes");
+            let err = text(&o.stderr);
+            assert_eq!(err.lines().count(), 1, "{what}: {err}");
+            assert!(err.contains("no probes are committed"), "{what}: {err}");
+        }
+    }
+    Some(last)
+}
+
+/// Epochs of a run that is killed.
+const EPOCHS: usize = 6;
+
+/// Kills that land during training.
+const KILLS: usize = 12;
+
+/// Waits until the recorder has created the run (libtorch loaded, data read).
+fn wait_for_manifest(run: &Path) {
+    let start = Instant::now();
+    while !run.join("manifest.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no run started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn killed_training_leaves_an_analysable_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    // How long an uninterrupted run records here (from its manifest on).
+    let reference = dir.path().join("reference");
+    let mut child = start_training(&reference, EPOCHS);
+    wait_for_manifest(&reference);
+    let t0 = Instant::now();
+    assert!(child.wait().unwrap().success());
+    let full = t0.elapsed();
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut seen_steps = Vec::new();
+    // Until 12 kills landed during training (a run that ends before its
+    // kill moment, on a loaded machine, is replaced by another).
+    let mut k = 0;
+    while seen_steps.len() < KILLS {
+        assert!(
+            k < 4 * KILLS,
+            "only {} of {k} kills landed",
+            seen_steps.len()
+        );
+        k += 1;
+        let run = dir.path().join(format!("killed-{k}"));
+        let mut child = start_training(&run, EPOCHS);
+        wait_for_manifest(&run);
+        let start = Instant::now();
+        // Even k: a random moment. Odd k: the first moment after a random
+        // delay at which a file is being written (a part, a checkpoint or
+        // the manifest), else the end of the delay window.
+        let at = full.mul_f64(rng.random_range(0.05..0.8));
+        let what = if k % 2 == 0 {
+            std::thread::sleep(at);
+            format!("kill {k} at {:.2} s", at.as_secs_f64())
+        } else {
+            std::thread::sleep(at.mul_f64(0.5));
+            let mut caught = false;
+            while start.elapsed() < full {
+                if writing(&run) {
+                    caught = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            format!(
+                "kill {k} at {:.2} s ({})",
+                start.elapsed().as_secs_f64(),
+                if caught {
+                    "while writing"
+                } else {
+                    "no write seen"
+                }
+            )
+        };
+        if child.try_wait().unwrap().is_some() {
+            // Finished before the kill: nothing to check here.
+            continue;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        eprintln!("{what}");
+        if let Some(last) = check_killed(&run, &what) {
+            seen_steps.push(last);
+        }
+    }
+    // Some kills landed after the first epoch end (checkpoint probes).
+    let after_first_epoch = seen_steps
+        .iter()
+        .filter(|s| s.is_some_and(|s| s >= STEPS_PER_EPOCH - 1))
+        .count();
+    assert!(after_first_epoch >= 3, "{seen_steps:?}");
+}
+
+#[test]
+fn readers_see_only_committed_steps_while_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut child = start_training(&run, 12);
+    let mut states = std::collections::BTreeSet::new();
+    let mut reads = 0;
+    loop {
+        let done = child.try_wait().unwrap().is_some();
+        if run.join("manifest.json").exists() {
+            let info = info_json(&run);
+            let committed = info["last_step"].as_i64().unwrap_or(-1);
+            let r = sql_numbers(&run, "SELECT count(*), coalesce(max(step), -1) FROM steps");
+            let (n, max) = (r[0][0] as i64, r[0][1] as i64);
+            let u = sql_numbers(
+                &run,
+                "SELECT count(DISTINCT step), coalesce(max(step), -1) FROM updates",
+            );
+            let (u_steps, u_max) = (u[0][0] as i64, u[0][1] as i64);
+            let after = reptrace_format::Manifest::load(&run)
+                .unwrap()
+                .last_step()
+                .map_or(-1, |s| s.0);
+            // A whole committed prefix: what was committed before the query
+            // is seen, nothing beyond what is committed after it.
+            assert_eq!(n, max + 1, "steps 0..={max} are not all there");
+            assert_eq!(
+                u_steps,
+                u_max + 1,
+                "updates of steps 0..={u_max} are not all there"
+            );
+            assert!(
+                committed <= max && max <= u_max && u_max <= after,
+                "committed {committed}, then steps to {max}, updates to {u_max}, committed {after}"
+            );
+            states.insert(max);
+            reads += 1;
+        }
+        if done {
+            break;
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(
+        states.len() >= 3,
+        "only {} distinct committed states in {reads} reads: {states:?}",
+        states.len()
+    );
+}
