@@ -1,6 +1,6 @@
 //! CSV data sets: [`CsvOptions`] (the `?key=value` part of `csv:PATH?…`)
 //! and [`parse_csv`].
-use super::{DataError, Dataset, Result};
+use super::{DataError, Dataset, MAX_CLASSES, Result};
 use std::path::Path;
 
 /// Which column of a CSV file holds the label.
@@ -115,12 +115,15 @@ impl CsvOptions {
                     };
                 }
                 "classes" => {
-                    o.classes = Some(
-                        v.parse::<usize>()
-                            .ok()
-                            .filter(|&c| c >= 2)
-                            .ok_or_else(|| bad("expected an integer ≥ 2"))?,
-                    );
+                    let c = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&c| c >= 2)
+                        .ok_or_else(|| bad("expected an integer ≥ 2"))?;
+                    if c > MAX_CLASSES {
+                        return Err(bad(&format!("at most {MAX_CLASSES} classes")));
+                    }
+                    o.classes = Some(c);
                 }
                 _ => {
                     return Err(format!(
@@ -217,10 +220,18 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
                 ));
             }
             if c == label_col {
-                if x < 0.0 || x.fract() != 0.0 || x > i32::MAX as f64 {
+                if x < 0.0 || x.fract() != 0.0 {
                     return Err(row_err(
                         no,
                         format!("label {f:?} out of range (must be an integer ≥ 0)"),
+                    ));
+                }
+                // Every class gets a name, so a label near i32::MAX would
+                // allocate billions of them.
+                if x >= MAX_CLASSES as f64 {
+                    return Err(row_err(
+                        no,
+                        format!("label {f:?} out of range (at most {MAX_CLASSES} classes)"),
                     ));
                 }
                 if let Some(k) = options.classes
@@ -230,7 +241,20 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
                 }
                 raw_labels.push((no, x as i64));
             } else {
-                features.push((x * options.scale) as f32);
+                // Finite as f64 is not enough: 1e39 becomes infinity as f32.
+                let feature = (x * options.scale) as f32;
+                if !feature.is_finite() {
+                    let scaled = if options.scale == 1.0 {
+                        String::new()
+                    } else {
+                        format!(" times scale {}", options.scale)
+                    };
+                    return Err(row_err(
+                        no,
+                        format!("column {c}: value {f:?}{scaled} is out of the 32-bit float range"),
+                    ));
+                }
+                features.push(feature);
             }
         }
     }
@@ -243,7 +267,8 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
         });
     }
     let shape = match &options.shape {
-        Some(s) if s.iter().product::<usize>() == dim => s.clone(),
+        // Checked: `shape=4294967296x4294967296` must not overflow.
+        Some(s) if s.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) == Some(dim) => s.clone(),
         Some(s) => {
             return Err(DataError::BadData {
                 name,
@@ -305,5 +330,63 @@ mod tests {
         ] {
             assert!(CsvOptions::parse_query(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by `scripts/fuzz.sh` (target `csv`): a value that is finite as
+    /// f64 but not as f32 became an infinite feature.
+    #[test]
+    fn fuzz_regression_csv_f32_overflow() {
+        // The minimised input, after the fuzz target's options byte.
+        let text = format!("1,4,{}", "2".repeat(40));
+        let options = CsvOptions {
+            label: LabelColumn::Index(1),
+            header: Header::No,
+            ..CsvOptions::default()
+        };
+        let e = parse_csv(text.as_bytes(), Path::new("big.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "big.csv:1: column 2: value \"{}\" is out of the 32-bit float range",
+                "2".repeat(40)
+            )
+        );
+        let options = CsvOptions {
+            scale: 1e30,
+            ..CsvOptions::default()
+        };
+        let e = parse_csv(b"1e10,0\n", Path::new("s.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s.csv:1: column 0: value \"1e10\" times scale 1000000000000000000000000000000 \
+             is out of the 32-bit float range"
+        );
+    }
+
+    /// Found by `scripts/fuzz.sh` (target `csv`, out of memory): a label of
+    /// 900000005 made 900 million class names (a 21 GB allocation).
+    #[test]
+    fn fuzz_regression_csv_huge_label() {
+        // The minimised input: option query `label=0000000`, then one row.
+        let options = CsvOptions::parse_query("label=0000000").unwrap();
+        let e = parse_csv(b"0900000005,6\n", Path::new("oom.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "oom.csv:1: label \"0900000005\" out of range (at most 65536 classes)"
+        );
+        let e = CsvOptions::parse_query("classes=65537").unwrap_err();
+        assert_eq!(e, "option classes=\"65537\": at most 65536 classes");
+        let d = parse_csv(b"65535,1\n0,2\n", Path::new("ok.csv"), &options).unwrap();
+        assert_eq!(d.classes.len(), MAX_CLASSES);
+    }
+
+    #[test]
+    fn huge_shape_is_an_error() {
+        let options = CsvOptions::parse_query("shape=4294967296x4294967296").unwrap();
+        let e = parse_csv(b"1,0\n2,1\n", Path::new("s.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "data set s.csv: shape [4294967296, 4294967296] does not hold the 1 feature columns"
+        );
     }
 }

@@ -61,11 +61,16 @@ pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<(Vec<usi
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let len: usize = dims.iter().product();
-    if bytes.len() - header != len {
+    let data = bytes.len() - header;
+    // Three sizes near u32::MAX multiply past usize::MAX.
+    let Some(len) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
         return Err(bad(format!(
-            "header says {dims:?} ({len} bytes of data), file has {}",
-            bytes.len() - header
+            "header says {dims:?} (more bytes of data than fit in memory), file has {data}"
+        )));
+    };
+    if data != len {
+        return Err(bad(format!(
+            "header says {dims:?} ({len} bytes of data), file has {data}"
         )));
     }
     Ok((dims, bytes[header..].to_vec()))
@@ -118,4 +123,35 @@ pub fn load_idx(dir: &Path) -> Result<Dataset> {
         labels,
         n_train,
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_one_file() {
+        let bytes = [0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 1, 7, 9];
+        let (dims, data) = parse_idx(Path::new("x"), &bytes, 2).unwrap();
+        assert_eq!((dims, data), (vec![2, 1], vec![7, 9]));
+        let e = parse_idx(Path::new("x"), &bytes, 3).unwrap_err();
+        assert_eq!(e.to_string(), "x: 2 dimensions, expected 3");
+    }
+
+    /// Found by `scripts/fuzz.sh` (target `idx`): the product of the sizes
+    /// overflowed usize (a panic in debug builds, a wrong size otherwise).
+    #[test]
+    fn fuzz_regression_idx_size_overflow() {
+        let bytes = [
+            0x00, 0x00, 0x08, 0x03, 0xde, 0x00, 0x50, 0x75, 0xbf, 0x2e, 0x53, 0x50, 0x53, 0x9a,
+            0xbf, 0x53,
+        ];
+        let e = parse_idx(Path::new("t.idx"), &bytes, 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.idx: header says [3724562549, 3207484240, 1402650451] \
+             (more bytes of data than fit in memory), file has 0"
+        );
+    }
 }

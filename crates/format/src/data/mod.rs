@@ -23,7 +23,7 @@
 //!   - `test=F` with `0 ≤ F < 1` — the last fraction `F` of the rows is the
 //!     test split (default 0.2); `test=N` (an integer) — the last `N` rows;
 //!   - `classes=K` — the number of classes (default: largest label + 1);
-//!     a label `≥ K` is an error.
+//!     a label `≥ K` is an error. At most [`MAX_CLASSES`].
 //!
 //!   A malformed row (wrong number of fields, a value that is not a finite
 //!   number, a label that is not an integer in range) is an error naming the
@@ -55,6 +55,12 @@ const DIGITS_GZ: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../data/digits.csv.gz"
 ));
+
+/// The most classes a data set may have: every class gets a name in the
+/// manifest and a row per probe in class-share queries, and a CSV label of
+/// 900000005 must not allocate 900 million names. Far above the 21,841
+/// classes of ImageNet-21k.
+pub const MAX_CLASSES: usize = 1 << 16;
 
 /// Rows of the digits file that form the training split.
 pub const DIGITS_TRAIN_ROWS: usize = 1437;
@@ -91,7 +97,9 @@ impl Dataset {
             name: name.clone(),
             message,
         };
-        let dim: usize = shape.iter().product();
+        let Some(dim) = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+            return Err(bad(format!("example shape {shape:?} is too large")));
+        };
         if shape.is_empty() || dim == 0 {
             return Err(bad(format!("example shape {shape:?} is empty")));
         }
@@ -110,6 +118,12 @@ impl Dataset {
         }
         if classes.len() < 2 {
             return Err(bad(format!("{} classes (need at least 2)", classes.len())));
+        }
+        if classes.len() > MAX_CLASSES {
+            return Err(bad(format!(
+                "{} classes (at most {MAX_CLASSES})",
+                classes.len()
+            )));
         }
         if let Some((row, l)) = labels
             .iter()
