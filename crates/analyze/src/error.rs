@@ -10,6 +10,9 @@ pub enum Error {
     /// The run's manifest could not be read or is invalid.
     #[error(transparent)]
     Format(#[from] reptrace_format::Error),
+    /// The bundled digits (drawn in reports) could not be read.
+    #[error(transparent)]
+    Data(#[from] reptrace_format::data::DataError),
     /// An I/O error on a file of the run.
     #[error("{path}: {source}")]
     Io {

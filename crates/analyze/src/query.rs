@@ -9,9 +9,10 @@
 //! -- param: k (int64, default 10) instances per layer
 //! ```
 //!
-//! (types `int64`, `float64`, `string`). The SQL refers to a parameter as
-//! the named placeholder `$probe`; values are bound with DataFusion's
-//! `with_param_values`, never spliced into the text. The files are plain
+//! (types `int64`, `float64`, `string`; parsed by [`reptrace_format::params`]).
+//! The SQL refers to a parameter as the named placeholder `$probe`; values
+//! are bound with DataFusion's `with_param_values`, never spliced into the
+//! text. The files are plain
 //! portable SQL (CTEs, window functions, CASE) so that DuckDB and Spark run
 //! them unchanged once their own placeholder syntax is substituted.
 use crate::sql;
@@ -21,9 +22,11 @@ use arrow_schema::SchemaRef;
 use datafusion::common::ParamValues;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::SessionContext;
+use reptrace_format::params::{self, Header, ParamError};
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::path::Path;
+
+pub use reptrace_format::params::{Param, ParamType, ParamValue};
 
 /// The queries shipped in `queries/`: name and text.
 pub const BUILTIN: &[(&str, &str)] = &[
@@ -56,59 +59,6 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../queries/layer_summary.sql"),
     ),
 ];
-
-/// The type of a query parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamType {
-    Int64,
-    Float64,
-    String,
-}
-
-impl ParamType {
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "int64" => Some(ParamType::Int64),
-            "float64" => Some(ParamType::Float64),
-            "string" => Some(ParamType::String),
-            _ => None,
-        }
-    }
-
-    /// Parses a value of this type.
-    pub fn value(self, raw: &str) -> Option<ScalarValue> {
-        match self {
-            ParamType::Int64 => raw.trim().parse::<i64>().ok().map(ScalarValue::from),
-            ParamType::Float64 => raw
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite())
-                .map(ScalarValue::from),
-            ParamType::String => Some(ScalarValue::from(raw)),
-        }
-    }
-}
-
-impl fmt::Display for ParamType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ParamType::Int64 => "int64",
-            ParamType::Float64 => "float64",
-            ParamType::String => "string",
-        })
-    }
-}
-
-/// A declared parameter of a query.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Param {
-    pub name: String,
-    pub ty: ParamType,
-    /// The default value as written in the header; `None`: required.
-    pub default: Option<String>,
-    pub doc: String,
-}
 
 /// A query: its SQL and declared parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,46 +98,11 @@ impl Query {
 
     /// Parses a query file's header and keeps its text.
     pub fn parse(name: &str, text: &str) -> Result<Query> {
-        let bad = |message: String| Error::Query {
-            name: name.to_owned(),
-            message,
-        };
-        let mut title = String::new();
-        let mut params: Vec<Param> = Vec::new();
-        for line in text.lines() {
-            let Some(comment) = line.trim_start().strip_prefix("--") else {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                break;
-            };
-            let comment = comment.trim();
-            if let Some(decl) = comment.strip_prefix("param:") {
-                let p = parse_param(decl.trim()).ok_or_else(|| {
-                    bad(format!(
-                        "bad parameter declaration {comment:?} (expected `param: NAME (TYPE[, default VALUE]) doc`)"
-                    ))
-                })?;
-                if let Some(d) = &p.default
-                    && p.ty.value(d).is_none()
-                {
-                    return Err(bad(format!(
-                        "parameter {}: default {d:?} is not a valid {}",
-                        p.name, p.ty
-                    )));
-                }
-                if params.iter().any(|q| q.name == p.name) {
-                    return Err(bad(format!("parameter {} declared twice", p.name)));
-                }
-                params.push(p);
-            } else if title.is_empty() {
-                title = comment.to_owned();
-            }
-        }
+        let header = Header::parse(text).map_err(|e| param_error(name, e))?;
         Ok(Query {
             name: name.to_owned(),
-            title,
-            params,
+            title: header.title,
+            params: header.params,
             sql: text.to_owned(),
         })
     }
@@ -195,59 +110,12 @@ impl Query {
     /// Binds raw `name=value` pairs: every name must be declared, every
     /// required parameter given, every value valid for its type.
     pub fn bind(&self, given: &[(&str, &str)]) -> Result<HashMap<String, ScalarValue>> {
-        let names = || {
-            if self.params.is_empty() {
-                "this query has none".to_owned()
-            } else {
-                let v: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
-                format!("parameters of {}: {}", self.name, v.join(", "))
-            }
-        };
-        let mut values = HashMap::new();
-        for (name, raw) in given {
-            let p = self
-                .params
-                .iter()
-                .find(|p| p.name == *name)
-                .ok_or_else(|| Error::Param {
-                    name: (*name).to_owned(),
-                    message: format!("unknown ({})", names()),
-                })?;
-            let v = p.ty.value(raw).ok_or_else(|| Error::Param {
-                name: p.name.clone(),
-                message: format!("invalid value {raw:?}: expected {}", p.ty),
-            })?;
-            if values.insert(p.name.clone(), v).is_some() {
-                return Err(Error::Param {
-                    name: p.name.clone(),
-                    message: "given twice".into(),
-                });
-            }
-        }
-        for p in &self.params {
-            if values.contains_key(&p.name) {
-                continue;
-            }
-            match &p.default {
-                Some(d) => {
-                    let v = p.ty.value(d).ok_or_else(|| Error::Param {
-                        name: p.name.clone(),
-                        message: format!("invalid default {d:?}"),
-                    })?;
-                    values.insert(p.name.clone(), v);
-                }
-                None => {
-                    return Err(Error::Param {
-                        name: p.name.clone(),
-                        message: format!(
-                            "missing ({}: {}); pass --param {}=VALUE",
-                            p.ty, p.doc, p.name
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(values)
+        let values = params::bind(&self.name, &self.params, given)
+            .map_err(|e| param_error(&self.name, e))?;
+        Ok(values
+            .into_iter()
+            .map(|(name, v)| (name, scalar(v)))
+            .collect())
     }
 
     /// Runs the query on `ctx` with `given` parameters.
@@ -289,27 +157,24 @@ impl Query {
     }
 }
 
-/// `NAME (TYPE[, default VALUE]) doc`.
-fn parse_param(decl: &str) -> Option<Param> {
-    let (name, rest) = decl.split_once('(')?;
-    let name = name.trim();
-    let (inside, doc) = rest.split_once(')')?;
-    let (ty, default) = match inside.split_once(',') {
-        Some((ty, d)) => {
-            let d = d.trim().strip_prefix("default")?.trim();
-            (ty.trim(), Some(d.trim_matches('\'').to_owned()))
-        }
-        None => (inside.trim(), None),
-    };
-    let valid = !name.is_empty()
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    valid.then_some(Param {
-        name: name.to_owned(),
-        ty: ParamType::parse(ty)?,
-        default,
-        doc: doc.trim().to_owned(),
-    })
+/// The analyzer's error for a header or binding error of query `query`.
+fn param_error(query: &str, e: ParamError) -> Error {
+    match e {
+        ParamError::Header { message } => Error::Query {
+            name: query.to_owned(),
+            message,
+        },
+        ParamError::Param { name, message } => Error::Param { name, message },
+    }
+}
+
+/// The DataFusion scalar of a parameter value.
+fn scalar(v: ParamValue) -> ScalarValue {
+    match v {
+        ParamValue::Int64(i) => ScalarValue::from(i),
+        ParamValue::Float64(x) => ScalarValue::from(x),
+        ParamValue::String(s) => ScalarValue::from(s),
+    }
 }
 
 #[cfg(test)]

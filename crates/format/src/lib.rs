@@ -5,7 +5,9 @@
 //! the Arrow schema of every table ([`schema`]), the manifest ([`Manifest`]),
 //! where files live ([`layout`]) and the format version ([`FORMAT_VERSION`]).
 //! It has no heavy dependencies so that writers in any training loop and the
-//! analyzer share one definition.
+//! analyzer share one definition. The pure parsers that more than one crate
+//! needs live here too: the data set loaders ([`data`]) and the parameter
+//! headers of canned queries ([`params`]).
 //!
 //! ```
 //! use reptrace_format::{schema, Dtype, Table};
@@ -15,11 +17,13 @@
 //! ```
 #![deny(clippy::unwrap_used)]
 
+pub mod data;
 pub mod displacement;
 pub mod error;
 pub mod ids;
 pub mod layout;
 pub mod manifest;
+pub mod params;
 pub mod schema;
 
 pub use displacement::displacement_scales;

@@ -29,7 +29,6 @@
 //! ```
 #![deny(clippy::unwrap_used)]
 
-pub mod data;
 pub mod error;
 pub mod factors;
 pub mod model;
@@ -42,5 +41,7 @@ pub use error::{Error, Result};
 pub use factors::{Factors, HostFactors, layer_factors};
 pub use model::{HostTensor, ModelChoice, Network, TraceLayers, build_model};
 pub use probe::ProbeSet;
+/// Data sets (digits, CSV, IDX): pure Rust, shared with the analyzer.
+pub use reptrace_format::data;
 pub use sgd::{Sgd, learning_rate};
 pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};

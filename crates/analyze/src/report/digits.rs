@@ -1,19 +1,14 @@
-//! Pixels of the bundled digits (`data/digits.csv.gz`, embedded), so that a
-//! report can draw the instances of a run trained on them: the run itself
-//! stores no inputs.
+//! Pixels of the bundled digits (`data/digits.csv.gz`, embedded in
+//! [`reptrace_format::data`]), so that a report can draw the instances of a
+//! run trained on them: the run itself stores no inputs.
 //!
-//! Each line holds 64 pixels (0..16, an 8×8 image row by row) and then the
-//! label; the line number (from 0) is the instance id, as in `reptrace-tch`.
+//! The row index is the instance id, as in `reptrace-tch`, which trains on
+//! the same loader.
 use super::Images;
-use crate::{Error, Result};
+use crate::Result;
 use reptrace_format::Manifest;
+use reptrace_format::data;
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read;
-
-const DIGITS_GZ: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../data/digits.csv.gz"
-));
 
 /// Number of rows of the bundled digits.
 pub const ROWS: usize = 1797;
@@ -30,12 +25,12 @@ pub fn images(manifest: &Manifest, wanted: &BTreeSet<i64>) -> Result<Option<Imag
     if !is_digits || manifest.model.input_shape != [1, 8, 8] {
         return Ok(None);
     }
-    let rows = rows()?;
+    let digits = data::digits()?;
     let pixels = wanted
         .iter()
         .filter_map(|&id| {
-            let row = rows.get(usize::try_from(id).ok()?)?;
-            Some((id, row.0.clone()))
+            let row = usize::try_from(id).ok().filter(|&r| r < digits.len())?;
+            Some((id, digits.row(row).to_vec()))
         })
         .collect();
     Ok(Some(Images {
@@ -46,39 +41,10 @@ pub fn images(manifest: &Manifest, wanted: &BTreeSet<i64>) -> Result<Option<Imag
 
 /// Every row of the bundled digits: pixels scaled to 0..1, label.
 pub fn rows() -> Result<Vec<(Vec<f32>, i32)>> {
-    let bad = |message: String| Error::Column {
-        path: "data/digits.csv.gz".into(),
-        column: "pixels".into(),
-        message,
-    };
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(DIGITS_GZ)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::io("data/digits.csv.gz", e))?;
-    let mut out = Vec::with_capacity(ROWS);
-    for (no, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let nums: Vec<f32> = line
-            .split(',')
-            .map(|f| f.trim().parse::<f32>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| bad(format!("line {}: {e}", no + 1)))?;
-        if nums.len() != 65 {
-            return Err(bad(format!(
-                "line {}: {} fields, expected 65",
-                no + 1,
-                nums.len()
-            )));
-        }
-        out.push((
-            nums[..64].iter().map(|p| p / 16.0).collect(),
-            nums[64] as i32,
-        ));
-    }
-    Ok(out)
+    let digits = data::digits()?;
+    Ok((0..digits.len())
+        .map(|r| (digits.row(r).to_vec(), digits.labels[r]))
+        .collect())
 }
 
 /// The rows as a map, for tests and callers that want a few ids.

@@ -148,11 +148,7 @@ pub fn flag_error(e: reptrace_tch::Error) -> anyhow::Error {
     use reptrace_tch::Error as E;
     let flag = match &e {
         E::BadSetting { setting, message } => return anyhow!("--{setting}: {message}"),
-        E::Io { .. }
-        | E::BadRow { .. }
-        | E::BadIdx { .. }
-        | E::BadDataSpec { .. }
-        | E::BadData { .. } => "data",
+        E::Data(_) => "data",
         E::BadModel { .. } | E::CouplingModule { .. } => "model",
         E::UnknownLayer { .. } => "trace-layers",
         E::NoDevice { .. } => "device",

@@ -1,0 +1,392 @@
+//! CSV data sets: [`CsvOptions`] (the `?key=value` part of `csv:PATH?…`)
+//! and [`parse_csv`].
+use super::{DataError, Dataset, MAX_CLASSES, Result};
+use std::path::Path;
+
+/// Which column of a CSV file holds the label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelColumn {
+    First,
+    Last,
+    /// 0-based column index.
+    Index(usize),
+    /// Column name from the header.
+    Name(String),
+}
+
+/// Whether the first line of a CSV file is a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// A header when one of its fields is not a number.
+    Auto,
+    Yes,
+    No,
+}
+
+/// How many rows (at the end of the file) form the test split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TestSplit {
+    /// This fraction of the rows, rounded.
+    Fraction(f64),
+    /// Exactly this many rows.
+    Rows(usize),
+}
+
+/// Options of a CSV data set (see the [module docs](super)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsvOptions {
+    pub label: LabelColumn,
+    pub header: Header,
+    /// Shape of one example; `None`: flat.
+    pub shape: Option<Vec<usize>>,
+    pub scale: f64,
+    pub test: TestSplit,
+    /// Number of classes; `None`: largest label + 1.
+    pub classes: Option<usize>,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        Self {
+            label: LabelColumn::Last,
+            header: Header::Auto,
+            shape: None,
+            scale: 1.0,
+            test: TestSplit::Fraction(0.2),
+            classes: None,
+        }
+    }
+}
+
+impl CsvOptions {
+    /// Parses `key=value&key=value` (the part after `?` in `csv:PATH?…`).
+    pub fn parse_query(query: &str) -> std::result::Result<Self, String> {
+        let mut o = CsvOptions::default();
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("option {kv:?} is not key=value"))?;
+            let bad = |what: &str| format!("option {k}={v:?}: {what}");
+            match k {
+                "label" => {
+                    o.label = match v {
+                        "first" => LabelColumn::First,
+                        "last" => LabelColumn::Last,
+                        _ => match v.parse::<usize>() {
+                            Ok(i) => LabelColumn::Index(i),
+                            Err(_) if !v.is_empty() => LabelColumn::Name(v.to_owned()),
+                            Err(_) => return Err(bad("expected first, last, an index or a name")),
+                        },
+                    }
+                }
+                "header" => {
+                    o.header = match v {
+                        "auto" => Header::Auto,
+                        "yes" | "true" => Header::Yes,
+                        "no" | "false" => Header::No,
+                        _ => return Err(bad("expected auto, yes or no")),
+                    }
+                }
+                "shape" => {
+                    let dims = v
+                        .split('x')
+                        .map(|d| d.parse::<usize>().ok().filter(|&d| d > 0))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| bad("expected positive sizes like 1x28x28"))?;
+                    o.shape = Some(dims);
+                }
+                "scale" => {
+                    o.scale = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite())
+                        .ok_or_else(|| bad("expected a finite number"))?;
+                }
+                "test" => {
+                    o.test = if let Ok(n) = v.parse::<usize>() {
+                        TestSplit::Rows(n)
+                    } else {
+                        let f = v
+                            .parse::<f64>()
+                            .ok()
+                            .filter(|f| (0.0..1.0).contains(f))
+                            .ok_or_else(|| bad("expected a row count or a fraction in [0, 1)"))?;
+                        TestSplit::Fraction(f)
+                    };
+                }
+                "classes" => {
+                    let c = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&c| c >= 2)
+                        .ok_or_else(|| bad("expected an integer ≥ 2"))?;
+                    if c > MAX_CLASSES {
+                        return Err(bad(&format!("at most {MAX_CLASSES} classes")));
+                    }
+                    o.classes = Some(c);
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown option {k:?} (options: label, header, shape, scale, test, classes)"
+                    ));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Parses CSV text; `path` names the file in errors.
+pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Dataset> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError::BadData {
+        name: path.display().to_string(),
+        message: format!("not UTF-8 text: {e}"),
+    })?;
+    let row_err = |line: usize, message: String| DataError::BadRow {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    // (1-based line number, fields), blank lines skipped.
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
+        .filter(|(_, l)| !l.trim().is_empty());
+    let Some((first_no, first)) = lines.next() else {
+        return Err(DataError::BadData {
+            name: path.display().to_string(),
+            message: "no rows".into(),
+        });
+    };
+    let first_fields: Vec<&str> = first.split(',').map(str::trim).collect();
+    let is_header = match options.header {
+        Header::Yes => true,
+        Header::No => false,
+        Header::Auto => first_fields.iter().any(|f| f.parse::<f64>().is_err()),
+    };
+    let width = first_fields.len();
+    if width < 2 {
+        return Err(row_err(
+            first_no,
+            format!("{width} field(s); need a label and at least one feature"),
+        ));
+    }
+    let label_col = match &options.label {
+        LabelColumn::First => 0,
+        LabelColumn::Last => width - 1,
+        LabelColumn::Index(i) if *i < width => *i,
+        LabelColumn::Index(i) => {
+            return Err(row_err(
+                first_no,
+                format!("label column {i} out of range (the file has {width} columns)"),
+            ));
+        }
+        LabelColumn::Name(name) => {
+            if !is_header {
+                return Err(row_err(
+                    first_no,
+                    format!("label column {name:?} given by name, but the file has no header"),
+                ));
+            }
+            first_fields
+                .iter()
+                .position(|f| f == name)
+                .ok_or_else(|| row_err(first_no, format!("no column named {name:?} in header")))?
+        }
+    };
+    let dim = width - 1;
+    let mut features = Vec::new();
+    let mut raw_labels: Vec<(usize, i64)> = Vec::new();
+    let data_lines = std::iter::once((first_no, first))
+        .filter(|_| !is_header)
+        .chain(lines);
+    for (no, line) in data_lines {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        if fields.len() != width {
+            return Err(row_err(
+                no,
+                format!("expected {width} fields, found {}", fields.len()),
+            ));
+        }
+        for (c, f) in fields.iter().enumerate() {
+            let x: f64 = f
+                .parse()
+                .map_err(|_| row_err(no, format!("column {c}: value {f:?} is not a number")))?;
+            if !x.is_finite() {
+                return Err(row_err(
+                    no,
+                    format!("column {c}: value {f:?} is not finite"),
+                ));
+            }
+            if c == label_col {
+                if x < 0.0 || x.fract() != 0.0 {
+                    return Err(row_err(
+                        no,
+                        format!("label {f:?} out of range (must be an integer ≥ 0)"),
+                    ));
+                }
+                // Every class gets a name, so a label near i32::MAX would
+                // allocate billions of them.
+                if x >= MAX_CLASSES as f64 {
+                    return Err(row_err(
+                        no,
+                        format!("label {f:?} out of range (at most {MAX_CLASSES} classes)"),
+                    ));
+                }
+                if let Some(k) = options.classes
+                    && x as usize >= k
+                {
+                    return Err(row_err(no, format!("label {f:?} out of range 0..{k}")));
+                }
+                raw_labels.push((no, x as i64));
+            } else {
+                // Finite as f64 is not enough: 1e39 becomes infinity as f32.
+                let feature = (x * options.scale) as f32;
+                if !feature.is_finite() {
+                    let scaled = if options.scale == 1.0 {
+                        String::new()
+                    } else {
+                        format!(" times scale {}", options.scale)
+                    };
+                    return Err(row_err(
+                        no,
+                        format!("column {c}: value {f:?}{scaled} is out of the 32-bit float range"),
+                    ));
+                }
+                features.push(feature);
+            }
+        }
+    }
+    let n = raw_labels.len();
+    let name = path.display().to_string();
+    if n == 0 {
+        return Err(DataError::BadData {
+            name,
+            message: "no data rows".into(),
+        });
+    }
+    let shape = match &options.shape {
+        // Checked: `shape=4294967296x4294967296` must not overflow.
+        Some(s) if s.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) == Some(dim) => s.clone(),
+        Some(s) => {
+            return Err(DataError::BadData {
+                name,
+                message: format!("shape {s:?} does not hold the {dim} feature columns"),
+            });
+        }
+        None => vec![dim],
+    };
+    let max_label = raw_labels.iter().map(|(_, l)| *l).max().unwrap_or(0) as usize;
+    let k = options.classes.unwrap_or(max_label + 1).max(2);
+    let n_test = match options.test {
+        TestSplit::Rows(r) => r,
+        TestSplit::Fraction(f) => (n as f64 * f).round() as usize,
+    };
+    if n_test >= n {
+        return Err(DataError::BadData {
+            name,
+            message: format!("test split of {n_test} rows leaves no training rows (of {n})"),
+        });
+    }
+    let labels = raw_labels.iter().map(|(_, l)| *l as i32).collect();
+    Dataset::new(
+        name,
+        shape,
+        (0..k).map(|c| c.to_string()).collect(),
+        features,
+        labels,
+        n - n_test,
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_options() {
+        let o =
+            CsvOptions::parse_query("label=first&header=yes&shape=2x3&scale=0.5&test=7&classes=4")
+                .unwrap();
+        assert_eq!(o.label, LabelColumn::First);
+        assert_eq!(o.header, Header::Yes);
+        assert_eq!(o.shape, Some(vec![2, 3]));
+        assert_eq!(o.scale, 0.5);
+        assert_eq!(o.test, TestSplit::Rows(7));
+        assert_eq!(o.classes, Some(4));
+        assert_eq!(
+            CsvOptions::parse_query("test=0.25").unwrap().test,
+            TestSplit::Fraction(0.25)
+        );
+        for bad in [
+            "shape=2x0",
+            "test=1.5",
+            "header=maybe",
+            "colour=red",
+            "scale",
+            "classes=1",
+        ] {
+            assert!(CsvOptions::parse_query(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Found by `scripts/fuzz.sh` (target `csv`): a value that is finite as
+    /// f64 but not as f32 became an infinite feature.
+    #[test]
+    fn fuzz_regression_csv_f32_overflow() {
+        // The minimised input, after the fuzz target's options byte.
+        let text = format!("1,4,{}", "2".repeat(40));
+        let options = CsvOptions {
+            label: LabelColumn::Index(1),
+            header: Header::No,
+            ..CsvOptions::default()
+        };
+        let e = parse_csv(text.as_bytes(), Path::new("big.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "big.csv:1: column 2: value \"{}\" is out of the 32-bit float range",
+                "2".repeat(40)
+            )
+        );
+        let options = CsvOptions {
+            scale: 1e30,
+            ..CsvOptions::default()
+        };
+        let e = parse_csv(b"1e10,0\n", Path::new("s.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s.csv:1: column 0: value \"1e10\" times scale 1000000000000000000000000000000 \
+             is out of the 32-bit float range"
+        );
+    }
+
+    /// Found by `scripts/fuzz.sh` (target `csv`, out of memory): a label of
+    /// 900000005 made 900 million class names (a 21 GB allocation).
+    #[test]
+    fn fuzz_regression_csv_huge_label() {
+        // The minimised input: option query `label=0000000`, then one row.
+        let options = CsvOptions::parse_query("label=0000000").unwrap();
+        let e = parse_csv(b"0900000005,6\n", Path::new("oom.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "oom.csv:1: label \"0900000005\" out of range (at most 65536 classes)"
+        );
+        let e = CsvOptions::parse_query("classes=65537").unwrap_err();
+        assert_eq!(e, "option classes=\"65537\": at most 65536 classes");
+        let d = parse_csv(b"65535,1\n0,2\n", Path::new("ok.csv"), &options).unwrap();
+        assert_eq!(d.classes.len(), MAX_CLASSES);
+    }
+
+    #[test]
+    fn huge_shape_is_an_error() {
+        let options = CsvOptions::parse_query("shape=4294967296x4294967296").unwrap();
+        let e = parse_csv(b"1,0\n2,1\n", Path::new("s.csv"), &options).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "data set s.csv: shape [4294967296, 4294967296] does not hold the 1 feature columns"
+        );
+    }
+}
