@@ -33,9 +33,12 @@ write_repeats=${BENCH_WRITE_REPEATS:-3}
 attr_records=${BENCH_ATTR_RECORDS:-20000}
 attr_probes=${BENCH_ATTR_PROBES:-100}
 attr_repeats=${BENCH_ATTR_REPEATS:-3}
-# Rows 2 (digits), 4 and 5: epochs of the 1x digits run (the 10x run, with
-# the demo's settings, is also the run the queries read).
-epochs=${BENCH_EPOCHS:-2}
+# Rows 2 (digits), 4 and 5: epochs of the 1x digits run; the 10x run (with
+# the demo's settings) is also the run the queries read (62 M contribution
+# rows at 40 epochs). 4, not 2: attribution buffers a Parquet row group of
+# up to 1 Mi rows per layer, which a 2-epoch run (1.0 M rows per layer) only
+# just fills, so its peak is not yet the steady one.
+epochs=${BENCH_EPOCHS:-4}
 query_repeats=${BENCH_QUERY_REPEATS:-5}
 
 out=${BENCH_DIR:-target/bench}
@@ -48,10 +51,21 @@ step "set-up"
 scripts/setup.sh
 
 step "build (release binary and benchmarks)"
+mkdir -p "$out"
 # One build for both: the same packages and targets as `cargo bench
 # --workspace`, so that the binary and the benchmarks share one feature set
 # (a `-p reptrace-cli` build alone would compile DataFusion a second time).
-cargo build --release --locked --workspace --bins --benches
+# The benchmarks then run as built (what `cargo bench --workspace --bench
+# NAME -- ARGS` runs), without taking cargo's lock on the target directory
+# again.
+cargo build --release --locked --workspace --bins --benches \
+  --message-format=json-render-diagnostics >"$out/build.json"
+bench() { # bench NAME ARGS...: runs a bench target as `cargo bench` would
+  local exe
+  exe=$($py scripts/bench/summary.py exe "$out/build.json" "$1")
+  shift
+  "$exe" "$@" --bench
+}
 
 rm -rf "$logs" "$out/runs"
 mkdir -p "$logs" "$out/runs"
@@ -59,14 +73,14 @@ start=$(date +%s)
 
 step "1 recording overhead ($overhead_rows rows, $overhead_repeats repeats)"
 REPTRACE_BENCH_ROWS=$overhead_rows REPTRACE_BENCH_REPEATS=$overhead_repeats \
-  cargo bench --locked -q --workspace --bench overhead | tee "$logs/overhead.log"
+  bench overhead | tee "$logs/overhead.log"
 
 step "2 storage, synthetic ($write_steps steps, $write_repeats repeats)"
 REPTRACE_BENCH_STEPS=$write_steps REPTRACE_BENCH_REPEATS=$write_repeats \
-  cargo bench --locked -q --workspace --bench write | tee "$logs/write.log"
+  bench write | tee "$logs/write.log"
 
 step "3 attribution ($attr_records records, $attr_probes probes, $attr_repeats repeats)"
-cargo bench --locked -q --workspace --bench attribution -- \
+bench attribution \
   --records "$attr_records" --probes "$attr_probes" --repeats "$attr_repeats" | tee "$logs/attribution.log"
 
 # The demo's settings (reptrace demo): MLP 64-32-16-10 on digits, every layer
@@ -94,7 +108,7 @@ step "2 storage, digits ($((epochs * 10)) epochs, f32 and f16)"
 
 step "4 canned queries, DataFusion vs DuckDB ($big, $query_repeats repeats)"
 probe=$("$bin" sql "$big" "SELECT MIN(probe_id) AS p FROM probes WHERE instance_id IS NULL" --format csv | tail -n 1)
-cargo bench --locked -q --workspace --bench queries -- \
+bench queries \
   --run "$big" --probe "$probe" --repeats "$query_repeats" | tee "$logs/queries-datafusion.log"
 $py scripts/bench/duckdb_queries.py "$big" --probe "$probe" --repeats "$query_repeats" \
   | tee "$logs/queries-duckdb.log"

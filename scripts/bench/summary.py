@@ -4,6 +4,7 @@
     summary.py storage DATA DTYPE RUN_INFO_JSON
                                              bytes on disk / raw f32 of a run's updates
     summary.py machine                       CPU model, cores and RAM from /proc
+    summary.py exe BUILD_JSON NAME           path of bench NAME from cargo's JSON messages
     summary.py table LOG... [--md OUT]       the table from the BENCH lines of LOG...
 
 Every benchmark prints machine-readable lines besides its own table:
@@ -81,6 +82,23 @@ def cmd_storage(argv):
     rows = sum(t["rows"] for t in updates)
     bench_line("storage", data=data, dtype=dtype, default="true", ratio=f"{disk / raw:.4f}",
                raw_bytes=raw, disk_bytes=disk, records=rows)
+
+
+def cmd_exe(argv):
+    """The executable of bench target NAME in `cargo build --message-format=json` output."""
+    path, name = argv
+    found = None
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        m = json.loads(line)
+        target = m.get("target", {})
+        if m.get("reason") == "compiler-artifact" and "bench" in target.get("kind", []) \
+                and target.get("name") == name and m.get("executable"):
+            found = m["executable"]
+    if not found:
+        sys.exit(f"exe: no bench target {name} in {path}")
+    print(found)
 
 
 def machine():
@@ -225,6 +243,8 @@ def main():
         cmd_rss(argv)
     elif cmd == "storage":
         cmd_storage(argv)
+    elif cmd == "exe":
+        cmd_exe(argv)
     elif cmd == "machine":
         print(machine())
     elif cmd == "table":

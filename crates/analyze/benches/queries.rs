@@ -17,11 +17,14 @@
 //! cache and DataFusion's metadata caches. `--explain` prints
 //! `EXPLAIN ANALYZE` of every query after the table; `--set KEY=VALUE`
 //! (repeatable) sets a DataFusion option (e.g.
-//! `datafusion.execution.parquet.pushdown_filters=true`) before the run's
-//! tables are registered, to compare settings.
+//! `datafusion.execution.parquet.pushdown_filters=false`) on top of those of
+//! `reptrace_analyze::context` before the run's tables are registered, to
+//! compare settings.
 //!
-//! Besides the table it prints one line per query for scripts:
-//! `BENCH query engine=datafusion name=NAME rows=R median_s=S repeats=N`.
+//! "plan s" is the median time to plan alone (SQL to physical plan,
+//! parameters bound), which the total includes. Besides the table it prints
+//! one line per query for scripts:
+//! `BENCH query engine=datafusion name=NAME rows=R median_s=S plan_s=P repeats=N`.
 use reptrace_analyze::query::Query;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -82,7 +85,10 @@ fn main() {
     let ctx = if settings.is_empty() {
         reptrace_analyze::context(&opened).expect("register the run's tables")
     } else {
-        let mut config = datafusion::prelude::SessionConfig::new();
+        // The settings of `reptrace_analyze::context`, then the given ones.
+        let mut config = reptrace_analyze::context(&opened)
+            .expect("register the run's tables")
+            .copied_config();
         for (k, v) in &settings {
             config = config.set_str(k, v);
         }
@@ -115,8 +121,8 @@ fn main() {
     );
     println!("BENCH query-setup engine=datafusion contributions={contributions} probe={probe}");
     println!(
-        "{:<22} {:>7} {:>10} {:>10} {:>10}",
-        "query", "rows", "median s", "min s", "max s"
+        "{:<22} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "query", "rows", "median s", "min s", "max s", "plan s"
     );
     let queries = Query::builtins().expect("built-in queries");
     for q in &queries {
@@ -136,16 +142,38 @@ fn main() {
         let (_, rows) = once();
         let mut times: Vec<f64> = (0..repeats.max(1)).map(|_| once().0).collect();
         let med = median(&mut times);
+        // Planning alone (SQL to physical plan, parameters bound), to tell
+        // planning from execution.
+        let plan_once = || {
+            let start = Instant::now();
+            let values: std::collections::HashMap<_, _> =
+                q.bind(&params).expect("parameters").into_iter().collect();
+            let df = rt
+                .block_on(reptrace_analyze::sql::plan(&ctx, &q.sql))
+                .expect("plan");
+            let df = if values.is_empty() {
+                df
+            } else {
+                df.with_param_values(datafusion::common::ParamValues::from(values))
+                    .expect("bind")
+            };
+            rt.block_on(df.create_physical_plan())
+                .expect("physical plan");
+            start.elapsed().as_secs_f64()
+        };
+        let mut plans: Vec<f64> = (0..repeats.max(1)).map(|_| plan_once()).collect();
+        let plan = median(&mut plans);
         println!(
-            "{:<22} {:>7} {:>10.4} {:>10.4} {:>10.4}",
+            "{:<22} {:>7} {:>10.4} {:>10.4} {:>10.4} {:>10.4}",
             q.name,
             rows,
             med,
             times[0],
-            times[times.len() - 1]
+            times[times.len() - 1],
+            plan
         );
         println!(
-            "BENCH query engine=datafusion name={} rows={rows} median_s={med:.6} repeats={}",
+            "BENCH query engine=datafusion name={} rows={rows} median_s={med:.6} plan_s={plan:.6} repeats={}",
             q.name,
             times.len()
         );
