@@ -3,8 +3,8 @@
 # (row | figure | goal | met?) with the machine and the date; the same table
 # in Markdown goes to target/bench/table.md for docs/benchmarks.md.
 # Does its own set-up on a fresh machine (scripts/setup.sh) and builds the
-# release binary and the benchmarks first. About 15 minutes on 2 cores,
-# after a first release build of DataFusion (about 17 minutes).
+# release binary and the benchmarks first. About 3 minutes of benchmarks on
+# 2 cores, after the first release build (DataFusion: 20 to 45 minutes).
 #
 #   scripts/bench.sh
 #
@@ -24,13 +24,13 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*" >&2; }
 
 # Row 1: training rows (64 per step) and repeats.
-overhead_rows=${BENCH_OVERHEAD_ROWS:-6400}
+overhead_rows=${BENCH_OVERHEAD_ROWS:-64000}
 overhead_repeats=${BENCH_OVERHEAD_REPEATS:-5}
 # Row 2 (synthetic): recorded steps and repeats.
 write_steps=${BENCH_WRITE_STEPS:-400}
 write_repeats=${BENCH_WRITE_REPEATS:-3}
 # Row 3: records per layer, probes, repeats.
-attr_records=${BENCH_ATTR_RECORDS:-20000}
+attr_records=${BENCH_ATTR_RECORDS:-100000}
 attr_probes=${BENCH_ATTR_PROBES:-100}
 attr_repeats=${BENCH_ATTR_REPEATS:-3}
 # Rows 2 (digits), 4 and 5: epochs of the 1x digits run; the 10x run (with
@@ -39,7 +39,7 @@ attr_repeats=${BENCH_ATTR_REPEATS:-3}
 # up to 1 Mi rows per layer, which a 2-epoch run (1.0 M rows per layer) only
 # just fills, so its peak is not yet the steady one.
 epochs=${BENCH_EPOCHS:-4}
-query_repeats=${BENCH_QUERY_REPEATS:-5}
+query_repeats=${BENCH_QUERY_REPEATS:-10}
 
 out=${BENCH_DIR:-target/bench}
 logs="$out/logs"

@@ -178,7 +178,8 @@ def rows_from(b):
             continue
         x = float(d["median_s"]) / float(k["median_s"])
         same = d["rows"] == k["rows"]
-        detail = (f"DataFusion {float(d['median_s']) * 1e3:.0f} ms / DuckDB {float(k['median_s']) * 1e3:.0f} ms, "
+        plan = f" (planning {float(d['plan_s']) * 1e3:.0f} ms)" if "plan_s" in d else ""
+        detail = (f"DataFusion {float(d['median_s']) * 1e3:.0f} ms{plan} / DuckDB {float(k['median_s']) * 1e3:.0f} ms, "
                   f"{d['rows']} result rows" + ("" if same else f" vs DuckDB {k['rows']}: ROW COUNTS DIFFER")
                   + f", {int(setup.get('contributions', 0)) / 1e6:.1f} M contribution rows, probe "
                   f"{setup.get('probe', '?')}, median of {d['repeats']}")
