@@ -8,14 +8,19 @@
 //! size of the factors handed over, the bytes on disk, their ratio, and the
 //! rate at which the recorder accepted the data (until the last `updates`
 //! call returned) and wrote it (until `finish` returned).
+//!
+//! Environment: `REPTRACE_BENCH_STEPS` (default 400), `REPTRACE_BENCH_REPEATS`
+//! (default 3; the row is the run with the median total time). Besides the
+//! table, one line per row for scripts (`scripts/bench.sh`):
+//! `BENCH storage data=synthetic dtype=f32 zstd=3 default=true ratio=R raw_bytes=… disk_bytes=… steps=S repeats=N`
+//! (`default`: the recorder's default zstd level).
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reptrace_format::{Dtype, LinearSpec, Model, Module, Optimizer, Table};
-use reptrace_record::{Recorder, StepRow, UpdateBatch};
+use reptrace_record::{ParquetOptions, Recorder, StepRow, UpdateBatch};
 use std::time::Instant;
 
 const BATCH: usize = 64;
-const STEPS: usize = 400;
 /// Distinct pre-generated batches, cycled (generation is not timed).
 const VARIANTS: usize = 40;
 const LAYERS: [(&str, usize, usize); 2] = [("fc1", 784, 256), ("fc2", 256, 10)];
@@ -76,7 +81,7 @@ struct Row {
     total_s: f64,
 }
 
-fn run(data: &Data, dtype: Dtype, level: i32) -> Row {
+fn run(data: &Data, dtype: Dtype, level: i32, steps: usize) -> Row {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = dir.path().join("run");
     let mut rec = Recorder::builder(&run)
@@ -90,7 +95,7 @@ fn run(data: &Data, dtype: Dtype, level: i32) -> Row {
     let labels = vec![0i32; BATCH];
     let start = Instant::now();
     let mut raw = 0u64;
-    for t in 0..STEPS {
+    for t in 0..steps {
         let step = t as i64;
         rec.step(StepRow {
             step,
@@ -132,11 +137,21 @@ fn run(data: &Data, dtype: Dtype, level: i32) -> Row {
     }
 }
 
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
+    let steps = env("REPTRACE_BENCH_STEPS", 400);
+    let repeats = env("REPTRACE_BENCH_REPEATS", 3).max(1);
+    let default_level = ParquetOptions::default().zstd_level;
     let data = data();
     println!(
-        "recorder write bench: MLP 784-256-10, batch {BATCH}, {STEPS} steps, \
-         ReLU-sparse u, Gaussian v, {} threads available",
+        "recorder write bench: MLP 784-256-10, batch {BATCH}, {steps} steps, \
+         ReLU-sparse u, Gaussian v, median of {repeats}, {} threads available",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -145,12 +160,15 @@ fn main() {
         "{:<6} {:>5} {:>12} {:>12} {:>8} {:>12} {:>12}",
         "dtype", "zstd", "raw f32 MB", "on disk MB", "ratio", "accept MB/s", "write MB/s"
     );
+    let mut summary = Vec::new();
     for dtype in [Dtype::F32, Dtype::F16] {
         for level in [1, 3] {
-            // Median of three runs by total time.
-            let mut rows: Vec<Row> = (0..3).map(|_| run(&data, dtype, level)).collect();
+            // The run with the median total time.
+            let mut rows: Vec<Row> = (0..repeats)
+                .map(|_| run(&data, dtype, level, steps))
+                .collect();
             rows.sort_by(|a, b| a.total_s.total_cmp(&b.total_s));
-            let r = &rows[1];
+            let r = &rows[rows.len() / 2];
             let mb = r.raw as f64 / 1e6;
             println!(
                 "{:<6} {:>5} {:>12.1} {:>12.1} {:>8.3} {:>12.0} {:>12.0}",
@@ -162,6 +180,17 @@ fn main() {
                 mb / r.accept_s,
                 mb / r.total_s
             );
+            summary.push(format!(
+                "BENCH storage data=synthetic dtype={dtype} zstd={level} default={} ratio={:.4} \
+                 raw_bytes={} disk_bytes={} steps={steps} repeats={repeats}",
+                level == default_level,
+                r.disk as f64 / r.raw as f64,
+                r.raw,
+                r.disk
+            ));
         }
+    }
+    for line in summary {
+        println!("{line}");
     }
 }

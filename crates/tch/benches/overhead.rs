@@ -14,6 +14,13 @@
 //! them to the host, "recorder" the time spent in recorder calls, which block
 //! while the writer thread's queue is full.
 //!
+//! The ratios are medians of the per-repeat ratios (each traced run over the
+//! untraced run of the same repeat). Besides the table, one line per traced
+//! variant for scripts (`scripts/bench.sh`):
+//! `BENCH overhead dtype=f32 ratio=R loop_ratio=L untraced_ms_per_step=M steps=S repeats=N`,
+//! where `ratio` is the total-time ratio (the trace is complete only once the
+//! recorder has flushed).
+//!
 //! Environment: `REPTRACE_BENCH_REPEATS` (default 5), `REPTRACE_BENCH_ROWS`
 //! (training rows, default 6400 = 100 steps), `REPTRACE_BENCH_EPOCHS`
 //! (default 1), `REPTRACE_BENCH_DEVICE` (`cpu`, `cuda`), `REPTRACE_BENCH_THREADS`.
@@ -156,8 +163,18 @@ fn main() {
         "updates bytes"
     );
     let base_loop = median(&mut loop_s[0].clone());
-    let base_total = median(&mut total_s[0].clone());
-    for (i, (name, ..)) in variants.iter().enumerate() {
+    // Per repeat, traced over untraced of the same repeat; then the median.
+    let ratios = |times: &[Vec<f64>], i: usize| -> f64 {
+        let mut r: Vec<f64> = times[i]
+            .iter()
+            .zip(&times[0])
+            .map(|(t, base)| t / base)
+            .collect();
+        median(&mut r)
+    };
+    let mut summary = Vec::new();
+    for (i, (name, _, dtype)) in variants.iter().enumerate() {
+        let (loop_ratio, total_ratio) = (ratios(&loop_s, i), ratios(&total_s, i));
         let l = median(&mut loop_s[i]);
         let t = median(&mut total_s[i]);
         println!(
@@ -165,12 +182,22 @@ fn main() {
             1000.0 * l / steps as f64,
             median(&mut factor_s[i]),
             median(&mut record_s[i]),
-            format!("{:.2}/{:.2}", l / base_loop, t / base_total),
+            format!("{loop_ratio:.2}/{total_ratio:.2}"),
             bytes[i]
         );
+        if i > 0 {
+            summary.push(format!(
+                "BENCH overhead dtype={dtype} ratio={total_ratio:.4} loop_ratio={loop_ratio:.4} \
+                 untraced_ms_per_step={:.4} steps={steps} repeats={repeats}",
+                1000.0 * base_loop / steps as f64
+            ));
+        }
     }
     println!(
         "ratio = loop/total time relative to untraced; factors = building and copying the factors, \
          recorder = time in recorder calls (waits on its bounded queue included)"
     );
+    for line in summary {
+        println!("{line}");
+    }
 }

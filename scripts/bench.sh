@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The benchmark summary: runs every benchmark and prints one table
+# (row | figure | goal | met?) with the machine and the date; the same table
+# in Markdown goes to target/bench/table.md for docs/benchmarks.md.
+# Does its own set-up on a fresh machine (scripts/setup.sh) and builds the
+# release binary and the benchmarks first. About 3 minutes of benchmarks on
+# 2 cores, after the first release build (DataFusion: 20 to 45 minutes).
+#
+#   scripts/bench.sh
+#
+# Rows, each a ratio of two things measured in this run:
+#   1  recording overhead   crates/tch/benches/overhead.rs
+#   2  storage              crates/record/benches/write.rs (synthetic) and
+#                           `reptrace info --json` of digits runs
+#   3  attribution          crates/analyze/benches/attribution.rs
+#   4  queries              crates/analyze/benches/queries.rs (DataFusion) vs
+#                           scripts/bench/duckdb_queries.py (DuckDB), same files
+#   5  peak RSS             `reptrace train` / `reptrace attribute` at E and
+#                           10·E epochs (scripts/bench/summary.py rss)
+# Sizes can be changed through the environment (defaults below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+# Row 1: training rows (64 per step) and repeats.
+overhead_rows=${BENCH_OVERHEAD_ROWS:-64000}
+overhead_repeats=${BENCH_OVERHEAD_REPEATS:-5}
+# Row 2 (synthetic): recorded steps and repeats.
+write_steps=${BENCH_WRITE_STEPS:-400}
+write_repeats=${BENCH_WRITE_REPEATS:-3}
+# Row 3: records per layer, probes, repeats.
+attr_records=${BENCH_ATTR_RECORDS:-100000}
+attr_probes=${BENCH_ATTR_PROBES:-100}
+attr_repeats=${BENCH_ATTR_REPEATS:-3}
+# Rows 2 (digits), 4 and 5: epochs of the 1x digits run; the 10x run (with
+# the demo's settings) is also the run the queries read (62 M contribution
+# rows at 40 epochs). 4, not 2: attribution buffers a Parquet row group of
+# up to 1 Mi rows per layer, which a 2-epoch run (1.0 M rows per layer) only
+# just fills, so its peak is not yet the steady one.
+epochs=${BENCH_EPOCHS:-4}
+query_repeats=${BENCH_QUERY_REPEATS:-10}
+
+out=${BENCH_DIR:-target/bench}
+logs="$out/logs"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+bin="$target_dir/release/reptrace"
+py=.venv/bin/python
+
+step "set-up"
+scripts/setup.sh
+
+step "build (release binary and benchmarks)"
+mkdir -p "$out"
+# One build for both: the same packages and targets as `cargo bench
+# --workspace`, so that the binary and the benchmarks share one feature set
+# (a `-p reptrace-cli` build alone would compile DataFusion a second time).
+# The benchmarks then run as built (what `cargo bench --workspace --bench
+# NAME -- ARGS` runs), without taking cargo's lock on the target directory
+# again.
+cargo build --release --locked --workspace --bins --benches \
+  --message-format=json-render-diagnostics >"$out/build.json"
+bench() { # bench NAME ARGS...: runs a bench target as `cargo bench` would
+  local exe
+  exe=$($py scripts/bench/summary.py exe "$out/build.json" "$1")
+  shift
+  "$exe" "$@" --bench
+}
+
+rm -rf "$logs" "$out/runs"
+mkdir -p "$logs" "$out/runs"
+start=$(date +%s)
+
+step "1 recording overhead ($overhead_rows rows, $overhead_repeats repeats)"
+REPTRACE_BENCH_ROWS=$overhead_rows REPTRACE_BENCH_REPEATS=$overhead_repeats \
+  bench overhead | tee "$logs/overhead.log"
+
+step "2 storage, synthetic ($write_steps steps, $write_repeats repeats)"
+REPTRACE_BENCH_STEPS=$write_steps REPTRACE_BENCH_REPEATS=$write_repeats \
+  bench write | tee "$logs/write.log"
+
+step "3 attribution ($attr_records records, $attr_probes probes, $attr_repeats repeats)"
+bench attribution \
+  --records "$attr_records" --probes "$attr_probes" --repeats "$attr_repeats" | tee "$logs/attribution.log"
+
+# The demo's settings (reptrace demo): MLP 64-32-16-10 on digits, every layer
+# traced, SGD momentum 0.9, cosine schedule; the test probes.
+settings=(--momentum 0.9 --lr-schedule cosine --probes test)
+for scale in 1 10; do
+  e=$((epochs * scale))
+  run="$out/runs/digits-e$e"
+  step "5 peak RSS, $scale×: train and attribute $e epochs ($run)"
+  $py scripts/bench/summary.py rss what=train scale=$scale epochs=$e detail=f32 -- \
+    "$bin" train --epochs "$e" --dtype f32 "${settings[@]}" --out "$run" | tee -a "$logs/rss.log"
+  $py scripts/bench/summary.py rss what=attribute scale=$scale epochs=$e detail=360_test_probes -- \
+    "$bin" attribute "$run" --probes test --quiet | tee -a "$logs/rss.log"
+done
+big="$out/runs/digits-e$((epochs * 10))"
+
+step "2 storage, digits ($((epochs * 10)) epochs, f32 and f16)"
+"$bin" train --epochs $((epochs * 10)) --dtype f16 "${settings[@]}" --out "$big-f16" >/dev/null
+"$bin" info "$big" --json >"$out/runs/info-f32.json"
+"$bin" info "$big-f16" --json >"$out/runs/info-f16.json"
+{
+  $py scripts/bench/summary.py storage digits f32 "$out/runs/info-f32.json"
+  $py scripts/bench/summary.py storage digits f16 "$out/runs/info-f16.json"
+} | tee "$logs/storage-digits.log"
+
+step "4 canned queries, DataFusion vs DuckDB ($big, $query_repeats repeats)"
+probe=$("$bin" sql "$big" "SELECT MIN(probe_id) AS p FROM probes WHERE instance_id IS NULL" --format csv | tail -n 1)
+bench queries \
+  --run "$big" --probe "$probe" --repeats "$query_repeats" | tee "$logs/queries-datafusion.log"
+$py scripts/bench/duckdb_queries.py "$big" --probe "$probe" --repeats "$query_repeats" \
+  | tee "$logs/queries-duckdb.log"
+
+step "summary ($(($(date +%s) - start)) s of benchmarks)"
+$py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

@@ -1,0 +1,66 @@
+"""Canned queries on DuckDB: the median time of every query of queries/
+over a run's tables, in-process, over exactly the Parquet files DataFusion
+reads (the manifest's committed files, tests/python/snippets/duckdb_views.py).
+
+    .venv/bin/python scripts/bench/duckdb_queries.py RUN --probe P [--repeats N]
+
+Same parameters as crates/analyze/benches/queries.rs (probe, k = 10,
+bins = 20), one untimed run per query first, then the median of N timed
+runs of execute + fetchall. Prints a table and, per query, one line
+`BENCH query engine=duckdb name=NAME rows=R median_s=S repeats=N`.
+"""
+import argparse
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "python" / "snippets"))
+
+import duckdb  # noqa: E402
+from duckdb_views import duckdb_connect  # noqa: E402
+
+
+def declared_params(text):
+    """Names from the `-- param: NAME (TYPE…` header lines."""
+    return re.findall(r"^--\s*param:\s*(\w+)\s*\(", text, re.M)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--probe", type=int, required=True)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    con = duckdb_connect(args.run)
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    chosen = {"probe": args.probe, "k": 10, "bins": 20}
+    print(
+        f"canned queries on DuckDB {duckdb.__version__}: {args.run}, probe {args.probe}, k 10, bins 20, "
+        f"threads {threads}, median of {args.repeats}"
+    )
+    print(f"{'query':<22} {'rows':>7} {'median s':>10} {'min s':>10} {'max s':>10}")
+    for path in sorted((ROOT / "queries").glob("*.sql")):
+        text = path.read_text()
+        params = {n: chosen[n] for n in declared_params(text)}
+
+        def once():
+            start = time.perf_counter()
+            rows = con.execute(text, params).fetchall()
+            return time.perf_counter() - start, len(rows)
+
+        _, rows = once()
+        times = sorted(once()[0] for _ in range(max(args.repeats, 1)))
+        med = statistics.median(times)
+        print(f"{path.stem:<22} {rows:>7} {med:>10.4f} {times[0]:>10.4f} {times[-1]:>10.4f}")
+        print(
+            f"BENCH query engine=duckdb name={path.stem} rows={rows} "
+            f"median_s={med:.6f} repeats={len(times)}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Helpers of scripts/bench.sh and the one summary table of the benchmarks.
+
+    summary.py rss LABEL... -- CMD ARGS...   run CMD, print its peak RSS as a BENCH line
+    summary.py storage DATA DTYPE RUN_INFO_JSON
+                                             bytes on disk / raw f32 of a run's updates
+    summary.py machine                       CPU model, cores and RAM from /proc
+    summary.py exe BUILD_JSON NAME           path of bench NAME from cargo's JSON messages
+    summary.py table LOG... [--md OUT]       the table from the BENCH lines of LOG...
+
+Every benchmark prints machine-readable lines besides its own table:
+
+    BENCH <part> key=value key=value ...
+
+`table` reads them from the logs, prints one table (row | figure | goal |
+met? | from what) and writes it as Markdown to OUT. A row whose lines are
+missing is printed as "missing" and makes `table` exit with status 1, as
+does a query whose row counts differ between the engines.
+"""
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+# Goals of the issue (docs/benchmarks.md).
+OVERHEAD_GOAL = 1.10
+STORAGE_GOAL = {"f32": 0.35, "f16": 0.20}
+ATTRIBUTION_GOAL = 0.7
+QUERY_GOAL = 1.0
+# "Flat": peak RSS at 10x the run length at most this times the 1x peak.
+FLAT_GOAL = 1.2
+QUERIES = [
+    "class_shares", "class_shares_by_epoch", "cosine_histogram", "layer_summary",
+    "self_influence", "top_opponents", "top_proponents",
+]
+
+
+def bench_line(part, **fields):
+    print("BENCH " + part + " " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+
+
+def parse(lines):
+    """{part: [ {key: value} ... ]} from BENCH lines."""
+    out = defaultdict(list)
+    for line in lines:
+        if not line.startswith("BENCH "):
+            continue
+        part, *pairs = line.split()[1:]
+        out[part].append(dict(p.split("=", 1) for p in pairs if "=" in p))
+    return out
+
+
+def cmd_rss(argv):
+    """Runs the command after `--`; prints `BENCH rss <labels> max_rss_kb=… wall_s=…`."""
+    sep = argv.index("--")
+    labels, cmd = argv[:sep], argv[sep + 1:]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"rss: {' '.join(cmd)} failed with status {proc.returncode}")
+    # ru_maxrss of the waited-for children: kilobytes on Linux. This process
+    # has only the one child, so it is that command's peak (VmHWM).
+    kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    fields = dict(label.split("=", 1) for label in labels)
+    bench_line("rss", **fields, max_rss_kb=kb, wall_s=f"{wall:.2f}")
+
+
+def cmd_storage(argv):
+    """`reptrace info --json` of a run → bytes on disk / raw f32 bytes of its updates."""
+    data, dtype, path = argv
+    info = json.loads(Path(path).read_text())
+    updates = [t for t in info["tables"] if t["table"] == "updates"]
+    disk = sum(t["bytes"] for t in updates)
+    raw = sum(t["raw_f32_bytes"] or 0 for t in updates)
+    if info["dtype"] != dtype or raw == 0:
+        sys.exit(f"storage: {path}: dtype {info['dtype']}, raw bytes {raw}: not a {dtype} run with updates")
+    rows = sum(t["rows"] for t in updates)
+    bench_line("storage", data=data, dtype=dtype, default="true", ratio=f"{disk / raw:.4f}",
+               raw_bytes=raw, disk_bytes=disk, records=rows)
+
+
+def cmd_exe(argv):
+    """The executable of bench target NAME in `cargo build --message-format=json` output."""
+    path, name = argv
+    found = None
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        m = json.loads(line)
+        target = m.get("target", {})
+        if m.get("reason") == "compiler-artifact" and "bench" in target.get("kind", []) \
+                and target.get("name") == name and m.get("executable"):
+            found = m["executable"]
+    if not found:
+        sys.exit(f"exe: no bench target {name} in {path}")
+    print(found)
+
+
+def machine():
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    cores = sum(1 for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("processor"))
+    mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+    return f"{cpu}, {cores} cores, {mem_kb / 1024 / 1024:.1f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def fmt_ratio(x):
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+
+
+def rows_from(b):
+    """[(row, figure, goal, met, from)] and the names of missing rows."""
+    rows, missing = [], []
+
+    def add(row, value, goal_text, ok, detail):
+        if value is None:
+            rows.append((row, "—", goal_text, "missing", detail))
+            missing.append(row)
+        else:
+            rows.append((row, value, goal_text, "yes" if ok else "**no**", detail))
+
+    # 1. recording overhead
+    over = {r["dtype"]: r for r in b["overhead"]}
+    for dtype in ("f32", "f16"):
+        r = over.get(dtype)
+        if r:
+            x = float(r["ratio"])
+            add(f"1 overhead {dtype}", fmt_ratio(x), f"≤ {OVERHEAD_GOAL:.2f}", x <= OVERHEAD_GOAL,
+                f"traced/untraced time, MLP 784-256-10, batch 64, synthetic, {r['steps']} steps, "
+                f"untraced {float(r['untraced_ms_per_step']):.2f} ms/step, loop only {float(r['loop_ratio']):.2f}; "
+                f"median of {r['repeats']}")
+        else:
+            add(f"1 overhead {dtype}", None, f"≤ {OVERHEAD_GOAL:.2f}", False, "")
+
+    # 2. storage
+    for data in ("synthetic", "digits"):
+        for dtype in ("f32", "f16"):
+            r = next((r for r in b["storage"] if r["data"] == data and r["dtype"] == dtype
+                      and r.get("default") == "true"), None)
+            goal = STORAGE_GOAL[dtype]
+            row = f"2 storage {data} {dtype}"
+            if r:
+                x = float(r["ratio"])
+                what = (f"{r['steps']} steps, zstd {r['zstd']}, median of {r['repeats']}" if data == "synthetic"
+                        else f"{r['records']} update records")
+                add(row, f"{x:.3f}", f"≤ {goal:.2f}", x <= goal,
+                    f"bytes on disk / raw f32 ({int(r['disk_bytes']) / 1e6:.1f} / {int(r['raw_bytes']) / 1e6:.1f} MB), {what}")
+            else:
+                add(row, None, f"≤ {goal:.2f}", False, "")
+
+    # 3. attribution
+    if not b["attribution"]:
+        add("3 attribution", None, f"≥ {ATTRIBUTION_GOAL}", False, "")
+    for r in b["attribution"]:
+        x = float(r["ratio"])
+        add(f"3 attribution {r['layer']}", fmt_ratio(x), f"≥ {ATTRIBUTION_GOAL}", x >= ATTRIBUTION_GOAL,
+            f"{r['kind'].replace('_', ' ')}: {float(r['pairs_per_s']):.3g} records×probes/s; bare decode "
+            f"{float(r['scan_s']):.3f} s / attribution {float(r['attr_s']):.3f} s, {r['records']} records × "
+            f"{r['probes']} probes, median of {r['repeats']}")
+
+    # 4. queries
+    setup = next(iter(b["query-setup"]), {})
+    df = {r["name"]: r for r in b["query"] if r["engine"] == "datafusion"}
+    duck = {r["name"]: r for r in b["query"] if r["engine"] == "duckdb"}
+    for name in QUERIES:
+        row = f"4 query {name}"
+        d, k = df.get(name), duck.get(name)
+        if not (d and k):
+            add(row, None, f"≤ {QUERY_GOAL:.1f}", False, "")
+            continue
+        x = float(d["median_s"]) / float(k["median_s"])
+        same = d["rows"] == k["rows"]
+        plan = f" (planning {float(d['plan_s']) * 1e3:.0f} ms)" if "plan_s" in d else ""
+        detail = (f"DataFusion {float(d['median_s']) * 1e3:.0f} ms{plan} / DuckDB {float(k['median_s']) * 1e3:.0f} ms, "
+                  f"{d['rows']} result rows" + ("" if same else f" vs DuckDB {k['rows']}: ROW COUNTS DIFFER")
+                  + f", {int(setup.get('contributions', 0)) / 1e6:.1f} M contribution rows, probe "
+                  f"{setup.get('probe', '?')}, median of {d['repeats']}")
+        add(row, fmt_ratio(x), f"≤ {QUERY_GOAL:.1f}", x <= QUERY_GOAL and same, detail)
+        if not same:
+            missing.append(row + " (row counts differ)")
+
+    # 5. peak RSS, 10x / 1x run length
+    rss = {(r["what"], r["scale"]): r for r in b["rss"]}
+    for what, label in (("train", "recording (reptrace train)"), ("attribute", "attribution (reptrace attribute)")):
+        one, ten = rss.get((what, "1")), rss.get((what, "10"))
+        row = f"5 peak RSS {what} 10×/1×"
+        if one and ten:
+            x = int(ten["max_rss_kb"]) / int(one["max_rss_kb"])
+            add(row, f"{x:.2f}", f"≤ {FLAT_GOAL} (flat)", x <= FLAT_GOAL,
+                f"{label}, digits, all layers traced: {int(ten['max_rss_kb']) / 1024:.0f} MiB at {ten['epochs']} epochs / "
+                f"{int(one['max_rss_kb']) / 1024:.0f} MiB at {one['epochs']} epochs ({one.get('detail', '').replace('_', ' ')})")
+        else:
+            add(row, None, f"≤ {FLAT_GOAL} (flat)", False, "")
+    return rows, missing
+
+
+def cmd_table(argv):
+    md_out = None
+    if "--md" in argv:
+        i = argv.index("--md")
+        md_out = Path(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    lines = []
+    for log in argv:
+        lines += Path(log).read_text(errors="replace").splitlines()
+    b = parse(lines)
+    rows, missing = rows_from(b)
+    host = machine()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = ("row", "figure", "goal", "met?", "from what")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
+    print(f"reptrace benchmarks, {date}")
+    print(f"machine: {host}")
+    print("  ".join(h.ljust(w) for h, w in zip(head[:4], widths)) + "  " + head[4])
+    for r in rows:
+        print("  ".join(str(c).replace("**", "").ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    met = sum(1 for r in rows if r[3] == "yes")
+    print(f"{met} of {len(rows)} rows meet their goal")
+    if md_out:
+        md = [f"Measured {date} on {host}.", "", "| row | figure | goal | met? | from what |", "|---|---|---|---|---|"]
+        md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        md += ["", f"{met} of {len(rows)} rows meet their goal."]
+        md_out.parent.mkdir(parents=True, exist_ok=True)
+        md_out.write_text("\n".join(md) + "\n")
+        print(f"Markdown: {md_out}")
+    if missing:
+        print("incomplete: " + ", ".join(missing), file=sys.stderr)
+        sys.exit(1)
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    cmd, argv = sys.argv[1], sys.argv[2:]
+    if cmd == "rss":
+        cmd_rss(argv)
+    elif cmd == "storage":
+        cmd_storage(argv)
+    elif cmd == "exe":
+        cmd_exe(argv)
+    elif cmd == "machine":
+        print(machine())
+    elif cmd == "table":
+        cmd_table(argv)
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
