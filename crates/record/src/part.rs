@@ -66,7 +66,7 @@ fn float_columns(table: Table) -> Vec<ColumnPath> {
             ColumnPath::from(col::NORM),
             ColumnPath::from(col::COSINE),
         ],
-        Table::Instances => vec![],
+        Table::Instances | Table::Batches => vec![],
     }
 }
 
