@@ -1,6 +1,7 @@
 -- Class shares by epoch: per layer and epoch, each class's share of a probe's refinement,
 -- (sum of dot over the class's records of that epoch) / ||p||^2: how the representation was
--- refined over training. The residual is its own row with epoch and label NULL.
+-- refined over training. The residual is its own row with epoch and label NULL; in batch mode,
+-- the mixed batches of an epoch share one row with label NULL (none with class-pure batches).
 -- param: probe (int64) the probe id
 WITH by_class AS (
     SELECT layer, epoch, label, SUM(dot) AS dot_sum, COUNT(*) AS records

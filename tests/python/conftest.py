@@ -105,6 +105,20 @@ def digits_run(reptrace_bin, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def batch_run(reptrace_bin, tmp_path_factory) -> Path:
+    """A small digits MLP run in batch mode with Adam (2 epochs, mixed
+    batches), attributed for probes 1437, 1500 and 1600."""
+    run = tmp_path_factory.mktemp("batch") / "run"
+    reptrace(
+        reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
+        "--batch-size", "64", "--mode", "batch", "--optimizer", "adam", "--lr", "0.01",
+        "--threads", "1", "--out", run,
+    )
+    reptrace(reptrace_bin, "attribute", run, "--probes", "ids:1437,1500,1600")
+    return run
+
+
+@pytest.fixture(scope="session")
 def attributed_probes(digits_run):
     """The probe ids attributed in `digits_run`, sorted (read from contributions)."""
     import pyarrow.dataset as ds

@@ -18,6 +18,11 @@ from conftest import ROOT, reptrace, sql_json
 TABLES = ["instances", "steps", "updates", "probes", "contributions"]
 PARTITIONED = {"updates", "probes", "contributions"}
 QUERIES = sorted((ROOT / "queries").glob("*.sql"))
+# Queries over the `batches` table, which only batch-mode runs fill.
+BATCH_ONLY = {"batch_member_influence"}
+INSTANCE_QUERIES = [q for q in QUERIES if q.stem not in BATCH_ONLY]
+# Run on the batch-mode run too: where a record is a whole batch.
+BATCH_QUERIES = [q for q in QUERIES if q.stem in BATCH_ONLY | {"class_shares", "top_steps", "layer_summary"}]
 # The order that identifies a row of each table, and its scalar columns.
 KEYS = {
     "instances": ["instance_id"],
@@ -244,11 +249,12 @@ def assert_same_answer(columns, rows, want, what):
 def test_every_query_has_a_test():
     assert {q.stem for q in QUERIES} >= {
         "top_proponents", "top_opponents", "class_shares", "class_shares_by_epoch",
-        "cosine_histogram", "self_influence", "layer_summary",
+        "cosine_histogram", "self_influence", "layer_summary", "top_steps",
+        "batch_member_influence",
     }
 
 
-@pytest.mark.parametrize("sql_file", QUERIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("sql_file", INSTANCE_QUERIES, ids=lambda p: p.stem)
 def test_query_on_duckdb(reptrace_bin, digits_run, attributed_probes, duck, sql_file):
     from duckdb_views import duckdb_query
 
@@ -260,7 +266,7 @@ def test_query_on_duckdb(reptrace_bin, digits_run, attributed_probes, duck, sql_
         assert_same_answer(columns, rows, want, f"duckdb {sql_file.stem} {params}")
 
 
-@pytest.mark.parametrize("sql_file", QUERIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("sql_file", INSTANCE_QUERIES, ids=lambda p: p.stem)
 def test_query_on_spark(reptrace_bin, digits_run, attributed_probes, spark, sql_file):
     from spark_views import spark_query, spark_register
 
@@ -269,6 +275,59 @@ def test_query_on_spark(reptrace_bin, digits_run, attributed_probes, spark, sql_
         params = param_values(sql_file, probe)
         want = datafusion_query(reptrace_bin, digits_run, sql_file, params)
         assert want, f"{sql_file.stem}: DataFusion returned no rows for {params}"
+        columns, rows = spark_query(spark, sql_file, params)
+        rows = [tuple(float(v) if hasattr(v, "as_tuple") else v for v in r) for r in rows]
+        assert_same_answer(columns, rows, want, f"spark {sql_file.stem} {params}")
+
+
+# ---- batch mode -------------------------------------------------------------
+
+
+def test_batch_run_tables_in_duckdb_and_pyarrow(reptrace_bin, batch_run, snippets):
+    """The batch-mode tables read the same everywhere: one `updates` row per
+    step and layer with `u` empty and NULL instance, and `batches` with every
+    member of every step."""
+    from duckdb_views import duckdb_connect
+    from open_pandas import open_pandas
+
+    duck = duckdb_connect(batch_run)
+    steps = duck.execute("SELECT COUNT(*), SUM(batch_size) FROM steps").fetchone()
+    for table in ("updates", "batches", "contributions"):
+        assert datafusion_counts(reptrace_bin, batch_run, table) == (
+            dict(duck.execute(f"SELECT layer, COUNT(*) FROM {table} GROUP BY layer").fetchall())
+            if table in PARTITIONED
+            else {None: duck.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]}
+        ), table
+    updates = open_pandas(batch_run, "updates")
+    assert updates.groupby("layer").size().to_dict() == {l: steps[0] for l in ("fc1", "fc2", "fc3")}
+    assert updates["instance_id"].isna().all()
+    assert (updates["u"].map(len) == 0).all()
+    batches = open_pandas(batch_run, "batches")
+    assert len(batches) == steps[1] == 2 * 1437
+    # Every training instance is in exactly one batch per epoch.
+    per_epoch = batches.groupby("epoch")["instance_id"].agg(["nunique", "size"])
+    assert (per_epoch["nunique"] == 1437).all() and (per_epoch["size"] == 1437).all()
+    want = sql_json(reptrace_bin, batch_run, "SELECT * FROM batches WHERE step < 3")
+    got = duck.execute("SELECT * FROM batches WHERE step < 3").df()
+    key = ["step", "instance_id"]
+    got = got.sort_values(key).reset_index(drop=True)
+    want = sorted(want, key=lambda r: (r["step"], r["instance_id"]))
+    assert got.to_dict("records") == want
+
+
+@pytest.mark.parametrize("sql_file", BATCH_QUERIES, ids=lambda p: p.stem)
+def test_batch_query_on_duckdb_and_spark(reptrace_bin, batch_run, snippets, spark, sql_file):
+    from duckdb_views import duckdb_connect, duckdb_query
+    from spark_views import spark_query, spark_register
+
+    duck = duckdb_connect(batch_run)
+    spark_register(spark, batch_run)
+    for probe in (1437, 1600):
+        params = param_values(sql_file, probe)
+        want = datafusion_query(reptrace_bin, batch_run, sql_file, params)
+        assert want, f"{sql_file.stem}: DataFusion returned no rows for {params}"
+        columns, rows = duckdb_query(duck, sql_file, params)
+        assert_same_answer(columns, rows, want, f"duckdb {sql_file.stem} {params}")
         columns, rows = spark_query(spark, sql_file, params)
         rows = [tuple(float(v) if hasattr(v, "as_tuple") else v for v in r) for r in rows]
         assert_same_answer(columns, rows, want, f"spark {sql_file.stem} {params}")

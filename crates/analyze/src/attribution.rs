@@ -19,9 +19,11 @@
 //!
 //! Attribute a run once training has finished: the recorder rewrites the
 //! manifest at every commit from its own copy, which would drop an
-//! attribution made while it is still recording. Batch-mode records that
-//! store a Linear layer's full update (empty `u`) are not supported yet; they
-//! are refused with an error naming the column and lengths.
+//! attribution made while it is still recording.
+//!
+//! In batch mode a record is the whole update of one step: its rows have the
+//! step, `instance_id` NULL and the batch's label when the batch is of one
+//! class (NULL otherwise); the batch's members are in the `batches` table.
 use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
@@ -419,6 +421,13 @@ fn select_probes(
         }
     };
     if options.self_only {
+        if run.manifest().mode == reptrace_format::Mode::Batch {
+            return Err(Error::BadOption {
+                option: "--self-only",
+                value: "batch mode".into(),
+                why: "batch-mode records are whole-batch updates with no instance of their own; query batch_member_influence instead".into(),
+            });
+        }
         rows.retain(|&i| is_train(i));
         if rows.is_empty() {
             return Err(Error::BadOption {
@@ -502,7 +511,7 @@ impl LayerJob<'_> {
         rows_total: &mut u64,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(FileEntry, LayerReport)> {
-        let geom = Geometry::of(self.layer);
+        let geom = Geometry::of(self.layer, self.run.manifest().mode);
         let name = self.layer.name();
         let out_schema = schema(Table::Contributions, Dtype::F32);
         let rel = layout::part_path(Table::Contributions, Some(name), self.seq);
@@ -531,7 +540,11 @@ impl LayerJob<'_> {
             per_pass.min(probes.len())
         };
         let batch_rows = self.options.batch_rows.unwrap_or_else(|| {
-            let by_factors = replay::batch_rows_for(self.layer, self.options.memory_budget / 8);
+            let by_factors = replay::batch_rows_for(
+                self.layer,
+                self.run.manifest().mode,
+                self.options.memory_budget / 8,
+            );
             // dot, norm and the output row of each pair: ~80 bytes.
             let by_output = (self.options.memory_budget / 8) / (80 * pairs_per_record.max(1));
             by_factors.min(by_output.max(1))
@@ -699,8 +712,8 @@ impl Rows {
             Some((recs, r)) => {
                 self.step.push(Some(recs.step[r]));
                 self.epoch.push(Some(recs.epoch[r]));
-                self.instance_id.push(Some(recs.instance_id[r]));
-                self.label.push(Some(recs.label[r]));
+                self.instance_id.push(recs.instance_id[r]);
+                self.label.push(recs.label[r]);
             }
             None => {
                 self.step.push(None);
@@ -740,7 +753,7 @@ fn all_pairs(
     probes: &Probes,
     schema: &SchemaRef,
 ) -> Result<RecordBatch> {
-    let (dot, norm) = rf.all_pairs(features);
+    let (dot, norm) = rf.all_pairs(features)?;
     let r = rows.len();
     // The records' columns, repeated once per probe.
     fn tile<T: Copy>(one: Vec<T>, times: usize) -> Vec<T> {
@@ -801,7 +814,10 @@ fn own_pairs(
 ) -> Option<Rows> {
     let mut out = Rows::default();
     for (i, &r) in rows.iter().enumerate() {
-        for &q in own.get(&recs.instance_id[r]).into_iter().flatten() {
+        let Some(id) = recs.instance_id[r] else {
+            continue;
+        };
+        for &q in own.get(&id).into_iter().flatten() {
             let (dot, norm) = rf.pair(features, i, q);
             out.push(
                 probes.probe_id[q],

@@ -17,13 +17,17 @@
 //!
 //! Both cost O(K²) per record–probe pair instead of the O(C_out·K·P) of
 //! forming `c`, and run as GEMMs over whole batches.
+//!
+//! **Linear, whole updates** (batch mode: a record is `[vec ΔW, Δb]` of a
+//! step): `C = A ΔWᵀ + 1 Δbᵀ` (Q×out), one GEMM per record, gives
+//! `dot = rowsum(C ∘ P)` and `norm = ‖C‖` per row.
 use crate::probes::Probes;
 use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Conv2dSpec, Storage, TracedLayer};
+use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
 
 /// A row-major matrix view of `data`, which must have exactly `shape` elements.
 fn view2(shape: (usize, usize), data: &[f64]) -> Result<ArrayView2<'_, f64>> {
@@ -50,20 +54,36 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
 /// The shape of a traced layer, as the arithmetic needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Geometry {
-    Linear { inp: usize, out: usize, bias: bool },
-    Conv { spec: Conv2dSpec },
+    /// `full`: records hold `[vec ΔW, Δb]` (batch mode), else factors.
+    Linear {
+        inp: usize,
+        out: usize,
+        bias: bool,
+        full: bool,
+    },
+    Conv {
+        spec: Conv2dSpec,
+    },
 }
 
 impl Geometry {
-    /// The geometry of a traced layer.
-    pub fn of(layer: &TracedLayer<'_>) -> Self {
+    /// The geometry of a traced layer in a run of `mode` (batch-mode
+    /// records hold whole updates).
+    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Self {
         match layer {
             TracedLayer::Linear(l) => Geometry::Linear {
                 inp: l.in_features,
                 out: l.out_features,
                 bias: l.bias,
+                full: mode == Mode::Batch,
             },
-            TracedLayer::Conv2d(c) => Geometry::Conv { spec: (*c).clone() },
+            TracedLayer::Conv2d(c) => {
+                let mut spec = (*c).clone();
+                if mode == Mode::Batch {
+                    spec.storage = Storage::Full;
+                }
+                Geometry::Conv { spec }
+            }
         }
     }
 
@@ -122,7 +142,13 @@ impl Geometry {
     /// f64 values held per record by [`RecordFeatures`] and the work arrays.
     pub fn record_feature_len(&self) -> usize {
         match self {
-            Geometry::Linear { inp, out, .. } => inp + out + 1,
+            Geometry::Linear {
+                inp,
+                out,
+                full: false,
+                ..
+            } => inp + out + 1,
+            Geometry::Linear { out, .. } => self.delta_len() + out,
             Geometry::Conv { .. } => 2 * self.delta_len() + self.gram_len(),
         }
     }
@@ -229,7 +255,14 @@ pub fn deltas(
     let d = geom.delta_len();
     let mut out = Vec::with_capacity(rows.len() * d);
     match geom {
-        Geometry::Linear { inp, out: o, bias } => {
+        Geometry::Linear { full: true, .. } => {
+            for &i in rows {
+                out.extend(recs.v[i * d..(i + 1) * d].iter().map(|x| x * scales[i]));
+            }
+        }
+        Geometry::Linear {
+            inp, out: o, bias, ..
+        } => {
             for &i in rows {
                 let u = &recs.u[i * inp..(i + 1) * inp];
                 let v = &recs.v[i * o..(i + 1) * o];
@@ -273,7 +306,12 @@ pub fn deltas(
 pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f64]) -> Result<()> {
     let r = recs.len();
     match geom {
-        Geometry::Linear { inp, out, .. } => {
+        Geometry::Linear {
+            inp,
+            out,
+            full: false,
+            ..
+        } => {
             // Σ ΔW = Vsᵀ U, one GEMM per batch.
             let u = view2((r, *inp), &recs.u)?;
             let mut vs = view2((r, *out), &recs.v)?.to_owned();
@@ -288,7 +326,7 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
                 }
             }
         }
-        Geometry::Conv { .. } => {
+        Geometry::Linear { full: true, .. } | Geometry::Conv { .. } => {
             let all: Vec<usize> = (0..r).collect();
             let d = deltas(geom, recs, scales, &all)?;
             for (s, x) in sum.iter_mut().zip(d.sum_axis(Axis(0))) {
@@ -308,7 +346,19 @@ pub struct RecordFeatures {
     /// Linear: `‖scaled v‖` per record.
     v_norm: Vec<f64>,
     bias: bool,
-    linear: bool,
+    kind: FeatureKind,
+}
+
+/// Which arithmetic [`RecordFeatures`] use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeatureKind {
+    LinearFactors,
+    /// Whole Linear updates, `first` = `[vec ΔW, Δb]`, W of `out × inp`.
+    LinearFull {
+        inp: usize,
+        out: usize,
+    },
+    Conv,
 }
 
 impl RecordFeatures {
@@ -316,7 +366,27 @@ impl RecordFeatures {
     pub fn new(geom: &Geometry, recs: &Records, scales: &[f64], rows: &[usize]) -> Result<Self> {
         let r = rows.len();
         match geom {
-            Geometry::Linear { inp, out, bias } => {
+            Geometry::Linear {
+                inp,
+                out,
+                bias,
+                full: true,
+            } => Ok(RecordFeatures {
+                first: deltas(geom, recs, scales, rows)?,
+                second: Array2::zeros((r, 0)),
+                v_norm: Vec::new(),
+                bias: *bias,
+                kind: FeatureKind::LinearFull {
+                    inp: *inp,
+                    out: *out,
+                },
+            }),
+            Geometry::Linear {
+                inp,
+                out,
+                bias,
+                full: false,
+            } => {
                 let mut u = Vec::with_capacity(r * inp);
                 let mut v = Vec::with_capacity(r * out);
                 let mut v_norm = Vec::with_capacity(r);
@@ -332,7 +402,7 @@ impl RecordFeatures {
                     second: matrix((r, *out), v)?,
                     v_norm,
                     bias: *bias,
-                    linear: true,
+                    kind: FeatureKind::LinearFactors,
                 })
             }
             Geometry::Conv { spec } => {
@@ -357,7 +427,7 @@ impl RecordFeatures {
                     second: matrix((r, geom.gram_len()), gram)?,
                     v_norm: Vec::new(),
                     bias: spec.bias,
-                    linear: false,
+                    kind: FeatureKind::Conv,
                 })
             }
         }
@@ -375,10 +445,23 @@ impl RecordFeatures {
 
     /// `dot` and `norm` of every probe (rows) with every record (columns):
     /// probe-major, the order contribution rows are written in.
-    pub fn all_pairs(&self, probes: &ProbeFeatures) -> (Array2<f64>, Array2<f64>) {
+    pub fn all_pairs(&self, probes: &ProbeFeatures) -> Result<(Array2<f64>, Array2<f64>)> {
+        if let FeatureKind::LinearFull { .. } = self.kind {
+            let (q, r) = (probes.first.nrows(), self.len());
+            let mut dot = Array2::zeros((q, r));
+            let mut norm = Array2::zeros((q, r));
+            for i in 0..r {
+                let c = self.linear_full_outputs(probes, i)?;
+                for (k, (row, p)) in c.rows().into_iter().zip(probes.second.rows()).enumerate() {
+                    dot[[k, i]] = row.dot(&p);
+                    norm[[k, i]] = row.dot(&row).sqrt();
+                }
+            }
+            return Ok((dot, norm));
+        }
         let first = probes.first.dot(&self.first.t());
         let second = probes.second.dot(&self.second.t());
-        if self.linear {
+        if self.kind == FeatureKind::LinearFactors {
             // Linear: first = S = A Uᵀ, second = T = P Vᵀ.
             let mut s = first;
             if self.bias {
@@ -391,17 +474,33 @@ impl RecordFeatures {
                     .zip(&self.v_norm)
                     .for_each(|(x, vn)| *x *= vn);
             }
-            (dot, norm)
+            Ok((dot, norm))
         } else {
-            (first, second.mapv(|x| x.max(0.0).sqrt()))
+            Ok((first, second.mapv(|x| x.max(0.0).sqrt())))
         }
     }
 
     /// `dot` and `norm` of record `r` with probe `q`.
     pub fn pair(&self, probes: &ProbeFeatures, r: usize, q: usize) -> (f64, f64) {
+        if let FeatureKind::LinearFull { inp, out } = self.kind {
+            let d = self.first.row(r);
+            let a = probes.first.row(q);
+            let p = probes.second.row(q);
+            let (mut dot, mut n2) = (0.0, 0.0);
+            for o in 0..out {
+                let w = d.slice(ndarray::s![o * inp..(o + 1) * inp]);
+                let mut c = w.dot(&a);
+                if self.bias {
+                    c += d[out * inp + o];
+                }
+                dot += c * p[o];
+                n2 += c * c;
+            }
+            return (dot, n2.sqrt());
+        }
         let first = self.first.row(r).dot(&probes.first.row(q));
         let second = self.second.row(r).dot(&probes.second.row(q));
-        if self.linear {
+        if self.kind == FeatureKind::LinearFactors {
             let s = if self.bias { first + 1.0 } else { first };
             (second * s, self.v_norm[r] * s.abs())
         } else {
@@ -410,11 +509,33 @@ impl RecordFeatures {
     }
 }
 
+impl RecordFeatures {
+    /// Whole Linear update `i` applied to every probe: `A ΔWᵀ + 1 Δbᵀ` (Q×out).
+    fn linear_full_outputs(&self, probes: &ProbeFeatures, i: usize) -> Result<Array2<f64>> {
+        let FeatureKind::LinearFull { inp, out } = self.kind else {
+            return Err(Error::Internal("not a whole-update Linear layer".into()));
+        };
+        let d = self.first.row(i);
+        let w = d.slice(ndarray::s![..out * inp]);
+        let w = w
+            .to_shape((out, inp))
+            .map_err(|e| shape_error((out, inp), w.len(), e))?;
+        let mut c = probes.first.dot(&w.t());
+        if self.bias {
+            let b = d.slice(ndarray::s![out * inp..]);
+            for mut row in c.rows_mut() {
+                row += &b;
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// The contribution `c = R ⊛ a + r_b` of a weight change (the residual) to a
 /// probe: `(dot, norm)` with its `p`.
 pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Result<(f64, f64)> {
     let c: Vec<f64> = match geom {
-        Geometry::Linear { inp, out, bias } => (0..*out)
+        Geometry::Linear { inp, out, bias, .. } => (0..*out)
             .map(|o| {
                 let w = &delta.weight[o * inp..(o + 1) * inp];
                 let z: f64 = w.iter().zip(a).map(|(x, y)| x * y).sum();

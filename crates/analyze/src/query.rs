@@ -58,6 +58,11 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "layer_summary",
         include_str!("../../../queries/layer_summary.sql"),
     ),
+    ("top_steps", include_str!("../../../queries/top_steps.sql")),
+    (
+        "batch_member_influence",
+        include_str!("../../../queries/batch_member_influence.sql"),
+    ),
 ];
 
 /// A query: its SQL and declared parameters.

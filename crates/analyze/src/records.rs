@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 pub struct Records {
     pub step: Vec<i64>,
     pub epoch: Vec<i32>,
-    pub instance_id: Vec<i64>,
-    pub label: Vec<i32>,
+    /// Null in batch mode (a record is the update of the whole batch).
+    pub instance_id: Vec<Option<i64>>,
+    /// Null in batch mode when the batch mixes classes.
+    pub label: Vec<Option<i32>>,
     /// `len() × u_len`, row-major.
     pub u: Vec<f64>,
     /// `len() × v_len`, row-major.
@@ -128,6 +130,19 @@ pub(crate) fn i32s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<i
     Ok(a.values().to_vec())
 }
 
+/// The values of an Int32 column that may hold nulls.
+pub(crate) fn opt_i32s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Option<i32>>> {
+    let a = column(batch, path, name)?;
+    let a = a.as_primitive_opt::<Int32Type>().ok_or_else(|| {
+        bad(
+            path,
+            name,
+            format!("type {}, expected Int32", a.data_type()),
+        )
+    })?;
+    Ok(a.iter().collect())
+}
+
 /// The values of a Float64 column (nulls rejected).
 pub(crate) fn f64s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<f64>> {
     let a = column(batch, path, name)?;
@@ -228,8 +243,8 @@ impl RecordReader {
         let mut r = Records {
             step: i64s(batch, path, col::STEP)?,
             epoch: i32s(batch, path, col::EPOCH)?,
-            instance_id: i64s(batch, path, col::INSTANCE_ID)?,
-            label: i32s(batch, path, col::LABEL)?,
+            instance_id: opt_i64s(batch, path, col::INSTANCE_ID)?,
+            label: opt_i32s(batch, path, col::LABEL)?,
             u: Vec::new(),
             v: Vec::new(),
         };

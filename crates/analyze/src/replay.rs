@@ -157,8 +157,9 @@ pub fn stream(
     mut sum: Option<&mut [f64]>,
     mut on_batch: impl FnMut(&Records, &[f64]) -> Result<()>,
 ) -> Result<()> {
-    let geom = Geometry::of(layer);
-    let (u_len, v_len) = layer.factor_lens();
+    let mode = run.manifest().mode;
+    let geom = Geometry::of(layer, mode);
+    let (u_len, v_len) = layer.record_lens(mode);
     let reader = RecordReader::new(update_files(run, layer.name()), u_len, v_len, batch_rows);
     std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Result<Records>>(2);
@@ -189,7 +190,7 @@ pub fn residual(
     setup: &Setup,
     batch_rows: usize,
 ) -> Result<(LayerWeights, LayerWeights)> {
-    let geom = Geometry::of(layer);
+    let geom = Geometry::of(layer, run.manifest().mode);
     let mut sum = vec![0.0; geom.delta_len()];
     stream(run, layer, setup, batch_rows, Some(&mut sum), |_, _| Ok(()))?;
     let change = setup.weight_change(layer)?;
@@ -199,9 +200,9 @@ pub fn residual(
 
 /// A batch size that keeps one batch of `layer`'s records (decoded factors
 /// plus the per-record work arrays) near `bytes`.
-pub fn batch_rows_for(layer: &TracedLayer<'_>, bytes: usize) -> usize {
-    let (u_len, v_len) = layer.factor_lens();
-    let geom = Geometry::of(layer);
+pub fn batch_rows_for(layer: &TracedLayer<'_>, mode: Mode, bytes: usize) -> usize {
+    let (u_len, v_len) = layer.record_lens(mode);
+    let geom = Geometry::of(layer, mode);
     // f32 decode + f64 copy of the factors, and the f64 work arrays.
     let per_row = 12 * (u_len + v_len) + 8 * geom.record_feature_len();
     (bytes / per_row.max(1)).clamp(1, 8192)

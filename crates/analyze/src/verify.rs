@@ -31,8 +31,8 @@ use crate::session::Run;
 use crate::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reptrace_format::{
-    Dtype, FORMAT_VERSION, FileEntry, Manifest, OLDEST_FORMAT_VERSION, Storage, Table, TracedLayer,
-    col, kv, layout, schema,
+    Dtype, FORMAT_VERSION, FileEntry, Manifest, OLDEST_FORMAT_VERSION, Table, TracedLayer, col, kv,
+    layout, schema,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -445,13 +445,14 @@ fn weights_residual(
     setup: &Setup,
     options: &Options,
 ) -> Result<(f64, f64)> {
-    let geom = Geometry::of(layer);
+    let mode = run.manifest().mode;
+    let geom = Geometry::of(layer, mode);
     let dtype = run.manifest().dtype;
     let mut sum = vec![0.0; geom.delta_len()];
     let mut bound = 0.0;
     let f16 = dtype == Dtype::F16;
-    let (u_len, v_len) = layer.factor_lens();
-    let full = matches!(layer, TracedLayer::Conv2d(c) if c.storage == Storage::Full);
+    let (u_len, v_len) = layer.record_lens(mode);
+    let full = layer.records_full(mode);
     let positions = match layer {
         TracedLayer::Conv2d(c) => c.positions(),
         TracedLayer::Linear(_) => 1,
@@ -527,7 +528,7 @@ fn probes_check(
     let result = (|| -> Result<(f64, usize)> {
         let probes = Probes::read(run, layer)?;
         let change = setup.weight_change(layer)?;
-        let geom = Geometry::of(layer);
+        let geom = Geometry::of(layer, run.manifest().mode);
         let mut worst = 0.0f64;
         for q in 0..probes.len() {
             let p = probes.p(q);

@@ -316,7 +316,7 @@ cases! {
             c.damage("manifest.json", |b| {
                 String::from_utf8(b)
                     .unwrap()
-                    .replacen("\"format_version\": 2", "\"format_version\": 99", 1)
+                    .replacen(&format!("\"format_version\": {}", reptrace_format::FORMAT_VERSION), "\"format_version\": 99", 1)
                     .into_bytes()
             });
             vec![]

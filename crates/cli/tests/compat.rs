@@ -1,7 +1,7 @@
 //! Runs of every older format version still open: `tests/data/v1-digits`
-//! (format 1: a one-epoch digits run, layer fc3 traced, attributed for
-//! probes 1437 and 1500) is read, verified, queried and attributed again by
-//! this build.
+//! and `tests/data/v2-digits` (formats 1 and 2: a one-epoch digits run,
+//! layer fc3 traced, attributed for probes 1437 and 1500) are read,
+//! verified, queried and attributed again by this build.
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -29,9 +29,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn v1_run(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/v1-digits");
-    let run = dir.join("v1");
+/// A copy of `tests/data/v<version>-digits` in `dir`.
+fn old_run(dir: &Path, version: u32) -> PathBuf {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../tests/data/v{version}-digits"));
+    let run = dir.join(format!("v{version}"));
     copy_dir(&src, &run);
     run
 }
@@ -44,19 +46,37 @@ fn ok(args: &[&str]) -> String {
 
 #[test]
 fn format_1_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(1);
+}
+
+#[test]
+fn format_2_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(2);
+}
+
+fn old_run_opens_verifies_queries_and_attributes(version: u32) {
+    assert!(version < reptrace_format::FORMAT_VERSION);
     let dir = tempfile::tempdir().unwrap();
-    let run = v1_run(dir.path());
+    let run = old_run(dir.path(), version);
     let r = run.to_str().unwrap();
     let m = reptrace_format::Manifest::load(&run).unwrap();
-    assert_eq!(m.format_version, 1);
+    assert_eq!(m.format_version, version);
     let info: serde_json::Value = serde_json::from_str(&ok(&["info", r, "--json"])).unwrap();
-    assert_eq!(info["format_version"], 1);
+    assert_eq!(info["format_version"], version);
     assert_eq!(info["status"], "complete");
     assert_eq!(info["probes"], "final");
     ok(&["verify", r]);
 
-    // Every table reads with the row counts its manifest lists.
-    for table in ["instances", "steps", "updates", "probes", "contributions"] {
+    // Every table reads with the row counts its manifest lists (batches:
+    // none, the table is newer than the run).
+    for table in [
+        "instances",
+        "steps",
+        "updates",
+        "probes",
+        "contributions",
+        "batches",
+    ] {
         let want: u64 = m.files(table.parse().unwrap()).iter().map(|f| f.rows).sum();
         let out = ok(&[
             "sql",
@@ -82,7 +102,7 @@ fn format_1_run_opens_verifies_queries_and_attributes() {
     // Attributing again adds files of the current version to the old run.
     ok(&["attribute", r, "--probes", "ids:1500"]);
     let after = reptrace_format::Manifest::load(&run).unwrap();
-    assert_eq!(after.format_version, 1, "the run keeps its version");
+    assert_eq!(after.format_version, version, "the run keeps its version");
     assert_eq!(after.attribution.unwrap().probes, "ids:1500");
     ok(&["verify", r]);
 }

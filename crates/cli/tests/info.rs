@@ -285,7 +285,10 @@ fn info_errors_are_one_line_naming_the_path() {
     check(&run, "invalid manifest");
     std::fs::write(
         run.join("manifest.json"),
-        text.replace("\"format_version\": 2", "\"format_version\": 99"),
+        text.replace(
+            &format!("\"format_version\": {}", reptrace_format::FORMAT_VERSION),
+            "\"format_version\": 99",
+        ),
     )
     .unwrap();
     check(&run, "version 99 is not supported");

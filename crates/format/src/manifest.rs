@@ -236,6 +236,33 @@ impl<'a> TracedLayer<'a> {
         }
     }
 
+    /// Lengths of one record's `u` and `v` lists in a run of `mode`: in
+    /// batch mode every record holds the whole update, `u` empty and `v` =
+    /// `vec ΔW` then `Δb`.
+    pub fn record_lens(&self, mode: Mode) -> (usize, usize) {
+        match mode {
+            Mode::Instance => self.factor_lens(),
+            Mode::Batch => (0, self.update_len()),
+        }
+    }
+
+    /// Length of `vec ΔW` plus `Δb`.
+    pub fn update_len(&self) -> usize {
+        match self {
+            TracedLayer::Linear(l) => {
+                l.in_features * l.out_features + if l.bias { l.out_features } else { 0 }
+            }
+            TracedLayer::Conv2d(c) => {
+                c.out_channels * c.patch_len() + if c.bias { c.out_channels } else { 0 }
+            }
+        }
+    }
+
+    /// Whether records of a run of `mode` hold the whole update (`u` empty).
+    pub fn records_full(&self, mode: Mode) -> bool {
+        mode == Mode::Batch || matches!(self, TracedLayer::Conv2d(c) if c.storage == Storage::Full)
+    }
+
     /// Lengths of a probe's `a` (layer input) and `p` (refinement) lists.
     pub fn probe_lens(&self) -> (usize, usize) {
         match self {

@@ -48,16 +48,19 @@ pub enum Table {
     Probes,
     /// One row per probe, layer and update record: its contribution.
     Contributions,
+    /// Batch mode: one row per step and member of its batch.
+    Batches,
 }
 
 impl Table {
     /// Every table, in the order of DESIGN.md §2.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Instances,
         Table::Steps,
         Table::Updates,
         Table::Probes,
         Table::Contributions,
+        Table::Batches,
     ];
 
     /// The table's name: its directory in the run and its SQL name.
@@ -68,6 +71,7 @@ impl Table {
             Table::Updates => "updates",
             Table::Probes => "probes",
             Table::Contributions => "contributions",
+            Table::Batches => "batches",
         }
     }
 
@@ -120,8 +124,9 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
         Table::Updates => vec![
             Field::new(STEP, DataType::Int64, false),
             Field::new(EPOCH, DataType::Int32, false),
-            Field::new(INSTANCE_ID, DataType::Int64, false),
-            Field::new(LABEL, DataType::Int32, false),
+            // Null in batch mode (label: unless the batch is of one class).
+            Field::new(INSTANCE_ID, DataType::Int64, true),
+            Field::new(LABEL, DataType::Int32, true),
             Field::new(U, list_of(dtype.arrow()), false),
             Field::new(V, list_of(dtype.arrow()), false),
             Field::new(UPDATE_NORM, DataType::Float32, false),
@@ -144,6 +149,12 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(DOT, DataType::Float64, false),
             Field::new(NORM, DataType::Float64, false),
             Field::new(COSINE, DataType::Float64, false),
+        ],
+        Table::Batches => vec![
+            Field::new(STEP, DataType::Int64, false),
+            Field::new(EPOCH, DataType::Int32, false),
+            Field::new(INSTANCE_ID, DataType::Int64, false),
+            Field::new(LABEL, DataType::Int32, false),
         ],
     };
     Arc::new(Schema::new(fields))

@@ -102,8 +102,10 @@ impl StepRowsOwned {
 pub(crate) struct UpdateRows {
     pub step: i64,
     pub epoch: i32,
-    pub ids: Vec<i64>,
-    pub labels: Vec<i32>,
+    /// `None` for a batch-mode record (the whole batch's update).
+    pub ids: Vec<Option<i64>>,
+    /// `None` for a batch-mode record of a batch of several classes.
+    pub labels: Vec<Option<i32>>,
     pub u: Vec<f32>,
     pub v: Vec<f32>,
     pub u_len: usize,
@@ -111,6 +113,28 @@ pub(crate) struct UpdateRows {
     pub norms: Option<Vec<f32>>,
     /// How to compute ‖ΔW‖ when `norms` is `None`.
     pub norm: NormKind,
+}
+
+/// Owned `batches` rows: the members of one step's batch.
+#[derive(Debug)]
+pub(crate) struct BatchRows {
+    pub step: i64,
+    pub epoch: i32,
+    pub ids: Vec<i64>,
+    pub labels: Vec<i32>,
+}
+
+/// One batch-mode step, for [`crate::Recorder::batch_step`]: the members of
+/// the batch and, per traced layer, the whole update `W_{t+1} − W_t`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchStep<'a> {
+    pub step: i64,
+    pub epoch: i32,
+    pub instance_ids: &'a [i64],
+    pub labels: &'a [i32],
+    /// Per traced layer: its name and ΔW (row-major, PyTorch's weight
+    /// shape) followed by Δb when the layer has a bias.
+    pub deltas: &'a [(&'a str, &'a [f32])],
 }
 
 /// Owned `probes` rows of one layer.

@@ -4,7 +4,7 @@
 //! `List<Float32>` or `List<Float16>` (item field `item`, non-null), so a row
 //! of `n × len` row-major values becomes a list array with fixed-length
 //! offsets over one flat value buffer (moved, not copied, for f32).
-use crate::batch::{InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm};
+use crate::batch::{BatchRows, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm};
 use crate::{Error, Result};
 use arrow_array::types::Float16Type;
 use arrow_array::{
@@ -152,6 +152,21 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
             u,
             v,
             Arc::new(Float32Array::from(norms)),
+        ],
+    )
+}
+
+/// `batches` rows of one step.
+pub(crate) fn batches(rows: BatchRows) -> Result<RecordBatch> {
+    let n = rows.ids.len();
+    batch(
+        Table::Batches,
+        schema(Table::Batches, Dtype::F32),
+        vec![
+            Arc::new(Int64Array::from(vec![rows.step; n])),
+            Arc::new(Int32Array::from(vec![rows.epoch; n])),
+            Arc::new(Int64Array::from(rows.ids)),
+            Arc::new(Int32Array::from(rows.labels)),
         ],
     )
 }

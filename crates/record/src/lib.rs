@@ -59,7 +59,7 @@ mod recorder;
 mod weights;
 mod writer;
 
-pub use batch::{NamedTensor, ProbeBatch, StepRow, UpdateBatch};
+pub use batch::{BatchStep, NamedTensor, ProbeBatch, StepRow, UpdateBatch};
 pub use error::{Error, Result};
 pub use part::ParquetOptions;
 pub use recorder::{Recorder, RecorderBuilder};

@@ -66,7 +66,7 @@ fn float_columns(table: Table) -> Vec<ColumnPath> {
             ColumnPath::from(col::NORM),
             ColumnPath::from(col::COSINE),
         ],
-        Table::Instances => vec![],
+        Table::Instances | Table::Batches => vec![],
     }
 }
 
@@ -238,8 +238,8 @@ mod tests {
         UpdateRows {
             step: 3,
             epoch: 1,
-            ids: (0..n as i64).collect(),
-            labels: vec![1; n],
+            ids: (0..n as i64).map(Some).collect(),
+            labels: vec![Some(1); n],
             u: (0..n * 4).map(|i| i as f32 * 0.25).collect(),
             v: (0..n * 2).map(|i| -(i as f32) * 0.5).collect(),
             u_len: 4,

@@ -6,8 +6,8 @@
 //! slower than training, the training loop waits. Errors of the writer
 //! thread come back from the next call.
 use crate::batch::{
-    InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, ProbeRows, StepRow, UpdateBatch,
-    UpdateRows, check_len,
+    BatchRows, BatchStep, InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, ProbeRows,
+    StepRow, UpdateBatch, UpdateRows, check_len,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
@@ -151,6 +151,7 @@ impl RecorderBuilder {
         )?;
 
         let n_classes = manifest.classes.len();
+        let manifest_mode = manifest.mode;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::sync_channel(self.queue_depth);
         let writer = Writer::new(
@@ -173,6 +174,7 @@ impl RecorderBuilder {
             layers,
             weight_shapes,
             n_classes,
+            mode: manifest_mode,
             last_step: None,
             last_step_row: None,
             pending_weights: None,
@@ -270,6 +272,7 @@ pub struct Recorder {
     layers: Vec<LayerInfo>,
     weight_shapes: HashMap<String, Vec<usize>>,
     n_classes: usize,
+    mode: Mode,
     /// Largest step seen (step rows and updates) and its epoch.
     last_step: Option<(i64, i32)>,
     /// Step of the last `steps` row, for the order check.
@@ -429,8 +432,8 @@ impl Recorder {
             rows: UpdateRows {
                 step: batch.step,
                 epoch: batch.epoch,
-                ids: batch.instance_ids.to_vec(),
-                labels: batch.labels.to_vec(),
+                ids: batch.instance_ids.iter().copied().map(Some).collect(),
+                labels: batch.labels.iter().copied().map(Some).collect(),
                 u: batch.u.to_vec(),
                 v: batch.v.to_vec(),
                 u_len,
@@ -439,6 +442,76 @@ impl Recorder {
                 norm,
             },
         })
+    }
+
+    /// Batch mode: the members of step `s`'s batch (table `batches`) and,
+    /// per traced layer, its whole update `W_{s+1} − W_s` as one `updates`
+    /// row (`u` empty, `v` = ΔW then Δb; `instance_id` null, `label` the
+    /// batch's class when all members share it).
+    pub fn batch_step(&mut self, batch: BatchStep<'_>) -> Result<()> {
+        self.check_open()?;
+        let ctx = || format!("batch step {}", batch.step);
+        if self.mode != Mode::Batch {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: "the run records in instance mode; batch steps need mode batch".into(),
+            });
+        }
+        if batch.step < 0 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: format!("step {} is negative", batch.step),
+            });
+        }
+        let n = batch.instance_ids.len();
+        check_len(ctx, "labels", n, batch.labels.len())?;
+        self.check_labels(&ctx(), "labels", batch.labels)?;
+        let label = match batch.labels.split_first() {
+            Some((first, rest)) if rest.iter().all(|l| l == first) => Some(*first),
+            _ => None,
+        };
+        let mut rows = Vec::with_capacity(batch.deltas.len());
+        for (layer, delta) in batch.deltas {
+            let li = self.layer_index(layer)?;
+            let (u_len, v_len, norm) = self.layers[li]
+                .factor_shapes
+                .iter()
+                .copied()
+                .find(|&(u, _, _)| u == 0)
+                .unwrap_or(self.layers[li].factor_shapes[0]);
+            check_len(
+                || format!("batch step {} of layer {layer:?}", batch.step),
+                "delta",
+                v_len,
+                delta.len(),
+            )?;
+            rows.push((
+                li,
+                UpdateRows {
+                    step: batch.step,
+                    epoch: batch.epoch,
+                    ids: vec![None],
+                    labels: vec![label],
+                    u: Vec::new(),
+                    v: delta.to_vec(),
+                    u_len,
+                    v_len,
+                    norms: None,
+                    norm,
+                },
+            ));
+        }
+        self.see_step(batch.step, batch.epoch);
+        self.send(Msg::Batch(BatchRows {
+            step: batch.step,
+            epoch: batch.epoch,
+            ids: batch.instance_ids.to_vec(),
+            labels: batch.labels.to_vec(),
+        }))?;
+        for (layer, rows) in rows {
+            self.send(Msg::Updates { layer, rows })?;
+        }
+        Ok(())
     }
 
     /// Adds probe rows for traced layer `layer`; `p_norm` is computed.

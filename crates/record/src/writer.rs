@@ -7,7 +7,9 @@
 //! snapshot, and then replaces the manifest. If anything fails, the thread
 //! removes its uncommitted files, marks the run aborted (committed data is
 //! kept as it was) and stops; the caller sees the error on its next call.
-use crate::batch::{InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned, UpdateRows};
+use crate::batch::{
+    BatchRows, InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned, UpdateRows,
+};
 use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::{Error, Result, columns, durable, weights};
 use arrow_array::RecordBatch;
@@ -38,6 +40,7 @@ pub(crate) enum Msg {
         layer: usize,
         rows: UpdateRows,
     },
+    Batch(BatchRows),
     Probes {
         layer: usize,
         rows: ProbeRows,
@@ -186,6 +189,12 @@ impl Writer {
             Msg::Instances(rows) => {
                 let batch = columns::instances(rows)?;
                 self.write(Table::Instances, None, &batch)?;
+            }
+            Msg::Batch(rows) => {
+                if !rows.ids.is_empty() {
+                    let batch = columns::batches(rows)?;
+                    self.write(Table::Batches, None, &batch)?;
+                }
             }
             Msg::Step(row) => {
                 self.steps.push(&row);

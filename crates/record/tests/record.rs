@@ -1240,3 +1240,76 @@ fn checkpoint_probes_are_kept_for_two_commits_and_dropped_at_the_end() {
     assert_eq!(a.weights, "weights/final.safetensors");
     assert_eq!(Manifest::load(&run).unwrap(), m);
 }
+
+/// Batch steps: one `updates` row per layer with the whole update
+/// (instance_id null; label the batch's class only when it has one), and
+/// the members in `batches`; refused in instance mode.
+#[test]
+fn batch_steps_record_whole_updates_and_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = Recorder::builder(&run)
+        .model(tiny_model())
+        .optimizer(Optimizer::sgd(0.5))
+        .classes(vec!["a".into(), "b".into()])
+        .mode(Mode::Batch)
+        .build()
+        .unwrap();
+    // fc1: ΔW 2×3 then Δb (2); fc2: ΔW 2×2, no bias.
+    let fc1 = [3.0f32, 0.0, 0.0, 0.0, 4.0, 0.0, 9.0, 9.0];
+    let fc2 = [1.0f32, 2.0, 2.0, 4.0];
+    for (step, labels) in [(0i64, [1, 1]), (1, [0, 1])] {
+        rec.batch_step(reptrace_record::BatchStep {
+            step,
+            epoch: 0,
+            instance_ids: &[2 * step, 2 * step + 1],
+            labels: &labels,
+            deltas: &[("fc1", &fc1), ("fc2", &fc2)],
+        })
+        .unwrap();
+    }
+    let e = rec
+        .batch_step(reptrace_record::BatchStep {
+            step: 2,
+            epoch: 0,
+            instance_ids: &[4],
+            labels: &[0],
+            deltas: &[("fc1", &fc1[..5])],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer \"fc1\"") && e.contains("delta"), "{e}");
+    let m = rec.finish(&[]).unwrap();
+    let u = read_table(&run, &m, Table::Updates, Some("fc1"));
+    assert_eq!(u.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    let ids = u[0].column_by_name("instance_id").unwrap();
+    assert_eq!(ids.null_count(), 2);
+    let labels = u[0]
+        .column_by_name("label")
+        .unwrap()
+        .as_primitive::<Int32Type>();
+    assert_eq!(
+        (labels.is_valid(0), labels.value(0), labels.is_valid(1)),
+        (true, 1, false)
+    );
+    assert_eq!(f32s(&u, "update_norm"), vec![5.0, 5.0]);
+    let v = read_table(&run, &m, Table::Updates, Some("fc2"));
+    assert_eq!(lists(&v, "v")[1], vec![1.0, 2.0, 2.0, 4.0]);
+    let b = read_table(&run, &m, Table::Batches, None);
+    assert_eq!(i64s(&b, "instance_id"), vec![0, 1, 2, 3]);
+    assert_eq!(i64s(&b, "step"), vec![0, 0, 1, 1]);
+    assert_eq!(i32s(&b, "label"), vec![1, 1, 0, 1]);
+
+    let mut rec = tiny_recorder(&dir.path().join("instance"));
+    let e = rec
+        .batch_step(reptrace_record::BatchStep {
+            step: 0,
+            epoch: 0,
+            instance_ids: &[0],
+            labels: &[0],
+            deltas: &[],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("instance mode"), "{e}");
+}

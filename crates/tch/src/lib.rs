@@ -29,6 +29,7 @@
 //! ```
 #![deny(clippy::unwrap_used)]
 
+pub mod adam;
 pub mod error;
 pub mod factors;
 pub mod model;

@@ -1,4 +1,4 @@
-//! Traced mini-batch SGD training.
+//! Traced mini-batch training.
 //!
 //! One forward and one backward pass per step give the gradient at every
 //! traced layer's output for every example of the batch (`δ`, asked of
@@ -14,6 +14,14 @@
 //! also holds checkpoint probes (the probes as of its weights), so that a
 //! run that never finishes can still be analysed up to its last commit. With no traced layers
 //! nothing is recorded and training is the same, bit for bit.
+//!
+//! Batch mode ([`Mode::Batch`]) records instead, per step and traced layer,
+//! the whole update `ΔW = W_{t+1} − W_t` (and `Δb`) as one row, with the
+//! batch's members in `batches`: it works with any optimizer (Adam, AdamW)
+//! and costs one row per layer and step. With class-pure batches
+//! ([`TrainConfig::class_pure_batches`]) every batch holds one class, so
+//! class shares stay exact.
+use crate::adam::{Adam, Decay};
 use crate::data::{DataSource, Dataset};
 use crate::factors::layer_factors;
 use crate::model::{HostTensor, ModelChoice, Network, TraceLayers, build_model};
@@ -23,7 +31,7 @@ use crate::{Error, Result};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
-use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{BatchStep, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
 use serde_json::json;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -112,6 +120,19 @@ pub struct TrainConfig {
     pub dampening: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
+    /// SGD, Adam or AdamW (the last two need batch mode).
+    pub optimizer: OptimizerKind,
+    /// Adam/AdamW coefficients of the moment estimates.
+    pub betas: [f64; 2],
+    /// Adam/AdamW term added to the denominator.
+    pub eps: f64,
+    /// Instance mode (one record per example, SGD) or batch mode (one record
+    /// per step: the whole update, any optimizer).
+    pub mode: Mode,
+    /// Every batch holds instances of a single class: each class's
+    /// instances, shuffled, are cut into batches, and the batches are
+    /// shuffled. Class shares of batch-mode records are then exact.
+    pub class_pure_batches: bool,
     /// Seeds initialisation, dropout and shuffling.
     pub seed: u64,
     pub trace_layers: TraceLayers,
@@ -143,6 +164,11 @@ impl Default for TrainConfig {
             dampening: 0.0,
             nesterov: false,
             weight_decay: 0.0,
+            optimizer: OptimizerKind::Sgd,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            mode: Mode::Instance,
+            class_pure_batches: false,
             seed: 42,
             trace_layers: TraceLayers::All,
             dtype: Dtype::F32,
@@ -190,6 +216,29 @@ impl TrainConfig {
         if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
             return bad("nesterov", "needs a momentum > 0 and zero dampening".into());
         }
+        if self.optimizer != OptimizerKind::Sgd {
+            let name = optimizer_name(self.optimizer);
+            if self.mode == Mode::Instance {
+                return bad(
+                    "optimizer",
+                    format!(
+                        "{name} needs --mode batch: its per-coordinate scaling has no per-example rank-one update"
+                    ),
+                );
+            }
+            if self.momentum != 0.0 || self.nesterov {
+                return bad(
+                    "momentum",
+                    format!("applies to sgd only ({name} uses betas)"),
+                );
+            }
+        }
+        if !self.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return bad("betas", format!("{:?} are not both in [0, 1)", self.betas));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", format!("{} is not a positive number", self.eps));
+        }
         if self.threads == Some(0) {
             return bad("threads", "must be at least 1".into());
         }
@@ -226,18 +275,94 @@ impl TrainConfig {
 
     /// The optimizer as the manifest describes it.
     pub fn optimizer(&self) -> Optimizer {
+        let adam = self.optimizer != OptimizerKind::Sgd;
         Optimizer {
-            kind: OptimizerKind::Sgd,
+            kind: self.optimizer,
             lr: self.lr,
             schedule: self.schedule.clone(),
             momentum: self.momentum,
             dampening: self.dampening,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay,
-            betas: None,
-            eps: None,
+            betas: adam.then_some(self.betas),
+            eps: adam.then_some(self.eps),
         }
     }
+
+    /// The optimizer state for `n_params` parameters.
+    fn optimizer_state(&self, n_params: usize) -> OptimizerState {
+        let adam = |decay| {
+            OptimizerState::Adam(Adam::new(
+                n_params,
+                self.betas,
+                self.eps,
+                self.weight_decay,
+                decay,
+            ))
+        };
+        match self.optimizer {
+            OptimizerKind::Sgd => OptimizerState::Sgd(Sgd::new(
+                n_params,
+                self.momentum,
+                self.dampening,
+                self.nesterov,
+                self.weight_decay,
+            )),
+            OptimizerKind::Adam => adam(Decay::L2),
+            OptimizerKind::Adamw => adam(Decay::Decoupled),
+        }
+    }
+}
+
+/// The flag value naming an optimizer.
+pub fn optimizer_name(kind: OptimizerKind) -> &'static str {
+    match kind {
+        OptimizerKind::Sgd => "sgd",
+        OptimizerKind::Adam => "adam",
+        OptimizerKind::Adamw => "adamw",
+    }
+}
+
+/// The state of the run's optimizer.
+#[derive(Debug)]
+enum OptimizerState {
+    Sgd(Sgd),
+    Adam(Adam),
+}
+
+impl OptimizerState {
+    fn step(&mut self, params: &[Tensor], grads: &[Tensor], lr: f64) -> Result<()> {
+        match self {
+            OptimizerState::Sgd(o) => o.step(params, grads, lr),
+            OptimizerState::Adam(o) => o.step(params, grads, lr),
+        }
+    }
+}
+
+/// One epoch's batches (rows of the data set) from the shuffled training
+/// rows `order`: consecutive chunks of `batch_size`, or with `class_pure`
+/// each class's rows (in shuffled order) cut into chunks, then the batches
+/// shuffled with `rng`.
+pub fn epoch_batches(
+    order: &[usize],
+    labels: &[i32],
+    batch_size: usize,
+    class_pure: bool,
+    rng: &mut impl rand::Rng,
+) -> Vec<Vec<usize>> {
+    if !class_pure {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let mut by_class: std::collections::BTreeMap<i32, Vec<usize>> = Default::default();
+    for &r in order {
+        by_class.entry(labels[r]).or_default().push(r);
+    }
+    let mut batches: Vec<Vec<usize>> = by_class
+        .values()
+        .flat_map(|rows| rows.chunks(batch_size).map(<[usize]>::to_vec))
+        .collect();
+    batches.shuffle(rng);
+    batches
 }
 
 /// What the training loop reports as it goes.
@@ -324,12 +449,20 @@ pub fn train_on(
         std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
     });
     tch::set_num_threads(threads as i32);
-    let model = build_model(
+    let mut model = build_model(
         &config.model,
         &data.shape,
         data.classes.len(),
         &config.trace_layers,
     )?;
+    if config.mode == Mode::Batch {
+        // A batch-mode record is the whole update of the layer.
+        for m in &mut model.modules {
+            if let reptrace_format::Module::Conv2d(c) = m {
+                c.storage = reptrace_format::Storage::Full;
+            }
+        }
+    }
     let traced: Vec<String> = model.traced_layers().map(|l| l.name().to_owned()).collect();
     let net = Network::new(&model, config.seed as i64, device)?;
     let mut rec = if traced.is_empty() {
@@ -341,11 +474,12 @@ pub fn train_on(
                 .optimizer(config.optimizer())
                 .classes(data.classes.clone())
                 .dtype(config.dtype)
-                .mode(Mode::Instance)
+                .mode(config.mode)
                 .setting("data", json!(data.name))
                 .setting("seed", json!(config.seed))
                 .setting("epochs", json!(config.epochs))
                 .setting("batch_size", json!(config.batch_size))
+                .setting("class_pure_batches", json!(config.class_pure_batches))
                 .setting("device", json!(config.device.to_string()))
                 .setting("threads", json!(threads))
                 .setting("trace_layers", json!(config.trace_layers.to_string()))
@@ -453,30 +587,39 @@ impl Run<'_> {
             rec.commit()?;
         }
 
-        let steps_per_epoch = data.n_train.div_ceil(cfg.batch_size);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut order: Vec<usize> = (0..data.n_train).collect();
+        // Class sizes do not change, so neither does the number of batches.
+        let steps_per_epoch = epoch_batches(
+            &order,
+            &data.labels,
+            cfg.batch_size,
+            cfg.class_pure_batches,
+            &mut rng.clone(),
+        )
+        .len();
         let total_steps = steps_per_epoch * cfg.epochs;
         (self.progress)(&Progress::Started {
             epochs: cfg.epochs,
             steps_per_epoch,
             traced_layers: self.traced.clone(),
         });
-        let mut sgd = Sgd::new(
-            params.len(),
-            cfg.momentum,
-            cfg.dampening,
-            cfg.nesterov,
-            cfg.weight_decay,
-        );
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-        let mut order: Vec<usize> = (0..data.n_train).collect();
+        let mut optimizer = cfg.optimizer_state(params.len());
         let mut step = 0usize;
         let mut last_loss = f64::NAN;
         let loop_start = Instant::now();
         for epoch in 0..cfg.epochs {
             let epoch_start = Instant::now();
             order.shuffle(&mut rng);
+            let batches = epoch_batches(
+                &order,
+                &data.labels,
+                cfg.batch_size,
+                cfg.class_pure_batches,
+                &mut rng,
+            );
             let (mut loss_sum, mut correct) = (0.0f64, 0i64);
-            for (i, rows) in order.chunks(cfg.batch_size).enumerate() {
+            for (i, rows) in batches.iter().enumerate() {
                 let lr = learning_rate(&cfg.schedule, cfg.lr, step, epoch, total_steps);
                 let (loss, ok) = self.step(StepInput {
                     rows,
@@ -486,7 +629,7 @@ impl Run<'_> {
                     x_all: &x_all,
                     y_all: &y_all,
                     params: &params,
-                    sgd: &mut sgd,
+                    optimizer: &mut optimizer,
                 })?;
                 loss_sum += loss;
                 correct += ok;
@@ -550,7 +693,7 @@ impl Run<'_> {
         })
     }
 
-    /// One SGD step; returns the batch loss and the number of correct predictions.
+    /// One optimizer step; returns the batch loss and the number of correct predictions.
     fn step(&mut self, s: StepInput<'_>) -> Result<(f64, i64)> {
         let net = self.net;
         let device = net.device();
@@ -558,7 +701,9 @@ impl Run<'_> {
         let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
         let x = s.x_all.f_index_select(0, &index)?;
         let y = s.y_all.f_index_select(0, &index)?;
-        let recording = self.rec.is_some();
+        let batch_mode = self.config.mode == Mode::Batch;
+        // Instance mode needs δ at every traced layer's output.
+        let recording = self.rec.is_some() && !batch_mode;
         let (logits, taps) = net.forward(&x, true, recording)?;
         let loss = logits
             .f_log_softmax(-1, Kind::Float)?
@@ -582,6 +727,40 @@ impl Run<'_> {
         let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
         let (deltas, param_grads) = grads.split_at(taps.len());
 
+        if batch_mode && let Some(rec) = self.rec.as_deref_mut() {
+            // The whole update of each traced layer: copies before the
+            // step, differences after it (counted as factor time).
+            let t0 = Instant::now();
+            let before = traced_params(net)?;
+            self.timing.factors += t0.elapsed();
+            s.optimizer.step(s.params, param_grads, s.lr)?;
+            let t1 = Instant::now();
+            let mut deltas = Vec::with_capacity(before.len());
+            for (name, w0, b0) in &before {
+                deltas.push((name.as_str(), whole_update(net, name, w0, b0.as_ref())?));
+            }
+            let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
+            let named: Vec<(&str, &[f32])> =
+                deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            let t2 = Instant::now();
+            self.timing.factors += t2 - t1;
+            rec.step(StepRow {
+                step: s.step as i64,
+                epoch: s.epoch as i32,
+                lr: s.lr,
+                batch_size: ids.len() as i32,
+                loss: loss_value,
+            })?;
+            rec.batch_step(BatchStep {
+                step: s.step as i64,
+                epoch: s.epoch as i32,
+                instance_ids: &ids,
+                labels: &labels,
+                deltas: &named,
+            })?;
+            self.timing.record += t2.elapsed();
+            return Ok((loss_value, correct));
+        }
         if let Some(rec) = self.rec.as_deref_mut() {
             let (step, epoch) = (s.step as i64, s.epoch as i32);
             let t0 = Instant::now();
@@ -617,7 +796,7 @@ impl Run<'_> {
                 self.timing.record += t1.elapsed();
             }
         }
-        s.sgd.step(s.params, param_grads, s.lr)?;
+        s.optimizer.step(s.params, param_grads, s.lr)?;
         Ok((loss_value, correct))
     }
 
@@ -708,7 +887,48 @@ struct StepInput<'a> {
     x_all: &'a Tensor,
     y_all: &'a Tensor,
     params: &'a [Tensor],
-    sgd: &'a mut Sgd,
+    optimizer: &'a mut OptimizerState,
+}
+
+/// Copies of every traced layer's weight and bias: `(layer, W, b)`.
+fn traced_params(net: &Network) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
+    let mut out = Vec::new();
+    for i in 0..net.model().modules.len() {
+        let (Some(layer), Some((w, b))) = (net.traced_layer(i), net.layer_params(i)) else {
+            continue;
+        };
+        let b = b.map(|b| b.f_detach_copy()).transpose()?;
+        out.push((layer.name().to_owned(), w.f_detach_copy()?, b));
+    }
+    Ok(out)
+}
+
+/// A traced layer's whole update since `w0`, `b0`: `vec(W − W0)` then
+/// `b − b0`, the difference taken in f64 (exact for two f32 values of
+/// similar size) and stored as f32.
+fn whole_update(net: &Network, layer: &str, w0: &Tensor, b0: Option<&Tensor>) -> Result<Vec<f32>> {
+    let found = (0..net.model().modules.len()).find_map(|i| {
+        net.traced_layer(i)
+            .filter(|l| l.name() == layer)
+            .and_then(|_| net.layer_params(i))
+    });
+    let Some((w, b)) = found else {
+        return Ok(Vec::new());
+    };
+    let diff = |now: &Tensor, then: &Tensor| -> Result<Tensor> {
+        Ok(now
+            .f_to_kind(Kind::Double)?
+            .f_sub(&then.f_to_kind(Kind::Double)?)?
+            .f_flatten(0, -1)?)
+    };
+    let mut parts = vec![diff(&w, w0)?];
+    if let (Some(b), Some(b0)) = (b, b0) {
+        parts.push(diff(&b, b0)?);
+    }
+    let all = Tensor::f_cat(&parts, 0)?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?;
+    Ok(Vec::<f32>::try_from(&all)?)
 }
 
 /// Accuracy of the network (eval mode) on the contiguous rows `rows`.

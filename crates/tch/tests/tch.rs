@@ -6,8 +6,8 @@ use arrow_array::{
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{
-    Conv2dSpec, LinearSpec, LrSchedule, Manifest, Model, Module, Status, Storage, Table,
-    TracedLayer, displacement_scales, layout,
+    Conv2dSpec, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind, Status,
+    Storage, Table, TracedLayer, displacement_scales, layout,
 };
 use reptrace_tch::data::{self, CsvOptions, DataSource, Dataset};
 use reptrace_tch::{
@@ -95,6 +95,11 @@ fn read_weights(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 /// One record's `ΔW` (row-major `out × K`) followed by `Δb`, in f64, from
 /// its factors as the format defines them.
 fn record_update(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> Vec<f64> {
+    if u.is_empty() {
+        // A whole update (batch mode, or Conv2d full storage): `vec ΔW, Δb`.
+        assert_eq!(v.len(), layer.update_len(), "{}", layer.name());
+        return v.iter().map(|&x| f64::from(x)).collect();
+    }
     match layer {
         TracedLayer::Linear(l) => {
             assert_eq!((u.len(), v.len()), (l.in_features, l.out_features));
@@ -246,6 +251,10 @@ impl Trace {
     }
 
     fn scales(&self) -> Vec<f64> {
+        if self.manifest.mode == Mode::Batch {
+            // A batch-mode record is the whole displacement of its step.
+            return vec![1.0; self.lrs.len()];
+        }
         let o = &self.manifest.optimizer;
         displacement_scales(&self.lrs, o.momentum, o.dampening, o.nesterov)
     }
@@ -345,6 +354,10 @@ fn assert_reconstructs(run: &Path, what: &str) -> Trace {
         );
         assert!(moved > 1e-2, "{what} {name}: the layer barely moved");
         assert!(rel <= 1e-5, "{what} {name}: relative error {rel:.3e}");
+    }
+    if trace.manifest.mode == Mode::Batch {
+        // The records are the optimizer's displacements; no SGD to replay.
+        return trace;
     }
     for (name, w, _) in trace.replay() {
         let wt = Trace::params(&trace.final_, &name);
@@ -812,6 +825,146 @@ fn tracing_does_not_change_training() {
     }
 }
 
+// ---------------------------------------------------------------- batch mode
+
+/// `(step, members)` of the `batches` table, sorted by step.
+fn batch_members(run: &Path) -> Vec<(i64, Vec<(i64, i32)>)> {
+    let manifest = Manifest::load(run).unwrap();
+    let mut by_step: std::collections::BTreeMap<i64, Vec<(i64, i32)>> = Default::default();
+    for f in manifest.files(Table::Batches) {
+        for b in read_parquet(&run.join(&f.path)) {
+            let step = col::<Int64Array>(&b, "step");
+            let id = col::<Int64Array>(&b, "instance_id");
+            let label = col::<Int32Array>(&b, "label");
+            for i in 0..b.num_rows() {
+                by_step
+                    .entry(step.value(i))
+                    .or_default()
+                    .push((id.value(i), label.value(i)));
+            }
+        }
+    }
+    by_step.into_iter().collect()
+}
+
+/// Batch mode with Adam, AdamW and SGD with momentum and weight decay: one
+/// record per step and layer holds the whole update, and `W_0 + Σ ΔW_t =
+/// W_T` from the trace alone (to 1e-5 of the displacement; f32 rounding of
+/// each stored ΔW is the only error). The MLP and the CNN.
+#[test]
+fn batch_mode_reconstructs_any_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "adam-mlp",
+            OptimizerKind::Adam,
+            ModelChoice::default(),
+            0.0,
+            0.0,
+        ),
+        (
+            "adamw-mlp",
+            OptimizerKind::Adamw,
+            ModelChoice::default(),
+            0.0,
+            0.01,
+        ),
+        ("adam-cnn", OptimizerKind::Adam, ModelChoice::Cnn, 0.0, 1e-3),
+        (
+            "sgd-mlp",
+            OptimizerKind::Sgd,
+            ModelChoice::default(),
+            0.9,
+            1e-3,
+        ),
+    ];
+    for (name, optimizer, model, momentum, weight_decay) in cases {
+        let cfg = TrainConfig {
+            model,
+            optimizer,
+            momentum,
+            weight_decay,
+            lr: if optimizer == OptimizerKind::Sgd {
+                0.05
+            } else {
+                0.01
+            },
+            mode: Mode::Batch,
+            batch_size: 64,
+            probes: ProbeSet::None,
+            ..run_config(dir.path(), name)
+        };
+        let summary = train(&cfg, &mut quiet()).unwrap();
+        let trace = assert_reconstructs(&cfg.out, name);
+        assert_eq!(trace.manifest.mode, Mode::Batch);
+        assert_eq!(trace.manifest.optimizer.kind, optimizer);
+        for (layer, rows) in &trace.rows {
+            assert_eq!(*rows, summary.steps, "{name} {layer}: one record per step");
+        }
+        let members = batch_members(&cfg.out);
+        assert_eq!(
+            members.len(),
+            summary.steps,
+            "{name}: batches of every step"
+        );
+        for epoch in 0..2 {
+            let per = 1437usize.div_ceil(64);
+            let mut ids: Vec<i64> = members[epoch * per..(epoch + 1) * per]
+                .iter()
+                .flat_map(|(_, m)| m.iter().map(|x| x.0))
+                .collect();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..1437).collect::<Vec<_>>(), "{name}: epoch {epoch}");
+        }
+        if optimizer != OptimizerKind::Sgd {
+            assert!(
+                summary.test_accuracy.unwrap() > 0.7,
+                "{name}: test accuracy {:?}",
+                summary.test_accuracy
+            );
+        }
+    }
+}
+
+/// The same seed trains the same network in both modes (the optimizer step
+/// is the same; batch mode only records differently), also with class-pure
+/// batches, and every class-pure batch holds one class.
+#[test]
+fn batch_mode_trains_like_instance_mode_and_class_pure_batches_are_pure() {
+    let dir = tempfile::tempdir().unwrap();
+    for pure in [false, true] {
+        let run = |mode: Mode, out: &str| {
+            let cfg = TrainConfig {
+                mode,
+                class_pure_batches: pure,
+                epochs: 1,
+                momentum: 0.9,
+                probes: ProbeSet::None,
+                ..run_config(dir.path(), out)
+            };
+            (train(&cfg, &mut quiet()).unwrap(), cfg.out)
+        };
+        let (inst, _) = run(Mode::Instance, &format!("instance-{pure}"));
+        let (batch, out) = run(Mode::Batch, &format!("batch-{pure}"));
+        assert_eq!(bits(&inst), bits(&batch), "class-pure {pure}");
+        assert_eq!(inst.steps, batch.steps);
+        let members = batch_members(&out);
+        let labels = |m: &Vec<(i64, i32)>| {
+            let mut l: Vec<i32> = m.iter().map(|x| x.1).collect();
+            l.dedup();
+            l.len()
+        };
+        let mixed = members.iter().filter(|(_, m)| labels(m) > 1).count();
+        if pure {
+            assert_eq!(mixed, 0, "every class-pure batch holds one class");
+            // Σ ⌈n_c / 32⌉ over the classes, more than ⌈1437 / 32⌉.
+            assert!(batch.steps > 1437usize.div_ceil(32), "{}", batch.steps);
+        } else {
+            assert!(mixed > 0);
+        }
+    }
+}
+
 /// Largest ‖a − b‖/‖a‖ over the parameter tensors of two runs.
 fn max_rel_diff(a: &TrainSummary, b: &TrainSummary) -> f64 {
     a.weights
@@ -942,7 +1095,32 @@ fn non_finite_loss_aborts_and_keeps_good_steps() {
 
 #[test]
 fn bad_settings_name_the_setting() {
-    let cases: [(&str, TrainConfig); 4] = [
+    let cases: [(&str, TrainConfig); 7] = [
+        (
+            "optimizer",
+            TrainConfig {
+                optimizer: OptimizerKind::Adam,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "momentum",
+            TrainConfig {
+                optimizer: OptimizerKind::Adamw,
+                mode: Mode::Batch,
+                momentum: 0.9,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "betas",
+            TrainConfig {
+                optimizer: OptimizerKind::Adam,
+                mode: Mode::Batch,
+                betas: [0.9, 1.0],
+                ..TrainConfig::default()
+            },
+        ),
         (
             "lr",
             TrainConfig {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-TABLES = ["instances", "steps", "updates", "probes", "contributions"]
+TABLES = ["instances", "steps", "updates", "probes", "contributions", "batches"]
 PARTITIONED = {"updates", "probes", "contributions"}
 
 
@@ -25,7 +25,7 @@ def duckdb_connect(run):
     for table in TABLES:
         files = committed_files(run, table)
         if not files:
-            continue  # e.g. contributions before `reptrace attribute`
+            continue  # e.g. contributions before `reptrace attribute`, batches in instance mode
         hive = table in PARTITIONED
         options = ", hive_partitioning = true, hive_types = {'layer': VARCHAR}" if hive else ""
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({files!r}{options})")

@@ -31,6 +31,7 @@ def spark_register(spark, run):
     for table in TABLES:
         files = committed_files(run, table)
         if not files:
+            spark.catalog.dropTempView(table)  # not left over from another run
             continue
         reader = spark.read
         if table in PARTITIONED:

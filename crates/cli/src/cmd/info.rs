@@ -51,6 +51,9 @@ pub struct Info {
     /// The step of the weights those probes were taken against.
     pub probes_as_of_step: Option<i64>,
     pub weights: Vec<String>,
+    /// Bytes of `updates` and `batches` per committed training step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_per_step: Option<StoragePerStep>,
     pub tables: Vec<TableInfo>,
     pub stray_files: Vec<String>,
     pub warnings: Vec<String>,
@@ -80,6 +83,17 @@ pub struct ModuleInfo {
     pub factor_lens: Option<[usize; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<Storage>,
+}
+
+/// What recording costs on disk per training step.
+#[derive(Debug, Serialize)]
+pub struct StoragePerStep {
+    /// Committed training steps.
+    pub steps: u64,
+    /// Bytes of the committed `updates` and `batches` files.
+    pub bytes: u64,
+    /// `bytes / steps`.
+    pub bytes_per_step: f64,
 }
 
 /// The committed files of one table (and layer).
@@ -146,7 +160,7 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         }
         let raw = match (table, layer) {
             (Table::Updates, Some(l)) => m.model.traced_layer(l).map(|tl| {
-                let (u, v) = tl.factor_lens();
+                let (u, v) = tl.record_lens(m.mode);
                 rows * (u + v) as u64 * 4
             }),
             _ => None,
@@ -172,6 +186,17 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
     let stray_files = stray_files(run, &m)?;
     let last = m.commits.iter().rev().find(|c| c.step.is_some());
     let analysis = m.analysis_probes();
+    let steps = last.and_then(|c| c.step).map_or(0, |s| s.0 + 1) as u64;
+    let recorded: u64 = tables
+        .iter()
+        .filter(|t| t.table == Table::Updates.name() || t.table == Table::Batches.name())
+        .map(|t| t.bytes)
+        .sum();
+    let storage_per_step = (steps > 0).then(|| StoragePerStep {
+        steps,
+        bytes: recorded,
+        bytes_per_step: recorded as f64 / steps as f64,
+    });
 
     Ok(Info {
         run: run.display().to_string(),
@@ -198,6 +223,7 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         .to_owned(),
         probes_as_of_step: analysis.and_then(|a| a.step).map(|s| s.0),
         weights,
+        storage_per_step,
         tables,
         stray_files,
         warnings,
@@ -340,7 +366,7 @@ fn model_info(m: &Manifest) -> ModelInfo {
                 factor_lens: layer
                     .as_ref()
                     .filter(|l| l.1)
-                    .map(|l| l.0.factor_lens().into()),
+                    .map(|l| l.0.record_lens(m.mode).into()),
                 storage: layer.and_then(|l| if l.1 { l.2 } else { None }),
             }
         })
@@ -411,11 +437,18 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
     let kind = serde_json::to_value(o.kind).ok();
     let kind = kind.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
     let schedule = serde_json::to_string(&o.schedule).unwrap_or_default();
-    writeln!(
-        out,
-        "optimizer  {kind} lr {} momentum {} dampening {} nesterov {} weight decay {}, schedule {schedule}",
-        o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay
-    )?;
+    match (o.betas, o.eps) {
+        (Some([b1, b2]), Some(eps)) => writeln!(
+            out,
+            "optimizer  {kind} lr {} betas {b1}, {b2} eps {eps} weight decay {}, schedule {schedule}",
+            o.lr, o.weight_decay
+        )?,
+        _ => writeln!(
+            out,
+            "optimizer  {kind} lr {} momentum {} dampening {} nesterov {} weight decay {}, schedule {schedule}",
+            o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay
+        )?,
+    }
     writeln!(
         out,
         "classes    {}: {}",
@@ -441,6 +474,14 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
             i.weights.join(", ")
         }
     )?;
+    if let Some(s) = &i.storage_per_step {
+        writeln!(
+            out,
+            "storage    {} per step (updates and batches, {} steps)",
+            human(s.bytes_per_step.round() as u64),
+            s.steps
+        )?;
+    }
     writeln!(out)?;
     writeln!(
         out,

@@ -7,7 +7,7 @@
 //! and the accuracies; the summary of what was recorded goes to `out`.
 use anyhow::anyhow;
 use indicatif::{ProgressBar, ProgressStyle};
-use reptrace_format::{Dtype, LrSchedule, Table};
+use reptrace_format::{Dtype, LrSchedule, Mode, OptimizerKind, Table};
 use reptrace_tch::{
     DataSource, DeviceChoice, ModelChoice, ProbeSet, Progress, TraceLayers, TrainConfig,
     TrainSummary,
@@ -68,6 +68,22 @@ pub struct TrainArgs {
     /// The run directory to create (must not exist or be empty).
     #[arg(long)]
     pub out: PathBuf,
+    /// instance (one record per example and step; SGD) or batch (one record
+    /// per step: the whole update; any optimizer).
+    #[arg(long, default_value = "instance")]
+    pub mode: String,
+    /// sgd, adam or adamw (adam and adamw need --mode batch).
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// Adam/AdamW betas, as B1,B2.
+    #[arg(long, default_value = "0.9,0.999")]
+    pub betas: String,
+    /// Adam/AdamW epsilon.
+    #[arg(long, default_value = "1e-8")]
+    pub eps: String,
+    /// Every batch holds instances of one class (exact class shares in batch mode).
+    #[arg(long)]
+    pub class_pure_batches: bool,
 }
 
 /// Parses `value` of flag `--flag`, naming the flag and `what` was expected on error.
@@ -115,6 +131,24 @@ impl TrainArgs {
         let device: DeviceChoice = self.device.parse().map_err(|e| anyhow!("--device: {e}"))?;
         device.device().map_err(|e| anyhow!("--device: {e}"))?;
         let probes: ProbeSet = self.probes.parse().map_err(|e| anyhow!("--probes: {e}"))?;
+        let mode = match self.mode.as_str() {
+            "instance" => Mode::Instance,
+            "batch" => Mode::Batch,
+            other => return Err(anyhow!("--mode: {other:?} is not instance or batch")),
+        };
+        let optimizer = match self.optimizer.as_str() {
+            "sgd" => OptimizerKind::Sgd,
+            "adam" => OptimizerKind::Adam,
+            "adamw" => OptimizerKind::Adamw,
+            other => return Err(anyhow!("--optimizer: {other:?} is not sgd, adam or adamw")),
+        };
+        let betas = match self.betas.split(',').collect::<Vec<_>>().as_slice() {
+            [b1, b2] => [
+                parse("betas", b1, "a number")?,
+                parse("betas", b2, "a number")?,
+            ],
+            _ => return Err(anyhow!("--betas: {:?} is not B1,B2", self.betas)),
+        };
         let config = TrainConfig {
             model,
             data,
@@ -126,6 +160,11 @@ impl TrainArgs {
             dampening: 0.0,
             nesterov: self.nesterov,
             weight_decay: parse("weight-decay", &self.weight_decay, "a number")?,
+            optimizer,
+            betas,
+            eps: parse("eps", &self.eps, "a number")?,
+            mode,
+            class_pure_batches: self.class_pure_batches,
             seed: parse("seed", &self.seed, "a non-negative integer")?,
             trace_layers,
             dtype,

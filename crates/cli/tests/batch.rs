@@ -1,0 +1,352 @@
+//! Batch mode end to end, as a user runs it: `reptrace train --mode batch`
+//! on the bundled digits, `attribute`, `verify`, `info` and the canned
+//! queries, each checked against sums computed here from the raw rows.
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn reptrace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reptrace"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = reptrace(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Rows of `reptrace sql --format json` (a NULL is a missing key).
+fn sql(run: &str, query: &str) -> Vec<Value> {
+    let out = ok(&["sql", run, query, "--format", "json"]);
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Rows of a canned query, as JSON.
+fn query(run: &str, name: &str, params: &[&str]) -> Vec<Value> {
+    let mut args = vec!["query", run, name, "--format", "json"];
+    for p in params {
+        args.extend(["--param", p]);
+    }
+    let out = ok(&args);
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(&out).unwrap()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn i(v: &Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(Value::as_i64)
+}
+
+fn s(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap().to_owned()
+}
+
+const PROBES: [i64; 3] = [1437, 1500, 1600];
+
+/// The tensors of a run's final weights: name → raw bytes.
+fn final_weights(run: &str) -> BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(Path::new(run).join("weights/final.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.data().to_vec()))
+        .collect()
+}
+
+fn train(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let run = dir.join(name);
+    let run = run.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "train",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--out",
+        &run,
+    ];
+    args.extend(extra);
+    ok(&args);
+    run
+}
+
+/// ‖p‖² per (layer, probe), from the stored `p` lists.
+fn p_norms2(run: &str) -> BTreeMap<(String, i64), f64> {
+    let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
+    sql(
+        run,
+        &format!(
+            "SELECT layer, probe_id, p FROM probes WHERE probe_id IN ({})",
+            ids.join(", ")
+        ),
+    )
+    .iter()
+    .map(|r| {
+        let p2: f64 = r["p"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum();
+        ((s(r, "layer"), i(r, "probe_id").unwrap()), p2)
+    })
+    .collect()
+}
+
+/// Adam and AdamW in batch mode: every step's whole update is one record, the
+/// records alone explain the refinement of every probe (Σ dot = ‖p‖² to
+/// 1e-5, the residual below 1e-5 of ‖p‖²), and top_steps and
+/// batch_member_influence equal sums computed here from the raw rows.
+#[test]
+fn batch_mode_adam_and_adamw_attributions_are_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("adam", vec!["--optimizer", "adam", "--lr", "0.01"]),
+        (
+            "adamw",
+            vec![
+                "--optimizer",
+                "adamw",
+                "--lr",
+                "0.01",
+                "--weight-decay",
+                "0.01",
+            ],
+        ),
+    ] {
+        let mut args = vec!["--mode", "batch"];
+        args.extend(extra);
+        let run = train(dir.path(), name, &args);
+        let r = run.as_str();
+        ok(&["verify", r]);
+        let info: Value = serde_json::from_str(&ok(&["info", r, "--json"])).unwrap();
+        assert_eq!(info["mode"], "batch");
+        assert_eq!(info["optimizer"]["kind"], name);
+        let steps = 2 * 1437usize.div_ceil(64);
+        let per_step = &info["storage_per_step"];
+        assert_eq!(per_step["steps"], steps);
+        assert!(f(per_step, "bytes_per_step") > 0.0);
+        assert!(ok(&["info", r]).contains("per step (updates and batches"));
+
+        let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
+        ok(&[
+            "attribute",
+            r,
+            "--probes",
+            &format!("ids:{}", ids.join(",")),
+        ]);
+        ok(&["verify", r]);
+
+        let norms = p_norms2(r);
+        assert_eq!(norms.len(), 3 * PROBES.len());
+        let rows = sql(
+            r,
+            "SELECT layer, probe_id, step, epoch, instance_id, label, dot FROM contributions",
+        );
+        // (layer, probe) → (Σ dot of records, residual dot, records)
+        let mut sums: BTreeMap<(String, i64), (f64, f64, usize)> = BTreeMap::new();
+        // (layer, probe, step) → dot
+        let mut by_step: BTreeMap<(String, i64, i64), f64> = BTreeMap::new();
+        for row in &rows {
+            assert_eq!(
+                i(row, "instance_id"),
+                None,
+                "batch records have no instance"
+            );
+            let key = (s(row, "layer"), i(row, "probe_id").unwrap());
+            let e = sums.entry(key.clone()).or_default();
+            match i(row, "step") {
+                Some(step) => {
+                    e.0 += f(row, "dot");
+                    e.2 += 1;
+                    by_step.insert((key.0, key.1, step), f(row, "dot"));
+                }
+                None => e.1 += f(row, "dot"),
+            }
+        }
+        for (key, p2) in &norms {
+            let (records, residual, n) = sums[key];
+            assert_eq!(n, steps, "{name} {key:?}: one row per step");
+            let total = records + residual;
+            println!(
+                "{name} {key:?}: Σ dot {total:.6e}, ‖p‖² {p2:.6e}, residual share {:.2e}",
+                residual / p2
+            );
+            assert!(
+                (total - p2).abs() <= 1e-5 * p2,
+                "{name} {key:?}: Σ dot {total} vs ‖p‖² {p2}"
+            );
+            assert!(
+                (records - p2).abs() <= 1e-5 * p2,
+                "{name} {key:?}: the records alone {records} vs ‖p‖² {p2}"
+            );
+        }
+
+        // top_steps: the steps by |dot|, influence = dot / ‖p‖.
+        let probe = PROBES[0];
+        let got = query(r, "top_steps", &[&format!("probe={probe}"), "k=5"]);
+        assert_eq!(got.len(), 3 * 5);
+        for row in &got {
+            let layer = s(row, "layer");
+            let mut all: Vec<(i64, f64)> = by_step
+                .iter()
+                .filter(|((l, p, _), _)| *l == layer && *p == probe)
+                .map(|((_, _, st), d)| (*st, *d))
+                .collect();
+            all.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+            let rank = i(row, "rank_in_layer").unwrap() as usize;
+            let (step, dot) = all[rank - 1];
+            assert_eq!(i(row, "step"), Some(step), "{name} {layer} rank {rank}");
+            let pn = norms[&(layer.clone(), probe)].sqrt();
+            assert!((f(row, "influence") - dot / pn).abs() <= 1e-9 * (dot / pn).abs());
+            assert_eq!(i(row, "records"), Some(1));
+        }
+
+        // batch_member_influence: each step's dot split evenly among its members.
+        let members = sql(r, "SELECT step, instance_id FROM batches");
+        assert_eq!(members.len(), 2 * 1437);
+        let mut size: BTreeMap<i64, f64> = BTreeMap::new();
+        for m in &members {
+            *size.entry(i(m, "step").unwrap()).or_default() += 1.0;
+        }
+        let got = query(
+            r,
+            "batch_member_influence",
+            &[&format!("probe={probe}"), "k=4"],
+        );
+        assert_eq!(got.len(), 3 * 4);
+        for layer in ["fc1", "fc2", "fc3"] {
+            let mut share: BTreeMap<i64, f64> = BTreeMap::new();
+            for m in &members {
+                let step = i(m, "step").unwrap();
+                let dot = by_step[&(layer.to_owned(), probe, step)];
+                *share.entry(i(m, "instance_id").unwrap()).or_default() += dot / size[&step];
+            }
+            let mut all: Vec<(i64, f64)> = share.into_iter().collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let pn = norms[&(layer.to_owned(), probe)].sqrt();
+            let rows: Vec<&Value> = got.iter().filter(|r| s(r, "layer") == layer).collect();
+            assert_eq!(rows.len(), 4);
+            for (row, (id, dot)) in rows.iter().zip(&all) {
+                assert_eq!(i(row, "instance_id"), Some(*id), "{name} {layer}");
+                assert!((f(row, "influence") - dot / pn).abs() <= 1e-9 * (dot / pn).abs());
+                assert_eq!(i(row, "batches"), Some(2), "one batch per epoch");
+                assert!(s(row, "method").contains("even split"));
+            }
+        }
+    }
+}
+
+/// Plain SGD, the same seed and class-pure batches in both modes: a batch's
+/// update is the sum of its members' updates, so the class shares of the
+/// batch-mode trace equal those of the instance-mode trace (to 1e-6 of
+/// ‖p‖²), and batch mode has no mixed-batch row.
+#[test]
+fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["--class-pure-batches", "--lr", "0.1"];
+    let inst = train(dir.path(), "instance", &common);
+    let mut batch_args = vec!["--mode", "batch"];
+    batch_args.extend(common);
+    let batch = train(dir.path(), "batch", &batch_args);
+    assert!(
+        final_weights(&inst) == final_weights(&batch),
+        "the same training in both modes"
+    );
+    let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
+    for run in [&inst, &batch] {
+        ok(&[
+            "attribute",
+            run,
+            "--probes",
+            &format!("ids:{}", ids.join(",")),
+        ]);
+    }
+    // Every batch is of one class.
+    assert!(
+        sql(
+            &batch,
+            "SELECT step FROM batches GROUP BY step HAVING COUNT(DISTINCT label) > 1"
+        )
+        .is_empty()
+    );
+    let shares = |run: &str, probe: i64| -> BTreeMap<(String, Option<i64>, String), f64> {
+        query(run, "class_shares", &[&format!("probe={probe}")])
+            .iter()
+            .map(|r| {
+                (
+                    (s(r, "layer"), i(r, "label"), s(r, "source")),
+                    f(r, "share"),
+                )
+            })
+            .collect()
+    };
+    let mut worst = 0.0f64;
+    for probe in PROBES {
+        let (a, b) = (shares(&inst, probe), shares(&batch, probe));
+        let classes = |m: &BTreeMap<(String, Option<i64>, String), f64>| {
+            m.keys()
+                .filter(|k| k.2 == "class")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(classes(&a), classes(&b), "probe {probe}");
+        assert_eq!(classes(&a).len(), 3 * 10, "every class in every layer");
+        assert!(
+            !b.keys().any(|k| k.2 == "mixed batches"),
+            "probe {probe}: {b:?}"
+        );
+        for key in classes(&a) {
+            let d = (a[&key] - b[&key]).abs();
+            worst = worst.max(d);
+            assert!(
+                d <= 1e-6,
+                "probe {probe} {key:?}: instance mode {} vs batch mode {}",
+                a[&key],
+                b[&key]
+            );
+        }
+    }
+    println!("largest class-share difference between the modes: {worst:.2e}");
+}
+
+/// Adam needs batch mode; the error names the flag.
+#[test]
+fn adam_in_instance_mode_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = reptrace(&[
+        "train",
+        "--optimizer",
+        "adam",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("--optimizer") && lines[0].contains("--mode batch"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing recorded");
+}
