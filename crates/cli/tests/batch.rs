@@ -350,3 +350,62 @@ fn adam_in_instance_mode_is_refused() {
     );
     assert!(!out.exists(), "nothing recorded");
 }
+
+/// BatchNorm in training mode with class-pure batches: batch mode traces the
+/// model around it, the class shares are exact (no mixed batch) and sum,
+/// with the residual, to 1 in every traced layer; instance mode refuses the
+/// model in one line that points to batch mode.
+#[test]
+fn batch_norm_with_class_pure_batches_has_exact_class_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("refused");
+    let o = reptrace(&["train", "--model", "cnn-bn", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("--model") && lines[0].contains("--mode batch"),
+        "{err}"
+    );
+
+    let run = train(
+        dir.path(),
+        "bn",
+        &[
+            "--model",
+            "cnn-bn",
+            "--mode",
+            "batch",
+            "--class-pure-batches",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.01",
+        ],
+    );
+    ok(&["verify", &run]);
+    ok(&["attribute", &run, "--probes", "ids:1437,1600"]);
+    for probe in [1437, 1600] {
+        let rows = query(&run, "class_shares", &[&format!("probe={probe}")]);
+        let mut total: BTreeMap<String, f64> = BTreeMap::new();
+        for r in &rows {
+            let source = s(r, "source");
+            assert_ne!(source, "mixed batches", "{r}");
+            if source == "residual" {
+                assert!(f(r, "share").abs() < 1e-6, "{r}");
+            }
+            *total.entry(s(r, "layer")).or_default() += f(r, "share");
+        }
+        assert_eq!(
+            total.keys().cloned().collect::<Vec<_>>(),
+            ["conv1", "conv2", "fc"]
+        );
+        for (layer, t) in total {
+            assert!(
+                (t - 1.0).abs() < 1e-6,
+                "probe {probe} {layer}: shares sum to {t}"
+            );
+        }
+    }
+}

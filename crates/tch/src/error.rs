@@ -15,7 +15,7 @@ pub enum Error {
     /// A module whose per-example gradient does not exist (BatchNorm in
     /// training mode couples the examples of a batch).
     #[error(
-        "model {model}: module {module} couples the examples of a batch, so instance mode cannot trace it (remove it)"
+        "model {model}: module {module} couples the examples of a batch, so instance mode cannot trace it (train with --mode batch, and --class-pure-batches for exact class shares)"
     )]
     CouplingModule { model: String, module: String },
     /// `--trace-layers` names a layer the model does not have.

@@ -4,8 +4,10 @@
 //! turns a preset ([`ModelChoice`]) into one, with every shape worked out
 //! from the data, and [`Network`] runs exactly what it says. Linear and
 //! Conv2d (groups 1) are the traced layers; activations, pooling, flatten and
-//! dropout pass through. BatchNorm couples the examples of a batch, so it is
-//! refused (instance mode only).
+//! dropout pass through. BatchNorm (PyTorch's defaults: momentum 0.1, eps
+//! 1e-5, affine, running statistics in evaluation) couples the examples of
+//! a batch in training mode: training refuses it in instance mode, batch
+//! mode records it like any model (its own parameters are not traced).
 //!
 //! Weights are initialised like PyTorch's `nn.Linear`/`nn.Conv2d` defaults
 //! (uniform in ±1/√fan_in for weights and biases), drawn on the host from a
@@ -28,6 +30,8 @@ pub enum ModelChoice {
     /// Two small conv layers (1→8 3×3 pad 1, 8→16 3×3 stride 2 pad 1, ReLU
     /// after each), flatten, Linear to the classes.
     Cnn,
+    /// `cnn` with a BatchNorm2d after each convolution (batch mode only).
+    CnnBatchNorm,
     /// A model given module by module; its shapes must fit the data.
     Custom(Model),
 }
@@ -47,10 +51,11 @@ impl FromStr for ModelChoice {
         match s {
             "mlp" => Ok(ModelChoice::default()),
             "cnn" => Ok(ModelChoice::Cnn),
+            "cnn-bn" => Ok(ModelChoice::CnnBatchNorm),
             _ => {
                 let Some(widths) = s.strip_prefix("mlp:") else {
                     return Err(format!(
-                        "unknown model {s:?} (expected mlp, mlp:H1,H2,… or cnn)"
+                        "unknown model {s:?} (expected mlp, mlp:H1,H2,…, cnn or cnn-bn)"
                     ));
                 };
                 let hidden = widths
@@ -72,6 +77,7 @@ impl fmt::Display for ModelChoice {
                 write!(f, "mlp:{}", w.join(","))
             }
             ModelChoice::Cnn => f.write_str("cnn"),
+            ModelChoice::CnnBatchNorm => f.write_str("cnn-bn"),
             ModelChoice::Custom(m) => write!(f, "{}", m.name),
         }
     }
@@ -214,9 +220,10 @@ pub fn build_model(
                 modules,
             }
         }
-        ModelChoice::Cnn => {
+        ModelChoice::Cnn | ModelChoice::CnnBatchNorm => {
+            let bn = *choice == ModelChoice::CnnBatchNorm;
             let bad = || Error::BadModel {
-                model: "cnn".into(),
+                model: choice.to_string(),
                 message: format!(
                     "needs image examples [C, H, W] of at least 3×3, the data has shape {input_shape:?}"
                 ),
@@ -227,17 +234,25 @@ pub fn build_model(
             let conv1 = conv("conv1", c, 8, 3, 1, 1, [h, w]).ok_or_else(bad)?;
             let conv2 = conv("conv2", 8, 16, 3, 2, 1, conv1.output_hw).ok_or_else(bad)?;
             let flat = 16 * conv2.output_hw[0] * conv2.output_hw[1];
+            let mut modules = vec![Module::Conv2d(conv1)];
+            if bn {
+                modules.push(Module::BatchNorm2d {
+                    name: "bn1".into(),
+                    channels: 8,
+                });
+            }
+            modules.extend([Module::Relu, Module::Conv2d(conv2)]);
+            if bn {
+                modules.push(Module::BatchNorm2d {
+                    name: "bn2".into(),
+                    channels: 16,
+                });
+            }
+            modules.extend([Module::Relu, Module::Flatten, linear("fc", flat, classes)]);
             Model {
-                name: "cnn".into(),
+                name: choice.to_string(),
                 input_shape: input_shape.to_vec(),
-                modules: vec![
-                    Module::Conv2d(conv1),
-                    Module::Relu,
-                    Module::Conv2d(conv2),
-                    Module::Relu,
-                    Module::Flatten,
-                    linear("fc", flat, classes),
-                ],
+                modules,
             }
         }
         ModelChoice::Custom(m) => {
@@ -388,11 +403,23 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
                 shape = vec![ch, oh, ow];
             }
             Module::Flatten => shape = vec![shape.iter().product()],
-            Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => {
-                return Err(Error::CouplingModule {
-                    model: model.name.clone(),
-                    module: format!("{name} (batch norm)"),
-                });
+            Module::BatchNorm1d { name, features } => {
+                name_ok(name)?;
+                names.push(name);
+                if shape != [*features] {
+                    return Err(bad(format!(
+                        "batch norm {name} expects [{features}] inputs, gets {shape:?} (module {i})"
+                    )));
+                }
+            }
+            Module::BatchNorm2d { name, channels } => {
+                name_ok(name)?;
+                names.push(name);
+                if shape.len() != 3 || shape[0] != *channels {
+                    return Err(bad(format!(
+                        "batch norm {name} expects [{channels}, H, W] inputs, gets {shape:?} (module {i})"
+                    )));
+                }
             }
         }
     }
@@ -404,6 +431,8 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
 struct Params {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// BatchNorm: running mean and variance (not trained).
+    running: Option<(Tensor, Tensor)>,
 }
 
 /// A traced layer's input and output in one forward pass.
@@ -471,6 +500,24 @@ impl Network {
                     c.patch_len(),
                     c.bias,
                 ),
+                Module::BatchNorm1d { features: n, .. }
+                | Module::BatchNorm2d { channels: n, .. } => {
+                    // PyTorch's initialisation: γ = 1, β = 0, mean 0, variance 1.
+                    let ones = |grad: bool| -> Result<Tensor> {
+                        Ok(Tensor::f_ones([*n as i64], (Kind::Float, device))?
+                            .f_set_requires_grad(grad)?)
+                    };
+                    let zeros = |grad: bool| -> Result<Tensor> {
+                        Ok(Tensor::f_zeros([*n as i64], (Kind::Float, device))?
+                            .f_set_requires_grad(grad)?)
+                    };
+                    params.push(Some(Params {
+                        weight: ones(true)?,
+                        bias: Some(zeros(true)?),
+                        running: Some((zeros(false)?, ones(false)?)),
+                    }));
+                    continue;
+                }
                 _ => {
                     params.push(None);
                     continue;
@@ -484,7 +531,11 @@ impl Network {
             } else {
                 None
             };
-            params.push(Some(Params { weight, bias }));
+            params.push(Some(Params {
+                weight,
+                bias,
+                running: None,
+            }));
         }
         Ok(Self {
             model: model.clone(),
@@ -573,13 +624,30 @@ impl Network {
                     h.f_avg_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], false, true, None)?
                 }
                 (Module::Flatten, _) => h.f_flatten(1, -1)?,
-                (Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. }, _) => {
-                    return Err(Error::CouplingModule {
+                (Module::BatchNorm1d { .. } | Module::BatchNorm2d { .. }, Some(p)) => {
+                    let running = p.running.as_ref().ok_or_else(|| Error::BadModel {
                         model: self.model.name.clone(),
-                        module: name.clone(),
-                    });
+                        message: format!("module {i} has no running statistics"),
+                    })?;
+                    // Training mode updates the running statistics in place.
+                    h.f_batch_norm(
+                        Some(&p.weight),
+                        p.bias.as_ref(),
+                        Some(&running.0),
+                        Some(&running.1),
+                        train,
+                        0.1,
+                        1e-5,
+                        false,
+                    )?
                 }
-                (Module::Linear(_) | Module::Conv2d(_), None) => {
+                (
+                    Module::Linear(_)
+                    | Module::Conv2d(_)
+                    | Module::BatchNorm1d { .. }
+                    | Module::BatchNorm2d { .. },
+                    None,
+                ) => {
                     return Err(Error::BadModel {
                         model: self.model.name.clone(),
                         message: format!("module {i} has no parameters"),
@@ -613,6 +681,7 @@ fn layer_name(m: &Module) -> Option<&str> {
     match m {
         Module::Linear(l) => Some(&l.name),
         Module::Conv2d(c) => Some(&c.name),
+        Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => Some(name),
         _ => None,
     }
 }
@@ -704,17 +773,18 @@ mod tests {
     }
 
     #[test]
-    fn batch_norm_refused() {
-        let model = Model {
+    fn batch_norm_shapes_are_checked() {
+        let model = |features| Model {
             name: "bn".into(),
             input_shape: vec![4],
             modules: vec![Module::BatchNorm1d {
                 name: "bn1".into(),
-                features: 4,
+                features,
             }],
         };
-        let err = check_model(&model).unwrap_err();
-        assert!(err.to_string().contains("couples the examples"), "{err}");
+        assert_eq!(check_model(&model(4)).unwrap(), vec![4]);
+        let err = check_model(&model(5)).unwrap_err();
+        assert!(err.to_string().contains("expects [5] inputs"), "{err}");
     }
 
     #[test]

@@ -464,6 +464,19 @@ pub fn train_on(
         }
     }
     let traced: Vec<String> = model.traced_layers().map(|l| l.name().to_owned()).collect();
+    if config.mode == Mode::Instance
+        && !traced.is_empty()
+        && let Some(name) = model.modules.iter().find_map(|m| match m {
+            reptrace_format::Module::BatchNorm1d { name, .. }
+            | reptrace_format::Module::BatchNorm2d { name, .. } => Some(name),
+            _ => None,
+        })
+    {
+        return Err(Error::CouplingModule {
+            model: model.name.clone(),
+            module: format!("{name} (batch norm)"),
+        });
+    }
     let net = Network::new(&model, config.seed as i64, device)?;
     let mut rec = if traced.is_empty() {
         None

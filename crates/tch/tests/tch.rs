@@ -965,6 +965,66 @@ fn batch_mode_trains_like_instance_mode_and_class_pure_batches_are_pure() {
     }
 }
 
+/// BatchNorm couples a batch's examples: instance mode refuses it when it
+/// records, batch mode traces the model around it (class-pure batches,
+/// Adam): the traced layers reconstruct, the network learns, recording does
+/// not change training, and the snapshots hold the batch norm parameters.
+#[test]
+fn batch_norm_trains_in_batch_mode_and_is_refused_in_instance_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = TrainConfig {
+        model: ModelChoice::CnnBatchNorm,
+        optimizer: OptimizerKind::Adam,
+        lr: 0.01,
+        mode: Mode::Batch,
+        class_pure_batches: true,
+        batch_size: 64,
+        probes: ProbeSet::None,
+        ..run_config(dir.path(), "bn")
+    };
+    let refused = TrainConfig {
+        mode: Mode::Instance,
+        optimizer: OptimizerKind::Sgd,
+        lr: 0.1,
+        out: dir.path().join("refused"),
+        ..base.clone()
+    };
+    match train(&refused, &mut quiet()) {
+        Err(e @ Error::CouplingModule { .. }) => {
+            assert!(e.to_string().contains("--mode batch"), "{e}")
+        }
+        other => panic!("instance mode with batch norm: {other:?}"),
+    }
+    assert!(!refused.out.exists(), "nothing recorded when refused");
+
+    let summary = train(&base, &mut quiet()).unwrap();
+    let trace = assert_reconstructs(&base.out, "adam cnn-bn");
+    assert_eq!(
+        trace
+            .rows
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ["conv1", "conv2", "fc"].map(String::from).into(),
+    );
+    for name in ["bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"] {
+        let (i, f) = (&trace.initial[name].1, &trace.final_[name].1);
+        assert_ne!(i, f, "{name} is trained");
+    }
+    let accuracy = summary.test_accuracy.unwrap();
+    assert!(accuracy > 0.8, "test accuracy {accuracy}");
+    let plain = train(
+        &TrainConfig {
+            trace_layers: TraceLayers::None,
+            out: dir.path().join("plain"),
+            ..base.clone()
+        },
+        &mut quiet(),
+    )
+    .unwrap();
+    assert_eq!(bits(&summary), bits(&plain), "recording changed training");
+}
+
 /// Largest ‖a − b‖/‖a‖ over the parameter tensors of two runs.
 fn max_rel_diff(a: &TrainSummary, b: &TrainSummary) -> f64 {
     a.weights

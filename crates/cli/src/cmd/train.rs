@@ -19,7 +19,8 @@ use std::str::FromStr;
 /// Arguments of `reptrace train`.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// Model: mlp (hidden layers 32, 16), mlp:H1,H2,… or cnn.
+    /// Model: mlp (hidden layers 32, 16), mlp:H1,H2,…, cnn, or cnn-bn (cnn with
+    /// BatchNorm2d after each convolution; needs --mode batch).
     #[arg(long, default_value = "mlp")]
     pub model: String,
     /// Data: digits (bundled), csv:PATH[?label=…&header=…&shape=CxHxW&scale=…&test=…&classes=…]
