@@ -31,7 +31,9 @@ pub struct ParquetOptions {
 impl Default for ParquetOptions {
     fn default() -> Self {
         Self {
-            zstd_level: 3,
+            // Level 1: faster and, on factors, no larger than 3
+            // (crates/record/benches/write.rs, docs/benchmarks.md).
+            zstd_level: 1,
             row_group_rows: 65_536,
             row_group_bytes: 32 << 20,
         }

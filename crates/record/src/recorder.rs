@@ -92,7 +92,7 @@ impl RecorderBuilder {
         self
     }
 
-    /// Zstandard level of every Parquet file, 1..=22 (default 3).
+    /// Zstandard level of every Parquet file, 1..=22 (default 1).
     pub fn zstd_level(mut self, level: i32) -> Self {
         self.parquet.zstd_level = level;
         self

@@ -142,6 +142,9 @@ pub struct TrainConfig {
     pub probes: ProbeSet,
     /// The run directory (must not exist or be empty); unused without traced layers.
     pub out: PathBuf,
+    /// Zstandard level of the run's Parquet files (`None`: the recorder's
+    /// default, 1).
+    pub zstd_level: Option<i32>,
     /// libtorch's intra-op CPU threads (process-wide, set when training
     /// starts); `None`: one less than the available cores (at least 1), which
     /// leaves a core to the recorder's writer thread. Small models train
@@ -175,6 +178,7 @@ impl Default for TrainConfig {
             device: DeviceChoice::Cpu,
             probes: ProbeSet::Test,
             out: PathBuf::from("runs/run"),
+            zstd_level: None,
             threads: None,
         }
     }
@@ -481,8 +485,12 @@ pub fn train_on(
     let mut rec = if traced.is_empty() {
         None
     } else {
+        let mut builder = Recorder::builder(&config.out);
+        if let Some(level) = config.zstd_level {
+            builder = builder.zstd_level(level);
+        }
         Some(
-            Recorder::builder(&config.out)
+            builder
                 .model(model.clone())
                 .optimizer(config.optimizer())
                 .classes(data.classes.clone())

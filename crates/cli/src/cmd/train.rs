@@ -166,6 +166,7 @@ impl TrainArgs {
             eps: parse("eps", &self.eps, "a number")?,
             mode,
             class_pure_batches: self.class_pure_batches,
+            zstd_level: None,
             seed: parse("seed", &self.seed, "a non-negative integer")?,
             trace_layers,
             dtype,
