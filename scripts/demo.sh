@@ -7,5 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --torch
-cargo build --locked -p reptrace-cli --bin reptrace
-exec target/debug/reptrace demo "$@"
+# Its own build profile (Cargo.toml, profile.demo): a fresh clone compiles
+# in a few minutes; the binary is target/demo/reptrace.
+cargo build --locked --profile demo -p reptrace-cli --bin reptrace
+exec target/demo/reptrace demo "$@"
