@@ -1,5 +1,5 @@
 //! Probes (`probes` table) and the instance splits they are selected by.
-use crate::records::{f64s, i32s, i64s, list_f64, open_columns, opt_i64s};
+use crate::records::{f64s, i32s, i64s, list_f64, nullable, open_columns};
 use crate::session::Run;
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
@@ -88,7 +88,11 @@ impl Probes {
                 let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
                 all.probe_id.extend(i64s(&batch, &path, col::PROBE_ID)?);
                 all.instance_id
-                    .extend(opt_i64s(&batch, &path, col::INSTANCE_ID)?);
+                    .extend(nullable::<arrow::datatypes::Int64Type>(
+                        &batch,
+                        &path,
+                        col::INSTANCE_ID,
+                    )?);
                 all.label.extend(i32s(&batch, &path, col::LABEL)?);
                 all.predicted.extend(i32s(&batch, &path, col::PREDICTED)?);
                 list_f64(&batch, &path, col::A, a_len, &mut all.a)?;

@@ -4,7 +4,9 @@
 //! bounded number of rows, reading only the columns attribution needs; memory
 //! stays bounded whatever the length of the run.
 use crate::{Error, Result};
-use arrow::datatypes::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow::datatypes::{
+    ArrowPrimitiveType, Float16Type, Float32Type, Float64Type, Int32Type, Int64Type,
+};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
@@ -101,14 +103,19 @@ pub(crate) fn i64s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<i
     Ok(a.values().to_vec())
 }
 
-/// The values of an Int64 column that may hold nulls.
-pub(crate) fn opt_i64s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Option<i64>>> {
+/// The values of an integer column that may hold nulls (`Int64Type`,
+/// `Int32Type`, …).
+pub(crate) fn nullable<T: ArrowPrimitiveType>(
+    batch: &RecordBatch,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<Option<T::Native>>> {
     let a = column(batch, path, name)?;
-    let a = a.as_primitive_opt::<Int64Type>().ok_or_else(|| {
+    let a = a.as_primitive_opt::<T>().ok_or_else(|| {
         bad(
             path,
             name,
-            format!("type {}, expected Int64", a.data_type()),
+            format!("type {}, expected {}", a.data_type(), T::DATA_TYPE),
         )
     })?;
     Ok(a.iter().collect())
@@ -128,19 +135,6 @@ pub(crate) fn i32s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<i
         return Err(bad(path, name, "has nulls".into()));
     }
     Ok(a.values().to_vec())
-}
-
-/// The values of an Int32 column that may hold nulls.
-pub(crate) fn opt_i32s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Option<i32>>> {
-    let a = column(batch, path, name)?;
-    let a = a.as_primitive_opt::<Int32Type>().ok_or_else(|| {
-        bad(
-            path,
-            name,
-            format!("type {}, expected Int32", a.data_type()),
-        )
-    })?;
-    Ok(a.iter().collect())
 }
 
 /// The values of a Float64 column (nulls rejected).
@@ -243,8 +237,8 @@ impl RecordReader {
         let mut r = Records {
             step: i64s(batch, path, col::STEP)?,
             epoch: i32s(batch, path, col::EPOCH)?,
-            instance_id: opt_i64s(batch, path, col::INSTANCE_ID)?,
-            label: opt_i32s(batch, path, col::LABEL)?,
+            instance_id: nullable::<Int64Type>(batch, path, col::INSTANCE_ID)?,
+            label: nullable::<Int32Type>(batch, path, col::LABEL)?,
             u: Vec::new(),
             v: Vec::new(),
         };

@@ -594,7 +594,11 @@ fn attribution_check(run: &Run, setup: &Setup, options: &Options, report: &mut R
                 {
                     let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
                     let probe = i64s(&batch, &path, col::PROBE_ID)?;
-                    let inst = crate::records::opt_i64s(&batch, &path, col::INSTANCE_ID)?;
+                    let inst = crate::records::nullable::<arrow::datatypes::Int64Type>(
+                        &batch,
+                        &path,
+                        col::INSTANCE_ID,
+                    )?;
                     let dot = f64s(&batch, &path, col::DOT)?;
                     for ((p, i), d) in probe.into_iter().zip(inst).zip(dot) {
                         let e = sums.entry((layer.clone(), p)).or_default();

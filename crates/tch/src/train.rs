@@ -757,8 +757,8 @@ impl Run<'_> {
             s.optimizer.step(s.params, param_grads, s.lr)?;
             let t1 = Instant::now();
             let mut deltas = Vec::with_capacity(before.len());
-            for (name, w0, b0) in &before {
-                deltas.push((name.as_str(), whole_update(net, name, w0, b0.as_ref())?));
+            for p in &before {
+                deltas.push((p.name.as_str(), whole_update(p)?));
             }
             let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
             let named: Vec<(&str, &[f32])> =
@@ -912,39 +912,45 @@ struct StepInput<'a> {
 }
 
 /// Copies of every traced layer's weight and bias: `(layer, W, b)`.
-fn traced_params(net: &Network) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
+fn traced_params(net: &Network) -> Result<Vec<TracedParams>> {
     let mut out = Vec::new();
     for i in 0..net.model().modules.len() {
-        let (Some(layer), Some((w, b))) = (net.traced_layer(i), net.layer_params(i)) else {
+        let (Some(layer), Some((weight, bias))) = (net.traced_layer(i), net.layer_params(i)) else {
             continue;
         };
-        let b = b.map(|b| b.f_detach_copy()).transpose()?;
-        out.push((layer.name().to_owned(), w.f_detach_copy()?, b));
+        out.push(TracedParams {
+            name: layer.name().to_owned(),
+            w0: weight.f_detach_copy()?,
+            b0: bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
+            weight,
+            bias,
+        });
     }
     Ok(out)
 }
 
-/// A traced layer's whole update since `w0`, `b0`: `vec(W − W0)` then
+/// A traced layer's live parameters and copies of them taken before a step.
+struct TracedParams {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    w0: Tensor,
+    b0: Option<Tensor>,
+}
+
+/// A traced layer's whole update since its copies: `vec(W − W0)` then
 /// `b − b0`, the difference taken in f64 (exact for two f32 values of
 /// similar size) and stored as f32.
-fn whole_update(net: &Network, layer: &str, w0: &Tensor, b0: Option<&Tensor>) -> Result<Vec<f32>> {
-    let found = (0..net.model().modules.len()).find_map(|i| {
-        net.traced_layer(i)
-            .filter(|l| l.name() == layer)
-            .and_then(|_| net.layer_params(i))
-    });
-    let Some((w, b)) = found else {
-        return Ok(Vec::new());
-    };
+fn whole_update(p: &TracedParams) -> Result<Vec<f32>> {
     let diff = |now: &Tensor, then: &Tensor| -> Result<Tensor> {
         Ok(now
             .f_to_kind(Kind::Double)?
             .f_sub(&then.f_to_kind(Kind::Double)?)?
             .f_flatten(0, -1)?)
     };
-    let mut parts = vec![diff(&w, w0)?];
-    if let (Some(b), Some(b0)) = (b, b0) {
-        parts.push(diff(&b, b0)?);
+    let mut parts = vec![diff(&p.weight, &p.w0)?];
+    if let (Some(b), Some(b0)) = (&p.bias, &p.b0) {
+        parts.push(diff(b, b0)?);
     }
     let all = Tensor::f_cat(&parts, 0)?
         .f_to_kind(Kind::Float)?
