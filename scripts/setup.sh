@@ -42,6 +42,15 @@ if [ "$want_tests" = 1 ]; then
   fi
 fi
 
+# A headless Java runtime for the Spark interop tests (pyspark local mode
+# needs Java 17+); the system package, only when java is missing and we are
+# root. scripts/test.sh fails a skipped test, so without it the suite fails.
+if [ "$want_tests" = 1 ] && ! command -v java >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing a headless Java runtime (apt-get) for the Spark tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+fi
+
 # Headless Chromium for the report's rendering test (crates/cli/tests/report.rs);
 # the system package, only when missing and we are root.
 if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then

@@ -4,6 +4,10 @@ scripts/test.sh sets REPTRACE_BIN (the built `reptrace` binary),
 REPTRACE_CARGO_TARGET (the cargo target dir) and optionally
 REPTRACE_SYNTHETIC_BIN (the built `synthetic` example of reptrace-record).
 Without them the fixtures fall back to the default debug build in target/.
+
+With REPTRACE_NO_SKIPS=1 (scripts/test.sh sets it, so CI has it) a skipped
+test is reported as failed: a machine without Java, say, must not pass CI
+by skipping the Spark tests.
 """
 import os
 import re
@@ -13,6 +17,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# pytester: tests/python/test_docs.py runs an inner pytest session.
+pytest_plugins = ["pytester"]
+
+NO_SKIPS = os.environ.get("REPTRACE_NO_SKIPS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under REPTRACE_NO_SKIPS=1, a skip is a failure that says why."""
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped, and REPTRACE_NO_SKIPS=1 allows no skip: {reason} "
+            "(scripts/setup.sh installs what the tests need)"
+        )
 
 
 def _target_dir() -> Path:

@@ -272,10 +272,13 @@ pub fn attribute(
         }
         Ok(())
     })();
-    if let Err(e) = result {
-        for f in &written {
-            let _ = std::fs::remove_file(run.path(&f.path));
+    let discard = |written: &[FileEntry]| {
+        for f in written {
+            layout::remove(run.dir(), &f.path);
         }
+    };
+    if let Err(e) = result {
+        discard(&written);
         return Err(e);
     }
 
@@ -297,24 +300,25 @@ pub fn attribute(
     let mut fresh = match Manifest::load(run.dir()) {
         Ok(f) => f,
         Err(e) => {
-            for f in &written {
-                let _ = std::fs::remove_file(run.path(&f.path));
-            }
+            discard(&written);
             return Err(e.into());
         }
     };
     let old = fresh.attribution.replace(attribution.clone());
     if let Err(e) = write_manifest(run.dir(), &fresh) {
-        for f in &written {
-            let _ = std::fs::remove_file(run.path(&f.path));
-        }
+        discard(&written);
         return Err(e);
     }
-    // Only now that the new manifest is in place: drop the previous files.
+    // Committed: the new parts take their final names (a kill here is
+    // finished by the next reader, Manifest::open), then the previous
+    // attribution's files go.
+    for f in &written {
+        layout::publish(run.dir(), &f.path).map_err(|e| Error::io(run.path(&f.path), e))?;
+    }
     let keep: HashSet<&str> = written.iter().map(|f| f.path.as_str()).collect();
     for f in old.iter().flat_map(|a| a.files.iter()) {
         if !keep.contains(f.path.as_str()) {
-            let _ = std::fs::remove_file(run.path(&f.path));
+            layout::remove(run.dir(), &f.path);
         }
     }
     Ok(Report {

@@ -32,36 +32,33 @@ pub use reptrace_format::params::{Param, ParamType, ParamValue};
 pub const BUILTIN: &[(&str, &str)] = &[
     (
         "top_proponents",
-        include_str!("../../../queries/top_proponents.sql"),
+        include_str!("../queries/top_proponents.sql"),
     ),
     (
         "top_opponents",
-        include_str!("../../../queries/top_opponents.sql"),
+        include_str!("../queries/top_opponents.sql"),
     ),
-    (
-        "class_shares",
-        include_str!("../../../queries/class_shares.sql"),
-    ),
+    ("class_shares", include_str!("../queries/class_shares.sql")),
     (
         "class_shares_by_epoch",
-        include_str!("../../../queries/class_shares_by_epoch.sql"),
+        include_str!("../queries/class_shares_by_epoch.sql"),
     ),
     (
         "cosine_histogram",
-        include_str!("../../../queries/cosine_histogram.sql"),
+        include_str!("../queries/cosine_histogram.sql"),
     ),
     (
         "self_influence",
-        include_str!("../../../queries/self_influence.sql"),
+        include_str!("../queries/self_influence.sql"),
     ),
     (
         "layer_summary",
-        include_str!("../../../queries/layer_summary.sql"),
+        include_str!("../queries/layer_summary.sql"),
     ),
-    ("top_steps", include_str!("../../../queries/top_steps.sql")),
+    ("top_steps", include_str!("../queries/top_steps.sql")),
     (
         "batch_member_influence",
-        include_str!("../../../queries/batch_member_influence.sql"),
+        include_str!("../queries/batch_member_influence.sql"),
     ),
 ];
 

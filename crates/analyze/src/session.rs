@@ -43,7 +43,7 @@ pub fn open(run: &Path) -> Result<Run> {
 impl Run {
     /// Opens a run directory and reads its manifest.
     pub fn open(run: &Path) -> Result<Self> {
-        let manifest = Manifest::load(run)?;
+        let manifest = Manifest::open(run)?;
         let dir = std::fs::canonicalize(run).map_err(|e| Error::io(run, e))?;
         Ok(Self { dir, manifest })
     }
@@ -65,7 +65,7 @@ impl Run {
 
     /// Re-reads the manifest from disk (after an attribution replaced it).
     pub fn reload(&mut self) -> Result<()> {
-        self.manifest = Manifest::load(&self.dir)?;
+        self.manifest = Manifest::open(&self.dir)?;
         Ok(())
     }
 

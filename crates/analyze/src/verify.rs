@@ -143,13 +143,35 @@ impl Default for Options {
     }
 }
 
+/// How far the replay of the update records has come (the long part of
+/// [`verify`]), reported after each batch of records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub layer: String,
+    /// 0-based index of the layer among the traced layers.
+    pub layer_index: usize,
+    pub layers: usize,
+    pub records_done: u64,
+    /// Committed update records of the layer.
+    pub records_total: u64,
+}
+
 /// Checks a run (see the module docs).
 pub fn verify(run: &Path, options: &Options) -> Result<Report> {
+    verify_with_progress(run, options, &mut |_| {})
+}
+
+/// [`verify`], reporting the replay of each layer's records as it goes.
+pub fn verify_with_progress(
+    run: &Path,
+    options: &Options,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report> {
     let run = Run::open(run)?;
     let mut report = Report::default();
     integrity(&run, &mut report);
     strays(&run, &mut report);
-    completeness(&run, options, &mut report);
+    completeness(&run, options, &mut report, progress);
     Ok(report)
 }
 
@@ -386,7 +408,12 @@ fn walk(run: &Path, rel: &str, f: &mut dyn FnMut(&str, &str)) {
     }
 }
 
-fn completeness(run: &Run, options: &Options, report: &mut Report) {
+fn completeness(
+    run: &Run,
+    options: &Options,
+    report: &mut Report,
+    progress: &mut dyn FnMut(&Progress),
+) {
     let m = run.manifest();
     let setup = match Setup::load(run) {
         Ok(s) => s,
@@ -401,8 +428,26 @@ fn completeness(run: &Run, options: &Options, report: &mut Report) {
         }
     };
     let exact = m.optimizer.promises_exactness(m.mode);
-    for layer in m.model.traced_layers() {
-        match weights_residual(run, &layer, &setup, options) {
+    let layers = m.model.traced_layers().count();
+    for (layer_index, layer) in m.model.traced_layers().enumerate() {
+        let mut p = Progress {
+            layer: layer.name().to_owned(),
+            layer_index,
+            layers,
+            records_done: 0,
+            records_total: m
+                .files(Table::Updates)
+                .iter()
+                .filter(|f| f.layer.as_deref() == Some(layer.name()))
+                .map(|f| f.rows)
+                .sum(),
+        };
+        progress(&p);
+        let mut on_records = |n: usize| {
+            p.records_done += n as u64;
+            progress(&p);
+        };
+        match weights_residual(run, &layer, &setup, options, &mut on_records) {
             Ok((rel, bound)) => {
                 let tolerance = options.tolerance + bound;
                 let detail = if exact {
@@ -444,6 +489,7 @@ fn weights_residual(
     layer: &TracedLayer<'_>,
     setup: &Setup,
     options: &Options,
+    on_records: &mut dyn FnMut(usize),
 ) -> Result<(f64, f64)> {
     let mode = run.manifest().mode;
     let geom = Geometry::of(layer, mode);
@@ -464,6 +510,7 @@ fn weights_residual(
         options.batch_rows,
         Some(&mut sum),
         |recs, scales| {
+            on_records(scales.len());
             if f16 {
                 for (i, s) in scales.iter().enumerate() {
                     let u = &recs.u[i * u_len..(i + 1) * u_len];
@@ -589,21 +636,21 @@ fn attribution_check(run: &Run, setup: &Setup, options: &Options, report: &mut R
         for (layer, files) in run.files_by_layer(Table::Contributions) {
             let layer = layer.unwrap_or_default();
             for path in files {
-                for batch in
-                    open_columns(&path, &[col::PROBE_ID, col::INSTANCE_ID, col::DOT], 65_536)?
-                {
+                for batch in open_columns(&path, &[col::PROBE_ID, col::STEP, col::DOT], 65_536)? {
                     let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
                     let probe = i64s(&batch, &path, col::PROBE_ID)?;
-                    let inst = crate::records::nullable::<arrow::datatypes::Int64Type>(
+                    // The residual pseudo-source is the row without a step;
+                    // batch-mode records have no instance id but a step.
+                    let step = crate::records::nullable::<arrow::datatypes::Int64Type>(
                         &batch,
                         &path,
-                        col::INSTANCE_ID,
+                        col::STEP,
                     )?;
                     let dot = f64s(&batch, &path, col::DOT)?;
-                    for ((p, i), d) in probe.into_iter().zip(inst).zip(dot) {
+                    for ((p, s), d) in probe.into_iter().zip(step).zip(dot) {
                         let e = sums.entry((layer.clone(), p)).or_default();
                         e.0 += d;
-                        if i.is_none() {
+                        if s.is_none() {
                             e.1 += d;
                         }
                     }

@@ -1,5 +1,8 @@
 //! Writing Parquet files of a run (contributions) and the manifest, each
-//! under a temporary name that is renamed when complete.
+//! under a temporary name. The manifest is renamed when complete; a part is
+//! renamed to its final name only once the manifest that lists it is in
+//! place (`reptrace_format::layout::publish`), so that directory-listing
+//! readers never see rows of an attribution that was not committed.
 use crate::{Error, Result};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
@@ -16,7 +19,6 @@ use std::path::{Path, PathBuf};
 /// A Parquet part file being written under its temporary name.
 pub struct PartWriter {
     rel: String,
-    path: PathBuf,
     temp: PathBuf,
     table: Table,
     layer: Option<String>,
@@ -81,7 +83,6 @@ impl PartWriter {
             .map_err(|e| Error::parquet(&temp, e))?;
         Ok(Self {
             rel,
-            path,
             temp,
             table,
             layer: layer.map(str::to_owned),
@@ -99,7 +100,8 @@ impl PartWriter {
         Ok(())
     }
 
-    /// Closes the file, syncs it and renames it to its final name.
+    /// Closes the file and syncs it, under its temporary name: the caller
+    /// publishes it after the manifest lists it.
     pub fn finish(mut self) -> Result<FileEntry> {
         let writer = self
             .writer
@@ -109,11 +111,8 @@ impl PartWriter {
             .into_inner()
             .map_err(|e| Error::parquet(&self.temp, e))?;
         file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
+        let bytes = file.metadata().map_err(|e| Error::io(&self.temp, e))?.len();
         drop(file);
-        std::fs::rename(&self.temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        let bytes = std::fs::metadata(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?
-            .len();
         Ok(FileEntry {
             path: self.rel.clone(),
             table: self.table.name().to_owned(),

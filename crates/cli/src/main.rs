@@ -4,7 +4,9 @@
 //! `cmd/<name>.rs` and one arm in [`dispatch`]; it writes its output to a
 //! `&mut dyn Write` so tests can read it. Errors print as one line
 //! `error: …` (the context chain joined by ": ") with exit code 1; usage
-//! errors exit with 2 (clap); a closed stdout pipe counts as success.
+//! errors are one `error:` line too (clap's message, its tip, and which
+//! `--help` to read) and exit with 2; `--help` and `--version` print as
+//! usual; a closed stdout pipe counts as success.
 use clap::{Parser, Subcommand};
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -36,7 +38,7 @@ enum Command {
     Report(cmd::report::ReportArgs),
     /// Stream one table of a run to Parquet, CSV or JSON lines.
     Export(cmd::export::ExportArgs),
-    /// Train a model with SGD and record its trace.
+    /// Train a model (SGD, Adam or AdamW) and record its trace.
     #[cfg(feature = "tch")]
     Train(Box<cmd::train::TrainArgs>),
     /// Train the MLP on the bundled digits with tracing and show what was recorded.
@@ -68,8 +70,59 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A clap usage error as one line: clap's message with what it lists under
+/// it (missing arguments, tips), and the `--help` to read: the subcommand's
+/// when one was given.
+fn usage_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut message = lines
+        .next()
+        .map_or("invalid usage", |l| l.trim_start_matches("error:").trim())
+        .to_owned();
+    let mut listed = Vec::new();
+    for line in lines {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        match line.strip_prefix("tip:") {
+            Some(tip) => message.push_str(&format!(" (tip: {})", tip.trim())),
+            None => listed.push(line),
+        }
+    }
+    if !listed.is_empty() {
+        let sep = if message.ends_with(':') { " " } else { ": " };
+        message = format!("{message}{sep}{}", listed.join(", "));
+    }
+    let sub = <Cli as clap::CommandFactory>::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .find(|name| args.get(1).and_then(|a| a.to_str()) == Some(name.as_str()));
+    let command = match sub {
+        Some(s) => format!("reptrace {s}"),
+        None => "reptrace".to_owned(),
+    };
+    format!("error: {message}; see '{command} --help'")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("{}", usage_line(&e, &args));
+            return ExitCode::from(2);
+        }
+    };
     // Line-buffered: long commands show their output as they go.
     let mut out = io::stdout().lock();
     let result = dispatch(&cli.command, &mut out).and_then(|()| Ok(out.flush()?));

@@ -168,14 +168,40 @@ fn attribute_query_sql_verify() {
     write_run(&run);
     let r = run.to_str().unwrap();
 
+    // Before any attribution the completeness check cannot apply: the
+    // summary says it was skipped instead of counting it as passed.
+    let out = reptrace(&["verify", r]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let skipped = stdout.lines().filter(|l| l.starts_with("skip")).count();
+    assert!(skipped > 0, "{stdout}");
+    let checks = stdout.lines().count() - 2;
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(
+        last,
+        format!(
+            "{} of {checks} checks passed, {skipped} skipped",
+            checks - skipped
+        ),
+        "{stdout}"
+    );
+
     let out = reptrace(&["attribute", r, "--probes", "all", "--quiet"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // 12 records × 3 probes + 3 residual rows.
+    // 12 records × 3 probes + 3 residual rows; --quiet prints the summary
+    // line only (no progress bar, no per-layer table).
     assert!(
         text(&out.stdout).contains("39 contribution rows"),
         "{}",
         text(&out.stdout)
     );
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
     let m = Manifest::load(&run).unwrap();
     assert_eq!(
         m.files(Table::Contributions)
@@ -538,4 +564,35 @@ fn planted_duplicate_ranks_among_top_proponents() {
         top.iter().any(|id| copies.contains(id)),
         "top 3 proponents at fc3 {top:?}, planted copies {copies:?}"
     );
+}
+
+/// `--help` names what exists: every built-in query, every table, and the
+/// optimizers `train` offers.
+#[test]
+fn help_names_every_query_table_and_optimizer() {
+    let help = |args: &[&str]| {
+        let o = reptrace(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let query = help(&["query", "--help"]);
+    for (name, _) in reptrace_analyze::query::BUILTIN {
+        assert!(query.contains(name), "query --help omits {name}: {query}");
+    }
+    for cmd in ["sql", "export"] {
+        let h = help(&[cmd, "--help"]);
+        for table in reptrace_format::Table::ALL {
+            assert!(
+                h.contains(table.name()),
+                "{cmd} --help omits {}: {h}",
+                table.name()
+            );
+        }
+    }
+    let top = help(&["--help"]);
+    let train = top
+        .lines()
+        .find(|l| l.trim_start().starts_with("train"))
+        .unwrap();
+    assert!(train.contains("Adam"), "{train}");
 }

@@ -204,6 +204,12 @@ fn none(_: &Ctx) -> Vec<String> {
     Vec::new()
 }
 
+/// Usage errors exit with 2, like clap's own (one line checked by `check`).
+fn usage_exit_code(ctx: &Ctx, line: &str) {
+    let o = reptrace(&ctx.dir, &["info".into(), "--no-such-flag".into()]);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+}
+
 /// `info --json` of a run a failed command was recording, and checks that
 /// every committed table reads back and `verify` passes on the prefix.
 fn committed_prefix_is_readable(ctx: &Ctx, run: &Path) -> serde_json::Value {
@@ -287,6 +293,30 @@ macro_rules! cases {
 }
 
 cases! {
+    usage_unknown_flag => Case {
+        setup: none,
+        args: &["attribute", "{run}", "--probe", "test"],
+        words: &["--probe", "tip:", "'--probes'", "see 'reptrace attribute --help'"],
+        after: Some(usage_exit_code),
+    };
+    usage_missing_argument => Case {
+        setup: none,
+        args: &["query", "{run}"],
+        words: &["<QUERY>", "see 'reptrace query --help'"],
+        after: Some(usage_exit_code),
+    };
+    usage_bad_value => Case {
+        setup: none,
+        args: &["verify", "{run}", "--tolerance", "lots"],
+        words: &["'lots'", "--tolerance", "see 'reptrace verify --help'"],
+        after: Some(usage_exit_code),
+    };
+    usage_unknown_subcommand => Case {
+        setup: none,
+        args: &["inof", "{run}"],
+        words: &["'inof'", "info", "see 'reptrace --help'"],
+        after: Some(usage_exit_code),
+    };
     run_directory_missing => Case {
         setup: none,
         args: &["info", "{dir}/no-such-run"],

@@ -111,6 +111,64 @@ fn p_norms2(run: &str) -> BTreeMap<(String, i64), f64> {
     .collect()
 }
 
+/// `layer_summary` of every probe of [`PROBES`], by (layer, probe).
+fn layer_summaries(run: &str) -> BTreeMap<(String, i64), Value> {
+    let mut out = BTreeMap::new();
+    for probe in PROBES {
+        for row in query(run, "layer_summary", &[&format!("probe={probe}")]) {
+            out.insert((s(&row, "layer"), probe), row);
+        }
+    }
+    out
+}
+
+/// The largest residual share `verify` reports for an attribution.
+fn verify_residual_share(run: &str) -> f64 {
+    let out = ok(&["verify", run]);
+    let tag = "max |residual share| ";
+    let at = out
+        .find(tag)
+        .unwrap_or_else(|| panic!("no residual share in {out}"));
+    out[at + tag.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The class-share bars of `reptrace report` for `probe`: layer → (bar's
+/// data-class → share).
+fn report_shares(run: &str, probe: i64, dir: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let path = dir.join(format!("report-{probe}.html"));
+    let path = path.to_str().unwrap();
+    ok(&["report", run, "--probe", &probe.to_string(), "--out", path]);
+    let html = std::fs::read_to_string(path).unwrap();
+    let attr = |tag: &str, name: &str| -> String {
+        let key = format!("{name}=\"");
+        let at = tag.find(&key).unwrap() + key.len();
+        tag[at..at + tag[at..].find('"').unwrap()].to_owned()
+    };
+    let mut out = BTreeMap::new();
+    for fig in html.split("<figure class=\"shares\"").skip(1) {
+        let fig = &fig[..fig.find("</figure>").unwrap()];
+        let layer = attr(fig, "data-layer");
+        let bars: BTreeMap<String, f64> = fig
+            .split("<li class=\"series-item")
+            .skip(1)
+            .map(|t| {
+                let t = &t[..t.find('>').unwrap()];
+                (
+                    attr(t, "data-class"),
+                    attr(t, "data-share").parse().unwrap(),
+                )
+            })
+            .collect();
+        out.insert(layer, bars);
+    }
+    out
+}
+
 /// Adam and AdamW in batch mode: every step's whole update is one record, the
 /// records alone explain the refinement of every probe (Σ dot = ‖p‖² to
 /// 1e-5, the residual below 1e-5 of ‖p‖²), and top_steps and
@@ -197,6 +255,53 @@ fn batch_mode_adam_and_adamw_attributions_are_complete() {
             assert!(
                 (records - p2).abs() <= 1e-5 * p2,
                 "{name} {key:?}: the records alone {records} vs ‖p‖² {p2}"
+            );
+        }
+
+        // layer_summary, verify and the report tell the residual (the row
+        // without a step) from the records (which in batch mode have no
+        // instance id): the residual share is what completeness leaves,
+        // ‖p‖² minus the records' Σ dot, computed here from the raw rows.
+        let summary_ids = layer_summaries(r);
+        for (key, p2) in &norms {
+            let (records, _, n) = sums[key];
+            let row = &summary_ids[key];
+            let by_hand = (p2 - records) / p2;
+            assert!(
+                (f(row, "residual_share") - by_hand).abs() <= 1e-6,
+                "{name} {key:?}: layer_summary residual share {} vs {by_hand:.3e} by hand",
+                f(row, "residual_share")
+            );
+            assert!(f(row, "residual_share").abs() <= 1e-5, "{name} {key:?}");
+            assert_eq!(i(row, "records"), Some(n as i64), "{name} {key:?}");
+            assert!((f(row, "total_share") - 1.0).abs() <= 1e-5);
+            // Without class-pure batches every batch is mixed.
+            assert!((f(row, "mixed_batches_share") - records / p2).abs() <= 1e-9);
+        }
+        let worst = verify_residual_share(r);
+        assert!(worst <= 1e-5, "{name}: verify's residual share {worst:e}");
+        let epochs = query(
+            r,
+            "class_shares_by_epoch",
+            &[&format!("probe={}", PROBES[0])],
+        );
+        assert!(!epochs.is_empty());
+        for row in &epochs {
+            let want = if i(row, "epoch").is_none() {
+                "residual"
+            } else {
+                "mixed batches"
+            };
+            assert_eq!(s(row, "source"), want, "{name}: {row}");
+        }
+        let bars = report_shares(r, PROBES[0], dir.path());
+        for (layer, bars) in &bars {
+            let p2 = norms[&(layer.clone(), PROBES[0])];
+            let (records, _, _) = sums[&(layer.clone(), PROBES[0])];
+            assert!(bars["residual"].abs() <= 1e-5, "{name} {layer}: {bars:?}");
+            assert!(
+                (bars["mixed"] - records / p2).abs() <= 1e-6,
+                "{name} {layer}: {bars:?}"
             );
         }
 
@@ -326,6 +431,24 @@ fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
         }
     }
     println!("largest class-share difference between the modes: {worst:.2e}");
+    // The residual of the same training is the same in both modes (plain
+    // SGD: ~0), and class-pure batches leave no mixed share.
+    let (a, b) = (layer_summaries(&inst), layer_summaries(&batch));
+    assert_eq!(a.len(), 3 * PROBES.len());
+    for (key, ra) in &a {
+        let rb = &b[key];
+        assert!(f(ra, "residual_share").abs() <= 1e-5, "{key:?}: {ra}");
+        assert!(
+            (f(ra, "residual_share") - f(rb, "residual_share")).abs() <= 1e-6,
+            "{key:?}: instance mode {ra} vs batch mode {rb}"
+        );
+        assert_eq!(f(ra, "mixed_batches_share"), 0.0);
+        assert_eq!(f(rb, "mixed_batches_share"), 0.0);
+        assert!(
+            i(ra, "records") > i(rb, "records"),
+            "one record per example vs per batch"
+        );
+    }
 }
 
 /// Adam needs batch mode; the error names the flag.

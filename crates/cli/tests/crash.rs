@@ -8,6 +8,9 @@
 //!   through SQL, every visible file is complete, `verify` passes, and
 //!   `attribute` works as of the last checkpoint (or says that no probes are
 //!   committed yet, when the kill came before the first epoch end).
+//!   Directory-listing readers (a pandas, DuckDB or Spark glob over a table's
+//!   directory) see only committed files right after the kill, and exactly
+//!   the committed files and rows once a reptrace command opened the run.
 //! - `readers_see_only_committed_steps_while_training`: `info` and `sql`
 //!   run over and over against a run in training and never fail nor see an
 //!   uncommitted step.
@@ -98,11 +101,66 @@ fn info_json(run: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The Parquet files a directory-listing reader finds under the tables'
+/// directories (`<run>/<table>/**/*.parquet`, skipping names that start with
+/// `.` or `_`, as pyarrow, Spark and Hive discovery do), relative to the run,
+/// with their row counts from the footers.
+fn glob_tables(run: &Path) -> std::collections::BTreeMap<String, i64> {
+    use parquet::file::reader::FileReader;
+    fn walk(dir: &Path, rel: &str, out: &mut std::collections::BTreeMap<String, i64>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let r = format!("{rel}/{name}");
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), &r, out);
+            } else if name.ends_with(".parquet") {
+                let f = std::fs::File::open(e.path()).unwrap();
+                let reader = parquet::file::reader::SerializedFileReader::new(f).unwrap();
+                out.insert(r, reader.metadata().file_metadata().num_rows());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for table in reptrace_format::Table::ALL {
+        walk(&run.join(table.name()), table.name(), &mut out);
+    }
+    out
+}
+
+/// The committed files of the tables, with their row counts, per the manifest.
+fn committed_tables(run: &Path) -> std::collections::BTreeMap<String, i64> {
+    let m = reptrace_format::Manifest::load(run).unwrap();
+    reptrace_format::Table::ALL
+        .iter()
+        .flat_map(|&t| m.files(t))
+        .map(|f| (f.path.clone(), f.rows as i64))
+        .collect()
+}
+
 /// Checks a killed run; returns `None` when the kill came after it completed,
 /// else its last committed step (if any).
 fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
     let m = reptrace_format::Manifest::load(run).unwrap();
+    // Right after the kill, before any reptrace command opened the run: a
+    // glob reader sees committed files only (a kill between the manifest
+    // write and the renames hides some committed ones until the next open).
+    let committed = committed_tables(run);
+    for (rel, rows) in glob_tables(run) {
+        assert_eq!(
+            committed.get(&rel),
+            Some(&rows),
+            "{what}: a glob reader sees {rel} ({rows} rows), which is not committed"
+        );
+    }
     let info = info_json(run);
+    // `info` opened the run: now a glob reader sees exactly what is committed.
+    assert_eq!(glob_tables(run), committed, "{what}: glob after opening");
     if m.status == reptrace_format::Status::Complete {
         // Killed after its last commit, while the process was exiting.
         assert_eq!(info["status"], "complete", "{what}");
@@ -196,6 +254,11 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
             assert!(
                 r[0][0] <= as_of as f64,
                 "{what}: contributions after step {as_of}"
+            );
+            assert_eq!(
+                glob_tables(run),
+                committed_tables(run),
+                "{what}: glob after attribute"
             );
         }
         None => {

@@ -340,7 +340,7 @@ fn info_on_a_killed_run_reports_the_last_commit() {
         child.kill().unwrap();
         child.wait().unwrap();
 
-        let m = Manifest::load(&run).unwrap();
+        let m = Manifest::open(&run).unwrap(); // finishes a commit the kill interrupted
         // The last step, independently: the largest committed `steps.step`.
         let max_step = m
             .files(Table::Steps)

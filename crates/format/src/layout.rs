@@ -12,8 +12,15 @@
 //! ```
 //!
 //! Files are written under a temporary name that starts with `.` and ends
-//! with `.tmp` — a name every Parquet reader skips — and renamed when
-//! complete.
+//! with `.tmp` — a name every directory-listing reader (pandas, pyarrow,
+//! polars, DuckDB and Spark globs and Hive discovery) skips. A Parquet part
+//! keeps that name until the manifest that lists it is durable, and only then
+//! is renamed to its final name ([`publish`]). So a reader that lists the
+//! directory never sees a row that is not committed, whenever the writer was
+//! killed; and a kill between the manifest write and the rename is finished
+//! by the next reader that opens the run ([`Manifest::open`](crate::Manifest::open)).
+//! Weights snapshots (not read by directory listings) are renamed before the
+//! manifest that lists them is written.
 use crate::schema::Table;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -73,6 +80,31 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// Publishes committed file `rel` of `run`: renames it from its temporary
+/// name to its final name. Returns `Ok(true)` when it renamed, `Ok(false)`
+/// when the file was already under its final name (published before, or by a
+/// concurrent reader finishing the same commit).
+pub fn publish(run: &Path, rel: &str) -> std::io::Result<bool> {
+    let path = run.join(rel);
+    if path.exists() {
+        return Ok(false);
+    }
+    match std::fs::rename(temp_path(&path), &path) {
+        Ok(()) => Ok(true),
+        // Someone else renamed it between our check and our rename.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes file `rel` of `run`, under its final and its temporary name, as
+/// far as it can (what is left is a stray file that `verify` reports).
+pub fn remove(run: &Path, rel: &str) {
+    let path = run.join(rel);
+    let _ = std::fs::remove_file(temp_path(&path));
+    let _ = std::fs::remove_file(path);
+}
+
 /// Checks a layer (or other) name for use in a Hive partition path and SQL.
 pub fn check_name(what: &'static str, name: &str) -> Result<()> {
     let why = if name.is_empty() {
@@ -115,8 +147,28 @@ pub fn check_relative(path: &str) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_renames_once_and_tolerates_a_second_publisher() {
+        let dir = tempfile::tempdir().unwrap();
+        let rel = "updates/layer=fc1/part-000001.parquet";
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(temp_path(&path), b"rows").unwrap();
+        assert!(publish(dir.path(), rel).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"rows");
+        assert!(!temp_path(&path).exists());
+        // Already published: nothing to do, no error.
+        assert!(!publish(dir.path(), rel).unwrap());
+        // Neither name exists: an error naming the missing file.
+        let e = publish(dir.path(), "steps/part-000009.parquet").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        remove(dir.path(), rel);
+        assert!(!path.exists());
+    }
 
     #[test]
     fn names() {

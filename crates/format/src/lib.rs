@@ -1,8 +1,8 @@
-//! The reptrace trace format, version 1.
+//! The reptrace trace format (version [`FORMAT_VERSION`]).
 //!
 //! A *run* is a directory that any Parquet tool can read (Hive-style
 //! partitions by `layer`). This crate is the single source of truth for it:
-//! the Arrow schema of every table ([`schema`]), the manifest ([`Manifest`]),
+//! the Arrow schema of every table ([`schema()`]), the manifest ([`Manifest`]),
 //! where files live ([`layout`]) and the format version ([`FORMAT_VERSION`]).
 //! It has no heavy dependencies so that writers in any training loop and the
 //! analyzer share one definition. The pure parsers that more than one crate

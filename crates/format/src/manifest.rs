@@ -496,6 +496,41 @@ impl Manifest {
         }
     }
 
+    /// Reads and checks `<run>/manifest.json` ([`Manifest::load`]) and
+    /// finishes the commit a killed writer may have left half done: a file
+    /// the manifest lists that is still under its temporary name is renamed
+    /// to its final name ([`layout::publish`]). Every reader of a run opens it
+    /// this way, so that directory-listing readers (pandas, DuckDB, Spark)
+    /// then see exactly the committed rows.
+    pub fn open(run: &Path) -> Result<Self> {
+        let m = Self::load(run)?;
+        m.publish_committed(run)?;
+        Ok(m)
+    }
+
+    /// Renames every listed file still under its temporary name to its final
+    /// name; returns how many it renamed. A listed file missing under both
+    /// names is left to the reader that needs it to report.
+    pub fn publish_committed(&self, run: &Path) -> Result<usize> {
+        let mut renamed = 0;
+        for f in self.all_files() {
+            match layout::publish(run, &f.path) {
+                Ok(true) => renamed += 1,
+                Ok(false) => {}
+                // Neither name exists: a damaged run, which the reader that
+                // needs the file reports in its own words.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        path: run.join(&f.path),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(renamed)
+    }
+
     /// Reads and checks `<run>/manifest.json`.
     pub fn load(run: &Path) -> Result<Self> {
         if !run.is_dir() {

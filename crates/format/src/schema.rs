@@ -53,7 +53,7 @@ pub enum Table {
 }
 
 impl Table {
-    /// Every table, in the order of DESIGN.md §2.
+    /// Every table, in the order of docs/format.md except `batches` (format 3), last.
     pub const ALL: [Table; 6] = [
         Table::Instances,
         Table::Steps,

@@ -1,4 +1,4 @@
-//! The reptrace recorder: writes a training trace (DESIGN.md §2) while a
+//! The reptrace recorder: writes a training trace (docs/format.md) while a
 //! model trains.
 //!
 //! A [`Recorder`] takes plain slices — steps, per-example update factors,

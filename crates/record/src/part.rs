@@ -4,7 +4,10 @@
 //! at most `row_group_rows` rows, and a row group is flushed early once its
 //! encoded size passes `row_group_bytes`, so the writer's memory stays
 //! bounded however many rows a commit interval holds. At the commit point the
-//! file is finished, fsynced and renamed to `part-<seq>.parquet`.
+//! file is finished and fsynced under its temporary name; it is renamed to
+//! `part-<seq>.parquet` only after the manifest that lists it is durable
+//! (`reptrace_format::layout::publish`), so directory-listing readers never
+//! see an uncommitted part.
 use crate::durable;
 use crate::{Error, Result};
 use arrow_array::RecordBatch;
@@ -113,7 +116,6 @@ pub(crate) struct PartWriter {
     rel: String,
     table: Table,
     layer: Option<String>,
-    path: PathBuf,
     temp: PathBuf,
     writer: ArrowWriter<File>,
     rows: u64,
@@ -158,7 +160,6 @@ impl PartWriter {
             rel,
             table,
             layer: layer.map(str::to_owned),
-            path,
             temp,
             writer,
             rows: 0,
@@ -182,9 +183,11 @@ impl PartWriter {
         Ok(())
     }
 
-    /// Writes the footer, fsyncs and renames to the final name. The caller
-    /// fsyncs the directory (once per commit, for all parts). On failure the
-    /// temporary file is removed.
+    /// Writes the footer and fsyncs, leaving the file under its temporary
+    /// name; returns its manifest entry and the temporary path. The caller
+    /// fsyncs the directory (once per commit, for all parts) and renames the
+    /// file once the manifest lists it. On failure the temporary file is
+    /// removed.
     pub(crate) fn finish(mut self) -> Result<(FileEntry, PathBuf)> {
         let bytes = match self.footer_and_sync() {
             Ok(b) => b,
@@ -193,11 +196,6 @@ impl PartWriter {
                 return Err(e);
             }
         };
-        if let Err(e) = fs::rename(&self.temp, &self.path) {
-            let err = Error::io(&self.path, e);
-            self.discard();
-            return Err(err);
-        }
         let entry = FileEntry {
             path: self.rel,
             table: self.table.name().to_owned(),
@@ -205,7 +203,7 @@ impl PartWriter {
             rows: self.rows,
             bytes,
         };
-        Ok((entry, self.path))
+        Ok((entry, self.temp))
     }
 
     /// Finishes the Parquet file, fsyncs it and returns its size.
@@ -276,7 +274,14 @@ mod tests {
             assert!(temp.is_file(), "writes to the temporary name first");
             w.write(&crate::columns::updates(rows(50), dtype).unwrap())
                 .unwrap();
-            let (entry, path) = w.finish().unwrap();
+            let (entry, staged) = w.finish().unwrap();
+            assert_eq!(
+                staged, temp,
+                "stays under its temporary name until published"
+            );
+            assert!(!dir.path().join(&entry.path).exists());
+            assert!(reptrace_format::layout::publish(dir.path(), &entry.path).unwrap());
+            let path = dir.path().join(&entry.path);
             assert!(!temp.exists());
             assert_eq!(entry.path, "updates/layer=fc1/part-000007.parquet");
             assert_eq!(entry.rows, 50);

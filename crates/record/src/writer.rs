@@ -286,18 +286,20 @@ impl Writer {
         let seq = self.manifest.commits.len() as u64;
         let mut files = Vec::new();
         let mut probes = Vec::new();
-        let mut published: Vec<PathBuf> = Vec::new();
+        // Finished parts, still under their temporary names.
+        let mut staged: Vec<PathBuf> = Vec::new();
+        let mut weights_written: Option<PathBuf> = None;
         let mut dirs = BTreeSet::new();
         let parts = std::mem::take(&mut self.parts);
         let mut parts = parts.into_iter();
         let mut failure = None;
         for ((_, _, checkpoint), part) in parts.by_ref() {
             match part.finish() {
-                Ok((entry, path)) => {
-                    if let Some(d) = path.parent() {
+                Ok((entry, temp)) => {
+                    if let Some(d) = temp.parent() {
                         dirs.insert(d.to_path_buf());
                     }
-                    published.push(path);
+                    staged.push(temp);
                     if checkpoint {
                         probes.push(entry);
                     } else {
@@ -316,7 +318,7 @@ impl Writer {
         {
             match self.write_weights(&rel, &tensors, step.map(|s| s.0)) {
                 Ok(path) => {
-                    published.push(path);
+                    weights_written = Some(path);
                     weights_rel = Some(rel);
                 }
                 Err(e) => failure = Some(e),
@@ -330,15 +332,18 @@ impl Writer {
                 }
             }
         }
+        // Nothing of this commit is in the manifest yet: on failure remove
+        // what was written so that no complete-looking stray file remains.
+        let undo = |staged: Vec<PathBuf>, weights: Option<PathBuf>| {
+            for path in staged.into_iter().chain(weights) {
+                let _ = fs::remove_file(path);
+            }
+        };
         if let Some(e) = failure {
-            // Nothing of this commit is in the manifest: remove what was
-            // already renamed so that no complete-looking stray file remains.
             for (_, part) in parts {
                 part.discard();
             }
-            for path in published {
-                let _ = fs::remove_file(path);
-            }
+            undo(staged, weights_written);
             return Err(e);
         }
         self.manifest.commits.push(Commit {
@@ -354,7 +359,20 @@ impl Writer {
             // The manifest on disk still has the previous commit; keep the
             // in-memory one in step with it.
             self.manifest.commits.pop();
+            undo(staged, weights_written);
             return Err(e);
+        }
+        // Committed: now the parts may take their final names, where
+        // directory-listing readers see them. A kill before this is finished
+        // by the next reader that opens the run (Manifest::open).
+        if let Some(commit) = self.manifest.commits.last() {
+            for f in commit.files.iter().chain(&commit.probes) {
+                layout::publish(&self.run, &f.path)
+                    .map_err(|e| Error::io(self.run.join(&f.path), e))?;
+            }
+        }
+        for d in &dirs {
+            durable::sync_dir(d)?;
         }
         tracing::debug!(seq, "committed");
         self.prune_checkpoint_probes(KEEP_CHECKPOINT_PROBES)
@@ -381,7 +399,7 @@ impl Writer {
             return Err(e);
         }
         for f in taken.iter().flat_map(|(_, files)| files) {
-            let _ = fs::remove_file(self.run.join(&f.path));
+            layout::remove(&self.run, &f.path);
         }
         Ok(())
     }

@@ -1063,11 +1063,25 @@ fn crash_child_process() {
     }
 }
 
-/// Checks a killed run: the manifest parses, committed files are complete
-/// and hold exactly the steps 0..=last_step, nothing with a final name is
-/// partial. Returns the last committed step.
+/// Checks a killed run: the manifest parses, a directory listing shows only
+/// committed parts (and, once the run is opened, all of them), committed
+/// files are complete and hold exactly the steps 0..=last_step, nothing with
+/// a final name is partial. Returns the last committed step.
 fn check_killed_run(run: &Path) -> Option<i64> {
-    let m = Manifest::load(run).unwrap();
+    let loaded = Manifest::load(run).unwrap();
+    let mut committed: Vec<String> = Table::ALL
+        .iter()
+        .flat_map(|&t| loaded.files(t))
+        .map(|f| f.path.clone())
+        .collect();
+    committed.sort();
+    for f in listed_parquet(run) {
+        assert!(committed.contains(&f), "{f} is listed but not committed");
+    }
+    // Opening finishes a commit the kill interrupted after its manifest.
+    let m = Manifest::open(run).unwrap();
+    assert_eq!(m, loaded);
+    assert_eq!(listed_parquet(run), committed, "after open");
     assert_eq!(m.status, Status::Recording, "killed, not finished");
     for f in m.commits.iter().flat_map(|c| &c.files) {
         let rows: usize = read_batches(&run.join(&f.path))
@@ -1312,4 +1326,97 @@ fn batch_steps_record_whole_updates_and_members() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("instance mode"), "{e}");
+}
+
+/// The `*.parquet` files under the tables' directories that a
+/// directory-listing reader (pyarrow, Spark, Hive discovery, a DuckDB glob
+/// of `*.parquet`) picks up: names starting with `.` or `_` are skipped.
+fn listed_parquet(run: &Path) -> Vec<String> {
+    fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let r = format!("{rel}/{name}");
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), &r, out);
+            } else if name.ends_with(".parquet") {
+                out.push(r);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for t in Table::ALL {
+        walk(&run.join(t.name()), t.name(), &mut out);
+    }
+    out.sort();
+    out
+}
+
+/// A kill at either side of the manifest write: a part finished but not yet
+/// committed stays invisible to directory readers, and a committed part not
+/// yet renamed (kill right after the manifest write) is published by the
+/// next `Manifest::open`, after which they see exactly the committed files.
+#[test]
+fn directory_readers_see_exactly_the_committed_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut rec = tiny_recorder(&run);
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 1);
+    rec.commit().unwrap();
+    rec.finish(&[]).unwrap();
+    let m = Manifest::load(&run).unwrap();
+    let mut committed: Vec<String> = Table::ALL
+        .iter()
+        .flat_map(|&t| m.files(t))
+        .map(|f| f.path.clone())
+        .collect();
+    committed.sort();
+    assert!(committed.len() >= 4, "{committed:?}");
+    assert_eq!(listed_parquet(&run), committed);
+
+    // Kill after the manifest write, before the rename: the part of the
+    // last commit is still under its temporary name.
+    let last = m
+        .commits
+        .iter()
+        .rev()
+        .find_map(|c| c.files.first())
+        .unwrap()
+        .path
+        .clone();
+    let path = run.join(&last);
+    std::fs::rename(&path, layout::temp_path(&path)).unwrap();
+    // Kill before the manifest write: a complete part nobody committed.
+    let stray = run.join("updates/layer=fc1/part-000099.parquet");
+    std::fs::copy(run.join(&committed[0]), layout::temp_path(&stray)).unwrap();
+
+    let listed = listed_parquet(&run);
+    assert!(!listed.contains(&last), "not yet published");
+    assert!(listed.iter().all(|f| committed.contains(f)), "{listed:?}");
+
+    let opened = Manifest::open(&run).unwrap();
+    assert_eq!(opened, m, "opening changes no manifest");
+    assert_eq!(
+        listed_parquet(&run),
+        committed,
+        "after open: exactly the committed parts"
+    );
+    assert!(
+        layout::temp_path(&stray).exists(),
+        "uncommitted data is not published"
+    );
+    assert_eq!(
+        Manifest::open(&run)
+            .unwrap()
+            .publish_committed(&run)
+            .unwrap(),
+        0
+    );
 }

@@ -1,4 +1,4 @@
-//! Per-example update factors of a traced layer (DESIGN.md §1).
+//! Per-example update factors of a traced layer (docs/method.md §2).
 //!
 //! From one ordinary forward and backward pass: the layer input `a` and
 //! `δ = ∂L_batch/∂z` for every example of the batch. With learning rate `η`:

@@ -12,11 +12,16 @@ PARTITIONED = {"updates", "probes", "contributions"}
 
 
 def committed_files(run, table):
-    """The committed files of a table, from the manifest (commits and attribution)."""
+    """The committed files of a table, from the manifest (commits and attribution).
+
+    A writer renames a part to its final name just after the manifest that
+    lists it is written; if it was killed in between, the part is still under
+    its temporary name `.NAME.tmp` (any reptrace command renames it)."""
     manifest = json.loads((Path(run) / "manifest.json").read_text())
     entries = [f for c in manifest["commits"] for f in c["files"]]
     entries += (manifest.get("attribution") or {}).get("files", [])
-    return [str(Path(run).resolve() / f["path"]) for f in entries if f["table"] == table]
+    paths = [Path(run).resolve() / f["path"] for f in entries if f["table"] == table]
+    return [str(p if p.exists() else p.with_name(f".{p.name}.tmp")) for p in paths]
 
 
 def duckdb_connect(run):

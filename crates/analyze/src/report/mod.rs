@@ -121,7 +121,11 @@ pub struct Layer {
     pub records: i64,
     /// Class share per label.
     pub shares: BTreeMap<i32, f64>,
-    /// Share of the residual pseudo-source (weight decay, lost records).
+    /// Share of the batch-mode records of batches with several classes
+    /// (0 in instance mode and with class-pure batches).
+    pub mixed_share: f64,
+    /// Share of the residual pseudo-source (the row without a step: weight
+    /// decay, lost records).
     pub residual_share: f64,
     /// Sum of every share (1 for a complete attribution).
     pub total_share: f64,
@@ -309,6 +313,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let s_layer = strings(&summary, "layer")?;
     let s_pnorm = floats(&summary, "p_norm")?;
     let s_records = ints(&summary, "records")?;
+    let s_mixed = floats(&summary, "mixed_batches_share")?;
     let s_resid = floats(&summary, "residual_share")?;
     let s_total = floats(&summary, "total_share")?;
 
@@ -335,7 +340,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         ctx,
         &format!(
             "SELECT layer, label, cosine, norm FROM contributions \
-             WHERE probe_id = {} AND instance_id IS NOT NULL",
+             WHERE probe_id = {} AND step IS NOT NULL",
             options.probe
         ),
     )
@@ -417,6 +422,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
             p_norm: s_pnorm[si].unwrap_or(0.0),
             records: s_records[si].unwrap_or(0),
             shares: class_shares,
+            mixed_share: s_mixed[si].unwrap_or(0.0),
             residual_share: s_resid[si].unwrap_or(0.0),
             total_share: s_total[si].unwrap_or(0.0),
             epoch_shares,

@@ -32,6 +32,18 @@ const PALETTE: [RGBColor; 10] = [
 /// Colour of the residual pseudo-source.
 pub const RESIDUAL: &str = "#555555";
 const RESIDUAL_RGB: RGBColor = RGBColor(0x55, 0x55, 0x55);
+/// Colour of the batch-mode records of batches with several classes.
+pub const MIXED: &str = "#b0b0b0";
+const MIXED_RGB: RGBColor = RGBColor(0xb0, 0xb0, 0xb0);
+
+/// One bar of the class-share chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Class(i32),
+    /// Batch-mode records of batches with several classes (no label).
+    Mixed,
+    Residual,
+}
 
 /// The colour of class `label` (the palette, then golden-angle hues; the
 /// residual's grey for a negative label).
@@ -271,12 +283,18 @@ pub fn ridge(layer: &Layer, classes: &[String], predicted: i32) -> String {
     )
 }
 
-/// Horizontal bars of the class shares and the residual, signed, with a
-/// zero line.
+/// Horizontal bars of the class shares, the mixed batches (batch mode, when
+/// there are any) and the residual, signed, with a zero line.
 pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
-    let mut bars: Vec<(Option<i32>, f64)> =
-        layer.shares.iter().map(|(l, s)| (Some(*l), *s)).collect();
-    bars.push((None, layer.residual_share));
+    let mut bars: Vec<(Source, f64)> = layer
+        .shares
+        .iter()
+        .map(|(l, s)| (Source::Class(*l), *s))
+        .collect();
+    if layer.mixed_share != 0.0 {
+        bars.push((Source::Mixed, layer.mixed_share));
+    }
+    bars.push((Source::Residual, layer.residual_share));
     let nb = bars.len();
     let lo = bars.iter().map(|b| b.1).fold(0.0_f64, f64::min);
     let hi = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
@@ -284,11 +302,17 @@ pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
     let (lo, hi) = (if lo < 0.0 { lo - pad } else { lo }, hi + pad);
     // Bar j (from the top) fills segment nb-1-j.
     let segment = |j: usize| (nb - 1 - j) as i32;
-    let colour_of = |l: Option<i32>| l.map_or(RESIDUAL_RGB, rgb);
-    let name_of = |l: Option<i32>| match l {
-        Some(l) => tick_name(classes, l, predicted),
-        None => "residual".to_owned(),
+    let colour_of = |b: Source| match b {
+        Source::Class(l) => rgb(l),
+        Source::Mixed => MIXED_RGB,
+        Source::Residual => RESIDUAL_RGB,
     };
+    let name_of = |b: Source| match b {
+        Source::Class(l) => tick_name(classes, l, predicted),
+        Source::Mixed => "mixed batches".to_owned(),
+        Source::Residual => "residual".to_owned(),
+    };
+    let is_predicted = |b: Source| b == Source::Class(predicted);
     let h = 22 * nb as u32 + 110;
     let chart = svg((W, h), |root| {
         let mut chart = ChartBuilder::on(root)
@@ -344,7 +368,7 @@ pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
             let mut bar = Rectangle::new(corners.clone(), colour_of(label).filled());
             bar.set_margin(3, 3, 0, 0);
             chart.draw_series(std::iter::once(bar))?;
-            if label.is_some() && label == Some(predicted) {
+            if is_predicted(label) {
                 let mut outline = Rectangle::new(corners, BLACK.stroke_width(2));
                 outline.set_margin(3, 3, 0, 0);
                 chart.draw_series(std::iter::once(outline))?;
@@ -369,11 +393,15 @@ pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
     let items: String = bars
         .iter()
         .map(|&(label, v)| {
-            let attr = label.map_or_else(|| "residual".to_owned(), |l| l.to_string());
+            let attr = match label {
+                Source::Class(l) => l.to_string(),
+                Source::Mixed => "mixed".to_owned(),
+                Source::Residual => "residual".to_owned(),
+            };
             series_item(
                 &attr,
                 colour_of(label),
-                label.is_some() && label == Some(predicted),
+                is_predicted(label),
                 &format!(r#" data-share="{v}""#),
                 &format!("{}: {v:.6}", name_of(label)),
             )
@@ -386,6 +414,7 @@ pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
         &items,
         chart,
         "Share of each class in the probe's refinement p (Σ of its records' ⟨c, p⟩ / ‖p‖²); \
+         in batch mode, batches of several classes add up in one grey bar; \
          the residual is what the records do not explain (weight decay, lost records). \
          The predicted class is outlined in black.",
     )
@@ -651,6 +680,7 @@ mod tests {
             p_norm: 1.0,
             records: 6,
             shares: BTreeMap::from([(0, 0.3), (1, 0.7), (12, -0.05)]),
+            mixed_share: 0.0,
             residual_share: 0.05,
             total_share: 1.0,
             epoch_shares,
@@ -762,6 +792,39 @@ mod tests {
             .map(|t| attr(t, "data-share").parse::<f64>().unwrap())
             .sum();
         assert!((listed - 1.0).abs() < 1e-12);
+    }
+
+    /// Batch mode with mixed batches: their share gets its own grey bar,
+    /// listed as `mixed`, between the classes and the residual; without
+    /// mixed batches there is no such bar.
+    #[test]
+    fn mixed_batches_get_their_own_bar() {
+        let mut l = layer();
+        l.shares.insert(1, 0.6);
+        l.mixed_share = 0.1;
+        let html = shares(&l, &classes(), 1);
+        let s = svg(&html);
+        let fill = |c: &str| {
+            tags(s, "<rect ")
+                .into_iter()
+                .filter(|b| attr(b, "fill").eq_ignore_ascii_case(c))
+                .count()
+        };
+        assert_eq!(fill(MIXED), 1);
+        assert_eq!(fill(RESIDUAL), 1);
+        let items = tags(&html, "<li ");
+        let order: Vec<&str> = items.iter().map(|t| attr(t, "data-class")).collect();
+        assert_eq!(order, ["0", "1", "12", "mixed", "residual"]);
+        let listed: f64 = items
+            .iter()
+            .map(|t| attr(t, "data-share").parse::<f64>().unwrap())
+            .sum();
+        assert!((listed - 1.0).abs() < 1e-12);
+        assert!(s.contains("mixed batches"));
+
+        l.mixed_share = 0.0;
+        let html = shares(&l, &classes(), 1);
+        assert!(!html.contains(r#"data-class="mixed""#));
     }
 
     #[test]

@@ -190,7 +190,8 @@ async fn every_canned_query_matches_rust() {
         .run("cosine_histogram", &[("probe", "121"), ("bins", "7")])
         .await;
     let mut want: BTreeMap<(String, Option<i32>, i64), (f64, i64)> = BTreeMap::new();
-    for r in f.of(probe) {
+    // Records only: the residual (step NULL) has no distribution.
+    for r in f.of(probe).filter(|r| r.step.is_some()) {
         let bin = (((r.cosine + 1.0) / 2.0 * bins as f64).floor() as i64).clamp(0, bins - 1);
         let e = want.entry((r.layer.clone(), r.label, bin)).or_default();
         e.0 += r.norm;
@@ -274,12 +275,13 @@ async fn every_canned_query_matches_rust() {
         let layer = layer.as_deref().unwrap();
         let pn = f.p_norm(layer, probe);
         let rows: Vec<&Contribution> = f.of(probe).filter(|r| r.layer == layer).collect();
-        let rec: Vec<&&Contribution> = rows.iter().filter(|r| r.instance_id.is_some()).collect();
+        // A record has a step; the residual is the row without one.
+        let rec: Vec<&&Contribution> = rows.iter().filter(|r| r.step.is_some()).collect();
         let pos: f64 = rec.iter().filter(|r| r.dot > 0.0).map(|r| r.dot).sum();
         let neg: f64 = rec.iter().filter(|r| r.dot < 0.0).map(|r| r.dot).sum();
         let res: f64 = rows
             .iter()
-            .filter(|r| r.instance_id.is_none())
+            .filter(|r| r.step.is_none())
             .map(|r| r.dot)
             .sum();
         assert!(close(floats(&b, "p_norm")[i].unwrap(), pn));
@@ -297,6 +299,8 @@ async fn every_canned_query_matches_rust() {
             res / (pn * pn)
         ));
         assert!((floats(&b, "total_share")[i].unwrap() - 1.0).abs() < 1e-9);
+        // Instance mode: every record has a class.
+        assert_eq!(floats(&b, "mixed_batches_share")[i], Some(0.0));
         assert!(
             res.abs() / (pn * pn) > 1e-4,
             "decay should leave a residual"

@@ -132,3 +132,42 @@ fn lost_records_and_damaged_files_fail() {
     assert_eq!(c.status, Status::Fail);
     assert!(c.detail.contains(&f.path), "{c:?}");
 }
+
+/// The replay reports its progress per traced layer, ending at every
+/// committed record of the layer (counted here from the manifest).
+#[test]
+fn verify_reports_replay_progress_per_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let synth = Synth {
+        layers: vec![conv("c1", Storage::Factors), linear("fc", 4, 3, true)],
+        ..Synth::default()
+    };
+    synth.write(&run);
+    let m = Manifest::load(&run).unwrap();
+    let mut last: std::collections::BTreeMap<String, (u64, u64, usize)> = Default::default();
+    let mut calls = 0;
+    let r = reptrace_analyze::verify::verify_with_progress(&run, &Options::default(), &mut |p| {
+        calls += 1;
+        assert_eq!(p.layers, 2);
+        let prev = last.get(&p.layer).map_or(0, |l| l.0);
+        assert!(p.records_done >= prev, "progress goes forward");
+        last.insert(
+            p.layer.clone(),
+            (p.records_done, p.records_total, p.layer_index),
+        );
+    })
+    .unwrap();
+    assert!(r.passed(), "{:#?}", r.checks);
+    assert!(calls >= 4, "a start and an end per layer at least");
+    for (i, layer) in ["c1", "fc"].into_iter().enumerate() {
+        let rows: u64 = m
+            .files(Table::Updates)
+            .iter()
+            .filter(|f| f.layer.as_deref() == Some(layer))
+            .map(|f| f.rows)
+            .sum();
+        assert!(rows > 0);
+        assert_eq!(last[layer], (rows, rows, i), "{layer}");
+    }
+}

@@ -23,7 +23,7 @@ pub struct AttributeArgs {
     /// Only each training probe's own records
     #[arg(long)]
     pub self_only: bool,
-    /// No progress bar
+    /// No progress bar and no per-layer table: only the summary line
     #[arg(long, short)]
     pub quiet: bool,
 }
@@ -99,6 +99,40 @@ pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(b) = bar.bar.take() {
         b.finish_and_clear();
     }
+    if !args.quiet {
+        write_layers(&report, out)?;
+    }
+    let secs = report.elapsed.as_secs_f64();
+    writeln!(
+        out,
+        "{} contribution rows in {:.1} s ({:.0} rows/s); probes {}, {}",
+        report.rows,
+        secs,
+        if secs > 0.0 {
+            report.rows as f64 / secs
+        } else {
+            0.0
+        },
+        report.attribution.probes,
+        as_of(report.attribution.as_of_step.map(|s| s.0)),
+    )?;
+    if let Ok(m) = reptrace_format::Manifest::load(&args.run)
+        && m.analysis_probes().is_some_and(|a| a.checkpoint)
+    {
+        writeln!(
+            out,
+            "the run did not finish (status {}): probes and weights are those of its last checkpoint",
+            m.status
+        )?;
+    }
+    Ok(())
+}
+
+/// The per-layer table of an attribution.
+fn write_layers(
+    report: &reptrace_analyze::attribution::Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     writeln!(
         out,
         "{:<16} {:>7} {:>10} {:>12} {:>7} {:>14}",
@@ -116,28 +150,26 @@ pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             l.layer, l.probes, l.records, l.rows, l.passes, rel
         )?;
     }
-    let secs = report.elapsed.as_secs_f64();
-    writeln!(
-        out,
-        "{} contribution rows in {:.1} s ({:.0} rows/s); probes {}, as of step {}",
-        report.rows,
-        secs,
-        if secs > 0.0 {
-            report.rows as f64 / secs
-        } else {
-            0.0
-        },
-        report.attribution.probes,
-        report.attribution.as_of_step.map_or(-1, |s| s.0),
-    )?;
-    if let Ok(m) = reptrace_format::Manifest::load(&args.run)
-        && m.analysis_probes().is_some_and(|a| a.checkpoint)
-    {
-        writeln!(
-            out,
-            "the run did not finish (status {}): probes and weights are those of its last checkpoint",
-            m.status
-        )?;
-    }
     Ok(())
+}
+
+/// Which weights the attribution used: after a step, or the initial ones
+/// when no step was recorded.
+fn as_of(step: Option<i64>) -> String {
+    match step {
+        Some(s) => format!("as of step {s}"),
+        None => "as of the initial weights (no step recorded)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::as_of;
+
+    #[test]
+    fn no_step_is_said_in_words() {
+        assert_eq!(as_of(Some(12)), "as of step 12");
+        assert_eq!(as_of(None), "as of the initial weights (no step recorded)");
+        assert!(!as_of(None).contains("-1"));
+    }
 }

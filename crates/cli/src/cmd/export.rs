@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// The table: instances, steps, updates, probes or contributions.
+    /// The table: instances, steps, updates, batches, probes or contributions.
     #[arg(long)]
     pub table: String,
     /// Only rows where this boolean SQL expression over the table's columns

@@ -130,7 +130,8 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// Reads the manifest and the footers of the committed files.
 pub fn gather(run: &Path) -> anyhow::Result<Info> {
-    let m = Manifest::load(run)?;
+    // Opening finishes a commit a killed recorder left half published.
+    let m = Manifest::open(run)?;
     let mut warnings = Vec::new();
 
     let mut groups: BTreeMap<(Table, Option<String>), Vec<&FileEntry>> = BTreeMap::new();
@@ -378,22 +379,6 @@ fn model_info(m: &Manifest) -> ModelInfo {
     }
 }
 
-/// `1234567` → `1.2 MiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "run        {}", i.run)?;
     writeln!(out, "run id     {}", i.run_id)?;
@@ -478,7 +463,7 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "storage    {} per step (updates and batches, {} steps)",
-            human(s.bytes_per_step.round() as u64),
+            crate::cmd::human_bytes(s.bytes_per_step.round() as u64),
             s.steps
         )?;
     }
@@ -496,8 +481,10 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
             t.layer.as_deref().unwrap_or("-"),
             t.files,
             t.rows,
-            human(t.bytes),
-            t.raw_f32_bytes.map(human).unwrap_or_else(|| "-".into()),
+            crate::cmd::human_bytes(t.bytes),
+            t.raw_f32_bytes
+                .map(crate::cmd::human_bytes)
+                .unwrap_or_else(|| "-".into()),
             t.ratio
                 .map(|r| format!("{r:.3}"))
                 .unwrap_or_else(|| "-".into()),
@@ -518,17 +505,4 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(out, "warning: {w}")?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human(0), "0 B");
-        assert_eq!(human(1023), "1023 B");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(5 << 20), "5.0 MiB");
-    }
 }

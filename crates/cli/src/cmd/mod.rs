@@ -11,3 +11,22 @@ pub mod sql;
 #[cfg(feature = "tch")]
 pub mod train;
 pub mod verify;
+
+/// A size on disk for people, in binary units (`1.50 KiB`), the same in
+/// every command.
+pub fn human_bytes(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(5 << 20), "5.00 MiB");
+    }
+}

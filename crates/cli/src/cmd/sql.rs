@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 pub struct SqlArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// One query (SELECT or WITH) over instances, steps, updates, probes, contributions.
+    /// One query (SELECT or WITH) over instances, steps, updates, batches, probes, contributions.
     pub query: String,
     /// Output format: table, csv, json or parquet (parquet needs --out).
     #[arg(long, default_value = "table")]

@@ -1,4 +1,5 @@
-//! `reptrace train`: train a model with SGD and record its trace.
+//! `reptrace train`: train a model (SGD; Adam or AdamW in batch mode) and
+//! record its trace.
 //!
 //! The flags are parsed in two steps: clap collects them as text, then
 //! [`TrainArgs::config`] turns them into a validated
@@ -36,7 +37,7 @@ pub struct TrainArgs {
     /// Base learning rate.
     #[arg(long, default_value = "0.1", allow_hyphen_values = true)]
     pub lr: String,
-    /// Learning-rate schedule: constant, step:EPOCHS:GAMMA or cosine[:MIN_LR].
+    /// Learning-rate schedule: constant, step:EPOCHS:GAMMA, cosine or cosine:MIN_LR.
     #[arg(long, default_value = "constant")]
     pub lr_schedule: String,
     /// SGD momentum.
@@ -45,7 +46,8 @@ pub struct TrainArgs {
     /// Nesterov momentum (needs --momentum > 0).
     #[arg(long)]
     pub nesterov: bool,
-    /// Weight decay (L2), PyTorch semantics; shows up as the residual.
+    /// Weight decay (L2; decoupled with adamw), PyTorch semantics; in instance
+    /// mode it shows up as the residual.
     #[arg(long, default_value = "0", allow_hyphen_values = true)]
     pub weight_decay: String,
     /// Seed for initialisation, shuffling and dropout.
@@ -208,6 +210,7 @@ pub fn train_with_progress(config: &TrainConfig) -> anyhow::Result<TrainSummary>
     let mut steps_per_epoch = 0;
     let mut bar: Option<ProgressBar> = None;
     let mut loss_sum = 0.0;
+    let mut probes_bar: Option<ProgressBar> = None;
     let mut progress = |p: &Progress| match p {
         Progress::Started {
             epochs: e,
@@ -250,9 +253,21 @@ pub fn train_with_progress(config: &TrainConfig) -> anyhow::Result<TrainSummary>
                 ));
             }
         }
-        Progress::Probes { .. } => {}
+        Progress::Probes { probes, layers } => {
+            // Forward passes and refinements of every probe: a spinner, so
+            // that the pause after the last epoch is visibly work.
+            let b = ProgressBar::new_spinner().with_message(format!(
+                "writing {probes} probes × {layers} traced layers (activations and refinements)"
+            ));
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            probes_bar = Some(b);
+        }
     };
-    let summary = reptrace_tch::train(config, &mut progress).map_err(flag_error)?;
+    let summary = reptrace_tch::train(config, &mut progress);
+    if let Some(b) = probes_bar.take() {
+        b.finish_and_clear();
+    }
+    let summary = summary.map_err(flag_error)?;
     Ok(summary)
 }
 
@@ -298,7 +313,7 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
             out,
             "  layer {:<8} {rows:>9} update rows {:>12}   {probes} probes",
             layer.name(),
-            human_bytes(bytes),
+            crate::cmd::human_bytes(bytes),
         )?;
     }
     let total: u64 = Table::ALL
@@ -315,25 +330,9 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
     writeln!(
         out,
         "  {commits} commits, {snapshots} weight snapshots, {} in tables",
-        human_bytes(total)
+        crate::cmd::human_bytes(total)
     )?;
     Ok(())
-}
-
-/// `1234567` → `1.2 MB`.
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < units.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 /// Runs `reptrace train`.

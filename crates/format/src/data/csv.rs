@@ -136,7 +136,67 @@ impl CsvOptions {
     }
 }
 
+/// Reads the next record that is not blank from `reader` (reading `bytes`)
+/// into `record`; returns the 1-based line where it starts, or `None` at the
+/// end.
+///
+/// The `csv` reader skips empty lines itself; a line of only whitespace is
+/// a record of one blank field, skipped here.
+fn next_row(
+    reader: &mut ::csv::Reader<&[u8]>,
+    record: &mut ::csv::StringRecord,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Option<usize>> {
+    loop {
+        let more = reader.read_record(record).map_err(|e| {
+            // Not expected: the text is UTF-8, the reader flexible and
+            // reading from memory.
+            let message = e.to_string();
+            match e.position() {
+                Some(p) => DataError::BadRow {
+                    path: path.to_path_buf(),
+                    line: start_line(bytes, p),
+                    message,
+                },
+                None => DataError::BadData {
+                    name: path.display().to_string(),
+                    message,
+                },
+            }
+        })?;
+        if !more {
+            return Ok(None);
+        }
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue;
+        }
+        // A record read by a `Reader` always has a position.
+        return Ok(Some(record.position().map_or(0, |p| start_line(bytes, p))));
+    }
+}
+
+/// The 1-based line where the record at `p` starts. The `csv` reader gives a
+/// record the position where it began reading it: just after the previous
+/// record's terminator, so before the LF of a CRLF and before any empty
+/// lines, which it skips. Those line ends count here.
+fn start_line(bytes: &[u8], p: &::csv::Position) -> usize {
+    let from = usize::try_from(p.byte()).map_or(bytes.len(), |b| b.min(bytes.len()));
+    let skipped = bytes[from..]
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .filter(|&&b| b == b'\n')
+        .count();
+    usize::try_from(p.line())
+        .unwrap_or(usize::MAX)
+        .saturating_add(skipped)
+}
+
 /// Parses CSV text; `path` names the file in errors.
+///
+/// Fields may be quoted (`"1.5"`, `"name, with comma"`, `"a ""b"""`) and a
+/// quoted field may span lines; lines end in LF or CRLF. Fields are trimmed
+/// and blank lines skipped. Errors name the 1-based line where the row starts.
 pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Dataset> {
     let text = std::str::from_utf8(bytes).map_err(|e| DataError::BadData {
         name: path.display().to_string(),
@@ -147,19 +207,20 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
         line,
         message,
     };
-    // (1-based line number, fields), blank lines skipped.
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
-        .filter(|(_, l)| !l.trim().is_empty());
-    let Some((first_no, first)) = lines.next() else {
+    // Flexible: a row with the wrong number of fields gets our error below,
+    // naming the file and line, not the `csv` crate's.
+    let mut reader = ::csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut first = ::csv::StringRecord::new();
+    let Some(first_no) = next_row(&mut reader, &mut first, text.as_bytes(), path)? else {
         return Err(DataError::BadData {
             name: path.display().to_string(),
             message: "no rows".into(),
         });
     };
-    let first_fields: Vec<&str> = first.split(',').map(str::trim).collect();
+    let first_fields: Vec<&str> = first.iter().map(str::trim).collect();
     let is_header = match options.header {
         Header::Yes => true,
         Header::No => false,
@@ -198,18 +259,14 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
     let dim = width - 1;
     let mut features = Vec::new();
     let mut raw_labels: Vec<(usize, i64)> = Vec::new();
-    let data_lines = std::iter::once((first_no, first))
-        .filter(|_| !is_header)
-        .chain(lines);
-    for (no, line) in data_lines {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        if fields.len() != width {
+    let mut add_row = |no: usize, record: &::csv::StringRecord| -> Result<()> {
+        if record.len() != width {
             return Err(row_err(
                 no,
-                format!("expected {width} fields, found {}", fields.len()),
+                format!("expected {width} fields, found {}", record.len()),
             ));
         }
-        for (c, f) in fields.iter().enumerate() {
+        for (c, f) in record.iter().map(str::trim).enumerate() {
             let x: f64 = f
                 .parse()
                 .map_err(|_| row_err(no, format!("column {c}: value {f:?} is not a number")))?;
@@ -257,6 +314,14 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
                 features.push(feature);
             }
         }
+        Ok(())
+    };
+    if !is_header {
+        add_row(first_no, &first)?;
+    }
+    let mut record = ::csv::StringRecord::new();
+    while let Some(no) = next_row(&mut reader, &mut record, text.as_bytes(), path)? {
+        add_row(no, &record)?;
     }
     let n = raw_labels.len();
     let name = path.display().to_string();
@@ -387,6 +452,130 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "data set s.csv: shape [4294967296, 4294967296] does not hold the 1 feature columns"
+        );
+    }
+
+    fn err(text: &str, options: &CsvOptions) -> String {
+        parse_csv(text.as_bytes(), Path::new("t.csv"), options)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Quoted numbers are numbers: the first row is data, not a header
+    /// (split by hand, `"1.5"` was not a number, so a header, and `"4"` an
+    /// error).
+    #[test]
+    fn quoted_fields() {
+        let text = "\"1.5\",\"2\",0\n3,\" 4 \",\"1\"\n";
+        let options = CsvOptions {
+            test: TestSplit::Rows(0),
+            ..CsvOptions::default()
+        };
+        let d = parse_csv(text.as_bytes(), Path::new("q.csv"), &options).unwrap();
+        assert_eq!(d.features, vec![1.5, 2.0, 3.0, 4.0]);
+        assert_eq!(d.labels, vec![0, 1]);
+        assert_eq!(d.shape, vec![2]);
+    }
+
+    /// A quoted header name with a comma is one column (split by hand, the
+    /// header had 4 fields, the rows 3).
+    #[test]
+    fn quoted_header_name_with_a_comma() {
+        let text = "\"pixel, 0\",pixel_1,y\n2,0.5,0.25\n0,0.75,1\n1,0,0\n";
+        let options = CsvOptions::parse_query("label=pixel, 0&test=1").unwrap();
+        assert_eq!(options.label, LabelColumn::Name("pixel, 0".into()));
+        let d = parse_csv(text.as_bytes(), Path::new("h.csv"), &options).unwrap();
+        assert_eq!(d.shape, vec![2]);
+        assert_eq!(d.labels, vec![2, 0, 1]);
+        assert_eq!(d.features, vec![0.5, 0.25, 0.75, 1.0, 0.0, 0.0]);
+        assert_eq!((d.n_train, d.classes.len()), (2, 3));
+    }
+
+    /// `""` in a quoted field is one quote (by hand, the name kept its
+    /// outer quotes and doubled inner ones, and was not found).
+    #[test]
+    fn escaped_quotes_in_a_header_name() {
+        let text = "x,\"a \"\"b\"\"\",z\n0.5,1,0.25\n0.75,0,1\n";
+        let options = CsvOptions {
+            label: LabelColumn::Name("a \"b\"".into()),
+            test: TestSplit::Rows(1),
+            ..CsvOptions::default()
+        };
+        let d = parse_csv(text.as_bytes(), Path::new("e.csv"), &options).unwrap();
+        assert_eq!(d.labels, vec![1, 0]);
+        assert_eq!(d.features, vec![0.5, 0.25, 0.75, 1.0]);
+    }
+
+    /// CRLF line ends, with quoted fields before them and an empty line; a
+    /// bad row still gets its own line number (the reader's own position
+    /// would be the line before, where the previous row's CR is).
+    #[test]
+    fn crlf_line_endings() {
+        let text = "a,b,y\r\n1,\"2\",0\r\n3,4,\"1\"\r\n";
+        let options = CsvOptions {
+            test: TestSplit::Rows(1),
+            ..CsvOptions::default()
+        };
+        let d = parse_csv(text.as_bytes(), Path::new("c.csv"), &options).unwrap();
+        assert_eq!(d.features, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(d.labels, vec![0, 1]);
+        let bad = "a,b,y\r\n1,\"2\",0\r\n\r\n3,x,\"1\"\r\n";
+        assert_eq!(
+            err(bad, &options),
+            "t.csv:4: column 1: value \"x\" is not a number"
+        );
+    }
+
+    /// A quoted header name spanning two lines: the rows after it are on
+    /// lines 3 and 4 of the file (by hand, line 1 was a 1-field row).
+    #[test]
+    fn quoted_newline_in_the_header_moves_line_numbers() {
+        let text = "\"pix\nel\",y\n1,0\n2,x\n";
+        assert_eq!(
+            err(text, &CsvOptions::default()),
+            "t.csv:4: column 1: value \"x\" is not a number"
+        );
+        let options = CsvOptions {
+            label: LabelColumn::Name("y".into()),
+            test: TestSplit::Rows(1),
+            ..CsvOptions::default()
+        };
+        let d = parse_csv(b"\"pix\nel\",y\n1,0\n2,1\n", Path::new("n.csv"), &options).unwrap();
+        assert_eq!((d.features, d.labels), (vec![1.0, 2.0], vec![0, 1]));
+    }
+
+    /// A row with the wrong number of fields is our error, naming the line
+    /// (a quoted comma makes `"3,4",1` two fields; by hand it was three, with
+    /// `"3` not a number).
+    #[test]
+    fn malformed_row_names_its_line() {
+        let text = "a,b,y\n1,2,0\n\n  \n\"3,4\",1\n";
+        assert_eq!(
+            err(text, &CsvOptions::default()),
+            "t.csv:5: expected 3 fields, found 2"
+        );
+        let text = "1,2,0\n1,2,3,1\n";
+        assert_eq!(
+            err(text, &CsvOptions::default()),
+            "t.csv:2: expected 3 fields, found 4"
+        );
+    }
+
+    /// Blank and whitespace-only lines are skipped and still counted.
+    #[test]
+    fn blank_lines_are_skipped_and_counted() {
+        let text = "\n  \n1,0\n\n\t\n2,1\n\n3,z\n";
+        assert_eq!(
+            err(text, &CsvOptions::default()),
+            "t.csv:8: column 1: value \"z\" is not a number"
+        );
+        assert_eq!(
+            err("\n \n\r\n", &CsvOptions::default()),
+            "data set t.csv: no rows"
+        );
+        assert_eq!(
+            err("\n\n7\n", &CsvOptions::default()),
+            "t.csv:3: 1 field(s); need a label and at least one feature"
         );
     }
 }

@@ -51,10 +51,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// The bundled digits file (gzipped CSV, 64 pixel columns then the label).
-const DIGITS_GZ: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../data/digits.csv.gz"
-));
+const DIGITS_GZ: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"));
 
 /// The most classes a data set may have: every class gets a name in the
 /// manifest and a row per probe in class-share queries, and a CSV label of

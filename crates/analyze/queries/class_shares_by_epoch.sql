@@ -1,7 +1,8 @@
 -- Class shares by epoch: per layer and epoch, each class's share of a probe's refinement,
 -- (sum of dot over the class's records of that epoch) / ||p||^2: how the representation was
--- refined over training. The residual is its own row with epoch and label NULL; in batch mode,
--- the mixed batches of an epoch share one row with label NULL (none with class-pure batches).
+-- refined over training. The residual is its own row with epoch and label NULL and source
+-- 'residual'; in batch mode, the mixed batches of an epoch share one row with label NULL and
+-- source 'mixed batches' (none with class-pure batches).
 -- param: probe (int64) the probe id
 WITH by_class AS (
     SELECT layer, epoch, label, SUM(dot) AS dot_sum, COUNT(*) AS records
@@ -12,7 +13,11 @@ WITH by_class AS (
 SELECT c.layer,
        c.epoch,
        c.label,
-       CASE WHEN c.label IS NULL THEN 'residual' ELSE 'class' END AS source,
+       CASE
+           WHEN c.label IS NOT NULL THEN 'class'
+           WHEN c.epoch IS NULL THEN 'residual'
+           ELSE 'mixed batches'
+       END AS source,
        c.dot_sum / NULLIF(p.p_norm * p.p_norm, 0) AS share,
        c.records
 FROM by_class c
