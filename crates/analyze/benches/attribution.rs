@@ -34,6 +34,7 @@ fn arg(name: &str, default: usize) -> usize {
 
 fn model() -> Model {
     Model {
+        structure: Default::default(),
         name: "bench".into(),
         input_shape: vec![1, 8, 8],
         modules: vec![

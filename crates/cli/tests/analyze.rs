@@ -22,6 +22,7 @@ fn text(b: &[u8]) -> String {
 fn write_run(run: &Path) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let model = Model {
+        structure: Default::default(),
         name: "tiny".into(),
         input_shape: vec![3],
         modules: vec![Module::Linear(LinearSpec {

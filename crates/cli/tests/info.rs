@@ -51,6 +51,7 @@ fn model() -> Model {
         })
     };
     Model {
+        structure: Default::default(),
         name: "mlp".into(),
         input_shape: vec![6],
         modules: vec![lin("fc1", 6, 4), Module::Relu, lin("fc2", 4, 3)],

@@ -105,7 +105,8 @@ pub fn remove(run: &Path, rel: &str) {
     let _ = std::fs::remove_file(path);
 }
 
-/// Checks a layer (or other) name for use in a Hive partition path and SQL.
+/// Checks a name for use in a Hive partition path and SQL: ASCII letters,
+/// digits and `_`, starting with a letter.
 pub fn check_name(what: &'static str, name: &str) -> Result<()> {
     let why = if name.is_empty() {
         Some("must not be empty")
@@ -118,6 +119,31 @@ pub fn check_name(what: &'static str, name: &str) -> Result<()> {
     } else {
         None
     };
+    invalid(what, name, why)
+}
+
+/// Checks a traced layer's name (its `layer=` partition value): like
+/// [`check_name`], and also a qualified module name as PyTorch spells it
+/// (format 4): parts of letters, digits and `_` joined by `.`, each part
+/// non-empty, the first starting with a letter or `_` (`encoder.block1.conv`,
+/// `layers.0.fc`, `_orig_mod.fc`); at most 128 characters.
+pub fn check_layer_name(name: &str) -> Result<()> {
+    let part_ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let why = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 128 {
+        Some("longer than 128 characters")
+    } else if !name.split('.').all(part_ok) {
+        Some("only ASCII letters, digits and '_', in parts joined by '.', are allowed")
+    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        Some("must start with a letter or '_'")
+    } else {
+        None
+    };
+    invalid("layer", name, why)
+}
+
+fn invalid(what: &'static str, name: &str, why: Option<&'static str>) -> Result<()> {
     match why {
         Some(why) => Err(Error::InvalidName {
             what,
@@ -176,6 +202,13 @@ mod tests {
         assert!(check_name("layer", "conv_2").is_ok());
         for bad in ["", "1fc", "fc-1", "a/b", "layer=x", "fc 1"] {
             assert!(check_name("layer", bad).is_err(), "{bad}");
+            assert!(check_layer_name(bad).is_err(), "{bad}");
+        }
+        for good in ["fc1", "encoder.block1.conv", "layers.0.fc", "_orig_mod.fc"] {
+            assert!(check_layer_name(good).is_ok(), "{good}");
+        }
+        for bad in ["a..b", "a.", ".a", "a.b-c", "0.fc", "a/b.c"] {
+            assert!(check_layer_name(bad).is_err(), "{bad}");
         }
         assert!(check_relative("updates/layer=fc1/part-000001.parquet").is_ok());
         assert!(check_relative("../x").is_err());

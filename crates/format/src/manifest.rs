@@ -275,14 +275,36 @@ impl<'a> TracedLayer<'a> {
     }
 }
 
-/// The model: a sequential stack of modules.
+/// What [`Model::modules`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Structure {
+    /// The whole model, a sequential stack of modules in forward order: a
+    /// reader can rebuild it (every run before format 4).
+    #[default]
+    Sequential,
+    /// A model defined elsewhere (a PyTorch `nn.Module` of any shape):
+    /// `modules` lists its traced Linear and Conv2d layers only, named by
+    /// their qualified module names, in the order they first ran (format 4).
+    TracedLayers,
+}
+
+/// The model: a sequential stack of modules, or the traced layers of a
+/// model defined elsewhere ([`Structure`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Model {
     /// A short name (`mlp`, `cnn`, or the user's).
     pub name: String,
     /// Shape of one input example, without the batch dimension.
     pub input_shape: Vec<usize>,
+    /// Absent before format 4: sequential.
+    #[serde(default, skip_serializing_if = "is_sequential")]
+    pub structure: Structure,
     pub modules: Vec<Module>,
+}
+
+fn is_sequential(s: &Structure) -> bool {
+    *s == Structure::Sequential
 }
 
 impl Model {
@@ -323,6 +345,12 @@ pub enum LrSchedule {
     /// Cosine annealing from the base rate to `min_lr` over the run's steps.
     Cosine {
         min_lr: f64,
+    },
+    /// Set by the training loop (e.g. a `torch.optim.lr_scheduler` class,
+    /// named here); only the per-step values in `steps.lr` say what it did
+    /// (format 4).
+    External {
+        name: String,
     },
 }
 
@@ -590,7 +618,7 @@ impl Manifest {
             message,
         };
         for layer in self.model.traced_layers() {
-            layout::check_name("layer", layer.name()).map_err(|e| bad(e.to_string()))?;
+            layout::check_layer_name(layer.name()).map_err(|e| bad(e.to_string()))?;
         }
         for (i, c) in self.commits.iter().enumerate() {
             if c.seq != i as u64 {

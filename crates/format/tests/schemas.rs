@@ -141,10 +141,14 @@ impl Validator<'_> {
             return Err(format!("{at}: {n} < {min}"));
         }
         if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
-            // Only the name pattern is used; check it by its meaning.
-            assert_eq!(pattern, "^[A-Za-z][A-Za-z0-9_]{0,63}$");
+            // Two patterns are used; each is checked by its meaning.
             let s = value.as_str().unwrap_or_default();
-            layout::check_name("name", s).map_err(|e| format!("{at}: {e}"))?;
+            match pattern {
+                "^[A-Za-z][A-Za-z0-9_]{0,63}$" => layout::check_name("name", s),
+                r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$" => layout::check_layer_name(s),
+                other => panic!("{at}: pattern {other} has no Rust counterpart"),
+            }
+            .map_err(|e| format!("{at}: {e}"))?;
         }
         if let Some(a) = value.as_array() {
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
@@ -301,6 +305,7 @@ fn examples() -> Vec<Manifest> {
         }),
     ];
     let model = Model {
+        structure: Default::default(),
         name: "cnn".into(),
         input_shape: vec![1, 8, 8],
         modules,
@@ -393,7 +398,32 @@ fn examples() -> Vec<Manifest> {
     plain.optimizer = Optimizer::sgd(0.05);
     plain.status = Status::Recording;
     plain.dtype = Dtype::F32;
-    vec![m, adam, plain]
+    // Format 4: a PyTorch model's traced layers by qualified name, and the
+    // training loop's own scheduler.
+    let mut torch = plain.clone();
+    torch.model = Model {
+        name: "ResNetish".into(),
+        input_shape: vec![1, 8, 8],
+        structure: Structure::TracedLayers,
+        modules: vec![Module::Linear(LinearSpec {
+            name: "encoder.block1.fc".into(),
+            in_features: 64,
+            out_features: 16,
+            bias: true,
+            traced: true,
+        })],
+    };
+    torch.optimizer.schedule = LrSchedule::External {
+        name: "CosineAnnealingLR".into(),
+    };
+    torch.attribution = None;
+    torch.commits[1].files[1] = file(
+        "updates/layer=encoder.block1.fc/part-000001.parquet",
+        "updates",
+        Some("encoder.block1.fc"),
+    );
+    torch.commits[1].probes.clear();
+    vec![m, adam, plain, torch]
 }
 
 #[test]

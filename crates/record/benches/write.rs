@@ -57,6 +57,7 @@ fn data() -> Data {
 
 fn model() -> Model {
     Model {
+        structure: Default::default(),
         name: "mlp".into(),
         input_shape: vec![784],
         modules: LAYERS

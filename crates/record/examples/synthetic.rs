@@ -61,6 +61,7 @@ fn model() -> Model {
         conv.storage = Storage::Full;
     }
     Model {
+        structure: Default::default(),
         name: "synthetic-cnn".into(),
         input_shape: vec![1, 8, 8],
         modules: vec![

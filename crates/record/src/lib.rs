@@ -17,6 +17,7 @@
 //! # let dir = tempfile::tempdir().unwrap();
 //! # let run = dir.path().join("run");
 //! let model = Model {
+//!     structure: Default::default(),
 //!     name: "tiny".into(),
 //!     input_shape: vec![3],
 //!     modules: vec![Module::Linear(LinearSpec {

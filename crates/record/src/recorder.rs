@@ -198,7 +198,7 @@ fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for layer in model.traced_layers() {
-        layout::check_name("layer", layer.name())?;
+        layout::check_layer_name(layer.name())?;
         if !seen.insert(layer.name()) {
             return Err(Error::Model {
                 message: format!("layer name {:?} is used twice", layer.name()),

@@ -149,6 +149,7 @@ fn conv(
 
 fn model(modules: Vec<Module>) -> Model {
     Model {
+        structure: Default::default(),
         name: "test".into(),
         input_shape: vec![4],
         modules,

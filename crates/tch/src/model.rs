@@ -215,6 +215,7 @@ pub fn build_model(
             }
             modules.push(linear(&format!("fc{}", hidden.len() + 1), width, classes));
             Model {
+                structure: Default::default(),
                 name: "mlp".into(),
                 input_shape: input_shape.to_vec(),
                 modules,
@@ -250,6 +251,7 @@ pub fn build_model(
             }
             modules.extend([Module::Relu, Module::Flatten, linear("fc", flat, classes)]);
             Model {
+                structure: Default::default(),
                 name: choice.to_string(),
                 input_shape: input_shape.to_vec(),
                 modules,
@@ -746,6 +748,7 @@ mod tests {
             linear("out", 3 * 2 * 3, 4),
         ];
         let model = Model {
+            structure: Default::default(),
             name: "all".into(),
             input_shape: vec![2, 7, 6],
             modules,
@@ -775,6 +778,7 @@ mod tests {
     #[test]
     fn batch_norm_shapes_are_checked() {
         let model = |features| Model {
+            structure: Default::default(),
             name: "bn".into(),
             input_shape: vec![4],
             modules: vec![Module::BatchNorm1d {

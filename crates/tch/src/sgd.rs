@@ -99,6 +99,8 @@ pub fn learning_rate(
             let t = step as f64 / total_steps.max(1) as f64;
             min_lr + (lr - min_lr) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
         }
+        // Refused by TrainConfig::validate; the base rate is the safe answer.
+        LrSchedule::External { .. } => lr,
     }
 }
 

@@ -273,6 +273,12 @@ impl TrainConfig {
                     );
                 }
             }
+            LrSchedule::External { name } => {
+                return bad(
+                    "lr-schedule",
+                    format!("{name}: an external schedule is recorded by other producers, not run here"),
+                );
+            }
         }
         Ok(())
     }

@@ -444,6 +444,7 @@ fn factor_test_model() -> Model {
         storage: Storage::Full,
     };
     Model {
+        structure: Default::default(),
         name: "factor_test".into(),
         input_shape: vec![2, 9, 9],
         modules: vec![

@@ -305,6 +305,7 @@ impl Synth {
     pub fn write(&self, dir: &Path) -> Built {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let model = Model {
+            structure: Default::default(),
             name: "synth".into(),
             input_shape: vec![1],
             modules: self.layers.iter().map(L::module).collect(),
