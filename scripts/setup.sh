@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Project-local set-up, idempotent: a Python virtual environment in .venv
-# with PyTorch 2.11.0 (the libtorch that tch 0.24 links against) and the
-# Python packages the tests use, and the .libtorch link that
+# with PyTorch 2.11.0 (the libtorch that tch 0.24 links against, and
+# `import torch` for the Python package), the Python packages the tests use,
+# the reptrace Python package itself (built with maturin from crates/python,
+# dev profile, sharing target/), and the .libtorch link that
 # .cargo/config.toml points tch at. Nothing is installed outside the
 # repository. Safe to run again: it does only what is missing.
 #
-#   scripts/setup.sh          # torch + test packages
-#   scripts/setup.sh --torch  # torch only (enough for the demo)
+#   scripts/setup.sh          # torch + test packages + the reptrace package
+#   scripts/setup.sh --torch  # libtorch only (enough for the demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,6 +35,13 @@ if [ ! -f "$site/torch/lib/libtorch_cpu.so" ] || ! grep -qx "__version__ = '2.11
 fi
 ln -sfn "$site/torch" "$root/.libtorch"
 
+# The whole PyTorch wheel with its dependencies (CUDA libraries included:
+# `import torch` loads them even on a CPU), for the Python package's tests.
+if [ "$want_tests" = 1 ] && ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+  echo "setup: installing PyTorch 2.11.0 with its dependencies (about 3 GB, once)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.11.0
+fi
+
 if [ "$want_tests" = 1 ]; then
   if ! "$venv/bin/python" -c 'import pyarrow, pandas, pytest' 2>/dev/null \
      || ! cmp -s requirements-test.txt "$venv/.requirements-test.txt"; then
@@ -58,3 +67,12 @@ if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; th
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+
+# The reptrace Python package, built from this tree into .venv: maturin
+# compiles crates/python with the dev profile into the shared target/ (the
+# same dependency build as `cargo build --workspace`).
+if [ "$want_tests" = 1 ]; then
+  echo "setup: building the reptrace Python package (maturin develop)"
+  (cd python && VIRTUAL_ENV="$venv" "$venv/bin/maturin" develop --quiet --locked)
+fi
+

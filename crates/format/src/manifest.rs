@@ -109,6 +109,21 @@ pub enum Storage {
     Full,
 }
 
+impl Storage {
+    /// The storage rule every producer follows for a Conv2d layer's
+    /// instance-mode records: the full per-example matrix (`C_out·K`, plus
+    /// the bias) when it is smaller than the factors (`K·P + C_out·P`), else
+    /// the factors. (Batch-mode records are always whole updates.)
+    pub fn for_conv2d(out_channels: usize, patch_len: usize, positions: usize, bias: bool) -> Self {
+        let full = out_channels * patch_len + if bias { out_channels } else { 0 };
+        if full < patch_len * positions + out_channels * positions {
+            Storage::Full
+        } else {
+            Storage::Factors
+        }
+    }
+}
+
 /// A fully connected layer `z = W a + b`, W of shape `out × in`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinearSpec {
@@ -330,6 +345,9 @@ pub enum OptimizerKind {
     Sgd,
     Adam,
     Adamw,
+    /// Any other optimizer (format 4; batch mode only): its name is in the
+    /// manifest's `settings.optimizer`.
+    Other,
 }
 
 /// How the learning rate changes over steps (the per-step value is in `steps.lr`).

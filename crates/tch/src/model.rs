@@ -121,21 +121,15 @@ impl fmt::Display for TraceLayers {
     }
 }
 
-/// The storage rule for a Conv2d layer's records: the full per-example
-/// matrix (`C_out·K` plus the bias) when it is smaller than the factors
-/// (`K·P + C_out·P`), else the factors.
+/// The storage rule for a Conv2d layer's records ([`Storage::for_conv2d`],
+/// shared with every other producer).
 pub fn conv_storage(
     out_channels: usize,
     patch_len: usize,
     positions: usize,
     bias: bool,
 ) -> Storage {
-    let full = out_channels * patch_len + if bias { out_channels } else { 0 };
-    if full < patch_len * positions + out_channels * positions {
-        Storage::Full
-    } else {
-        Storage::Factors
-    }
+    Storage::for_conv2d(out_channels, patch_len, positions, bias)
 }
 
 /// Output size of a convolution or pooling along one axis.

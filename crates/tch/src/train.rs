@@ -220,6 +220,9 @@ impl TrainConfig {
         if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
             return bad("nesterov", "needs a momentum > 0 and zero dampening".into());
         }
+        if self.optimizer == OptimizerKind::Other {
+            return bad("optimizer", "expected sgd, adam or adamw".into());
+        }
         if self.optimizer != OptimizerKind::Sgd {
             let name = optimizer_name(self.optimizer);
             if self.mode == Mode::Instance {
@@ -319,7 +322,8 @@ impl TrainConfig {
                 self.weight_decay,
             )),
             OptimizerKind::Adam => adam(Decay::L2),
-            OptimizerKind::Adamw => adam(Decay::Decoupled),
+            // Refused by validate(): only the Python tracer records others.
+            OptimizerKind::Adamw | OptimizerKind::Other => adam(Decay::Decoupled),
         }
     }
 }
@@ -330,6 +334,7 @@ pub fn optimizer_name(kind: OptimizerKind) -> &'static str {
         OptimizerKind::Sgd => "sgd",
         OptimizerKind::Adam => "adam",
         OptimizerKind::Adamw => "adamw",
+        OptimizerKind::Other => "other",
     }
 }
 

@@ -1,0 +1,221 @@
+//! The analyzer from Python: the same functions as the CLI's `sql`, `query`,
+//! `attribute`, `verify`, `report` and `info`, on the same engine.
+use crate::arrow_stream::ArrowStream;
+use crate::error;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use reptrace_analyze::query::Query;
+use reptrace_analyze::{ProbeSelection, StepRange, report, verify};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// One process-wide runtime for DataFusion.
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::AnalysisError::new_err(format!("starting the query runtime: {e}")))?;
+    Ok(RT.get_or_init(|| rt))
+}
+
+/// Runs read-only SQL over the run's tables.
+#[pyfunction]
+fn sql(py: Python<'_>, run: PathBuf, query: String) -> PyResult<ArrowStream> {
+    let rt = runtime()?;
+    let (schema, batches) = py
+        .detach(|| {
+            let run = reptrace_analyze::open(&run)?;
+            let ctx = reptrace_analyze::context(&run)?;
+            rt.block_on(reptrace_analyze::sql::run(&ctx, &query))
+                .map_err(|e| run.explain(e))
+        })
+        .map_err(error::analysis)?;
+    Ok(ArrowStream::new(schema, batches))
+}
+
+/// Runs a canned query (by name) or a `.sql` file with its parameters.
+#[pyfunction]
+#[pyo3(signature = (run, name, params=None))]
+fn query(
+    py: Python<'_>,
+    run: PathBuf,
+    name: String,
+    params: Option<HashMap<String, String>>,
+) -> PyResult<ArrowStream> {
+    let rt = runtime()?;
+    let params = params.unwrap_or_default();
+    let (schema, batches) = py
+        .detach(|| {
+            let q = Query::resolve(&name)?;
+            let run = reptrace_analyze::open(&run)?;
+            let ctx = reptrace_analyze::context(&run)?;
+            let pairs: Vec<(&str, &str)> = params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            rt.block_on(q.run(&ctx, &pairs)).map_err(|e| run.explain(e))
+        })
+        .map_err(error::analysis)?;
+    Ok(ArrowStream::new(schema, batches))
+}
+
+/// The names of the built-in canned queries.
+#[pyfunction]
+fn builtin_queries() -> Vec<&'static str> {
+    reptrace_analyze::query::BUILTIN
+        .iter()
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// Attributes probes (`"test"`, `"train"`, `"all"` or `"ids:1,2"`) at the
+/// given layers (all when empty); returns a summary dict.
+#[pyfunction]
+#[pyo3(signature = (run, probes="test", layers=None, steps=None, self_only=false))]
+fn attribute<'py>(
+    py: Python<'py>,
+    run: PathBuf,
+    probes: &str,
+    layers: Option<Vec<String>>,
+    steps: Option<String>,
+    self_only: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let probes: ProbeSelection = probes.parse().map_err(error::analysis)?;
+    let steps = steps
+        .as_deref()
+        .map(str::parse::<StepRange>)
+        .transpose()
+        .map_err(error::analysis)?;
+    let options = reptrace_analyze::Options {
+        probes,
+        layers: layers.unwrap_or_default(),
+        steps,
+        self_only,
+        ..reptrace_analyze::Options::default()
+    };
+    let report = py
+        .detach(|| reptrace_analyze::attribute(&run, &options, &mut |_| {}))
+        .map_err(error::analysis)?;
+    let out = PyDict::new(py);
+    out.set_item("rows", report.rows)?;
+    out.set_item("seconds", report.elapsed.as_secs_f64())?;
+    out.set_item("probes", report.attribution.probes.clone())?;
+    out.set_item("as_of_step", report.attribution.as_of_step.map(|s| s.0))?;
+    let layers = PyList::empty(py);
+    for l in &report.layers {
+        let d = PyDict::new(py);
+        d.set_item("layer", &l.layer)?;
+        d.set_item("probes", l.probes)?;
+        d.set_item("records", l.records)?;
+        d.set_item("rows", l.rows)?;
+        d.set_item(
+            "residual_over_change",
+            if l.change_norm > 0.0 {
+                l.residual_norm / l.change_norm
+            } else {
+                0.0
+            },
+        )?;
+        layers.append(d)?;
+    }
+    out.set_item("layers", layers)?;
+    Ok(out)
+}
+
+/// Integrity and completeness checks: a list of dicts (`name`, `status`
+/// of pass/warn/FAIL/skip, `value`, `tolerance`, `detail`).
+#[pyfunction]
+#[pyo3(signature = (run, tolerance=1e-5))]
+fn verify_run<'py>(py: Python<'py>, run: PathBuf, tolerance: f64) -> PyResult<Bound<'py, PyList>> {
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        return Err(error::invalid(format!(
+            "tolerance must be a non-negative number, got {tolerance}"
+        )));
+    }
+    let options = verify::Options {
+        tolerance,
+        ..verify::Options::default()
+    };
+    let report = py
+        .detach(|| verify::verify(&run, &options))
+        .map_err(error::analysis)?;
+    let out = PyList::empty(py);
+    for c in &report.checks {
+        let d = PyDict::new(py);
+        d.set_item("name", &c.name)?;
+        d.set_item("status", c.status.to_string())?;
+        d.set_item("value", c.value)?;
+        d.set_item("tolerance", c.tolerance)?;
+        d.set_item("detail", &c.detail)?;
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+/// Writes the HTML report of `probe` to `out` (the run must be attributed
+/// for that probe).
+#[pyfunction]
+#[pyo3(signature = (run, probe, out, k=10, layers=None))]
+fn write_report(
+    py: Python<'_>,
+    run: PathBuf,
+    probe: i64,
+    out: PathBuf,
+    k: usize,
+    layers: Option<Vec<String>>,
+) -> PyResult<()> {
+    let options = report::Options {
+        probe,
+        layers: layers.unwrap_or_default(),
+        k,
+    };
+    let html = py
+        .detach(|| report::generate(&run, &options))
+        .map_err(error::analysis)?;
+    std::fs::write(&out, html)
+        .map_err(|e| error::AnalysisError::new_err(format!("{}: {e}", out.display())))
+}
+
+/// The run's manifest as JSON (opening it finishes an interrupted commit).
+#[pyfunction]
+fn manifest(py: Python<'_>, run: PathBuf) -> PyResult<String> {
+    let m = py
+        .detach(|| reptrace_format::Manifest::open(&run))
+        .map_err(error::format)?;
+    Ok(m.to_json())
+}
+
+/// The storage a Conv2d layer's records use (`"factors"` or `"full"`), by
+/// the rule every producer follows.
+#[pyfunction]
+fn conv2d_storage(out_channels: usize, patch_len: usize, positions: usize, bias: bool) -> &'static str {
+    match reptrace_format::Storage::for_conv2d(out_channels, patch_len, positions, bias) {
+        reptrace_format::Storage::Full => "full",
+        reptrace_format::Storage::Factors => "factors",
+    }
+}
+
+/// Checks a traced layer's name as the format does; raises `InvalidInput`.
+#[pyfunction]
+fn check_layer_name(name: &str) -> PyResult<()> {
+    reptrace_format::layout::check_layer_name(name).map_err(|e| error::invalid(e.to_string()))
+}
+
+/// Registers the functions on the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sql, m)?)?;
+    m.add_function(wrap_pyfunction!(query, m)?)?;
+    m.add_function(wrap_pyfunction!(builtin_queries, m)?)?;
+    m.add_function(wrap_pyfunction!(attribute, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_run, m)?)?;
+    m.add_function(wrap_pyfunction!(write_report, m)?)?;
+    m.add_function(wrap_pyfunction!(manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_storage, m)?)?;
+    m.add_function(wrap_pyfunction!(check_layer_name, m)?)?;
+    Ok(())
+}

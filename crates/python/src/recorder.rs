@@ -1,0 +1,331 @@
+//! `_reptrace.Recorder`: the Rust recorder for a Python training loop.
+//!
+//! Arrays arrive as contiguous NumPy arrays (`numpy.ascontiguousarray` on the
+//! Python side) and are read in place; the recorder copies them into its
+//! queue, so the caller may reuse its buffers as soon as a call returns.
+//! Every call that can wait on the writer thread releases the interpreter
+//! lock.
+use crate::error;
+use numpy::PyReadonlyArray1;
+use pyo3::prelude::*;
+use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
+use reptrace_record::{BatchStep, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+
+/// A recorder writing one run (see `reptrace.Tracer` for the PyTorch side).
+#[pyclass(module = "reptrace._reptrace", name = "Recorder")]
+pub struct PyRecorder {
+    inner: Option<Recorder>,
+    run_dir: String,
+}
+
+/// A contiguous array's elements, or an error naming the argument.
+fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| error::invalid(format!("{what}: the array must be contiguous")))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> {
+    serde_json::from_str(json).map_err(|e| error::invalid(format!("{what}: {e}")))
+}
+
+impl PyRecorder {
+    fn rec(&mut self) -> PyResult<&mut Recorder> {
+        self.inner.as_mut().ok_or_else(|| {
+            error::RecordError::new_err(format!(
+                "{}: the recorder is closed (finish or abort was called)",
+                self.run_dir
+            ))
+        })
+    }
+}
+
+/// Weights as named tensors: names, shapes and flat `float32` data.
+fn tensors<'a>(
+    names: &'a [String],
+    shapes: &'a [Vec<usize>],
+    data: &'a [&'a [f32]],
+) -> PyResult<Vec<NamedTensor<'a>>> {
+    if names.len() != shapes.len() || names.len() != data.len() {
+        return Err(error::invalid(format!(
+            "weights: {} names, {} shapes and {} arrays",
+            names.len(),
+            shapes.len(),
+            data.len()
+        )));
+    }
+    Ok(names
+        .iter()
+        .zip(shapes)
+        .zip(data)
+        .map(|((name, shape), data)| NamedTensor { name, shape, data })
+        .collect())
+}
+
+#[pymethods]
+impl PyRecorder {
+    /// Creates the run directory `run_dir` (missing or empty) and its
+    /// manifest. `model_json` and `optimizer_json` follow
+    /// `schemas/manifest.schema.json`; `settings_json` is a JSON object of
+    /// free-form training settings.
+    #[new]
+    #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}"))]
+    fn new(
+        py: Python<'_>,
+        run_dir: String,
+        model_json: &str,
+        optimizer_json: &str,
+        classes: Vec<String>,
+        dtype: &str,
+        mode: &str,
+        settings_json: &str,
+    ) -> PyResult<Self> {
+        let model: Model = parse("model", model_json)?;
+        let optimizer: Optimizer = parse("optimizer", optimizer_json)?;
+        let dtype: Dtype = parse("dtype", &format!("{dtype:?}"))
+            .map_err(|_| error::invalid(format!("dtype: {dtype:?}, expected \"f32\" or \"f16\"")))?;
+        let mode: Mode = parse("mode", &format!("{mode:?}")).map_err(|_| {
+            error::invalid(format!("mode: {mode:?}, expected \"instance\" or \"batch\""))
+        })?;
+        let settings: serde_json::Map<String, serde_json::Value> = parse("settings", settings_json)?;
+        let mut builder = Recorder::builder(&run_dir)
+            .model(model)
+            .optimizer(optimizer)
+            .classes(classes)
+            .dtype(dtype)
+            .mode(mode);
+        for (k, v) in settings {
+            builder = builder.setting(k, v);
+        }
+        let inner = py.detach(|| builder.build()).map_err(error::record)?;
+        Ok(Self {
+            inner: Some(inner),
+            run_dir,
+        })
+    }
+
+    /// The run directory.
+    #[getter]
+    fn run_dir(&self) -> &str {
+        &self.run_dir
+    }
+
+    /// The training instances: ids, labels and splits (`"train"`/`"test"`).
+    fn instances(
+        &mut self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        splits: Vec<String>,
+    ) -> PyResult<()> {
+        let splits = splits
+            .iter()
+            .map(|s| match s.as_str() {
+                "train" => Ok(Split::Train),
+                "test" => Ok(Split::Test),
+                other => Err(error::invalid(format!(
+                    "split {other:?}: expected \"train\" or \"test\""
+                ))),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let (ids, labels) = (slice(&ids, "ids")?, slice(&labels, "labels")?);
+        let rec = self.rec()?;
+        py.detach(|| rec.instances(ids, labels, &splits))
+            .map_err(error::record)
+    }
+
+    /// A weights snapshot, written at the next commit (the first one is the
+    /// initial weights).
+    fn weights(
+        &mut self,
+        py: Python<'_>,
+        names: Vec<String>,
+        shapes: Vec<Vec<usize>>,
+        arrays: Vec<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<()> {
+        let data = arrays
+            .iter()
+            .map(|a| slice(a, "weights"))
+            .collect::<PyResult<Vec<_>>>()?;
+        let named = tensors(&names, &shapes, &data)?;
+        let rec = self.rec()?;
+        py.detach(|| rec.weights(&named)).map_err(error::record)
+    }
+
+    /// Makes everything recorded so far durable and visible (a commit point).
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        let rec = self.rec()?;
+        py.detach(|| rec.commit()).map_err(error::record)
+    }
+
+    /// One training step's row of the `steps` table.
+    fn step(
+        &mut self,
+        step: i64,
+        epoch: i32,
+        lr: f64,
+        batch_size: i32,
+        loss: f64,
+    ) -> PyResult<()> {
+        self.rec()?
+            .step(StepRow {
+                step,
+                epoch,
+                lr,
+                batch_size,
+                loss,
+            })
+            .map_err(error::record)
+    }
+
+    /// Instance mode: one layer's per-example factors for a step, row-major
+    /// (`u`: examples × u_len, `v`: examples × v_len).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (layer, step, epoch, ids, labels, u, v, update_norm=None))]
+    fn updates(
+        &mut self,
+        py: Python<'_>,
+        layer: &str,
+        step: i64,
+        epoch: i32,
+        ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        u: PyReadonlyArray1<'_, f32>,
+        v: PyReadonlyArray1<'_, f32>,
+        update_norm: Option<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<()> {
+        let norms = match &update_norm {
+            Some(n) => Some(slice(n, "update_norm")?),
+            None => None,
+        };
+        let batch = UpdateBatch {
+            step,
+            epoch,
+            instance_ids: slice(&ids, "ids")?,
+            labels: slice(&labels, "labels")?,
+            u: slice(&u, "u")?,
+            v: slice(&v, "v")?,
+            update_norm: norms,
+        };
+        let rec = self.rec()?;
+        py.detach(|| rec.updates(layer, batch))
+            .map_err(error::record)
+    }
+
+    /// Batch mode: a step's whole update per traced layer (`ΔW` row-major,
+    /// then `Δb`) and the batch's members.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_step(
+        &mut self,
+        py: Python<'_>,
+        step: i64,
+        epoch: i32,
+        ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        layers: Vec<String>,
+        deltas: Vec<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<()> {
+        if layers.len() != deltas.len() {
+            return Err(error::invalid(format!(
+                "batch_step: {} layers and {} deltas",
+                layers.len(),
+                deltas.len()
+            )));
+        }
+        let data = deltas
+            .iter()
+            .map(|d| slice(d, "deltas"))
+            .collect::<PyResult<Vec<_>>>()?;
+        let pairs: Vec<(&str, &[f32])> = layers.iter().map(String::as_str).zip(data).collect();
+        let batch = BatchStep {
+            step,
+            epoch,
+            instance_ids: slice(&ids, "ids")?,
+            labels: slice(&labels, "labels")?,
+            deltas: &pairs,
+        };
+        let rec = self.rec()?;
+        py.detach(|| rec.batch_step(batch)).map_err(error::record)
+    }
+
+    /// Probes of one traced layer: ids, the training instance each is (or
+    /// -1), labels, predictions, the layer inputs `a` and refinements `p`
+    /// (row-major `float64`). `checkpoint`: probes as of the next commit's
+    /// weights, for a run that may not finish.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (layer, probe_ids, instance_ids, labels, predicted, a, p, checkpoint=false))]
+    fn probes(
+        &mut self,
+        py: Python<'_>,
+        layer: &str,
+        probe_ids: PyReadonlyArray1<'_, i64>,
+        instance_ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        predicted: PyReadonlyArray1<'_, i32>,
+        a: PyReadonlyArray1<'_, f64>,
+        p: PyReadonlyArray1<'_, f64>,
+        checkpoint: bool,
+    ) -> PyResult<()> {
+        let instance_ids: Vec<Option<i64>> = slice(&instance_ids, "instance_ids")?
+            .iter()
+            .map(|&i| (i >= 0).then_some(i))
+            .collect();
+        let batch = ProbeBatch {
+            probe_ids: slice(&probe_ids, "probe_ids")?,
+            instance_ids: &instance_ids,
+            labels: slice(&labels, "labels")?,
+            predicted: slice(&predicted, "predicted")?,
+            a: slice(&a, "a")?,
+            p: slice(&p, "p")?,
+        };
+        let rec = self.rec()?;
+        py.detach(|| {
+            if checkpoint {
+                rec.checkpoint_probes(layer, batch)
+            } else {
+                rec.probes(layer, batch)
+            }
+        })
+        .map_err(error::record)
+    }
+
+    /// Waits until the writer has taken every row so far (errors surface here).
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        let rec = self.rec()?;
+        py.detach(|| rec.flush()).map_err(error::record)
+    }
+
+    /// Writes the final weights, commits and marks the run complete; returns
+    /// the manifest as JSON. The recorder is closed afterwards.
+    fn finish(
+        &mut self,
+        py: Python<'_>,
+        names: Vec<String>,
+        shapes: Vec<Vec<usize>>,
+        arrays: Vec<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<String> {
+        let data = arrays
+            .iter()
+            .map(|a| slice(a, "weights"))
+            .collect::<PyResult<Vec<_>>>()?;
+        let named = tensors(&names, &shapes, &data)?;
+        let rec = self.rec()?;
+        let m = py.detach(|| rec.finish(&named)).map_err(error::record)?;
+        self.inner = None;
+        Ok(m.to_json())
+    }
+
+    /// Commits what is pending and marks the run aborted with `reason`;
+    /// returns the manifest as JSON. The recorder is closed afterwards.
+    fn abort(&mut self, py: Python<'_>, reason: String) -> PyResult<String> {
+        let rec = self.rec()?;
+        let m = py.detach(|| rec.abort(reason)).map_err(error::record)?;
+        self.inner = None;
+        Ok(m.to_json())
+    }
+
+    /// Whether the recorder still accepts rows.
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.is_some()
+    }
+}

@@ -1,0 +1,39 @@
+"""reptrace: explain a trained network by tracing its training.
+
+Record a PyTorch training loop with :class:`Tracer` (every step, every traced
+layer, every training instance's exact share of the weight update, written to
+Parquet by the Rust recorder), then ask questions of the run with
+:func:`open` (SQL, canned queries, attribution, verification, reports), with
+the same engine as the ``reptrace`` command line.
+
+The method, the formulas and the trace format: docs/method.md, docs/format.md
+and docs/python.md in the repository.
+"""
+from ._reptrace import (
+    FORMAT_VERSION,
+    AnalysisError,
+    Error,
+    InvalidInput,
+    RecordError,
+)
+from ._run import Run, open
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AnalysisError",
+    "Error",
+    "InvalidInput",
+    "RecordError",
+    "Run",
+    "Tracer",
+    "open",
+]
+
+
+def __getattr__(name):
+    # Tracer needs PyTorch; importing reptrace for analysis alone does not.
+    if name == "Tracer":
+        from ._torch import Tracer
+
+        return Tracer
+    raise AttributeError(f"module 'reptrace' has no attribute {name!r}")

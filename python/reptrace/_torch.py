@@ -1,0 +1,685 @@
+"""Recording a PyTorch training loop through the Rust recorder.
+
+The :class:`Tracer` attaches forward hooks to the traced ``nn.Linear`` and
+``nn.Conv2d`` modules of any model. In each training step a hook keeps the
+layer's input ``a`` and registers a gradient hook on its output, which keeps
+``δ = ∂L/∂z`` when ``loss.backward()`` runs; :meth:`Tracer.step` turns them
+into the per-example factors (``u = a``, unfolded for Conv2d, and
+``v = −lr·δ``, or the full per-example update where that is smaller, by the
+rule of ``reptrace_format::Storage::for_conv2d``) and hands them to the
+recorder, then calls ``optimizer.step()``. In batch mode it records the whole
+update ``W_{t+1} − W_t`` of each traced layer around ``optimizer.step()``
+instead, for any optimizer. The hooks only read tensors: training with the
+tracer attached is bit-identical to training without it.
+
+Everything about the format, the files and the commits is done in Rust
+(``reptrace._reptrace.Recorder``); this module only collects tensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _reptrace
+from ._reptrace import InvalidInput, RecordError
+
+# Modules that couple the examples of a batch in training mode: their
+# per-example gradients depend on the other members of the batch.
+_COUPLING = (nn.modules.batchnorm._BatchNorm,)
+
+_OPTIMIZER_KINDS = {
+    torch.optim.SGD: "sgd",
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adamw",
+}
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+class _Layer:
+    """One traced module and what the current step captured of it."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        self.bias = module.bias is not None
+        self.spec: dict | None = None  # manifest entry, once shapes are known
+        self.input: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+
+    def params(self) -> list[tuple[str, torch.Tensor]]:
+        out = [(f"{self.name}.weight", self.module.weight)]
+        if self.bias:
+            out.append((f"{self.name}.bias", self.module.bias))
+        return out
+
+
+class Tracer:
+    """Records a PyTorch training loop into a reptrace run.
+
+    ::
+
+        tracer = reptrace.Tracer(model, optimizer, "runs/mine", classes=names)
+        for epoch in range(epochs):
+            for ids, x, y in loader:          # ids: the examples' data set indices
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                tracer.step(loss, ids, y)      # records, then optimizer.step()
+            tracer.end_epoch()                 # weights snapshot + commit
+        tracer.finish(probes=(x_test, y_test, test_ids))
+
+    Parameters:
+        model: any ``nn.Module``; its traced layers are the ``nn.Linear`` and
+            ``nn.Conv2d`` modules named in ``layers`` (qualified names as in
+            ``model.named_modules()``, e.g. ``"encoder.block1.conv"``), or all
+            of them.
+        optimizer: ``torch.optim.SGD`` in instance mode (momentum, dampening,
+            Nesterov and weight decay are read from it; the learning rate of
+            every step from its ``param_groups``); any optimizer in batch mode.
+        run_dir: the run directory to create (missing or empty).
+        classes: class names, indexed by label.
+        mode: ``"instance"`` (each example's share of each update) or
+            ``"batch"`` (each step's whole update, any optimizer).
+        dtype: ``"f32"`` or ``"f16"`` storage of the factors.
+        scheduler: the learning-rate scheduler, if any (only its name is
+            recorded; the rate each step used is read at the step).
+        name: the model's name in the manifest (default: its class name).
+        settings: free-form JSON-able training settings kept in the manifest.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        run_dir: str | os.PathLike,
+        *,
+        classes: list[str],
+        layers: list[str] | None = None,
+        mode: str = "instance",
+        dtype: str = "f32",
+        scheduler=None,
+        name: str | None = None,
+        settings: dict | None = None,
+    ):
+        if mode not in ("instance", "batch"):
+            raise InvalidInput(f"mode: {mode!r}, expected 'instance' or 'batch'")
+        if dtype not in ("f32", "f16"):
+            raise InvalidInput(f"dtype: {dtype!r}, expected 'f32' or 'f16'")
+        run_dir = Path(run_dir)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise InvalidInput(
+                f"{run_dir}: the run directory exists and is not empty; give a new one"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.run_dir = run_dir
+        self.classes = [str(c) for c in classes]
+        if len(self.classes) < 2:
+            raise InvalidInput(f"classes: {len(self.classes)} given, at least 2 needed")
+        self.mode = mode
+        self.dtype = dtype
+        self.scheduler = scheduler
+        self.name = name or type(model).__name__
+        self.settings = dict(settings or {})
+
+        modules = dict(model.named_modules())
+        traceable = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        if not traceable:
+            raise InvalidInput(
+                f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to trace"
+            )
+        names = list(traceable) if layers is None else list(layers)
+        if not names:
+            raise InvalidInput("layers: empty; name at least one layer, or None for all")
+        for n in names:
+            if n not in modules:
+                raise InvalidInput(
+                    f"unknown layer {n!r}; the model's Linear and Conv2d layers: "
+                    + ", ".join(traceable)
+                )
+            if n not in traceable:
+                raise InvalidInput(
+                    f"layer {n!r} is a {type(modules[n]).__name__}: only nn.Linear and "
+                    "nn.Conv2d layers can be traced"
+                )
+            _reptrace.check_layer_name(n)
+            m = modules[n]
+            if isinstance(m, nn.Conv2d):
+                if m.groups != 1:
+                    raise InvalidInput(f"layer {n!r}: grouped convolutions (groups={m.groups}) are not traced")
+                if m.padding_mode != "zeros":
+                    raise InvalidInput(f"layer {n!r}: padding_mode {m.padding_mode!r}; only 'zeros' is traced")
+                if isinstance(m.padding, str) and m.padding != "valid":
+                    raise InvalidInput(
+                        f"layer {n!r}: padding={m.padding!r}; give the padding as numbers"
+                    )
+        self._layers = [_Layer(n, modules[n]) for n in names]
+        self._by_module = {id(l.module): l for l in self._layers}
+
+        if mode == "instance":
+            for n, m in modules.items():
+                if isinstance(m, _COUPLING):
+                    raise InvalidInput(
+                        f"module {n!r} ({type(m).__name__}) couples the examples of a batch, "
+                        "so per-example updates are not defined: record in batch mode (mode='batch')"
+                    )
+            if not isinstance(optimizer, torch.optim.SGD):
+                raise InvalidInput(
+                    f"{type(optimizer).__name__} in instance mode: only torch.optim.SGD "
+                    "updates are sums of per-example shares; record in batch mode (mode='batch')"
+                )
+        self._groups = self._traced_groups()
+        self._optimizer_json = self._describe_optimizer()
+
+        # W_0: the initial weights of the traced layers, kept until the
+        # recorder starts (the manifest needs the shapes the first step shows).
+        self._initial = self._weights()
+        self._instances = None
+        self._rec: _reptrace.Recorder | None = None
+        self._step = 0
+        self._epoch = 0
+        self._order: list[str] = []
+        self._pending = None
+        self._closed = False
+        self._max_id = -1
+        self._hooks = [l.module.register_forward_hook(self._forward) for l in self._layers]
+
+    # ------------------------------------------------------------ set-up
+
+    def _traced_groups(self) -> list[dict]:
+        """The optimizer's parameter groups that hold traced parameters,
+        checked to agree on every hyper-parameter the method uses."""
+        ids = {id(p) for l in self._layers for _, p in l.params()}
+        groups = [g for g in self.optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+        held = {id(p) for g in groups for p in g["params"]}
+        missing = [l.name for l in self._layers if any(id(p) not in held for _, p in l.params())]
+        if missing:
+            raise InvalidInput(
+                f"the optimizer does not update layer(s) {', '.join(missing)}: traced "
+                "parameters must be in its param_groups"
+            )
+        if self.mode == "instance":
+            keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+            first = {k: groups[0].get(k) for k in keys}
+            for g in groups[1:]:
+                for k in keys:
+                    if g.get(k) != first[k]:
+                        raise InvalidInput(
+                            f"the traced layers are in parameter groups with different {k} "
+                            f"({first[k]} and {g.get(k)}); put them in one group"
+                        )
+            if first.get("maximize"):
+                raise InvalidInput("SGD with maximize=True is not traced")
+        return groups
+
+    def _describe_optimizer(self) -> dict:
+        g = self._groups[0]
+        kind = next(
+            (k for cls, k in _OPTIMIZER_KINDS.items() if type(self.optimizer) is cls), "other"
+        )
+        self.settings.setdefault("optimizer", type(self.optimizer).__name__)
+        self.settings.setdefault("producer", "reptrace python package (PyTorch "
+                                 + torch.__version__ + ")")
+        schedule = (
+            type(self.scheduler).__name__ if self.scheduler is not None else "param_groups lr"
+        )
+        opt = {
+            "kind": kind,
+            "lr": float(g["lr"]),
+            "schedule": {"kind": "external", "name": schedule},
+            "momentum": float(g.get("momentum", 0.0) or 0.0),
+            "dampening": float(g.get("dampening", 0.0) or 0.0),
+            "nesterov": bool(g.get("nesterov", False)),
+            "weight_decay": float(g.get("weight_decay", 0.0) or 0.0),
+        }
+        if kind in ("adam", "adamw"):
+            opt["betas"] = [float(b) for b in g["betas"]]
+            opt["eps"] = float(g["eps"])
+        if kind != "sgd" and self.mode == "batch":
+            # The analyzer reads nothing of them in batch mode; kept for the reader.
+            opt["momentum"], opt["dampening"], opt["nesterov"] = 0.0, 0.0, False
+        return opt
+
+    def _weights(self) -> list[tuple[str, list[int], np.ndarray]]:
+        out = []
+        for l in self._layers:
+            for n, p in l.params():
+                t = p.detach().to("cpu", torch.float32).contiguous()
+                out.append((n, list(t.shape), t.numpy().reshape(-1).copy()))
+        return out
+
+    @staticmethod
+    def _unpack(weights):
+        names = [n for n, _, _ in weights]
+        shapes = [s for _, s, _ in weights]
+        arrays = [a for _, _, a in weights]
+        return names, shapes, arrays
+
+    def instances(self, ids, labels, split: str | list[str] = "train") -> None:
+        """Declares the data set's instances (ids, labels and split), written
+        to the ``instances`` table at the first commit. Optional: without it
+        the table holds the instances the steps saw."""
+        ids = _ints(ids, np.int64, "ids")
+        labels = _ints(labels, np.int32, "labels")
+        if len(ids) != len(labels):
+            raise InvalidInput(f"instances: {len(ids)} ids and {len(labels)} labels")
+        splits = [split] * len(ids) if isinstance(split, str) else list(split)
+        if len(splits) != len(ids):
+            raise InvalidInput(f"instances: {len(ids)} ids and {len(splits)} splits")
+        if self._rec is not None:
+            self._rec.instances(ids, labels, splits)
+        else:
+            self._instances = (ids, labels, splits)
+        if len(ids):
+            self._max_id = max(self._max_id, int(ids.max()))
+
+    def _start(self) -> None:
+        """Creates the run at the first step: the manifest (shapes from the
+        captured inputs), the instances and the initial weights."""
+        order = [n for n in self._order if n in {l.name for l in self._layers}]
+        by_name = {l.name: l for l in self._layers}
+        modules = []
+        input_shape: list[int] = []
+        for n in order:
+            l = by_name[n]
+            x = l.input
+            if l.kind == "linear":
+                l.spec = {
+                    "kind": "linear",
+                    "name": n,
+                    "in_features": l.module.in_features,
+                    "out_features": l.module.out_features,
+                    "bias": l.bias,
+                    "traced": True,
+                }
+            else:
+                m = l.module
+                kernel, stride, dilation = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
+                padding = [0, 0] if isinstance(m.padding, str) else _pair(m.padding)
+                h, w = int(x.shape[2]), int(x.shape[3])
+                out_hw = [
+                    (s + 2 * p - d * (k - 1) - 1) // st + 1
+                    for s, p, d, k, st in zip((h, w), padding, dilation, kernel, stride)
+                ]
+                patch = m.in_channels * kernel[0] * kernel[1]
+                positions = out_hw[0] * out_hw[1]
+                storage = (
+                    "full"
+                    if self.mode == "batch"
+                    else _reptrace.conv2d_storage(m.out_channels, patch, positions, l.bias)
+                )
+                l.spec = {
+                    "kind": "conv2d",
+                    "name": n,
+                    "in_channels": m.in_channels,
+                    "out_channels": m.out_channels,
+                    "kernel": kernel,
+                    "stride": stride,
+                    "padding": padding,
+                    "dilation": dilation,
+                    "input_hw": [h, w],
+                    "output_hw": out_hw,
+                    "bias": l.bias,
+                    "traced": True,
+                    "storage": storage,
+                }
+            modules.append(l.spec)
+            if not input_shape:
+                input_shape = [int(s) for s in x.shape[1:]]
+        self._layers = [by_name[n] for n in order]
+        model = {
+            "name": self.name,
+            "input_shape": self.settings.pop("input_shape", input_shape),
+            "structure": "traced_layers",
+            "modules": modules,
+        }
+        self._rec = _reptrace.Recorder(
+            str(self.run_dir),
+            json.dumps(model),
+            json.dumps(self._optimizer_json),
+            self.classes,
+            self.dtype,
+            self.mode,
+            json.dumps(self.settings),
+        )
+        if self._instances is not None:
+            self._rec.instances(*self._instances)
+            self._instances = None
+        self._rec.weights(*self._unpack(self._initial))
+        self._w0 = {name: arr for name, _, arr in self._initial}
+        self._initial = None
+        self._rec.commit()
+
+    # ------------------------------------------------------------ capture
+
+    def _forward(self, module, inputs, output):
+        if self._closed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return
+        if not output.requires_grad:
+            return
+        layer = self._by_module[id(module)]
+        if layer.input is not None:
+            raise InvalidInput(
+                f"layer {layer.name!r} ran twice in one step: a module used more than once "
+                "per step (shared weights) cannot be traced; call tracer.step() after each backward"
+            )
+        layer.input = inputs[0].detach()
+        if layer.name not in self._order:
+            self._order.append(layer.name)
+
+        def keep(grad, layer=layer):
+            layer.grad = grad.detach()
+
+        output.register_hook(keep)
+
+    def _clear(self) -> None:
+        for l in self._layers:
+            l.input = None
+            l.grad = None
+
+    # ------------------------------------------------------------ steps
+
+    def _lr(self) -> float:
+        lrs = {float(g["lr"]) for g in self._groups}
+        if len(lrs) != 1 and self.mode == "instance":
+            raise InvalidInput(
+                f"the traced layers' parameter groups have different learning rates {sorted(lrs)}"
+            )
+        return lrs.pop()
+
+    def step(self, loss, ids, labels) -> None:
+        """Records this training step and then calls ``optimizer.step()``:
+        call it after ``loss.backward()``, in place of ``optimizer.step()``.
+
+        ``ids`` are the batch's instance ids (e.g. the data set indices),
+        ``labels`` their classes, both in the batch's order."""
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        missing = [l.name for l in self._layers if l.grad is None]
+        if len(missing) == len(self._layers):
+            raise InvalidInput(
+                "step() before loss.backward(): no gradient has reached the traced layers "
+                "(call loss.backward() first, in a forward pass with gradients enabled)"
+            )
+        if missing:
+            raise InvalidInput(
+                f"no gradient reached layer(s) {', '.join(missing)} in this step; "
+                "trace only layers that take part in the loss (layers=[...])"
+            )
+        batch = int(self._layers[0].input.shape[0])
+        for l in self._layers:
+            if int(l.input.shape[0]) != batch:
+                raise InvalidInput(
+                    f"layer {l.name!r} saw {int(l.input.shape[0])} examples, layer "
+                    f"{self._layers[0].name!r} {batch}: every traced layer must see the batch"
+                )
+            if l.kind == "linear" and l.input.dim() != 2:
+                raise InvalidInput(
+                    f"layer {l.name!r}: input of shape {tuple(l.input.shape)}; Linear layers "
+                    "are traced for inputs of shape (batch, features)"
+                )
+        ids = _ints(ids, np.int64, "ids")
+        labels = _ints(labels, np.int32, "labels")
+        if len(ids) != batch:
+            raise InvalidInput(f"ids: {len(ids)} ids for a batch of {batch} examples")
+        if len(labels) != batch:
+            raise InvalidInput(f"labels: {len(labels)} labels for a batch of {batch} examples")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise InvalidInput(
+                f"labels: values must be in 0..{len(self.classes) - 1} ({len(self.classes)} classes)"
+            )
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if self._rec is None:
+            self._start()
+        if not math.isfinite(value):
+            self._flush_pending()
+            self._rec.abort(f"non-finite loss {value} at step {self._step}")
+            self._close()
+            raise RecordError(
+                f"non-finite loss {value} at step {self._step}: {self.run_dir} stays readable "
+                "up to its last commit and is marked aborted"
+            )
+        lr = self._lr()
+        self._max_id = max(self._max_id, int(ids.max()) if len(ids) else -1)
+        self._flush_pending()
+        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if self.mode == "instance":
+            factors = [(l.name, *self._factors(l, lr)) for l in self._layers]
+            self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
+            self.optimizer.step()
+        else:
+            before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+            self.optimizer.step()
+            deltas = []
+            for l, old in zip(self._layers, before):
+                parts = [
+                    (p.detach().double() - o.double()).reshape(-1)
+                    for (_, p), o in zip(l.params(), old)
+                ]
+                deltas.append(torch.cat(parts).float())
+            host = _to_host([(l.name, d, None) for l, d in zip(self._layers, deltas)])
+            self._pending = (self._step, self._epoch, ids, labels, host)
+        self._clear()
+        self._step += 1
+
+    def _factors(self, l: _Layer, lr: float):
+        """(u, v) of one layer for the batch, on the device, rows = examples."""
+        a = l.input.float()
+        g = l.grad.float()
+        b = a.shape[0]
+        if l.kind == "linear":
+            return a.contiguous(), (g * -lr).contiguous()
+        s = l.spec
+        u = F.unfold(a, s["kernel"], dilation=s["dilation"], padding=s["padding"], stride=s["stride"])
+        v = (g * -lr).reshape(b, s["out_channels"], -1)
+        if s["storage"] == "factors":
+            return u.reshape(b, -1), v.reshape(b, -1)
+        dw = torch.bmm(v, u.transpose(1, 2)).reshape(b, -1)
+        if l.bias:
+            dw = torch.cat([dw, v.sum(dim=2)], dim=1)
+        return torch.empty((b, 0), device=a.device), dw
+
+    def _flush_pending(self) -> None:
+        """Hands the previous step's factors to the recorder: their copies
+        off the device ran while this step computed."""
+        if self._pending is None:
+            return
+        step, epoch, ids, labels, host = self._pending
+        self._pending = None
+        arrays = host.wait()
+        if self.mode == "instance":
+            for name, u, v in arrays:
+                self._rec.updates(name, step, epoch, ids, labels, u, v)
+        else:
+            names = [name for name, _, _ in arrays]
+            deltas = [d for _, d, _ in arrays]
+            self._rec.batch_step(step, epoch, ids, labels, names, deltas)
+
+    # ------------------------------------------------------------ commits
+
+    def end_epoch(self) -> None:
+        """Ends an epoch: a weights snapshot and a commit (everything so far
+        becomes durable and visible to readers)."""
+        self.commit()
+        self._epoch += 1
+
+    def commit(self) -> None:
+        """A commit point with a weights snapshot, without ending the epoch."""
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        if self._rec is None:
+            return
+        self._flush_pending()
+        self._rec.weights(*self._unpack(self._weights()))
+        self._rec.commit()
+
+    def finish(self, probes=None) -> dict:
+        """Writes the final weights and, if given, the probes
+        (``(inputs, labels)`` or ``(inputs, labels, ids)``), and marks the run
+        complete. Returns the manifest."""
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        if self._rec is None:
+            raise RecordError(f"{self.run_dir}: no step was recorded")
+        self._flush_pending()
+        if probes is not None:
+            self.add_probes(*probes)
+        manifest = self._rec.finish(*self._unpack(self._weights()))
+        self._close()
+        return json.loads(manifest)
+
+    def abort(self, reason: str) -> None:
+        """Stops recording: what is pending is committed and the run is marked
+        aborted with ``reason``."""
+        if self._rec is not None and not self._closed:
+            self._flush_pending()
+            self._rec.abort(reason)
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------ probes
+
+    def add_probes(self, inputs, labels, ids=None, *, train: bool = False, batch_size: int = 256):
+        """Records probes: each traced layer's input ``a`` for every input in
+        the trained network (evaluation mode), its refinement
+        ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` and the network's prediction.
+        ``ids`` default to new ids after every instance id seen; ``train=True``
+        marks the inputs as training instances (probe id = instance id)."""
+        if self._rec is None or self._closed:
+            raise RecordError(f"{self.run_dir}: probes are added before finish()")
+        self._flush_pending()
+        labels = _ints(labels, np.int32, "labels")
+        n = len(labels)
+        if int(inputs.shape[0]) != n:
+            raise InvalidInput(f"probes: {int(inputs.shape[0])} inputs and {n} labels")
+        if ids is None:
+            ids = np.arange(self._max_id + 1, self._max_id + 1 + n, dtype=np.int64)
+        ids = _ints(ids, np.int64, "ids")
+        if len(ids) != n:
+            raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
+        self._max_id = max(self._max_id, int(ids.max()) if n else -1)
+        initial = self._w0
+        was_training = self.model.training
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(module, inputs_, output):
+            captured[self._by_module[id(module)].name] = inputs_[0].detach()
+
+        hooks = [l.module.register_forward_hook(keep) for l in self._layers]
+        try:
+            self.model.eval()
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                for start in range(0, n, batch_size):
+                    end = min(start + batch_size, n)
+                    x = inputs[start:end].to(device)
+                    captured.clear()
+                    out = self.model(x)
+                    predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()
+                    for l in self._layers:
+                        a = captured[l.name].double()
+                        w = l.module.weight.detach().double()
+                        w0 = torch.from_numpy(initial[f"{l.name}.weight"]).to(w.device).double()
+                        dw = w - w0.reshape(w.shape)
+                        db = None
+                        if l.bias:
+                            b = l.module.bias.detach().double()
+                            db = b - torch.from_numpy(initial[f"{l.name}.bias"]).to(b.device).double()
+                        if l.kind == "linear":
+                            p = F.linear(a, dw, db)
+                        else:
+                            s = l.spec
+                            p = F.conv2d(a, dw, db, stride=s["stride"], padding=s["padding"],
+                                         dilation=s["dilation"])
+                        rows = end - start
+                        self._rec.probes(
+                            l.name,
+                            ids[start:end],
+                            ids[start:end] if train else np.full(rows, -1, dtype=np.int64),
+                            labels[start:end],
+                            np.ascontiguousarray(predicted, dtype=np.int32),
+                            np.ascontiguousarray(a.reshape(rows, -1).cpu().numpy().reshape(-1)),
+                            np.ascontiguousarray(p.reshape(rows, -1).cpu().numpy().reshape(-1)),
+                        )
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------ context
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self._closed:
+            self.abort(f"{exc_type.__name__}: {exc}")
+        return False
+
+
+class _HostCopy:
+    """Factors being copied off the device: asynchronous into pinned memory
+    on CUDA (waited for one step later), immediate on the CPU."""
+
+    def __init__(self, items):
+        self._event = None
+        out = []
+        cuda = any(t is not None and t.is_cuda for _, a, b in items for t in (a, b))
+        for name, a, b in items:
+            out.append((name, self._copy(a, cuda), self._copy(b, cuda)))
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._items = out
+
+    @staticmethod
+    def _copy(t, cuda):
+        if t is None:
+            return None
+        if cuda and t.is_cuda:
+            host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            return host
+        return t.to(torch.float32).contiguous()
+
+    def wait(self):
+        if self._event is not None:
+            self._event.synchronize()
+        return [
+            (
+                name,
+                a.numpy().reshape(-1) if a is not None else None,
+                b.numpy().reshape(-1) if b is not None else None,
+            )
+            for name, a, b in self._items
+        ]
+
+
+def _to_host(items) -> _HostCopy:
+    return _HostCopy(items)
+
+
+def _ints(values, dtype, what: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise InvalidInput(f"{what}: integers expected, got {arr.dtype}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=dtype)

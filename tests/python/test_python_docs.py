@@ -1,0 +1,35 @@
+"""docs/python.md shows the example the suite runs, and the example runs."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+DOC = ROOT / "docs" / "python.md"
+
+
+def test_doc_shows_the_example_file():
+    text = DOC.read_text()
+    found = re.findall(r"<!-- example: (\S+) -->\n```python\n(.*?)```\n", text, re.S)
+    assert found, "no example in docs/python.md"
+    for path, code in found:
+        assert code == (ROOT / path).read_text(), f"docs/python.md differs from {path}"
+
+
+def test_example_runs_and_answers(tmp_path):
+    run = tmp_path / "torch-digits"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests/python/examples/torch_digits.py"), str(run)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    # The three answers: proponents, class shares and shares per epoch.
+    assert "rank_in_layer" in out.stdout and "share" in out.stdout and "epoch" in out.stdout
+    import reptrace
+
+    checks = reptrace.open(run).verify()
+    assert not [c for c in checks if c["status"] == "FAIL"], checks

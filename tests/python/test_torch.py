@@ -1,0 +1,393 @@
+"""Recording PyTorch training with reptrace.Tracer, checked against
+independent computations: the weights PyTorch ends with (reconstructed from
+the trace alone), per-sample gradients from torch.func, training without the
+tracer, the CLI on the same run, and `reptrace train` on the same problem."""
+import copy
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reptrace
+from torch_helpers import (
+    MLP,
+    TRAIN_ROWS,
+    ResCNN,
+    batches,
+    digits,
+    manifest,
+    safetensors,
+    table,
+    train,
+)
+
+CLASSES = [str(c) for c in range(10)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = digits()
+    return x[:TRAIN_ROWS], y[:TRAIN_ROWS], x[TRAIN_ROWS:], y[TRAIN_ROWS:]
+
+
+def scales(lrs, momentum, dampening, nesterov):
+    """σ_s = λ_s / η_s: how far PyTorch's SGD moves the gradient of step s by
+    the end of training, relative to η_s (docs/method.md §5)."""
+    T = len(lrs)
+    tail = np.zeros(T + 1)
+    for t in range(T - 1, -1, -1):
+        tail[t] = lrs[t] + momentum * tail[t + 1]  # Σ_{t'≥t} η_t' μ^{t'−t}
+    out = np.zeros(T)
+    for s in range(T):
+        c = 1.0 if s == 0 else 1.0 - dampening
+        if momentum == 0.0:
+            lam = lrs[s]
+        elif nesterov:
+            lam = lrs[s] + momentum * c * tail[s]
+        else:
+            lam = c * tail[s]
+        out[s] = lam / lrs[s] if lrs[s] else 0.0
+    return out
+
+
+def reconstruct(run):
+    """layer → (W_T, b_T) rebuilt from the run's files alone: W_0 from the
+    initial weights plus every record's update, scaled for momentum."""
+    m = manifest(run)
+    w0 = safetensors(os.path.join(run, m["commits"][0]["weights"]))
+    steps = table(run, "steps").to_pydict()
+    lrs = np.array([lr for _, lr in sorted(zip(steps["step"], steps["lr"]))])
+    opt = m["optimizer"]
+    batch_mode = m["mode"] == "batch"
+    sigma = (
+        np.ones(len(lrs))
+        if batch_mode
+        else scales(lrs, opt["momentum"], opt["dampening"], opt["nesterov"])
+    )
+    updates = table(run, "updates")
+    out = {}
+    for spec in m["model"]["modules"]:
+        name = spec["name"]
+        rows = updates.filter(updates["layer"] == name).to_pydict()
+        s = sigma[np.array(rows["step"])]
+        W = w0[f"{name}.weight"].astype(np.float64).copy()
+        b = w0[f"{name}.bias"].astype(np.float64).copy() if spec["bias"] else None
+        n_w = W.size
+        for si, u, v in zip(s, rows["u"], rows["v"]):
+            u = np.asarray(u, dtype=np.float64)
+            v = np.asarray(v, dtype=np.float64)
+            full = batch_mode or spec.get("storage") == "full"
+            if full:
+                W += si * v[:n_w].reshape(W.shape)
+                if b is not None:
+                    b += si * v[n_w:]
+            elif spec["kind"] == "linear":
+                W += si * np.outer(v, u)
+                if b is not None:
+                    b += si * v
+            else:
+                c_out = spec["out_channels"]
+                vv = v.reshape(c_out, -1)
+                uu = u.reshape(-1, vv.shape[1])
+                W += si * (vv @ uu.T).reshape(W.shape)
+                if b is not None:
+                    b += si * vv.sum(axis=1)
+        out[name] = (W, b)
+    return out
+
+
+def assert_reconstructs(run, model, initial):
+    """Every traced layer's W_T (and b_T) from the trace, relative to how far
+    training moved it: ≤ 1e-5."""
+    rebuilt = reconstruct(run)
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for name, (W, b) in rebuilt.items():
+        for suffix, got in (("weight", W), ("bias", b)):
+            if got is None:
+                continue
+            want = params[f"{name}.{suffix}"].detach().double().numpy()
+            start = initial[f"{name}.{suffix}"].double().numpy()
+            rel = np.linalg.norm(got - want) / np.linalg.norm(want - start)
+            worst = max(worst, rel)
+            assert rel <= 1e-5, f"{name}.{suffix}: reconstruction off by {rel:.2e}"
+    return worst
+
+
+def start_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "make, sgd, sched",
+    [
+        (MLP, dict(lr=0.1), False),
+        (MLP, dict(lr=0.05, momentum=0.9, nesterov=True), True),
+        (ResCNN, dict(lr=0.05), False),
+        (ResCNN, dict(lr=0.02, momentum=0.9, dampening=0.1), True),
+    ],
+    ids=["mlp-sgd", "mlp-nesterov-cosine", "cnn-sgd", "cnn-momentum-dampening-step"],
+)
+def test_trace_reconstructs_the_final_weights(tmp_path, data, make, sgd, sched):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model = make()
+    initial = start_weights(model)
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    scheduler = None
+    if sched:
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+            if make is MLP
+            else torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        )
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, scheduler=scheduler)
+    train(model, opt, x, y, epochs=2, tracer=tracer, scheduler=scheduler)
+    tracer.finish()
+    m = manifest(run)
+    assert m["status"] == "complete" and m["model"]["structure"] == "traced_layers"
+    names = [s["name"] for s in m["model"]["modules"]]
+    if make is ResCNN:
+        assert names == ["stem", "encoder.block1.conv1", "encoder.block1.conv2", "head"]
+    lrs = table(run, "steps")["lr"].to_pylist()
+    if sched:
+        assert len(set(lrs)) > 1, "the scheduler's rates are recorded per step"
+    worst = assert_reconstructs(run, model, initial)
+    print(f"{make.__name__} {sgd}: worst relative reconstruction error {worst:.2e}")
+    checks = reptrace.open(run).verify()
+    assert all(c["status"] in ("pass", "skip") for c in checks), checks
+
+
+def test_batch_mode_with_adam_reconstructs_the_final_weights(tmp_path, data):
+    x, y, _, _ = data
+    torch.manual_seed(1)
+    model = ResCNN()
+    initial = start_weights(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    run = str(tmp_path / "adam")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, mode="batch")
+    train(model, opt, x, y, epochs=2, tracer=tracer)
+    tracer.finish()
+    m = manifest(run)
+    assert m["mode"] == "batch" and m["optimizer"]["kind"] == "adam"
+    assert_reconstructs(run, model, initial)
+    members = table(run, "batches")
+    assert members.num_rows == 2 * TRAIN_ROWS
+
+
+def test_factors_equal_per_sample_gradients(tmp_path, data):
+    """The factors of the first steps equal −lr × per-sample gradients of the
+    batch loss computed with torch.func (vmap over grad), within 1e-5."""
+    from torch.func import functional_call, grad, vmap
+
+    x, y, _, _ = data
+    torch.manual_seed(2)
+    model = ResCNN()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    seen = {}
+
+    def on_step(step, rows):
+        if step < 3:
+            seen[step] = ({k: v.detach().clone() for k, v in model.named_parameters()}, rows)
+
+    train(model, opt, x, y, epochs=1, tracer=tracer, on_step=on_step)
+    tracer.finish()
+    m = manifest(run)
+    updates = table(run, "updates").to_pandas()
+    for step, (params, rows) in seen.items():
+        batch = len(rows)
+
+        def loss_one(p, xi, yi):
+            out = functional_call(model, p, (xi.unsqueeze(0),))
+            # One example's term of the batch's mean loss.
+            return F.cross_entropy(out, yi.unsqueeze(0)) / batch
+
+        per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x[rows], y[rows])
+        for spec in m["model"]["modules"]:
+            name = spec["name"]
+            got = updates[(updates.layer == name) & (updates.step == step)]
+            assert list(got.instance_id) == rows.tolist()
+            gw = per[f"{name}.weight"].double().numpy().reshape(batch, -1)
+            for i, (u, v) in enumerate(zip(got.u, got.v)):
+                u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+                if spec["kind"] == "linear":
+                    dw = np.outer(v, u).reshape(-1)
+                elif spec["storage"] == "full":
+                    dw = v[: gw.shape[1]]
+                else:
+                    vv = v.reshape(spec["out_channels"], -1)
+                    dw = (vv @ u.reshape(-1, vv.shape[1]).T).reshape(-1)
+                want = -lr * gw[i]
+                rel = np.linalg.norm(dw - want) / np.linalg.norm(want)
+                assert rel <= 1e-5, f"step {step} {name} example {i}: {rel:.2e}"
+
+
+def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path, data):
+    x, y, _, _ = data
+    finals = []
+    for traced in (False, True):
+        torch.manual_seed(3)
+        model = ResCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        tracer = (
+            reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES) if traced else None
+        )
+        train(model, opt, x, y, epochs=1, tracer=tracer)
+        if tracer:
+            tracer.finish()
+        finals.append(start_weights(model))
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def cli(*args):
+    out = subprocess.run(
+        [os.environ.get("REPTRACE_BIN", "target/debug/reptrace"), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_analysis_from_python_equals_the_cli(tmp_path, data):
+    x, y, xt, yt = data
+    torch.manual_seed(4)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    tracer.instances(np.arange(TRAIN_ROWS), y.numpy(), split="train")
+    train(model, opt, x, y, epochs=2, tracer=tracer)
+    ids = np.arange(TRAIN_ROWS, TRAIN_ROWS + 20)
+    tracer.finish(probes=(xt[:20], yt[:20], ids))
+    r = reptrace.open(run)
+    summary = r.attribute(probes=[int(ids[0]), int(ids[1])])
+    assert summary["rows"] > 0
+    checks = r.verify()
+    assert all(c["status"] == "pass" for c in checks if "attribution" in c["name"]), checks
+    for name, params in (
+        ("top_proponents", dict(probe=int(ids[0]), k=5)),
+        ("class_shares", dict(probe=int(ids[1]))),
+    ):
+        py = r.query(name, **params).to_pylist()
+        args = ["query", run, name, "--format", "json"]
+        for k, v in params.items():
+            args += ["--param", f"{k}={v}"]
+        assert py == json.loads(cli(*args)), name
+    shares = r.query("class_shares", probe=int(ids[1])).to_pandas()
+    assert abs(shares.share.sum() - 1.0) < 1e-6
+    got = r.sql("SELECT COUNT(*) AS n FROM updates").to_pylist()[0]["n"]
+    assert got == json.loads(cli("sql", run, "SELECT COUNT(*) AS n FROM updates", "--format", "json"))[0]["n"]
+
+
+def test_same_problem_same_factors_as_reptrace_train(tmp_path, data):
+    """`reptrace train` (tch) and PyTorch with the tracer, from the same
+    initial weights, in the same data order with the same learning rate,
+    record the same factors (f32 tolerance)."""
+    x, y, _, _ = data
+    cli_run = str(tmp_path / "cli")
+    cli("train", "--epochs", "1", "--batch-size", "64", "--lr", "0.1", "--threads", "1",
+        "--probes", "none", "--out", cli_run)
+    ref = table(cli_run, "updates").to_pandas()
+    w0 = safetensors(os.path.join(cli_run, manifest(cli_run)["commits"][0]["weights"]))
+    model = MLP()
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(torch.from_numpy(w0[k].copy()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = str(tmp_path / "torch")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    fc1 = ref[ref.layer == "fc1"]
+    for step, rows in fc1.groupby("step", sort=True):
+        ids = torch.tensor(rows.instance_id.to_numpy())
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[ids]), y[ids])
+        loss.backward()
+        tracer.step(loss, ids, y[ids])
+    tracer.finish()
+    got = table(run, "updates").to_pandas()
+    assert len(got) == len(ref)
+    key = ["layer", "step", "instance_id"]
+    merged = ref.merge(got, on=key, suffixes=("_cli", "_py"))
+    assert len(merged) == len(ref)
+    worst = 0.0
+    for col in ("u", "v"):
+        a = np.stack(merged[f"{col}_cli"].map(np.asarray))
+        b = np.stack(merged[f"{col}_py"].map(np.asarray))
+        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+        worst = max(worst, err)
+    assert worst <= 1e-4, f"largest relative factor difference {worst:.2e}"
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_a_clear_exception(tmp_path, data):
+    x, y, _, _ = data
+    model = MLP()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(reptrace.InvalidInput, match="unknown layer 'fc9'.*fc1, fc2, fc3"):
+        reptrace.Tracer(model, sgd, str(tmp_path / "a"), classes=CLASSES, layers=["fc9"])
+    nothing = nn.Sequential(nn.ReLU())
+    with pytest.raises(reptrace.InvalidInput, match="no nn.Linear or nn.Conv2d"):
+        reptrace.Tracer(nothing, sgd, str(tmp_path / "b"), classes=CLASSES)
+    with pytest.raises(reptrace.InvalidInput, match="Adam in instance mode.*mode='batch'"):
+        reptrace.Tracer(model, torch.optim.Adam(model.parameters()), str(tmp_path / "c"),
+                        classes=CLASSES)
+    bn = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
+    with pytest.raises(reptrace.InvalidInput, match="BatchNorm1d.*batch mode"):
+        reptrace.Tracer(bn, torch.optim.SGD(bn.parameters(), lr=0.1), str(tmp_path / "d"),
+                        classes=CLASSES)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("mine")
+    with pytest.raises(reptrace.InvalidInput, match="exists and is not empty"):
+        reptrace.Tracer(model, sgd, str(full), classes=CLASSES)
+    assert (full / "x").read_text() == "mine"
+
+    tracer = reptrace.Tracer(model, sgd, str(tmp_path / "e"), classes=CLASSES)
+    with pytest.raises(reptrace.InvalidInput, match="before loss.backward"):
+        loss = F.cross_entropy(model(x[:4]), y[:4])
+        tracer.step(loss, np.arange(4), y[:4])
+    loss.backward()
+    with pytest.raises(reptrace.InvalidInput, match="3 ids for a batch of 4"):
+        tracer.step(loss, np.arange(3), y[:4])
+    tracer.abort("test over")
+
+
+def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
+    x, y, _, _ = data
+    torch.manual_seed(5)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = str(tmp_path / "nan")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    train(model, opt, x, y, epochs=1, tracer=tracer)
+    committed = reptrace.open(run).info()["last_step"]
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x[:8]), y[:8]) * float("nan")
+    loss.backward()
+    with pytest.raises(reptrace.RecordError, match="non-finite loss nan"):
+        tracer.step(loss, np.arange(8), y[:8])
+    info = reptrace.open(run).info()
+    assert info["status"] == "aborted"
+    assert info["last_step"] == committed
+    assert all(c["status"] != "FAIL" for c in reptrace.open(run).verify())
+    with pytest.raises(reptrace.RecordError, match="finished"):
+        tracer.step(loss, np.arange(8), y[:8])
+
+
+def test_analysis_errors_are_python_exceptions(tmp_path):
+    with pytest.raises(reptrace.AnalysisError, match="no such run directory"):
+        reptrace.open(tmp_path / "missing")
