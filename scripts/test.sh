@@ -22,6 +22,13 @@ step "build (binaries, examples and benchmarks compiled, not run)"
 cargo build --workspace --all-targets --locked --profile dev
 # The analyzer and the CLI must build without libtorch.
 cargo check -p reptrace-cli --no-default-features --locked
+# maturin (scripts/setup.sh) builds crates/python on its own; that must reuse
+# this dependency build, not compile parquet and DataFusion a second time
+# (crates/python/Cargo.toml pins the features that make the two agree).
+if cargo build -p reptrace-python --lib --locked 2>&1 | grep -E "Compiling (arrow|parquet|datafusion)"; then
+  echo "crates/python alone resolves other dependency features than the workspace build"
+  exit 1
+fi
 
 step "Rust tests"
 cargo test --workspace --locked

@@ -1,5 +1,5 @@
-//! Runs of every older format version still open: `tests/data/v1-digits`
-//! and `tests/data/v2-digits` (formats 1 and 2: a one-epoch digits run,
+//! Runs of every older format version still open: `tests/data/v1-digits`,
+//! `v2-digits` and `v3-digits` (formats 1 to 3: a one-epoch digits run,
 //! layer fc3 traced, attributed for probes 1437 and 1500) are read,
 //! verified, queried and attributed again by this build.
 use std::path::{Path, PathBuf};
@@ -52,6 +52,11 @@ fn format_1_run_opens_verifies_queries_and_attributes() {
 #[test]
 fn format_2_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(2);
+}
+
+#[test]
+fn format_3_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(3);
 }
 
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {
