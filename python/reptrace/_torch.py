@@ -523,6 +523,8 @@ class Tracer:
         self._flush_pending()
         self._rec.weights(*self._unpack(self._weights()))
         self._rec.commit()
+        # The commit is done when this returns: durable and visible.
+        self._rec.flush()
 
     def finish(self, probes=None) -> dict:
         """Writes the final weights and, if given, the probes

@@ -125,18 +125,17 @@ pub fn check_name(what: &'static str, name: &str) -> Result<()> {
 /// Checks a traced layer's name (its `layer=` partition value): like
 /// [`check_name`], and also a qualified module name as PyTorch spells it
 /// (format 4): parts of letters, digits and `_` joined by `.`, each part
-/// non-empty, the first starting with a letter or `_` (`encoder.block1.conv`,
-/// `layers.0.fc`, `_orig_mod.fc`); at most 128 characters.
+/// non-empty (`encoder.block1.conv`, `layers.0.fc`, `_orig_mod.fc`, and `0`,
+/// `2` as `nn.Sequential` names its children); at most 128 characters.
 pub fn check_layer_name(name: &str) -> Result<()> {
-    let part_ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let part_ok =
+        |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     let why = if name.is_empty() {
         Some("must not be empty")
     } else if name.len() > 128 {
         Some("longer than 128 characters")
     } else if !name.split('.').all(part_ok) {
         Some("only ASCII letters, digits and '_', in parts joined by '.', are allowed")
-    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
-        Some("must start with a letter or '_'")
     } else {
         None
     };
@@ -202,12 +201,19 @@ mod tests {
         assert!(check_name("layer", "conv_2").is_ok());
         for bad in ["", "1fc", "fc-1", "a/b", "layer=x", "fc 1"] {
             assert!(check_name("layer", bad).is_err(), "{bad}");
-            assert!(check_layer_name(bad).is_err(), "{bad}");
+            assert_eq!(check_layer_name(bad).is_err(), bad != "1fc", "{bad}");
         }
-        for good in ["fc1", "encoder.block1.conv", "layers.0.fc", "_orig_mod.fc"] {
+        for good in [
+            "fc1",
+            "encoder.block1.conv",
+            "layers.0.fc",
+            "_orig_mod.fc",
+            "0",
+            "0.fc",
+        ] {
             assert!(check_layer_name(good).is_ok(), "{good}");
         }
-        for bad in ["a..b", "a.", ".a", "a.b-c", "0.fc", "a/b.c"] {
+        for bad in ["a..b", "a.", ".a", "a.b-c", "a/b.c", "x=1"] {
             assert!(check_layer_name(bad).is_err(), "{bad}");
         }
         assert!(check_relative("updates/layer=fc1/part-000001.parquet").is_ok());

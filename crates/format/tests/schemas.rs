@@ -145,7 +145,7 @@ impl Validator<'_> {
             let s = value.as_str().unwrap_or_default();
             match pattern {
                 "^[A-Za-z][A-Za-z0-9_]{0,63}$" => layout::check_name("name", s),
-                r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$" => layout::check_layer_name(s),
+                r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$" => layout::check_layer_name(s),
                 other => panic!("{at}: pattern {other} has no Rust counterpart"),
             }
             .map_err(|e| format!("{at}: {e}"))?;

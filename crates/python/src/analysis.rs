@@ -193,7 +193,12 @@ fn manifest(py: Python<'_>, run: PathBuf) -> PyResult<String> {
 /// The storage a Conv2d layer's records use (`"factors"` or `"full"`), by
 /// the rule every producer follows.
 #[pyfunction]
-fn conv2d_storage(out_channels: usize, patch_len: usize, positions: usize, bias: bool) -> &'static str {
+fn conv2d_storage(
+    out_channels: usize,
+    patch_len: usize,
+    positions: usize,
+    bias: bool,
+) -> &'static str {
     match reptrace_format::Storage::for_conv2d(out_channels, patch_len, positions, bias) {
         reptrace_format::Storage::Full => "full",
         reptrace_format::Storage::Factors => "factors",

@@ -9,7 +9,6 @@ use arrow_array::{RecordBatch, RecordBatchIterator};
 use arrow_schema::SchemaRef;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
-use std::ffi::CString;
 
 /// A query result: its schema and record batches, exported once.
 #[pyclass(module = "reptrace._reptrace")]
@@ -43,11 +42,9 @@ impl ArrowStream {
         })?;
         let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema);
         let stream = FFI_ArrowArrayStream::new(Box::new(reader));
-        let name = CString::new("arrow_array_stream")
-            .map_err(|e| error::AnalysisError::new_err(e.to_string()))?;
         // The capsule owns the stream; a consumer moves it out (and leaves a
         // released stream behind), else dropping the capsule releases it.
-        PyCapsule::new(py, stream, Some(name))
+        PyCapsule::new_with_value(py, stream, c"arrow_array_stream")
     }
 
     /// Rows in the result (before it is consumed).

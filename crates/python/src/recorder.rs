@@ -81,12 +81,16 @@ impl PyRecorder {
     ) -> PyResult<Self> {
         let model: Model = parse("model", model_json)?;
         let optimizer: Optimizer = parse("optimizer", optimizer_json)?;
-        let dtype: Dtype = parse("dtype", &format!("{dtype:?}"))
-            .map_err(|_| error::invalid(format!("dtype: {dtype:?}, expected \"f32\" or \"f16\"")))?;
-        let mode: Mode = parse("mode", &format!("{mode:?}")).map_err(|_| {
-            error::invalid(format!("mode: {mode:?}, expected \"instance\" or \"batch\""))
+        let dtype: Dtype = parse("dtype", &format!("{dtype:?}")).map_err(|_| {
+            error::invalid(format!("dtype: {dtype:?}, expected \"f32\" or \"f16\""))
         })?;
-        let settings: serde_json::Map<String, serde_json::Value> = parse("settings", settings_json)?;
+        let mode: Mode = parse("mode", &format!("{mode:?}")).map_err(|_| {
+            error::invalid(format!(
+                "mode: {mode:?}, expected \"instance\" or \"batch\""
+            ))
+        })?;
+        let settings: serde_json::Map<String, serde_json::Value> =
+            parse("settings", settings_json)?;
         let mut builder = Recorder::builder(&run_dir)
             .model(model)
             .optimizer(optimizer)
@@ -158,14 +162,7 @@ impl PyRecorder {
     }
 
     /// One training step's row of the `steps` table.
-    fn step(
-        &mut self,
-        step: i64,
-        epoch: i32,
-        lr: f64,
-        batch_size: i32,
-        loss: f64,
-    ) -> PyResult<()> {
+    fn step(&mut self, step: i64, epoch: i32, lr: f64, batch_size: i32, loss: f64) -> PyResult<()> {
         self.rec()?
             .step(StepRow {
                 step,

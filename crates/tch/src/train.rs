@@ -279,7 +279,9 @@ impl TrainConfig {
             LrSchedule::External { name } => {
                 return bad(
                     "lr-schedule",
-                    format!("{name}: an external schedule is recorded by other producers, not run here"),
+                    format!(
+                        "{name}: an external schedule is recorded by other producers, not run here"
+                    ),
                 );
             }
         }
