@@ -68,6 +68,7 @@ impl PyRecorder {
     /// `schemas/manifest.schema.json`; `settings_json` is a JSON object of
     /// free-form training settings.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}"))]
     fn new(
         py: Python<'_>,
