@@ -17,6 +17,9 @@
 #                           scripts/bench/duckdb_queries.py (DuckDB), same files
 #   5  peak RSS             `reptrace train` / `reptrace attribute` at E and
 #                           10·E epochs (scripts/bench/summary.py rss)
+#   6  the Python package   scripts/bench/torch_overhead.py: PyTorch training
+#                           traced / untraced, and its peak RSS at S and 10·S
+#                           steps, with the release build of the extension
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +43,9 @@ attr_repeats=${BENCH_ATTR_REPEATS:-3}
 # just fills, so its peak is not yet the steady one.
 epochs=${BENCH_EPOCHS:-4}
 query_repeats=${BENCH_QUERY_REPEATS:-10}
+# Row 6: PyTorch training steps (batch 64) and repeats.
+torch_steps=${BENCH_TORCH_STEPS:-1000}
+torch_repeats=${BENCH_TORCH_REPEATS:-5}
 
 out=${BENCH_DIR:-target/bench}
 logs="$out/logs"
@@ -58,7 +64,9 @@ mkdir -p "$out"
 # The benchmarks then run as built (what `cargo bench --workspace --bench
 # NAME -- ARGS` runs), without taking cargo's lock on the target directory
 # again.
-cargo build --release --locked --workspace --bins --benches \
+# `--lib` adds the Python extension (crates/python), on the same dependency
+# build.
+cargo build --release --locked --workspace --lib --bins --benches \
   --message-format=json-render-diagnostics >"$out/build.json"
 bench() { # bench NAME ARGS...: runs a bench target as `cargo bench` would
   local exe
@@ -66,6 +74,13 @@ bench() { # bench NAME ARGS...: runs a bench target as `cargo bench` would
   shift
   "$exe" "$@" --bench
 }
+
+# The Python package with the release build of its extension, for row 6
+# (the .venv holds the development build that scripts/setup.sh installs).
+rm -rf "$out/py"
+mkdir -p "$out/py/reptrace"
+cp python/reptrace/*.py "$out/py/reptrace/"
+cp "$target_dir/release/lib_reptrace.so" "$out/py/reptrace/_reptrace.abi3.so"
 
 rm -rf "$logs" "$out/runs"
 mkdir -p "$logs" "$out/runs"
@@ -112,6 +127,15 @@ bench queries \
   --run "$big" --probe "$probe" --repeats "$query_repeats" | tee "$logs/queries-datafusion.log"
 $py scripts/bench/duckdb_queries.py "$big" --probe "$probe" --repeats "$query_repeats" \
   | tee "$logs/queries-duckdb.log"
+
+step "6 the Python package: PyTorch traced / untraced ($torch_steps steps, $torch_repeats repeats) and peak RSS"
+PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py \
+  --steps "$torch_steps" --repeats "$torch_repeats" | tee "$logs/torch.log"
+for scale in 1 10; do
+  s=$((torch_steps * scale))
+  $py scripts/bench/summary.py rss what=torch scale=$scale steps=$s -- \
+    env PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py --once traced --steps "$s" | tee -a "$logs/rss.log"
+done
 
 step "summary ($(($(date +%s) - start)) s of benchmarks)"
 $py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

@@ -26,14 +26,19 @@ __all__ = [
     "RecordError",
     "Run",
     "Tracer",
+    "add_probes",
     "open",
 ]
 
 
 def __getattr__(name):
-    # Tracer needs PyTorch; importing reptrace for analysis alone does not.
+    # Tracer and add_probes need PyTorch; importing reptrace for analysis alone does not.
     if name == "Tracer":
         from ._torch import Tracer
 
         return Tracer
+    if name == "add_probes":
+        from ._torch import add_probes
+
+        return add_probes
     raise AttributeError(f"module 'reptrace' has no attribute {name!r}")

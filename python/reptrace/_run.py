@@ -85,6 +85,17 @@ class Run:
         """The names of the built-in canned queries."""
         return list(_reptrace.builtin_queries())
 
+    def add_probes(self, model, inputs, labels, ids=None, *, train: bool = False,
+                   batch_size: int = 256) -> list[int]:
+        """Adds probes to this completed run: see :func:`reptrace.add_probes`
+        (``model`` is the trained PyTorch model). Returns the probe ids."""
+        from ._torch import add_probes
+
+        out = add_probes(self.path, model, inputs, labels, ids, train=train,
+                         batch_size=batch_size)
+        self._manifest = json.loads(_reptrace.manifest(str(self.path)))
+        return out
+
     def attribute(
         self,
         probes: str | list[int] = "test",

@@ -563,67 +563,31 @@ class Tracer:
         the trained network (evaluation mode), its refinement
         ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` and the network's prediction.
         ``ids`` default to new ids after every instance id seen; ``train=True``
-        marks the inputs as training instances (probe id = instance id)."""
-        if self._rec is None or self._closed:
-            raise RecordError(f"{self.run_dir}: probes are added before finish()")
+        marks the inputs as training instances (probe id = instance id).
+        Before :meth:`finish` the probes go into the run's final commit;
+        after it they are added to the completed run (:func:`add_probes`).
+        Returns the probe ids."""
+        if self._closed:
+            if self._rec is None:
+                raise RecordError(f"{self.run_dir}: no step was recorded")
+            return add_probes(self.run_dir, self.model, inputs, labels, ids,
+                              train=train, batch_size=batch_size)
+        if self._rec is None:
+            raise RecordError(f"{self.run_dir}: probes are added after the first step")
         self._flush_pending()
         labels = _ints(labels, np.int32, "labels")
-        n = len(labels)
-        if int(inputs.shape[0]) != n:
-            raise InvalidInput(f"probes: {int(inputs.shape[0])} inputs and {n} labels")
         if ids is None:
-            ids = np.arange(self._max_id + 1, self._max_id + 1 + n, dtype=np.int64)
-        ids = _ints(ids, np.int64, "ids")
-        if len(ids) != n:
-            raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
-        self._max_id = max(self._max_id, int(ids.max()) if n else -1)
-        initial = self._w0
-        was_training = self.model.training
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(module, inputs_, output):
-            captured[self._by_module[id(module)].name] = inputs_[0].detach()
-
-        hooks = [l.module.register_forward_hook(keep) for l in self._layers]
-        try:
-            self.model.eval()
-            device = next(self.model.parameters()).device
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    end = min(start + batch_size, n)
-                    x = inputs[start:end].to(device)
-                    captured.clear()
-                    out = self.model(x)
-                    predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()
-                    for l in self._layers:
-                        a = captured[l.name].double()
-                        w = l.module.weight.detach().double()
-                        w0 = torch.from_numpy(initial[f"{l.name}.weight"]).to(w.device).double()
-                        dw = w - w0.reshape(w.shape)
-                        db = None
-                        if l.bias:
-                            b = l.module.bias.detach().double()
-                            db = b - torch.from_numpy(initial[f"{l.name}.bias"]).to(b.device).double()
-                        if l.kind == "linear":
-                            p = F.linear(a, dw, db)
-                        else:
-                            s = l.spec
-                            p = F.conv2d(a, dw, db, stride=s["stride"], padding=s["padding"],
-                                         dilation=s["dilation"])
-                        rows = end - start
-                        self._rec.probes(
-                            l.name,
-                            ids[start:end],
-                            ids[start:end] if train else np.full(rows, -1, dtype=np.int64),
-                            labels[start:end],
-                            np.ascontiguousarray(predicted, dtype=np.int32),
-                            np.ascontiguousarray(a.reshape(rows, -1).cpu().numpy().reshape(-1)),
-                            np.ascontiguousarray(p.reshape(rows, -1).cpu().numpy().reshape(-1)),
-                        )
-        finally:
-            for h in hooks:
-                h.remove()
-            self.model.train(was_training)
+            ids = np.arange(self._max_id + 1, self._max_id + 1 + len(labels), dtype=np.int64)
+        initial = {}
+        for l in self._layers:
+            w0 = self._w0[f"{l.name}.weight"]
+            b0 = self._w0.get(f"{l.name}.bias") if l.bias else None
+            initial[l.name] = (w0, b0)
+        ids = _record_probes(self.model, self._layers, initial, inputs, labels, ids, train,
+                             batch_size, self._rec.probes)
+        if len(ids):
+            self._max_id = max(self._max_id, int(ids.max()))
+        return [int(i) for i in ids]
 
     # ------------------------------------------------------------ context
 
@@ -634,6 +598,138 @@ class Tracer:
         if exc_type is not None and not self._closed:
             self.abort(f"{exc_type.__name__}: {exc}")
         return False
+
+
+def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bool = False,
+               batch_size: int = 256) -> list[int]:
+    """Adds probes to a completed run, at any time after training: each
+    traced layer's input ``a`` for every input in ``model`` (evaluation
+    mode), its refinement ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` against the
+    run's initial weights, and the prediction, committed as one new commit
+    without touching anything already in the run.
+
+    ``model`` is the trained model: its traced layers (found by the run's
+    qualified layer names) must hold the run's final weights. ``ids`` default
+    to new ids above every probe and instance id of the run; ``train=True``
+    marks the inputs as training instances (probe id = instance id).
+    Returns the probe ids."""
+    run_dir = Path(run_dir)
+    appender = _reptrace.ProbeAppender(str(run_dir))
+    try:
+        manifest = json.loads(appender.manifest())
+        specs = [m for m in manifest["model"]["modules"]
+                 if m.get("kind") in ("linear", "conv2d") and m.get("traced")]
+        modules = dict(model.named_modules())
+        traceable = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        initial = _reptrace.layer_weights(str(run_dir), "initial")
+        final = _reptrace.layer_weights(str(run_dir), "final")
+        layers = []
+        for spec in specs:
+            name = spec["name"]
+            m = modules.get(name)
+            want = nn.Linear if spec["kind"] == "linear" else nn.Conv2d
+            if not isinstance(m, want):
+                found = "not a module of the model" if m is None else f"a {type(m).__name__}"
+                raise InvalidInput(
+                    f"{run_dir}: traced layer {name!r} ({want.__name__}) is {found}; "
+                    f"the model's Linear and Conv2d modules: {', '.join(traceable) or 'none'}"
+                )
+            layer = _Layer(name, m)
+            layer.spec = spec
+            w, b = final[name]
+            mine = m.weight.detach().to("cpu", torch.float64).reshape(-1)
+            theirs = torch.from_numpy(w)
+            if mine.shape != theirs.shape:
+                raise InvalidInput(
+                    f"{run_dir}: layer {name!r} has {mine.numel()} weights in the model and "
+                    f"{theirs.numel()} in the run: not the model that was trained"
+                )
+            diff = float((mine - theirs).abs().max()) if mine.numel() else 0.0
+            if layer.bias:
+                bias = m.bias.detach().to("cpu", torch.float64).reshape(-1)
+                if bias.shape == torch.from_numpy(b).shape:
+                    diff = max(diff, float((bias - torch.from_numpy(b)).abs().max()))
+                else:
+                    diff = math.inf
+            if diff != 0.0:
+                raise InvalidInput(
+                    f"{run_dir}: layer {name!r} of the model differs from the run's final "
+                    f"weights (max |Δ| {diff:.3g}): probes are taken in the trained model "
+                    "(load weights/final.safetensors into it first)"
+                )
+            w0, b0 = initial[name]
+            layers.append(layer)
+            initial[name] = (w0, b0 if layer.bias else None)
+        labels = _ints(labels, np.int32, "labels")
+        if ids is None:
+            start = appender.next_probe_id()
+            ids = np.arange(start, start + len(labels), dtype=np.int64)
+        ids = _record_probes(model, layers, initial, inputs, labels, ids, train, batch_size,
+                             appender.probes)
+        appender.commit()
+    finally:
+        appender.discard()
+    return [int(i) for i in ids]
+
+
+def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_size, emit):
+    """Runs ``inputs`` through ``model`` (evaluation mode, no gradients) in
+    chunks and hands each traced layer's probe rows to ``emit`` (the
+    recorder's or an appender's ``probes``). ``initial``: layer name →
+    (flat W_0, flat b_0 or None). Returns the probe ids."""
+    n = len(labels)
+    if int(inputs.shape[0]) != n:
+        raise InvalidInput(f"probes: {int(inputs.shape[0])} inputs and {n} labels")
+    ids = _ints(ids, np.int64, "ids")
+    if len(ids) != n:
+        raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
+    was_training = model.training
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(module, inputs_, output):
+        captured[id(module)] = inputs_[0].detach()
+
+    hooks = [l.module.register_forward_hook(keep) for l in layers]
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                end = min(start + batch_size, n)
+                x = inputs[start:end].to(device)
+                captured.clear()
+                out = model(x)
+                predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()
+                for l in layers:
+                    a = captured[id(l.module)].double()
+                    w = l.module.weight.detach().double()
+                    w0, b0 = initial[l.name]
+                    dw = w - torch.as_tensor(w0).to(w.device).double().reshape(w.shape)
+                    db = None
+                    if l.bias:
+                        b = l.module.bias.detach().double()
+                        db = b - torch.as_tensor(b0).to(b.device).double()
+                    if l.kind == "linear":
+                        p = F.linear(a, dw, db)
+                    else:
+                        s = l.spec
+                        p = F.conv2d(a, dw, db, stride=s["stride"], padding=s["padding"],
+                                     dilation=s["dilation"])
+                    rows = end - start
+                    emit(
+                        l.name,
+                        ids[start:end],
+                        ids[start:end] if train else np.full(rows, -1, dtype=np.int64),
+                        labels[start:end],
+                        np.ascontiguousarray(predicted, dtype=np.int32),
+                        np.ascontiguousarray(a.reshape(rows, -1).cpu().numpy().reshape(-1)),
+                        np.ascontiguousarray(p.reshape(rows, -1).cpu().numpy().reshape(-1)),
+                    )
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return ids
 
 
 class _HostCopy:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -395,3 +396,121 @@ def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
 def test_analysis_errors_are_python_exceptions(tmp_path):
     with pytest.raises(reptrace.AnalysisError, match="no such run directory"):
         reptrace.open(tmp_path / "missing")
+
+
+def files_of(run):
+    """relative path → bytes of every file of a run (but its manifest)."""
+    root = Path(run)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", ".lock")
+    }
+
+
+def test_probes_added_to_a_completed_run(tmp_path, data):
+    """Probes added long after training, to a model rebuilt from the run's
+    final weights: the new rows equal what the tracer records before finish()
+    for the same inputs, p equals (W_T − W_0)·a + (b_T − b_0) computed from
+    the weights files, nothing already in the run changes, and the new
+    probes can be attributed (completeness holds for them)."""
+    x, y, xt, yt = data
+    torch.manual_seed(6)
+    model = ResCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run = tmp_path / "run"
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    train(model, opt, x[:640], y[:640], epochs=2, tracer=tracer)
+    first = np.arange(2000, 2010)
+    tracer.finish(probes=(xt[:10], yt[:10], first))
+    before = files_of(run)
+    commits = len(manifest(run)["commits"])
+
+    # Later, elsewhere: the model rebuilt from the run's final weights.
+    fresh = ResCNN()
+    final = safetensors(run / "weights" / "final.safetensors")
+    fresh.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in final.items()})
+    r = reptrace.open(run)
+    added = r.add_probes(fresh, xt[:30], yt[:30])
+    assert added == list(range(2010, 2040)), "new ids start above every probe and instance id"
+
+    assert files_of(run).items() >= before.items(), "files already in the run changed"
+    m = manifest(run)
+    assert len(m["commits"]) == commits + 1
+    new = m["commits"][-1]
+    assert new.get("weights") is None
+    assert {f["table"] for f in new["files"]} == {"probes"}
+    assert sorted(f["layer"] for f in new["files"]) == sorted(r.layers)
+
+    probes = table(run, "probes").to_pandas()
+    for layer in r.layers:
+        rows = probes[probes.layer == layer].set_index("probe_id")
+        for old, again in zip(first, added[:10]):
+            assert np.array_equal(rows.loc[old, "a"], rows.loc[again, "a"]), layer
+            assert np.array_equal(rows.loc[old, "p"], rows.loc[again, "p"]), layer
+            assert rows.loc[old, "predicted"] == rows.loc[again, "predicted"]
+    head = probes[probes.layer == "head"].set_index("probe_id")
+    w0 = safetensors(run / "weights" / "initial.safetensors")
+    dw = final["head.weight"].astype(np.float64) - w0["head.weight"]
+    db = final["head.bias"].astype(np.float64) - w0["head.bias"]
+    for pid in added[10:15]:
+        a = np.asarray(head.loc[pid, "a"], dtype=np.float64)
+        want = dw @ a + db
+        got = np.asarray(head.loc[pid, "p"], dtype=np.float64)
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6), pid
+    with torch.no_grad():
+        predicted = fresh.eval()(xt[10:30]).argmax(dim=1).numpy()
+    assert np.array_equal(head.loc[added[10:], "predicted"].to_numpy(), predicted)
+
+    r.attribute(probes=added[12:14])
+    checks = r.verify()
+    assert [c for c in checks if c["status"] == "FAIL"] == [], checks
+    shares = r.query("class_shares", probe=added[12]).to_pandas().groupby("layer").share.sum()
+    assert len(shares) == len(r.layers) and (abs(shares - 1.0) < 1e-6).all(), shares
+
+    # The tracer itself adds to its finished run the same way.
+    more = tracer.add_probes(xt[30:32], yt[30:32])
+    assert more == [2040, 2041]
+
+
+def test_adding_probes_refuses_bad_input_and_leaves_the_run_as_it_was(tmp_path, data):
+    x, y, xt, yt = data
+    torch.manual_seed(7)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    untrained = copy.deepcopy(model)
+    run = tmp_path / "run"
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    train(model, opt, x[:256], y[:256], epochs=1, tracer=tracer)
+    tracer.finish(probes=(xt[:4], yt[:4], [5000, 5001, 5002, 5003]))
+    before = files_of(run)
+    m_before = manifest(run)
+    r = reptrace.open(run)
+    with pytest.raises(reptrace.InvalidInput, match="fc1.*differs from the run's final weights"):
+        r.add_probes(untrained, xt[:4], yt[:4])
+    with pytest.raises(reptrace.InvalidInput, match="probe id 5001 is already a probe id"):
+        r.add_probes(model, xt[:2], yt[:2], ids=[6000, 5001])
+    with pytest.raises(reptrace.InvalidInput, match="'fc1' .*not a module of the model"):
+        r.add_probes(nn.Sequential(), xt[:2], yt[:2])
+    with pytest.raises(reptrace.InvalidInput, match="3 inputs and 2 labels"):
+        r.add_probes(model, xt[:3], yt[:2])
+    with pytest.raises(reptrace.InvalidInput, match="labels value 12 is out of range"):
+        r.add_probes(model, xt[:2], torch.tensor([1, 12]))
+    assert files_of(run) == before and manifest(run) == m_before
+
+    from reptrace import _reptrace
+
+    holder = _reptrace.ProbeAppender(str(run))  # holds the run's lock
+    with pytest.raises(reptrace.InvalidInput, match="another process is writing to this run"):
+        r.add_probes(model, xt[:2], yt[:2])
+    holder.discard()
+    assert r.add_probes(model, xt[:2], yt[:2]) == [5004, 5005]
+
+    aborted = tmp_path / "aborted"
+    m2 = copy.deepcopy(untrained)
+    opt2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    t2 = reptrace.Tracer(m2, opt2, aborted, classes=CLASSES)
+    train(m2, opt2, x[:128], y[:128], epochs=1, tracer=t2)
+    t2.abort("stopped")
+    with pytest.raises(reptrace.InvalidInput, match="completed run; this run is aborted"):
+        reptrace.open(aborted).add_probes(m2, xt[:2], yt[:2])

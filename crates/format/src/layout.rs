@@ -28,6 +28,10 @@ use std::path::{Path, PathBuf};
 /// The manifest file name.
 pub const MANIFEST: &str = "manifest.json";
 
+/// The run's lock file: a writer that changes a finished run (adding
+/// probes) holds an exclusive advisory lock on it while it writes.
+pub const LOCK: &str = ".lock";
+
 /// `<run>/manifest.json`.
 pub fn manifest_path(run: &Path) -> PathBuf {
     run.join(MANIFEST)

@@ -190,6 +190,43 @@ fn manifest(py: Python<'_>, run: PathBuf) -> PyResult<String> {
     Ok(m.to_json())
 }
 
+/// A weights snapshot of the run (`"initial"`, `"final"`: the latest, or a
+/// path relative to the run) as `{layer: (weight, bias)}` for every traced
+/// layer: flat row-major `float64` arrays (bias empty without one).
+#[pyfunction]
+fn layer_weights<'py>(py: Python<'py>, run: PathBuf, which: &str) -> PyResult<Bound<'py, PyDict>> {
+    let m = py
+        .detach(|| reptrace_format::Manifest::open(&run))
+        .map_err(error::format)?;
+    let rel = match which {
+        "initial" => m.initial_weights(),
+        "final" => m.latest_weights().map(|(w, _)| w),
+        other => Some(other),
+    }
+    .ok_or_else(|| {
+        error::AnalysisError::new_err(format!("{}: no {which} weights snapshot", run.display()))
+    })?
+    .to_owned();
+    reptrace_format::layout::check_relative(&rel).map_err(error::format)?;
+    let path = run.join(&rel);
+    let layers = py
+        .detach(|| {
+            let snap = reptrace_analyze::weights::Snapshot::read(&path)?;
+            m.model
+                .traced_layers()
+                .map(|l| Ok((l.name().to_owned(), snap.layer(&l)?)))
+                .collect::<reptrace_analyze::Result<Vec<_>>>()
+        })
+        .map_err(error::analysis)?;
+    let out = PyDict::new(py);
+    for (name, w) in layers {
+        let weight = numpy::PyArray1::from_vec(py, w.weight);
+        let bias = numpy::PyArray1::from_vec(py, w.bias);
+        out.set_item(name, (weight, bias))?;
+    }
+    Ok(out)
+}
+
 /// The storage a Conv2d layer's records use (`"factors"` or `"full"`), by
 /// the rule every producer follows.
 #[pyfunction]
@@ -221,6 +258,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_report, m)?)?;
     m.add_function(wrap_pyfunction!(manifest, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_storage, m)?)?;
+    m.add_function(wrap_pyfunction!(layer_weights, m)?)?;
     m.add_function(wrap_pyfunction!(check_layer_name, m)?)?;
     Ok(())
 }

@@ -35,6 +35,7 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidInput", py.get_type::<error::InvalidInput>())?;
     m.add("FORMAT_VERSION", reptrace_format::FORMAT_VERSION)?;
     m.add_class::<recorder::PyRecorder>()?;
+    m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
     analysis::register(m)?;
     Ok(())

@@ -9,7 +9,10 @@ use crate::error;
 use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
-use reptrace_record::{BatchStep, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{
+    BatchStep, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
+};
+use std::sync::Mutex;
 
 /// A recorder writing one run (see `reptrace.Tracer` for the PyTorch side).
 #[pyclass(module = "reptrace._reptrace", name = "Recorder")]
@@ -325,5 +328,110 @@ impl PyRecorder {
     #[getter]
     fn is_open(&self) -> bool {
         self.inner.is_some()
+    }
+}
+
+/// Adds probes to a completed run ([`reptrace_record::ProbeAppender`]); see
+/// `reptrace.add_probes` for the PyTorch side.
+#[pyclass(module = "reptrace._reptrace", name = "ProbeAppender")]
+pub struct PyProbeAppender {
+    /// In a mutex because a Python object must be shareable between threads,
+    /// and the appender's Parquet writers are only `Send`.
+    inner: Mutex<Option<ProbeAppender>>,
+    run_dir: String,
+}
+
+impl PyProbeAppender {
+    fn closed(&self) -> PyErr {
+        error::RecordError::new_err(format!(
+            "{}: the probe appender is closed (commit or discard was called)",
+            self.run_dir
+        ))
+    }
+
+    /// Runs `f` on the open appender, without the interpreter lock.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut ProbeAppender) -> reptrace_record::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            guard.as_mut().map(f)
+        })
+        .ok_or_else(|| self.closed())?
+        .map_err(error::record)
+    }
+}
+
+#[pymethods]
+impl PyProbeAppender {
+    /// Opens the completed run `run_dir` for adding probes (holds its lock
+    /// until `commit` or `discard`).
+    #[new]
+    fn new(py: Python<'_>, run_dir: String) -> PyResult<Self> {
+        let inner = py
+            .detach(|| ProbeAppender::open(&run_dir))
+            .map_err(error::record)?;
+        Ok(Self {
+            inner: Mutex::new(Some(inner)),
+            run_dir,
+        })
+    }
+
+    /// Where new probe ids can start: above every probe and instance id.
+    fn next_probe_id(&self, py: Python<'_>) -> PyResult<i64> {
+        self.with(py, |a| Ok(a.next_probe_id()))
+    }
+
+    /// The run's manifest (as opened) as JSON.
+    fn manifest(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |a| Ok(a.manifest().to_json()))
+    }
+
+    /// Probes of one traced layer, as `Recorder.probes` takes them.
+    #[allow(clippy::too_many_arguments)]
+    fn probes(
+        &self,
+        py: Python<'_>,
+        layer: &str,
+        probe_ids: PyReadonlyArray1<'_, i64>,
+        instance_ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        predicted: PyReadonlyArray1<'_, i32>,
+        a: PyReadonlyArray1<'_, f64>,
+        p: PyReadonlyArray1<'_, f64>,
+    ) -> PyResult<()> {
+        let instance_ids: Vec<Option<i64>> = slice(&instance_ids, "instance_ids")?
+            .iter()
+            .map(|&i| (i >= 0).then_some(i))
+            .collect();
+        let batch = ProbeBatch {
+            probe_ids: slice(&probe_ids, "probe_ids")?,
+            instance_ids: &instance_ids,
+            labels: slice(&labels, "labels")?,
+            predicted: slice(&predicted, "predicted")?,
+            a: slice(&a, "a")?,
+            p: slice(&p, "p")?,
+        };
+        self.with(py, |app| app.probes(layer, batch))
+    }
+
+    /// Commits the added probes as one new manifest commit; returns the
+    /// manifest as JSON. The appender is closed afterwards.
+    fn commit(&self, py: Python<'_>) -> PyResult<String> {
+        let m = py
+            .detach(|| {
+                let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+                taken.map(ProbeAppender::commit)
+            })
+            .ok_or_else(|| self.closed())?
+            .map_err(error::record)?;
+        Ok(m.to_json())
+    }
+
+    /// Drops what was added, leaving the run as it was, and releases its lock.
+    fn discard(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }

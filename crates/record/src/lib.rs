@@ -51,6 +51,7 @@
 //! ```
 #![deny(clippy::unwrap_used)]
 
+mod append;
 mod batch;
 mod columns;
 mod durable;
@@ -60,6 +61,7 @@ mod recorder;
 mod weights;
 mod writer;
 
+pub use append::ProbeAppender;
 pub use batch::{BatchStep, NamedTensor, ProbeBatch, StepRow, UpdateBatch};
 pub use error::{Error, Result};
 pub use part::ParquetOptions;

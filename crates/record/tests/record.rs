@@ -11,7 +11,7 @@ use reptrace_format::{
     Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, Split, Status,
     Storage, Table, TracedLayer, layout,
 };
-use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -1419,5 +1419,191 @@ fn directory_readers_see_exactly_the_committed_parts() {
             .publish_committed(&run)
             .unwrap(),
         0
+    );
+}
+
+/// Probe rows of `ids` for the tiny model's layer (`a_len` 3 for fc1, 2 for fc2).
+fn probe_rows(ids: &[i64], a_len: usize) -> (Vec<Option<i64>>, Vec<i32>, Vec<f64>, Vec<f64>) {
+    let n = ids.len();
+    let a = (0..n * a_len).map(|i| i as f64 * 0.5).collect();
+    let p = (0..n * 2).map(|i| i as f64 - 1.0).collect();
+    (vec![None; n], vec![1; n], a, p)
+}
+
+fn add_probes(app: &mut ProbeAppender, layer: &str, ids: &[i64]) -> reptrace_record::Result<()> {
+    let a_len = if layer == "fc1" { 3 } else { 2 };
+    let (instance_ids, labels, a, p) = probe_rows(ids, a_len);
+    app.probes(
+        layer,
+        ProbeBatch {
+            probe_ids: ids,
+            instance_ids: &instance_ids,
+            labels: &labels,
+            predicted: &labels,
+            a: &a,
+            p: &p,
+        },
+    )
+}
+
+/// A completed tiny run with instances 0..4 and probes 10, 11 in both layers.
+fn completed_tiny_run(run: &Path) {
+    let mut rec = tiny_recorder(run);
+    rec.instances(&[0, 1, 2, 3], &[0, 1, 0, 1], &[Split::Train; 4])
+        .unwrap();
+    let w = weights_of(&tiny_model(), 0.1);
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 0);
+    for layer in ["fc1", "fc2"] {
+        let a_len = if layer == "fc1" { 3 } else { 2 };
+        let (instance_ids, labels, a, p) = probe_rows(&[10, 11], a_len);
+        rec.probes(
+            layer,
+            ProbeBatch {
+                probe_ids: &[10, 11],
+                instance_ids: &instance_ids,
+                labels: &labels,
+                predicted: &labels,
+                a: &a,
+                p: &p,
+            },
+        )
+        .unwrap();
+    }
+    rec.finish(&named(&weights_of(&tiny_model(), 0.2))).unwrap();
+}
+
+/// Every file of the run but the manifest, with its bytes.
+fn run_files(run: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p
+                .file_name()
+                .is_some_and(|n| n != "manifest.json" && n != layout::LOCK)
+            {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(run, &mut out);
+    out
+}
+
+#[test]
+fn probes_are_appended_to_a_completed_run_as_one_new_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    completed_tiny_run(&run);
+    let before = run_files(&run);
+    let m0 = Manifest::load(&run).unwrap();
+
+    let mut app = ProbeAppender::open(&run).unwrap();
+    assert_eq!(
+        app.next_probe_id(),
+        12,
+        "above probes 10, 11 and instances 0..4"
+    );
+    for layer in ["fc2", "fc1"] {
+        add_probes(&mut app, layer, &[12, 13]).unwrap();
+        add_probes(&mut app, layer, &[20]).unwrap();
+    }
+    assert_eq!(app.next_probe_id(), 21);
+    let m = app.commit().unwrap();
+    // The lock went with the appender.
+    drop(ProbeAppender::open(&run).unwrap());
+
+    assert_eq!(m, Manifest::load(&run).unwrap());
+    assert_eq!(m.status, Status::Complete);
+    assert_eq!(m.commits.len(), m0.commits.len() + 1);
+    assert_eq!(m.commits[..m0.commits.len()], m0.commits[..]);
+    let new = m.commits.last().unwrap();
+    assert_eq!(new.step, m0.commits.last().unwrap().step);
+    assert!(new.weights.is_none() && new.probes.is_empty());
+    assert_eq!(new.files.len(), 2);
+    // Nothing already in the run changed; the new parts have final names.
+    let after = run_files(&run);
+    for (path, bytes) in &before {
+        assert_eq!(after.get(path), Some(bytes), "{}", path.display());
+    }
+    for f in &new.files {
+        assert!(run.join(&f.path).exists(), "{}", f.path);
+        assert!(!f.path.contains(".tmp"));
+    }
+    // The probes table now holds both sets, and the analysis uses the final weights.
+    for (layer, a_len) in [("fc1", 3), ("fc2", 2)] {
+        let rows = read_table(&run, &m, Table::Probes, Some(layer));
+        assert_eq!(i64s(&rows, "probe_id"), vec![10, 11, 12, 13, 20]);
+        let a = lists(&rows, "a");
+        assert_eq!(a[2], probe_rows(&[12], a_len).2);
+    }
+    let analysis = m.analysis_probes().unwrap();
+    assert_eq!(analysis.weights, layout::FINAL_WEIGHTS);
+    assert!(!analysis.checkpoint);
+    assert_eq!(analysis.files.len(), 4);
+}
+
+#[test]
+fn appending_probes_refuses_bad_input_and_leaves_the_run_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    completed_tiny_run(&run);
+    let before = run_files(&run);
+    let m0 = Manifest::load(&run).unwrap();
+    let unchanged = |what: &str| {
+        assert_eq!(run_files(&run), before, "{what}");
+        assert_eq!(Manifest::load(&run).unwrap(), m0, "{what}");
+    };
+
+    let mut app = ProbeAppender::open(&run).unwrap();
+    let err = ProbeAppender::open(&run).unwrap_err().to_string();
+    assert!(
+        err.contains("another process is writing to this run"),
+        "{err}"
+    );
+    let err = add_probes(&mut app, "fc1", &[11]).unwrap_err().to_string();
+    assert!(err.contains("probe id 11 is already a probe id"), "{err}");
+    let err = add_probes(&mut app, "fc1", &[30, 30])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("probe id 30 is given twice"), "{err}");
+    let err = add_probes(&mut app, "fc9", &[30]).unwrap_err().to_string();
+    assert!(err.contains("\"fc9\" is not a traced layer"), "{err}");
+    add_probes(&mut app, "fc1", &[30, 31]).unwrap();
+    add_probes(&mut app, "fc2", &[30]).unwrap();
+    let err = app.commit().unwrap_err().to_string();
+    assert!(
+        err.contains("every traced layer needs rows for the same probes"),
+        "{err}"
+    );
+    unchanged("a refused commit");
+
+    // Dropped without commit: the written rows go, the lock is released.
+    let mut app = ProbeAppender::open(&run).unwrap();
+    add_probes(&mut app, "fc1", &[40]).unwrap();
+    add_probes(&mut app, "fc2", &[40]).unwrap();
+    drop(app);
+    unchanged("a dropped appender");
+    let err = ProbeAppender::open(&run)
+        .unwrap()
+        .commit()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no probes were added"), "{err}");
+    unchanged("an empty commit");
+
+    // A run that did not complete.
+    let aborted = dir.path().join("aborted");
+    let mut rec = tiny_recorder(&aborted);
+    step_with_updates(&mut rec, 0);
+    rec.abort("stopped").unwrap();
+    let err = ProbeAppender::open(&aborted).unwrap_err().to_string();
+    assert!(
+        err.contains("probes are added to a completed run; this run is aborted"),
+        "{err}"
     );
 }
