@@ -514,3 +514,34 @@ def test_adding_probes_refuses_bad_input_and_leaves_the_run_as_it_was(tmp_path, 
     t2.abort("stopped")
     with pytest.raises(reptrace.InvalidInput, match="completed run; this run is aborted"):
         reptrace.open(aborted).add_probes(m2, xt[:2], yt[:2])
+
+
+def test_attribute_waits_for_a_probe_appender(tmp_path, data):
+    """`attribute` writes its manifest entry under the run's lock: while an
+    appender holds it, attribute waits, and it finishes only after the
+    appender lets go (a 10-step run attributes in well under a second)."""
+    import threading
+    import time
+
+    from reptrace import _reptrace
+
+    x, y, xt, yt = data
+    torch.manual_seed(8)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = tmp_path / "run"
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    train(model, opt, x[:640], y[:640], epochs=1, tracer=tracer)
+    tracer.finish(probes=(xt[:2], yt[:2], [7000, 7001]))
+    r = reptrace.open(run)
+    holder = _reptrace.ProbeAppender(str(run))
+    done = []
+    worker = threading.Thread(target=lambda: done.append((r.attribute(probes=[7000]), time.monotonic())))
+    worker.start()
+    time.sleep(1.5)
+    released = time.monotonic()
+    holder.discard()
+    worker.join(120)
+    assert done, "attribute did not finish"
+    assert done[0][1] >= released, "attribute wrote its manifest while the lock was held"
+    assert manifest(run)["attribution"]["probes"] == "ids:7000"

@@ -296,7 +296,16 @@ pub fn attribute(
         as_of_step: Some(Step(setup.as_of)),
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
-    // Re-read the manifest so that nothing else it gained meanwhile is lost.
+    // Under the run's lock (an appender of probes may be writing the
+    // manifest), re-read the manifest so that nothing it gained meanwhile is
+    // lost.
+    let _lock = match layout::lock(run.dir(), true) {
+        Ok(lock) => lock,
+        Err(e) => {
+            discard(&written);
+            return Err(Error::io(run.path(layout::LOCK), e));
+        }
+    };
     let mut fresh = match Manifest::load(run.dir()) {
         Ok(f) => f,
         Err(e) => {

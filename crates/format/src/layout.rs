@@ -28,9 +28,31 @@ use std::path::{Path, PathBuf};
 /// The manifest file name.
 pub const MANIFEST: &str = "manifest.json";
 
-/// The run's lock file: a writer that changes a finished run (adding
-/// probes) holds an exclusive advisory lock on it while it writes.
+/// The run's lock file: a writer that changes the manifest of a finished
+/// run (adding probes, attributing) holds an exclusive advisory lock on it
+/// while it writes ([`lock`]).
 pub const LOCK: &str = ".lock";
+
+/// Takes the exclusive lock of `run` (`<run>/.lock`): an advisory file lock
+/// that the system releases when the returned file is closed, also when the
+/// process dies. `wait`: block until it is free; otherwise `Ok(None)` when
+/// another process holds it.
+pub fn lock(run: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(run.join(LOCK))?;
+    if wait {
+        file.lock()?;
+        return Ok(Some(file));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
 
 /// `<run>/manifest.json`.
 pub fn manifest_path(run: &Path) -> PathBuf {

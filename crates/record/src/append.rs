@@ -15,28 +15,21 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Commit, Manifest, Status, Table, col, layout, schema};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-/// Takes the exclusive lock of the run (`<run>/.lock`, an advisory file
-/// lock that the system releases when the holder exits, however it exits).
+/// Takes the run's lock ([`layout::lock`]) or says who holds it.
 fn lock_run(run: &Path) -> Result<File> {
     let path = run.join(layout::LOCK);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Invalid {
+    match layout::lock(run, false) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(Error::Invalid {
             context: run.display().to_string(),
             message: "another process is writing to this run (it holds .lock); try again \
                       when it is done"
                 .to_owned(),
         }),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        Err(e) => Err(Error::io(&path, e)),
     }
 }
 
