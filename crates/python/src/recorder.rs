@@ -31,6 +31,34 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> 
     serde_json::from_str(json).map_err(|e| error::invalid(format!("{what}: {e}")))
 }
 
+/// One layer's probe rows as NumPy arrays (`instance_ids` −1 for none).
+struct ProbeArrays<'py> {
+    probe_ids: PyReadonlyArray1<'py, i64>,
+    instance_ids: PyReadonlyArray1<'py, i64>,
+    labels: PyReadonlyArray1<'py, i32>,
+    predicted: PyReadonlyArray1<'py, i32>,
+    a: PyReadonlyArray1<'py, f64>,
+    p: PyReadonlyArray1<'py, f64>,
+}
+
+impl ProbeArrays<'_> {
+    /// Calls `f` with the rows as a [`ProbeBatch`] borrowing the arrays.
+    fn with_batch<T>(&self, f: impl FnOnce(ProbeBatch<'_>) -> PyResult<T>) -> PyResult<T> {
+        let instance_ids: Vec<Option<i64>> = slice(&self.instance_ids, "instance_ids")?
+            .iter()
+            .map(|&i| (i >= 0).then_some(i))
+            .collect();
+        f(ProbeBatch {
+            probe_ids: slice(&self.probe_ids, "probe_ids")?,
+            instance_ids: &instance_ids,
+            labels: slice(&self.labels, "labels")?,
+            predicted: slice(&self.predicted, "predicted")?,
+            a: slice(&self.a, "a")?,
+            p: slice(&self.p, "p")?,
+        })
+    }
+}
+
 impl PyRecorder {
     fn rec(&mut self) -> PyResult<&mut Recorder> {
         self.inner.as_mut().ok_or_else(|| {
@@ -266,27 +294,25 @@ impl PyRecorder {
         p: PyReadonlyArray1<'_, f64>,
         checkpoint: bool,
     ) -> PyResult<()> {
-        let instance_ids: Vec<Option<i64>> = slice(&instance_ids, "instance_ids")?
-            .iter()
-            .map(|&i| (i >= 0).then_some(i))
-            .collect();
-        let batch = ProbeBatch {
-            probe_ids: slice(&probe_ids, "probe_ids")?,
-            instance_ids: &instance_ids,
-            labels: slice(&labels, "labels")?,
-            predicted: slice(&predicted, "predicted")?,
-            a: slice(&a, "a")?,
-            p: slice(&p, "p")?,
+        let arrays = ProbeArrays {
+            probe_ids,
+            instance_ids,
+            labels,
+            predicted,
+            a,
+            p,
         };
         let rec = self.rec()?;
-        py.detach(|| {
-            if checkpoint {
-                rec.checkpoint_probes(layer, batch)
-            } else {
-                rec.probes(layer, batch)
-            }
+        arrays.with_batch(|batch| {
+            py.detach(|| {
+                if checkpoint {
+                    rec.checkpoint_probes(layer, batch)
+                } else {
+                    rec.probes(layer, batch)
+                }
+            })
+            .map_err(error::record)
         })
-        .map_err(error::record)
     }
 
     /// Waits until the writer has taken every row so far (errors surface here).
@@ -402,19 +428,15 @@ impl PyProbeAppender {
         a: PyReadonlyArray1<'_, f64>,
         p: PyReadonlyArray1<'_, f64>,
     ) -> PyResult<()> {
-        let instance_ids: Vec<Option<i64>> = slice(&instance_ids, "instance_ids")?
-            .iter()
-            .map(|&i| (i >= 0).then_some(i))
-            .collect();
-        let batch = ProbeBatch {
-            probe_ids: slice(&probe_ids, "probe_ids")?,
-            instance_ids: &instance_ids,
-            labels: slice(&labels, "labels")?,
-            predicted: slice(&predicted, "predicted")?,
-            a: slice(&a, "a")?,
-            p: slice(&p, "p")?,
+        let arrays = ProbeArrays {
+            probe_ids,
+            instance_ids,
+            labels,
+            predicted,
+            a,
+            p,
         };
-        self.with(py, |app| app.probes(layer, batch))
+        arrays.with_batch(|batch| self.with(py, |app| app.probes(layer, batch)))
     }
 
     /// Commits the added probes as one new manifest commit; returns the

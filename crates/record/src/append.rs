@@ -6,7 +6,7 @@
 //! the manifest that lists them replaces the old one atomically, and only
 //! then do the parts take their final names. Nothing already in the run is
 //! touched; a failure or a dropped appender leaves the run as it was.
-use crate::batch::{ProbeBatch, ProbeRows};
+use crate::batch::ProbeBatch;
 use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::writer::now;
 use crate::{Error, Result, columns, durable};
@@ -126,34 +126,8 @@ impl ProbeAppender {
                 traced: self.layers.keys().cloned().collect::<Vec<_>>().join(", "),
             });
         };
+        let rows = batch.checked_rows(layer, a_len, p_len, self.manifest.classes.len())?;
         let context = format!("probes for layer {layer:?}");
-        let n = batch.probe_ids.len();
-        let check = |what: &'static str, expected: usize, got: usize| {
-            if expected == got {
-                Ok(())
-            } else {
-                Err(Error::Length {
-                    context: context.clone(),
-                    what,
-                    expected,
-                    got,
-                })
-            }
-        };
-        check("instance_ids", n, batch.instance_ids.len())?;
-        check("labels", n, batch.labels.len())?;
-        check("predicted", n, batch.predicted.len())?;
-        check("a", n * a_len, batch.a.len())?;
-        check("p", n * p_len, batch.p.len())?;
-        let classes = self.manifest.classes.len();
-        for (what, values) in [("labels", batch.labels), ("predicted", batch.predicted)] {
-            if let Some(bad) = values.iter().find(|&&l| l < 0 || l as usize >= classes) {
-                return Err(Error::Invalid {
-                    context,
-                    message: format!("{what} value {bad} is out of range for {classes} classes"),
-                });
-            }
-        }
         let seen = self.ids.entry(layer.to_owned()).or_default();
         let mut here: HashSet<i64> = seen.iter().copied().collect();
         for &id in batch.probe_ids {
@@ -173,20 +147,10 @@ impl ProbeAppender {
                 });
             }
         }
-        if n == 0 {
+        if rows.probe_ids.is_empty() {
             return Ok(());
         }
         seen.extend_from_slice(batch.probe_ids);
-        let rows = ProbeRows {
-            probe_ids: batch.probe_ids.to_vec(),
-            instance_ids: batch.instance_ids.to_vec(),
-            labels: batch.labels.to_vec(),
-            predicted: batch.predicted.to_vec(),
-            a: batch.a.to_vec(),
-            p: batch.p.to_vec(),
-            a_len,
-            p_len,
-        };
         let record_batch = columns::probes(rows)?;
         if !self.parts.contains_key(layer) {
             let seq = self.manifest.commits.len() as u64;

@@ -228,6 +228,59 @@ fn factors_norm_gram(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> 
         .sqrt()
 }
 
+impl ProbeBatch<'_> {
+    /// Checks the rows for traced layer `layer` — every slice's length for
+    /// `a_len` and `p_len` values per row, labels and predictions below
+    /// `n_classes` (unchecked when 0) — and copies them.
+    pub(crate) fn checked_rows(
+        &self,
+        layer: &str,
+        a_len: usize,
+        p_len: usize,
+        n_classes: usize,
+    ) -> crate::Result<ProbeRows> {
+        let ctx = || format!("probes for layer {layer:?}");
+        let n = self.probe_ids.len();
+        check_len(ctx, "instance_ids", n, self.instance_ids.len())?;
+        check_len(ctx, "labels", n, self.labels.len())?;
+        check_len(ctx, "predicted", n, self.predicted.len())?;
+        check_len(
+            || format!("{} ({n} rows of {a_len} values)", ctx()),
+            "a",
+            n * a_len,
+            self.a.len(),
+        )?;
+        check_len(
+            || format!("{} ({n} rows of {p_len} values)", ctx()),
+            "p",
+            n * p_len,
+            self.p.len(),
+        )?;
+        if n_classes > 0 {
+            for (what, values) in [("labels", self.labels), ("predicted", self.predicted)] {
+                if let Some(bad) = values.iter().find(|&&l| l < 0 || l as usize >= n_classes) {
+                    return Err(crate::Error::Invalid {
+                        context: ctx(),
+                        message: format!(
+                            "{what} value {bad} is out of range for {n_classes} classes"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(ProbeRows {
+            probe_ids: self.probe_ids.to_vec(),
+            instance_ids: self.instance_ids.to_vec(),
+            labels: self.labels.to_vec(),
+            predicted: self.predicted.to_vec(),
+            a: self.a.to_vec(),
+            p: self.p.to_vec(),
+            a_len,
+            p_len,
+        })
+    }
+}
+
 /// Checks that `got == expected` for argument `what`.
 pub(crate) fn check_len(
     context: impl FnOnce() -> String,

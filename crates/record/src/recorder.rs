@@ -6,8 +6,8 @@
 //! slower than training, the training loop waits. Errors of the writer
 //! thread come back from the next call.
 use crate::batch::{
-    BatchRows, BatchStep, InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, ProbeRows,
-    StepRow, UpdateBatch, UpdateRows, check_len,
+    BatchRows, BatchStep, InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, StepRow,
+    UpdateBatch, UpdateRows, check_len,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
@@ -531,40 +531,13 @@ impl Recorder {
         self.check_open()?;
         let li = self.layer_index(layer)?;
         let (a_len, p_len) = self.layers[li].probe_lens;
-        let ctx = || format!("probes for layer {layer:?}");
-        let n = batch.probe_ids.len();
-        check_len(ctx, "instance_ids", n, batch.instance_ids.len())?;
-        check_len(ctx, "labels", n, batch.labels.len())?;
-        check_len(ctx, "predicted", n, batch.predicted.len())?;
-        check_len(
-            || format!("{} ({n} rows of {a_len} values)", ctx()),
-            "a",
-            n * a_len,
-            batch.a.len(),
-        )?;
-        check_len(
-            || format!("{} ({n} rows of {p_len} values)", ctx()),
-            "p",
-            n * p_len,
-            batch.p.len(),
-        )?;
-        self.check_labels(&ctx(), "labels", batch.labels)?;
-        self.check_labels(&ctx(), "predicted", batch.predicted)?;
-        if n == 0 {
+        let rows = batch.checked_rows(layer, a_len, p_len, self.n_classes)?;
+        if rows.probe_ids.is_empty() {
             return Ok(());
         }
         self.send(Msg::Probes {
             layer: li,
-            rows: ProbeRows {
-                probe_ids: batch.probe_ids.to_vec(),
-                instance_ids: batch.instance_ids.to_vec(),
-                labels: batch.labels.to_vec(),
-                predicted: batch.predicted.to_vec(),
-                a: batch.a.to_vec(),
-                p: batch.p.to_vec(),
-                a_len,
-                p_len,
-            },
+            rows,
             checkpoint,
         })
     }
