@@ -394,6 +394,10 @@ fn examples() -> Vec<Manifest> {
         as_of_step: None,
         ..m.attribution.clone().expect("set")
     });
+    // Batch mode: the members of each step's batch.
+    adam.commits[1]
+        .files
+        .push(file("batches/part-000001.parquet", "batches", None));
     let mut plain = m.clone();
     plain.optimizer = Optimizer::sgd(0.05);
     plain.status = Status::Recording;
@@ -423,6 +427,22 @@ fn examples() -> Vec<Manifest> {
         Some("encoder.block1.fc"),
     );
     torch.commits[1].probes.clear();
+    // Probes added to the completed run later: a commit with probes files
+    // only, no weights.
+    torch.status = Status::Complete;
+    torch.commits.push(Commit {
+        seq: 2,
+        step: Some(Step(44)),
+        epoch: Some(0),
+        files: vec![file(
+            "probes/layer=encoder.block1.fc/part-000002.parquet",
+            "probes",
+            Some("encoder.block1.fc"),
+        )],
+        weights: None,
+        probes: vec![],
+        time: "t".into(),
+    });
     vec![m, adam, plain, torch]
 }
 
