@@ -190,16 +190,22 @@ def rows_from(b):
 
     # 5. peak RSS, 10x / 1x run length
     rss = {(r["what"], r["scale"]): r for r in b["rss"]}
-    for what, label in (("train", "recording (reptrace train)"), ("attribute", "attribution (reptrace attribute)")):
+
+    def flat(row, what, describe):
+        """A peak-RSS row: the 10x run over the 1x run of `what`;
+        `describe(one, ten, mib_one, mib_ten)` says what was measured."""
         one, ten = rss.get((what, "1")), rss.get((what, "10"))
-        row = f"5 peak RSS {what} 10×/1×"
         if one and ten:
             x = int(ten["max_rss_kb"]) / int(one["max_rss_kb"])
-            add(row, f"{x:.2f}", f"≤ {FLAT_GOAL} (flat)", x <= FLAT_GOAL,
-                f"{label}, digits, all layers traced: {int(ten['max_rss_kb']) / 1024:.0f} MiB at {ten['epochs']} epochs / "
-                f"{int(one['max_rss_kb']) / 1024:.0f} MiB at {one['epochs']} epochs ({one.get('detail', '').replace('_', ' ')})")
+            mib = lambda r: f"{int(r['max_rss_kb']) / 1024:.0f} MiB"  # noqa: E731
+            add(row, f"{x:.2f}", f"≤ {FLAT_GOAL} (flat)", x <= FLAT_GOAL, describe(one, ten, mib(one), mib(ten)))
         else:
             add(row, None, f"≤ {FLAT_GOAL} (flat)", False, "")
+
+    for what, label in (("train", "recording (reptrace train)"), ("attribute", "attribution (reptrace attribute)")):
+        flat(f"5 peak RSS {what} 10×/1×", what, lambda one, ten, m1, m10, label=label:
+             f"{label}, digits, all layers traced: {m10} at {ten['epochs']} epochs / "
+             f"{m1} at {one['epochs']} epochs ({one.get('detail', '').replace('_', ' ')})")
 
     # 6. the Python package: PyTorch training traced / untraced, and its peak
     # RSS at 10x the steps
@@ -218,15 +224,9 @@ def rows_from(b):
                 f"median of {r['repeats']}")
         else:
             add(row, None, f"≤ {TORCH_OVERHEAD_GOAL:.2f}", False, "")
-    one, ten = rss.get(("torch", "1")), rss.get(("torch", "10"))
-    row = "6 peak RSS PyTorch traced 10×/1×"
-    if one and ten:
-        x = int(ten["max_rss_kb"]) / int(one["max_rss_kb"])
-        add(row, f"{x:.2f}", f"≤ {FLAT_GOAL} (flat)", x <= FLAT_GOAL,
-            f"python with reptrace.Tracer, MLP 784-256-10, f32: {int(ten['max_rss_kb']) / 1024:.0f} MiB at "
-            f"{ten['steps']} steps / {int(one['max_rss_kb']) / 1024:.0f} MiB at {one['steps']} steps")
-    else:
-        add(row, None, f"≤ {FLAT_GOAL} (flat)", False, "")
+    flat("6 peak RSS PyTorch traced 10×/1×", "torch", lambda one, ten, m1, m10:
+         f"python with reptrace.Tracer, MLP 784-256-10, f32: {m10} at {ten['steps']} steps / "
+         f"{m1} at {one['steps']} steps")
     return rows, missing
 
 
