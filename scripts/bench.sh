@@ -20,6 +20,12 @@
 #   6  the Python package   scripts/bench/torch_overhead.py: PyTorch training
 #                           traced / untraced, and its peak RSS at S and 10·S
 #                           steps, with the release build of the extension
+#   7  on demand            crates/analyze/benches/queries.rs: top_proponents
+#                           computed on demand / a bare scan of the updates, and
+#                           / the same query on materialised rows; `reptrace
+#                           query` peak RSS at E and 10·E epochs (before any
+#                           attribution); derived bytes / trace bytes after
+#                           `reptrace demo` (scripts/bench/summary.py derived)
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +113,10 @@ for scale in 1 10; do
   step "5 peak RSS, $scale×: train and attribute $e epochs ($run)"
   $py scripts/bench/summary.py rss what=train scale=$scale epochs=$e detail=f32 -- \
     "$bin" train --epochs "$e" --dtype f32 "${settings[@]}" --out "$run" | tee -a "$logs/rss.log"
+  p=$("$bin" sql "$run" "SELECT MIN(probe_id) AS p FROM probes WHERE instance_id IS NULL" --format csv | tail -n 1)
+  step "7 peak RSS, $scale×: top_proponents of probe $p computed on demand ($run)"
+  $py scripts/bench/summary.py rss what=query scale=$scale epochs=$e detail=top_proponents_on_demand -- \
+    "$bin" query "$run" top_proponents --param probe="$p" | tee -a "$logs/rss.log"
   $py scripts/bench/summary.py rss what=attribute scale=$scale epochs=$e detail=360_test_probes -- \
     "$bin" attribute "$run" --probes test --quiet | tee -a "$logs/rss.log"
 done
@@ -127,6 +137,10 @@ bench queries \
   --run "$big" --probe "$probe" --repeats "$query_repeats" | tee "$logs/queries-datafusion.log"
 $py scripts/bench/duckdb_queries.py "$big" --probe "$probe" --repeats "$query_repeats" \
   | tee "$logs/queries-duckdb.log"
+
+step "7 derived bytes after the demo"
+"$bin" demo --out "$out/runs/demo" >"$logs/demo.out"
+$py scripts/bench/summary.py derived "$out/runs/demo" | tee "$logs/derived.log"
 
 step "6 the Python package: PyTorch traced / untraced ($torch_steps steps, $torch_repeats repeats) and peak RSS"
 PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py \

@@ -51,7 +51,8 @@ class Run:
         m = self.manifest
         rows: dict[str, dict[str, int]] = {}
         files = [f for c in m["commits"] for f in c["files"]]
-        files += (m.get("attribution") or {}).get("files", [])
+        for a in m.get("attributions", []) + [m.get("attribution") or {}]:
+            files += a.get("files", [])
         for f in files:
             per = rows.setdefault(f["table"], {})
             key = f.get("layer") or ""
@@ -102,13 +103,18 @@ class Run:
         layers: list[str] | None = None,
         steps: str | None = None,
         self_only: bool = False,
+        by: str = "step",
     ) -> dict:
-        """Contributions of every record to the chosen probes (``"test"``,
+        """Materialises the contributions of the chosen probes (``"test"``,
         ``"train"``, ``"all"`` or a list of probe ids), as ``reptrace
-        attribute`` computes them. Returns a summary."""
+        attribute`` does: per record (``by="step"``, table ``contributions``)
+        or summed per instance (``"instance"``) or instance and epoch
+        (``"epoch"``, table ``influence``). Queries do not need it (they
+        compute contributions on demand); it is for engines that read the
+        files. Returns a summary."""
         if not isinstance(probes, str):
             probes = "ids:" + ",".join(str(int(p)) for p in probes)
-        return _reptrace.attribute(str(self.path), probes, layers, steps, self_only)
+        return _reptrace.attribute(str(self.path), probes, layers, steps, self_only, by)
 
     def verify(self, tolerance: float = 1e-5) -> list[dict]:
         """Integrity and completeness checks, as ``reptrace verify``: a list

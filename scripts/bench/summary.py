@@ -3,6 +3,7 @@
     summary.py rss LABEL... -- CMD ARGS...   run CMD, print its peak RSS as a BENCH line
     summary.py storage DATA DTYPE RUN_INFO_JSON
                                              bytes on disk / raw f32 of a run's updates
+    summary.py derived RUN                   bytes of derived tables / bytes of the trace
     summary.py machine                       CPU model, cores and RAM from /proc
     summary.py exe BUILD_JSON NAME           path of bench NAME from cargo's JSON messages
     summary.py table LOG... [--md OUT]       the table from the BENCH lines of LOG...
@@ -32,6 +33,10 @@ TORCH_OVERHEAD_GOAL = 1.15
 STORAGE_GOAL = {"f32": 0.35, "f16": 0.20}
 ATTRIBUTION_GOAL = 0.7
 QUERY_GOAL = 1.0
+# top_proponents of one probe computed on demand / a bare scan of the updates.
+ON_DEMAND_GOAL = 1.5
+# Bytes of derived tables after the demo / bytes of the trace (updates).
+DERIVED_GOAL = 1.0
 # "Flat": peak RSS at 10x the run length at most this times the 1x peak.
 FLAT_GOAL = 1.2
 QUERIES = [
@@ -83,6 +88,18 @@ def cmd_storage(argv):
     rows = sum(t["rows"] for t in updates)
     bench_line("storage", data=data, dtype=dtype, default="true", ratio=f"{disk / raw:.4f}",
                raw_bytes=raw, disk_bytes=disk, records=rows)
+
+
+def cmd_derived(argv):
+    """Bytes of the derived tables (contributions, influence: every file on
+    disk under them, listed or not) / bytes of the trace (updates)."""
+    run = Path(argv[0])
+    manifest = json.loads((run / "manifest.json").read_text())
+    trace = sum(f["bytes"] for c in manifest["commits"] for f in c["files"] if f["table"] == "updates")
+    derived = sum(p.stat().st_size for d in ("contributions", "influence") if (run / d).exists()
+                  for p in (run / d).rglob("*") if p.is_file())
+    bench_line("derived", run=run.name, ratio=f"{derived / trace:.4f}", derived_bytes=derived,
+               trace_bytes=trace, attributions=len(manifest.get("attributions", [])))
 
 
 def cmd_exe(argv):
@@ -202,7 +219,8 @@ def rows_from(b):
         else:
             add(row, None, f"≤ {FLAT_GOAL} (flat)", False, "")
 
-    for what, label in (("train", "recording (reptrace train)"), ("attribute", "attribution (reptrace attribute)")):
+    for what, label in (("train", "recording (reptrace train)"), ("attribute", "attribution (reptrace attribute)"),
+                        ("query", "top_proponents computed on demand (reptrace query)")):
         flat(f"5 peak RSS {what} 10×/1×", what, lambda one, ten, m1, m10, label=label:
              f"{label}, digits, all layers traced: {m10} at {ten['epochs']} epochs / "
              f"{m1} at {one['epochs']} epochs ({one.get('detail', '').replace('_', ' ')})")
@@ -227,6 +245,27 @@ def rows_from(b):
     flat("6 peak RSS PyTorch traced 10×/1×", "torch", lambda one, ten, m1, m10:
          f"python with reptrace.Tracer, MLP 784-256-10, f32: {m10} at {ten['steps']} steps / "
          f"{m1} at {one['steps']} steps")
+    # 7. contributions on demand
+    od = next(iter(b["ondemand"]), None)
+    if od:
+        c, m, sc = float(od["computed_s"]), float(od["materialised_s"]), float(od["scan_s"])
+        add("7 on demand / bare scan", fmt_ratio(c / sc), f"≤ {ON_DEMAND_GOAL:.1f}", c / sc <= ON_DEMAND_GOAL,
+            f"top_proponents of probe {setup.get('probe', '?')} computed on demand {c * 1e3:.0f} ms / bare scan of "
+            f"the updates it reads {sc * 1e3:.0f} ms (DataFusion {float(od['df_scan_s']) * 1e3:.0f} ms, record "
+            f"reader {float(od['reader_scan_s']) * 1e3:.0f} ms), {od['records']} update records, median of {od['repeats']}")
+        add("7 on demand / materialised", fmt_ratio(c / m), "report", True,
+            f"the same query on the {int(setup.get('contributions', 0)) / 1e6:.1f} M materialised rows: {m * 1e3:.0f} ms")
+    else:
+        add("7 on demand / bare scan", None, f"≤ {ON_DEMAND_GOAL:.1f}", False, "")
+    dv = next(iter(b["derived"]), None)
+    if dv:
+        x = float(dv["ratio"])
+        add("7 derived / trace bytes, demo", fmt_ratio(x), f"≤ {DERIVED_GOAL:.1f}", x <= DERIVED_GOAL,
+            f"after `reptrace demo`: {int(dv['derived_bytes']) / 1e6:.2f} MB of contributions and influence / "
+            f"{int(dv['trace_bytes']) / 1e6:.2f} MB of updates ({dv['attributions']} attributions)")
+    else:
+        add("7 derived / trace bytes, demo", None, f"≤ {DERIVED_GOAL:.1f}", False, "")
+
     return rows, missing
 
 
@@ -272,6 +311,8 @@ def main():
         cmd_rss(argv)
     elif cmd == "storage":
         cmd_storage(argv)
+    elif cmd == "derived":
+        cmd_derived(argv)
     elif cmd == "exe":
         cmd_exe(argv)
     elif cmd == "machine":

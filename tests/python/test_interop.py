@@ -20,7 +20,9 @@ PARTITIONED = {"updates", "probes", "contributions"}
 QUERIES = sorted((ROOT / "queries").glob("*.sql"))
 # Queries over the `batches` table, which only batch-mode runs fill.
 BATCH_ONLY = {"batch_member_influence"}
-INSTANCE_QUERIES = [q for q in QUERIES if q.stem not in BATCH_ONLY]
+# self_influence ranks every training probe: reptrace computes it on demand,
+# other engines read a self-only attribution (test_self_influence_elsewhere).
+INSTANCE_QUERIES = [q for q in QUERIES if q.stem not in BATCH_ONLY | {"self_influence"}]
 # Run on the batch-mode run too: where a record is a whole batch.
 BATCH_QUERIES = [q for q in QUERIES if q.stem in BATCH_ONLY | {"class_shares", "top_steps", "layer_summary"}]
 # The order that identifies a row of each table, and its scalar columns.
@@ -53,11 +55,23 @@ def sample_filter(table, probe):
     return SAMPLES[table].format(probe=probe)
 
 
+def materialised_ids(run):
+    """The probe ids the run's attributions hold (from the manifest)."""
+    m = json.loads((Path(run) / "manifest.json").read_text())
+    return sorted({i for a in m.get("attributions", []) for lo, hi in a.get("probe_ids", [])
+                   for i in range(lo, hi + 1)})
+
+
 def datafusion_counts(reptrace_bin, run, table):
-    """{layer or None: rows} according to DataFusion."""
+    """{layer or None: rows} according to DataFusion; for contributions (computed
+    on demand for any probe), those of the materialised probes, which other
+    engines read."""
     if table in PARTITIONED:
+        where = ""
+        if table == "contributions":
+            where = f" WHERE probe_id IN ({', '.join(map(str, materialised_ids(run)))})"
         rows = sql_json(
-            reptrace_bin, run, f"SELECT layer, COUNT(*) AS n FROM {table} GROUP BY layer"
+            reptrace_bin, run, f"SELECT layer, COUNT(*) AS n FROM {table}{where} GROUP BY layer"
         )
         return {r["layer"]: r["n"] for r in rows}
     return {None: sql_json(reptrace_bin, run, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]}
@@ -278,6 +292,30 @@ def test_query_on_spark(reptrace_bin, digits_run, attributed_probes, spark, sql_
         columns, rows = spark_query(spark, sql_file, params)
         rows = [tuple(float(v) if hasattr(v, "as_tuple") else v for v in r) for r in rows]
         assert_same_answer(columns, rows, want, f"spark {sql_file.stem} {params}")
+
+
+def test_self_influence_elsewhere(reptrace_bin, tmp_path, snippets, spark):
+    """self_influence on DuckDB and Spark over a self-only attribution of every
+    training probe equals reptrace's, computed on demand (own_contributions)."""
+    from duckdb_views import duckdb_connect, duckdb_query
+    from spark_views import spark_query, spark_register
+
+    run = tmp_path / "run"
+    reptrace(
+        reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "1",
+        "--batch-size", "64", "--probes", "train", "--threads", "1", "--out", run,
+    )
+    reptrace(reptrace_bin, "attribute", run, "--probes", "train", "--self-only", "-q")
+    sql_file = ROOT / "queries" / "self_influence.sql"
+    params = {"k": 25}
+    want = datafusion_query(reptrace_bin, run, sql_file, params)
+    assert len(want) == 3 * 25
+    columns, rows = duckdb_query(duckdb_connect(run), sql_file, params)
+    assert_same_answer(columns, rows, want, "duckdb self_influence")
+    spark_register(spark, run)
+    columns, rows = spark_query(spark, sql_file, params)
+    rows = [tuple(float(v) if hasattr(v, "as_tuple") else v for v in r) for r in rows]
+    assert_same_answer(columns, rows, want, "spark self_influence")
 
 
 # ---- batch mode -------------------------------------------------------------

@@ -544,4 +544,4 @@ def test_attribute_waits_for_a_probe_appender(tmp_path, data):
     worker.join(120)
     assert done, "attribute did not finish"
     assert done[0][1] >= released, "attribute wrote its manifest while the lock was held"
-    assert manifest(run)["attribution"]["probes"] == "ids:7000"
+    assert manifest(run)["attributions"][-1]["probes"] == "ids:7000"

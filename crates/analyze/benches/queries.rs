@@ -9,7 +9,8 @@
 //! cargo bench -p reptrace-analyze --bench queries -- --run RUN [--probe P] [--repeats N] [--explain]
 //! ```
 //!
-//! The run must have been attributed (`reptrace attribute RUN --probes test`);
+//! The run must have been attributed (`reptrace attribute RUN --probes test`):
+//! the canned queries then read the materialised rows, as DuckDB does;
 //! `REPTRACE_BENCH_RUN` may name it instead of `--run`. Without a run the
 //! bench says so and exits successfully (so `cargo bench` with no arguments
 //! still passes). Parameters: `probe` = `--probe` or the smallest attributed
@@ -20,6 +21,13 @@
 //! `datafusion.execution.parquet.pushdown_filters=false`) on top of those of
 //! `reptrace_analyze::context` before the run's tables are registered, to
 //! compare settings.
+//!
+//! Then `top_proponents` for the probe computed on demand (the materialised
+//! rows ignored) is timed against the same query on the materialised rows,
+//! and against a bare scan of the `updates` columns it needs (the least any
+//! computation must read): the faster of DataFusion decoding them
+//! (`SUM(cardinality(u))`, …) and the analyzer's own record reader on every
+//! layer at once; one line `BENCH ondemand …`.
 //!
 //! "plan s" is the median time to plan alone (SQL to physical plan,
 //! parameters bound), which the total includes. Besides the table it prints
@@ -101,12 +109,22 @@ fn main() {
             .unwrap_or_else(|e| panic!("{q}: {e}"))
             .1
     };
-    let contributions = scalar_i64(&sql("SELECT COUNT(*) FROM contributions")).unwrap_or(0);
+    let materialised = opened
+        .manifest()
+        .attributions
+        .iter()
+        .filter(|a| a.by == reptrace_format::Aggregation::Step)
+        .flat_map(|a| a.files.iter())
+        .map(|f| f.rows)
+        .sum::<u64>();
+    let contributions = materialised;
     let probe = match arg("--probe") {
         Some(p) => p,
-        None => scalar_i64(&sql("SELECT MIN(probe_id) FROM contributions"))
-            .expect("the run has no contributions: run `reptrace attribute` first")
-            .to_string(),
+        None => scalar_i64(&sql(
+            "SELECT MIN(probe_id) FROM probes WHERE instance_id IS NULL",
+        ))
+        .expect("the run has no probes")
+        .to_string(),
     };
     let chosen = [("probe", probe.as_str()), ("k", "10"), ("bins", "20")];
     println!(
@@ -178,6 +196,7 @@ fn main() {
             times.len()
         );
     }
+    on_demand(&rt, &opened, &probe, repeats);
     if std::env::args().any(|a| a == "--explain") {
         for q in &queries {
             let mut text = q.sql.clone();
@@ -190,4 +209,85 @@ fn main() {
             println!("{plan}");
         }
     }
+}
+
+/// Median seconds of `f` over `repeats` runs after one untimed run.
+fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&mut t)
+}
+
+/// `top_proponents` computed on demand vs on materialised rows vs a bare
+/// scan of the updates it reads.
+fn on_demand(
+    rt: &tokio::runtime::Runtime,
+    run: &reptrace_analyze::Run,
+    probe: &str,
+    repeats: usize,
+) {
+    use reptrace_analyze::ComputeOptions;
+    let q = Query::resolve("top_proponents").expect("top_proponents");
+    let params = [("probe", probe), ("k", "10")];
+    let computed_ctx = reptrace_analyze::context_with(
+        run,
+        &ComputeOptions {
+            use_materialised: false,
+            ..ComputeOptions::default()
+        },
+    )
+    .expect("context");
+    let cached_ctx = reptrace_analyze::context(run).expect("context");
+    let query = |ctx: &datafusion::prelude::SessionContext| {
+        rt.block_on(q.run(ctx, &params))
+            .unwrap_or_else(|e| panic!("top_proponents: {e}"));
+    };
+    let computed_s = time(repeats, || query(&computed_ctx));
+    let materialised_s = time(repeats, || query(&cached_ctx));
+    let df_scan_s = time(repeats, || {
+        rt.block_on(reptrace_analyze::sql::run(
+            &cached_ctx,
+            "SELECT SUM(cardinality(u)), SUM(cardinality(v)), COUNT(instance_id), \
+             MAX(step), MAX(epoch), MAX(label) FROM updates",
+        ))
+        .expect("scan");
+    });
+    let setup = reptrace_analyze::replay::Setup::load(run).expect("setup");
+    let layers: Vec<_> = run.manifest().model.traced_layers().collect();
+    let reader_scan_s = time(repeats, || {
+        std::thread::scope(|s| {
+            for layer in &layers {
+                let setup = &setup;
+                s.spawn(move || {
+                    let rows = reptrace_analyze::replay::batch_rows_for(
+                        layer,
+                        run.manifest().mode,
+                        32 << 20,
+                    );
+                    reptrace_analyze::replay::stream(run, layer, setup, rows, None, |_, _| Ok(()))
+                        .expect("scan");
+                });
+            }
+        });
+    });
+    let scan_s = df_scan_s.min(reader_scan_s);
+    println!(
+        "top_proponents probe {probe}: on demand {computed_s:.4} s, materialised {materialised_s:.4} s, \
+         bare scan of updates {scan_s:.4} s (DataFusion {df_scan_s:.4} s, record reader {reader_scan_s:.4} s)"
+    );
+    println!(
+        "BENCH ondemand name=top_proponents computed_s={computed_s:.6} materialised_s={materialised_s:.6} \
+         scan_s={scan_s:.6} df_scan_s={df_scan_s:.6} reader_scan_s={reader_scan_s:.6} records={} repeats={repeats}",
+        run.manifest()
+            .files(reptrace_format::Table::Updates)
+            .iter()
+            .map(|f| f.rows)
+            .sum::<u64>()
+    );
 }

@@ -1,10 +1,12 @@
 -- Self-influence: probes that are training instances, ranked per layer by the share of their own
 -- refinement that their own records contributed, (sum of dot over the instance's own records) /
 -- ||p||^2. High values mean the instance shaped its own representation (memorisation).
+-- own_contributions holds each such probe with its own instance's records only (computed on
+-- demand: one pass over the updates, no probes x records product).
 -- param: k (int64, default 10) probes per layer
 WITH own AS (
     SELECT c.layer, c.probe_id, SUM(c.dot) AS dot_sum, COUNT(*) AS records
-    FROM contributions c
+    FROM own_contributions c
     JOIN probes p ON p.layer = c.layer AND p.probe_id = c.probe_id
     WHERE c.instance_id = p.instance_id
     GROUP BY c.layer, c.probe_id

@@ -1,25 +1,26 @@
 //! Attribution: the contribution of every update record to every probe.
 //!
-//! For each traced layer, [`attribute`] streams the committed `updates`
-//! records (bounded batches, decoded on a background thread), computes each
-//! record's `dot = ⟨c, p⟩`, `norm = ‖c‖` and `cosine` with every selected
-//! probe as matrix products (see [`crate::kernel`]), scaled by the record's
-//! displacement scale (momentum), and writes them to
-//! `contributions/layer=<name>/part-NNNNNN.parquet` on a writer thread. It
-//! adds one residual row per probe and layer (step, epoch, instance_id and
-//! label NULL) for the weight change no record explains,
-//! `R = (W_T − W_0) − Σ scaled ΔW` over *all* records of the replay, so that
-//! for a full attribution the dots of a probe sum to `‖p‖²`. Then it replaces
-//! the manifest's `attribution` (temporary file and rename) and only after
-//! that deletes the files of the previous attribution.
+//! `compute_layer` is the arithmetic that both the on-demand
+//! `contributions` table ([`crate::computed`]) and [`attribute`] run: for one
+//! traced layer it streams the committed `updates` records (bounded batches,
+//! decoded on a background thread), computes each record's `dot = ⟨c, p⟩`,
+//! `norm = ‖c‖` and `cosine` with every selected probe as matrix products
+//! (see [`crate::kernel`]), scaled by the record's displacement scale
+//! (momentum), and hands them on in batches. With the residual it adds one
+//! row per probe (step, epoch, instance_id and label NULL) for the weight
+//! change no record explains, `R = (W_T − W_0) − Σ scaled ΔW` over *all*
+//! records of the replay, so that the dots of a probe sum to `‖p‖²`.
+//!
+//! [`attribute`] materialises them for export and scale: per record
+//! (`contributions/layer=<name>/part-NNNNNN.parquet`) or summed per instance
+//! (and epoch) (`influence/…`), written on a writer thread. It records the
+//! result in the manifest's `attributions` beside the earlier ones (temporary
+//! file and rename) and only then deletes the files of an earlier
+//! attribution that the new one covers.
 //!
 //! Memory stays bounded: records come in batches sized to the layer, and when
 //! the probes' features would not fit the budget the probes are processed in
 //! several passes over the records.
-//!
-//! Attribute a run once training has finished: the recorder rewrites the
-//! manifest at every commit from its own copy, which would drop an
-//! attribution made while it is still recording.
 //!
 //! In batch mode a record is the whole update of one step: its rows have the
 //! step, `instance_id` NULL and the batch's label when the batch is of one
@@ -31,12 +32,15 @@ use crate::replay::{self, Setup};
 use crate::session::Run;
 use crate::writer::{PartWriter, write_manifest};
 use crate::{Error, Result};
-use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, Int64Type};
+use arrow_array::{Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch};
 use arrow_schema::SchemaRef;
 use reptrace_format::{
-    Attribution, Dtype, FileEntry, Manifest, Split, Step, Table, TracedLayer, col, layout, schema,
+    Aggregation, Attribution, Dtype, FileEntry, Manifest, Split, Step, Table, TracedLayer, col,
+    layout, schema,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -110,7 +114,8 @@ pub struct StepRange {
 }
 
 impl StepRange {
-    fn contains(&self, step: i64) -> bool {
+    /// Whether `step` is in the range.
+    pub fn contains(&self, step: i64) -> bool {
         self.first.is_none_or(|a| step >= a) && self.last.is_none_or(|b| step <= b)
     }
 }
@@ -166,6 +171,9 @@ pub struct Options {
     pub steps: Option<StepRange>,
     /// Only each probe's own records (probes that are training instances).
     pub self_only: bool,
+    /// One row per record (`contributions`), or sums per instance and epoch
+    /// or per instance (`influence`).
+    pub by: Aggregation,
     /// Records per batch; `None`: sized from `memory_budget`.
     pub batch_rows: Option<usize>,
     /// Approximate bytes for probe features and one batch of records.
@@ -179,6 +187,7 @@ impl Default for Options {
             layers: Vec::new(),
             steps: None,
             self_only: false,
+            by: Aggregation::Step,
             batch_rows: None,
             memory_budget: 1 << 30,
         }
@@ -216,8 +225,10 @@ pub struct LayerReport {
     pub probes: usize,
     /// Update records of the layer read per pass.
     pub records: u64,
-    /// Contribution rows written, residual rows included.
+    /// Contribution rows computed, residual rows included.
     pub rows: u64,
+    /// Rows written (fewer than `rows` when aggregated).
+    pub written: u64,
     /// Passes over the records (more than 1 when probes did not fit the budget).
     pub passes: usize,
     /// `‖W_T − W_0‖` (weight and bias).
@@ -230,13 +241,23 @@ pub struct LayerReport {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub layers: Vec<LayerReport>,
+    /// Contribution rows computed.
     pub rows: u64,
+    /// Rows written to disk.
+    pub written: u64,
+    /// Bytes written to disk.
+    pub bytes: u64,
     pub elapsed: Duration,
     /// The manifest entry written.
     pub attribution: Attribution,
+    /// Earlier attributions this one replaced (it covers all they held).
+    pub replaced: usize,
 }
 
-/// Attributes the selected probes of `run` and records the result in its manifest.
+/// Materialises the contributions of the selected probes of `run` and
+/// records them in its manifest, beside the attributions already there.
+/// An earlier attribution that this one covers (same aggregation, steps and
+/// `self_only`; its probes and layers among this one's) is replaced.
 pub fn attribute(
     run: &Path,
     options: &Options,
@@ -248,15 +269,27 @@ pub fn attribute(
     let setup = Setup::load(&run)?;
     let splits = instance_splits(&run)?;
     let seq = next_part_seq(&run);
+    if options.by != Aggregation::Step && options.self_only {
+        return Err(Error::BadOption {
+            option: "--by",
+            value: options.by.to_string(),
+            why: "--self-only rows are one per record already; aggregate them in SQL".into(),
+        });
+    }
+    if options.by == Aggregation::Instance && run.manifest().mode == reptrace_format::Mode::Batch {
+        tracing::info!("batch mode: per-instance sums are per label of the batches");
+    }
 
     let mut written: Vec<FileEntry> = Vec::new();
     let mut reports = Vec::new();
     let mut rows_total = 0u64;
+    let mut ids: Vec<i64> = Vec::new();
     let n_layers = layers.len();
     let result = (|| -> Result<()> {
         for (index, layer) in layers.iter().enumerate() {
             let probes = select_probes(&run, layer, options, &splits)?;
-            let ctx = LayerJob {
+            ids.extend_from_slice(&probes.probe_id);
+            let job = LayerJob {
                 run: &run,
                 layer,
                 index,
@@ -266,7 +299,7 @@ pub fn attribute(
                 start,
                 seq,
             };
-            let (entry, report) = ctx.run(&probes, &mut rows_total, progress)?;
+            let (entry, report) = job.run(&probes, &mut rows_total, progress)?;
             written.push(entry);
             reports.push(report);
         }
@@ -285,6 +318,7 @@ pub fn attribute(
     let attribution = Attribution {
         files: written.clone(),
         probes: options.probes.to_string(),
+        probe_ids: Attribution::ranges(&ids),
         layers: layers.iter().map(|l| l.name().to_owned()).collect(),
         steps: options.steps.map(|r| {
             [
@@ -293,17 +327,18 @@ pub fn attribute(
             ]
         }),
         self_only: options.self_only,
+        by: options.by,
         as_of_step: Some(Step(setup.as_of)),
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
     // Under the run's lock (an appender of probes may be writing the
     // manifest), re-read the manifest so that nothing it gained meanwhile is
     // lost.
-    let _lock = match layout::lock(run.dir(), true) {
+    let _lock = match lock_run(&run) {
         Ok(lock) => lock,
         Err(e) => {
             discard(&written);
-            return Err(Error::io(run.path(layout::LOCK), e));
+            return Err(e);
         }
     };
     let mut fresh = match Manifest::load(run.dir()) {
@@ -313,29 +348,86 @@ pub fn attribute(
             return Err(e.into());
         }
     };
-    let old = fresh.attribution.replace(attribution.clone());
+    let (old, kept): (Vec<Attribution>, Vec<Attribution>) = std::mem::take(&mut fresh.attributions)
+        .into_iter()
+        .partition(|a| covers(&attribution, a));
+    fresh.attributions = kept;
+    fresh.attributions.push(attribution.clone());
     if let Err(e) = write_manifest(run.dir(), &fresh) {
         discard(&written);
         return Err(e);
     }
     // Committed: the new parts take their final names (a kill here is
-    // finished by the next reader, Manifest::open), then the previous
-    // attribution's files go.
+    // finished by the next reader, Manifest::open), then the files of the
+    // attributions it replaced go.
     for f in &written {
         layout::publish(run.dir(), &f.path).map_err(|e| Error::io(run.path(&f.path), e))?;
     }
-    let keep: HashSet<&str> = written.iter().map(|f| f.path.as_str()).collect();
+    let keep: HashSet<&str> = fresh
+        .attributions
+        .iter()
+        .flat_map(|a| a.files.iter())
+        .map(|f| f.path.as_str())
+        .collect();
     for f in old.iter().flat_map(|a| a.files.iter()) {
         if !keep.contains(f.path.as_str()) {
             layout::remove(run.dir(), &f.path);
         }
     }
     Ok(Report {
+        written: reports.iter().map(|r| r.written).sum(),
+        bytes: written.iter().map(|f| f.bytes).sum(),
         layers: reports,
         rows: rows_total,
         elapsed: start.elapsed(),
         attribution,
+        replaced: old.len(),
     })
+}
+
+/// Whether attribution `new` holds everything `old` did, so that `old` can go.
+fn covers(new: &Attribution, old: &Attribution) -> bool {
+    let same_kind = new.by == old.by && new.steps == old.steps && new.self_only == old.self_only;
+    let layers = old.layers.iter().all(|l| new.layers.contains(l));
+    // Format 4 and older did not record the ids: covered when the selection
+    // is the same text.
+    let probes = if old.probe_ids.is_empty() {
+        old.probes == new.probes
+    } else {
+        old.probe_ids
+            .iter()
+            .all(|[a, b]| new.probe_ids.iter().any(|[c, d]| c <= a && b <= d))
+    };
+    same_kind && layers && probes
+}
+
+/// How long `attribute` waits for the run's lock: a probe appender holds it
+/// for seconds, a live recorder for the whole training.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Takes the run's lock, waiting up to [`LOCK_WAIT`] for its holder.
+fn lock_run(run: &Run) -> Result<std::fs::File> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match layout::lock(run.dir(), false) {
+            Ok(Some(lock)) => return Ok(lock),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(None) => {
+                return Err(Error::Incomplete {
+                    run: run.dir().to_path_buf(),
+                    message: format!(
+                        "another process has held the run's lock ({}) for {} s (a training \
+                         still recording, or probes being added); try again when it is done",
+                        layout::LOCK,
+                        LOCK_WAIT.as_secs()
+                    ),
+                });
+            }
+            Err(e) => return Err(Error::io(run.path(layout::LOCK), e)),
+        }
+    }
 }
 
 /// The traced layers to attribute, in forward order.
@@ -480,7 +572,11 @@ fn summarize_ids(ids: &[i64]) -> String {
 fn next_part_seq(run: &Run) -> u64 {
     let m = run.manifest();
     let mut seq = m.commits.len() as u64;
-    for f in m.files(Table::Contributions) {
+    for f in m
+        .files(Table::Contributions)
+        .into_iter()
+        .chain(m.files(Table::Influence))
+    {
         let n = f
             .path
             .rsplit('/')
@@ -494,9 +590,11 @@ fn next_part_seq(run: &Run) -> u64 {
     }
     let taken = |seq: u64| {
         m.model.traced_layers().any(|l| {
-            let rel = layout::part_path(Table::Contributions, Some(l.name()), seq);
-            let path = run.path(&rel);
-            path.exists() || layout::temp_path(&path).exists()
+            [Table::Contributions, Table::Influence].iter().any(|&t| {
+                let rel = layout::part_path(t, Some(l.name()), seq);
+                let path = run.path(&rel);
+                path.exists() || layout::temp_path(&path).exists()
+            })
         })
     };
     while taken(seq) {
@@ -505,7 +603,7 @@ fn next_part_seq(run: &Run) -> u64 {
     seq
 }
 
-/// One layer's attribution.
+/// One layer's attribution, written to one part file.
 struct LayerJob<'a> {
     run: &'a Run,
     layer: &'a TracedLayer<'a>,
@@ -524,176 +622,377 @@ impl LayerJob<'_> {
         rows_total: &mut u64,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(FileEntry, LayerReport)> {
-        let geom = Geometry::of(self.layer, self.run.manifest().mode);
         let name = self.layer.name();
-        let out_schema = schema(Table::Contributions, Dtype::F32);
-        let rel = layout::part_path(Table::Contributions, Some(name), self.seq);
+        let table = if self.options.by == Aggregation::Step {
+            Table::Contributions
+        } else {
+            Table::Influence
+        };
+        let out_schema = schema(table, Dtype::F32);
+        let rel = layout::part_path(table, Some(name), self.seq);
+        let floats: &[&str] = if table == Table::Contributions {
+            &[col::DOT, col::NORM, col::COSINE]
+        } else {
+            &[col::DOT]
+        };
         let mut part = PartWriter::create(
             self.run.dir(),
             rel,
-            Table::Contributions,
+            table,
             Some(name),
             &self.run.manifest().run_id,
             Arc::clone(&out_schema),
-            &[col::DOT, col::NORM, col::COSINE],
+            floats,
         )?;
-
-        // Probe passes: as many probes per pass as fit half the budget.
-        let per_probe = 8 * geom.probe_feature_len().max(1);
-        let per_pass = (self.options.memory_budget / 2 / per_probe).max(1);
-        let chunks: Vec<Vec<usize>> = (0..probes.len())
-            .collect::<Vec<_>>()
-            .chunks(per_pass)
-            .map(<[usize]>::to_vec)
-            .collect();
-        let records = replay::update_rows(self.run, name);
-        let pairs_per_record = if self.options.self_only {
-            1
-        } else {
-            per_pass.min(probes.len())
+        let plan = Plan {
+            steps: self.options.steps,
+            instances: None,
+            require_instance: false,
+            self_only: self.options.self_only,
+            residual: true,
+            memory_budget: self.options.memory_budget,
+            batch_rows: self.options.batch_rows,
         };
-        let batch_rows = self.options.batch_rows.unwrap_or_else(|| {
-            let by_factors = replay::batch_rows_for(
+        let mut written = 0u64;
+        let before = *rows_total;
+        let mut on_progress = |done: u64, total: u64, rows: u64| {
+            progress(&Progress {
+                layer: name.to_owned(),
+                layer_index: self.index,
+                layers: self.layers,
+                records_done: done,
+                records_total: total,
+                rows: before + rows,
+                elapsed: self.start.elapsed(),
+            });
+        };
+        let (entry, computed) = std::thread::scope(|scope| -> Result<(FileEntry, Computed)> {
+            let (tx, rx) = sync_channel::<RecordBatch>(2);
+            let writer = scope.spawn(move || -> Result<PartWriter> {
+                for batch in rx {
+                    part.write(&batch)?;
+                }
+                Ok(part)
+            });
+            // Per record: each batch to the writer; aggregated: summed here,
+            // written at the end.
+            let mut sums = (self.options.by != Aggregation::Step)
+                .then(|| Sums::new(self.options.by == Aggregation::Epoch));
+            let mut send = |batch: RecordBatch| {
+                written += batch.num_rows() as u64;
+                tx.send(batch)
+                    .map_err(|_| Error::Internal(format!("{table} writer stopped")))
+            };
+            let computed = compute_layer(
+                self.run,
                 self.layer,
-                self.run.manifest().mode,
-                self.options.memory_budget / 8,
-            );
-            // dot, norm and the output row of each pair: ~80 bytes.
-            let by_output = (self.options.memory_budget / 8) / (80 * pairs_per_record.max(1));
-            by_factors.min(by_output.max(1))
-        });
-
-        tracing::info!(
-            layer = name,
-            probes = probes.len(),
-            records,
-            passes = chunks.len(),
-            batch_rows,
-            "attributing"
-        );
-        let mut sum = vec![0.0; geom.delta_len()];
-        let mut layer_rows = 0u64;
-        let mut done = 0u64;
-        let total = records * chunks.len() as u64;
-        let (entry, change_norm, residual_norm) =
-            std::thread::scope(|scope| -> Result<(FileEntry, f64, f64)> {
-                let (tx, rx) = sync_channel::<RecordBatch>(2);
-                let writer = scope.spawn(move || -> Result<PartWriter> {
-                    for batch in rx {
-                        part.write(&batch)?;
-                    }
-                    Ok(part)
-                });
-                let computed = (|| -> Result<()> {
-                    for (pass, chunk) in chunks.iter().enumerate() {
-                        let chunk_probes = probes.select(chunk);
-                        let features = ProbeFeatures::new(&geom, &chunk_probes)?;
-                        let own: HashMap<i64, Vec<usize>> = if self.options.self_only {
-                            let mut own: HashMap<i64, Vec<usize>> = HashMap::new();
-                            for (q, id) in chunk_probes.instance_id.iter().enumerate() {
-                                if let Some(id) = id {
-                                    own.entry(*id).or_default().push(q);
-                                }
-                            }
-                            own
-                        } else {
-                            HashMap::new()
-                        };
-                        let accumulate = (pass == 0).then_some(sum.as_mut_slice());
-                        replay::stream(
-                            self.run,
-                            self.layer,
-                            self.setup,
-                            batch_rows,
-                            accumulate,
-                            |recs, scales| {
-                                let rows: Vec<usize> = (0..recs.len())
-                                    .filter(|&i| {
-                                        recs.step[i] <= self.setup.as_of
-                                            && self
-                                                .options
-                                                .steps
-                                                .is_none_or(|r| r.contains(recs.step[i]))
-                                    })
-                                    .collect();
-                                let batch = if rows.is_empty() {
-                                    None
-                                } else {
-                                    let rf = RecordFeatures::new(&geom, recs, scales, &rows)?;
-                                    if self.options.self_only {
-                                        own_pairs(&rf, &features, recs, &rows, &chunk_probes, &own)
-                                            .map(|r| r.into_batch(&out_schema))
-                                            .transpose()?
-                                    } else {
-                                        Some(all_pairs(
-                                            &rf,
-                                            &features,
-                                            recs,
-                                            &rows,
-                                            &chunk_probes,
-                                            &out_schema,
-                                        )?)
-                                    }
-                                };
-                                if let Some(batch) = batch {
-                                    layer_rows += batch.num_rows() as u64;
-                                    *rows_total += batch.num_rows() as u64;
-                                    tx.send(batch).map_err(|_| {
-                                        Error::Internal("contributions writer stopped".into())
-                                    })?;
-                                }
-                                done += recs.len() as u64;
-                                progress(&Progress {
-                                    layer: name.to_owned(),
-                                    layer_index: self.index,
-                                    layers: self.layers,
-                                    records_done: done,
-                                    records_total: total,
-                                    rows: *rows_total,
-                                    elapsed: self.start.elapsed(),
-                                });
-                                Ok(())
-                            },
-                        )?;
-                    }
-                    Ok(())
-                })();
-                // Residual rows: what no record explains.
-                let residual = computed.and_then(|()| {
-                    let change = self.setup.weight_change(self.layer)?;
-                    let residual = change.minus(&kernel::split_delta(&geom, &sum));
-                    let mut out = Rows::default();
-                    for q in 0..probes.len() {
-                        let (dot, norm) =
-                            kernel::direct(&geom, &residual, probes.a(q), probes.p(q))?;
-                        out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
-                    }
-                    let batch = out.into_batch(&out_schema)?;
-                    layer_rows += batch.num_rows() as u64;
-                    *rows_total += batch.num_rows() as u64;
-                    tx.send(batch)
-                        .map_err(|_| Error::Internal("contributions writer stopped".into()))?;
-                    Ok((change.norm(), residual.norm()))
-                });
-                drop(tx);
-                let part = writer
-                    .join()
-                    .map_err(|_| Error::Internal("contributions writer panicked".into()))?;
-                // The writer's error is the cause when both failed.
-                let part = part?;
-                let (change_norm, residual_norm) = residual?;
-                Ok((part.finish()?, change_norm, residual_norm))
-            })?;
+                self.setup,
+                probes,
+                &plan,
+                &mut |batch| match sums.as_mut() {
+                    Some(sums) => sums.add(&batch),
+                    None => send(batch),
+                },
+                &mut on_progress,
+            )
+            .and_then(|c| {
+                if let Some(sums) = sums.take() {
+                    send(sums.into_batch(&out_schema)?)?;
+                }
+                Ok(c)
+            });
+            drop(tx);
+            let part = writer
+                .join()
+                .map_err(|_| Error::Internal("contributions writer panicked".into()))?;
+            // The writer's error is the cause when both failed.
+            let part = part?;
+            let computed = computed?;
+            Ok((part.finish()?, computed))
+        })?;
+        *rows_total += computed.rows;
         let report = LayerReport {
             layer: name.to_owned(),
             probes: probes.len(),
-            records,
-            rows: layer_rows,
-            passes: chunks.len(),
-            change_norm,
-            residual_norm,
+            records: computed.records,
+            rows: computed.rows,
+            written,
+            passes: computed.passes,
+            change_norm: computed.change_norm.unwrap_or(f64::NAN),
+            residual_norm: computed.residual_norm.unwrap_or(f64::NAN),
         };
         Ok((entry, report))
+    }
+}
+
+/// Which contributions of one layer [`compute_layer`] computes.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// Only records of these steps.
+    pub steps: Option<StepRange>,
+    /// Only records of these instances.
+    pub instances: Option<HashSet<i64>>,
+    /// Only records with an instance (none in batch mode).
+    pub require_instance: bool,
+    /// Only each probe's own records.
+    pub self_only: bool,
+    /// Also the residual row of each probe (needs every record's update).
+    pub residual: bool,
+    pub memory_budget: usize,
+    pub batch_rows: Option<usize>,
+}
+
+impl Plan {
+    fn keeps(&self, recs: &Records, i: usize, as_of: i64) -> bool {
+        let step = recs.step[i];
+        let instance = recs.instance_id[i];
+        step <= as_of
+            && self.steps.is_none_or(|r| r.contains(step))
+            && (!self.require_instance || instance.is_some())
+            && self
+                .instances
+                .as_ref()
+                .is_none_or(|set| instance.is_some_and(|id| set.contains(&id)))
+    }
+}
+
+/// What [`compute_layer`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Computed {
+    /// Update records of the layer read per pass.
+    pub records: u64,
+    /// Rows handed to the sink.
+    pub rows: u64,
+    pub passes: usize,
+    /// With the residual: `‖W_T − W_0‖` and `‖(W_T − W_0) − Σ scaled ΔW‖`.
+    pub change_norm: Option<f64>,
+    pub residual_norm: Option<f64>,
+}
+
+/// Computes the contributions of `probes` to one layer as `plan` asks,
+/// handing them to `sink` as `contributions` batches (without `layer`), in
+/// bounded batches: probes in as many passes over the records as the memory
+/// budget needs, records streamed. `progress(records done, records to do,
+/// rows so far)` follows it.
+pub(crate) fn compute_layer(
+    run: &Run,
+    layer: &TracedLayer<'_>,
+    setup: &Setup,
+    probes: &Probes,
+    plan: &Plan,
+    sink: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    progress: &mut dyn FnMut(u64, u64, u64),
+) -> Result<Computed> {
+    let mode = run.manifest().mode;
+    let geom = Geometry::of(layer, mode);
+    let name = layer.name();
+    let out_schema = schema(Table::Contributions, Dtype::F32);
+    let records = replay::update_rows(run, name);
+    if probes.is_empty() {
+        return Ok(Computed {
+            records,
+            rows: 0,
+            passes: 0,
+            change_norm: None,
+            residual_norm: None,
+        });
+    }
+
+    // Probe passes: as many probes per pass as fit half the budget.
+    let per_probe = 8 * geom.probe_feature_len().max(1);
+    let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
+    let chunks: Vec<Vec<usize>> = (0..probes.len())
+        .collect::<Vec<_>>()
+        .chunks(per_pass)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let pairs_per_record = if plan.self_only {
+        1
+    } else {
+        per_pass.min(probes.len())
+    };
+    let batch_rows = plan.batch_rows.unwrap_or_else(|| {
+        let by_factors = replay::batch_rows_for(layer, mode, plan.memory_budget / 8);
+        // dot, norm and the output row of each pair: ~80 bytes.
+        let by_output = (plan.memory_budget / 8) / (80 * pairs_per_record.max(1));
+        by_factors.min(by_output.max(1))
+    });
+    tracing::info!(
+        layer = name,
+        probes = probes.len(),
+        records,
+        passes = chunks.len(),
+        batch_rows,
+        "computing contributions"
+    );
+    let mut sum = vec![0.0; if plan.residual { geom.delta_len() } else { 0 }];
+    let mut rows_out = 0u64;
+    let mut done = 0u64;
+    let total = records * chunks.len() as u64;
+    for (pass, chunk) in chunks.iter().enumerate() {
+        let chunk_probes = probes.select(chunk);
+        let features = ProbeFeatures::new(&geom, &chunk_probes)?;
+        let own: HashMap<i64, Vec<usize>> = if plan.self_only {
+            let mut own: HashMap<i64, Vec<usize>> = HashMap::new();
+            for (q, id) in chunk_probes.instance_id.iter().enumerate() {
+                if let Some(id) = id {
+                    own.entry(*id).or_default().push(q);
+                }
+            }
+            own
+        } else {
+            HashMap::new()
+        };
+        let accumulate = (pass == 0 && plan.residual).then_some(sum.as_mut_slice());
+        replay::stream(run, layer, setup, batch_rows, accumulate, |recs, scales| {
+            let rows: Vec<usize> = (0..recs.len())
+                .filter(|&i| plan.keeps(recs, i, setup.as_of))
+                .filter(|&i| {
+                    !plan.self_only || recs.instance_id[i].is_some_and(|id| own.contains_key(&id))
+                })
+                .collect();
+            let batch = if rows.is_empty() {
+                None
+            } else {
+                let rf = RecordFeatures::new(&geom, recs, scales, &rows)?;
+                if plan.self_only {
+                    own_pairs(&rf, &features, recs, &rows, &chunk_probes, &own)
+                        .map(|r| r.into_batch(&out_schema))
+                        .transpose()?
+                } else {
+                    Some(all_pairs(
+                        &rf,
+                        &features,
+                        recs,
+                        &rows,
+                        &chunk_probes,
+                        &out_schema,
+                    )?)
+                }
+            };
+            if let Some(batch) = batch {
+                rows_out += batch.num_rows() as u64;
+                sink(batch)?;
+            }
+            done += recs.len() as u64;
+            progress(done, total, rows_out);
+            Ok(())
+        })?;
+    }
+    if !plan.residual {
+        return Ok(Computed {
+            records,
+            rows: rows_out,
+            passes: chunks.len(),
+            change_norm: None,
+            residual_norm: None,
+        });
+    }
+    // Residual rows: what no record explains.
+    let change = setup.weight_change(layer)?;
+    let residual = change.minus(&kernel::split_delta(&geom, &sum));
+    let mut out = Rows::default();
+    for q in 0..probes.len() {
+        let (dot, norm) = kernel::direct(&geom, &residual, probes.a(q), probes.p(q))?;
+        out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
+    }
+    let batch = out.into_batch(&out_schema)?;
+    rows_out += batch.num_rows() as u64;
+    sink(batch)?;
+    Ok(Computed {
+        records,
+        rows: rows_out,
+        passes: chunks.len(),
+        change_norm: Some(change.norm()),
+        residual_norm: Some(residual.norm()),
+    })
+}
+
+/// The group of an aggregated row: (probe, epoch, instance, label, residual).
+type Group = (i64, Option<i32>, Option<i64>, Option<i32>, bool);
+
+/// Contributions summed per probe, instance and label (and epoch), for
+/// `attribute --by instance|epoch`.
+struct Sums {
+    by_epoch: bool,
+    /// Group → (Σ dot, records).
+    groups: BTreeMap<Group, (f64, i64)>,
+}
+
+impl Sums {
+    fn new(by_epoch: bool) -> Self {
+        Self {
+            by_epoch,
+            groups: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a `contributions` batch.
+    fn add(&mut self, batch: &RecordBatch) -> Result<()> {
+        let get = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| Error::Internal(format!("contributions batch without {name}")))
+        };
+        let probe = get(col::PROBE_ID)?.as_primitive::<Int64Type>();
+        let step = get(col::STEP)?.as_primitive::<Int64Type>();
+        let epoch = get(col::EPOCH)?.as_primitive::<Int32Type>();
+        let instance = get(col::INSTANCE_ID)?.as_primitive::<Int64Type>();
+        let label = get(col::LABEL)?.as_primitive::<Int32Type>();
+        let dot = get(col::DOT)?.as_primitive::<Float64Type>();
+        fn opt<T>(valid: bool, v: T) -> Option<T> {
+            valid.then_some(v)
+        }
+        for i in 0..batch.num_rows() {
+            let residual = step.is_null(i);
+            let key = (
+                probe.value(i),
+                if self.by_epoch {
+                    opt(epoch.is_valid(i), epoch.value(i))
+                } else {
+                    None
+                },
+                opt(instance.is_valid(i), instance.value(i)),
+                opt(label.is_valid(i), label.value(i)),
+                residual,
+            );
+            let e = self.groups.entry(key).or_insert((0.0, 0));
+            e.0 += dot.value(i);
+            if !residual {
+                e.1 += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn into_batch(self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let n = self.groups.len();
+        let (mut probe, mut epoch, mut instance, mut label, mut dot, mut records) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for ((p, e, i, l, _), (d, r)) in self.groups {
+            probe.push(p);
+            epoch.push(e);
+            instance.push(i);
+            label.push(l);
+            dot.push(d);
+            records.push(r);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(probe)),
+            Arc::new(Int32Array::from(epoch)),
+            Arc::new(Int64Array::from(instance)),
+            Arc::new(Int32Array::from(label)),
+            Arc::new(Float64Array::from(dot)),
+            Arc::new(Int64Array::from(records)),
+        ];
+        RecordBatch::try_new(Arc::clone(schema), columns)
+            .map_err(|e| Error::Internal(format!("building an influence batch: {e}")))
     }
 }
 

@@ -73,6 +73,21 @@ pub enum Error {
         format: &'static str,
         message: String,
     },
+    /// A scan of the computed `contributions` without a probe filter would
+    /// compute too many rows.
+    #[error(
+        "contributions: this query would compute {rows} rows ({probes} probes × {records} update records over {layers} layers) because it has no filter on probe_id; add WHERE probe_id = … or probe_id IN (…), materialise them once with `reptrace attribute`, or allow it with --max-computed-rows {rows} (now {max})"
+    )]
+    TooManyRows {
+        rows: u64,
+        probes: usize,
+        records: u64,
+        layers: usize,
+        max: u64,
+    },
+    /// A computed table failed while a query read it.
+    #[error("{0}")]
+    Computed(String),
     /// A computation produced something inconsistent (lengths that do not match).
     #[error("{0}")]
     Internal(String),
@@ -94,7 +109,17 @@ impl Error {
     }
 
     /// A DataFusion error as one line.
+    ///
+    /// An error of a computed table comes back as its own message, without
+    /// DataFusion's wrapping.
     pub(crate) fn sql(e: datafusion::error::DataFusionError) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if let Some(ours) = s.downcast_ref::<Error>() {
+                return Error::Computed(one_line(&ours.to_string()));
+            }
+            source = s.source();
+        }
         Error::Sql(one_line(&e.to_string()))
     }
 }

@@ -42,8 +42,9 @@
 //! println!("{} rows", summary.rows);
 //! # Ok(()) }
 //! ```
+use crate::computed::ComputeOptions;
 use crate::error::one_line;
-use crate::session::{Run, context};
+use crate::session::{Run, context_with};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -135,6 +136,8 @@ pub struct Options {
     pub format: Format,
     /// Replace the output file if it exists.
     pub overwrite: bool,
+    /// How the computed `contributions` table works.
+    pub compute: ComputeOptions,
 }
 
 impl Options {
@@ -146,6 +149,7 @@ impl Options {
             columns: Vec::new(),
             format,
             overwrite: false,
+            compute: ComputeOptions::default(),
         }
     }
 }
@@ -208,7 +212,7 @@ pub async fn export_async(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Summary> {
     let out = check_output(run, out, options.overwrite)?;
-    let ctx = context(run)?;
+    let ctx = context_with(run, &options.compute)?;
     let table = options.table;
     let mut df = ctx.table(table.name()).await.map_err(Error::sql)?;
     if let Some(text) = &options.filter {

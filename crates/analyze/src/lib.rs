@@ -3,7 +3,10 @@
 //!
 //! - [`session`]: [`open`] a run and [`register`] its tables on a DataFusion
 //!   `SessionContext` (the committed files only);
-//! - [`attribution`]: [`attribute`] probes, writing the `contributions` table;
+//! - [`computed`]: `contributions` computed on demand, filters pushed down
+//!   into the arithmetic of [`attribution`];
+//! - [`attribution`]: [`attribute`] materialises contributions (per record,
+//!   or summed per instance and epoch) for export and scale;
 //! - [`sql`]: read-only SQL and the output formats;
 //! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
 //! - [`verify`]: integrity and completeness checks;
@@ -12,11 +15,9 @@
 //!
 //! ```no_run
 //! # async fn example() -> reptrace_analyze::Result<()> {
-//! use reptrace_analyze::{attribute, attribution::Options, query, sql};
+//! use reptrace_analyze::{query, sql};
 //! let run = std::path::Path::new("runs/digits");
-//! // Contributions of every test probe, every traced layer.
-//! attribute(run, &Options::default(), &mut |_| {})?;
-//! // The ten strongest proponents of probe 3 per layer.
+//! // The ten strongest proponents of probe 3 per layer, computed on demand.
 //! let q = query::Query::resolve("top_proponents")?;
 //! let ctx = reptrace_analyze::context(&reptrace_analyze::open(run)?)?;
 //! let (schema, batches) = q.run(&ctx, &[("probe", "3")]).await?;
@@ -26,6 +27,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod attribution;
+pub mod computed;
 pub mod error;
 pub mod export;
 pub mod kernel;
@@ -41,5 +43,9 @@ pub mod weights;
 pub mod writer;
 
 pub use attribution::{Options, ProbeSelection, Progress, StepRange, attribute};
+pub use computed::{ComputeOptions, ContributionsTable};
+/// The DataFusion this crate builds on (its `SessionContext` is the one
+/// [`context`] returns).
+pub use datafusion;
 pub use error::{Error, Result};
-pub use session::{Run, context, open, register};
+pub use session::{Run, context, context_with, open, register, register_with};

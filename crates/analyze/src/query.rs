@@ -17,6 +17,7 @@
 //! them unchanged once their own placeholder syntax is substituted.
 use crate::sql;
 use crate::{Error, Result};
+use arrow::array::{Array, AsArray};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use datafusion::common::ParamValues;
@@ -149,6 +150,9 @@ impl Query {
             .into_iter()
             .filter(|(k, _)| used.contains(k))
             .collect();
+        if let Some(ScalarValue::Int64(Some(probe))) = values.get("probe") {
+            check_probe(ctx, *probe).await?;
+        }
         let df = if values.is_empty() {
             df
         } else {
@@ -157,6 +161,35 @@ impl Query {
         };
         sql::collect(df).await
     }
+}
+
+/// An error naming the run's probe ids when `probe` is not one of them (a
+/// query about it would print an empty table).
+async fn check_probe(ctx: &SessionContext, probe: i64) -> Result<()> {
+    let text = format!(
+        "SELECT COUNT(DISTINCT probe_id), MIN(probe_id), MAX(probe_id), \
+         SUM(CASE WHEN probe_id = {probe} THEN 1 ELSE 0 END) FROM probes"
+    );
+    let (_, batches) = sql::collect(sql::plan(ctx, &text).await?).await?;
+    let cell = |i: usize| -> Option<i64> {
+        let b = batches.first()?;
+        let c = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Int64).ok()?;
+        let c = c.as_primitive_opt::<arrow::datatypes::Int64Type>()?;
+        (!c.is_empty() && c.is_valid(0)).then(|| c.value(0))
+    };
+    if cell(3).unwrap_or(0) > 0 {
+        return Ok(());
+    }
+    let known = match (cell(0), cell(1), cell(2)) {
+        (Some(n), Some(lo), Some(hi)) if n > 0 => format!("its {n} probes have ids {lo} to {hi}"),
+        _ => "it has no probes".to_owned(),
+    };
+    Err(Error::Param {
+        name: "probe".into(),
+        message: format!(
+            "{probe} is not a probe of this run ({known}); add a new input with `reptrace probe add`"
+        ),
+    })
 }
 
 /// The analyzer's error for a header or binding error of query `query`.

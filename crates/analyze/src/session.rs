@@ -2,9 +2,12 @@
 //!
 //! [`register`] is the one entry point that puts every table of a run on a
 //! context, under its own name (`instances`, `steps`, `updates`, `probes`,
-//! `contributions`). Each table reads exactly the files the manifest lists as
-//! committed, never a directory listing, so rows written after the last
-//! commit point (or files left behind by a crash) are invisible.
+//! `contributions`, `own_contributions`, `batches`, `influence`). Each stored
+//! table reads exactly the files the manifest lists as committed, never a
+//! directory listing, so rows written after the last commit point (or files
+//! left behind by a crash) are invisible. `contributions` and
+//! `own_contributions` are computed on demand ([`crate::computed`]), reading
+//! materialised rows where `reptrace attribute` wrote them.
 //!
 //! Partitioned tables get their `layer` column (Utf8) from the manifest's
 //! file entries, which equal the Hive `layer=<name>` directory: a table is a
@@ -12,6 +15,7 @@
 //! layer as a constant column, so a filter on `layer` prunes whole layers at
 //! planning time. A table with no committed files is registered empty with
 //! its schema, so queries over it still plan.
+use crate::computed::{ComputeOptions, ContributionsTable};
 use crate::{Error, Result};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::config::TableParquetOptions;
@@ -152,10 +156,15 @@ impl Run {
 /// other columns makes them 20–30 % faster on a 31 M-row `contributions`
 /// table (`crates/analyze/benches/queries.rs`, docs/benchmarks.md).
 pub fn context(run: &Run) -> Result<SessionContext> {
+    context_with(run, &ComputeOptions::default())
+}
+
+/// [`context`] with the computed tables set up by `options`.
+pub fn context_with(run: &Run, options: &ComputeOptions) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     config.options_mut().execution.parquet.pushdown_filters = true;
     let ctx = SessionContext::new_with_config(config);
-    register(&ctx, run)?;
+    register_with(&ctx, run, options)?;
     Ok(ctx)
 }
 
@@ -164,16 +173,33 @@ pub fn context(run: &Run) -> Result<SessionContext> {
 /// The Parquet reader settings (`datafusion.execution.parquet.*`) are taken
 /// from `ctx`'s configuration as it is now.
 pub fn register(ctx: &SessionContext, run: &Run) -> Result<()> {
+    register_with(ctx, run, &ComputeOptions::default())
+}
+
+/// [`register`] with the computed tables set up by `options`.
+pub fn register_with(ctx: &SessionContext, run: &Run, options: &ComputeOptions) -> Result<()> {
     // A `ParquetFormat` reads with its own options, not the session's: hand
     // it the session's so that its configuration applies to the run's tables.
     let parquet = ctx.state().table_options().parquet.clone();
     for table in Table::ALL {
-        let provider = table_provider(run, table, &parquet)?;
+        let provider: Arc<dyn TableProvider> = if table == Table::Contributions {
+            Arc::new(ContributionsTable::new(run.clone(), options.clone()))
+        } else {
+            table_provider(run, table, &parquet)?
+        };
         ctx.register_table(table.name(), provider)
             .map_err(Error::sql)?;
     }
+    ctx.register_table(
+        OWN_CONTRIBUTIONS,
+        Arc::new(ContributionsTable::own(run.clone(), options.clone())),
+    )
+    .map_err(Error::sql)?;
     Ok(())
 }
+
+/// The SQL name of the computed self-influence rows.
+pub const OWN_CONTRIBUTIONS: &str = "own_contributions";
 
 /// A listing table over exactly `files` (absolute paths), read with `file_schema`.
 fn listing(

@@ -602,55 +602,82 @@ fn probes_check(
     }
 }
 
-/// Per probe and layer, `|Σ dot − ‖p‖²| / ‖p‖²` over the committed contributions.
+/// Per probe and layer, `|Σ dot − ‖p‖²| / ‖p‖²` over every complete
+/// materialised attribution (per record or summed).
 fn attribution_check(run: &Run, setup: &Setup, options: &Options, report: &mut Report) {
     let m = run.manifest();
     let name = "completeness: attribution";
-    let Some(attr) = &m.attribution else {
-        report.push(name, Status::Skip, "nothing attributed");
-        return;
-    };
-    if attr.steps.is_some() || attr.self_only {
+    if m.attributions.is_empty() {
         report.push(
             name,
             Status::Skip,
-            "partial attribution (--steps or --self-only): dots do not sum to ‖p‖²",
+            "nothing materialised (contributions are computed on demand)",
         );
         return;
     }
-    if attr.as_of_step.map(|s| s.0) != Some(setup.as_of) {
+    let complete: Vec<_> = m
+        .attributions
+        .iter()
+        .filter(|a| a.steps.is_none() && !a.self_only)
+        .collect();
+    if complete.is_empty() {
+        report.push(
+            name,
+            Status::Skip,
+            "partial attributions only (--steps or --self-only): dots do not sum to ‖p‖²",
+        );
+        return;
+    }
+    if let Some(stale) = complete
+        .iter()
+        .find(|a| a.as_of_step.map(|s| s.0) != Some(setup.as_of))
+    {
         report.push(
             name,
             Status::Fail,
             format!(
                 "stale: attributed as of step {:?}, the latest weights are as of step {}",
-                attr.as_of_step.map(|s| s.0),
+                stale.as_of_step.map(|s| s.0),
                 setup.as_of
             ),
         );
         return;
     }
     let result = (|| -> Result<(f64, f64, usize)> {
-        // (layer, probe) → (Σ dot, residual dot)
-        let mut sums: BTreeMap<(String, i64), (f64, f64)> = BTreeMap::new();
-        for (layer, files) in run.files_by_layer(Table::Contributions) {
-            let layer = layer.unwrap_or_default();
-            for path in files {
-                for batch in open_columns(&path, &[col::PROBE_ID, col::STEP, col::DOT], 65_536)? {
+        // (attribution, layer, probe) → (Σ dot, residual dot)
+        let mut sums: BTreeMap<(usize, String, i64), (f64, f64)> = BTreeMap::new();
+        for (k, attr) in complete.iter().enumerate() {
+            for f in &attr.files {
+                let layer = f.layer.clone().unwrap_or_default();
+                let path = run.path(&f.path);
+                // The residual is the row without a step (contributions) or
+                // with no records (influence).
+                let marker = if f.table == Table::Influence.name() {
+                    col::RECORDS
+                } else {
+                    col::STEP
+                };
+                for batch in open_columns(&path, &[col::PROBE_ID, marker, col::DOT], 65_536)? {
                     let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
                     let probe = i64s(&batch, &path, col::PROBE_ID)?;
-                    // The residual pseudo-source is the row without a step;
-                    // batch-mode records have no instance id but a step.
-                    let step = crate::records::nullable::<arrow::datatypes::Int64Type>(
-                        &batch,
-                        &path,
-                        col::STEP,
-                    )?;
+                    let residual: Vec<bool> = if marker == col::STEP {
+                        crate::records::nullable::<arrow::datatypes::Int64Type>(
+                            &batch, &path, marker,
+                        )?
+                        .into_iter()
+                        .map(|s| s.is_none())
+                        .collect()
+                    } else {
+                        i64s(&batch, &path, marker)?
+                            .into_iter()
+                            .map(|r| r == 0)
+                            .collect()
+                    };
                     let dot = f64s(&batch, &path, col::DOT)?;
-                    for ((p, s), d) in probe.into_iter().zip(step).zip(dot) {
-                        let e = sums.entry((layer.clone(), p)).or_default();
+                    for ((p, r), d) in probe.into_iter().zip(residual).zip(dot) {
+                        let e = sums.entry((k, layer.clone(), p)).or_default();
                         e.0 += d;
-                        if s.is_none() {
+                        if r {
                             e.1 += d;
                         }
                     }
@@ -663,16 +690,19 @@ fn attribution_check(run: &Run, setup: &Setup, options: &Options, report: &mut R
         for l in m.model.traced_layers() {
             let probes = Probes::read(run, &l)?;
             for q in 0..probes.len() {
-                let Some((total, residual)) = sums.get(&(l.name().to_owned(), probes.probe_id[q]))
-                else {
-                    continue;
-                };
-                let pn2 = probes.p_norm[q] * probes.p_norm[q];
-                if pn2 > 0.0 {
-                    worst = worst.max((total - pn2).abs() / pn2);
-                    worst_residual = worst_residual.max((residual / pn2).abs());
+                for k in 0..complete.len() {
+                    let Some((total, residual)) =
+                        sums.get(&(k, l.name().to_owned(), probes.probe_id[q]))
+                    else {
+                        continue;
+                    };
+                    let pn2 = probes.p_norm[q] * probes.p_norm[q];
+                    if pn2 > 0.0 {
+                        worst = worst.max((total - pn2).abs() / pn2);
+                        worst_residual = worst_residual.max((residual / pn2).abs());
+                    }
+                    n += 1;
                 }
-                n += 1;
             }
         }
         Ok((worst, worst_residual, n))

@@ -44,6 +44,9 @@ enum Command {
     /// Train the MLP on the bundled digits with tracing and show what was recorded.
     #[cfg(feature = "tch")]
     Demo(cmd::demo::DemoArgs),
+    /// Add new inputs as probes of a run, at any time after training.
+    #[cfg(feature = "tch")]
+    Probe(cmd::probe::ProbeArgs),
 }
 
 fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -59,6 +62,8 @@ fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Train(args) => cmd::train::run(args, out),
         #[cfg(feature = "tch")]
         Command::Demo(args) => cmd::demo::run(args, out),
+        #[cfg(feature = "tch")]
+        Command::Probe(args) => cmd::probe::run(args, out),
     }
 }
 

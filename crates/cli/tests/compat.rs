@@ -1,7 +1,7 @@
-//! Runs of every older format version still open: `tests/data/v1-digits`,
-//! `v2-digits` and `v3-digits` (formats 1 to 3: a one-epoch digits run,
-//! layer fc3 traced, attributed for probes 1437 and 1500) are read,
-//! verified, queried and attributed again by this build.
+//! Runs of every older format version still open: `tests/data/v1-digits`
+//! to `v4-digits` (formats 1 to 4: a one-epoch digits run, layer fc3
+//! traced, attributed for probes 1437 and 1500) are read, verified, queried
+//! and attributed again by this build.
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -59,6 +59,11 @@ fn format_3_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(3);
 }
 
+#[test]
+fn format_4_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(4);
+}
+
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     assert!(version < reptrace_format::FORMAT_VERSION);
     let dir = tempfile::tempdir().unwrap();
@@ -72,8 +77,10 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     assert_eq!(info["probes"], "final");
     ok(&["verify", r]);
 
-    // Every table reads with the row counts its manifest lists (batches:
-    // none, the table is newer than the run).
+    // Every table reads with the row counts its manifest lists (batches,
+    // influence: none, the tables are newer than the run); contributions
+    // are read from the materialised rows for the probes they hold.
+    assert_eq!(m.attributions.len(), 1, "its attribution is read");
     for table in [
         "instances",
         "steps",
@@ -81,12 +88,18 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         "probes",
         "contributions",
         "batches",
+        "influence",
     ] {
         let want: u64 = m.files(table.parse().unwrap()).iter().map(|f| f.rows).sum();
+        let filter = if table == "contributions" {
+            " WHERE probe_id IN (1437, 1500)"
+        } else {
+            ""
+        };
         let out = ok(&[
             "sql",
             r,
-            &format!("SELECT count(*) FROM {table}"),
+            &format!("SELECT count(*) FROM {table}{filter}"),
             "--format",
             "csv",
         ]);
@@ -108,6 +121,12 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     ok(&["attribute", r, "--probes", "ids:1500"]);
     let after = reptrace_format::Manifest::load(&run).unwrap();
     assert_eq!(after.format_version, version, "the run keeps its version");
-    assert_eq!(after.attribution.unwrap().probes, "ids:1500");
+    // The old attribution is kept beside the new one.
+    let probes: Vec<&str> = after
+        .attributions
+        .iter()
+        .map(|a| a.probes.as_str())
+        .collect();
+    assert_eq!(probes, ["ids:1437,1500", "ids:1500"]);
     ok(&["verify", r]);
 }

@@ -422,3 +422,102 @@ fn read_while_training(epochs: usize) -> (usize, usize, std::collections::BTreeS
     assert!(child.wait().unwrap().success());
     (states.len(), reads, states)
 }
+
+/// Waits until `run` has committed an epoch end (weights and checkpoint
+/// probes), while training goes on.
+fn wait_for_epoch_end(run: &Path, child: &mut Child) {
+    let start = Instant::now();
+    loop {
+        let m = reptrace_format::Manifest::load(run).unwrap();
+        if m.analysis_probes().is_some_and(|a| a.checkpoint) {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "training ended");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no epoch end committed"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let mut child = start_training(&run, EPOCHS);
+    wait_for_manifest(&run);
+
+    // While training runs, its recorder holds the run's lock.
+    let o = reptrace(&["probe", "add", r, "--data", "digits", "--rows", "0..1"]);
+    let err = text(&o.stderr);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "training ended too soon"
+    );
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("another process is writing to this run"),
+        "{err}"
+    );
+
+    wait_for_epoch_end(&run, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let m = reptrace_format::Manifest::open(&run).unwrap();
+    assert_eq!(m.status, reptrace_format::Status::Recording);
+    // The last commit with weights is an epoch end, with checkpoint probes.
+    let last = m
+        .commits
+        .iter()
+        .rev()
+        .find(|c| c.weights.is_some())
+        .unwrap();
+    assert!(!last.probes.is_empty());
+    let step = last.step.unwrap().0;
+    assert_eq!((step + 1) % STEPS_PER_EPOCH, 0, "an epoch end: {step}");
+
+    let o = reptrace(&["probe", "add", r, "--data", "digits", "--rows", "0..9"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        format!(
+            "added 10 probes (ids 1797..1806) to 3 layers, as of step {step} \
+             (the last committed weights; the run is recording)"
+        )
+    );
+    // The analysis sees the new probes with the checkpoint's (test rows).
+    let count = |q: &str| sql_numbers(&run, q)[0].clone();
+    assert_eq!(
+        count("SELECT count(*), min(probe_id), max(probe_id) FROM probes WHERE probe_id >= 1797"),
+        vec![30.0, 1797.0, 1806.0]
+    );
+    assert_eq!(
+        count("SELECT count(*), count(DISTINCT probe_id), min(probe_id) FROM probes"),
+        vec![3.0 * 370.0, 370.0, 1437.0]
+    );
+    // They are the first ten digits, which the network saw in training, as
+    // new inputs: no instance id, the digits' labels.
+    assert_eq!(
+        count(
+            "SELECT count(*), sum(CASE WHEN instance_id IS NULL THEN 1 ELSE 0 END), sum(label) \
+             FROM probes WHERE probe_id >= 1797 AND layer = 'fc1'"
+        ),
+        vec![10.0, 10.0, 45.0]
+    );
+    // Attributed up to the checkpoint, their contributions add up to their
+    // refinements (verify's completeness check).
+    let o = reptrace(&["attribute", r, "--probes", "ids:1437,1797,1806"]);
+    assert!(o.status.success(), "attribute: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains(&format!("as of step {step}")), "{out}");
+    let o = reptrace(&["verify", r]);
+    assert!(
+        o.status.success(),
+        "verify:\n{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}

@@ -30,9 +30,9 @@ pub use displacement::displacement_scales;
 pub use error::{Error, Result};
 pub use ids::{InstanceId, ProbeId, Step};
 pub use manifest::{
-    AnalysisProbes, Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec, LrSchedule,
-    Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage, Structure,
-    TracedLayer,
+    Aggregation, AnalysisProbes, Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec,
+    LrSchedule, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage,
+    Structure, TracedLayer,
 };
 pub use schema::{Table, col, schema};
 
@@ -43,7 +43,7 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// The oldest format version this crate still reads (runs of every version
 /// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).

@@ -456,19 +456,82 @@ pub struct Commit {
     pub time: String,
 }
 
-/// The result of the last `reptrace attribute`, replaced as a whole.
+/// How the rows of a materialised attribution are aggregated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// One row per probe and update record (table `contributions`).
+    #[default]
+    Step,
+    /// One row per probe, epoch and instance: the sum over the instance's
+    /// records of that epoch (table `influence`).
+    Epoch,
+    /// One row per probe and instance: the sum over all its records (table
+    /// `influence`).
+    Instance,
+}
+
+impl Aggregation {
+    /// `step`, `epoch` or `instance`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregation::Step => "step",
+            Aggregation::Epoch => "epoch",
+            Aggregation::Instance => "instance",
+        }
+    }
+}
+
+impl fmt::Display for Aggregation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One materialisation made by `reptrace attribute`. A run keeps every one
+/// (`Manifest::attributions`); a later one with the same probes, layers,
+/// steps and aggregation replaces an earlier one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attribution {
     pub files: Vec<FileEntry>,
     /// The probe selection as given (`test`, `train`, `ids:…`, `all`).
     pub probes: String,
+    /// The probe ids it holds, as inclusive ranges `[first, last]` (empty in
+    /// manifests of format 4 and older, which did not record them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_ids: Vec<[i64; 2]>,
     pub layers: Vec<String>,
     /// Inclusive step range that was attributed.
     pub steps: Option<[i64; 2]>,
     pub self_only: bool,
+    /// How rows are aggregated (`step`: one per record, table `contributions`).
+    #[serde(default)]
+    pub by: Aggregation,
     /// Weights the probes were taken against: last step they include.
     pub as_of_step: Option<Step>,
     pub time: String,
+}
+
+impl Attribution {
+    /// Whether probe `id` is among [`Attribution::probe_ids`].
+    pub fn has_probe(&self, id: i64) -> bool {
+        self.probe_ids.iter().any(|[a, b]| (*a..=*b).contains(&id))
+    }
+
+    /// Sorted distinct ids as inclusive ranges.
+    pub fn ranges(ids: &[i64]) -> Vec<[i64; 2]> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out: Vec<[i64; 2]> = Vec::new();
+        for id in ids {
+            match out.last_mut() {
+                Some(r) if r[1] + 1 == id => r[1] = id,
+                _ => out.push([id, id]),
+            }
+        }
+        out
+    }
 }
 
 /// The probes an analysis uses ([`Manifest::analysis_probes`]).
@@ -508,8 +571,13 @@ pub struct Manifest {
     /// Why the run was aborted, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attribution: Option<Attribution>,
+    /// Every materialisation by `reptrace attribute`, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributions: Vec<Attribution>,
+    /// Format 4 and older: the one attribution a run had. Read into
+    /// `attributions` when the manifest is loaded; never written.
+    #[serde(default, skip_serializing)]
+    attribution: Option<Attribution>,
 }
 
 impl Manifest {
@@ -538,6 +606,7 @@ impl Manifest {
             created,
             commits: Vec::new(),
             abort_reason: None,
+            attributions: Vec::new(),
             attribution: None,
         }
     }
@@ -622,10 +691,20 @@ impl Manifest {
                 supported: format!("{FORMAT_NAME} {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"),
             });
         }
-        let m: Manifest = serde_json::from_value(raw).map_err(|e| Error::BadManifest {
+        let mut m: Manifest = serde_json::from_value(raw).map_err(|e| Error::BadManifest {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        if let Some(mut old) = m.attribution.take() {
+            // Format 4 and older did not record the ids; an explicit list
+            // says them.
+            if let Some(list) = old.probes.strip_prefix("ids:") {
+                let ids: Option<Vec<i64>> =
+                    list.split(',').map(|x| x.trim().parse().ok()).collect();
+                old.probe_ids = Attribution::ranges(&ids.unwrap_or_default());
+            }
+            m.attributions.insert(0, old);
+        }
         m.validate(path)?;
         Ok(m)
     }
@@ -647,7 +726,7 @@ impl Manifest {
                 layout::check_relative(p).map_err(|e| bad(e.to_string()))?;
             }
         }
-        for f in self.attribution.iter().flat_map(|a| &a.files) {
+        for f in self.attributions.iter().flat_map(|a| &a.files) {
             layout::check_relative(&f.path).map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
@@ -668,7 +747,7 @@ impl Manifest {
     pub fn files(&self, table: Table) -> Vec<&FileEntry> {
         let name = table.name();
         let from_commits = self.commits.iter().flat_map(|c| c.files.iter());
-        let from_attr = self.attribution.iter().flat_map(|a| a.files.iter());
+        let from_attr = self.attributions.iter().flat_map(|a| a.files.iter());
         from_commits
             .chain(from_attr)
             .filter(|f| f.table == name)
@@ -684,30 +763,60 @@ impl Manifest {
     }
 
     /// What an analysis of the run stands on: the probes, the weights
-    /// snapshot they were taken against and its step. A run with a committed
-    /// `probes` table uses it with the latest weights (normally final); one
-    /// without (killed or aborted during training) uses the checkpoint probes
-    /// of its latest commit that has both probes and weights. `None`: no
-    /// probes are committed.
+    /// snapshot they were taken against and its step.
+    ///
+    /// - A run whose training wrote a `probes` table (committed with or
+    ///   before its latest weights snapshot, normally the final one) uses the
+    ///   table with the latest weights; probes added to it later are part of
+    ///   the table.
+    /// - A run without one (killed or aborted during training) uses the
+    ///   checkpoint probes of its latest commit that has both probes and
+    ///   weights, together with the `probes` table files committed after its
+    ///   latest weights snapshot: probes added later, against that
+    ///   checkpoint's weights.
+    /// - A run with neither but with `probes` table files added after its
+    ///   latest weights snapshot uses those with the latest weights.
+    ///
+    /// `None`: no probes are committed.
     pub fn analysis_probes(&self) -> Option<AnalysisProbes<'_>> {
         let table = self.files(Table::Probes);
-        if !table.is_empty() {
-            let (weights, step) = self.latest_weights()?;
-            return Some(AnalysisProbes {
-                files: table,
-                weights,
-                step,
-                checkpoint: false,
+        // Probe table files committed with or before the latest weights
+        // snapshot were written by training; later ones were added after it.
+        let recorded = self
+            .commits
+            .iter()
+            .rposition(|c| c.weights.is_some())
+            .is_some_and(|last| {
+                self.commits[..=last]
+                    .iter()
+                    .flat_map(|c| &c.files)
+                    .any(|f| f.table == Table::Probes.name())
             });
-        }
-        self.commits.iter().rev().find_map(|c| {
-            let weights = c.weights.as_deref()?;
-            (!c.probes.is_empty()).then(|| AnalysisProbes {
-                files: c.probes.iter().collect(),
-                weights,
+        if !recorded
+            && let Some(c) = self
+                .commits
+                .iter()
+                .rev()
+                .find(|c| c.weights.is_some() && !c.probes.is_empty())
+        {
+            let mut files: Vec<&FileEntry> = c.probes.iter().collect();
+            files.extend(table);
+            return Some(AnalysisProbes {
+                files,
+                weights: c.weights.as_deref()?,
                 step: c.step,
                 checkpoint: true,
-            })
+            });
+        }
+        if table.is_empty() {
+            return None;
+        }
+        let (weights, step) = self.latest_weights()?;
+        Some(AnalysisProbes {
+            files: table,
+            weights,
+            step,
+            checkpoint: false,
         })
     }
 

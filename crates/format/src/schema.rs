@@ -31,6 +31,7 @@ pub mod col {
     pub const DOT: &str = "dot";
     pub const NORM: &str = "norm";
     pub const COSINE: &str = "cosine";
+    pub const RECORDS: &str = "records";
     /// The Hive partition column of partitioned tables (from the path).
     pub const LAYER: &str = "layer";
 }
@@ -50,17 +51,22 @@ pub enum Table {
     Contributions,
     /// Batch mode: one row per step and member of its batch.
     Batches,
+    /// Materialised sums of contributions per probe, instance (and epoch),
+    /// written by `reptrace attribute --by instance|epoch`.
+    Influence,
 }
 
 impl Table {
-    /// Every table, in the order of docs/format.md except `batches` (format 3), last.
-    pub const ALL: [Table; 6] = [
+    /// Every table, in the order of docs/format.md except the newer ones
+    /// (`batches`, format 3; `influence`, format 5), last.
+    pub const ALL: [Table; 7] = [
         Table::Instances,
         Table::Steps,
         Table::Updates,
         Table::Probes,
         Table::Contributions,
         Table::Batches,
+        Table::Influence,
     ];
 
     /// The table's name: its directory in the run and its SQL name.
@@ -72,12 +78,16 @@ impl Table {
             Table::Probes => "probes",
             Table::Contributions => "contributions",
             Table::Batches => "batches",
+            Table::Influence => "influence",
         }
     }
 
     /// Whether the table is partitioned by `layer` (Hive style, `layer=<name>`).
     pub fn is_partitioned(self) -> bool {
-        matches!(self, Table::Updates | Table::Probes | Table::Contributions)
+        matches!(
+            self,
+            Table::Updates | Table::Probes | Table::Contributions | Table::Influence
+        )
     }
 }
 
@@ -155,6 +165,16 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(EPOCH, DataType::Int32, false),
             Field::new(INSTANCE_ID, DataType::Int64, false),
             Field::new(LABEL, DataType::Int32, false),
+        ],
+        Table::Influence => vec![
+            Field::new(PROBE_ID, DataType::Int64, false),
+            // Null when summed over all epochs, and for the residual.
+            Field::new(EPOCH, DataType::Int32, true),
+            // Null in batch mode and for the residual.
+            Field::new(INSTANCE_ID, DataType::Int64, true),
+            Field::new(LABEL, DataType::Int32, true),
+            Field::new(DOT, DataType::Float64, false),
+            Field::new(RECORDS, DataType::Int64, false),
         ],
     };
     Arc::new(Schema::new(fields))

@@ -360,19 +360,36 @@ fn examples() -> Vec<Manifest> {
     });
     m.status = Status::Aborted;
     m.abort_reason = Some("non-finite loss".into());
-    m.attribution = Some(Attribution {
+    let per_step = Attribution {
         files: vec![file(
             "contributions/layer=fc1/part-000000.parquet",
             "contributions",
             Some("fc1"),
         )],
         probes: "test".into(),
+        probe_ids: vec![[1437, 1796]],
         layers: vec!["fc1".into()],
         steps: Some([0, 44]),
         self_only: false,
+        by: Aggregation::Step,
         as_of_step: Some(Step(44)),
         time: "t".into(),
-    });
+    };
+    // Format 5: attributions side by side, one of them summed per instance.
+    m.attributions = vec![
+        per_step.clone(),
+        Attribution {
+            files: vec![file(
+                "influence/layer=fc1/part-000003.parquet",
+                "influence",
+                Some("fc1"),
+            )],
+            probes: "ids:1500".into(),
+            probe_ids: vec![[1500, 1500]],
+            by: Aggregation::Instance,
+            ..per_step
+        },
+    ];
 
     let mut adam = m.clone();
     adam.optimizer = Optimizer {
@@ -389,11 +406,12 @@ fn examples() -> Vec<Manifest> {
     adam.mode = Mode::Batch;
     adam.status = Status::Complete;
     adam.abort_reason = None;
-    adam.attribution = Some(Attribution {
+    adam.attributions = vec![Attribution {
         steps: None,
         as_of_step: None,
-        ..m.attribution.clone().expect("set")
-    });
+        by: Aggregation::Epoch,
+        ..m.attributions[0].clone()
+    }];
     // Batch mode: the members of each step's batch.
     adam.commits[1]
         .files
@@ -420,7 +438,7 @@ fn examples() -> Vec<Manifest> {
     torch.optimizer.schedule = LrSchedule::External {
         name: "CosineAnnealingLR".into(),
     };
-    torch.attribution = None;
+    torch.attributions.clear();
     torch.commits[1].files[1] = file(
         "updates/layer=encoder.block1.fc/part-000001.parquet",
         "updates",
@@ -460,6 +478,22 @@ fn manifest_schema_matches_serde() {
         // And the Rust side reads its own output back.
         let back = Manifest::parse(&m.to_json(), Path::new("example")).expect("parse");
         assert_eq!(&back, m);
+    }
+    // Runs of older formats (tests/data) validate too: format 4 and older
+    // wrote the one attribution of a run as `attribution`.
+    for version in 1..FORMAT_VERSION {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../tests/data/v{version}-digits/manifest.json"));
+        let text = std::fs::read_to_string(&path).expect("old manifest");
+        let value: Value = serde_json::from_str(&text).expect("json");
+        v.check(&schema, &value, &format!("v{version}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let m = Manifest::parse(&text, &path).expect("parse");
+        assert_eq!(
+            m.attributions.len(),
+            1,
+            "v{version}: its attribution is read"
+        );
     }
     let mut all = BTreeSet::new();
     declared(&schema, &mut all);

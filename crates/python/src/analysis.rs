@@ -76,7 +76,7 @@ fn builtin_queries() -> Vec<&'static str> {
 /// Attributes probes (`"test"`, `"train"`, `"all"` or `"ids:1,2"`) at the
 /// given layers (all when empty); returns a summary dict.
 #[pyfunction]
-#[pyo3(signature = (run, probes="test", layers=None, steps=None, self_only=false))]
+#[pyo3(signature = (run, probes="test", layers=None, steps=None, self_only=false, by="step"))]
 fn attribute<'py>(
     py: Python<'py>,
     run: PathBuf,
@@ -84,8 +84,21 @@ fn attribute<'py>(
     layers: Option<Vec<String>>,
     steps: Option<String>,
     self_only: bool,
+    by: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let probes: ProbeSelection = probes.parse().map_err(error::analysis)?;
+    let by = match by {
+        "step" => reptrace_format::Aggregation::Step,
+        "epoch" => reptrace_format::Aggregation::Epoch,
+        "instance" => reptrace_format::Aggregation::Instance,
+        other => {
+            return Err(error::analysis(reptrace_analyze::Error::BadOption {
+                option: "by",
+                value: other.to_owned(),
+                why: "expected step, epoch or instance".into(),
+            }));
+        }
+    };
     let steps = steps
         .as_deref()
         .map(str::parse::<StepRange>)
@@ -96,6 +109,7 @@ fn attribute<'py>(
         layers: layers.unwrap_or_default(),
         steps,
         self_only,
+        by,
         ..reptrace_analyze::Options::default()
     };
     let report = py
@@ -105,6 +119,9 @@ fn attribute<'py>(
     out.set_item("rows", report.rows)?;
     out.set_item("seconds", report.elapsed.as_secs_f64())?;
     out.set_item("probes", report.attribution.probes.clone())?;
+    out.set_item("by", report.attribution.by.name())?;
+    out.set_item("written", report.written)?;
+    out.set_item("bytes", report.bytes)?;
     out.set_item("as_of_step", report.attribution.as_of_step.map(|s| s.0))?;
     let layers = PyList::empty(py);
     for l in &report.layers {

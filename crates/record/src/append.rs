@@ -1,11 +1,19 @@
-//! Probes added to a completed run, long after training.
+//! Probes added to a run after training, at any time.
 //!
-//! A [`ProbeAppender`] opens a completed run, takes the run's lock,
-//! writes new `probes` rows (one part per layer) and commits them as one new
-//! manifest commit: the rows are written and fsynced under temporary names,
-//! the manifest that lists them replaces the old one atomically, and only
-//! then do the parts take their final names. Nothing already in the run is
-//! touched; a failure or a dropped appender leaves the run as it was.
+//! A [`ProbeAppender`] opens a completed run — or one whose training process
+//! died (status still `recording`, but nobody holds the run's lock) — takes
+//! the run's lock, writes new `probes` rows (one part per layer) and commits
+//! them as one new manifest commit: the rows are written and fsynced under
+//! temporary names, the manifest that lists them replaces the old one
+//! atomically, and only then do the parts take their final names. Nothing
+//! already in the run is touched; a failure or a dropped appender leaves the
+//! run as it was.
+//!
+//! The new probes must be taken against the weights the run's analysis
+//! stands on ([`ProbeAppender::weights`]): the final weights of a completed
+//! run, the last checkpoint's of a killed one
+//! ([`Manifest::analysis_probes`], which adds the new rows to that
+//! checkpoint's probes).
 use crate::batch::ProbeBatch;
 use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::writer::now;
@@ -13,13 +21,14 @@ use crate::{Error, Result, columns, durable};
 use arrow_array::{Array, Int64Array};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use reptrace_format::{Commit, Manifest, Status, Table, col, layout, schema};
+use reptrace_format::{Commit, FileEntry, Manifest, Status, Step, Table, col, layout, schema};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-/// Takes the run's lock ([`layout::lock`]) or says who holds it.
-fn lock_run(run: &Path) -> Result<File> {
+/// Takes the run's lock ([`layout::lock`]) without waiting, or says that
+/// another process holds it.
+pub(crate) fn lock_run(run: &Path) -> Result<File> {
     let path = run.join(layout::LOCK);
     match layout::lock(run, false) {
         Ok(Some(file)) => Ok(file),
@@ -33,7 +42,7 @@ fn lock_run(run: &Path) -> Result<File> {
     }
 }
 
-/// Adds probes to a completed run; see the module docs.
+/// Adds probes to a completed (or killed) run; see the module docs.
 ///
 /// Every traced layer must get rows for the same probe ids (in any order of
 /// calls); the ids must be new to the run. [`ProbeAppender::commit`] makes
@@ -41,6 +50,8 @@ fn lock_run(run: &Path) -> Result<File> {
 pub struct ProbeAppender {
     run: PathBuf,
     manifest: Manifest,
+    /// The weights snapshot new probes are taken against, and its step.
+    weights: (String, Step),
     /// Traced layer name → (a_len, p_len).
     layers: BTreeMap<String, (usize, usize)>,
     parts: BTreeMap<String, PartWriter>,
@@ -65,24 +76,43 @@ impl std::fmt::Debug for ProbeAppender {
 }
 
 impl ProbeAppender {
-    /// Opens the completed run `run` for adding probes. Fails if the run is
-    /// not complete or another process holds its lock.
+    /// Opens run `run` for adding probes: a completed run, or one still
+    /// marked `recording` whose writer is gone (its lock is free: the
+    /// training process was killed). Fails if another process holds the
+    /// run's lock (a live recorder, another appender), if the run was
+    /// aborted, or if it has no weights snapshot after a training step.
     pub fn open(run: impl AsRef<Path>) -> Result<Self> {
         let run = run.as_ref().to_path_buf();
         // Opened first for its clear message about a path that is not a run;
         // read again under the lock, which another appender may have held.
         Manifest::open(&run)?;
         let lock = lock_run(&run)?;
+        // Under the lock: a `recording` run has no live writer (a recorder
+        // holds the lock for its whole life), so its manifest is final.
         let manifest = Manifest::load(&run)?;
-        if manifest.status != Status::Complete {
+        let context = || run.display().to_string();
+        if manifest.status == Status::Aborted {
             return Err(Error::Invalid {
-                context: run.display().to_string(),
+                context: context(),
                 message: format!(
                     "probes are added to a completed run; this run is {}",
                     manifest.status
                 ),
             });
         }
+        let weights = match manifest.analysis_probes() {
+            Some(a) => Some((a.weights, a.step)),
+            None => manifest.latest_weights(),
+        };
+        let Some((weights, Some(step))) = weights else {
+            return Err(Error::Invalid {
+                context: context(),
+                message: "the run has no weights after a training step; probes need trained \
+                          weights"
+                    .to_owned(),
+            });
+        };
+        let weights = (weights.to_owned(), step);
         let layers = manifest
             .model
             .traced_layers()
@@ -91,6 +121,7 @@ impl ProbeAppender {
         let mut appender = Self {
             run,
             manifest,
+            weights,
             layers,
             parts: BTreeMap::new(),
             ids: BTreeMap::new(),
@@ -108,6 +139,17 @@ impl ProbeAppender {
     /// The manifest of the run as opened.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The weights snapshot (relative path) that new probes must be taken
+    /// against — `a` from a forward pass with these weights, and
+    /// `p = (W − W_0) ⊛ a + (b − b_0)` — and the last step it includes: the
+    /// weights the run's analysis stands on
+    /// ([`Manifest::analysis_probes`]; the final weights of a completed run,
+    /// the last checkpoint's of a killed one), or the latest snapshot of a
+    /// run without probes.
+    pub fn weights(&self) -> (&str, Step) {
+        (&self.weights.0, self.weights.1)
     }
 
     /// The smallest id above every probe id and instance id of the run (and
@@ -277,13 +319,22 @@ impl ProbeAppender {
     }
 
     /// Probe ids of the run (from the first traced layer's probe files, which
-    /// every layer shares) and the largest of them and of the instance ids.
+    /// every layer shares: the `probes` table and the checkpoint probes an
+    /// analysis uses) and the largest of them and of the instance ids.
     fn existing_ids(&self) -> Result<(HashSet<i64>, Option<i64>)> {
         let mut taken = HashSet::new();
         let mut max: Option<i64> = None;
         let first = self.layers.keys().next().cloned();
-        for f in self.manifest.files(Table::Probes) {
-            if f.layer != first {
+        let mut files: Vec<&FileEntry> = self.manifest.files(Table::Probes);
+        files.extend(
+            self.manifest
+                .analysis_probes()
+                .map(|a| a.files)
+                .unwrap_or_default(),
+        );
+        let mut seen = HashSet::new();
+        for f in files {
+            if f.layer != first || !seen.insert(f.path.as_str()) {
                 continue;
             }
             for id in read_ids(&self.run.join(&f.path), col::PROBE_ID)? {

@@ -71,6 +71,7 @@ fn float_columns(table: Table) -> Vec<ColumnPath> {
             ColumnPath::from(col::NORM),
             ColumnPath::from(col::COSINE),
         ],
+        Table::Influence => vec![ColumnPath::from(col::DOT)],
         Table::Instances | Table::Batches => vec![],
     }
 }

@@ -5,6 +5,7 @@
 //! queues them for the writer thread. The queue is bounded: when the disk is
 //! slower than training, the training loop waits. Errors of the writer
 //! thread come back from the next call.
+use crate::append::lock_run;
 use crate::batch::{
     BatchRows, BatchStep, InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, StepRow,
     UpdateBatch, UpdateRows, check_len,
@@ -104,8 +105,10 @@ impl RecorderBuilder {
         self
     }
 
-    /// Creates the run directory, writes the first manifest (status
-    /// `recording`, no commits) and starts the writer thread.
+    /// Creates the run directory, takes its lock (`<run>/.lock`, held until
+    /// `finish`, `abort` or drop, and by the system until the process ends),
+    /// writes the first manifest (status `recording`, no commits) and starts
+    /// the writer thread.
     pub fn build(self) -> Result<Recorder> {
         let model = self.model.ok_or(Error::Missing { what: "model" })?;
         let optimizer = self.optimizer.ok_or(Error::Missing { what: "optimizer" })?;
@@ -134,6 +137,20 @@ impl RecorderBuilder {
             return Err(Error::NotEmpty { path: self.dir });
         }
         durable::create_dir(&self.dir)?;
+        // Held for the recorder's whole life: a run whose status is still
+        // `recording` while its lock is free has lost its writer.
+        let lock = match lock_run(&self.dir) {
+            Ok(lock) => Some(lock),
+            // A file system without advisory locks: record anyway.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    "{}: the file system does not support file locks; recording without the run's lock",
+                    self.dir.display()
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
 
         let mut manifest = Manifest::new(
             run_id.clone(),
@@ -181,6 +198,7 @@ impl RecorderBuilder {
             weight_paths: HashSet::new(),
             closed: None,
             failed: None,
+            lock,
         })
     }
 }
@@ -281,6 +299,10 @@ pub struct Recorder {
     weight_paths: HashSet<String>,
     closed: Option<&'static str>,
     failed: Option<String>,
+    /// The run's lock ([`layout::lock`]), held until the writer thread has
+    /// written its last manifest (`finish`, `abort`, drop); the system
+    /// releases it when the process dies.
+    lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -599,6 +621,8 @@ impl Recorder {
         self.closed = Some(what);
         self.tx = None;
         self.join();
+        // The writer is done with the run: others may write to it now.
+        self.lock = None;
         match reply {
             Ok(Some(manifest)) => Ok(manifest),
             _ => Err(self.writer_error()),

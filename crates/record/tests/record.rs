@@ -1607,3 +1607,212 @@ fn appending_probes_refuses_bad_input_and_leaves_the_run_as_it_was() {
         "{err}"
     );
 }
+
+/// A copy of a run's directory: what a killed writer leaves, with a free
+/// lock (the copy's `.lock` is a new file nobody holds).
+fn copy_run(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_run(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Probe rows of `ids` for both layers of the tiny model, as checkpoint probes.
+fn tiny_checkpoint_probes(rec: &mut Recorder, ids: &[i64]) {
+    for (layer, a_len) in [("fc1", 3), ("fc2", 2)] {
+        let (instance_ids, labels, a, p) = probe_rows(ids, a_len);
+        rec.checkpoint_probes(
+            layer,
+            ProbeBatch {
+                probe_ids: ids,
+                instance_ids: &instance_ids,
+                labels: &labels,
+                predicted: &labels,
+                a: &a,
+                p: &p,
+            },
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_live_recorder_holds_the_run_lock_until_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = weights_of(&tiny_model(), 0.1);
+    let live = |name: &str| {
+        let run = dir.path().join(name);
+        let mut rec = tiny_recorder(&run);
+        rec.instances(&[0, 1], &[0, 1], &[Split::Train; 2]).unwrap();
+        rec.weights(&named(&w)).unwrap();
+        rec.commit().unwrap();
+        step_with_updates(&mut rec, 0);
+        rec.weights(&named(&w)).unwrap();
+        rec.commit().unwrap();
+        rec.flush().unwrap();
+        // The run has trained weights, but its writer is alive.
+        let err = ProbeAppender::open(&run).unwrap_err().to_string();
+        assert!(
+            err.contains("another process is writing to this run"),
+            "{name}: {err}"
+        );
+        assert!(layout::lock(&run, false).unwrap().is_none(), "{name}");
+        (run, rec)
+    };
+    // finish() lets go of the lock while the recorder still exists.
+    let (run, mut rec) = live("finished");
+    rec.finish(&named(&w)).unwrap();
+    let app = ProbeAppender::open(&run).unwrap();
+    assert_eq!(app.weights().0, layout::FINAL_WEIGHTS);
+    drop(app);
+    drop(rec);
+    // So do abort() and a drop without either.
+    let (run, mut rec) = live("aborted");
+    rec.abort("stopped").unwrap();
+    assert!(layout::lock(&run, false).unwrap().is_some());
+    let (run, rec) = live("dropped");
+    drop(rec);
+    assert!(layout::lock(&run, false).unwrap().is_some());
+    assert_eq!(Manifest::load(&run).unwrap().status, Status::Aborted);
+}
+
+#[test]
+fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("live");
+    let w = weights_of(&tiny_model(), 0.1);
+    let mut rec = tiny_recorder(&run);
+    rec.instances(&[0, 1, 2, 3], &[0, 1, 0, 1], &[Split::Train; 4])
+        .unwrap();
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 0);
+    tiny_checkpoint_probes(&mut rec, &[10, 11]);
+    rec.weights(&named(&weights_of(&tiny_model(), 0.2)))
+        .unwrap();
+    rec.commit().unwrap();
+    // A step that is never committed: the kill comes first.
+    step_with_updates(&mut rec, 1);
+    rec.flush().unwrap();
+    let killed = dir.path().join("killed");
+    copy_run(&run, &killed);
+
+    let m0 = Manifest::open(&killed).unwrap();
+    assert_eq!(m0.status, Status::Recording);
+    let before = run_files(&killed);
+    let mut app = ProbeAppender::open(&killed).unwrap();
+    let checkpoint = "weights/step-00000000.safetensors";
+    assert_eq!(app.weights(), (checkpoint, reptrace_format::Step(0)));
+    assert_eq!(app.next_probe_id(), 12, "above checkpoint probes 10, 11");
+    let err = add_probes(&mut app, "fc1", &[11]).unwrap_err().to_string();
+    assert!(err.contains("probe id 11 is already a probe id"), "{err}");
+    for layer in ["fc1", "fc2"] {
+        add_probes(&mut app, layer, &[12, 13]).unwrap();
+    }
+    let m = app.commit().unwrap();
+    assert_eq!(m, Manifest::load(&killed).unwrap());
+    assert_eq!(m.status, Status::Recording);
+    assert_eq!(m.commits[..m0.commits.len()], m0.commits[..]);
+    for (path, bytes) in &before {
+        assert_eq!(
+            run_files(&killed).get(path),
+            Some(bytes),
+            "{}",
+            path.display()
+        );
+    }
+    // The analysis stands on the checkpoint: its probes and the new ones,
+    // with its weights.
+    let a = m.analysis_probes().unwrap();
+    assert!(a.checkpoint);
+    assert_eq!(
+        (a.weights, a.step),
+        (checkpoint, Some(reptrace_format::Step(0)))
+    );
+    assert_eq!(a.files.len(), 4);
+    let ids: Vec<i64> = a
+        .files
+        .iter()
+        .filter(|f| f.layer.as_deref() == Some("fc1"))
+        .flat_map(|f| i64s(&read_batches(&killed.join(&f.path)), "probe_id"))
+        .collect();
+    assert_eq!(ids, vec![10, 11, 12, 13]);
+    let app = ProbeAppender::open(&killed).unwrap();
+    assert_eq!(app.next_probe_id(), 14);
+    assert_eq!(app.weights().0, checkpoint);
+    drop(app);
+
+    // Probes that training writes with (or before) its latest weights are
+    // final probes, even while checkpoint probes are still listed (a kill
+    // inside finish()): they stand with those weights.
+    for (layer, a_len) in [("fc1", 3), ("fc2", 2)] {
+        let (instance_ids, labels, a, p) = probe_rows(&[50], a_len);
+        rec.probes(
+            layer,
+            ProbeBatch {
+                probe_ids: &[50],
+                instance_ids: &instance_ids,
+                labels: &labels,
+                predicted: &labels,
+                a: &a,
+                p: &p,
+            },
+        )
+        .unwrap();
+    }
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    let m = Manifest::load(&run).unwrap();
+    assert!(m.commits.iter().any(|c| !c.probes.is_empty()));
+    let a = m.analysis_probes().unwrap();
+    assert!(!a.checkpoint);
+    assert_eq!(a.weights, "weights/step-00000001.safetensors");
+    assert_eq!(a.files.len(), 2);
+    rec.finish(&named(&w)).unwrap();
+}
+
+#[test]
+fn probes_need_weights_after_a_training_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("live");
+    let w = weights_of(&tiny_model(), 0.1);
+    let mut rec = tiny_recorder(&run);
+    rec.instances(&[0, 1], &[0, 1], &[Split::Train; 2]).unwrap();
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    // Killed with the initial weights only.
+    let killed = dir.path().join("killed");
+    copy_run(&run, &killed);
+    let err = ProbeAppender::open(&killed).unwrap_err().to_string();
+    assert!(
+        err.contains("the run has no weights after a training step; probes need trained weights"),
+        "{err}"
+    );
+    // A killed run without checkpoint probes: the latest weights, and the
+    // added probes stand with them.
+    rec.weights(&named(&w)).unwrap();
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    let killed = dir.path().join("killed-later");
+    copy_run(&run, &killed);
+    let mut app = ProbeAppender::open(&killed).unwrap();
+    assert_eq!(app.weights().0, "weights/step-00000000.safetensors");
+    for layer in ["fc1", "fc2"] {
+        add_probes(&mut app, layer, &[7]).unwrap();
+    }
+    let m = app.commit().unwrap();
+    let a = m.analysis_probes().unwrap();
+    assert!(!a.checkpoint);
+    assert_eq!(a.weights, "weights/step-00000000.safetensors");
+    assert_eq!(a.files.len(), 2);
+    rec.finish(&named(&w)).unwrap();
+}

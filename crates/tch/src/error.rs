@@ -33,6 +33,19 @@ pub enum Error {
     /// The loss became NaN or infinite; the trace is committed up to the last good step.
     #[error("non-finite loss {loss} at step {step} (epoch {epoch}); try a smaller learning rate")]
     NonFiniteLoss { step: i64, epoch: i32, loss: f64 },
+    /// A weights snapshot of a run does not fit the run's model.
+    #[error("{}: {message}", snapshot.display())]
+    Weights {
+        snapshot: std::path::PathBuf,
+        message: String,
+    },
+    /// Probes cannot be added to this run (its model cannot be rebuilt, it
+    /// has no trained weights, …).
+    #[error("{}: {message}", run.display())]
+    Run {
+        run: std::path::PathBuf,
+        message: String,
+    },
     /// An error from libtorch.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

@@ -6,6 +6,8 @@
 //! [`reptrace_record::Recorder`], per step and traced layer, the factors of
 //! every training example's weight update ([`factors`]), the weights at
 //! every epoch end and, after training, the probes ([`probe`]).
+//! [`add_probes`] adds probes (new inputs) to a run at any time after
+//! training ([`add`]).
 //!
 //! ```no_run
 //! // Train the MLP on the bundled digits into runs/example.
@@ -30,6 +32,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod adam;
+pub mod add;
 pub mod error;
 pub mod factors;
 pub mod model;
@@ -37,6 +40,7 @@ pub mod probe;
 pub mod sgd;
 pub mod train;
 
+pub use add::{AddOptions, AddedProbes, ProbeRows, add_probes};
 pub use data::{DataSource, Dataset};
 pub use error::{Error, Result};
 pub use factors::{Factors, HostFactors, layer_factors};

@@ -575,6 +575,34 @@ impl Network {
         })
     }
 
+    /// Sets every parameter from the weights snapshot at `path`
+    /// (`weights/*.safetensors` of a run: `<layer>.weight`, `<layer>.bias`,
+    /// PyTorch shapes), checking that each is there with the model's shape.
+    /// A model with BatchNorm is refused: evaluation needs its running
+    /// statistics, which a snapshot does not hold.
+    pub fn load_snapshot(&self, path: &std::path::Path) -> Result<()> {
+        if let Some(name) = self.model.modules.iter().find_map(|m| match m {
+            Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => Some(name),
+            _ => None,
+        }) {
+            return Err(Error::BadModel {
+                model: self.model.name.clone(),
+                message: format!(
+                    "batch norm layer {name}: a weights snapshot holds no running statistics, \
+                     which evaluation needs, so the network cannot be rebuilt from the run"
+                ),
+            });
+        }
+        let tensors = read_snapshot(path)?;
+        let _guard = tch::no_grad_guard();
+        for (name, param) in self.parameters() {
+            let src = snapshot_tensor(&tensors, path, &name, &param.size())?;
+            let mut dst = param;
+            dst.f_copy_(&src.f_to_kind(Kind::Float)?.f_to_device(self.device)?)?;
+        }
+        Ok(())
+    }
+
     /// Copies every parameter to the host as `f32`.
     pub fn to_host(&self) -> Result<Vec<HostTensor>> {
         self.parameters()
@@ -672,6 +700,38 @@ impl Network {
     }
 }
 
+/// Reads a weights snapshot (`weights/*.safetensors`): its tensors by name.
+pub fn read_snapshot(path: &std::path::Path) -> Result<Vec<(String, Tensor)>> {
+    Tensor::read_safetensors(path).map_err(|e| Error::Weights {
+        snapshot: path.to_path_buf(),
+        message: format!("not a readable weights snapshot: {e}"),
+    })
+}
+
+/// Tensor `name` of a snapshot read from `path`, checked against `shape`.
+pub fn snapshot_tensor<'t>(
+    tensors: &'t [(String, Tensor)],
+    path: &std::path::Path,
+    name: &str,
+    shape: &[i64],
+) -> Result<&'t Tensor> {
+    let bad = |message: String| Error::Weights {
+        snapshot: path.to_path_buf(),
+        message,
+    };
+    let (_, t) = tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .ok_or_else(|| bad(format!("no tensor {name:?}")))?;
+    if t.size() != shape {
+        return Err(bad(format!(
+            "tensor {name:?} has shape {:?}, the model's is {shape:?}",
+            t.size()
+        )));
+    }
+    Ok(t)
+}
+
 /// Name of a Linear/Conv2d module.
 fn layer_name(m: &Module) -> Option<&str> {
     match m {
@@ -767,6 +827,54 @@ mod tests {
                 .unwrap(),
             again
         );
+    }
+
+    /// A snapshot loads into a network of the same model, parameter for
+    /// parameter; another model's is refused, naming the tensor and shapes.
+    #[test]
+    fn snapshots_load_by_name_and_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let model = |hidden| {
+            build_model(
+                &ModelChoice::Mlp {
+                    hidden: vec![hidden],
+                },
+                &[1, 8, 8],
+                10,
+                &TraceLayers::All,
+            )
+            .unwrap()
+        };
+        let trained = Network::new(&model(5), 3, Device::Cpu).unwrap();
+        let params = trained.parameters();
+        Tensor::write_safetensors(&params, &path).unwrap();
+        let other = Network::new(&model(5), 4, Device::Cpu).unwrap();
+        assert_ne!(other.to_host().unwrap(), trained.to_host().unwrap());
+        other.load_snapshot(&path).unwrap();
+        assert_eq!(other.to_host().unwrap(), trained.to_host().unwrap());
+        let err = Network::new(&model(6), 4, Device::Cpu)
+            .unwrap()
+            .load_snapshot(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tensor \"fc1.weight\" has shape [5, 64], the model's is [6, 64]"),
+            "{err}"
+        );
+        let bn = build_model(
+            &ModelChoice::CnnBatchNorm,
+            &[1, 8, 8],
+            10,
+            &TraceLayers::All,
+        )
+        .unwrap();
+        let err = Network::new(&bn, 1, Device::Cpu)
+            .unwrap()
+            .load_snapshot(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch norm layer bn1"), "{err}");
     }
 
     #[test]

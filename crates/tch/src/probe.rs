@@ -3,10 +3,13 @@
 //! For a probe `x` and traced layer, `a` is the layer input in the final
 //! network (Conv2d: the raw `C_in × H × W` input, not unfolded) and
 //! `p = (W_T − W_0) ⊛ a + (b_T − b_0)`, computed in `f64` from the weights
-//! (Conv2d: `C_out × h_out·w_out`).
+//! (Conv2d: `C_out × h_out·w_out`). Training ([`crate::train()`]) and probes
+//! added later ([`crate::add_probes`]) both compute them with
+//! [`displacements`] and [`probe_chunk`].
 use crate::Result;
+use crate::model::Network;
 use reptrace_format::TracedLayer;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Which instances become probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,4 +113,84 @@ impl Displacement {
         };
         Ok(p.f_reshape([n, -1])?)
     }
+}
+
+/// The displacement of every traced layer of `net` (its current parameters)
+/// from its initial parameters, which `initial` finds by name
+/// (`<layer>.weight`, `<layer>.bias`), keyed by module index. A layer whose
+/// initial weight is not found is left out.
+pub fn displacements<'t>(
+    net: &Network,
+    initial: impl Fn(&str) -> Option<&'t Tensor>,
+) -> Result<Vec<(usize, Displacement)>> {
+    let mut out = Vec::new();
+    for i in 0..net.model().modules.len() {
+        let (Some(layer), Some((w, b))) = (net.traced_layer(i), net.layer_params(i)) else {
+            continue;
+        };
+        let w0 = initial(&format!("{}.weight", layer.name()));
+        let b0 = initial(&format!("{}.bias", layer.name()));
+        let Some(w0) = w0 else { continue };
+        out.push((i, Displacement::new(&w, w0, b.as_ref(), b0)?));
+    }
+    Ok(out)
+}
+
+/// One traced layer's probe values for a chunk of inputs.
+#[derive(Debug)]
+pub struct LayerProbes {
+    /// Index of the layer in the model's modules.
+    pub module: usize,
+    /// `N × a_len` layer inputs, row-major.
+    pub a: Vec<f64>,
+    /// `N × p_len` refinements, row-major.
+    pub p: Vec<f64>,
+}
+
+/// A chunk of probes through the network: predictions and, per traced layer
+/// with a displacement, `a` and `p`.
+#[derive(Debug)]
+pub struct ChunkProbes {
+    /// The predicted class (argmax of the output) of every input.
+    pub predicted: Vec<i32>,
+    /// In forward order.
+    pub layers: Vec<LayerProbes>,
+}
+
+/// Runs a chunk of inputs `x` (`[N, …input_shape]`) through `net` in
+/// evaluation mode without gradients, and computes every traced layer's
+/// probe values with its displacement.
+pub fn probe_chunk(
+    net: &Network,
+    displacements: &[(usize, Displacement)],
+    x: &Tensor,
+) -> Result<ChunkProbes> {
+    let _guard = tch::no_grad_guard();
+    let (logits, taps) = net.forward(x, false, true)?;
+    let predicted: Vec<i32> =
+        Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
+            .into_iter()
+            .map(|p| p as i32)
+            .collect();
+    let mut layers = Vec::with_capacity(taps.len());
+    for tap in &taps {
+        let (Some(layer), Some((_, disp))) = (
+            net.traced_layer(tap.module),
+            displacements.iter().find(|(m, _)| *m == tap.module),
+        ) else {
+            continue;
+        };
+        let p = disp.refinement(layer, &tap.input)?;
+        let a = tap
+            .input
+            .f_to_kind(Kind::Double)?
+            .f_contiguous()?
+            .f_flatten(0, -1)?;
+        layers.push(LayerProbes {
+            module: tap.module,
+            a: Vec::<f64>::try_from(&a)?,
+            p: Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?,
+        });
+    }
+    Ok(ChunkProbes { predicted, layers })
 }

@@ -25,7 +25,7 @@ use crate::adam::{Adam, Decay};
 use crate::data::{DataSource, Dataset};
 use crate::factors::layer_factors;
 use crate::model::{HostTensor, ModelChoice, Network, TraceLayers, build_model};
-use crate::probe::{Displacement, ProbeSet};
+use crate::probe::{self, ProbeSet};
 use crate::sgd::{Sgd, learning_rate};
 use crate::{Error, Result};
 use rand::SeedableRng;
@@ -592,7 +592,7 @@ struct Timing {
 }
 
 /// Rows per forward pass when evaluating or probing.
-const EVAL_CHUNK: usize = 1024;
+pub(crate) const EVAL_CHUNK: usize = 1024;
 
 impl Run<'_> {
     fn all(&mut self) -> Result<TrainSummary> {
@@ -850,56 +850,30 @@ impl Run<'_> {
         };
         // Initial parameters by name, to pair with each layer's final ones.
         let names: Vec<String> = net.parameters().into_iter().map(|(n, _)| n).collect();
-        let init = |name: String| names.iter().position(|n| *n == name).map(|i| &initial[i]);
-        let mut displacements = Vec::new();
-        for (i, _) in net.model().modules.iter().enumerate() {
-            let (Some(layer), Some((w, b))) = (net.traced_layer(i), net.layer_params(i)) else {
-                continue;
-            };
-            let w0 = init(format!("{}.weight", layer.name()));
-            let b0 = init(format!("{}.bias", layer.name()));
-            let Some(w0) = w0 else { continue };
-            displacements.push((i, Displacement::new(&w, w0, b.as_ref(), b0)?));
-        }
-        let _guard = tch::no_grad_guard();
+        let init = |name: &str| names.iter().position(|n| n == name).map(|i| &initial[i]);
+        let displacements = probe::displacements(net, init)?;
         let rows: Vec<usize> = rows.collect();
         for chunk in rows.chunks(EVAL_CHUNK) {
             let (start, len) = (chunk[0] as i64, chunk.len() as i64);
             let x = x_all.f_narrow(0, start, len)?;
-            let (logits, taps) = net.forward(&x, false, true)?;
-            let predicted: Vec<i32> =
-                Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
-                    .into_iter()
-                    .map(|p| p as i32)
-                    .collect();
+            let out = probe::probe_chunk(net, &displacements, &x)?;
             let probe_ids: Vec<i64> = chunk.iter().map(|&r| r as i64).collect();
             let instance_ids: Vec<Option<i64>> = chunk
                 .iter()
                 .map(|&r| (data.split(r) == Split::Train).then_some(r as i64))
                 .collect();
             let labels: Vec<i32> = chunk.iter().map(|&r| data.labels[r]).collect();
-            for tap in &taps {
-                let (Some(layer), Some((_, disp))) = (
-                    net.traced_layer(tap.module),
-                    displacements.iter().find(|(m, _)| *m == tap.module),
-                ) else {
+            for l in &out.layers {
+                let Some(layer) = net.traced_layer(l.module) else {
                     continue;
                 };
-                let p = disp.refinement(layer, &tap.input)?;
-                let a = tap
-                    .input
-                    .f_to_kind(Kind::Double)?
-                    .f_contiguous()?
-                    .f_flatten(0, -1)?;
-                let a = Vec::<f64>::try_from(&a)?;
-                let p = Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?;
                 let batch = ProbeBatch {
                     probe_ids: &probe_ids,
                     instance_ids: &instance_ids,
                     labels: &labels,
-                    predicted: &predicted,
-                    a: &a,
-                    p: &p,
+                    predicted: &out.predicted,
+                    a: &l.a,
+                    p: &l.p,
                 };
                 if checkpoint {
                     rec.checkpoint_probes(layer.name(), batch)?;

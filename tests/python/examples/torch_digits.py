@@ -63,7 +63,6 @@ tracer.finish(probes=(x_test, y_test, np.arange(1437, 1797)))
 
 run = reptrace.open(run_dir)
 probe = 1437
-run.attribute(probes=[probe])
 # 1. Which training images shaped this test image's representation most?
 print(run.query("top_proponents", probe=probe, k=3).to_pandas())
 # 2. Which classes was it built from, per layer?

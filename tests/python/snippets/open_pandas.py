@@ -5,7 +5,7 @@
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-PARTITIONED = {"updates", "probes", "contributions"}
+PARTITIONED = {"updates", "probes", "contributions", "influence"}
 
 
 def open_pyarrow(run, table):

@@ -2,7 +2,7 @@
 # path as a string.
 import polars as pl
 
-PARTITIONED = {"updates", "probes", "contributions"}
+PARTITIONED = {"updates", "probes", "contributions", "influence"}
 
 
 def open_polars(run, table):

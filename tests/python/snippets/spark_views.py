@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from duckdb_views import PARTITIONED, TABLES, committed_files
+from duckdb_views import OWN_CONTRIBUTIONS, PARTITIONED, TABLES, committed_files
 
 
 def spark_session():
@@ -37,6 +37,8 @@ def spark_register(spark, run):
         if table in PARTITIONED:
             reader = reader.option("basePath", f"{Path(run).resolve()}/{table}")
         reader.parquet(*files).createOrReplaceTempView(table)
+    if committed_files(run, "contributions"):
+        spark.sql(OWN_CONTRIBUTIONS).createOrReplaceTempView("own_contributions")
 
 
 def spark_query(spark, sql_file, params):

@@ -304,7 +304,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         return Err(Error::Incomplete {
             run: run.dir().to_path_buf(),
             message: format!(
-                "no contributions of probe {} for {which}; run `reptrace attribute` first",
+                "no contributions of probe {} for {which}: its probes table has no row for it",
                 options.probe
             ),
         });

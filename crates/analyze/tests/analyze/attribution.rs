@@ -350,7 +350,7 @@ fn probe_selection_layers_and_errors() {
 }
 
 #[test]
-fn steps_self_only_and_replacement() {
+fn steps_self_only_and_additions() {
     let tmp = tempfile::tempdir().unwrap();
     let run = run_dir(&tmp);
     let synth = Synth::default();
@@ -359,7 +359,8 @@ fn steps_self_only_and_replacement() {
     let full = read::contributions(&run);
     let first_files: Vec<String> = Manifest::load(&run)
         .unwrap()
-        .attribution
+        .attributions
+        .last()
         .unwrap()
         .files
         .iter()
@@ -378,13 +379,15 @@ fn steps_self_only_and_replacement() {
     let p = last_progress.unwrap();
     assert_eq!(p.records_done, p.records_total);
     let m = Manifest::load(&run).unwrap();
-    let attr = m.attribution.as_ref().unwrap();
+    assert_eq!(
+        m.attributions.len(),
+        2,
+        "a step range is added beside the full one"
+    );
+    let attr = m.attributions.last().unwrap();
     assert_eq!(attr.steps, Some([2, 5]));
     for f in &first_files {
-        assert!(
-            !run.join(f).exists(),
-            "previous attribution file {f} not deleted"
-        );
+        assert!(run.join(f).exists(), "earlier attribution file {f} kept");
     }
     for f in &attr.files {
         assert!(run.join(&f.path).exists());
@@ -437,5 +440,26 @@ fn steps_self_only_and_replacement() {
         })
         .count();
     assert_eq!(rows.len(), expected);
-    assert!(Manifest::load(&run).unwrap().attribution.unwrap().self_only);
+    let m = Manifest::load(&run).unwrap();
+    assert!(m.attributions.last().unwrap().self_only);
+    assert_eq!(m.attributions.len(), 3);
+
+    // The full attribution again covers the first: it replaces it (and its
+    // files go); the partial ones stay.
+    attribute(&run, &all(), &mut |_| {}).unwrap();
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m.attributions.len(), 3);
+    assert!(
+        m.attributions[..2]
+            .iter()
+            .all(|a| a.steps.is_some() || a.self_only)
+    );
+    for f in &first_files {
+        assert!(
+            !run.join(f).exists(),
+            "replaced attribution file {f} deleted"
+        );
+    }
+    let again = read::contributions(&run);
+    assert_eq!(again.len(), full.len());
 }

@@ -10,7 +10,16 @@ use std::path::Path;
 fn batches(run: &Path, table: Table) -> Vec<(Option<String>, RecordBatch)> {
     let m = Manifest::load(run).unwrap();
     let mut out = Vec::new();
-    for f in m.files(table) {
+    // Contributions: those of the latest attribution.
+    let files = if table == Table::Contributions {
+        m.attributions
+            .last()
+            .map(|a| a.files.iter().collect())
+            .unwrap_or_default()
+    } else {
+        m.files(table)
+    };
+    for f in files {
         let file = std::fs::File::open(run.join(&f.path)).unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .unwrap()

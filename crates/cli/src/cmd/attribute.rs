@@ -1,7 +1,11 @@
-//! `reptrace attribute <run>`: contributions of every update record to the
-//! selected probes, written to the run's `contributions` table.
+//! `reptrace attribute <run>`: materialise the contributions of the
+//! selected probes for export and scale: one row per update record (table
+//! `contributions`), or summed per instance (and epoch) (table `influence`).
+//! Queries do not need it: `contributions` is computed on demand, and reads
+//! these rows where they exist. Earlier attributions are kept.
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reptrace_analyze::{Options, ProbeSelection, Progress, StepRange, attribute};
+use reptrace_format::Aggregation;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -23,6 +27,10 @@ pub struct AttributeArgs {
     /// Only each training probe's own records
     #[arg(long)]
     pub self_only: bool,
+    /// Rows per update record (step), or sums per instance and epoch
+    /// (epoch) or per instance (instance), into the influence table
+    #[arg(long, default_value = "step", value_parser = ["step", "epoch", "instance"])]
+    pub by: String,
     /// No progress bar and no per-layer table: only the summary line
     #[arg(long, short)]
     pub quiet: bool,
@@ -46,6 +54,11 @@ impl AttributeArgs {
             layers: self.layers.clone(),
             steps,
             self_only: self.self_only,
+            by: match self.by.as_str() {
+                "epoch" => Aggregation::Epoch,
+                "instance" => Aggregation::Instance,
+                _ => Aggregation::Step,
+            },
             ..Options::default()
         })
     }
@@ -103,9 +116,14 @@ pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         write_layers(&report, out)?;
     }
     let secs = report.elapsed.as_secs_f64();
+    let table = if report.attribution.by == Aggregation::Step {
+        "contributions"
+    } else {
+        "influence"
+    };
     writeln!(
         out,
-        "{} contribution rows in {:.1} s ({:.0} rows/s); probes {}, {}",
+        "{} contribution rows in {:.1} s ({:.0} rows/s); {} {table} rows ({}) written, by {}; probes {}, {}",
         report.rows,
         secs,
         if secs > 0.0 {
@@ -113,9 +131,19 @@ pub fn run(args: &AttributeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         } else {
             0.0
         },
+        report.written,
+        crate::cmd::human_bytes(report.bytes),
+        report.attribution.by,
         report.attribution.probes,
         as_of(report.attribution.as_of_step.map(|s| s.0)),
     )?;
+    if report.replaced > 0 {
+        writeln!(
+            out,
+            "replaced {} earlier attribution(s) that this one covers",
+            report.replaced
+        )?;
+    }
     if let Ok(m) = reptrace_format::Manifest::load(&args.run)
         && m.analysis_probes().is_some_and(|a| a.checkpoint)
     {

@@ -1,12 +1,13 @@
 //! `reptrace demo`: train the MLP on the bundled digits with tracing,
-//! attribute every test probe, explain one of them and write its report.
+//! explain one test probe right away (its contributions computed on
+//! demand) and write its report.
 //!
 //! One function per phase: [`prepare_dir`] replaces a previous demo run,
 //! [`train_phase`] trains with the demo settings
 //! ([`reptrace_tch::TrainConfig::demo`]), [`report_phase`] prints the
-//! training summary, [`attribute_phase`] attributes the test probes,
-//! [`explain_phase`] prints the top-5 proponents and the class shares per
-//! layer of one probe and writes `report.html`.
+//! training summary, [`explain_phase`] prints the top-5 proponents and the
+//! class shares per layer of one probe and writes `report.html`. Nothing is
+//! materialised: `reptrace attribute` is for export and scale.
 use anyhow::{Context, bail};
 use reptrace_tch::{TrainConfig, TrainSummary};
 use std::io::Write;
@@ -56,21 +57,6 @@ pub fn report_phase(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Resu
         "demo: MLP 64-32-16-10 on the bundled digits (1437 train, 360 test), SGD with momentum 0.9, lr 0.1 cosine"
     )?;
     super::train::write_summary(out, summary)
-}
-
-/// Attributes every test probe (progress bar on stderr, summary on `out`).
-pub fn attribute_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<()> {
-    writeln!(out)?;
-    writeln!(out, "attribution of the 360 test probes:")?;
-    let args = super::attribute::AttributeArgs {
-        run: dir.to_path_buf(),
-        probes: None,
-        layers: Vec::new(),
-        steps: None,
-        self_only: false,
-        quiet: false,
-    };
-    super::attribute::run(&args, out)
 }
 
 /// Prints, for `probe`, its top-5 proponents per layer with labels and the
@@ -185,7 +171,11 @@ fn write_share_table(
 /// writes its report to `<dir>/report.html`, printing the path.
 pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<PathBuf> {
     let probe = reptrace_analyze::report::pick_probe(dir)?;
-    super::report::attribute_if_needed(dir, probe, &[])?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "asking about test probe {probe} right after training (contributions computed on demand):"
+    )?;
     explain_probe(out, dir, probe)?;
     let path = dir.join("report.html");
     let options = reptrace_analyze::report::Options {
@@ -203,7 +193,6 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     prepare_dir(&args.out)?;
     let summary = train_phase(&args.out)?;
     report_phase(out, &summary)?;
-    attribute_phase(out, &args.out)?;
     explain_phase(out, &args.out)?;
     Ok(())
 }

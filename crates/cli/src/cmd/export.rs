@@ -14,7 +14,8 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// The table: instances, steps, updates, batches, probes or contributions.
+    /// The table: instances, steps, updates, batches, probes, contributions
+    /// (computed on demand: filter on probe_id) or influence.
     #[arg(long)]
     pub table: String,
     /// Only rows where this boolean SQL expression over the table's columns
@@ -35,6 +36,8 @@ pub struct ExportArgs {
     /// Replace the output file if it exists.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub compute: crate::cmd::ComputeArgs,
 }
 
 impl ExportArgs {
@@ -68,6 +71,7 @@ impl ExportArgs {
             columns,
             format,
             overwrite: self.force,
+            compute: self.compute.options(),
         })
     }
 }

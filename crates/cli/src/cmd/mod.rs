@@ -5,12 +5,34 @@ pub mod attribute;
 pub mod demo;
 pub mod export;
 pub mod info;
+#[cfg(feature = "tch")]
+pub mod probe;
 pub mod query;
 pub mod report;
 pub mod sql;
 #[cfg(feature = "tch")]
 pub mod train;
 pub mod verify;
+
+/// How the computed `contributions` table may work (sql, query, export).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ComputeArgs {
+    /// The most contribution rows a query without a probe_id filter may
+    /// compute on demand (contributions are computed from the updates
+    /// unless `reptrace attribute` materialised them)
+    #[arg(long, value_name = "ROWS", default_value_t = reptrace_analyze::computed::DEFAULT_MAX_ROWS)]
+    pub max_computed_rows: u64,
+}
+
+impl ComputeArgs {
+    /// The analyzer's options.
+    pub fn options(&self) -> reptrace_analyze::ComputeOptions {
+        reptrace_analyze::ComputeOptions {
+            max_rows: self.max_computed_rows,
+            ..Default::default()
+        }
+    }
+}
 
 /// A size on disk for people, in binary units (`1.50 KiB`), the same in
 /// every command.

@@ -22,6 +22,8 @@ pub struct QueryArgs {
     /// Write the result to this file instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: crate::cmd::ComputeArgs,
 }
 
 /// Runs `reptrace query`.
@@ -37,7 +39,7 @@ pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<(&str, &str)>>>()?;
     let query = Query::resolve(&args.query)?;
     let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context(&run)?;
+    let ctx = reptrace_analyze::context_with(&run, &args.compute.options())?;
     let (schema, batches) = runtime()?
         .block_on(query.run(&ctx, &params))
         .map_err(|e| run.explain(e))?;

@@ -2,13 +2,11 @@
 //! explains a probe (ridge plots, class shares, shares per epoch,
 //! proponents and opponents per traced layer); see `reptrace_analyze::report`.
 //!
-//! A run that was never attributed is attributed for this probe first (with
-//! a progress bar); a run whose attribution lacks the probe is an error that
-//! says how to attribute it, since attributing again would replace the
-//! existing contributions.
+//! The probe's contributions are computed on demand (or read where
+//! `reptrace attribute` materialised them); no attribution step is needed.
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
-use reptrace_analyze::{ProbeSelection, report};
+use indicatif::ProgressBar;
+use reptrace_analyze::report;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,46 +62,6 @@ impl ReportArgs {
     }
 }
 
-/// Attributes `probe` when the run has no attribution yet, with a progress
-/// bar per layer on stderr. Returns whether it did.
-pub fn attribute_if_needed(run: &Path, probe: i64, layers: &[String]) -> anyhow::Result<bool> {
-    let manifest = reptrace_format::Manifest::load(run)?;
-    if manifest.attribution.is_some() {
-        return Ok(false);
-    }
-    let options = reptrace_analyze::Options {
-        probes: ProbeSelection::Ids(vec![probe]),
-        layers: layers.to_vec(),
-        ..reptrace_analyze::Options::default()
-    };
-    let style =
-        ProgressStyle::with_template("attribute {prefix} [{bar:30}] {pos}/{len} records {msg}")
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-    let mut bar: Option<(usize, ProgressBar)> = None;
-    let mut progress = |p: &reptrace_analyze::Progress| {
-        if bar.as_ref().is_none_or(|(i, _)| *i != p.layer_index) {
-            if let Some((_, b)) = bar.take() {
-                b.finish();
-            }
-            let b = ProgressBar::new(p.records_total)
-                .with_style(style.clone())
-                .with_prefix(p.layer.clone());
-            bar = Some((p.layer_index, b));
-        }
-        if let Some((_, b)) = &bar {
-            b.set_position(p.records_done);
-            b.set_message(format!("{:.0} rows/s", p.rows_per_sec()));
-        }
-    };
-    reptrace_analyze::attribute(run, &options, &mut progress)
-        .with_context(|| format!("attributing probe {probe}"))?;
-    if let Some((_, b)) = bar.take() {
-        b.finish();
-    }
-    Ok(true)
-}
-
 /// Writes the report of `options.probe` to `out_path`, with a spinner.
 pub fn write_report(run: &Path, options: &report::Options, out_path: &Path) -> anyhow::Result<()> {
     let spinner = ProgressBar::new_spinner().with_message(format!(
@@ -124,13 +82,6 @@ pub fn write_report(run: &Path, options: &report::Options, out_path: &Path) -> a
 /// Runs `reptrace report`.
 pub fn run(args: &ReportArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let options = args.options()?;
-    if attribute_if_needed(&args.run, options.probe, &options.layers)? {
-        writeln!(
-            out,
-            "attributed probe {} (the run had no attribution)",
-            options.probe
-        )?;
-    }
     write_report(&args.run, &options, &args.out)?;
     writeln!(out, "report: {}", args.out.display())?;
     Ok(())

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct SqlArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// One query (SELECT or WITH) over instances, steps, updates, batches, probes, contributions.
+    /// One query (SELECT or WITH) over instances, steps, updates, batches,
+    /// probes, contributions (computed on demand), own_contributions, influence.
     pub query: String,
     /// Output format: table, csv, json or parquet (parquet needs --out).
     #[arg(long, default_value = "table")]
@@ -19,6 +20,8 @@ pub struct SqlArgs {
     /// Write the result to this file instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: crate::cmd::ComputeArgs,
 }
 
 /// A tokio runtime for DataFusion.
@@ -65,7 +68,7 @@ pub(crate) fn emit(
 pub fn run(args: &SqlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let format = output_format(&args.format, args.out.as_deref())?;
     let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context(&run)?;
+    let ctx = reptrace_analyze::context_with(&run, &args.compute.options())?;
     let (schema, batches) = runtime()?
         .block_on(sql::run(&ctx, &args.query))
         .map_err(|e| run.explain(e))?;
