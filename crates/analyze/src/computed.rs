@@ -24,19 +24,24 @@ use crate::records::{i64s, nullable, open_columns};
 use crate::replay::{self, Setup};
 use crate::session::Run;
 use crate::{Error, Result};
-use arrow::compute::filter_record_batch;
-use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::DFSchema;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown, col as dfcol, lit};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::{Column, Literal};
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::stream::RecordBatchReceiverStream;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::union::UnionExec;
 use reptrace_format::{Aggregation, Table, col, schema};
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
@@ -561,7 +566,7 @@ impl TableProvider for ContributionsTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
@@ -572,30 +577,101 @@ impl TableProvider for ContributionsTable {
             // Fails here, at planning, for a run that has no trained weights.
             self.setup().map_err(external)?;
         }
-        let partitions: Vec<Arc<dyn PartitionStream>> = if work.is_empty() {
-            vec![Arc::new(LayerStream {
-                inner: Arc::clone(&self.inner),
-                work: None,
-            })]
-        } else {
-            work.into_iter()
-                .map(|w| {
-                    Arc::new(LayerStream {
-                        inner: Arc::clone(&self.inner),
-                        work: Some(w),
-                    }) as Arc<dyn PartitionStream>
-                })
-                .collect()
-        };
-        let exec = StreamingTableExec::try_new(
-            Arc::clone(&self.inner.schema),
-            partitions,
-            projection,
-            Vec::new(),
-            false,
-            limit,
-        )?;
-        Ok(Arc::new(exec))
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        // Materialised rows: DataFusion's Parquet scan of the files, the
+        // filters pushed into it, the probes' rows kept, `layer` added.
+        for w in &work {
+            for (files, ids) in &w.cached {
+                log(
+                    &self.inner,
+                    &w.layer,
+                    ids.iter().copied().collect(),
+                    Source::Materialised,
+                    false,
+                );
+                inputs.push(
+                    self.materialised(state, &w.layer, files, ids, projection, filters)
+                        .await?,
+                );
+            }
+        }
+        // Computed rows: one partition per layer.
+        let partitions: Vec<Arc<dyn PartitionStream>> = work
+            .into_iter()
+            .filter(|w| !w.computed.is_empty())
+            .map(|w| {
+                Arc::new(LayerStream {
+                    inner: Arc::clone(&self.inner),
+                    work: Some(w),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        if !partitions.is_empty() || inputs.is_empty() {
+            let partitions = if partitions.is_empty() {
+                vec![Arc::new(LayerStream {
+                    inner: Arc::clone(&self.inner),
+                    work: None,
+                }) as Arc<dyn PartitionStream>]
+            } else {
+                partitions
+            };
+            inputs.push(Arc::new(StreamingTableExec::try_new(
+                Arc::clone(&self.inner.schema),
+                partitions,
+                projection,
+                Vec::new(),
+                false,
+                limit,
+            )?));
+        }
+        UnionExec::try_new(inputs)
+    }
+}
+
+impl ContributionsTable {
+    /// The rows of `ids` in materialised `files` of `layer`, projected like
+    /// the table.
+    async fn materialised(
+        &self,
+        state: &dyn Session,
+        layer: &str,
+        files: &[PathBuf],
+        ids: &BTreeSet<i64>,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let run = &self.inner.run;
+        let file_schema = schema(Table::Contributions, run.manifest().dtype);
+        let parquet = state.table_options().parquet.clone();
+        let listing =
+            crate::session::listing(files, Arc::clone(&file_schema), &parquet).map_err(external)?;
+        let probes = dfcol(col::PROBE_ID).in_list(ids.iter().map(|&i| lit(i)).collect(), false);
+        let mut pushed = vec![probes.clone()];
+        pushed.extend(
+            filters
+                .iter()
+                .filter(|f| !f.column_refs().iter().any(|c| c.name == col::LAYER))
+                .cloned(),
+        );
+        let scan = listing.scan(state, None, &pushed, None).await?;
+        let df_schema = DFSchema::try_from(file_schema.as_ref().clone())?;
+        let keep = state.create_physical_expr(probes, &df_schema)?;
+        let kept: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(keep, scan)?);
+        let table = &self.inner.schema;
+        let columns: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..table.fields().len()).collect());
+        let mut exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = Vec::new();
+        for i in columns {
+            let name = table.field(i).name().clone();
+            let expr: Arc<dyn PhysicalExpr> = if name == col::LAYER {
+                Arc::new(Literal::new(ScalarValue::Utf8(Some(layer.to_owned()))))
+            } else {
+                Arc::new(Column::new(&name, file_schema.index_of(&name)?))
+            };
+            exprs.push((expr, name));
+        }
+        Ok(Arc::new(ProjectionExec::try_new(exprs, kept)?))
     }
 }
 
@@ -635,8 +711,7 @@ impl PartitionStream for LayerStream {
     }
 }
 
-/// Produces one layer's rows into `send`: materialised ones first, then the
-/// computed ones.
+/// Computes one layer's rows into `send`.
 fn produce(
     inner: &Inner,
     work: &LayerWork,
@@ -655,45 +730,6 @@ fn produce(
         RecordBatch::try_new(Arc::clone(&inner.schema), columns)
             .map_err(|e| Error::Internal(format!("contributions batch: {e}")))
     };
-    let file_columns: Vec<String> = schema(Table::Contributions, run.manifest().dtype)
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let file_columns: Vec<&str> = file_columns.iter().map(String::as_str).collect();
-    for (files, ids) in &work.cached {
-        log(
-            inner,
-            &work.layer,
-            ids.iter().copied().collect(),
-            Source::Materialised,
-            false,
-        );
-        for path in files {
-            for batch in open_columns(path, &file_columns, 65_536)? {
-                let batch = batch.map_err(|e| Error::parquet(path, e.into()))?;
-                let probe = batch
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .ok_or_else(|| Error::Column {
-                        path: path.clone(),
-                        column: col::PROBE_ID.into(),
-                        message: "not int64".into(),
-                    })?;
-                let keep: BooleanArray = probe
-                    .iter()
-                    .map(|p| Some(p.is_some_and(|p| ids.contains(&p))))
-                    .collect();
-                if keep.true_count() == 0 {
-                    continue;
-                }
-                let batch = filter_record_batch(&batch, &keep)
-                    .map_err(|e| Error::Internal(format!("filtering {}: {e}", path.display())))?;
-                send(with_layer(batch)?)?;
-            }
-        }
-    }
     if work.computed.is_empty() {
         return Ok(());
     }

@@ -202,7 +202,7 @@ pub fn register_with(ctx: &SessionContext, run: &Run, options: &ComputeOptions) 
 pub const OWN_CONTRIBUTIONS: &str = "own_contributions";
 
 /// A listing table over exactly `files` (absolute paths), read with `file_schema`.
-fn listing(
+pub(crate) fn listing(
     files: &[PathBuf],
     file_schema: SchemaRef,
     parquet: &TableParquetOptions,
