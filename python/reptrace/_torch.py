@@ -194,6 +194,11 @@ class Tracer:
         self._closed = False
         self._max_id = -1
         self._hooks = [l.module.register_forward_hook(self._forward) for l in self._layers]
+        # The model's output of the step's forward pass, for the `examples`
+        # table (each example's loss and prediction).
+        self._output = None
+        self._explicit_logits = False
+        self._hooks.append(model.register_forward_hook(self._model_output))
 
     # ------------------------------------------------------------ set-up
 
@@ -363,6 +368,32 @@ class Tracer:
 
     # ------------------------------------------------------------ capture
 
+    def _model_output(self, module, inputs, output):
+        if not self._closed and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            self._output = output.detach()
+
+    def _examples(self, logits, labels: np.ndarray):
+        """Each example's cross-entropy and predicted class from the step's
+        output (logits or log-probabilities: log_softmax of either is the
+        same), or None when the output is not (batch, classes)."""
+        if logits is None:
+            return None
+        if not isinstance(logits, torch.Tensor):
+            raise InvalidInput("logits: expected a torch.Tensor of shape (batch, classes)")
+        if logits.dim() != 2 or logits.shape != (len(labels), len(self.classes)):
+            if self._explicit_logits:
+                raise InvalidInput(
+                    f"logits: shape {tuple(logits.shape)}, expected ({len(labels)}, "
+                    f"{len(self.classes)}) (batch, classes)"
+                )
+            return None
+        log_p = torch.log_softmax(logits.detach().float(), dim=1)
+        target = torch.as_tensor(labels, dtype=torch.int64, device=log_p.device)
+        loss = -log_p.gather(1, target.unsqueeze(1)).squeeze(1)
+        predicted = log_p.argmax(dim=1).to(torch.int32)
+        return (np.ascontiguousarray(loss.cpu().numpy(), dtype=np.float32),
+                np.ascontiguousarray(predicted.cpu().numpy(), dtype=np.int32))
+
     def _forward(self, module, inputs, output):
         if self._closed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return
@@ -398,12 +429,18 @@ class Tracer:
             )
         return lrs.pop()
 
-    def step(self, loss, ids, labels) -> None:
+    def step(self, loss, ids, labels, *, logits=None) -> None:
         """Records this training step and then calls ``optimizer.step()``:
         call it after ``loss.backward()``, in place of ``optimizer.step()``.
 
         ``ids`` are the batch's instance ids (e.g. the data set indices),
-        ``labels`` their classes, both in the batch's order."""
+        ``labels`` their classes, both in the batch's order.
+
+        Each example's loss (cross-entropy), predicted class and probability
+        of its label go into the ``examples`` table, computed from
+        ``logits`` (batch × classes, logits or log-probabilities) or, when
+        not given, from the model's output of this step's forward pass when
+        that is a (batch, classes) tensor."""
         if self._closed:
             raise RecordError(f"{self.run_dir}: the tracer is finished")
         missing = [l.name for l in self._layers if l.grad is None]
@@ -451,9 +488,14 @@ class Tracer:
                 "up to its last commit and is marked aborted"
             )
         lr = self._lr()
+        self._explicit_logits = logits is not None
+        examples = self._examples(logits if logits is not None else self._output, labels)
+        self._output = None
         self._max_id = max(self._max_id, int(ids.max()) if len(ids) else -1)
         self._flush_pending()
         self._rec.step(self._step, self._epoch, lr, batch, value)
+        if examples is not None:
+            self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         if self.mode == "instance":
             factors = [(l.name, *self._factors(l, lr)) for l in self._layers]
             self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))

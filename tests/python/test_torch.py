@@ -545,3 +545,53 @@ def test_attribute_waits_for_a_probe_appender(tmp_path, data):
     assert done, "attribute did not finish"
     assert done[0][1] >= released, "attribute wrote its manifest while the lock was held"
     assert manifest(run)["attributions"][-1]["probes"] == "ids:7000"
+
+
+@pytest.mark.parametrize("mode", ["instance", "batch"])
+def test_examples_rows_equal_the_losses_of_each_forward_pass(tmp_path, data, mode):
+    """The `examples` table holds, per step and member, the loss and the
+    prediction of that step's forward pass: recomputed here with PyTorch
+    (cross_entropy without reduction) before each update."""
+    x, y, _, _ = data
+    torch.manual_seed(3)
+    model = MLP()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if mode == "instance"
+           else torch.optim.Adam(model.parameters(), lr=0.01))
+    want = {}
+
+    def on_step(step, rows):
+        with torch.no_grad():
+            out = model(x[rows])
+            want[step] = (rows.numpy(), F.cross_entropy(out, y[rows], reduction="none").numpy(),
+                          out.argmax(1).numpy())
+
+    run = str(tmp_path / mode)
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, mode=mode)
+    train(model, opt, x, y, epochs=2, tracer=tracer, on_step=on_step)
+    tracer.finish()
+    t = table(run, "examples").to_pandas()
+    assert len(t) == 2 * TRAIN_ROWS
+    assert sorted(t["step"].unique()) == sorted(want)
+    for step, (ids, loss, predicted) in want.items():
+        rows = t[t["step"] == step]
+        assert rows["instance_id"].tolist() == ids.tolist(), f"step {step}: the batch's order"
+        assert rows["label"].tolist() == y[ids].tolist()
+        np.testing.assert_allclose(rows["loss"], loss, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(rows["p_label"], np.exp(-loss), rtol=0, atol=1e-5)
+        assert rows["predicted"].tolist() == predicted.tolist()
+    # The canned queries read it: every training instance is in the data map.
+    dm = reptrace.Run(run).query("data_map").to_pandas()
+    assert len(dm) == TRAIN_ROWS and set(dm["region"]) <= {"easy", "ambiguous", "hard"}
+
+
+def test_logits_of_the_wrong_shape_are_refused(tmp_path, data):
+    x, y, _, _ = data
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracer = reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES)
+    out = model(x[:8])
+    loss = F.cross_entropy(out, y[:8])
+    loss.backward()
+    with pytest.raises(reptrace.InvalidInput, match=r"logits: shape \(8, 5\)"):
+        tracer.step(loss, range(8), y[:8], logits=out[:, :5])
+    tracer.abort("test")

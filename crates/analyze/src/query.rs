@@ -61,6 +61,19 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "batch_member_influence",
         include_str!("../queries/batch_member_influence.sql"),
     ),
+    (
+        "mislabel_candidates",
+        include_str!("../queries/mislabel_candidates.sql"),
+    ),
+    (
+        "tracin_self_influence",
+        include_str!("../queries/tracin_self_influence.sql"),
+    ),
+    (
+        "forgetting_events",
+        include_str!("../queries/forgetting_events.sql"),
+    ),
+    ("data_map", include_str!("../queries/data_map.sql")),
 ];
 
 /// A query: its SQL and declared parameters.

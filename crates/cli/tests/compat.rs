@@ -64,6 +64,11 @@ fn format_4_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(4);
 }
 
+#[test]
+fn format_5_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(5);
+}
+
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     assert!(version < reptrace_format::FORMAT_VERSION);
     let dir = tempfile::tempdir().unwrap();
@@ -78,7 +83,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     ok(&["verify", r]);
 
     // Every table reads with the row counts its manifest lists (batches,
-    // influence: none, the tables are newer than the run); contributions
+    // influence, examples: none, the tables are newer than the run); contributions
     // are read from the materialised rows for the probes they hold.
     assert_eq!(m.attributions.len(), 1, "its attribution is read");
     for table in [
@@ -89,6 +94,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         "contributions",
         "batches",
         "influence",
+        "examples",
     ] {
         let want: u64 = m.files(table.parse().unwrap()).iter().map(|f| f.rows).sum();
         let filter = if table == "contributions" {

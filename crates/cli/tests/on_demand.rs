@@ -190,6 +190,8 @@ fn computed_equals_materialised(model: &str) {
         .unwrap()
         .into_iter()
         .filter(|q| q.name != "batch_member_influence" && q.name != "self_influence")
+        // The questions about one probe (not the training-dynamics ones).
+        .filter(|q| q.params.iter().any(|p| p.name == "probe"))
         .collect();
     assert!(queries.len() >= 7);
     for &probe in &chosen {
@@ -286,7 +288,8 @@ fn computed_equals_materialised(model: &str) {
                 .run(&ctx, &[("k", "3")]),
         )
         .unwrap();
-    assert_eq!(cells(&b).len(), 3 * traced.len());
+    // Both tails (memorised, self-opposed), k each, per layer.
+    assert_eq!(cells(&b).len(), 2 * 3 * traced.len());
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! and reported by the binary; the HTML's structure is counted through the
 //! data attributes the report puts on purpose, and checked against the
 //! digits data read independently (reptrace-tch's loader); then the page is
-//! rendered by a real headless Chromium.
+//! rendered by a real headless Chromium. Its training-dynamics section (data
+//! map, mislabel candidates) is checked against `reptrace query` and the
+//! data, and a run trained with `--no-examples` gets the one-line notice.
 #![cfg(feature = "tch")]
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -84,6 +86,27 @@ fn fixture() -> &'static Fixture {
             html,
         }
     })
+}
+
+/// The rows of a canned query's CSV output, as named cells.
+fn query_csv(dir: &Path, args: &[&str]) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut all = vec!["query"];
+    all.extend_from_slice(args);
+    all.extend(["--format", "csv"]);
+    let o = reptrace(dir, &all);
+    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .map(|h| h.to_string())
+                .zip(l.split(',').map(str::to_owned))
+                .collect()
+        })
+        .collect()
 }
 
 /// Opening tags `<{start}…>` (start includes the tag name and first attribute).
@@ -369,6 +392,197 @@ fn report_structure_matches_the_run_and_the_data() {
     );
 }
 
+/// The data map has one point per training instance, placed and coloured as
+/// `reptrace query data_map` says, with the counts per region; the gallery
+/// shows the top 12 mislabel candidates of `reptrace query
+/// mislabel_candidates`, drawn from the data.
+#[test]
+fn report_shows_the_training_dynamics() {
+    use reptrace_analyze::report::{AMBIGUOUS, CANDIDATES, EASY, plots::correctness_colour};
+    let f = fixture();
+    let html = &f.html;
+    let dir = f.run.parent().unwrap();
+    let digits = reptrace_tch::data::digits().unwrap();
+    let n = digits.n_train;
+    assert_eq!(html.matches("<section class=\"dynamics\"").count(), 1);
+    assert!(!html.contains("no-dynamics"));
+
+    let map = query_csv(
+        dir,
+        &[
+            "run",
+            "data_map",
+            "--param",
+            &format!("ambiguous={AMBIGUOUS}"),
+            "--param",
+            &format!("easy={EASY}"),
+        ],
+    );
+    assert_eq!(map.len(), n, "every training instance");
+    let num =
+        |r: &std::collections::BTreeMap<String, String>, c: &str| -> f64 { r[c].parse().unwrap() };
+
+    let figures = blocks(html, "<figure class=\"datamap\"", "</figure>");
+    assert_eq!(figures.len(), 1);
+    let fig = figures[0];
+    assert_eq!(attr(fig, "data-points"), n.to_string());
+    assert_eq!(attr(fig, "data-ambiguous"), AMBIGUOUS.to_string());
+    assert_eq!(attr(fig, "data-easy"), EASY.to_string());
+    let svg = svg_of(fig);
+    let circles = tags(svg, "<circle ");
+    assert_eq!(circles.len(), n, "one point per training instance");
+    assert_eq!(svg.matches("<title>instance ").count(), n);
+    // Drawn in the query's order (by instance id), each titled with its id
+    // and coloured by its correctness (a multiple of 1/epochs).
+    let at = |t: &str| -> (i32, i32) {
+        (
+            attr(t, "cx").parse().unwrap(),
+            attr(t, "cy").parse().unwrap(),
+        )
+    };
+    let mut colours = BTreeSet::new();
+    let points = blocks(svg, "<circle ", "</circle>");
+    assert_eq!(points.len(), n);
+    for ((row, c), point) in map.iter().zip(&circles).zip(&points) {
+        let rest = &point[c.len()..];
+        assert!(
+            rest.starts_with(&format!(
+                "<title>instance {}, class {}: ",
+                row["instance_id"], row["label"]
+            )),
+            "{}",
+            rest
+        );
+        let corr = num(row, "correctness");
+        assert!((corr * EPOCHS as f64 - (corr * EPOCHS as f64).round()).abs() < 1e-9);
+        assert_eq!(attr(c, "fill"), correctness_colour(corr));
+        colours.insert(attr(c, "fill"));
+    }
+    assert!(colours.len() >= 2, "{colours:?}");
+    // Positions are monotone in the values (ties: same pixel or next to it).
+    let by = |col: &str, axis: fn((i32, i32)) -> i32, sign: i32| {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.sort_by(|&a, &b| num(&map[a], col).total_cmp(&num(&map[b], col)));
+        let px: Vec<i32> = idx.iter().map(|&i| sign * axis(at(circles[i]))).collect();
+        assert!(px.windows(2).all(|w| w[0] <= w[1]), "{col}");
+        assert!(px[n - 1] > px[0], "{col} spreads");
+    };
+    by("variability", |p| p.0, 1);
+    by("confidence", |p| p.1, -1);
+    // Counts per region, as the query has them.
+    let rows = tags(html, "<tr data-region=");
+    let regions: Vec<&str> = rows.iter().map(|t| attr(t, "data-region")).collect();
+    assert_eq!(regions, ["easy", "ambiguous", "hard"]);
+    for t in &rows {
+        let want = map
+            .iter()
+            .filter(|r| r["region"] == attr(t, "data-region"))
+            .count();
+        assert_eq!(attr(t, "data-count"), want.to_string(), "{t}");
+    }
+
+    // The gallery: the query's top 12, in order, labelled as in the data,
+    // each drawn.
+    let top = query_csv(
+        dir,
+        &[
+            "run",
+            "mislabel_candidates",
+            "--param",
+            &format!("k={CANDIDATES}"),
+        ],
+    );
+    assert_eq!(top.len(), CANDIDATES);
+    let galleries = blocks(html, "<div class=\"gallery mislabel\"", "</div>");
+    assert_eq!(galleries.len(), 1);
+    let g = galleries[0];
+    assert_eq!(attr(g, "data-items"), CANDIDATES.to_string());
+    let items = tags(g, "<figure class=\"gallery-item\"");
+    assert_eq!(items.len(), CANDIDATES);
+    assert_eq!(g.matches("<svg class=\"digit\"").count(), CANDIDATES);
+    let mut last = f64::INFINITY;
+    for (i, (t, row)) in items.iter().zip(&top).enumerate() {
+        assert_eq!(attr(t, "data-rank"), (i + 1).to_string());
+        assert_eq!(attr(t, "data-instance"), row["instance_id"]);
+        assert_eq!(attr(t, "data-predicted"), row["predicted_at_end"]);
+        let id: usize = row["instance_id"].parse().unwrap();
+        assert!(id < n, "a training instance");
+        assert_eq!(attr(t, "data-label"), digits.labels[id].to_string());
+        let score: f64 = attr(t, "data-score").parse().unwrap();
+        assert!((score - num(row, "score")).abs() <= 1e-9 * score.abs().max(1.0));
+        assert!(score <= last && score > 0.0, "by score");
+        last = score;
+    }
+    for t in &items {
+        let id = attr(t, "data-instance");
+        let fig = blocks(
+            g,
+            &format!("<figure class=\"gallery-item\" data-instance=\"{id}\""),
+            "</figure>",
+        );
+        let label: i32 = attr(t, "data-label").parse().unwrap();
+        let predicted: i32 = attr(t, "data-predicted").parse().unwrap();
+        assert!(
+            fig[0].contains(&format!(">given {label}</span>")),
+            "{}",
+            fig[0]
+        );
+        assert!(
+            fig[0].contains(&format!(">predicted {predicted}</span>")),
+            "{}",
+            fig[0]
+        );
+    }
+}
+
+/// A run trained with `--no-examples` has no training dynamics: the section
+/// says so in one line, and the rest of the report is drawn as usual.
+#[test]
+fn report_without_examples_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = reptrace(
+        dir.path(),
+        &[
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--no-examples",
+            "--out",
+            "run",
+        ],
+    );
+    assert!(o.status.success(), "train: {}", text(&o.stderr));
+    let probe = PROBE.to_string();
+    let o = reptrace(
+        dir.path(),
+        &[
+            "report", "run", "--probe", &probe, "--k", "3", "--out", "r.html",
+        ],
+    );
+    assert!(o.status.success(), "report: {}", text(&o.stderr));
+    let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
+    let notice = blocks(&html, "<p class=\"stats no-dynamics\">", "</p>");
+    assert_eq!(notice.len(), 1);
+    assert!(notice[0].ends_with(
+        ">this run has no training dynamics (format ≤ 5 or recorded with --no-examples)"
+    ));
+    let section = blocks(&html, "<section class=\"dynamics\"", "</section>");
+    assert_eq!(section.len(), 1);
+    assert_eq!(
+        section[0],
+        format!(
+            "<section class=\"dynamics\" id=\"dynamics\"><h2>Training dynamics</h2>{}</p>",
+            notice[0]
+        )
+    );
+    assert!(!html.contains("datamap"));
+    assert!(!html.contains("mislabel"));
+    assert_eq!(html.matches("<figure class=\"ridge\"").count(), 3);
+    assert_eq!(blocks(&html, "<div class=\"gallery\"", "</div>").len(), 6);
+}
+
 #[test]
 fn report_errors_name_the_flag_or_probe() {
     let f = fixture();
@@ -466,6 +680,7 @@ fn report_renders_in_headless_chromium() {
         &dom[..dom.len().min(300)]
     );
     assert_eq!(dom.matches("<figure class=\"ridge\"").count(), 3);
+    assert_eq!(dom.matches("<figure class=\"datamap\"").count(), 1);
     for line in err.lines() {
         assert!(
             !line.contains("Uncaught") && !line.contains(":CONSOLE("),

@@ -1,4 +1,4 @@
-//! Arrow schemas of the five tables of a run.
+//! Arrow schemas of the tables of a run.
 //!
 //! The column names here are the contract that pandas, DuckDB, Spark and the
 //! canned queries read. `schemas/*.json` says the same in a language-neutral
@@ -32,6 +32,7 @@ pub mod col {
     pub const NORM: &str = "norm";
     pub const COSINE: &str = "cosine";
     pub const RECORDS: &str = "records";
+    pub const P_LABEL: &str = "p_label";
     /// The Hive partition column of partitioned tables (from the path).
     pub const LAYER: &str = "layer";
 }
@@ -54,12 +55,17 @@ pub enum Table {
     /// Materialised sums of contributions per probe, instance (and epoch),
     /// written by `reptrace attribute --by instance|epoch`.
     Influence,
+    /// Training dynamics: one row per step and member of its batch, with
+    /// the example's loss, predicted class and probability of its label in
+    /// the forward pass of that step (format 6).
+    Examples,
 }
 
 impl Table {
     /// Every table, in the order of docs/format.md except the newer ones
-    /// (`batches`, format 3; `influence`, format 5), last.
-    pub const ALL: [Table; 7] = [
+    /// (`batches`, format 3; `influence`, format 5; `examples`, format 6),
+    /// last.
+    pub const ALL: [Table; 8] = [
         Table::Instances,
         Table::Steps,
         Table::Updates,
@@ -67,6 +73,7 @@ impl Table {
         Table::Contributions,
         Table::Batches,
         Table::Influence,
+        Table::Examples,
     ];
 
     /// The table's name: its directory in the run and its SQL name.
@@ -79,6 +86,7 @@ impl Table {
             Table::Contributions => "contributions",
             Table::Batches => "batches",
             Table::Influence => "influence",
+            Table::Examples => "examples",
         }
     }
 
@@ -175,6 +183,17 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(LABEL, DataType::Int32, true),
             Field::new(DOT, DataType::Float64, false),
             Field::new(RECORDS, DataType::Int64, false),
+        ],
+        Table::Examples => vec![
+            Field::new(STEP, DataType::Int64, false),
+            Field::new(EPOCH, DataType::Int32, false),
+            Field::new(INSTANCE_ID, DataType::Int64, false),
+            Field::new(LABEL, DataType::Int32, false),
+            // Cross-entropy of the example's output against its label.
+            Field::new(LOSS, DataType::Float64, false),
+            Field::new(PREDICTED, DataType::Int32, false),
+            // softmax(output)[label] = exp(-loss).
+            Field::new(P_LABEL, DataType::Float64, false),
         ],
     };
     Arc::new(Schema::new(fields))

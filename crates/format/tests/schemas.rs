@@ -344,6 +344,8 @@ fn examples() -> Vec<Manifest> {
         epoch: Some(0),
         files: vec![
             file("steps/part-000001.parquet", "steps", None),
+            // Format 6: training dynamics.
+            file("examples/part-000001.parquet", "examples", None),
             file(
                 "updates/layer=fc1/part-000001.parquet",
                 "updates",

@@ -10,7 +10,7 @@ use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    BatchStep, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
+    BatchStep, ExampleBatch, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
 };
 use std::sync::Mutex;
 
@@ -204,6 +204,31 @@ impl PyRecorder {
                 loss,
             })
             .map_err(error::record)
+    }
+
+    /// The training dynamics of a step (table `examples`): each member's
+    /// cross-entropy loss and predicted class in that step's forward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn examples(
+        &mut self,
+        py: Python<'_>,
+        step: i64,
+        epoch: i32,
+        ids: PyReadonlyArray1<'_, i64>,
+        labels: PyReadonlyArray1<'_, i32>,
+        loss: PyReadonlyArray1<'_, f32>,
+        predicted: PyReadonlyArray1<'_, i32>,
+    ) -> PyResult<()> {
+        let batch = ExampleBatch {
+            step,
+            epoch,
+            instance_ids: slice(&ids, "ids")?,
+            labels: slice(&labels, "labels")?,
+            loss: slice(&loss, "loss")?,
+            predicted: slice(&predicted, "predicted")?,
+        };
+        let rec = self.rec()?;
+        py.detach(|| rec.examples(batch)).map_err(error::record)
     }
 
     /// Instance mode: one layer's per-example factors for a step, row-major

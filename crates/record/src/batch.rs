@@ -18,6 +18,21 @@ pub struct StepRow {
     pub loss: f64,
 }
 
+/// The training dynamics of one step (table `examples`): `n` rows, one per
+/// member of the batch, from the forward pass that step's update came from.
+#[derive(Debug, Clone, Copy)]
+pub struct ExampleBatch<'a> {
+    pub step: i64,
+    pub epoch: i32,
+    pub instance_ids: &'a [i64],
+    pub labels: &'a [i32],
+    /// Each example's cross-entropy, −log softmax(output)[label]; the
+    /// probability of its label, `p_label`, is computed from it.
+    pub loss: &'a [f32],
+    /// The class of each example's largest output.
+    pub predicted: &'a [i32],
+}
+
 /// The update records of one step for one traced layer: `n` rows.
 ///
 /// `u` is `n × u_len` and `v` is `n × v_len`, row-major, with
@@ -94,6 +109,33 @@ impl StepRowsOwned {
 
     pub fn len(&self) -> usize {
         self.step.len()
+    }
+}
+
+/// Owned `examples` rows, column by column.
+#[derive(Debug, Default)]
+pub(crate) struct ExampleRowsOwned {
+    pub step: Vec<i64>,
+    pub epoch: Vec<i32>,
+    pub ids: Vec<i64>,
+    pub labels: Vec<i32>,
+    pub loss: Vec<f32>,
+    pub predicted: Vec<i32>,
+}
+
+impl ExampleRowsOwned {
+    pub fn push(&mut self, b: &ExampleBatch<'_>) {
+        let n = b.instance_ids.len();
+        self.step.extend(std::iter::repeat_n(b.step, n));
+        self.epoch.extend(std::iter::repeat_n(b.epoch, n));
+        self.ids.extend_from_slice(b.instance_ids);
+        self.labels.extend_from_slice(b.labels);
+        self.loss.extend_from_slice(b.loss);
+        self.predicted.extend_from_slice(b.predicted);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
     }
 }
 

@@ -4,7 +4,9 @@
 //! `List<Float32>` or `List<Float16>` (item field `item`, non-null), so a row
 //! of `n × len` row-major values becomes a list array with fixed-length
 //! offsets over one flat value buffer (moved, not copied, for f32).
-use crate::batch::{BatchRows, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm};
+use crate::batch::{
+    BatchRows, ExampleRowsOwned, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm,
+};
 use crate::{Error, Result};
 use arrow_array::types::Float16Type;
 use arrow_array::{
@@ -105,6 +107,26 @@ pub(crate) fn steps(rows: StepRowsOwned) -> Result<RecordBatch> {
             Arc::new(Float64Array::from(rows.lr)),
             Arc::new(Int32Array::from(rows.batch_size)),
             Arc::new(Float64Array::from(rows.loss)),
+        ],
+    )
+}
+
+/// `examples` rows; `loss` widened to f64, `p_label = exp(−loss)` computed
+/// in f64.
+pub(crate) fn examples(rows: ExampleRowsOwned) -> Result<RecordBatch> {
+    let loss: Vec<f64> = rows.loss.iter().map(|&l| f64::from(l)).collect();
+    let p_label: Vec<f64> = loss.iter().map(|&l| (-l).exp()).collect();
+    batch(
+        Table::Examples,
+        schema(Table::Examples, Dtype::F32),
+        vec![
+            Arc::new(Int64Array::from(rows.step)),
+            Arc::new(Int32Array::from(rows.epoch)),
+            Arc::new(Int64Array::from(rows.ids)),
+            Arc::new(Int32Array::from(rows.labels)),
+            Arc::new(Float64Array::from(loss)),
+            Arc::new(Int32Array::from(rows.predicted)),
+            Arc::new(Float64Array::from(p_label)),
         ],
     )
 }

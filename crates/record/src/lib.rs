@@ -62,7 +62,7 @@ mod weights;
 mod writer;
 
 pub use append::ProbeAppender;
-pub use batch::{BatchStep, NamedTensor, ProbeBatch, StepRow, UpdateBatch};
+pub use batch::{BatchStep, ExampleBatch, NamedTensor, ProbeBatch, StepRow, UpdateBatch};
 pub use error::{Error, Result};
 pub use part::ParquetOptions;
 pub use recorder::{Recorder, RecorderBuilder};

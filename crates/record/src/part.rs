@@ -72,6 +72,7 @@ fn float_columns(table: Table) -> Vec<ColumnPath> {
             ColumnPath::from(col::COSINE),
         ],
         Table::Influence => vec![ColumnPath::from(col::DOT)],
+        Table::Examples => vec![ColumnPath::from(col::LOSS), ColumnPath::from(col::P_LABEL)],
         Table::Instances | Table::Batches => vec![],
     }
 }

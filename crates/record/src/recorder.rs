@@ -7,8 +7,8 @@
 //! thread come back from the next call.
 use crate::append::lock_run;
 use crate::batch::{
-    BatchRows, BatchStep, InstanceRows, NamedTensor, NormKind, OwnedTensor, ProbeBatch, StepRow,
-    UpdateBatch, UpdateRows, check_len,
+    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, InstanceRows, NamedTensor, NormKind,
+    OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateRows, check_len,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
@@ -400,6 +400,39 @@ impl Recorder {
         self.last_step_row = Some(row.step);
         self.see_step(row.step, row.epoch);
         self.send(Msg::Step(row))
+    }
+
+    /// Adds the training dynamics of one step (table `examples`): each batch
+    /// member's loss and predicted class in the forward pass of step
+    /// `batch.step`. Independent of the traced layers and of the mode.
+    pub fn examples(&mut self, batch: ExampleBatch<'_>) -> Result<()> {
+        self.check_open()?;
+        let ctx = || format!("examples of step {}", batch.step);
+        let n = batch.instance_ids.len();
+        check_len(ctx, "labels", n, batch.labels.len())?;
+        check_len(ctx, "loss", n, batch.loss.len())?;
+        check_len(ctx, "predicted", n, batch.predicted.len())?;
+        if batch.step < 0 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: format!("step {} is negative", batch.step),
+            });
+        }
+        self.check_labels(&ctx(), "labels", batch.labels)?;
+        self.check_labels(&ctx(), "predicted", batch.predicted)?;
+        if batch.loss.iter().any(|l| l.is_nan()) {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: "a loss value is NaN".into(),
+            });
+        }
+        self.see_step(batch.step, batch.epoch);
+        if n == 0 {
+            return Ok(());
+        }
+        let mut rows = ExampleRowsOwned::default();
+        rows.push(&batch);
+        self.send(Msg::Examples(rows))
     }
 
     /// Adds the update records of one step for traced layer `layer`.

@@ -8,7 +8,8 @@
 //! removes its uncommitted files, marks the run aborted (committed data is
 //! kept as it was) and stops; the caller sees the error on its next call.
 use crate::batch::{
-    BatchRows, InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned, UpdateRows,
+    BatchRows, ExampleRowsOwned, InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned,
+    UpdateRows,
 };
 use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::{Error, Result, columns, durable, weights};
@@ -26,6 +27,9 @@ use std::sync::{Arc, Mutex};
 /// Steps rows are buffered and written in chunks of this many rows.
 const STEP_CHUNK: usize = 4096;
 
+/// Examples rows are buffered and written in chunks of this many rows.
+const EXAMPLE_CHUNK: usize = 65536;
+
 /// Reason written into the manifest when a recorder is dropped unfinished.
 pub(crate) const DROPPED_REASON: &str = "recorder dropped without finish()";
 
@@ -36,6 +40,7 @@ pub(crate) type Snapshot = (String, Vec<OwnedTensor>);
 pub(crate) enum Msg {
     Instances(InstanceRows),
     Step(StepRow),
+    Examples(ExampleRowsOwned),
     Updates {
         layer: usize,
         rows: UpdateRows,
@@ -114,6 +119,7 @@ pub(crate) struct Writer {
     layers: Vec<String>,
     parts: BTreeMap<PartKey, PartWriter>,
     steps: StepRowsOwned,
+    examples: ExampleRowsOwned,
     shared: Arc<Shared>,
 }
 
@@ -140,6 +146,7 @@ impl Writer {
             layers,
             parts: BTreeMap::new(),
             steps: StepRowsOwned::default(),
+            examples: ExampleRowsOwned::default(),
             shared,
         }
     }
@@ -200,6 +207,22 @@ impl Writer {
                 self.steps.push(&row);
                 if self.steps.len() >= STEP_CHUNK {
                     self.flush_steps()?;
+                }
+            }
+            Msg::Examples(rows) => {
+                if self.examples.len() == 0 {
+                    self.examples = rows;
+                } else {
+                    let e = &mut self.examples;
+                    e.step.extend(rows.step);
+                    e.epoch.extend(rows.epoch);
+                    e.ids.extend(rows.ids);
+                    e.labels.extend(rows.labels);
+                    e.loss.extend(rows.loss);
+                    e.predicted.extend(rows.predicted);
+                }
+                if self.examples.len() >= EXAMPLE_CHUNK {
+                    self.flush_examples()?;
                 }
             }
             Msg::Updates { layer, rows } => {
@@ -274,15 +297,25 @@ impl Writer {
         self.write(Table::Steps, None, &batch)
     }
 
+    fn flush_examples(&mut self) -> Result<()> {
+        if self.examples.len() == 0 {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.examples);
+        let batch = columns::examples(rows)?;
+        self.write(Table::Examples, None, &batch)
+    }
+
     /// Whether anything would go into a commit.
     fn pending(&self) -> bool {
-        !self.parts.is_empty() || self.steps.len() > 0
+        !self.parts.is_empty() || self.steps.len() > 0 || self.examples.len() > 0
     }
 
     /// Makes the pending parts and an optional weights snapshot durable and
     /// records them in a new manifest commit.
     fn commit(&mut self, step: Option<(i64, i32)>, weights: Option<Snapshot>) -> Result<()> {
         self.flush_steps()?;
+        self.flush_examples()?;
         let seq = self.manifest.commits.len() as u64;
         let mut files = Vec::new();
         let mut probes = Vec::new();
@@ -461,6 +494,7 @@ impl Writer {
             part.discard();
         }
         self.steps = StepRowsOwned::default();
+        self.examples = ExampleRowsOwned::default();
     }
 
     /// Cleans up after an error and marks the run aborted with the error.

@@ -7,8 +7,9 @@
 //! MLP 784-256-10, batch 64, plain SGD, on MNIST-shaped synthetic data
 //! (class prototypes plus noise), every layer traced. Each repeat trains
 //! untraced, traced with f32 factors, traced with f16 factors and traced
-//! with f32 factors at zstd level 3 (the default before level 1), side by
-//! side, so that all of them see the same machine state; the table gives
+//! with f32 factors at zstd level 3 (the default before level 1) and traced
+//! with f32 factors without the `examples` table (training dynamics), side
+//! by side, so that all of them see the same machine state; the table gives
 //! medians. "loop" is the training loop (steps and epoch-end commits);
 //! "total" adds the final flush of the recorder's queue and the last commit.
 //! Of the loop, "factors" is the time spent building the factors and copying
@@ -20,7 +21,9 @@
 //! variant for scripts (`scripts/bench.sh`):
 //! `BENCH overhead dtype=f32 ratio=R loop_ratio=L untraced_ms_per_step=M steps=S repeats=N`,
 //! where `ratio` is the total-time ratio (the trace is complete only once the
-//! recorder has flushed).
+//! recorder has flushed). And the cost of the `examples` table, traced f32
+//! over traced f32 without it (per repeat, then the median):
+//! `BENCH examples ratio=R loop_ratio=L steps=S repeats=N`.
 //!
 //! Environment: `REPTRACE_BENCH_REPEATS` (default 5), `REPTRACE_BENCH_ROWS`
 //! (training rows, default 6400 = 100 steps), `REPTRACE_BENCH_EPOCHS`
@@ -107,12 +110,15 @@ fn main() {
         threads,
         ..TrainConfig::default()
     };
-    let variants: [(&str, TraceLayers, Dtype, Option<i32>); 4] = [
-        ("untraced", TraceLayers::None, Dtype::F32, None),
-        ("traced f32", TraceLayers::All, Dtype::F32, None),
-        ("traced f16", TraceLayers::All, Dtype::F16, None),
-        ("f32 zstd 3", TraceLayers::All, Dtype::F32, Some(3)),
+    // (name, layers, dtype, zstd level, examples table)
+    let variants: [(&str, TraceLayers, Dtype, Option<i32>, bool); 5] = [
+        ("untraced", TraceLayers::None, Dtype::F32, None, true),
+        ("traced f32", TraceLayers::All, Dtype::F32, None, true),
+        ("traced f16", TraceLayers::All, Dtype::F16, None, true),
+        ("f32 zstd 3", TraceLayers::All, Dtype::F32, Some(3), true),
+        ("f32 no ex.", TraceLayers::All, Dtype::F32, None, false),
     ];
+    const NO_EXAMPLES: usize = 4;
     // Warm-up (allocator, libtorch kernels), not measured.
     let warm = TrainConfig {
         out: dir.path().join("warm"),
@@ -125,12 +131,13 @@ fn main() {
     let mut record_s = vec![Vec::new(); variants.len()];
     let mut bytes = vec![0u64; variants.len()];
     for r in 0..repeats {
-        for (i, (name, trace, dtype, zstd)) in variants.iter().enumerate() {
+        for (i, (name, trace, dtype, zstd, examples)) in variants.iter().enumerate() {
             let out = dir.path().join(format!("r{r}-{i}"));
             let cfg = TrainConfig {
                 trace_layers: trace.clone(),
                 dtype: *dtype,
                 zstd_level: *zstd,
+                examples: *examples,
                 out: out.clone(),
                 ..base.clone()
             };
@@ -166,17 +173,22 @@ fn main() {
         "updates bytes"
     );
     let base_loop = median(&mut loop_s[0].clone());
-    // Per repeat, traced over untraced of the same repeat; then the median.
-    let ratios = |times: &[Vec<f64>], i: usize| -> f64 {
+    // Per repeat, variant i over variant `base` of the same repeat; then the median.
+    let ratio_to = |times: &[Vec<f64>], i: usize, base: usize| -> f64 {
         let mut r: Vec<f64> = times[i]
             .iter()
-            .zip(&times[0])
+            .zip(&times[base])
             .map(|(t, base)| t / base)
             .collect();
         median(&mut r)
     };
-    let mut summary = Vec::new();
-    for (i, (name, _, dtype, zstd)) in variants.iter().enumerate() {
+    let ratios = |times: &[Vec<f64>], i: usize| ratio_to(times, i, 0);
+    let mut summary = vec![format!(
+        "BENCH examples ratio={:.4} loop_ratio={:.4} steps={steps} repeats={repeats}",
+        ratio_to(&total_s, 1, NO_EXAMPLES),
+        ratio_to(&loop_s, 1, NO_EXAMPLES)
+    )];
+    for (i, (name, _, dtype, zstd, examples)) in variants.iter().enumerate() {
         let (loop_ratio, total_ratio) = (ratios(&loop_s, i), ratios(&total_s, i));
         let l = median(&mut loop_s[i]);
         let t = median(&mut total_s[i]);
@@ -188,7 +200,7 @@ fn main() {
             format!("{loop_ratio:.2}/{total_ratio:.2}"),
             bytes[i]
         );
-        if i > 0 {
+        if i > 0 && *examples {
             // The zstd-3 variant is a comparison, not a row of the summary table.
             let part = if zstd.is_some() {
                 "overhead_zstd3"

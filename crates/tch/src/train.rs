@@ -31,7 +31,9 @@ use crate::{Error, Result};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
-use reptrace_record::{BatchStep, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{
+    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch,
+};
 use serde_json::json;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -150,6 +152,9 @@ pub struct TrainConfig {
     /// leaves a core to the recorder's writer thread. Small models train
     /// fastest with 1.
     pub threads: Option<usize>,
+    /// Record each training example's loss, predicted class and probability
+    /// of its label at every step (table `examples`; on by default).
+    pub examples: bool,
 }
 
 impl Default for TrainConfig {
@@ -180,6 +185,7 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/run"),
             zstd_level: None,
             threads: None,
+            examples: true,
         }
     }
 }
@@ -518,6 +524,7 @@ pub fn train_on(
                 .setting("threads", json!(threads))
                 .setting("trace_layers", json!(config.trace_layers.to_string()))
                 .setting("probes", json!(config.probes.to_string()))
+                .setting("examples", json!(config.examples))
                 .setting("n_train", json!(data.n_train))
                 .setting("n_test", json!(data.n_test()))
                 .build()?,
@@ -732,6 +739,7 @@ impl Run<'_> {
         let net = self.net;
         let device = net.device();
         let ids: Vec<i64> = s.rows.iter().map(|&r| r as i64).collect();
+        let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
         let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
         let x = s.x_all.f_index_select(0, &index)?;
         let y = s.y_all.f_index_select(0, &index)?;
@@ -739,9 +747,8 @@ impl Run<'_> {
         // Instance mode needs δ at every traced layer's output.
         let recording = self.rec.is_some() && !batch_mode;
         let (logits, taps) = net.forward(&x, true, recording)?;
-        let loss = logits
-            .f_log_softmax(-1, Kind::Float)?
-            .f_nll_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100)?;
+        let log_p = logits.f_log_softmax(-1, Kind::Float)?;
+        let loss = log_p.f_nll_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100)?;
         let loss_value = loss.f_double_value(&[])?;
         if !loss_value.is_finite() {
             return Err(Error::NonFiniteLoss {
@@ -750,11 +757,35 @@ impl Run<'_> {
                 loss: loss_value,
             });
         }
-        let correct = logits
-            .f_argmax(-1, false)?
+        let predicted = logits.f_argmax(-1, false)?;
+        let correct = predicted
             .f_eq_tensor(&y)?
             .f_sum(Kind::Int64)?
             .f_int64_value(&[])?;
+        if self.config.examples
+            && let Some(rec) = self.rec.as_deref_mut()
+        {
+            // Each member's loss and prediction in this forward pass.
+            let t0 = Instant::now();
+            let losses = log_p
+                .f_detach()?
+                .f_gather(1, &y.f_unsqueeze(1)?, false)?
+                .f_neg()?
+                .f_reshape([-1])?
+                .f_to_device(Device::Cpu)?;
+            let losses = Vec::<f32>::try_from(&losses)?;
+            let predicted = predicted.f_to_kind(Kind::Int)?.f_to_device(Device::Cpu)?;
+            let predicted = Vec::<i32>::try_from(&predicted)?;
+            rec.examples(ExampleBatch {
+                step: s.step as i64,
+                epoch: s.epoch as i32,
+                instance_ids: &ids,
+                labels: &labels,
+                loss: &losses,
+                predicted: &predicted,
+            })?;
+            self.timing.record += t0.elapsed();
+        }
         // δ at every traced layer and the parameter gradients from one backward pass.
         let mut inputs: Vec<&Tensor> = taps.iter().map(|t| &t.output).collect();
         inputs.extend(s.params.iter());
@@ -773,7 +804,6 @@ impl Run<'_> {
             for p in &before {
                 deltas.push((p.name.as_str(), whole_update(p)?));
             }
-            let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
             let named: Vec<(&str, &[f32])> =
                 deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
             let t2 = Instant::now();
@@ -806,7 +836,6 @@ impl Run<'_> {
                 loss: loss_value,
             })?;
             self.timing.record += t0.elapsed();
-            let labels: Vec<i32> = s.rows.iter().map(|&r| self.data.labels[r]).collect();
             for (tap, delta) in taps.iter().zip(deltas) {
                 let Some(layer) = net.traced_layer(tap.module) else {
                     continue;

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-TABLES = ["instances", "steps", "updates", "probes", "contributions", "batches", "influence"]
+TABLES = ["instances", "steps", "updates", "probes", "contributions", "batches", "influence", "examples"]
 PARTITIONED = {"updates", "probes", "contributions", "influence"}
 OWN_CONTRIBUTIONS = (
     "SELECT c.* FROM contributions c JOIN probes p "

@@ -3,7 +3,8 @@
 //!
 //! [`collect`] runs the canned queries (`class_shares`,
 //! `class_shares_by_epoch`, `top_proponents`, `top_opponents`,
-//! `layer_summary`) and one raw query for the `(cosine, norm, label)` rows of
+//! `layer_summary`, and `data_map` and `mislabel_candidates` for the
+//! training dynamics) and one raw query for the `(cosine, norm, label)` rows of
 //! the ridge plot through the analyzer's SQL session, and gathers the result
 //! into a [`Report`]; [`render`] turns a [`Report`] into HTML;
 //! [`generate`] does both for a run directory.
@@ -16,6 +17,14 @@
 //! `[1, 8, 8]`, instance id = row of `data/digits.csv.gz`, embedded in the
 //! binary); otherwise the gallery shows ids and labels.
 //!
+//! For the whole run, a "Training dynamics" section (read from the table
+//! `examples`, format 6) shows the data map (variability against confidence
+//! of every training instance, coloured by correctness, with the region
+//! thresholds [`AMBIGUOUS`] and [`EASY`] and the count per region) and the
+//! top [`CANDIDATES`] mislabel candidates as a gallery. A run without
+//! `examples` rows (format ≤ 5, or trained with `--no-examples`) gets a
+//! one-line notice instead ([`Report::dynamics`] is `None`).
+//!
 //! The charts are drawn by the `plotters` crate (SVG backend, inline). Each
 //! is wrapped in an element that carries data attributes, so that tests (and
 //! scripts) can count what was drawn: `figure.ridge[data-layer][data-classes]`,
@@ -24,7 +33,14 @@
 //! (ridge: `[data-records]`, shares: `[data-share]`, epochs: `[data-points]`;
 //! `.predicted` on the predicted class) and plotters' `<svg>`, in which each
 //! class's series is drawn in that class's colour; galleries are
-//! `div.gallery[data-kind][data-layer]` with `figure.gallery-item`.
+//! `div.gallery[data-kind][data-layer]` with `figure.gallery-item`. The
+//! dynamics section is `section.dynamics`, with
+//! `figure.datamap[data-points][data-ambiguous][data-easy]` (one `<circle>`
+//! with a `<title>` per instance in its `<svg>`),
+//! `table.regions` of `tr[data-region][data-count]` and
+//! `div.gallery.mislabel[data-kind="mislabel"]` of `figure.gallery-item`
+//! `[data-instance][data-label][data-predicted][data-score]`; or
+//! `p.no-dynamics`.
 //!
 //! ```no_run
 //! # fn main() -> reptrace_analyze::Result<()> {
@@ -52,6 +68,15 @@ use std::path::Path;
 
 /// Points on which each ridge density is evaluated.
 pub const GRID: usize = 201;
+
+/// Variability from which an instance of the data map is ambiguous (the
+/// `data_map` query's `ambiguous`).
+pub const AMBIGUOUS: f64 = 0.2;
+/// Confidence from which a stable instance of the data map is easy (the
+/// `data_map` query's `easy`).
+pub const EASY: f64 = 0.5;
+/// Mislabel candidates shown (the `mislabel_candidates` query's `k`).
+pub const CANDIDATES: usize = 12;
 
 /// What to put in the report.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +161,60 @@ pub struct Layer {
     pub opponents: Vec<Influence>,
 }
 
+/// One training instance on the data map (a row of `data_map`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapPoint {
+    pub instance_id: i64,
+    pub label: i32,
+    /// Epochs in which it was presented.
+    pub epochs: i64,
+    /// Mean over epochs of the probability of its label.
+    pub confidence: f64,
+    /// Population standard deviation over epochs of that probability.
+    pub variability: f64,
+    /// Fraction of epochs in which the model predicted its label.
+    pub correctness: f64,
+    /// `easy`, `ambiguous` or `hard`.
+    pub region: String,
+}
+
+/// A likely mislabelled training instance (a row of `mislabel_candidates`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub rank: i64,
+    pub instance_id: i64,
+    /// The label it was trained with.
+    pub label: i32,
+    /// The class predicted at its last presentation.
+    pub predicted: i32,
+    /// Mean loss over its presentations.
+    pub score: f64,
+    pub confidence: f64,
+    pub correctness: f64,
+    /// Probability of its label at its last presentation.
+    pub p_label: f64,
+}
+
+/// The training dynamics of the run (table `examples`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dynamics {
+    /// Every training instance presented, by id.
+    pub points: Vec<MapPoint>,
+    /// The variability and confidence thresholds of the regions.
+    pub ambiguous: f64,
+    pub easy: f64,
+    /// The top mislabel candidates, by rank.
+    pub candidates: Vec<Candidate>,
+}
+
+impl Dynamics {
+    /// Instances per region, in the order easy, ambiguous, hard.
+    pub fn regions(&self) -> [(&'static str, usize); 3] {
+        ["easy", "ambiguous", "hard"]
+            .map(|r| (r, self.points.iter().filter(|p| p.region == r).count()))
+    }
+}
+
 /// Pixels of the instances shown, when the data set is known.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Images {
@@ -165,6 +244,9 @@ pub struct Report {
     pub layers: Vec<Layer>,
     pub images: Option<Images>,
     pub k: usize,
+    /// The data map and mislabel candidates; `None` when the run recorded
+    /// no `examples` rows.
+    pub dynamics: Option<Dynamics>,
 }
 
 /// Reads, opens and renders: the report's HTML for `run`.
@@ -432,6 +514,8 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         });
     }
 
+    let dynamics = dynamics(ctx).await?;
+
     let (_, st) = crate::sql::run(
         ctx,
         "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs FROM steps",
@@ -446,6 +530,9 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     for l in &out_layers {
         wanted.extend(l.proponents.iter().map(|i| i.instance_id));
         wanted.extend(l.opponents.iter().map(|i| i.instance_id));
+    }
+    if let Some(d) = &dynamics {
+        wanted.extend(d.candidates.iter().map(|c| c.instance_id));
     }
     let images = digits::images(m, &wanted)?;
     let probe_accuracy = match m.model.traced_layers().last() {
@@ -486,7 +573,79 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         layers: out_layers,
         images,
         k: options.k,
+        dynamics,
     })
+}
+
+/// The data map ([`AMBIGUOUS`], [`EASY`]) and the top [`CANDIDATES`]
+/// mislabel candidates, read by the canned queries; `None` when the run has
+/// no `examples` rows.
+async fn dynamics(ctx: &SessionContext) -> Result<Option<Dynamics>> {
+    let (ambiguous, easy) = (AMBIGUOUS.to_string(), EASY.to_string());
+    let map = Query::resolve("data_map")?
+        .run(ctx, &[("ambiguous", &ambiguous), ("easy", &easy)])
+        .await?
+        .1;
+    let (id, label, epochs, conf, var, corr, region) = (
+        ints(&map, "instance_id")?,
+        ints(&map, "label")?,
+        ints(&map, "epochs")?,
+        floats(&map, "confidence")?,
+        floats(&map, "variability")?,
+        floats(&map, "correctness")?,
+        strings(&map, "region")?,
+    );
+    let points: Vec<MapPoint> = (0..id.len())
+        .filter_map(|i| {
+            Some(MapPoint {
+                instance_id: id[i]?,
+                label: label[i].unwrap_or(-1) as i32,
+                epochs: epochs[i].unwrap_or(0),
+                confidence: conf[i]?,
+                variability: var[i]?,
+                correctness: corr[i]?,
+                region: region[i].clone()?,
+            })
+        })
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let k = CANDIDATES.to_string();
+    let top = Query::resolve("mislabel_candidates")?
+        .run(ctx, &[("k", &k)])
+        .await?
+        .1;
+    let (rank, id, label, predicted, score, conf, corr, p_label) = (
+        ints(&top, "rank")?,
+        ints(&top, "instance_id")?,
+        ints(&top, "label")?,
+        ints(&top, "predicted_at_end")?,
+        floats(&top, "score")?,
+        floats(&top, "confidence")?,
+        floats(&top, "correctness")?,
+        floats(&top, "p_label_at_end")?,
+    );
+    let candidates = (0..id.len())
+        .filter_map(|i| {
+            Some(Candidate {
+                rank: rank[i]?,
+                instance_id: id[i]?,
+                label: label[i].unwrap_or(-1) as i32,
+                predicted: predicted[i].unwrap_or(-1) as i32,
+                score: score[i].unwrap_or(f64::NAN),
+                confidence: conf[i].unwrap_or(f64::NAN),
+                correctness: corr[i].unwrap_or(f64::NAN),
+                p_label: p_label[i].unwrap_or(f64::NAN),
+            })
+        })
+        .collect();
+    Ok(Some(Dynamics {
+        points,
+        ambiguous: AMBIGUOUS,
+        easy: EASY,
+        candidates,
+    }))
 }
 
 /// Softmax probabilities `(predicted, true class)` of a probe, when the

@@ -5,11 +5,13 @@
 //! in a `<figure class="ridge|shares|epochs" data-layer="…">` that does, with
 //! a hidden `<ul class="series">` listing what was drawn per class (class,
 //! colour, records, share, points) for tests and scripts; the `<svg>` inside
-//! is plotters' output, untouched.
+//! is plotters' output, untouched, except in the data map ([`datamap`]),
+//! where each point's `<circle>` gets a `<title>` (a tooltip) afterwards.
 //!
 //! Every chart takes the class names so that one class has one colour
-//! ([`rgb`], [`colour`]) across the whole report.
-use super::{Influence, Layer};
+//! ([`rgb`], [`colour`]) across the whole report; the data map colours by
+//! correctness instead ([`correctness_rgb`]).
+use super::{Candidate, Dynamics, Influence, Layer};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -551,6 +553,169 @@ pub fn epochs(layer: &Layer, classes: &[String], predicted: i32) -> String {
     )
 }
 
+/// Correctness 0, ½ and 1 of the data map: red, amber, green.
+const CORRECTNESS: [RGBColor; 3] = [
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0xe8, 0xa3, 0x17),
+    RGBColor(0x2c, 0xa0, 0x2c),
+];
+
+/// The colour of a correctness in 0..1 (clamped; NaN as 0): linear from
+/// red (never right) through amber (½) to green (always right).
+pub fn correctness_rgb(c: f64) -> RGBColor {
+    let c = if c.is_nan() { 0.0 } else { c.clamp(0.0, 1.0) };
+    let (a, b, t) = if c <= 0.5 {
+        (CORRECTNESS[0], CORRECTNESS[1], c * 2.0)
+    } else {
+        (CORRECTNESS[1], CORRECTNESS[2], c * 2.0 - 1.0)
+    };
+    let mix = |x: u8, y: u8| (x as f64 + (y as f64 - x as f64) * t).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// [`correctness_rgb`] as CSS `#RRGGBB`.
+pub fn correctness_colour(c: f64) -> String {
+    hex(correctness_rgb(c))
+}
+
+/// Radius of a data map point, pixels.
+const DOT: i32 = 3;
+
+/// The data map: one point per training instance at (variability,
+/// confidence), coloured by correctness ([`correctness_rgb`]), drawn in the
+/// order of `d.points`, each with a `<title>` naming the instance; dashed
+/// guide lines at the region thresholds (variability `d.ambiguous`,
+/// confidence `d.easy` left of it) and the regions' names.
+pub fn datamap(d: &Dynamics, classes: &[String]) -> String {
+    let n = d.points.len();
+    let x_max = d
+        .points
+        .iter()
+        .map(|p| p.variability)
+        .fold(d.ambiguous, f64::max)
+        * 1.1;
+    let x_max = if x_max.is_finite() && x_max > 0.0 {
+        x_max
+    } else {
+        1.0
+    };
+    let (y0, y1) = (-0.02, 1.02);
+    let chart = svg((W, 480), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "Data map: confidence and variability of each training instance",
+                (FONT, 19),
+            )
+            .margin(10)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_max, y0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc("variability (std. over epochs of the probability of the label)")
+            .y_desc("confidence (mean probability of the label)")
+            .x_labels(6)
+            .y_labels(6)
+            .x_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .bold_line_style(BLACK.mix(0.12))
+            .light_line_style(TRANSPARENT)
+            .draw()?;
+        let guide = BLACK.mix(0.6).stroke_width(1);
+        chart.draw_series(DashedLineSeries::new(
+            [(d.ambiguous, y0), (d.ambiguous, y1)],
+            6,
+            4,
+            guide,
+        ))?;
+        chart.draw_series(DashedLineSeries::new(
+            [(0.0, d.easy), (d.ambiguous, d.easy)],
+            6,
+            4,
+            guide,
+        ))?;
+        let font = (FONT, 14).into_font();
+        let left = font
+            .color(&BLACK.mix(0.7))
+            .pos(Pos::new(HPos::Left, VPos::Top));
+        let pad = x_max * 0.01;
+        chart.draw_series([
+            Text::new("easy".to_owned(), (pad, y1 - 0.01), left.clone()),
+            Text::new("hard".to_owned(), (pad, d.easy - 0.02), left.clone()),
+            Text::new("ambiguous".to_owned(), (d.ambiguous + pad, y1 - 0.01), left),
+        ])?;
+        chart.draw_series(d.points.iter().map(|p| {
+            Circle::new(
+                (p.variability, p.confidence),
+                DOT,
+                correctness_rgb(p.correctness).mix(0.8).filled(),
+            )
+        }))?;
+        Ok(())
+    });
+    let titles: Vec<String> = d
+        .points
+        .iter()
+        .map(|p| {
+            format!(
+                "instance {}, class {}: confidence {:.3}, variability {:.3}, correctness {:.2} ({} epochs, {})",
+                p.instance_id,
+                class_name(classes, p.label),
+                p.confidence,
+                p.variability,
+                p.correctness,
+                p.epochs,
+                p.region
+            )
+        })
+        .collect();
+    let body = match chart {
+        Ok(svg) => titled(&svg, &titles),
+        Err(e) => format!(
+            r#"<p class="warn">the data map could not be drawn: {}</p>"#,
+            esc(&e)
+        ),
+    };
+    let legend: String = [0.0, 0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&c| {
+            format!(
+                r#"<span class="legend-correctness" data-correctness="{c}"><span class="sw" style="background:{}"></span>{c}</span>"#,
+                correctness_colour(c)
+            )
+        })
+        .collect();
+    format!(
+        r#"<figure class="datamap" data-points="{n}" data-ambiguous="{a}" data-easy="{e}">{body}<div class="legend">correctness: {legend}</div><figcaption>Each point is one training instance: the mean (confidence) and the standard deviation (variability) over epochs of the probability the model gave its label, coloured by the fraction of epochs in which it predicted the label. Ambiguous: variability ≥ {a}; else easy when confidence ≥ {e}, hard below (often a wrong label). Hover a point for its instance.</figcaption></figure>"#,
+        a = d.ambiguous,
+        e = d.easy
+    )
+}
+
+/// `svg` with `titles[i]` as the `<title>` of its i-th `<circle>`; `svg`
+/// as it is when the number of circles differs.
+fn titled(svg: &str, titles: &[String]) -> String {
+    let parts: Vec<&str> = svg.split("<circle ").collect();
+    if parts.len() != titles.len() + 1 {
+        return svg.to_owned();
+    }
+    let mut out =
+        String::with_capacity(svg.len() + titles.iter().map(|t| t.len() + 30).sum::<usize>());
+    out.push_str(parts[0]);
+    for (part, title) in parts[1..].iter().zip(titles) {
+        out.push_str("<circle ");
+        match part.split_once("/>") {
+            Some((attrs, rest)) => {
+                let _ = write!(out, "{attrs}><title>{}</title></circle>{rest}", esc(title));
+            }
+            None => out.push_str(part),
+        }
+    }
+    out
+}
+
 /// A greyscale image as SVG rectangles (`pixels` in 0..1, `[C, H, W]`; the
 /// first channel is drawn).
 pub fn image(pixels: &[f32], shape: &[usize], size: f64) -> String {
@@ -602,13 +767,7 @@ pub fn gallery(
         n = items.len()
     );
     for it in items {
-        let pic = images
-            .and_then(|im| {
-                im.pixels
-                    .get(&it.instance_id)
-                    .map(|p| image(p, &im.shape, 64.0))
-            })
-            .unwrap_or_default();
+        let pic = thumbnail(images, it.instance_id);
         let _ = write!(
             s,
             r#"<figure class="gallery-item" data-instance="{id}" data-label="{lab}" data-influence="{inf}" style="border-color:{c}">{pic}<figcaption>#{rank} id {id}<br><span style="color:{c}">class {nm}</span><br>{inf:+.4}</figcaption></figure>"#,
@@ -624,11 +783,58 @@ pub fn gallery(
     s
 }
 
+/// An instance's 64-pixel image, or nothing when the run has no images of it.
+fn thumbnail(images: Option<&super::Images>, instance_id: i64) -> String {
+    images
+        .and_then(|im| {
+            im.pixels
+                .get(&instance_id)
+                .map(|p| image(p, &im.shape, 64.0))
+        })
+        .unwrap_or_default()
+}
+
+/// A gallery of mislabel candidates: image (when available), given label,
+/// class predicted at the last presentation and score of each instance.
+pub fn candidates(
+    items: &[Candidate],
+    classes: &[String],
+    images: Option<&super::Images>,
+) -> String {
+    let mut s = format!(
+        r#"<div class="gallery mislabel" data-kind="mislabel" data-items="{}">"#,
+        items.len()
+    );
+    for it in items {
+        let pic = thumbnail(images, it.instance_id);
+        let tip = format!(
+            "mean loss {:.4}, confidence {:.3}, correctness {:.2}, probability of the label at the last presentation {:.3}",
+            it.score, it.confidence, it.correctness, it.p_label
+        );
+        let _ = write!(
+            s,
+            r#"<figure class="gallery-item" data-instance="{id}" data-label="{lab}" data-predicted="{pr}" data-score="{sc}" data-rank="{rank}" title="{tip}" style="border-color:{c}">{pic}<figcaption>#{rank} id {id}<br><span style="color:{c}">given {nm}</span><br><span style="color:{pc}">predicted {pn}</span><br>score {sc:.3}</figcaption></figure>"#,
+            id = it.instance_id,
+            lab = it.label,
+            pr = it.predicted,
+            sc = it.score,
+            rank = it.rank,
+            tip = esc(&tip),
+            c = colour(it.label),
+            pc = colour(it.predicted),
+            nm = esc(&class_name(classes, it.label)),
+            pn = esc(&class_name(classes, it.predicted)),
+        );
+    }
+    s.push_str("</div>");
+    s
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::report::Ridge;
+    use crate::report::{MapPoint, Ridge};
     use std::collections::BTreeMap;
 
     /// Opening tags `<{start}…>` in `s`.
@@ -703,6 +909,162 @@ mod tests {
         assert_eq!(figure.matches("<svg ").count(), 1, "{figure}");
         let i = figure.find("<svg ").unwrap();
         &figure[i..i + figure[i..].find("</svg>").unwrap()]
+    }
+
+    /// Six instances: variability and confidence rising together except
+    /// for the last two (one exactly on each threshold), correctness from 0
+    /// to 1.
+    fn dynamics() -> Dynamics {
+        let point = |id: i64, variability: f64, confidence: f64, correctness: f64| MapPoint {
+            instance_id: id,
+            label: (id % 13) as i32,
+            epochs: 4,
+            confidence,
+            variability,
+            correctness,
+            region: if variability >= 0.2 {
+                "ambiguous"
+            } else if confidence >= 0.5 {
+                "easy"
+            } else {
+                "hard"
+            }
+            .into(),
+        };
+        Dynamics {
+            points: vec![
+                point(3, 0.01, 0.05, 0.0),
+                point(7, 0.05, 0.3, 0.25),
+                point(12, 0.1, 0.6, 0.5),
+                point(20, 0.3, 0.9, 0.75),
+                point(21, 0.2, 0.2, 1.0),
+                point(40, 0.02, 0.5, 1.0),
+            ],
+            ambiguous: 0.2,
+            easy: 0.5,
+            candidates: vec![],
+        }
+    }
+
+    #[test]
+    fn datamap_draws_one_titled_point_per_instance_placed_by_its_values() {
+        let d = dynamics();
+        let html = datamap(&d, &classes());
+        assert!(html.starts_with(
+            r#"<figure class="datamap" data-points="6" data-ambiguous="0.2" data-easy="0.5">"#
+        ));
+        let s = svg(&html);
+        let circles = tags(s, "<circle ");
+        assert_eq!(circles.len(), d.points.len());
+        let at = |t: &str| -> (i32, i32) {
+            (
+                attr(t, "cx").parse().unwrap(),
+                attr(t, "cy").parse().unwrap(),
+            )
+        };
+        for (i, (p, c)) in d.points.iter().zip(&circles).enumerate() {
+            // Coloured by correctness, in drawing order.
+            assert_eq!(attr(c, "fill"), correctness_colour(p.correctness), "{i}");
+            // Its tooltip names the instance.
+            let rest = &s[s.find(c).unwrap() + c.len()..];
+            let title = &rest[..rest.find("</circle>").unwrap()];
+            assert!(
+                title.starts_with(&format!(
+                    "<title>instance {}, class c{}: confidence {:.3}, variability {:.3}",
+                    p.instance_id, p.label, p.confidence, p.variability
+                )),
+                "{title}"
+            );
+            // Positions are monotone in the values: right for more
+            // variability, up (smaller y) for more confidence.
+            for (q, e) in d.points.iter().zip(&circles) {
+                let ((x1, y1), (x2, y2)) = (at(c), at(e));
+                assert_eq!(
+                    x1.cmp(&x2),
+                    p.variability.total_cmp(&q.variability),
+                    "{p:?} {q:?}"
+                );
+                assert_eq!(
+                    y2.cmp(&y1),
+                    p.confidence.total_cmp(&q.confidence),
+                    "{p:?} {q:?}"
+                );
+            }
+        }
+        // The scale runs from red (never right) to green (always right).
+        assert_eq!(correctness_colour(0.0), "#D62728");
+        assert_eq!(correctness_colour(1.0), "#2CA02C");
+        assert_eq!(correctness_colour(f64::NAN), "#D62728");
+        // Dashed guide lines through the points on the thresholds: the
+        // vertical one at variability 0.2 (instance 21), the horizontal one
+        // at confidence 0.5 (instance 40), left of it.
+        let (xv, _) = at(circles[4]);
+        let (_, yh) = at(circles[5]);
+        let guides: Vec<Vec<(i32, i32)>> = tags(s, "<polyline ")
+            .into_iter()
+            .filter(|p| attr(p, "stroke") == "#000000" && attr(p, "opacity") == "0.6")
+            .map(points)
+            .collect();
+        let vertical = guides
+            .iter()
+            .filter(|g| g.iter().all(|&(x, _)| x == xv))
+            .count();
+        let horizontal: Vec<&Vec<(i32, i32)>> = guides
+            .iter()
+            .filter(|g| g.iter().all(|&(_, y)| y == yh))
+            .collect();
+        assert!(vertical >= 3, "{guides:?}");
+        assert!(horizontal.len() >= 3, "{guides:?}");
+        assert!(
+            horizontal
+                .iter()
+                .flat_map(|g| g.iter())
+                .all(|&(x, _)| x <= xv)
+        );
+        assert_eq!(vertical + horizontal.len(), guides.len());
+        for name in ["easy", "hard", "ambiguous"] {
+            assert!(s.contains(&format!(">\n{name}\n<")), "{name}");
+        }
+        assert!(s.contains(">\nvariability ("));
+        assert!(s.contains(">\nconfidence ("));
+    }
+
+    #[test]
+    fn candidates_show_given_and_predicted_class_and_score() {
+        let items: Vec<Candidate> = (0..3)
+            .map(|i| Candidate {
+                rank: i + 1,
+                instance_id: 10 + i,
+                label: 1,
+                predicted: 12,
+                score: 3.0 - i as f64,
+                confidence: 0.1,
+                correctness: 0.0,
+                p_label: 0.05,
+            })
+            .collect();
+        let images = crate::report::Images {
+            shape: vec![1, 2, 2],
+            pixels: std::collections::HashMap::from([(10, vec![1.0, 0.0, 0.5, 0.0])]),
+        };
+        let html = candidates(&items, &classes(), Some(&images));
+        assert!(
+            html.starts_with(
+                r#"<div class="gallery mislabel" data-kind="mislabel" data-items="3">"#
+            )
+        );
+        let figs = tags(&html, "<figure ");
+        assert_eq!(figs.len(), 3);
+        for (f, it) in figs.iter().zip(&items) {
+            assert_eq!(attr(f, "data-instance"), it.instance_id.to_string());
+            assert_eq!(attr(f, "data-predicted"), "12");
+            assert_eq!(attr(f, "data-score"), it.score.to_string());
+        }
+        // Only instance 10 has pixels.
+        assert_eq!(html.matches("<svg class=\"digit\"").count(), 1);
+        assert_eq!(html.matches("given c1</span>").count(), 3);
+        assert_eq!(html.matches("predicted c12</span>").count(), 3);
+        assert!(html.contains("score 3.000</figcaption>"));
     }
 
     #[test]

@@ -251,15 +251,33 @@ async fn every_canned_query_matches_rust() {
             })
             .filter(|x| x.2 > 0)
             .collect();
+        // Tail 'memorised': the largest positive shares; 'self-opposed':
+        // the most negative ones.
         v.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (rank, x) in v.into_iter().take(2).enumerate() {
-            want.push((layer.to_owned(), rank as i64 + 1, x.1, x.0, x.2, x.3, x.4));
+        let top = v.iter().filter(|x| x.0 > 0.0).take(2);
+        for (rank, x) in top.enumerate() {
+            want.push((layer.to_owned(), "memorised", rank as i64 + 1, *x));
+        }
+        v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let bottom = v.iter().filter(|x| x.0 < 0.0).take(2);
+        for (rank, x) in bottom.enumerate() {
+            want.push((layer.to_owned(), "self-opposed", rank as i64 + 1, *x));
         }
     }
+    let want: Vec<_> = want
+        .into_iter()
+        .map(|(l, tail, rank, x)| (l, tail, rank, x.1, x.0, x.2, x.3, x.4))
+        .collect();
+    assert!(
+        want.iter().any(|w| w.1 == "self-opposed"),
+        "the fixture has both tails"
+    );
     assert_eq!(ints(&b, "probe_id").len(), want.len());
     for (i, w) in want.iter().enumerate() {
+        let w = (w.0.clone(), w.2, w.3, w.4, w.5, w.6, w.7);
         assert_eq!(strings(&b, "layer")[i].as_deref(), Some(w.0.as_str()));
-        assert_eq!(ints(&b, "rank_in_layer")[i], Some(w.1));
+        assert_eq!(strings(&b, "tail")[i].as_deref(), Some(want[i].1));
+        assert_eq!(ints(&b, "rank_in_tail")[i], Some(w.1));
         assert_eq!(ints(&b, "probe_id")[i], Some(w.2));
         assert!(close(floats(&b, "self_share")[i].unwrap(), w.3));
         assert_eq!(ints(&b, "records")[i], Some(w.4));

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// The table: instances, steps, updates, batches, probes, contributions
-    /// (computed on demand: filter on probe_id) or influence.
+    /// The table: instances, steps, updates, batches, examples, probes,
+    /// contributions (computed on demand: filter on probe_id) or influence.
     #[arg(long)]
     pub table: String,
     /// Only rows where this boolean SQL expression over the table's columns

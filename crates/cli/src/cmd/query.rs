@@ -11,7 +11,9 @@ pub struct QueryArgs {
     pub run: PathBuf,
     /// A built-in query (top_proponents, top_opponents, class_shares,
     /// class_shares_by_epoch, cosine_histogram, self_influence, layer_summary,
-    /// top_steps, batch_member_influence) or the path of a .sql file.
+    /// top_steps, batch_member_influence; training dynamics:
+    /// mislabel_candidates, tracin_self_influence, forgetting_events,
+    /// data_map) or the path of a .sql file.
     pub query: String,
     /// A parameter, NAME=VALUE (repeatable), e.g. --param probe=3 --param k=5.
     #[arg(long = "param", value_name = "NAME=VALUE")]

@@ -12,7 +12,8 @@ pub struct SqlArgs {
     /// The run directory.
     pub run: PathBuf,
     /// One query (SELECT or WITH) over instances, steps, updates, batches,
-    /// probes, contributions (computed on demand), own_contributions, influence.
+    /// probes, contributions (computed on demand), own_contributions, influence,
+    /// examples (training dynamics).
     pub query: String,
     /// Output format: table, csv, json or parquet (parquet needs --out).
     #[arg(long, default_value = "table")]

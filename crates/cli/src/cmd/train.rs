@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// CPU threads for libtorch (default: one less than the cores).
     #[arg(long)]
     pub threads: Option<String>,
+    /// Do not record each example's loss and prediction at every step (table
+    /// examples, which the training-dynamics queries read).
+    #[arg(long)]
+    pub no_examples: bool,
     /// The run directory to create (must not exist or be empty).
     #[arg(long)]
     pub out: PathBuf,
@@ -180,6 +184,7 @@ impl TrainArgs {
                 .as_deref()
                 .map(|t| parse("threads", t, "a positive integer"))
                 .transpose()?,
+            examples: !self.no_examples,
         };
         config.validate().map_err(flag_error)?;
         Ok(config)
