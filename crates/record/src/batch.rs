@@ -26,7 +26,7 @@ pub struct ExampleBatch<'a> {
     pub epoch: i32,
     pub instance_ids: &'a [i64],
     pub labels: &'a [i32],
-    /// Each example's cross-entropy, −log softmax(output)[label]; the
+    /// Each example's cross-entropy, `−log softmax(output)[label]`; the
     /// probability of its label, `p_label`, is computed from it.
     pub loss: &'a [f32],
     /// The class of each example's largest output.
