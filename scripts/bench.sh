@@ -26,6 +26,10 @@
 #                           query` peak RSS at E and 10·E epochs (before any
 #                           attribution); derived bytes / trace bytes after
 #                           `reptrace demo` (scripts/bench/summary.py derived)
+#   8  start-up             scripts/bench/startup.py: a whole `reptrace query`
+#                           process / the DuckDB command line (duckdb-cli from
+#                           PyPI, installed into .venv) answering the same
+#                           canned query in its own process, on the demo run
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +53,9 @@ attr_repeats=${BENCH_ATTR_REPEATS:-3}
 # just fills, so its peak is not yet the steady one.
 epochs=${BENCH_EPOCHS:-4}
 query_repeats=${BENCH_QUERY_REPEATS:-10}
+# Row 8: repeats, and the DuckDB command line it compares with.
+startup_repeats=${BENCH_STARTUP_REPEATS:-20}
+duckdb_cli=1.5.6
 # Row 6: PyTorch training steps (batch 64) and repeats.
 torch_steps=${BENCH_TORCH_STEPS:-1000}
 torch_repeats=${BENCH_TORCH_REPEATS:-5}
@@ -141,6 +148,14 @@ $py scripts/bench/duckdb_queries.py "$big" --probe "$probe" --repeats "$query_re
 step "7 derived bytes after the demo"
 "$bin" demo --out "$out/runs/demo" >"$logs/demo.out"
 $py scripts/bench/summary.py derived "$out/runs/demo" | tee "$logs/derived.log"
+
+step "8 start-up: whole processes, reptrace query vs the DuckDB command line"
+[ -x .venv/bin/duckdb ] || $py -m pip install -q "duckdb-cli==$duckdb_cli"
+demo_probe=$(sed -n 's/^report of probe \([0-9]*\):.*/\1/p' "$logs/demo.out")
+# DuckDB reads materialised contributions: attribute the demo's probe first.
+"$bin" attribute "$out/runs/demo" --probes "ids:$demo_probe" --quiet >/dev/null
+$py scripts/bench/startup.py "$bin" "$out/runs/demo" --probe "$demo_probe" \
+  --repeats "$startup_repeats" | tee "$logs/startup.log"
 
 step "6 the Python package: PyTorch traced / untraced ($torch_steps steps, $torch_repeats repeats) and peak RSS"
 PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py \

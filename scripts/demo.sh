@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --torch
 # Its own build profile (Cargo.toml, profile.demo): a fresh clone compiles
-# in a few minutes; the binary is target/demo/reptrace.
-cargo build --locked --profile demo -p reptrace-cli --bin reptrace
+# in a few minutes; the binaries are target/demo/reptrace (the analysis
+# commands, no libtorch) and target/demo/reptrace-torch (train, demo, probe;
+# `reptrace demo` runs it).
+cargo build --locked --profile demo -p reptrace-cli --bins
 exec target/demo/reptrace demo "$@"

@@ -22,6 +22,13 @@ step "build (binaries, examples and benchmarks compiled, not run)"
 cargo build --workspace --all-targets --locked --profile dev
 # The analyzer and the CLI must build without libtorch.
 cargo check -p reptrace-cli --no-default-features --locked
+# The CUDA build links: the overhead bench with feature `cuda`, which
+# force-links libtorch_cuda from the CUDA 13 libtorch of PyPI's torch;
+# running it needs a GPU (scripts/gpu-check.sh). `--workspace` keeps the
+# dependencies' features those of the build above (a `-p reptrace-tch`
+# build would compile parquet, and with more packages DataFusion, again):
+# only reptrace-tch and the bench are compiled.
+cargo build --workspace --features reptrace-tch/cuda --bench overhead --locked
 # maturin (scripts/setup.sh) builds crates/python on its own; that must reuse
 # this dependency build, not compile parquet and DataFusion a second time
 # (crates/python/Cargo.toml pins the features that make the two agree).

@@ -38,6 +38,8 @@ QUERY_GOAL = 1.0
 ON_DEMAND_GOAL = 1.5
 # Bytes of derived tables after the demo / bytes of the trace (updates).
 DERIVED_GOAL = 1.0
+# A whole `reptrace query` process / the DuckDB command line, same query.
+STARTUP_GOAL = 1.5
 # "Flat": peak RSS at 10x the run length at most this times the 1x peak.
 FLAT_GOAL = 1.2
 QUERIES = [
@@ -277,6 +279,23 @@ def rows_from(b):
             f"{int(dv['trace_bytes']) / 1e6:.2f} MB of updates ({dv['attributions']} attributions)")
     else:
         add("7 derived / trace bytes, demo", None, f"≤ {DERIVED_GOAL:.1f}", False, "")
+
+    # 8. command start-up: whole processes
+    starts = {r["name"]: r for r in b["startup"]}
+    version = starts.pop("version", None)
+    if not starts:
+        add("8 start-up", None, f"≤ {STARTUP_GOAL:.1f}", False, "")
+    for name, r in starts.items():
+        x = float(r["ratio"])
+        same = r["rows"] == r["duckdb_rows"]
+        v = f", `reptrace --version` {float(version['reptrace_s']) * 1e3:.0f} ms" if version else ""
+        add(f"8 start-up {name}", fmt_ratio(x), f"≤ {STARTUP_GOAL:.1f}", x <= STARTUP_GOAL and same,
+            f"whole processes: `reptrace query` {float(r['reptrace_s']) * 1e3:.0f} ms / DuckDB CLI "
+            f"{float(r['duckdb_s']) * 1e3:.0f} ms, {r['rows']} result rows"
+            + ("" if same else f" vs DuckDB {r['duckdb_rows']}: ROW COUNTS DIFFER")
+            + f", the demo run{v}; median of {r['repeats']}")
+        if not same:
+            missing.append(f"8 start-up {name} (row counts differ)")
 
     return rows, missing
 

@@ -1,17 +1,14 @@
 //! `reptrace`: the command line of the reptrace trace store.
 //!
-//! Each subcommand is one variant of [`Command`] with its arguments struct in
-//! `cmd/<name>.rs` and one arm in [`dispatch`]; it writes its output to a
-//! `&mut dyn Write` so tests can read it. Errors print as one line
-//! `error: …` (the context chain joined by ": ") with exit code 1; usage
-//! errors are one `error:` line too (clap's message, its tip, and which
-//! `--help` to read) and exit with 2; `--help` and `--version` print as
-//! usual; a closed stdout pipe counts as success.
+//! This binary runs the analysis commands itself and does not link
+//! libtorch; `train`, `demo` and `probe` run in `reptrace-torch`, the binary
+//! beside it, which this one executes in its place (same process id,
+//! arguments, standard streams and exit status). See the library docs for
+//! how output and errors look.
 use clap::{Parser, Subcommand};
-use std::io::{self, Write};
+use reptrace_cli::{Analysis, TORCH_COMMANDS};
+use std::ffi::OsString;
 use std::process::ExitCode;
-
-mod cmd;
 
 /// Explain a trained network by tracing its training: record per-instance
 /// updates to Parquet, attribute, and query them with SQL.
@@ -24,121 +21,88 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show a run's manifest, commits, row counts and sizes on disk.
-    Info(cmd::info::InfoArgs),
-    /// Compute the contributions of every update record to the chosen probes.
-    Attribute(cmd::attribute::AttributeArgs),
-    /// Run one read-only SQL query over a run's tables.
-    Sql(cmd::sql::SqlArgs),
-    /// Run a canned query (queries/*.sql) or a .sql file with parameters.
-    Query(cmd::query::QueryArgs),
-    /// Check a run's integrity and the completeness of its trace.
-    Verify(cmd::verify::VerifyArgs),
-    /// Write one probe's explanation as a self-contained HTML page.
-    Report(cmd::report::ReportArgs),
-    /// Stream one table of a run to Parquet, CSV or JSON lines.
-    Export(cmd::export::ExportArgs),
+    #[command(flatten)]
+    Analysis(Analysis),
     /// Train a model (SGD, Adam or AdamW) and record its trace.
-    #[cfg(feature = "tch")]
-    Train(Box<cmd::train::TrainArgs>),
+    Train(Torch),
     /// Train the MLP on the bundled digits with tracing and show what was recorded.
-    #[cfg(feature = "tch")]
-    Demo(cmd::demo::DemoArgs),
+    Demo(Torch),
     /// Add new inputs as probes of a run, at any time after training.
-    #[cfg(feature = "tch")]
-    Probe(cmd::probe::ProbeArgs),
+    Probe(Torch),
 }
 
-fn dispatch(command: &Command, out: &mut dyn Write) -> anyhow::Result<()> {
-    match command {
-        Command::Info(args) => cmd::info::run(args, out),
-        Command::Attribute(args) => cmd::attribute::run(args, out),
-        Command::Sql(args) => cmd::sql::run(args, out),
-        Command::Query(args) => cmd::query::run(args, out),
-        Command::Verify(args) => cmd::verify::run(args, out),
-        Command::Report(args) => cmd::report::run(args, out),
-        Command::Export(args) => cmd::export::run(args, out),
-        #[cfg(feature = "tch")]
-        Command::Train(args) => cmd::train::run(args, out),
-        #[cfg(feature = "tch")]
-        Command::Demo(args) => cmd::demo::run(args, out),
-        #[cfg(feature = "tch")]
-        Command::Probe(args) => cmd::probe::run(args, out),
-    }
+/// The arguments of a command that `reptrace-torch` parses.
+#[derive(Debug, clap::Args)]
+#[command(disable_help_flag = true)]
+struct Torch {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
 }
 
-/// Whether the error is a write to a closed pipe (`reptrace … | head`).
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<io::Error>()
-            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
-    })
-}
-
-/// A clap usage error as one line: clap's message with what it lists under
-/// it (missing arguments, tips), and the `--help` to read: the subcommand's
-/// when one was given.
-fn usage_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
-    let text = e.render().to_string();
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let mut message = lines
-        .next()
-        .map_or("invalid usage", |l| l.trim_start_matches("error:").trim())
-        .to_owned();
-    let mut listed = Vec::new();
-    for line in lines {
-        if line.starts_with("Usage:") || line.starts_with("For more information") {
-            break;
-        }
-        match line.strip_prefix("tip:") {
-            Some(tip) => message.push_str(&format!(" (tip: {})", tip.trim())),
-            None => listed.push(line),
-        }
-    }
-    if !listed.is_empty() {
-        let sep = if message.ends_with(':') { " " } else { ": " };
-        message = format!("{message}{sep}{}", listed.join(", "));
-    }
-    let sub = <Cli as clap::CommandFactory>::command()
-        .get_subcommands()
-        .map(|c| c.get_name().to_owned())
-        .find(|name| args.get(1).and_then(|a| a.to_str()) == Some(name.as_str()));
-    let command = match sub {
-        Some(s) => format!("reptrace {s}"),
-        None => "reptrace".to_owned(),
-    };
-    format!("error: {message}; see '{command} --help'")
-}
-
-fn main() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = match Cli::try_parse_from(&args) {
-        Ok(cli) => cli,
+/// Runs `reptrace-torch` with `args` in place of this process; returns
+/// only when that is impossible, with the error line printed.
+fn exec_torch(args: &[OsString]) -> ExitCode {
+    let command = args
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy())
+        .find(|a| TORCH_COMMANDS.contains(&a.as_ref()))
+        .map_or_else(|| "train".to_owned(), |a| a.into_owned());
+    let torch = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(format!("reptrace-torch{}", std::env::consts::EXE_SUFFIX)),
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                e.exit();
-            }
-            eprintln!("{}", usage_line(&e, &args));
-            return ExitCode::from(2);
+            eprintln!("error: `reptrace {command}`: cannot locate this executable: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    // Line-buffered: long commands show their output as they go.
-    let mut out = io::stdout().lock();
-    let result = dispatch(&cli.command, &mut out).and_then(|()| Ok(out.flush()?));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+    if !torch.is_file() {
+        eprintln!(
+            "error: `reptrace {command}` runs models through libtorch, which this build leaves out: \
+             {} is missing (build reptrace-cli with its default feature `tch`)",
+            torch.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut child = std::process::Command::new(&torch);
+    child.args(&args[1..]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = child.arg0("reptrace").exec();
+        eprintln!(
+            "error: `reptrace {command}`: cannot run {}: {e}",
+            torch.display()
+        );
+        ExitCode::FAILURE
+    }
+    #[cfg(not(unix))]
+    match child.status() {
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
         Err(e) => {
-            // Whatever was printed before the error goes out first.
-            let _ = out.flush();
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: `reptrace {command}`: cannot run {}: {e}",
+                torch.display()
+            );
             ExitCode::FAILURE
         }
     }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // `reptrace train …` and `reptrace help train`.
+    let word = |i: usize| args.get(i).and_then(|a| a.to_str());
+    let torch_word = |w: Option<&str>| w.is_some_and(|w| TORCH_COMMANDS.contains(&w));
+    if torch_word(word(1)) || (word(1) == Some("help") && torch_word(word(2))) {
+        return exec_torch(&args);
+    }
+    let mut torch = false;
+    let code = reptrace_cli::main_with::<Cli>(&args, |cli, out| match &cli.command {
+        Command::Analysis(command) => command.run(out),
+        Command::Train(_) | Command::Demo(_) | Command::Probe(_) => {
+            torch = true;
+            Ok(())
+        }
+    });
+    if torch { exec_torch(&args) } else { code }
 }

@@ -49,6 +49,65 @@ pub struct UpdateBatch<'a> {
     pub update_norm: Option<&'a [f32]>,
 }
 
+/// Factor values handed over by value: `f32`, or `f16` already converted by
+/// the caller (for instance on the GPU, before the copy to the host, which
+/// halves the bytes that travel) for a run recorded in f16.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FactorValues {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl FactorValues {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values widened to f32 (a copy only for f16).
+    pub(crate) fn as_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Self::F32(v) => std::borrow::Cow::Borrowed(v),
+            Self::F16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+}
+
+impl From<Vec<f32>> for FactorValues {
+    fn from(v: Vec<f32>) -> Self {
+        Self::F32(v)
+    }
+}
+
+impl From<Vec<half::f16>> for FactorValues {
+    fn from(v: Vec<half::f16>) -> Self {
+        Self::F16(v)
+    }
+}
+
+/// [`UpdateBatch`] handed over by value: the recorder checks it like an
+/// `UpdateBatch` and moves the buffers to the writer thread without copying
+/// them (`Recorder::updates_owned`). The same rows either way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateBatchOwned {
+    pub step: i64,
+    pub epoch: i32,
+    pub instance_ids: Vec<i64>,
+    pub labels: Vec<i32>,
+    pub u: FactorValues,
+    pub v: FactorValues,
+    /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
+    pub update_norm: Option<Vec<f32>>,
+}
+
 /// Probe rows for one traced layer: `n` rows, `a` is `n × a_len` and `p` is
 /// `n × p_len` with `(a_len, p_len) = TracedLayer::probe_lens()`.
 #[derive(Debug, Clone, Copy)]
@@ -148,8 +207,8 @@ pub(crate) struct UpdateRows {
     pub ids: Vec<Option<i64>>,
     /// `None` for a batch-mode record of a batch of several classes.
     pub labels: Vec<Option<i32>>,
-    pub u: Vec<f32>,
-    pub v: Vec<f32>,
+    pub u: FactorValues,
+    pub v: FactorValues,
     pub u_len: usize,
     pub v_len: usize,
     pub norms: Option<Vec<f32>>,

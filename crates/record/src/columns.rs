@@ -5,7 +5,8 @@
 //! of `n × len` row-major values becomes a list array with fixed-length
 //! offsets over one flat value buffer (moved, not copied, for f32).
 use crate::batch::{
-    BatchRows, ExampleRowsOwned, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows, update_norm,
+    BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows,
+    update_norm,
 };
 use crate::{Error, Result};
 use arrow_array::types::Float16Type;
@@ -56,11 +57,18 @@ fn list(
     Ok(Arc::new(array))
 }
 
-/// Factor values in the run's dtype.
-fn factor_values(dtype: Dtype, values: Vec<f32>) -> ArrayRef {
-    match dtype {
-        Dtype::F32 => Arc::new(Float32Array::new(ScalarBuffer::from(values), None)),
-        Dtype::F16 => {
+/// Factor values in the run's dtype (f16 values are only accepted, by the
+/// recorder, for an f16 run).
+fn factor_values(dtype: Dtype, values: FactorValues) -> ArrayRef {
+    match (dtype, values) {
+        (Dtype::F32, FactorValues::F32(values)) => {
+            Arc::new(Float32Array::new(ScalarBuffer::from(values), None))
+        }
+        (Dtype::F32, FactorValues::F16(values)) => Arc::new(Float32Array::new(
+            ScalarBuffer::from(values.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()),
+            None,
+        )),
+        (Dtype::F16, FactorValues::F32(values)) => {
             let mut out = vec![f16::ZERO; values.len()];
             out.convert_from_f32_slice(&values);
             Arc::new(PrimitiveArray::<Float16Type>::new(
@@ -68,6 +76,10 @@ fn factor_values(dtype: Dtype, values: Vec<f32>) -> ArrayRef {
                 None,
             ))
         }
+        (Dtype::F16, FactorValues::F16(values)) => Arc::new(PrimitiveArray::<Float16Type>::new(
+            ScalarBuffer::from(values),
+            None,
+        )),
     }
 }
 
@@ -136,15 +148,18 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
     let n = rows.ids.len();
     let norms = match rows.norms {
         Some(norms) => norms,
-        None => (0..n)
-            .map(|i| {
-                update_norm(
-                    rows.norm,
-                    &rows.u[i * rows.u_len..(i + 1) * rows.u_len],
-                    &rows.v[i * rows.v_len..(i + 1) * rows.v_len],
-                )
-            })
-            .collect(),
+        None => {
+            let (u, v) = (rows.u.as_f32(), rows.v.as_f32());
+            (0..n)
+                .map(|i| {
+                    update_norm(
+                        rows.norm,
+                        &u[i * rows.u_len..(i + 1) * rows.u_len],
+                        &v[i * rows.v_len..(i + 1) * rows.v_len],
+                    )
+                })
+                .collect()
+        }
     };
     let schema = schema(Table::Updates, dtype);
     let u_type = field_type(&schema, Table::Updates, col::U)?;

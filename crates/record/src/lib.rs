@@ -3,9 +3,10 @@
 //!
 //! A [`Recorder`] takes plain slices — steps, per-example update factors,
 //! instances, weights snapshots, probes — so that any training loop can
-//! produce a trace. Rows are checked on the caller's thread, queued on a
-//! bounded channel and written to Parquet (zstd, byte-stream-split floats)
-//! by a background thread. Nothing is visible to readers until a commit
+//! produce a trace ([`Recorder::updates_owned`] takes the factor buffers
+//! by value instead, f32 or f16, and saves a copy). Rows are checked on
+//! the caller's thread, queued on a bounded channel and written to Parquet
+//! (zstd, byte-stream-split floats) by a background thread. Nothing is visible to readers until a commit
 //! point: [`Recorder::commit`] makes the rows so far durable and lists them
 //! in `manifest.json`, so a crash leaves a run that is readable up to its
 //! last commit.
@@ -62,7 +63,10 @@ mod weights;
 mod writer;
 
 pub use append::ProbeAppender;
-pub use batch::{BatchStep, ExampleBatch, NamedTensor, ProbeBatch, StepRow, UpdateBatch};
+pub use batch::{
+    BatchStep, ExampleBatch, FactorValues, NamedTensor, ProbeBatch, StepRow, UpdateBatch,
+    UpdateBatchOwned,
+};
 pub use error::{Error, Result};
 pub use part::ParquetOptions;
 pub use recorder::{Recorder, RecorderBuilder};

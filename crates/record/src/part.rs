@@ -232,7 +232,7 @@ impl PartWriter {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::batch::{NormKind, UpdateRows};
+    use crate::batch::{FactorValues, NormKind, UpdateRows};
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use reptrace_format::{Dtype, schema};
 
@@ -242,8 +242,8 @@ mod tests {
             epoch: 1,
             ids: (0..n as i64).map(Some).collect(),
             labels: vec![Some(1); n],
-            u: (0..n * 4).map(|i| i as f32 * 0.25).collect(),
-            v: (0..n * 2).map(|i| -(i as f32) * 0.5).collect(),
+            u: FactorValues::F32((0..n * 4).map(|i| i as f32 * 0.25).collect()),
+            v: FactorValues::F32((0..n * 2).map(|i| -(i as f32) * 0.5).collect()),
             u_len: 4,
             v_len: 2,
             norms: None,

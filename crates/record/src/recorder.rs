@@ -7,8 +7,9 @@
 //! thread come back from the next call.
 use crate::append::lock_run;
 use crate::batch::{
-    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, InstanceRows, NamedTensor, NormKind,
-    OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateRows, check_len,
+    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, NamedTensor,
+    NormKind, OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateBatchOwned, UpdateRows,
+    check_len,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
@@ -192,6 +193,7 @@ impl RecorderBuilder {
             weight_shapes,
             n_classes,
             mode: manifest_mode,
+            dtype: self.dtype,
             last_step: None,
             last_step_row: None,
             pending_weights: None,
@@ -201,6 +203,15 @@ impl RecorderBuilder {
             lock,
         })
     }
+}
+
+/// Sizes of the update rows handed to the recorder.
+#[derive(Debug, Clone, Copy)]
+struct FactorShape {
+    n: usize,
+    u: usize,
+    v: usize,
+    f16: bool,
 }
 
 /// What the recorder needs to know about a traced layer.
@@ -291,6 +302,8 @@ pub struct Recorder {
     weight_shapes: HashMap<String, Vec<usize>>,
     n_classes: usize,
     mode: Mode,
+    /// The factors' stored type.
+    dtype: Dtype,
     /// Largest step seen (step rows and updates) and its epoch.
     last_step: Option<(i64, i32)>,
     /// Step of the last `steps` row, for the order check.
@@ -436,20 +449,116 @@ impl Recorder {
     }
 
     /// Adds the update records of one step for traced layer `layer`.
+    ///
+    /// The slices are copied once into the message for the writer thread;
+    /// [`Recorder::updates_owned`] takes the buffers instead.
     pub fn updates(&mut self, layer: &str, batch: UpdateBatch<'_>) -> Result<()> {
+        let shape = FactorShape {
+            n: batch.instance_ids.len(),
+            u: batch.u.len(),
+            v: batch.v.len(),
+            f16: false,
+        };
+        let Some((li, u_len, v_len, norm)) = self.check_updates(
+            layer,
+            batch.step,
+            batch.epoch,
+            batch.labels,
+            batch.update_norm.map(<[f32]>::len),
+            shape,
+        )?
+        else {
+            return Ok(());
+        };
+        self.send(Msg::Updates {
+            layer: li,
+            rows: UpdateRows {
+                step: batch.step,
+                epoch: batch.epoch,
+                ids: batch.instance_ids.iter().copied().map(Some).collect(),
+                labels: batch.labels.iter().copied().map(Some).collect(),
+                u: FactorValues::F32(batch.u.to_vec()),
+                v: FactorValues::F32(batch.v.to_vec()),
+                u_len,
+                v_len,
+                norms: batch.update_norm.map(<[f32]>::to_vec),
+                norm,
+            },
+        })
+    }
+
+    /// [`Recorder::updates`] with the rows handed over by value: checked the
+    /// same way, then moved to the writer thread without a copy. Factors in
+    /// f16 are accepted for a run recorded in f16 (converted by the caller,
+    /// with round-to-nearest-even as `half` and PyTorch do; the rows are the
+    /// same as from f32 factors converted by the recorder).
+    pub fn updates_owned(&mut self, layer: &str, batch: UpdateBatchOwned) -> Result<()> {
+        let f16 =
+            matches!(batch.u, FactorValues::F16(_)) || matches!(batch.v, FactorValues::F16(_));
+        let shape = FactorShape {
+            n: batch.instance_ids.len(),
+            u: batch.u.len(),
+            v: batch.v.len(),
+            f16,
+        };
+        let Some((li, u_len, v_len, norm)) = self.check_updates(
+            layer,
+            batch.step,
+            batch.epoch,
+            &batch.labels,
+            batch.update_norm.as_ref().map(Vec::len),
+            shape,
+        )?
+        else {
+            return Ok(());
+        };
+        self.send(Msg::Updates {
+            layer: li,
+            rows: UpdateRows {
+                step: batch.step,
+                epoch: batch.epoch,
+                ids: batch.instance_ids.into_iter().map(Some).collect(),
+                labels: batch.labels.into_iter().map(Some).collect(),
+                u: batch.u,
+                v: batch.v,
+                u_len,
+                v_len,
+                norms: batch.update_norm,
+                norm,
+            },
+        })
+    }
+
+    /// Checks one step's update rows of `layer`; `None` when there are no
+    /// rows (nothing to send), else the layer index, factor lengths and norm.
+    fn check_updates(
+        &mut self,
+        layer: &str,
+        step: i64,
+        epoch: i32,
+        labels: &[i32],
+        norms: Option<usize>,
+        shape: FactorShape,
+    ) -> Result<Option<(usize, usize, usize, NormKind)>> {
         self.check_open()?;
         let li = self.layer_index(layer)?;
         let info = &self.layers[li];
         let ctx = || format!("updates for layer {layer:?}");
-        let n = batch.instance_ids.len();
-        check_len(ctx, "labels", n, batch.labels.len())?;
-        if let Some(norms) = batch.update_norm {
-            check_len(ctx, "update_norm", n, norms.len())?;
+        let n = shape.n;
+        check_len(ctx, "labels", n, labels.len())?;
+        if let Some(norms) = norms {
+            check_len(ctx, "update_norm", n, norms)?;
         }
-        if batch.step < 0 {
+        if step < 0 {
             return Err(Error::Invalid {
                 context: ctx(),
-                message: format!("step {} is negative", batch.step),
+                message: format!("step {step} is negative"),
+            });
+        }
+        if shape.f16 && self.dtype != Dtype::F16 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: "f16 factors for a run recorded in f32; pass f32 factors (or build the recorder with dtype f16)".into(),
             });
         }
         // The first accepted shape that fits the slices; report the primary
@@ -458,45 +567,28 @@ impl Recorder {
             .factor_shapes
             .iter()
             .copied()
-            .find(|&(u, v, _)| batch.u.len() == n * u && batch.v.len() == n * v)
+            .find(|&(u, v, _)| shape.u == n * u && shape.v == n * v)
             .ok_or_else(|| {
                 let (u, v, _) = info.factor_shapes[0];
-                if batch.u.len() != n * u {
+                if shape.u != n * u {
                     Error::Length {
                         context: format!("{} ({n} rows of {u} values)", ctx()),
                         what: "u",
                         expected: n * u,
-                        got: batch.u.len(),
+                        got: shape.u,
                     }
                 } else {
                     Error::Length {
                         context: format!("{} ({n} rows of {v} values)", ctx()),
                         what: "v",
                         expected: n * v,
-                        got: batch.v.len(),
+                        got: shape.v,
                     }
                 }
             })?;
-        self.check_labels(&ctx(), "labels", batch.labels)?;
-        self.see_step(batch.step, batch.epoch);
-        if n == 0 {
-            return Ok(());
-        }
-        self.send(Msg::Updates {
-            layer: li,
-            rows: UpdateRows {
-                step: batch.step,
-                epoch: batch.epoch,
-                ids: batch.instance_ids.iter().copied().map(Some).collect(),
-                labels: batch.labels.iter().copied().map(Some).collect(),
-                u: batch.u.to_vec(),
-                v: batch.v.to_vec(),
-                u_len,
-                v_len,
-                norms: batch.update_norm.map(<[f32]>::to_vec),
-                norm,
-            },
-        })
+        self.check_labels(&ctx(), "labels", labels)?;
+        self.see_step(step, epoch);
+        Ok((n > 0).then_some((li, u_len, v_len, norm)))
     }
 
     /// Batch mode: the members of step `s`'s batch (table `batches`) and,
@@ -547,8 +639,8 @@ impl Recorder {
                     epoch: batch.epoch,
                     ids: vec![None],
                     labels: vec![label],
-                    u: Vec::new(),
-                    v: delta.to_vec(),
+                    u: FactorValues::F32(Vec::new()),
+                    v: FactorValues::F32(delta.to_vec()),
                     u_len,
                     v_len,
                     norms: None,

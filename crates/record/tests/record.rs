@@ -11,7 +11,10 @@ use reptrace_format::{
     Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, Split, Status,
     Storage, Table, TracedLayer, layout,
 };
-use reptrace_record::{NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{
+    FactorValues, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
+    UpdateBatchOwned,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -1815,4 +1818,174 @@ fn probes_need_weights_after_a_training_step() {
     assert_eq!(a.weights, "weights/step-00000000.safetensors");
     assert_eq!(a.files.len(), 2);
     rec.finish(&named(&w)).unwrap();
+}
+
+/// The rows of `updates` of every layer as read back, with the file bytes
+/// aside: (layer, step, instance ids, labels, u, v, update_norm).
+type UpdateTable = Vec<(
+    String,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<i32>,
+    Vec<Vec<f64>>,
+    Vec<Vec<f64>>,
+    Vec<f32>,
+)>;
+
+fn update_table(run: &Path, layers: &[&str]) -> UpdateTable {
+    let m = Manifest::open(run).unwrap();
+    layers
+        .iter()
+        .map(|&l| {
+            let b = read_table(run, &m, Table::Updates, Some(l));
+            (
+                l.to_owned(),
+                i64s(&b, "step"),
+                i64s(&b, "instance_id"),
+                i32s(&b, "label"),
+                lists(&b, "u"),
+                lists(&b, "v"),
+                f32s(&b, "update_norm"),
+            )
+        })
+        .collect()
+}
+
+/// Records the same random factors through `updates` (slices, converted to
+/// the run's dtype by the writer) and through `updates_owned` (buffers moved;
+/// for f16 runs converted to f16 by the caller, as the tch loop does on the
+/// device): the tables read back are identical, bit for bit, in both dtypes.
+#[test]
+fn owned_and_borrowed_updates_give_identical_rows() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let steps: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..5)
+        .map(|_| {
+            // fc1: 3 → 2, fc2: 2 → 2; 4 instances; values over f16's range,
+            // subnormals and ties included by the spread of magnitudes.
+            let mut r = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        let e: i32 = rng.random_range(-20..8);
+                        rng.random_range(-1.0f32..1.0) * 2f32.powi(e)
+                    })
+                    .collect()
+            };
+            (r(4 * 3), r(4 * 2), r(4 * 2))
+        })
+        .collect();
+    let ids = [4i64, 7, 1, 9];
+    let labels = [0i32, 1, 1, 0];
+    let record = |run: &Path, dtype: Dtype, owned: bool| {
+        let mut rec = Recorder::builder(run)
+            .model(tiny_model())
+            .optimizer(Optimizer::sgd(0.5))
+            .classes(vec!["a".into(), "b".into()])
+            .dtype(dtype)
+            .run_id("same-run")
+            .build()
+            .unwrap();
+        for (t, (u1, v1, u2)) in steps.iter().enumerate() {
+            let t = t as i64;
+            // fc2 has no bias: u is the fc1 output (2), v its delta (2).
+            for (layer, u, v) in [("fc1", u1, v1), ("fc2", u2, v1)] {
+                if owned {
+                    let values = |x: &Vec<f32>| match dtype {
+                        Dtype::F32 => FactorValues::F32(x.clone()),
+                        Dtype::F16 => {
+                            FactorValues::F16(x.iter().map(|&e| half::f16::from_f32(e)).collect())
+                        }
+                    };
+                    rec.updates_owned(
+                        layer,
+                        UpdateBatchOwned {
+                            step: t,
+                            epoch: 0,
+                            instance_ids: ids.to_vec(),
+                            labels: labels.to_vec(),
+                            u: values(u),
+                            v: values(v),
+                            update_norm: None,
+                        },
+                    )
+                    .unwrap();
+                } else {
+                    rec.updates(
+                        layer,
+                        UpdateBatch {
+                            step: t,
+                            epoch: 0,
+                            instance_ids: &ids,
+                            labels: &labels,
+                            u,
+                            v,
+                            update_norm: None,
+                        },
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let w = weights_of(&tiny_model(), 0.0);
+        rec.finish(&named(&w)).unwrap();
+    };
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("borrowed"), dir.path().join("owned"));
+        record(&a, dtype, false);
+        record(&b, dtype, true);
+        let (ta, tb) = (
+            update_table(&a, &["fc1", "fc2"]),
+            update_table(&b, &["fc1", "fc2"]),
+        );
+        assert_eq!(ta[0].1.len(), 20, "{dtype:?}: 5 steps × 4 rows of fc1");
+        // Bit for bit: compare the f64 widening of the stored values.
+        let bits = |t: &UpdateTable| -> Vec<Vec<u64>> {
+            t.iter()
+                .flat_map(|r| r.4.iter().chain(&r.5))
+                .map(|row| row.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&ta), bits(&tb), "{dtype:?}: factor values differ");
+        let meta = |t: &UpdateTable| -> Vec<_> {
+            t.iter()
+                .map(|r| (r.0.clone(), r.1.clone(), r.2.clone(), r.3.clone()))
+                .collect()
+        };
+        assert_eq!(meta(&ta), meta(&tb), "{dtype:?}: keys differ");
+        // The norms: computed by the writer from what each path handed over
+        // (f32 values, or the f16 ones widened), so equal for f32 and within
+        // f16's rounding for f16.
+        for (ra, rb) in ta.iter().zip(&tb) {
+            for (x, y) in ra.6.iter().zip(&rb.6) {
+                let tol = if dtype == Dtype::F32 {
+                    0.0
+                } else {
+                    2e-3 * x.abs() + 1e-12
+                };
+                assert!((x - y).abs() <= tol, "{dtype:?} {}: norm {x} vs {y}", ra.0);
+            }
+        }
+    }
+    // f16 values for an f32 run: one error naming the layer, nothing sent.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rec = tiny_recorder(dir.path());
+    let e = rec
+        .updates_owned(
+            "fc1",
+            UpdateBatchOwned {
+                step: 0,
+                epoch: 0,
+                instance_ids: vec![0, 1],
+                labels: vec![0, 1],
+                u: FactorValues::F16(vec![half::f16::ONE; 6]),
+                v: FactorValues::F16(vec![half::f16::ONE; 4]),
+                update_norm: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"fc1\"") && e.contains("f16 factors for a run recorded in f32"),
+        "{e}"
+    );
 }

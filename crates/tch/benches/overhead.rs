@@ -27,7 +27,10 @@
 //!
 //! Environment: `REPTRACE_BENCH_REPEATS` (default 5), `REPTRACE_BENCH_ROWS`
 //! (training rows, default 6400 = 100 steps), `REPTRACE_BENCH_EPOCHS`
-//! (default 1), `REPTRACE_BENCH_DEVICE` (`cpu`, `cuda`), `REPTRACE_BENCH_THREADS`.
+//! (default 1), `REPTRACE_BENCH_DEVICE` (`cpu`, `cuda`), `REPTRACE_BENCH_THREADS`,
+//! and the shape: `REPTRACE_BENCH_INPUT` (784 = 1×28×28, or 3072 = 3×32×32),
+//! `REPTRACE_BENCH_HIDDEN` (256), `REPTRACE_BENCH_BATCH` (64);
+//! `scripts/gpu-check.sh` runs 3072-1024-10 at batch 256 too.
 use rand::{Rng, SeedableRng};
 use reptrace_format::Dtype;
 use reptrace_tch::{
@@ -41,18 +44,20 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// `n` MNIST-shaped examples: a fixed random prototype per class plus noise, clipped to [0, 1].
-fn synthetic(n_train: usize, n_test: usize) -> Dataset {
+/// `n` examples of `shape` (MNIST- or CIFAR-shaped): a fixed random
+/// prototype per class plus noise, clipped to [0, 1].
+fn synthetic(n_train: usize, n_test: usize, shape: &[usize]) -> Dataset {
+    let width: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let protos: Vec<Vec<f32>> = (0..10)
         .map(|_| {
-            (0..784)
+            (0..width)
                 .map(|_| if rng.random::<f32>() < 0.2 { 1.0 } else { 0.0 })
                 .collect()
         })
         .collect();
     let n = n_train + n_test;
-    let mut features = Vec::with_capacity(n * 784);
+    let mut features = Vec::with_capacity(n * width);
     let mut labels = Vec::with_capacity(n);
     for _ in 0..n {
         let l = rng.random_range(0..10usize);
@@ -65,8 +70,8 @@ fn synthetic(n_train: usize, n_test: usize) -> Dataset {
     }
     let classes = (0..10).map(|c| c.to_string()).collect();
     Dataset::new(
-        "synthetic-mnist",
-        vec![1, 28, 28],
+        "synthetic",
+        shape.to_vec(),
         classes,
         features,
         labels,
@@ -98,12 +103,22 @@ fn main() {
     let threads: Option<usize> = std::env::var("REPTRACE_BENCH_THREADS")
         .ok()
         .and_then(|t| t.parse().ok());
-    let data = synthetic(rows, 64);
+    let input: usize = env("REPTRACE_BENCH_INPUT", 784);
+    let hidden: usize = env("REPTRACE_BENCH_HIDDEN", 256);
+    let batch: usize = env("REPTRACE_BENCH_BATCH", 64);
+    let shape = match input {
+        3072 => vec![3, 32, 32],
+        784 => vec![1, 28, 28],
+        other => vec![other],
+    };
+    let data = synthetic(rows, 64, &shape);
     let dir = tempfile::tempdir().expect("temporary directory");
     let base = TrainConfig {
-        model: ModelChoice::Mlp { hidden: vec![256] },
+        model: ModelChoice::Mlp {
+            hidden: vec![hidden],
+        },
         epochs,
-        batch_size: 64,
+        batch_size: batch,
         lr: 0.05,
         probes: ProbeSet::None,
         device,
@@ -156,9 +171,9 @@ fn main() {
             let _ = std::fs::remove_dir_all(&out);
         }
     }
-    let steps = rows.div_ceil(64) * epochs;
+    let steps = rows.div_ceil(batch) * epochs;
     println!(
-        "tracing overhead: MLP 784-256-10, batch 64, {steps} steps, device {device}, threads {}, {repeats} repeats (medians)",
+        "tracing overhead: MLP {input}-{hidden}-10, batch {batch}, {steps} steps, device {device}, threads {}, {repeats} repeats (medians)",
         threads.map_or("auto".to_owned(), |t| t.to_string())
     );
     println!(
@@ -209,7 +224,8 @@ fn main() {
             };
             summary.push(format!(
                 "BENCH {part} dtype={dtype} ratio={total_ratio:.4} loop_ratio={loop_ratio:.4} \
-                 untraced_ms_per_step={:.4} steps={steps} repeats={repeats}",
+                 untraced_ms_per_step={:.4} steps={steps} repeats={repeats} \
+                 model={input}-{hidden}-10 batch={batch} device={device}",
                 1000.0 * base_loop / steps as f64
             ));
         }

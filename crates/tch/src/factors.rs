@@ -10,11 +10,13 @@
 //! - Conv2d, storage full: `u` empty, `v = [ΔW_i | Δb_i]`
 //!   (`B × (C_out·C_in·kh·kw + C_out)`), computed on the device with `bmm`.
 //!
-//! Everything stays on the device; [`Factors::to_host`] copies each factor in
-//! one contiguous transfer.
+//! Everything stays on the device; [`Factors::start_to_host`] converts each
+//! factor to the run's stored type there and copies it in one contiguous
+//! transfer (asynchronously into pinned memory on CUDA).
 use crate::Result;
-use reptrace_format::{Conv2dSpec, Storage, TracedLayer};
-use tch::{Kind, Tensor};
+use reptrace_format::{Conv2dSpec, Dtype, Storage, TracedLayer};
+use reptrace_record::FactorValues;
+use tch::{Device, Kind, Tensor};
 
 /// One layer's factors for a batch, on the device, rows = examples.
 #[derive(Debug)]
@@ -27,25 +29,86 @@ pub struct Factors {
     pub update_norm: Tensor,
 }
 
-/// The factors copied to the host: row-major `f32`.
+/// The factors copied to the host, row-major, in the run's stored type,
+/// ready to be handed to [`reptrace_record::Recorder::updates_owned`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostFactors {
-    pub u: Vec<f32>,
-    pub v: Vec<f32>,
+    pub u: FactorValues,
+    pub v: FactorValues,
     pub update_norm: Vec<f32>,
 }
 
+/// Factors on their way to the host ([`Factors::start_to_host`]): on a CUDA
+/// device, asynchronous copies into page-locked (pinned) host memory that
+/// are only complete after the device has been synchronised; on the CPU,
+/// the tensors themselves.
+#[derive(Debug)]
+pub struct InFlight {
+    u: Tensor,
+    v: Tensor,
+    update_norm: Tensor,
+    dtype: Dtype,
+}
+
 impl Factors {
-    /// Copies the factors to the host, one contiguous copy per factor.
-    pub fn to_host(&self) -> Result<HostFactors> {
-        let host = |t: &Tensor| -> Result<Vec<f32>> {
-            let flat = t.f_to_kind(Kind::Float)?.f_contiguous()?.f_flatten(0, -1)?;
-            Ok(Vec::<f32>::try_from(&flat)?)
+    /// Copies the factors to the host in `dtype` (converted on the device
+    /// for f16, so half the bytes travel), one contiguous copy per factor.
+    /// Synchronous; the training loop uses [`Factors::start_to_host`].
+    pub fn to_host(&self, dtype: Dtype) -> Result<HostFactors> {
+        let flight = self.start_to_host(dtype)?;
+        if let Device::Cuda(i) = self.v.device() {
+            tch::Cuda::synchronize(i as i64);
+        }
+        flight.finish()
+    }
+
+    /// Starts copying the factors to the host in `dtype`. On a CUDA device
+    /// the f16 conversion runs on the device and the copies are
+    /// asynchronous (non-blocking, into pinned memory); the caller
+    /// synchronises the device once for all layers of a step before
+    /// [`InFlight::finish`]. On the CPU nothing is copied yet.
+    pub fn start_to_host(&self, dtype: Dtype) -> Result<InFlight> {
+        let kind = match dtype {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+        };
+        let start = |t: &Tensor, kind: Kind| -> Result<Tensor> {
+            let t = t.f_to_kind(kind)?;
+            Ok(match t.device() {
+                Device::Cpu => t,
+                _ => t
+                    .f_contiguous()?
+                    .f_to_device_(Device::Cpu, kind, true, false)?,
+            })
+        };
+        Ok(InFlight {
+            u: start(&self.u, kind)?,
+            v: start(&self.v, kind)?,
+            update_norm: start(&self.update_norm, Kind::Float)?,
+            dtype,
+        })
+    }
+}
+
+impl InFlight {
+    /// The host factors; on CUDA only after the device was synchronised.
+    pub fn finish(self) -> Result<HostFactors> {
+        fn copy<T: tch::kind::Element + Clone>(t: &Tensor) -> Result<Vec<T>> {
+            let n = t.numel();
+            let mut out = vec![T::ZERO; n];
+            t.f_copy_data(&mut out, n)?;
+            Ok(out)
+        }
+        let values = |t: &Tensor| -> Result<FactorValues> {
+            Ok(match self.dtype {
+                Dtype::F32 => FactorValues::F32(copy::<f32>(t)?),
+                Dtype::F16 => FactorValues::F16(copy::<half::f16>(t)?),
+            })
         };
         Ok(HostFactors {
-            u: host(&self.u)?,
-            v: host(&self.v)?,
-            update_norm: host(&self.update_norm)?,
+            u: values(&self.u)?,
+            v: values(&self.v)?,
+            update_norm: copy::<f32>(&self.update_norm)?,
         })
     }
 }

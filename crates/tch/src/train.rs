@@ -32,7 +32,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
 use reptrace_record::{
-    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch,
+    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatchOwned,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -836,24 +836,37 @@ impl Run<'_> {
                 loss: loss_value,
             })?;
             self.timing.record += t0.elapsed();
+            // Every layer's factors start towards the host (converted to
+            // the stored type on the device); on CUDA one synchronisation
+            // for all of them, then each goes to the recorder by value.
+            let t0 = Instant::now();
+            let mut flights = Vec::with_capacity(taps.len());
             for (tap, delta) in taps.iter().zip(deltas) {
                 let Some(layer) = net.traced_layer(tap.module) else {
                     continue;
                 };
+                let f = layer_factors(layer, &tap.input, delta, s.lr)?;
+                flights.push((layer.name(), f.start_to_host(self.config.dtype)?));
+            }
+            if let Device::Cuda(i) = net.device() {
+                tch::Cuda::synchronize(i as i64);
+            }
+            self.timing.factors += t0.elapsed();
+            for (name, flight) in flights {
                 let t0 = Instant::now();
-                let f = layer_factors(layer, &tap.input, delta, s.lr)?.to_host()?;
+                let f = flight.finish()?;
                 let t1 = Instant::now();
                 self.timing.factors += t1 - t0;
-                rec.updates(
-                    layer.name(),
-                    UpdateBatch {
+                rec.updates_owned(
+                    name,
+                    UpdateBatchOwned {
                         step,
                         epoch,
-                        instance_ids: &ids,
-                        labels: &labels,
-                        u: &f.u,
-                        v: &f.v,
-                        update_norm: Some(&f.update_norm),
+                        instance_ids: ids.clone(),
+                        labels: labels.clone(),
+                        u: f.u,
+                        v: f.v,
+                        update_norm: Some(f.update_norm),
                     },
                 )?;
                 self.timing.record += t1.elapsed();

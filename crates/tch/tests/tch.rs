@@ -6,9 +6,10 @@ use arrow_array::{
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{
-    Conv2dSpec, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind, Status,
-    Storage, Table, TracedLayer, displacement_scales, layout,
+    Conv2dSpec, Dtype, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind,
+    Status, Storage, Table, TracedLayer, displacement_scales, layout,
 };
+use reptrace_record::FactorValues;
 use reptrace_tch::data::{self, CsvOptions, DataSource, Dataset};
 use reptrace_tch::{
     DeviceChoice, Error, ModelChoice, Network, ProbeSet, TraceLayers, TrainConfig, TrainSummary,
@@ -517,8 +518,11 @@ fn factors_sum_to_autograd_gradients() {
             };
             let f = layer_factors(layer, &tap.input, delta, lr)
                 .unwrap()
-                .to_host()
+                .to_host(Dtype::F32)
                 .unwrap();
+            let (FactorValues::F32(fu), FactorValues::F32(fv)) = (&f.u, &f.v) else {
+                panic!("f32 factors expected");
+            };
             let (u_len, v_len) = layer.factor_lens();
             assert_eq!(
                 (f.u.len(), f.v.len(), f.update_norm.len()),
@@ -528,8 +532,8 @@ fn factors_sum_to_autograd_gradients() {
             for i in 0..b as usize {
                 let d = record_update(
                     layer,
-                    &f.u[i * u_len..(i + 1) * u_len],
-                    &f.v[i * v_len..(i + 1) * v_len],
+                    &fu[i * u_len..(i + 1) * u_len],
+                    &fv[i * v_len..(i + 1) * v_len],
                 );
                 let brute_norm = weight_norm(layer, &d);
                 let nerr = (f64::from(f.update_norm[i]) - brute_norm).abs();
@@ -824,6 +828,98 @@ fn tracing_does_not_change_training() {
             "{name}: traced run differs by {traced_diff:.2e}"
         );
     }
+}
+
+/// Row `i` of a list<f32> or list<f16> column, widened to f32.
+fn list_widened(l: &ListArray, i: usize) -> Vec<f32> {
+    let v = l.value(i);
+    match v.as_any().downcast_ref::<arrow_array::Float16Array>() {
+        Some(h) => h.values().iter().map(|x| x.to_f32()).collect(),
+        None => list_f32(l, i),
+    }
+}
+
+/// (layer, step, instance id, u, v) of one `updates` row.
+type UpdateRow = (String, i64, i64, Vec<f32>, Vec<f32>);
+
+/// Every `updates` row of a run, in file order per layer: (layer, step,
+/// instance id, u, v) with the values as stored, widened to f32.
+fn update_rows(run: &Path) -> Vec<UpdateRow> {
+    let m = Manifest::open(run).unwrap();
+    let mut out = Vec::new();
+    for f in m.files(Table::Updates) {
+        let layer = f.layer.clone().unwrap_or_default();
+        for b in read_parquet(&run.join(&f.path)) {
+            let step = col::<Int64Array>(&b, "step");
+            let id = col::<Int64Array>(&b, "instance_id");
+            let (u, v) = (col::<ListArray>(&b, "u"), col::<ListArray>(&b, "v"));
+            for i in 0..b.num_rows() {
+                out.push((
+                    layer.clone(),
+                    step.value(i),
+                    id.value(i),
+                    list_widened(u, i),
+                    list_widened(v, i),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The factors of a run recorded in f16 are converted on the device (the
+/// tch loop hands f16 buffers to the recorder): they are exactly the f32
+/// run's factors rounded to f16 the way the recorder rounds them (`half`,
+/// round to nearest even), so a run recorded through the new path reads back
+/// the rows the old one (f32 handed over, converted by the writer) wrote.
+#[test]
+fn f16_factors_converted_on_the_device_equal_the_recorders_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |dtype: Dtype| {
+        let cfg = TrainConfig {
+            dtype,
+            epochs: 1,
+            momentum: 0.9,
+            probes: ProbeSet::None,
+            ..run_config(dir.path(), &format!("{dtype:?}"))
+        };
+        train(&cfg, &mut quiet()).unwrap();
+        update_rows(&cfg.out)
+    };
+    let (wide, half_rows) = (run(Dtype::F32), run(Dtype::F16));
+    assert_eq!(wide.len(), half_rows.len());
+    assert!(wide.len() > 1000, "{} rows", wide.len());
+    let round = |x: &[f32]| -> Vec<u32> {
+        x.iter()
+            .map(|&e| half::f16::from_f32(e).to_f32().to_bits())
+            .collect()
+    };
+    let as_bits = |x: &[f32]| -> Vec<u32> { x.iter().map(|e| e.to_bits()).collect() };
+    let mut changed = 0usize;
+    for (a, b) in wide.iter().zip(&half_rows) {
+        assert_eq!((&a.0, a.1, a.2), (&b.0, b.1, b.2));
+        assert_eq!(
+            round(&a.3),
+            as_bits(&b.3),
+            "u of {} step {} instance {}",
+            a.0,
+            a.1,
+            a.2
+        );
+        assert_eq!(
+            round(&a.4),
+            as_bits(&b.4),
+            "v of {} step {} instance {}",
+            a.0,
+            a.1,
+            a.2
+        );
+        changed += usize::from(as_bits(&a.4) != as_bits(&b.4));
+    }
+    assert!(
+        changed > 0,
+        "f16 rounding changed nothing: the runs were not f32 and f16"
+    );
 }
 
 // ---------------------------------------------------------------- batch mode

@@ -26,7 +26,7 @@ pub struct SqlArgs {
 }
 
 /// A tokio runtime for DataFusion.
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -318,7 +318,7 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
             out,
             "  layer {:<8} {rows:>9} update rows {:>12}   {probes} probes",
             layer.name(),
-            crate::cmd::human_bytes(bytes),
+            reptrace_cli::cmd::human_bytes(bytes),
         )?;
     }
     let total: u64 = Table::ALL
@@ -335,7 +335,7 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
     writeln!(
         out,
         "  {commits} commits, {snapshots} weight snapshots, {} in tables",
-        crate::cmd::human_bytes(total)
+        reptrace_cli::cmd::human_bytes(total)
     )?;
     Ok(())
 }

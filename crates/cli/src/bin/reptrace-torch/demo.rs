@@ -47,7 +47,7 @@ pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 /// Trains the demo model into `dir`.
 pub fn train_phase(dir: &Path) -> anyhow::Result<TrainSummary> {
     let config = TrainConfig::demo(dir);
-    super::train::train_with_progress(&config)
+    crate::train::train_with_progress(&config)
 }
 
 /// Prints what was recorded.
@@ -56,7 +56,7 @@ pub fn report_phase(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Resu
         out,
         "demo: MLP 64-32-16-10 on the bundled digits (1437 train, 360 test), SGD with momentum 0.9, lr 0.1 cosine"
     )?;
-    super::train::write_summary(out, summary)
+    crate::train::write_summary(out, summary)
 }
 
 /// Prints, for `probe`, its top-5 proponents per layer with labels and the
@@ -66,7 +66,7 @@ pub fn explain_probe(out: &mut dyn Write, dir: &Path, probe: i64) -> anyhow::Res
     use reptrace_analyze::sql::{self, Format};
     let run = reptrace_analyze::open(dir)?;
     let ctx = reptrace_analyze::context(&run)?;
-    let rt = super::sql::runtime()?;
+    let rt = reptrace_cli::cmd::sql::runtime()?;
     let probe_s = probe.to_string();
     let (_, header) = rt.block_on(reptrace_analyze::sql::run(
         &ctx,
@@ -182,7 +182,7 @@ pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<PathBuf>
         probe,
         ..Default::default()
     };
-    super::report::write_report(dir, &options, &path)?;
+    reptrace_cli::cmd::report::write_report(dir, &options, &path)?;
     writeln!(out)?;
     writeln!(out, "report of probe {probe}: {}", path.display())?;
     Ok(path)

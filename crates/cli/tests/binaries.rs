@@ -1,0 +1,114 @@
+//! The two binaries: `reptrace` runs the analysis commands without libtorch
+//! and hands `train`, `demo` and `probe` to `reptrace-torch`, which it finds
+//! beside itself.
+use std::path::Path;
+use std::process::{Command, Output};
+
+const ANALYSIS: &str = env!("CARGO_BIN_EXE_reptrace");
+const TORCH: &str = env!("CARGO_BIN_EXE_reptrace-torch");
+
+fn run(bin: impl AsRef<Path>, args: &[&str]) -> Output {
+    Command::new(bin.as_ref()).args(args).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether the executable names a libtorch library among the shared
+/// libraries it needs (the dynamic string table holds their names).
+fn names_libtorch(bin: &str) -> bool {
+    let bytes = std::fs::read(bin).unwrap();
+    bytes
+        .windows(b"libtorch_cpu.so".len())
+        .any(|w| w == b"libtorch_cpu.so")
+}
+
+#[test]
+fn only_the_torch_binary_links_libtorch() {
+    assert!(!names_libtorch(ANALYSIS), "{ANALYSIS} links libtorch");
+    assert!(
+        names_libtorch(TORCH),
+        "{TORCH} does not name libtorch: the check finds nothing"
+    );
+    // And it starts without it: nothing on the loader's path could supply it.
+    let out = Command::new(ANALYSIS)
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("reptrace "));
+}
+
+#[test]
+fn torch_commands_run_through_reptrace() {
+    // Help of the real arguments, under the name users type.
+    for args in [&["train", "--help"][..], &["help", "train"][..]] {
+        let out = run(ANALYSIS, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let help = text(&out.stdout);
+        assert!(
+            help.contains("Usage: reptrace train") && help.contains("--epochs"),
+            "{help}"
+        );
+    }
+    // The analysis binary lists them, with their own descriptions.
+    let help = text(&run(ANALYSIS, &["--help"]).stdout);
+    for command in ["train", "demo", "probe", "info", "query"] {
+        assert!(
+            help.contains(&format!("  {command} ")),
+            "{command} missing from:\n{help}"
+        );
+    }
+    // Usage errors and their exit status come back as from one binary.
+    let out = run(ANALYSIS, &["demo", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr).trim_end(),
+        "error: unexpected argument '--bogus' found; see 'reptrace demo --help'"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_run = dir.path().join("nothing");
+    let out = run(
+        ANALYSIS,
+        &[
+            "probe",
+            "add",
+            not_a_run.to_str().unwrap(),
+            "--data",
+            "digits",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("nothing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_torch_binary_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("reptrace");
+    std::fs::copy(ANALYSIS, &alone).unwrap();
+    let out = run(&alone, &["train", "--out", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: `reptrace train` runs models through libtorch")
+            && err.contains(&dir.path().join("reptrace-torch").display().to_string()),
+        "{err}"
+    );
+    // The analysis commands work without it.
+    let out = run(&alone, &["info", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{}",
+        text(&out.stderr)
+    );
+}
