@@ -3,7 +3,7 @@
 # (row | figure | goal | met?) with the machine and the date; the same table
 # in Markdown goes to target/bench/table.md for docs/benchmarks.md.
 # Does its own set-up on a fresh machine (scripts/setup.sh) and builds the
-# release binary and the benchmarks first. About 3 minutes of benchmarks on
+# release binary and the benchmarks first. About 4.5 minutes of benchmarks on
 # 2 cores, after the first release build (DataFusion: 20 to 45 minutes).
 #
 #   scripts/bench.sh

@@ -205,15 +205,6 @@ impl RecorderBuilder {
     }
 }
 
-/// Sizes of the update rows handed to the recorder.
-#[derive(Debug, Clone, Copy)]
-struct FactorShape {
-    n: usize,
-    u: usize,
-    v: usize,
-    f16: bool,
-}
-
 /// What the recorder needs to know about a traced layer.
 #[derive(Debug, Clone)]
 struct LayerInfo {
@@ -453,38 +444,18 @@ impl Recorder {
     /// The slices are copied once into the message for the writer thread;
     /// [`Recorder::updates_owned`] takes the buffers instead.
     pub fn updates(&mut self, layer: &str, batch: UpdateBatch<'_>) -> Result<()> {
-        let shape = FactorShape {
-            n: batch.instance_ids.len(),
-            u: batch.u.len(),
-            v: batch.v.len(),
-            f16: false,
-        };
-        let Some((li, u_len, v_len, norm)) = self.check_updates(
+        self.updates_owned(
             layer,
-            batch.step,
-            batch.epoch,
-            batch.labels,
-            batch.update_norm.map(<[f32]>::len),
-            shape,
-        )?
-        else {
-            return Ok(());
-        };
-        self.send(Msg::Updates {
-            layer: li,
-            rows: UpdateRows {
+            UpdateBatchOwned {
                 step: batch.step,
                 epoch: batch.epoch,
-                ids: batch.instance_ids.iter().copied().map(Some).collect(),
-                labels: batch.labels.iter().copied().map(Some).collect(),
+                instance_ids: batch.instance_ids.to_vec(),
+                labels: batch.labels.to_vec(),
                 u: FactorValues::F32(batch.u.to_vec()),
                 v: FactorValues::F32(batch.v.to_vec()),
-                u_len,
-                v_len,
-                norms: batch.update_norm.map(<[f32]>::to_vec),
-                norm,
+                update_norm: batch.update_norm.map(<[f32]>::to_vec),
             },
-        })
+        )
     }
 
     /// [`Recorder::updates`] with the rows handed over by value: checked the
@@ -493,25 +464,60 @@ impl Recorder {
     /// with round-to-nearest-even as `half` and PyTorch do; the rows are the
     /// same as from f32 factors converted by the recorder).
     pub fn updates_owned(&mut self, layer: &str, batch: UpdateBatchOwned) -> Result<()> {
-        let f16 =
-            matches!(batch.u, FactorValues::F16(_)) || matches!(batch.v, FactorValues::F16(_));
-        let shape = FactorShape {
-            n: batch.instance_ids.len(),
-            u: batch.u.len(),
-            v: batch.v.len(),
-            f16,
-        };
-        let Some((li, u_len, v_len, norm)) = self.check_updates(
-            layer,
-            batch.step,
-            batch.epoch,
-            &batch.labels,
-            batch.update_norm.as_ref().map(Vec::len),
-            shape,
-        )?
-        else {
+        self.check_open()?;
+        let li = self.layer_index(layer)?;
+        let ctx = || format!("updates for layer {layer:?}");
+        let n = batch.instance_ids.len();
+        check_len(ctx, "labels", n, batch.labels.len())?;
+        if let Some(norms) = &batch.update_norm {
+            check_len(ctx, "update_norm", n, norms.len())?;
+        }
+        if batch.step < 0 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: format!("step {} is negative", batch.step),
+            });
+        }
+        let f16 = [&batch.u, &batch.v]
+            .iter()
+            .any(|f| matches!(f, FactorValues::F16(_)));
+        if f16 && self.dtype != Dtype::F16 {
+            return Err(Error::Invalid {
+                context: ctx(),
+                message: "f16 factors for a run recorded in f32; pass f32 factors (or build the recorder with dtype f16)".into(),
+            });
+        }
+        // The first accepted shape that fits the slices; report the primary
+        // one when none does.
+        let (got_u, got_v) = (batch.u.len(), batch.v.len());
+        let shapes = &self.layers[li].factor_shapes;
+        let (u_len, v_len, norm) = shapes
+            .iter()
+            .copied()
+            .find(|&(u, v, _)| got_u == n * u && got_v == n * v)
+            .ok_or_else(|| {
+                let (u, v, _) = shapes[0];
+                if got_u != n * u {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {u} values)", ctx()),
+                        what: "u",
+                        expected: n * u,
+                        got: got_u,
+                    }
+                } else {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {v} values)", ctx()),
+                        what: "v",
+                        expected: n * v,
+                        got: got_v,
+                    }
+                }
+            })?;
+        self.check_labels(&ctx(), "labels", &batch.labels)?;
+        self.see_step(batch.step, batch.epoch);
+        if n == 0 {
             return Ok(());
-        };
+        }
         self.send(Msg::Updates {
             layer: li,
             rows: UpdateRows {
@@ -527,68 +533,6 @@ impl Recorder {
                 norm,
             },
         })
-    }
-
-    /// Checks one step's update rows of `layer`; `None` when there are no
-    /// rows (nothing to send), else the layer index, factor lengths and norm.
-    fn check_updates(
-        &mut self,
-        layer: &str,
-        step: i64,
-        epoch: i32,
-        labels: &[i32],
-        norms: Option<usize>,
-        shape: FactorShape,
-    ) -> Result<Option<(usize, usize, usize, NormKind)>> {
-        self.check_open()?;
-        let li = self.layer_index(layer)?;
-        let info = &self.layers[li];
-        let ctx = || format!("updates for layer {layer:?}");
-        let n = shape.n;
-        check_len(ctx, "labels", n, labels.len())?;
-        if let Some(norms) = norms {
-            check_len(ctx, "update_norm", n, norms)?;
-        }
-        if step < 0 {
-            return Err(Error::Invalid {
-                context: ctx(),
-                message: format!("step {step} is negative"),
-            });
-        }
-        if shape.f16 && self.dtype != Dtype::F16 {
-            return Err(Error::Invalid {
-                context: ctx(),
-                message: "f16 factors for a run recorded in f32; pass f32 factors (or build the recorder with dtype f16)".into(),
-            });
-        }
-        // The first accepted shape that fits the slices; report the primary
-        // one when none does.
-        let (u_len, v_len, norm) = info
-            .factor_shapes
-            .iter()
-            .copied()
-            .find(|&(u, v, _)| shape.u == n * u && shape.v == n * v)
-            .ok_or_else(|| {
-                let (u, v, _) = info.factor_shapes[0];
-                if shape.u != n * u {
-                    Error::Length {
-                        context: format!("{} ({n} rows of {u} values)", ctx()),
-                        what: "u",
-                        expected: n * u,
-                        got: shape.u,
-                    }
-                } else {
-                    Error::Length {
-                        context: format!("{} ({n} rows of {v} values)", ctx()),
-                        what: "v",
-                        expected: n * v,
-                        got: shape.v,
-                    }
-                }
-            })?;
-        self.check_labels(&ctx(), "labels", labels)?;
-        self.see_step(step, epoch);
-        Ok((n > 0).then_some((li, u_len, v_len, norm)))
     }
 
     /// Batch mode: the members of step `s`'s batch (table `batches`) and,

@@ -898,22 +898,10 @@ fn f16_factors_converted_on_the_device_equal_the_recorders_rounding() {
     let mut changed = 0usize;
     for (a, b) in wide.iter().zip(&half_rows) {
         assert_eq!((&a.0, a.1, a.2), (&b.0, b.1, b.2));
-        assert_eq!(
-            round(&a.3),
-            as_bits(&b.3),
-            "u of {} step {} instance {}",
-            a.0,
-            a.1,
-            a.2
-        );
-        assert_eq!(
-            round(&a.4),
-            as_bits(&b.4),
-            "v of {} step {} instance {}",
-            a.0,
-            a.1,
-            a.2
-        );
+        for (what, x, y) in [("u", &a.3, &b.3), ("v", &a.4, &b.4)] {
+            let at = format!("{what} of {} step {} instance {}", a.0, a.1, a.2);
+            assert_eq!(round(x), as_bits(y), "{at}");
+        }
         changed += usize::from(as_bits(&a.4) != as_bits(&b.4));
     }
     assert!(
