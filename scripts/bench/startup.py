@@ -28,35 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python" / "snippets"))
 
-from duckdb_views import OWN_CONTRIBUTIONS, PARTITIONED, TABLES, committed_files  # noqa: E402
+from duckdb_queries import declared_params, number  # noqa: E402
+from duckdb_views import view_statements  # noqa: E402
 
 QUERIES = {"top_proponents": {"k": 10}, "data_map": {}, "class_shares": {}}
-
-
-def duckdb_views(run):
-    """CREATE VIEW statements for the run's tables (as duckdb_views.py registers them)."""
-    out = []
-    for table in TABLES:
-        files = committed_files(run, table)
-        if not files:
-            continue
-        hive = table in PARTITIONED
-        options = ", hive_partitioning = true, hive_types = {'layer': VARCHAR}" if hive else ""
-        out.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({files!r}{options});")
-    if committed_files(run, "contributions"):
-        out.append(f"CREATE VIEW own_contributions AS {OWN_CONTRIBUTIONS};")
-    return "\n".join(out)
-
-
-def params_of(text, chosen):
-    """The query's `-- param: NAME (TYPE, default D)` values, `chosen` first."""
-    values = {}
-    for name, default in re.findall(r"^--\s*param:\s*(\w+)\s*\([^,)]*(?:,\s*default\s*([^)]*))?\)", text, re.M):
-        if name in chosen:
-            values[name] = chosen[name]
-        elif default:
-            values[name] = default.strip()
-    return values
 
 
 def timed(cmd):
@@ -76,7 +51,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--duckdb", default=str(ROOT / ".venv" / "bin" / "duckdb"))
     args = ap.parse_args()
-    views = duckdb_views(args.run)
+    views = "".join(f"{v};\n" for v in view_statements(args.run))
     work = Path(tempfile.mkdtemp(prefix="reptrace-startup-"))
     print(f"start-up: whole processes, {args.bin} vs {args.duckdb}, {args.run}, probe {args.probe}, "
           f"median of {args.repeats}")
@@ -87,12 +62,14 @@ def main():
     print(f"BENCH startup name=version reptrace_s={version_s:.6f} repeats={args.repeats}")
     for name, chosen in QUERIES.items():
         text = (ROOT / "crates" / "analyze" / "queries" / f"{name}.sql").read_text()
-        values = params_of(text, {"probe": args.probe, **chosen})
+        chosen = {"probe": args.probe, **chosen}
+        values = {n: chosen.get(n, d) for n, d in declared_params(text).items()}
+        values = {n: number(v) if isinstance(v, str) else v for n, v in values.items()}
         sql = text
         for key, value in values.items():
             sql = re.sub(rf"\${key}\b", str(value), sql)
         script = work / f"{name}.sql"
-        script.write_text(views + "\n" + sql.rstrip().rstrip(";") + ";\n")
+        script.write_text(views + sql.rstrip().rstrip(";") + ";\n")
         ours = [str(args.bin), "query", str(args.run), name, "--format", "csv"]
         ours += [a for k, v in values.items() for a in ("--param", f"{k}={v}")]
         theirs = [args.duckdb, "-csv", "-f", str(script)]

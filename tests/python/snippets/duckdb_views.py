@@ -30,19 +30,27 @@ def committed_files(run, table):
     return [str(p if p.exists() else p.with_name(f".{p.name}.tmp")) for p in paths]
 
 
-def duckdb_connect(run):
-    """An in-memory DuckDB connection with the run's tables as views."""
-    con = duckdb.connect()
+def view_statements(run):
+    """The CREATE VIEW statements of the run's tables (also for the duckdb CLI)."""
+    out = []
     for table in TABLES:
         files = committed_files(run, table)
         if not files:
             continue  # e.g. contributions not materialised, batches in instance mode
         hive = table in PARTITIONED
         options = ", hive_partitioning = true, hive_types = {'layer': VARCHAR}" if hive else ""
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({files!r}{options})")
+        out.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({files!r}{options})")
     if committed_files(run, "contributions"):
         # Each training probe with its own instance's records (self_influence).
-        con.execute(f"CREATE VIEW own_contributions AS {OWN_CONTRIBUTIONS}")
+        out.append(f"CREATE VIEW own_contributions AS {OWN_CONTRIBUTIONS}")
+    return out
+
+
+def duckdb_connect(run):
+    """An in-memory DuckDB connection with the run's tables as views."""
+    con = duckdb.connect()
+    for statement in view_statements(run):
+        con.execute(statement)
     return con
 
 
