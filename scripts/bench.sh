@@ -30,6 +30,10 @@
 #                           process / the DuckDB command line (duckdb-cli from
 #                           PyPI, installed into .venv) answering the same
 #                           canned query in its own process, on the demo run
+#   9  queries under load   `reptrace sql` sorting the demo's 31 M materialised
+#                           contribution rows: peak RSS under a 512 MiB limit /
+#                           the limit, and its time / the time without a limit
+#                           (scripts/bench/summary.py rss)
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +60,8 @@ query_repeats=${BENCH_QUERY_REPEATS:-10}
 # Row 8: repeats, and the DuckDB command line it compares with.
 startup_repeats=${BENCH_STARTUP_REPEATS:-20}
 duckdb_cli=1.5.6
+# Row 9: the memory limit of the sort.
+sort_limit=${BENCH_SORT_LIMIT:-512MiB}
 # Row 6: PyTorch training steps (batch 64) and repeats.
 torch_steps=${BENCH_TORCH_STEPS:-1000}
 torch_repeats=${BENCH_TORCH_REPEATS:-5}
@@ -156,6 +162,18 @@ demo_probe=$(sed -n 's/^report of probe \([0-9]*\):.*/\1/p' "$logs/demo.out")
 "$bin" attribute "$out/runs/demo" --probes "ids:$demo_probe" --quiet >/dev/null
 $py scripts/bench/startup.py "$bin" "$out/runs/demo" --probe "$demo_probe" \
   --repeats "$startup_repeats" | tee "$logs/startup.log"
+
+step "9 queries under load: the 31 M-row sort under a $sort_limit limit and without one"
+# The contributions of the demo's 360 test probes, materialised (31 M rows),
+# sorted whole as the issue's user did; the result (a text table) goes to
+# /dev/null. `exec` keeps the measured child the reptrace process itself.
+"$bin" attribute "$out/runs/demo" --probes test --quiet >/dev/null
+sort_sql="SELECT probe_id, instance_id, dot FROM contributions ORDER BY dot DESC"
+for limit in "$sort_limit" none; do
+  $py scripts/bench/summary.py rss what=sort limit="$limit" -- \
+    sh -c 'exec "$@" >/dev/null' sh "$bin" sql "$out/runs/demo" "$sort_sql" --memory-limit "$limit" \
+    | tee -a "$logs/sort.log"
+done
 
 step "6 the Python package: PyTorch traced / untraced ($torch_steps steps, $torch_repeats repeats) and peak RSS"
 PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py \

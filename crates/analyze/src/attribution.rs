@@ -265,6 +265,7 @@ pub fn attribute(
 ) -> Result<Report> {
     let start = Instant::now();
     let run = Run::open(run)?;
+    refuse_live_recording(&run)?;
     let layers = chosen_layers(&run, options)?;
     let setup = Setup::load(&run)?;
     let splits = instance_splits(&run)?;
@@ -399,6 +400,28 @@ fn covers(new: &Attribution, old: &Attribution) -> bool {
             .all(|[a, b]| new.probe_ids.iter().any(|[c, d]| c <= a && b <= d))
     };
     same_kind && layers && probes
+}
+
+/// Refuses a run whose recorder is alive: it is still being written, and
+/// an attribution stands on final weights. A killed run (status `recording`,
+/// nobody holding its lock) is attributed at its last commit point.
+fn refuse_live_recording(run: &Run) -> Result<()> {
+    if run.manifest().status != reptrace_format::Status::Recording {
+        return Ok(());
+    }
+    match layout::lock_held(run.dir()) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(Error::Incomplete {
+            run: run.dir().to_path_buf(),
+            message: format!(
+                "the run is still being recorded: its recorder, a live process, holds {}; \
+                 attribute it once training has finished (queries read its committed steps \
+                 meanwhile, computing contributions on demand)",
+                layout::LOCK
+            ),
+        }),
+        Err(e) => Err(Error::io(run.path(layout::LOCK), e)),
+    }
 }
 
 /// How long `attribute` waits for the run's lock: a probe appender holds it

@@ -32,6 +32,9 @@ use datafusion::common::DFSchema;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown, col as dfcol, lit};
 use datafusion::physical_expr::PhysicalExpr;
@@ -688,26 +691,60 @@ impl PartitionStream for LayerStream {
         &self.inner.schema
     }
 
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&self.inner.schema), 2);
-        if let Some(work) = self.work.clone() {
+        if let Some(mut work) = self.work.clone() {
             let tx = builder.tx();
             let inner = Arc::clone(&self.inner);
+            let pool = Arc::clone(ctx.memory_pool());
             builder.spawn_blocking(move || {
+                // The arithmetic's working memory comes out of the query's
+                // pool, so that the memory limit bounds it too.
+                let reservation = reserve(&pool, &work.layer, work.plan.memory_budget)?;
+                work.plan.memory_budget = reservation.size();
                 let mut send = |batch: RecordBatch| -> Result<()> {
                     tx.blocking_send(Ok(batch))
                         .map_err(|_| Error::Internal("the query stopped reading".into()))
                 };
-                match produce(&inner, &work, &mut send) {
+                let done = match produce(&inner, &work, &mut send) {
                     Ok(()) => Ok(()),
                     // The consumer is gone (a LIMIT was met, or the query
                     // was cancelled): nothing to report.
                     Err(_) if tx.is_closed() => Ok(()),
                     Err(e) => Err(external(e)),
-                }
+                };
+                drop(reservation);
+                done
             });
         }
         builder.build()
+    }
+}
+
+/// The smallest working memory the arithmetic of one layer is given.
+const MIN_BUDGET: usize = 4 << 20;
+
+/// Reserves the working memory of one layer's arithmetic from the query's
+/// pool: `budget`, or an eighth of a bounded pool if that is less, or what
+/// the pool can still give down to [`MIN_BUDGET`].
+fn reserve(
+    pool: &Arc<dyn MemoryPool>,
+    layer: &str,
+    budget: usize,
+) -> datafusion::error::Result<MemoryReservation> {
+    let mut want = match pool.memory_limit() {
+        MemoryLimit::Finite(limit) => budget.min(limit / 8),
+        MemoryLimit::Infinite | MemoryLimit::Unknown => budget,
+    }
+    .max(MIN_BUDGET);
+    let reservation =
+        MemoryConsumer::new(format!("contributions of {layer} (computed)")).register(pool);
+    loop {
+        match reservation.try_grow(want) {
+            Ok(()) => return Ok(reservation),
+            Err(e) if want <= MIN_BUDGET => return Err(e),
+            Err(_) => want = (want / 2).max(MIN_BUDGET),
+        }
     }
 }
 

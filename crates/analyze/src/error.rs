@@ -91,6 +91,46 @@ pub enum Error {
     /// A computation produced something inconsistent (lengths that do not match).
     #[error("{0}")]
     Internal(String),
+    /// The query needed more memory than its limit and could not spill it.
+    #[error("{}", memory_message(*limit, message))]
+    Memory {
+        /// The limit in bytes, where the caller knows it
+        /// ([`Error::with_memory_limit`]).
+        limit: Option<u64>,
+        /// DataFusion's account of the allocation that failed.
+        message: String,
+    },
+    /// The process was interrupted (Ctrl-C) and the work stopped
+    /// ([`crate::interrupt`]).
+    #[error("interrupted by {}: stopped; no output file is left and the run is unchanged", signal_name(*signal))]
+    Interrupted {
+        /// The signal's number (2: SIGINT, 15: SIGTERM).
+        signal: i32,
+    },
+}
+
+fn memory_message(limit: Option<u64>, message: &str) -> String {
+    let raise = format!(
+        "raise it with --memory-limit SIZE or {}=SIZE (e.g. 4GiB)",
+        crate::limits::MEMORY_LIMIT_ENV
+    );
+    match limit {
+        Some(l) => format!(
+            "the query needs more memory than its limit of {} and this part of it cannot spill \
+             to disk ({message}); {raise}",
+            crate::limits::human(l)
+        ),
+        None => format!("the query ran out of memory ({message}); {raise}"),
+    }
+}
+
+/// `SIGINT (Ctrl-C)`, `SIGTERM`, or the number.
+fn signal_name(signal: i32) -> String {
+    match signal {
+        2 => "SIGINT (Ctrl-C)".into(),
+        15 => "SIGTERM".into(),
+        s => format!("signal {s}"),
+    }
 }
 
 impl Error {
@@ -111,16 +151,40 @@ impl Error {
     /// A DataFusion error as one line.
     ///
     /// An error of a computed table comes back as its own message, without
-    /// DataFusion's wrapping.
+    /// DataFusion's wrapping; memory exhausted under the pool's limit as
+    /// [`Error::Memory`], an interruption as [`Error::Interrupted`].
     pub(crate) fn sql(e: datafusion::error::DataFusionError) -> Self {
+        use datafusion::error::DataFusionError;
+        if let DataFusionError::ResourcesExhausted(m) = e.find_root() {
+            return Error::Memory {
+                limit: None,
+                message: one_line(m),
+            };
+        }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if let Some(ours) = s.downcast_ref::<Error>() {
-                return Error::Computed(one_line(&ours.to_string()));
+                return match ours {
+                    Error::Interrupted { signal } => Error::Interrupted { signal: *signal },
+                    Error::Memory { limit, message } => Error::Memory {
+                        limit: *limit,
+                        message: message.clone(),
+                    },
+                    _ => Error::Computed(one_line(&ours.to_string())),
+                };
             }
             source = s.source();
         }
         Error::Sql(one_line(&e.to_string()))
+    }
+
+    /// This error with the memory limit it ran under, so that an
+    /// [`Error::Memory`] names it.
+    pub fn with_memory_limit(self, limit: Option<u64>) -> Self {
+        match self {
+            Error::Memory { message, .. } => Error::Memory { limit, message },
+            e => e,
+        }
     }
 }
 

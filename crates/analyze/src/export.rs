@@ -44,7 +44,8 @@
 //! ```
 use crate::computed::ComputeOptions;
 use crate::error::one_line;
-use crate::session::{Run, context_with};
+use crate::limits::{Limits, SpillCleanup};
+use crate::session::{Run, context_limited};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -138,6 +139,8 @@ pub struct Options {
     pub overwrite: bool,
     /// How the computed `contributions` table works.
     pub compute: ComputeOptions,
+    /// The query's memory limit and spill directory.
+    pub limits: Limits,
 }
 
 impl Options {
@@ -150,6 +153,7 @@ impl Options {
             format,
             overwrite: false,
             compute: ComputeOptions::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -200,8 +204,12 @@ pub fn export(
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
-    rt.block_on(export_async(&run, options, out, progress))
-        .map_err(|e| run.explain(e))
+    let result = rt
+        .block_on(export_async(&run, options, out, progress))
+        .map_err(|e| run.explain(e));
+    // An interrupted query may leave blocking work behind: do not wait for it.
+    rt.shutdown_background();
+    result
 }
 
 /// Exports a table of an opened run to `out` (see the module docs).
@@ -212,7 +220,8 @@ pub async fn export_async(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Summary> {
     let out = check_output(run, out, options.overwrite)?;
-    let ctx = context_with(run, &options.compute)?;
+    let ctx = context_limited(run, &options.compute, &options.limits)?;
+    let _cleanup = SpillCleanup::new(ctx.runtime_env());
     let table = options.table;
     let mut df = ctx.table(table.name()).await.map_err(Error::sql)?;
     if let Some(text) = &options.filter {
@@ -226,7 +235,11 @@ pub async fn export_async(
     }
     let table_rows = run.manifest().files(table).iter().map(|f| f.rows).sum();
     let tmp = temp_path(&out);
-    let result = write_stream(run, options, df, &tmp, table_rows, progress).await;
+    let result = crate::interrupt::or_interrupted(write_stream(
+        run, options, df, &tmp, table_rows, progress,
+    ))
+    .await
+    .map_err(|e| e.with_memory_limit(options.limits.memory));
     let written = result.and_then(|(rows, columns)| {
         std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
         let bytes = std::fs::metadata(&out)

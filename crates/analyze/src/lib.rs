@@ -11,7 +11,9 @@
 //! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
 //! - [`verify`]: integrity and completeness checks;
 //! - [`export`]: one table streamed to Parquet, CSV or JSON lines;
-//! - [`report`]: the self-contained HTML report of one probe.
+//! - [`report`]: the self-contained HTML report of one probe;
+//! - [`limits`]: the memory limit and spill directory of every query;
+//! - [`interrupt`]: stopping long work cleanly on Ctrl-C.
 //!
 //! ```no_run
 //! # async fn example() -> reptrace_analyze::Result<()> {
@@ -30,7 +32,9 @@ pub mod attribution;
 pub mod computed;
 pub mod error;
 pub mod export;
+pub mod interrupt;
 pub mod kernel;
+pub mod limits;
 pub mod probes;
 pub mod query;
 pub mod records;
@@ -48,4 +52,5 @@ pub use computed::{ComputeOptions, ContributionsTable};
 /// [`context`] returns).
 pub use datafusion;
 pub use error::{Error, Result};
-pub use session::{Run, context, context_with, open, register, register_with};
+pub use limits::Limits;
+pub use session::{Run, context, context_limited, context_with, open, register, register_with};

@@ -22,7 +22,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use datafusion::common::ParamValues;
 use datafusion::common::ScalarValue;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use reptrace_format::params::{self, Header, ParamError};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -140,6 +140,12 @@ impl Query {
         ctx: &SessionContext,
         given: &[(&str, &str)],
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        sql::collect(self.plan(ctx, given).await?).await
+    }
+
+    /// Plans the query on `ctx` with `given` parameters bound (run it with
+    /// [`sql::collect`] or [`sql::stream`]).
+    pub async fn plan(&self, ctx: &SessionContext, given: &[(&str, &str)]) -> Result<DataFrame> {
         let values = self.bind(given)?;
         let df = sql::plan(ctx, &self.sql).await?;
         // Placeholders must all be declared: a typo would otherwise surface
@@ -166,13 +172,12 @@ impl Query {
         if let Some(ScalarValue::Int64(Some(probe))) = values.get("probe") {
             check_probe(ctx, *probe).await?;
         }
-        let df = if values.is_empty() {
-            df
+        if values.is_empty() {
+            Ok(df)
         } else {
             df.with_param_values(ParamValues::from(values))
-                .map_err(Error::sql)?
-        };
-        sql::collect(df).await
+                .map_err(Error::sql)
+        }
     }
 }
 

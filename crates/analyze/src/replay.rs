@@ -172,6 +172,9 @@ pub fn stream(
             }
         });
         for item in rx {
+            // Ctrl-C stops the work here, between two batches of records
+            // (attribution, computed contributions, verify).
+            crate::interrupt::check()?;
             let recs = item?;
             let scales = setup.record_scales(&recs)?;
             if let Some(sum) = sum.as_deref_mut() {

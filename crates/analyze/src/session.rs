@@ -16,6 +16,7 @@
 //! planning time. A table with no committed files is registered empty with
 //! its schema, so queries over it still plan.
 use crate::computed::{ComputeOptions, ContributionsTable};
+use crate::limits::Limits;
 use crate::{Error, Result};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::config::TableParquetOptions;
@@ -160,10 +161,33 @@ pub fn context(run: &Run) -> Result<SessionContext> {
 }
 
 /// [`context`] with the computed tables set up by `options`.
+///
+/// The memory limit and spill directory are the environment's, or the
+/// default ([`Limits::default`]).
 pub fn context_with(run: &Run, options: &ComputeOptions) -> Result<SessionContext> {
+    context_limited(run, options, &Limits::default())
+}
+
+/// [`context_with`] under `limits`: the session's memory pool and spill
+/// directory ([`crate::limits`]). Keep a [`crate::limits::SpillCleanup`] of
+/// its runtime for as long as the query runs.
+pub fn context_limited(
+    run: &Run,
+    options: &ComputeOptions,
+    limits: &Limits,
+) -> Result<SessionContext> {
     let mut config = SessionConfig::new();
     config.options_mut().execution.parquet.pushdown_filters = true;
-    let ctx = SessionContext::new_with_config(config);
+    if limits.memory.is_some() {
+        // Under a limit, one sort per ORDER BY rather than one per partition
+        // and a merge: the per-partition sorts share the pool, and one whose
+        // merge reservation comes after the others took their share fails
+        // instead of spilling (12 of 24 sorts of 4.7 M rows under 32 MiB to
+        // 512 MiB failed so, none unpartitioned).
+        config.options_mut().optimizer.repartition_sorts = false;
+    }
+    config.options_mut().execution.sort_spill_reservation_bytes = limits.sort_spill_reservation();
+    let ctx = SessionContext::new_with_config_rt(config, limits.runtime(run.dir())?);
     register_with(&ctx, run, options)?;
     Ok(ctx)
 }

@@ -9,14 +9,17 @@
 //! [`SQLOptions`] (no DDL, no DML, no statements).
 use crate::error::one_line;
 use crate::{Error, Result};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
+use arrow_schema::{ArrowError, Schema};
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{
     ObjectName, Statement as SqlStatement, TableFactor, Visit, Visitor,
 };
+use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
 use std::fmt;
 use std::io::Write;
@@ -192,7 +195,8 @@ pub async fn collect(df: DataFrame) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     Ok((schema, batches))
 }
 
-/// Writes query results in `format` to `out`.
+/// Writes query results in `format` to `out` (all at once; [`Output`]
+/// writes them as they come).
 ///
 /// Each batch is encoded into memory and then written, so an I/O error on
 /// `out` (a closed pipe) keeps its [`std::io::Error`] as the error's source.
@@ -203,64 +207,389 @@ pub fn write(
     out: &mut dyn Write,
 ) -> Result<()> {
     // The batches' own schema where there are any (nullability may differ from the plan's).
-    let schema = &batches
+    let schema = batches
         .first()
         .map_or_else(|| schema.clone(), RecordBatch::schema);
-    let fail = |e: &dyn fmt::Display| Error::Output {
-        format: format.name(),
-        message: one_line(&e.to_string()),
-    };
-    let io = |e: std::io::Error| Error::io("<output>", e);
-    match format {
-        Format::Table => {
-            let text = if batches.iter().all(|b| b.num_rows() == 0) {
-                // The pretty printer prints nothing for no rows: show the header.
-                let empty = RecordBatch::new_empty(schema.clone());
-                arrow::util::pretty::pretty_format_batches(&[empty])
-            } else {
-                arrow::util::pretty::pretty_format_batches(batches)
-            }
-            .map_err(|e| fail(&e))?;
-            writeln!(out, "{text}").map_err(io)?;
-        }
-        Format::Csv => {
-            let empty = [RecordBatch::new_empty(schema.clone())];
-            let all = if batches.is_empty() {
-                &empty[..]
-            } else {
-                batches
+    let mut output = Output::new(schema, format)?;
+    for b in batches {
+        output.write(b, out)?;
+    }
+    output.finish(out)
+}
+
+/// Runs a planned query and writes its result to `out` batch by batch, so
+/// that a result larger than memory streams through (a sort that spilled
+/// included). Stops with [`Error::Interrupted`] when the process is
+/// interrupted ([`crate::interrupt`]). Returns the rows written.
+pub async fn stream(df: DataFrame, format: Format, out: &mut dyn Write) -> Result<u64> {
+    crate::interrupt::or_interrupted(async {
+        let planned: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());
+        let mut stream = df.execute_stream().await.map_err(Error::sql)?;
+        let mut output: Option<Output> = None;
+        let mut rows = 0u64;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(Error::sql)?;
+            let o = match &mut output {
+                Some(o) => o,
+                // The first batch's own schema (nullability may differ from the plan's).
+                None => output.insert(Output::new(batch.schema(), format)?),
             };
-            for (i, b) in all.iter().enumerate() {
+            o.write(&batch, out)?;
+            rows += batch.num_rows() as u64;
+        }
+        let output = match output {
+            Some(o) => o,
+            None => Output::new(planned, format)?,
+        };
+        output.finish(out)?;
+        Ok(rows)
+    })
+    .await
+}
+
+/// Rows the table format holds before it prints: the column widths are
+/// those of these rows (all of them for a smaller result); wider values
+/// after them widen their own line only.
+pub const TABLE_ROWS_MEASURED: usize = 10_000;
+
+/// Writes a query result in one [`Format`] as its batches arrive.
+pub struct Output {
+    schema: SchemaRef,
+    format: Format,
+    state: State,
+}
+
+enum State {
+    /// Rows held to measure the columns, and the widths once printing began.
+    Table {
+        held: Vec<Vec<String>>,
+        widths: Option<Vec<usize>>,
+    },
+    Csv {
+        header: bool,
+    },
+    Json(arrow::json::ArrayWriter<Vec<u8>>),
+    Parquet(Box<ArrowWriter<Vec<u8>>>),
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Output")
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Output {
+    /// An output of rows of `schema` in `format`.
+    pub fn new(schema: SchemaRef, format: Format) -> Result<Self> {
+        let state = match format {
+            Format::Table => State::Table {
+                held: Vec::new(),
+                widths: None,
+            },
+            Format::Csv => State::Csv { header: true },
+            Format::Json => State::Json(arrow::json::ArrayWriter::new(Vec::new())),
+            Format::Parquet => {
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
+                    .build();
+                let w = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))
+                    .map_err(|e| fail(format, &e))?;
+                State::Parquet(Box::new(w))
+            }
+        };
+        Ok(Self {
+            schema,
+            format,
+            state,
+        })
+    }
+
+    /// Writes one batch (the table format may hold it until it has measured
+    /// [`TABLE_ROWS_MEASURED`] rows).
+    pub fn write(&mut self, batch: &RecordBatch, out: &mut dyn Write) -> Result<()> {
+        let format = self.format;
+        match &mut self.state {
+            State::Table { held, widths } => {
+                let rows = table_cells(batch).map_err(|e| fail(format, &e))?;
+                match widths {
+                    Some(w) => write_rows(out, w, &rows)?,
+                    None => {
+                        held.extend(rows);
+                        if held.len() >= TABLE_ROWS_MEASURED {
+                            let w = table_start(out, &self.schema, held)?;
+                            write_rows(out, &w, held)?;
+                            held.clear();
+                            *widths = Some(w);
+                        }
+                    }
+                }
+            }
+            State::Csv { header } => {
                 let mut buf = Vec::new();
                 let mut w = arrow::csv::WriterBuilder::new()
-                    .with_header(i == 0)
+                    .with_header(*header)
                     .build(&mut buf);
-                w.write(b).map_err(|e| fail(&e))?;
+                w.write(batch).map_err(|e| fail(format, &e))?;
                 drop(w);
+                *header = false;
                 out.write_all(&buf).map_err(io)?;
             }
-        }
-        Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(Vec::new());
-            for b in batches {
-                w.write(b).map_err(|e| fail(&e))?;
+            State::Json(w) => {
+                w.write(batch).map_err(|e| fail(format, &e))?;
                 out.write_all(w.get_ref()).map_err(io)?;
                 w.get_mut().clear();
             }
-            w.finish().map_err(|e| fail(&e))?;
-            out.write_all(w.get_ref()).map_err(io)?;
-            writeln!(out).map_err(io)?;
-        }
-        Format::Parquet => {
-            let mut buf = Vec::new();
-            let mut w =
-                ArrowWriter::try_new(&mut buf, schema.clone(), None).map_err(|e| fail(&e))?;
-            for b in batches {
-                w.write(b).map_err(|e| fail(&e))?;
+            State::Parquet(w) => {
+                w.write(batch).map_err(|e| fail(format, &e))?;
+                // Finished row groups go out as they are encoded.
+                out.write_all(w.inner_mut()).map_err(io)?;
+                w.inner_mut().clear();
             }
-            w.close().map_err(|e| fail(&e))?;
-            out.write_all(&buf).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is still held and the format's end, then flushes `out`.
+    pub fn finish(self, out: &mut dyn Write) -> Result<()> {
+        let format = self.format;
+        match self.state {
+            State::Table { held, widths } => {
+                let w = match widths {
+                    Some(w) => w,
+                    None => {
+                        let w = table_start(out, &self.schema, &held)?;
+                        write_rows(out, &w, &held)?;
+                        w
+                    }
+                };
+                writeln!(out, "{}", rule(&w)).map_err(io)?;
+            }
+            State::Csv { header } => {
+                if header {
+                    // No rows: the header alone.
+                    let empty = RecordBatch::new_empty(self.schema.clone());
+                    let mut buf = Vec::new();
+                    let mut w = arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(&mut buf);
+                    w.write(&empty).map_err(|e| fail(format, &e))?;
+                    drop(w);
+                    out.write_all(&buf).map_err(io)?;
+                }
+            }
+            State::Json(mut w) => {
+                w.finish().map_err(|e| fail(format, &e))?;
+                out.write_all(w.get_ref()).map_err(io)?;
+                writeln!(out).map_err(io)?;
+            }
+            State::Parquet(w) => {
+                let bytes = w.into_inner().map_err(|e| fail(format, &e))?;
+                out.write_all(&bytes).map_err(io)?;
+            }
+        }
+        out.flush().map_err(io)
+    }
+}
+
+/// Rows per row group of `--format parquet`, so that the writer holds
+/// little of a large result.
+const PARQUET_ROW_GROUP_ROWS: usize = 128 * 1024;
+
+fn fail(format: Format, e: &dyn fmt::Display) -> Error {
+    Error::Output {
+        format: format.name(),
+        message: one_line(&e.to_string()),
+    }
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::io("<output>", e)
+}
+
+/// A batch's values as text, as Arrow's pretty printer shows them.
+fn table_cells(batch: &RecordBatch) -> std::result::Result<Vec<Vec<String>>, ArrowError> {
+    let options = FormatOptions::default().with_display_error(true);
+    let formatters = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((0..batch.num_rows())
+        .map(|row| {
+            formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect()
+        })
+        .collect())
+}
+
+/// Prints the table's top rule and header; returns the column widths (of
+/// the names and of `rows`).
+fn table_start(out: &mut dyn Write, schema: &Schema, rows: &[Vec<String>]) -> Result<Vec<usize>> {
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let mut widths: Vec<usize> = names.iter().map(|n| width(n)).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(width(cell));
         }
     }
-    out.flush().map_err(io)
+    writeln!(out, "{}", rule(&widths)).map_err(io)?;
+    write_rows(out, &widths, std::slice::from_ref(&names))?;
+    writeln!(out, "{}", rule(&widths)).map_err(io)?;
+    Ok(widths)
+}
+
+/// The width of a cell: its widest line.
+fn width(s: &str) -> usize {
+    s.lines().map(|l| l.chars().count()).max().unwrap_or(0)
+}
+
+/// `+------+----+`
+fn rule(widths: &[usize]) -> String {
+    let mut line = String::from("+");
+    for w in widths {
+        line.push_str(&"-".repeat(w + 2));
+        line.push('+');
+    }
+    line
+}
+
+/// `| a    | bb |` per row; a cell of several lines (an EXPLAIN plan) makes
+/// its row as many lines high.
+fn write_rows(out: &mut dyn Write, widths: &[usize], rows: &[Vec<String>]) -> Result<()> {
+    let mut text = String::new();
+    for row in rows {
+        let lines: Vec<Vec<&str>> = row.iter().map(|c| c.lines().collect()).collect();
+        let height = lines.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        for i in 0..height {
+            text.push('|');
+            for (w, cell) in widths.iter().zip(&lines) {
+                let line = cell.get(i).copied().unwrap_or("");
+                text.push(' ');
+                text.push_str(line);
+                text.push_str(&" ".repeat(w.saturating_sub(line.chars().count()) + 1));
+                text.push('|');
+            }
+            text.push('\n');
+        }
+    }
+    out.write_all(text.as_bytes()).map_err(io)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use arrow_array::{Float64Array, Int64Array, StringArray};
+    use std::sync::Arc;
+
+    fn batch(n: usize) -> RecordBatch {
+        let ids: Vec<i64> = (0..n as i64).map(|i| i * 7919 % 1000).collect();
+        let dots: Vec<Option<f64>> = (0..n)
+            .map(|i| (i % 5 != 0).then_some(i as f64 / 3.0))
+            .collect();
+        let names: Vec<String> = (0..n)
+            .map(|i| match i % 17 {
+                3 => "two\nlines".to_owned(),
+                4 => "three\nshort\nlines, the last one wider".to_owned(),
+                _ => "x".repeat(i % 13),
+            })
+            .collect();
+        RecordBatch::try_from_iter([
+            ("probe_id", Arc::new(Int64Array::from(ids)) as _),
+            ("dot", Arc::new(Float64Array::from(dots)) as _),
+            ("name", Arc::new(StringArray::from(names)) as _),
+        ])
+        .unwrap()
+    }
+
+    fn text(batches: &[RecordBatch], format: Format) -> String {
+        let mut out = Vec::new();
+        write(&batches[0].schema(), batches, format, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_table_format_prints_what_arrows_pretty_printer_prints() {
+        for batches in [vec![batch(40)], vec![batch(3), batch(0), batch(11)]] {
+            let ours = text(&batches, Format::Table);
+            let arrow = arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string();
+            assert_eq!(ours, format!("{arrow}\n"));
+        }
+        let empty = RecordBatch::new_empty(batch(1).schema());
+        let ours = text(std::slice::from_ref(&empty), Format::Table);
+        let arrow = arrow::util::pretty::pretty_format_batches(&[empty]).unwrap();
+        assert_eq!(ours, format!("{arrow}\n"));
+    }
+
+    #[test]
+    fn a_long_table_is_printed_as_it_streams() {
+        let batches: Vec<RecordBatch> = (0..30).map(|_| batch(1000)).collect();
+        let ours = text(&batches, Format::Table);
+        let lines: Vec<&str> = ours.lines().collect();
+        // Rule, header, rule, 30 000 rows (two and three lines high for
+        // every 17th and 17th + 1), rule.
+        let extra: usize = (0..1000)
+            .map(|i| match i % 17 {
+                3 => 1,
+                4 => 2,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(lines.len(), 30_004 + 30 * extra);
+        let widths: Vec<usize> = lines[0].split('+').map(str::len).collect();
+        for line in &lines[3..lines.len() - 1] {
+            let cells: Vec<usize> = line.split('|').map(str::len).collect();
+            assert_eq!(cells, widths, "{line}");
+        }
+        let first = lines[3];
+        let arrow = arrow::util::pretty::pretty_format_batches(&batches[..1])
+            .unwrap()
+            .to_string();
+        assert_eq!(first, arrow.lines().nth(3).unwrap());
+    }
+
+    #[test]
+    fn streamed_csv_json_and_parquet_hold_every_row() {
+        let batches = vec![batch(5), batch(0), batch(7)];
+        let csv = text(&batches, Format::Csv);
+        assert!(csv.starts_with("probe_id,dot,name\n"));
+        // Nullable: the reader takes an empty name for a null.
+        let nullable = Schema::new(
+            batches[0]
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        );
+        let read: usize = arrow::csv::ReaderBuilder::new(Arc::new(nullable))
+            .with_header(true)
+            .build(std::io::Cursor::new(csv.as_bytes()))
+            .unwrap()
+            .map(|b| b.unwrap().num_rows())
+            .sum();
+        assert_eq!(read, 12);
+        let json: serde_json::Value = serde_json::from_str(&text(&batches, Format::Json)).unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 12);
+        let mut bytes = Vec::new();
+        write(&batches[0].schema(), &batches, Format::Parquet, &mut bytes).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let back: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let read = arrow::compute::concat_batches(&back[0].schema(), &back).unwrap();
+        assert_eq!(all, read);
+        let empty = text(&[RecordBatch::new_empty(batch(1).schema())], Format::Csv);
+        assert_eq!(empty, "probe_id,dot,name\n");
+    }
 }

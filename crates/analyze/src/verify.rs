@@ -172,6 +172,8 @@ pub fn verify_with_progress(
     integrity(&run, &mut report);
     strays(&run, &mut report);
     completeness(&run, options, &mut report, progress);
+    // Interrupted checks would read as failures: the interruption is the answer.
+    crate::interrupt::check()?;
     Ok(report)
 }
 

@@ -10,7 +10,8 @@
 //! Each subcommand is one variant with its arguments struct in
 //! `cmd/<name>.rs`; it writes its output to a `&mut dyn Write` so tests can
 //! read it. [`main_with`] is the shared `main`: errors print as one line
-//! `error: …` (the context chain joined by ": ") with exit code 1; usage
+//! `error: …` (the context chain joined by ": ") with exit code 1, 130 for
+//! a command stopped by Ctrl-C ([`handle_interrupts`]); usage
 //! errors are one `error:` line too (clap's message, its tip, and which
 //! `--help` to read) and exit with 2; `--help` and `--version` print as
 //! usual; a closed stdout pipe counts as success.
@@ -42,8 +43,10 @@ pub enum Analysis {
 }
 
 impl Analysis {
-    /// Runs the command, writing its output to `out`.
+    /// Runs the command, writing its output to `out`. Ctrl-C (SIGINT) or
+    /// SIGTERM stops it cleanly ([`handle_interrupts`]).
     pub fn run(&self, out: &mut dyn Write) -> anyhow::Result<()> {
+        handle_interrupts();
         match self {
             Self::Info(args) => cmd::info::run(args, out),
             Self::Attribute(args) => cmd::attribute::run(args, out),
@@ -53,6 +56,55 @@ impl Analysis {
             Self::Report(args) => cmd::report::run(args, out),
             Self::Export(args) => cmd::export::run(args, out),
         }
+    }
+}
+
+/// Installs the handler of SIGINT (Ctrl-C) and SIGTERM, once: the first
+/// signal asks the running command to stop where that is safe
+/// ([`reptrace_analyze::interrupt`]); it then fails with one line and exit
+/// status 128 + the signal (130 for Ctrl-C), having removed what it had
+/// begun to write. A second signal ends the process at once.
+pub fn handle_interrupts() {
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+                return;
+            };
+            let _ = std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    for signal in signals.forever() {
+                        if reptrace_analyze::interrupt::signal().is_some() {
+                            eprintln!("error: interrupted again: stopping at once");
+                            std::process::exit(128 + signal);
+                        }
+                        reptrace_analyze::interrupt::raise(signal);
+                    }
+                });
+        });
+    }
+}
+
+/// The interruption an error comes from, if it does.
+fn interruption(e: &anyhow::Error) -> Option<&reptrace_analyze::Error> {
+    e.chain().find_map(|c| match c.downcast_ref() {
+        Some(i @ reptrace_analyze::Error::Interrupted { .. }) => Some(i),
+        _ => None,
+    })
+}
+
+/// The line and exit status of an error: for an interrupted command the
+/// interruption alone and 128 + the signal, else the whole chain and 1.
+fn error_line(e: &anyhow::Error) -> (String, u8) {
+    match interruption(e) {
+        Some(i @ reptrace_analyze::Error::Interrupted { signal }) => (
+            format!("error: {i}"),
+            u8::try_from(128 + signal).unwrap_or(1),
+        ),
+        _ => (format!("error: {e:#}"), 1),
     }
 }
 
@@ -135,8 +187,9 @@ pub fn main_with<C: Parser>(
         Err(e) => {
             // Whatever was printed before the error goes out first.
             let _ = out.flush();
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let (line, status) = error_line(&e);
+            eprintln!("{line}");
+            ExitCode::from(status)
         }
     }
 }

@@ -459,7 +459,7 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with("error: ") && err.contains("another process is writing to this run"),
+        err.starts_with("error: ") && err.contains("the run is still being recorded"),
         "{err}"
     );
 
@@ -520,4 +520,91 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
         text(&o.stdout),
         text(&o.stderr)
     );
+}
+
+/// Every file of `run` with its size, and the manifest's attributions.
+fn snapshot(run: &Path) -> (Vec<(PathBuf, u64)>, usize) {
+    let mut all = Vec::new();
+    files(run, Path::new(""), &mut all);
+    let mut sized: Vec<(PathBuf, u64)> = all
+        .into_iter()
+        .filter(|f| {
+            let top = f.components().next().unwrap().as_os_str().to_string_lossy();
+            top == "contributions" || top == "influence"
+        })
+        .map(|f| {
+            let len = std::fs::metadata(run.join(&f)).unwrap().len();
+            (f, len)
+        })
+        .collect();
+    sized.sort();
+    let m = reptrace_format::Manifest::load(run).unwrap();
+    (sized, m.attributions.len())
+}
+
+/// While a recorder is alive, `info` says so, queries read the committed
+/// steps, and `attribute` refuses the run without touching it; once the
+/// recorder is killed, `info` reports the run as killed.
+#[test]
+fn a_live_run_is_read_but_not_written_and_a_killed_one_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let mut child = start_training(&run, EPOCHS);
+    wait_for_manifest(&run);
+    wait_for_epoch_end(&run, &mut child);
+
+    let info = info_json(&run);
+    assert_eq!(info["status"], "recording");
+    assert_eq!(info["state"], "recording", "{info}");
+    assert_eq!(info["locked"], true, "{info}");
+    let o = reptrace(&["info", r]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("status     recording (live: its recorder holds .lock"),
+        "{out}"
+    );
+
+    // Readers work on the committed prefix: an epoch end at least.
+    let steps = sql_numbers(&run, "SELECT count(*), max(step) FROM steps")[0].clone();
+    assert!(steps[0] >= STEPS_PER_EPOCH as f64, "{steps:?}");
+    let shares = reptrace(&["query", r, "class_shares", "--param", "probe=1437"]);
+    assert!(shares.status.success(), "{}", text(&shares.stderr));
+
+    let before = snapshot(&run);
+    let o = reptrace(&["attribute", r, "--probes", "ids:1437"]);
+    let err = text(&o.stderr);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "training ended too soon"
+    );
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("the run is still being recorded"),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&run),
+        before,
+        "attribute left something in the run"
+    );
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let info = info_json(&run);
+    assert_eq!(info["status"], "recording");
+    assert_eq!(info["state"], "killed", "{info}");
+    assert_eq!(info["locked"], false, "{info}");
+    let o = reptrace(&["info", r]);
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("status     killed (the recorder died while recording"),
+        "{out}"
+    );
+    // A killed run is attributed at its last commit point.
+    let o = reptrace(&["attribute", r, "--probes", "ids:1437", "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(snapshot(&run).1, 1);
 }

@@ -54,6 +54,26 @@ pub fn lock(run: &Path, wait: bool) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
+/// Whether another process holds the lock of `run` (a live recorder for
+/// the whole of its training, or a writer adding probes or attributions),
+/// tested without waiting and without creating the lock file. A run whose
+/// manifest says `recording` while nobody holds its lock lost its recorder
+/// (the process was killed or crashed).
+pub fn lock_held(run: &Path) -> std::io::Result<bool> {
+    let file = match std::fs::File::open(run.join(LOCK)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // A shared lock, released when `file` closes: two processes testing at
+    // once do not see each other.
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// `<run>/manifest.json`.
 pub fn manifest_path(run: &Path) -> PathBuf {
     run.join(MANIFEST)

@@ -190,6 +190,7 @@ fn write_report(
         probe,
         layers: layers.unwrap_or_default(),
         k,
+        ..Default::default()
     };
     let html = py
         .detach(|| report::generate(&run, &options))

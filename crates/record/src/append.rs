@@ -32,12 +32,21 @@ pub(crate) fn lock_run(run: &Path) -> Result<File> {
     let path = run.join(layout::LOCK);
     match layout::lock(run, false) {
         Ok(Some(file)) => Ok(file),
-        Ok(None) => Err(Error::Invalid {
-            context: run.display().to_string(),
-            message: "another process is writing to this run (it holds .lock); try again \
-                      when it is done"
-                .to_owned(),
-        }),
+        Ok(None) => {
+            let recording = Manifest::load(run).is_ok_and(|m| m.status == Status::Recording);
+            let message = if recording {
+                "the run is still being recorded: its recorder, a live process, holds .lock; \
+                 add to it once training has finished (queries read its committed steps \
+                 meanwhile)"
+            } else {
+                "another process is writing to this run (it holds .lock); try again when it \
+                 is done"
+            };
+            Err(Error::Invalid {
+                context: run.display().to_string(),
+                message: message.to_owned(),
+            })
+        }
         Err(e) => Err(Error::io(&path, e)),
     }
 }

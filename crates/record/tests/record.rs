@@ -1661,7 +1661,7 @@ fn a_live_recorder_holds_the_run_lock_until_it_closes() {
         // The run has trained weights, but its writer is alive.
         let err = ProbeAppender::open(&run).unwrap_err().to_string();
         assert!(
-            err.contains("another process is writing to this run"),
+            err.contains("the run is still being recorded"),
             "{name}: {err}"
         );
         assert!(layout::lock(&run, false).unwrap().is_none(), "{name}");

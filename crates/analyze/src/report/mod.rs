@@ -87,6 +87,8 @@ pub struct Options {
     pub layers: Vec<String>,
     /// Proponents and opponents per layer.
     pub k: usize,
+    /// The queries' memory limit and spill directory.
+    pub limits: crate::Limits,
 }
 
 impl Default for Options {
@@ -95,6 +97,7 @@ impl Default for Options {
             probe: 0,
             layers: Vec::new(),
             k: 16,
+            limits: crate::Limits::default(),
         }
     }
 }
@@ -252,15 +255,20 @@ pub struct Report {
 /// Reads, opens and renders: the report's HTML for `run`.
 pub fn generate(run: &Path, options: &Options) -> Result<String> {
     let run = Run::open(run)?;
-    let ctx = crate::context(&run)?;
+    let ctx = crate::context_limited(&run, &Default::default(), &options.limits)?;
+    let _cleanup = crate::limits::SpillCleanup::new(ctx.runtime_env());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
     let report = rt
-        .block_on(collect(&run, &ctx, options))
-        .map_err(|e| run.explain(e))?;
-    Ok(render(&report))
+        .block_on(crate::interrupt::or_interrupted(collect(
+            &run, &ctx, options,
+        )))
+        .map_err(|e| run.explain(e).with_memory_limit(options.limits.memory));
+    // An interrupted query may leave blocking work behind: do not wait for it.
+    rt.shutdown_background();
+    Ok(render(&report?))
 }
 
 /// The probe a demo explains: the first misclassified probe (by id) of the

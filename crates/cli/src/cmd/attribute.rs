@@ -34,6 +34,8 @@ pub struct AttributeArgs {
     /// No progress bar and no per-layer table: only the summary line
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub limits: crate::cmd::LimitArgs,
 }
 
 impl AttributeArgs {
@@ -49,6 +51,7 @@ impl AttributeArgs {
             .as_deref()
             .map(str::parse::<StepRange>)
             .transpose()?;
+        let defaults = Options::default();
         Ok(Options {
             probes,
             layers: self.layers.clone(),
@@ -59,7 +62,14 @@ impl AttributeArgs {
                 "instance" => Aggregation::Instance,
                 _ => Aggregation::Step,
             },
-            ..Options::default()
+            // The arithmetic's working memory: half the limit at most.
+            memory_budget: match self.limits.limits()?.memory {
+                Some(limit) => defaults
+                    .memory_budget
+                    .min(usize::try_from(limit / 2).unwrap_or(usize::MAX)),
+                None => defaults.memory_budget,
+            },
+            ..defaults
         })
     }
 }

@@ -38,6 +38,8 @@ pub struct ExportArgs {
     pub force: bool,
     #[command(flatten)]
     pub compute: crate::cmd::ComputeArgs,
+    #[command(flatten)]
+    pub limits: crate::cmd::LimitArgs,
 }
 
 impl ExportArgs {
@@ -72,6 +74,7 @@ impl ExportArgs {
             format,
             overwrite: self.force,
             compute: self.compute.options(),
+            limits: self.limits.limits()?,
         })
     }
 }

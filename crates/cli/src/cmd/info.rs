@@ -8,7 +8,7 @@
 //! as a warning, as are row counts that disagree with the footers.
 use anyhow::Context;
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use reptrace_format::{FileEntry, Manifest, Module, Storage, Table, TracedLayer, layout};
+use reptrace_format::{FileEntry, Manifest, Module, Status, Storage, Table, TracedLayer, layout};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -33,6 +33,14 @@ pub struct Info {
     pub format: String,
     pub format_version: u32,
     pub status: String,
+    /// The manifest's status read with the run's lock: `recording` (a live
+    /// recorder holds the lock), `killed` (the manifest says recording, but
+    /// no process holds the lock: the recorder died), `completed` or
+    /// `aborted`.
+    pub state: String,
+    /// Whether a process holds the run's lock now (a recorder, or a writer
+    /// adding probes or attributions).
+    pub locked: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub abort_reason: Option<String>,
     pub mode: reptrace_format::Mode,
@@ -132,6 +140,8 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 pub fn gather(run: &Path) -> anyhow::Result<Info> {
     // Opening finishes a commit a killed recorder left half published.
     let m = Manifest::open(run)?;
+    let locked =
+        layout::lock_held(run).with_context(|| format!("{}", run.join(layout::LOCK).display()))?;
     let mut warnings = Vec::new();
 
     let mut groups: BTreeMap<(Table, Option<String>), Vec<&FileEntry>> = BTreeMap::new();
@@ -205,6 +215,11 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         format: m.format.clone(),
         format_version: m.format_version,
         status: m.status.to_string(),
+        state: match (m.status, locked) {
+            (Status::Recording, false) => "killed".to_owned(),
+            (s, _) => s.to_string(),
+        },
+        locked,
         abort_reason: m.abort_reason.clone(),
         mode: m.mode,
         dtype: m.dtype,
@@ -383,9 +398,29 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "run        {}", i.run)?;
     writeln!(out, "run id     {}", i.run_id)?;
     writeln!(out, "format     {} {}", i.format, i.format_version)?;
-    match &i.abort_reason {
-        Some(r) => writeln!(out, "status     {} ({r})", i.status)?,
-        None => writeln!(out, "status     {}", i.status)?,
+    let step = i
+        .last_step
+        .map_or_else(|| "no training step".to_owned(), |s| format!("step {s}"));
+    match (i.state.as_str(), &i.abort_reason) {
+        (_, Some(r)) => writeln!(out, "status     {} ({r})", i.status)?,
+        ("recording", _) => writeln!(
+            out,
+            "status     recording (live: its recorder holds {}; committed up to {step})",
+            layout::LOCK
+        )?,
+        ("killed", _) => writeln!(
+            out,
+            "status     killed (the recorder died while recording: nobody holds {}; analyses \
+             read the {} commits up to {step})",
+            layout::LOCK,
+            i.commits
+        )?,
+        (state, _) if i.locked => writeln!(
+            out,
+            "status     {state} (another process is adding to it: it holds {})",
+            layout::LOCK
+        )?,
+        (state, None) => writeln!(out, "status     {state}")?,
     }
     let mode = serde_json::to_value(i.mode).ok();
     let mode = mode.as_ref().and_then(|v| v.as_str()).unwrap_or("?");

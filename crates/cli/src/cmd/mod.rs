@@ -8,6 +8,9 @@ pub mod report;
 pub mod sql;
 pub mod verify;
 
+use reptrace_analyze::Limits;
+use std::path::PathBuf;
+
 /// How the computed `contributions` table may work (sql, query, export).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ComputeArgs {
@@ -25,6 +28,47 @@ impl ComputeArgs {
             max_rows: self.max_computed_rows,
             ..Default::default()
         }
+    }
+}
+
+/// The memory limit and spill directory of a command's queries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// The most memory the queries may hold, e.g. 512MiB, 4GB, 25% (of the
+    /// machine's) or none; sorts, aggregations and joins spill to disk
+    /// beyond it. Default: $REPTRACE_MEMORY_LIMIT, else half the machine's
+    /// memory
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// The directory spill files go to (into a directory of their own,
+    /// removed afterwards); never inside the run. Default:
+    /// $REPTRACE_SPILL_DIR, else the system's temporary directory
+    #[arg(long, value_name = "DIR")]
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl LimitArgs {
+    /// The limits: these options, else the environment's, else the default.
+    pub fn limits(&self) -> anyhow::Result<Limits> {
+        use reptrace_analyze::limits::{MEMORY_LIMIT_ENV, SPILL_DIR_ENV};
+        let memory = match (&self.memory_limit, std::env::var_os(MEMORY_LIMIT_ENV)) {
+            (Some(text), _) => Limits::unlimited().with_memory_text(text, "--memory-limit")?,
+            (None, Some(text)) => {
+                Limits::unlimited().with_memory_text(&text.to_string_lossy(), MEMORY_LIMIT_ENV)?
+            }
+            (None, None) => Limits {
+                memory: Some(reptrace_analyze::limits::default_memory()),
+                spill_dir: None,
+            },
+        }
+        .memory;
+        let spill_dir = self.spill_dir.clone().or_else(|| {
+            std::env::var_os(SPILL_DIR_ENV)
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        });
+        let limits = Limits { memory, spill_dir };
+        Ok(limits)
     }
 }
 

@@ -1,5 +1,5 @@
 //! `reptrace query <run> <name|file.sql>`: a canned query with parameters.
-use crate::cmd::sql::{emit, output_format, runtime};
+use crate::cmd::sql::{output_format, stream};
 use reptrace_analyze::query::Query;
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ pub struct QueryArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub compute: crate::cmd::ComputeArgs,
+    #[command(flatten)]
+    pub limits: crate::cmd::LimitArgs,
 }
 
 /// Runs `reptrace query`.
@@ -40,10 +42,16 @@ pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<(&str, &str)>>>()?;
     let query = Query::resolve(&args.query)?;
+    let limits = args.limits.limits()?;
     let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context_with(&run, &args.compute.options())?;
-    let (schema, batches) = runtime()?
-        .block_on(query.run(&ctx, &params))
-        .map_err(|e| run.explain(e))?;
-    emit(&schema, &batches, format, args.out.as_deref(), out)
+    let ctx = reptrace_analyze::context_limited(&run, &args.compute.options(), &limits)?;
+    stream(
+        &run,
+        &ctx,
+        &limits,
+        async || query.plan(&ctx, &params).await,
+        format,
+        args.out.as_deref(),
+        out,
+    )
 }

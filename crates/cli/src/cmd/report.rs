@@ -28,6 +28,8 @@ pub struct ReportArgs {
     /// The HTML file to write.
     #[arg(long, default_value = "report.html")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub limits: crate::cmd::LimitArgs,
 }
 
 impl ReportArgs {
@@ -58,7 +60,12 @@ impl ReportArgs {
                 v
             }
         };
-        Ok(report::Options { probe, layers, k })
+        Ok(report::Options {
+            probe,
+            layers,
+            k,
+            limits: self.limits.limits()?,
+        })
     }
 }
 

@@ -1,7 +1,8 @@
 //! `reptrace sql <run> "SELECT …"`: read-only SQL over a run's tables.
 use anyhow::Context;
-use arrow_array::RecordBatch;
-use arrow_schema::SchemaRef;
+use reptrace_analyze::Limits;
+use reptrace_analyze::datafusion::prelude::{DataFrame, SessionContext};
+use reptrace_analyze::limits::SpillCleanup;
 use reptrace_analyze::sql::{self, Format};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ pub struct SqlArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub compute: crate::cmd::ComputeArgs,
+    #[command(flatten)]
+    pub limits: crate::cmd::LimitArgs,
 }
 
 /// A tokio runtime for DataFusion.
@@ -42,36 +45,82 @@ pub(crate) fn output_format(format: &str, out: Option<&Path>) -> anyhow::Result<
     Ok(f)
 }
 
-/// Writes a result to `--out` or `out`.
-pub(crate) fn emit(
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
+/// Runs a query on `ctx` and streams its result to `--out` (a temporary
+/// file beside it, renamed when complete and removed otherwise) or to `out`;
+/// stops when interrupted.
+pub(crate) fn stream(
+    run: &reptrace_analyze::Run,
+    ctx: &SessionContext,
+    limits: &Limits,
+    plan: impl AsyncFnOnce() -> reptrace_analyze::Result<DataFrame>,
     format: Format,
     path: Option<&Path>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    match path {
+    let _cleanup = SpillCleanup::new(ctx.runtime_env());
+    let rt = runtime()?;
+    let explain = |e: reptrace_analyze::Error| run.explain(e).with_memory_limit(limits.memory);
+    let result = match path {
         Some(p) => {
-            let mut f = std::io::BufWriter::new(
-                std::fs::File::create(p).with_context(|| format!("{}", p.display()))?,
-            );
-            sql::write(schema, batches, format, &mut f)
-                .with_context(|| format!("{}", p.display()))?;
-            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-            writeln!(out, "{rows} rows written to {}", p.display())?;
+            let tmp = temp_path(p);
+            let written = rt.block_on(async {
+                let df = plan().await?;
+                let file =
+                    std::fs::File::create(&tmp).map_err(|e| reptrace_analyze::Error::Io {
+                        path: tmp.clone(),
+                        source: e,
+                    })?;
+                let mut f = std::io::BufWriter::new(file);
+                sql::stream(df, format, &mut f).await
+            });
+            let renamed = written
+                .map_err(|e| anyhow::Error::from(explain(e)))
+                .and_then(|rows| {
+                    std::fs::rename(&tmp, p).with_context(|| format!("--out {}", p.display()))?;
+                    Ok(rows)
+                });
+            match renamed {
+                Ok(rows) => {
+                    writeln!(out, "{rows} rows written to {}", p.display()).map_err(Into::into)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
         }
-        None => sql::write(schema, batches, format, out)?,
-    }
-    Ok(())
+        None => rt
+            .block_on(async { sql::stream(plan().await?, format, out).await })
+            .map(|_| ())
+            .map_err(|e| explain(e).into()),
+    };
+    // An interrupted query may leave blocking work behind: do not wait for it.
+    rt.shutdown_background();
+    result
+}
+
+/// `.<name>.tmp` beside `path`.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
 }
 
 /// Runs `reptrace sql`.
 pub fn run(args: &SqlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let format = output_format(&args.format, args.out.as_deref())?;
+    let limits = args.limits.limits()?;
     let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context_with(&run, &args.compute.options())?;
-    let (schema, batches) = runtime()?
-        .block_on(sql::run(&ctx, &args.query))
-        .map_err(|e| run.explain(e))?;
-    emit(&schema, &batches, format, args.out.as_deref(), out)
+    let ctx = reptrace_analyze::context_limited(&run, &args.compute.options(), &limits)?;
+    stream(
+        &run,
+        &ctx,
+        &limits,
+        async || sql::plan(&ctx, &args.query).await,
+        format,
+        args.out.as_deref(),
+        out,
+    )
 }
