@@ -64,7 +64,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
-use reptrace_format::Table;
+use reptrace_format::{Table, layout};
 use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -234,7 +234,7 @@ pub async fn export_async(
         df = df.select_columns(&names).map_err(Error::sql)?;
     }
     let table_rows = run.manifest().files(table).iter().map(|f| f.rows).sum();
-    let tmp = temp_path(&out);
+    let tmp = layout::temp_path(&out);
     let result = crate::interrupt::or_interrupted(write_stream(
         run, options, df, &tmp, table_rows, progress,
     ))
@@ -389,15 +389,6 @@ fn check_output(run: &Run, out: &Path, overwrite: bool) -> Result<PathBuf> {
         Ok(_) if !overwrite => Err(bad("exists (pass --force to replace it)")),
         _ => Ok(path),
     }
-}
-
-/// `.<name>.tmp` next to `path`.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
 
 /// Writes the query's stream to `tmp`: rows written and the column names.

@@ -1,6 +1,6 @@
 //! Queries under load, through the real `reptrace` binary on a real digits
-//! run: a sort larger than the memory limit spills to disk and gives the
-//! answer it gives without a limit; a query that cannot spill fails with one
+//! run: a sort and a grouped aggregation larger than the memory limit spill
+//! to disk and give the answers they give without a limit; a query that cannot spill fails with one
 //! line naming the limit; Ctrl-C (SIGINT) stops `sql`, `export` and
 //! `attribute` within two seconds with exit status 130, leaving no output
 //! file and the run as it was; spill directories are empty afterwards.
@@ -207,6 +207,62 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
         ["free.parquet", "limited.parquet", "spill"]
     );
     assert_eq!(state(run), before, "the run changed");
+}
+
+#[test]
+fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
+    let run = run();
+    let r = run.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().to_str().unwrap();
+    // One group per contribution row: 4.7 M groups.
+    let groups = "SELECT count(*) AS groups, sum(n) AS n FROM (SELECT probe_id, layer, step, \
+                  instance_id, count(*) AS n FROM contributions GROUP BY 1, 2, 3, 4)";
+    let free = ok(&[
+        "sql",
+        r,
+        groups,
+        "--format",
+        "csv",
+        "--memory-limit",
+        "none",
+    ]);
+    let limited = ok(&[
+        "sql",
+        r,
+        groups,
+        "--format",
+        "csv",
+        "--memory-limit",
+        "64MiB",
+        "--spill-dir",
+        s,
+    ]);
+    assert_eq!(free, limited);
+    let counts: Vec<u64> = free
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert!(counts[0] > 4_000_000 && counts[0] == counts[1], "{free}");
+    let explain = format!("EXPLAIN ANALYZE {groups}");
+    let limited = ok(&[
+        "sql",
+        r,
+        &explain,
+        "--memory-limit",
+        "64MiB",
+        "--spill-dir",
+        s,
+    ]);
+    assert!(spills(&limited) > 0, "no spill under 64 MiB:\n{limited}");
+    assert_eq!(
+        entries(dir.path()),
+        Vec::<String>::new(),
+        "spill files left"
+    );
 }
 
 #[test]

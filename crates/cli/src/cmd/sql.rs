@@ -62,7 +62,7 @@ pub(crate) fn stream(
     let explain = |e: reptrace_analyze::Error| run.explain(e).with_memory_limit(limits.memory);
     let result = match path {
         Some(p) => {
-            let tmp = temp_path(p);
+            let tmp = reptrace_format::layout::temp_path(p);
             let written = rt.block_on(async {
                 let df = plan().await?;
                 let file =
@@ -97,15 +97,6 @@ pub(crate) fn stream(
     // An interrupted query may leave blocking work behind: do not wait for it.
     rt.shutdown_background();
     result
-}
-
-/// `.<name>.tmp` beside `path`.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
 
 /// Runs `reptrace sql`.
