@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -391,6 +392,32 @@ def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
     assert all(c["status"] != "FAIL" for c in reptrace.open(run).verify())
     with pytest.raises(reptrace.RecordError, match="finished"):
         tracer.step(loss, np.arange(8), y[:8])
+
+
+def test_queries_run_under_the_memory_limit_of_the_environment(tmp_path, data, monkeypatch):
+    x, y, _, _ = data
+    torch.manual_seed(5)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = tmp_path / "limits"
+    tracer = reptrace.Tracer(model, opt, str(run), classes=CLASSES)
+    train(model, opt, x, y, epochs=1, tracer=tracer)
+    tracer.finish()
+    r = reptrace.open(run)
+    q = "SELECT count(*) AS n FROM updates"
+    n = pa.table(r.sql(q))["n"][0].as_py()
+    assert n > 0
+    monkeypatch.setenv("REPTRACE_MEMORY_LIMIT", "lots")
+    with pytest.raises(reptrace.InvalidInput, match='invalid REPTRACE_MEMORY_LIMIT "lots"'):
+        r.sql(q)
+    monkeypatch.setenv("REPTRACE_MEMORY_LIMIT", "64MiB")
+    monkeypatch.setenv("REPTRACE_SPILL_DIR", str(tmp_path / "spill"))
+    assert pa.table(r.sql(q))["n"][0].as_py() == n
+    assert list((tmp_path / "spill").iterdir()) == []
+    monkeypatch.setenv("REPTRACE_SPILL_DIR", str(run / "spill"))
+    with pytest.raises(reptrace.InvalidInput, match="is inside the run"):
+        r.sql(q)
+    assert not (run / "spill").exists()
 
 
 def test_analysis_errors_are_python_exceptions(tmp_path):

@@ -59,12 +59,15 @@ pub struct Limits {
 
 impl Default for Limits {
     /// The environment's limits where set, else the machine's default; a
-    /// malformed environment variable falls back to the default (a command
-    /// line reports it with [`Limits::from_env`]).
+    /// malformed environment variable falls back to the default with a
+    /// warning ([`Limits::from_env`] reports it as an error instead).
     fn default() -> Self {
-        Self::from_env().unwrap_or_else(|_| Self {
-            memory: Some(default_memory()),
-            spill_dir: None,
+        Self::from_env().unwrap_or_else(|e| {
+            tracing::warn!("{e}; using the default memory limit");
+            Self {
+                memory: Some(default_memory()),
+                spill_dir: None,
+            }
         })
     }
 }

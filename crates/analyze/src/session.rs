@@ -163,9 +163,9 @@ pub fn context(run: &Run) -> Result<SessionContext> {
 /// [`context`] with the computed tables set up by `options`.
 ///
 /// The memory limit and spill directory are the environment's, or the
-/// default ([`Limits::default`]).
+/// default ([`Limits::from_env`]; a malformed variable is an error).
 pub fn context_with(run: &Run, options: &ComputeOptions) -> Result<SessionContext> {
-    context_limited(run, options, &Limits::default())
+    context_limited(run, options, &Limits::from_env()?)
 }
 
 /// [`context_with`] under `limits`: the session's memory pool and spill

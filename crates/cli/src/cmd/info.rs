@@ -35,7 +35,7 @@ pub struct Info {
     pub status: String,
     /// The manifest's status read with the run's lock: `recording` (a live
     /// recorder holds the lock), `killed` (the manifest says recording, but
-    /// no process holds the lock: the recorder died), `completed` or
+    /// no process holds the lock: the recorder died), `complete` or
     /// `aborted`.
     pub state: String,
     /// Whether a process holds the run's lock now (a recorder, or a writer
