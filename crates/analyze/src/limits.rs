@@ -84,16 +84,30 @@ impl Limits {
     /// The limits the environment sets ([`MEMORY_LIMIT_ENV`],
     /// [`SPILL_DIR_ENV`]), the default where it sets none.
     pub fn from_env() -> Result<Self> {
+        Self::resolve(None, None)
+    }
+
+    /// The limits a caller's options give (`memory`: text as for
+    /// `--memory-limit`), the environment's where an option is `None`, the
+    /// default where neither sets one. An option given makes its
+    /// environment variable irrelevant, even a malformed one.
+    pub fn resolve(memory: Option<&str>, spill_dir: Option<&Path>) -> Result<Self> {
         let mut limits = Self {
             memory: Some(default_memory()),
             spill_dir: None,
         };
-        if let Some(text) = std::env::var_os(MEMORY_LIMIT_ENV) {
-            limits = limits.with_memory_text(&text.to_string_lossy(), MEMORY_LIMIT_ENV)?;
-        }
-        if let Some(dir) = std::env::var_os(SPILL_DIR_ENV).filter(|d| !d.is_empty()) {
-            limits.spill_dir = Some(PathBuf::from(dir));
-        }
+        limits = match (memory, std::env::var_os(MEMORY_LIMIT_ENV)) {
+            (Some(text), _) => limits.with_memory_text(text, "--memory-limit")?,
+            (None, Some(text)) => {
+                limits.with_memory_text(&text.to_string_lossy(), MEMORY_LIMIT_ENV)?
+            }
+            (None, None) => limits,
+        };
+        limits.spill_dir = spill_dir.map(Path::to_path_buf).or_else(|| {
+            std::env::var_os(SPILL_DIR_ENV)
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        });
         Ok(limits)
     }
 

@@ -50,25 +50,10 @@ pub struct LimitArgs {
 impl LimitArgs {
     /// The limits: these options, else the environment's, else the default.
     pub fn limits(&self) -> anyhow::Result<Limits> {
-        use reptrace_analyze::limits::{MEMORY_LIMIT_ENV, SPILL_DIR_ENV};
-        let memory = match (&self.memory_limit, std::env::var_os(MEMORY_LIMIT_ENV)) {
-            (Some(text), _) => Limits::unlimited().with_memory_text(text, "--memory-limit")?,
-            (None, Some(text)) => {
-                Limits::unlimited().with_memory_text(&text.to_string_lossy(), MEMORY_LIMIT_ENV)?
-            }
-            (None, None) => Limits {
-                memory: Some(reptrace_analyze::limits::default_memory()),
-                spill_dir: None,
-            },
-        }
-        .memory;
-        let spill_dir = self.spill_dir.clone().or_else(|| {
-            std::env::var_os(SPILL_DIR_ENV)
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        });
-        let limits = Limits { memory, spill_dir };
-        Ok(limits)
+        Ok(Limits::resolve(
+            self.memory_limit.as_deref(),
+            self.spill_dir.as_deref(),
+        )?)
     }
 }
 
