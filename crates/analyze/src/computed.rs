@@ -721,29 +721,32 @@ impl PartitionStream for LayerStream {
     }
 }
 
-/// The smallest working memory the arithmetic of one layer is given.
+/// The smallest working memory the arithmetic of one layer is given (less
+/// under a small limit: a thirty-second of it).
 const MIN_BUDGET: usize = 4 << 20;
 
 /// Reserves the working memory of one layer's arithmetic from the query's
 /// pool: `budget`, or an eighth of a bounded pool if that is less, or what
-/// the pool can still give down to [`MIN_BUDGET`].
+/// the pool can still give down to [`MIN_BUDGET`] (a thirty-second of a
+/// pool smaller than 128 MiB, so that the layers a query reads at once leave
+/// room for the rest of it).
 fn reserve(
     pool: &Arc<dyn MemoryPool>,
     layer: &str,
     budget: usize,
 ) -> datafusion::error::Result<MemoryReservation> {
-    let mut want = match pool.memory_limit() {
-        MemoryLimit::Finite(limit) => budget.min(limit / 8),
-        MemoryLimit::Infinite | MemoryLimit::Unknown => budget,
-    }
-    .max(MIN_BUDGET);
+    let (want, least) = match pool.memory_limit() {
+        MemoryLimit::Finite(limit) => (budget.min(limit / 8), MIN_BUDGET.min(limit / 32)),
+        MemoryLimit::Infinite | MemoryLimit::Unknown => (budget, MIN_BUDGET),
+    };
+    let mut want = want.max(least);
     let reservation =
         MemoryConsumer::new(format!("contributions of {layer} (computed)")).register(pool);
     loop {
         match reservation.try_grow(want) {
             Ok(()) => return Ok(reservation),
-            Err(e) if want <= MIN_BUDGET => return Err(e),
-            Err(_) => want = (want / 2).max(MIN_BUDGET),
+            Err(e) if want <= least => return Err(e),
+            Err(_) => want = (want / 2).max(least),
         }
     }
 }

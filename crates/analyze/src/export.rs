@@ -401,7 +401,7 @@ async fn write_stream(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(u64, Vec<String>)> {
     let started = Instant::now();
-    let mut stream = df.execute_stream().await.map_err(Error::sql)?;
+    let mut stream = crate::sql::execute(df).await?;
     let schema = stream.schema();
     let columns = schema.fields().iter().map(|f| f.name().clone()).collect();
     let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;

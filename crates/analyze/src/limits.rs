@@ -28,7 +28,7 @@
 //! ```
 use crate::{Error, Result};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,15 +189,19 @@ impl Limits {
         );
         if let Some(bytes) = self.memory {
             let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
-            builder = builder.with_memory_pool(Arc::new(FairSpillPool::new(bytes)));
+            builder = builder.with_memory_pool(Arc::new(TrackConsumersPool::new(
+                FairSpillPool::new(bytes),
+                std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN),
+            )));
         }
         builder.build_arc().map_err(Error::sql)
     }
 
-    /// What a sort sets aside for sorting and merging the batches it holds
-    /// when it spills: a quarter of the limit (the merge needs about as much
-    /// as the sort keys of what it holds; with less it fails instead of
-    /// spilling), DataFusion's 10 MiB without a limit.
+    /// What the sorts of a query set aside for sorting and merging the
+    /// batches they hold when they spill: a quarter of the limit (the merge
+    /// needs about as much as the sort keys of what it holds; with less it
+    /// fails instead of spilling), DataFusion's 10 MiB without a limit.
+    /// [`crate::sql::physical`] shares it among the sorts of a plan.
     pub fn sort_spill_reservation(&self) -> usize {
         let bytes = self.memory.map_or(10 << 20, |m| m / 4);
         usize::try_from(bytes).unwrap_or(usize::MAX)

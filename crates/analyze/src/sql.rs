@@ -14,6 +14,9 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use arrow_schema::{ArrowError, Schema};
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{
@@ -25,6 +28,7 @@ use std::fmt;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Output format of query results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -191,8 +195,58 @@ pub async fn run(ctx: &SessionContext, sql: &str) -> Result<(SchemaRef, Vec<Reco
 /// Runs a planned query: its output schema and batches.
 pub async fn collect(df: DataFrame) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let schema: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(Error::sql)?;
+    let (plan, task) = physical(df).await?;
+    let batches = datafusion::physical_plan::collect(plan, task)
+        .await
+        .map_err(Error::sql)?;
     Ok((schema, batches))
+}
+
+/// Starts a planned query: its result as one stream (what
+/// [`DataFrame::execute_stream`] does, with the sort reservation of
+/// [`physical`]).
+pub async fn execute(df: DataFrame) -> Result<SendableRecordBatchStream> {
+    let (plan, task) = physical(df).await?;
+    datafusion::physical_plan::execute_stream(plan, task).map_err(Error::sql)
+}
+
+/// Plans `df` for execution. The session's `sort_spill_reservation_bytes`
+/// (what [`crate::limits::Limits::sort_spill_reservation`] set aside for
+/// sorting when sorts spill) is shared among the plan's sorts rather than
+/// taken by each: every sort reserves its part when its first batch
+/// arrives and holds it until it emits, so a plan of several sorts (window
+/// functions per partition, a CTE read twice) would otherwise reserve the
+/// whole amount several times over and fail instead of spilling.
+pub async fn physical(df: DataFrame) -> Result<(Arc<dyn ExecutionPlan>, Arc<TaskContext>)> {
+    let task = df.task_ctx();
+    let plan = df.create_physical_plan().await.map_err(Error::sql)?;
+    let mut config = task.session_config().clone();
+    let total = config.options().execution.sort_spill_reservation_bytes;
+    let each = total / sorters(&plan).max(1);
+    config.options_mut().execution.sort_spill_reservation_bytes = each.max(MIN_SORT_RESERVATION);
+    Ok((plan, Arc::new(task.with_session_config(config))))
+}
+
+/// The least a sort reserves for sorting what it holds when it spills (small:
+/// a plan may run a sort per partition of several window functions, and all
+/// of them together must stay well inside the smallest limit of 16 MiB).
+const MIN_SORT_RESERVATION: usize = 64 << 10;
+
+/// How many external sorts `plan` runs at once at most: one per partition of
+/// each full sort (a sort with a row limit keeps only its top rows and
+/// reserves nothing).
+pub fn sorters(plan: &Arc<dyn ExecutionPlan>) -> usize {
+    let own = plan
+        .downcast_ref::<SortExec>()
+        .filter(|s| s.fetch().is_none())
+        .map_or(0, |s| {
+            if s.preserve_partitioning() {
+                s.input().output_partitioning().partition_count()
+            } else {
+                1
+            }
+        });
+    own + plan.children().into_iter().map(sorters).sum::<usize>()
 }
 
 /// Writes query results in `format` to `out` (all at once; [`Output`]
@@ -224,7 +278,7 @@ pub fn write(
 pub async fn stream(df: DataFrame, format: Format, out: &mut dyn Write) -> Result<u64> {
     crate::interrupt::or_interrupted(async {
         let planned: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());
-        let mut stream = df.execute_stream().await.map_err(Error::sql)?;
+        let mut stream = execute(df).await?;
         let mut output: Option<Output> = None;
         let mut rows = 0u64;
         while let Some(batch) = stream.next().await {

@@ -3,7 +3,9 @@ use crate::read::{self, Contribution, Probe};
 use crate::sql::{floats, ints, strings};
 use crate::synth::{Synth, conv, linear};
 use reptrace_analyze::query::Query;
-use reptrace_analyze::{Options, ProbeSelection, attribute, context, open};
+use reptrace_analyze::{
+    ComputeOptions, Limits, Options, ProbeSelection, attribute, context, context_limited, open,
+};
 use reptrace_format::{Optimizer, Storage};
 use std::collections::{BTreeMap, HashMap};
 
@@ -324,6 +326,51 @@ async fn every_canned_query_matches_rust() {
             "decay should leave a residual"
         );
     }
+}
+
+/// Every canned query finishes under the smallest memory limit and returns
+/// what it returns without one: plans with many sorts (window functions per
+/// partition, a CTE read twice) share the sort reservation instead of each
+/// taking all of it (before, `self_influence` failed to allocate
+/// `ExternalSorterMerge` even under half of a 24 GiB machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_canned_query_runs_under_the_smallest_memory_limit() {
+    let f = fixture();
+    let run = open(&f._tmp.path().join("run")).unwrap();
+    let limits = Limits::unlimited()
+        .with_memory_text("16MiB", "--memory-limit")
+        .unwrap();
+    let small = context_limited(&run, &ComputeOptions::default(), &limits).unwrap();
+    let mut many_sorts = 0;
+    for q in Query::builtins().unwrap() {
+        let params: Vec<(&str, &str)> = if q.params.iter().any(|p| p.name == "probe") {
+            vec![("probe", "121")]
+        } else {
+            vec![]
+        };
+        let (_, want) = q.run(&f.ctx, &params).await.unwrap();
+        let plan = q.plan(&small, &params).await.unwrap();
+        let (physical, task) = reptrace_analyze::sql::physical(plan).await.unwrap();
+        let sorters = reptrace_analyze::sql::sorters(&physical);
+        let each = task
+            .session_config()
+            .options()
+            .execution
+            .sort_spill_reservation_bytes;
+        assert!(
+            sorters * each <= limits.sort_spill_reservation().max(sorters * (64 << 10)),
+            "{}: {sorters} sorts reserve {each} bytes each",
+            q.name
+        );
+        many_sorts = many_sorts.max(sorters);
+        let (_, got) = match q.run(&small, &params).await {
+            Ok(r) => r,
+            Err(e) => panic!("{} under 16 MiB: {e}", q.name),
+        };
+        let rows = |b: &[arrow_array::RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+        assert_eq!(rows(&got), rows(&want), "{}", q.name);
+    }
+    assert!(many_sorts >= 4, "some canned query sorts in several places");
 }
 
 #[tokio::test]
