@@ -109,7 +109,9 @@ impl fmt::Display for ProbeSelection {
 /// An inclusive range of steps, `A..B` (either end may be left out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StepRange {
+    /// The first step included; `None`: from the first step of the run.
     pub first: Option<i64>,
+    /// The last step included; `None`: to the last step of the run.
     pub last: Option<i64>,
 }
 
@@ -164,6 +166,7 @@ impl FromStr for StepRange {
 /// What [`attribute`] computes.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Which recorded probes to attribute (default: the test probes).
     pub probes: ProbeSelection,
     /// Layers to attribute; empty: every traced layer with recorded probes.
     pub layers: Vec<String>,
@@ -197,9 +200,11 @@ impl Default for Options {
 /// Where an attribution stands, for a progress display.
 #[derive(Debug, Clone)]
 pub struct Progress {
+    /// The layer being attributed.
     pub layer: String,
     /// 0-based index of the layer among those attributed.
     pub layer_index: usize,
+    /// Number of layers attributed.
     pub layers: usize,
     /// Records processed so far in this layer (over all probe passes).
     pub records_done: u64,
@@ -207,6 +212,7 @@ pub struct Progress {
     pub records_total: u64,
     /// Contribution rows computed so far, all layers.
     pub rows: u64,
+    /// Time since [`attribute`] started.
     pub elapsed: Duration,
 }
 
@@ -221,7 +227,9 @@ impl Progress {
 /// What one layer's attribution produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerReport {
+    /// The traced layer.
     pub layer: String,
+    /// Probes attributed in this layer.
     pub probes: usize,
     /// Update records of the layer read per pass.
     pub records: u64,
@@ -240,6 +248,7 @@ pub struct LayerReport {
 /// What [`attribute`] did.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// One report per layer attributed, in order.
     pub layers: Vec<LayerReport>,
     /// Contribution rows computed.
     pub rows: u64,
@@ -247,6 +256,7 @@ pub struct Report {
     pub written: u64,
     /// Bytes written to disk.
     pub bytes: u64,
+    /// Wall time of the whole attribution.
     pub elapsed: Duration,
     /// The manifest entry written.
     pub attribution: Attribution,

@@ -89,8 +89,11 @@ pub enum Source {
 /// rows came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Work {
+    /// The traced layer.
     pub layer: String,
+    /// The probe ids whose rows the scan produced for it.
     pub probes: Vec<i64>,
+    /// Whether those rows were computed or read from an attribution.
     pub source: Source,
     /// Whether the residual rows were computed.
     pub residual: bool,
@@ -100,9 +103,14 @@ pub struct Work {
 /// restriction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
+    /// Only these probe ids (`probe_id = …`, `IN`, `OR`).
     pub probes: Option<BTreeSet<i64>>,
+    /// Only these layers (`layer = …`, `IN`).
     pub layers: Option<BTreeSet<String>>,
+    /// Only records of these steps (comparisons, `BETWEEN`, `IN` on `step`);
+    /// the default: every step.
     pub steps: StepRange,
+    /// Only records of these training instances (`instance_id = …`, `IN`).
     pub instances: Option<BTreeSet<i64>>,
     /// No residual rows (a filter rejects NULL steps or instances).
     pub records_only: bool,

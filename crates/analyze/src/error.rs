@@ -16,43 +16,73 @@ pub enum Error {
     /// An I/O error on a file of the run.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory (`<output>` for the output stream).
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// A Parquet file could not be read or written.
     #[error("{path}: {source}")]
     Parquet {
+        /// The Parquet file.
         path: PathBuf,
+        /// The Parquet error.
         source: parquet::errors::ParquetError,
     },
     /// A column of a Parquet file has an unexpected type or length.
     #[error("{path}: column {column}: {message}")]
     Column {
+        /// The file the column was read from (or, exporting, written to).
         path: PathBuf,
+        /// The column's name.
         column: String,
+        /// What is wrong (the type found, a missing column, a bad length).
         message: String,
     },
     /// A weights snapshot is missing a tensor, has the wrong shape or dtype, or is corrupt.
     #[error("{path}: {message}")]
-    Weights { path: PathBuf, message: String },
+    Weights {
+        /// The snapshot file (`weights/*.safetensors`).
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The run lacks something the operation needs (weights, probes, steps).
     #[error("{run}: {message}")]
-    Incomplete { run: PathBuf, message: String },
+    Incomplete {
+        /// The run directory.
+        run: PathBuf,
+        /// What is missing.
+        message: String,
+    },
     /// A traced layer name that the run does not have.
     #[error("unknown layer {name:?} (traced layers: {known})")]
-    UnknownLayer { name: String, known: String },
+    UnknownLayer {
+        /// The name given.
+        name: String,
+        /// The run's traced layers, comma-separated.
+        known: String,
+    },
     /// A probe that training did not record.
     #[error("probe {probe} was not recorded for layer {layer} (recorded probes: {known})")]
     UnknownProbe {
+        /// The probe id asked for.
         probe: i64,
+        /// The layer whose probes lack it (the report: every traced layer,
+        /// comma-separated).
         layer: String,
+        /// The probe ids that were recorded, summarised.
         known: String,
     },
     /// An option value that cannot be parsed or makes no sense.
     #[error("invalid {option} {value:?}: {why}")]
     BadOption {
+        /// The option, as the command line names it (`--by`, `format`,
+        /// `step range`, …).
         option: &'static str,
+        /// The value given.
         value: String,
+        /// Why it is rejected, or what is allowed.
         why: String,
     },
     /// A SQL statement that the read-only SQL interface refuses.
@@ -63,14 +93,26 @@ pub enum Error {
     Sql(String),
     /// A canned query could not be found or its header is malformed.
     #[error("query {name}: {message}")]
-    Query { name: String, message: String },
+    Query {
+        /// The query's name or path, as given.
+        name: String,
+        /// What is wrong (no such query, a malformed header).
+        message: String,
+    },
     /// A query parameter is unknown, missing or has a bad value.
     #[error("parameter {name}: {message}")]
-    Param { name: String, message: String },
+    Param {
+        /// The parameter's name.
+        name: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Writing query output failed.
     #[error("writing {format} output: {message}")]
     Output {
+        /// The output format's name (`table`, `csv`, `parquet`, …).
         format: &'static str,
+        /// The writer's error, on one line.
         message: String,
     },
     /// A scan of the computed `contributions` without a probe filter would
@@ -79,10 +121,16 @@ pub enum Error {
         "contributions: this query would compute {rows} rows ({probes} probes × {records} update records over {layers} layers) because it has no filter on probe_id; add WHERE probe_id = … or probe_id IN (…), materialise them once with `reptrace attribute`, or allow it with --max-computed-rows {rows} (now {max})"
     )]
     TooManyRows {
+        /// Rows the scan would compute: probes × records (plus residual
+        /// rows), summed over the layers.
         rows: u64,
+        /// Probes to compute, the most of any one layer.
         probes: usize,
+        /// Update records over all the layers scanned.
         records: u64,
+        /// Layers scanned.
         layers: usize,
+        /// The limit it exceeds ([`ComputeOptions::max_rows`](crate::ComputeOptions::max_rows)).
         max: u64,
     },
     /// A computed table failed while a query read it.

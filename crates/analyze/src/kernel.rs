@@ -56,12 +56,19 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
 pub enum Geometry {
     /// `full`: records hold `[vec ΔW, Δb]` (batch mode), else factors.
     Linear {
+        /// Input features (columns of W).
         inp: usize,
+        /// Output features (rows of W).
         out: usize,
+        /// Whether the layer has a bias.
         bias: bool,
+        /// Whether records hold the whole update rather than factors.
         full: bool,
     },
+    /// A 2-d convolution; in batch mode its storage is
+    /// [`Storage::Full`].
     Conv {
+        /// The layer's spec, with the storage its records have.
         spec: Conv2dSpec,
     },
 }

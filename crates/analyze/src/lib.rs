@@ -15,17 +15,73 @@
 //! - [`limits`]: the memory limit and spill directory of every query;
 //! - [`interrupt`]: stopping long work cleanly on Ctrl-C.
 //!
-//! ```no_run
-//! # async fn example() -> reptrace_analyze::Result<()> {
-//! use reptrace_analyze::{query, sql};
-//! let run = std::path::Path::new("runs/digits");
-//! // The ten strongest proponents of probe 3 per layer, computed on demand.
-//! let q = query::Query::resolve("top_proponents")?;
-//! let ctx = reptrace_analyze::context(&reptrace_analyze::open(run)?)?;
-//! let (schema, batches) = q.run(&ctx, &[("probe", "3")]).await?;
-//! sql::write(&schema, &batches, sql::Format::Table, &mut std::io::stdout())?;
+//! A run of one SGD step on instances 0 and 1 of a layer `fc` (2 inputs,
+//! 1 output, no bias), with instance 2 as a probe, queried with SQL and a
+//! canned query:
+//!
+//! ```
+//! use arrow_array::cast::AsArray;
+//! use arrow_array::types::{Float64Type, Int64Type};
+//! use reptrace_analyze::{query::Query, sql};
+//! # use reptrace_format::{LinearSpec, Model, Module, Optimizer, Split};
+//! # use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let tmp = tempfile::tempdir()?;
+//! # let dir = tmp.path().join("run");
+//! # let model = Model {
+//! #     name: "tiny".into(),
+//! #     input_shape: vec![2],
+//! #     structure: Default::default(),
+//! #     modules: vec![Module::Linear(LinearSpec {
+//! #         name: "fc".into(), in_features: 2, out_features: 1, bias: false, traced: true,
+//! #     })],
+//! # };
+//! # let mut rec = Recorder::builder(&dir)
+//! #     .model(model)
+//! #     .optimizer(Optimizer::sgd(0.1))
+//! #     .classes(vec!["a".into(), "b".into()])
+//! #     .build()?;
+//! # rec.instances(&[0, 1, 2], &[0, 1, 0], &[Split::Train, Split::Train, Split::Test])?;
+//! # let initial = [NamedTensor { name: "fc.weight", shape: &[1, 2], data: &[0.0, 0.0] }];
+//! # rec.weights(&initial)?;
+//! # rec.commit()?;
+//! # rec.step(StepRow { step: 0, epoch: 0, lr: 0.1, batch_size: 2, loss: 0.7 })?;
+//! # // ΔW = v uᵀ per instance: [0.5, 0] and [0, -0.25].
+//! # rec.updates("fc", UpdateBatch {
+//! #     step: 0, epoch: 0, instance_ids: &[0, 1], labels: &[0, 1],
+//! #     u: &[1.0, 0.0, 0.0, 1.0], v: &[0.5, -0.25], update_norm: None,
+//! # })?;
+//! # // Probe input a = [2, 2]; refinement p = (W_T − W_0) a = 0.5.
+//! # rec.probes("fc", ProbeBatch {
+//! #     probe_ids: &[2], instance_ids: &[None], labels: &[0], predicted: &[0],
+//! #     a: &[2.0, 2.0], p: &[0.5],
+//! # })?;
+//! # rec.finish(&[NamedTensor { name: "fc.weight", shape: &[1, 2], data: &[0.5, -0.25] }])?;
+//! let run = reptrace_analyze::open(&dir)?;
+//! let ctx = reptrace_analyze::context(&run)?;
+//! let rt = tokio::runtime::Runtime::new()?;
+//!
+//! // Contributions, computed on demand: one row per update record and the
+//! // residual (instance_id NULL); the dots of a probe sum to ‖p‖² = 0.25.
+//! let (_, batches) = rt.block_on(sql::run(
+//!     &ctx,
+//!     "SELECT instance_id, dot FROM contributions WHERE probe_id = 2 \
+//!      ORDER BY instance_id NULLS LAST",
+//! ))?;
+//! let dots: Vec<f64> = batches
+//!     .iter()
+//!     .flat_map(|b| b.column(1).as_primitive::<Float64Type>().values().to_vec())
+//!     .collect();
+//! assert_eq!(dots, [0.5, -0.25, 0.0]);
+//!
+//! // The strongest proponent of probe 2 per layer (`queries/top_proponents.sql`).
+//! let q = Query::resolve("top_proponents")?;
+//! let (_, top) = rt.block_on(q.run(&ctx, &[("probe", "2"), ("k", "1")]))?;
+//! let ids = top[0].column_by_name("instance_id").unwrap().as_primitive::<Int64Type>();
+//! assert_eq!(ids.values().to_vec(), [0]);
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
 #![deny(clippy::unwrap_used)]
 
 pub mod attribution;

@@ -9,16 +9,23 @@ use std::collections::HashMap;
 /// The recorded probes of one layer (or a selection of them).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Probes {
+    /// Each probe's id (column `probe_id`).
     pub probe_id: Vec<i64>,
+    /// The training instance each probe is, if any (column `instance_id`).
     pub instance_id: Vec<Option<i64>>,
+    /// Each probe's true class (column `label`).
     pub label: Vec<i32>,
+    /// The class the network predicts for each probe (column `predicted`).
     pub predicted: Vec<i32>,
     /// `len() × a_len`, row-major: the layer input in the final network.
     pub a: Vec<f64>,
     /// `len() × p_len`, row-major: the refinement `z_T − (W_0 ⊛ a + b_0)`.
     pub p: Vec<f64>,
+    /// `‖p‖` of each probe (column `p_norm`).
     pub p_norm: Vec<f64>,
+    /// Values of `a` per probe ([`TracedLayer::probe_lens`]'s first).
     pub a_len: usize,
+    /// Values of `p` per probe ([`TracedLayer::probe_lens`]'s second).
     pub p_len: usize,
 }
 

@@ -79,10 +79,14 @@ pub const BUILTIN: &[(&str, &str)] = &[
 /// A query: its SQL and declared parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Query {
+    /// The built-in name (`top_proponents`, …) or the path given.
     pub name: String,
     /// The first comment line.
     pub title: String,
+    /// The parameters its `-- param:` header lines declare.
     pub params: Vec<Param>,
+    /// The whole text of the query file, header included; parameters are
+    /// `$name` placeholders.
     pub sql: String,
 }
 

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 /// A batch of update records of one layer, factors widened to f64.
 #[derive(Debug, Clone, Default)]
 pub struct Records {
+    /// The step of each record (column `step`).
     pub step: Vec<i64>,
+    /// The epoch of each record (column `epoch`).
     pub epoch: Vec<i32>,
     /// Null in batch mode (a record is the update of the whole batch).
     pub instance_id: Vec<Option<i64>>,

@@ -41,9 +41,11 @@ use std::path::Path;
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
+    /// The check held.
     Pass,
     /// Not an error, but worth knowing (stray files, an informational residual).
     Warn,
+    /// The run is damaged or inconsistent: [`Report::passed`] is false.
     Fail,
     /// Could not apply (nothing attributed, partial attribution).
     Skip,
@@ -65,17 +67,20 @@ impl fmt::Display for Status {
 pub struct Check {
     /// What was checked, e.g. `integrity: updates` or `completeness: fc1 weights`.
     pub name: String,
+    /// Whether it passed, failed, warned or did not apply.
     pub status: Status,
     /// The measured value, for numeric checks.
     pub value: Option<f64>,
     /// The tolerance it was held to.
     pub tolerance: Option<f64>,
+    /// What was found, in words (counts, the file at fault, why skipped).
     pub detail: String,
 }
 
 /// Every check of a run.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Report {
+    /// Every check made, in the order made.
     pub checks: Vec<Check>,
 }
 
@@ -147,10 +152,13 @@ impl Default for Options {
 /// [`verify`]), reported after each batch of records.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
+    /// The layer being replayed.
     pub layer: String,
     /// 0-based index of the layer among the traced layers.
     pub layer_index: usize,
+    /// Number of traced layers.
     pub layers: usize,
+    /// Records of the layer replayed so far.
     pub records_done: u64,
     /// Committed update records of the layer.
     pub records_total: u64,

@@ -9,12 +9,51 @@
 //! needs live here too: the data set loaders ([`data`]) and the parameter
 //! headers of canned queries ([`params`]).
 //!
+//! A manifest as a recorder starts one, read back the way every reader
+//! checks it, and where the rows of its traced layer go:
+//!
 //! ```
-//! use reptrace_format::{schema, Dtype, Table};
-//! let updates = schema(Table::Updates, Dtype::F16);
-//! assert_eq!(updates.field_with_name("u").unwrap().name(), "u");
-//! assert!(Table::Updates.is_partitioned());
+//! use reptrace_format::{
+//!     Dtype, Error, LinearSpec, Manifest, Mode, Model, Module, Optimizer, Status, Table, layout,
+//!     schema,
+//! };
+//! use std::path::Path;
+//! # fn main() -> reptrace_format::Result<()> {
+//! let model = Model {
+//!     name: "tiny".into(),
+//!     input_shape: vec![3],
+//!     structure: Default::default(),
+//!     modules: vec![Module::Linear(LinearSpec {
+//!         name: "fc".into(), in_features: 3, out_features: 2, bias: true, traced: true,
+//!     })],
+//! };
+//! let classes = vec!["a".into(), "b".into()];
+//! let m = Manifest::new("run-1".into(), Mode::Instance, Dtype::F16, model,
+//!     Optimizer::sgd(0.1), classes, "2025-01-01T00:00:00Z".into());
+//!
+//! let path = Path::new("run/manifest.json");
+//! let read = Manifest::parse(&m.to_json(), path)?;
+//! assert_eq!(read, m);
+//! assert_eq!(read.status, Status::Recording);
+//! assert_eq!(read.last_step(), None); // nothing committed yet
+//! // A manifest of a newer format is refused with a version error.
+//! let newer = r#"{"format": "reptrace", "format_version": 999}"#;
+//! assert!(matches!(Manifest::parse(newer, path), Err(Error::Version { .. })));
+//!
+//! // An update record of `fc` holds u (its input, 3 values) and v (2 values),
+//! // in part files partitioned by layer, with the factors in the run's dtype.
+//! let fc = read.model.traced_layer("fc").unwrap();
+//! assert_eq!(fc.factor_lens(), (3, 2));
+//! assert_eq!(
+//!     layout::part_path(Table::Updates, Some("fc"), 1),
+//!     "updates/layer=fc/part-000001.parquet"
+//! );
+//! let u = schema(Table::Updates, read.dtype).field_with_name("u").unwrap().clone();
+//! assert_eq!(reptrace_format::schema::type_name(u.data_type()), "list<float16>");
+//! # Ok(())
+//! # }
 //! ```
+#![warn(missing_docs)]
 #![deny(clippy::unwrap_used)]
 
 pub mod data;

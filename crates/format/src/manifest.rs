@@ -39,7 +39,9 @@ impl fmt::Display for Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The training split: instances the model trains on (`"train"`).
     Train,
+    /// The test split: held out from training (`"test"`).
     Test,
 }
 
@@ -67,7 +69,9 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// 32-bit IEEE floats (Arrow `Float32`).
     F32,
+    /// 16-bit IEEE half floats (Arrow `Float16`, Parquet FIXED_LEN_BYTE_ARRAY(2)).
     F16,
 }
 
@@ -127,9 +131,14 @@ impl Storage {
 /// A fully connected layer `z = W a + b`, W of shape `out × in`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinearSpec {
+    /// The layer's name: its `layer=` partition value and the prefix of its
+    /// tensors (`<name>.weight`, `<name>.bias`) in the weights snapshots.
     pub name: String,
+    /// Length of the input `a` (columns of W).
     pub in_features: usize,
+    /// Length of the output `z` (rows of W).
     pub out_features: usize,
+    /// Whether the layer has a bias `b` (`out_features` long).
     pub bias: bool,
     /// Whether update records are written for this layer.
     pub traced: bool,
@@ -138,18 +147,28 @@ pub struct LinearSpec {
 /// A 2-d convolution (groups 1), W of shape `C_out × C_in × kh × kw`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conv2dSpec {
+    /// The layer's name: its `layer=` partition value and the prefix of its
+    /// tensors (`<name>.weight`, `<name>.bias`) in the weights snapshots.
     pub name: String,
+    /// Input channels `C_in`.
     pub in_channels: usize,
+    /// Output channels `C_out`.
     pub out_channels: usize,
+    /// Kernel size `[kh, kw]`.
     pub kernel: [usize; 2],
+    /// Stride `[sh, sw]`.
     pub stride: [usize; 2],
+    /// Zero padding `[ph, pw]` on each side.
     pub padding: [usize; 2],
+    /// Dilation `[dh, dw]` of the kernel.
     pub dilation: [usize; 2],
     /// Spatial size `[h, w]` of the layer's input.
     pub input_hw: [usize; 2],
     /// Spatial size `[h, w]` of the layer's output.
     pub output_hw: [usize; 2],
+    /// Whether the layer has a bias (`C_out` long).
     pub bias: bool,
+    /// Whether update records are written for this layer.
     pub traced: bool,
     /// Whether records hold factors or the full per-example matrix.
     pub storage: Storage,
@@ -171,31 +190,53 @@ impl Conv2dSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Module {
+    /// A fully connected layer.
     Linear(LinearSpec),
+    /// A 2-d convolution.
     Conv2d(Conv2dSpec),
+    /// Elementwise `max(x, 0)`.
     Relu,
+    /// Elementwise `tanh`.
     Tanh,
+    /// Elementwise logistic sigmoid.
     Sigmoid,
+    /// Elementwise GELU.
     Gelu,
+    /// 2-d max pooling over `[C, H, W]` inputs, no padding.
     MaxPool2d {
+        /// Window size `[kh, kw]`.
         kernel: [usize; 2],
+        /// Stride `[sh, sw]`.
         stride: [usize; 2],
     },
+    /// 2-d average pooling over `[C, H, W]` inputs, no padding.
     AvgPool2d {
+        /// Window size `[kh, kw]`.
         kernel: [usize; 2],
+        /// Stride `[sh, sw]`.
         stride: [usize; 2],
     },
+    /// Flattens each example to one dimension.
     Flatten,
+    /// Dropout while training (identity in evaluation).
     Dropout {
+        /// Probability of zeroing an element.
         p: f64,
     },
-    /// BatchNorm (batch mode only: it couples the examples of a batch).
+    /// BatchNorm over the channels of `[C, H, W]` inputs (batch mode only:
+    /// it couples the examples of a batch).
     BatchNorm2d {
+        /// The module's name, the prefix of its parameters.
         name: String,
+        /// Channels `C` of the input.
         channels: usize,
     },
+    /// BatchNorm over `[features]` inputs (batch mode only, like
+    /// [`Module::BatchNorm2d`]).
     BatchNorm1d {
+        /// The module's name, the prefix of its parameters.
         name: String,
+        /// Length of the input.
         features: usize,
     },
 }
@@ -203,7 +244,9 @@ pub enum Module {
 /// A traced layer as the analyzer sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TracedLayer<'a> {
+    /// A traced fully connected layer.
     Linear(&'a LinearSpec),
+    /// A traced 2-d convolution.
     Conv2d(&'a Conv2dSpec),
 }
 
@@ -315,6 +358,8 @@ pub struct Model {
     /// Absent before format 4: sequential.
     #[serde(default, skip_serializing_if = "is_sequential")]
     pub structure: Structure,
+    /// The modules in forward order (with [`Structure::TracedLayers`]: the
+    /// traced Linear and Conv2d layers only).
     pub modules: Vec<Module>,
 }
 
@@ -342,8 +387,11 @@ impl Model {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// `torch.optim.SGD` (with optional momentum, Nesterov, weight decay).
     Sgd,
+    /// `torch.optim.Adam` ([`Optimizer::betas`], [`Optimizer::eps`]).
     Adam,
+    /// `torch.optim.AdamW`: Adam with decoupled weight decay.
     Adamw,
     /// Any other optimizer (format 4; batch mode only): its name is in the
     /// manifest's `settings.optimizer`.
@@ -354,20 +402,25 @@ pub enum OptimizerKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LrSchedule {
+    /// The base rate at every step.
     Constant,
     /// Multiply by `gamma` every `every_epochs` epochs.
     Step {
+        /// Epochs between two decays.
         every_epochs: u32,
+        /// Factor applied at each decay.
         gamma: f64,
     },
     /// Cosine annealing from the base rate to `min_lr` over the run's steps.
     Cosine {
+        /// The rate the annealing ends at.
         min_lr: f64,
     },
     /// Set by the training loop (e.g. a `torch.optim.lr_scheduler` class,
     /// named here); only the per-step values in `steps.lr` say what it did
     /// (format 4).
     External {
+        /// The scheduler's name, e.g. `OneCycleLR`.
         name: String,
     },
 }
@@ -375,13 +428,19 @@ pub enum LrSchedule {
 /// Optimizer settings, with PyTorch semantics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Optimizer {
+    /// The optimizer family.
     pub kind: OptimizerKind,
     /// Base learning rate.
     pub lr: f64,
+    /// How the rate changes from the base rate over the steps.
     pub schedule: LrSchedule,
+    /// SGD momentum factor (0: none).
     pub momentum: f64,
+    /// SGD dampening of the momentum.
     pub dampening: f64,
+    /// Whether SGD uses Nesterov momentum.
     pub nesterov: bool,
+    /// L2 penalty (SGD, Adam) or decoupled weight decay (AdamW); 0: none.
     pub weight_decay: f64,
     /// Adam/AdamW betas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -423,11 +482,14 @@ impl Optimizer {
 pub struct FileEntry {
     /// Path relative to the run directory, `/`-separated.
     pub path: String,
+    /// Name of the table it belongs to ([`Table::name`]).
     pub table: String,
     /// Layer, for partitioned tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<String>,
+    /// Rows in the file.
     pub rows: u64,
+    /// Size of the file in bytes.
     pub bytes: u64,
 }
 
@@ -493,6 +555,8 @@ impl fmt::Display for Aggregation {
 /// steps and aggregation replaces an earlier one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attribution {
+    /// The files written (table `contributions`, or `influence` when
+    /// aggregated).
     pub files: Vec<FileEntry>,
     /// The probe selection as given (`test`, `train`, `ids:…`, `all`).
     pub probes: String,
@@ -500,15 +564,19 @@ pub struct Attribution {
     /// manifests of format 4 and older, which did not record them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_ids: Vec<[i64; 2]>,
+    /// The traced layers attributed.
     pub layers: Vec<String>,
     /// Inclusive step range that was attributed.
     pub steps: Option<[i64; 2]>,
+    /// Whether only each probe's own records were attributed (probes that
+    /// are training instances).
     pub self_only: bool,
     /// How rows are aggregated (`step`: one per record, table `contributions`).
     #[serde(default)]
     pub by: Aggregation,
     /// Weights the probes were taken against: last step they include.
     pub as_of_step: Option<Step>,
+    /// RFC 3339 time of the materialisation.
     pub time: String,
 }
 
@@ -554,11 +622,18 @@ pub struct Manifest {
     pub format: String,
     /// [`FORMAT_VERSION`] of the writer.
     pub format_version: u32,
+    /// The run's id (a UUID unless the writer chose one), also written into
+    /// every Parquet file ([`kv::RUN_ID`](crate::kv::RUN_ID)).
     pub run_id: String,
+    /// Whether the run is still being written, complete or aborted.
     pub status: Status,
+    /// Whether update records are per instance or per batch.
     pub mode: Mode,
+    /// Float type of the `updates` factors `u` and `v`.
     pub dtype: Dtype,
+    /// The model, with its traced layers.
     pub model: Model,
+    /// The optimizer's settings.
     pub optimizer: Optimizer,
     /// Class names, indexed by label.
     pub classes: Vec<String>,
@@ -567,6 +642,7 @@ pub struct Manifest {
     pub settings: BTreeMap<String, serde_json::Value>,
     /// RFC 3339 creation time.
     pub created: String,
+    /// Every commit point, in order (`seq` 0, 1, 2, …).
     pub commits: Vec<Commit>,
     /// Why the run was aborted, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]

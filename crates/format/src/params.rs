@@ -29,19 +29,32 @@ pub type Result<T, E = ParamError> = std::result::Result<T, E>;
 /// What can go wrong reading a query header or binding its parameters.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParamError {
-    /// The header is malformed (a bad declaration or default, a name declared twice).
+    /// The header is malformed (a bad declaration or default, a name declared
+    /// twice); raised by [`Header::parse`].
     #[error("{message}")]
-    Header { message: String },
-    /// A given parameter is unknown, missing or has a bad value.
+    Header {
+        /// What is wrong, quoting the offending declaration.
+        message: String,
+    },
+    /// A given parameter is unknown, given twice, missing or has a bad value;
+    /// raised by [`bind`].
     #[error("parameter {name}: {message}")]
-    Param { name: String, message: String },
+    Param {
+        /// The parameter's name.
+        name: String,
+        /// What is wrong (for an unknown name, the declared ones).
+        message: String,
+    },
 }
 
 /// The type of a query parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
+    /// `int64`: a signed 64-bit integer.
     Int64,
+    /// `float64`: a finite double.
     Float64,
+    /// `string`: any text, taken as given.
     String,
 }
 
@@ -85,18 +98,24 @@ impl fmt::Display for ParamType {
 /// A typed parameter value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
+    /// A value of an `int64` parameter.
     Int64(i64),
+    /// A value of a `float64` parameter (finite).
     Float64(f64),
+    /// A value of a `string` parameter.
     String(String),
 }
 
 /// A declared parameter of a query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Param {
+    /// The name, bound in the query as `$name`.
     pub name: String,
+    /// The declared type (`int64`, `float64`, `string`).
     pub ty: ParamType,
     /// The default value as written in the header; `None`: required.
     pub default: Option<String>,
+    /// The text after the parenthesis, describing the parameter.
     pub doc: String,
 }
 
@@ -105,6 +124,7 @@ pub struct Param {
 pub struct Header {
     /// The first comment line that is not a declaration.
     pub title: String,
+    /// The `-- param:` declarations, in the order written.
     pub params: Vec<Param>,
 }
 

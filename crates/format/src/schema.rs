@@ -12,26 +12,62 @@ use std::sync::Arc;
 
 /// Column names, shared by every writer and reader.
 pub mod col {
+    /// Row of an instance in the data set, from 0 (int64). A training
+    /// instance in `updates`, `contributions`, `influence` (null in batch mode
+    /// and for residual rows); in `probes` the instance a probe is, if any.
     pub const INSTANCE_ID: &str = "instance_id";
+    /// True class of the instance or probe, an index into
+    /// [`Manifest::classes`](crate::Manifest::classes) (int32).
     pub const LABEL: &str = "label";
+    /// `instances`: `"train"` or `"test"` ([`Split::as_str`](crate::Split::as_str)).
     pub const SPLIT: &str = "split";
+    /// Training step, counted from 0 over the whole run (int64); null for
+    /// the residual rows of `contributions`.
     pub const STEP: &str = "step";
+    /// Epoch of the step, counted from 0 (int32); null for residual rows and
+    /// in `influence` rows summed over all epochs.
     pub const EPOCH: &str = "epoch";
+    /// `steps`: learning rate η_t used at the step (float64).
     pub const LR: &str = "lr";
+    /// `steps`: number of instances in the step's mini-batch (int32).
     pub const BATCH_SIZE: &str = "batch_size";
+    /// `steps`: mini-batch loss before the update; `examples`: the
+    /// example's cross-entropy at that step (float64).
     pub const LOSS: &str = "loss";
+    /// `updates`: the left factor of ΔW = v uᵀ, a list of the run's [`Dtype`](crate::Dtype)
+    /// (Linear: the layer input; empty for whole updates).
     pub const U: &str = "u";
+    /// `updates`: the right factor (Linear: −η_t·δ), or ΔW followed by Δb
+    /// when `u` is empty.
     pub const V: &str = "v";
+    /// `updates`: Frobenius norm ‖ΔW‖ of the record's update, bias
+    /// excluded (float32).
     pub const UPDATE_NORM: &str = "update_norm";
+    /// The probe; equals the `instance_id` of the input it was taken from
+    /// (int64).
     pub const PROBE_ID: &str = "probe_id";
+    /// Class the network predicts (int32): `probes` in the final network,
+    /// `examples` at that step.
     pub const PREDICTED: &str = "predicted";
+    /// `probes`: the layer's input in the final network (list of float64;
+    /// Conv2d: C_in × H × W, not unfolded).
     pub const A: &str = "a";
+    /// `probes`: the refinement p = z_T − (W_0 ⊛ a + b_0) (list of float64).
     pub const P: &str = "p";
+    /// `probes`: ‖p‖ (float64).
     pub const P_NORM: &str = "p_norm";
+    /// ⟨c, p⟩ of a record's contribution c and the probe's refinement
+    /// (float64); in `influence` summed over the records of a row.
     pub const DOT: &str = "dot";
+    /// `contributions`: ‖c‖ (float64).
     pub const NORM: &str = "norm";
+    /// `contributions`: dot / (‖c‖·‖p‖), 0 when either norm is 0 (float64).
     pub const COSINE: &str = "cosine";
+    /// `influence`: number of update records summed into the row, 0 for
+    /// the residual (int64).
     pub const RECORDS: &str = "records";
+    /// `examples`: probability the model gave the label at that step,
+    /// `softmax(output)[label] = exp(−loss)` (float64).
     pub const P_LABEL: &str = "p_label";
     /// The Hive partition column of partitioned tables (from the path).
     pub const LAYER: &str = "layer";

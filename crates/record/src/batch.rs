@@ -10,9 +10,11 @@ use reptrace_format::Split;
 pub struct StepRow {
     /// Training step, counted from 0 over the whole run; strictly increasing.
     pub step: i64,
+    /// Epoch of the step, counted from 0.
     pub epoch: i32,
     /// Learning rate η_t used at this step.
     pub lr: f64,
+    /// Number of instances in the step's mini-batch.
     pub batch_size: i32,
     /// The batch loss.
     pub loss: f64,
@@ -22,9 +24,13 @@ pub struct StepRow {
 /// member of the batch, from the forward pass that step's update came from.
 #[derive(Debug, Clone, Copy)]
 pub struct ExampleBatch<'a> {
+    /// The training step (not negative).
     pub step: i64,
+    /// Epoch of the step.
     pub epoch: i32,
+    /// The batch members, `n` of them.
     pub instance_ids: &'a [i64],
+    /// Each member's label, in `0..classes`.
     pub labels: &'a [i32],
     /// Each example's cross-entropy, `−log softmax(output)[label]`; the
     /// probability of its label, `p_label`, is computed from it.
@@ -39,11 +45,17 @@ pub struct ExampleBatch<'a> {
 /// `(u_len, v_len) = TracedLayer::factor_lens()`.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateBatch<'a> {
+    /// The training step (not negative).
     pub step: i64,
+    /// Epoch of the step.
     pub epoch: i32,
+    /// The training instance of each row, `n` of them.
     pub instance_ids: &'a [i64],
+    /// Each instance's label, in `0..classes`.
     pub labels: &'a [i32],
+    /// The `u` factors (Linear: the layer inputs), `n × u_len`, row-major.
     pub u: &'a [f32],
+    /// The `v` factors (Linear: −η_t·δ), `n × v_len`, row-major.
     pub v: &'a [f32],
     /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
     pub update_norm: Option<&'a [f32]>,
@@ -54,7 +66,9 @@ pub struct UpdateBatch<'a> {
 /// halves the bytes that travel) for a run recorded in f16.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FactorValues {
+    /// Single-precision values (for a run in f32 or f16).
     F32(Vec<f32>),
+    /// Half-precision values (only for a run recorded in f16).
     F16(Vec<half::f16>),
 }
 
@@ -98,11 +112,17 @@ impl From<Vec<half::f16>> for FactorValues {
 /// them (`Recorder::updates_owned`). The same rows either way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateBatchOwned {
+    /// As [`UpdateBatch::step`].
     pub step: i64,
+    /// As [`UpdateBatch::epoch`].
     pub epoch: i32,
+    /// As [`UpdateBatch::instance_ids`].
     pub instance_ids: Vec<i64>,
+    /// As [`UpdateBatch::labels`].
     pub labels: Vec<i32>,
+    /// As [`UpdateBatch::u`], `n × u_len` values.
     pub u: FactorValues,
+    /// As [`UpdateBatch::v`], `n × v_len` values.
     pub v: FactorValues,
     /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
     pub update_norm: Option<Vec<f32>>,
@@ -112,12 +132,19 @@ pub struct UpdateBatchOwned {
 /// `n × p_len` with `(a_len, p_len) = TracedLayer::probe_lens()`.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeBatch<'a> {
+    /// Each row's probe id (`probes.probe_id`), `n` of them; a probe has a
+    /// row in every traced layer, under the same id.
     pub probe_ids: &'a [i64],
     /// The training instance each probe is, or `None`.
     pub instance_ids: &'a [Option<i64>],
+    /// Each probe's true class, in `0..classes`.
     pub labels: &'a [i32],
+    /// The class the network predicts for each probe.
     pub predicted: &'a [i32],
+    /// The layer's inputs, `n × a_len`, row-major (Conv2d: `C_in × H × W`,
+    /// not unfolded).
     pub a: &'a [f64],
+    /// The refinements `p = z_T − (W_0 ⊛ a + b_0)`, `n × p_len`, row-major.
     pub p: &'a [f64],
 }
 
@@ -126,6 +153,7 @@ pub struct ProbeBatch<'a> {
 pub struct NamedTensor<'a> {
     /// `"<layer>.weight"`, `"<layer>.bias"`, …
     pub name: &'a str,
+    /// The tensor's shape as PyTorch stores it (Linear weight: `[out, in]`).
     pub shape: &'a [usize],
     /// Row-major elements, `shape.iter().product()` of them.
     pub data: &'a [f32],
@@ -229,9 +257,13 @@ pub(crate) struct BatchRows {
 /// the batch and, per traced layer, the whole update `W_{t+1} − W_t`.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchStep<'a> {
+    /// The training step (not negative).
     pub step: i64,
+    /// Epoch of the step.
     pub epoch: i32,
+    /// The batch's members (rows of table `batches`).
     pub instance_ids: &'a [i64],
+    /// Each member's label, in `0..classes`.
     pub labels: &'a [i32],
     /// Per traced layer: its name and ΔW (row-major, PyTorch's weight
     /// shape) followed by Δb when the layer has a bias.

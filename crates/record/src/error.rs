@@ -7,25 +7,43 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What can go wrong while recording a trace.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A required builder setting was not given.
+    /// A required builder setting was not given ([`RecorderBuilder::build`](crate::RecorderBuilder::build)).
     #[error("recorder: {what} is required (call .{what}(…) on the builder)")]
-    Missing { what: &'static str },
-    /// A builder setting has an invalid value.
+    Missing {
+        /// The builder method to call: `model` or `optimizer`.
+        what: &'static str,
+    },
+    /// A builder setting has an invalid value (a zero queue depth or row
+    /// group size, a zstd level outside 1..=22).
     #[error("recorder: invalid {setting} {value}: {why}")]
     Setting {
+        /// The builder method, e.g. `zstd_level`.
         setting: &'static str,
+        /// The value given.
         value: String,
+        /// The allowed values.
         why: &'static str,
     },
     /// The run directory exists and is not empty.
     #[error("{path}: run directory exists and is not empty (choose a new directory)")]
-    NotEmpty { path: PathBuf },
-    /// The model is not valid for recording.
+    NotEmpty {
+        /// The directory given to [`Recorder::builder`](crate::Recorder::builder).
+        path: PathBuf,
+    },
+    /// The model is not valid for recording (a traced layer's name used twice).
     #[error("model: {message}")]
-    Model { message: String },
+    Model {
+        /// What is wrong with the model.
+        message: String,
+    },
     /// A layer name that is not a traced layer of the model.
     #[error("layer {layer:?} is not a traced layer of the model (traced: {traced})")]
-    UnknownLayer { layer: String, traced: String },
+    UnknownLayer {
+        /// The name given.
+        layer: String,
+        /// The model's traced layers, comma-separated (`none` if it has none).
+        traced: String,
+    },
     /// A slice has the wrong length.
     #[error("{context}: {what} has length {got}, expected {expected}")]
     Length {
@@ -33,48 +51,88 @@ pub enum Error {
         context: String,
         /// Which argument.
         what: &'static str,
+        /// The length the other arguments call for.
         expected: usize,
+        /// The length given.
         got: usize,
     },
-    /// A step row out of order.
+    /// A step row out of order ([`Recorder::step`](crate::Recorder::step)).
     #[error("steps: step {step} is not after the previous step {previous}")]
-    StepOrder { step: i64, previous: i64 },
-    /// A value that does not fit the format (negative step, too many elements…).
+    StepOrder {
+        /// The step given.
+        step: i64,
+        /// The step of the previous `steps` row.
+        previous: i64,
+    },
+    /// A value that does not fit the format (negative step, label out of
+    /// range, NaN loss, too many elements…), or a call the run's state or
+    /// mode does not allow (a batch step in instance mode, a locked run).
     #[error("{context}: {message}")]
-    Invalid { context: String, message: String },
-    /// A weight tensor does not match the model or is malformed.
+    Invalid {
+        /// Which call, table or run, e.g. `examples of step 3`.
+        context: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weight tensor does not match the model or is malformed (given
+    /// twice, data length not the shape's product, a shape other than the
+    /// model's).
     #[error("weights: tensor {name:?}: {message}")]
-    Weights { name: String, message: String },
-    /// A weights snapshot of that name was already committed.
+    Weights {
+        /// The tensor's name, e.g. `fc1.weight`.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weights snapshot of that name was already committed: weights were
+    /// given twice for the same step.
     #[error("{path}: weights snapshot already written in this run (one snapshot per step)")]
-    WeightsExist { path: String },
+    WeightsExist {
+        /// The snapshot's path relative to the run, e.g. `weights/step-00000009.safetensors`.
+        path: String,
+    },
     /// An I/O error on a file of the run.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory the operation was on.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// The Parquet writer failed.
     #[error("{path}: parquet: {source}")]
     Parquet {
+        /// The part file being written.
         path: PathBuf,
+        /// The Parquet error.
         source: parquet::errors::ParquetError,
     },
     /// Building an Arrow batch failed.
     #[error("{table}: arrow: {source}")]
     Arrow {
+        /// The table the batch was for (`updates`, `probes`, …).
         table: String,
+        /// The Arrow error.
         source: arrow_schema::ArrowError,
     },
     /// Serializing a safetensors snapshot failed.
     #[error("{path}: safetensors: {message}")]
-    Safetensors { path: PathBuf, message: String },
+    Safetensors {
+        /// The snapshot file being written.
+        path: PathBuf,
+        /// The safetensors error.
+        message: String,
+    },
     /// An error from the format crate (names, manifest).
     #[error(transparent)]
     Format(#[from] reptrace_format::Error),
-    /// The writer thread failed earlier; the run was marked aborted.
+    /// The writer thread failed earlier (its error was returned once); the
+    /// run was marked aborted, and every later call gets this.
     #[error("recorder failed earlier: {reason}")]
-    Failed { reason: String },
+    Failed {
+        /// The writer thread's error, as text.
+        reason: String,
+    },
     /// `finish()` or `abort()` was already called.
     #[error("recorder is closed: {0} was already called")]
     Closed(&'static str),

@@ -50,6 +50,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![warn(missing_docs)]
 #![deny(clippy::unwrap_used)]
 
 mod append;

@@ -18,7 +18,9 @@ use tch::Tensor;
 /// Which weight decay: L2 added to the gradient (Adam) or decoupled (AdamW).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decay {
+    /// `wd·p` is added to the gradient before the moment estimates (Adam).
     L2,
+    /// The weights are scaled by `1 − η·wd` before the update (AdamW).
     Decoupled,
 }
 

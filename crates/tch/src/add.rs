@@ -37,7 +37,12 @@ pub enum ProbeRows {
     /// The test split.
     Test,
     /// Rows `first..=last` (0-based, inclusive).
-    Range { first: usize, last: usize },
+    Range {
+        /// First selected row, 0-based.
+        first: usize,
+        /// Last selected row, 0-based, included; never below `first`.
+        last: usize,
+    },
 }
 
 impl FromStr for ProbeRows {

@@ -33,8 +33,13 @@ pub struct Factors {
 /// ready to be handed to [`reptrace_record::Recorder::updates_owned`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostFactors {
+    /// [`Factors::u`] in the stored type: `B × u_len` values (none for
+    /// Conv2d storage full).
     pub u: FactorValues,
+    /// [`Factors::v`] in the stored type: `B × v_len` values.
     pub v: FactorValues,
+    /// [`Factors::update_norm`]: `‖ΔW_i‖_F` per example (bias excluded), `B`
+    /// values, `f32` whatever the stored type.
     pub update_norm: Vec<f32>,
 }
 

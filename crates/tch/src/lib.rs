@@ -1,13 +1,48 @@
-//! Traced training with tch (libtorch): the reptrace adapter for PyTorch models.
+//! Traced training with tch (libtorch): record your own model and loop, or
+//! train the built-in models.
 //!
-//! [`train()`] runs mini-batch SGD (PyTorch semantics: momentum, dampening,
-//! Nesterov, weight decay, per-step learning rate) on a sequential model
-//! ([`model`]) and a data set ([`data`]), and records through a
-//! [`reptrace_record::Recorder`], per step and traced layer, the factors of
-//! every training example's weight update ([`factors`]), the weights at
-//! every epoch end and, after training, the probes ([`probe`]).
-//! [`add_probes`] adds probes (new inputs) to a run at any time after
-//! training ([`add`]).
+//! [`Tracer`] records a training loop of your own ([`trace`]): build the
+//! Linear and Conv2d layers to trace through it (drop-in for
+//! `tch::nn::linear`/`conv2d`), compose them as you like, and hand it each
+//! step after `loss.backward()`. It records, per step and traced layer, the
+//! factors of every training example's weight update ([`factors`]) through
+//! a [`reptrace_record::Recorder`], the weights at every commit and, at the
+//! end, the probes. A tiny model, one step, into a temporary run:
+//!
+//! ```
+//! use reptrace_tch::{RunSpec, Step, Tracer};
+//! use tch::nn::{self, Module, OptimizerConfig};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vs = nn::VarStore::new(tch::Device::Cpu);
+//! let mut tracer = Tracer::new();
+//! let hidden = tracer.linear(vs.root() / "hidden", 4, 8, Default::default())?;
+//! let out = tracer.linear(vs.root() / "out", 8, 2, Default::default())?;
+//! let model = nn::seq().add(hidden).add_fn(|x| x.relu()).add(out);
+//! let mut opt = nn::Sgd::default().build(&vs, 0.1)?;
+//! let dir = std::env::temp_dir().join(format!("reptrace-doc-{}", std::process::id()));
+//! tracer.record(RunSpec::sgd(&dir, vec!["no".into(), "yes".into()], 0.1))?;
+//!
+//! let (x, ids, labels) = (tch::Tensor::rand([3, 4], tch::kind::FLOAT_CPU), [7i64, 8, 9], [0, 1, 1]);
+//! let y = tch::Tensor::from_slice(&[0i64, 1, 1]);
+//! opt.zero_grad();
+//! let logits = model.forward(&x);
+//! let loss = logits.cross_entropy_for_logits(&y);
+//! loss.backward();
+//! let step = Step { loss: &loss, ids: &ids, labels: &labels, lr: 0.1, logits: Some(&logits) };
+//! tracer.step(&step, || opt.step())?;
+//! let manifest = tracer.finish(None)?;
+//! assert_eq!(manifest.model.traced_layers().count(), 2);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`train()`] is the built-in loop (what `reptrace train` runs): mini-batch
+//! SGD (PyTorch semantics: momentum, dampening, Nesterov, weight decay,
+//! per-step learning rate), or Adam/AdamW in batch mode, on a sequential
+//! model ([`model`]) and a data set ([`data`]); it records through the same
+//! [`Tracer`]. [`add_probes`] adds probes (new inputs) to a run at any time
+//! after training ([`add`]).
 //!
 //! ```no_run
 //! // Train the MLP on the bundled digits into runs/example.
@@ -29,6 +64,7 @@
 //! let model = build_model(&ModelChoice::Cnn, &digits.shape, 10, &TraceLayers::All).unwrap();
 //! assert_eq!(model.traced_layers().count(), 3);
 //! ```
+#![warn(missing_docs)]
 #![deny(clippy::unwrap_used)]
 
 pub mod adam;
@@ -38,6 +74,7 @@ pub mod factors;
 pub mod model;
 pub mod probe;
 pub mod sgd;
+pub mod trace;
 pub mod train;
 
 pub use add::{AddOptions, AddedProbes, ProbeRows, add_probes};
@@ -49,4 +86,5 @@ pub use probe::ProbeSet;
 /// Data sets (digits, CSV, IDX): pure Rust, shared with the analyzer.
 pub use reptrace_format::data;
 pub use sgd::{Sgd, learning_rate};
+pub use trace::{Probes, RunSpec, Step, Taps, TracedConv2d, TracedLinear, Tracer};
 pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};

@@ -26,8 +26,12 @@ use tch::{Device, Kind, Tensor};
 pub enum ModelChoice {
     /// Flatten, then Linear layers with these hidden widths (ReLU between),
     /// then a Linear layer to the classes. `mlp` is `[32, 16]`.
-    Mlp { hidden: Vec<usize> },
-    /// Two small conv layers (1→8 3×3 pad 1, 8→16 3×3 stride 2 pad 1, ReLU
+    Mlp {
+        /// Widths of the hidden Linear layers (`fc1`, `fc2`, …), in order;
+        /// each at least 1, empty for a single Linear layer.
+        hidden: Vec<usize>,
+    },
+    /// Two small conv layers (C→8 3×3 pad 1, 8→16 3×3 stride 2 pad 1, ReLU
     /// after each), flatten, Linear to the classes.
     Cnn,
     /// `cnn` with a BatchNorm2d after each convolution (batch mode only).
@@ -86,8 +90,10 @@ impl fmt::Display for ModelChoice {
 /// Which Linear/Conv2d layers are traced.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum TraceLayers {
+    /// Every Linear and Conv2d layer (`--trace-layers all`, the default).
     #[default]
     All,
+    /// No layer: training records nothing (`--trace-layers none`).
     None,
     /// These layers (by name), the others untraced.
     Names(Vec<String>),
@@ -449,6 +455,7 @@ pub struct HostTensor {
     pub name: String,
     /// PyTorch shape.
     pub shape: Vec<usize>,
+    /// The values as `f32`, row-major (C order) over `shape`.
     pub data: Vec<f32>,
 }
 
@@ -621,11 +628,49 @@ impl Network {
     /// `train` switches dropout on. With `taps`, every traced layer's input
     /// and output are returned in forward order.
     pub fn forward(&self, x: &Tensor, train: bool, taps: bool) -> Result<(Tensor, Vec<Tap>)> {
-        let mut h = x.shallow_clone();
         let mut out_taps = Vec::new();
+        let logits = self.forward_with(x, train, &mut |module, _, input, output| {
+            if taps {
+                out_taps.push(Tap {
+                    module,
+                    input: input.f_detach()?,
+                    output: output.shallow_clone(),
+                });
+            }
+            Ok(output)
+        })?;
+        Ok((logits, out_taps))
+    }
+
+    /// Runs the network on a batch with every traced layer reporting to
+    /// `taps` ([`crate::trace::Taps::tap`]), as the built-in loop does
+    /// under a [`crate::Tracer`].
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        train: bool,
+        taps: &crate::trace::Taps,
+    ) -> Result<Tensor> {
+        self.forward_with(x, train, &mut |_, name, input, output| {
+            Ok(taps.tap(name, input, output))
+        })
+    }
+
+    /// The forward pass; `traced(module, name, input, output)` sees every
+    /// traced layer and returns the output to continue with.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        traced: &mut dyn FnMut(usize, &str, &Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.shallow_clone();
         for (i, (m, p)) in self.model.modules.iter().zip(&self.params).enumerate() {
-            let traced = matches!(m, Module::Linear(l) if l.traced)
-                || matches!(m, Module::Conv2d(c) if c.traced);
+            let name = match m {
+                Module::Linear(l) if l.traced => Some(l.name.as_str()),
+                Module::Conv2d(c) if c.traced => Some(c.name.as_str()),
+                _ => None,
+            };
             let next = match (m, p) {
                 (Module::Linear(_), Some(p)) => h.f_linear(&p.weight, p.bias.as_ref())?,
                 (Module::Conv2d(c), Some(p)) => h.f_conv2d(
@@ -678,16 +723,12 @@ impl Network {
                     });
                 }
             };
-            if taps && traced {
-                out_taps.push(Tap {
-                    module: i,
-                    input: h.f_detach()?,
-                    output: next.shallow_clone(),
-                });
-            }
-            h = next;
+            h = match name {
+                Some(name) => traced(i, name, &h, next)?,
+                None => next,
+            };
         }
-        Ok((h, out_taps))
+        Ok(h)
     }
 
     /// The traced layer spec of module `module`.

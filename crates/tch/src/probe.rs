@@ -66,7 +66,9 @@ impl ProbeSet {
 /// The layer's weight and bias change `W_T − W_0`, `b_T − b_0`, in `f64`.
 #[derive(Debug)]
 pub struct Displacement {
+    /// `W_T − W_0`, the weight's shape, `f64`, on the weights' device.
     pub weight: Tensor,
+    /// `b_T − b_0` (`f64`), `None` when the layer has no bias.
     pub bias: Option<Tensor>,
 }
 

@@ -23,17 +23,15 @@
 //! class shares stay exact.
 use crate::adam::{Adam, Decay};
 use crate::data::{DataSource, Dataset};
-use crate::factors::layer_factors;
 use crate::model::{HostTensor, ModelChoice, Network, TraceLayers, build_model};
 use crate::probe::{self, ProbeSet};
 use crate::sgd::{Sgd, learning_rate};
+use crate::trace::{Step, Tracer};
 use crate::{Error, Result};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
-use reptrace_record::{
-    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatchOwned,
-};
+use reptrace_record::{NamedTensor, ProbeBatch, Recorder};
 use serde_json::json;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -43,6 +41,7 @@ use tch::{Device, Kind, Tensor};
 /// Where to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
+    /// The CPU (`--device cpu`, the default).
     #[default]
     Cpu,
     /// A CUDA device by index.
@@ -110,17 +109,31 @@ impl DeviceChoice {
 /// Everything a training run needs; [`TrainConfig::default`] then set fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
+    /// The model to build (`--model`; default `mlp`, hidden widths 32, 16).
     pub model: ModelChoice,
     /// Used by [`train`]; [`train_on`] takes the data set instead.
     pub data: DataSource,
+    /// Passes over the training split (`--epochs`, at least 1; default 10).
     pub epochs: usize,
+    /// Training instances per step (`--batch-size`, at least 1; default 32);
+    /// an epoch's last batch (each class's last, with class-pure batches)
+    /// may be smaller.
     pub batch_size: usize,
     /// Base learning rate.
     pub lr: f64,
+    /// How the learning rate changes from step to step (`--lr-schedule`;
+    /// default constant; see [`learning_rate`]).
     pub schedule: LrSchedule,
+    /// SGD momentum `μ`, in `[0, 1)` (`--momentum`; default 0); SGD only.
     pub momentum: f64,
+    /// SGD dampening of the momentum buffer, in `[0, 1]` (default 0; no
+    /// `reptrace train` flag, which always uses 0).
     pub dampening: f64,
+    /// Nesterov momentum (`--nesterov`): needs a momentum > 0 and zero
+    /// dampening.
     pub nesterov: bool,
+    /// Weight decay, ≥ 0 (`--weight-decay`; default 0): L2 added to the
+    /// gradient for SGD and Adam, decoupled for AdamW, as in PyTorch.
     pub weight_decay: f64,
     /// SGD, Adam or AdamW (the last two need batch mode).
     pub optimizer: OptimizerKind,
@@ -137,10 +150,15 @@ pub struct TrainConfig {
     pub class_pure_batches: bool,
     /// Seeds initialisation, dropout and shuffling.
     pub seed: u64,
+    /// The Linear/Conv2d layers whose updates are recorded (`--trace-layers`;
+    /// default all); with none, training records nothing.
     pub trace_layers: TraceLayers,
     /// Stored factor type.
     pub dtype: Dtype,
+    /// Where to train (`--device`; default the CPU).
     pub device: DeviceChoice,
+    /// The instances whose probes are written at each epoch end and after
+    /// training (`--probes`; default the test split).
     pub probes: ProbeSet,
     /// The run directory (must not exist or be empty); unused without traced layers.
     pub out: PathBuf,
@@ -393,26 +411,39 @@ pub fn epoch_batches(
 pub enum Progress {
     /// Before the first step.
     Started {
+        /// The number of epochs that will run.
         epochs: usize,
+        /// Batches, hence steps, per epoch (the same in every epoch).
         steps_per_epoch: usize,
+        /// Names of the traced layers, in forward order (empty: nothing is
+        /// recorded).
         traced_layers: Vec<String>,
     },
     /// After each step.
     Step {
+        /// The step's epoch, from 0.
         epoch: usize,
         /// Step within the epoch, from 0.
         step_in_epoch: usize,
+        /// The step's batch loss (mean cross-entropy over the batch, before
+        /// the update).
         loss: f64,
     },
     /// After each epoch.
     Epoch(EpochStats),
     /// Writing probes after training.
-    Probes { probes: usize, layers: usize },
+    Probes {
+        /// The number of probe instances.
+        probes: usize,
+        /// The number of traced layers each probe gets a row in.
+        layers: usize,
+    },
 }
 
 /// Statistics of one epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochStats {
+    /// The epoch, from 0.
     pub epoch: usize,
     /// Mean batch loss over the epoch.
     pub loss: f64,
@@ -420,13 +451,17 @@ pub struct EpochStats {
     pub train_accuracy: f64,
     /// Accuracy of the network at the epoch end on the test split (none if empty).
     pub test_accuracy: Option<f64>,
+    /// Wall-clock seconds of the epoch: its steps, the test evaluation and,
+    /// when recording, the epoch-end probes and commit.
     pub seconds: f64,
 }
 
 /// What a training run produced.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
+    /// The number of epochs trained ([`TrainConfig::epochs`]).
     pub epochs: usize,
+    /// The number of optimizer steps over all epochs.
     pub steps: usize,
     /// Mean batch loss of the last epoch.
     pub loss: f64,
@@ -434,6 +469,7 @@ pub struct TrainSummary {
     pub train_accuracy: f64,
     /// Accuracy of the final network on the test split, if it has rows.
     pub test_accuracy: Option<f64>,
+    /// Names of the traced layers, in forward order.
     pub traced_layers: Vec<String>,
     /// The run directory and its final manifest, when anything was recorded.
     pub run: Option<(PathBuf, Manifest)>,
@@ -501,7 +537,7 @@ pub fn train_on(
         });
     }
     let net = Network::new(&model, config.seed as i64, device)?;
-    let mut rec = if traced.is_empty() {
+    let rec = if traced.is_empty() {
         None
     } else {
         let mut builder = Recorder::builder(&config.out);
@@ -530,18 +566,34 @@ pub fn train_on(
                 .build()?,
         )
     };
+    // The recorder goes to a tracer of the network's traced layers: the
+    // built-in loop records through the same API as a user's loop.
+    let mut tracer = match rec {
+        None => None,
+        Some(rec) => {
+            let mut tracer = Tracer::new();
+            for i in 0..model.modules.len() {
+                let (Some(_), Some((weight, bias))) = (net.traced_layer(i), net.layer_params(i))
+                else {
+                    continue;
+                };
+                tracer.add_spec(model.modules[i].clone(), weight, bias)?;
+            }
+            tracer.record_with(rec, data.classes.len(), config.mode, config.dtype)?;
+            Some(tracer)
+        }
+    };
     let mut run = Run {
         config,
         data,
         net: &net,
-        rec: rec.as_mut(),
+        tracer: tracer.as_mut(),
         traced,
         progress,
-        timing: Timing::default(),
     };
     let result = run.all();
-    match (result, rec) {
-        (Ok(mut summary), Some(mut rec)) => {
+    match (result, tracer.as_mut().and_then(Tracer::recorder)) {
+        (Ok(mut summary), Some(rec)) => {
             let named = summary.weights.iter().map(named).collect::<Vec<_>>();
             let manifest = rec.finish(&named)?;
             summary.run = Some((config.out.clone(), manifest));
@@ -552,7 +604,7 @@ pub fn train_on(
             summary.total_seconds = started.elapsed().as_secs_f64();
             Ok(summary)
         }
-        (Err(e), Some(mut rec)) => {
+        (Err(e), Some(rec)) => {
             // Commit what is good so far and keep the reason in the manifest.
             // A non-finite loss stops the step before any update: the
             // weights are those after the last good step, so they become
@@ -585,23 +637,19 @@ struct Run<'a> {
     config: &'a TrainConfig,
     data: &'a Dataset,
     net: &'a Network,
-    rec: Option<&'a mut Recorder>,
+    tracer: Option<&'a mut Tracer>,
     traced: Vec<String>,
     progress: &'a mut dyn FnMut(&Progress),
-    timing: Timing,
-}
-
-/// Where the training thread spent the time tracing costs.
-#[derive(Debug, Default, Clone, Copy)]
-struct Timing {
-    factors: std::time::Duration,
-    record: std::time::Duration,
 }
 
 /// Rows per forward pass when evaluating or probing.
 pub(crate) const EVAL_CHUNK: usize = 1024;
 
 impl Run<'_> {
+    fn rec(&mut self) -> Option<&mut Recorder> {
+        self.tracer.as_deref_mut().and_then(Tracer::recorder)
+    }
+
     fn all(&mut self) -> Result<TrainSummary> {
         let (cfg, data, net) = (self.config, self.data, self.net);
         let device = net.device();
@@ -620,7 +668,7 @@ impl Run<'_> {
             .map(|p| p.f_detach_copy())
             .collect::<Result<_, _>>()?;
         let initial_host = net.to_host()?;
-        if let Some(rec) = self.rec.as_deref_mut() {
+        if let Some(rec) = self.rec() {
             let ids: Vec<i64> = (0..n).collect();
             let splits: Vec<Split> = (0..data.len()).map(|r| data.split(r)).collect();
             rec.instances(&ids, &data.labels, &splits)?;
@@ -651,6 +699,9 @@ impl Run<'_> {
         let loop_start = Instant::now();
         for epoch in 0..cfg.epochs {
             let epoch_start = Instant::now();
+            if let Some(tracer) = self.tracer.as_deref_mut() {
+                tracer.set_epoch(epoch as i32);
+            }
             order.shuffle(&mut rng);
             let batches = epoch_batches(
                 &order,
@@ -686,14 +737,14 @@ impl Run<'_> {
             } else {
                 None
             };
-            if self.rec.is_some() {
+            if self.tracer.is_some() {
                 // A commit point: the weights and the probes as of now, so
                 // that the run can be analysed up to here if it never ends.
                 if cfg.probes != ProbeSet::None {
                     self.probes(&x_all, &initial, true)?;
                 }
                 let now = net.to_host()?;
-                if let Some(rec) = self.rec.as_deref_mut() {
+                if let Some(rec) = self.rec() {
                     rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
                     rec.commit()?;
                 }
@@ -715,9 +766,10 @@ impl Run<'_> {
         } else {
             None
         };
-        if self.rec.is_some() && cfg.probes != ProbeSet::None {
+        if self.tracer.is_some() && cfg.probes != ProbeSet::None {
             self.probes(&x_all, &initial, false)?;
         }
+        let timing = self.tracer.as_ref().map(|t| t.timing).unwrap_or_default();
         Ok(TrainSummary {
             epochs: cfg.epochs,
             steps: total_steps,
@@ -728,8 +780,8 @@ impl Run<'_> {
             run: None,
             weights: net.to_host()?,
             train_seconds,
-            factor_seconds: self.timing.factors.as_secs_f64(),
-            record_seconds: self.timing.record.as_secs_f64(),
+            factor_seconds: timing.factors.as_secs_f64(),
+            record_seconds: timing.record.as_secs_f64(),
             total_seconds: 0.0,
         })
     }
@@ -743,10 +795,10 @@ impl Run<'_> {
         let index = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
         let x = s.x_all.f_index_select(0, &index)?;
         let y = s.y_all.f_index_select(0, &index)?;
-        let batch_mode = self.config.mode == Mode::Batch;
-        // Instance mode needs δ at every traced layer's output.
-        let recording = self.rec.is_some() && !batch_mode;
-        let (logits, taps) = net.forward(&x, true, recording)?;
+        let logits = match self.tracer.as_deref() {
+            Some(tracer) => net.forward_traced(&x, true, tracer.taps())?,
+            None => net.forward(&x, true, false)?.0,
+        };
         let log_p = logits.f_log_softmax(-1, Kind::Float)?;
         let loss = log_p.f_nll_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100)?;
         let loss_value = loss.f_double_value(&[])?;
@@ -762,117 +814,22 @@ impl Run<'_> {
             .f_eq_tensor(&y)?
             .f_sum(Kind::Int64)?
             .f_int64_value(&[])?;
-        if self.config.examples
-            && let Some(rec) = self.rec.as_deref_mut()
-        {
-            // Each member's loss and prediction in this forward pass.
-            let t0 = Instant::now();
-            let losses = log_p
-                .f_detach()?
-                .f_gather(1, &y.f_unsqueeze(1)?, false)?
-                .f_neg()?
-                .f_reshape([-1])?
-                .f_to_device(Device::Cpu)?;
-            let losses = Vec::<f32>::try_from(&losses)?;
-            let predicted = predicted.f_to_kind(Kind::Int)?.f_to_device(Device::Cpu)?;
-            let predicted = Vec::<i32>::try_from(&predicted)?;
-            rec.examples(ExampleBatch {
-                step: s.step as i64,
-                epoch: s.epoch as i32,
-                instance_ids: &ids,
-                labels: &labels,
-                loss: &losses,
-                predicted: &predicted,
-            })?;
-            self.timing.record += t0.elapsed();
-        }
-        // δ at every traced layer and the parameter gradients from one backward pass.
-        let mut inputs: Vec<&Tensor> = taps.iter().map(|t| &t.output).collect();
-        inputs.extend(s.params.iter());
-        let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
-        let (deltas, param_grads) = grads.split_at(taps.len());
-
-        if batch_mode && let Some(rec) = self.rec.as_deref_mut() {
-            // The whole update of each traced layer: copies before the
-            // step, differences after it (counted as factor time).
-            let t0 = Instant::now();
-            let before = traced_params(net)?;
-            self.timing.factors += t0.elapsed();
-            s.optimizer.step(s.params, param_grads, s.lr)?;
-            let t1 = Instant::now();
-            let mut deltas = Vec::with_capacity(before.len());
-            for p in &before {
-                deltas.push((p.name.as_str(), whole_update(p)?));
-            }
-            let named: Vec<(&str, &[f32])> =
-                deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-            let t2 = Instant::now();
-            self.timing.factors += t2 - t1;
-            rec.step(StepRow {
-                step: s.step as i64,
-                epoch: s.epoch as i32,
-                lr: s.lr,
-                batch_size: ids.len() as i32,
-                loss: loss_value,
-            })?;
-            rec.batch_step(BatchStep {
-                step: s.step as i64,
-                epoch: s.epoch as i32,
-                instance_ids: &ids,
-                labels: &labels,
-                deltas: &named,
-            })?;
-            self.timing.record += t2.elapsed();
+        let Some(tracer) = self.tracer.as_deref_mut() else {
+            let grads = Tensor::f_run_backward(&[&loss], s.params, false, false)?;
+            s.optimizer.step(s.params, &grads, s.lr)?;
             return Ok((loss_value, correct));
-        }
-        if let Some(rec) = self.rec.as_deref_mut() {
-            let (step, epoch) = (s.step as i64, s.epoch as i32);
-            let t0 = Instant::now();
-            rec.step(StepRow {
-                step,
-                epoch,
-                lr: s.lr,
-                batch_size: ids.len() as i32,
-                loss: loss_value,
-            })?;
-            self.timing.record += t0.elapsed();
-            // Every layer's factors start towards the host (converted to
-            // the stored type on the device); on CUDA one synchronisation
-            // for all of them, then each goes to the recorder by value.
-            let t0 = Instant::now();
-            let mut flights = Vec::with_capacity(taps.len());
-            for (tap, delta) in taps.iter().zip(deltas) {
-                let Some(layer) = net.traced_layer(tap.module) else {
-                    continue;
-                };
-                let f = layer_factors(layer, &tap.input, delta, s.lr)?;
-                flights.push((layer.name(), f.start_to_host(self.config.dtype)?));
-            }
-            if let Device::Cuda(i) = net.device() {
-                tch::Cuda::synchronize(i as i64);
-            }
-            self.timing.factors += t0.elapsed();
-            for (name, flight) in flights {
-                let t0 = Instant::now();
-                let f = flight.finish()?;
-                let t1 = Instant::now();
-                self.timing.factors += t1 - t0;
-                rec.updates_owned(
-                    name,
-                    UpdateBatchOwned {
-                        step,
-                        epoch,
-                        instance_ids: ids.clone(),
-                        labels: labels.clone(),
-                        u: f.u,
-                        v: f.v,
-                        update_norm: Some(f.update_norm),
-                    },
-                )?;
-                self.timing.record += t1.elapsed();
-            }
-        }
-        s.optimizer.step(s.params, param_grads, s.lr)?;
+        };
+        // δ at every traced layer and the parameter gradients from one
+        // backward pass; the tracer records the step, then the update runs.
+        let grads = tracer.backward(&loss, s.params)?;
+        let step = Step {
+            loss: &loss,
+            ids: &ids,
+            labels: &labels,
+            lr: s.lr,
+            logits: self.config.examples.then_some(&logits),
+        };
+        tracer.step(&step, || s.optimizer.step(s.params, &grads, s.lr))??;
         Ok((loss_value, correct))
     }
 
@@ -887,7 +844,7 @@ impl Run<'_> {
                 layers: self.traced.len(),
             });
         }
-        let Some(rec) = self.rec.as_deref_mut() else {
+        let Some(rec) = self.tracer.as_deref_mut().and_then(Tracer::recorder) else {
             return Ok(());
         };
         // Initial parameters by name, to pair with each layer's final ones.
@@ -938,53 +895,6 @@ struct StepInput<'a> {
     y_all: &'a Tensor,
     params: &'a [Tensor],
     optimizer: &'a mut OptimizerState,
-}
-
-/// Copies of every traced layer's weight and bias: `(layer, W, b)`.
-fn traced_params(net: &Network) -> Result<Vec<TracedParams>> {
-    let mut out = Vec::new();
-    for i in 0..net.model().modules.len() {
-        let (Some(layer), Some((weight, bias))) = (net.traced_layer(i), net.layer_params(i)) else {
-            continue;
-        };
-        out.push(TracedParams {
-            name: layer.name().to_owned(),
-            w0: weight.f_detach_copy()?,
-            b0: bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
-            weight,
-            bias,
-        });
-    }
-    Ok(out)
-}
-
-/// A traced layer's live parameters and copies of them taken before a step.
-struct TracedParams {
-    name: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
-    w0: Tensor,
-    b0: Option<Tensor>,
-}
-
-/// A traced layer's whole update since its copies: `vec(W − W0)` then
-/// `b − b0`, the difference taken in f64 (exact for two f32 values of
-/// similar size) and stored as f32.
-fn whole_update(p: &TracedParams) -> Result<Vec<f32>> {
-    let diff = |now: &Tensor, then: &Tensor| -> Result<Tensor> {
-        Ok(now
-            .f_to_kind(Kind::Double)?
-            .f_sub(&then.f_to_kind(Kind::Double)?)?
-            .f_flatten(0, -1)?)
-    };
-    let mut parts = vec![diff(&p.weight, &p.w0)?];
-    if let (Some(b), Some(b0)) = (&p.bias, &p.b0) {
-        parts.push(diff(b, b0)?);
-    }
-    let all = Tensor::f_cat(&parts, 0)?
-        .f_to_kind(Kind::Float)?
-        .f_to_device(Device::Cpu)?;
-    Ok(Vec::<f32>::try_from(&all)?)
 }
 
 /// Accuracy of the network (eval mode) on the contiguous rows `rows`.

@@ -105,10 +105,13 @@ impl Default for Options {
 /// The probe as recorded in the `probes` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
+    /// The probe id (`probes.probe_id`).
     pub id: i64,
     /// The row of the data set, when the probe is one.
     pub instance_id: Option<i64>,
+    /// The probe's true class.
     pub label: i32,
+    /// The class the final network predicts for it.
     pub predicted: i32,
     /// Softmax probability of the predicted and of the true class, when the
     /// model ends in a traced Linear layer with one output per class: from
@@ -119,29 +122,38 @@ pub struct Probe {
 /// One training instance's influence on the probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Influence {
+    /// 1-based rank in the layer (`rank_in_layer` of `top_proponents` or
+    /// `top_opponents`).
     pub rank: i64,
+    /// The training instance.
     pub instance_id: i64,
+    /// Its label.
     pub label: i32,
     /// `Σ dot / ‖p‖` over the instance's records.
     pub influence: f64,
+    /// Number of the instance's records summed.
     pub records: i64,
 }
 
 /// The norm-weighted cosine density of one class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ridge {
+    /// The class whose records it shows.
     pub label: i32,
     /// `(cosine, density)` on [`GRID`] points from −1 to 1.
     pub curve: Vec<(f64, f64)>,
+    /// The kernel bandwidth, in cosine units ([`kde::silverman`]).
     pub bandwidth: f64,
     /// Sum of the norms of the class's records.
     pub weight: f64,
+    /// Number of the class's records.
     pub records: usize,
 }
 
 /// Everything the report shows for one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layer {
+    /// The traced layer's name.
     pub name: String,
     /// `‖p‖` of the probe at this layer.
     pub p_norm: f64,
@@ -159,15 +171,21 @@ pub struct Layer {
     pub total_share: f64,
     /// Class share per epoch and label.
     pub epoch_shares: BTreeMap<i32, BTreeMap<i32, f64>>,
+    /// One cosine density per class with records, by label.
     pub ridges: Vec<Ridge>,
+    /// The top [`Options::k`] instances of largest influence, by rank.
     pub proponents: Vec<Influence>,
+    /// The top [`Options::k`] instances of smallest (most negative)
+    /// influence, by rank.
     pub opponents: Vec<Influence>,
 }
 
 /// One training instance on the data map (a row of `data_map`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MapPoint {
+    /// The training instance.
     pub instance_id: i64,
+    /// Its label.
     pub label: i32,
     /// Epochs in which it was presented.
     pub epochs: i64,
@@ -184,7 +202,9 @@ pub struct MapPoint {
 /// A likely mislabelled training instance (a row of `mislabel_candidates`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
+    /// 1-based rank by score, highest first.
     pub rank: i64,
+    /// The training instance.
     pub instance_id: i64,
     /// The label it was trained with.
     pub label: i32,
@@ -192,7 +212,9 @@ pub struct Candidate {
     pub predicted: i32,
     /// Mean loss over its presentations.
     pub score: f64,
+    /// Mean probability of its label over its presentations.
     pub confidence: f64,
+    /// Fraction of its presentations in which the model predicted its label.
     pub correctness: f64,
     /// Probability of its label at its last presentation.
     pub p_label: f64,
@@ -203,8 +225,9 @@ pub struct Candidate {
 pub struct Dynamics {
     /// Every training instance presented, by id.
     pub points: Vec<MapPoint>,
-    /// The variability and confidence thresholds of the regions.
+    /// The variability from which an instance is ambiguous ([`AMBIGUOUS`]).
     pub ambiguous: f64,
+    /// The confidence from which a stable instance is easy ([`EASY`]).
     pub easy: f64,
     /// The top mislabel candidates, by rank.
     pub candidates: Vec<Candidate>,
@@ -230,22 +253,33 @@ pub struct Images {
 /// A report's content, ready to [`render`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
+    /// The run's id (manifest `run_id`).
     pub run_id: String,
+    /// The model's name (manifest `model.name`).
     pub model: String,
+    /// Shape of one input example (manifest `model.input_shape`).
     pub input_shape: Vec<usize>,
     /// A one-line description of the optimizer.
     pub optimizer: String,
+    /// Class names, indexed by label.
     pub classes: Vec<String>,
+    /// The manifest's training settings (seed, epochs, data…).
     pub settings: BTreeMap<String, serde_json::Value>,
-    /// Epochs and steps recorded.
+    /// Distinct epochs of the `steps` table.
     pub epochs: i64,
+    /// Rows of the `steps` table.
     pub steps: i64,
     /// Share of probes the final model classifies correctly (the test
     /// accuracy when the probes are the test split), and how many probes.
     pub probe_accuracy: Option<(f64, usize)>,
+    /// The probe explained.
     pub probe: Probe,
+    /// The layers shown: in model order, or as [`Options::layers`] lists them.
     pub layers: Vec<Layer>,
+    /// Pixels of the probe, proponents, opponents and candidates, when the
+    /// run was trained on the bundled digits.
     pub images: Option<Images>,
+    /// Proponents and opponents per layer ([`Options::k`]).
     pub k: usize,
     /// The data map and mislabel candidates; `None` when the run recorded
     /// no `examples` rows.

@@ -6,7 +6,9 @@ use std::path::Path;
 /// Which column of a CSV file holds the label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelColumn {
+    /// The first column (`label=first`).
     First,
+    /// The last column (`label=last`, the default).
     Last,
     /// 0-based column index.
     Index(usize),
@@ -19,7 +21,9 @@ pub enum LabelColumn {
 pub enum Header {
     /// A header when one of its fields is not a number.
     Auto,
+    /// The first line is a header (`header=yes`).
     Yes,
+    /// Every line is a row (`header=no`).
     No,
 }
 
@@ -35,11 +39,15 @@ pub enum TestSplit {
 /// Options of a CSV data set (see the [module docs](super)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvOptions {
+    /// The label column (`label=`).
     pub label: LabelColumn,
+    /// Whether the first line names the columns (`header=`).
     pub header: Header,
     /// Shape of one example; `None`: flat.
     pub shape: Option<Vec<usize>>,
+    /// Factor every feature is multiplied by (`scale=`, default 1).
     pub scale: f64,
+    /// The rows at the end of the file that form the test split (`test=`).
     pub test: TestSplit,
     /// Number of classes; `None`: largest label + 1.
     pub classes: Option<usize>,

@@ -191,9 +191,17 @@ pub enum DataSource {
     /// The bundled digits.
     Digits,
     /// A CSV file.
-    Csv { path: PathBuf, options: CsvOptions },
+    Csv {
+        /// The CSV file (gzipped when its name ends in `.gz`).
+        path: PathBuf,
+        /// The options after `?`.
+        options: CsvOptions,
+    },
     /// A directory with MNIST IDX files.
-    Idx { dir: PathBuf },
+    Idx {
+        /// The directory holding the four [`IDX_FILES`] (each optionally `.gz`).
+        dir: PathBuf,
+    },
 }
 
 impl DataSource {

@@ -1,0 +1,1204 @@
+//! Tracing a training loop of your own: traced layers and a [`Tracer`].
+//!
+//! tch has no module hooks, so the layers to trace are built through the
+//! tracer: [`Tracer::linear`] and [`Tracer::conv2d`] make the same
+//! parameters in your [`nn::Path`] as `tch::nn::linear`/`conv2d` (same
+//! names, shapes and initialisation) and return modules you compose as you
+//! like (skip connections, nested modules, any activation). In a forward
+//! pass with gradients each traced layer keeps its input `a` and adds a
+//! zero leaf `e` to the graph (`z − e`, exactly `z` in every bit); after
+//! your `loss.backward()` the gradient of `e` is `−δ`, the gradient of the
+//! batch loss at the layer output. [`Tracer::step`] builds each example's
+//! update factors from `a` and `δ` ([`crate::factors`]), hands them to the
+//! [`Recorder`], then runs your optimizer step. Training with the tracer is
+//! bit for bit the training without it.
+//!
+//! The crate documentation shows a whole step; the `own_model` example a
+//! residual network trained on the digits with tch's SGD, then queried.
+//!
+//! Instance mode records SGD (any learning rate per step, momentum,
+//! dampening, Nesterov, weight decay, as [`RunSpec::optimizer`] describes
+//! your optimizer); batch mode records each step's whole update and works
+//! with any optimizer. The built-in loop ([`crate::train()`]) records
+//! through this same tracer.
+use crate::factors::layer_factors;
+use crate::probe::Displacement;
+use crate::{Error, Result};
+use reptrace_format::{
+    Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split,
+    Storage, TracedLayer,
+};
+use reptrace_record::{
+    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatchOwned,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor, nn};
+
+/// Rows per forward pass when probing.
+const PROBE_CHUNK: usize = 1024;
+
+/// What traced layers leave for the tracer in a forward pass; shared by the
+/// tracer and its layers (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct Taps(Arc<Mutex<TapState>>);
+
+#[derive(Debug, Default)]
+struct TapState {
+    /// Recording: forward passes with gradients tap.
+    on: bool,
+    /// Probing: keep inputs of forward passes without gradients.
+    capture: bool,
+    /// The last forward pass's tap of each layer.
+    taps: BTreeMap<String, Tap>,
+    /// Layers in the order they first ran since the taps were last taken.
+    order: Vec<String>,
+    /// A failure inside a forward pass (a module cannot return errors).
+    failed: Option<String>,
+}
+
+/// One traced layer's part of a forward pass.
+#[derive(Debug)]
+struct Tap {
+    /// The layer input (detached).
+    input: Tensor,
+    /// The zero leaf subtracted from the output; `None` when probing.
+    zero: Option<Tensor>,
+    /// `δ` when [`Tracer::backward`] computed it.
+    delta: Option<Tensor>,
+    /// Forward passes through the layer since the taps were last taken.
+    calls: usize,
+}
+
+impl Taps {
+    fn state(&self) -> MutexGuard<'_, TapState> {
+        // A panic elsewhere cannot leave the state half-written.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a traced layer with its input and output: returns the
+    /// output to continue with (the same values). With gradients on, the
+    /// output gets a zero leaf whose gradient is `−δ`; when probing, only
+    /// the input is kept; otherwise nothing happens.
+    pub fn tap(&self, layer: &str, input: &Tensor, output: Tensor) -> Tensor {
+        let mut state = self.state();
+        let grad = state.on && output.requires_grad();
+        if !grad && !state.capture {
+            return output;
+        }
+        let made = (|| -> std::result::Result<(Tensor, Option<Tensor>, Tensor), tch::TchError> {
+            let input = input.f_detach()?;
+            if !grad {
+                return Ok((input, None, output.shallow_clone()));
+            }
+            let zero = output.f_zeros_like()?.f_set_requires_grad(true)?;
+            // z − 0 is z in every bit, signed zeros included.
+            let out = output.f_sub(&zero)?;
+            Ok((input, Some(zero), out))
+        })();
+        match made {
+            Ok((input, zero, out)) => {
+                let calls = state.taps.get(layer).map_or(0, |t| t.calls);
+                if calls == 0 {
+                    state.order.push(layer.to_owned());
+                }
+                state.taps.insert(
+                    layer.to_owned(),
+                    Tap {
+                        input,
+                        zero,
+                        delta: None,
+                        calls: calls + 1,
+                    },
+                );
+                out
+            }
+            Err(e) => {
+                state.failed = Some(format!("layer {layer}: {e}"));
+                output
+            }
+        }
+    }
+
+    /// Takes the taps of the forward passes since the last take, in the
+    /// order the layers first ran.
+    fn take(&self) -> Result<Vec<(String, Tap)>> {
+        let mut state = self.state();
+        let order = std::mem::take(&mut state.order);
+        let mut taps = std::mem::take(&mut state.taps);
+        if let Some(failed) = state.failed.take() {
+            return Err(Error::Trace(format!(
+                "a traced layer failed to tap: {failed}"
+            )));
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|n| taps.remove(&n).map(|t| (n, t)))
+            .collect())
+    }
+
+    fn set_on(&self, on: bool) {
+        let mut state = self.state();
+        state.on = on;
+        state.order.clear();
+        state.taps.clear();
+    }
+
+    fn set_capture(&self, on: bool) {
+        let mut state = self.state();
+        state.capture = on;
+        state.order.clear();
+        state.taps.clear();
+    }
+}
+
+/// A traced Linear layer: `tch::nn::Linear` that taps its input and output.
+#[derive(Debug)]
+pub struct TracedLinear {
+    name: String,
+    inner: nn::Linear,
+    taps: Taps,
+}
+
+impl nn::Module for TracedLinear {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.taps.tap(&self.name, xs, self.inner.forward(xs))
+    }
+}
+
+impl TracedLinear {
+    /// The layer's name (its path, components joined by `_`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The weight, `out × in`.
+    pub fn weight(&self) -> &Tensor {
+        &self.inner.ws
+    }
+}
+
+/// A traced Conv2d layer: `tch::nn::Conv2D` that taps its input and output.
+#[derive(Debug)]
+pub struct TracedConv2d {
+    name: String,
+    inner: nn::Conv2D,
+    taps: Taps,
+}
+
+impl nn::Module for TracedConv2d {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.taps.tap(&self.name, xs, self.inner.forward(xs))
+    }
+}
+
+impl TracedConv2d {
+    /// The layer's name (its path, components joined by `_`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The weight, `out × in × kh × kw`.
+    pub fn weight(&self) -> &Tensor {
+        &self.inner.ws
+    }
+}
+
+/// What the tracer knows of a traced layer.
+#[derive(Debug)]
+enum LayerKind {
+    /// A complete spec (the built-in loop's layers, or a user's layer once
+    /// its input shape is known).
+    Spec(Module),
+    /// A user's Conv2d before its first forward pass.
+    Conv {
+        in_channels: usize,
+        out_channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        bias: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Layer {
+    name: String,
+    kind: LayerKind,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// `W_0`, `b_0`: copies taken when recording starts (for probes).
+    initial: Option<(Tensor, Option<Tensor>)>,
+}
+
+impl Layer {
+    fn spec(&self) -> Option<TracedLayer<'_>> {
+        match &self.kind {
+            LayerKind::Spec(Module::Linear(l)) => Some(TracedLayer::Linear(l)),
+            LayerKind::Spec(Module::Conv2d(c)) => Some(TracedLayer::Conv2d(c)),
+            _ => None,
+        }
+    }
+
+    fn params(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{}.weight", self.name), self.weight.shallow_clone())];
+        if let Some(b) = &self.bias {
+            out.push((format!("{}.bias", self.name), b.shallow_clone()));
+        }
+        out
+    }
+}
+
+/// The run a [`Tracer`] records into, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSpec {
+    /// The run directory (missing or empty).
+    pub out: PathBuf,
+    /// The model's name in the manifest.
+    pub name: String,
+    /// Class names, indexed by label.
+    pub classes: Vec<String>,
+    /// Your optimizer, as the manifest describes it: in instance mode SGD
+    /// with the hyper-parameters your optimizer uses (the learning rate of
+    /// each step is given to [`Tracer::step`]).
+    pub optimizer: Optimizer,
+    /// Instance mode (each example's share of each update; SGD) or batch
+    /// mode (each step's whole update; any optimizer).
+    pub mode: Mode,
+    /// Stored type of the factors.
+    pub dtype: Dtype,
+    /// The shape of one input example (default: the first traced layer's
+    /// input shape).
+    pub input_shape: Option<Vec<usize>>,
+    /// Free-form settings kept in the manifest.
+    pub settings: Vec<(String, serde_json::Value)>,
+    /// Zstandard level of the run's Parquet files (`None`: 1).
+    pub zstd_level: Option<i32>,
+}
+
+impl RunSpec {
+    /// Plain SGD with learning rate `lr` in instance mode, f32 factors.
+    pub fn sgd(out: impl Into<PathBuf>, classes: Vec<String>, lr: f64) -> Self {
+        Self {
+            out: out.into(),
+            name: "model".into(),
+            classes,
+            optimizer: Optimizer::sgd(lr),
+            mode: Mode::Instance,
+            dtype: Dtype::F32,
+            input_shape: None,
+            settings: Vec::new(),
+            zstd_level: None,
+        }
+    }
+}
+
+/// One training step as [`Tracer::step`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The batch loss (a scalar) the gradients came from.
+    pub loss: &'a Tensor,
+    /// The batch's instance ids (e.g. data set rows), in batch order.
+    pub ids: &'a [i64],
+    /// Their labels, indexes into the run's classes.
+    pub labels: &'a [i32],
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// The model's output (`batch × classes` logits): each example's loss
+    /// and prediction go to the `examples` table; `None`: not recorded.
+    pub logits: Option<&'a Tensor>,
+}
+
+/// Probes: inputs whose representations the run explains, with their ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Probes<'a> {
+    /// `N × …input_shape` inputs.
+    pub inputs: &'a Tensor,
+    /// Their labels.
+    pub labels: &'a [i32],
+    /// Probe ids (unique in the run).
+    pub ids: &'a [i64],
+    /// The training instance each probe is, or `None` (not a training
+    /// example); empty: none is.
+    pub instance_ids: &'a [Option<i64>],
+}
+
+/// Runs the model on a chunk of probe inputs: `|x| model.forward_t(x, false)`.
+pub type Forward<'f> = &'f mut dyn FnMut(&Tensor) -> Tensor;
+
+/// A parameter on the host: name, shape, values.
+type HostWeight = (String, Vec<usize>, Vec<f32>);
+
+/// Where the tracer spent time (for the built-in loop's summary).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timing {
+    /// Building factors and copying them to the host.
+    pub factors: Duration,
+    /// Recorder calls during steps.
+    pub record: Duration,
+}
+
+/// Records a training loop: owns the traced layers' taps and the recorder.
+#[derive(Debug)]
+pub struct Tracer {
+    taps: Taps,
+    layers: Vec<Layer>,
+    pending: Option<RunSpec>,
+    instances: Option<(Vec<i64>, Vec<i32>, Vec<Split>)>,
+    rec: Option<Recorder>,
+    mode: Mode,
+    dtype: Dtype,
+    /// Number of classes (labels are checked against it).
+    classes: usize,
+    step: i64,
+    epoch: i32,
+    closed: bool,
+    /// Time spent in factors and recorder calls.
+    pub timing: Timing,
+}
+
+/// The name of a layer at `path`: its components joined by `_` (layer
+/// names are ASCII letters, digits and `_`).
+fn path_name(path: &nn::Path<'_>) -> String {
+    path.components().collect::<Vec<_>>().join("_")
+}
+
+fn pair(v: i64) -> [usize; 2] {
+    [v as usize; 2]
+}
+
+impl Default for Tracer {
+    fn default() -> Self {
+        Self {
+            taps: Taps::default(),
+            layers: Vec::new(),
+            pending: None,
+            instances: None,
+            rec: None,
+            mode: Mode::Instance,
+            dtype: Dtype::F32,
+            classes: 0,
+            step: 0,
+            epoch: 0,
+            closed: false,
+            timing: Timing::default(),
+        }
+    }
+}
+
+impl Tracer {
+    /// A tracer with no layers, not recording yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The taps its layers report to (for modules of your own that call
+    /// [`Taps::tap`]).
+    pub fn taps(&self) -> &Taps {
+        &self.taps
+    }
+
+    fn add_layer(
+        &mut self,
+        name: String,
+        kind: LayerKind,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<()> {
+        reptrace_format::layout::check_name("layer", &name)
+            .map_err(|e| Error::Trace(format!("layer name {name:?}: {e}")))?;
+        if self.layers.iter().any(|l| l.name == name) {
+            return Err(Error::Trace(format!("layer {name:?} is traced twice")));
+        }
+        if self.rec.is_some() || self.pending.is_some() && self.step > 0 {
+            return Err(Error::Trace(format!(
+                "layer {name:?} added after recording started"
+            )));
+        }
+        self.layers.push(Layer {
+            name,
+            kind,
+            weight,
+            bias,
+            initial: None,
+        });
+        Ok(())
+    }
+
+    /// A traced Linear layer in `path`, like `tch::nn::linear(path, in_dim,
+    /// out_dim, config)`; its name is the path joined by `_` (`"block1_fc"`).
+    pub fn linear(
+        &mut self,
+        path: nn::Path<'_>,
+        in_dim: i64,
+        out_dim: i64,
+        config: nn::LinearConfig,
+    ) -> Result<TracedLinear> {
+        let name = path_name(&path);
+        let bias = config.bias;
+        let inner = nn::linear(&path, in_dim, out_dim, config);
+        let spec = LinearSpec {
+            name: name.clone(),
+            in_features: in_dim as usize,
+            out_features: out_dim as usize,
+            bias,
+            traced: true,
+        };
+        self.add_layer(
+            name.clone(),
+            LayerKind::Spec(Module::Linear(spec)),
+            inner.ws.shallow_clone(),
+            inner.bs.as_ref().map(Tensor::shallow_clone),
+        )?;
+        Ok(TracedLinear {
+            name,
+            inner,
+            taps: self.taps.clone(),
+        })
+    }
+
+    /// A traced Conv2d layer in `path`, like `tch::nn::conv2d(path, in_dim,
+    /// out_dim, kernel, config)`. Grouped convolutions and padding modes
+    /// other than zeros are refused.
+    pub fn conv2d(
+        &mut self,
+        path: nn::Path<'_>,
+        in_dim: i64,
+        out_dim: i64,
+        kernel: i64,
+        config: nn::ConvConfig,
+    ) -> Result<TracedConv2d> {
+        let name = path_name(&path);
+        if config.groups != 1 {
+            return Err(Error::Trace(format!(
+                "layer {name:?}: grouped convolutions (groups {}) are not traced",
+                config.groups
+            )));
+        }
+        if !matches!(config.padding_mode, nn::PaddingMode::Zeros) {
+            return Err(Error::Trace(format!(
+                "layer {name:?}: padding mode {:?}; only zeros is traced",
+                config.padding_mode
+            )));
+        }
+        let (stride, padding, dilation, bias) =
+            (config.stride, config.padding, config.dilation, config.bias);
+        let inner = nn::conv2d(&path, in_dim, out_dim, kernel, config);
+        self.add_layer(
+            name.clone(),
+            LayerKind::Conv {
+                in_channels: in_dim as usize,
+                out_channels: out_dim as usize,
+                kernel: pair(kernel),
+                stride: pair(stride),
+                padding: pair(padding),
+                dilation: pair(dilation),
+                bias,
+            },
+            inner.ws.shallow_clone(),
+            inner.bs.as_ref().map(Tensor::shallow_clone),
+        )?;
+        Ok(TracedConv2d {
+            name,
+            inner,
+            taps: self.taps.clone(),
+        })
+    }
+
+    /// Traces a layer whose spec is complete (the built-in loop's
+    /// [`crate::Network`] layers): `weight` and `bias` are its live
+    /// parameters, and its forward pass calls [`Taps::tap`] with its name.
+    pub fn add_spec(&mut self, spec: Module, weight: Tensor, bias: Option<Tensor>) -> Result<()> {
+        let name = match &spec {
+            Module::Linear(l) => l.name.clone(),
+            Module::Conv2d(c) => c.name.clone(),
+            _ => {
+                return Err(Error::Trace(
+                    "only Linear and Conv2d layers are traced".into(),
+                ));
+            }
+        };
+        self.add_layer(name, LayerKind::Spec(spec), weight, bias)
+    }
+
+    /// The traced layers' names, in the order they were added.
+    pub fn layer_names(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// Records into a new run as `spec` says. The recorder starts at the
+    /// first step, when the layers' input shapes are known.
+    pub fn record(&mut self, spec: RunSpec) -> Result<()> {
+        let bad =
+            |setting: &'static str, message: String| Err(Error::BadSetting { setting, message });
+        if self.rec.is_some() || self.pending.is_some() {
+            return Err(Error::Trace("the tracer is already recording".into()));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::Trace(
+                "no traced layer: build layers with Tracer::linear or Tracer::conv2d first".into(),
+            ));
+        }
+        if spec.classes.len() < 2 {
+            return bad(
+                "classes",
+                format!("{} given, at least 2 needed", spec.classes.len()),
+            );
+        }
+        if spec.mode == Mode::Instance && spec.optimizer.kind != OptimizerKind::Sgd {
+            return bad(
+                "optimizer",
+                "instance mode records SGD updates only (momentum, Nesterov and weight decay included); record other optimizers in batch mode".into(),
+            );
+        }
+        if spec.out.exists()
+            && (!spec.out.is_dir()
+                || std::fs::read_dir(&spec.out).map_or(true, |mut d| d.next().is_some()))
+        {
+            return Err(Error::Run {
+                run: spec.out.clone(),
+                message: "the run directory exists and is not empty; give a new one".into(),
+            });
+        }
+        self.mode = spec.mode;
+        self.dtype = spec.dtype;
+        self.classes = spec.classes.len();
+        self.pending = Some(spec);
+        self.taps.set_on(true);
+        Ok(())
+    }
+
+    /// Records with a recorder built elsewhere (the built-in loop), whose
+    /// manifest already describes the traced layers added with
+    /// [`Tracer::add_spec`]. Weights and instances are the caller's to write.
+    pub fn record_with(
+        &mut self,
+        rec: Recorder,
+        classes: usize,
+        mode: Mode,
+        dtype: Dtype,
+    ) -> Result<()> {
+        self.rec = Some(rec);
+        self.classes = classes;
+        self.taps.set_on(true);
+        self.mode = mode;
+        self.dtype = dtype;
+        self.snapshot_initial()
+    }
+
+    /// The recorder, once recording started.
+    pub fn recorder(&mut self) -> Option<&mut Recorder> {
+        self.rec.as_mut()
+    }
+
+    /// The training instances (ids, labels and splits; both splits may be
+    /// given): written when recording starts.
+    pub fn instances(&mut self, ids: &[i64], labels: &[i32], splits: &[Split]) -> Result<()> {
+        match &mut self.rec {
+            Some(rec) => rec.instances(ids, labels, splits)?,
+            None => self.instances = Some((ids.to_vec(), labels.to_vec(), splits.to_vec())),
+        }
+        Ok(())
+    }
+
+    fn snapshot_initial(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            l.initial = Some((
+                l.weight.f_detach_copy()?,
+                l.bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The traced layers' parameters on the host.
+    fn host_weights(&self) -> Result<Vec<HostWeight>> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            for (name, t) in l.params() {
+                let shape = t.size().iter().map(|&s| s as usize).collect();
+                let flat = t
+                    .f_detach()?
+                    .f_to_kind(Kind::Float)?
+                    .f_to_device(Device::Cpu)?;
+                let flat = flat.f_flatten(0, -1)?;
+                out.push((name, shape, Vec::<f32>::try_from(&flat)?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_weights(&mut self) -> Result<()> {
+        let host = self.host_weights()?;
+        let named: Vec<NamedTensor<'_>> = host
+            .iter()
+            .map(|(name, shape, data)| NamedTensor { name, shape, data })
+            .collect();
+        if let Some(rec) = &mut self.rec {
+            rec.weights(&named)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the recorder of a pending [`RunSpec`] from the taps of the
+    /// first step: every layer's spec, the manifest, instances, `W_0`.
+    fn start(&mut self, taps: &[(String, Tap)]) -> Result<()> {
+        let Some(spec) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut modules = Vec::new();
+        let mut input_shape = spec.input_shape.clone();
+        for (name, tap) in taps {
+            let Some(layer) = self.layers.iter_mut().find(|l| &l.name == name) else {
+                continue;
+            };
+            let shape: Vec<usize> = tap.input.size().iter().map(|&s| s as usize).collect();
+            if input_shape.is_none() {
+                input_shape = Some(shape[1..].to_vec());
+            }
+            if let LayerKind::Conv {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                bias,
+            } = layer.kind
+            {
+                let &[_, _, h, w] = shape.as_slice() else {
+                    return Err(Error::Trace(format!(
+                        "layer {name}: input of shape {shape:?}; Conv2d layers are traced for (batch, C, H, W) inputs"
+                    )));
+                };
+                let out = |i: usize, a: usize| {
+                    (i + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1
+                };
+                let output_hw = [out(h, 0), out(w, 1)];
+                let patch = in_channels * kernel[0] * kernel[1];
+                let storage = match spec.mode {
+                    Mode::Batch => Storage::Full,
+                    Mode::Instance => {
+                        Storage::for_conv2d(out_channels, patch, output_hw[0] * output_hw[1], bias)
+                    }
+                };
+                layer.kind = LayerKind::Spec(Module::Conv2d(Conv2dSpec {
+                    name: name.clone(),
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    input_hw: [h, w],
+                    output_hw,
+                    bias,
+                    traced: true,
+                    storage,
+                }));
+            }
+            if let LayerKind::Spec(m) = &layer.kind {
+                modules.push(m.clone());
+            }
+        }
+        // Layers in the order they first ran.
+        let order: Vec<&String> = taps.iter().map(|(n, _)| n).collect();
+        self.layers.sort_by_key(|l| {
+            order
+                .iter()
+                .position(|n| **n == l.name)
+                .unwrap_or(usize::MAX)
+        });
+        let model = Model {
+            name: spec.name.clone(),
+            input_shape: input_shape.unwrap_or_default(),
+            structure: reptrace_format::Structure::TracedLayers,
+            modules,
+        };
+        let mut builder = Recorder::builder(&spec.out)
+            .model(model)
+            .optimizer(spec.optimizer.clone())
+            .classes(spec.classes.clone())
+            .dtype(spec.dtype)
+            .mode(spec.mode);
+        if let Some(level) = spec.zstd_level {
+            builder = builder.zstd_level(level);
+        }
+        for (k, v) in &spec.settings {
+            builder = builder.setting(k.clone(), v.clone());
+        }
+        self.rec = Some(builder.build()?);
+        if let Some((ids, labels, splits)) = self.instances.take()
+            && let Some(rec) = &mut self.rec
+        {
+            rec.instances(&ids, &labels, &splits)?;
+        }
+        self.snapshot_initial()?;
+        self.write_weights()?;
+        if let Some(rec) = &mut self.rec {
+            rec.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The gradients of `loss` for `params` (which are returned) and, in the
+    /// same backward pass, every traced layer's `δ`: for loops whose
+    /// optimizer takes gradients as values (the built-in loop) instead of
+    /// reading `.grad()` after `loss.backward()`.
+    pub fn backward(&mut self, loss: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut state = self.taps.state();
+        let order = state.order.clone();
+        let zeros: Vec<Tensor> = order
+            .iter()
+            .filter_map(|n| state.taps.get(n).and_then(|t| t.zero.as_ref()))
+            .map(Tensor::shallow_clone)
+            .collect();
+        if zeros.len() != order.len() {
+            return Err(Error::Trace(
+                "backward: a traced layer ran without gradients in this step".into(),
+            ));
+        }
+        let mut inputs: Vec<&Tensor> = zeros.iter().collect();
+        inputs.extend(params.iter());
+        let mut grads = Tensor::f_run_backward(&[loss], &inputs, false, false)?;
+        let param_grads = grads.split_off(zeros.len());
+        for (name, g) in order.iter().zip(grads) {
+            if let Some(t) = state.taps.get_mut(name) {
+                t.delta = Some(g.f_neg()?);
+            }
+        }
+        Ok(param_grads)
+    }
+
+    fn check_step(&self, s: &Step<'_>, taps: &[(String, Tap)]) -> Result<i64> {
+        let bad = |m: String| Err(Error::Trace(m));
+        for l in &self.layers {
+            match taps.iter().find(|(n, _)| *n == l.name) {
+                None => {
+                    return bad(format!(
+                        "layer {} did not run with gradients in this step's forward pass \
+                         (trace only layers that take part in the loss)",
+                        l.name
+                    ));
+                }
+                Some((_, t)) if t.calls > 1 => {
+                    return bad(format!(
+                        "layer {} ran {} times since the last step: a traced layer runs once per \
+                         step (evaluate under tch::no_grad_guard, share no traced layer)",
+                        l.name, t.calls
+                    ));
+                }
+                Some((_, t)) if t.zero.is_none() => {
+                    return bad(format!("layer {}: no gradient in this step", l.name));
+                }
+                Some(_) => {}
+            }
+        }
+        let batch = taps.first().map_or(0, |(_, t)| t.input.size()[0]);
+        for (name, t) in taps {
+            let size = t.input.size();
+            if size[0] != batch {
+                return bad(format!(
+                    "layer {name} saw {} examples, layer {} {batch}: every traced layer must see the batch",
+                    size[0], taps[0].0
+                ));
+            }
+        }
+        if s.ids.len() as i64 != batch {
+            return Err(Error::BadSetting {
+                setting: "ids",
+                message: format!("{} ids for a batch of {batch} examples", s.ids.len()),
+            });
+        }
+        if s.labels.len() as i64 != batch {
+            return Err(Error::BadSetting {
+                setting: "labels",
+                message: format!("{} labels for a batch of {batch} examples", s.labels.len()),
+            });
+        }
+        Ok(batch)
+    }
+
+    /// Records this training step, then runs `update` (your optimizer's
+    /// step) and returns what it returns. Call it after `loss.backward()`
+    /// (or [`Tracer::backward`]), in place of the optimizer step.
+    pub fn step<R>(&mut self, s: &Step<'_>, update: impl FnOnce() -> R) -> Result<R> {
+        if self.closed {
+            return Err(Error::Trace("the tracer is finished".into()));
+        }
+        let taps = self.taps.take()?;
+        if self.rec.is_none() && self.pending.is_none() {
+            // Not recording: the update alone.
+            return Ok(update());
+        }
+        let batch = self.check_step(s, &taps)?;
+        let loss = s.loss.f_double_value(&[])?;
+        if self.rec.is_none() {
+            self.start(&taps)?;
+        }
+        if !loss.is_finite() {
+            let e = Error::NonFiniteLoss {
+                step: self.step,
+                epoch: self.epoch,
+                loss,
+            };
+            self.abort(&e.to_string())?;
+            return Err(e);
+        }
+        let (step, epoch) = (self.step, self.epoch);
+        let classes = self.classes;
+        if let Some(&l) = s.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+            return Err(Error::BadSetting {
+                setting: "labels",
+                message: format!("label {l} is not in 0..{classes}"),
+            });
+        }
+        // Every layer's δ before anything of this step is recorded, so that
+        // a step refused here leaves the run as it was.
+        let mut deltas = Vec::with_capacity(taps.len());
+        for (name, tap) in &taps {
+            let delta = match (&tap.delta, &tap.zero) {
+                (Some(d), _) => d.shallow_clone(),
+                (None, Some(zero)) => {
+                    let g = zero.f_grad()?;
+                    if !g.defined() {
+                        return Err(Error::Trace(format!(
+                            "layer {name}: no gradient; call loss.backward() before Tracer::step"
+                        )));
+                    }
+                    g.f_neg()?
+                }
+                (None, None) => {
+                    return Err(Error::Trace(format!(
+                        "layer {name}: no gradient in this step"
+                    )));
+                }
+            };
+            deltas.push(delta);
+        }
+        let Some(rec) = self.rec.as_mut() else {
+            return Ok(update());
+        };
+        if let Some(logits) = s.logits {
+            let t0 = Instant::now();
+            let device = logits.device();
+            let labels64: Vec<i64> = s.labels.iter().map(|&l| i64::from(l)).collect();
+            let y = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
+            let losses = logits
+                .f_detach()?
+                .f_log_softmax(-1, Kind::Float)?
+                .f_gather(1, &y.f_unsqueeze(1)?, false)?
+                .f_neg()?
+                .f_reshape([-1])?
+                .f_to_device(Device::Cpu)?;
+            let losses = Vec::<f32>::try_from(&losses)?;
+            let predicted = logits
+                .f_argmax(-1, false)?
+                .f_to_kind(Kind::Int)?
+                .f_to_device(Device::Cpu)?;
+            let predicted = Vec::<i32>::try_from(&predicted)?;
+            rec.examples(ExampleBatch {
+                step,
+                epoch,
+                instance_ids: s.ids,
+                labels: s.labels,
+                loss: &losses,
+                predicted: &predicted,
+            })?;
+            self.timing.record += t0.elapsed();
+        }
+        let row = StepRow {
+            step,
+            epoch,
+            lr: s.lr,
+            batch_size: batch as i32,
+            loss,
+        };
+        let result = if self.mode == Mode::Batch {
+            // The whole update of each traced layer: copies before the
+            // step, differences after it (counted as factor time).
+            let t0 = Instant::now();
+            let before: Vec<(Tensor, Option<Tensor>)> = self
+                .layers
+                .iter()
+                .map(|l| -> Result<_> {
+                    Ok((
+                        l.weight.f_detach_copy()?,
+                        l.bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            self.timing.factors += t0.elapsed();
+            let result = update();
+            let t1 = Instant::now();
+            let mut deltas = Vec::with_capacity(before.len());
+            for (l, (w0, b0)) in self.layers.iter().zip(&before) {
+                deltas.push((l.name.as_str(), whole_update(l, w0, b0.as_ref())?));
+            }
+            let named: Vec<(&str, &[f32])> =
+                deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            let t2 = Instant::now();
+            self.timing.factors += t2 - t1;
+            let Some(rec) = self.rec.as_mut() else {
+                return Ok(result);
+            };
+            rec.step(row)?;
+            rec.batch_step(BatchStep {
+                step,
+                epoch,
+                instance_ids: s.ids,
+                labels: s.labels,
+                deltas: &named,
+            })?;
+            self.timing.record += t2.elapsed();
+            result
+        } else {
+            let t0 = Instant::now();
+            rec.step(row)?;
+            self.timing.record += t0.elapsed();
+            // Every layer's factors start towards the host (converted to
+            // the stored type on the device); on CUDA one synchronisation
+            // for all of them, then each goes to the recorder by value.
+            let t0 = Instant::now();
+            let mut flights = Vec::with_capacity(taps.len());
+            let mut device = Device::Cpu;
+            for ((name, tap), delta) in taps.iter().zip(&deltas) {
+                let Some(layer) = self.layers.iter().find(|l| &l.name == name) else {
+                    continue;
+                };
+                let Some(spec) = layer.spec() else { continue };
+                device = delta.device();
+                let f = layer_factors(spec, &tap.input, delta, s.lr)?;
+                flights.push((name.as_str(), f.start_to_host(self.dtype)?));
+            }
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            self.timing.factors += t0.elapsed();
+            let Some(rec) = self.rec.as_mut() else {
+                return Ok(update());
+            };
+            for (name, flight) in flights {
+                let t0 = Instant::now();
+                let f = flight.finish()?;
+                let t1 = Instant::now();
+                self.timing.factors += t1 - t0;
+                rec.updates_owned(
+                    name,
+                    UpdateBatchOwned {
+                        step,
+                        epoch,
+                        instance_ids: s.ids.to_vec(),
+                        labels: s.labels.to_vec(),
+                        u: f.u,
+                        v: f.v,
+                        update_norm: Some(f.update_norm),
+                    },
+                )?;
+                self.timing.record += t1.elapsed();
+            }
+            update()
+        };
+        self.step += 1;
+        Ok(result)
+    }
+
+    /// Ends an epoch: a weights snapshot and a commit (everything recorded
+    /// so far becomes durable and visible to readers).
+    pub fn end_epoch(&mut self) -> Result<()> {
+        self.commit()?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Sets the epoch of the steps that follow, for loops that commit on
+    /// their own ([`Tracer::end_epoch`] counts epochs itself).
+    pub fn set_epoch(&mut self, epoch: i32) {
+        self.epoch = epoch;
+    }
+
+    /// The number of steps recorded so far (the next step's number).
+    pub fn steps(&self) -> i64 {
+        self.step
+    }
+
+    /// A commit point with a weights snapshot of the traced layers, without
+    /// ending the epoch.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.closed {
+            return Err(Error::Trace("the tracer is finished".into()));
+        }
+        if self.rec.is_none() {
+            return Ok(());
+        }
+        self.write_weights()?;
+        if let Some(rec) = &mut self.rec {
+            rec.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Records probes as of the current weights: `forward` runs your model
+    /// on a chunk of inputs (in evaluation mode; gradients are off). With
+    /// `checkpoint` they belong to the next commit (so that a run that never
+    /// finishes can be analysed up to it), otherwise to the finished run.
+    pub fn probes(
+        &mut self,
+        probes: &Probes<'_>,
+        forward: &mut dyn FnMut(&Tensor) -> Tensor,
+        checkpoint: bool,
+    ) -> Result<()> {
+        let n = probes.inputs.size().first().copied().unwrap_or(0) as usize;
+        if probes.labels.len() != n || probes.ids.len() != n {
+            return Err(Error::BadSetting {
+                setting: "probes",
+                message: format!(
+                    "{n} inputs, {} labels, {} ids: give one of each per input",
+                    probes.labels.len(),
+                    probes.ids.len()
+                ),
+            });
+        }
+        if !probes.instance_ids.is_empty() && probes.instance_ids.len() != n {
+            return Err(Error::BadSetting {
+                setting: "probes",
+                message: format!("{} instance ids for {n} inputs", probes.instance_ids.len()),
+            });
+        }
+        if self.rec.is_none() {
+            return Err(Error::Trace(
+                "probes before the first step: nothing is recorded yet".into(),
+            ));
+        }
+        let mut displacements = Vec::new();
+        for l in &self.layers {
+            if let Some((w0, b0)) = &l.initial {
+                displacements.push(Displacement::new(
+                    &l.weight,
+                    w0,
+                    l.bias.as_ref(),
+                    b0.as_ref(),
+                )?);
+            }
+        }
+        let _guard = tch::no_grad_guard();
+        let none = vec![None; n];
+        let instance_ids = if probes.instance_ids.is_empty() {
+            &none[..]
+        } else {
+            probes.instance_ids
+        };
+        let mut start = 0;
+        while start < n {
+            let len = PROBE_CHUNK.min(n - start);
+            let x = probes.inputs.f_narrow(0, start as i64, len as i64)?;
+            self.taps.set_capture(true);
+            let logits = forward(&x);
+            let taps = self.taps.take();
+            self.taps.set_capture(false);
+            let taps = taps?;
+            let predicted: Vec<i32> =
+                Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
+                    .into_iter()
+                    .map(|p| p as i32)
+                    .collect();
+            let range = start..start + len;
+            for (l, disp) in self.layers.iter().zip(&displacements) {
+                let (Some(spec), Some((_, tap))) =
+                    (l.spec(), taps.iter().find(|(n, _)| *n == l.name))
+                else {
+                    return Err(Error::Trace(format!(
+                        "layer {} did not run on the probes",
+                        l.name
+                    )));
+                };
+                let p = disp.refinement(spec, &tap.input)?;
+                let a = tap
+                    .input
+                    .f_to_kind(Kind::Double)?
+                    .f_contiguous()?
+                    .f_flatten(0, -1)?;
+                let a = Vec::<f64>::try_from(&a)?;
+                let p = Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?;
+                let batch = ProbeBatch {
+                    probe_ids: &probes.ids[range.clone()],
+                    instance_ids: &instance_ids[range.clone()],
+                    labels: &probes.labels[range.clone()],
+                    predicted: &predicted,
+                    a: &a,
+                    p: &p,
+                };
+                let Some(rec) = self.rec.as_mut() else {
+                    break;
+                };
+                if checkpoint {
+                    rec.checkpoint_probes(&l.name, batch)?;
+                } else {
+                    rec.probes(&l.name, batch)?;
+                }
+            }
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// Writes the final weights (and the probes, if given, with `forward`
+    /// running the model), marks the run complete and returns its manifest.
+    pub fn finish(&mut self, probes: Option<(&Probes<'_>, Forward<'_>)>) -> Result<Manifest> {
+        if self.closed {
+            return Err(Error::Trace("the tracer is finished".into()));
+        }
+        if self.rec.is_none() {
+            return Err(Error::Trace(
+                "finish before the first step: nothing was recorded".into(),
+            ));
+        }
+        if let Some((p, forward)) = probes {
+            self.probes(p, forward, false)?;
+        }
+        let host = self.host_weights()?;
+        let named: Vec<NamedTensor<'_>> = host
+            .iter()
+            .map(|(name, shape, data)| NamedTensor { name, shape, data })
+            .collect();
+        let manifest = match &mut self.rec {
+            Some(rec) => rec.finish(&named)?,
+            None => return Err(Error::Trace("nothing was recorded".into())),
+        };
+        self.closed = true;
+        self.taps.set_on(false);
+        Ok(manifest)
+    }
+
+    /// Stops recording: what was recorded up to the last commit stays, and
+    /// the run is marked aborted with `reason`.
+    pub fn abort(&mut self, reason: &str) -> Result<()> {
+        self.closed = true;
+        self.taps.set_on(false);
+        if let Some(rec) = &mut self.rec {
+            rec.abort(reason.to_owned())?;
+        }
+        Ok(())
+    }
+}
+
+/// A layer's whole update since `w0`, `b0`: `vec(W − W0)` then `b − b0`,
+/// the difference taken in f64 (exact for two f32 values of similar size)
+/// and stored as f32.
+fn whole_update(l: &Layer, w0: &Tensor, b0: Option<&Tensor>) -> Result<Vec<f32>> {
+    let diff = |now: &Tensor, then: &Tensor| -> Result<Tensor> {
+        Ok(now
+            .f_to_kind(Kind::Double)?
+            .f_sub(&then.f_to_kind(Kind::Double)?)?
+            .f_flatten(0, -1)?)
+    };
+    let mut parts = vec![diff(&l.weight, w0)?];
+    if let (Some(b), Some(b0)) = (&l.bias, b0) {
+        parts.push(diff(b, b0)?);
+    }
+    let all = Tensor::f_cat(&parts, 0)?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?;
+    Ok(Vec::<f32>::try_from(&all)?)
+}

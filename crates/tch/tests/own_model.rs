@@ -1,0 +1,486 @@
+//! The tracing API on a model of the user's own (the `own_model` example: a
+//! residual block, tch's own SGD with momentum, the user's loop), and the
+//! built-in loop as a user of the same tracer.
+//!
+//! - The example's trace reconstructs `W_T` from `W_0` through the
+//!   completeness identity (`reptrace_analyze::verify`), and its records at
+//!   step 0 equal `−η/B` times each example's own gradient from autograd.
+//! - Training with the tracer is bit-identical to training without it.
+//! - The built-in loop records, bit for bit, the factors one backward pass
+//!   through the network gives (the path it took before it used the tracer).
+#[allow(dead_code)]
+#[path = "../examples/own_model.rs"]
+mod own_model;
+
+use arrow_array::{Array, Float32Array, Int64Array, ListArray, RecordBatch};
+use own_model::{ResidualNet, Settings};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use reptrace_format::{Manifest, Module, Table, TracedLayer};
+use reptrace_tch::trace::Tracer;
+use reptrace_tch::{ModelChoice, Network, TrainConfig, layer_factors, train};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::nn::ModuleT;
+use tch::{Kind, Tensor, nn};
+
+/// (step, instance id, u, v) of each `updates` row, per layer.
+type Rows = HashMap<String, Vec<(i64, i64, Vec<f32>, Vec<f32>)>>;
+
+fn update_rows(run: &Path) -> Rows {
+    let m = Manifest::open(run).unwrap();
+    let mut out: Rows = HashMap::new();
+    for f in m.files(Table::Updates) {
+        let layer = f.layer.clone().unwrap();
+        let file = std::fs::File::open(run.join(&f.path)).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b: RecordBatch = b.unwrap();
+            let col = |n: &str| b.column_by_name(n).unwrap().clone();
+            let step = col("step");
+            let step = step.as_any().downcast_ref::<Int64Array>().unwrap();
+            let id = col("instance_id");
+            let id = id.as_any().downcast_ref::<Int64Array>().unwrap();
+            let list = |n: &str, i: usize| -> Vec<f32> {
+                let c = col(n);
+                let l = c.as_any().downcast_ref::<ListArray>().unwrap().value(i);
+                l.as_any()
+                    .downcast_ref::<Float32Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            };
+            for i in 0..b.num_rows() {
+                out.entry(layer.clone()).or_default().push((
+                    step.value(i),
+                    id.value(i),
+                    list("u", i),
+                    list("v", i),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A record's `[vec ΔW | Δb]` in f64 from its factors (format: `u` empty
+/// means `v` is the whole update; otherwise `ΔW = v uᵀ` per position).
+fn record_update(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> Vec<f64> {
+    if u.is_empty() {
+        return v.iter().map(|&x| f64::from(x)).collect();
+    }
+    let (out, k, positions, bias) = match layer {
+        TracedLayer::Linear(l) => (l.out_features, l.in_features, 1, l.bias),
+        TracedLayer::Conv2d(c) => (
+            c.out_channels,
+            c.patch_len(),
+            c.output_hw[0] * c.output_hw[1],
+            c.bias,
+        ),
+    };
+    let mut w = vec![0.0f64; out * k];
+    for o in 0..out {
+        for j in 0..k {
+            w[o * k + j] = (0..positions)
+                .map(|p| f64::from(v[o * positions + p]) * f64::from(u[j * positions + p]))
+                .sum();
+        }
+    }
+    if bias {
+        w.extend((0..out).map(|o| {
+            (0..positions)
+                .map(|p| f64::from(v[o * positions + p]))
+                .sum::<f64>()
+        }));
+    }
+    w
+}
+
+fn read_weights(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.names()
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n.to_owned(), (t.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// A VarStore name (`block.a.weight`) as the run names it (`block_a.weight`:
+/// layer names join the path's components with `_`).
+fn snapshot_name(var: &str) -> String {
+    let (path, param) = var.rsplit_once('.').unwrap();
+    format!("{}.{param}", path.replace('.', "_"))
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+#[test]
+fn own_model_reconstructs_and_records_each_examples_gradient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("own");
+    let settings = Settings {
+        epochs: 2,
+        out: Some(run.clone()),
+        ..Settings::default()
+    };
+    let (_, accuracy) = own_model::train(&settings).unwrap();
+    assert!(accuracy > 0.8, "the residual net learns ({accuracy})");
+
+    // Completeness: W_0 plus the records (momentum replayed) is W_T, and
+    // every probe's refinement is (W_T − W_0) applied to its input.
+    let report = reptrace_analyze::verify::verify(&run, &Default::default()).unwrap();
+    let completeness: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|c| c.name.starts_with("completeness") && c.name.ends_with("weights"))
+        .collect();
+    assert_eq!(completeness.len(), 4, "{:?}", report.checks);
+    assert!(report.passed(), "{:?}", report.checks);
+    for c in completeness {
+        let error = c.value.unwrap();
+        assert!(error <= 1e-5, "{}: relative error {error:.2e}", c.name);
+    }
+
+    // Step 0's records against autograd, one example at a time, from W_0.
+    let manifest = Manifest::open(&run).unwrap();
+    let initial = read_weights(&run.join("weights/initial.safetensors"));
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut plain = Tracer::new();
+    let net = ResidualNet::new(&vs.root(), &mut plain).unwrap();
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let (shape, data) = &initial[&snapshot_name(&name)];
+            let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
+            var.copy_(&Tensor::from_slice(data).reshape(&shape));
+        }
+    });
+    let data = reptrace_tch::data::digits().unwrap();
+    let rows = update_rows(&run);
+    let batch: Vec<i64> = rows["head"]
+        .iter()
+        .filter(|r| r.0 == 0)
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(batch.len(), settings.batch_size);
+    let scale = -settings.lr / batch.len() as f64;
+    let mut worst = 0.0f64;
+    for &id in &batch {
+        let r = id as usize;
+        let x = Tensor::from_slice(&data.features[r * 64..(r + 1) * 64]).reshape([1, 1, 8, 8]);
+        let y = Tensor::from_slice(&[i64::from(data.labels[r])]);
+        let vars: HashMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (snapshot_name(&n), t))
+            .collect();
+        for v in vars.values() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        net.forward_t(&x, true)
+            .cross_entropy_for_logits(&y)
+            .backward();
+        for layer in manifest.model.traced_layers() {
+            let name = layer.name();
+            let mut want: Vec<f64> = Vec::new();
+            for p in ["weight", "bias"] {
+                let g = vars[&format!("{name}.{p}")]
+                    .grad()
+                    .flatten(0, -1)
+                    .to_kind(Kind::Double);
+                want.extend(
+                    Vec::<f64>::try_from(&g)
+                        .unwrap()
+                        .into_iter()
+                        .map(|x| x * scale),
+                );
+            }
+            let (_, _, u, v) = rows[name]
+                .iter()
+                .find(|row| row.0 == 0 && row.1 == id)
+                .unwrap();
+            let got = record_update(layer, u, v);
+            assert_eq!(got.len(), want.len(), "{name}");
+            let diff: Vec<f64> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+            let rel = norm(&diff) / norm(&want).max(1e-12);
+            worst = worst.max(rel);
+            assert!(
+                rel <= 1e-4,
+                "{name}, instance {id}: relative difference {rel:.2e}"
+            );
+        }
+    }
+    println!("step 0: records vs per-example autograd, worst relative difference {worst:.2e}");
+
+    // The example's query runs on the run.
+    let table = own_model::query(&run, data.n_train as i64).unwrap();
+    assert!(
+        table.contains("block_a") && table.contains("head"),
+        "{table}"
+    );
+}
+
+#[test]
+fn own_model_training_is_bit_identical_with_and_without_tracing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let traced = Settings {
+        epochs: 1,
+        out: Some(tmp.path().join("own")),
+        ..Settings::default()
+    };
+    let plain = Settings {
+        out: None,
+        ..traced.clone()
+    };
+    let bits = |params: Vec<(String, Tensor)>| -> Vec<(String, Vec<u32>)> {
+        params
+            .into_iter()
+            .map(|(n, t)| {
+                let v = Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap();
+                (n, v.into_iter().map(f32::to_bits).collect())
+            })
+            .collect()
+    };
+    let with = bits(own_model::train(&traced).unwrap().0);
+    let without = bits(own_model::train(&plain).unwrap().0);
+    assert_eq!(with.len(), 8);
+    assert!(with == without, "tracing changed the trained weights");
+}
+
+/// The built-in loop's records are, bit for bit, the factors built from one
+/// backward pass through the network for the taps' outputs (how the loop
+/// got them before it recorded through the tracer), for a CNN at step 0.
+#[test]
+fn built_in_loop_records_the_factors_of_one_backward_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        model: ModelChoice::Cnn,
+        epochs: 1,
+        lr: 0.07,
+        seed: 11,
+        out: tmp.path().join("cnn"),
+        ..TrainConfig::default()
+    };
+    train(&config, &mut |_| {}).unwrap();
+    let run = &config.out;
+    let manifest = Manifest::open(run).unwrap();
+    let rows = update_rows(run);
+    let data = reptrace_tch::data::digits().unwrap();
+    let batch: Vec<i64> = rows["fc"]
+        .iter()
+        .filter(|r| r.0 == 0)
+        .map(|r| r.1)
+        .collect();
+
+    let net = Network::new(&manifest.model, config.seed as i64, tch::Device::Cpu).unwrap();
+    let x = Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 1, 8, 8]);
+    let index = Tensor::from_slice(&batch);
+    let x = x.index_select(0, &index);
+    let labels: Vec<i64> = batch
+        .iter()
+        .map(|&r| i64::from(data.labels[r as usize]))
+        .collect();
+    let y = Tensor::from_slice(&labels);
+    let (logits, taps) = net.forward(&x, true, true).unwrap();
+    let loss = logits.log_softmax(-1, Kind::Float).nll_loss(&y);
+    let outputs: Vec<&Tensor> = taps.iter().map(|t| &t.output).collect();
+    let deltas = Tensor::run_backward(&[&loss], &outputs, false, false);
+    let mut layers = 0;
+    for (tap, delta) in taps.iter().zip(&deltas) {
+        let layer = net.traced_layer(tap.module).unwrap();
+        let f = layer_factors(layer, &tap.input, delta, config.lr)
+            .unwrap()
+            .to_host(reptrace_format::Dtype::F32)
+            .unwrap();
+        let (reptrace_record::FactorValues::F32(u), reptrace_record::FactorValues::F32(v)) =
+            (f.u, f.v)
+        else {
+            panic!("f32 factors");
+        };
+        let recorded: Vec<&(i64, i64, Vec<f32>, Vec<f32>)> =
+            rows[layer.name()].iter().filter(|r| r.0 == 0).collect();
+        let (ul, vl) = (u.len() / batch.len(), v.len() / batch.len());
+        for (i, r) in recorded.iter().enumerate() {
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(r.1, batch[i]);
+            assert!(
+                bits(&r.2) == bits(&u[i * ul..(i + 1) * ul])
+                    && bits(&r.3) == bits(&v[i * vl..(i + 1) * vl]),
+                "{}: instance {} differs",
+                layer.name(),
+                r.1
+            );
+        }
+        layers += 1;
+    }
+    assert_eq!(layers, 3);
+    let conv = manifest
+        .model
+        .modules
+        .iter()
+        .any(|m| matches!(m, Module::Conv2d(_)));
+    assert!(conv);
+}
+
+/// A small MLP of the test's own, batch mode, tch's Adam: the run verifies
+/// (each record is the whole update of its step).
+#[test]
+fn any_optimizer_in_batch_mode() {
+    use reptrace_format::{Mode, Optimizer, OptimizerKind};
+    use reptrace_tch::trace::{RunSpec, Step};
+    use tch::nn::{Module, OptimizerConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("adam");
+    let data = reptrace_tch::data::digits().unwrap();
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut tracer = Tracer::new();
+    let fc1 = tracer
+        .linear(vs.root() / "fc1", 64, 16, Default::default())
+        .unwrap();
+    let fc2 = tracer
+        .linear(vs.root() / "fc2", 16, 10, Default::default())
+        .unwrap();
+    let model = nn::seq().add(fc1).add_fn(|x| x.tanh()).add(fc2);
+    let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
+    tracer
+        .record(RunSpec {
+            mode: Mode::Batch,
+            optimizer: Optimizer {
+                kind: OptimizerKind::Adam,
+                betas: Some([0.9, 0.999]),
+                eps: Some(1e-8),
+                ..Optimizer::sgd(1e-2)
+            },
+            ..RunSpec::sgd(&run, data.classes.clone(), 1e-2)
+        })
+        .unwrap();
+    let x_all = Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 64]);
+    for step in 0..30i64 {
+        let ids: Vec<i64> = (0..16)
+            .map(|i| (step * 16 + i) % data.n_train as i64)
+            .collect();
+        let labels: Vec<i32> = ids.iter().map(|&r| data.labels[r as usize]).collect();
+        let x = x_all.index_select(0, &Tensor::from_slice(&ids));
+        let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
+        opt.zero_grad();
+        let logits = model.forward(&x);
+        let loss = logits.cross_entropy_for_logits(&y);
+        loss.backward();
+        let s = Step {
+            loss: &loss,
+            ids: &ids,
+            labels: &labels,
+            lr: 1e-2,
+            logits: None,
+        };
+        tracer.step(&s, || opt.step()).unwrap();
+        if step % 10 == 9 {
+            tracer.end_epoch().unwrap();
+        }
+    }
+    let manifest = tracer.finish(None).unwrap();
+    assert_eq!(manifest.mode, Mode::Batch);
+    let report = reptrace_analyze::verify::verify(&run, &Default::default()).unwrap();
+    assert!(report.passed(), "{:?}", report.checks);
+    let weights: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|c| c.name.starts_with("completeness") && c.name.ends_with("weights"))
+        .collect();
+    assert_eq!(weights.len(), 2, "{:?}", report.checks);
+    assert!(weights.iter().all(|c| c.value.unwrap() <= 1e-5));
+}
+
+/// Misuse of the tracer is one clear error naming what is wrong, and the
+/// run stays readable up to its last commit.
+#[test]
+fn tracer_misuse_is_one_clear_error() {
+    use reptrace_format::{Optimizer, OptimizerKind};
+    use reptrace_tch::trace::{RunSpec, Step};
+    use tch::nn::Module;
+    let tmp = tempfile::tempdir().unwrap();
+    let classes: Vec<String> = vec!["a".into(), "b".into()];
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut tracer = Tracer::new();
+    let fc = tracer
+        .linear(vs.root() / "fc", 3, 2, Default::default())
+        .unwrap();
+    let err = tracer
+        .linear(vs.root() / "fc", 3, 2, Default::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("traced twice"), "{err}");
+
+    // Adam in instance mode.
+    let err = tracer
+        .record(RunSpec {
+            optimizer: Optimizer {
+                kind: OptimizerKind::Adam,
+                ..Optimizer::sgd(0.1)
+            },
+            ..RunSpec::sgd(tmp.path().join("r"), classes.clone(), 0.1)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("batch mode"), "{err}");
+    // A run directory that is not empty.
+    std::fs::write(tmp.path().join("full"), b"x").unwrap();
+    let err = tracer
+        .record(RunSpec::sgd(tmp.path(), classes.clone(), 0.1))
+        .unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+
+    let run = tmp.path().join("run");
+    tracer.record(RunSpec::sgd(&run, classes, 0.1)).unwrap();
+    let x = Tensor::ones([2, 3], tch::kind::FLOAT_CPU);
+    let y = Tensor::from_slice(&[0i64, 1]);
+    fn step<'a>(loss: &'a Tensor, ids: &'a [i64]) -> Step<'a> {
+        Step {
+            loss,
+            ids,
+            labels: &[0, 1],
+            lr: 0.1,
+            logits: None,
+        }
+    }
+    // Two forward passes with gradients before a step.
+    let _ = fc.forward(&x);
+    let loss = fc.forward(&x).cross_entropy_for_logits(&y);
+    loss.backward();
+    let err = tracer.step(&step(&loss, &[0, 1]), || ()).unwrap_err();
+    assert!(err.to_string().contains("ran 2 times"), "{err}");
+    // No backward before the step.
+    let loss = fc.forward(&x).cross_entropy_for_logits(&y);
+    let err = tracer.step(&step(&loss, &[0, 1]), || ()).unwrap_err();
+    assert!(err.to_string().contains("loss.backward()"), "{err}");
+    // Ids that do not fit the batch.
+    let loss = fc.forward(&x).cross_entropy_for_logits(&y);
+    loss.backward();
+    let err = tracer.step(&step(&loss, &[0]), || ()).unwrap_err();
+    assert!(err.to_string().contains("1 ids for a batch of 2"), "{err}");
+    // A good step, a commit, then a non-finite loss: aborted, readable.
+    let loss = fc.forward(&x).cross_entropy_for_logits(&y);
+    loss.backward();
+    tracer.step(&step(&loss, &[0, 1]), || ()).unwrap();
+    tracer.commit().unwrap();
+    let loss = fc.forward(&x).sum(Kind::Float) * f64::NAN;
+    loss.backward();
+    let err = tracer.step(&step(&loss, &[0, 1]), || ()).unwrap_err();
+    assert!(err.to_string().contains("non-finite loss"), "{err}");
+    let m = Manifest::open(&run).unwrap();
+    assert_eq!(m.status, reptrace_format::Status::Aborted);
+    assert_eq!(update_rows(&run)["fc"].len(), 2, "the committed step stays");
+}
