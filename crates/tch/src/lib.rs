@@ -86,5 +86,5 @@ pub use probe::ProbeSet;
 /// Data sets (digits, CSV, IDX): pure Rust, shared with the analyzer.
 pub use reptrace_format::data;
 pub use sgd::{Sgd, learning_rate};
-pub use trace::{Probes, RunSpec, Step, Taps, TracedConv2d, TracedLinear, Tracer};
+pub use trace::{Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer};
 pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};

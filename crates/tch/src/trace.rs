@@ -154,53 +154,36 @@ impl Taps {
     }
 }
 
-/// A traced Linear layer: `tch::nn::Linear` that taps its input and output.
+/// A traced layer: a tch module (`nn::Linear`, `nn::Conv2D`) whose forward
+/// pass taps its input and output ([`Taps::tap`]).
 #[derive(Debug)]
-pub struct TracedLinear {
+pub struct Traced<M> {
     name: String,
-    inner: nn::Linear,
+    inner: M,
     taps: Taps,
 }
 
-impl nn::Module for TracedLinear {
+/// A traced Linear layer ([`Tracer::linear`]).
+pub type TracedLinear = Traced<nn::Linear>;
+
+/// A traced Conv2d layer ([`Tracer::conv2d`]).
+pub type TracedConv2d = Traced<nn::Conv2D>;
+
+impl<M: nn::Module> nn::Module for Traced<M> {
     fn forward(&self, xs: &Tensor) -> Tensor {
         self.taps.tap(&self.name, xs, self.inner.forward(xs))
     }
 }
 
-impl TracedLinear {
+impl<M> Traced<M> {
     /// The layer's name (its path, components joined by `_`).
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// The weight, `out × in`.
-    pub fn weight(&self) -> &Tensor {
-        &self.inner.ws
-    }
-}
 
-/// A traced Conv2d layer: `tch::nn::Conv2D` that taps its input and output.
-#[derive(Debug)]
-pub struct TracedConv2d {
-    name: String,
-    inner: nn::Conv2D,
-    taps: Taps,
-}
-
-impl nn::Module for TracedConv2d {
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        self.taps.tap(&self.name, xs, self.inner.forward(xs))
-    }
-}
-
-impl TracedConv2d {
-    /// The layer's name (its path, components joined by `_`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The weight, `out × in × kh × kw`.
-    pub fn weight(&self) -> &Tensor {
-        &self.inner.ws
+    /// The tch module inside (its parameters: `ws`, `bs`).
+    pub fn inner(&self) -> &M {
+        &self.inner
     }
 }
 
@@ -451,7 +434,7 @@ impl Tracer {
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
         )?;
-        Ok(TracedLinear {
+        Ok(Traced {
             name,
             inner,
             taps: self.taps.clone(),
@@ -499,7 +482,7 @@ impl Tracer {
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
         )?;
-        Ok(TracedConv2d {
+        Ok(Traced {
             name,
             inner,
             taps: self.taps.clone(),
