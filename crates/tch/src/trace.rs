@@ -800,6 +800,45 @@ impl Tracer {
                 message: format!("{} labels for a batch of {batch} examples", s.labels.len()),
             });
         }
+        let classes = self.classes;
+        if let Some(&l) = s.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+            return Err(Error::BadSetting {
+                setting: "labels",
+                message: format!("label {l} is not in 0..{classes}"),
+            });
+        }
+        // The factors' shapes follow from the layer's spec: its inputs must
+        // keep the shape the spec (or the first step) gave them.
+        for l in &self.layers {
+            let Some((_, t)) = taps.iter().find(|(n, _)| *n == l.name) else {
+                continue;
+            };
+            let size: Vec<usize> = t.input.size().iter().map(|&d| d as usize).collect();
+            let fits = match &l.kind {
+                LayerKind::Spec(Module::Linear(spec)) => size[1..] == [spec.in_features],
+                LayerKind::Spec(Module::Conv2d(spec)) => {
+                    size[1..] == [spec.in_channels, spec.input_hw[0], spec.input_hw[1]]
+                }
+                LayerKind::Conv { in_channels, .. } => size.len() == 4 && size[1] == *in_channels,
+                LayerKind::Spec(_) => true,
+            };
+            if !fits {
+                let want = match &l.kind {
+                    LayerKind::Spec(Module::Linear(spec)) => {
+                        format!("(batch, {}) inputs", spec.in_features)
+                    }
+                    LayerKind::Spec(Module::Conv2d(spec)) => format!(
+                        "(batch, {}, {}, {}) inputs, the size its first step had",
+                        spec.in_channels, spec.input_hw[0], spec.input_hw[1]
+                    ),
+                    _ => "(batch, C, H, W) inputs".to_owned(),
+                };
+                return bad(format!(
+                    "layer {}: input of shape {size:?}; it is traced for {want}",
+                    l.name
+                ));
+            }
+        }
         Ok(batch)
     }
 
@@ -816,29 +855,8 @@ impl Tracer {
             return Ok(update());
         }
         let batch = self.check_step(s, &taps)?;
-        let loss = s.loss.f_double_value(&[])?;
-        if self.rec.is_none() {
-            self.start(&taps)?;
-        }
-        if !loss.is_finite() {
-            let e = Error::NonFiniteLoss {
-                step: self.step,
-                epoch: self.epoch,
-                loss,
-            };
-            self.abort(&e.to_string())?;
-            return Err(e);
-        }
-        let (step, epoch) = (self.step, self.epoch);
-        let classes = self.classes;
-        if let Some(&l) = s.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
-            return Err(Error::BadSetting {
-                setting: "labels",
-                message: format!("label {l} is not in 0..{classes}"),
-            });
-        }
         // Every layer's δ before anything of this step is recorded, so that
-        // a step refused here leaves the run as it was.
+        // a step refused here leaves the run as it was (or not yet created).
         let mut deltas = Vec::with_capacity(taps.len());
         for (name, tap) in &taps {
             let delta = match (&tap.delta, &tap.zero) {
@@ -860,6 +878,20 @@ impl Tracer {
             };
             deltas.push(delta);
         }
+        let loss = s.loss.f_double_value(&[])?;
+        if self.rec.is_none() {
+            self.start(&taps)?;
+        }
+        if !loss.is_finite() {
+            let e = Error::NonFiniteLoss {
+                step: self.step,
+                epoch: self.epoch,
+                loss,
+            };
+            self.abort(&e.to_string())?;
+            return Err(e);
+        }
+        let (step, epoch) = (self.step, self.epoch);
         let Some(rec) = self.rec.as_mut() else {
             return Ok(update());
         };

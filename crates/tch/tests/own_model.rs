@@ -471,6 +471,29 @@ fn tracer_misuse_is_one_clear_error() {
     loss.backward();
     let err = tracer.step(&step(&loss, &[0]), || ()).unwrap_err();
     assert!(err.to_string().contains("1 ids for a batch of 2"), "{err}");
+    // A label outside the classes.
+    let loss = fc.forward(&x).cross_entropy_for_logits(&y);
+    loss.backward();
+    let s = Step {
+        labels: &[0, 2],
+        ..step(&loss, &[0, 1])
+    };
+    let err = tracer.step(&s, || ()).unwrap_err();
+    assert!(err.to_string().contains("label 2 is not in 0..2"), "{err}");
+    // Inputs that are not (batch, features).
+    let loss = fc
+        .forward(&Tensor::ones([2, 1, 3], tch::kind::FLOAT_CPU))
+        .sum(Kind::Float);
+    loss.backward();
+    let err = tracer.step(&step(&loss, &[0, 1]), || ()).unwrap_err();
+    assert!(
+        err.to_string().contains("traced for (batch, 3) inputs"),
+        "{err}"
+    );
+    assert!(
+        !run.exists(),
+        "nothing is written before a step is accepted"
+    );
     // A good step, a commit, then a non-finite loss: aborted, readable.
     let loss = fc.forward(&x).cross_entropy_for_logits(&y);
     loss.backward();
