@@ -47,7 +47,12 @@ class Run:
         ]
 
     def info(self) -> dict:
-        """Status, last step, mode and the committed rows per table and layer."""
+        """Status, last step, mode and the committed rows per table and layer.
+
+        ``state`` says whether the run is still being recorded: ``"recording"``
+        (a live recorder holds its lock), ``"killed"`` (status recording, but
+        its recorder died: readable up to its last commit), ``"complete"`` or
+        ``"aborted"``; ``locked`` whether a live recorder holds the lock."""
         m = self.manifest
         rows: dict[str, dict[str, int]] = {}
         files = [f for c in m["commits"] for f in c["files"]]
@@ -58,9 +63,13 @@ class Run:
             key = f.get("layer") or ""
             per[key] = per.get(key, 0) + f["rows"]
         steps = [c["step"] for c in m["commits"] if c.get("step") is not None]
+        locked = _reptrace.lock_held(str(self.path))
+        state = "killed" if m["status"] == "recording" and not locked else m["status"]
         return {
             "run": str(self.path),
             "status": m["status"],
+            "state": state,
+            "locked": locked,
             "mode": m["mode"],
             "dtype": m["dtype"],
             "format_version": m["format_version"],

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -380,7 +381,9 @@ def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
     run = str(tmp_path / "nan")
     tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
     train(model, opt, x, y, epochs=1, tracer=tracer)
-    committed = reptrace.open(run).info()["last_step"]
+    live = reptrace.open(run).info()
+    assert (live["state"], live["locked"]) == ("recording", True)
+    committed = live["last_step"]
     opt.zero_grad()
     loss = F.cross_entropy(model(x[:8]), y[:8]) * float("nan")
     loss.backward()
@@ -388,6 +391,7 @@ def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
         tracer.step(loss, np.arange(8), y[:8])
     info = reptrace.open(run).info()
     assert info["status"] == "aborted"
+    assert (info["state"], info["locked"]) == ("aborted", False)
     assert info["last_step"] == committed
     assert all(c["status"] != "FAIL" for c in reptrace.open(run).verify())
     with pytest.raises(reptrace.RecordError, match="finished"):
@@ -622,3 +626,28 @@ def test_logits_of_the_wrong_shape_are_refused(tmp_path, data):
     with pytest.raises(reptrace.InvalidInput, match=r"logits: shape \(8, 5\)"):
         tracer.step(loss, range(8), y[:8], logits=out[:, :5])
     tracer.abort("test")
+
+
+def test_info_tells_a_killed_recording_from_a_live_one(tmp_path):
+    """A process that dies while recording leaves status "recording" without
+    a live lock: info() says "killed", and the run reads to its last commit."""
+    run = tmp_path / "killed"
+    script = f"""
+import os, torch, reptrace
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+tracer = reptrace.Tracer(model, opt, {str(run)!r}, classes=["a", "b", "c"])
+x, y = torch.randn(8, 4), torch.arange(8) % 3
+for epoch in range(2):
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    tracer.step(loss, range(8), y)
+    tracer.end_epoch()
+os._exit(9)
+"""
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=120)
+    info = reptrace.open(run).info()
+    assert (info["status"], info["state"], info["locked"]) == ("recording", "killed", False)
+    assert info["last_step"] == 1

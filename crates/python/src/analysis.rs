@@ -208,6 +208,19 @@ fn manifest(py: Python<'_>, run: PathBuf) -> PyResult<String> {
     Ok(m.to_json())
 }
 
+/// Whether a live recorder holds the run's lock (tested with a shared lock
+/// released at once; the lock file is never created).
+#[pyfunction]
+fn lock_held(py: Python<'_>, run: PathBuf) -> PyResult<bool> {
+    py.detach(|| reptrace_format::layout::lock_held(&run))
+        .map_err(|e| {
+            error::invalid(format!(
+                "{}: {e}",
+                run.join(reptrace_format::layout::LOCK).display()
+            ))
+        })
+}
+
 /// A weights snapshot of the run (`"initial"`, `"final"`: the latest, or a
 /// path relative to the run) as `{layer: (weight, bias)}` for every traced
 /// layer: flat row-major `float64` arrays (bias empty without one).
@@ -275,6 +288,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_run, m)?)?;
     m.add_function(wrap_pyfunction!(write_report, m)?)?;
     m.add_function(wrap_pyfunction!(manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(lock_held, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_storage, m)?)?;
     m.add_function(wrap_pyfunction!(layer_weights, m)?)?;
     m.add_function(wrap_pyfunction!(check_layer_name, m)?)?;
