@@ -176,7 +176,7 @@ impl<M: nn::Module> nn::Module for Traced<M> {
 }
 
 impl<M> Traced<M> {
-    /// The layer's name (its path, components joined by `_`).
+    /// The layer's name: its path, components joined by `.` (`block.a`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -341,10 +341,11 @@ pub struct Tracer {
     pub timing: Timing,
 }
 
-/// The name of a layer at `path`: its components joined by `_` (layer
-/// names are ASCII letters, digits and `_`).
+/// The name of a layer at `path`: its components joined by `.`, as the
+/// VarStore names its variables (`block.a` holds `block.a.weight`), so that
+/// the run's weights snapshots use the VarStore's names.
 fn path_name(path: &nn::Path<'_>) -> String {
-    path.components().collect::<Vec<_>>().join("_")
+    path.components().collect::<Vec<_>>().join(".")
 }
 
 fn pair(v: i64) -> [usize; 2] {
@@ -389,7 +390,7 @@ impl Tracer {
         weight: Tensor,
         bias: Option<Tensor>,
     ) -> Result<()> {
-        reptrace_format::layout::check_name("layer", &name)
+        reptrace_format::layout::check_layer_name(&name)
             .map_err(|e| Error::Trace(format!("layer name {name:?}: {e}")))?;
         if self.layers.iter().any(|l| l.name == name) {
             return Err(Error::Trace(format!("layer {name:?} is traced twice")));
@@ -410,7 +411,7 @@ impl Tracer {
     }
 
     /// A traced Linear layer in `path`, like `tch::nn::linear(path, in_dim,
-    /// out_dim, config)`; its name is the path joined by `_` (`"block1_fc"`).
+    /// out_dim, config)`; its name is the path joined by `.` (`"block1.fc"`).
     pub fn linear(
         &mut self,
         path: nn::Path<'_>,
@@ -1086,16 +1087,21 @@ impl Tracer {
                 "probes before the first step: nothing is recorded yet".into(),
             ));
         }
-        let mut displacements = Vec::new();
+        // W_T − W_0 of every layer, in the layers' order.
+        let mut displacements = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            if let Some((w0, b0)) = &l.initial {
-                displacements.push(Displacement::new(
-                    &l.weight,
-                    w0,
-                    l.bias.as_ref(),
-                    b0.as_ref(),
-                )?);
-            }
+            let Some((w0, b0)) = &l.initial else {
+                return Err(Error::Trace(format!(
+                    "layer {}: no initial weights (recording has not started)",
+                    l.name
+                )));
+            };
+            displacements.push(Displacement::new(
+                &l.weight,
+                w0,
+                l.bias.as_ref(),
+                b0.as_ref(),
+            )?);
         }
         let _guard = tch::no_grad_guard();
         let none = vec![None; n];

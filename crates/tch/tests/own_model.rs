@@ -115,13 +115,6 @@ fn read_weights(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
-/// A VarStore name (`block.a.weight`) as the run names it (`block_a.weight`:
-/// layer names join the path's components with `_`).
-fn snapshot_name(var: &str) -> String {
-    let (path, param) = var.rsplit_once('.').unwrap();
-    format!("{}.{param}", path.replace('.', "_"))
-}
-
 fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
@@ -161,7 +154,7 @@ fn own_model_reconstructs_and_records_each_examples_gradient() {
     let net = ResidualNet::new(&vs.root(), &mut plain).unwrap();
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
-            let (shape, data) = &initial[&snapshot_name(&name)];
+            let (shape, data) = &initial[&name];
             let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
             var.copy_(&Tensor::from_slice(data).reshape(&shape));
         }
@@ -180,11 +173,8 @@ fn own_model_reconstructs_and_records_each_examples_gradient() {
         let r = id as usize;
         let x = Tensor::from_slice(&data.features[r * 64..(r + 1) * 64]).reshape([1, 1, 8, 8]);
         let y = Tensor::from_slice(&[i64::from(data.labels[r])]);
-        let vars: HashMap<String, Tensor> = vs
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (snapshot_name(&n), t))
-            .collect();
+        // The run names the weights as the VarStore does (`block.a.weight`).
+        let vars: HashMap<String, Tensor> = vs.variables();
         for v in vars.values() {
             let mut g = v.grad();
             if g.defined() {
@@ -229,7 +219,7 @@ fn own_model_reconstructs_and_records_each_examples_gradient() {
     // The example's query runs on the run.
     let table = own_model::query(&run, data.n_train as i64).unwrap();
     assert!(
-        table.contains("block_a") && table.contains("head"),
+        table.contains("block.a") && table.contains("head"),
         "{table}"
     );
 }
