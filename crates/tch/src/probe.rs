@@ -115,6 +115,30 @@ impl Displacement {
         };
         Ok(p.f_reshape([n, -1])?)
     }
+
+    /// A chunk's probe values at the layer: `a` (the inputs `N × …`) and
+    /// `p` ([`Displacement::refinement`]), row-major `f64` on the host.
+    pub fn probe_values(&self, layer: TracedLayer<'_>, a: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+        let p = self.refinement(layer, a)?;
+        let a = a
+            .f_to_kind(Kind::Double)?
+            .f_contiguous()?
+            .f_flatten(0, -1)?;
+        Ok((
+            Vec::<f64>::try_from(&a)?,
+            Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?,
+        ))
+    }
+}
+
+/// The predicted class (argmax of the last dimension) of every row of
+/// `logits`, on the host.
+pub fn predictions(logits: &Tensor) -> Result<Vec<i32>> {
+    let classes = logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
+    Ok(Vec::<i64>::try_from(&classes)?
+        .into_iter()
+        .map(|p| p as i32)
+        .collect())
 }
 
 /// The displacement of every traced layer of `net` (its current parameters)
@@ -169,11 +193,7 @@ pub fn probe_chunk(
 ) -> Result<ChunkProbes> {
     let _guard = tch::no_grad_guard();
     let (logits, taps) = net.forward(x, false, true)?;
-    let predicted: Vec<i32> =
-        Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
-            .into_iter()
-            .map(|p| p as i32)
-            .collect();
+    let predicted = predictions(&logits)?;
     let mut layers = Vec::with_capacity(taps.len());
     for tap in &taps {
         let (Some(layer), Some((_, disp))) = (
@@ -182,16 +202,11 @@ pub fn probe_chunk(
         ) else {
             continue;
         };
-        let p = disp.refinement(layer, &tap.input)?;
-        let a = tap
-            .input
-            .f_to_kind(Kind::Double)?
-            .f_contiguous()?
-            .f_flatten(0, -1)?;
+        let (a, p) = disp.probe_values(layer, &tap.input)?;
         layers.push(LayerProbes {
             module: tap.module,
-            a: Vec::<f64>::try_from(&a)?,
-            p: Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?,
+            a,
+            p,
         });
     }
     Ok(ChunkProbes { predicted, layers })

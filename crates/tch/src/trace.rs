@@ -22,7 +22,7 @@
 //! with any optimizer. The built-in loop ([`crate::train()`]) records
 //! through this same tracer.
 use crate::factors::layer_factors;
-use crate::probe::Displacement;
+use crate::probe::{Displacement, predictions};
 use crate::{Error, Result};
 use reptrace_format::{
     Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split,
@@ -410,6 +410,23 @@ impl Tracer {
         Ok(())
     }
 
+    /// Adds a layer and wraps its tch module.
+    fn traced<M>(
+        &mut self,
+        name: String,
+        kind: LayerKind,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        inner: M,
+    ) -> Result<Traced<M>> {
+        self.add_layer(name.clone(), kind, weight, bias)?;
+        Ok(Traced {
+            name,
+            inner,
+            taps: self.taps.clone(),
+        })
+    }
+
     /// A traced Linear layer in `path`, like `tch::nn::linear(path, in_dim,
     /// out_dim, config)`; its name is the path joined by `.` (`"block1.fc"`).
     pub fn linear(
@@ -429,17 +446,11 @@ impl Tracer {
             bias,
             traced: true,
         };
-        self.add_layer(
-            name.clone(),
-            LayerKind::Spec(Module::Linear(spec)),
+        let (ws, bs) = (
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
-        )?;
-        Ok(Traced {
-            name,
-            inner,
-            taps: self.taps.clone(),
-        })
+        );
+        self.traced(name, LayerKind::Spec(Module::Linear(spec)), ws, bs, inner)
     }
 
     /// A traced Conv2d layer in `path`, like `tch::nn::conv2d(path, in_dim,
@@ -469,25 +480,20 @@ impl Tracer {
         let (stride, padding, dilation, bias) =
             (config.stride, config.padding, config.dilation, config.bias);
         let inner = nn::conv2d(&path, in_dim, out_dim, kernel, config);
-        self.add_layer(
-            name.clone(),
-            LayerKind::Conv {
-                in_channels: in_dim as usize,
-                out_channels: out_dim as usize,
-                kernel: pair(kernel),
-                stride: pair(stride),
-                padding: pair(padding),
-                dilation: pair(dilation),
-                bias,
-            },
+        let kind = LayerKind::Conv {
+            in_channels: in_dim as usize,
+            out_channels: out_dim as usize,
+            kernel: pair(kernel),
+            stride: pair(stride),
+            padding: pair(padding),
+            dilation: pair(dilation),
+            bias,
+        };
+        let (ws, bs) = (
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
-        )?;
-        Ok(Traced {
-            name,
-            inner,
-            taps: self.taps.clone(),
-        })
+        );
+        self.traced(name, kind, ws, bs, inner)
     }
 
     /// Traces a layer whose spec is complete (the built-in loop's
@@ -1119,11 +1125,7 @@ impl Tracer {
             let taps = self.taps.take();
             self.taps.set_capture(false);
             let taps = taps?;
-            let predicted: Vec<i32> =
-                Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
-                    .into_iter()
-                    .map(|p| p as i32)
-                    .collect();
+            let predicted = predictions(&logits)?;
             let range = start..start + len;
             for (l, disp) in self.layers.iter().zip(&displacements) {
                 let (Some(spec), Some((_, tap))) =
@@ -1134,14 +1136,7 @@ impl Tracer {
                         l.name
                     )));
                 };
-                let p = disp.refinement(spec, &tap.input)?;
-                let a = tap
-                    .input
-                    .f_to_kind(Kind::Double)?
-                    .f_contiguous()?
-                    .f_flatten(0, -1)?;
-                let a = Vec::<f64>::try_from(&a)?;
-                let p = Vec::<f64>::try_from(&p.f_contiguous()?.f_flatten(0, -1)?)?;
+                let (a, p) = disp.probe_values(spec, &tap.input)?;
                 let batch = ProbeBatch {
                     probe_ids: &probes.ids[range.clone()],
                     instance_ids: &instance_ids[range.clone()],
