@@ -7,7 +7,9 @@ manifest.json, and run ids and timestamps in file metadata.
 
 Used to check that a change to the recording path leaves the traces of the
 built-in models unchanged (same seed, same settings). Exit status 1 when a
-file differs or is missing.
+file differs or is missing. A newer format may add columns to a table (they
+are listed, and the old columns compared) and files the old run lacks (listed
+as new): what the old run recorded must be there, bit for bit.
 """
 import json
 import pathlib
@@ -18,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def table_bytes(path: pathlib.Path) -> bytes:
-    table = pq.read_table(path).combine_chunks()
+def table_bytes(path: pathlib.Path, columns=None) -> bytes:
+    table = pq.read_table(path, columns=columns).combine_chunks()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -49,12 +51,20 @@ def main(old: pathlib.Path, new: pathlib.Path) -> int:
         if not g.is_file():
             print(f"missing {rel}")
             differ += 1
-        elif f.suffix == ".parquet" and table_bytes(f) != table_bytes(g):
-            print(f"differs {rel}")
-            differ += 1
+        elif f.suffix == ".parquet":
+            old_cols = pq.read_schema(f).names
+            added = [c for c in pq.read_schema(g).names if c not in old_cols]
+            if added:
+                print(f"new columns in {rel}: {', '.join(added)}")
+            if table_bytes(f) != table_bytes(g, columns=old_cols):
+                print(f"differs {rel}")
+                differ += 1
         elif f.suffix == ".safetensors" and tensors(f) != tensors(g):
             print(f"differs {rel}")
             differ += 1
+    for g in sorted(p for p in new.rglob("*") if p.is_file() and p.suffix in (".parquet", ".safetensors")):
+        if not (old / g.relative_to(new)).is_file():
+            print(f"new file {g.relative_to(new)}")
     print(f"{compared} files compared, {differ} differ")
     return 1 if differ or compared == 0 else 0
 

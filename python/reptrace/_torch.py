@@ -1,16 +1,21 @@
 """Recording a PyTorch training loop through the Rust recorder.
 
 The :class:`Tracer` attaches forward hooks to the traced ``nn.Linear`` and
-``nn.Conv2d`` modules of any model. In each training step a hook keeps the
-layer's input ``a`` and registers a gradient hook on its output, which keeps
-``δ = ∂L/∂z`` when ``loss.backward()`` runs; :meth:`Tracer.step` turns them
-into the per-example factors (``u = a``, unfolded for Conv2d, and
-``v = −lr·δ``, or the full per-example update where that is smaller, by the
-rule of ``reptrace_format::Storage::for_conv2d``) and hands them to the
-recorder, then calls ``optimizer.step()``. In batch mode it records the whole
-update ``W_{t+1} − W_t`` of each traced layer around ``optimizer.step()``
-instead, for any optimizer. The hooks only read tensors: training with the
-tracer attached is bit-identical to training without it.
+``nn.Conv2d`` modules of any model. Each time a traced layer runs with
+gradients, a hook keeps the layer's input ``a`` and registers a gradient hook
+on its output, which keeps ``δ = ∂L/∂z`` when ``backward()`` runs; several
+forward/backward passes before one optimizer step (gradient accumulation) are
+kept in order. :meth:`Tracer.step` turns them into the per-example factors
+(``u = a``, unfolded for Conv2d, and ``v = −lr·κ·δ``, or the full per-example
+update where that is smaller, by the rule of
+``reptrace_format::Storage::for_conv2d``), checks them against the gradient
+the optimizer is about to apply (``.grad``: ``κ`` is the one scalar by which
+the two may differ, e.g. clipping by norm or a gradient scaler's scale), and
+hands them to the recorder, then calls ``optimizer.step()`` (or
+``scaler.step(optimizer)``). In batch mode it records the whole update
+``W_{t+1} − W_t`` of each traced layer around the optimizer step instead, for
+any optimizer. The hooks only read tensors: training with the tracer attached
+is bit-identical to training without it.
 
 Everything about the format, the files and the commits is done in Rust
 (``reptrace._reptrace.Recorder``); this module only collects tensors.
@@ -40,13 +45,41 @@ _OPTIMIZER_KINDS = {
     torch.optim.AdamW: "adamw",
 }
 
+# The hyper-parameters of an SGD parameter group that shape a record's
+# displacement (docs/method.md §5); weight and bias of a layer must agree on them.
+_SHAPING = ("lr", "momentum", "dampening", "nesterov", "maximize")
+
+# The precision a layer ran in, by the dtype of its output.
+_PRECISION = {torch.bfloat16: "bf16", torch.float16: "f16"}
+
+# Relative tolerance of the per-step gradient check, by precision: the
+# applied gradient and the records' sum are two summations of the same
+# products, in float32, or rounded to the low-precision type (unit roundoff
+# 2⁻⁸ for bf16, 2⁻¹¹ for f16) under autocast.
+CHECK_TOLERANCE = {"f32": 1e-4, "bf16": 3e-2, "f16": 4e-3}
+
+# κ stays 1 when the relative difference at κ = 1 is within this, or within
+# 4 times the difference left by the fitted κ: rounding, not scaling (a loop
+# without clipping records what it did before).
+_SCALE_SNAP = 1e-6
+
 
 def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return _PRECISION.get(dtype, "f32")
+
+
+def _lowest(precisions) -> str:
+    order = ["f32", "f16", "bf16"]
+    return max(precisions, key=order.index, default="f32")
+
+
 class _Layer:
-    """One traced module and what the current step captured of it."""
+    """One traced module and what the current step captured of it: one input
+    and one output gradient per forward/backward pass since the last step."""
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -54,14 +87,26 @@ class _Layer:
         self.kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         self.bias = module.bias is not None
         self.spec: dict | None = None  # manifest entry, once shapes are known
-        self.input: torch.Tensor | None = None
-        self.grad: torch.Tensor | None = None
+        self.group = 0  # index of the optimizer's param group holding the weight
+        self.bias_group = 0
+        self.inputs: list[torch.Tensor] = []
+        self.dtypes: list[torch.dtype] = []
+        self.grads: dict[int, torch.Tensor] = {}
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         out = [(f"{self.name}.weight", self.module.weight)]
         if self.bias:
             out.append((f"{self.name}.bias", self.module.bias))
         return out
+
+    def clear(self) -> None:
+        self.inputs = []
+        self.dtypes = []
+        self.grads = {}
+
+
+class _Refusal(Exception):
+    """A step the tracer cannot record exactly: the run stops at its last commit."""
 
 
 class Tracer:
@@ -75,7 +120,7 @@ class Tracer:
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                tracer.step(loss, ids, y)      # records, then optimizer.step()
+                tracer.step(loss, ids, y)      # checks, records, then optimizer.step()
             tracer.end_epoch()                 # weights snapshot + commit
         tracer.finish(probes=(x_test, y_test, test_ids))
 
@@ -83,17 +128,22 @@ class Tracer:
         model: any ``nn.Module``; its traced layers are the ``nn.Linear`` and
             ``nn.Conv2d`` modules named in ``layers`` (qualified names as in
             ``model.named_modules()``, e.g. ``"encoder.block1.conv"``), or all
-            of them.
-        optimizer: ``torch.optim.SGD`` in instance mode (momentum, dampening,
-            Nesterov and weight decay are read from it; the learning rate of
-            every step from its ``param_groups``); any optimizer in batch mode.
+            of them that the optimizer updates (frozen ones are listed in the
+            manifest as ``model.frozen``).
+        optimizer: ``torch.optim.SGD`` in instance mode (lr, momentum,
+            dampening, Nesterov and weight decay are read from each traced
+            layer's parameter group at every step); any optimizer in batch mode.
         run_dir: the run directory to create (missing or empty).
         classes: class names, indexed by label.
         mode: ``"instance"`` (each example's share of each update) or
             ``"batch"`` (each step's whole update, any optimizer).
         dtype: ``"f32"`` or ``"f16"`` storage of the factors.
         scheduler: the learning-rate scheduler, if any (only its name is
-            recorded; the rate each step used is read at the step).
+            recorded; the values each step used are read at the step).
+        scaler: a ``torch.amp.GradScaler``: ``step()`` then calls
+            ``scaler.step(optimizer)`` (call ``scaler.update()`` after it, as
+            usual), records the unscaled gradients and marks the steps the
+            scaler skips.
         name: the model's name in the manifest (default: its class name).
         settings: free-form JSON-able training settings kept in the manifest.
     """
@@ -109,6 +159,7 @@ class Tracer:
         mode: str = "instance",
         dtype: str = "f32",
         scheduler=None,
+        scaler=None,
         name: str | None = None,
         settings: dict | None = None,
     ):
@@ -116,6 +167,10 @@ class Tracer:
             raise InvalidInput(f"mode: {mode!r}, expected 'instance' or 'batch'")
         if dtype not in ("f32", "f16"):
             raise InvalidInput(f"dtype: {dtype!r}, expected 'f32' or 'f16'")
+        if scaler is not None and not (hasattr(scaler, "step") and hasattr(scaler, "unscale_")):
+            raise InvalidInput(
+                f"scaler: a {type(scaler).__name__}, expected a torch.amp.GradScaler"
+            )
         run_dir = Path(run_dir)
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise InvalidInput(
@@ -130,8 +185,11 @@ class Tracer:
         self.mode = mode
         self.dtype = dtype
         self.scheduler = scheduler
+        self.scaler = scaler
         self.name = name or type(model).__name__
         self.settings = dict(settings or {})
+        # The per-step gradient check; off only for the benchmark that measures its cost.
+        self._check = True
 
         modules = dict(model.named_modules())
         traceable = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -139,20 +197,11 @@ class Tracer:
             raise InvalidInput(
                 f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to trace"
             )
-        names = list(traceable) if layers is None else list(layers)
-        if not names:
-            raise InvalidInput("layers: empty; name at least one layer, or None for all")
+        self._param_group = {
+            id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
+        }
+        names, self._frozen = self._select(traceable, modules, layers)
         for n in names:
-            if n not in modules:
-                raise InvalidInput(
-                    f"unknown layer {n!r}; the model's Linear and Conv2d layers: "
-                    + ", ".join(traceable)
-                )
-            if n not in traceable:
-                raise InvalidInput(
-                    f"layer {n!r} is a {type(modules[n]).__name__}: only nn.Linear and "
-                    "nn.Conv2d layers can be traced"
-                )
             _reptrace.check_layer_name(n)
             m = modules[n]
             if isinstance(m, nn.Conv2d):
@@ -179,7 +228,7 @@ class Tracer:
                     f"{type(optimizer).__name__} in instance mode: only torch.optim.SGD "
                     "updates are sums of per-example shares; record in batch mode (mode='batch')"
                 )
-        self._groups = self._traced_groups()
+        self._assign_groups()
         self._optimizer_json = self._describe_optimizer()
 
         # W_0: the initial weights of the traced layers, kept until the
@@ -189,53 +238,120 @@ class Tracer:
         self._rec: _reptrace.Recorder | None = None
         self._step = 0
         self._epoch = 0
+        # The last step the latest weights snapshot includes (-1: the initial one).
+        self._snapshot_step = -1
         self._order: list[str] = []
         self._pending = None
         self._closed = False
         self._max_id = -1
+        self._generator: torch.Generator | None = None
         self._hooks = [l.module.register_forward_hook(self._forward) for l in self._layers]
-        # The model's output of the step's forward pass, for the `examples`
+        # The model's outputs of the step's forward passes, for the `examples`
         # table (each example's loss and prediction).
-        self._output = None
+        self._outputs: list[torch.Tensor] = []
         self._explicit_logits = False
         self._hooks.append(model.register_forward_hook(self._model_output))
 
     # ------------------------------------------------------------ set-up
 
-    def _traced_groups(self) -> list[dict]:
-        """The optimizer's parameter groups that hold traced parameters,
-        checked to agree on every hyper-parameter the method uses."""
-        ids = {id(p) for l in self._layers for _, p in l.params()}
-        groups = [g for g in self.optimizer.param_groups if any(id(p) in ids for p in g["params"])]
-        held = {id(p) for g in groups for p in g["params"]}
-        missing = [l.name for l in self._layers if any(id(p) not in held for _, p in l.params())]
-        if missing:
-            raise InvalidInput(
-                f"the optimizer does not update layer(s) {', '.join(missing)}: traced "
-                "parameters must be in its param_groups"
+    def _trains(self, p: torch.Tensor) -> bool:
+        return p.requires_grad and id(p) in self._param_group
+
+    def _select(self, traceable: dict, modules: dict, layers) -> tuple[list[str], list[str]]:
+        """The layers to trace and the frozen ones left out: with ``layers``
+        None every layer the optimizer updates; a layer must train whole."""
+        def state(m) -> str:
+            ps = [m.weight] + ([m.bias] if m.bias is not None else [])
+            trains = [self._trains(p) for p in ps]
+            return "trains" if all(trains) else ("frozen" if not any(trains) else "partly")
+
+        def partly(n, m) -> InvalidInput:
+            w = "trains" if self._trains(m.weight) else "is frozen"
+            b = "trains" if self._trains(m.bias) else "is frozen"
+            return InvalidInput(
+                f"layer {n!r}: its weight {w} and its bias {b}; a layer is traced whole "
+                "(freeze both or neither, or leave it out with layers=[...])"
             )
-        if self.mode == "instance":
-            keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
-            first = {k: groups[0].get(k) for k in keys}
-            for g in groups[1:]:
-                for k in keys:
-                    if g.get(k) != first[k]:
-                        raise InvalidInput(
-                            f"the traced layers are in parameter groups with different {k} "
-                            f"({first[k]} and {g.get(k)}); put them in one group"
-                        )
-            if first.get("maximize"):
-                raise InvalidInput("SGD with maximize=True is not traced")
-        return groups
+
+        if layers is None:
+            names, frozen = [], []
+            for n, m in traceable.items():
+                st = state(m)
+                if st == "partly":
+                    raise partly(n, m)
+                (names if st == "trains" else frozen).append(n)
+            if not names:
+                raise InvalidInput(
+                    f"every nn.Linear and nn.Conv2d layer of {type(self.model).__name__} is "
+                    "frozen (requires_grad=False, or not in the optimizer's param_groups): "
+                    "nothing to trace"
+                )
+            return names, frozen
+        names = list(layers)
+        if not names:
+            raise InvalidInput("layers: empty; name at least one layer, or None for all")
+        for n in names:
+            if n not in modules:
+                raise InvalidInput(
+                    f"unknown layer {n!r}; the model's Linear and Conv2d layers: "
+                    + ", ".join(traceable)
+                )
+            if n not in traceable:
+                raise InvalidInput(
+                    f"layer {n!r} is a {type(modules[n]).__name__}: only nn.Linear and "
+                    "nn.Conv2d layers can be traced"
+                )
+            st = state(modules[n])
+            if st == "partly":
+                raise partly(n, modules[n])
+            if st == "frozen":
+                raise InvalidInput(
+                    f"layer {n!r} is frozen (requires_grad=False, or not in the optimizer's "
+                    "param_groups): the optimizer does not update it, so there is nothing "
+                    "to trace; leave it out of layers=[...]"
+                )
+        return names, []
+
+    def _assign_groups(self) -> None:
+        """Each traced layer follows the parameter group of its weight; its
+        bias may sit in another group that agrees on every hyper-parameter
+        that shapes a record (weight decay may differ: it is the residual)."""
+        groups = self.optimizer.param_groups
+        for l in self._layers:
+            l.group = self._param_group[id(l.module.weight)]
+            l.bias_group = self._param_group[id(l.module.bias)] if l.bias else l.group
+            if self.mode == "instance":
+                self._agree(l)
+                if groups[l.group].get("maximize"):
+                    raise InvalidInput(
+                        f"layer {l.name!r}: SGD with maximize=True is not traced"
+                    )
+
+    def _agree(self, l: _Layer, step: int | None = None) -> None:
+        if l.bias_group == l.group:
+            return
+        gw, gb = self.optimizer.param_groups[l.group], self.optimizer.param_groups[l.bias_group]
+        for k in _SHAPING:
+            if gw.get(k) != gb.get(k):
+                at = "" if step is None else f" at step {step}"
+                message = (
+                    f"layer {l.name!r}: its weight (param group {l.group}) and bias (param "
+                    f"group {l.bias_group}) have different {k}{at} ({gw.get(k)} and "
+                    f"{gb.get(k)}); a record holds one update of the whole layer: give "
+                    "them the same settings or one group"
+                )
+                raise InvalidInput(message) if step is None else _Refusal(message)
 
     def _describe_optimizer(self) -> dict:
-        g = self._groups[0]
+        g = self.optimizer.param_groups[self._layers[0].group]
         kind = next(
             (k for cls, k in _OPTIMIZER_KINDS.items() if type(self.optimizer) is cls), "other"
         )
         self.settings.setdefault("optimizer", type(self.optimizer).__name__)
         self.settings.setdefault("producer", "reptrace python package (PyTorch "
                                  + torch.__version__ + ")")
+        if len({l.group for l in self._layers} | {l.bias_group for l in self._layers}) > 1:
+            self.settings.setdefault("param_groups", len(self.optimizer.param_groups))
         schedule = (
             type(self.scheduler).__name__ if self.scheduler is not None else "param_groups lr"
         )
@@ -298,7 +414,7 @@ class Tracer:
         input_shape: list[int] = []
         for n in order:
             l = by_name[n]
-            x = l.input
+            x = l.inputs[0]
             if l.kind == "linear":
                 l.spec = {
                     "kind": "linear",
@@ -349,6 +465,8 @@ class Tracer:
             "structure": "traced_layers",
             "modules": modules,
         }
+        if self._frozen:
+            model["frozen"] = self._frozen
         self._rec = _reptrace.Recorder(
             str(self.run_dir),
             json.dumps(model),
@@ -370,7 +488,7 @@ class Tracer:
 
     def _model_output(self, module, inputs, output):
         if not self._closed and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-            self._output = output.detach()
+            self._outputs.append(output.detach())
 
     def _examples(self, logits, labels: np.ndarray):
         """Each example's cross-entropy and predicted class from the step's
@@ -400,50 +518,28 @@ class Tracer:
         if not output.requires_grad:
             return
         layer = self._by_module[id(module)]
-        if layer.input is not None:
-            raise InvalidInput(
-                f"layer {layer.name!r} ran twice in one step: a module used more than once "
-                "per step (shared weights) cannot be traced; call tracer.step() after each backward"
-            )
-        layer.input = inputs[0].detach()
+        k = len(layer.inputs)
+        layer.inputs.append(inputs[0].detach())
+        layer.dtypes.append(output.dtype)
         if layer.name not in self._order:
             self._order.append(layer.name)
 
-        def keep(grad, layer=layer):
-            layer.grad = grad.detach()
+        def keep(grad, layer=layer, k=k):
+            layer.grads[k] = grad.detach()
 
         output.register_hook(keep)
 
     def _clear(self) -> None:
         for l in self._layers:
-            l.input = None
-            l.grad = None
+            l.clear()
+        self._outputs = []
 
     # ------------------------------------------------------------ steps
 
-    def _lr(self) -> float:
-        lrs = {float(g["lr"]) for g in self._groups}
-        if len(lrs) != 1 and self.mode == "instance":
-            raise InvalidInput(
-                f"the traced layers' parameter groups have different learning rates {sorted(lrs)}"
-            )
-        return lrs.pop()
-
-    def step(self, loss, ids, labels, *, logits=None) -> None:
-        """Records this training step and then calls ``optimizer.step()``:
-        call it after ``loss.backward()``, in place of ``optimizer.step()``.
-
-        ``ids`` are the batch's instance ids (e.g. the data set indices),
-        ``labels`` their classes, both in the batch's order.
-
-        Each example's loss (cross-entropy), predicted class and probability
-        of its label go into the ``examples`` table, computed from
-        ``logits`` (batch × classes, logits or log-probabilities) or, when
-        not given, from the model's output of this step's forward pass when
-        that is a (batch, classes) tensor."""
-        if self._closed:
-            raise RecordError(f"{self.run_dir}: the tracer is finished")
-        missing = [l.name for l in self._layers if l.grad is None]
+    def _passes(self) -> list[int]:
+        """The batch size of each forward/backward pass since the last step
+        (one per micro-batch), checked to be the same for every traced layer."""
+        missing = [l.name for l in self._layers if not l.grads]
         if len(missing) == len(self._layers):
             raise InvalidInput(
                 "step() before loss.backward(): no gradient has reached the traced layers "
@@ -454,24 +550,104 @@ class Tracer:
                 f"no gradient reached layer(s) {', '.join(missing)} in this step; "
                 "trace only layers that take part in the loss (layers=[...])"
             )
-        batch = int(self._layers[0].input.shape[0])
+        first = self._layers[0]
+        sizes = [int(x.shape[0]) for x in first.inputs]
         for l in self._layers:
-            if int(l.input.shape[0]) != batch:
+            calls = len(l.inputs)
+            if calls != len(first.inputs):
                 raise InvalidInput(
-                    f"layer {l.name!r} saw {int(l.input.shape[0])} examples, layer "
-                    f"{self._layers[0].name!r} {batch}: every traced layer must see the batch"
+                    f"layer {l.name!r} ran {calls} times since the last step and layer "
+                    f"{first.name!r} {len(first.inputs)} times: each traced layer must run once "
+                    "per forward pass (a module used twice in one pass is not traced yet)"
                 )
-            if l.kind == "linear" and l.input.dim() != 2:
+            if len(l.grads) != calls:
                 raise InvalidInput(
-                    f"layer {l.name!r}: input of shape {tuple(l.input.shape)}; Linear layers "
-                    "are traced for inputs of shape (batch, features)"
+                    f"layer {l.name!r} ran {calls} times since the last step but "
+                    f"{len(l.grads)} backward pass(es) reached it: run evaluation under "
+                    "torch.no_grad(), and call backward() once per forward pass"
                 )
+            for k, x in enumerate(l.inputs):
+                if int(x.shape[0]) != sizes[k]:
+                    raise InvalidInput(
+                        f"layer {l.name!r} saw {int(x.shape[0])} examples, layer "
+                        f"{first.name!r} {sizes[k]}: every traced layer must see the batch"
+                    )
+                if l.kind == "linear" and x.dim() != 2:
+                    raise InvalidInput(
+                        f"layer {l.name!r}: input of shape {tuple(x.shape)}; Linear layers "
+                        "are traced for inputs of shape (batch, features)"
+                    )
+        return sizes
+
+    def _hyper(self, l: _Layer) -> dict:
+        """The layer's parameter group's values for this step."""
+        self._agree(l, self._step)
+        g = self.optimizer.param_groups[l.group]
+        if self.mode == "instance" and g.get("maximize"):
+            raise _Refusal(f"layer {l.name!r}: SGD with maximize=True is not traced")
+        return {
+            "lr": float(g["lr"]),
+            "momentum": float(g.get("momentum", 0.0) or 0.0),
+            "dampening": float(g.get("dampening", 0.0) or 0.0),
+            "nesterov": bool(g.get("nesterov", False)),
+            "weight_decay": float(g.get("weight_decay", 0.0) or 0.0),
+        }
+
+    def _skips(self) -> bool:
+        """With a gradient scaler: unscales the gradients (unless the loop
+        did, e.g. to clip them) and tells whether the scaler will skip the
+        step, i.e. whether some gradient of the optimizer is inf or NaN."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return False
+        try:
+            self.scaler.unscale_(self.optimizer)
+        except RuntimeError as e:
+            if "already been called" not in str(e):
+                raise
+        grads = [
+            p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
+        if not grads:
+            return False
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        return not bool(finite)
+
+    def step(self, loss, ids, labels, *, logits=None) -> None:
+        """Records this training step and then calls ``optimizer.step()``
+        (``scaler.step(optimizer)`` with a scaler): call it after
+        ``backward()``, in place of the optimizer step.
+
+        ``ids`` are the batch's instance ids (e.g. the data set indices),
+        ``labels`` their classes, both in the batch's order; with gradient
+        accumulation, those of every micro-batch since the last step, in the
+        order they ran. ``loss`` is the step's loss as you count it (recorded
+        in ``steps.loss``).
+
+        Before the optimizer step, each traced layer's gradient (``.grad``)
+        is checked against the sum of the per-example gradients the step
+        records: they may differ by one scalar per layer (clipping by norm,
+        a gradient scaler), which is measured and folded into the records;
+        any other difference stops the run at its last commit with a
+        :class:`RecordError`.
+
+        Each example's loss (cross-entropy), predicted class and probability
+        of its label go into the ``examples`` table, computed from
+        ``logits`` (batch × classes, logits or log-probabilities) or, when
+        not given, from the model's outputs of this step's forward passes
+        when those are (batch, classes) tensors."""
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        sizes = self._passes()
+        batch = sum(sizes)
         ids = _ints(ids, np.int64, "ids")
         labels = _ints(labels, np.int32, "labels")
+        passes = f" in {len(sizes)} forward passes" if len(sizes) > 1 else ""
         if len(ids) != batch:
-            raise InvalidInput(f"ids: {len(ids)} ids for a batch of {batch} examples")
+            raise InvalidInput(f"ids: {len(ids)} ids for a batch of {batch} examples{passes}")
         if len(labels) != batch:
-            raise InvalidInput(f"labels: {len(labels)} labels for a batch of {batch} examples")
+            raise InvalidInput(
+                f"labels: {len(labels)} labels for a batch of {batch} examples{passes}"
+            )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise InvalidInput(
                 f"labels: values must be in 0..{len(self.classes) - 1} ({len(self.classes)} classes)"
@@ -480,57 +656,226 @@ class Tracer:
         if self._rec is None:
             self._start()
         if not math.isfinite(value):
-            self._flush_pending()
-            self._rec.abort(f"non-finite loss {value} at step {self._step}")
-            self._close()
-            raise RecordError(
-                f"non-finite loss {value} at step {self._step}: {self.run_dir} stays readable "
-                "up to its last commit and is marked aborted"
+            self._stop(
+                f"non-finite loss {value} at step {self._step}",
+                f"non-finite loss {value} at step {self._step}",
             )
-        lr = self._lr()
         self._explicit_logits = logits is not None
-        examples = self._examples(logits if logits is not None else self._output, labels)
-        self._output = None
+        if logits is None and self._outputs and sum(len(o) for o in self._outputs) == batch:
+            logits = torch.cat(self._outputs) if len(self._outputs) > 1 else self._outputs[0]
+        examples = self._examples(logits, labels)
         self._max_id = max(self._max_id, int(ids.max()) if len(ids) else -1)
+        lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
+        try:
+            if self._skips():
+                self._record_skipped(batch, value, ids, labels, examples, lr)
+            elif self.mode == "instance":
+                self._record_instance(batch, value, ids, labels, examples, lr)
+            else:
+                self._record_batch(batch, value, ids, labels, examples, lr)
+        except _Refusal as e:
+            self._stop(str(e), str(e))
+        finally:
+            self._clear()
+        self._step += 1
+
+    def _stop(self, reason: str, message: str) -> None:
+        """Ends the run, marked aborted, and raises: the steps recorded so
+        far are committed with a snapshot of the weights they led to (the
+        optimizer has not applied the refused step), so the run is analysed
+        up to its last good step."""
+        self._flush_pending()
+        if self._step - 1 > self._snapshot_step:
+            self._rec.weights(*self._unpack(self._weights()))
+        self._rec.abort(reason)
+        self._close()
+        raise RecordError(
+            f"{message}: {self.run_dir} stays readable up to its last commit and is marked "
+            "aborted"
+        )
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+
+    def _record_skipped(self, batch, value, ids, labels, examples, lr) -> None:
+        """A step the gradient scaler skips: a `steps` row marked skipped,
+        the examples, no update."""
+        self._flush_pending()
+        self._rec.step(self._step, self._epoch, lr, batch, value, skipped=True)
+        if examples is not None:
+            self._rec.examples(self._step, self._epoch, ids, labels, *examples)
+        self._optimizer_step()
+
+    def _record_instance(self, batch, value, ids, labels, examples, lr) -> None:
+        layers = []
+        for l in self._layers:
+            h = self._hyper(l)
+            u, g = self._raw_factors(l)
+            precision = _lowest(_precision(d) for d in l.dtypes)
+            layers.append((l, h, u, g, precision, self._check_terms(l, u, g)))
+        # One synchronisation for the checks of every layer.
+        terms = [t for *_, t in layers if t is not None]
+        values = iter(torch.stack(terms).tolist() if terms else [])
+        factors, rows = [], []
+        for l, h, u, g, precision, t in layers:
+            if t is None:
+                scale, check, norm = 1.0, None, None
+            else:
+                scale, check, norm = self._verdict(l, next(values), precision)
+            if h["lr"] == 0.0:
+                scale = 1.0
+            factors.append((l.name, *self._factors(l, u, g, -h["lr"] * scale)))
+            rows.append((l.name, l.group, h["lr"], h["momentum"], h["dampening"],
+                         h["nesterov"], h["weight_decay"], scale, check, norm, precision))
         self._flush_pending()
         self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
-        if self.mode == "instance":
-            factors = [(l.name, *self._factors(l, lr)) for l in self._layers]
-            self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
-            self.optimizer.step()
-        else:
-            before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
-            self.optimizer.step()
-            deltas = []
-            for l, old in zip(self._layers, before):
-                parts = [
-                    (p.detach().double() - o.double()).reshape(-1)
-                    for (_, p), o in zip(l.params(), old)
-                ]
-                deltas.append(torch.cat(parts).float())
-            host = _to_host([(l.name, d, None) for l, d in zip(self._layers, deltas)])
-            self._pending = (self._step, self._epoch, ids, labels, host)
-        self._clear()
-        self._step += 1
+        self._rec.layer_steps(self._step, self._epoch, rows)
+        self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
+        self._optimizer_step()
 
-    def _factors(self, l: _Layer, lr: float):
-        """(u, v) of one layer for the batch, on the device, rows = examples."""
-        a = l.input.float()
-        g = l.grad.float()
-        b = a.shape[0]
+    def _record_batch(self, batch, value, ids, labels, examples, lr) -> None:
+        self._flush_pending()
+        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if examples is not None:
+            self._rec.examples(self._step, self._epoch, ids, labels, *examples)
+        before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+        self._optimizer_step()
+        deltas = []
+        for l, old in zip(self._layers, before):
+            parts = [
+                (p.detach().double() - o.double()).reshape(-1)
+                for (_, p), o in zip(l.params(), old)
+            ]
+            deltas.append(torch.cat(parts).float())
+        host = _to_host([(l.name, d, None) for l, d in zip(self._layers, deltas)])
+        self._pending = (self._step, self._epoch, ids, labels, host)
+
+    def _raw_factors(self, l: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, δ) of every example of the step, in float32, rows = examples:
+        the layer's input as the layer used it (cast to the precision it ran
+        in under autocast; unfolded for Conv2d, examples × K × P) and the
+        gradient at its output (Conv2d: examples × C_out × P)."""
+        us, gs = [], []
+        for k, x in enumerate(l.inputs):
+            out = l.dtypes[k]
+            if x.is_floating_point() and out in _PRECISION and x.dtype != out:
+                x = x.to(out)  # what autocast fed the layer
+            a = x.float()
+            g = l.grads[k].float()
+            if l.kind == "conv2d":
+                s = l.spec
+                a = F.unfold(a, s["kernel"], dilation=s["dilation"], padding=s["padding"],
+                             stride=s["stride"])
+                g = g.reshape(g.shape[0], s["out_channels"], -1)
+            us.append(a)
+            gs.append(g)
+        if len(us) == 1:
+            return us[0], gs[0]
+        return torch.cat(us), torch.cat(gs)
+
+    def _check_terms(self, l: _Layer, u: torch.Tensor, g: torch.Tensor):
+        """The gradient check's terms for one layer, on the device (no
+        synchronisation), or None when the check is off.
+
+        The gradient the optimizer is about to apply, ``[∇W | ∇b]``, is
+        compared with the sum of the step's per-example gradients
+        ``Σ_i g_i [u_i | 1]ᵀ`` along a random direction ``r`` drawn each
+        step: ``a = ∇W r_w + r_b ∇b`` against ``f = Σ_i g_i (u_i·r_w + r_b)``
+        (matrix-vector products instead of a second weight gradient).
+        Returns ``[‖a − f‖², ‖a − κf‖², ‖a‖², ‖m‖², κ, ‖(∇W, ∇b)‖²]`` with
+        ``κ = a·f / f·f`` the least-squares scale between the two and
+        ``m = Σ_i |g_i| |u_i·r_w + r_b|`` the magnitude of the summed terms,
+        which the relative difference is taken against."""
+        w = l.module.weight
+        gw = w.grad
+        gb = l.module.bias.grad if l.bias else None
+        if gw is None or (l.bias and gb is None):
+            raise _Refusal(
+                f"layer {l.name!r} at step {self._step}: no .grad on its parameters right "
+                "before the optimizer step (set to None after backward()?)"
+            )
+        if not self._check:
+            return None
+        gw = gw.detach().reshape(gw.shape[0], -1).float()
+        n_in = gw.shape[1]
+        if self._generator is None or self._generator.device != gw.device:
+            self._generator = torch.Generator(device=gw.device).manual_seed(0x7E9)
+        r = torch.randn(n_in + 1, generator=self._generator, device=gw.device)
+        rw = r[:n_in]
         if l.kind == "linear":
-            return a.contiguous(), (g * -lr).contiguous()
-        s = l.spec
-        u = F.unfold(a, s["kernel"], dilation=s["dilation"], padding=s["padding"], stride=s["stride"])
-        v = (g * -lr).reshape(b, s["out_channels"], -1)
-        if s["storage"] == "factors":
+            ur = u @ rw  # (B,)
+        else:
+            ur = torch.einsum("bkp,k->bp", u, rw)  # (B, P)
+        applied = gw @ rw
+        norm2 = torch.linalg.vector_norm(gw).square()
+        if l.bias:
+            gb = gb.detach().reshape(-1).float()
+            ur = ur + r[n_in]
+            applied = applied + r[n_in] * gb
+            norm2 = norm2 + torch.linalg.vector_norm(gb).square()
+        if l.kind == "linear":
+            rec = ur @ g
+            mag = ur.abs() @ g.abs()
+        else:
+            rec = torch.einsum("bcp,bp->c", g, ur)
+            mag = torch.einsum("bcp,bp->c", g.abs(), ur.abs())
+        ff = rec @ rec
+        kappa = (applied @ rec) / ff
+        d1 = applied - rec
+        dk = applied - kappa * rec
+        return torch.stack([d1 @ d1, dk @ dk, applied @ applied, mag @ mag, kappa, norm2])
+
+    def _verdict(self, l: _Layer, terms: list[float], precision: str):
+        """``(κ, relative difference, ‖(∇W, ∇b)‖)`` from the check's terms;
+        raises :class:`_Refusal` when the applied gradient and the records
+        differ by more than one scale. ``κ`` stays 1 unless a scale explains
+        the difference better than rounding does."""
+        d1, dk, aa, mm, kappa, norm2 = terms
+        if not all(math.isfinite(x) for x in (aa, mm, norm2)):
+            raise _Refusal(
+                f"layer {l.name!r} at step {self._step}: the gradient holds inf or NaN "
+                "(use a torch.amp.GradScaler through Tracer(scaler=...), or lower the lr)"
+            )
+        mag = math.sqrt(mm)
+
+        def rel(diff2: float, k: float) -> float:
+            denom = abs(k) * mag
+            if denom > 0:
+                return math.sqrt(max(diff2, 0.0)) / denom
+            return 0.0 if aa == 0 else math.inf
+
+        scale, relative = 1.0, rel(d1, 1.0)
+        if math.isfinite(kappa) and relative > max(_SCALE_SNAP, 4 * rel(dk, kappa)):
+            scale, relative = kappa, rel(dk, kappa)
+        tol = CHECK_TOLERANCE[precision]
+        if relative > tol:
+            raise _Refusal(
+                f"layer {l.name!r} at step {self._step}: the gradient the optimizer is about "
+                f"to apply differs from the sum of the recorded per-example gradients by "
+                f"{relative:.3g} (relative, {precision}; tolerance {tol:g}) beyond one scale "
+                "factor: something edits gradients between backward() and the step "
+                "(value clipping, noise, a gradient hook), which cannot be traced"
+            )
+        return scale, relative, math.sqrt(max(norm2, 0.0))
+
+    def _factors(self, l: _Layer, u: torch.Tensor, g: torch.Tensor, factor: float):
+        """(u, v) of one layer for the step, on the device, rows = examples;
+        ``v = factor·g`` (``−lr·κ·δ``), or the full per-example update."""
+        b = u.shape[0]
+        v = g * factor
+        if l.kind == "linear":
+            return u.contiguous(), v.contiguous()
+        if l.spec["storage"] == "factors":
             return u.reshape(b, -1), v.reshape(b, -1)
         dw = torch.bmm(v, u.transpose(1, 2)).reshape(b, -1)
         if l.bias:
             dw = torch.cat([dw, v.sum(dim=2)], dim=1)
-        return torch.empty((b, 0), device=a.device), dw
+        return torch.empty((b, 0), device=u.device), dw
 
     def _flush_pending(self) -> None:
         """Hands the previous step's factors to the recorder: their copies
@@ -564,6 +909,7 @@ class Tracer:
             return
         self._flush_pending()
         self._rec.weights(*self._unpack(self._weights()))
+        self._snapshot_step = self._step - 1
         self._rec.commit()
         # The commit is done when this returns: durable and visible.
         self._rec.flush()

@@ -52,8 +52,9 @@ def synthetic(n: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     return (protos[labels] + noise).clamp(0, 1), labels
 
 
-def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path) -> float:
-    """Seconds for `steps` training steps (and finish() when traced)."""
+def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool = True) -> float:
+    """Seconds for `steps` training steps (and finish() when traced); `check`
+    False turns the tracer's per-step gradient check off (scripts/bench/check.py)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -61,6 +62,7 @@ def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path) -> float:
     start = time.perf_counter()
     if traced:
         tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)], dtype=dtype)
+        tracer._check = check
     n = x.shape[0]
     batches = n // BATCH
     for step in range(steps):

@@ -81,6 +81,7 @@ fn model() -> Model {
                 traced: true,
             }),
         ],
+        frozen: Vec::new(),
     }
 }
 
@@ -139,6 +140,7 @@ fn write_trace(dir: &Path, records: usize, probes: usize) {
             lr: 0.05,
             batch_size: batch as i32,
             loss: 1.0,
+            skipped: false,
         })
         .expect("step");
         let inst: Vec<i64> = (0..batch)

@@ -35,6 +35,7 @@
 //! #     modules: vec![Module::Linear(LinearSpec {
 //! #         name: "fc".into(), in_features: 2, out_features: 1, bias: false, traced: true,
 //! #     })],
+//! #     frozen: vec![],
 //! # };
 //! # let mut rec = Recorder::builder(&dir)
 //! #     .model(model)
@@ -45,7 +46,7 @@
 //! # let initial = [NamedTensor { name: "fc.weight", shape: &[1, 2], data: &[0.0, 0.0] }];
 //! # rec.weights(&initial)?;
 //! # rec.commit()?;
-//! # rec.step(StepRow { step: 0, epoch: 0, lr: 0.1, batch_size: 2, loss: 0.7 })?;
+//! # rec.step(StepRow { step: 0, epoch: 0, lr: 0.1, batch_size: 2, loss: 0.7, skipped: false })?;
 //! # // ΔW = v uᵀ per instance: [0.5, 0] and [0, -0.25].
 //! # rec.updates("fc", UpdateBatch {
 //! #     step: 0, epoch: 0, instance_ids: &[0, 1], labels: &[0, 1],

@@ -139,6 +139,36 @@ pub(crate) fn i32s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<i
     Ok(a.values().to_vec())
 }
 
+/// The values of a Boolean column, nulls as `None`.
+pub(crate) fn bools(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Option<bool>>> {
+    let a = column(batch, path, name)?;
+    let a = a.as_boolean_opt().ok_or_else(|| {
+        bad(
+            path,
+            name,
+            format!("type {}, expected Boolean", a.data_type()),
+        )
+    })?;
+    Ok(a.iter().collect())
+}
+
+/// The values of a Float64 column that may hold nulls.
+pub(crate) fn f64s_opt(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Option<f64>>> {
+    nullable::<Float64Type>(batch, path, name)
+}
+
+/// The values of a Utf8 column (nulls rejected).
+pub(crate) fn strings(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<String>> {
+    let a = column(batch, path, name)?;
+    let a = a
+        .as_string_opt::<i32>()
+        .ok_or_else(|| bad(path, name, format!("type {}, expected Utf8", a.data_type())))?;
+    if a.null_count() > 0 {
+        return Err(bad(path, name, "has nulls".into()));
+    }
+    Ok(a.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
+}
+
 /// The values of a Float64 column (nulls rejected).
 pub(crate) fn f64s(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<f64>> {
     let a = column(batch, path, name)?;

@@ -2,11 +2,14 @@
 //! displacement scale of each step, and a streaming pass over one layer's
 //! records (read on a background thread, bounded queue).
 use crate::kernel::{self, Geometry};
-use crate::records::{RecordReader, Records, f64s, i64s, open_columns};
+use crate::records::{RecordReader, Records, bools, f64s, f64s_opt, i64s, open_columns, strings};
 use crate::session::Run;
 use crate::weights::{LayerWeights, Snapshot};
 use crate::{Error, Result};
-use reptrace_format::{Mode, Table, TracedLayer, col, displacement_scales};
+use reptrace_format::{
+    Mode, StepHyper, Table, TracedLayer, col, column_since, sgd_displacement_scales,
+};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
 
@@ -21,8 +24,69 @@ pub struct Setup {
     pub last_path: String,
     /// The last step that `last` includes.
     pub as_of: i64,
-    /// Displacement scale of each step `0..=as_of` (1 in batch mode).
+    /// Per traced layer: the displacement scales and what the steps applied.
+    layers: HashMap<String, LayerHistory>,
+}
+
+/// The floating-point type a layer's forward and backward pass ran in
+/// (`layer_steps.precision`), lowest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Precision {
+    /// float32 (and runs that record no precision).
+    F32,
+    /// float16 (autocast).
+    F16,
+    /// bfloat16 (autocast).
+    Bf16,
+}
+
+impl Precision {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The name as `layer_steps` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// Unit roundoff of the type: the relative rounding of one value.
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            Self::F32 => f64::from(f32::EPSILON) / 2.0,
+            Self::F16 => 1.0 / 2048.0,
+            Self::Bf16 => 1.0 / 256.0,
+        }
+    }
+}
+
+/// What the steps of the replay did to one traced layer.
+#[derive(Debug, Clone)]
+pub struct LayerHistory {
+    /// Displacement scale `σ_s = λ_s / η_s` of each step `0..=as_of` (1 in
+    /// batch mode, 0 for skipped steps).
     pub scales: Vec<f64>,
+    /// Whether some step applied weight decay to the layer: its residual is
+    /// then expected (docs/method.md §5).
+    pub weight_decay: bool,
+    /// The lowest precision a step of the layer ran in.
+    pub precision: Precision,
+    /// `Σ_t σ_t η_t ‖g_t‖` over the steps with a recorded gradient norm: how
+    /// far the applied gradients moved the layer, rounding included; the
+    /// scale of the rounding bound of low-precision steps.
+    pub applied: f64,
+    /// Whether the run has `layer_steps` rows for the layer (format 7
+    /// producers in instance mode).
+    pub per_step: bool,
 }
 
 impl Setup {
@@ -39,33 +103,39 @@ impl Setup {
         // The snapshot the probes were taken against; without probes the latest.
         let (last_rel, as_of) = match m.analysis_probes() {
             Some(a) => (a.weights, a.step),
-            None => m
-                .latest_weights()
-                .ok_or_else(|| incomplete("no weights snapshot is committed".into()))?,
+            None => m.latest_weights().ok_or_else(|| {
+                incomplete("no weights snapshot after a training step is committed".into())
+            })?,
         };
         let as_of = as_of
             .ok_or_else(|| {
                 incomplete("no weights snapshot after a training step is committed".into())
             })?
             .0;
-        let lrs = learning_rates(run, as_of)?;
-        let scales = match m.mode {
-            // Batch records are the weight changes themselves.
-            Mode::Batch => vec![1.0; lrs.len()],
-            Mode::Instance => displacement_scales(
-                &lrs,
-                m.optimizer.momentum,
-                m.optimizer.dampening,
-                m.optimizer.nesterov,
-            ),
-        };
+        let steps = step_rows(run, as_of)?;
+        let mut per_layer = layer_rows(run, as_of)?;
+        let mut layers = HashMap::new();
+        for layer in m.model.traced_layers() {
+            let rows = per_layer.remove(layer.name()).unwrap_or_default();
+            layers.insert(
+                layer.name().to_owned(),
+                LayerHistory::of(run, layer.name(), &steps, rows)?,
+            );
+        }
         Ok(Setup {
             initial: Snapshot::read(&run.path(initial_rel))?,
             last: Snapshot::read(&run.path(last_rel))?,
             last_path: last_rel.to_owned(),
             as_of,
-            scales,
+            layers,
         })
+    }
+
+    /// What the steps did to `layer`.
+    pub fn history(&self, layer: &str) -> Result<&LayerHistory> {
+        self.layers
+            .get(layer)
+            .ok_or_else(|| Error::Internal(format!("no step history for layer {layer:?}")))
     }
 
     /// `W_T − W_0` of a layer.
@@ -73,9 +143,10 @@ impl Setup {
         Ok(self.last.layer(layer)?.minus(&self.initial.layer(layer)?))
     }
 
-    /// Displacement scale of each record of `recs`, and whether it belongs
-    /// to the replay (its step is at most `as_of`).
-    pub fn record_scales(&self, recs: &Records) -> Result<Vec<f64>> {
+    /// Displacement scale of each record of `recs` (records of `layer`),
+    /// and whether it belongs to the replay (its step is at most `as_of`).
+    pub fn record_scales(&self, layer: &str, recs: &Records) -> Result<Vec<f64>> {
+        let scales = &self.history(layer)?.scales;
         recs.step
             .iter()
             .map(|&s| {
@@ -86,24 +157,120 @@ impl Setup {
                 } else {
                     // Records after the snapshot are not part of W_T: scale 0
                     // keeps them out of every sum.
-                    Ok(self.scales.get(s as usize).copied().unwrap_or(0.0))
+                    Ok(scales.get(s as usize).copied().unwrap_or(0.0))
                 }
             })
             .collect()
     }
 }
 
-/// The learning rate of every step `0..=as_of`, from the committed `steps` table.
-fn learning_rates(run: &Run, as_of: i64) -> Result<Vec<f64>> {
+impl LayerHistory {
+    /// The history of one layer from the `steps` rows and the layer's
+    /// `layer_steps` rows (none before format 7, or from producers that
+    /// record none: then the manifest's optimizer and `steps.lr` hold).
+    fn of(run: &Run, layer: &str, steps: &[StepInfo], rows: Vec<Option<LayerRow>>) -> Result<Self> {
+        let m = run.manifest();
+        let per_step = rows.iter().any(Option::is_some);
+        if m.mode == Mode::Batch {
+            // Batch records are the weight changes themselves.
+            return Ok(Self {
+                scales: vec![1.0; steps.len()],
+                weight_decay: false,
+                precision: Precision::F32,
+                applied: 0.0,
+                per_step,
+            });
+        }
+        let o = &m.optimizer;
+        let mut hyper = Vec::with_capacity(steps.len());
+        let mut weight_decay = !per_step && o.weight_decay != 0.0;
+        let mut precision = Precision::F32;
+        for (s, step) in steps.iter().enumerate() {
+            let row = rows.get(s).cloned().flatten();
+            let h = match (&row, per_step) {
+                _ if step.skipped => StepHyper {
+                    skipped: true,
+                    ..StepHyper::default()
+                },
+                (Some(r), _) => {
+                    weight_decay |= r.weight_decay != 0.0;
+                    precision = precision.max(r.precision);
+                    r.hyper
+                }
+                (None, false) => StepHyper {
+                    lr: step.lr,
+                    momentum: o.momentum,
+                    dampening: o.dampening,
+                    nesterov: o.nesterov,
+                    skipped: false,
+                },
+                (None, true) => {
+                    return Err(Error::Incomplete {
+                        run: run.dir().to_path_buf(),
+                        message: format!("layer_steps has no row for step {s} of layer {layer}"),
+                    });
+                }
+            };
+            hyper.push(h);
+        }
+        let scales = sgd_displacement_scales(&hyper);
+        let applied = rows
+            .iter()
+            .zip(&scales)
+            .filter_map(|(r, &sigma)| {
+                let r = r.as_ref()?;
+                Some(sigma * r.hyper.lr.abs() * r.grad_norm?)
+            })
+            .sum();
+        Ok(Self {
+            scales,
+            weight_decay,
+            precision,
+            applied,
+            per_step,
+        })
+    }
+}
+
+/// One `steps` row, as the replay needs it.
+#[derive(Debug, Clone, Copy)]
+struct StepInfo {
+    lr: f64,
+    skipped: bool,
+}
+
+/// One `layer_steps` row, as the replay needs it.
+#[derive(Debug, Clone, Copy)]
+struct LayerRow {
+    hyper: StepHyper,
+    weight_decay: f64,
+    grad_norm: Option<f64>,
+    precision: Precision,
+}
+
+/// The `steps` rows `0..=as_of` of the committed `steps` table.
+fn step_rows(run: &Run, as_of: i64) -> Result<Vec<StepInfo>> {
     let n = usize::try_from(as_of + 1).unwrap_or(0);
-    let mut lrs: Vec<Option<f64>> = vec![None; n];
+    let mut rows: Vec<Option<StepInfo>> = vec![None; n];
+    // Runs of format 6 and older have no `skipped` column.
+    let with_skipped = run.manifest().format_version >= column_since(Table::Steps, col::SKIPPED);
+    let columns: &[&str] = if with_skipped {
+        &[col::STEP, col::LR, col::SKIPPED]
+    } else {
+        &[col::STEP, col::LR]
+    };
     for path in run.files_by_layer(Table::Steps).into_values().flatten() {
-        for batch in open_columns(&path, &[col::STEP, col::LR], 65_536)? {
+        for batch in open_columns(&path, columns, 65_536)? {
             let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
             let steps = i64s(&batch, &path, col::STEP)?;
             let lr = f64s(&batch, &path, col::LR)?;
-            for (s, lr) in steps.into_iter().zip(lr) {
-                if let Some(slot) = usize::try_from(s).ok().and_then(|i| lrs.get_mut(i)) {
+            let skipped = if with_skipped {
+                bools(&batch, &path, col::SKIPPED)?
+            } else {
+                vec![None; steps.len()]
+            };
+            for ((s, lr), skipped) in steps.into_iter().zip(lr).zip(skipped) {
+                if let Some(slot) = usize::try_from(s).ok().and_then(|i| rows.get_mut(i)) {
                     if slot.is_some() {
                         return Err(Error::Column {
                             path: path.clone(),
@@ -111,15 +278,18 @@ fn learning_rates(run: &Run, as_of: i64) -> Result<Vec<f64>> {
                             message: format!("step {s} appears twice"),
                         });
                     }
-                    *slot = Some(lr);
+                    *slot = Some(StepInfo {
+                        lr,
+                        skipped: skipped.unwrap_or(false),
+                    });
                 }
             }
         }
     }
-    lrs.into_iter()
+    rows.into_iter()
         .enumerate()
-        .map(|(s, lr)| {
-            lr.ok_or_else(|| Error::Incomplete {
+        .map(|(s, row)| {
+            row.ok_or_else(|| Error::Incomplete {
                 run: run.dir().to_path_buf(),
                 message: format!(
                     "steps table has no row for step {s} (weights are as of step {as_of})"
@@ -127,6 +297,74 @@ fn learning_rates(run: &Run, as_of: i64) -> Result<Vec<f64>> {
             })
         })
         .collect()
+}
+
+/// The committed `layer_steps` rows `0..=as_of`, per layer and step.
+fn layer_rows(run: &Run, as_of: i64) -> Result<HashMap<String, Vec<Option<LayerRow>>>> {
+    let n = usize::try_from(as_of + 1).unwrap_or(0);
+    let mut out: HashMap<String, Vec<Option<LayerRow>>> = HashMap::new();
+    let columns = [
+        col::STEP,
+        col::LAYER,
+        col::LR,
+        col::MOMENTUM,
+        col::DAMPENING,
+        col::NESTEROV,
+        col::WEIGHT_DECAY,
+        col::GRAD_NORM,
+        col::PRECISION,
+    ];
+    for path in run
+        .files_by_layer(Table::LayerSteps)
+        .into_values()
+        .flatten()
+    {
+        for batch in open_columns(&path, &columns, 65_536)? {
+            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
+            let step = i64s(&batch, &path, col::STEP)?;
+            let layer = strings(&batch, &path, col::LAYER)?;
+            let lr = f64s(&batch, &path, col::LR)?;
+            let momentum = f64s(&batch, &path, col::MOMENTUM)?;
+            let dampening = f64s(&batch, &path, col::DAMPENING)?;
+            let nesterov = bools(&batch, &path, col::NESTEROV)?;
+            let weight_decay = f64s(&batch, &path, col::WEIGHT_DECAY)?;
+            let grad_norm = f64s_opt(&batch, &path, col::GRAD_NORM)?;
+            let precision = strings(&batch, &path, col::PRECISION)?;
+            for i in 0..step.len() {
+                let Some(s) = usize::try_from(step[i]).ok().filter(|&s| s < n) else {
+                    continue;
+                };
+                let bad = |message: String| Error::Column {
+                    path: path.clone(),
+                    column: col::PRECISION.into(),
+                    message,
+                };
+                let precision = Precision::parse(&precision[i])
+                    .ok_or_else(|| bad(format!("{:?} is not f32, bf16 or f16", precision[i])))?;
+                let slots = out.entry(layer[i].clone()).or_insert_with(|| vec![None; n]);
+                if slots[s].is_some() {
+                    return Err(Error::Column {
+                        path: path.clone(),
+                        column: col::STEP.into(),
+                        message: format!("step {s} of layer {} appears twice", layer[i]),
+                    });
+                }
+                slots[s] = Some(LayerRow {
+                    hyper: StepHyper {
+                        lr: lr[i],
+                        momentum: momentum[i],
+                        dampening: dampening[i],
+                        nesterov: nesterov[i].unwrap_or(false),
+                        skipped: false,
+                    },
+                    weight_decay: weight_decay[i],
+                    grad_norm: grad_norm[i],
+                    precision,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The committed `updates` files of a layer.
@@ -176,7 +414,7 @@ pub fn stream(
             // (attribution, computed contributions, verify).
             crate::interrupt::check()?;
             let recs = item?;
-            let scales = setup.record_scales(&recs)?;
+            let scales = setup.record_scales(layer.name(), &recs)?;
             if let Some(sum) = sum.as_deref_mut() {
                 kernel::accumulate(&geom, &recs, &scales, sum)?;
             }

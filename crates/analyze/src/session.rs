@@ -28,7 +28,7 @@ use datafusion::datasource::{MemTable, TableProvider, ViewTable, provider_as_sou
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use reptrace_format::{Manifest, Table, col as c, schema};
+use reptrace_format::{Manifest, Table, col as c, schema, schema_as_of};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,7 +108,8 @@ impl Run {
     /// not name it).
     pub fn damaged_file(&self) -> Option<Error> {
         for table in Table::ALL {
-            let want = schema(table, self.manifest.dtype);
+            // Files of an older run lack the columns added since (readers fill them).
+            let want = schema_as_of(table, self.manifest.dtype, self.manifest.format_version);
             for path in self.files_by_layer(table).into_values().flatten() {
                 if let Err(e) = check_file(&path, &want) {
                     return Some(e);

@@ -26,13 +26,13 @@
 use crate::kernel::{self, Geometry};
 use crate::probes::Probes;
 use crate::records::{f64s, i64s, open_columns};
-use crate::replay::{self, Setup};
+use crate::replay::{self, Precision, Setup};
 use crate::session::Run;
 use crate::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reptrace_format::{
-    Dtype, FORMAT_VERSION, FileEntry, Manifest, OLDEST_FORMAT_VERSION, Table, TracedLayer, col, kv,
-    layout, schema,
+    Dtype, FORMAT_VERSION, FileEntry, Manifest, Mode, OLDEST_FORMAT_VERSION, OptimizerKind, Table,
+    TracedLayer, col, kv, layout, schema_as_of,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -325,7 +325,8 @@ fn check_file(run: &Run, table: Table, f: &FileEntry) -> std::result::Result<(),
     } else {
         run.manifest().dtype
     };
-    let want = schema(table, dtype);
+    // A file of an older version lacks the columns added since.
+    let want = schema_as_of(table, dtype, version.unwrap_or(FORMAT_VERSION));
     if arrow.fields().len() != want.fields().len() {
         return Err(format!(
             "{}: {} columns, expected {}",
@@ -437,7 +438,6 @@ fn completeness(
             return;
         }
     };
-    let exact = m.optimizer.promises_exactness(m.mode);
     let layers = m.model.traced_layers().count();
     for (layer_index, layer) in m.model.traced_layers().enumerate() {
         let mut p = Progress {
@@ -457,50 +457,109 @@ fn completeness(
             p.records_done += n as u64;
             progress(&p);
         };
+        let name = format!("completeness: {} weights", layer.name());
         match weights_residual(run, &layer, &setup, options, &mut on_records) {
-            Ok((rel, bound)) => {
-                let tolerance = options.tolerance + bound;
-                let detail = if exact {
-                    if bound > 0.0 {
-                        format!("f16 rounding bound {bound:.2e} included")
-                    } else {
-                        String::new()
-                    }
-                } else {
-                    format!(
-                        "informational: {} with weight decay {} in {} mode leaves a residual by design",
-                        format!("{:?}", m.optimizer.kind).to_lowercase(),
-                        m.optimizer.weight_decay,
-                        format!("{:?}", m.mode).to_lowercase()
-                    )
-                };
-                report.measure(
-                    format!("completeness: {} weights", layer.name()),
-                    rel,
-                    tolerance,
-                    exact,
-                    detail,
-                );
+            Ok(residual) => {
+                let (tolerance, exact, detail) =
+                    weights_verdict(m, &setup, &layer, &residual, options);
+                report.measure(name, residual.relative, tolerance, exact, detail);
             }
-            Err(e) => report.push(
-                format!("completeness: {} weights", layer.name()),
-                Status::Fail,
-                e.to_string(),
-            ),
+            Err(e) => report.push(name, Status::Fail, e.to_string()),
         }
         probes_check(run, &layer, &setup, options, report);
     }
     attribution_check(run, &setup, options, report);
 }
 
-/// `‖R‖ / ‖W_T − W_0‖` and, for f16 traces, the rounding bound relative to `‖W_T − W_0‖`.
+/// A layer's reconstruction residual.
+struct Residual {
+    /// `‖R‖ / ‖W_T − W_0‖`.
+    relative: f64,
+    /// For f16 traces, the bound on the rounding of the stored factors,
+    /// relative to `‖W_T − W_0‖` (0 otherwise).
+    storage_bound: f64,
+    /// `‖W_T − W_0‖`.
+    change: f64,
+}
+
+/// The tolerance a layer's residual is held to, whether it must hold, and
+/// the detail of the check: what the tolerance is made of and, when the
+/// residual exceeds it, what to look at.
+fn weights_verdict(
+    m: &Manifest,
+    setup: &Setup,
+    layer: &TracedLayer<'_>,
+    r: &Residual,
+    options: &Options,
+) -> (f64, bool, String) {
+    let Ok(h) = setup.history(layer.name()) else {
+        return (
+            options.tolerance,
+            true,
+            "no step history for the layer".into(),
+        );
+    };
+    let exact = match m.mode {
+        Mode::Batch => true,
+        Mode::Instance => m.optimizer.kind == OptimizerKind::Sgd && !h.weight_decay,
+    };
+    // Steps that ran in bf16 or f16 (autocast) applied gradients rounded to
+    // that type: at most u·‖g_t‖ per step, moved by σ_t η_t.
+    let compute_bound = if h.precision == Precision::F32 {
+        0.0
+    } else {
+        h.precision.unit_roundoff() * h.applied / r.change
+    };
+    let tolerance = options.tolerance + r.storage_bound + compute_bound;
+    let mut parts = vec![format!("tolerance {:.1e}", options.tolerance)];
+    if r.storage_bound > 0.0 {
+        parts.push(format!(
+            "+ f16 storage rounding bound {:.2e}",
+            r.storage_bound
+        ));
+    }
+    if compute_bound > 0.0 {
+        parts.push(format!(
+            "+ {} compute rounding bound {compute_bound:.2e} (u = {:.1e} of the applied gradients)",
+            h.precision.as_str(),
+            h.precision.unit_roundoff()
+        ));
+    }
+    let mut detail = parts.join(" ");
+    if !exact {
+        let why = if m.optimizer.kind == OptimizerKind::Sgd {
+            "weight decay leaves a residual by design (docs/method.md §5)".to_owned()
+        } else {
+            format!(
+                "{} in instance mode leaves a residual by design",
+                format!("{:?}", m.optimizer.kind).to_lowercase()
+            )
+        };
+        detail = format!("informational: {why}; {detail}");
+    } else if r.relative > tolerance {
+        let lookup = if h.per_step {
+            "the layer_steps table holds what each step applied"
+        } else {
+            "this run records one momentum and the learning rate per step only (format 6 or older, or a producer without layer_steps)"
+        };
+        detail = format!(
+            "{detail}; the records do not add up to W_T − W_0: records are missing, or the optimizer \
+             applied updates the producer did not record (gradient clipping or scaling, a hook that \
+             edits gradients, hyper-parameters other than recorded); {lookup}"
+        );
+    }
+    (tolerance, exact, detail)
+}
+
+/// The residual of `layer`: `‖R‖ / ‖W_T − W_0‖` and, for f16 traces, the
+/// rounding bound relative to `‖W_T − W_0‖`.
 fn weights_residual(
     run: &Run,
     layer: &TracedLayer<'_>,
     setup: &Setup,
     options: &Options,
     on_records: &mut dyn FnMut(usize),
-) -> Result<(f64, f64)> {
+) -> Result<Residual> {
     let mode = run.manifest().mode;
     let geom = Geometry::of(layer, mode);
     let dtype = run.manifest().dtype;
@@ -540,7 +599,11 @@ fn weights_residual(
             message: format!("layer {} did not change during training", layer.name()),
         });
     }
-    Ok((residual.norm() / scale, bound / scale))
+    Ok(Residual {
+        relative: residual.norm() / scale,
+        storage_bound: bound / scale,
+        change: scale,
+    })
 }
 
 /// Upper bound on `‖ΔŴ − ΔW‖` (weight and bias) from f16 rounding of one record's factors.

@@ -1,5 +1,5 @@
 //! Runs of every older format version still open: `tests/data/v1-digits`
-//! to `v4-digits` (formats 1 to 4: a one-epoch digits run, layer fc3
+//! to `v6-digits` (formats 1 to 6: a one-epoch digits run, layer fc3
 //! traced, attributed for probes 1437 and 1500) are read, verified, queried
 //! and attributed again by this build.
 use std::path::{Path, PathBuf};
@@ -69,6 +69,11 @@ fn format_5_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(5);
 }
 
+#[test]
+fn format_6_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(6);
+}
+
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     assert!(version < reptrace_format::FORMAT_VERSION);
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +88,8 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     ok(&["verify", r]);
 
     // Every table reads with the row counts its manifest lists (batches,
-    // influence, examples: none, the tables are newer than the run); contributions
+    // influence, examples, layer_steps: none where the table is newer than
+    // the run); contributions
     // are read from the materialised rows for the probes they hold.
     assert_eq!(m.attributions.len(), 1, "its attribution is read");
     for table in [
@@ -95,6 +101,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         "batches",
         "influence",
         "examples",
+        "layer_steps",
     ] {
         let want: u64 = m.files(table.parse().unwrap()).iter().map(|f| f.rows).sum();
         let filter = if table == "contributions" {
@@ -112,6 +119,23 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         let got: u64 = out.lines().nth(1).unwrap().trim().parse().unwrap();
         assert_eq!(got, want, "{table}");
     }
+    // Columns newer than the run read as null (steps.skipped, format 7).
+    let steps: u64 = m
+        .files(reptrace_format::Table::Steps)
+        .iter()
+        .map(|f| f.rows)
+        .sum();
+    let out = ok(&[
+        "sql",
+        r,
+        "SELECT count(*) FROM steps WHERE skipped IS NULL",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap(),
+        steps
+    );
     let shares = ok(&[
         "query",
         r,

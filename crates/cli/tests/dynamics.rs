@@ -234,6 +234,7 @@ fn tiny_recorder(run: &Path) -> Recorder {
             bias: false,
             traced: true,
         })],
+        frozen: Vec::new(),
     };
     Recorder::builder(run)
         .model(model)

@@ -55,6 +55,7 @@ fn model() -> Model {
         name: "mlp".into(),
         input_shape: vec![6],
         modules: vec![lin("fc1", 6, 4), Module::Relu, lin("fc2", 4, 3)],
+        frozen: Vec::new(),
     }
 }
 
@@ -95,6 +96,7 @@ fn record(run: &Path, steps: i64, rows: usize, every: i64, finish: bool) {
             lr: 0.1,
             batch_size: rows as i32,
             loss: 1.0,
+            skipped: false,
         })
         .unwrap();
         for l in m.traced_layers() {

@@ -26,6 +26,7 @@
 //!     modules: vec![Module::Linear(LinearSpec {
 //!         name: "fc".into(), in_features: 3, out_features: 2, bias: true, traced: true,
 //!     })],
+//!     frozen: vec![],
 //! };
 //! let classes = vec!["a".into(), "b".into()];
 //! let m = Manifest::new("run-1".into(), Mode::Instance, Dtype::F16, model,
@@ -65,7 +66,7 @@ pub mod manifest;
 pub mod params;
 pub mod schema;
 
-pub use displacement::displacement_scales;
+pub use displacement::{StepHyper, displacement_scales, sgd_displacement_scales};
 pub use error::{Error, Result};
 pub use ids::{InstanceId, ProbeId, Step};
 pub use manifest::{
@@ -73,7 +74,7 @@ pub use manifest::{
     LrSchedule, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage,
     Structure, TracedLayer,
 };
-pub use schema::{Table, col, schema};
+pub use schema::{Table, col, column_since, schema, schema_as_of};
 
 /// Name written into every manifest and Parquet file of a run.
 pub const FORMAT_NAME: &str = "reptrace";
@@ -82,7 +83,7 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 /// The oldest format version this crate still reads (runs of every version
 /// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).

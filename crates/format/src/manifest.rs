@@ -361,6 +361,11 @@ pub struct Model {
     /// The modules in forward order (with [`Structure::TracedLayers`]: the
     /// traced Linear and Conv2d layers only).
     pub modules: Vec<Module>,
+    /// Layers left out of the trace because the optimizer does not update
+    /// them (frozen, e.g. when fine-tuning), by qualified name (format 7;
+    /// absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
 }
 
 fn is_sequential(s: &Structure) -> bool {

@@ -69,8 +69,38 @@ pub mod col {
     /// `examples`: probability the model gave the label at that step,
     /// `softmax(output)[label] = exp(−loss)` (float64).
     pub const P_LABEL: &str = "p_label";
-    /// The Hive partition column of partitioned tables (from the path).
+    /// The Hive partition column of partitioned tables (from the path);
+    /// in `layer_steps` a column of the files: the traced layer (string).
     pub const LAYER: &str = "layer";
+    /// `steps`: whether the optimizer skipped the step (a gradient scaler
+    /// found inf/NaN gradients): no update, no records (bool; null in runs
+    /// of format 6 and older).
+    pub const SKIPPED: &str = "skipped";
+    /// `layer_steps`: index of the optimizer's parameter group that holds
+    /// the layer's parameters (int32).
+    pub const PARAM_GROUP: &str = "param_group";
+    /// `layer_steps`: SGD momentum μ_t of the layer's group at the step (float64).
+    pub const MOMENTUM: &str = "momentum";
+    /// `layer_steps`: SGD dampening τ_t of the layer's group at the step (float64).
+    pub const DAMPENING: &str = "dampening";
+    /// `layer_steps`: whether the layer's group used Nesterov momentum (bool).
+    pub const NESTEROV: &str = "nesterov";
+    /// `layer_steps`: weight decay of the layer's group at the step (float64).
+    pub const WEIGHT_DECAY: &str = "weight_decay";
+    /// `layer_steps`: κ_t, the measured ratio of the gradient the optimizer
+    /// applied to the sum of the step's per-example gradients (clipping by
+    /// norm, a gradient scaler's 1/scale); folded into `updates.v` (float64).
+    pub const GRAD_SCALE: &str = "grad_scale";
+    /// `layer_steps`: relative difference between the applied gradient and
+    /// κ_t times the records' sum, as the producer's check measured it
+    /// (float64; null when not checked).
+    pub const GRAD_CHECK: &str = "grad_check";
+    /// `layer_steps`: ‖(∇W, ∇b)‖ of the gradient the optimizer applied to
+    /// the layer (float64; null when not measured).
+    pub const GRAD_NORM: &str = "grad_norm";
+    /// `layer_steps`: the precision the layer's forward and backward pass
+    /// ran in at the step: `f32`, `bf16` or `f16` (string).
+    pub const PRECISION: &str = "precision";
 }
 
 /// The tables of a run.
@@ -95,13 +125,17 @@ pub enum Table {
     /// the example's loss, predicted class and probability of its label in
     /// the forward pass of that step (format 6).
     Examples,
+    /// One row per step and traced layer (instance mode): the
+    /// hyper-parameters of the layer's parameter group at that step and what
+    /// the producer's gradient check measured (format 7).
+    LayerSteps,
 }
 
 impl Table {
     /// Every table, in the order of docs/format.md except the newer ones
-    /// (`batches`, format 3; `influence`, format 5; `examples`, format 6),
-    /// last.
-    pub const ALL: [Table; 8] = [
+    /// (`batches`, format 3; `influence`, format 5; `examples`, format 6;
+    /// `layer_steps`, format 7), last.
+    pub const ALL: [Table; 9] = [
         Table::Instances,
         Table::Steps,
         Table::Updates,
@@ -110,6 +144,7 @@ impl Table {
         Table::Batches,
         Table::Influence,
         Table::Examples,
+        Table::LayerSteps,
     ];
 
     /// The table's name: its directory in the run and its SQL name.
@@ -123,6 +158,7 @@ impl Table {
             Table::Batches => "batches",
             Table::Influence => "influence",
             Table::Examples => "examples",
+            Table::LayerSteps => "layer_steps",
         }
     }
 
@@ -174,6 +210,8 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(LR, DataType::Float64, false),
             Field::new(BATCH_SIZE, DataType::Int32, false),
             Field::new(LOSS, DataType::Float64, false),
+            // Null in runs of format 6 and older (readers fill it).
+            Field::new(SKIPPED, DataType::Boolean, true),
         ],
         Table::Updates => vec![
             Field::new(STEP, DataType::Int64, false),
@@ -231,7 +269,45 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             // softmax(output)[label] = exp(-loss).
             Field::new(P_LABEL, DataType::Float64, false),
         ],
+        Table::LayerSteps => vec![
+            Field::new(STEP, DataType::Int64, false),
+            Field::new(EPOCH, DataType::Int32, false),
+            Field::new(LAYER, DataType::Utf8, false),
+            Field::new(PARAM_GROUP, DataType::Int32, false),
+            Field::new(LR, DataType::Float64, false),
+            Field::new(MOMENTUM, DataType::Float64, false),
+            Field::new(DAMPENING, DataType::Float64, false),
+            Field::new(NESTEROV, DataType::Boolean, false),
+            Field::new(WEIGHT_DECAY, DataType::Float64, false),
+            Field::new(GRAD_SCALE, DataType::Float64, false),
+            Field::new(GRAD_CHECK, DataType::Float64, true),
+            Field::new(GRAD_NORM, DataType::Float64, true),
+            Field::new(PRECISION, DataType::Utf8, false),
+        ],
     };
+    Arc::new(Schema::new(fields))
+}
+
+/// The format version that added `column` to `table` (1 for the columns
+/// of a table's first version): a file of an older run lacks it, and
+/// readers fill it with nulls.
+pub fn column_since(table: Table, column: &str) -> u32 {
+    match (table, column) {
+        (Table::Steps, col::SKIPPED) => 7,
+        _ => 1,
+    }
+}
+
+/// The schema of a table's files as a writer of format `version` wrote
+/// them: [`schema`] without the columns added later ([`column_since`]).
+pub fn schema_as_of(table: Table, dtype: Dtype, version: u32) -> SchemaRef {
+    let full = schema(table, dtype);
+    let fields: Vec<Field> = full
+        .fields()
+        .iter()
+        .filter(|f| column_since(table, f.name()) <= version)
+        .map(|f| f.as_ref().clone())
+        .collect();
     Arc::new(Schema::new(fields))
 }
 
@@ -246,6 +322,7 @@ pub fn type_name(dt: &DataType) -> String {
         DataType::Float32 => "float32".into(),
         DataType::Float64 => "float64".into(),
         DataType::Utf8 => "string".into(),
+        DataType::Boolean => "bool".into(),
         DataType::List(f) => format!("list<{}>", type_name(f.data_type())),
         other => format!("{other}"),
     }

@@ -309,6 +309,7 @@ fn examples() -> Vec<Manifest> {
         name: "cnn".into(),
         input_shape: vec![1, 8, 8],
         modules,
+        frozen: Vec::new(),
     };
     let mut opt = Optimizer::sgd(0.1);
     opt.momentum = 0.9;
@@ -346,6 +347,8 @@ fn examples() -> Vec<Manifest> {
             file("steps/part-000001.parquet", "steps", None),
             // Format 6: training dynamics.
             file("examples/part-000001.parquet", "examples", None),
+            // Format 7: what each step applied.
+            file("layer_steps/part-000001.parquet", "layer_steps", None),
             file(
                 "updates/layer=fc1/part-000001.parquet",
                 "updates",
@@ -436,6 +439,8 @@ fn examples() -> Vec<Manifest> {
             bias: true,
             traced: true,
         })],
+        // Format 7: a frozen layer left out of the trace.
+        frozen: vec!["encoder.stem".into()],
     };
     torch.optimizer.schedule = LrSchedule::External {
         name: "CosineAnnealingLR".into(),

@@ -10,7 +10,8 @@ use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    BatchStep, ExampleBatch, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
+    BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch, Recorder,
+    StepRow, UpdateBatch,
 };
 use std::sync::Mutex;
 
@@ -22,6 +23,21 @@ pub struct PyRecorder {
 }
 
 /// A contiguous array's elements, or an error naming the argument.
+/// A `layer_steps` row as Python hands it over (see `Recorder.layer_steps`).
+type LayerStepTuple = (
+    String,
+    i32,
+    f64,
+    f64,
+    f64,
+    bool,
+    f64,
+    f64,
+    Option<f64>,
+    Option<f64>,
+    String,
+);
+
 fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
     a.as_slice()
         .map_err(|_| error::invalid(format!("{what}: the array must be contiguous")))
@@ -193,8 +209,18 @@ impl PyRecorder {
         py.detach(|| rec.commit()).map_err(error::record)
     }
 
-    /// One training step's row of the `steps` table.
-    fn step(&mut self, step: i64, epoch: i32, lr: f64, batch_size: i32, loss: f64) -> PyResult<()> {
+    /// One training step's row of the `steps` table (`skipped`: the
+    /// optimizer skipped the step, which then has no update records).
+    #[pyo3(signature = (step, epoch, lr, batch_size, loss, skipped=false))]
+    fn step(
+        &mut self,
+        step: i64,
+        epoch: i32,
+        lr: f64,
+        batch_size: i32,
+        loss: f64,
+        skipped: bool,
+    ) -> PyResult<()> {
         self.rec()?
             .step(StepRow {
                 step,
@@ -202,8 +228,48 @@ impl PyRecorder {
                 lr,
                 batch_size,
                 loss,
+                skipped,
             })
             .map_err(error::record)
+    }
+
+    /// The `layer_steps` rows of one step: per traced layer `(layer,
+    /// param_group, lr, momentum, dampening, nesterov, weight_decay,
+    /// grad_scale, grad_check, grad_norm, precision)`.
+    fn layer_steps(&mut self, step: i64, epoch: i32, rows: Vec<LayerStepTuple>) -> PyResult<()> {
+        let rows = rows
+            .into_iter()
+            .map(
+                |(
+                    layer,
+                    param_group,
+                    lr,
+                    momentum,
+                    dampening,
+                    nesterov,
+                    weight_decay,
+                    grad_scale,
+                    grad_check,
+                    grad_norm,
+                    precision,
+                )| LayerStepRow {
+                    step,
+                    epoch,
+                    layer,
+                    param_group,
+                    lr,
+                    momentum,
+                    dampening,
+                    nesterov,
+                    weight_decay,
+                    grad_scale,
+                    grad_check,
+                    grad_norm,
+                    precision,
+                },
+            )
+            .collect();
+        self.rec()?.layer_steps(rows).map_err(error::record)
     }
 
     /// The training dynamics of a step (table `examples`): each member's

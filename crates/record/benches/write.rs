@@ -72,6 +72,7 @@ fn model() -> Model {
                 })
             })
             .collect(),
+        frozen: Vec::new(),
     }
 }
 
@@ -104,6 +105,7 @@ fn run(data: &Data, dtype: Dtype, level: i32, steps: usize) -> Row {
             lr: 0.1,
             batch_size: BATCH as i32,
             loss: 1.0,
+            skipped: false,
         })
         .expect("step");
         for (l, (u, v)) in LAYERS.iter().zip(&data.batches[t % VARIANTS]) {

@@ -84,6 +84,7 @@ fn model() -> Model {
                 traced: true,
             }),
         ],
+        frozen: Vec::new(),
     }
 }
 
@@ -195,6 +196,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 lr: LR,
                 batch_size: BATCH as i32,
                 loss,
+                skipped: false,
             })?;
             for &layer in &layers {
                 let (u, v) = factors(layer, BATCH, &mut rng);

@@ -18,6 +18,41 @@ pub struct StepRow {
     pub batch_size: i32,
     /// The batch loss.
     pub loss: f64,
+    /// The optimizer skipped the step (a gradient scaler found inf/NaN
+    /// gradients): it has no update records.
+    pub skipped: bool,
+}
+
+/// One row of the `layer_steps` table: what the optimizer applied to one
+/// traced layer at one step (instance mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerStepRow {
+    /// The training step.
+    pub step: i64,
+    /// Epoch of the step.
+    pub epoch: i32,
+    /// The traced layer.
+    pub layer: String,
+    /// Index of the parameter group holding the layer's parameters.
+    pub param_group: i32,
+    /// Learning rate η_t of the group at this step.
+    pub lr: f64,
+    /// Momentum μ_t of the group at this step.
+    pub momentum: f64,
+    /// Dampening τ_t of the group at this step.
+    pub dampening: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay of the group at this step.
+    pub weight_decay: f64,
+    /// κ_t: the applied gradient over the records' gradient (folded into `v`).
+    pub grad_scale: f64,
+    /// The check's relative difference, if the step was checked.
+    pub grad_check: Option<f64>,
+    /// ‖(∇W, ∇b)‖ of the applied gradient, if measured.
+    pub grad_norm: Option<f64>,
+    /// `f32`, `bf16` or `f16`: the precision the layer ran in.
+    pub precision: String,
 }
 
 /// The training dynamics of one step (table `examples`): `n` rows, one per
@@ -183,6 +218,7 @@ pub(crate) struct StepRowsOwned {
     pub lr: Vec<f64>,
     pub batch_size: Vec<i32>,
     pub loss: Vec<f64>,
+    pub skipped: Vec<bool>,
 }
 
 impl StepRowsOwned {
@@ -192,6 +228,7 @@ impl StepRowsOwned {
         self.lr.push(r.lr);
         self.batch_size.push(r.batch_size);
         self.loss.push(r.loss);
+        self.skipped.push(r.skipped);
     }
 
     pub fn len(&self) -> usize {

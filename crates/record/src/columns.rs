@@ -5,14 +5,14 @@
 //! of `n × len` row-major values becomes a list array with fixed-length
 //! offsets over one flat value buffer (moved, not copied, for f32).
 use crate::batch::{
-    BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, ProbeRows, StepRowsOwned, UpdateRows,
-    update_norm,
+    BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow, ProbeRows,
+    StepRowsOwned, UpdateRows, update_norm,
 };
 use crate::{Error, Result};
 use arrow_array::types::Float16Type;
 use arrow_array::{
-    ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, PrimitiveArray,
-    RecordBatch, StringArray,
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
+    PrimitiveArray, RecordBatch, StringArray,
 };
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, SchemaRef};
@@ -119,6 +119,48 @@ pub(crate) fn steps(rows: StepRowsOwned) -> Result<RecordBatch> {
             Arc::new(Float64Array::from(rows.lr)),
             Arc::new(Int32Array::from(rows.batch_size)),
             Arc::new(Float64Array::from(rows.loss)),
+            Arc::new(BooleanArray::from(rows.skipped)),
+        ],
+    )
+}
+
+/// `layer_steps` rows.
+pub(crate) fn layer_steps(rows: &[LayerStepRow]) -> Result<RecordBatch> {
+    let col = |f: &dyn Fn(&LayerStepRow) -> f64| -> ArrayRef {
+        Arc::new(rows.iter().map(f).collect::<Float64Array>())
+    };
+    let opt = |f: &dyn Fn(&LayerStepRow) -> Option<f64>| -> ArrayRef {
+        Arc::new(rows.iter().map(f).collect::<Float64Array>())
+    };
+    batch(
+        Table::LayerSteps,
+        schema(Table::LayerSteps, Dtype::F32),
+        vec![
+            Arc::new(rows.iter().map(|r| r.step).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|r| r.epoch).collect::<Int32Array>()),
+            Arc::new(
+                rows.iter()
+                    .map(|r| Some(r.layer.as_str()))
+                    .collect::<StringArray>(),
+            ),
+            Arc::new(rows.iter().map(|r| r.param_group).collect::<Int32Array>()),
+            col(&|r| r.lr),
+            col(&|r| r.momentum),
+            col(&|r| r.dampening),
+            Arc::new(
+                rows.iter()
+                    .map(|r| Some(r.nesterov))
+                    .collect::<BooleanArray>(),
+            ),
+            col(&|r| r.weight_decay),
+            col(&|r| r.grad_scale),
+            opt(&|r| r.grad_check),
+            opt(&|r| r.grad_norm),
+            Arc::new(
+                rows.iter()
+                    .map(|r| Some(r.precision.as_str()))
+                    .collect::<StringArray>(),
+            ),
         ],
     )
 }

@@ -24,6 +24,7 @@
 //!     modules: vec![Module::Linear(LinearSpec {
 //!         name: "fc".into(), in_features: 3, out_features: 2, bias: true, traced: true,
 //!     })],
+//!     frozen: vec![],
 //! };
 //! let mut rec = Recorder::builder(&run)
 //!     .model(model)
@@ -38,7 +39,7 @@
 //! ];
 //! rec.weights(&weights)?;
 //! rec.commit()?; // commit 0: instances and the initial weights
-//! rec.step(StepRow { step: 0, epoch: 0, lr: 0.1, batch_size: 2, loss: 0.69 })?;
+//! rec.step(StepRow { step: 0, epoch: 0, lr: 0.1, batch_size: 2, loss: 0.69, skipped: false })?;
 //! rec.updates("fc", UpdateBatch {
 //!     step: 0, epoch: 0, instance_ids: &[0, 1], labels: &[0, 1],
 //!     u: &[1.0, 2.0, 3.0, 0.5, 0.5, 0.5], v: &[0.1, -0.1, -0.2, 0.2],
@@ -65,8 +66,8 @@ mod writer;
 
 pub use append::ProbeAppender;
 pub use batch::{
-    BatchStep, ExampleBatch, FactorValues, NamedTensor, ProbeBatch, StepRow, UpdateBatch,
-    UpdateBatchOwned,
+    BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch, StepRow,
+    UpdateBatch, UpdateBatchOwned,
 };
 pub use error::{Error, Result};
 pub use part::ParquetOptions;

@@ -73,7 +73,7 @@ fn float_columns(table: Table) -> Vec<ColumnPath> {
         ],
         Table::Influence => vec![ColumnPath::from(col::DOT)],
         Table::Examples => vec![ColumnPath::from(col::LOSS), ColumnPath::from(col::P_LABEL)],
-        Table::Instances | Table::Batches => vec![],
+        Table::Instances | Table::Batches | Table::LayerSteps => vec![],
     }
 }
 

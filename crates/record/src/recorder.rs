@@ -7,9 +7,9 @@
 //! thread come back from the next call.
 use crate::append::lock_run;
 use crate::batch::{
-    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, NamedTensor,
-    NormKind, OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateBatchOwned, UpdateRows,
-    check_len,
+    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow,
+    NamedTensor, NormKind, OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateBatchOwned,
+    UpdateRows, check_len,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
@@ -404,6 +404,56 @@ impl Recorder {
         self.last_step_row = Some(row.step);
         self.see_step(row.step, row.epoch);
         self.send(Msg::Step(row))
+    }
+
+    /// Adds the `layer_steps` rows of one step (instance mode): per traced
+    /// layer, the hyper-parameters its parameter group applied and what the
+    /// producer's gradient check measured. Each row's layer must be traced
+    /// and its values finite; the precision is `f32`, `bf16` or `f16`.
+    pub fn layer_steps(&mut self, rows: Vec<LayerStepRow>) -> Result<()> {
+        self.check_open()?;
+        for r in &rows {
+            let ctx = format!("layer_steps of step {} for layer {:?}", r.step, r.layer);
+            self.layer_index(&r.layer)?;
+            if r.step < 0 {
+                return Err(Error::Invalid {
+                    context: ctx,
+                    message: format!("step {} is negative", r.step),
+                });
+            }
+            let values = [
+                ("lr", r.lr),
+                ("momentum", r.momentum),
+                ("dampening", r.dampening),
+                ("weight_decay", r.weight_decay),
+                ("grad_scale", r.grad_scale),
+            ];
+            let optional = [("grad_check", r.grad_check), ("grad_norm", r.grad_norm)];
+            let bad = values
+                .into_iter()
+                .chain(optional.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))))
+                .find(|(_, v)| !v.is_finite());
+            if let Some((name, v)) = bad {
+                return Err(Error::Invalid {
+                    context: ctx,
+                    message: format!("{name} is {v}, expected a finite number"),
+                });
+            }
+            if !matches!(r.precision.as_str(), "f32" | "bf16" | "f16") {
+                return Err(Error::Invalid {
+                    context: ctx,
+                    message: format!(
+                        "precision {:?}, expected \"f32\", \"bf16\" or \"f16\"",
+                        r.precision
+                    ),
+                });
+            }
+            self.see_step(r.step, r.epoch);
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.send(Msg::LayerSteps(rows))
     }
 
     /// Adds the training dynamics of one step (table `examples`): each batch

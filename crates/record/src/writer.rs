@@ -8,8 +8,8 @@
 //! removes its uncommitted files, marks the run aborted (committed data is
 //! kept as it was) and stops; the caller sees the error on its next call.
 use crate::batch::{
-    BatchRows, ExampleRowsOwned, InstanceRows, OwnedTensor, ProbeRows, StepRow, StepRowsOwned,
-    UpdateRows,
+    BatchRows, ExampleRowsOwned, InstanceRows, LayerStepRow, OwnedTensor, ProbeRows, StepRow,
+    StepRowsOwned, UpdateRows,
 };
 use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::{Error, Result, columns, durable, weights};
@@ -40,6 +40,7 @@ pub(crate) type Snapshot = (String, Vec<OwnedTensor>);
 pub(crate) enum Msg {
     Instances(InstanceRows),
     Step(StepRow),
+    LayerSteps(Vec<LayerStepRow>),
     Examples(ExampleRowsOwned),
     Updates {
         layer: usize,
@@ -119,6 +120,7 @@ pub(crate) struct Writer {
     layers: Vec<String>,
     parts: BTreeMap<PartKey, PartWriter>,
     steps: StepRowsOwned,
+    layer_steps: Vec<LayerStepRow>,
     examples: ExampleRowsOwned,
     shared: Arc<Shared>,
 }
@@ -146,6 +148,7 @@ impl Writer {
             layers,
             parts: BTreeMap::new(),
             steps: StepRowsOwned::default(),
+            layer_steps: Vec::new(),
             examples: ExampleRowsOwned::default(),
             shared,
         }
@@ -207,6 +210,12 @@ impl Writer {
                 self.steps.push(&row);
                 if self.steps.len() >= STEP_CHUNK {
                     self.flush_steps()?;
+                }
+            }
+            Msg::LayerSteps(rows) => {
+                self.layer_steps.extend(rows);
+                if self.layer_steps.len() >= STEP_CHUNK {
+                    self.flush_layer_steps()?;
                 }
             }
             Msg::Examples(rows) => {
@@ -297,6 +306,15 @@ impl Writer {
         self.write(Table::Steps, None, &batch)
     }
 
+    fn flush_layer_steps(&mut self) -> Result<()> {
+        if self.layer_steps.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.layer_steps);
+        let batch = columns::layer_steps(&rows)?;
+        self.write(Table::LayerSteps, None, &batch)
+    }
+
     fn flush_examples(&mut self) -> Result<()> {
         if self.examples.len() == 0 {
             return Ok(());
@@ -308,13 +326,17 @@ impl Writer {
 
     /// Whether anything would go into a commit.
     fn pending(&self) -> bool {
-        !self.parts.is_empty() || self.steps.len() > 0 || self.examples.len() > 0
+        !self.parts.is_empty()
+            || self.steps.len() > 0
+            || !self.layer_steps.is_empty()
+            || self.examples.len() > 0
     }
 
     /// Makes the pending parts and an optional weights snapshot durable and
     /// records them in a new manifest commit.
     fn commit(&mut self, step: Option<(i64, i32)>, weights: Option<Snapshot>) -> Result<()> {
         self.flush_steps()?;
+        self.flush_layer_steps()?;
         self.flush_examples()?;
         let seq = self.manifest.commits.len() as u64;
         let mut files = Vec::new();

@@ -156,6 +156,7 @@ fn model(modules: Vec<Module>) -> Model {
         name: "test".into(),
         input_shape: vec![4],
         modules,
+        frozen: Vec::new(),
     }
 }
 
@@ -421,6 +422,7 @@ fn run_scenario(s: &Scenario) {
             lr,
             batch_size: n as i32,
             loss: rng.random::<f64>(),
+            skipped: false,
         })
         .unwrap();
         exp_steps.push((t as i64, epoch, lr));
@@ -681,6 +683,7 @@ fn step_with_updates(rec: &mut Recorder, t: i64) {
         lr: 0.5,
         batch_size: 2,
         loss: 1.0,
+        skipped: false,
     })
     .unwrap();
     rec.updates(
@@ -782,6 +785,7 @@ fn length_errors_name_layer_and_lengths() {
             lr: 0.5,
             batch_size: 2,
             loss: 1.0,
+            skipped: false,
         })
         .unwrap_err()
         .to_string();
@@ -1035,6 +1039,7 @@ fn crash_child_process() {
             lr: 0.1,
             batch_size: ROWS_PER_STEP as i32,
             loss: 1.0 / (1.0 + t as f64),
+            skipped: false,
         })
         .unwrap();
         for (name, ul, vl) in &layers {

@@ -132,6 +132,7 @@ pub fn train(settings: &Settings) -> reptrace_tch::Result<(Vec<(String, Tensor)>
                 ids,
                 labels: &labels,
                 lr: settings.lr,
+                momentum: None,
                 logits: Some(&logits),
             };
             tracer.step(&step, || opt.step())?;

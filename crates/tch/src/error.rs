@@ -66,6 +66,21 @@ pub enum Error {
         /// The batch loss (NaN or ±∞).
         loss: f64,
     },
+    /// A step the tracer cannot record exactly: the gradient the optimizer
+    /// is about to apply differs from the records by more than one scale
+    /// factor. The run is committed up to the last good step and aborted.
+    #[error(
+        "layer {layer} at step {step}: {message}; the run stays readable up to its last commit and is marked aborted"
+    )]
+    Inexact {
+        /// The traced layer.
+        layer: String,
+        /// The step, counted over the whole run from 0; nothing of it was
+        /// applied or recorded.
+        step: i64,
+        /// What differs, with the relative difference.
+        message: String,
+    },
     /// A weights snapshot of a run does not fit the run's model.
     #[error("{}: {message}", snapshot.display())]
     Weights {

@@ -28,7 +28,7 @@
 //! let logits = model.forward(&x);
 //! let loss = logits.cross_entropy_for_logits(&y);
 //! loss.backward();
-//! let step = Step { loss: &loss, ids: &ids, labels: &labels, lr: 0.1, logits: Some(&logits) };
+//! let step = Step { loss: &loss, ids: &ids, labels: &labels, lr: 0.1, momentum: None, logits: Some(&logits) };
 //! tracer.step(&step, || opt.step())?;
 //! let manifest = tracer.finish(None)?;
 //! assert_eq!(manifest.model.traced_layers().count(), 2);
@@ -69,6 +69,7 @@
 
 pub mod adam;
 pub mod add;
+pub mod check;
 pub mod error;
 pub mod factors;
 pub mod model;

@@ -219,6 +219,7 @@ pub fn build_model(
                 name: "mlp".into(),
                 input_shape: input_shape.to_vec(),
                 modules,
+                frozen: Vec::new(),
             }
         }
         ModelChoice::Cnn | ModelChoice::CnnBatchNorm => {
@@ -255,6 +256,7 @@ pub fn build_model(
                 name: choice.to_string(),
                 input_shape: input_shape.to_vec(),
                 modules,
+                frozen: Vec::new(),
             }
         }
         ModelChoice::Custom(m) => {
@@ -847,6 +849,7 @@ mod tests {
             name: "all".into(),
             input_shape: vec![2, 7, 6],
             modules,
+            frozen: Vec::new(),
         };
         assert_eq!(check_model(&model).unwrap(), [4]);
         let net = Network::new(&model, 1, Device::Cpu).unwrap();
@@ -928,6 +931,7 @@ mod tests {
                 name: "bn1".into(),
                 features,
             }],
+            frozen: Vec::new(),
         };
         assert_eq!(check_model(&model(4)).unwrap(), vec![4]);
         let err = check_model(&model(5)).unwrap_err();

@@ -18,9 +18,20 @@
 //!
 //! Instance mode records SGD (any learning rate per step, momentum,
 //! dampening, Nesterov, weight decay, as [`RunSpec::optimizer`] describes
-//! your optimizer); batch mode records each step's whole update and works
-//! with any optimizer. The built-in loop ([`crate::train()`]) records
+//! your optimizer; a momentum that changes per step through
+//! [`Step::momentum`]); batch mode records each step's whole update and
+//! works with any optimizer. The built-in loop ([`crate::train()`]) records
 //! through this same tracer.
+//!
+//! Each instance-mode step is checked before your optimizer runs: every
+//! traced layer's `.grad()` (after any clipping, e.g.
+//! `opt.clip_grad_norm(max)`) must equal the sum of the step's per-example
+//! gradients up to one scalar, which is measured and folded into the
+//! records ([`crate::check`]); any other difference stops the run with
+//! [`Error::Inexact`]. What each step applied is in the `layer_steps`
+//! table. A loop that takes its gradients from [`Tracer::backward`] hands
+//! them to its optimizer itself, unchecked: apply them as returned.
+use crate::check;
 use crate::factors::layer_factors;
 use crate::probe::{Displacement, predictions};
 use crate::{Error, Result};
@@ -29,7 +40,8 @@ use reptrace_format::{
     Storage, TracedLayer,
 };
 use reptrace_record::{
-    BatchStep, ExampleBatch, NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatchOwned,
+    BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
+    UpdateBatchOwned,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -288,6 +300,10 @@ pub struct Step<'a> {
     pub labels: &'a [i32],
     /// The learning rate of this step.
     pub lr: f64,
+    /// The momentum of this step when your loop changes it from step to
+    /// step (`opt.set_momentum`, a cycling schedule); `None`: the run's
+    /// ([`RunSpec::optimizer`]).
+    pub momentum: Option<f64>,
     /// The model's output (`batch × classes` logits): each example's loss
     /// and prediction go to the `examples` table; `None`: not recorded.
     pub logits: Option<&'a Tensor>,
@@ -332,10 +348,16 @@ pub struct Tracer {
     rec: Option<Recorder>,
     mode: Mode,
     dtype: Dtype,
+    /// The optimizer's settings (instance mode: those of every step unless
+    /// [`Step`] changes them).
+    optimizer: Optimizer,
     /// Number of classes (labels are checked against it).
     classes: usize,
     step: i64,
     epoch: i32,
+    /// Steps done when the tracer last wrote a weights snapshot (its own
+    /// recorder only: the built-in loop writes its own).
+    snapshot_steps: Option<i64>,
     closed: bool,
     /// Time spent in factors and recorder calls.
     pub timing: Timing,
@@ -362,9 +384,11 @@ impl Default for Tracer {
             rec: None,
             mode: Mode::Instance,
             dtype: Dtype::F32,
+            optimizer: Optimizer::sgd(0.0),
             classes: 0,
             step: 0,
             epoch: 0,
+            snapshot_steps: None,
             closed: false,
             timing: Timing::default(),
         }
@@ -553,6 +577,7 @@ impl Tracer {
         }
         self.mode = spec.mode;
         self.dtype = spec.dtype;
+        self.optimizer = spec.optimizer.clone();
         self.classes = spec.classes.len();
         self.pending = Some(spec);
         self.taps.set_on(true);
@@ -561,15 +586,18 @@ impl Tracer {
 
     /// Records with a recorder built elsewhere (the built-in loop), whose
     /// manifest already describes the traced layers added with
-    /// [`Tracer::add_spec`]. Weights and instances are the caller's to write.
+    /// [`Tracer::add_spec`] and the `optimizer`. Weights and instances are
+    /// the caller's to write.
     pub fn record_with(
         &mut self,
         rec: Recorder,
         classes: usize,
         mode: Mode,
         dtype: Dtype,
+        optimizer: Optimizer,
     ) -> Result<()> {
         self.rec = Some(rec);
+        self.optimizer = optimizer;
         self.classes = classes;
         self.taps.set_on(true);
         self.mode = mode;
@@ -705,6 +733,7 @@ impl Tracer {
             input_shape: input_shape.unwrap_or_default(),
             structure: reptrace_format::Structure::TracedLayers,
             modules,
+            frozen: Vec::new(),
         };
         let mut builder = Recorder::builder(&spec.out)
             .model(model)
@@ -726,6 +755,8 @@ impl Tracer {
         }
         self.snapshot_initial()?;
         self.write_weights()?;
+        // The tracer writes this run's snapshots (the initial one now).
+        self.snapshot_steps = Some(self.step);
         if let Some(rec) = &mut self.rec {
             rec.commit()?;
         }
@@ -895,9 +926,18 @@ impl Tracer {
                 epoch: self.epoch,
                 loss,
             };
-            self.abort(&e.to_string())?;
-            return Err(e);
+            return Err(self.stop(e));
         }
+        // Instance mode: what the optimizer is about to apply, checked
+        // against the records before anything of the step is written.
+        let (scales, rows) = if self.mode == Mode::Instance {
+            match self.check_gradients(s, &taps, &deltas)? {
+                Ok(checked) => checked,
+                Err(e) => return Err(self.stop(e)),
+            }
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let (step, epoch) = (self.step, self.epoch);
         let Some(rec) = self.rec.as_mut() else {
             return Ok(update());
@@ -936,6 +976,7 @@ impl Tracer {
             lr: s.lr,
             batch_size: batch as i32,
             loss,
+            skipped: false,
         };
         let result = if self.mode == Mode::Batch {
             // The whole update of each traced layer: copies before the
@@ -978,6 +1019,7 @@ impl Tracer {
         } else {
             let t0 = Instant::now();
             rec.step(row)?;
+            rec.layer_steps(rows)?;
             self.timing.record += t0.elapsed();
             // Every layer's factors start towards the host (converted to
             // the stored type on the device); on CUDA one synchronisation
@@ -985,13 +1027,15 @@ impl Tracer {
             let t0 = Instant::now();
             let mut flights = Vec::with_capacity(taps.len());
             let mut device = Device::Cpu;
-            for ((name, tap), delta) in taps.iter().zip(&deltas) {
+            for (((name, tap), delta), scale) in taps.iter().zip(&deltas).zip(&scales) {
                 let Some(layer) = self.layers.iter().find(|l| &l.name == name) else {
                     continue;
                 };
                 let Some(spec) = layer.spec() else { continue };
                 device = delta.device();
-                let f = layer_factors(spec, &tap.input, delta, s.lr)?;
+                // v = −η·κ·δ: the measured scale of the applied gradient folded in.
+                let lr = if *scale == 1.0 { s.lr } else { s.lr * scale };
+                let f = layer_factors(spec, &tap.input, delta, lr)?;
                 flights.push((name.as_str(), f.start_to_host(self.dtype)?));
             }
             if let Device::Cuda(i) = device {
@@ -1026,6 +1070,93 @@ impl Tracer {
         Ok(result)
     }
 
+    /// Instance mode: each traced layer's gradient as the optimizer will
+    /// apply it (`.grad()`, after any clipping) against the sum of the
+    /// step's per-example gradients ([`crate::check`]): the scale `κ` of
+    /// each layer and its `layer_steps` row, or the error that stops the
+    /// run. A loop that computes its gradients with [`Tracer::backward`]
+    /// hands them to its optimizer itself; those steps are not checked.
+    #[allow(clippy::type_complexity)]
+    fn check_gradients(
+        &self,
+        s: &Step<'_>,
+        taps: &[(String, Tap)],
+        deltas: &[Tensor],
+    ) -> Result<std::result::Result<(Vec<f64>, Vec<LayerStepRow>), Error>> {
+        let o = &self.optimizer;
+        let momentum = s.momentum.unwrap_or(o.momentum);
+        if !(momentum.is_finite() && momentum >= 0.0) {
+            return Err(Error::BadSetting {
+                setting: "momentum",
+                message: format!("{momentum} is not a momentum (a finite number ≥ 0)"),
+            });
+        }
+        let mut scales = Vec::with_capacity(taps.len());
+        let mut rows = Vec::with_capacity(taps.len());
+        for ((name, tap), delta) in taps.iter().zip(deltas) {
+            // Scales stay aligned with the taps (a tap of no traced layer records nothing).
+            let Some((layer, spec)) = self
+                .layers
+                .iter()
+                .find(|l| &l.name == name)
+                .and_then(|l| l.spec().map(|spec| (l, spec)))
+            else {
+                scales.push(1.0);
+                continue;
+            };
+            let grad = layer.weight.grad();
+            let (scale, relative, norm) = if grad.defined() {
+                let bias_grad = layer.bias.as_ref().map(Tensor::grad);
+                if bias_grad.as_ref().is_some_and(|b| !b.defined()) {
+                    return Ok(Err(Error::Inexact {
+                        layer: name.clone(),
+                        step: self.step,
+                        message: "its weight has a gradient and its bias none".into(),
+                    }));
+                }
+                let seed = (self.step as u64) << 16 ^ rows.len() as u64;
+                match check::measure(spec, &tap.input, delta, &grad, bias_grad.as_ref(), seed)? {
+                    Ok(m) => (m.scale, Some(m.relative), Some(m.grad_norm)),
+                    Err(message) => {
+                        return Ok(Err(Error::Inexact {
+                            layer: name.clone(),
+                            step: self.step,
+                            message,
+                        }));
+                    }
+                }
+            } else if tap.delta.is_some() {
+                // Gradients as values (Tracer::backward): the optimizer gets
+                // them from the loop, unchecked.
+                (1.0, None, None)
+            } else {
+                return Ok(Err(Error::Inexact {
+                    layer: name.clone(),
+                    step: self.step,
+                    message: "no gradient on its weight right before the optimizer step".into(),
+                }));
+            };
+            let scale = if s.lr == 0.0 { 1.0 } else { scale };
+            scales.push(scale);
+            rows.push(LayerStepRow {
+                step: self.step,
+                epoch: self.epoch,
+                layer: name.clone(),
+                param_group: 0,
+                lr: s.lr,
+                momentum,
+                dampening: o.dampening,
+                nesterov: o.nesterov,
+                weight_decay: o.weight_decay,
+                grad_scale: scale,
+                grad_check: relative,
+                grad_norm: norm,
+                precision: check::precision(delta.kind()).to_owned(),
+            });
+        }
+        Ok(Ok((scales, rows)))
+    }
+
     /// Ends an epoch: a weights snapshot and a commit (everything recorded
     /// so far becomes durable and visible to readers).
     pub fn end_epoch(&mut self) -> Result<()> {
@@ -1055,10 +1186,31 @@ impl Tracer {
             return Ok(());
         }
         self.write_weights()?;
+        if self.snapshot_steps.is_some() {
+            self.snapshot_steps = Some(self.step);
+        }
         if let Some(rec) = &mut self.rec {
             rec.commit()?;
         }
         Ok(())
+    }
+
+    /// Ends the run after a step it cannot record (a non-finite loss, a
+    /// gradient that differs from the records): the steps so far are
+    /// committed with a snapshot of the weights they led to (the refused
+    /// step's update was not applied), and the run is marked aborted.
+    fn stop(&mut self, e: Error) -> Error {
+        let snapshot = self.snapshot_steps.is_some_and(|done| self.step > done);
+        let result = if snapshot {
+            self.write_weights()
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.abort(&e.to_string()));
+        match result {
+            Ok(()) => e,
+            Err(failed) => failed,
+        }
     }
 
     /// Records probes as of the current weights: `forward` runs your model

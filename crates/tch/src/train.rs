@@ -579,7 +579,13 @@ pub fn train_on(
                 };
                 tracer.add_spec(model.modules[i].clone(), weight, bias)?;
             }
-            tracer.record_with(rec, data.classes.len(), config.mode, config.dtype)?;
+            tracer.record_with(
+                rec,
+                data.classes.len(),
+                config.mode,
+                config.dtype,
+                config.optimizer(),
+            )?;
             Some(tracer)
         }
     };
@@ -827,6 +833,7 @@ impl Run<'_> {
             ids: &ids,
             labels: &labels,
             lr: s.lr,
+            momentum: None,
             logits: self.config.examples.then_some(&logits),
         };
         tracer.step(&step, || s.optimizer.step(s.params, &grads, s.lr))??;

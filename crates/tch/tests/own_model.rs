@@ -376,6 +376,7 @@ fn any_optimizer_in_batch_mode() {
             ids: &ids,
             labels: &labels,
             lr: 1e-2,
+            momentum: None,
             logits: None,
         };
         tracer.step(&s, || opt.step()).unwrap();
@@ -443,6 +444,7 @@ fn tracer_misuse_is_one_clear_error() {
             ids,
             labels: &[0, 1],
             lr: 0.1,
+            momentum: None,
             logits: None,
         }
     }
@@ -484,10 +486,20 @@ fn tracer_misuse_is_one_clear_error() {
         !run.exists(),
         "nothing is written before a step is accepted"
     );
-    // A good step, a commit, then a non-finite loss: aborted, readable.
+    // A good step, a commit, then a non-finite loss: aborted, readable. The
+    // refused steps' backward passes left gradients behind; zeroed, as a
+    // loop does before each step (the check compares .grad with the step's
+    // records).
+    let zero_grads = || {
+        for mut v in vs.trainable_variables() {
+            v.zero_grad();
+        }
+    };
+    zero_grads();
     let loss = fc.forward(&x).cross_entropy_for_logits(&y);
     loss.backward();
     tracer.step(&step(&loss, &[0, 1]), || ()).unwrap();
+    zero_grads();
     tracer.commit().unwrap();
     let loss = fc.forward(&x).sum(Kind::Float) * f64::NAN;
     loss.backward();
@@ -496,4 +508,199 @@ fn tracer_misuse_is_one_clear_error() {
     let m = Manifest::open(&run).unwrap();
     assert_eq!(m.status, reptrace_format::Status::Aborted);
     assert_eq!(update_rows(&run)["fc"].len(), 2, "the committed step stays");
+}
+
+/// `(lr, momentum, grad_scale)` of each step of a layer, from `layer_steps`.
+fn layer_steps(run: &Path, layer: &str) -> Vec<(f64, f64, f64)> {
+    use arrow_array::{Float64Array, StringArray};
+    let m = Manifest::open(run).unwrap();
+    let mut rows = Vec::new();
+    for f in m.files(Table::LayerSteps) {
+        let file = std::fs::File::open(run.join(&f.path)).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b: RecordBatch = b.unwrap();
+            let f64s = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            };
+            let names = b.column_by_name("layer").unwrap();
+            let names = names.as_any().downcast_ref::<StringArray>().unwrap();
+            let step = b.column_by_name("step").unwrap();
+            let step = step.as_any().downcast_ref::<Int64Array>().unwrap();
+            let (lr, mu, k) = (f64s("lr"), f64s("momentum"), f64s("grad_scale"));
+            for i in 0..b.num_rows() {
+                if names.value(i) == layer {
+                    rows.push((step.value(i), (lr[i], mu[i], k[i])));
+                }
+            }
+        }
+    }
+    rows.sort_by_key(|r| r.0);
+    rows.into_iter().map(|r| r.1).collect()
+}
+
+/// Clipping by norm and a momentum changed at every step, with tch's own
+/// SGD: the records carry the measured clipping coefficient and the
+/// `layer_steps` rows the momentum of each step, so that `W_T` is rebuilt
+/// from `W_0` and the records with displacements from a direct simulation
+/// of the update rule (independent of the analyzer), and `verify` passes.
+/// Noise added to a gradient stops the run at that step.
+#[test]
+fn clip_grad_norm_and_cycling_momentum_reconstruct_exactly() {
+    use reptrace_format::Optimizer;
+    use reptrace_tch::Error;
+    use reptrace_tch::trace::{RunSpec, Step};
+    use tch::nn::{Module, OptimizerConfig};
+    let data = reptrace_tch::data::digits().unwrap();
+    let x_all = Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 64]);
+    let train_run = |run: &Path, noise_at: Option<i64>| {
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut tracer = Tracer::new();
+        let fc1 = tracer
+            .linear(vs.root() / "fc1", 64, 16, Default::default())
+            .unwrap();
+        let fc2 = tracer
+            .linear(vs.root() / "fc2", 16, 10, Default::default())
+            .unwrap();
+        let model = nn::seq().add(fc1).add_fn(|x| x.relu()).add(fc2);
+        let mut opt = nn::Sgd {
+            momentum: 0.9,
+            ..Default::default()
+        }
+        .build(&vs, 0.05)
+        .unwrap();
+        let optimizer = Optimizer {
+            momentum: 0.9,
+            ..Optimizer::sgd(0.05)
+        };
+        tracer
+            .record(RunSpec {
+                optimizer,
+                ..RunSpec::sgd(run, data.classes.clone(), 0.05)
+            })
+            .unwrap();
+        let initial: HashMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect();
+        for step in 0..40i64 {
+            let ids: Vec<i64> = (0..32)
+                .map(|i| (step * 32 + i) % data.n_train as i64)
+                .collect();
+            let labels: Vec<i32> = ids.iter().map(|&r| data.labels[r as usize]).collect();
+            let x = x_all.index_select(0, &Tensor::from_slice(&ids));
+            let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
+            opt.zero_grad();
+            let loss = model.forward(&x).cross_entropy_for_logits(&y);
+            loss.backward();
+            opt.clip_grad_norm(0.3);
+            if noise_at == Some(step) {
+                let w = &vs.variables()["fc2.weight"];
+                let mut g = w.grad();
+                let _ = g.g_add_(&(g.randn_like() * 1e-2));
+            }
+            // A cycling momentum, as a one-cycle schedule gives.
+            let momentum = 0.85 + 0.1 * ((step % 8) as f64 / 7.0);
+            opt.set_momentum(momentum);
+            let lr = 0.05 * (1.0 - step as f64 / 80.0);
+            opt.set_lr(lr);
+            let s = Step {
+                loss: &loss,
+                ids: &ids,
+                labels: &labels,
+                lr,
+                momentum: Some(momentum),
+                logits: None,
+            };
+            match tracer.step(&s, || opt.step()) {
+                Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+            if step % 10 == 9 {
+                tracer.end_epoch().unwrap();
+            }
+        }
+        tracer.finish(None).unwrap();
+        let last: HashMap<String, Tensor> = vs.variables();
+        Ok::<_, Error>((initial, last))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("clip");
+    let (initial, last) = train_run(&run, None).unwrap();
+    let m = Manifest::open(&run).unwrap();
+    let rows = update_rows(&run);
+    for layer in m.model.traced_layers() {
+        let name = layer.name();
+        let steps = layer_steps(&run, name);
+        assert_eq!(steps.len(), 40);
+        let clipped = steps.iter().filter(|s| s.2 < 0.999).count();
+        assert!(clipped > 20, "{name}: {clipped} clipped steps");
+        // λ_s by simulation: PyTorch SGD, heavy ball, the buffer created at
+        // step 0, a unit gradient at step s only.
+        let lambda = |s: usize| {
+            let (mut w, mut buf) = (0.0f64, 0.0f64);
+            for (t, &(lr, mu, _)) in steps.iter().enumerate() {
+                let g = if t == s { 1.0 } else { 0.0 };
+                buf = if t == 0 { g } else { mu * buf + g };
+                w -= lr * buf;
+            }
+            -w
+        };
+        let sigma: Vec<f64> = (0..steps.len()).map(|s| lambda(s) / steps[s].0).collect();
+        let w0 = &initial[&format!("{name}.weight")];
+        let b0 = &initial[&format!("{name}.bias")];
+        let flat =
+            |t: &Tensor| Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+        let mut rebuilt: Vec<f64> = flat(w0);
+        rebuilt.extend(flat(b0));
+        for (step, _, u, v) in &rows[name] {
+            let d = record_update(layer, u, v);
+            for (r, x) in rebuilt.iter_mut().zip(d) {
+                *r += sigma[*step as usize] * x;
+            }
+        }
+        let mut want = flat(&last[&format!("{name}.weight")]);
+        want.extend(flat(&last[&format!("{name}.bias")]));
+        let mut start = flat(w0);
+        start.extend(flat(b0));
+        let diff: Vec<f64> = rebuilt.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let moved: Vec<f64> = want.iter().zip(&start).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(&moved);
+        assert!(rel <= 1e-5, "{name}: rebuilt W_T off by {rel:.2e}");
+    }
+    let report = reptrace_analyze::verify::verify(&run, &Default::default()).unwrap();
+    assert!(report.passed(), "{:?}", report.checks);
+
+    let noisy = tmp.path().join("noisy");
+    match train_run(&noisy, Some(7)) {
+        Err(Error::Inexact {
+            layer,
+            step,
+            message,
+        }) => {
+            assert_eq!((layer.as_str(), step), ("fc2", 7));
+            assert!(message.contains("beyond one scale factor"), "{message}");
+        }
+        other => panic!(
+            "expected the noisy step to be refused, got {:?}",
+            other.err()
+        ),
+    }
+    let m = Manifest::open(&noisy).unwrap();
+    assert_eq!(m.status, reptrace_format::Status::Aborted);
+    assert_eq!(m.last_step().map(|s| s.0), Some(6));
+    // Committed with the weights steps 0..=6 led to: it verifies up to there.
+    let report = reptrace_analyze::verify::verify(&noisy, &Default::default()).unwrap();
+    assert!(report.passed(), "{:?}", report.checks);
 }

@@ -462,6 +462,7 @@ fn factor_test_model() -> Model {
                 traced: true,
             }),
         ],
+        frozen: Vec::new(),
     }
 }
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import duckdb
 
-TABLES = ["instances", "steps", "updates", "probes", "contributions", "batches", "influence", "examples"]
+TABLES = [
+    "instances", "steps", "updates", "probes", "contributions", "batches", "influence", "examples",
+    "layer_steps",
+]
 PARTITIONED = {"updates", "probes", "contributions", "influence"}
 OWN_CONTRIBUTIONS = (
     "SELECT c.* FROM contributions c JOIN probes p "

@@ -309,6 +309,7 @@ impl Synth {
             name: "synth".into(),
             input_shape: vec![1],
             modules: self.layers.iter().map(L::module).collect(),
+            frozen: Vec::new(),
         };
         let mut rec = Recorder::builder(dir)
             .model(model.clone())
@@ -406,6 +407,7 @@ impl Synth {
                     lr,
                     batch_size: self.batch as i32,
                     loss: 1.0,
+                    skipped: false,
                 })
                 .unwrap();
                 for l in &self.layers {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub struct ExportArgs {
     /// The run directory.
     pub run: PathBuf,
-    /// The table: instances, steps, updates, batches, examples, probes,
+    /// The table: instances, steps, layer_steps, updates, batches, examples, probes,
     /// contributions (computed on demand: filter on probe_id) or influence.
     #[arg(long)]
     pub table: String,

@@ -14,7 +14,7 @@ pub struct SqlArgs {
     pub run: PathBuf,
     /// One query (SELECT or WITH) over instances, steps, updates, batches,
     /// probes, contributions (computed on demand), own_contributions, influence,
-    /// examples (training dynamics).
+    /// examples (training dynamics), layer_steps (what each step applied).
     pub query: String,
     /// Output format: table, csv, json or parquet (parquet needs --out).
     #[arg(long, default_value = "table")]
