@@ -34,6 +34,8 @@
 #                           contribution rows: peak RSS under a 512 MiB limit /
 #                           the limit, and its time / the time without a limit
 #                           (scripts/bench/summary.py rss)
+#  10  the gradient check  scripts/bench/check.py: the Python tracer traced
+#                           with its per-step gradient check / without it
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -183,6 +185,10 @@ for scale in 1 10; do
   $py scripts/bench/summary.py rss what=torch scale=$scale steps=$s -- \
     env PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py --once traced --steps "$s" | tee -a "$logs/rss.log"
 done
+
+step "10 the Python tracer's gradient check: traced with / without it ($torch_steps steps, $torch_repeats repeats)"
+PYTHONPATH="$out/py" $py scripts/bench/check.py \
+  --steps "$torch_steps" --repeats "$torch_repeats" | tee "$logs/check.log"
 
 step "summary ($(($(date +%s) - start)) s of benchmarks)"
 $py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

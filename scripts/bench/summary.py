@@ -42,6 +42,7 @@ DERIVED_GOAL = 1.0
 STARTUP_GOAL = 1.5
 # Row 9: peak RSS of the 31 M-row sort under its memory limit / the limit.
 SORT_RSS_GOAL = 1.3
+CHECK_GOAL = 1.03
 # "Flat": peak RSS at 10x the run length at most this times the 1x peak.
 FLAT_GOAL = 1.2
 QUERIES = [
@@ -315,6 +316,18 @@ def rows_from(b):
             f"peak RSS {int(r['max_rss_kb']) / 1024:.0f} MiB under --memory-limit {text} "
             f"({float(r['wall_s']):.1f} s, spilling) vs {int(free['max_rss_kb']) / 1024:.0f} MiB "
             f"without a limit ({float(free['wall_s']):.1f} s): time ×{t:.2f}")
+
+    # 10. the Python tracer's per-step gradient check
+    ck = next(iter(b["check"]), None)
+    if ck:
+        x = float(ck["ratio"])
+        add("10 gradient check", fmt_ratio(x), f"≤ {CHECK_GOAL:.2f}", x <= CHECK_GOAL,
+            f"traced with / without the per-step check, reptrace.Tracer, PyTorch MLP 784-256-10, "
+            f"batch 64, {ck['steps']} steps, {ck.get('threads', '?')} torch threads, "
+            f"{float(ck['with_ms_per_step']):.3f} / {float(ck['without_ms_per_step']):.3f} ms/step; "
+            f"median of {ck['repeats']}")
+    else:
+        add("10 gradient check", None, f"≤ {CHECK_GOAL:.2f}", False, "")
 
     return rows, missing
 
