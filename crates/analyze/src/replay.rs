@@ -2,7 +2,9 @@
 //! displacement scale of each step, and a streaming pass over one layer's
 //! records (read on a background thread, bounded queue).
 use crate::kernel::{self, Geometry};
-use crate::records::{RecordReader, Records, bools, f64s, f64s_opt, i64s, open_columns, strings};
+use crate::records::{
+    RecordReader, Records, bools, f64s, f64s_opt, i32s, i64s, open_columns, strings,
+};
 use crate::session::Run;
 use crate::weights::{LayerWeights, Snapshot};
 use crate::{Error, Result};
@@ -362,6 +364,118 @@ fn layer_rows(run: &Run, as_of: i64) -> Result<HashMap<String, Vec<Option<LayerR
                     precision,
                 });
             }
+        }
+    }
+    Ok(out)
+}
+
+/// What the steps of a run applied, summarised per traced layer from the
+/// `layer_steps` table and `steps.skipped` (what `reptrace info` shows).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StepsSummary {
+    /// Steps the optimizer skipped (a gradient scaler found inf/NaN).
+    pub skipped: u64,
+    /// One entry per traced layer with `layer_steps` rows, in the
+    /// manifest's order.
+    pub layers: Vec<LayerSummary>,
+}
+
+/// The range of what the steps applied to one traced layer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerSummary {
+    /// The traced layer.
+    pub layer: String,
+    /// Steps with a `layer_steps` row.
+    pub steps: u64,
+    /// The optimizer's parameter groups the layer was in.
+    pub param_groups: Vec<i32>,
+    /// Smallest and largest learning rate.
+    pub lr: [f64; 2],
+    /// Smallest and largest momentum.
+    pub momentum: [f64; 2],
+    /// Smallest and largest measured gradient scale κ.
+    pub grad_scale: [f64; 2],
+    /// Steps whose records carry a κ other than 1 (clipping, loss scaling).
+    pub rescaled: u64,
+    /// The largest relative difference the producer's check measured.
+    pub max_grad_check: Option<f64>,
+    /// The lowest precision a step ran in (`f32`, `bf16`, `f16`).
+    pub precision: String,
+}
+
+/// Summarises the committed `steps` and `layer_steps` rows of a run.
+pub fn summarize_steps(run: &Run) -> Result<StepsSummary> {
+    let mut out = StepsSummary::default();
+    if run.manifest().format_version >= column_since(Table::Steps, col::SKIPPED) {
+        for path in run.files_by_layer(Table::Steps).into_values().flatten() {
+            for batch in open_columns(&path, &[col::SKIPPED], 65_536)? {
+                let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
+                let skipped = bools(&batch, &path, col::SKIPPED)?;
+                out.skipped += skipped.into_iter().filter(|s| *s == Some(true)).count() as u64;
+            }
+        }
+    }
+    let columns = [
+        col::LAYER,
+        col::PARAM_GROUP,
+        col::LR,
+        col::MOMENTUM,
+        col::GRAD_SCALE,
+        col::GRAD_CHECK,
+        col::PRECISION,
+    ];
+    let mut layers: HashMap<String, LayerSummary> = HashMap::new();
+    for path in run
+        .files_by_layer(Table::LayerSteps)
+        .into_values()
+        .flatten()
+    {
+        for batch in open_columns(&path, &columns, 65_536)? {
+            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
+            let layer = strings(&batch, &path, col::LAYER)?;
+            let group = i32s(&batch, &path, col::PARAM_GROUP)?;
+            let lr = f64s(&batch, &path, col::LR)?;
+            let momentum = f64s(&batch, &path, col::MOMENTUM)?;
+            let scale = f64s(&batch, &path, col::GRAD_SCALE)?;
+            let check = f64s_opt(&batch, &path, col::GRAD_CHECK)?;
+            let precision = strings(&batch, &path, col::PRECISION)?;
+            for i in 0..layer.len() {
+                let s = layers
+                    .entry(layer[i].clone())
+                    .or_insert_with(|| LayerSummary {
+                        layer: layer[i].clone(),
+                        steps: 0,
+                        param_groups: Vec::new(),
+                        lr: [f64::INFINITY, f64::NEG_INFINITY],
+                        momentum: [f64::INFINITY, f64::NEG_INFINITY],
+                        grad_scale: [f64::INFINITY, f64::NEG_INFINITY],
+                        rescaled: 0,
+                        max_grad_check: None,
+                        precision: Precision::F32.as_str().to_owned(),
+                    });
+                s.steps += 1;
+                if !s.param_groups.contains(&group[i]) {
+                    s.param_groups.push(group[i]);
+                }
+                let widen = |r: &mut [f64; 2], x: f64| *r = [r[0].min(x), r[1].max(x)];
+                widen(&mut s.lr, lr[i]);
+                widen(&mut s.momentum, momentum[i]);
+                widen(&mut s.grad_scale, scale[i]);
+                s.rescaled += u64::from(scale[i] != 1.0);
+                if let Some(c) = check[i] {
+                    s.max_grad_check = Some(s.max_grad_check.map_or(c, |m| m.max(c)));
+                }
+                let lowest = Precision::parse(&s.precision).max(Precision::parse(&precision[i]));
+                if let Some(p) = lowest {
+                    s.precision = p.as_str().to_owned();
+                }
+            }
+        }
+    }
+    for l in run.manifest().model.traced_layers() {
+        if let Some(mut s) = layers.remove(l.name()) {
+            s.param_groups.sort_unstable();
+            out.layers.push(s);
         }
     }
     Ok(out)

@@ -377,3 +377,128 @@ fn info_on_a_killed_run_reports_the_last_commit() {
         assert!(text.contains(&want), "{text}");
     }
 }
+
+/// Format 7: what each step applied. A run with a skipped step, a frozen
+/// layer and `layer_steps` rows (a cycling momentum, one clipped step, one
+/// layer under bf16) shows them in `info`, text and JSON; the recorder
+/// refuses rows it cannot store faithfully.
+#[test]
+fn info_shows_what_each_step_applied() {
+    use reptrace_record::LayerStepRow;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut m = model();
+    m.frozen = vec!["embed".into()];
+    let mut rec = Recorder::builder(&run)
+        .model(m.clone())
+        .optimizer(Optimizer::sgd(0.1))
+        .classes(vec!["a".into(), "b".into(), "c".into()])
+        .build()
+        .unwrap();
+    let ids = [0i64, 1];
+    let labels = [0i32, 1];
+    let row = |step: i64, layer: &str| LayerStepRow {
+        step,
+        epoch: 0,
+        layer: layer.into(),
+        param_group: 0,
+        lr: 0.1,
+        momentum: 0.85 + 0.05 * step as f64,
+        dampening: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+        grad_scale: if step == 1 && layer == "fc1" {
+            0.5
+        } else {
+            1.0
+        },
+        grad_check: Some(1e-7),
+        grad_norm: Some(1.0),
+        precision: if layer == "fc2" { "bf16" } else { "f32" }.into(),
+    };
+    for t in 0..4 {
+        rec.step(StepRow {
+            step: t,
+            epoch: 0,
+            lr: 0.1,
+            batch_size: 2,
+            loss: 1.0,
+            skipped: t == 2,
+        })
+        .unwrap();
+        if t == 2 {
+            continue;
+        }
+        rec.layer_steps(m.traced_layers().map(|l| row(t, l.name())).collect())
+            .unwrap();
+        for l in m.traced_layers() {
+            let (ul, vl) = l.factor_lens();
+            rec.updates(
+                l.name(),
+                UpdateBatch {
+                    step: t,
+                    epoch: 0,
+                    instance_ids: &ids,
+                    labels: &labels,
+                    u: &vec![0.5; 2 * ul],
+                    v: &vec![0.25; 2 * vl],
+                    update_norm: None,
+                },
+            )
+            .unwrap();
+        }
+    }
+    // Rows that cannot be stored as they are: refused with the field at fault.
+    let mut bad = |r: LayerStepRow| rec_err(&mut rec, r);
+    assert!(
+        bad(LayerStepRow {
+            layer: "fc9".into(),
+            ..row(3, "fc1")
+        })
+        .contains("fc9")
+    );
+    assert!(
+        bad(LayerStepRow {
+            grad_scale: f64::NAN,
+            ..row(3, "fc1")
+        })
+        .contains("grad_scale is NaN")
+    );
+    assert!(
+        bad(LayerStepRow {
+            precision: "f8".into(),
+            ..row(3, "fc1")
+        })
+        .contains("precision \"f8\"")
+    );
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    drop(rec);
+
+    let info = info_json(&run);
+    assert_eq!(info["frozen"], serde_json::json!(["embed"]));
+    let s = &info["steps_applied"];
+    assert_eq!(s["skipped"], 1);
+    let layers = s["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0]["layer"], "fc1");
+    assert_eq!(layers[0]["steps"], 3);
+    assert_eq!(layers[0]["rescaled"], 1);
+    assert_eq!(layers[0]["grad_scale"], serde_json::json!([0.5, 1.0]));
+    let momentum: Vec<f64> = serde_json::from_value(layers[0]["momentum"].clone()).unwrap();
+    assert!((momentum[0] - 0.85).abs() < 1e-12 && (momentum[1] - 1.0).abs() < 1e-12);
+    assert_eq!(layers[0]["precision"], "f32");
+    assert_eq!(layers[1]["precision"], "bf16");
+    let out = reptrace(&["info".as_ref(), run.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("frozen     embed"), "{text}");
+    assert!(text.contains("skipped    1 steps"), "{text}");
+    assert!(
+        text.contains("fc1          group 0, lr 0.1, momentum 0.85..1, gradient scale"),
+        "{text}"
+    );
+}
+
+fn rec_err(rec: &mut Recorder, row: reptrace_record::LayerStepRow) -> String {
+    rec.layer_steps(vec![row]).unwrap_err().to_string()
+}

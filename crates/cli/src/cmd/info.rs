@@ -62,6 +62,13 @@ pub struct Info {
     /// Bytes of `updates` and `batches` per committed training step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_per_step: Option<StoragePerStep>,
+    /// Layers left out of the trace because the optimizer does not update
+    /// them (format 7).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
+    /// What each step applied (`layer_steps`, `steps.skipped`; format 7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_applied: Option<reptrace_analyze::replay::StepsSummary>,
     pub tables: Vec<TableInfo>,
     pub stray_files: Vec<String>,
     pub warnings: Vec<String>,
@@ -209,6 +216,17 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         bytes_per_step: recorded as f64 / steps as f64,
     });
 
+    let steps_applied = match reptrace_analyze::session::Run::open(run)
+        .and_then(|r| reptrace_analyze::replay::summarize_steps(&r))
+    {
+        Ok(s) if s.skipped > 0 || !s.layers.is_empty() => Some(s),
+        Ok(_) => None,
+        Err(e) => {
+            warnings.push(format!("layer_steps: {e}"));
+            None
+        }
+    };
+
     Ok(Info {
         run: run.display().to_string(),
         run_id: m.run_id.clone(),
@@ -240,6 +258,8 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         probes_as_of_step: analysis.and_then(|a| a.step).map(|s| s.0),
         weights,
         storage_per_step,
+        frozen: m.model.frozen.clone(),
+        steps_applied,
         tables,
         stray_files,
         warnings,
@@ -394,6 +414,75 @@ fn model_info(m: &Manifest) -> ModelInfo {
     }
 }
 
+/// The per-step hyper-parameters and gradient check, one line per layer.
+fn print_steps_applied(
+    s: &reptrace_analyze::replay::StepsSummary,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    // Four significant digits, plain between 1e-3 and 1e4.
+    let short = |x: f64| {
+        if x == 0.0 || !x.is_finite() {
+            return format!("{x}");
+        }
+        let magnitude = x.abs().log10().floor();
+        if !(-3.0..4.0).contains(&magnitude) {
+            return format!("{x:.3e}");
+        }
+        let digits = (3.0 - magnitude).max(0.0) as usize;
+        let s = format!("{x:.digits$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        }
+    };
+    let range = |r: [f64; 2]| {
+        if r[0] == r[1] {
+            short(r[0])
+        } else {
+            format!("{}..{}", short(r[0]), short(r[1]))
+        }
+    };
+    if s.skipped > 0 {
+        writeln!(
+            out,
+            "skipped    {} steps (the optimizer skipped them: inf/NaN gradients; no records)",
+            s.skipped
+        )?;
+    }
+    if !s.layers.is_empty() {
+        writeln!(
+            out,
+            "per step   what the optimizer applied (table layer_steps)"
+        )?;
+    }
+    for l in &s.layers {
+        let groups: Vec<String> = l.param_groups.iter().map(i32::to_string).collect();
+        let scale = if l.rescaled == 0 {
+            "gradient not rescaled".to_owned()
+        } else {
+            let [lo, hi] = l.grad_scale;
+            format!(
+                "gradient scale {lo:.3e}..{hi:.3e} in {} of {} steps",
+                l.rescaled, l.steps
+            )
+        };
+        let check = l
+            .max_grad_check
+            .map_or_else(|| "unchecked".to_owned(), |c| format!("check ≤ {c:.1e}"));
+        writeln!(
+            out,
+            "  {:<12} group {}, lr {}, momentum {}, {scale}, {}, {check}",
+            l.layer,
+            groups.join("+"),
+            range(l.lr),
+            range(l.momentum),
+            l.precision
+        )?;
+    }
+    Ok(())
+}
+
 fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "run        {}", i.run)?;
     writeln!(out, "run id     {}", i.run_id)?;
@@ -501,6 +590,16 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
             crate::cmd::human_bytes(s.bytes_per_step.round() as u64),
             s.steps
         )?;
+    }
+    if !i.frozen.is_empty() {
+        writeln!(
+            out,
+            "frozen     {} (the optimizer does not update them: not traced)",
+            i.frozen.join(", ")
+        )?;
+    }
+    if let Some(s) = &i.steps_applied {
+        print_steps_applied(s, out)?;
     }
     writeln!(out)?;
     writeln!(
