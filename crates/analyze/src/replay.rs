@@ -8,11 +8,12 @@ use crate::records::{
 use crate::session::Run;
 use crate::weights::{LayerWeights, Snapshot};
 use crate::{Error, Result};
+use arrow_array::RecordBatch;
 use reptrace_format::{
     Mode, StepHyper, Table, TracedLayer, col, column_since, sgd_displacement_scales,
 };
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
 /// What a replay of the run's updates needs besides the records.
@@ -250,6 +251,22 @@ struct LayerRow {
     precision: Precision,
 }
 
+/// Calls `f` with every batch of `columns` of the committed files of `table`.
+fn each_batch(
+    run: &Run,
+    table: Table,
+    columns: &[&str],
+    mut f: impl FnMut(&RecordBatch, &Path) -> Result<()>,
+) -> Result<()> {
+    for path in run.files_by_layer(table).into_values().flatten() {
+        for batch in open_columns(&path, columns, 65_536)? {
+            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
+            f(&batch, &path)?;
+        }
+    }
+    Ok(())
+}
+
 /// The `steps` rows `0..=as_of` of the committed `steps` table.
 fn step_rows(run: &Run, as_of: i64) -> Result<Vec<StepInfo>> {
     let n = usize::try_from(as_of + 1).unwrap_or(0);
@@ -261,33 +278,31 @@ fn step_rows(run: &Run, as_of: i64) -> Result<Vec<StepInfo>> {
     } else {
         &[col::STEP, col::LR]
     };
-    for path in run.files_by_layer(Table::Steps).into_values().flatten() {
-        for batch in open_columns(&path, columns, 65_536)? {
-            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
-            let steps = i64s(&batch, &path, col::STEP)?;
-            let lr = f64s(&batch, &path, col::LR)?;
-            let skipped = if with_skipped {
-                bools(&batch, &path, col::SKIPPED)?
-            } else {
-                vec![None; steps.len()]
-            };
-            for ((s, lr), skipped) in steps.into_iter().zip(lr).zip(skipped) {
-                if let Some(slot) = usize::try_from(s).ok().and_then(|i| rows.get_mut(i)) {
-                    if slot.is_some() {
-                        return Err(Error::Column {
-                            path: path.clone(),
-                            column: col::STEP.into(),
-                            message: format!("step {s} appears twice"),
-                        });
-                    }
-                    *slot = Some(StepInfo {
-                        lr,
-                        skipped: skipped.unwrap_or(false),
+    each_batch(run, Table::Steps, columns, |batch, path| {
+        let steps = i64s(batch, path, col::STEP)?;
+        let lr = f64s(batch, path, col::LR)?;
+        let skipped = if with_skipped {
+            bools(batch, path, col::SKIPPED)?
+        } else {
+            vec![None; steps.len()]
+        };
+        for ((s, lr), skipped) in steps.into_iter().zip(lr).zip(skipped) {
+            if let Some(slot) = usize::try_from(s).ok().and_then(|i| rows.get_mut(i)) {
+                if slot.is_some() {
+                    return Err(Error::Column {
+                        path: path.to_path_buf(),
+                        column: col::STEP.into(),
+                        message: format!("step {s} appears twice"),
                     });
                 }
+                *slot = Some(StepInfo {
+                    lr,
+                    skipped: skipped.unwrap_or(false),
+                });
             }
         }
-    }
+        Ok(())
+    })?;
     rows.into_iter()
         .enumerate()
         .map(|(s, row)| {
@@ -316,56 +331,50 @@ fn layer_rows(run: &Run, as_of: i64) -> Result<HashMap<String, Vec<Option<LayerR
         col::GRAD_NORM,
         col::PRECISION,
     ];
-    for path in run
-        .files_by_layer(Table::LayerSteps)
-        .into_values()
-        .flatten()
-    {
-        for batch in open_columns(&path, &columns, 65_536)? {
-            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
-            let step = i64s(&batch, &path, col::STEP)?;
-            let layer = strings(&batch, &path, col::LAYER)?;
-            let lr = f64s(&batch, &path, col::LR)?;
-            let momentum = f64s(&batch, &path, col::MOMENTUM)?;
-            let dampening = f64s(&batch, &path, col::DAMPENING)?;
-            let nesterov = bools(&batch, &path, col::NESTEROV)?;
-            let weight_decay = f64s(&batch, &path, col::WEIGHT_DECAY)?;
-            let grad_norm = f64s_opt(&batch, &path, col::GRAD_NORM)?;
-            let precision = strings(&batch, &path, col::PRECISION)?;
-            for i in 0..step.len() {
-                let Some(s) = usize::try_from(step[i]).ok().filter(|&s| s < n) else {
-                    continue;
-                };
-                let bad = |message: String| Error::Column {
-                    path: path.clone(),
-                    column: col::PRECISION.into(),
-                    message,
-                };
-                let precision = Precision::parse(&precision[i])
-                    .ok_or_else(|| bad(format!("{:?} is not f32, bf16 or f16", precision[i])))?;
-                let slots = out.entry(layer[i].clone()).or_insert_with(|| vec![None; n]);
-                if slots[s].is_some() {
-                    return Err(Error::Column {
-                        path: path.clone(),
-                        column: col::STEP.into(),
-                        message: format!("step {s} of layer {} appears twice", layer[i]),
-                    });
-                }
-                slots[s] = Some(LayerRow {
-                    hyper: StepHyper {
-                        lr: lr[i],
-                        momentum: momentum[i],
-                        dampening: dampening[i],
-                        nesterov: nesterov[i].unwrap_or(false),
-                        skipped: false,
-                    },
-                    weight_decay: weight_decay[i],
-                    grad_norm: grad_norm[i],
-                    precision,
+    each_batch(run, Table::LayerSteps, &columns, |batch, path| {
+        let step = i64s(batch, path, col::STEP)?;
+        let layer = strings(batch, path, col::LAYER)?;
+        let lr = f64s(batch, path, col::LR)?;
+        let momentum = f64s(batch, path, col::MOMENTUM)?;
+        let dampening = f64s(batch, path, col::DAMPENING)?;
+        let nesterov = bools(batch, path, col::NESTEROV)?;
+        let weight_decay = f64s(batch, path, col::WEIGHT_DECAY)?;
+        let grad_norm = f64s_opt(batch, path, col::GRAD_NORM)?;
+        let precision = strings(batch, path, col::PRECISION)?;
+        for i in 0..step.len() {
+            let Some(s) = usize::try_from(step[i]).ok().filter(|&s| s < n) else {
+                continue;
+            };
+            let bad = |message: String| Error::Column {
+                path: path.to_path_buf(),
+                column: col::PRECISION.into(),
+                message,
+            };
+            let precision = Precision::parse(&precision[i])
+                .ok_or_else(|| bad(format!("{:?} is not f32, bf16 or f16", precision[i])))?;
+            let slots = out.entry(layer[i].clone()).or_insert_with(|| vec![None; n]);
+            if slots[s].is_some() {
+                return Err(Error::Column {
+                    path: path.to_path_buf(),
+                    column: col::STEP.into(),
+                    message: format!("step {s} of layer {} appears twice", layer[i]),
                 });
             }
+            slots[s] = Some(LayerRow {
+                hyper: StepHyper {
+                    lr: lr[i],
+                    momentum: momentum[i],
+                    dampening: dampening[i],
+                    nesterov: nesterov[i].unwrap_or(false),
+                    skipped: false,
+                },
+                weight_decay: weight_decay[i],
+                grad_norm: grad_norm[i],
+                precision,
+            });
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -407,13 +416,11 @@ pub struct LayerSummary {
 pub fn summarize_steps(run: &Run) -> Result<StepsSummary> {
     let mut out = StepsSummary::default();
     if run.manifest().format_version >= column_since(Table::Steps, col::SKIPPED) {
-        for path in run.files_by_layer(Table::Steps).into_values().flatten() {
-            for batch in open_columns(&path, &[col::SKIPPED], 65_536)? {
-                let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
-                let skipped = bools(&batch, &path, col::SKIPPED)?;
-                out.skipped += skipped.into_iter().filter(|s| *s == Some(true)).count() as u64;
-            }
-        }
+        each_batch(run, Table::Steps, &[col::SKIPPED], |batch, path| {
+            let skipped = bools(batch, path, col::SKIPPED)?;
+            out.skipped += skipped.into_iter().filter(|s| *s == Some(true)).count() as u64;
+            Ok(())
+        })?;
     }
     let columns = [
         col::LAYER,
@@ -425,53 +432,47 @@ pub fn summarize_steps(run: &Run) -> Result<StepsSummary> {
         col::PRECISION,
     ];
     let mut layers: HashMap<String, LayerSummary> = HashMap::new();
-    for path in run
-        .files_by_layer(Table::LayerSteps)
-        .into_values()
-        .flatten()
-    {
-        for batch in open_columns(&path, &columns, 65_536)? {
-            let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
-            let layer = strings(&batch, &path, col::LAYER)?;
-            let group = i32s(&batch, &path, col::PARAM_GROUP)?;
-            let lr = f64s(&batch, &path, col::LR)?;
-            let momentum = f64s(&batch, &path, col::MOMENTUM)?;
-            let scale = f64s(&batch, &path, col::GRAD_SCALE)?;
-            let check = f64s_opt(&batch, &path, col::GRAD_CHECK)?;
-            let precision = strings(&batch, &path, col::PRECISION)?;
-            for i in 0..layer.len() {
-                let s = layers
-                    .entry(layer[i].clone())
-                    .or_insert_with(|| LayerSummary {
-                        layer: layer[i].clone(),
-                        steps: 0,
-                        param_groups: Vec::new(),
-                        lr: [f64::INFINITY, f64::NEG_INFINITY],
-                        momentum: [f64::INFINITY, f64::NEG_INFINITY],
-                        grad_scale: [f64::INFINITY, f64::NEG_INFINITY],
-                        rescaled: 0,
-                        max_grad_check: None,
-                        precision: Precision::F32.as_str().to_owned(),
-                    });
-                s.steps += 1;
-                if !s.param_groups.contains(&group[i]) {
-                    s.param_groups.push(group[i]);
-                }
-                let widen = |r: &mut [f64; 2], x: f64| *r = [r[0].min(x), r[1].max(x)];
-                widen(&mut s.lr, lr[i]);
-                widen(&mut s.momentum, momentum[i]);
-                widen(&mut s.grad_scale, scale[i]);
-                s.rescaled += u64::from(scale[i] != 1.0);
-                if let Some(c) = check[i] {
-                    s.max_grad_check = Some(s.max_grad_check.map_or(c, |m| m.max(c)));
-                }
-                let lowest = Precision::parse(&s.precision).max(Precision::parse(&precision[i]));
-                if let Some(p) = lowest {
-                    s.precision = p.as_str().to_owned();
-                }
+    each_batch(run, Table::LayerSteps, &columns, |batch, path| {
+        let layer = strings(batch, path, col::LAYER)?;
+        let group = i32s(batch, path, col::PARAM_GROUP)?;
+        let lr = f64s(batch, path, col::LR)?;
+        let momentum = f64s(batch, path, col::MOMENTUM)?;
+        let scale = f64s(batch, path, col::GRAD_SCALE)?;
+        let check = f64s_opt(batch, path, col::GRAD_CHECK)?;
+        let precision = strings(batch, path, col::PRECISION)?;
+        for i in 0..layer.len() {
+            let s = layers
+                .entry(layer[i].clone())
+                .or_insert_with(|| LayerSummary {
+                    layer: layer[i].clone(),
+                    steps: 0,
+                    param_groups: Vec::new(),
+                    lr: [f64::INFINITY, f64::NEG_INFINITY],
+                    momentum: [f64::INFINITY, f64::NEG_INFINITY],
+                    grad_scale: [f64::INFINITY, f64::NEG_INFINITY],
+                    rescaled: 0,
+                    max_grad_check: None,
+                    precision: Precision::F32.as_str().to_owned(),
+                });
+            s.steps += 1;
+            if !s.param_groups.contains(&group[i]) {
+                s.param_groups.push(group[i]);
+            }
+            let widen = |r: &mut [f64; 2], x: f64| *r = [r[0].min(x), r[1].max(x)];
+            widen(&mut s.lr, lr[i]);
+            widen(&mut s.momentum, momentum[i]);
+            widen(&mut s.grad_scale, scale[i]);
+            s.rescaled += u64::from(scale[i] != 1.0);
+            if let Some(c) = check[i] {
+                s.max_grad_check = Some(s.max_grad_check.map_or(c, |m| m.max(c)));
+            }
+            let lowest = Precision::parse(&s.precision).max(Precision::parse(&precision[i]));
+            if let Some(p) = lowest {
+                s.precision = p.as_str().to_owned();
             }
         }
-    }
+        Ok(())
+    })?;
     for l in run.manifest().model.traced_layers() {
         if let Some(mut s) = layers.remove(l.name()) {
             s.param_groups.sort_unstable();
