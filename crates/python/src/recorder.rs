@@ -22,7 +22,6 @@ pub struct PyRecorder {
     run_dir: String,
 }
 
-/// A contiguous array's elements, or an error naming the argument.
 /// A `layer_steps` row as Python hands it over (see `Recorder.layer_steps`).
 type LayerStepTuple = (
     String,
@@ -38,6 +37,7 @@ type LayerStepTuple = (
     String,
 );
 
+/// A contiguous array's elements, or an error naming the argument.
 fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
     a.as_slice()
         .map_err(|_| error::invalid(format!("{what}: the array must be contiguous")))
