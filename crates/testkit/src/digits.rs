@@ -1,0 +1,1 @@
+//! (filled by the test-kit work; see lib.rs)
