@@ -1,4 +1,4 @@
-"""Fixtures shared by the Python interoperability tests.
+"""Pytest hooks and fixtures of the Python tests (their helpers are in kit.py).
 
 scripts/test.sh sets REPTRACE_BIN (the built `reptrace` binary),
 REPTRACE_CARGO_TARGET (the cargo target dir) and optionally
@@ -10,13 +10,14 @@ test is reported as failed: a machine without Java, say, must not pass CI
 by skipping the Spark tests.
 """
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from kit import TRAIN_ROWS, binary, digits, reptrace_cli, require_subcommands
+
+SNIPPETS = Path(__file__).resolve().parent / "snippets"
 
 # pytester: tests/python/test_docs.py runs an inner pytest session.
 pytest_plugins = ["pytester"]
@@ -38,64 +39,19 @@ def pytest_runtest_makereport(item, call):
         )
 
 
-def _target_dir() -> Path:
-    return Path(os.environ.get("REPTRACE_CARGO_TARGET", ROOT / "target"))
-
-
-def _binary(env_var: str, default: Path) -> Path:
-    path = Path(os.environ.get(env_var, default))
-    if not path.is_file():
-        pytest.fail(
-            f"{path} not found: build it first (cargo build; cargo build -p "
-            f"reptrace-record --example synthetic) or set {env_var}"
-        )
-    return path
-
-
 @pytest.fixture(scope="session")
 def reptrace_bin() -> Path:
     """Path of the `reptrace` binary."""
-    return _binary("REPTRACE_BIN", _target_dir() / "debug" / "reptrace")
+    return binary("REPTRACE_BIN", "reptrace")
 
 
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory) -> Path:
     """A run written by the recorder's `synthetic` example into a temp dir."""
-    exe = _binary(
-        "REPTRACE_SYNTHETIC_BIN", _target_dir() / "debug" / "examples" / "synthetic"
-    )
+    exe = binary("REPTRACE_SYNTHETIC_BIN", "examples/synthetic")
     run = tmp_path_factory.mktemp("synthetic") / "run"
     subprocess.run([str(exe), str(run)], check=True, capture_output=True)
     return run
-
-
-SNIPPETS = Path(__file__).resolve().parent / "snippets"
-
-
-def reptrace(reptrace_bin, *args, check=True):
-    """Runs the CLI; the completed process (stdout/stderr as text)."""
-    proc = subprocess.run(
-        [str(reptrace_bin), *map(str, args)], capture_output=True, text=True
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(f"reptrace {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
-    return proc
-
-
-def sql_json(reptrace_bin, run, sql):
-    """The rows of `reptrace sql --format json` (a NULL is a missing key)."""
-    import json
-
-    out = reptrace(reptrace_bin, "sql", run, sql, "--format", "json").stdout
-    return json.loads(out) if out.strip() else []
-
-
-def require_subcommands(reptrace_bin, *names):
-    """Fails (not skips) naming the subcommands the binary lacks."""
-    listed = reptrace(reptrace_bin, "--help").stdout
-    missing = [n for n in names if not re.search(rf"^\s+{n}\s", listed, re.M)]
-    if missing:
-        pytest.fail(f"{reptrace_bin} has no subcommand {', '.join(missing)}: rebuild the CLI")
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +62,7 @@ def digits_run(reptrace_bin, tmp_path_factory) -> Path:
 
     require_subcommands(reptrace_bin, "train", "attribute", "sql", "query")
     run = tmp_path_factory.mktemp("digits") / "run"
-    reptrace(
+    reptrace_cli(
         reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
         "--batch-size", "64", "--probes", "all", "--threads", "1", "--out", run,
     )
@@ -123,7 +79,7 @@ def digits_run(reptrace_bin, tmp_path_factory) -> Path:
     train = [int(p) for p, i in zip(probes["probe_id"], probes["instance_id"]) if split.get(i) == "train"]
     assert len(test) >= 3 and len(train) >= 2, "the run must have test and training probes"
     ids = test[:3] + train[:2]
-    reptrace(reptrace_bin, "attribute", run, "--probes", "ids:" + ",".join(map(str, ids)))
+    reptrace_cli(reptrace_bin, "attribute", run, "--probes", "ids:" + ",".join(map(str, ids)))
     return run
 
 
@@ -132,12 +88,12 @@ def batch_run(reptrace_bin, tmp_path_factory) -> Path:
     """A small digits MLP run in batch mode with Adam (2 epochs, mixed
     batches), attributed for probes 1437, 1500 and 1600."""
     run = tmp_path_factory.mktemp("batch") / "run"
-    reptrace(
+    reptrace_cli(
         reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
         "--batch-size", "64", "--mode", "batch", "--optimizer", "adam", "--lr", "0.01",
         "--threads", "1", "--out", run,
     )
-    reptrace(reptrace_bin, "attribute", run, "--probes", "ids:1437,1500,1600")
+    reptrace_cli(reptrace_bin, "attribute", run, "--probes", "ids:1437,1500,1600")
     return run
 
 
@@ -172,3 +128,11 @@ def spark(snippets):
     session = spark_session()
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The bundled digits split as `reptrace train` splits them:
+    (x_train, y_train, x_test, y_test)."""
+    x, y = digits()
+    return x[:TRAIN_ROWS], y[:TRAIN_ROWS], x[TRAIN_ROWS:], y[TRAIN_ROWS:]

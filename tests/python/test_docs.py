@@ -3,7 +3,7 @@
 file, and every snippet file is shown."""
 import re
 
-from conftest import ROOT
+from kit import ROOT
 
 DOC = ROOT / "docs" / "interop.md"
 SNIPPETS = ROOT / "tests" / "python" / "snippets"
@@ -58,6 +58,8 @@ def test_no_skips_turns_a_skip_into_a_failure(pytester, monkeypatch):
     fails with its reason, so that CI cannot pass by skipping, e.g., the
     Spark tests on a machine without Java."""
     pytester.makeconftest((ROOT / "tests" / "python" / "conftest.py").read_text())
+    # The copied conftest imports the kit beside it.
+    pytester.makepyfile(kit=(ROOT / "tests" / "python" / "kit.py").read_text())
     pytester.makepyfile(
         test_inner="""
         import pytest

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import reptrace, require_subcommands
+from kit import materialised_ids, reptrace_cli, require_subcommands
 
 KEY = ["layer", "probe_id", "step", "instance_id"]
 
@@ -40,11 +40,10 @@ def test_contributions_round_trip(reptrace_bin, digits_run, contributions, tmp_p
     out = tmp_path / f"contributions.{fmt}"
     # The materialised probes (contributions of any other probe would be
     # computed on demand): the rows the files hold.
-    manifest = json.loads((digits_run / "manifest.json").read_text())
-    ids = sorted({i for a in manifest["attributions"] for lo, hi in a["probe_ids"] for i in range(lo, hi + 1)})
+    ids = materialised_ids(digits_run)
     where = f"probe_id IN ({', '.join(map(str, ids))})"
-    proc = reptrace(reptrace_bin, "export", digits_run, "--table", "contributions", "--where", where,
-                    "--format", fmt, "--out", out)
+    proc = reptrace_cli(reptrace_bin, "export", digits_run, "--table", "contributions",
+                        "--where", where, "--format", fmt, "--out", out)
     assert f"exported {len(contributions)} rows" in proc.stdout
     if fmt == "parquet":
         f = pq.ParquetFile(out)
@@ -72,7 +71,7 @@ def test_list_columns_with_where_and_columns(reptrace_bin, digits_run, snippets,
     want = want.sort_values(["step", "instance_id"]).reset_index(drop=True)
     assert len(want) > 0
     out = tmp_path / f"updates.{fmt}"
-    reptrace(
+    reptrace_cli(
         reptrace_bin, "export", digits_run, "--table", "updates",
         "--where", f"layer = '{layer}' AND step < 3",
         "--columns", "step,instance_id,u,v,layer", "--format", fmt, "--out", out,
@@ -114,7 +113,7 @@ def test_mistakes_are_one_clear_line(reptrace_bin, digits_run, tmp_path, args, w
     if "--format" not in args:
         args = [*args, "--format", "csv"]
     out = tmp_path / "x.csv"
-    proc = reptrace(reptrace_bin, "export", digits_run, *args, "--out", out, check=False)
+    proc = reptrace_cli(reptrace_bin, "export", digits_run, *args, "--out", out, check=False)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -125,13 +124,13 @@ def test_mistakes_are_one_clear_line(reptrace_bin, digits_run, tmp_path, args, w
 
 def test_output_is_never_inside_the_run_nor_replaced_silently(reptrace_bin, digits_run, tmp_path):
     base = ["export", digits_run, "--table", "steps", "--format", "csv", "--out"]
-    inside = reptrace(reptrace_bin, *base, digits_run / "steps.csv", check=False)
+    inside = reptrace_cli(reptrace_bin, *base, digits_run / "steps.csv", check=False)
     assert inside.returncode == 1 and "inside the run" in inside.stderr
     assert not (digits_run / "steps.csv").exists()
     out = tmp_path / "steps.csv"
     out.write_text("keep me")
-    again = reptrace(reptrace_bin, *base, out, check=False)
+    again = reptrace_cli(reptrace_bin, *base, out, check=False)
     assert again.returncode == 1 and "--force" in again.stderr
     assert out.read_text() == "keep me"
-    reptrace(reptrace_bin, *base, out, "--force")
+    reptrace_cli(reptrace_bin, *base, out, "--force")
     assert out.read_text().startswith("step,epoch,lr,batch_size,loss")

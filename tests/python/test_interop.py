@@ -4,16 +4,14 @@ DataFusion sees (`reptrace sql`), and every canned query of queries/ gives
 the same answer, row for row, on DuckDB and Spark as on DataFusion
 (`reptrace query`). The helpers used come from tests/python/snippets, the
 code docs/interop.md shows."""
-import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, reptrace, sql_json
+from kit import ROOT, cli_json, materialised_ids, reptrace_cli, sql_json
 
 TABLES = ["instances", "steps", "updates", "probes", "contributions"]
 PARTITIONED = {"updates", "probes", "contributions"}
@@ -53,13 +51,6 @@ SAMPLES = {
 
 def sample_filter(table, probe):
     return SAMPLES[table].format(probe=probe)
-
-
-def materialised_ids(run):
-    """The probe ids the run's attributions hold (from the manifest)."""
-    m = json.loads((Path(run) / "manifest.json").read_text())
-    return sorted({i for a in m.get("attributions", []) for lo, hi in a.get("probe_ids", [])
-                   for i in range(lo, hi + 1)})
 
 
 def datafusion_counts(reptrace_bin, run, table):
@@ -234,8 +225,7 @@ def param_values(sql_file, probe):
 def datafusion_query(reptrace_bin, run, sql_file, params):
     args = [a for n, v in params.items() for a in ("--param", f"{n}={v}")]
     # The file itself (not the embedded copy): the same text every engine runs.
-    out = reptrace(reptrace_bin, "query", run, sql_file, *args, "--format", "json").stdout
-    return json.loads(out) if out.strip() else []
+    return cli_json(reptrace_bin, "query", run, sql_file, *args, "--format", "json")
 
 
 def assert_same_answer(columns, rows, want, what):
@@ -301,11 +291,11 @@ def test_self_influence_elsewhere(reptrace_bin, tmp_path, snippets, spark):
     from spark_views import spark_query, spark_register
 
     run = tmp_path / "run"
-    reptrace(
+    reptrace_cli(
         reptrace_bin, "train", "--model", "mlp", "--data", "digits", "--epochs", "1",
         "--batch-size", "64", "--probes", "train", "--threads", "1", "--out", run,
     )
-    reptrace(reptrace_bin, "attribute", run, "--probes", "train", "--self-only", "-q")
+    reptrace_cli(reptrace_bin, "attribute", run, "--probes", "train", "--self-only", "-q")
     sql_file = ROOT / "queries" / "self_influence.sql"
     params = {"k": 25}
     want = datafusion_query(reptrace_bin, run, sql_file, params)

@@ -5,7 +5,7 @@ the ROC AUC of the canned query's ranking computed here from the flipped ids
 (scripts/eval/mislabel.py, the evaluation docs/benchmarks.md reports)."""
 import importlib.util
 
-from conftest import ROOT
+from kit import ROOT
 
 spec = importlib.util.spec_from_file_location("mislabel", ROOT / "scripts/eval/mislabel.py")
 mislabel = importlib.util.module_from_spec(spec)

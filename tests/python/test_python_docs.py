@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from kit import ROOT
 
 DOC = ROOT / "docs" / "python.md"
 

@@ -1,38 +1,16 @@
 """A run written by the Rust recorder opens in pyarrow and pandas as a
 Hive-partitioned Parquet dataset, and agrees with `reptrace info --json`."""
-import json
-import subprocess
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-
-def info(reptrace_bin, run):
-    out = subprocess.run(
-        [str(reptrace_bin), "info", str(run), "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout)
-
-
-def committed(run, table):
-    """Committed files of a table, from the manifest (as readers must)."""
-    manifest = json.loads((run / "manifest.json").read_text())
-    return [
-        str(run / f["path"])
-        for c in manifest["commits"]
-        for f in c["files"]
-        if f["table"] == table
-    ]
+from kit import committed, info_json
 
 
 def test_updates_rows_per_layer_match_info(reptrace_bin, synthetic_run):
-    report = info(reptrace_bin, synthetic_run)
+    report = info_json(reptrace_bin, synthetic_run)
     want = {
         t["layer"]: t["rows"] for t in report["tables"] if t["table"] == "updates"
     }
@@ -57,7 +35,7 @@ def test_updates_rows_per_layer_match_info(reptrace_bin, synthetic_run):
 
 
 def test_schema_and_values(reptrace_bin, synthetic_run):
-    report = info(reptrace_bin, synthetic_run)
+    report = info_json(reptrace_bin, synthetic_run)
     lens = {
         m["name"]: m["factor_lens"]
         for m in report["model"]["modules"]

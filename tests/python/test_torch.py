@@ -4,128 +4,34 @@ the trace alone), per-sample gradients from torch.func, training without the
 tracer, the CLI on the same run, and `reptrace train` on the same problem."""
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import reptrace
-from torch_helpers import (
+from kit import (
+    CLASSES,
     MLP,
     TRAIN_ROWS,
     ResCNN,
-    batches,
-    digits,
+    assert_reconstructs,
+    files_of,
     manifest,
+    reptrace_cli,
     safetensors,
+    sql_json,
+    start_weights,
     table,
+    traced_model,
     train,
 )
-
-CLASSES = [str(c) for c in range(10)]
-
-
-@pytest.fixture(scope="module")
-def data():
-    x, y = digits()
-    return x[:TRAIN_ROWS], y[:TRAIN_ROWS], x[TRAIN_ROWS:], y[TRAIN_ROWS:]
-
-
-def scales(lrs, momentum, dampening, nesterov):
-    """σ_s = λ_s / η_s: how far PyTorch's SGD moves the gradient of step s by
-    the end of training, relative to η_s (docs/method.md §5)."""
-    T = len(lrs)
-    tail = np.zeros(T + 1)
-    for t in range(T - 1, -1, -1):
-        tail[t] = lrs[t] + momentum * tail[t + 1]  # Σ_{t'≥t} η_t' μ^{t'−t}
-    out = np.zeros(T)
-    for s in range(T):
-        c = 1.0 if s == 0 else 1.0 - dampening
-        if momentum == 0.0:
-            lam = lrs[s]
-        elif nesterov:
-            lam = lrs[s] + momentum * c * tail[s]
-        else:
-            lam = c * tail[s]
-        out[s] = lam / lrs[s] if lrs[s] else 0.0
-    return out
-
-
-def reconstruct(run):
-    """layer → (W_T, b_T) rebuilt from the run's files alone: W_0 from the
-    initial weights plus every record's update, scaled for momentum."""
-    m = manifest(run)
-    w0 = safetensors(os.path.join(run, m["commits"][0]["weights"]))
-    steps = table(run, "steps").to_pydict()
-    lrs = np.array([lr for _, lr in sorted(zip(steps["step"], steps["lr"]))])
-    opt = m["optimizer"]
-    batch_mode = m["mode"] == "batch"
-    sigma = (
-        np.ones(len(lrs))
-        if batch_mode
-        else scales(lrs, opt["momentum"], opt["dampening"], opt["nesterov"])
-    )
-    updates = table(run, "updates")
-    out = {}
-    for spec in m["model"]["modules"]:
-        name = spec["name"]
-        rows = updates.filter(pc.equal(updates["layer"], name)).to_pydict()
-        s = sigma[np.array(rows["step"])]
-        W = w0[f"{name}.weight"].astype(np.float64).copy()
-        b = w0[f"{name}.bias"].astype(np.float64).copy() if spec["bias"] else None
-        n_w = W.size
-        for si, u, v in zip(s, rows["u"], rows["v"]):
-            u = np.asarray(u, dtype=np.float64)
-            v = np.asarray(v, dtype=np.float64)
-            full = batch_mode or spec.get("storage") == "full"
-            if full:
-                W += si * v[:n_w].reshape(W.shape)
-                if b is not None:
-                    b += si * v[n_w:]
-            elif spec["kind"] == "linear":
-                W += si * np.outer(v, u)
-                if b is not None:
-                    b += si * v
-            else:
-                c_out = spec["out_channels"]
-                vv = v.reshape(c_out, -1)
-                uu = u.reshape(-1, vv.shape[1])
-                W += si * (vv @ uu.T).reshape(W.shape)
-                if b is not None:
-                    b += si * vv.sum(axis=1)
-        out[name] = (W, b)
-    return out
-
-
-def assert_reconstructs(run, model, initial):
-    """Every traced layer's W_T (and b_T) from the trace, relative to how far
-    training moved it: ≤ 1e-5."""
-    rebuilt = reconstruct(run)
-    params = dict(model.named_parameters())
-    worst = 0.0
-    for name, (W, b) in rebuilt.items():
-        for suffix, got in (("weight", W), ("bias", b)):
-            if got is None:
-                continue
-            want = params[f"{name}.{suffix}"].detach().double().numpy()
-            start = initial[f"{name}.{suffix}"].double().numpy()
-            rel = np.linalg.norm(got - want) / np.linalg.norm(want - start)
-            worst = max(worst, rel)
-            assert rel <= 1e-5, f"{name}.{suffix}: reconstruction off by {rel:.2e}"
-    return worst
-
-
-def start_weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize(
@@ -254,23 +160,10 @@ def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path, data):
         assert torch.equal(finals[0][k], finals[1][k]), k
 
 
-def cli(*args):
-    out = subprocess.run(
-        [os.environ.get("REPTRACE_BIN", "target/debug/reptrace"), *args],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def test_analysis_from_python_equals_the_cli(tmp_path, data):
+def test_analysis_from_python_equals_the_cli(reptrace_bin, tmp_path, data):
     x, y, xt, yt = data
-    torch.manual_seed(4)
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     run = str(tmp_path / "run")
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    model, opt, tracer = traced_model(run, seed=4, momentum=0.5)
     tracer.instances(np.arange(TRAIN_ROWS), y.numpy(), split="train")
     train(model, opt, x, y, epochs=2, tracer=tracer)
     ids = np.arange(TRAIN_ROWS, TRAIN_ROWS + 20)
@@ -289,22 +182,22 @@ def test_analysis_from_python_equals_the_cli(tmp_path, data):
         args = ["query", run, name, "--format", "json"]
         for k, v in params.items():
             args += ["--param", f"{k}={v}"]
-        assert py == json.loads(cli(*args)), name
+        assert py == json.loads(reptrace_cli(reptrace_bin, *args).stdout), name
     shares = r.query("class_shares", probe=int(ids[1])).to_pandas()
     per_layer = shares.groupby("layer").share.sum()
     assert len(per_layer) == 3 and (abs(per_layer - 1.0) < 1e-6).all(), per_layer
     got = r.sql("SELECT COUNT(*) AS n FROM updates").to_pylist()[0]["n"]
-    assert got == json.loads(cli("sql", run, "SELECT COUNT(*) AS n FROM updates", "--format", "json"))[0]["n"]
+    assert got == sql_json(reptrace_bin, run, "SELECT COUNT(*) AS n FROM updates")[0]["n"]
 
 
-def test_same_problem_same_factors_as_reptrace_train(tmp_path, data):
+def test_same_problem_same_factors_as_reptrace_train(reptrace_bin, tmp_path, data):
     """`reptrace train` (tch) and PyTorch with the tracer, from the same
     initial weights, in the same data order with the same learning rate,
     record the same factors (f32 tolerance)."""
     x, y, _, _ = data
     cli_run = str(tmp_path / "cli")
-    cli("train", "--epochs", "1", "--batch-size", "64", "--lr", "0.1", "--threads", "1",
-        "--probes", "none", "--out", cli_run)
+    reptrace_cli(reptrace_bin, "train", "--epochs", "1", "--batch-size", "64", "--lr", "0.1",
+                 "--threads", "1", "--probes", "none", "--out", cli_run)
     ref = table(cli_run, "updates").to_pandas()
     w0 = safetensors(os.path.join(cli_run, manifest(cli_run)["commits"][0]["weights"]))
     model = MLP()
@@ -375,11 +268,8 @@ def test_bad_input_gets_a_clear_exception(tmp_path, data):
 
 def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
     x, y, _, _ = data
-    torch.manual_seed(5)
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = str(tmp_path / "nan")
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    model, opt, tracer = traced_model(run, seed=5)
     train(model, opt, x, y, epochs=1, tracer=tracer)
     live = reptrace.open(run).info()
     assert (live["state"], live["locked"]) == ("recording", True)
@@ -400,11 +290,8 @@ def test_non_finite_loss_leaves_the_run_at_its_last_commit(tmp_path, data):
 
 def test_queries_run_under_the_memory_limit_of_the_environment(tmp_path, data, monkeypatch):
     x, y, _, _ = data
-    torch.manual_seed(5)
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = tmp_path / "limits"
-    tracer = reptrace.Tracer(model, opt, str(run), classes=CLASSES)
+    model, opt, tracer = traced_model(str(run), seed=5)
     train(model, opt, x, y, epochs=1, tracer=tracer)
     tracer.finish()
     r = reptrace.open(run)
@@ -429,16 +316,6 @@ def test_analysis_errors_are_python_exceptions(tmp_path):
         reptrace.open(tmp_path / "missing")
 
 
-def files_of(run):
-    """relative path → bytes of every file of a run (but its manifest)."""
-    root = Path(run)
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and p.name not in ("manifest.json", ".lock")
-    }
-
-
 def test_probes_added_to_a_completed_run(tmp_path, data):
     """Probes added long after training, to a model rebuilt from the run's
     final weights: the new rows equal what the tracer records before finish()
@@ -446,11 +323,8 @@ def test_probes_added_to_a_completed_run(tmp_path, data):
     the weights files, nothing already in the run changes, and the new
     probes can be attributed (completeness holds for them)."""
     x, y, xt, yt = data
-    torch.manual_seed(6)
-    model = ResCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     run = tmp_path / "run"
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    model, opt, tracer = traced_model(run, seed=6, make=ResCNN, lr=0.05, momentum=0.9)
     train(model, opt, x[:640], y[:640], epochs=2, tracer=tracer)
     first = np.arange(2000, 2010)
     tracer.finish(probes=(xt[:10], yt[:10], first))
@@ -557,11 +431,8 @@ def test_attribute_waits_for_a_probe_appender(tmp_path, data):
     from reptrace import _reptrace
 
     x, y, xt, yt = data
-    torch.manual_seed(8)
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = tmp_path / "run"
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    model, opt, tracer = traced_model(run, seed=8)
     train(model, opt, x[:640], y[:640], epochs=1, tracer=tracer)
     tracer.finish(probes=(xt[:2], yt[:2], [7000, 7001]))
     r = reptrace.open(run)
@@ -617,9 +488,7 @@ def test_examples_rows_equal_the_losses_of_each_forward_pass(tmp_path, data, mod
 
 def test_logits_of_the_wrong_shape_are_refused(tmp_path, data):
     x, y, _, _ = data
-    model = MLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracer = reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES)
+    model, _, tracer = traced_model(str(tmp_path / "run"))
     out = model(x[:8])
     loss = F.cross_entropy(out, y[:8])
     loss.backward()

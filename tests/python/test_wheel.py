@@ -10,7 +10,7 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import ROOT
+from kit import ROOT
 
 SCRIPT = r"""
 import sys
