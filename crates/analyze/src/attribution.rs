@@ -29,7 +29,7 @@ use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
 use crate::replay::{self, Setup};
-use crate::session::Run;
+use crate::run::Run;
 use crate::writer::{PartWriter, write_manifest};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
