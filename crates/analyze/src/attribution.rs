@@ -29,7 +29,7 @@ use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
 use crate::replay::{self, Setup};
-use crate::session::Run;
+use crate::run::Run;
 use crate::writer::{PartWriter, write_manifest};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
@@ -280,22 +280,12 @@ pub fn attribute(
     let setup = Setup::load(&run)?;
     let splits = instance_splits(&run)?;
     let seq = next_part_seq(&run);
-    if options.by != Aggregation::Step && options.self_only {
-        return Err(Error::BadOption {
-            option: "--by",
-            value: options.by.to_string(),
-            why: "--self-only rows are one per record already; aggregate them in SQL".into(),
-        });
-    }
-    if options.by == Aggregation::Instance && run.manifest().mode == reptrace_format::Mode::Batch {
-        tracing::info!("batch mode: per-instance sums are per label of the batches");
-    }
+    check_aggregation(&run, options)?;
 
     let mut written: Vec<FileEntry> = Vec::new();
     let mut reports = Vec::new();
     let mut rows_total = 0u64;
     let mut ids: Vec<i64> = Vec::new();
-    let n_layers = layers.len();
     let result = (|| -> Result<()> {
         for (index, layer) in layers.iter().enumerate() {
             let probes = select_probes(&run, layer, options, &splits)?;
@@ -304,7 +294,7 @@ pub fn attribute(
                 run: &run,
                 layer,
                 index,
-                layers: n_layers,
+                layers: layers.len(),
                 setup: &setup,
                 options,
                 start,
@@ -316,16 +306,10 @@ pub fn attribute(
         }
         Ok(())
     })();
-    let discard = |written: &[FileEntry]| {
-        for f in written {
-            layout::remove(run.dir(), &f.path);
-        }
-    };
     if let Err(e) = result {
-        discard(&written);
+        discard(&run, &written);
         return Err(e);
     }
-
     let attribution = Attribution {
         files: written.clone(),
         probes: options.probes.to_string(),
@@ -342,36 +326,71 @@ pub fn attribute(
         as_of_step: Some(Step(setup.as_of)),
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
+    let replaced = commit(&run, &attribution, &written)?;
+    Ok(Report {
+        written: reports.iter().map(|r| r.written).sum(),
+        bytes: written.iter().map(|f| f.bytes).sum(),
+        layers: reports,
+        rows: rows_total,
+        elapsed: start.elapsed(),
+        attribution,
+        replaced,
+    })
+}
+
+/// Refuses `--self-only` with an aggregation (its rows are one per record
+/// already); says what per-instance sums are in batch mode.
+fn check_aggregation(run: &Run, options: &Options) -> Result<()> {
+    if options.by != Aggregation::Step && options.self_only {
+        return Err(Error::BadOption {
+            option: "--by",
+            value: options.by.to_string(),
+            why: "--self-only rows are one per record already; aggregate them in SQL".into(),
+        });
+    }
+    if options.by == Aggregation::Instance && run.manifest().mode == reptrace_format::Mode::Batch {
+        tracing::info!("batch mode: per-instance sums are per label of the batches");
+    }
+    Ok(())
+}
+
+/// Removes the unpublished parts `written`.
+fn discard(run: &Run, written: &[FileEntry]) {
+    for f in written {
+        layout::remove(run.dir(), &f.path);
+    }
+}
+
+/// Records `attribution` (whose parts are `written`) in the run's manifest,
+/// publishes its parts and removes the files of the attributions it
+/// replaced; how many it replaced. On failure before the manifest is
+/// written, the parts are discarded.
+fn commit(run: &Run, attribution: &Attribution, written: &[FileEntry]) -> Result<usize> {
     // Under the run's lock (an appender of probes may be writing the
     // manifest), re-read the manifest so that nothing it gained meanwhile is
     // lost.
-    let _lock = match lock_run(&run) {
-        Ok(lock) => lock,
+    let recorded = lock_run(run).and_then(|lock| {
+        let mut fresh = Manifest::load(run.dir())?;
+        let (old, kept): (Vec<Attribution>, Vec<Attribution>) =
+            std::mem::take(&mut fresh.attributions)
+                .into_iter()
+                .partition(|a| covers(attribution, a));
+        fresh.attributions = kept;
+        fresh.attributions.push(attribution.clone());
+        write_manifest(run.dir(), &fresh)?;
+        Ok((lock, fresh, old))
+    });
+    let (_lock, fresh, old) = match recorded {
+        Ok(r) => r,
         Err(e) => {
-            discard(&written);
+            discard(run, written);
             return Err(e);
         }
     };
-    let mut fresh = match Manifest::load(run.dir()) {
-        Ok(f) => f,
-        Err(e) => {
-            discard(&written);
-            return Err(e.into());
-        }
-    };
-    let (old, kept): (Vec<Attribution>, Vec<Attribution>) = std::mem::take(&mut fresh.attributions)
-        .into_iter()
-        .partition(|a| covers(&attribution, a));
-    fresh.attributions = kept;
-    fresh.attributions.push(attribution.clone());
-    if let Err(e) = write_manifest(run.dir(), &fresh) {
-        discard(&written);
-        return Err(e);
-    }
     // Committed: the new parts take their final names (a kill here is
     // finished by the next reader, Manifest::open), then the files of the
     // attributions it replaced go.
-    for f in &written {
+    for f in written {
         layout::publish(run.dir(), &f.path).map_err(|e| Error::io(run.path(&f.path), e))?;
     }
     let keep: HashSet<&str> = fresh
@@ -385,15 +404,7 @@ pub fn attribute(
             layout::remove(run.dir(), &f.path);
         }
     }
-    Ok(Report {
-        written: reports.iter().map(|r| r.written).sum(),
-        bytes: written.iter().map(|f| f.bytes).sum(),
-        layers: reports,
-        rows: rows_total,
-        elapsed: start.elapsed(),
-        attribution,
-        replaced: old.len(),
-    })
+    Ok(old.len())
 }
 
 /// Whether attribution `new` holds everything `old` did, so that `old` can go.
@@ -831,25 +842,7 @@ pub(crate) fn compute_layer(
         });
     }
 
-    // Probe passes: as many probes per pass as fit half the budget.
-    let per_probe = 8 * geom.probe_feature_len().max(1);
-    let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
-    let chunks: Vec<Vec<usize>> = (0..probes.len())
-        .collect::<Vec<_>>()
-        .chunks(per_pass)
-        .map(<[usize]>::to_vec)
-        .collect();
-    let pairs_per_record = if plan.self_only {
-        1
-    } else {
-        per_pass.min(probes.len())
-    };
-    let batch_rows = plan.batch_rows.unwrap_or_else(|| {
-        let by_factors = replay::batch_rows_for(layer, mode, plan.memory_budget / 8);
-        // dot, norm and the output row of each pair: ~80 bytes.
-        let by_output = (plan.memory_budget / 8) / (80 * pairs_per_record.max(1));
-        by_factors.min(by_output.max(1))
-    });
+    let (chunks, batch_rows) = passes(layer, mode, &geom, probes.len(), plan);
     tracing::info!(
         layer = name,
         probes = probes.len(),
@@ -862,48 +855,20 @@ pub(crate) fn compute_layer(
     let mut rows_out = 0u64;
     let mut done = 0u64;
     let total = records * chunks.len() as u64;
-    for (pass, chunk) in chunks.iter().enumerate() {
+    for (index, chunk) in chunks.iter().enumerate() {
         let chunk_probes = probes.select(chunk);
-        let features = ProbeFeatures::new(&geom, &chunk_probes)?;
-        let own: HashMap<i64, Vec<usize>> = if plan.self_only {
-            let mut own: HashMap<i64, Vec<usize>> = HashMap::new();
-            for (q, id) in chunk_probes.instance_id.iter().enumerate() {
-                if let Some(id) = id {
-                    own.entry(*id).or_default().push(q);
-                }
-            }
-            own
-        } else {
-            HashMap::new()
+        let pass = Pass {
+            plan,
+            as_of: setup.as_of,
+            geom: &geom,
+            features: ProbeFeatures::new(&geom, &chunk_probes)?,
+            own: own_probes(plan, &chunk_probes),
+            probes: &chunk_probes,
+            schema: &out_schema,
         };
-        let accumulate = (pass == 0 && plan.residual).then_some(sum.as_mut_slice());
+        let accumulate = (index == 0 && plan.residual).then_some(sum.as_mut_slice());
         replay::stream(run, layer, setup, batch_rows, accumulate, |recs, scales| {
-            let rows: Vec<usize> = (0..recs.len())
-                .filter(|&i| plan.keeps(recs, i, setup.as_of))
-                .filter(|&i| {
-                    !plan.self_only || recs.instance_id[i].is_some_and(|id| own.contains_key(&id))
-                })
-                .collect();
-            let batch = if rows.is_empty() {
-                None
-            } else {
-                let rf = RecordFeatures::new(&geom, recs, scales, &rows)?;
-                if plan.self_only {
-                    own_pairs(&rf, &features, recs, &rows, &chunk_probes, &own)
-                        .map(|r| r.into_batch(&out_schema))
-                        .transpose()?
-                } else {
-                    Some(all_pairs(
-                        &rf,
-                        &features,
-                        recs,
-                        &rows,
-                        &chunk_probes,
-                        &out_schema,
-                    )?)
-                }
-            };
-            if let Some(batch) = batch {
+            if let Some(batch) = pass.batch(recs, scales)? {
                 rows_out += batch.num_rows() as u64;
                 sink(batch)?;
             }
@@ -912,33 +877,112 @@ pub(crate) fn compute_layer(
             Ok(())
         })?;
     }
-    if !plan.residual {
-        return Ok(Computed {
-            records,
-            rows: rows_out,
-            passes: chunks.len(),
-            change_norm: None,
-            residual_norm: None,
-        });
-    }
-    // Residual rows: what no record explains.
-    let change = setup.weight_change(layer)?;
-    let residual = change.minus(&kernel::split_delta(&geom, &sum));
-    let mut out = Rows::default();
-    for q in 0..probes.len() {
-        let (dot, norm) = kernel::direct(&geom, &residual, probes.a(q), probes.p(q))?;
-        out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
-    }
-    let batch = out.into_batch(&out_schema)?;
-    rows_out += batch.num_rows() as u64;
-    sink(batch)?;
-    Ok(Computed {
+    let mut computed = Computed {
         records,
         rows: rows_out,
         passes: chunks.len(),
-        change_norm: Some(change.norm()),
-        residual_norm: Some(residual.norm()),
-    })
+        change_norm: None,
+        residual_norm: None,
+    };
+    if plan.residual {
+        // Residual rows: what no record explains.
+        let change = setup.weight_change(layer)?;
+        let residual = change.minus(&kernel::split_delta(&geom, &sum));
+        let mut out = Rows::default();
+        for q in 0..probes.len() {
+            let (dot, norm) = kernel::direct(&geom, &residual, probes.a(q), probes.p(q))?;
+            out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
+        }
+        let batch = out.into_batch(&out_schema)?;
+        computed.rows += batch.num_rows() as u64;
+        sink(batch)?;
+        computed.change_norm = Some(change.norm());
+        computed.residual_norm = Some(residual.norm());
+    }
+    Ok(computed)
+}
+
+/// The passes over the records that `n_probes` probes of `layer` take (as
+/// many probes per pass as fit half the budget; the indices of each pass's
+/// probes), and the records per batch.
+fn passes(
+    layer: &TracedLayer<'_>,
+    mode: reptrace_format::Mode,
+    geom: &Geometry,
+    n_probes: usize,
+    plan: &Plan,
+) -> (Vec<Vec<usize>>, usize) {
+    let per_probe = 8 * geom.probe_feature_len().max(1);
+    let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
+    let chunks: Vec<Vec<usize>> = (0..n_probes)
+        .collect::<Vec<_>>()
+        .chunks(per_pass)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let pairs_per_record = if plan.self_only {
+        1
+    } else {
+        per_pass.min(n_probes)
+    };
+    let batch_rows = plan.batch_rows.unwrap_or_else(|| {
+        let by_factors = replay::batch_rows_for(layer, mode, plan.memory_budget / 8);
+        // dot, norm and the output row of each pair: ~80 bytes.
+        let by_output = (plan.memory_budget / 8) / (80 * pairs_per_record.max(1));
+        by_factors.min(by_output.max(1))
+    });
+    (chunks, batch_rows)
+}
+
+/// The probes (indices into `probes`) of each instance, for a plan of
+/// `self_only` rows; empty otherwise.
+fn own_probes(plan: &Plan, probes: &Probes) -> HashMap<i64, Vec<usize>> {
+    let mut own: HashMap<i64, Vec<usize>> = HashMap::new();
+    if plan.self_only {
+        for (q, id) in probes.instance_id.iter().enumerate() {
+            if let Some(id) = id {
+                own.entry(*id).or_default().push(q);
+            }
+        }
+    }
+    own
+}
+
+/// One pass of [`compute_layer`] over the records: the probes it attributes.
+struct Pass<'a> {
+    plan: &'a Plan,
+    /// The step the run stands at.
+    as_of: i64,
+    geom: &'a Geometry,
+    features: ProbeFeatures,
+    /// The probes of each instance ([`own_probes`]).
+    own: HashMap<i64, Vec<usize>>,
+    probes: &'a Probes,
+    schema: &'a SchemaRef,
+}
+
+impl Pass<'_> {
+    /// The contributions of the records of `recs` the plan keeps (`None`
+    /// when it keeps none or no pair).
+    fn batch(&self, recs: &Records, scales: &[f64]) -> Result<Option<RecordBatch>> {
+        let plan = self.plan;
+        let rows: Vec<usize> = (0..recs.len())
+            .filter(|&i| plan.keeps(recs, i, self.as_of))
+            .filter(|&i| {
+                !plan.self_only || recs.instance_id[i].is_some_and(|id| self.own.contains_key(&id))
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let rf = RecordFeatures::new(self.geom, recs, scales, &rows)?;
+        if plan.self_only {
+            own_pairs(&rf, &self.features, recs, &rows, self.probes, &self.own)
+                .map(|r| r.into_batch(self.schema))
+                .transpose()
+        } else {
+            all_pairs(&rf, &self.features, recs, &rows, self.probes, self.schema).map(Some)
+        }
+    }
 }
 
 /// The group of an aggregated row: (probe, epoch, instance, label, residual).

@@ -22,7 +22,7 @@ use crate::attribution::{Plan, StepRange, compute_layer};
 use crate::probes::Probes;
 use crate::records::{i64s, nullable, open_columns};
 use crate::replay::{self, Setup};
-use crate::session::Run;
+use crate::run::Run;
 use crate::{Error, Result};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::SchemaRef;
@@ -655,7 +655,7 @@ impl ContributionsTable {
         let file_schema = schema(Table::Contributions, run.manifest().dtype);
         let parquet = state.table_options().parquet.clone();
         let listing =
-            crate::session::listing(files, Arc::clone(&file_schema), &parquet).map_err(external)?;
+            crate::run::listing(files, Arc::clone(&file_schema), &parquet).map_err(external)?;
         let probes = dfcol(col::PROBE_ID).in_list(ids.iter().map(|&i| lit(i)).collect(), false);
         let mut pushed = vec![probes.clone()];
         pushed.extend(

@@ -160,13 +160,13 @@ pub enum Error {
 fn memory_message(limit: Option<u64>, message: &str) -> String {
     let raise = format!(
         "raise it with --memory-limit SIZE or {}=SIZE (e.g. 4GiB)",
-        crate::limits::MEMORY_LIMIT_ENV
+        crate::memory::MEMORY_LIMIT_ENV
     );
     match limit {
         Some(l) => format!(
             "the query needs more memory than its limit of {} and this part of it cannot spill \
              to disk ({message}); {raise}",
-            crate::limits::human(l)
+            crate::memory::human(l)
         ),
         None => format!("the query ran out of memory ({message}); {raise}"),
     }

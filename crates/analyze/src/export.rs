@@ -45,7 +45,8 @@
 use crate::computed::ComputeOptions;
 use crate::error::one_line;
 use crate::limits::{Limits, SpillCleanup};
-use crate::session::{Run, context_limited};
+use crate::run::Run;
+use crate::session::context_limited;
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{

@@ -1,7 +1,8 @@
 //! The reptrace analyzer: turns a run's update records into contributions
 //! for chosen probes, and answers read-only SQL over every table of the run.
 //!
-//! - [`session`]: [`open`] a run and [`register`] its tables on a DataFusion
+//! - [`run`]: [`open`] a run: its manifest and committed files;
+//! - [`session`]: [`register`] a run's tables on a DataFusion
 //!   `SessionContext` (the committed files only);
 //! - [`computed`]: `contributions` computed on demand, filters pushed down
 //!   into the arithmetic of [`attribution`];
@@ -14,6 +15,15 @@
 //! - [`report`]: the self-contained HTML report of one probe;
 //! - [`limits`]: the memory limit and spill directory of every query;
 //! - [`interrupt`]: stopping long work cleanly on Ctrl-C.
+//!
+//! The modules stand in three layers; a module imports only from its own
+//! layer or a lower one, never in a circle (`tests/layers.rs` checks it):
+//!
+//! | layer | modules | may import |
+//! |---|---|---|
+//! | 0 the run | `error`, `memory`, [`limits`], [`interrupt`], [`run`] | layer 0 |
+//! | 1 the arithmetic | [`records`], [`weights`], [`probes`], [`kernel`], [`replay`], [`attribution`], [`verify`], [`writer`] | layers 0–1 |
+//! | 2 the DataFusion adapter | [`computed`], [`session`], [`sql`], [`query`], [`export`], [`report`] | layers 0–2 |
 //!
 //! A run of one SGD step on instances 0 and 1 of a layer `fc` (2 inputs,
 //! 1 output, no bias), with instance 2 as a probe, queried with SQL and a
@@ -92,11 +102,13 @@ pub mod export;
 pub mod interrupt;
 pub mod kernel;
 pub mod limits;
+mod memory;
 pub mod probes;
 pub mod query;
 pub mod records;
 pub mod replay;
 pub mod report;
+pub mod run;
 pub mod session;
 pub mod sql;
 pub mod verify;
@@ -110,4 +122,5 @@ pub use computed::{ComputeOptions, ContributionsTable};
 pub use datafusion;
 pub use error::{Error, Result};
 pub use limits::Limits;
-pub use session::{Run, context, context_limited, context_with, open, register, register_with};
+pub use run::{Run, open};
+pub use session::{context, context_limited, context_with, register, register_with};

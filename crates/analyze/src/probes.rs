@@ -1,6 +1,6 @@
 //! Probes (`probes` table) and the instance splits they are selected by.
 use crate::records::{f64s, i32s, i64s, list_f64, nullable, open_columns};
-use crate::session::Run;
+use crate::run::Run;
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
 use reptrace_format::{Split, Table, TracedLayer, col};

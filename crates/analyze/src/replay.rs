@@ -5,7 +5,7 @@ use crate::kernel::{self, Geometry};
 use crate::records::{
     RecordReader, Records, bools, f64s, f64s_opt, i32s, i64s, open_columns, strings,
 };
-use crate::session::Run;
+use crate::run::Run;
 use crate::weights::{LayerWeights, Snapshot};
 use crate::{Error, Result};
 use arrow_array::RecordBatch;

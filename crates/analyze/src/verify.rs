@@ -27,7 +27,7 @@ use crate::kernel::{self, Geometry};
 use crate::probes::Probes;
 use crate::records::{f64s, i64s, open_columns};
 use crate::replay::{self, Precision, Setup};
-use crate::session::Run;
+use crate::run::Run;
 use crate::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reptrace_format::{
