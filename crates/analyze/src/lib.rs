@@ -11,7 +11,6 @@
 //! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
 //! - [`verify`]: integrity and completeness checks;
 //! - [`export`]: one table streamed to Parquet, CSV or JSON lines;
-//! - [`report`]: the self-contained HTML report of one probe;
 //! - [`limits`]: the memory limit and spill directory of every query;
 //! - [`interrupt`]: stopping long work cleanly on Ctrl-C.
 //!
@@ -96,7 +95,6 @@ pub mod probes;
 pub mod query;
 pub mod records;
 pub mod replay;
-pub mod report;
 pub mod session;
 pub mod sql;
 pub mod verify;

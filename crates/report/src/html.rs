@@ -1,10 +1,10 @@
 //! Assembles a [`Report`] into one self-contained HTML page: inline CSS and
-//! SVG (the charts drawn by plotters, see [`super::plots`]), no external
+//! SVG (the charts drawn by plotters, see [`crate::plots`]), no external
 //! resources. A tiny inline script only records script
 //! errors into `<html data-errors>` so that a headless browser test can see
 //! them in the dumped DOM.
-use super::Report;
-use super::plots::{self, class_name, colour, esc};
+use crate::Report;
+use crate::plots::{self, class_name, colour, esc};
 use std::fmt::Write as _;
 
 const STYLE: &str = r#"

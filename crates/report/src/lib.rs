@@ -1,5 +1,7 @@
-//! The visual report of one probe: a self-contained HTML page (inline SVG
-//! charts drawn by plotters, no scripts from the network, opens from disk).
+//! The reptrace report: the visual report of one probe, a self-contained
+//! HTML page (inline SVG charts drawn by plotters, no scripts from the
+//! network, opens from disk), read from a run through the analyzer's SQL
+//! session (`reptrace-analyze`).
 //!
 //! [`collect`] runs the canned queries (`class_shares`,
 //! `class_shares_by_epoch`, `top_proponents`, `top_opponents`,
@@ -44,25 +46,27 @@
 //!
 //! ```no_run
 //! # fn main() -> reptrace_analyze::Result<()> {
-//! use reptrace_analyze::report;
-//! let html = report::generate(
+//! let html = reptrace_report::generate(
 //!     std::path::Path::new("runs/demo"),
-//!     &report::Options { probe: 3, ..report::Options::default() },
+//!     &reptrace_report::Options { probe: 3, ..reptrace_report::Options::default() },
 //! )?;
 //! std::fs::write("report.html", html).expect("writable");
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used)]
+
 pub mod digits;
 pub mod html;
 pub mod kde;
 pub mod plots;
 
-use crate::query::Query;
-use crate::{Error, Result, Run};
 use arrow::compute::cast;
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use datafusion::prelude::SessionContext;
+use reptrace_analyze::query::Query;
+use reptrace_analyze::{Error, Result, Run};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -88,7 +92,7 @@ pub struct Options {
     /// Proponents and opponents per layer.
     pub k: usize,
     /// The queries' memory limit and spill directory.
-    pub limits: crate::Limits,
+    pub limits: reptrace_analyze::Limits,
 }
 
 impl Default for Options {
@@ -97,7 +101,7 @@ impl Default for Options {
             probe: 0,
             layers: Vec::new(),
             k: 16,
-            limits: crate::Limits::default(),
+            limits: reptrace_analyze::Limits::default(),
         }
     }
 }
@@ -289,14 +293,14 @@ pub struct Report {
 /// Reads, opens and renders: the report's HTML for `run`.
 pub fn generate(run: &Path, options: &Options) -> Result<String> {
     let run = Run::open(run)?;
-    let ctx = crate::context_limited(&run, &Default::default(), &options.limits)?;
-    let _cleanup = crate::limits::SpillCleanup::new(ctx.runtime_env());
+    let ctx = reptrace_analyze::context_limited(&run, &Default::default(), &options.limits)?;
+    let _cleanup = reptrace_analyze::limits::SpillCleanup::new(ctx.runtime_env());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
     let report = rt
-        .block_on(crate::interrupt::or_interrupted(collect(
+        .block_on(reptrace_analyze::interrupt::or_interrupted(collect(
             &run, &ctx, options,
         )))
         .map_err(|e| run.explain(e).with_memory_limit(options.limits.memory));
@@ -318,7 +322,7 @@ pub fn pick_probe(run: &Path) -> Result<i64> {
             run: run.dir().to_path_buf(),
             message: "no traced layer".into(),
         })?;
-    let probes = crate::probes::Probes::read(&run, &layer)?;
+    let probes = reptrace_analyze::probes::Probes::read(&run, &layer)?;
     let wrong = (0..probes.len()).find(|&i| probes.label[i] != probes.predicted[i]);
     wrong
         .or((!probes.is_empty()).then_some(0))
@@ -343,7 +347,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let pk = [("probe", probe_s.as_str()), ("k", k_s.as_str())];
 
     // The probe's rows, one per traced layer that has it.
-    let (_, rows) = crate::sql::run(
+    let (_, rows) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, instance_id, label, predicted, p_norm FROM probes \
@@ -354,7 +358,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     .await?;
     let probe_layers = strings(&rows, "layer")?;
     if probe_layers.is_empty() {
-        let (_, ids) = crate::sql::run(
+        let (_, ids) = reptrace_analyze::sql::run(
             ctx,
             "SELECT DISTINCT probe_id FROM probes ORDER BY probe_id LIMIT 20",
         )
@@ -460,7 +464,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let pros = influences(&Query::resolve("top_proponents")?.run(ctx, &pk).await?.1)?;
     let opps = influences(&Query::resolve("top_opponents")?.run(ctx, &pk).await?.1)?;
 
-    let (_, raw) = crate::sql::run(
+    let (_, raw) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, label, cosine, norm FROM contributions \
@@ -558,7 +562,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
 
     let dynamics = dynamics(ctx).await?;
 
-    let (_, st) = crate::sql::run(
+    let (_, st) = reptrace_analyze::sql::run(
         ctx,
         "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs FROM steps",
     )
@@ -579,7 +583,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let images = digits::images(m, &wanted)?;
     let probe_accuracy = match m.model.traced_layers().last() {
         Some(layer) => {
-            let all = crate::probes::Probes::read(run, &layer)?;
+            let all = reptrace_analyze::probes::Probes::read(run, &layer)?;
             let right = (0..all.len())
                 .filter(|&i| all.label[i] == all.predicted[i])
                 .count();
@@ -710,14 +714,14 @@ fn probabilities(run: &Run, probe: i64) -> Result<Option<(f64, f64)>> {
         return Ok(None);
     }
     let layer = TracedLayer::Linear(spec);
-    let probes = crate::probes::Probes::read(run, &layer)?;
+    let probes = reptrace_analyze::probes::Probes::read(run, &layer)?;
     let Some(i) = probes.probe_id.iter().position(|&id| id == probe) else {
         return Ok(None);
     };
     let Some(initial) = m.initial_weights() else {
         return Ok(None);
     };
-    let w0 = crate::weights::Snapshot::read(&run.path(initial))?.layer(&layer)?;
+    let w0 = reptrace_analyze::weights::Snapshot::read(&run.path(initial))?.layer(&layer)?;
     let (a, p) = (probes.a(i), probes.p(i));
     let n_in = spec.in_features;
     let logits: Vec<f64> = (0..spec.out_features)
