@@ -214,7 +214,12 @@ fn header(s: &mut String, r: &Report) {
             ),
         ));
     }
-    for (k, v) in &r.settings {
+    // A producer's name of the optimizer is in the optimizer row already.
+    let settings = r
+        .settings
+        .iter()
+        .filter(|(k, v)| !(k.as_str() == "optimizer" && v.is_string()));
+    for (k, v) in settings {
         let v = match v {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),

@@ -59,6 +59,7 @@
 pub mod digits;
 pub mod html;
 pub mod kde;
+pub mod optimizer;
 pub mod plots;
 
 use arrow::compute::cast;
@@ -263,7 +264,9 @@ pub struct Report {
     pub model: String,
     /// Shape of one input example (manifest `model.input_shape`).
     pub input_shape: Vec<usize>,
-    /// A one-line description of the optimizer.
+    /// A one-line description of the optimizer ([`optimizer::describe`]):
+    /// its name, the range of the learning rate over the steps, momentum,
+    /// weight decay and schedule.
     pub optimizer: String,
     /// Class names, indexed by label.
     pub classes: Vec<String>,
@@ -562,13 +565,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
 
     let dynamics = dynamics(ctx).await?;
 
-    let (_, st) = reptrace_analyze::sql::run(
-        ctx,
-        "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs FROM steps",
-    )
-    .await?;
-    let steps = ints(&st, "steps")?.first().copied().flatten().unwrap_or(0);
-    let epochs = ints(&st, "epochs")?.first().copied().flatten().unwrap_or(0);
+    let (steps, epochs, steps_lr) = step_counts(ctx).await?;
 
     // The probe's id is the row of the input it was taken from (training
     // instance or not), so the probe itself is drawn from it.
@@ -592,18 +589,9 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         None => None,
     };
 
-    let o = &m.optimizer;
-    let mut optimizer = format!("{:?} lr {}", o.kind, o.lr).to_lowercase();
-    if o.momentum != 0.0 {
-        optimizer.push_str(&format!(", momentum {}", o.momentum));
-    }
-    if o.nesterov {
-        optimizer.push_str(", nesterov");
-    }
-    if o.weight_decay != 0.0 {
-        optimizer.push_str(&format!(", weight decay {}", o.weight_decay));
-    }
-    optimizer.push_str(&format!(", schedule {:?}", o.schedule).to_lowercase());
+    let name = m.settings.get("optimizer").and_then(|v| v.as_str());
+    let lr = lr_range(run)?.or(steps_lr).unwrap_or([m.optimizer.lr; 2]);
+    let optimizer = optimizer::describe(&m.optimizer, name, lr);
 
     Ok(Report {
         run_id: m.run_id.clone(),
@@ -621,6 +609,36 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         k: options.k,
         dynamics,
     })
+}
+
+/// Rows and distinct epochs of the `steps` table, and the range of its
+/// `lr` (`None` without rows).
+async fn step_counts(ctx: &SessionContext) -> Result<(i64, i64, Option<[f64; 2]>)> {
+    let (_, st) = reptrace_analyze::sql::run(
+        ctx,
+        "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs, \
+         MIN(lr) AS lr_min, MAX(lr) AS lr_max FROM steps",
+    )
+    .await?;
+    let first_int =
+        |c| -> Result<i64> { Ok(ints(&st, c)?.first().copied().flatten().unwrap_or(0)) };
+    let first_float = |c| -> Result<Option<f64>> { Ok(floats(&st, c)?.first().copied().flatten()) };
+    let lr = first_float("lr_min")?
+        .zip(first_float("lr_max")?)
+        .map(|(a, b)| [a, b]);
+    Ok((first_int("steps")?, first_int("epochs")?, lr))
+}
+
+/// The smallest and largest learning rate the steps applied to any traced
+/// layer (table `layer_steps`, [`reptrace_analyze::replay::summarize_steps`]);
+/// `None` for a run without `layer_steps` rows.
+fn lr_range(run: &Run) -> Result<Option<[f64; 2]>> {
+    let summary = reptrace_analyze::replay::summarize_steps(run)?;
+    Ok(summary
+        .layers
+        .iter()
+        .map(|l| l.lr)
+        .reduce(|a, b| [a[0].min(b[0]), a[1].max(b[1])]))
 }
 
 /// The data map ([`AMBIGUOUS`], [`EASY`]) and the top [`CANDIDATES`]
