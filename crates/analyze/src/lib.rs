@@ -12,7 +12,6 @@
 //! - [`query`]: the canned queries of `queries/*.sql`, with bound parameters;
 //! - [`verify`]: integrity and completeness checks;
 //! - [`export`]: one table streamed to Parquet, CSV or JSON lines;
-//! - [`report`]: the self-contained HTML report of one probe;
 //! - [`limits`]: the memory limit and spill directory of every query;
 //! - [`interrupt`]: stopping long work cleanly on Ctrl-C.
 //!
@@ -23,7 +22,7 @@
 //! |---|---|---|
 //! | 0 the run | `error`, `memory`, [`limits`], [`interrupt`], [`run`] | layer 0 |
 //! | 1 the arithmetic | [`records`], [`weights`], [`probes`], [`kernel`], [`replay`], [`attribution`], [`verify`], [`writer`] | layers 0–1 |
-//! | 2 the DataFusion adapter | [`computed`], [`session`], [`sql`], [`query`], [`export`], [`report`] | layers 0–2 |
+//! | 2 the DataFusion adapter | [`computed`], [`session`], [`sql`], [`query`], [`export`] | layers 0–2 |
 //!
 //! A run of one SGD step on instances 0 and 1 of a layer `fc` (2 inputs,
 //! 1 output, no bias), with instance 2 as a probe, queried with SQL and a
@@ -107,7 +106,6 @@ pub mod probes;
 pub mod query;
 pub mod records;
 pub mod replay;
-pub mod report;
 pub mod run;
 pub mod session;
 pub mod sql;

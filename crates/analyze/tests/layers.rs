@@ -25,7 +25,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("sql", 2),
     ("query", 2),
     ("export", 2),
-    ("report", 2),
 ];
 
 /// `text` without comments, string and character literals (their contents

@@ -398,7 +398,7 @@ fn report_structure_matches_the_run_and_the_data() {
 /// mislabel_candidates`, drawn from the data.
 #[test]
 fn report_shows_the_training_dynamics() {
-    use reptrace_analyze::report::{AMBIGUOUS, CANDIDATES, EASY, plots::correctness_colour};
+    use reptrace_report::{AMBIGUOUS, CANDIDATES, EASY, plots::correctness_colour};
     let f = fixture();
     let html = &f.html;
     let dir = f.run.parent().unwrap();

@@ -1,12 +1,12 @@
 //! `reptrace report <run> --probe N`: one self-contained HTML page that
 //! explains a probe (ridge plots, class shares, shares per epoch,
-//! proponents and opponents per traced layer); see `reptrace_analyze::report`.
+//! proponents and opponents per traced layer); see `reptrace_report`.
 //!
 //! The probe's contributions are computed on demand (or read where
 //! `reptrace attribute` materialised them); no attribution step is needed.
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
-use reptrace_analyze::report;
+use reptrace_report as report;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

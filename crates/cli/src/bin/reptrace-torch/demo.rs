@@ -166,11 +166,11 @@ fn write_share_table(
     Ok(())
 }
 
-/// Explains the probe the demo picks ([`reptrace_analyze::report::pick_probe`]:
+/// Explains the probe the demo picks ([`reptrace_report::pick_probe`]:
 /// the first misclassified test probe, else the first) on the terminal, and
 /// writes its report to `<dir>/report.html`, printing the path.
 pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<PathBuf> {
-    let probe = reptrace_analyze::report::pick_probe(dir)?;
+    let probe = reptrace_report::pick_probe(dir)?;
     writeln!(out)?;
     writeln!(
         out,
@@ -178,7 +178,7 @@ pub fn explain_phase(out: &mut dyn Write, dir: &Path) -> anyhow::Result<PathBuf>
     )?;
     explain_probe(out, dir, probe)?;
     let path = dir.join("report.html");
-    let options = reptrace_analyze::report::Options {
+    let options = reptrace_report::Options {
         probe,
         ..Default::default()
     };

@@ -1,10 +1,10 @@
 //! Assembles a [`Report`] into one self-contained HTML page: inline CSS and
-//! SVG (the charts drawn by plotters, see [`super::plots`]), no external
+//! SVG (the charts drawn by plotters, see [`crate::plots`]), no external
 //! resources. A tiny inline script only records script
 //! errors into `<html data-errors>` so that a headless browser test can see
 //! them in the dumped DOM.
-use super::Report;
-use super::plots::{self, class_name, colour, esc};
+use crate::Report;
+use crate::plots::{self, class_name, colour, esc};
 use std::fmt::Write as _;
 
 const STYLE: &str = r#"
@@ -214,7 +214,12 @@ fn header(s: &mut String, r: &Report) {
             ),
         ));
     }
-    for (k, v) in &r.settings {
+    // A producer's name of the optimizer is in the optimizer row already.
+    let settings = r
+        .settings
+        .iter()
+        .filter(|(k, v)| !(k.as_str() == "optimizer" && v.is_string()));
+    for (k, v) in settings {
         let v = match v {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),

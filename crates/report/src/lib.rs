@@ -1,5 +1,7 @@
-//! The visual report of one probe: a self-contained HTML page (inline SVG
-//! charts drawn by plotters, no scripts from the network, opens from disk).
+//! The reptrace report: the visual report of one probe, a self-contained
+//! HTML page (inline SVG charts drawn by plotters, no scripts from the
+//! network, opens from disk), read from a run through the analyzer's SQL
+//! session (`reptrace-analyze`).
 //!
 //! [`collect`] runs the canned queries (`class_shares`,
 //! `class_shares_by_epoch`, `top_proponents`, `top_opponents`,
@@ -44,25 +46,28 @@
 //!
 //! ```no_run
 //! # fn main() -> reptrace_analyze::Result<()> {
-//! use reptrace_analyze::report;
-//! let html = report::generate(
+//! let html = reptrace_report::generate(
 //!     std::path::Path::new("runs/demo"),
-//!     &report::Options { probe: 3, ..report::Options::default() },
+//!     &reptrace_report::Options { probe: 3, ..reptrace_report::Options::default() },
 //! )?;
 //! std::fs::write("report.html", html).expect("writable");
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used)]
+
 pub mod digits;
 pub mod html;
 pub mod kde;
+pub mod optimizer;
 pub mod plots;
 
-use crate::query::Query;
-use crate::{Error, Result, Run};
 use arrow::compute::cast;
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use datafusion::prelude::SessionContext;
+use reptrace_analyze::query::Query;
+use reptrace_analyze::{Error, Result, Run};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -88,7 +93,7 @@ pub struct Options {
     /// Proponents and opponents per layer.
     pub k: usize,
     /// The queries' memory limit and spill directory.
-    pub limits: crate::Limits,
+    pub limits: reptrace_analyze::Limits,
 }
 
 impl Default for Options {
@@ -97,7 +102,7 @@ impl Default for Options {
             probe: 0,
             layers: Vec::new(),
             k: 16,
-            limits: crate::Limits::default(),
+            limits: reptrace_analyze::Limits::default(),
         }
     }
 }
@@ -259,7 +264,9 @@ pub struct Report {
     pub model: String,
     /// Shape of one input example (manifest `model.input_shape`).
     pub input_shape: Vec<usize>,
-    /// A one-line description of the optimizer.
+    /// A one-line description of the optimizer ([`optimizer::describe`]):
+    /// its name, the range of the learning rate over the steps, momentum,
+    /// weight decay and schedule.
     pub optimizer: String,
     /// Class names, indexed by label.
     pub classes: Vec<String>,
@@ -289,14 +296,14 @@ pub struct Report {
 /// Reads, opens and renders: the report's HTML for `run`.
 pub fn generate(run: &Path, options: &Options) -> Result<String> {
     let run = Run::open(run)?;
-    let ctx = crate::context_limited(&run, &Default::default(), &options.limits)?;
-    let _cleanup = crate::limits::SpillCleanup::new(ctx.runtime_env());
+    let ctx = reptrace_analyze::context_limited(&run, &Default::default(), &options.limits)?;
+    let _cleanup = reptrace_analyze::limits::SpillCleanup::new(ctx.runtime_env());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("starting the query runtime: {e}")))?;
     let report = rt
-        .block_on(crate::interrupt::or_interrupted(collect(
+        .block_on(reptrace_analyze::interrupt::or_interrupted(collect(
             &run, &ctx, options,
         )))
         .map_err(|e| run.explain(e).with_memory_limit(options.limits.memory));
@@ -318,7 +325,7 @@ pub fn pick_probe(run: &Path) -> Result<i64> {
             run: run.dir().to_path_buf(),
             message: "no traced layer".into(),
         })?;
-    let probes = crate::probes::Probes::read(&run, &layer)?;
+    let probes = reptrace_analyze::probes::Probes::read(&run, &layer)?;
     let wrong = (0..probes.len()).find(|&i| probes.label[i] != probes.predicted[i]);
     wrong
         .or((!probes.is_empty()).then_some(0))
@@ -343,7 +350,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let pk = [("probe", probe_s.as_str()), ("k", k_s.as_str())];
 
     // The probe's rows, one per traced layer that has it.
-    let (_, rows) = crate::sql::run(
+    let (_, rows) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, instance_id, label, predicted, p_norm FROM probes \
@@ -354,7 +361,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     .await?;
     let probe_layers = strings(&rows, "layer")?;
     if probe_layers.is_empty() {
-        let (_, ids) = crate::sql::run(
+        let (_, ids) = reptrace_analyze::sql::run(
             ctx,
             "SELECT DISTINCT probe_id FROM probes ORDER BY probe_id LIMIT 20",
         )
@@ -460,7 +467,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let pros = influences(&Query::resolve("top_proponents")?.run(ctx, &pk).await?.1)?;
     let opps = influences(&Query::resolve("top_opponents")?.run(ctx, &pk).await?.1)?;
 
-    let (_, raw) = crate::sql::run(
+    let (_, raw) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, label, cosine, norm FROM contributions \
@@ -558,13 +565,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
 
     let dynamics = dynamics(ctx).await?;
 
-    let (_, st) = crate::sql::run(
-        ctx,
-        "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs FROM steps",
-    )
-    .await?;
-    let steps = ints(&st, "steps")?.first().copied().flatten().unwrap_or(0);
-    let epochs = ints(&st, "epochs")?.first().copied().flatten().unwrap_or(0);
+    let (steps, epochs, steps_lr) = step_counts(ctx).await?;
 
     // The probe's id is the row of the input it was taken from (training
     // instance or not), so the probe itself is drawn from it.
@@ -579,7 +580,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
     let images = digits::images(m, &wanted)?;
     let probe_accuracy = match m.model.traced_layers().last() {
         Some(layer) => {
-            let all = crate::probes::Probes::read(run, &layer)?;
+            let all = reptrace_analyze::probes::Probes::read(run, &layer)?;
             let right = (0..all.len())
                 .filter(|&i| all.label[i] == all.predicted[i])
                 .count();
@@ -588,18 +589,9 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         None => None,
     };
 
-    let o = &m.optimizer;
-    let mut optimizer = format!("{:?} lr {}", o.kind, o.lr).to_lowercase();
-    if o.momentum != 0.0 {
-        optimizer.push_str(&format!(", momentum {}", o.momentum));
-    }
-    if o.nesterov {
-        optimizer.push_str(", nesterov");
-    }
-    if o.weight_decay != 0.0 {
-        optimizer.push_str(&format!(", weight decay {}", o.weight_decay));
-    }
-    optimizer.push_str(&format!(", schedule {:?}", o.schedule).to_lowercase());
+    let name = m.settings.get("optimizer").and_then(|v| v.as_str());
+    let lr = lr_range(run)?.or(steps_lr).unwrap_or([m.optimizer.lr; 2]);
+    let optimizer = optimizer::describe(&m.optimizer, name, lr);
 
     Ok(Report {
         run_id: m.run_id.clone(),
@@ -617,6 +609,36 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         k: options.k,
         dynamics,
     })
+}
+
+/// Rows and distinct epochs of the `steps` table, and the range of its
+/// `lr` (`None` without rows).
+async fn step_counts(ctx: &SessionContext) -> Result<(i64, i64, Option<[f64; 2]>)> {
+    let (_, st) = reptrace_analyze::sql::run(
+        ctx,
+        "SELECT COUNT(*) AS steps, COUNT(DISTINCT epoch) AS epochs, \
+         MIN(lr) AS lr_min, MAX(lr) AS lr_max FROM steps",
+    )
+    .await?;
+    let first_int =
+        |c| -> Result<i64> { Ok(ints(&st, c)?.first().copied().flatten().unwrap_or(0)) };
+    let first_float = |c| -> Result<Option<f64>> { Ok(floats(&st, c)?.first().copied().flatten()) };
+    let lr = first_float("lr_min")?
+        .zip(first_float("lr_max")?)
+        .map(|(a, b)| [a, b]);
+    Ok((first_int("steps")?, first_int("epochs")?, lr))
+}
+
+/// The smallest and largest learning rate the steps applied to any traced
+/// layer (table `layer_steps`, [`reptrace_analyze::replay::summarize_steps`]);
+/// `None` for a run without `layer_steps` rows.
+fn lr_range(run: &Run) -> Result<Option<[f64; 2]>> {
+    let summary = reptrace_analyze::replay::summarize_steps(run)?;
+    Ok(summary
+        .layers
+        .iter()
+        .map(|l| l.lr)
+        .reduce(|a, b| [a[0].min(b[0]), a[1].max(b[1])]))
 }
 
 /// The data map ([`AMBIGUOUS`], [`EASY`]) and the top [`CANDIDATES`]
@@ -710,14 +732,14 @@ fn probabilities(run: &Run, probe: i64) -> Result<Option<(f64, f64)>> {
         return Ok(None);
     }
     let layer = TracedLayer::Linear(spec);
-    let probes = crate::probes::Probes::read(run, &layer)?;
+    let probes = reptrace_analyze::probes::Probes::read(run, &layer)?;
     let Some(i) = probes.probe_id.iter().position(|&id| id == probe) else {
         return Ok(None);
     };
     let Some(initial) = m.initial_weights() else {
         return Ok(None);
     };
-    let w0 = crate::weights::Snapshot::read(&run.path(initial))?.layer(&layer)?;
+    let w0 = reptrace_analyze::weights::Snapshot::read(&run.path(initial))?.layer(&layer)?;
     let (a, p) = (probes.a(i), probes.p(i));
     let n_in = spec.in_features;
     let logits: Vec<f64> = (0..spec.out_features)

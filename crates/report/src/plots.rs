@@ -11,7 +11,7 @@
 //! Every chart takes the class names so that one class has one colour
 //! ([`rgb`], [`colour`]) across the whole report; the data map colours by
 //! correctness instead ([`correctness_rgb`]).
-use super::{Candidate, Dynamics, Influence, Layer};
+use crate::{Candidate, Dynamics, Images, Influence, Layer};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -759,7 +759,7 @@ pub fn gallery(
     layer: &str,
     items: &[Influence],
     classes: &[String],
-    images: Option<&super::Images>,
+    images: Option<&Images>,
 ) -> String {
     let mut s = format!(
         r#"<div class="gallery" data-kind="{kind}" data-layer="{l}" data-items="{n}">"#,
@@ -784,7 +784,7 @@ pub fn gallery(
 }
 
 /// An instance's 64-pixel image, or nothing when the run has no images of it.
-fn thumbnail(images: Option<&super::Images>, instance_id: i64) -> String {
+fn thumbnail(images: Option<&Images>, instance_id: i64) -> String {
     images
         .and_then(|im| {
             im.pixels
@@ -796,11 +796,7 @@ fn thumbnail(images: Option<&super::Images>, instance_id: i64) -> String {
 
 /// A gallery of mislabel candidates: image (when available), given label,
 /// class predicted at the last presentation and score of each instance.
-pub fn candidates(
-    items: &[Candidate],
-    classes: &[String],
-    images: Option<&super::Images>,
-) -> String {
+pub fn candidates(items: &[Candidate], classes: &[String], images: Option<&Images>) -> String {
     let mut s = format!(
         r#"<div class="gallery mislabel" data-kind="mislabel" data-items="{}">"#,
         items.len()
@@ -834,7 +830,7 @@ pub fn candidates(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::report::{MapPoint, Ridge};
+    use crate::{MapPoint, Ridge};
     use std::collections::BTreeMap;
 
     /// Opening tags `<{start}…>` in `s`.
@@ -1043,7 +1039,7 @@ mod tests {
                 p_label: 0.05,
             })
             .collect();
-        let images = crate::report::Images {
+        let images = crate::Images {
             shape: vec![1, 2, 2],
             pixels: std::collections::HashMap::from([(10, vec![1.0, 0.0, 0.5, 0.0])]),
         };

@@ -4,8 +4,8 @@
 //!
 //! The row index is the instance id, as in `reptrace-tch`, which trains on
 //! the same loader.
-use super::Images;
-use crate::Result;
+use crate::Images;
+use reptrace_analyze::Result;
 use reptrace_format::Manifest;
 use reptrace_format::data;
 use std::collections::{BTreeSet, HashMap};
