@@ -151,6 +151,15 @@ def rows_from(b):
         else:
             rows.append((row, value, goal_text, "yes" if ok else "**no**", detail))
 
+    _recording_rows(b, add)
+    _analysis_rows(b, add, missing)
+    _rss_rows(b, add)
+    _later_rows(b, add, missing)
+    return rows, missing
+
+
+def _recording_rows(b, add):
+    """Rows 1, 1b and 2: recording overhead, the examples table, storage."""
     # 1. recording overhead
     over = {r["dtype"]: r for r in b["overhead"]}
     for dtype in ("f32", "f16"):
@@ -191,6 +200,9 @@ def rows_from(b):
             else:
                 add(row, None, f"≤ {goal:.2f}", False, "")
 
+
+def _analysis_rows(b, add, missing):
+    """Rows 3 and 4: attribution, and the queries against DuckDB."""
     # 3. attribution
     if not b["attribution"]:
         add("3 attribution", None, f"≥ {ATTRIBUTION_GOAL}", False, "")
@@ -222,6 +234,9 @@ def rows_from(b):
         if not same:
             missing.append(row + " (row counts differ)")
 
+
+def _rss_rows(b, add):
+    """Rows 5 and 6: peak RSS at 10x the run length, the Python package's overhead."""
     # 5. peak RSS, 10x / 1x run length
     rss = {(r["what"], r.get("scale")): r for r in b["rss"]}
 
@@ -262,6 +277,11 @@ def rows_from(b):
     flat("6 peak RSS PyTorch traced 10×/1×", "torch", lambda one, ten, m1, m10:
          f"python with reptrace.Tracer, MLP 784-256-10, f32: {m10} at {ten['steps']} steps / "
          f"{m1} at {one['steps']} steps")
+
+
+def _later_rows(b, add, missing):
+    """Rows 7 to 10: contributions on demand, start-up, the sort under a limit, the gradient check."""
+    setup = next(iter(b["query-setup"]), {})
     # 7. contributions on demand
     od = next(iter(b["ondemand"]), None)
     if od:
@@ -328,8 +348,6 @@ def rows_from(b):
             f"median of {ck['repeats']}")
     else:
         add("10 gradient check", None, f"≤ {CHECK_GOAL:.2f}", False, "")
-
-    return rows, missing
 
 
 def parse_size_kb(text):

@@ -895,27 +895,7 @@ impl Tracer {
         let batch = self.check_step(s, &taps)?;
         // Every layer's δ before anything of this step is recorded, so that
         // a step refused here leaves the run as it was (or not yet created).
-        let mut deltas = Vec::with_capacity(taps.len());
-        for (name, tap) in &taps {
-            let delta = match (&tap.delta, &tap.zero) {
-                (Some(d), _) => d.shallow_clone(),
-                (None, Some(zero)) => {
-                    let g = zero.f_grad()?;
-                    if !g.defined() {
-                        return Err(Error::Trace(format!(
-                            "layer {name}: no gradient; call loss.backward() before Tracer::step"
-                        )));
-                    }
-                    g.f_neg()?
-                }
-                (None, None) => {
-                    return Err(Error::Trace(format!(
-                        "layer {name}: no gradient in this step"
-                    )));
-                }
-            };
-            deltas.push(delta);
-        }
+        let deltas = step_deltas(&taps)?;
         let loss = s.loss.f_double_value(&[])?;
         if self.rec.is_none() {
             self.start(&taps)?;
@@ -942,33 +922,14 @@ impl Tracer {
         let Some(rec) = self.rec.as_mut() else {
             return Ok(update());
         };
+        let mut w = StepWriter {
+            rec,
+            layers: &self.layers,
+            timing: &mut self.timing,
+            dtype: self.dtype,
+        };
         if let Some(logits) = s.logits {
-            let t0 = Instant::now();
-            let device = logits.device();
-            let labels64: Vec<i64> = s.labels.iter().map(|&l| i64::from(l)).collect();
-            let y = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
-            let losses = logits
-                .f_detach()?
-                .f_log_softmax(-1, Kind::Float)?
-                .f_gather(1, &y.f_unsqueeze(1)?, false)?
-                .f_neg()?
-                .f_reshape([-1])?
-                .f_to_device(Device::Cpu)?;
-            let losses = Vec::<f32>::try_from(&losses)?;
-            let predicted = logits
-                .f_argmax(-1, false)?
-                .f_to_kind(Kind::Int)?
-                .f_to_device(Device::Cpu)?;
-            let predicted = Vec::<i32>::try_from(&predicted)?;
-            rec.examples(ExampleBatch {
-                step,
-                epoch,
-                instance_ids: s.ids,
-                labels: s.labels,
-                loss: &losses,
-                predicted: &predicted,
-            })?;
-            self.timing.record += t0.elapsed();
+            w.examples(s, logits, step, epoch)?;
         }
         let row = StepRow {
             step,
@@ -979,91 +940,9 @@ impl Tracer {
             skipped: false,
         };
         let result = if self.mode == Mode::Batch {
-            // The whole update of each traced layer: copies before the
-            // step, differences after it (counted as factor time).
-            let t0 = Instant::now();
-            let before: Vec<(Tensor, Option<Tensor>)> = self
-                .layers
-                .iter()
-                .map(|l| -> Result<_> {
-                    Ok((
-                        l.weight.f_detach_copy()?,
-                        l.bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
-                    ))
-                })
-                .collect::<Result<_>>()?;
-            self.timing.factors += t0.elapsed();
-            let result = update();
-            let t1 = Instant::now();
-            let mut deltas = Vec::with_capacity(before.len());
-            for (l, (w0, b0)) in self.layers.iter().zip(&before) {
-                deltas.push((l.name.as_str(), whole_update(l, w0, b0.as_ref())?));
-            }
-            let named: Vec<(&str, &[f32])> =
-                deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-            let t2 = Instant::now();
-            self.timing.factors += t2 - t1;
-            let Some(rec) = self.rec.as_mut() else {
-                return Ok(result);
-            };
-            rec.step(row)?;
-            rec.batch_step(BatchStep {
-                step,
-                epoch,
-                instance_ids: s.ids,
-                labels: s.labels,
-                deltas: &named,
-            })?;
-            self.timing.record += t2.elapsed();
-            result
+            w.whole_updates(s, row, update)?
         } else {
-            let t0 = Instant::now();
-            rec.step(row)?;
-            rec.layer_steps(rows)?;
-            self.timing.record += t0.elapsed();
-            // Every layer's factors start towards the host (converted to
-            // the stored type on the device); on CUDA one synchronisation
-            // for all of them, then each goes to the recorder by value.
-            let t0 = Instant::now();
-            let mut flights = Vec::with_capacity(taps.len());
-            let mut device = Device::Cpu;
-            for (((name, tap), delta), scale) in taps.iter().zip(&deltas).zip(&scales) {
-                let Some(layer) = self.layers.iter().find(|l| &l.name == name) else {
-                    continue;
-                };
-                let Some(spec) = layer.spec() else { continue };
-                device = delta.device();
-                // v = −η·κ·δ: the measured scale of the applied gradient folded in.
-                let lr = if *scale == 1.0 { s.lr } else { s.lr * scale };
-                let f = layer_factors(spec, &tap.input, delta, lr)?;
-                flights.push((name.as_str(), f.start_to_host(self.dtype)?));
-            }
-            if let Device::Cuda(i) = device {
-                tch::Cuda::synchronize(i as i64);
-            }
-            self.timing.factors += t0.elapsed();
-            let Some(rec) = self.rec.as_mut() else {
-                return Ok(update());
-            };
-            for (name, flight) in flights {
-                let t0 = Instant::now();
-                let f = flight.finish()?;
-                let t1 = Instant::now();
-                self.timing.factors += t1 - t0;
-                rec.updates_owned(
-                    name,
-                    UpdateBatchOwned {
-                        step,
-                        epoch,
-                        instance_ids: s.ids.to_vec(),
-                        labels: s.labels.to_vec(),
-                        u: f.u,
-                        v: f.v,
-                        update_norm: Some(f.update_norm),
-                    },
-                )?;
-                self.timing.record += t1.elapsed();
-            }
+            w.factors(s, row, rows, &taps, &deltas, &scales)?;
             update()
         };
         self.step += 1;
@@ -1346,6 +1225,178 @@ impl Tracer {
         self.taps.set_on(false);
         if let Some(rec) = &mut self.rec {
             rec.abort(reason.to_owned())?;
+        }
+        Ok(())
+    }
+}
+
+/// Each tapped layer's δ for this step: the one the tap holds, or minus the
+/// gradient of its zero tensor; an error names a layer without one.
+fn step_deltas(taps: &[(String, Tap)]) -> Result<Vec<Tensor>> {
+    let mut deltas = Vec::with_capacity(taps.len());
+    for (name, tap) in taps {
+        let delta = match (&tap.delta, &tap.zero) {
+            (Some(d), _) => d.shallow_clone(),
+            (None, Some(zero)) => {
+                let g = zero.f_grad()?;
+                if !g.defined() {
+                    return Err(Error::Trace(format!(
+                        "layer {name}: no gradient; call loss.backward() before Tracer::step"
+                    )));
+                }
+                g.f_neg()?
+            }
+            (None, None) => {
+                return Err(Error::Trace(format!(
+                    "layer {name}: no gradient in this step"
+                )));
+            }
+        };
+        deltas.push(delta);
+    }
+    Ok(deltas)
+}
+
+/// The parts of a [`Tracer`] that one recorded step writes through: its
+/// recorder, its traced layers and its timing.
+struct StepWriter<'t> {
+    rec: &'t mut Recorder,
+    layers: &'t [Layer],
+    timing: &'t mut Timing,
+    dtype: Dtype,
+}
+
+impl StepWriter<'_> {
+    /// The step's `examples` rows: each example's loss and predicted class
+    /// from the logits.
+    fn examples(&mut self, s: &Step<'_>, logits: &Tensor, step: i64, epoch: i32) -> Result<()> {
+        let t0 = Instant::now();
+        let device = logits.device();
+        let labels64: Vec<i64> = s.labels.iter().map(|&l| i64::from(l)).collect();
+        let y = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
+        let losses = logits
+            .f_detach()?
+            .f_log_softmax(-1, Kind::Float)?
+            .f_gather(1, &y.f_unsqueeze(1)?, false)?
+            .f_neg()?
+            .f_reshape([-1])?
+            .f_to_device(Device::Cpu)?;
+        let losses = Vec::<f32>::try_from(&losses)?;
+        let predicted = logits
+            .f_argmax(-1, false)?
+            .f_to_kind(Kind::Int)?
+            .f_to_device(Device::Cpu)?;
+        let predicted = Vec::<i32>::try_from(&predicted)?;
+        self.rec.examples(ExampleBatch {
+            step,
+            epoch,
+            instance_ids: s.ids,
+            labels: s.labels,
+            loss: &losses,
+            predicted: &predicted,
+        })?;
+        self.timing.record += t0.elapsed();
+        Ok(())
+    }
+
+    /// Batch mode: runs `update` and records the whole update of each
+    /// traced layer (copies before the step, differences after it, counted
+    /// as factor time) with the step's row.
+    fn whole_updates<R>(
+        &mut self,
+        s: &Step<'_>,
+        row: StepRow,
+        update: impl FnOnce() -> R,
+    ) -> Result<R> {
+        let (step, epoch) = (row.step, row.epoch);
+        let t0 = Instant::now();
+        let before: Vec<(Tensor, Option<Tensor>)> = self
+            .layers
+            .iter()
+            .map(|l| -> Result<_> {
+                Ok((
+                    l.weight.f_detach_copy()?,
+                    l.bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        self.timing.factors += t0.elapsed();
+        let result = update();
+        let t1 = Instant::now();
+        let mut deltas = Vec::with_capacity(before.len());
+        for (l, (w0, b0)) in self.layers.iter().zip(&before) {
+            deltas.push((l.name.as_str(), whole_update(l, w0, b0.as_ref())?));
+        }
+        let named: Vec<(&str, &[f32])> = deltas.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let t2 = Instant::now();
+        self.timing.factors += t2 - t1;
+        self.rec.step(row)?;
+        self.rec.batch_step(BatchStep {
+            step,
+            epoch,
+            instance_ids: s.ids,
+            labels: s.labels,
+            deltas: &named,
+        })?;
+        self.timing.record += t2.elapsed();
+        Ok(result)
+    }
+
+    /// Instance mode: the step's row and `layer_steps` rows, then every
+    /// layer's factors (`v = −η·κ·δ`, the measured scale folded in).
+    fn factors(
+        &mut self,
+        s: &Step<'_>,
+        row: StepRow,
+        rows: Vec<LayerStepRow>,
+        taps: &[(String, Tap)],
+        deltas: &[Tensor],
+        scales: &[f64],
+    ) -> Result<()> {
+        let (step, epoch) = (row.step, row.epoch);
+        let t0 = Instant::now();
+        self.rec.step(row)?;
+        self.rec.layer_steps(rows)?;
+        self.timing.record += t0.elapsed();
+        // Every layer's factors start towards the host (converted to
+        // the stored type on the device); on CUDA one synchronisation
+        // for all of them, then each goes to the recorder by value.
+        let t0 = Instant::now();
+        let mut flights = Vec::with_capacity(taps.len());
+        let mut device = Device::Cpu;
+        for (((name, tap), delta), scale) in taps.iter().zip(deltas).zip(scales) {
+            let Some(layer) = self.layers.iter().find(|l| &l.name == name) else {
+                continue;
+            };
+            let Some(spec) = layer.spec() else { continue };
+            device = delta.device();
+            // v = −η·κ·δ: the measured scale of the applied gradient folded in.
+            let lr = if *scale == 1.0 { s.lr } else { s.lr * scale };
+            let f = layer_factors(spec, &tap.input, delta, lr)?;
+            flights.push((name.as_str(), f.start_to_host(self.dtype)?));
+        }
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        self.timing.factors += t0.elapsed();
+        for (name, flight) in flights {
+            let t0 = Instant::now();
+            let f = flight.finish()?;
+            let t1 = Instant::now();
+            self.timing.factors += t1 - t0;
+            self.rec.updates_owned(
+                name,
+                UpdateBatchOwned {
+                    step,
+                    epoch,
+                    instance_ids: s.ids.to_vec(),
+                    labels: s.labels.to_vec(),
+                    u: f.u,
+                    v: f.v,
+                    update_norm: Some(f.update_norm),
+                },
+            )?;
+            self.timing.record += t1.elapsed();
         }
         Ok(())
     }

@@ -30,7 +30,7 @@ use crate::trace::{Step, Tracer};
 use crate::{Error, Result};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Optimizer, OptimizerKind, Split};
+use reptrace_format::{Dtype, LrSchedule, Manifest, Mode, Model, Optimizer, OptimizerKind, Split};
 use reptrace_record::{NamedTensor, ProbeBatch, Recorder};
 use serde_json::json;
 use std::path::PathBuf;
@@ -508,63 +508,12 @@ pub fn train_on(
         std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
     });
     tch::set_num_threads(threads as i32);
-    let mut model = build_model(
-        &config.model,
-        &data.shape,
-        data.classes.len(),
-        &config.trace_layers,
-    )?;
-    if config.mode == Mode::Batch {
-        // A batch-mode record is the whole update of the layer.
-        for m in &mut model.modules {
-            if let reptrace_format::Module::Conv2d(c) = m {
-                c.storage = reptrace_format::Storage::Full;
-            }
-        }
-    }
-    let traced: Vec<String> = model.traced_layers().map(|l| l.name().to_owned()).collect();
-    if config.mode == Mode::Instance
-        && !traced.is_empty()
-        && let Some(name) = model.modules.iter().find_map(|m| match m {
-            reptrace_format::Module::BatchNorm1d { name, .. }
-            | reptrace_format::Module::BatchNorm2d { name, .. } => Some(name),
-            _ => None,
-        })
-    {
-        return Err(Error::CouplingModule {
-            model: model.name.clone(),
-            module: format!("{name} (batch norm)"),
-        });
-    }
+    let (model, traced) = run_model(config, data)?;
     let net = Network::new(&model, config.seed as i64, device)?;
     let rec = if traced.is_empty() {
         None
     } else {
-        let mut builder = Recorder::builder(&config.out);
-        if let Some(level) = config.zstd_level {
-            builder = builder.zstd_level(level);
-        }
-        Some(
-            builder
-                .model(model.clone())
-                .optimizer(config.optimizer())
-                .classes(data.classes.clone())
-                .dtype(config.dtype)
-                .mode(config.mode)
-                .setting("data", json!(data.name))
-                .setting("seed", json!(config.seed))
-                .setting("epochs", json!(config.epochs))
-                .setting("batch_size", json!(config.batch_size))
-                .setting("class_pure_batches", json!(config.class_pure_batches))
-                .setting("device", json!(config.device.to_string()))
-                .setting("threads", json!(threads))
-                .setting("trace_layers", json!(config.trace_layers.to_string()))
-                .setting("probes", json!(config.probes.to_string()))
-                .setting("examples", json!(config.examples))
-                .setting("n_train", json!(data.n_train))
-                .setting("n_test", json!(data.n_test()))
-                .build()?,
-        )
+        Some(recorder(config, data, &model, threads)?)
     };
     // The recorder goes to a tracer of the network's traced layers: the
     // built-in loop records through the same API as a user's loop.
@@ -630,6 +579,75 @@ pub fn train_on(
     }
 }
 
+/// The model `config` asks for over `data`'s shape and classes, and the
+/// names of its traced layers. In batch mode a Conv2d layer's record is its
+/// whole update (full storage); instance mode refuses a batch norm in a
+/// traced model (it couples the examples of a batch).
+fn run_model(config: &TrainConfig, data: &Dataset) -> Result<(Model, Vec<String>)> {
+    let mut model = build_model(
+        &config.model,
+        &data.shape,
+        data.classes.len(),
+        &config.trace_layers,
+    )?;
+    if config.mode == Mode::Batch {
+        // A batch-mode record is the whole update of the layer.
+        for m in &mut model.modules {
+            if let reptrace_format::Module::Conv2d(c) = m {
+                c.storage = reptrace_format::Storage::Full;
+            }
+        }
+    }
+    let traced: Vec<String> = model.traced_layers().map(|l| l.name().to_owned()).collect();
+    if config.mode == Mode::Instance
+        && !traced.is_empty()
+        && let Some(name) = model.modules.iter().find_map(|m| match m {
+            reptrace_format::Module::BatchNorm1d { name, .. }
+            | reptrace_format::Module::BatchNorm2d { name, .. } => Some(name),
+            _ => None,
+        })
+    {
+        return Err(Error::CouplingModule {
+            model: model.name.clone(),
+            module: format!("{name} (batch norm)"),
+        });
+    }
+    Ok((model, traced))
+}
+
+/// The recorder of a run of `model` on `data` into `config.out`, with the
+/// run's settings in its manifest.
+fn recorder(
+    config: &TrainConfig,
+    data: &Dataset,
+    model: &Model,
+    threads: usize,
+) -> Result<Recorder> {
+    let mut builder = Recorder::builder(&config.out);
+    if let Some(level) = config.zstd_level {
+        builder = builder.zstd_level(level);
+    }
+    Ok(builder
+        .model(model.clone())
+        .optimizer(config.optimizer())
+        .classes(data.classes.clone())
+        .dtype(config.dtype)
+        .mode(config.mode)
+        .setting("data", json!(data.name))
+        .setting("seed", json!(config.seed))
+        .setting("epochs", json!(config.epochs))
+        .setting("batch_size", json!(config.batch_size))
+        .setting("class_pure_batches", json!(config.class_pure_batches))
+        .setting("device", json!(config.device.to_string()))
+        .setting("threads", json!(threads))
+        .setting("trace_layers", json!(config.trace_layers.to_string()))
+        .setting("probes", json!(config.probes.to_string()))
+        .setting("examples", json!(config.examples))
+        .setting("n_train", json!(data.n_train))
+        .setting("n_test", json!(data.n_test()))
+        .build()?)
+}
+
 fn named(t: &HostTensor) -> NamedTensor<'_> {
     NamedTensor {
         name: &t.name,
@@ -648,6 +666,34 @@ struct Run<'a> {
     progress: &'a mut dyn FnMut(&Progress),
 }
 
+/// Every row of `data` on `device`: the features shaped `[n, shape…]` and
+/// the labels as i64.
+fn data_tensors(data: &Dataset, device: Device) -> Result<(Tensor, Tensor)> {
+    let n = data.len() as i64;
+    let mut dims = vec![n];
+    dims.extend(data.shape.iter().map(|&s| s as i64));
+    let x_all = Tensor::f_from_slice(&data.features)?
+        .f_reshape(dims)?
+        .f_to_device(device)?;
+    let labels64: Vec<i64> = data.labels.iter().map(|&l| i64::from(l)).collect();
+    let y_all = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
+    Ok((x_all, y_all))
+}
+
+/// Accuracy on the test split, if it has rows.
+fn test_accuracy(
+    net: &Network,
+    data: &Dataset,
+    x_all: &Tensor,
+    y_all: &Tensor,
+) -> Result<Option<f64>> {
+    if data.n_test() > 0 {
+        Ok(Some(accuracy(net, x_all, y_all, data.n_train..data.len())?))
+    } else {
+        Ok(None)
+    }
+}
+
 /// Rows per forward pass when evaluating or probing.
 pub(crate) const EVAL_CHUNK: usize = 1024;
 
@@ -656,31 +702,44 @@ impl Run<'_> {
         self.tracer.as_deref_mut().and_then(Tracer::recorder)
     }
 
+    /// The run's first commit: its instances and initial weights.
+    fn record_start(&mut self) -> Result<()> {
+        let (data, net) = (self.data, self.net);
+        let initial_host = net.to_host()?;
+        if let Some(rec) = self.rec() {
+            let ids: Vec<i64> = (0..data.len() as i64).collect();
+            let splits: Vec<Split> = (0..data.len()).map(|r| data.split(r)).collect();
+            rec.instances(&ids, &data.labels, &splits)?;
+            rec.weights(&initial_host.iter().map(named).collect::<Vec<_>>())?;
+            rec.commit()?;
+        }
+        Ok(())
+    }
+
+    /// A commit point at an epoch's end: the weights and the probes as of
+    /// now, so that the run can be analysed up to here if it never ends.
+    fn commit_epoch(&mut self, x_all: &Tensor, initial: &[Tensor]) -> Result<()> {
+        if self.config.probes != ProbeSet::None {
+            self.probes(x_all, initial, true)?;
+        }
+        let now = self.net.to_host()?;
+        if let Some(rec) = self.rec() {
+            rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
+            rec.commit()?;
+        }
+        Ok(())
+    }
+
     fn all(&mut self) -> Result<TrainSummary> {
         let (cfg, data, net) = (self.config, self.data, self.net);
-        let device = net.device();
-        let n = data.len() as i64;
-        let mut dims = vec![n];
-        dims.extend(data.shape.iter().map(|&s| s as i64));
-        let x_all = Tensor::f_from_slice(&data.features)?
-            .f_reshape(dims)?
-            .f_to_device(device)?;
-        let labels64: Vec<i64> = data.labels.iter().map(|&l| i64::from(l)).collect();
-        let y_all = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
+        let (x_all, y_all) = data_tensors(data, net.device())?;
 
         let params: Vec<Tensor> = net.parameters().into_iter().map(|(_, t)| t).collect();
         let initial: Vec<Tensor> = params
             .iter()
             .map(|p| p.f_detach_copy())
             .collect::<Result<_, _>>()?;
-        let initial_host = net.to_host()?;
-        if let Some(rec) = self.rec() {
-            let ids: Vec<i64> = (0..n).collect();
-            let splits: Vec<Split> = (0..data.len()).map(|r| data.split(r)).collect();
-            rec.instances(&ids, &data.labels, &splits)?;
-            rec.weights(&initial_host.iter().map(named).collect::<Vec<_>>())?;
-            rec.commit()?;
-        }
+        self.record_start()?;
 
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut order: Vec<usize> = (0..data.n_train).collect();
@@ -738,22 +797,9 @@ impl Run<'_> {
                 });
                 step += 1;
             }
-            let test_accuracy = if data.n_test() > 0 {
-                Some(accuracy(net, &x_all, &y_all, data.n_train..data.len())?)
-            } else {
-                None
-            };
+            let test_accuracy = test_accuracy(net, data, &x_all, &y_all)?;
             if self.tracer.is_some() {
-                // A commit point: the weights and the probes as of now, so
-                // that the run can be analysed up to here if it never ends.
-                if cfg.probes != ProbeSet::None {
-                    self.probes(&x_all, &initial, true)?;
-                }
-                let now = net.to_host()?;
-                if let Some(rec) = self.rec() {
-                    rec.weights(&now.iter().map(named).collect::<Vec<_>>())?;
-                    rec.commit()?;
-                }
+                self.commit_epoch(&x_all, &initial)?;
             }
             last_loss = loss_sum / steps_per_epoch as f64;
             (self.progress)(&Progress::Epoch(EpochStats {
@@ -767,11 +813,7 @@ impl Run<'_> {
         let train_seconds = loop_start.elapsed().as_secs_f64();
 
         let train_accuracy = accuracy(net, &x_all, &y_all, 0..data.n_train)?;
-        let test_accuracy = if data.n_test() > 0 {
-            Some(accuracy(net, &x_all, &y_all, data.n_train..data.len())?)
-        } else {
-            None
-        };
+        let test_accuracy = test_accuracy(net, data, &x_all, &y_all)?;
         if self.tracer.is_some() && cfg.probes != ProbeSet::None {
             self.probes(&x_all, &initial, false)?;
         }

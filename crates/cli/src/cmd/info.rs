@@ -151,49 +151,7 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         layout::lock_held(run).with_context(|| format!("{}", run.join(layout::LOCK).display()))?;
     let mut warnings = Vec::new();
 
-    let mut groups: BTreeMap<(Table, Option<String>), Vec<&FileEntry>> = BTreeMap::new();
-    for table in Table::ALL {
-        for f in m.files(table) {
-            groups.entry((table, f.layer.clone())).or_default().push(f);
-        }
-    }
-    let mut tables = Vec::new();
-    for ((table, layer), files) in &groups {
-        let rows: u64 = files.iter().map(|f| f.rows).sum();
-        let bytes: u64 = files.iter().map(|f| f.bytes).sum();
-        let mut footer_rows = 0;
-        for f in files {
-            match footer_rows_of(&run.join(&f.path)) {
-                Ok(n) => {
-                    footer_rows += n;
-                    if n != f.rows {
-                        warnings.push(format!(
-                            "{}: footer has {n} rows, manifest says {}",
-                            f.path, f.rows
-                        ));
-                    }
-                }
-                Err(e) => warnings.push(format!("{}: {e:#}", f.path)),
-            }
-        }
-        let raw = match (table, layer) {
-            (Table::Updates, Some(l)) => m.model.traced_layer(l).map(|tl| {
-                let (u, v) = tl.record_lens(m.mode);
-                rows * (u + v) as u64 * 4
-            }),
-            _ => None,
-        };
-        tables.push(TableInfo {
-            table: table.name().to_owned(),
-            layer: layer.clone(),
-            files: files.len(),
-            rows,
-            footer_rows,
-            bytes,
-            raw_f32_bytes: raw,
-            ratio: raw.filter(|&r| r > 0).map(|r| bytes as f64 / r as f64),
-        });
-    }
+    let tables = table_infos(run, &m, &mut warnings);
 
     let weights: Vec<String> = m.commits.iter().filter_map(|c| c.weights.clone()).collect();
     for w in &weights {
@@ -264,6 +222,56 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         stray_files,
         warnings,
     })
+}
+
+/// One entry per table (and layer) of the committed files: rows and
+/// bytes from the manifest, rows from the footers; a footer that disagrees
+/// or cannot be read adds a warning.
+fn table_infos(run: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Vec<TableInfo> {
+    let mut groups: BTreeMap<(Table, Option<String>), Vec<&FileEntry>> = BTreeMap::new();
+    for table in Table::ALL {
+        for f in m.files(table) {
+            groups.entry((table, f.layer.clone())).or_default().push(f);
+        }
+    }
+    let mut tables = Vec::new();
+    for ((table, layer), files) in &groups {
+        let rows: u64 = files.iter().map(|f| f.rows).sum();
+        let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+        let mut footer_rows = 0;
+        for f in files {
+            match footer_rows_of(&run.join(&f.path)) {
+                Ok(n) => {
+                    footer_rows += n;
+                    if n != f.rows {
+                        warnings.push(format!(
+                            "{}: footer has {n} rows, manifest says {}",
+                            f.path, f.rows
+                        ));
+                    }
+                }
+                Err(e) => warnings.push(format!("{}: {e:#}", f.path)),
+            }
+        }
+        let raw = match (table, layer) {
+            (Table::Updates, Some(l)) => m.model.traced_layer(l).map(|tl| {
+                let (u, v) = tl.record_lens(m.mode);
+                rows * (u + v) as u64 * 4
+            }),
+            _ => None,
+        };
+        tables.push(TableInfo {
+            table: table.name().to_owned(),
+            layer: layer.clone(),
+            files: files.len(),
+            rows,
+            footer_rows,
+            bytes,
+            raw_f32_bytes: raw,
+            ratio: raw.filter(|&r| r > 0).map(|r| bytes as f64 / r as f64),
+        });
+    }
+    tables
 }
 
 /// Row count from a Parquet footer (reads only the footer).
@@ -487,30 +495,7 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "run        {}", i.run)?;
     writeln!(out, "run id     {}", i.run_id)?;
     writeln!(out, "format     {} {}", i.format, i.format_version)?;
-    let step = i
-        .last_step
-        .map_or_else(|| "no training step".to_owned(), |s| format!("step {s}"));
-    match (i.state.as_str(), &i.abort_reason) {
-        (_, Some(r)) => writeln!(out, "status     {} ({r})", i.status)?,
-        ("recording", _) => writeln!(
-            out,
-            "status     recording (live: its recorder holds {}; committed up to {step})",
-            layout::LOCK
-        )?,
-        ("killed", _) => writeln!(
-            out,
-            "status     killed (the recorder died while recording: nobody holds {}; analyses \
-             read the {} commits up to {step})",
-            layout::LOCK,
-            i.commits
-        )?,
-        (state, _) if i.locked => writeln!(
-            out,
-            "status     {state} (another process is adding to it: it holds {})",
-            layout::LOCK
-        )?,
-        (state, None) => writeln!(out, "status     {state}")?,
-    }
+    print_status(i, out)?;
     let mode = serde_json::to_value(i.mode).ok();
     let mode = mode.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
     writeln!(out, "mode       {mode}, factors {}", i.dtype)?;
@@ -520,44 +505,8 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
         "model      {}, input {:?}",
         i.model.name, i.model.input_shape
     )?;
-    for m in &i.model.modules {
-        let mut line = format!(
-            "  {:<12} {:<12} {}",
-            m.name.as_deref().unwrap_or(""),
-            m.kind,
-            m.detail
-        );
-        if m.traced {
-            if let Some([u, v]) = m.factor_lens {
-                line.push_str(&format!("; traced: u {u}, v {v}"));
-            }
-            if let Some(s) = m.storage {
-                line.push_str(match s {
-                    Storage::Factors => " (factors)",
-                    Storage::Full => " (full)",
-                });
-            }
-        } else if m.weight_shape.is_some() {
-            line.push_str("; not traced");
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    let o = &i.optimizer;
-    let kind = serde_json::to_value(o.kind).ok();
-    let kind = kind.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
-    let schedule = serde_json::to_string(&o.schedule).unwrap_or_default();
-    match (o.betas, o.eps) {
-        (Some([b1, b2]), Some(eps)) => writeln!(
-            out,
-            "optimizer  {kind} lr {} betas {b1}, {b2} eps {eps} weight decay {}, schedule {schedule}",
-            o.lr, o.weight_decay
-        )?,
-        _ => writeln!(
-            out,
-            "optimizer  {kind} lr {} momentum {} dampening {} nesterov {} weight decay {}, schedule {schedule}",
-            o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay
-        )?,
-    }
+    print_modules(&i.model.modules, out)?;
+    print_optimizer(&i.optimizer, out)?;
     writeln!(
         out,
         "classes    {}: {}",
@@ -602,12 +551,105 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
         print_steps_applied(s, out)?;
     }
     writeln!(out)?;
+    print_tables(&i.tables, out)?;
+    if !i.stray_files.is_empty() {
+        writeln!(
+            out,
+            "warning: {} file(s) not in the manifest (uncommitted): {}",
+            i.stray_files.len(),
+            i.stray_files.join(", ")
+        )?;
+    }
+    for w in &i.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    Ok(())
+}
+
+/// The `status` line: the state, and who holds the run's lock.
+fn print_status(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
+    let step = i
+        .last_step
+        .map_or_else(|| "no training step".to_owned(), |s| format!("step {s}"));
+    match (i.state.as_str(), &i.abort_reason) {
+        (_, Some(r)) => writeln!(out, "status     {} ({r})", i.status)?,
+        ("recording", _) => writeln!(
+            out,
+            "status     recording (live: its recorder holds {}; committed up to {step})",
+            layout::LOCK
+        )?,
+        ("killed", _) => writeln!(
+            out,
+            "status     killed (the recorder died while recording: nobody holds {}; analyses \
+             read the {} commits up to {step})",
+            layout::LOCK,
+            i.commits
+        )?,
+        (state, _) if i.locked => writeln!(
+            out,
+            "status     {state} (another process is adding to it: it holds {})",
+            layout::LOCK
+        )?,
+        (state, None) => writeln!(out, "status     {state}")?,
+    }
+    Ok(())
+}
+
+/// One line per module: kind, shape and whether (and how) it is traced.
+fn print_modules(modules: &[ModuleInfo], out: &mut dyn Write) -> std::io::Result<()> {
+    for m in modules {
+        let mut line = format!(
+            "  {:<12} {:<12} {}",
+            m.name.as_deref().unwrap_or(""),
+            m.kind,
+            m.detail
+        );
+        if m.traced {
+            if let Some([u, v]) = m.factor_lens {
+                line.push_str(&format!("; traced: u {u}, v {v}"));
+            }
+            if let Some(s) = m.storage {
+                line.push_str(match s {
+                    Storage::Factors => " (factors)",
+                    Storage::Full => " (full)",
+                });
+            }
+        } else if m.weight_shape.is_some() {
+            line.push_str("; not traced");
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// The `optimizer` line: Adam's coefficients or SGD's momentum settings.
+fn print_optimizer(o: &reptrace_format::Optimizer, out: &mut dyn Write) -> std::io::Result<()> {
+    let kind = serde_json::to_value(o.kind).ok();
+    let kind = kind.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
+    let schedule = serde_json::to_string(&o.schedule).unwrap_or_default();
+    match (o.betas, o.eps) {
+        (Some([b1, b2]), Some(eps)) => writeln!(
+            out,
+            "optimizer  {kind} lr {} betas {b1}, {b2} eps {eps} weight decay {}, schedule {schedule}",
+            o.lr, o.weight_decay
+        )?,
+        _ => writeln!(
+            out,
+            "optimizer  {kind} lr {} momentum {} dampening {} nesterov {} weight decay {}, schedule {schedule}",
+            o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay
+        )?,
+    }
+    Ok(())
+}
+
+/// The table of committed files: one row per table (and layer).
+fn print_tables(tables: &[TableInfo], out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
         "table", "layer", "files", "rows", "on disk", "raw f32", "ratio"
     )?;
-    for t in &i.tables {
+    for t in tables {
         writeln!(
             out,
             "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
@@ -624,19 +666,8 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
                 .unwrap_or_else(|| "-".into()),
         )?;
     }
-    if i.tables.is_empty() {
+    if tables.is_empty() {
         writeln!(out, "(no committed files)")?;
-    }
-    if !i.stray_files.is_empty() {
-        writeln!(
-            out,
-            "warning: {} file(s) not in the manifest (uncommitted): {}",
-            i.stray_files.len(),
-            i.stray_files.join(", ")
-        )?;
-    }
-    for w in &i.warnings {
-        writeln!(out, "warning: {w}")?;
     }
     Ok(())
 }

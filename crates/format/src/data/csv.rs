@@ -241,29 +241,8 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
             format!("{width} field(s); need a label and at least one feature"),
         ));
     }
-    let label_col = match &options.label {
-        LabelColumn::First => 0,
-        LabelColumn::Last => width - 1,
-        LabelColumn::Index(i) if *i < width => *i,
-        LabelColumn::Index(i) => {
-            return Err(row_err(
-                first_no,
-                format!("label column {i} out of range (the file has {width} columns)"),
-            ));
-        }
-        LabelColumn::Name(name) => {
-            if !is_header {
-                return Err(row_err(
-                    first_no,
-                    format!("label column {name:?} given by name, but the file has no header"),
-                ));
-            }
-            first_fields
-                .iter()
-                .position(|f| f == name)
-                .ok_or_else(|| row_err(first_no, format!("no column named {name:?} in header")))?
-        }
-    };
+    let label_col = label_column(&options.label, &first_fields, is_header)
+        .map_err(|message| row_err(first_no, message))?;
     let dim = width - 1;
     let mut features = Vec::new();
     let mut raw_labels: Vec<(usize, i64)> = Vec::new();
@@ -285,40 +264,10 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
                 ));
             }
             if c == label_col {
-                if x < 0.0 || x.fract() != 0.0 {
-                    return Err(row_err(
-                        no,
-                        format!("label {f:?} out of range (must be an integer ≥ 0)"),
-                    ));
-                }
-                // Every class gets a name, so a label near i32::MAX would
-                // allocate billions of them.
-                if x >= MAX_CLASSES as f64 {
-                    return Err(row_err(
-                        no,
-                        format!("label {f:?} out of range (at most {MAX_CLASSES} classes)"),
-                    ));
-                }
-                if let Some(k) = options.classes
-                    && x as usize >= k
-                {
-                    return Err(row_err(no, format!("label {f:?} out of range 0..{k}")));
-                }
-                raw_labels.push((no, x as i64));
+                let label = csv_label(f, x, options.classes).map_err(|m| row_err(no, m))?;
+                raw_labels.push((no, label));
             } else {
-                // Finite as f64 is not enough: 1e39 becomes infinity as f32.
-                let feature = (x * options.scale) as f32;
-                if !feature.is_finite() {
-                    let scaled = if options.scale == 1.0 {
-                        String::new()
-                    } else {
-                        format!(" times scale {}", options.scale)
-                    };
-                    return Err(row_err(
-                        no,
-                        format!("column {c}: value {f:?}{scaled} is out of the 32-bit float range"),
-                    ));
-                }
+                let feature = csv_feature(c, f, x, options.scale).map_err(|m| row_err(no, m))?;
                 features.push(feature);
             }
         }
@@ -331,8 +280,92 @@ pub fn parse_csv(bytes: &[u8], path: &Path, options: &CsvOptions) -> Result<Data
     while let Some(no) = next_row(&mut reader, &mut record, text.as_bytes(), path)? {
         add_row(no, &record)?;
     }
+    csv_dataset(
+        path.display().to_string(),
+        options,
+        dim,
+        features,
+        &raw_labels,
+    )
+}
+
+/// The column of the label in a file whose first row has `first` fields
+/// (its header when `is_header`), or what is wrong with `label`.
+fn label_column(
+    label: &LabelColumn,
+    first: &[&str],
+    is_header: bool,
+) -> std::result::Result<usize, String> {
+    let width = first.len();
+    match label {
+        LabelColumn::First => Ok(0),
+        LabelColumn::Last => Ok(width - 1),
+        LabelColumn::Index(i) if *i < width => Ok(*i),
+        LabelColumn::Index(i) => Err(format!(
+            "label column {i} out of range (the file has {width} columns)"
+        )),
+        LabelColumn::Name(name) => {
+            if !is_header {
+                return Err(format!(
+                    "label column {name:?} given by name, but the file has no header"
+                ));
+            }
+            first
+                .iter()
+                .position(|f| f == name)
+                .ok_or_else(|| format!("no column named {name:?} in header"))
+        }
+    }
+}
+
+/// The label in field `f` (value `x`), or why it is out of range.
+fn csv_label(f: &str, x: f64, classes: Option<usize>) -> std::result::Result<i64, String> {
+    if x < 0.0 || x.fract() != 0.0 {
+        return Err(format!("label {f:?} out of range (must be an integer ≥ 0)"));
+    }
+    // Every class gets a name, so a label near i32::MAX would
+    // allocate billions of them.
+    if x >= MAX_CLASSES as f64 {
+        return Err(format!(
+            "label {f:?} out of range (at most {MAX_CLASSES} classes)"
+        ));
+    }
+    if let Some(k) = classes
+        && x as usize >= k
+    {
+        return Err(format!("label {f:?} out of range 0..{k}"));
+    }
+    Ok(x as i64)
+}
+
+/// The feature in column `c`, field `f` (value `x`) times `scale`, or why
+/// it does not fit an f32.
+fn csv_feature(c: usize, f: &str, x: f64, scale: f64) -> std::result::Result<f32, String> {
+    // Finite as f64 is not enough: 1e39 becomes infinity as f32.
+    let feature = (x * scale) as f32;
+    if !feature.is_finite() {
+        let scaled = if scale == 1.0 {
+            String::new()
+        } else {
+            format!(" times scale {scale}")
+        };
+        return Err(format!(
+            "column {c}: value {f:?}{scaled} is out of the 32-bit float range"
+        ));
+    }
+    Ok(feature)
+}
+
+/// The data set `name` of the parsed rows: `dim` features a row, the
+/// labels with their line numbers, shaped and split as `options` say.
+fn csv_dataset(
+    name: String,
+    options: &CsvOptions,
+    dim: usize,
+    features: Vec<f32>,
+    raw_labels: &[(usize, i64)],
+) -> Result<Dataset> {
     let n = raw_labels.len();
-    let name = path.display().to_string();
     if n == 0 {
         return Err(DataError::BadData {
             name,
