@@ -93,26 +93,12 @@ impl Cli {
     /// Rows of `sql RUN QUERY --format json`, as JSON objects (a NULL is a
     /// missing key; no rows is an empty list).
     pub fn sql_json(&self, run: impl AsRef<Path>, query: &str) -> Vec<Value> {
-        let run = run.as_ref().as_os_str();
-        json_rows(&self.ok(&[
-            OsStr::new("sql"),
-            run,
-            OsStr::new(query),
-            OsStr::new("--format"),
-            OsStr::new("json"),
-        ]))
+        json_rows(&self.ok(&sql_args(run.as_ref(), query, "json")))
     }
 
     /// Rows of `sql RUN QUERY --format csv`, as named string cells.
     pub fn sql_csv(&self, run: impl AsRef<Path>, query: &str) -> Vec<BTreeMap<String, String>> {
-        let run = run.as_ref().as_os_str();
-        csv_rows(&self.ok(&[
-            OsStr::new("sql"),
-            run,
-            OsStr::new(query),
-            OsStr::new("--format"),
-            OsStr::new("csv"),
-        ]))
+        csv_rows(&self.ok(&sql_args(run.as_ref(), query, "csv")))
     }
 
     /// Rows of the canned query `name` on `run` with `--param` values
@@ -141,6 +127,11 @@ impl Cli {
         ]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("info --json: {e}: {out}"))
     }
+}
+
+fn sql_args<'a>(run: &'a Path, query: &'a str, format: &'a str) -> [&'a OsStr; 5] {
+    let [sql, query, flag, format] = ["sql", query, "--format", format].map(OsStr::new);
+    [sql, run.as_os_str(), query, flag, format]
 }
 
 fn query_args<'a>(
