@@ -4,18 +4,11 @@
 use rand::{Rng, SeedableRng};
 use reptrace_format::{LinearSpec, Manifest, Model, Module, Optimizer, Split, Table};
 use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_testkit::cli::{Cli, text};
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn reptrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 /// One Linear layer (3 → 2), 8 training instances, 6 steps of SGD, 4 probes.
@@ -173,7 +166,7 @@ fn attribute_query_sql_verify() {
 
     // Before any attribution the completeness check cannot apply: the
     // summary says it was skipped instead of counting it as passed.
-    let out = reptrace(&["verify", r]);
+    let out = cli().output(&["verify", r]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let skipped = stdout.lines().filter(|l| l.starts_with("skip")).count();
@@ -189,7 +182,7 @@ fn attribute_query_sql_verify() {
         "{stdout}"
     );
 
-    let out = reptrace(&["attribute", r, "--probes", "all", "--quiet"]);
+    let out = cli().output(&["attribute", r, "--probes", "all", "--quiet"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // 12 records × 3 probes + 3 residual rows; --quiet prints the summary
     // line only (no progress bar, no per-layer table).
@@ -214,7 +207,7 @@ fn attribute_query_sql_verify() {
         39
     );
 
-    let out = reptrace(&["verify", r]);
+    let out = cli().output(&["verify", r]);
     assert!(
         out.status.success(),
         "{}{}",
@@ -224,7 +217,7 @@ fn attribute_query_sql_verify() {
     assert!(text(&out.stdout).contains("checks passed"));
 
     // Shares of a complete attribution sum to 1.
-    let out = reptrace(&[
+    let out = cli().output(&[
         "query",
         r,
         "class_shares",
@@ -238,7 +231,7 @@ fn attribute_query_sql_verify() {
     let total: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-9, "{rows:?}");
 
-    let out = reptrace(&[
+    let out = cli().output(&[
         "sql",
         r,
         "SELECT COUNT(*) AS n FROM contributions WHERE probe_id = 9",
@@ -249,7 +242,7 @@ fn attribute_query_sql_verify() {
     assert_eq!(text(&out.stdout), "n\n13\n");
 
     let pq = dir.path().join("top.parquet");
-    let out = reptrace(&[
+    let out = cli().output(&[
         "query",
         r,
         "top_proponents",
@@ -299,7 +292,7 @@ fn errors_are_one_line_with_exit_code_1() {
         vec!["verify", "/nonexistent/run"],
     ];
     for args in cases {
-        let out = reptrace(&args);
+        let out = cli().output(&args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
@@ -312,7 +305,7 @@ fn errors_are_one_line_with_exit_code_1() {
     let mut m = Manifest::load(&run).unwrap();
     m.commits[1].files.retain(|f| f.table != "updates");
     std::fs::write(run.join("manifest.json"), m.to_json()).unwrap();
-    let out = reptrace(&["verify", r]);
+    let out = cli().output(&["verify", r]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stdout).contains("FAIL   completeness: fc weights"),
@@ -324,7 +317,7 @@ fn errors_are_one_line_with_exit_code_1() {
 /// Per (layer, probe) of an attributed run: Σ dot over the instance
 /// records, Σ dot including the residual row, and ‖p‖.
 fn dot_sums(run: &str) -> Vec<(String, i64, f64, f64, f64)> {
-    let out = reptrace(&[
+    let out = cli().output(&[
         "sql",
         run,
         "SELECT c.layer, c.probe_id, \
@@ -414,9 +407,9 @@ fn completeness_on_trained_digits_runs() {
         let r = run.to_str().unwrap();
         let mut args = vec!["train", "--threads", "1", "--epochs", "2", "--out", r];
         args.extend(flags);
-        let out = reptrace(&args);
+        let out = cli().output(&args);
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
-        let out = reptrace(&["attribute", r, "--quiet"]);
+        let out = cli().output(&["attribute", r, "--quiet"]);
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
 
         let sums = dot_sums(r);
@@ -451,7 +444,7 @@ fn completeness_on_trained_digits_runs() {
         }
         eprintln!("{name}: worst |Σ dot(records) − ‖p‖²|/‖p‖² = {worst_records:.2e}");
 
-        let out = reptrace(&["verify", r]);
+        let out = cli().output(&["verify", r]);
         assert!(
             out.status.success(),
             "{name}: {}{}",
@@ -459,7 +452,7 @@ fn completeness_on_trained_digits_runs() {
             text(&out.stderr)
         );
         let probe = format!("probe={}", sums[0].1);
-        let out = reptrace(&[
+        let out = cli().output(&[
             "query",
             r,
             "layer_summary",
@@ -519,7 +512,7 @@ fn planted_duplicate_ranks_among_top_proponents() {
         data.display(),
         digits.len() - n_train
     );
-    let out = reptrace(&[
+    let out = cli().output(&[
         "train",
         "--threads",
         "1",
@@ -535,7 +528,7 @@ fn planted_duplicate_ranks_among_top_proponents() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The probe's id: its row in the planted file.
     let probe = (planted + copies) as i64;
-    let out = reptrace(&[
+    let out = cli().output(&[
         "attribute",
         r,
         "--probes",
@@ -551,7 +544,7 @@ fn planted_duplicate_ranks_among_top_proponents() {
           WHERE probe_id = {probe} AND layer = 'fc3' AND instance_id IS NOT NULL \
           GROUP BY instance_id, label)"
     );
-    let out = reptrace(&["sql", r, &sql, "--format", "json"]);
+    let out = cli().output(&["sql", r, &sql, "--format", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -599,7 +592,7 @@ fn planted_duplicate_ranks_among_top_proponents() {
 #[test]
 fn help_names_every_query_table_and_optimizer() {
     let help = |args: &[&str]| {
-        let o = reptrace(args);
+        let o = cli().output(args);
         assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
         text(&o.stdout)
     };

@@ -11,105 +11,31 @@
 //!   recording stays readable up to its last commit (non-finite loss, disk
 //!   full).
 #![cfg(feature = "tch")]
-use std::collections::BTreeMap;
+use reptrace_testkit::cli::{Cli, text};
+use reptrace_testkit::digits::Digits;
+use reptrace_testkit::files::{contents, copy_dir, first_file};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-/// A test probe of the digits (probe id = data row).
-const PROBE: &str = "1437";
 
 fn reptrace(dir: &Path, args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
+        .in_dir(dir)
+        .output(args)
 }
 
 /// A digits run (1 epoch, test probes), attributed for [`PROBE`], made once.
 fn fixture() -> &'static Path {
-    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, run) = RUN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let o = reptrace(
-            dir.path(),
-            &args(&[
-                "train",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "64",
-                "--out",
-                "run",
-            ]),
-        );
-        assert!(o.status.success(), "train: {}", text(&o.stderr));
-        let o = reptrace(
-            dir.path(),
-            &args(&["attribute", "run", "--probes", &format!("ids:{PROBE}")]),
-        );
-        assert!(o.status.success(), "attribute: {}", text(&o.stderr));
-        let run = dir.path().join("run");
-        (dir, run)
-    });
-    run
+    let cli = Cli::new(env!("CARGO_BIN_EXE_reptrace"));
+    let attribute = ["attribute", "{run}", "--probes", &format!("ids:{PROBE}")];
+    Digits::new()
+        .epochs(1)
+        .batch(64)
+        .then(&attribute)
+        .shared(&cli)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
-/// Every file under `dir` with its bytes, by relative path.
-fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// The first committed file of `table` (for `layer`), relative to the run.
-fn first_file(run: &Path, table: &str, layer: Option<&str>) -> String {
-    let m = reptrace_format::Manifest::load(run).unwrap();
-    m.commits
-        .iter()
-        .flat_map(|c| &c.files)
-        .find(|f| f.table == table && f.layer.as_deref() == layer)
-        .unwrap_or_else(|| panic!("no committed {table} file"))
-        .path
-        .clone()
-}
+/// A test probe of the digits (probe id = data row).
+const PROBE: &str = "1437";
 
 /// Where a case runs: `dir` holds `run` (a copy of the fixture) and whatever
 /// the case writes.

@@ -1,52 +1,14 @@
 //! Batch mode end to end, as a user runs it: `reptrace train --mode batch`
 //! on the bundled digits, `attribute`, `verify`, `info` and the canned
 //! queries, each checked against sums computed here from the raw rows.
+use reptrace_testkit::cli::{Cli, f};
+use reptrace_testkit::digits::Digits;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn reptrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reptrace(args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Rows of `reptrace sql --format json` (a NULL is a missing key).
-fn sql(run: &str, query: &str) -> Vec<Value> {
-    let out = ok(&["sql", run, query, "--format", "json"]);
-    if out.trim().is_empty() {
-        return Vec::new();
-    }
-    serde_json::from_str(&out).unwrap()
-}
-
-/// Rows of a canned query, as JSON.
-fn query(run: &str, name: &str, params: &[&str]) -> Vec<Value> {
-    let mut args = vec!["query", run, name, "--format", "json"];
-    for p in params {
-        args.extend(["--param", p]);
-    }
-    let out = ok(&args);
-    if out.trim().is_empty() {
-        return Vec::new();
-    }
-    serde_json::from_str(&out).unwrap()
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 fn i(v: &Value, key: &str) -> Option<i64> {
@@ -69,53 +31,43 @@ fn final_weights(run: &str) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// A digits run of this file's settings (2 epochs, batches of 64) and `extra`
+/// flags, at `dir/name`.
 fn train(dir: &Path, name: &str, extra: &[&str]) -> String {
-    let run = dir.join(name);
-    let run = run.to_str().unwrap().to_owned();
-    let mut args = vec![
-        "train",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "64",
-        "--threads",
-        "1",
-        "--out",
-        &run,
-    ];
-    args.extend(extra);
-    ok(&args);
-    run
+    let run = Digits::new().epochs(2).batch(64).flags(extra);
+    let run = run.train(&cli(), dir.join(name));
+    run.to_str().unwrap().to_owned()
 }
 
 /// ‖p‖² per (layer, probe), from the stored `p` lists.
 fn p_norms2(run: &str) -> BTreeMap<(String, i64), f64> {
     let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
-    sql(
-        run,
-        &format!(
-            "SELECT layer, probe_id, p FROM probes WHERE probe_id IN ({})",
-            ids.join(", ")
-        ),
-    )
-    .iter()
-    .map(|r| {
-        let p2: f64 = r["p"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap().powi(2))
-            .sum();
-        ((s(r, "layer"), i(r, "probe_id").unwrap()), p2)
-    })
-    .collect()
+    cli()
+        .sql_json(
+            run,
+            &format!(
+                "SELECT layer, probe_id, p FROM probes WHERE probe_id IN ({})",
+                ids.join(", ")
+            ),
+        )
+        .iter()
+        .map(|r| {
+            let p2: f64 = r["p"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap().powi(2))
+                .sum();
+            ((s(r, "layer"), i(r, "probe_id").unwrap()), p2)
+        })
+        .collect()
 }
 
 /// `layer_summary` of every probe of [`PROBES`], by (layer, probe).
 fn layer_summaries(run: &str) -> BTreeMap<(String, i64), Value> {
     let mut out = BTreeMap::new();
     for probe in PROBES {
-        for row in query(run, "layer_summary", &[&format!("probe={probe}")]) {
+        for row in cli().query_json(run, "layer_summary", &[&format!("probe={probe}")]) {
             out.insert((s(&row, "layer"), probe), row);
         }
     }
@@ -124,7 +76,7 @@ fn layer_summaries(run: &str) -> BTreeMap<(String, i64), Value> {
 
 /// The largest residual share `verify` reports for an attribution.
 fn verify_residual_share(run: &str) -> f64 {
-    let out = ok(&["verify", run]);
+    let out = cli().ok(&["verify", run]);
     let tag = "max |residual share| ";
     let at = out
         .find(tag)
@@ -142,7 +94,7 @@ fn verify_residual_share(run: &str) -> f64 {
 fn report_shares(run: &str, probe: i64, dir: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
     let path = dir.join(format!("report-{probe}.html"));
     let path = path.to_str().unwrap();
-    ok(&["report", run, "--probe", &probe.to_string(), "--out", path]);
+    cli().ok(&["report", run, "--probe", &probe.to_string(), "--out", path]);
     let html = std::fs::read_to_string(path).unwrap();
     let attr = |tag: &str, name: &str| -> String {
         let key = format!("{name}=\"");
@@ -194,28 +146,32 @@ fn batch_mode_adam_and_adamw_attributions_are_complete() {
         args.extend(extra);
         let run = train(dir.path(), name, &args);
         let r = run.as_str();
-        ok(&["verify", r]);
-        let info: Value = serde_json::from_str(&ok(&["info", r, "--json"])).unwrap();
+        cli().ok(&["verify", r]);
+        let info: Value = serde_json::from_str(&cli().ok(&["info", r, "--json"])).unwrap();
         assert_eq!(info["mode"], "batch");
         assert_eq!(info["optimizer"]["kind"], name);
         let steps = 2 * 1437usize.div_ceil(64);
         let per_step = &info["storage_per_step"];
         assert_eq!(per_step["steps"], steps);
         assert!(f(per_step, "bytes_per_step") > 0.0);
-        assert!(ok(&["info", r]).contains("per step (updates and batches"));
+        assert!(
+            cli()
+                .ok(&["info", r])
+                .contains("per step (updates and batches")
+        );
 
         let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
-        ok(&[
+        cli().ok(&[
             "attribute",
             r,
             "--probes",
             &format!("ids:{}", ids.join(",")),
         ]);
-        ok(&["verify", r]);
+        cli().ok(&["verify", r]);
 
         let norms = p_norms2(r);
         assert_eq!(norms.len(), 3 * PROBES.len());
-        let rows = sql(
+        let rows = cli().sql_json(
             r,
             "SELECT layer, probe_id, step, epoch, instance_id, label, dot FROM contributions",
         );
@@ -280,7 +236,7 @@ fn batch_mode_adam_and_adamw_attributions_are_complete() {
         }
         let worst = verify_residual_share(r);
         assert!(worst <= 1e-5, "{name}: verify's residual share {worst:e}");
-        let epochs = query(
+        let epochs = cli().query_json(
             r,
             "class_shares_by_epoch",
             &[&format!("probe={}", PROBES[0])],
@@ -307,7 +263,7 @@ fn batch_mode_adam_and_adamw_attributions_are_complete() {
 
         // top_steps: the steps by |dot|, influence = dot / ‖p‖.
         let probe = PROBES[0];
-        let got = query(r, "top_steps", &[&format!("probe={probe}"), "k=5"]);
+        let got = cli().query_json(r, "top_steps", &[&format!("probe={probe}"), "k=5"]);
         assert_eq!(got.len(), 3 * 5);
         for row in &got {
             let layer = s(row, "layer");
@@ -326,13 +282,13 @@ fn batch_mode_adam_and_adamw_attributions_are_complete() {
         }
 
         // batch_member_influence: each step's dot split evenly among its members.
-        let members = sql(r, "SELECT step, instance_id FROM batches");
+        let members = cli().sql_json(r, "SELECT step, instance_id FROM batches");
         assert_eq!(members.len(), 2 * 1437);
         let mut size: BTreeMap<i64, f64> = BTreeMap::new();
         for m in &members {
             *size.entry(i(m, "step").unwrap()).or_default() += 1.0;
         }
-        let got = query(
+        let got = cli().query_json(
             r,
             "batch_member_influence",
             &[&format!("probe={probe}"), "k=4"],
@@ -378,7 +334,7 @@ fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
     );
     let ids: Vec<String> = PROBES.iter().map(i64::to_string).collect();
     for run in [&inst, &batch] {
-        ok(&[
+        cli().ok(&[
             "attribute",
             run,
             "--probes",
@@ -387,14 +343,16 @@ fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
     }
     // Every batch is of one class.
     assert!(
-        sql(
-            &batch,
-            "SELECT step FROM batches GROUP BY step HAVING COUNT(DISTINCT label) > 1"
-        )
-        .is_empty()
+        cli()
+            .sql_json(
+                &batch,
+                "SELECT step FROM batches GROUP BY step HAVING COUNT(DISTINCT label) > 1"
+            )
+            .is_empty()
     );
     let shares = |run: &str, probe: i64| -> BTreeMap<(String, Option<i64>, String), f64> {
-        query(run, "class_shares", &[&format!("probe={probe}")])
+        cli()
+            .query_json(run, "class_shares", &[&format!("probe={probe}")])
             .iter()
             .map(|r| {
                 (
@@ -456,7 +414,7 @@ fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
 fn adam_in_instance_mode_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = reptrace(&[
+    let o = cli().output(&[
         "train",
         "--optimizer",
         "adam",
@@ -482,7 +440,7 @@ fn adam_in_instance_mode_is_refused() {
 fn batch_norm_with_class_pure_batches_has_exact_class_shares() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("refused");
-    let o = reptrace(&["train", "--model", "cnn-bn", "--out", out.to_str().unwrap()]);
+    let o = cli().output(&["train", "--model", "cnn-bn", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
@@ -507,10 +465,10 @@ fn batch_norm_with_class_pure_batches_has_exact_class_shares() {
             "0.01",
         ],
     );
-    ok(&["verify", &run]);
-    ok(&["attribute", &run, "--probes", "ids:1437,1600"]);
+    cli().ok(&["verify", &run]);
+    cli().ok(&["attribute", &run, "--probes", "ids:1437,1600"]);
     for probe in [1437, 1600] {
-        let rows = query(&run, "class_shares", &[&format!("probe={probe}")]);
+        let rows = cli().query_json(&run, "class_shares", &[&format!("probe={probe}")]);
         let mut total: BTreeMap<String, f64> = BTreeMap::new();
         for r in &rows {
             let source = s(r, "source");

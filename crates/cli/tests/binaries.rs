@@ -1,19 +1,11 @@
 //! The two binaries: `reptrace` runs the analysis commands without libtorch
 //! and hands `train`, `demo` and `probe` to `reptrace-torch`, which it finds
 //! beside itself.
-use std::path::Path;
-use std::process::{Command, Output};
+use reptrace_testkit::cli::{Cli, assert_one_line_error, text};
+use std::process::Command;
 
 const ANALYSIS: &str = env!("CARGO_BIN_EXE_reptrace");
 const TORCH: &str = env!("CARGO_BIN_EXE_reptrace-torch");
-
-fn run(bin: impl AsRef<Path>, args: &[&str]) -> Output {
-    Command::new(bin.as_ref()).args(args).output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Whether the executable names a libtorch library among the shared
 /// libraries it needs (the dynamic string table holds their names).
@@ -45,7 +37,7 @@ fn only_the_torch_binary_links_libtorch() {
 fn torch_commands_run_through_reptrace() {
     // Help of the real arguments, under the name users type.
     for args in [&["train", "--help"][..], &["help", "train"][..]] {
-        let out = run(ANALYSIS, args);
+        let out = Cli::new(ANALYSIS).output(args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         let help = text(&out.stdout);
         assert!(
@@ -54,7 +46,7 @@ fn torch_commands_run_through_reptrace() {
         );
     }
     // The analysis binary lists them, with their own descriptions.
-    let help = text(&run(ANALYSIS, &["--help"]).stdout);
+    let help = text(&Cli::new(ANALYSIS).output(&["--help"]).stdout);
     for command in ["train", "demo", "probe", "info", "query"] {
         assert!(
             help.contains(&format!("  {command} ")),
@@ -62,7 +54,7 @@ fn torch_commands_run_through_reptrace() {
         );
     }
     // Usage errors and their exit status come back as from one binary.
-    let out = run(ANALYSIS, &["demo", "--bogus"]);
+    let out = Cli::new(ANALYSIS).output(&["demo", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         text(&out.stderr).trim_end(),
@@ -70,19 +62,14 @@ fn torch_commands_run_through_reptrace() {
     );
     let dir = tempfile::tempdir().unwrap();
     let not_a_run = dir.path().join("nothing");
-    let out = run(
-        ANALYSIS,
-        &[
-            "probe",
-            "add",
-            not_a_run.to_str().unwrap(),
-            "--data",
-            "digits",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = Cli::new(ANALYSIS).output(&[
+        "probe",
+        "add",
+        not_a_run.to_str().unwrap(),
+        "--data",
+        "digits",
+    ]);
+    let err = assert_one_line_error(&out, &[]);
     assert!(
         err.starts_with("error: ") && err.contains("nothing"),
         "{err}"
@@ -94,17 +81,15 @@ fn a_missing_torch_binary_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let alone = dir.path().join("reptrace");
     std::fs::copy(ANALYSIS, &alone).unwrap();
-    let out = run(&alone, &["train", "--out", "x"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = Cli::new(&alone).output(&["train", "--out", "x"]);
+    let err = assert_one_line_error(&out, &[]);
     assert!(
         err.starts_with("error: `reptrace train` runs models through libtorch")
             && err.contains(&dir.path().join("reptrace-torch").display().to_string()),
         "{err}"
     );
     // The analysis commands work without it.
-    let out = run(&alone, &["info", dir.path().to_str().unwrap()]);
+    let out = Cli::new(&alone).output(&["info", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).starts_with("error: "),

@@ -2,31 +2,12 @@
 //! to `v6-digits` (formats 1 to 6: a one-epoch digits run, layer fc3
 //! traced, attributed for probes 1437 and 1500) are read, verified, queried
 //! and attributed again by this build.
+use reptrace_testkit::cli::Cli;
+use reptrace_testkit::files::copy_dir;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-fn reptrace(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 /// A copy of `tests/data/v<version>-digits` in `dir`.
@@ -36,12 +17,6 @@ fn old_run(dir: &Path, version: u32) -> PathBuf {
     let run = dir.join(format!("v{version}"));
     copy_dir(&src, &run);
     run
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reptrace(args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
-    text(&o.stdout)
 }
 
 #[test]
@@ -81,11 +56,11 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     let r = run.to_str().unwrap();
     let m = reptrace_format::Manifest::load(&run).unwrap();
     assert_eq!(m.format_version, version);
-    let info: serde_json::Value = serde_json::from_str(&ok(&["info", r, "--json"])).unwrap();
+    let info = cli().info_json(r);
     assert_eq!(info["format_version"], version);
     assert_eq!(info["status"], "complete");
     assert_eq!(info["probes"], "final");
-    ok(&["verify", r]);
+    cli().ok(&["verify", r]);
 
     // Every table reads with the row counts its manifest lists (batches,
     // influence, examples, layer_steps: none where the table is newer than
@@ -109,7 +84,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         } else {
             ""
         };
-        let out = ok(&[
+        let out = cli().ok(&[
             "sql",
             r,
             &format!("SELECT count(*) FROM {table}{filter}"),
@@ -125,7 +100,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         .iter()
         .map(|f| f.rows)
         .sum();
-    let out = ok(&[
+    let out = cli().ok(&[
         "sql",
         r,
         "SELECT count(*) FROM steps WHERE skipped IS NULL",
@@ -136,7 +111,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap(),
         steps
     );
-    let shares = ok(&[
+    let shares = cli().ok(&[
         "query",
         r,
         "class_shares",
@@ -148,7 +123,7 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
     assert!(shares.lines().count() > 2, "{shares}");
 
     // Attributing again adds files of the current version to the old run.
-    ok(&["attribute", r, "--probes", "ids:1500"]);
+    cli().ok(&["attribute", r, "--probes", "ids:1500"]);
     let after = reptrace_format::Manifest::load(&run).unwrap();
     assert_eq!(after.format_version, version, "the run keeps its version");
     // The old attribution is kept beside the new one.
@@ -158,5 +133,5 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         .map(|a| a.probes.as_str())
         .collect();
     assert_eq!(probes, ["ids:1437,1500", "ids:1500"]);
-    ok(&["verify", r]);
+    cli().ok(&["verify", r]);
 }

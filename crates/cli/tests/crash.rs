@@ -16,22 +16,14 @@
 //!   uncommitted step.
 #![cfg(feature = "tch")]
 use rand::{Rng, SeedableRng};
+use reptrace_testkit::cli::{Cli, assert_one_line_error, text};
+use reptrace_testkit::files::{self, writing};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reptrace"));
-    c.env("OMP_NUM_THREADS", "1").env("RUST_BACKTRACE", "1");
-    c
-}
-
-fn reptrace(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 /// Steps per epoch: 1437 training digits in batches of [`BATCH`].
@@ -40,7 +32,8 @@ const STEPS_PER_EPOCH: i64 = 1437_usize.div_ceil(BATCH) as i64;
 
 /// `reptrace train` on digits into `run`, in the background.
 fn start_training(run: &Path, epochs: usize) -> Child {
-    bin()
+    cli()
+        .command()
         .args(["train", "--epochs", &epochs.to_string()])
         .args([
             "--batch-size",
@@ -56,33 +49,9 @@ fn start_training(run: &Path, epochs: usize) -> Child {
         .unwrap()
 }
 
-/// Whether any file under `dir` has a temporary name (a file being written).
-fn writing(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let p = e.path();
-        (name.starts_with('.') && name.ends_with(".tmp")) || (p.is_dir() && writing(&p))
-    })
-}
-
-/// Every file under `dir` (relative paths).
-fn files(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir.join(rel)).unwrap().flatten() {
-        let r = rel.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            files(dir, &r, out);
-        } else {
-            out.push(r);
-        }
-    }
-}
-
 /// One CSV result row of `reptrace sql` as numbers.
 fn sql_numbers(run: &Path, query: &str) -> Vec<Vec<f64>> {
-    let o = reptrace(&["sql", run.to_str().unwrap(), query, "--format", "csv"]);
+    let o = cli().output(&["sql", run.to_str().unwrap(), query, "--format", "csv"]);
     assert!(o.status.success(), "{query}: {}", text(&o.stderr));
     text(&o.stdout)
         .lines()
@@ -93,12 +62,6 @@ fn sql_numbers(run: &Path, query: &str) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
-}
-
-fn info_json(run: &Path) -> serde_json::Value {
-    let o = reptrace(&["info", run.to_str().unwrap(), "--json"]);
-    assert!(o.status.success(), "info: {}", text(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// The Parquet files a directory-listing reader finds under the tables'
@@ -158,13 +121,13 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
             "{what}: a glob reader sees {rel} ({rows} rows), which is not committed"
         );
     }
-    let info = info_json(run);
+    let info = cli().info_json(run);
     // `info` opened the run: now a glob reader sees exactly what is committed.
     assert_eq!(glob_tables(run), committed, "{what}: glob after opening");
     if m.status == reptrace_format::Status::Complete {
         // Killed after its last commit, while the process was exiting.
         assert_eq!(info["status"], "complete", "{what}");
-        let o = reptrace(&["verify", run.to_str().unwrap()]);
+        let o = cli().output(&["verify", run.to_str().unwrap()]);
         assert!(o.status.success(), "{what}: verify: {}", text(&o.stdout));
         return None;
     }
@@ -173,8 +136,7 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
     assert_eq!(info["last_step"].as_i64(), last, "{what}");
 
     // No partial file is visible: every file with a final name is complete.
-    let mut all = Vec::new();
-    files(run, Path::new(""), &mut all);
+    let all = files::list(run);
     for rel in &all {
         let name = rel.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with('.') {
@@ -216,7 +178,7 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
         assert_eq!((row[0], row[1]), (rows, want), "{what}: updates per layer");
     }
 
-    let o = reptrace(&["verify", run.to_str().unwrap()]);
+    let o = cli().output(&["verify", run.to_str().unwrap()]);
     assert!(
         o.status.success(),
         "{what}: verify failed:\n{}{}",
@@ -224,7 +186,7 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
         text(&o.stderr)
     );
 
-    let o = reptrace(&[
+    let o = cli().output(&[
         "attribute",
         run.to_str().unwrap(),
         "--probes",
@@ -244,7 +206,7 @@ fn check_killed(run: &Path, what: &str) -> Option<Option<i64>> {
                 "{what}: attribute does not say 'as of step {as_of}':\n{out}"
             );
             // Contributions of the checkpoint's steps sum to its refinement.
-            let o = reptrace(&["verify", run.to_str().unwrap()]);
+            let o = cli().output(&["verify", run.to_str().unwrap()]);
             assert!(
                 o.status.success(),
                 "{what}: verify after attribute:\n{}",
@@ -387,7 +349,7 @@ fn read_while_training(epochs: usize) -> (usize, usize, std::collections::BTreeS
     loop {
         let done = child.try_wait().unwrap().is_some();
         if run.join("manifest.json").exists() {
-            let info = info_json(&run);
+            let info = cli().info_json(&run);
             let committed = info["last_step"].as_i64().unwrap_or(-1);
             let r = sql_numbers(&run, "SELECT count(*), coalesce(max(step), -1) FROM steps");
             let (n, max) = (r[0][0] as i64, r[0][1] as i64);
@@ -450,18 +412,8 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
     wait_for_manifest(&run);
 
     // While training runs, its recorder holds the run's lock.
-    let o = reptrace(&["probe", "add", r, "--data", "digits", "--rows", "0..1"]);
-    let err = text(&o.stderr);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "training ended too soon"
-    );
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("error: ") && err.contains("the run is still being recorded"),
-        "{err}"
-    );
+    let o = cli().output(&["probe", "add", r, "--data", "digits", "--rows", "0..1"]);
+    refused_while_recording(&o, &mut child);
 
     wait_for_epoch_end(&run, &mut child);
     child.kill().unwrap();
@@ -479,7 +431,7 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
     let step = last.step.unwrap().0;
     assert_eq!((step + 1) % STEPS_PER_EPOCH, 0, "an epoch end: {step}");
 
-    let o = reptrace(&["probe", "add", r, "--data", "digits", "--rows", "0..9"]);
+    let o = cli().output(&["probe", "add", r, "--data", "digits", "--rows", "0..9"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(
         text(&o.stdout).trim(),
@@ -509,11 +461,11 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
     );
     // Attributed up to the checkpoint, their contributions add up to their
     // refinements (verify's completeness check).
-    let o = reptrace(&["attribute", r, "--probes", "ids:1437,1797,1806"]);
+    let o = cli().output(&["attribute", r, "--probes", "ids:1437,1797,1806"]);
     assert!(o.status.success(), "attribute: {}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(out.contains(&format!("as of step {step}")), "{out}");
-    let o = reptrace(&["verify", r]);
+    let o = cli().output(&["verify", r]);
     assert!(
         o.status.success(),
         "verify:\n{}{}",
@@ -522,22 +474,25 @@ fn probes_are_added_to_a_killed_run_as_of_its_last_checkpoint() {
     );
 }
 
+/// `o` is the one-line refusal of a run whose recorder (`child`) is alive.
+fn refused_while_recording(o: &Output, child: &mut Child) {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "training ended too soon"
+    );
+    let err = assert_one_line_error(o, &["the run is still being recorded"]);
+    assert!(err.starts_with("error: "), "{err}");
+}
+
 /// Every file of `run` with its size, and the manifest's attributions.
 fn snapshot(run: &Path) -> (Vec<(PathBuf, u64)>, usize) {
-    let mut all = Vec::new();
-    files(run, Path::new(""), &mut all);
-    let mut sized: Vec<(PathBuf, u64)> = all
+    let sized = files::sizes(run)
         .into_iter()
-        .filter(|f| {
+        .filter(|(f, _)| {
             let top = f.components().next().unwrap().as_os_str().to_string_lossy();
             top == "contributions" || top == "influence"
         })
-        .map(|f| {
-            let len = std::fs::metadata(run.join(&f)).unwrap().len();
-            (f, len)
-        })
         .collect();
-    sized.sort();
     let m = reptrace_format::Manifest::load(run).unwrap();
     (sized, m.attributions.len())
 }
@@ -554,11 +509,11 @@ fn a_live_run_is_read_but_not_written_and_a_killed_one_says_so() {
     wait_for_manifest(&run);
     wait_for_epoch_end(&run, &mut child);
 
-    let info = info_json(&run);
+    let info = cli().info_json(&run);
     assert_eq!(info["status"], "recording");
     assert_eq!(info["state"], "recording", "{info}");
     assert_eq!(info["locked"], true, "{info}");
-    let o = reptrace(&["info", r]);
+    let o = cli().output(&["info", r]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(
@@ -569,22 +524,12 @@ fn a_live_run_is_read_but_not_written_and_a_killed_one_says_so() {
     // Readers work on the committed prefix: an epoch end at least.
     let steps = sql_numbers(&run, "SELECT count(*), max(step) FROM steps")[0].clone();
     assert!(steps[0] >= STEPS_PER_EPOCH as f64, "{steps:?}");
-    let shares = reptrace(&["query", r, "class_shares", "--param", "probe=1437"]);
+    let shares = cli().output(&["query", r, "class_shares", "--param", "probe=1437"]);
     assert!(shares.status.success(), "{}", text(&shares.stderr));
 
     let before = snapshot(&run);
-    let o = reptrace(&["attribute", r, "--probes", "ids:1437"]);
-    let err = text(&o.stderr);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "training ended too soon"
-    );
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("error: ") && err.contains("the run is still being recorded"),
-        "{err}"
-    );
+    let o = cli().output(&["attribute", r, "--probes", "ids:1437"]);
+    refused_while_recording(&o, &mut child);
     assert_eq!(
         snapshot(&run),
         before,
@@ -593,18 +538,18 @@ fn a_live_run_is_read_but_not_written_and_a_killed_one_says_so() {
 
     child.kill().unwrap();
     child.wait().unwrap();
-    let info = info_json(&run);
+    let info = cli().info_json(&run);
     assert_eq!(info["status"], "recording");
     assert_eq!(info["state"], "killed", "{info}");
     assert_eq!(info["locked"], false, "{info}");
-    let o = reptrace(&["info", r]);
+    let o = cli().output(&["info", r]);
     let out = text(&o.stdout);
     assert!(
         out.contains("status     killed (the recorder died while recording"),
         "{out}"
     );
     // A killed run is attributed at its last commit point.
-    let o = reptrace(&["attribute", r, "--probes", "ids:1437", "--quiet"]);
+    let o = cli().output(&["attribute", r, "--probes", "ids:1437", "--quiet"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(snapshot(&run).1, 1);
 }

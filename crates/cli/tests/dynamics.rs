@@ -7,56 +7,13 @@
 //!   `mislabel_candidates` give the answers computed by hand.
 use reptrace_format::{LinearSpec, Model, Module, Optimizer, Split};
 use reptrace_record::{ExampleBatch, NamedTensor, Recorder};
+use reptrace_testkit::cli::Cli;
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn reptrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .expect("run reptrace")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reptrace(args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8")
-}
-
-/// A CSV result as rows of named string cells.
-fn csv(text: &str) -> Vec<BTreeMap<String, String>> {
-    let mut lines = text.lines();
-    let header: Vec<String> = lines
-        .next()
-        .expect("header")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split(',').map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
-
-fn sql(run: &Path, query: &str) -> Vec<BTreeMap<String, String>> {
-    csv(&ok(&[
-        "sql",
-        run.to_str().unwrap(),
-        query,
-        "--format",
-        "csv",
-    ]))
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 fn f(row: &BTreeMap<String, String>, col: &str) -> f64 {
@@ -113,7 +70,7 @@ fn examples_rows_match_an_independent_forward_pass() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
-    ok(&[
+    cli().ok(&[
         "train",
         "--epochs",
         "2",
@@ -133,7 +90,7 @@ fn examples_rows_match_an_independent_forward_pass() {
     let steps_per_epoch = (n_train + 63) / 64;
 
     // Every training instance once per epoch; p_label = exp(-loss).
-    let per_epoch = sql(
+    let per_epoch = cli().sql_csv(
         &run,
         "SELECT epoch, COUNT(*) AS n, COUNT(DISTINCT instance_id) AS ids, \
          MAX(ABS(p_label - EXP(-loss))) AS gap FROM examples GROUP BY epoch ORDER BY epoch",
@@ -145,7 +102,7 @@ fn examples_rows_match_an_independent_forward_pass() {
         assert!(f(row, "gap") < 1e-12, "{row:?}");
     }
     // The batch loss is the mean of its members' losses.
-    let gap = sql(
+    let gap = cli().sql_csv(
         &run,
         "SELECT MAX(ABS(s.loss - e.mean_loss)) AS gap, COUNT(*) AS steps FROM steps s JOIN \
          (SELECT step, AVG(loss) AS mean_loss FROM examples GROUP BY step) e ON e.step = s.step",
@@ -171,7 +128,7 @@ fn examples_rows_match_an_independent_forward_pass() {
             "{weights} is a snapshot of the run"
         );
         let w = snapshot(&run.join(&weights));
-        let rows = sql(
+        let rows = cli().sql_csv(
             &run,
             &format!(
                 "SELECT instance_id, label, loss, predicted, p_label FROM examples \
@@ -286,13 +243,7 @@ fn dynamics_queries_give_the_hand_computed_answers() {
     let run = dir.path().join("run");
     hand_built(&run);
     let r = run.to_str().unwrap();
-    let query = |name: &str, params: &[&str]| {
-        let mut args = vec!["query", r, name, "--format", "csv"];
-        for p in params {
-            args.extend(["--param", p]);
-        }
-        csv(&ok(&args))
-    };
+    let query = |name: &str, params: &[&str]| cli().query_csv(r, name, params);
 
     // Forgetting: 1 never learned first, then 0 (one event), then 2 and 3
     // (none) by id.

@@ -8,26 +8,15 @@ use reptrace_format::{
     LinearSpec, Manifest, Model, Module, Optimizer, Split, Status, Table, layout,
 };
 use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_testkit::cli::{Cli, assert_one_line_error};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn reptrace(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn info_json(run: &Path) -> serde_json::Value {
-    let out = reptrace(&["info".as_ref(), run.as_os_str(), "--json".as_ref()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 /// Rows of a Parquet file, counted by reading every batch.
@@ -146,7 +135,7 @@ fn info_reports_rows_sizes_and_model() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     record(&run, 10, 5, 4, true);
-    let j = info_json(&run);
+    let j = cli().info_json(&run);
     let m = Manifest::load(&run).unwrap();
     assert_eq!(j["status"], "complete");
     assert_eq!(j["run_id"], m.run_id.as_str());
@@ -216,7 +205,7 @@ fn info_reports_rows_sizes_and_model() {
         vec![("fc1".to_owned(), 50), ("fc2".to_owned(), 50)]
     );
 
-    let out = reptrace(&["info".as_ref(), run.as_os_str()]);
+    let out = cli().output(&[OsStr::new("info"), run.as_os_str()]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("status     complete"), "{text}");
@@ -236,7 +225,7 @@ fn info_warns_about_stray_and_inconsistent_files() {
     let m = Manifest::load(&run).unwrap();
     assert_eq!(m.status, Status::Recording);
     // `forget` left the open parts of the next commit as temporary files.
-    let stray = info_json(&run)["stray_files"].clone();
+    let stray = cli().info_json(&run)["stray_files"].clone();
     let stray: Vec<String> = serde_json::from_value(stray).unwrap();
     assert!(!stray.is_empty());
     assert!(
@@ -250,7 +239,7 @@ fn info_warns_about_stray_and_inconsistent_files() {
     let committed = &m.files(Table::Updates)[0].path;
     let bytes = std::fs::read(run.join(committed)).unwrap();
     std::fs::write(run.join(committed), &bytes[..bytes.len() / 2]).unwrap();
-    let j = info_json(&run);
+    let j = cli().info_json(&run);
     let stray: Vec<String> = serde_json::from_value(j["stray_files"].clone()).unwrap();
     assert!(
         stray.contains(&"updates/layer=fc1/part-000099.parquet".to_owned()),
@@ -258,7 +247,8 @@ fn info_warns_about_stray_and_inconsistent_files() {
     );
     let warnings = j["warnings"].to_string();
     assert!(warnings.contains(committed.as_str()), "{warnings}");
-    let text = String::from_utf8(reptrace(&["info".as_ref(), run.as_os_str()]).stdout).unwrap();
+    let text =
+        String::from_utf8(cli().output(&[OsStr::new("info"), run.as_os_str()]).stdout).unwrap();
     assert!(
         text.contains("warning:") && text.contains("part-000099.parquet"),
         "{text}"
@@ -269,13 +259,10 @@ fn info_warns_about_stray_and_inconsistent_files() {
 fn info_errors_are_one_line_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let check = |run: &Path, want: &str| {
-        let out = reptrace(&["info".as_ref(), run.as_os_str()]);
-        assert_eq!(out.status.code(), Some(1));
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.lines().count(), 1, "{err}");
+        let out = cli().output(&[OsStr::new("info"), run.as_os_str()]);
+        let path = run.display().to_string();
+        let err = assert_one_line_error(&out, &[&path, want]);
         assert!(err.starts_with("error: "), "{err}");
-        assert!(err.contains(&run.display().to_string()), "{err}");
-        assert!(err.contains(want), "{err}");
     };
     check(&dir.path().join("nope"), "no such run directory");
     let empty = dir.path().join("empty");
@@ -296,7 +283,7 @@ fn info_errors_are_one_line_naming_the_path() {
     .unwrap();
     check(&run, "version 99 is not supported");
     // Usage errors exit with 2.
-    let out = reptrace(&["info".as_ref(), "--no-such-flag".as_ref()]);
+    let out = cli().output(&[OsStr::new("info"), OsStr::new("--no-such-flag")]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -364,7 +351,7 @@ fn info_on_a_killed_run_reports_the_last_commit() {
                     .collect::<Vec<_>>()
             })
             .max();
-        let j = info_json(&run);
+        let j = cli().info_json(&run);
         assert_eq!(j["status"], "recording");
         assert_eq!(j["last_step"].as_i64(), max_step, "round {round}");
         assert!(
@@ -372,7 +359,8 @@ fn info_on_a_killed_run_reports_the_last_commit() {
             "{}",
             j["warnings"]
         );
-        let text = String::from_utf8(reptrace(&["info".as_ref(), run.as_os_str()]).stdout).unwrap();
+        let text =
+            String::from_utf8(cli().output(&[OsStr::new("info"), run.as_os_str()]).stdout).unwrap();
         let want = format!("last step {}", max_step.unwrap());
         assert!(text.contains(&want), "{text}");
     }
@@ -475,7 +463,7 @@ fn info_shows_what_each_step_applied() {
     rec.flush().unwrap();
     drop(rec);
 
-    let info = info_json(&run);
+    let info = cli().info_json(&run);
     assert_eq!(info["frozen"], serde_json::json!(["embed"]));
     let s = &info["steps_applied"];
     assert_eq!(s["skipped"], 1);
@@ -489,7 +477,7 @@ fn info_shows_what_each_step_applied() {
     assert!((momentum[0] - 0.85).abs() < 1e-12 && (momentum[1] - 1.0).abs() < 1e-12);
     assert_eq!(layers[0]["precision"], "f32");
     assert_eq!(layers[1]["precision"], "bf16");
-    let out = reptrace(&["info".as_ref(), run.as_os_str()]);
+    let out = cli().output(&[OsStr::new("info"), run.as_os_str()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("frozen     embed"), "{text}");
     assert!(text.contains("skipped    1 steps"), "{text}");

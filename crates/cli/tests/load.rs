@@ -5,83 +5,30 @@
 //! `attribute` within two seconds with exit status 130, leaving no output
 //! file and the run as it was; spill directories are empty afterwards.
 use arrow::array::RecordBatch;
+use reptrace_testkit::cli::{Cli, text};
+use reptrace_testkit::digits::Digits;
+use reptrace_testkit::files::{self, copy_dir, entries, writing};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-}
-
-fn reptrace(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reptrace(args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
-    text(&o.stdout)
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
 /// One digits run for every test (3 epochs, the 360 test probes), with
 /// their contributions materialised: 4.7 M rows.
 fn run() -> &'static Path {
-    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, run) = RUN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("digits");
-        let r = run.to_str().unwrap();
-        ok(&["train", "--epochs", "3", "--threads", "1", "--out", r]);
-        ok(&["attribute", r, "--probes", "test", "--quiet"]);
-        (dir, run)
-    });
-    run
+    let digits = Digits::new().epochs(3);
+    digits
+        .then(&["attribute", "{run}", "--probes", "test", "--quiet"])
+        .shared(&cli())
 }
 
 /// Every file of the run with its size, and the manifest's text.
 fn state(run: &Path) -> (Vec<(PathBuf, u64)>, String) {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.push((p.clone(), e.metadata().unwrap().len()));
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(run, &mut files);
-    files.sort();
     let manifest = std::fs::read_to_string(run.join("manifest.json")).unwrap();
-    (files, manifest)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+    (files::sizes(run), manifest)
 }
 
 fn read_parquet(path: &Path) -> RecordBatch {
@@ -123,7 +70,7 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
     let s = spill.to_str().unwrap();
     let before = state(run);
 
-    let rows = ok(&[
+    let rows = cli().ok(&[
         "sql",
         r,
         "SELECT count(*) AS n FROM contributions WHERE instance_id IS NOT NULL",
@@ -135,7 +82,7 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
 
     // Unlimited: no spills; 64 MiB: the sort spills.
     let explain = format!("EXPLAIN ANALYZE {SORT}");
-    let free = ok(&[
+    let free = cli().ok(&[
         "sql",
         r,
         &explain,
@@ -145,7 +92,7 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
         s,
     ]);
     assert_eq!(spills(&free), 0, "{free}");
-    let limited = ok(&[
+    let limited = cli().ok(&[
         "sql",
         r,
         &explain,
@@ -160,7 +107,7 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
     // The same rows in the same order.
     let free_out = dir.path().join("free.parquet");
     let limited_out = dir.path().join("limited.parquet");
-    let written = ok(&[
+    let written = cli().ok(&[
         "sql",
         r,
         SORT,
@@ -176,7 +123,8 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
         format!("{rows} rows written to {}", free_out.display())
     );
     // The limit from the environment, the spill directory too.
-    let o = bin()
+    let o = cli()
+        .command()
         .args([
             "sql",
             r,
@@ -218,7 +166,7 @@ fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
     // One group per contribution row: 4.7 M groups.
     let groups = "SELECT count(*) AS groups, sum(n) AS n FROM (SELECT probe_id, layer, step, \
                   instance_id, count(*) AS n FROM contributions GROUP BY 1, 2, 3, 4)";
-    let free = ok(&[
+    let free = cli().ok(&[
         "sql",
         r,
         groups,
@@ -227,7 +175,7 @@ fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
         "--memory-limit",
         "none",
     ]);
-    let limited = ok(&[
+    let limited = cli().ok(&[
         "sql",
         r,
         groups,
@@ -248,7 +196,7 @@ fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
         .collect();
     assert!(counts[0] > 4_000_000 && counts[0] == counts[1], "{free}");
     let explain = format!("EXPLAIN ANALYZE {groups}");
-    let limited = ok(&[
+    let limited = cli().ok(&[
         "sql",
         r,
         &explain,
@@ -275,7 +223,7 @@ fn a_query_that_cannot_spill_fails_with_one_line_naming_the_limit() {
     // The build side of a hash join stays in memory: 4.7 M rows do not fit.
     let join = "SELECT count(*) FROM contributions a JOIN contributions b \
                 ON a.dot = b.dot AND a.probe_id = b.probe_id";
-    let o = reptrace(&["sql", r, join, "--memory-limit", "64MiB", "--spill-dir", s]);
+    let o = cli().output(&["sql", r, join, "--memory-limit", "64MiB", "--spill-dir", s]);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -295,14 +243,15 @@ fn a_query_that_cannot_spill_fails_with_one_line_naming_the_limit() {
     assert_eq!(state(run), before, "the run changed");
 
     // Bad limits are refused before anything runs.
-    let o = reptrace(&["sql", r, "SELECT 1", "--memory-limit", "lots"]);
+    let o = cli().output(&["sql", r, "SELECT 1", "--memory-limit", "lots"]);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.starts_with("error: invalid --memory-limit \"lots\": expected a size"),
         "{err}"
     );
-    let o = bin()
+    let o = cli()
+        .command()
         .args(["query", r, "class_shares", "--param", "probe=1437"])
         .env("REPTRACE_MEMORY_LIMIT", "1KB")
         .output()
@@ -313,7 +262,7 @@ fn a_query_that_cannot_spill_fails_with_one_line_naming_the_limit() {
         "{err}"
     );
     let inside = run.join("spill");
-    let o = reptrace(&[
+    let o = cli().output(&[
         "sql",
         r,
         "SELECT 1",
@@ -333,7 +282,8 @@ fn a_query_that_cannot_spill_fails_with_one_line_naming_the_limit() {
 /// is under way, and returns its output and how long it took to end after
 /// the signal.
 fn interrupt(args: &[&str], ready: impl Fn() -> bool) -> (Output, Duration) {
-    let mut child = bin()
+    let mut child = cli()
+        .command()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -362,18 +312,6 @@ fn interrupt(args: &[&str], ready: impl Fn() -> bool) -> (Output, Duration) {
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     (out, sent.elapsed())
-}
-
-/// Whether a file with a temporary name (`.NAME.tmp`) is under `dir`.
-fn writing(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let p = e.path();
-        (name.starts_with('.') && name.ends_with(".tmp")) || (p.is_dir() && writing(&p))
-    })
 }
 
 /// Whether a spill file exists under `dir`.
@@ -492,6 +430,6 @@ fn ctrl_c_stops_a_long_query_export_and_attribution_cleanly() {
     });
     check_interrupted("attribute", &out, took);
     assert_eq!(state(run), before, "attribute left something in the run");
-    let o = reptrace(&["verify", r]);
+    let o = cli().output(&["verify", r]);
     assert!(o.status.success(), "verify: {}", text(&o.stdout));
 }

@@ -11,53 +11,28 @@ use reptrace_analyze::computed::{Source, Work};
 use reptrace_analyze::query::Query;
 use reptrace_analyze::{ComputeOptions, ContributionsTable, Run};
 use reptrace_format::{Aggregation, Manifest};
+use reptrace_testkit::cli::{Cli, assert_one_line_error};
+use reptrace_testkit::digits::Digits;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn reptrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .output()
-        .unwrap()
+fn cli() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
-fn ok(args: &[&str]) -> String {
-    let o = reptrace(args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Trains a digits run: two epochs, momentum 0.9, weight decay, every
-/// example a probe (so that some probes are training instances).
+/// A digits run: two epochs, momentum 0.9, weight decay, every example a
+/// probe (so that some probes are training instances), at `dir/model`.
 fn train(dir: &Path, model: &str) -> std::path::PathBuf {
-    let run = dir.join(model);
-    ok(&[
-        "train",
-        "--model",
-        model,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "64",
+    let digits = Digits::new().model(model).epochs(2).batch(64).probes("all");
+    let digits = digits.flags(&[
         "--lr",
         "0.05",
         "--momentum",
         "0.9",
         "--weight-decay",
         "0.001",
-        "--probes",
-        "all",
-        "--threads",
-        "1",
-        "--out",
-        run.to_str().unwrap(),
     ]);
-    run
+    digits.train(&cli(), dir.join(model))
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -162,6 +137,14 @@ fn probe_ids(ctx: &reptrace_analyze::datafusion::prelude::SessionContext, train:
         .collect()
 }
 
+/// The cells of `q` run on `ctx`.
+fn sql_cells(
+    ctx: &reptrace_analyze::datafusion::prelude::SessionContext,
+    q: &str,
+) -> Vec<Vec<Cell>> {
+    cells(&rt().block_on(reptrace_analyze::sql::run(ctx, q)).unwrap().1)
+}
+
 fn only(work: &[Work], source: Source) -> bool {
     !work.is_empty() && work.iter().all(|w| w.source == source)
 }
@@ -224,8 +207,8 @@ fn computed_equals_materialised(model: &str) {
         )
     };
     let r = run_dir.to_str().unwrap();
-    ok(&["attribute", r, "--probes", &ids(&chosen[..1]), "-q"]);
-    ok(&["attribute", r, "--probes", &ids(&chosen[1..]), "-q"]);
+    cli().ok(&["attribute", r, "--probes", &ids(&chosen[..1]), "-q"]);
+    cli().ok(&["attribute", r, "--probes", &ids(&chosen[1..]), "-q"]);
     let m = Manifest::load(&run_dir).unwrap();
     assert_eq!(
         m.attributions.len(),
@@ -418,16 +401,14 @@ fn filters_reach_the_arithmetic_and_completeness_holds() {
             && e.contains("--max-computed-rows"),
         "{e}"
     );
-    let o = reptrace(&[
+    let o = cli().output(&[
         "sql",
         run_dir.to_str().unwrap(),
         "SELECT COUNT(*) FROM contributions",
         "--max-computed-rows",
         "1000",
     ]);
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let err = assert_one_line_error(&o, &[]);
     assert!(
         err.starts_with("error: contributions: this query would compute"),
         "{err}"
@@ -436,7 +417,7 @@ fn filters_reach_the_arithmetic_and_completeness_holds() {
 
 /// `reptrace verify` checks the materialised attributions' completeness and passes.
 fn assert_verify_passes_completeness(run: &str) {
-    let v = ok(&["verify", run]);
+    let v = cli().ok(&["verify", run]);
     assert!(
         v.lines()
             .any(|l| l.starts_with("pass") && l.contains("completeness: attribution")),
@@ -456,17 +437,10 @@ fn aggregated_attribution_equals_sql_sums() {
     let probes = probe_ids(&ctx, false);
     let chosen = [probes[0], probes[11]];
     let sel = format!("ids:{},{}", chosen[0], chosen[1]);
-    ok(&["attribute", r, "--probes", &sel, "--by", "instance", "-q"]);
+    cli().ok(&["attribute", r, "--probes", &sel, "--by", "instance", "-q"]);
     let run = Run::open(&run_dir).unwrap();
     let (ctx, _) = context(&run, true);
-    let sql = |q: &str| {
-        cells(
-            &rt()
-                .block_on(reptrace_analyze::sql::run(&ctx, q))
-                .unwrap()
-                .1,
-        )
-    };
+    let sql = |q: &str| sql_cells(&ctx, q);
     // Complete: the dots (residual row included) sum to ‖p‖² per probe and
     // layer, and verify checks it.
     let shares = sql(
@@ -480,20 +454,13 @@ fn aggregated_attribution_equals_sql_sums() {
         assert!((s - 1.0).abs() < 1e-6, "{row:?}");
     }
     assert_verify_passes_completeness(r);
-    ok(&["attribute", r, "--probes", &sel, "--by", "epoch", "-q"]);
+    cli().ok(&["attribute", r, "--probes", &sel, "--by", "epoch", "-q"]);
     let m = Manifest::load(&run_dir).unwrap();
     let bys: Vec<Aggregation> = m.attributions.iter().map(|a| a.by).collect();
     assert_eq!(bys, [Aggregation::Instance, Aggregation::Epoch]);
     let run = Run::open(&run_dir).unwrap();
     let (ctx, _) = context(&run, true);
-    let sql = |q: &str| {
-        cells(
-            &rt()
-                .block_on(reptrace_analyze::sql::run(&ctx, q))
-                .unwrap()
-                .1,
-        )
-    };
+    let sql = |q: &str| sql_cells(&ctx, q);
     let list = format!("{}, {}", chosen[0], chosen[1]);
     // Per instance (epoch NULL) from the influence table …
     let stored = sql(&format!(

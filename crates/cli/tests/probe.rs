@@ -17,51 +17,26 @@ use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Manifest, Optimizer};
+use reptrace_testkit::cli::{Cli, text};
+use reptrace_testkit::digits::Digits;
+use reptrace_testkit::files;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn reptrace(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap()
+fn cli(dir: &Path) -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace")).in_dir(dir)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = reptrace(dir, args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
-    text(&o.stdout)
-}
-
-/// Trains a digits run into `dir/out` with 1 thread.
+/// Trains a digits run into `dir/out` (batches of 64, 1 thread).
 fn train(dir: &Path, out: &str, model: &str, epochs: usize, probes: &str) {
-    let epochs = epochs.to_string();
-    ok(
-        dir,
-        &[
-            "train",
-            "--model",
-            model,
-            "--epochs",
-            &epochs,
-            "--batch-size",
-            "64",
-            "--threads",
-            "1",
-            "--probes",
-            probes,
-            "--out",
-            out,
-        ],
-    );
+    let digits = Digits::new().model(model).epochs(epochs).batch(64);
+    digits.probes(probes).train(&cli(dir), out);
+}
+
+/// The manifest's bytes and every file of the run with its size.
+fn snapshot(run: &Path) -> (Vec<u8>, Vec<(PathBuf, u64)>) {
+    let manifest = std::fs::read(run.join("manifest.json")).unwrap();
+    (manifest, files::sizes(run))
 }
 
 /// One probe row: instance_id, label, predicted, p_norm, a, p.
@@ -125,7 +100,8 @@ fn tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
 
 /// `reptrace sql … --format csv` as rows of fields.
 fn sql(dir: &Path, run: &str, query: &str) -> Vec<Vec<String>> {
-    ok(dir, &["sql", run, query, "--format", "csv"])
+    cli(dir)
+        .ok(&["sql", run, query, "--format", "csv"])
         .lines()
         .skip(1)
         .map(|l| l.split(',').map(str::to_owned).collect())
@@ -157,20 +133,17 @@ fn added_probes_equal_the_probes_training_records() {
                 .is_none()
         );
 
-        let out = ok(
-            d,
-            &[
-                "probe",
-                "add",
-                "b",
-                "--data",
-                "digits",
-                "--rows",
-                "test",
-                "--ids",
-                "1437..1796",
-            ],
-        );
+        let out = cli(d).ok(&[
+            "probe",
+            "add",
+            "b",
+            "--data",
+            "digits",
+            "--rows",
+            "test",
+            "--ids",
+            "1437..1796",
+        ]);
         // mlp: fc1, fc2, fc3; cnn: conv1, conv2, fc.
         let layers = 3;
         assert_eq!(
@@ -211,16 +184,13 @@ fn added_probes_equal_the_probes_training_records() {
                  ORDER BY layer, probe_id, step, instance_id";
         let mut dots = Vec::new();
         for run in ["a", "b"] {
-            ok(
-                d,
-                &[
-                    "attribute",
-                    run,
-                    "--probes",
-                    "ids:1437,1500,1796",
-                    "--quiet",
-                ],
-            );
+            cli(d).ok(&[
+                "attribute",
+                run,
+                "--probes",
+                "ids:1437,1500,1796",
+                "--quiet",
+            ]);
             dots.push(sql(d, run, q));
         }
         // A row per record, and the residual (step null) per probe and layer.
@@ -234,35 +204,15 @@ fn added_probes_equal_the_probes_training_records() {
     }
 }
 
-/// The manifest's bytes and every file of the run with its size.
-fn snapshot(run: &Path) -> (Vec<u8>, Vec<(PathBuf, u64)>) {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                walk(&e.path(), out);
-            } else {
-                out.push((e.path(), e.metadata().unwrap().len()));
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(run, &mut files);
-    files.sort();
-    (std::fs::read(run.join("manifest.json")).unwrap(), files)
-}
-
 /// `probe add` fails with one `error:` line containing `want`, exit 1, and
 /// leaves `run` as it was.
 fn refused(dir: &Path, run: &str, args: &[&str], want: &str) {
     let before = snapshot(&dir.join(run));
     let mut all = vec!["probe", "add", run];
     all.extend_from_slice(args);
-    let o = reptrace(dir, &all);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    let o = cli(dir).output(&all);
+    let err = reptrace_testkit::cli::assert_one_line_error(&o, &[want]);
     assert!(err.starts_with("error: "), "{args:?}: {err}");
-    assert!(err.contains(want), "{args:?}: {err}");
     assert!(o.stdout.is_empty(), "{args:?}");
     assert!(
         snapshot(&dir.join(run)) == before,
@@ -314,10 +264,7 @@ fn bad_input_is_one_error_line_and_leaves_the_run_unchanged() {
     }
     // Nothing was added by the failures: new ids still start above the
     // instances and probes of the run.
-    let out = ok(
-        d,
-        &["probe", "add", "run", "--data", "digits", "--rows", "3..4"],
-    );
+    let out = cli(d).ok(&["probe", "add", "run", "--data", "digits", "--rows", "3..4"]);
     assert_eq!(
         out.trim(),
         "added 2 probes (ids 1797..1798) to 3 layers, as of step 22 (final weights)"
@@ -376,7 +323,7 @@ fn bad_input_is_one_error_line_and_leaves_the_run_unchanged() {
         &["--data", "digits"],
         "probes are added to a completed run; this run is aborted",
     );
-    let o = reptrace(d, &["probe", "add", "nowhere", "--data", "digits"]);
+    let o = cli(d).output(&["probe", "add", "nowhere", "--data", "digits"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o.stderr).starts_with("error: "),
@@ -386,22 +333,19 @@ fn bad_input_is_one_error_line_and_leaves_the_run_unchanged() {
     assert!(!d.join("nowhere").exists());
 
     // Batch norm: the run holds no running statistics to evaluate with.
-    ok(
-        d,
-        &[
-            "train",
-            "--model",
-            "cnn-bn",
-            "--mode",
-            "batch",
-            "--epochs",
-            "1",
-            "--threads",
-            "1",
-            "--out",
-            "bn",
-        ],
-    );
+    cli(d).ok(&[
+        "train",
+        "--model",
+        "cnn-bn",
+        "--mode",
+        "batch",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        "bn",
+    ]);
     refused(
         d,
         "bn",

@@ -6,28 +6,20 @@
 //! map, mislabel candidates) is checked against `reptrace query` and the
 //! data, and a run trained with `--no-examples` gets the one-line notice.
 #![cfg(feature = "tch")]
+use reptrace_testkit::cli::{Cli, text};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+fn cli(dir: &Path) -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace")).in_dir(dir)
+}
+
 /// The first test row of the digits (probe id = row).
 const PROBE: i64 = 1437;
 const K: usize = 5;
 const EPOCHS: usize = 2;
-
-fn reptrace(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// One trained, attributed and reported run shared by the tests.
 struct Fixture {
@@ -42,34 +34,28 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let epochs = EPOCHS.to_string();
-        let o = reptrace(
-            dir.path(),
-            &[
-                "train",
-                "--epochs",
-                &epochs,
-                "--batch-size",
-                "64",
-                "--out",
-                "run",
-            ],
-        );
+        let o = cli(dir.path()).output(&[
+            "train",
+            "--epochs",
+            &epochs,
+            "--batch-size",
+            "64",
+            "--out",
+            "run",
+        ]);
         assert!(o.status.success(), "train: {}", text(&o.stderr));
         let probe = PROBE.to_string();
         let k = K.to_string();
-        let o = reptrace(
-            dir.path(),
-            &[
-                "report",
-                "run",
-                "--probe",
-                &probe,
-                "--k",
-                &k,
-                "--out",
-                "out/r.html",
-            ],
-        );
+        let o = cli(dir.path()).output(&[
+            "report",
+            "run",
+            "--probe",
+            &probe,
+            "--k",
+            &k,
+            "--out",
+            "out/r.html",
+        ]);
         assert!(o.status.success(), "report: {}", text(&o.stderr));
         let stdout = text(&o.stdout);
         // No attribution step: the contributions are computed on demand.
@@ -86,27 +72,6 @@ fn fixture() -> &'static Fixture {
             html,
         }
     })
-}
-
-/// The rows of a canned query's CSV output, as named cells.
-fn query_csv(dir: &Path, args: &[&str]) -> Vec<std::collections::BTreeMap<String, String>> {
-    let mut all = vec!["query"];
-    all.extend_from_slice(args);
-    all.extend(["--format", "csv"]);
-    let o = reptrace(dir, &all);
-    assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
-    let out = text(&o.stdout);
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .map(|h| h.to_string())
-                .zip(l.split(',').map(str::to_owned))
-                .collect()
-        })
-        .collect()
 }
 
 /// Opening tags `<{start}…>` (start includes the tag name and first attribute).
@@ -407,16 +372,10 @@ fn report_shows_the_training_dynamics() {
     assert_eq!(html.matches("<section class=\"dynamics\"").count(), 1);
     assert!(!html.contains("no-dynamics"));
 
-    let map = query_csv(
-        dir,
-        &[
-            "run",
-            "data_map",
-            "--param",
-            &format!("ambiguous={AMBIGUOUS}"),
-            "--param",
-            &format!("easy={EASY}"),
-        ],
+    let map = cli(dir).query_csv(
+        "run",
+        "data_map",
+        &[&format!("ambiguous={AMBIGUOUS}"), &format!("easy={EASY}")],
     );
     assert_eq!(map.len(), n, "every training instance");
     let num =
@@ -483,15 +442,7 @@ fn report_shows_the_training_dynamics() {
 
     // The gallery: the query's top 12, in order, labelled as in the data,
     // each drawn.
-    let top = query_csv(
-        dir,
-        &[
-            "run",
-            "mislabel_candidates",
-            "--param",
-            &format!("k={CANDIDATES}"),
-        ],
-    );
+    let top = cli(dir).query_csv("run", "mislabel_candidates", &[&format!("k={CANDIDATES}")]);
     assert_eq!(top.len(), CANDIDATES);
     let galleries = blocks(html, "<div class=\"gallery mislabel\"", "</div>");
     assert_eq!(galleries.len(), 1);
@@ -540,27 +491,21 @@ fn report_shows_the_training_dynamics() {
 #[test]
 fn report_without_examples_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let o = reptrace(
-        dir.path(),
-        &[
-            "train",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--no-examples",
-            "--out",
-            "run",
-        ],
-    );
+    let o = cli(dir.path()).output(&[
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--no-examples",
+        "--out",
+        "run",
+    ]);
     assert!(o.status.success(), "train: {}", text(&o.stderr));
     let probe = PROBE.to_string();
-    let o = reptrace(
-        dir.path(),
-        &[
-            "report", "run", "--probe", &probe, "--k", "3", "--out", "r.html",
-        ],
-    );
+    let o = cli(dir.path()).output(&[
+        "report", "run", "--probe", &probe, "--k", "3", "--out", "r.html",
+    ]);
     assert!(o.status.success(), "report: {}", text(&o.stderr));
     let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
     let notice = blocks(&html, "<p class=\"stats no-dynamics\">", "</p>");
@@ -600,11 +545,8 @@ fn report_errors_name_the_flag_or_probe() {
     for (args, want) in cases {
         let mut all = vec!["report", "run", "--out", "bad.html"];
         all.extend_from_slice(args);
-        let o = reptrace(dir, &all);
-        let err = text(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: {err:?}");
-        assert!(err.contains(want), "{args:?}: {err}");
+        let o = cli(dir).output(&all);
+        reptrace_testkit::cli::assert_one_line_error(&o, &[*want]);
         assert!(!dir.join("bad.html").exists());
     }
 }

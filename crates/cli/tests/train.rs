@@ -1,20 +1,11 @@
 //! `reptrace train` and `reptrace demo`, run as the binary in temporary directories.
 #![cfg(feature = "tch")]
 use reptrace_format::{Manifest, Status, Table};
+use reptrace_testkit::cli::{Cli, assert_one_line_error};
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn reptrace(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reptrace"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn cli(dir: &Path) -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_reptrace")).in_dir(dir)
 }
 
 #[test]
@@ -46,10 +37,8 @@ fn bad_flag_values_give_one_line_naming_the_flag() {
     for (args, flag) in cases {
         let mut all = vec!["train", "--out", "run"];
         all.extend_from_slice(args);
-        let o = reptrace(dir.path(), &all);
-        let err = text(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err:?}");
+        let o = cli(dir.path()).output(&all);
+        let err = assert_one_line_error(&o, &[*flag]);
         assert!(
             err.starts_with(&format!("error: {flag}")),
             "{args:?}: {err}"
@@ -65,24 +54,19 @@ fn bad_flag_values_give_one_line_naming_the_flag() {
 #[test]
 fn train_records_a_run() {
     let dir = tempfile::tempdir().unwrap();
-    let o = reptrace(
-        dir.path(),
-        &[
-            "train",
-            "--model",
-            "cnn",
-            "--epochs",
-            "1",
-            "--dtype",
-            "f16",
-            "--trace-layers",
-            "conv2,fc",
-            "--out",
-            "run",
-        ],
-    );
-    let out = text(&o.stdout);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = cli(dir.path()).ok(&[
+        "train",
+        "--model",
+        "cnn",
+        "--epochs",
+        "1",
+        "--dtype",
+        "f16",
+        "--trace-layers",
+        "conv2,fc",
+        "--out",
+        "run",
+    ]);
     assert!(
         out.contains("layer conv2") && out.contains("layer fc") && !out.contains("layer conv1"),
         "{out}"
@@ -93,12 +77,12 @@ fn train_records_a_run() {
     let rows: u64 = m.files(Table::Updates).iter().map(|f| f.rows).sum();
     assert_eq!(rows, 2 * 1437, "two traced layers, one epoch");
     // The same directory again: refused, naming --out.
-    let o = reptrace(dir.path(), &["train", "--epochs", "1", "--out", "run"]);
+    let o = cli(dir.path()).output(&["train", "--epochs", "1", "--out", "run"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        text(&o.stderr).starts_with("error: --out: "),
+        reptrace_testkit::cli::text(&o.stderr).starts_with("error: --out: "),
         "{}",
-        text(&o.stderr)
+        reptrace_testkit::cli::text(&o.stderr)
     );
 }
 
@@ -106,9 +90,7 @@ fn train_records_a_run() {
 fn demo_reaches_90_percent_and_replaces_its_run() {
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..2 {
-        let o = reptrace(dir.path(), &["demo", "--out", "demo"]);
-        let out = text(&o.stdout);
-        assert!(o.status.success(), "{}", text(&o.stderr));
+        let out = cli(dir.path()).ok(&["demo", "--out", "demo"]);
         let acc: f64 = out
             .split("test accuracy ")
             .nth(1)
@@ -127,12 +109,12 @@ fn demo_reaches_90_percent_and_replaces_its_run() {
     // A directory that is not a run is not replaced.
     std::fs::create_dir(dir.path().join("mine")).unwrap();
     std::fs::write(dir.path().join("mine/notes.txt"), "keep").unwrap();
-    let o = reptrace(dir.path(), &["demo", "--out", "mine"]);
+    let o = cli(dir.path()).output(&["demo", "--out", "mine"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        text(&o.stderr).contains("not a reptrace run"),
+        reptrace_testkit::cli::text(&o.stderr).contains("not a reptrace run"),
         "{}",
-        text(&o.stderr)
+        reptrace_testkit::cli::text(&o.stderr)
     );
     assert!(dir.path().join("mine/notes.txt").exists());
 }
