@@ -34,26 +34,9 @@
 //! one line per query for scripts:
 //! `BENCH query engine=datafusion name=NAME rows=R median_s=S plan_s=P repeats=N`.
 use reptrace_analyze::query::Query;
+use reptrace_testkit::bench::{arg, median};
 use std::path::PathBuf;
 use std::time::Instant;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
-}
 
 /// The first column of the first row as an integer.
 fn scalar_i64(batches: &[arrow_array::RecordBatch]) -> Option<i64> {

@@ -252,65 +252,7 @@ fn file(path: &str, table: &str, layer: Option<&str>) -> FileEntry {
 }
 
 fn examples() -> Vec<Manifest> {
-    let modules = vec![
-        Module::Conv2d(Conv2dSpec {
-            name: "conv1".into(),
-            in_channels: 1,
-            out_channels: 4,
-            kernel: [3, 3],
-            stride: [1, 1],
-            padding: [1, 1],
-            dilation: [1, 1],
-            input_hw: [8, 8],
-            output_hw: [8, 8],
-            bias: true,
-            traced: true,
-            storage: Storage::Factors,
-        }),
-        Module::Relu,
-        Module::MaxPool2d {
-            kernel: [2, 2],
-            stride: [2, 2],
-        },
-        Module::AvgPool2d {
-            kernel: [1, 1],
-            stride: [1, 1],
-        },
-        Module::BatchNorm2d {
-            name: "bn1".into(),
-            channels: 4,
-        },
-        Module::Flatten,
-        Module::Dropout { p: 0.1 },
-        Module::Linear(LinearSpec {
-            name: "fc1".into(),
-            in_features: 64,
-            out_features: 16,
-            bias: true,
-            traced: true,
-        }),
-        Module::Tanh,
-        Module::BatchNorm1d {
-            name: "bn2".into(),
-            features: 16,
-        },
-        Module::Sigmoid,
-        Module::Gelu,
-        Module::Linear(LinearSpec {
-            name: "fc2".into(),
-            in_features: 16,
-            out_features: 10,
-            bias: false,
-            traced: false,
-        }),
-    ];
-    let model = Model {
-        structure: Default::default(),
-        name: "cnn".into(),
-        input_shape: vec![1, 8, 8],
-        modules,
-        frozen: Vec::new(),
-    };
+    let model = reptrace_testkit::models::every_kind();
     let mut opt = Optimizer::sgd(0.1);
     opt.momentum = 0.9;
     opt.nesterov = true;

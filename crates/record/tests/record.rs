@@ -3,18 +3,20 @@
 //! process to check what survives a crash.
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrowPrimitiveType, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use reptrace_format::{
-    Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, Split, Status,
-    Storage, Table, TracedLayer, layout,
+    Dtype, Manifest, Mode, Model, Module, Optimizer, Split, Status, Storage, Table, TracedLayer,
+    layout,
 };
 use reptrace_record::{
     FactorValues, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
     UpdateBatchOwned,
 };
+use reptrace_testkit::models::{self, Conv, linear};
+use reptrace_testkit::synthetic::named;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,56 +42,34 @@ fn read_table(run: &Path, m: &Manifest, table: Table, layer: Option<&str>) -> Ve
         .collect()
 }
 
-fn i64s(batches: &[RecordBatch], col: &str) -> Vec<i64> {
+/// A primitive column of every batch, concatenated.
+fn column<T: ArrowPrimitiveType>(batches: &[RecordBatch], col: &str) -> Vec<T::Native> {
     batches
         .iter()
         .flat_map(|b| {
             b.column_by_name(col)
                 .unwrap()
-                .as_primitive::<Int64Type>()
+                .as_primitive::<T>()
                 .values()
                 .to_vec()
         })
         .collect()
+}
+
+fn i64s(batches: &[RecordBatch], col: &str) -> Vec<i64> {
+    column::<Int64Type>(batches, col)
 }
 
 fn i32s(batches: &[RecordBatch], col: &str) -> Vec<i32> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.column_by_name(col)
-                .unwrap()
-                .as_primitive::<Int32Type>()
-                .values()
-                .to_vec()
-        })
-        .collect()
+    column::<Int32Type>(batches, col)
 }
 
 fn f32s(batches: &[RecordBatch], col: &str) -> Vec<f32> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.column_by_name(col)
-                .unwrap()
-                .as_primitive::<Float32Type>()
-                .values()
-                .to_vec()
-        })
-        .collect()
+    column::<Float32Type>(batches, col)
 }
 
 fn f64s(batches: &[RecordBatch], col: &str) -> Vec<f64> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            b.column_by_name(col)
-                .unwrap()
-                .as_primitive::<Float64Type>()
-                .values()
-                .to_vec()
-        })
-        .collect()
+    column::<Float64Type>(batches, col)
 }
 
 /// A list column as one Vec per row, f16/f32/f64 widened to f64 losslessly.
@@ -112,16 +92,7 @@ fn lists(batches: &[RecordBatch], col: &str) -> Vec<Vec<f64>> {
     out
 }
 
-fn linear(name: &str, i: usize, o: usize, bias: bool) -> Module {
-    Module::Linear(LinearSpec {
-        name: name.into(),
-        in_features: i,
-        out_features: o,
-        bias,
-        traced: true,
-    })
-}
-
+/// A square `k`×`k` convolution with bias, dilation 1.
 #[allow(clippy::too_many_arguments)]
 fn conv(
     name: &str,
@@ -133,31 +104,16 @@ fn conv(
     hw: usize,
     storage: Storage,
 ) -> Module {
-    let out = (hw + 2 * pad - k) / stride + 1;
-    Module::Conv2d(Conv2dSpec {
-        name: name.into(),
-        in_channels: c_in,
-        out_channels: c_out,
-        kernel: [k, k],
-        stride: [stride, stride],
-        padding: [pad, pad],
-        dilation: [1, 1],
-        input_hw: [hw, hw],
-        output_hw: [out, out],
-        bias: true,
-        traced: true,
-        storage,
-    })
+    Conv::new(name, c_in, c_out, [hw, hw])
+        .kernel([k, k])
+        .stride([stride, stride])
+        .padding([pad, pad])
+        .storage(storage)
+        .module()
 }
 
 fn model(modules: Vec<Module>) -> Model {
-    Model {
-        structure: Default::default(),
-        name: "test".into(),
-        input_shape: vec![4],
-        modules,
-        frozen: Vec::new(),
-    }
+    models::model("test", vec![4], modules)
 }
 
 /// Weights of every Linear/Conv2d module, filled with `fill`.
@@ -180,16 +136,6 @@ fn weights_of(model: &Model, fill: f32) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         }
     }
     out
-}
-
-fn named(w: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<NamedTensor<'_>> {
-    w.iter()
-        .map(|(n, s, d)| NamedTensor {
-            name: n,
-            shape: s,
-            data: d,
-        })
-        .collect()
 }
 
 fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {

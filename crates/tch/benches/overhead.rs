@@ -36,6 +36,7 @@ use reptrace_format::Dtype;
 use reptrace_tch::{
     Dataset, DeviceChoice, ModelChoice, ProbeSet, TraceLayers, TrainConfig, train_on,
 };
+use reptrace_testkit::bench::median;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -78,16 +79,6 @@ fn synthetic(n_train: usize, n_test: usize, shape: &[usize]) -> Dataset {
         n_train,
     )
     .expect("valid data set")
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
 }
 
 fn main() {

@@ -2,6 +2,7 @@
 //! that builds runs and runs the binaries, so that a test says what it checks
 //! and not how its run was made.
 //!
+//! - [`bench`]: the bench binaries' options and median timing;
 //! - [`cli`]: running `reptrace` (and `reptrace-torch`) and asserting that a
 //!   refusal is one line with exit code 1;
 //! - [`digits`]: runs of the bundled digits data trained by the CLI with given
@@ -16,6 +17,7 @@
 //! Dev-only: a `[dev-dependencies]` entry of the crates that test with it,
 //! never a dependency of a library or binary.
 
+pub mod bench;
 pub mod cli;
 pub mod digits;
 pub mod files;

@@ -1,8 +1,8 @@
 //! Contributions against an independent brute force, completeness, options.
 use crate::read::{self, Contribution, Probe};
-use crate::synth::{Synth, Wb, conv, delta_from_factors, forward, linear};
 use reptrace_analyze::{Options, ProbeSelection, StepRange, attribute};
 use reptrace_format::{Dtype, Manifest, Optimizer, Storage, displacement_scales};
+use reptrace_testkit::synthetic::{Synth, Wb, conv, delta_from_factors, forward, linear};
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -5,5 +5,4 @@ mod attribution;
 mod queries;
 mod read;
 mod sql;
-mod synth;
 mod verify;

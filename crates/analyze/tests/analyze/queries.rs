@@ -1,12 +1,12 @@
 //! Every canned query against a computation in Rust over the same rows.
 use crate::read::{self, Contribution, Probe};
 use crate::sql::{floats, ints, strings};
-use crate::synth::{Synth, conv, linear};
 use reptrace_analyze::query::Query;
 use reptrace_analyze::{
     ComputeOptions, Limits, Options, ProbeSelection, attribute, context, context_limited, open,
 };
 use reptrace_format::{Optimizer, Storage};
+use reptrace_testkit::synthetic::{Synth, conv, linear};
 use std::collections::{BTreeMap, HashMap};
 
 struct Fixture {

@@ -1,11 +1,11 @@
 //! The DataFusion registration and the read-only SQL interface.
-use crate::synth::Synth;
 use arrow::array::AsArray;
 use arrow::compute::cast;
 use arrow_array::RecordBatch;
 use arrow_schema::DataType;
 use reptrace_analyze::{context, open, sql};
 use reptrace_format::{Manifest, Table};
+use reptrace_testkit::synthetic::Synth;
 use std::collections::BTreeMap;
 
 /// Column `name` of every batch, cast to `ty`.

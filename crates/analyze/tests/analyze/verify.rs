@@ -1,8 +1,8 @@
 //! `verify`: integrity and completeness checks pass on good runs and fail on broken ones.
-use crate::synth::{Synth, conv, linear};
 use reptrace_analyze::verify::{Options, Report, Status, verify};
 use reptrace_analyze::{ProbeSelection, attribute};
 use reptrace_format::{Dtype, Manifest, Optimizer, Storage, Table};
+use reptrace_testkit::synthetic::{Synth, conv, linear};
 
 fn check<'a>(r: &'a Report, name: &str) -> &'a reptrace_analyze::verify::Check {
     r.checks
