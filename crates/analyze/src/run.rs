@@ -1,7 +1,7 @@
 //! An opened run: its manifest, the files it committed, and the checks that
 //! name a damaged one. The bottom of the crate (see the layers in the crate
 //! documentation): everything that reads a run stands on [`Run`], and
-//! [`listing`] is the one way a table over committed files is listed.
+//! `listing` is the one way a table over committed files is listed.
 use crate::{Error, Result};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::config::TableParquetOptions;

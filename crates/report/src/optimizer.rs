@@ -6,7 +6,7 @@ use reptrace_format::{LrSchedule, Optimizer};
 /// Significant digits of the numbers shown.
 const DIGITS: i32 = 4;
 
-/// `x` to [`DIGITS`] significant digits, trailing zeros dropped:
+/// `x` to four significant digits, trailing zeros dropped:
 /// `0.0040000000000000036` is `0.004`; very small or large values in
 /// exponent form (`1e-7`).
 pub fn significant(x: f64) -> String {

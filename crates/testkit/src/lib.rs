@@ -2,7 +2,7 @@
 //! that builds runs and runs the binaries, so that a test says what it checks
 //! and not how its run was made.
 //!
-//! - [`bench`]: the bench binaries' options and median timing;
+//! - [`bench`](mod@bench): the bench binaries' options and median timing;
 //! - [`cli`]: running `reptrace` (and `reptrace-torch`) and asserting that a
 //!   refusal is one line with exit code 1;
 //! - [`digits`]: runs of the bundled digits data trained by the CLI with given
