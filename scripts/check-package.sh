@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail=0
-for dir in crates/format crates/record crates/analyze crates/tch; do
+for dir in crates/format crates/record crates/analyze crates/report crates/tch; do
   name=$(sed -n 's/^name = "\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n 1)
   list=$(cargo package --list --allow-dirty --locked -p "$name" 2>&1) || {
     echo "check-package: cargo package --list -p $name failed:"; echo "$list"; fail=1; continue
