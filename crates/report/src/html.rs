@@ -67,30 +67,23 @@ pub fn page(r: &Report) -> String {
         s.push_str(&plots::shares(layer, &r.classes, r.probe.predicted));
         s.push_str(&plots::epochs(layer, &r.classes, r.probe.predicted));
         s.push_str("</div>");
-        let _ = write!(
-            s,
-            "<h3>Top {} proponents (largest influence Σ dot / ‖p‖)</h3>",
-            layer.proponents.len()
-        );
-        s.push_str(&plots::gallery(
-            "proponents",
-            &layer.name,
-            &layer.proponents,
-            &r.classes,
-            r.images.as_ref(),
-        ));
-        let _ = write!(
-            s,
-            "<h3>Top {} opponents (most negative influence)</h3>",
-            layer.opponents.len()
-        );
-        s.push_str(&plots::gallery(
-            "opponents",
-            &layer.name,
-            &layer.opponents,
-            &r.classes,
-            r.images.as_ref(),
-        ));
+        for (kind, influences, what) in [
+            (
+                "proponents",
+                &layer.proponents,
+                "largest influence Σ dot / ‖p‖",
+            ),
+            ("opponents", &layer.opponents, "most negative influence"),
+        ] {
+            let _ = write!(s, "<h3>Top {} {kind} ({what})</h3>", influences.len());
+            s.push_str(&plots::gallery(
+                kind,
+                &layer.name,
+                influences,
+                &r.classes,
+                r.images.as_ref(),
+            ));
+        }
         s.push_str("</section>");
     }
     dynamics(&mut s, r);

@@ -63,7 +63,8 @@ pub mod optimizer;
 pub mod plots;
 
 use arrow::compute::cast;
-use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{Array, ArrowPrimitiveType, PrimitiveArray, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use datafusion::prelude::SessionContext;
 use reptrace_analyze::query::Query;
@@ -344,61 +345,108 @@ pub fn render(report: &Report) -> String {
 /// Runs the queries for `options.probe` on `ctx` (a context of `run`).
 pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Result<Report> {
     let m = run.manifest();
+    let probe = read_probe(run, ctx, options.probe).await?;
     let probe_s = options.probe.to_string();
-    let k_s = options.k.max(1).to_string();
     let p = [("probe", probe_s.as_str())];
-    let pk = [("probe", probe_s.as_str()), ("k", k_s.as_str())];
+    let summary = Query::resolve("layer_summary")?.run(ctx, &p).await?.1;
+    let layers = layers_shown(run, options, &summary)?;
+    let tables = Tables::read(ctx, options, &summary).await?;
+    let out_layers = layers
+        .iter()
+        .map(|name| tables.layer(name))
+        .collect::<Result<Vec<_>>>()?;
 
+    let dynamics = dynamics(ctx).await?;
+
+    let (steps, epochs, steps_lr) = step_counts(ctx).await?;
+
+    let images = images(m, &probe, &out_layers, dynamics.as_ref())?;
+    let probe_accuracy = probe_accuracy(run)?;
+
+    let name = m.settings.get("optimizer").and_then(|v| v.as_str());
+    let lr = lr_range(run)?.or(steps_lr).unwrap_or([m.optimizer.lr; 2]);
+    let optimizer = optimizer::describe(&m.optimizer, name, lr);
+
+    Ok(Report {
+        run_id: m.run_id.clone(),
+        model: m.model.name.clone(),
+        input_shape: m.model.input_shape.clone(),
+        optimizer,
+        classes: m.classes.clone(),
+        settings: m.settings.clone(),
+        epochs,
+        steps,
+        probe_accuracy,
+        probe,
+        layers: out_layers,
+        images,
+        k: options.k,
+        dynamics,
+    })
+}
+
+/// The probe's row of the `probes` table (of its first traced layer, by
+/// name) and its probabilities; [`Error::UnknownProbe`] when no layer has it.
+async fn read_probe(run: &Run, ctx: &SessionContext, probe: i64) -> Result<Probe> {
     // The probe's rows, one per traced layer that has it.
     let (_, rows) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, instance_id, label, predicted, p_norm FROM probes \
-             WHERE probe_id = {} ORDER BY layer",
-            options.probe
+             WHERE probe_id = {probe} ORDER BY layer"
         ),
     )
     .await?;
-    let probe_layers = strings(&rows, "layer")?;
-    if probe_layers.is_empty() {
-        let (_, ids) = reptrace_analyze::sql::run(
-            ctx,
-            "SELECT DISTINCT probe_id FROM probes ORDER BY probe_id LIMIT 20",
-        )
-        .await?;
-        let known: Vec<String> = ints(&ids, "probe_id")?
-            .into_iter()
-            .flatten()
-            .map(|i| i.to_string())
-            .collect();
-        return Err(Error::UnknownProbe {
-            probe: options.probe,
-            layer: m
-                .model
-                .traced_layers()
-                .map(|l| l.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-            known: if known.is_empty() {
-                "none".into()
-            } else {
-                known.join(", ")
-            },
-        });
+    if strings(&rows, "layer")?.is_empty() {
+        return Err(unknown_probe(run, ctx, probe).await?);
     }
     let instance_ids = ints(&rows, "instance_id")?;
     let labels = ints(&rows, "label")?;
     let predicted = ints(&rows, "predicted")?;
-    let probe = Probe {
-        id: options.probe,
+    Ok(Probe {
+        id: probe,
         instance_id: instance_ids[0],
         label: labels[0].unwrap_or(-1) as i32,
         predicted: predicted[0].unwrap_or(-1) as i32,
-        probability: probabilities(run, options.probe)?,
-    };
+        probability: probabilities(run, probe)?,
+    })
+}
 
-    let summary = Query::resolve("layer_summary")?.run(ctx, &p).await?.1;
-    let attributed: Vec<String> = strings(&summary, "layer")?.into_iter().flatten().collect();
+/// [`Error::UnknownProbe`] for `probe`, with the first probe ids recorded.
+async fn unknown_probe(run: &Run, ctx: &SessionContext, probe: i64) -> Result<Error> {
+    let (_, ids) = reptrace_analyze::sql::run(
+        ctx,
+        "SELECT DISTINCT probe_id FROM probes ORDER BY probe_id LIMIT 20",
+    )
+    .await?;
+    let known: Vec<String> = ints(&ids, "probe_id")?
+        .into_iter()
+        .flatten()
+        .map(|i| i.to_string())
+        .collect();
+    Ok(Error::UnknownProbe {
+        probe,
+        layer: run
+            .manifest()
+            .model
+            .traced_layers()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        known: if known.is_empty() {
+            "none".into()
+        } else {
+            known.join(", ")
+        },
+    })
+}
+
+/// The layers to show: [`Options::layers`], else every layer of `summary`
+/// (the `layer_summary` rows) in model order; an error for a layer that is
+/// not traced or has no contributions of the probe.
+fn layers_shown(run: &Run, options: &Options, summary: &[RecordBatch]) -> Result<Vec<String>> {
+    let m = run.manifest();
+    let attributed: Vec<String> = strings(summary, "layer")?.into_iter().flatten().collect();
     let layers: Vec<String> = if options.layers.is_empty() {
         // Model order, not alphabetical.
         m.model
@@ -440,39 +488,156 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
             ),
         });
     }
+    Ok(layers)
+}
 
-    let s_layer = strings(&summary, "layer")?;
-    let s_pnorm = floats(&summary, "p_norm")?;
-    let s_records = ints(&summary, "records")?;
-    let s_mixed = floats(&summary, "mixed_batches_share")?;
-    let s_resid = floats(&summary, "residual_share")?;
-    let s_total = floats(&summary, "total_share")?;
+/// `(cosines, norms)` of one class's records.
+type Sample = (Vec<f64>, Vec<f64>);
 
-    let shares = Query::resolve("class_shares")?.run(ctx, &p).await?.1;
-    let (sh_layer, sh_label, sh_share) = (
-        strings(&shares, "layer")?,
-        ints(&shares, "label")?,
-        floats(&shares, "share")?,
-    );
-    let by_epoch = Query::resolve("class_shares_by_epoch")?
-        .run(ctx, &p)
-        .await?
-        .1;
-    let (e_layer, e_epoch, e_label, e_share) = (
-        strings(&by_epoch, "layer")?,
-        ints(&by_epoch, "epoch")?,
-        ints(&by_epoch, "label")?,
-        floats(&by_epoch, "share")?,
-    );
-    let pros = influences(&Query::resolve("top_proponents")?.run(ctx, &pk).await?.1)?;
-    let opps = influences(&Query::resolve("top_opponents")?.run(ctx, &pk).await?.1)?;
+/// The probe's query results for every layer, as columns; [`Tables::layer`]
+/// picks one layer's rows.
+struct Tables {
+    s_layer: Vec<Option<String>>,
+    s_pnorm: Vec<Option<f64>>,
+    s_records: Vec<Option<i64>>,
+    s_mixed: Vec<Option<f64>>,
+    s_resid: Vec<Option<f64>>,
+    s_total: Vec<Option<f64>>,
+    sh_layer: Vec<Option<String>>,
+    sh_label: Vec<Option<i64>>,
+    sh_share: Vec<Option<f64>>,
+    e_layer: Vec<Option<String>>,
+    e_epoch: Vec<Option<i64>>,
+    e_label: Vec<Option<i64>>,
+    e_share: Vec<Option<f64>>,
+    pros: Vec<(String, Influence)>,
+    opps: Vec<(String, Influence)>,
+    /// layer -> label -> (cosines, norms)
+    samples: HashMap<String, BTreeMap<i32, Sample>>,
+}
 
+impl Tables {
+    /// Reads the columns of `summary` (the `layer_summary` rows), then runs
+    /// `class_shares`, `class_shares_by_epoch`, `top_proponents`,
+    /// `top_opponents` and the raw contributions query.
+    async fn read(
+        ctx: &SessionContext,
+        options: &Options,
+        summary: &[RecordBatch],
+    ) -> Result<Self> {
+        let probe_s = options.probe.to_string();
+        let k_s = options.k.max(1).to_string();
+        let p = [("probe", probe_s.as_str())];
+        let pk = [("probe", probe_s.as_str()), ("k", k_s.as_str())];
+        let (s_layer, s_pnorm, s_records) = (
+            strings(summary, "layer")?,
+            floats(summary, "p_norm")?,
+            ints(summary, "records")?,
+        );
+        let (s_mixed, s_resid, s_total) = (
+            floats(summary, "mixed_batches_share")?,
+            floats(summary, "residual_share")?,
+            floats(summary, "total_share")?,
+        );
+        let shares = Query::resolve("class_shares")?.run(ctx, &p).await?.1;
+        let (sh_layer, sh_label, sh_share) = (
+            strings(&shares, "layer")?,
+            ints(&shares, "label")?,
+            floats(&shares, "share")?,
+        );
+        let by_epoch = Query::resolve("class_shares_by_epoch")?
+            .run(ctx, &p)
+            .await?
+            .1;
+        let (e_layer, e_epoch, e_label, e_share) = (
+            strings(&by_epoch, "layer")?,
+            ints(&by_epoch, "epoch")?,
+            ints(&by_epoch, "label")?,
+            floats(&by_epoch, "share")?,
+        );
+        let pros = influences(&Query::resolve("top_proponents")?.run(ctx, &pk).await?.1)?;
+        let opps = influences(&Query::resolve("top_opponents")?.run(ctx, &pk).await?.1)?;
+        let samples = samples(ctx, options.probe).await?;
+        Ok(Self {
+            s_layer,
+            s_pnorm,
+            s_records,
+            s_mixed,
+            s_resid,
+            s_total,
+            sh_layer,
+            sh_label,
+            sh_share,
+            e_layer,
+            e_epoch,
+            e_label,
+            e_share,
+            pros,
+            opps,
+            samples,
+        })
+    }
+
+    /// Everything the report shows for layer `name`.
+    fn layer(&self, name: &String) -> Result<Layer> {
+        let nm: &str = name;
+        let si = self
+            .s_layer
+            .iter()
+            .position(|l| l.as_deref() == Some(nm))
+            .ok_or_else(|| Error::Internal(format!("no summary for {name}")))?;
+        let mut class_shares = BTreeMap::new();
+        for i in 0..self.sh_layer.len() {
+            if self.sh_layer[i].as_deref() == Some(nm)
+                && let Some(l) = self.sh_label[i]
+            {
+                class_shares.insert(l as i32, self.sh_share[i].unwrap_or(0.0));
+            }
+        }
+        let mut epoch_shares: BTreeMap<i32, BTreeMap<i32, f64>> = BTreeMap::new();
+        for i in 0..self.e_layer.len() {
+            if self.e_layer[i].as_deref() == Some(nm)
+                && let (Some(e), Some(l)) = (self.e_epoch[i], self.e_label[i])
+            {
+                epoch_shares
+                    .entry(e as i32)
+                    .or_default()
+                    .insert(l as i32, self.e_share[i].unwrap_or(0.0));
+            }
+        }
+        let pick = |all: &[(String, Influence)]| -> Vec<Influence> {
+            all.iter()
+                .filter(|(l, _)| l == name)
+                .map(|(_, i)| i.clone())
+                .collect()
+        };
+        Ok(Layer {
+            name: name.clone(),
+            p_norm: self.s_pnorm[si].unwrap_or(0.0),
+            records: self.s_records[si].unwrap_or(0),
+            shares: class_shares,
+            mixed_share: self.s_mixed[si].unwrap_or(0.0),
+            residual_share: self.s_resid[si].unwrap_or(0.0),
+            total_share: self.s_total[si].unwrap_or(0.0),
+            epoch_shares,
+            ridges: self.samples.get(nm).map(ridges).unwrap_or_default(),
+            proponents: pick(&self.pros),
+            opponents: pick(&self.opps),
+        })
+    }
+}
+
+/// The `(cosine, norm)` of the probe's attributed records (the residual row
+/// not counted), by layer and label.
+async fn samples(
+    ctx: &SessionContext,
+    probe: i64,
+) -> Result<HashMap<String, BTreeMap<i32, Sample>>> {
     let (_, raw) = reptrace_analyze::sql::run(
         ctx,
         &format!(
             "SELECT layer, label, cosine, norm FROM contributions \
-             WHERE probe_id = {} AND step IS NOT NULL",
-            options.probe
+             WHERE probe_id = {probe} AND step IS NOT NULL"
         ),
     )
     .await?;
@@ -482,9 +647,7 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
         floats(&raw, "cosine")?,
         floats(&raw, "norm")?,
     );
-    // layer -> label -> (cosines, norms)
-    type Sample = (Vec<f64>, Vec<f64>);
-    let mut samples: HashMap<&str, BTreeMap<i32, Sample>> = HashMap::new();
+    let mut samples: HashMap<String, BTreeMap<i32, Sample>> = HashMap::new();
     for i in 0..r_layer.len() {
         let (Some(layer), Some(label), Some(c), Some(n)) =
             (r_layer[i].as_deref(), r_label[i], r_cos[i], r_norm[i])
@@ -492,93 +655,58 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
             continue;
         };
         let s = samples
-            .entry(layer)
+            .entry(layer.to_owned())
             .or_default()
             .entry(label as i32)
             .or_default();
         s.0.push(c);
         s.1.push(n);
     }
+    Ok(samples)
+}
 
-    let mut out_layers = Vec::new();
-    for name in &layers {
-        let nm: &str = name;
-        let at = |col: &[Option<String>]| col.iter().position(|l| l.as_deref() == Some(nm));
-        let si = at(&s_layer).ok_or_else(|| Error::Internal(format!("no summary for {name}")))?;
-        let mut class_shares = BTreeMap::new();
-        for i in 0..sh_layer.len() {
-            if sh_layer[i].as_deref() == Some(nm)
-                && let Some(l) = sh_label[i]
-            {
-                class_shares.insert(l as i32, sh_share[i].unwrap_or(0.0));
+/// One norm-weighted cosine density per label of `by_label`.
+fn ridges(by_label: &BTreeMap<i32, Sample>) -> Vec<Ridge> {
+    by_label
+        .iter()
+        .map(|(&label, (xs, ws))| {
+            let k = kde::Kde::new(xs, ws, None);
+            Ridge {
+                label,
+                curve: k.grid(GRID),
+                bandwidth: k.bandwidth,
+                weight: k.total_weight,
+                records: xs.len(),
             }
-        }
-        let mut epoch_shares: BTreeMap<i32, BTreeMap<i32, f64>> = BTreeMap::new();
-        for i in 0..e_layer.len() {
-            if e_layer[i].as_deref() == Some(nm)
-                && let (Some(e), Some(l)) = (e_epoch[i], e_label[i])
-            {
-                epoch_shares
-                    .entry(e as i32)
-                    .or_default()
-                    .insert(l as i32, e_share[i].unwrap_or(0.0));
-            }
-        }
-        let ridges = samples
-            .get(name.as_str())
-            .map(|by_label| {
-                by_label
-                    .iter()
-                    .map(|(&label, (xs, ws))| {
-                        let k = kde::Kde::new(xs, ws, None);
-                        Ridge {
-                            label,
-                            curve: k.grid(GRID),
-                            bandwidth: k.bandwidth,
-                            weight: k.total_weight,
-                            records: xs.len(),
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let pick = |all: &[(String, Influence)]| -> Vec<Influence> {
-            all.iter()
-                .filter(|(l, _)| l == name)
-                .map(|(_, i)| i.clone())
-                .collect()
-        };
-        out_layers.push(Layer {
-            name: name.clone(),
-            p_norm: s_pnorm[si].unwrap_or(0.0),
-            records: s_records[si].unwrap_or(0),
-            shares: class_shares,
-            mixed_share: s_mixed[si].unwrap_or(0.0),
-            residual_share: s_resid[si].unwrap_or(0.0),
-            total_share: s_total[si].unwrap_or(0.0),
-            epoch_shares,
-            ridges,
-            proponents: pick(&pros),
-            opponents: pick(&opps),
-        });
-    }
+        })
+        .collect()
+}
 
-    let dynamics = dynamics(ctx).await?;
-
-    let (steps, epochs, steps_lr) = step_counts(ctx).await?;
-
+/// Pixels of the probe, the layers' proponents and opponents and the
+/// mislabel candidates, when the run was trained on the bundled digits.
+fn images(
+    m: &reptrace_format::Manifest,
+    probe: &Probe,
+    layers: &[Layer],
+    dynamics: Option<&Dynamics>,
+) -> Result<Option<Images>> {
     // The probe's id is the row of the input it was taken from (training
     // instance or not), so the probe itself is drawn from it.
     let mut wanted: BTreeSet<i64> = BTreeSet::from([probe.id]);
-    for l in &out_layers {
+    for l in layers {
         wanted.extend(l.proponents.iter().map(|i| i.instance_id));
         wanted.extend(l.opponents.iter().map(|i| i.instance_id));
     }
-    if let Some(d) = &dynamics {
+    if let Some(d) = dynamics {
         wanted.extend(d.candidates.iter().map(|c| c.instance_id));
     }
-    let images = digits::images(m, &wanted)?;
-    let probe_accuracy = match m.model.traced_layers().last() {
+    digits::images(m, &wanted)
+}
+
+/// Share of the probes of the last traced layer that the final model
+/// classifies correctly, and how many probes; `None` without probes.
+fn probe_accuracy(run: &Run) -> Result<Option<(f64, usize)>> {
+    Ok(match run.manifest().model.traced_layers().last() {
         Some(layer) => {
             let all = reptrace_analyze::probes::Probes::read(run, &layer)?;
             let right = (0..all.len())
@@ -587,27 +715,6 @@ pub async fn collect(run: &Run, ctx: &SessionContext, options: &Options) -> Resu
             (!all.is_empty()).then(|| (right as f64 / all.len() as f64, all.len()))
         }
         None => None,
-    };
-
-    let name = m.settings.get("optimizer").and_then(|v| v.as_str());
-    let lr = lr_range(run)?.or(steps_lr).unwrap_or([m.optimizer.lr; 2]);
-    let optimizer = optimizer::describe(&m.optimizer, name, lr);
-
-    Ok(Report {
-        run_id: m.run_id.clone(),
-        model: m.model.name.clone(),
-        input_shape: m.model.input_shape.clone(),
-        optimizer,
-        classes: m.classes.clone(),
-        settings: m.settings.clone(),
-        epochs,
-        steps,
-        probe_accuracy,
-        probe,
-        layers: out_layers,
-        images,
-        k: options.k,
-        dynamics,
     })
 }
 
@@ -802,24 +909,26 @@ fn column(
         .collect()
 }
 
-fn ints(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<i64>>> {
+/// Column `name` of every batch, cast to the primitive type `T`.
+fn primitives<T: ArrowPrimitiveType>(
+    batches: &[RecordBatch],
+    name: &str,
+) -> Result<Vec<Option<T::Native>>> {
     let mut out = Vec::new();
-    for a in column(batches, name, &DataType::Int64)? {
-        if let Some(a) = a.as_any().downcast_ref::<Int64Array>() {
+    for a in column(batches, name, &T::DATA_TYPE)? {
+        if let Some(a) = a.as_any().downcast_ref::<PrimitiveArray<T>>() {
             out.extend(a.iter());
         }
     }
     Ok(out)
 }
 
+fn ints(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<i64>>> {
+    primitives::<Int64Type>(batches, name)
+}
+
 fn floats(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<f64>>> {
-    let mut out = Vec::new();
-    for a in column(batches, name, &DataType::Float64)? {
-        if let Some(a) = a.as_any().downcast_ref::<Float64Array>() {
-            out.extend(a.iter());
-        }
-    }
-    Ok(out)
+    primitives::<Float64Type>(batches, name)
 }
 
 fn strings(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<String>>> {

@@ -285,127 +285,51 @@ pub fn ridge(layer: &Layer, classes: &[String], predicted: i32) -> String {
     )
 }
 
+impl Source {
+    fn rgb(self) -> RGBColor {
+        match self {
+            Source::Class(l) => rgb(l),
+            Source::Mixed => MIXED_RGB,
+            Source::Residual => RESIDUAL_RGB,
+        }
+    }
+
+    /// Its tick label.
+    fn name(self, classes: &[String], predicted: i32) -> String {
+        match self {
+            Source::Class(l) => tick_name(classes, l, predicted),
+            Source::Mixed => "mixed batches".to_owned(),
+            Source::Residual => "residual".to_owned(),
+        }
+    }
+
+    /// Its `data-class`.
+    fn attr(self) -> String {
+        match self {
+            Source::Class(l) => l.to_string(),
+            Source::Mixed => "mixed".to_owned(),
+            Source::Residual => "residual".to_owned(),
+        }
+    }
+}
+
 /// Horizontal bars of the class shares, the mixed batches (batch mode, when
 /// there are any) and the residual, signed, with a zero line.
 pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
-    let mut bars: Vec<(Source, f64)> = layer
-        .shares
-        .iter()
-        .map(|(l, s)| (Source::Class(*l), *s))
-        .collect();
-    if layer.mixed_share != 0.0 {
-        bars.push((Source::Mixed, layer.mixed_share));
-    }
-    bars.push((Source::Residual, layer.residual_share));
-    let nb = bars.len();
-    let lo = bars.iter().map(|b| b.1).fold(0.0_f64, f64::min);
-    let hi = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
-    let pad = ((hi - lo) * 0.15).max(1e-9);
-    let (lo, hi) = (if lo < 0.0 { lo - pad } else { lo }, hi + pad);
-    // Bar j (from the top) fills segment nb-1-j.
-    let segment = |j: usize| (nb - 1 - j) as i32;
-    let colour_of = |b: Source| match b {
-        Source::Class(l) => rgb(l),
-        Source::Mixed => MIXED_RGB,
-        Source::Residual => RESIDUAL_RGB,
-    };
-    let name_of = |b: Source| match b {
-        Source::Class(l) => tick_name(classes, l, predicted),
-        Source::Mixed => "mixed batches".to_owned(),
-        Source::Residual => "residual".to_owned(),
-    };
-    let is_predicted = |b: Source| b == Source::Class(predicted);
-    let h = 22 * nb as u32 + 110;
+    let bars = share_bars(layer);
+    let h = 22 * bars.len() as u32 + 110;
     let chart = svg((W, h), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!("Layer {}: class shares of the refinement", layer.name),
-                (FONT, 19),
-            )
-            .margin(10)
-            .x_label_area_size(45)
-            .y_label_area_size(110)
-            .build_cartesian_2d(lo..hi, (0..nb as i32 - 1).into_segmented())?;
-        let y_name = |v: &SegmentValue<i32>| match v {
-            SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => {
-                usize::try_from(nb as i32 - 1 - i)
-                    .ok()
-                    .and_then(|j| bars.get(j))
-                    .map(|b| name_of(b.0))
-                    .unwrap_or_default()
-            }
-            SegmentValue::Last => String::new(),
-        };
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .x_desc(format!(
-                "share of ‖p‖² = Σ ⟨c, p⟩ / ‖p‖² (all sum to {:.4})",
-                layer.total_share
-            ))
-            .y_desc("source")
-            .light_line_style(TRANSPARENT)
-            .x_labels(7)
-            .y_labels(nb + 1)
-            .x_label_formatter(&|v| format!("{v:.2}"))
-            .y_label_formatter(&y_name)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .bold_line_style(BLACK.mix(0.12))
-            .draw()?;
-        let value_font = (FONT, 13).into_font();
-        for (j, &(label, v)) in bars.iter().enumerate() {
-            let i = segment(j);
-            let corners = [
-                (v.min(0.0), SegmentValue::Exact(i)),
-                (
-                    v.max(0.0),
-                    if i + 1 == nb as i32 {
-                        SegmentValue::Last
-                    } else {
-                        SegmentValue::Exact(i + 1)
-                    },
-                ),
-            ];
-            let mut bar = Rectangle::new(corners.clone(), colour_of(label).filled());
-            bar.set_margin(3, 3, 0, 0);
-            chart.draw_series(std::iter::once(bar))?;
-            if is_predicted(label) {
-                let mut outline = Rectangle::new(corners, BLACK.stroke_width(2));
-                outline.set_margin(3, 3, 0, 0);
-                chart.draw_series(std::iter::once(outline))?;
-            }
-            let (x, anchor) = if v < 0.0 {
-                (v, HPos::Right)
-            } else {
-                (v, HPos::Left)
-            };
-            chart.draw_series(std::iter::once(Text::new(
-                format!(" {v:+.3} "),
-                (x, SegmentValue::CenterOf(i)),
-                value_font.color(&BLACK).pos(Pos::new(anchor, VPos::Center)),
-            )))?;
-        }
-        chart.draw_series(std::iter::once(PathElement::new(
-            vec![(0.0, SegmentValue::Exact(0)), (0.0, SegmentValue::Last)],
-            BLACK.stroke_width(1),
-        )))?;
-        Ok(())
+        draw_shares(root, layer, &bars, classes, predicted)
     });
     let items: String = bars
         .iter()
-        .map(|&(label, v)| {
-            let attr = match label {
-                Source::Class(l) => l.to_string(),
-                Source::Mixed => "mixed".to_owned(),
-                Source::Residual => "residual".to_owned(),
-            };
+        .map(|&(source, v)| {
             series_item(
-                &attr,
-                colour_of(label),
-                is_predicted(label),
+                &source.attr(),
+                source.rgb(),
+                source == Source::Class(predicted),
                 &format!(r#" data-share="{v}""#),
-                &format!("{}: {v:.6}", name_of(label)),
+                &format!("{}: {v:.6}", source.name(classes, predicted)),
             )
         })
         .collect();
@@ -422,107 +346,196 @@ pub fn shares(layer: &Layer, classes: &[String], predicted: i32) -> String {
     )
 }
 
+/// The bars of [`shares`], from the top: the classes, the mixed batches
+/// (when not 0), the residual.
+fn share_bars(layer: &Layer) -> Vec<(Source, f64)> {
+    let mut bars: Vec<(Source, f64)> = layer
+        .shares
+        .iter()
+        .map(|(l, s)| (Source::Class(*l), *s))
+        .collect();
+    if layer.mixed_share != 0.0 {
+        bars.push((Source::Mixed, layer.mixed_share));
+    }
+    bars.push((Source::Residual, layer.residual_share));
+    bars
+}
+
+/// The share axis of [`shares`]: from 0 or below the smallest bar to above
+/// the largest.
+fn share_range(bars: &[(Source, f64)]) -> (f64, f64) {
+    let lo = bars.iter().map(|b| b.1).fold(0.0_f64, f64::min);
+    let hi = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
+    let pad = ((hi - lo) * 0.15).max(1e-9);
+    (if lo < 0.0 { lo - pad } else { lo }, hi + pad)
+}
+
+/// Corners of the bar of value `v` in segment `i` of `nb`.
+fn bar_corners(i: i32, nb: usize, v: f64) -> [(f64, SegmentValue<i32>); 2] {
+    [
+        (v.min(0.0), SegmentValue::Exact(i)),
+        (
+            v.max(0.0),
+            if i + 1 == nb as i32 {
+                SegmentValue::Last
+            } else {
+                SegmentValue::Exact(i + 1)
+            },
+        ),
+    ]
+}
+
+/// Draws the chart of [`shares`] on `root`.
+fn draw_shares(
+    root: &Area<'_>,
+    layer: &Layer,
+    bars: &[(Source, f64)],
+    classes: &[String],
+    predicted: i32,
+) -> Drawing {
+    let nb = bars.len();
+    let (lo, hi) = share_range(bars);
+    // Bar j (from the top) fills segment nb-1-j.
+    let segment = |j: usize| (nb - 1 - j) as i32;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("Layer {}: class shares of the refinement", layer.name),
+            (FONT, 19),
+        )
+        .margin(10)
+        .x_label_area_size(45)
+        .y_label_area_size(110)
+        .build_cartesian_2d(lo..hi, (0..nb as i32 - 1).into_segmented())?;
+    let y_name = |v: &SegmentValue<i32>| match v {
+        SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => usize::try_from(nb as i32 - 1 - i)
+            .ok()
+            .and_then(|j| bars.get(j))
+            .map(|b| b.0.name(classes, predicted))
+            .unwrap_or_default(),
+        SegmentValue::Last => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc(format!(
+            "share of ‖p‖² = Σ ⟨c, p⟩ / ‖p‖² (all sum to {:.4})",
+            layer.total_share
+        ))
+        .y_desc("source")
+        .light_line_style(TRANSPARENT)
+        .x_labels(7)
+        .y_labels(nb + 1)
+        .x_label_formatter(&|v| format!("{v:.2}"))
+        .y_label_formatter(&y_name)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .bold_line_style(BLACK.mix(0.12))
+        .draw()?;
+    let value_font = (FONT, 13).into_font();
+    for (j, &(source, v)) in bars.iter().enumerate() {
+        let i = segment(j);
+        let corners = bar_corners(i, nb, v);
+        let mut bar = Rectangle::new(corners.clone(), source.rgb().filled());
+        bar.set_margin(3, 3, 0, 0);
+        chart.draw_series(std::iter::once(bar))?;
+        if source == Source::Class(predicted) {
+            let mut outline = Rectangle::new(corners, BLACK.stroke_width(2));
+            outline.set_margin(3, 3, 0, 0);
+            chart.draw_series(std::iter::once(outline))?;
+        }
+        let (x, anchor) = if v < 0.0 {
+            (v, HPos::Right)
+        } else {
+            (v, HPos::Left)
+        };
+        chart.draw_series(std::iter::once(Text::new(
+            format!(" {v:+.3} "),
+            (x, SegmentValue::CenterOf(i)),
+            value_font.color(&BLACK).pos(Pos::new(anchor, VPos::Center)),
+        )))?;
+    }
+    chart.draw_series(std::iter::once(PathElement::new(
+        vec![(0.0, SegmentValue::Exact(0)), (0.0, SegmentValue::Last)],
+        BLACK.stroke_width(1),
+    )))?;
+    Ok(())
+}
+
+/// The axes of [`epochs`]: the epochs and labels with shares, the epoch
+/// range with room for the legend, and the share range.
+struct EpochAxes {
+    epochs: Vec<i32>,
+    labels: Vec<i32>,
+    x0: f64,
+    x1: f64,
+    x_end: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl EpochAxes {
+    fn of(layer: &Layer) -> Self {
+        let epochs: Vec<i32> = layer.epoch_shares.keys().copied().collect();
+        let labels: Vec<i32> = layer
+            .epoch_shares
+            .values()
+            .flat_map(|m| m.keys().copied())
+            .collect::<std::collections::BTreeSet<i32>>()
+            .into_iter()
+            .collect();
+        let (e0, e1) = (
+            epochs.first().copied().unwrap_or(0),
+            epochs.last().copied().unwrap_or(0),
+        );
+        let (x0, x1) = if e1 > e0 {
+            (e0 as f64, e1 as f64)
+        } else {
+            (e0 as f64 - 1.0, e1 as f64 + 1.0)
+        };
+        // Room on the right of the last epoch for the legend.
+        let x_end = x1 + (x1 - x0) * 0.4;
+        let (mut lo, mut hi) = layer
+            .epoch_shares
+            .values()
+            .flat_map(|m| m.values().copied())
+            .fold((0.0_f64, 0.0_f64), |(a, b), v| (a.min(v), b.max(v)));
+        if hi - lo < 1e-12 {
+            hi = lo + 1.0;
+        }
+        let pad = (hi - lo) * 0.05;
+        lo -= pad;
+        hi += pad;
+        Self {
+            epochs,
+            labels,
+            x0,
+            x1,
+            x_end,
+            lo,
+            hi,
+        }
+    }
+}
+
+/// The share of class `l` in epoch `e` (0 when none).
+fn epoch_share(layer: &Layer, e: i32, l: i32) -> f64 {
+    layer
+        .epoch_shares
+        .get(&e)
+        .and_then(|m| m.get(&l))
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// Class shares per epoch: one line per class over the epochs.
 pub fn epochs(layer: &Layer, classes: &[String], predicted: i32) -> String {
-    let epochs: Vec<i32> = layer.epoch_shares.keys().copied().collect();
-    let labels: Vec<i32> = layer
-        .epoch_shares
-        .values()
-        .flat_map(|m| m.keys().copied())
-        .collect::<std::collections::BTreeSet<i32>>()
-        .into_iter()
-        .collect();
-    let (e0, e1) = (
-        epochs.first().copied().unwrap_or(0),
-        epochs.last().copied().unwrap_or(0),
-    );
-    let (x0, x1) = if e1 > e0 {
-        (e0 as f64, e1 as f64)
-    } else {
-        (e0 as f64 - 1.0, e1 as f64 + 1.0)
-    };
-    // Room on the right of the last epoch for the legend.
-    let x_end = x1 + (x1 - x0) * 0.4;
-    let is_epoch = |v: &f64| (v - v.round()).abs() < 1e-9 && epochs.contains(&(v.round() as i32));
-    let (mut lo, mut hi) = layer
-        .epoch_shares
-        .values()
-        .flat_map(|m| m.values().copied())
-        .fold((0.0_f64, 0.0_f64), |(a, b), v| (a.min(v), b.max(v)));
-    if hi - lo < 1e-12 {
-        hi = lo + 1.0;
-    }
-    let pad = (hi - lo) * 0.05;
-    lo -= pad;
-    hi += pad;
-    let share = |e: i32, l: i32| {
-        layer
-            .epoch_shares
-            .get(&e)
-            .and_then(|m| m.get(&l))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let axes = EpochAxes::of(layer);
+    let epochs = &axes.epochs;
     let chart = svg((W, 320), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!("Layer {}: class shares per epoch", layer.name),
-                (FONT, 19),
-            )
-            .margin(10)
-            .x_label_area_size(45)
-            .y_label_area_size(70)
-            .build_cartesian_2d((x0..x_end).step(1.0), lo..hi)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("share of ‖p‖²")
-            .x_labels(10)
-            .y_labels(6)
-            .x_label_formatter(&|v| {
-                if is_epoch(v) {
-                    format!("{v:.0}")
-                } else {
-                    String::new()
-                }
-            })
-            .y_label_formatter(&|v| format!("{v:.2}"))
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .bold_line_style(BLACK.mix(0.12))
-            .light_line_style(TRANSPARENT)
-            .draw()?;
-        chart.draw_series(DashedLineSeries::new(
-            [(x0, 0.0), (x1, 0.0)],
-            4,
-            3,
-            BLACK.mix(0.4).stroke_width(1),
-        ))?;
-        for &l in &labels {
-            let c = rgb(l);
-            let strong = l == predicted;
-            chart
-                .draw_series(
-                    LineSeries::new(
-                        epochs.iter().map(|&e| (e as f64, share(e, l))),
-                        c.stroke_width(if strong { 4 } else { 2 }),
-                    )
-                    .point_size(if strong { 4 } else { 3 }),
-                )?
-                .label(tick_name(classes, l, predicted))
-                .legend(move |(x, y)| Rectangle::new([(x, y - 4), (x + 16, y + 4)], c.filled()));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .legend_area_size(22)
-            .label_font((FONT, 14))
-            .border_style(BLACK.mix(0.3))
-            .background_style(WHITE)
-            .draw()?;
-        Ok(())
+        draw_epochs(root, layer, &axes, classes, predicted)
     });
-    let items: String = labels
+    let items: String = axes
+        .labels
         .iter()
         .map(|&l| {
             series_item(
@@ -535,7 +548,7 @@ pub fn epochs(layer: &Layer, classes: &[String], predicted: i32) -> String {
                     class_name(classes, l),
                     epochs
                         .iter()
-                        .map(|&e| format!("epoch {e} {:.4}", share(e, l)))
+                        .map(|&e| format!("epoch {e} {:.4}", epoch_share(layer, e, l)))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -551,6 +564,84 @@ pub fn epochs(layer: &Layer, classes: &[String], predicted: i32) -> String {
         "Each class's share of the refinement, by the epoch in which its records were \
          made; the predicted class is drawn thicker.",
     )
+}
+
+/// Draws the chart of [`epochs`] on `root`.
+fn draw_epochs(
+    root: &Area<'_>,
+    layer: &Layer,
+    axes: &EpochAxes,
+    classes: &[String],
+    predicted: i32,
+) -> Drawing {
+    let EpochAxes {
+        epochs,
+        labels,
+        x0,
+        x1,
+        x_end,
+        lo,
+        hi,
+    } = axes;
+    let (x0, x1) = (*x0, *x1);
+    let is_epoch = |v: &f64| (v - v.round()).abs() < 1e-9 && epochs.contains(&(v.round() as i32));
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("Layer {}: class shares per epoch", layer.name),
+            (FONT, 19),
+        )
+        .margin(10)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0..*x_end).step(1.0), *lo..*hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("share of ‖p‖²")
+        .x_labels(10)
+        .y_labels(6)
+        .x_label_formatter(&|v| {
+            if is_epoch(v) {
+                format!("{v:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|v| format!("{v:.2}"))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(TRANSPARENT)
+        .draw()?;
+    chart.draw_series(DashedLineSeries::new(
+        [(x0, 0.0), (x1, 0.0)],
+        4,
+        3,
+        BLACK.mix(0.4).stroke_width(1),
+    ))?;
+    for &l in labels {
+        let c = rgb(l);
+        let strong = l == predicted;
+        chart
+            .draw_series(
+                LineSeries::new(
+                    epochs.iter().map(|&e| (e as f64, epoch_share(layer, e, l))),
+                    c.stroke_width(if strong { 4 } else { 2 }),
+                )
+                .point_size(if strong { 4 } else { 3 }),
+            )?
+            .label(tick_name(classes, l, predicted))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 4), (x + 16, y + 4)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .legend_area_size(22)
+        .label_font((FONT, 14))
+        .border_style(BLACK.mix(0.3))
+        .background_style(WHITE)
+        .draw()?;
+    Ok(())
 }
 
 /// Correctness 0, ½ and 1 of the data map: red, amber, green.
