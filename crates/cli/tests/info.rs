@@ -2,31 +2,20 @@
 //! including runs whose recording process was killed.
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rand::{Rng, SeedableRng};
 use reptrace_format::{
     LinearSpec, Manifest, Model, Module, Optimizer, Split, Status, Table, layout,
 };
 use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
 use reptrace_testkit::cli::{Cli, assert_one_line_error};
+use reptrace_testkit::files;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn cli() -> Cli {
     Cli::new(env!("CARGO_BIN_EXE_reptrace"))
-}
-
-/// Rows of a Parquet file, counted by reading every batch.
-fn count_rows(path: &Path) -> u64 {
-    ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap().num_rows() as u64)
-        .sum()
 }
 
 fn model() -> Model {
@@ -169,7 +158,10 @@ fn info_reports_rows_sizes_and_model() {
             .into_iter()
             .filter(|f| f.layer.as_deref() == layer)
             .collect();
-        let rows: u64 = files.iter().map(|f| count_rows(&run.join(&f.path))).sum();
+        let rows: u64 = files
+            .iter()
+            .map(|f| files::parquet_rows(&run.join(&f.path)))
+            .sum();
         let bytes: u64 = files
             .iter()
             .map(|f| std::fs::metadata(run.join(&f.path)).unwrap().len())
@@ -336,12 +328,9 @@ fn info_on_a_killed_run_reports_the_last_commit() {
             .files(Table::Steps)
             .iter()
             .flat_map(|f| {
-                ParquetRecordBatchReaderBuilder::try_new(File::open(run.join(&f.path)).unwrap())
-                    .unwrap()
-                    .build()
-                    .unwrap()
+                files::read_parquet(&run.join(&f.path))
+                    .into_iter()
                     .flat_map(|b| {
-                        let b = b.unwrap();
                         b.column_by_name("step")
                             .unwrap()
                             .as_primitive::<Int64Type>()

@@ -32,12 +32,7 @@ fn state(run: &Path) -> (Vec<(PathBuf, u64)>, String) {
 }
 
 fn read_parquet(path: &Path) -> RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+    let batches = files::read_parquet(path);
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 

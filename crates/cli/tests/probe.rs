@@ -15,7 +15,6 @@
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Manifest, Optimizer};
 use reptrace_testkit::cli::{Cli, text};
 use reptrace_testkit::digits::Digits;
@@ -52,13 +51,7 @@ fn probes(run: &Path) -> BTreeMap<(String, i64), ProbeRow> {
     let m = Manifest::load(run).unwrap();
     let mut out = BTreeMap::new();
     for f in m.analysis_probes().unwrap().files {
-        let file = std::fs::File::open(run.join(&f.path)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b = b.unwrap();
+        for b in files::read_parquet(&run.join(&f.path)) {
             let col = |name: &str| b.column_by_name(name).unwrap().clone();
             let ids = col("probe_id");
             let ids = ids.as_primitive::<Int64Type>();

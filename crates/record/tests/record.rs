@@ -4,7 +4,6 @@
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, ArrowPrimitiveType, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use reptrace_format::{
@@ -15,23 +14,13 @@ use reptrace_record::{
     FactorValues, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
     UpdateBatchOwned,
 };
+use reptrace_testkit::files::read_parquet as read_batches;
 use reptrace_testkit::models::{self, Conv, linear};
 use reptrace_testkit::synthetic::named;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------- helpers
-
-fn read_batches(path: &Path) -> Vec<RecordBatch> {
-    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
-}
 
 /// Every committed file of `table` (and layer), read in commit order.
 fn read_table(run: &Path, m: &Manifest, table: Table, layer: Option<&str>) -> Vec<RecordBatch> {

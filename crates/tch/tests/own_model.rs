@@ -12,12 +12,12 @@
 #[path = "../examples/own_model.rs"]
 mod own_model;
 
-use arrow_array::{Array, Float32Array, Int64Array, ListArray, RecordBatch};
+use arrow_array::{Array, Float32Array, Int64Array, ListArray};
 use own_model::{ResidualNet, Settings};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Manifest, Module, Table, TracedLayer};
 use reptrace_tch::trace::Tracer;
 use reptrace_tch::{ModelChoice, Network, TrainConfig, layer_factors, train};
+use reptrace_testkit::files::read_parquet;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::nn::ModuleT;
@@ -31,13 +31,7 @@ fn update_rows(run: &Path) -> Rows {
     let mut out: Rows = HashMap::new();
     for f in m.files(Table::Updates) {
         let layer = f.layer.clone().unwrap();
-        let file = std::fs::File::open(run.join(&f.path)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b: RecordBatch = b.unwrap();
+        for b in read_parquet(&run.join(&f.path)) {
             let col = |n: &str| b.column_by_name(n).unwrap().clone();
             let step = col("step");
             let step = step.as_any().downcast_ref::<Int64Array>().unwrap();
@@ -339,13 +333,7 @@ fn any_optimizer_in_batch_mode() {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let mut tracer = Tracer::new();
-    let fc1 = tracer
-        .linear(vs.root() / "fc1", 64, 16, Default::default())
-        .unwrap();
-    let fc2 = tracer
-        .linear(vs.root() / "fc2", 16, 10, Default::default())
-        .unwrap();
-    let model = nn::seq().add(fc1).add_fn(|x| x.tanh()).add(fc2);
+    let model = digits_mlp(&mut tracer, &vs, Tensor::tanh);
     let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
     tracer
         .record(RunSpec {
@@ -510,19 +498,29 @@ fn tracer_misuse_is_one_clear_error() {
     assert_eq!(update_rows(&run)["fc"].len(), 2, "the committed step stays");
 }
 
+/// A 64-16-10 digits MLP on `vs`: traced linear layers `fc1` and `fc2` with
+/// `act` between.
+fn digits_mlp(
+    tracer: &mut Tracer,
+    vs: &nn::VarStore,
+    act: fn(&Tensor) -> Tensor,
+) -> nn::Sequential {
+    let fc1 = tracer
+        .linear(vs.root() / "fc1", 64, 16, Default::default())
+        .unwrap();
+    let fc2 = tracer
+        .linear(vs.root() / "fc2", 16, 10, Default::default())
+        .unwrap();
+    nn::seq().add(fc1).add_fn(act).add(fc2)
+}
+
 /// `(lr, momentum, grad_scale)` of each step of a layer, from `layer_steps`.
 fn layer_steps(run: &Path, layer: &str) -> Vec<(f64, f64, f64)> {
     use arrow_array::{Float64Array, StringArray};
     let m = Manifest::open(run).unwrap();
     let mut rows = Vec::new();
     for f in m.files(Table::LayerSteps) {
-        let file = std::fs::File::open(run.join(&f.path)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b: RecordBatch = b.unwrap();
+        for b in read_parquet(&run.join(&f.path)) {
             let f64s = |n: &str| {
                 b.column_by_name(n)
                     .unwrap()
@@ -566,13 +564,7 @@ fn clip_grad_norm_and_cycling_momentum_reconstruct_exactly() {
         tch::manual_seed(11);
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let mut tracer = Tracer::new();
-        let fc1 = tracer
-            .linear(vs.root() / "fc1", 64, 16, Default::default())
-            .unwrap();
-        let fc2 = tracer
-            .linear(vs.root() / "fc2", 16, 10, Default::default())
-            .unwrap();
-        let model = nn::seq().add(fc1).add_fn(|x| x.relu()).add(fc2);
+        let model = digits_mlp(&mut tracer, &vs, Tensor::relu);
         let mut opt = nn::Sgd {
             momentum: 0.9,
             ..Default::default()

@@ -4,7 +4,6 @@
 use arrow_array::{
     Array, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
 };
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{
     Conv2dSpec, Dtype, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind,
     Status, Storage, Table, TracedLayer, displacement_scales, layout,
@@ -15,6 +14,7 @@ use reptrace_tch::{
     DeviceChoice, Error, ModelChoice, Network, ProbeSet, TraceLayers, TrainConfig, TrainSummary,
     build_model, layer_factors, train, train_on,
 };
+use reptrace_testkit::files::read_parquet;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,16 +34,6 @@ fn lcg(seed: u64, n: usize) -> Vec<f32> {
                 .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
-        .collect()
-}
-
-fn read_parquet(path: &Path) -> Vec<RecordBatch> {
-    let file = std::fs::File::open(path).unwrap();
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
         .collect()
 }
 

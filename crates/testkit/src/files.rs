@@ -1,6 +1,8 @@
 //! Copying runs and listing, snapshotting and comparing their files (killed
 //! and damaged runs start from a copy; "the run is unchanged" compares
-//! snapshots).
+//! snapshots) and reading the Parquet files of a run.
+use arrow_array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -93,4 +95,20 @@ pub fn first_file(run: &Path, table: &str, layer: Option<&str>) -> String {
         .unwrap_or_else(|| panic!("no committed {table} file"))
         .path
         .clone()
+}
+
+/// The record batches of the Parquet file at `path`, in order.
+pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// Rows of the Parquet file at `path`, counted by reading every batch.
+pub fn parquet_rows(path: &Path) -> u64 {
+    read_parquet(path).iter().map(|b| b.num_rows() as u64).sum()
 }

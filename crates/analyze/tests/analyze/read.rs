@@ -3,8 +3,8 @@
 use arrow::array::AsArray;
 use arrow::datatypes::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use reptrace_format::{Manifest, Table};
+use reptrace_testkit::files::read_parquet;
 use std::path::Path;
 
 fn batches(run: &Path, table: Table) -> Vec<(Option<String>, RecordBatch)> {
@@ -20,13 +20,8 @@ fn batches(run: &Path, table: Table) -> Vec<(Option<String>, RecordBatch)> {
         m.files(table)
     };
     for f in files {
-        let file = std::fs::File::open(run.join(&f.path)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            out.push((f.layer.clone(), b.unwrap()));
+        for b in read_parquet(&run.join(&f.path)) {
+            out.push((f.layer.clone(), b));
         }
     }
     out

@@ -234,15 +234,7 @@ async fn output_formats() {
     );
     let pq = tmp.path().join("out.parquet");
     std::fs::write(&pq, text(sql::Format::Parquet)).unwrap();
-    let back: Vec<RecordBatch> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(&pq).unwrap(),
-        )
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let back: Vec<RecordBatch> = reptrace_testkit::files::read_parquet(&pq);
     assert_eq!(ints(&back, "step"), vec![Some(0), Some(1)]);
     // Empty results still show their columns.
     let (schema, b) = sql::run(&ctx, "SELECT step, lr FROM steps WHERE step < 0")
