@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import _reptrace
+from . import _kinds, _reptrace
 from ._reptrace import InvalidInput, RecordError
 
 # Modules that couple the examples of a batch in training mode: their
@@ -64,10 +63,6 @@ CHECK_TOLERANCE = {"f32": 1e-4, "bf16": 3e-2, "f16": 4e-3}
 _SCALE_SNAP = 1e-6
 
 
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
-
-
 def _precision(dtype: torch.dtype) -> str:
     return _PRECISION.get(dtype, "f32")
 
@@ -84,7 +79,7 @@ class _Layer:
     def __init__(self, name: str, module: nn.Module):
         self.name = name
         self.module = module
-        self.kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        self.kind = _kinds.of(module)
         self.bias = module.bias is not None
         self.spec: dict | None = None  # manifest entry, once shapes are known
         self.group = 0  # index of the optimizer's param group holding the weight
@@ -192,10 +187,10 @@ class Tracer:
         self._check = True
 
         modules = dict(model.named_modules())
-        traceable = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        traceable = {n: m for n, m in modules.items() if _kinds.of(m) is not None}
         if not traceable:
             raise InvalidInput(
-                f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to trace"
+                f"{type(model).__name__} has no {_kinds.ANY_MODULE} layer to trace"
             )
         self._param_group = {
             id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
@@ -203,16 +198,9 @@ class Tracer:
         names, self._frozen = self._select(traceable, modules, layers)
         for n in names:
             _reptrace.check_layer_name(n)
-            m = modules[n]
-            if isinstance(m, nn.Conv2d):
-                if m.groups != 1:
-                    raise InvalidInput(f"layer {n!r}: grouped convolutions (groups={m.groups}) are not traced")
-                if m.padding_mode != "zeros":
-                    raise InvalidInput(f"layer {n!r}: padding_mode {m.padding_mode!r}; only 'zeros' is traced")
-                if isinstance(m.padding, str) and m.padding != "valid":
-                    raise InvalidInput(
-                        f"layer {n!r}: padding={m.padding!r}; give the padding as numbers"
-                    )
+            refusal = _kinds.of(modules[n]).refusal(n, modules[n])
+            if refusal is not None:
+                raise InvalidInput(refusal)
         self._layers = [_Layer(n, modules[n]) for n in names]
         self._by_module = {id(l.module): l for l in self._layers}
 
@@ -282,7 +270,7 @@ class Tracer:
                 (names if st == "trains" else frozen).append(n)
             if not names:
                 raise InvalidInput(
-                    f"every nn.Linear and nn.Conv2d layer of {type(self.model).__name__} is "
+                    f"every {_kinds.MODULE_NAMES} layer of {type(self.model).__name__} is "
                     "frozen (requires_grad=False, or not in the optimizer's param_groups): "
                     "nothing to trace"
                 )
@@ -293,13 +281,13 @@ class Tracer:
         for n in names:
             if n not in modules:
                 raise InvalidInput(
-                    f"unknown layer {n!r}; the model's Linear and Conv2d layers: "
+                    f"unknown layer {n!r}; the model's {_kinds.SHORT_NAMES} layers: "
                     + ", ".join(traceable)
                 )
             if n not in traceable:
                 raise InvalidInput(
-                    f"layer {n!r} is a {type(modules[n]).__name__}: only nn.Linear and "
-                    "nn.Conv2d layers can be traced"
+                    f"layer {n!r} is a {type(modules[n]).__name__}: only {_kinds.MODULE_NAMES} "
+                    "layers can be traced"
                 )
             st = state(modules[n])
             if st == "partly":
@@ -415,46 +403,7 @@ class Tracer:
         for n in order:
             l = by_name[n]
             x = l.inputs[0]
-            if l.kind == "linear":
-                l.spec = {
-                    "kind": "linear",
-                    "name": n,
-                    "in_features": l.module.in_features,
-                    "out_features": l.module.out_features,
-                    "bias": l.bias,
-                    "traced": True,
-                }
-            else:
-                m = l.module
-                kernel, stride, dilation = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
-                padding = [0, 0] if isinstance(m.padding, str) else _pair(m.padding)
-                h, w = int(x.shape[2]), int(x.shape[3])
-                out_hw = [
-                    (s + 2 * p - d * (k - 1) - 1) // st + 1
-                    for s, p, d, k, st in zip((h, w), padding, dilation, kernel, stride)
-                ]
-                patch = m.in_channels * kernel[0] * kernel[1]
-                positions = out_hw[0] * out_hw[1]
-                storage = (
-                    "full"
-                    if self.mode == "batch"
-                    else _reptrace.conv2d_storage(m.out_channels, patch, positions, l.bias)
-                )
-                l.spec = {
-                    "kind": "conv2d",
-                    "name": n,
-                    "in_channels": m.in_channels,
-                    "out_channels": m.out_channels,
-                    "kernel": kernel,
-                    "stride": stride,
-                    "padding": padding,
-                    "dilation": dilation,
-                    "input_hw": [h, w],
-                    "output_hw": out_hw,
-                    "bias": l.bias,
-                    "traced": True,
-                    "storage": storage,
-                }
+            l.spec = l.kind.spec(n, l.module, x, self.mode)
             modules.append(l.spec)
             if not input_shape:
                 input_shape = [int(s) for s in x.shape[1:]]
@@ -572,11 +521,9 @@ class Tracer:
                         f"layer {l.name!r} saw {int(x.shape[0])} examples, layer "
                         f"{first.name!r} {sizes[k]}: every traced layer must see the batch"
                     )
-                if l.kind == "linear" and x.dim() != 2:
-                    raise InvalidInput(
-                        f"layer {l.name!r}: input of shape {tuple(x.shape)}; Linear layers "
-                        "are traced for inputs of shape (batch, features)"
-                    )
+                refusal = l.kind.check_input(l.name, x)
+                if refusal is not None:
+                    raise InvalidInput(refusal)
         return sizes
 
     def _hyper(self, l: _Layer) -> dict:
@@ -765,13 +712,7 @@ class Tracer:
             out = l.dtypes[k]
             if x.is_floating_point() and out in _PRECISION and x.dtype != out:
                 x = x.to(out)  # what autocast fed the layer
-            a = x.float()
-            g = l.grads[k].float()
-            if l.kind == "conv2d":
-                s = l.spec
-                a = F.unfold(a, s["kernel"], dilation=s["dilation"], padding=s["padding"],
-                             stride=s["stride"])
-                g = g.reshape(g.shape[0], s["out_channels"], -1)
+            a, g = l.kind.raw(l.spec, x.float(), l.grads[k].float())
             us.append(a)
             gs.append(g)
         if len(us) == 1:
@@ -807,23 +748,13 @@ class Tracer:
             self._generator = torch.Generator(device=gw.device).manual_seed(0x7E9)
         r = torch.randn(n_in + 1, generator=self._generator, device=gw.device)
         rw = r[:n_in]
-        if l.kind == "linear":
-            ur = u @ rw  # (B,)
-        else:
-            ur = torch.einsum("bkp,k->bp", u, rw)  # (B, P)
         applied = gw @ rw
         norm2 = torch.linalg.vector_norm(gw).square()
         if l.bias:
             gb = gb.detach().reshape(-1).float()
-            ur = ur + r[n_in]
             applied = applied + r[n_in] * gb
             norm2 = norm2 + torch.linalg.vector_norm(gb).square()
-        if l.kind == "linear":
-            rec = ur @ g
-            mag = ur.abs() @ g.abs()
-        else:
-            rec = torch.einsum("bcp,bp->c", g, ur)
-            mag = torch.einsum("bcp,bp->c", g.abs(), ur.abs())
+        rec, mag = l.kind.check_products(u, g, rw, r[n_in] if l.bias else None)
         ff = rec @ rec
         kappa = (applied @ rec) / ff
         d1 = applied - rec
@@ -866,16 +797,7 @@ class Tracer:
     def _factors(self, l: _Layer, u: torch.Tensor, g: torch.Tensor, factor: float):
         """(u, v) of one layer for the step, on the device, rows = examples;
         ``v = factor·g`` (``−lr·κ·δ``), or the full per-example update."""
-        b = u.shape[0]
-        v = g * factor
-        if l.kind == "linear":
-            return u.contiguous(), v.contiguous()
-        if l.spec["storage"] == "factors":
-            return u.reshape(b, -1), v.reshape(b, -1)
-        dw = torch.bmm(v, u.transpose(1, 2)).reshape(b, -1)
-        if l.bias:
-            dw = torch.cat([dw, v.sum(dim=2)], dim=1)
-        return torch.empty((b, 0), device=u.device), dw
+        return l.kind.record(l.spec, l.bias, u, g * factor)
 
     def _flush_pending(self) -> None:
         """Hands the previous step's factors to the recorder: their copies
@@ -1006,21 +928,21 @@ def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bo
     try:
         manifest = json.loads(appender.manifest())
         specs = [m for m in manifest["model"]["modules"]
-                 if m.get("kind") in ("linear", "conv2d") and m.get("traced")]
+                 if m.get("kind") in _kinds.BY_NAME and m.get("traced")]
         modules = dict(model.named_modules())
-        traceable = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        traceable = [n for n, m in modules.items() if _kinds.of(m) is not None]
         initial = _reptrace.layer_weights(str(run_dir), "initial")
         final = _reptrace.layer_weights(str(run_dir), "final")
         layers = []
         for spec in specs:
             name = spec["name"]
             m = modules.get(name)
-            want = nn.Linear if spec["kind"] == "linear" else nn.Conv2d
+            want = _kinds.BY_NAME[spec["kind"]].module
             if not isinstance(m, want):
                 found = "not a module of the model" if m is None else f"a {type(m).__name__}"
                 raise InvalidInput(
-                    f"{run_dir}: traced layer {name!r} ({want.__name__}) is {found}; "
-                    f"the model's Linear and Conv2d modules: {', '.join(traceable) or 'none'}"
+                    f"{run_dir}: traced layer {name!r} ({want.__name__}) is {found}; the "
+                    f"model's {_kinds.SHORT_NAMES} modules: {', '.join(traceable) or 'none'}"
                 )
             layer = _Layer(name, m)
             layer.spec = spec
@@ -1097,12 +1019,7 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
                     if l.bias:
                         b = l.module.bias.detach().double()
                         db = b - torch.as_tensor(b0).to(b.device).double()
-                    if l.kind == "linear":
-                        p = F.linear(a, dw, db)
-                    else:
-                        s = l.spec
-                        p = F.conv2d(a, dw, db, stride=s["stride"], padding=s["padding"],
-                                     dilation=s["dilation"])
+                    p = l.kind.refine(l.spec, a, dw, db)
                     rows = end - start
                     emit(
                         l.name,
