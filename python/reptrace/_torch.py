@@ -239,6 +239,13 @@ class Tracer:
         self._outputs: list[torch.Tensor] = []
         self._explicit_logits = False
         self._hooks.append(model.register_forward_hook(self._model_output))
+        # follow_optimizer(): the micro-batches batch() told of since the
+        # last step, the traced weights before the step the optimizer is
+        # taking, and whether the optimizer has already stepped.
+        self._following = False
+        self._fed: list[tuple] = []
+        self._before: list[list[torch.Tensor]] | None = None
+        self._stepped = False
 
     # ------------------------------------------------------------ set-up
 
@@ -360,10 +367,14 @@ class Tracer:
             opt["momentum"], opt["dampening"], opt["nesterov"] = 0.0, 0.0, False
         return opt
 
-    def _weights(self) -> list[tuple[str, list[int], np.ndarray]]:
+    def _weights(self, tensors=None) -> list[tuple[str, list[int], np.ndarray]]:
+        """The traced layers' parameters, or ``tensors`` in their place (per
+        layer, in the order of its params)."""
         out = []
-        for l in self._layers:
-            for n, p in l.params():
+        for k, l in enumerate(self._layers):
+            for j, (n, p) in enumerate(l.params()):
+                if tensors is not None:
+                    p = tensors[k][j]
                 t = p.detach().to("cpu", torch.float32).contiguous()
                 out.append((n, list(t.shape), t.numpy().reshape(-1).copy()))
         return out
@@ -568,7 +579,7 @@ class Tracer:
         ``labels`` their classes, both in the batch's order; with gradient
         accumulation, those of every micro-batch since the last step, in the
         order they ran. ``loss`` is the step's loss as you count it (recorded
-        in ``steps.loss``).
+        in ``steps.loss``; None: the mean cross-entropy of its examples).
 
         Before the optimizer step, each traced layer's gradient (``.grad``)
         is checked against the sum of the per-example gradients the step
@@ -599,6 +610,17 @@ class Tracer:
             raise InvalidInput(
                 f"labels: values must be in 0..{len(self.classes) - 1} ({len(self.classes)} classes)"
             )
+        self._explicit_logits = logits is not None
+        if logits is None and self._outputs and sum(len(o) for o in self._outputs) == batch:
+            logits = torch.cat(self._outputs) if len(self._outputs) > 1 else self._outputs[0]
+        examples = self._examples(logits, labels)
+        if loss is None:
+            if examples is None:
+                raise InvalidInput(
+                    "batch(): no loss given and no (batch, classes) output of the model to "
+                    "compute it from; give each micro-batch's loss: batch(ids, labels, loss=...)"
+                )
+            loss = float(np.mean(examples[0], dtype=np.float64)) if len(examples[0]) else 0.0
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if self._rec is None:
             self._start()
@@ -607,10 +629,6 @@ class Tracer:
                 f"non-finite loss {value} at step {self._step}",
                 f"non-finite loss {value} at step {self._step}",
             )
-        self._explicit_logits = logits is not None
-        if logits is None and self._outputs and sum(len(o) for o in self._outputs) == batch:
-            logits = torch.cat(self._outputs) if len(self._outputs) > 1 else self._outputs[0]
-        examples = self._examples(logits, labels)
         self._max_id = max(self._max_id, int(ids.max()) if len(ids) else -1)
         lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
         try:
@@ -626,14 +644,110 @@ class Tracer:
             self._clear()
         self._step += 1
 
+    def follow_optimizer(self) -> None:
+        """Records each step as the optimizer takes it, for loops and
+        trainers that call ``optimizer.step()`` themselves (the Hugging Face
+        and Lightning callbacks use it): from now on hooks on the optimizer
+        record every ``optimizer.step()`` (weights before it, the record
+        after it, checked as :meth:`step` checks), and :meth:`batch` tells
+        the ids and labels of each micro-batch. Call it instead of
+        :meth:`step`; gradient clipping between ``backward()`` and the step
+        is measured as with :meth:`step`. A step refused after the optimizer
+        took it leaves the run at the weights from before it."""
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        if self.scaler is not None:
+            raise InvalidInput(
+                "follow_optimizer(): a GradScaler may skip steps the optimizer never sees; "
+                "with a scaler, record through step(loss, ids, labels)"
+            )
+        if self._following:
+            return
+        self._following = True
+        self._hooks.append(self.optimizer.register_step_pre_hook(self._before_step))
+        self._hooks.append(self.optimizer.register_step_post_hook(self._after_step))
+
+    def batch(self, ids, labels, *, loss=None, logits=None) -> None:
+        """One micro-batch's instance ids and labels under
+        :meth:`follow_optimizer`, in the order the micro-batches run; its
+        ``loss`` (a scalar: the step's recorded loss is the sum of its
+        micro-batches' losses, as a loop that divides each by the number of
+        micro-batches counts it; without them, the mean cross-entropy of its
+        examples) and ``logits`` (batch × classes) when at hand."""
+        if not self._following:
+            raise InvalidInput(
+                "batch(): call follow_optimizer() first, or give ids and labels to step()"
+            )
+        if self._closed:
+            raise RecordError(f"{self.run_dir}: the tracer is finished")
+        self._fed.append((
+            _ints(ids, np.int64, "ids"),
+            _ints(labels, np.int32, "labels"),
+            None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss),
+            None if logits is None else logits.detach(),
+        ))
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self._closed:
+            self._before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._closed:
+            return
+        fed, self._fed = self._fed, []
+        if not fed:
+            self._clear()
+            raise InvalidInput(
+                "the optimizer took a step with no batch() since the last one: call "
+                "tracer.batch(ids, labels) for each micro-batch"
+            )
+        ids = np.concatenate([f[0] for f in fed])
+        labels = np.concatenate([f[1] for f in fed])
+        losses = [f[2] for f in fed if f[2] is not None]
+        loss = math.fsum(losses) if len(losses) == len(fed) else None
+        logits = None
+        if all(f[3] is not None for f in fed):
+            logits = torch.cat([f[3] for f in fed])
+        self._stepped = True
+        try:
+            self.step(loss, ids, labels, logits=logits)
+        finally:
+            self._stepped = False
+            self._before = None
+
+    def skipped(self) -> None:
+        """Under :meth:`follow_optimizer`: the micro-batches told since the
+        last step led to no optimizer step (a trainer skipped it, e.g. for a
+        non-finite gradient); recorded as a skipped step."""
+        if not self._fed:
+            return
+        fed, self._fed = self._fed, []
+        ids = np.concatenate([f[0] for f in fed])
+        labels = np.concatenate([f[1] for f in fed])
+        losses = [f[2] for f in fed if f[2] is not None]
+        value = math.fsum(losses) if losses else math.nan
+        if self._rec is None:
+            self._clear()
+            return
+        lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
+        self._stepped = True
+        try:
+            self._record_skipped(len(ids), value, ids, labels, None, lr)
+        finally:
+            self._stepped = False
+            self._clear()
+        self._step += 1
+
     def _stop(self, reason: str, message: str) -> None:
         """Ends the run, marked aborted, and raises: the steps recorded so
         far are committed with a snapshot of the weights they led to (the
-        optimizer has not applied the refused step), so the run is analysed
-        up to its last good step."""
+        optimizer has not applied the refused step, or, when it already has
+        under :meth:`follow_optimizer`, the weights from before it), so the run
+        is analysed up to its last good step."""
         self._flush_pending()
         if self._step - 1 > self._snapshot_step:
-            self._rec.weights(*self._unpack(self._weights()))
+            before = self._before if self._stepped else None
+            self._rec.weights(*self._unpack(self._weights(before)))
         self._rec.abort(reason)
         self._close()
         raise RecordError(
@@ -642,6 +756,8 @@ class Tracer:
         )
 
     def _optimizer_step(self) -> None:
+        if self._stepped:
+            return  # follow_optimizer(): the optimizer has taken the step
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
         else:
@@ -665,13 +781,16 @@ class Tracer:
             layers.append((l, h, u, g, precision, self._check_terms(l, u, g)))
         # One synchronisation for the checks of every layer.
         terms = [t for *_, t in layers if t is not None]
-        values = iter(torch.stack(terms).tolist() if terms else [])
+        flat = torch.cat(terms).double().cpu().numpy() if terms else np.zeros(0)
+        vectors = np.split(flat, np.cumsum([len(t) for t in terms])[:-1]) if terms else []
+        shared = _shared_scale(vectors)
+        values = iter(vectors)
         factors, rows = [], []
         for l, h, u, g, precision, t in layers:
             if t is None:
                 scale, check, norm = 1.0, None, None
             else:
-                scale, check, norm = self._verdict(l, next(values), precision)
+                scale, check, norm = self._verdict(l, next(values), precision, shared)
             if h["lr"] == 0.0:
                 scale = 1.0
             factors.append((l.name, *self._factors(l, u, g, -h["lr"] * scale)))
@@ -690,7 +809,10 @@ class Tracer:
         self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
-        before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+        if self._stepped:
+            before = self._before
+        else:
+            before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
         self._optimizer_step()
         deltas = []
         for l, old in zip(self._layers, before):
@@ -728,10 +850,10 @@ class Tracer:
         ``Σ_i g_i [u_i | 1]ᵀ`` along a random direction ``r`` drawn each
         step: ``a = ∇W r_w + r_b ∇b`` against ``f = Σ_i g_i (u_i·r_w + r_b)``
         (matrix-vector products instead of a second weight gradient).
-        Returns ``[‖a − f‖², ‖a − κf‖², ‖a‖², ‖m‖², κ, ‖(∇W, ∇b)‖²]`` with
-        ``κ = a·f / f·f`` the least-squares scale between the two and
+        Returns ``[a, f, m, ‖(∇W, ∇b)‖²]`` (float32, one vector) with
         ``m = Σ_i |g_i| |u_i·r_w + r_b|`` the magnitude of the summed terms,
-        which the relative difference is taken against."""
+        which the relative difference is taken against; :meth:`_verdict`
+        compares them in float64 on the host."""
         w = l.module.weight
         gw = w.grad
         gb = l.module.bias.grad if l.bias else None
@@ -755,34 +877,45 @@ class Tracer:
             applied = applied + r[n_in] * gb
             norm2 = norm2 + torch.linalg.vector_norm(gb).square()
         rec, mag = l.kind.check_products(u, g, rw, r[n_in] if l.bias else None)
-        ff = rec @ rec
-        kappa = (applied @ rec) / ff
-        d1 = applied - rec
-        dk = applied - kappa * rec
-        return torch.stack([d1 @ d1, dk @ dk, applied @ applied, mag @ mag, kappa, norm2])
+        return torch.cat([applied, rec, mag, norm2.reshape(1)])
 
-    def _verdict(self, l: _Layer, terms: list[float], precision: str):
-        """``(κ, relative difference, ‖(∇W, ∇b)‖)`` from the check's terms;
-        raises :class:`_Refusal` when the applied gradient and the records
-        differ by more than one scale. ``κ`` stays 1 unless a scale explains
-        the difference better than rounding does."""
-        d1, dk, aa, mm, kappa, norm2 = terms
-        if not all(math.isfinite(x) for x in (aa, mm, norm2)):
+    def _verdict(self, l: _Layer, terms: np.ndarray, precision: str, shared: float):
+        """``(κ, relative difference, ‖(∇W, ∇b)‖)`` from the check's terms
+        (:meth:`_check_terms`, float64); raises :class:`_Refusal` when the
+        applied gradient and the records differ by more than one scale.
+        ``κ`` stays 1 unless a scale explains the difference better than
+        rounding does; then it is the step's ``shared`` scale (clipping by
+        the global norm and loss scaling scale every layer alike) unless the
+        layer's own least-squares scale ``a·f / f·f`` explains it clearly
+        better. A layer whose per-example gradients nearly cancel (a
+        classifier head over balanced classes) fits its own scale only to
+        rounding; the shared one, dominated by well-conditioned layers, is
+        its exact value."""
+        c = (len(terms) - 1) // 3
+        a, f, m, norm2 = terms[:c], terms[c:2 * c], terms[2 * c:3 * c], terms[-1]
+        if not (np.all(np.isfinite(terms[:c])) and np.all(np.isfinite(m))
+                and math.isfinite(norm2)):
             raise _Refusal(
                 f"layer {l.name!r} at step {self._step}: the gradient holds inf or NaN "
                 "(use a torch.amp.GradScaler through Tracer(scaler=...), or lower the lr)"
             )
-        mag = math.sqrt(mm)
+        mag = float(np.linalg.norm(m))
+        aa = float(a @ a)
 
-        def rel(diff2: float, k: float) -> float:
+        def rel(k: float) -> float:
             denom = abs(k) * mag
             if denom > 0:
-                return math.sqrt(max(diff2, 0.0)) / denom
+                return float(np.linalg.norm(a - k * f)) / denom
             return 0.0 if aa == 0 else math.inf
 
-        scale, relative = 1.0, rel(d1, 1.0)
-        if math.isfinite(kappa) and relative > max(_SCALE_SNAP, 4 * rel(dk, kappa)):
-            scale, relative = kappa, rel(dk, kappa)
+        ff = float(f @ f)
+        kappa = float(a @ f) / ff if ff > 0 else math.nan
+        scale, relative = 1.0, rel(1.0)
+        noise = max(_SCALE_SNAP, 4 * rel(kappa)) if math.isfinite(kappa) else _SCALE_SNAP
+        if math.isfinite(kappa) and relative > noise:
+            scale, relative = kappa, rel(kappa)
+            if math.isfinite(shared) and shared != 0.0 and rel(shared) <= noise:
+                scale, relative = shared, rel(shared)
         tol = CHECK_TOLERANCE[precision]
         if relative > tol:
             raise _Refusal(
@@ -1009,6 +1142,8 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
                 x = inputs[start:end].to(device)
                 captured.clear()
                 out = model(x)
+                if not isinstance(out, torch.Tensor):  # a ModelOutput or a dict with logits
+                    out = out["logits"]
                 predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()
                 for l in layers:
                     a = captured[id(l.module)].double()
@@ -1077,6 +1212,19 @@ class _HostCopy:
 
 def _to_host(items) -> _HostCopy:
     return _HostCopy(items)
+
+
+def _shared_scale(vectors) -> float:
+    """The least-squares scale ``Σ a·f / Σ f·f`` over every checked layer's
+    ``(a, f)`` (:meth:`Tracer._check_terms`), or NaN."""
+    af = ff = 0.0
+    for v in vectors:
+        c = (len(v) - 1) // 3
+        a, f = v[:c], v[c:2 * c]
+        if np.all(np.isfinite(a)) and np.all(np.isfinite(f)):
+            af += float(a @ f)
+            ff += float(f @ f)
+    return af / ff if ff > 0 else math.nan
 
 
 def _ints(values, dtype, what: str) -> np.ndarray:

@@ -257,3 +257,73 @@ def test_verify_says_why_weights_do_not_add_up(tmp_path, data):
     assert failed
     for c in failed:
         assert "records do not add up" in c["detail"] and "gradient clipping" in c["detail"], c
+
+
+def follow_loop(model, opt, x, y, tracer, epochs=1, batch_size=64, micro=1, clip=None,
+                sched=None, give_loss=True):
+    """The loop of a trainer that steps the optimizer itself: the tracer
+    follows the optimizer and is told each micro-batch's ids and labels."""
+    tracer.follow_optimizer()
+    for epoch in range(epochs):
+        for rows in batches(len(x), batch_size, epoch):
+            opt.zero_grad()
+            for part in rows.chunk(micro):
+                loss = F.cross_entropy(model(x[part]), y[part]) / micro
+                tracer.batch(part, y[part], loss=loss if give_loss else None)
+                loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+        tracer.end_epoch()
+    return tracer.finish()
+
+
+@pytest.mark.parametrize("mode", ["instance", "batch"])
+def test_following_the_optimizer_records_what_step_records(tmp_path, data, mode):
+    """follow_optimizer() + batch(): the records equal those of step() on
+    the same loop (clipping, accumulation of 2, a schedule), bit for bit,
+    and the run is exact."""
+    x, y, _, _ = data
+    runs = []
+    for how in ("step", "follow"):
+        torch.manual_seed(5)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        initial = start_weights(model)
+        run = str(tmp_path / f"{how}-{mode}")
+        tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, mode=mode, scheduler=sched)
+        if how == "step":
+            clip = lambda step: nn.utils.clip_grad_norm_(model.parameters(), 0.3)  # noqa: E731
+            loop(model, opt, x, y, tracer, epochs=2, micro=2, before_step=clip,
+                 after_step=lambda s: sched.step())
+        else:
+            follow_loop(model, opt, x, y, tracer, epochs=2, micro=2, clip=0.3, sched=sched)
+        runs.append(run)
+        assert_exact(run, model, initial)
+    a, b = (table(r, "updates").sort_by([("step", "ascending")]) for r in runs)
+    assert a.num_rows == b.num_rows > 0
+    for column in ("step", "instance_id", "label", "u", "v"):
+        assert a[column].to_pylist() == b[column].to_pylist(), column
+    assert table(runs[0], "steps")["loss"].to_pylist() == pytest.approx(
+        table(runs[1], "steps")["loss"].to_pylist(), rel=1e-6)
+
+
+def test_following_the_optimizer_needs_the_batches_and_no_scaler(tmp_path, data):
+    x, y, _, _ = data
+    model, opt, tracer = traced_model(str(tmp_path / "a"), seed=6)
+    with pytest.raises(reptrace.InvalidInput, match=r"batch\(\): call follow_optimizer\(\) first"):
+        tracer.batch([0], [0])
+    tracer.follow_optimizer()
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    with pytest.raises(reptrace.InvalidInput, match=r"no batch\(\) since the last one"):
+        opt.step()
+    tracer.abort("test")
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    tracer = reptrace.Tracer(model, opt, str(tmp_path / "b"), classes=CLASSES, scaler=scaler)
+    with pytest.raises(reptrace.InvalidInput, match="follow_optimizer.*GradScaler"):
+        tracer.follow_optimizer()

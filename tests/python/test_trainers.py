@@ -1,0 +1,196 @@
+"""Recording inside trainers: the Hugging Face `Trainer` (a 2-layer BERT
+built from a configuration, random weights, nothing downloaded) and
+PyTorch Lightning, through reptrace.integrations. Each run is checked as
+the plain loops are: verify's completeness checks pass, the traced layers'
+final weights are rebuilt from the records, and `top_proponents` answers
+for a probe."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reptrace
+from kit import CLASSES, MLP, assert_reconstructs, completeness, manifest, start_weights, table
+
+transformers = pytest.importorskip("transformers")
+lightning = pytest.importorskip("lightning")
+
+SEQ, VOCAB = 12, 40
+
+
+class Tokens(torch.utils.data.Dataset):
+    """A synthetic sequence task: label 1 when token 1 occurs more often
+    than token 2; each item carries its index as `reptrace_id`."""
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(1, 6, (n, SEQ), generator=g)
+        self.x[:, 0] = 0  # a [CLS]-like first token
+        self.y = ((self.x == 1).sum(1) > (self.x == 2).sum(1)).long()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i], "reptrace_id": i}
+
+
+def tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=SEQ, num_labels=2,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def hf_args(tmp_path, **over):
+    options = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=2,
+        gradient_accumulation_steps=2, max_grad_norm=1.0, optim="sgd", learning_rate=0.05,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+        remove_unused_columns=False, lr_scheduler_type="linear", warmup_steps=2,
+    )
+    options.update(over)
+    return transformers.TrainingArguments(**options)
+
+
+LAYERS = ["bert.pooler.dense", "classifier"]
+
+
+def assert_answers(run, mode, n):
+    """The canned questions answer for the run's first probe: its top
+    proponents among the n training instances (instance mode), its top
+    steps (batch mode: records are whole steps)."""
+    r = reptrace.open(run)
+    probe = r.sql("SELECT MIN(probe_id) AS p FROM probes")["p"][0].as_py()
+    if mode == "instance":
+        top = r.query("top_proponents", probe=probe)
+        assert top.num_rows > 0
+        assert set(top["instance_id"].to_pylist()) <= set(range(n))
+    else:
+        assert r.query("top_steps", probe=probe).num_rows > 0
+
+
+# A clip of 0.1 clips every step; its larger lr keeps the update well above
+# the float32 rounding of the weights it is added to.
+@pytest.mark.parametrize("optim, mode, clip, lr", [
+    ("sgd", "instance", 1.0, 0.05), ("sgd", "instance", 0.1, 0.5),
+    ("adamw_torch", "batch", 1.0, 0.05)])
+def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, clip, lr):
+    from reptrace.integrations.huggingface import ReptraceCallback
+
+    data = Tokens(96)
+    model = tiny_bert()
+    initial = start_weights(model)
+    run = str(tmp_path / "bert")
+    probes = (data.x[:6], data.y[:6])
+    callback = ReptraceCallback(run, classes=["no", "yes"], layers=LAYERS, probes=probes)
+    args = hf_args(tmp_path, optim=optim, max_grad_norm=clip, learning_rate=lr)
+    trainer = transformers.Trainer(model=model, args=args,
+                                   train_dataset=data, callbacks=[callback])
+    trainer.train()
+
+    m = manifest(run)
+    assert m["mode"] == mode
+    assert m["settings"]["trainer"] == "transformers.Trainer"
+    assert m["settings"]["gradient_accumulation_steps"] == 2
+    steps = table(run, "steps").to_pydict()
+    # 96 examples, 8 per micro-batch, 2 micro-batches per step, 2 epochs.
+    assert len(steps["step"]) == trainer.state.global_step == 12
+    assert set(steps["batch_size"]) == {16}
+    lrs = steps["lr"]
+    assert len(set(lrs)) > 3, "the warm-up and linear decay are recorded per step"
+    if mode == "instance":
+        ids = table(run, "updates")["instance_id"].to_pylist()
+        assert sorted(set(ids)) == list(range(96))
+        scales = table(run, "layer_steps")["grad_scale"].to_pylist()
+        if clip < 1.0:
+            assert min(scales) < 0.999, "max_grad_norm clipped some steps"
+    completeness(run)
+    assert_reconstructs(run, model, initial)
+    assert_answers(run, mode, 96)
+
+
+def test_hugging_face_callback_refusals_are_one_line(tmp_path):
+    from reptrace.integrations.huggingface import ReptraceCallback
+
+    data = Tokens(32)
+    callback = ReptraceCallback(str(tmp_path / "a"), classes=["no", "yes"], layers=LAYERS)
+    trainer = transformers.Trainer(model=tiny_bert(),
+                                   args=hf_args(tmp_path, remove_unused_columns=True),
+                                   train_dataset=data, callbacks=[callback])
+    with pytest.raises(reptrace.InvalidInput, match="remove_unused_columns=False") as e:
+        trainer.train()
+    assert "\n" not in str(e.value)
+    # Every Linear, the ones over sequences included: refused at the first step.
+    callback = ReptraceCallback(str(tmp_path / "b"), classes=["no", "yes"])
+    trainer = transformers.Trainer(model=tiny_bert(), args=hf_args(tmp_path),
+                                   train_dataset=data, callbacks=[callback])
+    with pytest.raises(reptrace.InvalidInput, match=r"input of shape \(8, 12, 32\)") as e:
+        trainer.train()
+    assert "\n" not in str(e.value)
+
+
+class DigitsModule(lightning.LightningModule):
+    """The digits MLP as a LightningModule; batches are (ids, x, y)."""
+
+    def __init__(self, optimizer="sgd"):
+        super().__init__()
+        torch.manual_seed(7)
+        self.net = MLP()
+        self.optimizer = optimizer
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        _, x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("optimizer, mode", [("sgd", "instance"), ("adamw", "batch")])
+def test_lightning_run_is_recorded_exactly(tmp_path, data, optimizer, mode):
+    from reptrace.integrations.lightning import ReptraceCallback
+
+    x, y, test_x, test_y = data
+    n = 320
+    ids = torch.arange(n)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(ids, x[:n], y[:n]), batch_size=32, shuffle=True,
+        generator=torch.Generator().manual_seed(0))
+    module = DigitsModule(optimizer)
+    initial = {f"net.{k}": v for k, v in start_weights(module.net).items()}
+    run = str(tmp_path / "lightning")
+    callback = ReptraceCallback(run, classes=CLASSES, probes=(test_x[:5], test_y[:5]))
+    trainer = lightning.Trainer(
+        max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.05, callbacks=[callback],
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+
+    m = manifest(run)
+    assert m["mode"] == mode
+    assert [s["name"] for s in m["model"]["modules"]] == ["net.fc1", "net.fc2", "net.fc3"]
+    steps = table(run, "steps").to_pydict()
+    assert len(steps["step"]) == trainer.global_step == 10
+    assert set(steps["batch_size"]) == {64}
+    assert np.all(np.isfinite(steps["loss"]))
+    if mode == "instance":
+        got = table(run, "updates")["instance_id"].to_pylist()
+        assert sorted(set(got)) == list(range(n))
+        scales = table(run, "layer_steps")["grad_scale"].to_pylist()
+        assert min(scales) < 0.999, "gradient_clip_val=0.05 clipped some steps"
+    completeness(run)
+    assert_reconstructs(run, module, initial)
+    assert_answers(run, mode, n)
