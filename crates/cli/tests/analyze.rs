@@ -2,9 +2,11 @@
 //! small run written through the recorder (plain SGD, so that the final
 //! weights are exactly the initial ones plus the recorded updates).
 use rand::{Rng, SeedableRng};
-use reptrace_format::{LinearSpec, Manifest, Model, Module, Optimizer, Split, Table};
-use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_format::{Manifest, Split, Table};
+use reptrace_record::ProbeBatch;
 use reptrace_testkit::cli::{Cli, text};
+use reptrace_testkit::handmade::{self, Batch, Handmade};
+use reptrace_testkit::synthetic::f32s;
 use std::path::Path;
 
 fn cli() -> Cli {
@@ -14,85 +16,27 @@ fn cli() -> Cli {
 /// One Linear layer (3 → 2), 8 training instances, 6 steps of SGD, 4 probes.
 fn write_run(run: &Path) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let model = Model {
-        structure: Default::default(),
-        name: "tiny".into(),
-        input_shape: vec![3],
-        modules: vec![Module::Linear(LinearSpec {
-            name: "fc".into(),
-            in_features: 3,
-            out_features: 2,
-            bias: true,
-            traced: true,
-        })],
-        frozen: Vec::new(),
-    };
-    let mut rec = Recorder::builder(run)
-        .model(model)
-        .optimizer(Optimizer::sgd(0.1))
-        .classes(vec!["a".into(), "b".into()])
-        .build()
-        .unwrap();
-    let ids: Vec<i64> = (0..10).collect();
-    let labels: Vec<i32> = ids.iter().map(|i| (i % 2) as i32).collect();
-    let splits: Vec<Split> = ids
-        .iter()
-        .map(|&i| if i < 8 { Split::Train } else { Split::Test })
+    let mut rec = Handmade::new(run, handmade::tiny(3, 2, true), &["a", "b"]).loss(0.5);
+    let labels: Vec<i32> = (0..10).map(|i| i % 2).collect();
+    let splits: Vec<Split> = (0..10)
+        .map(|i| if i < 8 { Split::Train } else { Split::Test })
         .collect();
-    rec.instances(&ids, &labels, &splits).unwrap();
+    rec.instances(&labels, &splits);
     let mut w: Vec<f64> = (0..6)
         .map(|_| f64::from(rng.random_range(-0.5f32..0.5)))
         .collect();
     let mut b = vec![0.0f64; 2];
     let first = w.clone();
-    let snapshot = |w: &[f64], b: &[f64], rec: &mut Recorder| {
-        let (wf, bf): (Vec<f32>, Vec<f32>) = (
-            w.iter().map(|&x| x as f32).collect(),
-            b.iter().map(|&x| x as f32).collect(),
-        );
-        rec.weights(&[
-            NamedTensor {
-                name: "fc.weight",
-                shape: &[2, 3],
-                data: &wf,
-            },
-            NamedTensor {
-                name: "fc.bias",
-                shape: &[2],
-                data: &bf,
-            },
-        ])
-        .unwrap();
-    };
-    snapshot(&w, &b, &mut rec);
-    rec.commit().unwrap();
+    let (wf, bf) = (f32s(&w), f32s(&b));
+    rec.weights(&[("fc.weight", &[2, 3], &wf), ("fc.bias", &[2], &bf)]);
     for step in 0..6i64 {
-        let batch: Vec<i64> = vec![step % 8, (step + 3) % 8];
-        let bl: Vec<i32> = batch.iter().map(|&i| labels[i as usize]).collect();
+        let ids: Vec<i64> = vec![step % 8, (step + 3) % 8];
+        let bl: Vec<i32> = ids.iter().map(|&i| labels[i as usize]).collect();
         let u: Vec<f32> = (0..6).map(|_| rng.random_range(0.0f32..1.0)).collect();
         let v: Vec<f32> = (0..4).map(|_| rng.random_range(-0.05f32..0.05)).collect();
-        rec.step(StepRow {
-            step,
-            epoch: (step / 3) as i32,
-            lr: 0.1,
-            batch_size: 2,
-            loss: 0.5,
-            skipped: false,
-        })
-        .unwrap();
-        rec.updates(
-            "fc",
-            UpdateBatch {
-                step,
-                epoch: (step / 3) as i32,
-                instance_ids: &batch,
-                labels: &bl,
-                u: &u,
-                v: &v,
-                update_norm: None,
-            },
-        )
-        .unwrap();
+        let batch = Batch::new(step, (step / 3) as i32, &ids, &bl);
+        rec.step(&batch, 0.1);
+        rec.update("fc", &batch, &u, &v);
         for r in 0..2 {
             for o in 0..2 {
                 let vo = f64::from(v[r * 2 + o]);
@@ -103,8 +47,8 @@ fn write_run(run: &Path) {
             }
         }
         if step % 3 == 2 {
-            snapshot(&w, &b, &mut rec);
-            rec.commit().unwrap();
+            let (wf, bf) = (f32s(&w), f32s(&b));
+            rec.weights(&[("fc.weight", &[2, 3], &wf), ("fc.bias", &[2], &bf)]);
         }
     }
     let (wt, bt): (Vec<f64>, Vec<f64>) = (
@@ -136,32 +80,14 @@ fn write_run(run: &Path) {
             a: &a,
             p: &p,
         },
-    )
-    .unwrap();
-    let (wf, bf): (Vec<f32>, Vec<f32>) = (
-        wt.iter().map(|&x| x as f32).collect(),
-        bt.iter().map(|&x| x as f32).collect(),
     );
-    rec.finish(&[
-        NamedTensor {
-            name: "fc.weight",
-            shape: &[2, 3],
-            data: &wf,
-        },
-        NamedTensor {
-            name: "fc.bias",
-            shape: &[2],
-            data: &bf,
-        },
-    ])
-    .unwrap();
+    let (wf, bf) = (f32s(&wt), f32s(&bt));
+    rec.finish(&[("fc.weight", &[2, 3], &wf), ("fc.bias", &[2], &bf)]);
 }
 
 #[test]
 fn attribute_query_sql_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    write_run(&run);
+    let (dir, run) = handmade::temp_run(write_run);
     let r = run.to_str().unwrap();
 
     // Before any attribution the completeness check cannot apply: the
@@ -207,14 +133,7 @@ fn attribute_query_sql_verify() {
         39
     );
 
-    let out = cli().output(&["verify", r]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(text(&out.stdout).contains("checks passed"));
+    assert!(cli().ok(&["verify", r]).contains("checks passed"));
 
     // Shares of a complete attribution sum to 1.
     let out = cli().output(&[
@@ -265,9 +184,7 @@ fn attribute_query_sql_verify() {
 
 #[test]
 fn errors_are_one_line_with_exit_code_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    write_run(&run);
+    let (_dir, run) = handmade::temp_run(write_run);
     let r = run.to_str().unwrap();
     let cases: Vec<Vec<&str>> = vec![
         vec!["sql", r, "DROP TABLE steps"],
@@ -444,13 +361,7 @@ fn completeness_on_trained_digits_runs() {
         }
         eprintln!("{name}: worst |Σ dot(records) − ‖p‖²|/‖p‖² = {worst_records:.2e}");
 
-        let out = cli().output(&["verify", r]);
-        assert!(
-            out.status.success(),
-            "{name}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+        cli().ok(&["verify", r]);
         let probe = format!("probe={}", sums[0].1);
         let out = cli().output(&[
             "query",

@@ -11,7 +11,7 @@
 //!   recording stays readable up to its last commit (non-finite loss, disk
 //!   full).
 #![cfg(feature = "tch")]
-use reptrace_testkit::cli::{Cli, text};
+use reptrace_testkit::cli::{Cli, number_after, text};
 use reptrace_testkit::digits::Digits;
 use reptrace_testkit::files::{contents, copy_dir, first_file};
 use std::path::{Path, PathBuf};
@@ -64,6 +64,26 @@ struct Case {
     /// Words the one error line must contain.
     words: &'static [&'static str],
     after: Option<After>,
+}
+
+impl Case {
+    /// A case with no setup and no check after the error line.
+    const fn plain(args: &'static [&'static str], words: &'static [&'static str]) -> Case {
+        Case {
+            setup: none,
+            args,
+            words,
+            after: None,
+        }
+    }
+
+    /// A usage error: no setup, exit code 2 checked after the error line.
+    const fn usage(args: &'static [&'static str], words: &'static [&'static str]) -> Case {
+        Case {
+            after: Some(usage_exit_code),
+            ..Case::plain(args, words)
+        }
+    }
 }
 
 fn check(case: Case) {
@@ -219,36 +239,23 @@ macro_rules! cases {
 }
 
 cases! {
-    usage_unknown_flag => Case {
-        setup: none,
-        args: &["attribute", "{run}", "--probe", "test"],
-        words: &["--probe", "tip:", "'--probes'", "see 'reptrace attribute --help'"],
-        after: Some(usage_exit_code),
-    };
-    usage_missing_argument => Case {
-        setup: none,
-        args: &["query", "{run}"],
-        words: &["<QUERY>", "see 'reptrace query --help'"],
-        after: Some(usage_exit_code),
-    };
-    usage_bad_value => Case {
-        setup: none,
-        args: &["verify", "{run}", "--tolerance", "lots"],
-        words: &["'lots'", "--tolerance", "see 'reptrace verify --help'"],
-        after: Some(usage_exit_code),
-    };
-    usage_unknown_subcommand => Case {
-        setup: none,
-        args: &["inof", "{run}"],
-        words: &["'inof'", "info", "see 'reptrace --help'"],
-        after: Some(usage_exit_code),
-    };
-    run_directory_missing => Case {
-        setup: none,
-        args: &["info", "{dir}/no-such-run"],
-        words: &["no-such-run"],
-        after: None,
-    };
+    usage_unknown_flag => Case::usage(
+        &["attribute", "{run}", "--probe", "test"],
+        &["--probe", "tip:", "'--probes'", "see 'reptrace attribute --help'"],
+    );
+    usage_missing_argument => Case::usage(
+        &["query", "{run}"],
+        &["<QUERY>", "see 'reptrace query --help'"],
+    );
+    usage_bad_value => Case::usage(
+        &["verify", "{run}", "--tolerance", "lots"],
+        &["'lots'", "--tolerance", "see 'reptrace verify --help'"],
+    );
+    usage_unknown_subcommand => Case::usage(
+        &["inof", "{run}"],
+        &["'inof'", "info", "see 'reptrace --help'"],
+    );
+    run_directory_missing => Case::plain(&["info", "{dir}/no-such-run"], &["no-such-run"]);
     manifest_missing => Case {
         setup: |c| {
             std::fs::remove_file(c.run.join("manifest.json")).unwrap();
@@ -314,96 +321,47 @@ cases! {
         words: &[],
         after: None,
     };
-    unknown_layer => Case {
-        setup: none,
-        args: &["attribute", "{run}", "--layers", "fc9"],
-        words: &["fc9", "fc1"],
-        after: None,
-    };
-    unknown_probe => Case {
-        setup: none,
-        args: &["report", "{run}", "--probe", "987654"],
-        words: &["987654"],
-        after: None,
-    };
-    unknown_table => Case {
-        setup: none,
-        args: &["sql", "{run}", "SELECT * FROM gradients"],
-        words: &["gradients"],
-        after: None,
-    };
-    unknown_canned_query => Case {
-        setup: none,
-        args: &["query", "{run}", "top_influencers", "--param", "probe=1437"],
-        words: &["top_influencers"],
-        after: None,
-    };
-    bad_parameter_value => Case {
-        setup: none,
-        args: &["query", "{run}", "top_proponents", "--param", "probe=abc", "--param", "k=3"],
-        words: &["probe", "abc"],
-        after: None,
-    };
-    unknown_parameter => Case {
-        setup: none,
-        args: &["query", "{run}", "top_proponents", "--param", "probe=1437", "--param", "kk=3"],
-        words: &["kk"],
-        after: None,
-    };
-    bad_step_range => Case {
-        setup: none,
-        args: &["attribute", "{run}", "--steps", "9..2"],
-        words: &["9..2"],
-        after: None,
-    };
-    bad_flag_value_in_train => Case {
-        setup: none,
-        args: &["train", "--lr", "0", "--out", "{dir}/other"],
-        words: &["--lr"],
-        after: None,
-    };
-    sql_syntax_error => Case {
-        setup: none,
-        args: &["sql", "{run}", "SELEC layer FROM updates"],
-        words: &["SELEC"],
-        after: None,
-    };
-    sql_ddl => Case {
-        setup: none,
-        args: &["sql", "{run}", "CREATE TABLE t AS SELECT * FROM steps"],
-        words: &["CREATE", "read-only"],
-        after: None,
-    };
-    sql_drop => Case {
-        setup: none,
-        args: &["sql", "{run}", "DROP TABLE steps"],
-        words: &["DROP"],
-        after: None,
-    };
-    sql_dml => Case {
-        setup: none,
-        args: &["sql", "{run}", "INSERT INTO steps SELECT * FROM steps"],
-        words: &["INSERT"],
-        after: None,
-    };
+    unknown_layer => Case::plain(&["attribute", "{run}", "--layers", "fc9"], &["fc9", "fc1"]);
+    unknown_probe => Case::plain(&["report", "{run}", "--probe", "987654"], &["987654"]);
+    unknown_table => Case::plain(&["sql", "{run}", "SELECT * FROM gradients"], &["gradients"]);
+    unknown_canned_query => Case::plain(
+        &["query", "{run}", "top_influencers", "--param", "probe=1437"],
+        &["top_influencers"],
+    );
+    bad_parameter_value => Case::plain(
+        &["query", "{run}", "top_proponents", "--param", "probe=abc", "--param", "k=3"],
+        &["probe", "abc"],
+    );
+    unknown_parameter => Case::plain(
+        &["query", "{run}", "top_proponents", "--param", "probe=1437", "--param", "kk=3"],
+        &["kk"],
+    );
+    bad_step_range => Case::plain(&["attribute", "{run}", "--steps", "9..2"], &["9..2"]);
+    bad_flag_value_in_train => Case::plain(
+        &["train", "--lr", "0", "--out", "{dir}/other"],
+        &["--lr"],
+    );
+    sql_syntax_error => Case::plain(&["sql", "{run}", "SELEC layer FROM updates"], &["SELEC"]);
+    sql_ddl => Case::plain(
+        &["sql", "{run}", "CREATE TABLE t AS SELECT * FROM steps"],
+        &["CREATE", "read-only"],
+    );
+    sql_drop => Case::plain(&["sql", "{run}", "DROP TABLE steps"], &["DROP"]);
+    sql_dml => Case::plain(&["sql", "{run}", "INSERT INTO steps SELECT * FROM steps"], &["INSERT"]);
     sql_copy => Case {
         setup: none,
         args: &["sql", "{run}", "COPY steps TO '{dir}/steps.csv'"],
         words: &["COPY"],
         after: Some(|c, _| assert!(!c.dir.join("steps.csv").exists(), "COPY wrote a file")),
     };
-    sql_reading_files_outside_the_run => Case {
-        setup: none,
-        args: &["sql", "{run}", "SELECT * FROM '/etc/hosts'"],
-        words: &["/etc/hosts"],
-        after: None,
-    };
-    sql_reading_files_through_a_function => Case {
-        setup: none,
-        args: &["sql", "{run}", "SELECT * FROM read_parquet('{run}/steps/part-000001.parquet')"],
-        words: &["read_parquet"],
-        after: None,
-    };
+    sql_reading_files_outside_the_run => Case::plain(
+        &["sql", "{run}", "SELECT * FROM '/etc/hosts'"],
+        &["/etc/hosts"],
+    );
+    sql_reading_files_through_a_function => Case::plain(
+        &["sql", "{run}", "SELECT * FROM read_parquet('{run}/steps/part-000001.parquet')"],
+        &["read_parquet"],
+    );
     csv_with_ragged_rows => Case {
         setup: |c| {
             std::fs::write(c.dir.join("ragged.csv"), "0.5,0.2,1\n0.1,0.4,0\n0.3,0\n").unwrap();
@@ -430,12 +388,7 @@ cases! {
         after: Some(|c, line| {
             let info = committed_prefix_is_readable(c, &c.dir.join("diverged"));
             // Committed up to the last good step: the one before the error's.
-            let failed: i64 = line
-                .split("at step ")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no step in {line:?}"));
+            let failed: i64 = number_after(line, "at step ");
             assert_eq!(info["last_step"].as_i64(), Some(failed - 1), "{info}");
             let reason = info["abort_reason"].as_str().unwrap_or_default();
             assert!(reason.contains("non-finite loss"), "{info}");

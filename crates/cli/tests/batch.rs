@@ -409,6 +409,18 @@ fn class_pure_batches_give_the_same_class_shares_in_both_modes() {
     }
 }
 
+/// Asserts that a command failed with one `error:` line on stderr (among
+/// whatever else training printed) that names each of `words`.
+fn refused_in_one_error_line(o: &std::process::Output, words: &[&str]) {
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    for w in words {
+        assert!(lines[0].contains(w), "{w}: {err}");
+    }
+}
+
 /// Adam needs batch mode; the error names the flag.
 #[test]
 fn adam_in_instance_mode_is_refused() {
@@ -421,14 +433,7 @@ fn adam_in_instance_mode_is_refused() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].contains("--optimizer") && lines[0].contains("--mode batch"),
-        "{err}"
-    );
+    refused_in_one_error_line(&o, &["--optimizer", "--mode batch"]);
     assert!(!out.exists(), "nothing recorded");
 }
 
@@ -441,14 +446,7 @@ fn batch_norm_with_class_pure_batches_has_exact_class_shares() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("refused");
     let o = cli().output(&["train", "--model", "cnn-bn", "--out", out.to_str().unwrap()]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].contains("--model") && lines[0].contains("--mode batch"),
-        "{err}"
-    );
+    refused_in_one_error_line(&o, &["--model", "--mode batch"]);
 
     let run = train(
         dir.path(),

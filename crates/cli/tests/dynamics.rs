@@ -5,9 +5,10 @@
 //!   each epoch, and their mean is each step's batch loss.
 //! - On a hand-built trace, `forgetting_events`, `data_map` and
 //!   `mislabel_candidates` give the answers computed by hand.
-use reptrace_format::{LinearSpec, Model, Module, Optimizer, Split};
-use reptrace_record::{ExampleBatch, NamedTensor, Recorder};
+use reptrace_format::Split;
+use reptrace_record::ExampleBatch;
 use reptrace_testkit::cli::Cli;
+use reptrace_testkit::handmade::{self, Handmade, Tensor};
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -176,43 +177,19 @@ const RIGHT: [[bool; 3]; 4] = [
     [true, true, true],
 ];
 
-/// A run with only examples rows: epoch e has steps 2e ({0, 1}) and 2e + 1
-/// ({2, 3}).
 /// A recorder for a 2 → 3 linear model without bias, classes a, b, c.
-fn tiny_recorder(run: &Path) -> Recorder {
-    let model = Model {
-        structure: Default::default(),
-        name: "tiny".into(),
-        input_shape: vec![2],
-        modules: vec![Module::Linear(LinearSpec {
-            name: "fc".into(),
-            in_features: 2,
-            out_features: 3,
-            bias: false,
-            traced: true,
-        })],
-        frozen: Vec::new(),
-    };
-    Recorder::builder(run)
-        .model(model)
-        .optimizer(Optimizer::sgd(0.1))
-        .classes(vec!["a".into(), "b".into(), "c".into()])
-        .build()
-        .unwrap()
+fn tiny_recorder(run: &Path) -> Handmade {
+    Handmade::new(run, handmade::tiny(2, 3, false), &["a", "b", "c"])
 }
 
+/// A run with only examples rows: epoch e has steps 2e ({0, 1}) and 2e + 1
+/// ({2, 3}).
 fn hand_built(run: &Path) {
     let mut rec = tiny_recorder(run);
-    rec.instances(&[0, 1, 2, 3], &[0; 4], &[Split::Train; 4])
-        .unwrap();
+    rec.instances(&[0; 4], &[Split::Train; 4]);
     let w = vec![0.0f32; 6];
-    let weights = [NamedTensor {
-        name: "fc.weight",
-        shape: &[3, 2],
-        data: &w,
-    }];
-    rec.weights(&weights).unwrap();
-    rec.commit().unwrap();
+    let weights: [Tensor; 1] = [("fc.weight", &[3, 2], &w)];
+    rec.weights(&weights);
     for epoch in 0..3 {
         for half in 0..2 {
             let ids = [2 * half, 2 * half + 1];
@@ -221,27 +198,25 @@ fn hand_built(run: &Path) {
                 .iter()
                 .map(|&id| if RIGHT[id][epoch] { 0 } else { 1 })
                 .collect();
-            rec.examples(ExampleBatch {
-                step: (2 * epoch + half) as i64,
-                epoch: epoch as i32,
-                instance_ids: &[ids[0] as i64, ids[1] as i64],
-                labels: &[0, 0],
-                loss: &loss,
-                predicted: &predicted,
-            })
-            .unwrap();
+            rec.recorder()
+                .examples(ExampleBatch {
+                    step: (2 * epoch + half) as i64,
+                    epoch: epoch as i32,
+                    instance_ids: &[ids[0] as i64, ids[1] as i64],
+                    labels: &[0, 0],
+                    loss: &loss,
+                    predicted: &predicted,
+                })
+                .unwrap();
         }
-        rec.weights(&weights).unwrap();
-        rec.commit().unwrap();
+        rec.weights(&weights);
     }
-    rec.finish(&weights).unwrap();
+    rec.finish(&weights);
 }
 
 #[test]
 fn dynamics_queries_give_the_hand_computed_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    hand_built(&run);
+    let (_dir, run) = handmade::temp_run(hand_built);
     let r = run.to_str().unwrap();
     let query = |name: &str, params: &[&str]| cli().query_csv(r, name, params);
 
@@ -316,6 +291,7 @@ fn a_bad_examples_batch_is_refused_with_its_column() {
         loss: &[0.5],
         predicted: &[0, 1],
     };
+    let rec = rec.recorder();
     let e = rec.examples(batch).unwrap_err().to_string();
     assert!(
         e.contains("loss") && e.contains("examples of step 0"),

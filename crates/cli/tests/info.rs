@@ -3,100 +3,40 @@
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use rand::{Rng, SeedableRng};
-use reptrace_format::{
-    LinearSpec, Manifest, Model, Module, Optimizer, Split, Status, Table, layout,
-};
-use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
-use reptrace_testkit::cli::{Cli, assert_one_line_error};
-use reptrace_testkit::files;
+use reptrace_format::{Manifest, Model, Split, Status, Table, layout};
+use reptrace_record::{ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_testkit::cli::{Cli, assert_error_starting};
+use reptrace_testkit::handmade::{self, Batch, Handmade, Tensor};
+use reptrace_testkit::{files, models};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn cli() -> Cli {
     Cli::new(env!("CARGO_BIN_EXE_reptrace"))
 }
 
+/// The MLP 6 → 4 → 3 of these runs.
 fn model() -> Model {
-    let lin = |name: &str, i, o| {
-        Module::Linear(LinearSpec {
-            name: name.into(),
-            in_features: i,
-            out_features: o,
-            bias: true,
-            traced: true,
-        })
-    };
-    Model {
-        structure: Default::default(),
-        name: "mlp".into(),
-        input_shape: vec![6],
-        modules: vec![lin("fc1", 6, 4), Module::Relu, lin("fc2", 4, 3)],
-        frozen: Vec::new(),
-    }
+    models::mlp("mlp", &[6, 4, 3])
 }
 
 /// Records `steps` steps of `rows` rows per layer, committing every `every`.
 fn record(run: &Path, steps: i64, rows: usize, every: i64, finish: bool) {
-    let m = model();
-    let mut rec = Recorder::builder(run)
-        .model(m.clone())
-        .optimizer(Optimizer::sgd(0.1))
-        .classes(vec!["a".into(), "b".into(), "c".into()])
-        .build()
-        .unwrap();
+    let mut rec = Handmade::new(run, model(), &["a", "b", "c"]);
     let ids: Vec<i64> = (0..rows as i64).collect();
     let labels: Vec<i32> = ids.iter().map(|i| (i % 3) as i32).collect();
-    rec.instances(&ids, &labels, &vec![Split::Train; rows])
-        .unwrap();
-    let w = vec![0.5f32; 24];
-    let b = vec![0.0f32; 4];
-    let weights = [
-        NamedTensor {
-            name: "fc1.weight",
-            shape: &[4, 6],
-            data: &w,
-        },
-        NamedTensor {
-            name: "fc1.bias",
-            shape: &[4],
-            data: &b,
-        },
-    ];
-    rec.weights(&weights).unwrap();
-    rec.commit().unwrap();
+    rec.instances(&labels, &vec![Split::Train; rows]);
+    let (w, b) = (vec![0.5f32; 24], vec![0.0f32; 4]);
+    let weights: [Tensor; 2] = [("fc1.weight", &[4, 6], &w), ("fc1.bias", &[4], &b)];
+    rec.weights(&weights);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     for t in 0..steps {
-        rec.step(StepRow {
-            step: t,
-            epoch: (t / 4) as i32,
-            lr: 0.1,
-            batch_size: rows as i32,
-            loss: 1.0,
-            skipped: false,
-        })
-        .unwrap();
-        for l in m.traced_layers() {
-            let (ul, vl) = l.factor_lens();
-            let u: Vec<f32> = (0..rows * ul).map(|_| rng.random::<f32>()).collect();
-            let v: Vec<f32> = (0..rows * vl).map(|_| rng.random::<f32>() - 0.5).collect();
-            rec.updates(
-                l.name(),
-                UpdateBatch {
-                    step: t,
-                    epoch: (t / 4) as i32,
-                    instance_ids: &ids,
-                    labels: &labels,
-                    u: &u,
-                    v: &v,
-                    update_norm: None,
-                },
-            )
-            .unwrap();
-        }
+        let batch = Batch::new(t, (t / 4) as i32, &ids, &labels);
+        rec.step(&batch, 0.1);
+        rec.random_updates(&batch, &mut rng);
         if t % every == every - 1 {
-            rec.commit().unwrap();
+            rec.commit();
         }
     }
     if finish {
@@ -110,20 +50,16 @@ fn record(run: &Path, steps: i64, rows: usize, every: i64, finish: bool) {
                 a: &[0.0; 4],
                 p: &[1.0, 2.0, 2.0],
             },
-        )
-        .unwrap();
-        rec.finish(&weights).unwrap();
+        );
+        rec.finish(&weights);
     } else {
-        rec.flush().unwrap();
-        std::mem::forget(rec); // like a crash: no cleanup
+        rec.crash();
     }
 }
 
 #[test]
 fn info_reports_rows_sizes_and_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    record(&run, 10, 5, 4, true);
+    let (_dir, run) = handmade::temp_run(|run| record(run, 10, 5, 4, true));
     let j = cli().info_json(&run);
     let m = Manifest::load(&run).unwrap();
     assert_eq!(j["status"], "complete");
@@ -200,20 +136,19 @@ fn info_reports_rows_sizes_and_model() {
     let out = cli().output(&[OsStr::new("info"), run.as_os_str()]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("status     complete"), "{text}");
-    assert!(text.contains("last step 9 (epoch 2)"), "{text}");
-    assert!(
-        text.contains("fc1          linear       6 -> 4, bias; traced: u 6, v 4"),
-        "{text}"
-    );
+    for line in [
+        "status     complete",
+        "last step 9 (epoch 2)",
+        "fc1          linear       6 -> 4, bias; traced: u 6, v 4",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
     assert!(!text.contains("warning"), "{text}");
 }
 
 #[test]
 fn info_warns_about_stray_and_inconsistent_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    record(&run, 7, 3, 2, false);
+    let (_dir, run) = handmade::temp_run(|run| record(run, 7, 3, 2, false));
     let m = Manifest::load(&run).unwrap();
     assert_eq!(m.status, Status::Recording);
     // `forget` left the open parts of the next commit as temporary files.
@@ -241,10 +176,9 @@ fn info_warns_about_stray_and_inconsistent_files() {
     assert!(warnings.contains(committed.as_str()), "{warnings}");
     let text =
         String::from_utf8(cli().output(&[OsStr::new("info"), run.as_os_str()]).stdout).unwrap();
-    assert!(
-        text.contains("warning:") && text.contains("part-000099.parquet"),
-        "{text}"
-    );
+    for word in ["warning:", "part-000099.parquet"] {
+        assert!(text.contains(word), "{word}: {text}");
+    }
 }
 
 #[test]
@@ -253,8 +187,7 @@ fn info_errors_are_one_line_naming_the_path() {
     let check = |run: &Path, want: &str| {
         let out = cli().output(&[OsStr::new("info"), run.as_os_str()]);
         let path = run.display().to_string();
-        let err = assert_one_line_error(&out, &[&path, want]);
-        assert!(err.starts_with("error: "), "{err}");
+        assert_error_starting(&out, "error: ", &[&path, want]);
     };
     check(&dir.path().join("nope"), "no such run directory");
     let empty = dir.path().join("empty");
@@ -295,32 +228,14 @@ fn crash_child_process() {
 
 #[test]
 fn info_on_a_killed_run_reports_the_last_commit() {
-    let exe = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     for round in 0..5 {
         let run = dir.path().join(format!("run{round}"));
-        let mut child = Command::new(&exe)
-            .args(["crash_child_process", "--exact", "--test-threads=1"])
-            .env(CHILD_ENV, &run)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while Manifest::load(&run)
-            .map(|m| m.last_step().is_none())
-            .unwrap_or(true)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "child made no commit"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut child = handmade::spawn_recording_child("crash_child_process", CHILD_ENV, &run);
+        handmade::wait_for_commit(&mut child, &run, |m| m.last_step().is_some());
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        handmade::kill(child);
 
         let m = Manifest::open(&run).unwrap(); // finishes a commit the kill interrupted
         // The last step, independently: the largest committed `steps.step`.
@@ -366,12 +281,8 @@ fn info_shows_what_each_step_applied() {
     let run = dir.path().join("run");
     let mut m = model();
     m.frozen = vec!["embed".into()];
-    let mut rec = Recorder::builder(&run)
-        .model(m.clone())
-        .optimizer(Optimizer::sgd(0.1))
-        .classes(vec!["a".into(), "b".into(), "c".into()])
-        .build()
-        .unwrap();
+    let mut hand = Handmade::new(&run, m.clone(), &["a", "b", "c"]);
+    let rec = hand.recorder();
     let ids = [0i64, 1];
     let labels = [0i32, 1];
     let row = |step: i64, layer: &str| LayerStepRow {
@@ -426,7 +337,7 @@ fn info_shows_what_each_step_applied() {
         }
     }
     // Rows that cannot be stored as they are: refused with the field at fault.
-    let mut bad = |r: LayerStepRow| rec_err(&mut rec, r);
+    let mut bad = |r: LayerStepRow| rec_err(rec, r);
     assert!(
         bad(LayerStepRow {
             layer: "fc9".into(),
@@ -450,7 +361,7 @@ fn info_shows_what_each_step_applied() {
     );
     rec.commit().unwrap();
     rec.flush().unwrap();
-    drop(rec);
+    drop(hand);
 
     let info = cli().info_json(&run);
     assert_eq!(info["frozen"], serde_json::json!(["embed"]));

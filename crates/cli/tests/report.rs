@@ -34,16 +34,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let epochs = EPOCHS.to_string();
-        let o = cli(dir.path()).output(&[
-            "train",
-            "--epochs",
-            &epochs,
-            "--batch-size",
-            "64",
-            "--out",
-            "run",
-        ]);
-        assert!(o.status.success(), "train: {}", text(&o.stderr));
+        train_run(dir.path(), &["--epochs", &epochs]);
         let probe = PROBE.to_string();
         let k = K.to_string();
         let o = cli(dir.path()).output(&[
@@ -82,6 +73,13 @@ fn tags<'a>(html: &'a str, start: &str) -> Vec<&'a str> {
             &html[i..=i + end]
         })
         .collect()
+}
+
+/// Trains the digits into `dir/run` in batches of 64, with `flags`.
+fn train_run(dir: &Path, flags: &[&str]) {
+    let mut args = vec!["train", "--batch-size", "64", "--out", "run"];
+    args.extend_from_slice(flags);
+    cli(dir).ok(&args);
 }
 
 /// The text from each `<{start}` to the next `close`.
@@ -350,10 +348,14 @@ fn report_structure_matches_the_run_and_the_data() {
     let true_class = digits.labels[PROBE as usize].to_string();
     assert!(html.contains("<th>true class</th><td><span style=\"color:"));
     let tc = blocks(html, "<th>true class</th>", "</tr>");
+    assert_span(tc[0], &true_class);
+}
+
+/// Asserts that `block` has a span whose text is `text`.
+fn assert_span(block: &str, text: &str) {
     assert!(
-        tc[0].contains(&format!(">{true_class}</span>")),
-        "{}",
-        tc[0]
+        block.contains(&format!(">{text}</span>")),
+        "{text}: {block}"
     );
 }
 
@@ -473,16 +475,8 @@ fn report_shows_the_training_dynamics() {
         );
         let label: i32 = attr(t, "data-label").parse().unwrap();
         let predicted: i32 = attr(t, "data-predicted").parse().unwrap();
-        assert!(
-            fig[0].contains(&format!(">given {label}</span>")),
-            "{}",
-            fig[0]
-        );
-        assert!(
-            fig[0].contains(&format!(">predicted {predicted}</span>")),
-            "{}",
-            fig[0]
-        );
+        assert_span(fig[0], &format!("given {label}"));
+        assert_span(fig[0], &format!("predicted {predicted}"));
     }
 }
 
@@ -491,17 +485,7 @@ fn report_shows_the_training_dynamics() {
 #[test]
 fn report_without_examples_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let o = cli(dir.path()).output(&[
-        "train",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "64",
-        "--no-examples",
-        "--out",
-        "run",
-    ]);
-    assert!(o.status.success(), "train: {}", text(&o.stderr));
+    train_run(dir.path(), &["--epochs", "1", "--no-examples"]);
     let probe = PROBE.to_string();
     let o = cli(dir.path()).output(&[
         "report", "run", "--probe", &probe, "--k", "3", "--out", "r.html",

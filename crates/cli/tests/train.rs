@@ -1,7 +1,7 @@
 //! `reptrace train` and `reptrace demo`, run as the binary in temporary directories.
 #![cfg(feature = "tch")]
 use reptrace_format::{Manifest, Status, Table};
-use reptrace_testkit::cli::{Cli, assert_one_line_error};
+use reptrace_testkit::cli::{Cli, assert_one_line_error, number_after};
 use std::path::Path;
 
 fn cli(dir: &Path) -> Cli {
@@ -91,12 +91,7 @@ fn demo_reaches_90_percent_and_replaces_its_run() {
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..2 {
         let out = cli(dir.path()).ok(&["demo", "--out", "demo"]);
-        let acc: f64 = out
-            .split("test accuracy ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no test accuracy in {out}"));
+        let acc: f64 = number_after(&out, "test accuracy ");
         assert!(acc >= 90.0, "{out}");
         assert!(
             out.contains("28740 update rows"),

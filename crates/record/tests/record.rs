@@ -14,11 +14,12 @@ use reptrace_record::{
     FactorValues, NamedTensor, ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch,
     UpdateBatchOwned,
 };
-use reptrace_testkit::files::read_parquet as read_batches;
+use reptrace_testkit::files::{listed_parquet, read_parquet as read_batches};
+use reptrace_testkit::handmade;
 use reptrace_testkit::models::{self, Conv, linear};
 use reptrace_testkit::synthetic::named;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // ---------------------------------------------------------------- helpers
 
@@ -1071,42 +1072,16 @@ fn check_killed_run(run: &Path) -> Option<i64> {
 
 #[test]
 fn crash_leaves_a_readable_trace() {
-    let exe = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut lasts = Vec::new();
     for round in 0..6 {
         let run = dir.path().join(format!("run{round}"));
-        let mut child = std::process::Command::new(&exe)
-            .args([
-                "crash_child_process",
-                "--exact",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, &run)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = handmade::spawn_recording_child("crash_child_process", CHILD_ENV, &run);
         // Wait for the first commit, then kill at a random later point.
-        let start = Instant::now();
-        while Manifest::load(&run)
-            .map(|m| m.commits.is_empty())
-            .unwrap_or(true)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "child made no commit"
-            );
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("child exited early: {status}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        handmade::wait_for_commit(&mut child, &run, |m| !m.commits.is_empty());
         std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        handmade::kill(child); // SIGKILL
         lasts.push(check_killed_run(&run));
     }
     eprintln!("last committed steps at the kills: {lasts:?}");
@@ -1270,35 +1245,6 @@ fn batch_steps_record_whole_updates_and_members() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("instance mode"), "{e}");
-}
-
-/// The `*.parquet` files under the tables' directories that a
-/// directory-listing reader (pyarrow, Spark, Hive discovery, a DuckDB glob
-/// of `*.parquet`) picks up: names starting with `.` or `_` are skipped.
-fn listed_parquet(run: &Path) -> Vec<String> {
-    fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.starts_with('_') {
-                continue;
-            }
-            let r = format!("{rel}/{name}");
-            if e.file_type().unwrap().is_dir() {
-                walk(&e.path(), &r, out);
-            } else if name.ends_with(".parquet") {
-                out.push(r);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for t in Table::ALL {
-        walk(&run.join(t.name()), t.name(), &mut out);
-    }
-    out.sort();
-    out
 }
 
 /// A kill at either side of the manifest write: a part finished but not yet

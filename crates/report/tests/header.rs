@@ -1,70 +1,25 @@
 //! The report's header names the optimizer once and shows the learning rate
 //! once, as the range the steps applied, to a few significant digits.
 #![allow(clippy::unwrap_used)]
-use reptrace_format::{LinearSpec, Model, Module, Optimizer, Split};
-use reptrace_record::{NamedTensor, ProbeBatch, Recorder, StepRow, UpdateBatch};
+use reptrace_format::{Optimizer, Split};
+use reptrace_record::ProbeBatch;
+use reptrace_testkit::handmade::{self, Batch, Handmade};
 
 /// A layer `fc` (2 inputs, 1 output) trained for two steps whose learning
 /// rates are `lrs`, with instance 2 as probe; the producer names its
 /// optimizer `SGD` in the settings, as the Python package does.
 fn run_with_rates(dir: &std::path::Path, lrs: [f64; 2]) {
-    let model = Model {
-        name: "tiny".into(),
-        input_shape: vec![2],
-        structure: Default::default(),
-        modules: vec![Module::Linear(LinearSpec {
-            name: "fc".into(),
-            in_features: 2,
-            out_features: 1,
-            bias: false,
-            traced: true,
-        })],
-        frozen: vec![],
-    };
-    let mut rec = Recorder::builder(dir)
-        .model(model)
-        .optimizer(Optimizer::sgd(lrs[0]))
-        .classes(vec!["a".into(), "b".into()])
-        .setting("optimizer", serde_json::json!("SGD"))
-        .build()
-        .unwrap();
-    rec.instances(
-        &[0, 1, 2],
-        &[0, 1, 0],
-        &[Split::Train, Split::Train, Split::Test],
-    )
-    .unwrap();
-    let w0 = [NamedTensor {
-        name: "fc.weight",
-        shape: &[1, 2],
-        data: &[0.0, 0.0],
-    }];
-    rec.weights(&w0).unwrap();
-    rec.commit().unwrap();
+    let mut rec = Handmade::with(dir, handmade::tiny(2, 1, false), &["a", "b"], |b| {
+        b.optimizer(Optimizer::sgd(lrs[0]))
+            .setting("optimizer", serde_json::json!("SGD"))
+    })
+    .loss(0.7);
+    rec.instances(&[0, 1, 0], &[Split::Train, Split::Train, Split::Test]);
+    rec.weights(&[("fc.weight", &[1, 2], &[0.0, 0.0])]);
     for (step, lr) in lrs.into_iter().enumerate() {
-        let step = step as i64;
-        rec.step(StepRow {
-            step,
-            epoch: 0,
-            lr,
-            batch_size: 2,
-            loss: 0.7,
-            skipped: false,
-        })
-        .unwrap();
-        rec.updates(
-            "fc",
-            UpdateBatch {
-                step,
-                epoch: 0,
-                instance_ids: &[0, 1],
-                labels: &[0, 1],
-                u: &[1.0, 0.0, 0.0, 1.0],
-                v: &[0.5, -0.25],
-                update_norm: None,
-            },
-        )
-        .unwrap();
+        let batch = Batch::new(step as i64, 0, &[0, 1], &[0, 1]);
+        rec.step(&batch, lr);
+        rec.update("fc", &batch, &[1.0, 0.0, 0.0, 1.0], &[0.5, -0.25]);
     }
     // W_T = 2 · [0.5, −0.25]; probe input a = [2, 2]: p = W_T a = 1.
     rec.probes(
@@ -77,20 +32,12 @@ fn run_with_rates(dir: &std::path::Path, lrs: [f64; 2]) {
             a: &[2.0, 2.0],
             p: &[1.0],
         },
-    )
-    .unwrap();
-    let wt = [NamedTensor {
-        name: "fc.weight",
-        shape: &[1, 2],
-        data: &[1.0, -0.5],
-    }];
-    rec.finish(&wt).unwrap();
+    );
+    rec.finish(&[("fc.weight", &[1, 2], &[1.0, -0.5])]);
 }
 
 fn header_of(lrs: [f64; 2]) -> String {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("run");
-    run_with_rates(&dir, lrs);
+    let (_tmp, dir) = handmade::temp_run(|run| run_with_rates(run, lrs));
     let options = reptrace_report::Options {
         probe: 2,
         ..Default::default()

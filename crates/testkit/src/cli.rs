@@ -71,13 +71,14 @@ impl Cli {
     }
 
     /// Runs a command that must succeed; returns its stdout. Panics with the
-    /// arguments and stderr when it fails.
+    /// arguments, stdout and stderr when it fails.
     pub fn ok<S: AsRef<OsStr>>(&self, args: &[S]) -> String {
         let o = self.output(args);
         assert!(
             o.status.success(),
-            "{:?}: {}",
+            "{:?}: {}{}",
             args.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            text(&o.stdout),
             text(&o.stderr)
         );
         text(&o.stdout)
@@ -163,6 +164,28 @@ pub fn assert_one_line_error(out: &Output, words: &[&str]) -> String {
         assert!(err.contains(w), "error does not name {w:?}: {err}");
     }
     err.trim_end().to_owned()
+}
+
+/// Asserts a refusal as [`assert_one_line_error`] does, and that the line
+/// starts with `start` (`"error: "`, or more of the message). Returns the
+/// line.
+pub fn assert_error_starting(out: &Output, start: &str, words: &[&str]) -> String {
+    let err = assert_one_line_error(out, words);
+    assert!(
+        err.starts_with(start),
+        "error does not start with {start:?}: {err}"
+    );
+    err
+}
+
+/// The number that follows `marker` in `text` (up to the next white space);
+/// panics naming the marker when there is none.
+pub fn number_after<T: std::str::FromStr>(text: &str, marker: &str) -> T {
+    text.split(marker)
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {marker:?} in {text}"))
 }
 
 /// JSON rows as printed by `--format json` (empty output: no rows).

@@ -112,3 +112,33 @@ pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
 pub fn parquet_rows(path: &Path) -> u64 {
     read_parquet(path).iter().map(|b| b.num_rows() as u64).sum()
 }
+
+/// The `*.parquet` files under the tables' directories of `run` that a
+/// directory-listing reader (pyarrow, Spark, Hive discovery, a DuckDB glob of
+/// `*.parquet`) picks up, relative to the run, sorted: names starting with
+/// `.` or `_` are skipped.
+pub fn listed_parquet(run: &Path) -> Vec<String> {
+    fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
+            let r = format!("{rel}/{name}");
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), &r, out);
+            } else if name.ends_with(".parquet") {
+                out.push(r);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for t in reptrace_format::Table::ALL {
+        walk(&run.join(t.name()), t.name(), &mut out);
+    }
+    out.sort();
+    out
+}

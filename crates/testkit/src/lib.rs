@@ -9,6 +9,9 @@
 //!   settings, built once per test process;
 //! - [`files`]: copying runs, listing and snapshotting their files (killed and
 //!   damaged runs start from a copy);
+//! - [`handmade`]: tiny runs written by hand through the recorder (one
+//!   Linear layer, given update factors), and recording child processes to
+//!   kill;
 //! - [`models`]: manifest models of given shapes (an MLP, a small CNN) for
 //!   hand-built runs and schema examples;
 //! - [`synthetic`]: synthetic runs of given shapes written through
@@ -21,5 +24,6 @@ pub mod bench;
 pub mod cli;
 pub mod digits;
 pub mod files;
+pub mod handmade;
 pub mod models;
 pub mod synthetic;
