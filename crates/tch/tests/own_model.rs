@@ -16,7 +16,7 @@ mod own_model;
 use arrow_array::{Array, Float32Array, Int64Array, ListArray};
 use common::{read_weights, record_update};
 use own_model::{ResidualNet, Settings};
-use reptrace_format::{Manifest, Module, Table, TracedLayer};
+use reptrace_format::{Manifest, Module, Table};
 use reptrace_tch::trace::Tracer;
 use reptrace_tch::{Dataset, ModelChoice, Network, TrainConfig, layer_factors, train};
 use reptrace_testkit::files::read_parquet;
