@@ -8,15 +8,17 @@
 //! - Training with the tracer is bit-identical to training without it.
 //! - The built-in loop records, bit for bit, the factors one backward pass
 //!   through the network gives (the path it took before it used the tracer).
+mod common;
 #[allow(dead_code)]
 #[path = "../examples/own_model.rs"]
 mod own_model;
 
 use arrow_array::{Array, Float32Array, Int64Array, ListArray};
+use common::{read_weights, record_update};
 use own_model::{ResidualNet, Settings};
-use reptrace_format::{Manifest, Module, Table, TracedLayer};
+use reptrace_format::{Manifest, Module, Table};
 use reptrace_tch::trace::Tracer;
-use reptrace_tch::{ModelChoice, Network, TrainConfig, layer_factors, train};
+use reptrace_tch::{Dataset, ModelChoice, Network, TrainConfig, layer_factors, train};
 use reptrace_testkit::files::read_parquet;
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,53 +61,14 @@ fn update_rows(run: &Path) -> Rows {
     out
 }
 
-/// A record's `[vec ΔW | Δb]` in f64 from its factors (format: `u` empty
-/// means `v` is the whole update; otherwise `ΔW = v uᵀ` per position).
-fn record_update(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> Vec<f64> {
-    if u.is_empty() {
-        return v.iter().map(|&x| f64::from(x)).collect();
-    }
-    let (out, k, positions, bias) = match layer {
-        TracedLayer::Linear(l) => (l.out_features, l.in_features, 1, l.bias),
-        TracedLayer::Conv2d(c) => (
-            c.out_channels,
-            c.patch_len(),
-            c.output_hw[0] * c.output_hw[1],
-            c.bias,
-        ),
-    };
-    let mut w = vec![0.0f64; out * k];
-    for o in 0..out {
-        for j in 0..k {
-            w[o * k + j] = (0..positions)
-                .map(|p| f64::from(v[o * positions + p]) * f64::from(u[j * positions + p]))
-                .sum();
-        }
-    }
-    if bias {
-        w.extend((0..out).map(|o| {
-            (0..positions)
-                .map(|p| f64::from(v[o * positions + p]))
-                .sum::<f64>()
-        }));
-    }
-    w
-}
-
-fn read_weights(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.names()
+/// `verify` on `run`, checked to pass: its completeness checks of the weights.
+fn weight_completeness(run: &Path) -> Vec<reptrace_analyze::verify::Check> {
+    let report = reptrace_analyze::verify::verify(run, &Default::default()).unwrap();
+    assert!(report.passed(), "{:?}", report.checks);
+    report
+        .checks
         .into_iter()
-        .map(|n| {
-            let t = st.tensor(n).unwrap();
-            let data = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n.to_owned(), (t.shape().to_vec(), data))
-        })
+        .filter(|c| c.name.starts_with("completeness") && c.name.ends_with("weights"))
         .collect()
 }
 
@@ -127,14 +90,8 @@ fn own_model_reconstructs_and_records_each_examples_gradient() {
 
     // Completeness: W_0 plus the records (momentum replayed) is W_T, and
     // every probe's refinement is (W_T − W_0) applied to its input.
-    let report = reptrace_analyze::verify::verify(&run, &Default::default()).unwrap();
-    let completeness: Vec<_> = report
-        .checks
-        .iter()
-        .filter(|c| c.name.starts_with("completeness") && c.name.ends_with("weights"))
-        .collect();
-    assert_eq!(completeness.len(), 4, "{:?}", report.checks);
-    assert!(report.passed(), "{:?}", report.checks);
+    let completeness = weight_completeness(&run);
+    assert_eq!(completeness.len(), 4, "{completeness:?}");
     for c in completeness {
         let error = c.value.unwrap();
         assert!(error <= 1e-5, "{}: relative error {error:.2e}", c.name);
@@ -347,14 +304,9 @@ fn any_optimizer_in_batch_mode() {
             ..RunSpec::sgd(&run, data.classes.clone(), 1e-2)
         })
         .unwrap();
-    let x_all = Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 64]);
+    let x_all = digits_inputs(&data);
     for step in 0..30i64 {
-        let ids: Vec<i64> = (0..16)
-            .map(|i| (step * 16 + i) % data.n_train as i64)
-            .collect();
-        let labels: Vec<i32> = ids.iter().map(|&r| data.labels[r as usize]).collect();
-        let x = x_all.index_select(0, &Tensor::from_slice(&ids));
-        let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
+        let (ids, labels, x, y) = digits_batch(&data, &x_all, step, 16);
         opt.zero_grad();
         let logits = model.forward(&x);
         let loss = logits.cross_entropy_for_logits(&y);
@@ -374,14 +326,8 @@ fn any_optimizer_in_batch_mode() {
     }
     let manifest = tracer.finish(None).unwrap();
     assert_eq!(manifest.mode, Mode::Batch);
-    let report = reptrace_analyze::verify::verify(&run, &Default::default()).unwrap();
-    assert!(report.passed(), "{:?}", report.checks);
-    let weights: Vec<_> = report
-        .checks
-        .iter()
-        .filter(|c| c.name.starts_with("completeness") && c.name.ends_with("weights"))
-        .collect();
-    assert_eq!(weights.len(), 2, "{:?}", report.checks);
+    let weights = weight_completeness(&run);
+    assert_eq!(weights.len(), 2, "{weights:?}");
     assert!(weights.iter().all(|c| c.value.unwrap() <= 1e-5));
 }
 
@@ -505,13 +451,34 @@ fn digits_mlp(
     vs: &nn::VarStore,
     act: fn(&Tensor) -> Tensor,
 ) -> nn::Sequential {
-    let fc1 = tracer
-        .linear(vs.root() / "fc1", 64, 16, Default::default())
-        .unwrap();
-    let fc2 = tracer
-        .linear(vs.root() / "fc2", 16, 10, Default::default())
-        .unwrap();
+    let [fc1, fc2] = [("fc1", 64, 16), ("fc2", 16, 10)].map(|(name, inputs, outputs)| {
+        tracer
+            .linear(vs.root() / name, inputs, outputs, Default::default())
+            .unwrap()
+    });
     nn::seq().add(fc1).add_fn(act).add(fc2)
+}
+
+/// Every digits row's features, as one `[rows, 64]` tensor.
+fn digits_inputs(data: &Dataset) -> Tensor {
+    Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 64])
+}
+
+/// Training batch `step` of `size` digits rows taken in order, wrapping
+/// around: the ids, labels, inputs (rows of `x_all`) and int64 targets.
+fn digits_batch(
+    data: &Dataset,
+    x_all: &Tensor,
+    step: i64,
+    size: i64,
+) -> (Vec<i64>, Vec<i32>, Tensor, Tensor) {
+    let ids: Vec<i64> = (0..size)
+        .map(|i| (step * size + i) % data.n_train as i64)
+        .collect();
+    let labels: Vec<i32> = ids.iter().map(|&r| data.labels[r as usize]).collect();
+    let x = x_all.index_select(0, &Tensor::from_slice(&ids));
+    let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
+    (ids, labels, x, y)
 }
 
 /// `(lr, momentum, grad_scale)` of each step of a layer, from `layer_steps`.
@@ -559,7 +526,7 @@ fn clip_grad_norm_and_cycling_momentum_reconstruct_exactly() {
     use reptrace_tch::trace::{RunSpec, Step};
     use tch::nn::{Module, OptimizerConfig};
     let data = reptrace_tch::data::digits().unwrap();
-    let x_all = Tensor::from_slice(&data.features).reshape([data.labels.len() as i64, 64]);
+    let x_all = digits_inputs(&data);
     let train_run = |run: &Path, noise_at: Option<i64>| {
         tch::manual_seed(11);
         let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -587,12 +554,7 @@ fn clip_grad_norm_and_cycling_momentum_reconstruct_exactly() {
             .map(|(k, v)| (k, v.detach().copy()))
             .collect();
         for step in 0..40i64 {
-            let ids: Vec<i64> = (0..32)
-                .map(|i| (step * 32 + i) % data.n_train as i64)
-                .collect();
-            let labels: Vec<i32> = ids.iter().map(|&r| data.labels[r as usize]).collect();
-            let x = x_all.index_select(0, &Tensor::from_slice(&ids));
-            let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
+            let (ids, labels, x, y) = digits_batch(&data, &x_all, step, 32);
             opt.zero_grad();
             let loss = model.forward(&x).cross_entropy_for_logits(&y);
             loss.backward();

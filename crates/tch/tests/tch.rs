@@ -1,12 +1,18 @@
 //! Integration tests of reptrace-tch: per-example factors against autograd,
 //! reconstruction of the final weights from the trace files alone, tracing
 //! that does not change training, accuracy, data loaders.
+mod common;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type};
 use arrow_array::{
-    Array, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    Array, ArrowPrimitiveType, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
+    RecordBatch,
 };
+use common::{read_weights, record_update};
 use reptrace_format::{
-    Conv2dSpec, Dtype, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind,
-    Status, Storage, Table, TracedLayer, displacement_scales, layout,
+    Conv2dSpec, Dtype, LrSchedule, Manifest, Mode, Model, Module, OptimizerKind, Status, Storage,
+    Table, TracedLayer, displacement_scales, layout,
 };
 use reptrace_record::FactorValues;
 use reptrace_tch::data::{self, CsvOptions, DataSource, Dataset};
@@ -15,6 +21,7 @@ use reptrace_tch::{
     build_model, layer_factors, train, train_on,
 };
 use reptrace_testkit::files::read_parquet;
+use reptrace_testkit::models::{self, Conv};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,90 +52,14 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
         .unwrap_or_else(|| panic!("column {name} has another type"))
 }
 
+/// Row `i` of a list column of `T` values.
+fn list<T: ArrowPrimitiveType>(l: &ListArray, i: usize) -> Vec<T::Native> {
+    l.value(i).as_primitive::<T>().values().to_vec()
+}
+
 /// Row `i` of a list<f32> column.
 fn list_f32(l: &ListArray, i: usize) -> Vec<f32> {
-    let v = l.value(i);
-    v.as_any()
-        .downcast_ref::<Float32Array>()
-        .unwrap()
-        .values()
-        .to_vec()
-}
-
-fn list_f64(l: &ListArray, i: usize) -> Vec<f64> {
-    let v = l.value(i);
-    v.as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .values()
-        .to_vec()
-}
-
-/// Reads a safetensors snapshot: name → (shape, data).
-fn read_weights(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.names()
-        .into_iter()
-        .map(|n| {
-            let t = st.tensor(n).unwrap();
-            assert_eq!(t.dtype(), safetensors::Dtype::F32);
-            let data = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n.to_owned(), (t.shape().to_vec(), data))
-        })
-        .collect()
-}
-
-/// One record's `ΔW` (row-major `out × K`) followed by `Δb`, in f64, from
-/// its factors as the format defines them.
-fn record_update(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> Vec<f64> {
-    if u.is_empty() {
-        // A whole update (batch mode, or Conv2d full storage): `vec ΔW, Δb`.
-        assert_eq!(v.len(), layer.update_len(), "{}", layer.name());
-        return v.iter().map(|&x| f64::from(x)).collect();
-    }
-    match layer {
-        TracedLayer::Linear(l) => {
-            assert_eq!((u.len(), v.len()), (l.in_features, l.out_features));
-            let mut d: Vec<f64> = v
-                .iter()
-                .flat_map(|&vo| u.iter().map(move |&ui| f64::from(vo) * f64::from(ui)))
-                .collect();
-            if l.bias {
-                d.extend(v.iter().map(|&x| f64::from(x)));
-            }
-            d
-        }
-        TracedLayer::Conv2d(c) => {
-            let (co, k, p) = (c.out_channels, c.patch_len(), c.positions());
-            match c.storage {
-                Storage::Full => {
-                    assert!(u.is_empty());
-                    assert_eq!(v.len(), co * k + if c.bias { co } else { 0 });
-                    v.iter().map(|&x| f64::from(x)).collect()
-                }
-                Storage::Factors => {
-                    assert_eq!((u.len(), v.len()), (k * p, co * p));
-                    let mut d = vec![0.0f64; co * k + if c.bias { co } else { 0 }];
-                    for o in 0..co {
-                        for kk in 0..k {
-                            d[o * k + kk] = (0..p)
-                                .map(|q| f64::from(v[o * p + q]) * f64::from(u[kk * p + q]))
-                                .sum();
-                        }
-                        if c.bias {
-                            d[co * k + o] = (0..p).map(|q| f64::from(v[o * p + q])).sum();
-                        }
-                    }
-                    d
-                }
-            }
-        }
-    }
+    list::<Float32Type>(l, i)
 }
 
 /// Frobenius norm of the weight part of a record update.
@@ -388,6 +319,44 @@ fn run_config(dir: &Path, name: &str) -> TrainConfig {
     }
 }
 
+/// [`run_config`] for `name` in a fresh directory, with `changes` made; the
+/// run lives as long as the returned directory.
+fn fresh_config(
+    name: &str,
+    changes: impl FnOnce(TrainConfig) -> TrainConfig,
+) -> (tempfile::TempDir, TrainConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = changes(run_config(dir.path(), name));
+    (dir, cfg)
+}
+
+/// A run trained from [`fresh_config`] whose trace reconstructs its final
+/// weights.
+struct Reconstructed {
+    _dir: tempfile::TempDir,
+    cfg: TrainConfig,
+    summary: TrainSummary,
+    trace: Trace,
+}
+
+/// Trains [`fresh_config`]`(name, changes)` and checks that its trace
+/// reconstructs the final weights (`what` names the run in messages).
+fn reconstructed(
+    name: &str,
+    what: &str,
+    changes: impl FnOnce(TrainConfig) -> TrainConfig,
+) -> Reconstructed {
+    let (_dir, cfg) = fresh_config(name, changes);
+    let summary = train(&cfg, &mut quiet()).unwrap();
+    let trace = assert_reconstructs(&cfg.out, what);
+    Reconstructed {
+        _dir,
+        cfg,
+        summary,
+        trace,
+    }
+}
+
 /// The CNN preset with conv1 stored as factors (the storage rule picks
 /// "full" for both convolutions on 8×8 digits).
 fn cnn_with_factor_storage() -> ModelChoice {
@@ -405,55 +374,27 @@ fn cnn_with_factor_storage() -> ModelChoice {
 /// A model with a strided, padded, dilated convolution, a bias-free
 /// convolution and a linear layer.
 fn factor_test_model() -> Model {
-    let conv_a = Conv2dSpec {
-        name: "conv_a".into(),
-        in_channels: 2,
-        out_channels: 3,
-        kernel: [3, 3],
-        stride: [2, 2],
-        padding: [1, 1],
-        dilation: [2, 2],
-        input_hw: [9, 9],
-        // (9 + 2 − 2·2 − 1)/2 + 1 = 4
-        output_hw: [4, 4],
-        bias: true,
-        traced: true,
-        storage: Storage::Factors,
-    };
-    let conv_b = Conv2dSpec {
-        name: "conv_b".into(),
-        in_channels: 3,
-        out_channels: 4,
-        kernel: [2, 3],
-        stride: [1, 1],
-        padding: [0, 1],
-        dilation: [1, 1],
-        input_hw: [4, 4],
-        output_hw: [3, 4],
-        bias: false,
-        traced: true,
-        storage: Storage::Full,
-    };
-    Model {
-        structure: Default::default(),
-        name: "factor_test".into(),
-        input_shape: vec![2, 9, 9],
-        modules: vec![
-            Module::Conv2d(conv_a),
+    models::model(
+        "factor_test",
+        vec![2, 9, 9],
+        vec![
+            // (9 + 2 − 2·2 − 1)/2 + 1 = 4 outputs a side.
+            Conv::new("conv_a", 2, 3, [9, 9])
+                .stride([2, 2])
+                .dilation([2, 2])
+                .module(),
             Module::Tanh,
-            Module::Conv2d(conv_b),
+            Conv::new("conv_b", 3, 4, [4, 4])
+                .kernel([2, 3])
+                .padding([0, 1])
+                .bias(false)
+                .storage(Storage::Full)
+                .module(),
             Module::Relu,
             Module::Flatten,
-            Module::Linear(LinearSpec {
-                name: "fc".into(),
-                in_features: 48,
-                out_features: 5,
-                bias: true,
-                traced: true,
-            }),
+            models::linear("fc", 48, 5, true),
         ],
-        frozen: Vec::new(),
-    }
+    )
 }
 
 #[test]
@@ -577,13 +518,16 @@ fn factors_sum_to_autograd_gradients() {
 
 #[test]
 fn reconstruction_plain_sgd_mlp() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
+    // The probes are read from the run below: keep its directory.
+    let Reconstructed {
+        _dir,
+        cfg,
+        summary,
+        trace,
+    } = reconstructed("mlp", "sgd mlp", |c| TrainConfig {
         probes: ProbeSet::All,
-        ..run_config(dir.path(), "mlp")
-    };
-    let summary = train(&cfg, &mut quiet()).unwrap();
-    let trace = assert_reconstructs(&cfg.out, "sgd mlp");
+        ..c
+    });
     assert_eq!(summary.steps, 2 * 45);
     for (layer, rows) in &trace.rows {
         assert_eq!(
@@ -624,17 +568,14 @@ fn reconstruction_plain_sgd_mlp() {
 
 #[test]
 fn reconstruction_momentum_mlp() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
+    let Reconstructed { trace, .. } = reconstructed("momentum", "momentum mlp", |c| TrainConfig {
         momentum: 0.9,
         schedule: LrSchedule::Step {
             every_epochs: 1,
             gamma: 0.5,
         },
-        ..run_config(dir.path(), "momentum")
-    };
-    train(&cfg, &mut quiet()).unwrap();
-    let trace = assert_reconstructs(&cfg.out, "momentum mlp");
+        ..c
+    });
     // The stored learning rates follow the schedule.
     assert_eq!(trace.lrs[0], 0.1);
     assert_eq!(trace.lrs[45], 0.05);
@@ -642,14 +583,11 @@ fn reconstruction_momentum_mlp() {
 
 #[test]
 fn reconstruction_sgd_cnn_both_storages() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
+    let Reconstructed { trace, .. } = reconstructed("cnn", "sgd cnn", |c| TrainConfig {
         model: cnn_with_factor_storage(),
         lr: 0.05,
-        ..run_config(dir.path(), "cnn")
-    };
-    train(&cfg, &mut quiet()).unwrap();
-    let trace = assert_reconstructs(&cfg.out, "sgd cnn");
+        ..c
+    });
     let storages: Vec<Storage> = trace
         .manifest
         .model
@@ -664,17 +602,14 @@ fn reconstruction_sgd_cnn_both_storages() {
 
 #[test]
 fn reconstruction_nesterov_cnn_cosine() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
+    let Reconstructed { trace, .. } = reconstructed("nesterov", "nesterov cnn", |c| TrainConfig {
         model: cnn_with_factor_storage(),
         lr: 0.05,
         momentum: 0.8,
         nesterov: true,
         schedule: LrSchedule::Cosine { min_lr: 0.001 },
-        ..run_config(dir.path(), "nesterov")
-    };
-    train(&cfg, &mut quiet()).unwrap();
-    let trace = assert_reconstructs(&cfg.out, "nesterov cnn");
+        ..c
+    });
     // λ_s/η_s checked numerically: push a unit gradient at step s through
     // the scalar Nesterov recurrence and measure the total displacement.
     let scales = trace.scales();
@@ -697,13 +632,12 @@ fn reconstruction_nesterov_cnn_cosine() {
 
 #[test]
 fn weight_decay_residual_is_the_decay_displacement() {
-    let dir = tempfile::tempdir().unwrap();
     let wd = 0.01;
-    let cfg = TrainConfig {
+    let (_dir, cfg) = fresh_config("wd", |c| TrainConfig {
         momentum: 0.9,
         weight_decay: wd,
-        ..run_config(dir.path(), "wd")
-    };
+        ..c
+    });
     train(&cfg, &mut quiet()).unwrap();
     let trace = Trace::read(&cfg.out);
     let scales = trace.scales();
@@ -1184,10 +1118,10 @@ fn demo_settings_reach_90_percent_with_probes() {
                 assert!(row >= digits.n_train, "default probes are the test split");
                 assert!(inst.is_null(i), "test probes are not training instances");
                 assert_eq!(label.value(i), digits.labels[row]);
-                let a = list_f64(a, i);
+                let a = list::<Float64Type>(a, i);
                 let want_a: Vec<f64> = digits.row(row).iter().map(|&x| f64::from(x)).collect();
                 assert_eq!(a, want_a);
-                let p = list_f64(p, i);
+                let p = list::<Float64Type>(p, i);
                 for o in 0..32 {
                     let want = db[o] + (0..64).map(|k| dw[o * 64 + k] * a[k]).sum::<f64>();
                     max_err = max_err.max((p[o] - want).abs());
@@ -1204,12 +1138,11 @@ fn demo_settings_reach_90_percent_with_probes() {
 
 #[test]
 fn non_finite_loss_aborts_and_keeps_good_steps() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
+    let (_dir, cfg) = fresh_config("nan", |c| TrainConfig {
         lr: 1e30,
         momentum: 0.0,
-        ..run_config(dir.path(), "nan")
-    };
+        ..c
+    });
     let err = train(&cfg, &mut quiet()).unwrap_err();
     let Error::NonFiniteLoss { step, .. } = err else {
         panic!("expected a non-finite loss error, got {err}")

@@ -1,13 +1,18 @@
 //! Contributions against an independent brute force, completeness, options.
 use crate::read::{self, Contribution, Probe};
+use reptrace_analyze::attribution::Report;
 use reptrace_analyze::{Options, ProbeSelection, StepRange, attribute};
 use reptrace_format::{Dtype, Manifest, Optimizer, Storage, displacement_scales};
-use reptrace_testkit::synthetic::{Synth, Wb, conv, delta_from_factors, forward, linear};
+use reptrace_testkit::synthetic::{Built, Synth, Wb, conv, delta_from_factors, forward, linear};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-fn run_dir(tmp: &tempfile::TempDir) -> std::path::PathBuf {
-    tmp.path().join("run")
+/// `synth` written to `<tmp>/run`; the run lives as long as the directory.
+fn written(synth: &Synth) -> (tempfile::TempDir, PathBuf, Built) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let built = synth.write(&run);
+    (tmp, run, built)
 }
 
 fn all() -> Options {
@@ -116,54 +121,49 @@ fn check_brute_force(run: &Path, synth: &Synth) {
     assert!(checked > 100, "only {checked} rows checked");
 }
 
+/// Writes `synth`, attributes it with `options` and checks every row by brute force.
+fn brute_force(synth: &Synth, options: &Options) -> Report {
+    let (_tmp, run, _) = written(synth);
+    let report = attribute(&run, options, &mut |_| {}).unwrap();
+    check_brute_force(&run, synth);
+    report
+}
+
 #[test]
 fn brute_force_linear_plain_sgd() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
-    let synth = Synth::default();
-    synth.write(&run);
-    attribute(&run, &all(), &mut |_| {}).unwrap();
-    check_brute_force(&run, &synth);
+    brute_force(&Synth::default(), &all());
 }
 
 #[test]
 fn brute_force_conv_factors_momentum_f16() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
     let synth = Synth {
         layers: vec![conv("c1", Storage::Factors), linear("fc", 4, 3, true)],
         optimizer: momentum(0.9, 0.1, false),
         dtype: Dtype::F16,
         ..Synth::default()
     };
-    synth.write(&run);
     // Small batches and a tiny memory budget: several batches and probe passes.
     let options = Options {
         batch_rows: Some(7),
         memory_budget: 6_000,
         ..all()
     };
-    let report = attribute(&run, &options, &mut |_| {}).unwrap();
+    let report = brute_force(&synth, &options);
     assert!(
         report.layers.iter().any(|l| l.passes > 1),
         "{:?}",
         report.layers
     );
-    check_brute_force(&run, &synth);
 }
 
 #[test]
 fn brute_force_conv_full_nesterov() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
     let synth = Synth {
         layers: vec![conv("c1", Storage::Full)],
         optimizer: momentum(0.8, 0.0, true),
         ..Synth::default()
     };
-    synth.write(&run);
-    attribute(&run, &all(), &mut |_| {}).unwrap();
-    check_brute_force(&run, &synth);
+    brute_force(&synth, &all());
 }
 
 /// Σ dot per probe and layer, and the residual row's dot.
@@ -180,6 +180,26 @@ fn sums(rows: &[Contribution]) -> HashMap<(String, i64), (f64, f64)> {
     out
 }
 
+/// Checks Σ dot = ‖p‖² for every attributed probe of `run` (`case` names it in
+/// messages); gives each probe's residual dot with its ‖p‖².
+fn completeness(run: &Path, case: &str) -> Vec<(f64, f64)> {
+    let probes = read::probes(run);
+    let s = sums(&read::contributions(run));
+    assert_eq!(s.len(), probes.len(), "{case}");
+    probes
+        .iter()
+        .map(|p| {
+            let (total, residual) = s[&(p.layer.clone(), p.probe_id)];
+            let pn2 = p.p_norm * p.p_norm;
+            assert!(
+                (total - pn2).abs() <= 1e-9 * pn2,
+                "{case}: Σ dot {total} vs ‖p‖² {pn2}"
+            );
+            (residual, pn2)
+        })
+        .collect()
+}
+
 #[test]
 fn completeness_without_decay() {
     for (i, optimizer) in [
@@ -190,26 +210,14 @@ fn completeness_without_decay() {
     .into_iter()
     .enumerate()
     {
-        let tmp = tempfile::tempdir().unwrap();
-        let run = run_dir(&tmp);
-        let synth = Synth {
+        let (_tmp, run, _) = written(&Synth {
             layers: vec![conv("c1", Storage::Factors), linear("fc", 4, 3, true)],
             optimizer,
             seed: 11 + i as u64,
             ..Synth::default()
-        };
-        synth.write(&run);
+        });
         attribute(&run, &all(), &mut |_| {}).unwrap();
-        let probes = read::probes(&run);
-        let s = sums(&read::contributions(&run));
-        assert_eq!(s.len(), probes.len());
-        for p in &probes {
-            let (total, residual) = s[&(p.layer.clone(), p.probe_id)];
-            let pn2 = p.p_norm * p.p_norm;
-            assert!(
-                (total - pn2).abs() <= 1e-9 * pn2,
-                "case {i}: Σ dot {total} vs ‖p‖² {pn2}"
-            );
+        for (residual, pn2) in completeness(&run, &format!("case {i}")) {
             // The final weights are the f32 rounding of the exact sum: tiny residual.
             assert!(
                 residual.abs() <= 1e-6 * pn2,
@@ -221,8 +229,6 @@ fn completeness_without_decay() {
 
 #[test]
 fn completeness_with_decay_goes_to_the_residual() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
     let synth = Synth {
         layers: vec![linear("fc1", 5, 4, true), conv("c1", Storage::Full)],
         optimizer: Optimizer {
@@ -231,21 +237,14 @@ fn completeness_with_decay_goes_to_the_residual() {
         },
         ..Synth::default()
     };
-    let built = synth.write(&run);
+    let (_tmp, run, built) = written(&synth);
     let report = attribute(&run, &all(), &mut |_| {}).unwrap();
-    let rows = read::contributions(&run);
-    let s = sums(&rows);
-    let probes = read::probes(&run);
     let mut largest_residual = 0.0f64;
-    for p in &probes {
-        let (total, residual) = s[&(p.layer.clone(), p.probe_id)];
-        let pn2 = p.p_norm * p.p_norm;
-        assert!(
-            (total - pn2).abs() <= 1e-9 * pn2,
-            "Σ dot {total} vs ‖p‖² {pn2}"
-        );
+    for (residual, pn2) in completeness(&run, "decay") {
         largest_residual = largest_residual.max((residual / pn2).abs());
     }
+    let rows = read::contributions(&run);
+    let probes = read::probes(&run);
     assert!(
         largest_residual > 1e-3,
         "decay left no residual: {largest_residual}"
@@ -300,10 +299,7 @@ fn probe_ids(rows: &[Contribution]) -> Vec<i64> {
 
 #[test]
 fn probe_selection_layers_and_errors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
-    let synth = Synth::default();
-    synth.write(&run);
+    let (_tmp, run, _) = written(&Synth::default());
     // Default: test probes (instances 20..25 → probes 120..125).
     attribute(&run, &Options::default(), &mut |_| {}).unwrap();
     assert_eq!(
@@ -351,10 +347,7 @@ fn probe_selection_layers_and_errors() {
 
 #[test]
 fn steps_self_only_and_additions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_dir(&tmp);
-    let synth = Synth::default();
-    synth.write(&run);
+    let (_tmp, run, _) = written(&Synth::default());
     attribute(&run, &all(), &mut |_| {}).unwrap();
     let full = read::contributions(&run);
     let first_files: Vec<String> = Manifest::load(&run)

@@ -385,27 +385,31 @@ async fn parameters_and_query_files() {
             }
         }
     };
-    let e = err("top_proponents", vec![("probe", "121"), ("kk", "3")]).await;
-    assert!(
-        e.contains("parameter kk: unknown (parameters of top_proponents: probe, k)"),
-        "{e}"
-    );
-    let e = err("top_proponents", vec![]).await;
-    assert!(
-        e.contains("parameter probe: missing (int64: the probe id)"),
-        "{e}"
-    );
-    let e = err("top_proponents", vec![("probe", "12x")]).await;
-    assert!(
-        e.contains("parameter probe: invalid value \"12x\": expected int64"),
-        "{e}"
-    );
-    let e = err("no_such_query", vec![]).await;
-    assert!(
-        e.contains("query no_such_query: no such query (built-in: top_proponents"),
-        "{e}"
-    );
-    assert!(!e.contains('\n'));
+    for (name, params, want) in [
+        (
+            "top_proponents",
+            vec![("probe", "121"), ("kk", "3")],
+            "parameter kk: unknown (parameters of top_proponents: probe, k)",
+        ),
+        (
+            "top_proponents",
+            vec![],
+            "parameter probe: missing (int64: the probe id)",
+        ),
+        (
+            "top_proponents",
+            vec![("probe", "12x")],
+            "parameter probe: invalid value \"12x\": expected int64",
+        ),
+        (
+            "no_such_query",
+            vec![],
+            "query no_such_query: no such query (built-in: top_proponents",
+        ),
+    ] {
+        let e = err(name, params).await;
+        assert!(e.contains(want) && !e.contains('\n'), "{e}");
+    }
 
     // A query file by path; an undeclared placeholder is refused; values are bound, not spliced.
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //! the arrow Parquet reader over the files the manifest lists.
 use arrow::array::AsArray;
 use arrow::datatypes::{Float16Type, Float32Type, Float64Type, Int32Type, Int64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrowPrimitiveType, RecordBatch};
 use reptrace_format::{Manifest, Table};
 use reptrace_testkit::files::read_parquet;
 use std::path::Path;
@@ -46,33 +46,53 @@ fn floats(a: &dyn Array) -> Vec<f64> {
     }
 }
 
-fn list_rows(b: &RecordBatch, name: &str) -> Vec<Vec<f64>> {
-    let l = b.column_by_name(name).unwrap().as_list::<i32>();
-    (0..l.len()).map(|i| floats(l.value(i).as_ref())).collect()
+/// Row `r` of a batch of one table, its values taken by column name.
+struct Row<'a> {
+    layer: &'a Option<String>,
+    batch: &'a RecordBatch,
+    r: usize,
 }
 
-fn i64s(b: &RecordBatch, name: &str) -> Vec<Option<i64>> {
-    b.column_by_name(name)
-        .unwrap()
-        .as_primitive::<Int64Type>()
+impl Row<'_> {
+    fn layer(&self) -> String {
+        self.layer.clone().unwrap()
+    }
+
+    fn column(&self, name: &str) -> &dyn Array {
+        self.batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+    }
+
+    /// The value, `None` where it is null.
+    fn get<T: ArrowPrimitiveType>(&self, name: &str) -> Option<T::Native> {
+        let a = self.column(name).as_primitive::<T>();
+        a.is_valid(self.r).then(|| a.value(self.r))
+    }
+
+    /// The stored f64 value, validity not looked at.
+    fn f64(&self, name: &str) -> f64 {
+        self.column(name)
+            .as_primitive::<Float64Type>()
+            .value(self.r)
+    }
+
+    /// The list's values widened to f64.
+    fn list(&self, name: &str) -> Vec<f64> {
+        floats(self.column(name).as_list::<i32>().value(self.r).as_ref())
+    }
+}
+
+/// Every row of `table`, each made into a `T` by `make`.
+fn rows<T>(run: &Path, table: Table, make: impl Fn(&Row) -> T) -> Vec<T> {
+    batches(run, table)
         .iter()
+        .flat_map(|(layer, batch)| {
+            (0..batch.num_rows())
+                .map(|r| make(&Row { layer, batch, r }))
+                .collect::<Vec<_>>()
+        })
         .collect()
-}
-
-fn i32s(b: &RecordBatch, name: &str) -> Vec<Option<i32>> {
-    b.column_by_name(name)
-        .unwrap()
-        .as_primitive::<Int32Type>()
-        .iter()
-        .collect()
-}
-
-fn f64s(b: &RecordBatch, name: &str) -> Vec<f64> {
-    b.column_by_name(name)
-        .unwrap()
-        .as_primitive::<Float64Type>()
-        .values()
-        .to_vec()
 }
 
 #[derive(Debug, Clone)]
@@ -87,28 +107,15 @@ pub struct Update {
 }
 
 pub fn updates(run: &Path) -> Vec<Update> {
-    let mut out = Vec::new();
-    for (layer, b) in batches(run, Table::Updates) {
-        let (s, e, i, l) = (
-            i64s(&b, "step"),
-            i32s(&b, "epoch"),
-            i64s(&b, "instance_id"),
-            i32s(&b, "label"),
-        );
-        let (u, v) = (list_rows(&b, "u"), list_rows(&b, "v"));
-        for r in 0..b.num_rows() {
-            out.push(Update {
-                layer: layer.clone().unwrap(),
-                step: s[r].unwrap(),
-                epoch: e[r].unwrap(),
-                instance_id: i[r].unwrap(),
-                label: l[r].unwrap(),
-                u: u[r].clone(),
-                v: v[r].clone(),
-            });
-        }
-    }
-    out
+    rows(run, Table::Updates, |r| Update {
+        layer: r.layer(),
+        step: r.get::<Int64Type>("step").unwrap(),
+        epoch: r.get::<Int32Type>("epoch").unwrap(),
+        instance_id: r.get::<Int64Type>("instance_id").unwrap(),
+        label: r.get::<Int32Type>("label").unwrap(),
+        u: r.list("u"),
+        v: r.list("v"),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -124,29 +131,16 @@ pub struct Probe {
 }
 
 pub fn probes(run: &Path) -> Vec<Probe> {
-    let mut out = Vec::new();
-    for (layer, b) in batches(run, Table::Probes) {
-        let (id, inst, l, pr) = (
-            i64s(&b, "probe_id"),
-            i64s(&b, "instance_id"),
-            i32s(&b, "label"),
-            i32s(&b, "predicted"),
-        );
-        let (a, p, n) = (list_rows(&b, "a"), list_rows(&b, "p"), f64s(&b, "p_norm"));
-        for r in 0..b.num_rows() {
-            out.push(Probe {
-                layer: layer.clone().unwrap(),
-                probe_id: id[r].unwrap(),
-                instance_id: inst[r],
-                label: l[r].unwrap(),
-                predicted: pr[r].unwrap(),
-                a: a[r].clone(),
-                p: p[r].clone(),
-                p_norm: n[r],
-            });
-        }
-    }
-    out
+    rows(run, Table::Probes, |r| Probe {
+        layer: r.layer(),
+        probe_id: r.get::<Int64Type>("probe_id").unwrap(),
+        instance_id: r.get::<Int64Type>("instance_id"),
+        label: r.get::<Int32Type>("label").unwrap(),
+        predicted: r.get::<Int32Type>("predicted").unwrap(),
+        a: r.list("a"),
+        p: r.list("p"),
+        p_norm: r.f64("p_norm"),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,41 +157,24 @@ pub struct Contribution {
 }
 
 pub fn contributions(run: &Path) -> Vec<Contribution> {
-    let mut out = Vec::new();
-    for (layer, b) in batches(run, Table::Contributions) {
-        let (id, s, e, i, l) = (
-            i64s(&b, "probe_id"),
-            i64s(&b, "step"),
-            i32s(&b, "epoch"),
-            i64s(&b, "instance_id"),
-            i32s(&b, "label"),
-        );
-        let (d, n, c) = (f64s(&b, "dot"), f64s(&b, "norm"), f64s(&b, "cosine"));
-        for r in 0..b.num_rows() {
-            out.push(Contribution {
-                layer: layer.clone().unwrap(),
-                probe_id: id[r].unwrap(),
-                step: s[r],
-                epoch: e[r],
-                instance_id: i[r],
-                label: l[r],
-                dot: d[r],
-                norm: n[r],
-                cosine: c[r],
-            });
-        }
-    }
-    out
+    rows(run, Table::Contributions, |r| Contribution {
+        layer: r.layer(),
+        probe_id: r.get::<Int64Type>("probe_id").unwrap(),
+        step: r.get::<Int64Type>("step"),
+        epoch: r.get::<Int32Type>("epoch"),
+        instance_id: r.get::<Int64Type>("instance_id"),
+        label: r.get::<Int32Type>("label"),
+        dot: r.f64("dot"),
+        norm: r.f64("norm"),
+        cosine: r.f64("cosine"),
+    })
 }
 
 /// Learning rate per step.
 pub fn lrs(run: &Path) -> Vec<f64> {
-    let mut rows: Vec<(i64, f64)> = Vec::new();
-    for (_, b) in batches(run, Table::Steps) {
-        let s = i64s(&b, "step");
-        let lr = f64s(&b, "lr");
-        rows.extend(s.into_iter().map(Option::unwrap).zip(lr));
-    }
+    let mut rows = rows(run, Table::Steps, |r| {
+        (r.get::<Int64Type>("step").unwrap(), r.f64("lr"))
+    });
     rows.sort_by_key(|r| r.0);
     rows.into_iter().map(|r| r.1).collect()
 }

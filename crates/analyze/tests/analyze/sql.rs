@@ -1,80 +1,95 @@
 //! The DataFusion registration and the read-only SQL interface.
 use arrow::array::AsArray;
 use arrow::compute::cast;
-use arrow_array::RecordBatch;
-use arrow_schema::DataType;
+use arrow::datatypes::{Float64Type, Int64Type};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, SchemaRef};
+use reptrace_analyze::datafusion::prelude::SessionContext;
 use reptrace_analyze::{context, open, sql};
 use reptrace_format::{Manifest, Table};
 use reptrace_testkit::synthetic::Synth;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-/// Column `name` of every batch, cast to `ty`.
-pub fn column(batches: &[RecordBatch], name: &str, ty: &DataType) -> Vec<arrow_array::ArrayRef> {
+/// Column `name` of every batch, cast to `ty`, its values taken out by `read`.
+fn values<T>(
+    batches: &[RecordBatch],
+    name: &str,
+    ty: &DataType,
+    read: impl Fn(&ArrayRef) -> Vec<T>,
+) -> Vec<T> {
     batches
         .iter()
-        .map(|b| {
-            cast(
-                b.column_by_name(name)
-                    .unwrap_or_else(|| panic!("no column {name}")),
-                ty,
-            )
-            .unwrap()
+        .flat_map(|b| {
+            let col = b
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"));
+            read(&cast(col, ty).unwrap())
         })
         .collect()
 }
 
 pub fn ints(batches: &[RecordBatch], name: &str) -> Vec<Option<i64>> {
-    column(batches, name, &DataType::Int64)
-        .iter()
-        .flat_map(|a| {
-            a.as_primitive::<arrow::datatypes::Int64Type>()
-                .iter()
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    values(batches, name, &DataType::Int64, |a| {
+        a.as_primitive::<Int64Type>().iter().collect()
+    })
 }
 
 pub fn floats(batches: &[RecordBatch], name: &str) -> Vec<Option<f64>> {
-    column(batches, name, &DataType::Float64)
-        .iter()
-        .flat_map(|a| {
-            a.as_primitive::<arrow::datatypes::Float64Type>()
-                .iter()
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    values(batches, name, &DataType::Float64, |a| {
+        a.as_primitive::<Float64Type>().iter().collect()
+    })
 }
 
 pub fn strings(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
-    column(batches, name, &DataType::Utf8)
-        .iter()
-        .flat_map(|a| {
-            a.as_string::<i32>()
-                .iter()
-                .map(|s| s.map(str::to_owned))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    values(batches, name, &DataType::Utf8, |a| {
+        a.as_string::<i32>()
+            .iter()
+            .map(|s| s.map(str::to_owned))
+            .collect()
+    })
+}
+
+/// The default synthetic run, written to `<tmp>/run`.
+fn synthetic_run() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    Synth::default().write(&run);
+    (tmp, run)
+}
+
+/// A session on `run` with every table registered.
+fn session(run: &Path) -> SessionContext {
+    context(&open(run).unwrap()).unwrap()
+}
+
+/// The schema and batches of `q` on `ctx`.
+async fn query(ctx: &SessionContext, q: &str) -> (SchemaRef, Vec<RecordBatch>) {
+    sql::run(ctx, q).await.unwrap()
+}
+
+/// The result written in `format`.
+fn written(schema: &SchemaRef, b: &[RecordBatch], format: sql::Format) -> Vec<u8> {
+    let mut out = Vec::new();
+    sql::write(schema, b, format, &mut out).unwrap();
+    out
 }
 
 #[tokio::test]
 async fn tables_read_committed_files_only() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    Synth::default().write(&run);
+    let (_tmp, run) = synthetic_run();
     let m = Manifest::load(&run).unwrap();
     // A complete file that no commit lists: must stay invisible.
     let f = &m.files(Table::Updates)[0];
     let stray = run.join(&f.path).with_file_name("part-999999.parquet");
     std::fs::copy(run.join(&f.path), stray).unwrap();
 
-    let ctx = context(&open(&run).unwrap()).unwrap();
-    let (_, b) = sql::run(
+    let ctx = session(&run);
+    let (_, b) = query(
         &ctx,
         "SELECT layer, COUNT(*) AS n FROM updates GROUP BY layer ORDER BY layer",
     )
-    .await
-    .unwrap();
+    .await;
     let got: BTreeMap<String, i64> = strings(&b, "layer")
         .into_iter()
         .zip(ints(&b, "n"))
@@ -86,12 +101,11 @@ async fn tables_read_committed_files_only() {
     }
     assert_eq!(got, want);
     // A filter on the partition column, every table plans, empty contributions.
-    let (_, b) = sql::run(
+    let (_, b) = query(
         &ctx,
         "SELECT COUNT(*) AS n FROM updates WHERE layer = 'fc2'",
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(ints(&b, "n"), vec![Some(want["fc2"])]);
     // Contributions are computed on demand: every probe with every record
     // of its layer, and one residual row.
@@ -116,12 +130,10 @@ async fn tables_read_committed_files_only() {
         ("SELECT COUNT(*) AS n FROM steps", 12),
         ("SELECT COUNT(*) AS n FROM probes WHERE layer = 'fc1'", 8),
     ] {
-        let (_, b) = sql::run(&ctx, q).await.unwrap();
+        let (_, b) = query(&ctx, q).await;
         assert_eq!(ints(&b, "n"), vec![Some(n)], "{q}");
     }
-    let (schema, b) = sql::run(&ctx, "SELECT * FROM contributions WHERE probe_id = -1")
-        .await
-        .unwrap();
+    let (schema, b) = query(&ctx, "SELECT * FROM contributions WHERE probe_id = -1").await;
     assert!(b.iter().all(|b| b.num_rows() == 0));
     assert_eq!(
         schema.field_with_name("layer").unwrap().data_type(),
@@ -131,10 +143,8 @@ async fn tables_read_committed_files_only() {
 
 #[tokio::test]
 async fn refusals_are_one_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    Synth::default().write(&run);
-    let ctx = context(&open(&run).unwrap()).unwrap();
+    let (tmp, run) = synthetic_run();
+    let ctx = session(&run);
     let target = tmp.path().join("out.csv");
     let copy = format!("COPY (SELECT 1) TO '{}'", target.display());
     let parquet = run.join("instances/part-000000.parquet");
@@ -194,32 +204,24 @@ async fn refusals_are_one_line() {
     }
     assert!(!target.exists());
     // A CTE named like a table is fine, so is a subquery.
-    let (_, b) = sql::run(
+    let (_, b) = query(
         &ctx,
         "WITH s AS (SELECT step FROM steps) SELECT COUNT(*) AS n FROM (SELECT * FROM s) t",
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(ints(&b, "n"), vec![Some(12)]);
 }
 
 #[tokio::test]
 async fn output_formats() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    Synth::default().write(&run);
-    let ctx = context(&open(&run).unwrap()).unwrap();
-    let (schema, b) = sql::run(
+    let (tmp, run) = synthetic_run();
+    let ctx = session(&run);
+    let (schema, b) = query(
         &ctx,
         "SELECT step, lr FROM steps WHERE step < 2 ORDER BY step",
     )
-    .await
-    .unwrap();
-    let text = |f: sql::Format| {
-        let mut out = Vec::new();
-        sql::write(&schema, &b, f, &mut out).unwrap();
-        out
-    };
+    .await;
+    let text = |f: sql::Format| written(&schema, &b, f);
     let table = String::from_utf8(text(sql::Format::Table)).unwrap();
     assert!(table.contains("| step | lr"), "{table}");
     let csv = String::from_utf8(text(sql::Format::Csv)).unwrap();
@@ -237,13 +239,9 @@ async fn output_formats() {
     let back: Vec<RecordBatch> = reptrace_testkit::files::read_parquet(&pq);
     assert_eq!(ints(&back, "step"), vec![Some(0), Some(1)]);
     // Empty results still show their columns.
-    let (schema, b) = sql::run(&ctx, "SELECT step, lr FROM steps WHERE step < 0")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    sql::write(&schema, &b, sql::Format::Csv, &mut out).unwrap();
-    assert_eq!(String::from_utf8(out).unwrap().trim(), "step,lr");
-    let mut out = Vec::new();
-    sql::write(&schema, &b, sql::Format::Json, &mut out).unwrap();
-    assert_eq!(String::from_utf8(out).unwrap().trim(), "[]");
+    let (schema, b) = query(&ctx, "SELECT step, lr FROM steps WHERE step < 0").await;
+    for (format, want) in [(sql::Format::Csv, "step,lr"), (sql::Format::Json, "[]")] {
+        let out = String::from_utf8(written(&schema, &b, format)).unwrap();
+        assert_eq!(out.trim(), want);
+    }
 }
