@@ -13,3 +13,38 @@ accumulation and the scheduler the trainer runs are recorded as they
 happen; instance mode when the optimizer is ``torch.optim.SGD``, batch mode
 otherwise.
 """
+
+
+class _Recording:
+    """What both callbacks hold: the run's options, and the tracer they
+    build when training starts."""
+
+    def __init__(self, run_dir, classes, layers, mode, dtype, name, settings, probes):
+        self.run_dir = run_dir
+        self.classes = classes
+        self.layers = layers
+        self.mode = mode
+        self.dtype = dtype
+        self.name = name
+        self.settings = dict(settings or {})
+        self.probes = probes
+        self.tracer = None
+        self.manifest: dict | None = None
+
+    def _follow(self, model, optimizer, scheduler, trainer_settings: dict):
+        """A Tracer on ``model`` and ``optimizer`` that follows the
+        optimizer: instance mode for ``torch.optim.SGD`` unless ``mode``
+        says otherwise, batch mode for any other optimizer."""
+        import torch
+
+        from .._torch import Tracer
+
+        mode = self.mode or ("instance" if isinstance(optimizer, torch.optim.SGD) else "batch")
+        self.tracer = Tracer(model, optimizer, self.run_dir, classes=self.classes,
+                             layers=self.layers, mode=mode, dtype=self.dtype,
+                             scheduler=scheduler, name=self.name,
+                             settings={**trainer_settings, **self.settings})
+        self.tracer.follow_optimizer()
+
+    def _finish(self) -> None:
+        self.manifest = self.tracer.finish(self.probes)

@@ -19,10 +19,10 @@ import torch
 from transformers import TrainerCallback
 
 from .._reptrace import InvalidInput
-from .._torch import Tracer
+from . import _Recording
 
 
-class ReptraceCallback(TrainerCallback):
+class ReptraceCallback(_Recording, TrainerCallback):
     """Records a ``Trainer`` run into ``run_dir``.
 
     Args:
@@ -42,18 +42,9 @@ class ReptraceCallback(TrainerCallback):
 
     def __init__(self, run_dir, *, classes, id_column="reptrace_id", label_column="labels",
                  layers=None, mode=None, dtype="f32", name=None, settings=None, probes=None):
-        self.run_dir = run_dir
-        self.classes = classes
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes)
         self.id_column = id_column
         self.label_column = label_column
-        self.layers = layers
-        self.mode = mode
-        self.dtype = dtype
-        self.name = name
-        self.settings = dict(settings or {})
-        self.probes = probes
-        self.tracer: Tracer | None = None
-        self.manifest: dict | None = None
         self._accumulation = 1
         self._hooks = []
 
@@ -68,18 +59,12 @@ class ReptraceCallback(TrainerCallback):
             )
         # The Trainer hands an accelerate-wrapped optimizer; its torch optimizer steps.
         inner = getattr(optimizer, "optimizer", optimizer)
-        mode = self.mode or ("instance" if isinstance(inner, torch.optim.SGD) else "batch")
-        settings = {
-            "trainer": "transformers.Trainer",
-            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
-            "max_grad_norm": float(args.max_grad_norm or 0.0),
-            **self.settings,
-        }
         self._accumulation = int(args.gradient_accumulation_steps)
-        self.tracer = Tracer(model, inner, self.run_dir, classes=self.classes, layers=self.layers,
-                             mode=mode, dtype=self.dtype, scheduler=lr_scheduler, name=self.name,
-                             settings=settings)
-        self.tracer.follow_optimizer()
+        self._follow(model, inner, lr_scheduler, {
+            "trainer": "transformers.Trainer",
+            "gradient_accumulation_steps": self._accumulation,
+            "max_grad_norm": float(args.max_grad_norm or 0.0),
+        })
         self._hooks = [
             model.register_forward_pre_hook(self._take_ids, with_kwargs=True),
             model.register_forward_hook(self._tell_batch, with_kwargs=True),
@@ -96,7 +81,7 @@ class ReptraceCallback(TrainerCallback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.manifest = self.tracer.finish(self.probes)
+        self._finish()
 
     # ------------------------------------------------------------ model hooks
 

@@ -15,11 +15,10 @@ when its ``forward`` returns (batch, classes) logits, else what ``loss``
 """
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Callback
 
 from .._reptrace import InvalidInput
-from .._torch import Tracer
+from . import _Recording
 
 
 def _default_ids(batch):
@@ -33,7 +32,7 @@ def _default_ids(batch):
     )
 
 
-class ReptraceCallback(Callback):
+class ReptraceCallback(_Recording, Callback):
     """Records the ``fit`` of a ``LightningModule`` into ``run_dir``.
 
     Args:
@@ -49,17 +48,8 @@ class ReptraceCallback(Callback):
 
     def __init__(self, run_dir, *, classes, ids=None, layers=None, mode=None, dtype="f32",
                  name=None, settings=None, probes=None):
-        self.run_dir = run_dir
-        self.classes = classes
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes)
         self.ids = ids or _default_ids
-        self.layers = layers
-        self.mode = mode
-        self.dtype = dtype
-        self.name = name
-        self.settings = dict(settings or {})
-        self.probes = probes
-        self.tracer: Tracer | None = None
-        self.manifest: dict | None = None
 
     def on_train_start(self, trainer, pl_module):
         optimizers = trainer.optimizers
@@ -67,20 +57,12 @@ class ReptraceCallback(Callback):
             raise InvalidInput(
                 f"ReptraceCallback: {len(optimizers)} optimizers; one optimizer is traced"
             )
-        opt = optimizers[0]
-        mode = self.mode or ("instance" if isinstance(opt, torch.optim.SGD) else "batch")
         configs = trainer.lr_scheduler_configs
-        scheduler = configs[0].scheduler if configs else None
-        settings = {
+        self._follow(pl_module, optimizers[0], configs[0].scheduler if configs else None, {
             "trainer": "lightning.Trainer",
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
-            **self.settings,
-        }
-        self.tracer = Tracer(pl_module, opt, self.run_dir, classes=self.classes,
-                             layers=self.layers, mode=mode, dtype=self.dtype,
-                             scheduler=scheduler, name=self.name, settings=settings)
-        self.tracer.follow_optimizer()
+        })
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         ids, labels = self.ids(batch)
@@ -90,7 +72,7 @@ class ReptraceCallback(Callback):
         self.tracer.end_epoch()
 
     def on_train_end(self, trainer, pl_module):
-        self.manifest = self.tracer.finish(self.probes)
+        self._finish()
 
     def on_exception(self, trainer, pl_module, exception):
         if self.tracer is not None:
