@@ -8,10 +8,10 @@
 
 Each training batch gives its instance ids and labels through ``ids`` (a
 function of the batch; by default a batch is ``(ids, inputs, labels)``, or a
-dict with ``"reptrace_id"`` and ``"labels"``). The model's loss for the
-recorded ``steps.loss`` is the mean cross-entropy of the module's outputs
-when its ``forward`` returns (batch, classes) logits, else what ``loss``
-(a function of the batch's ``training_step`` output) gives.
+dict with ``"reptrace_id"`` and ``"labels"``). The step's recorded loss
+(``steps.loss``) is the mean cross-entropy of the module's outputs in the
+step, so its ``forward`` returns (batch, classes) logits; a module whose
+``forward`` returns something else is refused with one line.
 """
 from __future__ import annotations
 
