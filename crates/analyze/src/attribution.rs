@@ -219,9 +219,15 @@ pub struct Progress {
 impl Progress {
     /// Contribution rows (record × probe pairs) per second so far.
     pub fn rows_per_sec(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 { self.rows as f64 / s } else { 0.0 }
+        per_second(self.rows, self.elapsed)
     }
+}
+
+/// `count` per second of `elapsed` (0 before any time has passed); the rate
+/// the progress of an attribution or an export shows.
+pub(crate) fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let s = elapsed.as_secs_f64();
+    if s > 0.0 { count as f64 / s } else { 0.0 }
 }
 
 /// What one layer's attribution produced.

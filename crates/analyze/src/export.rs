@@ -173,8 +173,7 @@ pub struct Progress {
 impl Progress {
     /// Rows written per second so far.
     pub fn rows_per_sec(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 { self.rows as f64 / s } else { 0.0 }
+        crate::attribution::per_second(self.rows, self.elapsed)
     }
 }
 

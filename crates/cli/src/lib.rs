@@ -15,12 +15,42 @@
 //! errors are one `error:` line too (clap's message, its tip, and which
 //! `--help` to read) and exit with 2; `--help` and `--version` print as
 //! usual; a closed stdout pipe counts as success.
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
 pub mod cmd;
+
+/// Explain a trained network by tracing its training: record per-instance
+/// updates to Parquet, attribute, and query them with SQL.
+// The command line of both binaries; `T`, `D` and `P` are the arguments of
+// `train`, `demo` and `probe`. (A plain comment: the doc comment above is
+// the `--help` text.)
+#[derive(Debug, Parser)]
+#[command(name = "reptrace", version, about, propagate_version = true)]
+pub struct Cli<T: Args, D: Args, P: Args> {
+    /// The command given.
+    #[command(subcommand)]
+    pub command: Command<T, D, P>,
+}
+
+/// Every `reptrace` command: the [`Analysis`] ones and the three that run a
+/// model through libtorch.
+// The variants' sizes are the binaries' (`reptrace-torch` boxes its largest).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command<T: Args, D: Args, P: Args> {
+    /// The commands that read a run.
+    #[command(flatten)]
+    Analysis(Analysis),
+    /// Train a model (SGD, Adam or AdamW) and record its trace.
+    Train(T),
+    /// Train the MLP on the bundled digits with tracing and show what was recorded.
+    Demo(D),
+    /// Add new inputs as probes of a run, at any time after training.
+    Probe(P),
+}
 
 /// The commands that read a run (and `attribute`, which adds derived rows
 /// to it): everything but training and forward passes.

@@ -5,31 +5,12 @@
 //! beside it, which this one executes in its place (same process id,
 //! arguments, standard streams and exit status). See the library docs for
 //! how output and errors look.
-use clap::{Parser, Subcommand};
-use reptrace_cli::{Analysis, TORCH_COMMANDS};
+use reptrace_cli::{Command, TORCH_COMMANDS};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-/// Explain a trained network by tracing its training: record per-instance
-/// updates to Parquet, attribute, and query them with SQL.
-#[derive(Debug, Parser)]
-#[command(name = "reptrace", version, about, propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    #[command(flatten)]
-    Analysis(Analysis),
-    /// Train a model (SGD, Adam or AdamW) and record its trace.
-    Train(Torch),
-    /// Train the MLP on the bundled digits with tracing and show what was recorded.
-    Demo(Torch),
-    /// Add new inputs as probes of a run, at any time after training.
-    Probe(Torch),
-}
+/// The command line, with `train`, `demo` and `probe` handed over whole.
+type Cli = reptrace_cli::Cli<Torch, Torch, Torch>;
 
 /// The arguments of a command that `reptrace-torch` parses.
 #[derive(Debug, clap::Args)]

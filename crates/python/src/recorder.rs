@@ -239,35 +239,21 @@ impl PyRecorder {
     fn layer_steps(&mut self, step: i64, epoch: i32, rows: Vec<LayerStepTuple>) -> PyResult<()> {
         let rows = rows
             .into_iter()
-            .map(
-                |(
-                    layer,
-                    param_group,
-                    lr,
-                    momentum,
-                    dampening,
-                    nesterov,
-                    weight_decay,
-                    grad_scale,
-                    grad_check,
-                    grad_norm,
-                    precision,
-                )| LayerStepRow {
-                    step,
-                    epoch,
-                    layer,
-                    param_group,
-                    lr,
-                    momentum,
-                    dampening,
-                    nesterov,
-                    weight_decay,
-                    grad_scale,
-                    grad_check,
-                    grad_norm,
-                    precision,
-                },
-            )
+            .map(|t| LayerStepRow {
+                step,
+                epoch,
+                layer: t.0,
+                param_group: t.1,
+                lr: t.2,
+                momentum: t.3,
+                dampening: t.4,
+                nesterov: t.5,
+                weight_decay: t.6,
+                grad_scale: t.7,
+                grad_check: t.8,
+                grad_norm: t.9,
+                precision: t.10,
+            })
             .collect();
         self.rec()?.layer_steps(rows).map_err(error::record)
     }

@@ -329,6 +329,40 @@ mod tests {
         }
     }
 
+    /// Writes part `part` of layer `l`'s updates with `opts`, `writes` batches
+    /// of `rows_each` rows; the rows of each row group of the file.
+    fn updates_row_groups(
+        dir: &Path,
+        opts: &ParquetOptions,
+        part: u64,
+        writes: usize,
+        rows_each: usize,
+    ) -> Vec<i64> {
+        let props = properties(opts, "r", Table::Updates, Some("l")).unwrap();
+        let mut w = PartWriter::create(
+            dir,
+            Table::Updates,
+            Some("l"),
+            part,
+            schema(Table::Updates, Dtype::F32),
+            props,
+            opts,
+        )
+        .unwrap();
+        for _ in 0..writes {
+            w.write(&crate::columns::updates(rows(rows_each), Dtype::F32).unwrap())
+                .unwrap();
+        }
+        let (_, path) = w.finish().unwrap();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect()
+    }
+
     #[test]
     fn row_groups_are_bounded_by_bytes_and_rows() {
         let dir = tempfile::tempdir().unwrap();
@@ -337,29 +371,7 @@ mod tests {
             row_group_rows: 64,
             row_group_bytes: 1 << 20,
         };
-        let props = properties(&opts, "r", Table::Updates, Some("l")).unwrap();
-        let mut w = PartWriter::create(
-            dir.path(),
-            Table::Updates,
-            Some("l"),
-            0,
-            schema(Table::Updates, Dtype::F32),
-            props,
-            &opts,
-        )
-        .unwrap();
-        for _ in 0..10 {
-            w.write(&crate::columns::updates(rows(30), Dtype::F32).unwrap())
-                .unwrap();
-        }
-        let (_, path) = w.finish().unwrap();
-        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
-        let sizes: Vec<i64> = reader
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|g| g.num_rows())
-            .collect();
+        let sizes = updates_row_groups(dir.path(), &opts, 0, 10, 30);
         assert_eq!(sizes.iter().sum::<i64>(), 300);
         assert!(sizes.iter().all(|&n| n <= 64), "{sizes:?}");
 
@@ -368,24 +380,7 @@ mod tests {
             row_group_bytes: 1,
             ..opts
         };
-        let props = properties(&opts, "r", Table::Updates, Some("l")).unwrap();
-        let mut w = PartWriter::create(
-            dir.path(),
-            Table::Updates,
-            Some("l"),
-            1,
-            schema(Table::Updates, Dtype::F32),
-            props,
-            &opts,
-        )
-        .unwrap();
-        for _ in 0..5 {
-            w.write(&crate::columns::updates(rows(10), Dtype::F32).unwrap())
-                .unwrap();
-        }
-        let (_, path) = w.finish().unwrap();
-        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
-        assert_eq!(reader.metadata().num_row_groups(), 5);
+        assert_eq!(updates_row_groups(dir.path(), &opts, 1, 5, 10).len(), 5);
     }
 
     #[test]

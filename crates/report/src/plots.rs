@@ -12,6 +12,7 @@
 //! ([`rgb`], [`colour`]) across the whole report; the data map colours by
 //! correctness instead ([`correctness_rgb`]).
 use crate::{Candidate, Dynamics, Images, Influence, Layer};
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -179,23 +180,20 @@ pub fn ridge(layer: &Layer, classes: &[String], predicted: i32) -> String {
     let top = n.saturating_sub(1) as f64 + OVERLAP;
     let h = (ROW * top).ceil() as u32 + 110;
     let chart = svg((W, h), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!(
-                    "Layer {}: norm-weighted cosine density per class",
-                    layer.name
-                ),
-                (FONT, 19),
-            )
-            .margin(10)
-            .x_label_area_size(45)
-            .y_label_area_size(110)
-            .build_cartesian_2d(
-                // Ticks every 0.5 from −1 to 1 (the end is past 1 so that 1 is one).
-                (-1.0..1.0 + 1e-9).step(0.5),
-                // Ticks on the baselines 0, 1, …
-                (0.0..top).step(1.0),
-            )?;
+        let mut chart = chart_on(
+            root,
+            format!(
+                "Layer {}: norm-weighted cosine density per class",
+                layer.name
+            ),
+            110,
+        )
+        .build_cartesian_2d(
+            // Ticks every 0.5 from −1 to 1 (the end is past 1 so that 1 is one).
+            (-1.0..1.0 + 1e-9).step(0.5),
+            // Ticks on the baselines 0, 1, …
+            (0.0..top).step(1.0),
+        )?;
         let y_name = |v: &f64| {
             let i = n as f64 - 1.0 - v.round();
             if i < 0.0 {
@@ -207,18 +205,13 @@ pub fn ridge(layer: &Layer, classes: &[String], predicted: i32) -> String {
                 .map(|r| tick_name(classes, r.label, predicted))
                 .unwrap_or_default()
         };
-        chart
-            .configure_mesh()
+        mesh_style(&mut chart.configure_mesh())
             .x_desc("cosine(contribution of a record, refinement p of the probe)")
             .y_desc("class (density, one scale for all)")
-            .light_line_style(TRANSPARENT)
             .x_labels(5)
             .y_labels(n + 2)
             .x_label_formatter(&|v| format!("{v}"))
             .y_label_formatter(&y_name)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .bold_line_style(BLACK.mix(0.12))
             .draw()?;
         // From the top row down, so that lower ridges overlap upper ones.
         for (i, r) in layer.ridges.iter().enumerate() {
@@ -397,15 +390,12 @@ fn draw_shares(
     let (lo, hi) = share_range(bars);
     // Bar j (from the top) fills segment nb-1-j.
     let segment = |j: usize| (nb - 1 - j) as i32;
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            format!("Layer {}: class shares of the refinement", layer.name),
-            (FONT, 19),
-        )
-        .margin(10)
-        .x_label_area_size(45)
-        .y_label_area_size(110)
-        .build_cartesian_2d(lo..hi, (0..nb as i32 - 1).into_segmented())?;
+    let mut chart = chart_on(
+        root,
+        format!("Layer {}: class shares of the refinement", layer.name),
+        110,
+    )
+    .build_cartesian_2d(lo..hi, (0..nb as i32 - 1).into_segmented())?;
     let y_name = |v: &SegmentValue<i32>| match v {
         SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => usize::try_from(nb as i32 - 1 - i)
             .ok()
@@ -414,22 +404,17 @@ fn draw_shares(
             .unwrap_or_default(),
         SegmentValue::Last => String::new(),
     };
-    chart
-        .configure_mesh()
+    mesh_style(&mut chart.configure_mesh())
         .disable_y_mesh()
         .x_desc(format!(
             "share of ‖p‖² = Σ ⟨c, p⟩ / ‖p‖² (all sum to {:.4})",
             layer.total_share
         ))
         .y_desc("source")
-        .light_line_style(TRANSPARENT)
         .x_labels(7)
         .y_labels(nb + 1)
         .x_label_formatter(&|v| format!("{v:.2}"))
         .y_label_formatter(&y_name)
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 15))
-        .bold_line_style(BLACK.mix(0.12))
         .draw()?;
     let value_font = (FONT, 13).into_font();
     for (j, &(source, v)) in bars.iter().enumerate() {
@@ -585,17 +570,13 @@ fn draw_epochs(
     } = axes;
     let (x0, x1) = (*x0, *x1);
     let is_epoch = |v: &f64| (v - v.round()).abs() < 1e-9 && epochs.contains(&(v.round() as i32));
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            format!("Layer {}: class shares per epoch", layer.name),
-            (FONT, 19),
-        )
-        .margin(10)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((x0..*x_end).step(1.0), *lo..*hi)?;
-    chart
-        .configure_mesh()
+    let mut chart = chart_on(
+        root,
+        format!("Layer {}: class shares per epoch", layer.name),
+        70,
+    )
+    .build_cartesian_2d((x0..*x_end).step(1.0), *lo..*hi)?;
+    mesh_style(&mut chart.configure_mesh())
         .x_desc("epoch")
         .y_desc("share of ‖p‖²")
         .x_labels(10)
@@ -608,10 +589,6 @@ fn draw_epochs(
             }
         })
         .y_label_formatter(&|v| format!("{v:.2}"))
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 15))
-        .bold_line_style(BLACK.mix(0.12))
-        .light_line_style(TRANSPARENT)
         .draw()?;
     chart.draw_series(DashedLineSeries::new(
         [(x0, 0.0), (x1, 0.0)],
@@ -692,27 +669,19 @@ pub fn datamap(d: &Dynamics, classes: &[String]) -> String {
     };
     let (y0, y1) = (-0.02, 1.02);
     let chart = svg((W, 480), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                "Data map: confidence and variability of each training instance",
-                (FONT, 19),
-            )
-            .margin(10)
-            .x_label_area_size(45)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..x_max, y0..y1)?;
-        chart
-            .configure_mesh()
+        let mut chart = chart_on(
+            root,
+            "Data map: confidence and variability of each training instance",
+            70,
+        )
+        .build_cartesian_2d(0.0..x_max, y0..y1)?;
+        mesh_style(&mut chart.configure_mesh())
             .x_desc("variability (std. over epochs of the probability of the label)")
             .y_desc("confidence (mean probability of the label)")
             .x_labels(6)
             .y_labels(6)
             .x_label_formatter(&|v| format!("{v:.2}"))
             .y_label_formatter(&|v| format!("{v:.1}"))
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .bold_line_style(BLACK.mix(0.12))
-            .light_line_style(TRANSPARENT)
             .draw()?;
         let guide = BLACK.mix(0.6).stroke_width(1);
         chart.draw_series(DashedLineSeries::new(
@@ -915,6 +884,33 @@ pub fn candidates(items: &[Candidate], classes: &[String], images: Option<&Image
     }
     s.push_str("</div>");
     s
+}
+
+/// A chart on `root` in the house style: `title` in 19 points, a 10-pixel
+/// margin, 45 pixels for the x labels and `y_labels` for the y ones.
+fn chart_on<'a, 'b, 'x>(
+    root: &'a Area<'x>,
+    title: impl AsRef<str>,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'x>> {
+    let mut chart = ChartBuilder::on(root);
+    chart
+        .caption(title, (FONT, 19))
+        .margin(10)
+        .x_label_area_size(45)
+        .y_label_area_size(y_labels);
+    chart
+}
+
+/// The house style of a chart's mesh: 14-point labels, 15-point axis
+/// descriptions, faint bold lines and no light ones.
+fn mesh_style<'m, 'a, 'b, X: Ranged, Y: Ranged, DB: DrawingBackend>(
+    mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>,
+) -> &'m mut MeshStyle<'a, 'b, X, Y, DB> {
+    mesh.label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(TRANSPARENT)
 }
 
 #[cfg(test)]

@@ -205,16 +205,10 @@ enum LayerKind {
     /// A complete spec (the built-in loop's layers, or a user's layer once
     /// its input shape is known).
     Spec(Module),
-    /// A user's Conv2d before its first forward pass.
-    Conv {
-        in_channels: usize,
-        out_channels: usize,
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        padding: [usize; 2],
-        dilation: [usize; 2],
-        bias: bool,
-    },
+    /// A user's Conv2d before its first forward pass: its spec but for the
+    /// input and output sizes and the storage (zeros and `Full` until that
+    /// pass sets them).
+    Conv(Conv2dSpec),
 }
 
 #[derive(Debug)]
@@ -504,15 +498,20 @@ impl Tracer {
         let (stride, padding, dilation, bias) =
             (config.stride, config.padding, config.dilation, config.bias);
         let inner = nn::conv2d(&path, in_dim, out_dim, kernel, config);
-        let kind = LayerKind::Conv {
+        let kind = LayerKind::Conv(Conv2dSpec {
+            name: name.clone(),
             in_channels: in_dim as usize,
             out_channels: out_dim as usize,
             kernel: pair(kernel),
             stride: pair(stride),
             padding: pair(padding),
             dilation: pair(dilation),
+            input_hw: [0, 0],
+            output_hw: [0, 0],
             bias,
-        };
+            traced: true,
+            storage: Storage::Full,
+        });
         let (ws, bs) = (
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
@@ -675,45 +674,34 @@ impl Tracer {
             if input_shape.is_none() {
                 input_shape = Some(shape[1..].to_vec());
             }
-            if let LayerKind::Conv {
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                dilation,
-                bias,
-            } = layer.kind
-            {
+            if let LayerKind::Conv(conv) = &layer.kind {
                 let &[_, _, h, w] = shape.as_slice() else {
                     return Err(Error::Trace(format!(
                         "layer {name}: input of shape {shape:?}; Conv2d layers are traced for (batch, C, H, W) inputs"
                     )));
                 };
+                let (kernel, padding, dilation, stride) =
+                    (conv.kernel, conv.padding, conv.dilation, conv.stride);
                 let out = |i: usize, a: usize| {
                     (i + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1
                 };
                 let output_hw = [out(h, 0), out(w, 1)];
-                let patch = in_channels * kernel[0] * kernel[1];
+                let patch = conv.in_channels * kernel[0] * kernel[1];
                 let storage = match spec.mode {
                     Mode::Batch => Storage::Full,
-                    Mode::Instance => {
-                        Storage::for_conv2d(out_channels, patch, output_hw[0] * output_hw[1], bias)
-                    }
+                    Mode::Instance => Storage::for_conv2d(
+                        conv.out_channels,
+                        patch,
+                        output_hw[0] * output_hw[1],
+                        conv.bias,
+                    ),
                 };
                 layer.kind = LayerKind::Spec(Module::Conv2d(Conv2dSpec {
                     name: name.clone(),
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
                     input_hw: [h, w],
                     output_hw,
-                    bias,
-                    traced: true,
                     storage,
+                    ..conv.clone()
                 }));
             }
             if let LayerKind::Spec(m) = &layer.kind {
@@ -857,7 +845,7 @@ impl Tracer {
                 LayerKind::Spec(Module::Conv2d(spec)) => {
                     size[1..] == [spec.in_channels, spec.input_hw[0], spec.input_hw[1]]
                 }
-                LayerKind::Conv { in_channels, .. } => size.len() == 4 && size[1] == *in_channels,
+                LayerKind::Conv(conv) => size.len() == 4 && size[1] == conv.in_channels,
                 LayerKind::Spec(_) => true,
             };
             if !fits {

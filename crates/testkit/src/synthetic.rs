@@ -207,27 +207,24 @@ pub fn forward(layer: &L, w: &[f64], b: &[f64], a: &[f64]) -> Vec<f64> {
                 if *bias { z + b[o] } else { z }
             })
             .collect(),
-        L::Conv {
-            c_in,
-            c_out,
-            k,
-            stride,
-            pad,
-            dil,
-            in_hw,
-            bias,
-            ..
-        } => {
+        L::Conv { .. } => {
             let Module::Conv2d(spec) = layer.module() else {
                 unreachable!()
             };
+            let (c_in, c_out, k, in_hw) = (
+                spec.in_channels,
+                spec.out_channels,
+                spec.kernel,
+                spec.input_hw,
+            );
+            let (stride, pad, dil) = (spec.stride, spec.padding, spec.dilation);
             let [ho, wo] = spec.output_hw;
             let mut z = vec![0.0; c_out * ho * wo];
-            for o in 0..*c_out {
+            for o in 0..c_out {
                 for oy in 0..ho {
                     for ox in 0..wo {
-                        let mut acc = if *bias { b[o] } else { 0.0 };
-                        for c in 0..*c_in {
+                        let mut acc = if spec.bias { b[o] } else { 0.0 };
+                        for c in 0..c_in {
                             for i in 0..k[0] {
                                 for j in 0..k[1] {
                                     let y =
@@ -335,19 +332,50 @@ impl Synth {
     /// Trains (simulated) and records the run into `dir`.
     pub fn write(&self, dir: &Path) -> Built {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut rec = self.recorder(dir);
+        let labels = self.instances(&mut rng, &mut rec);
+        let mut w = self.initial_weights(&mut rng);
+        self.snapshot(&w, &mut rec);
+        let w0 = w.clone();
+        self.train(&mut rng, &mut rec, &labels, &mut w);
+
+        // The network's final weights are f32.
+        let wt: HashMap<&'static str, Wb> = w
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    Wb {
+                        w: widen(&f32s(&v.w)),
+                        b: widen(&f32s(&v.b)),
+                    },
+                )
+            })
+            .collect();
+        self.write_probes(&mut rng, &mut rec, &labels, &w0, &wt);
+        rec.finish(&named(&self.tensors(&wt))).unwrap();
+        Built { w0, wt }
+    }
+
+    /// The recorder of the run into `dir`.
+    fn recorder(&self, dir: &Path) -> Recorder {
         let model = models::model(
             "synth",
             vec![1],
             self.layers.iter().map(L::module).collect(),
         );
-        let mut rec = Recorder::builder(dir)
-            .model(model.clone())
+        Recorder::builder(dir)
+            .model(model)
             .optimizer(self.optimizer.clone())
             .classes((0..self.classes).map(|c| c.to_string()).collect())
             .dtype(self.dtype)
             .mode(Mode::Instance)
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Draws the instances' labels and records the instances.
+    fn instances(&self, rng: &mut ChaCha8Rng, rec: &mut Recorder) -> Vec<i32> {
         let n = self.n_train + self.n_test;
         let ids: Vec<i64> = (0..n as i64).collect();
         let labels: Vec<i32> = (0..n)
@@ -363,8 +391,11 @@ impl Synth {
             })
             .collect();
         rec.instances(&ids, &labels, &splits).unwrap();
+        labels
+    }
 
-        // Initial weights.
+    /// Random f32-representable initial weights, by layer.
+    fn initial_weights(&self, rng: &mut ChaCha8Rng) -> HashMap<&'static str, Wb> {
         let mut w: HashMap<&'static str, Wb> = HashMap::new();
         for l in &self.layers {
             let shape = weight_shape(l);
@@ -375,32 +406,38 @@ impl Synth {
             w.insert(
                 l.name(),
                 Wb {
-                    w: (0..wl).map(|_| r(&mut rng)).collect(),
-                    b: (0..bl).map(|_| r(&mut rng)).collect(),
+                    w: (0..wl).map(|_| r(rng)).collect(),
+                    b: (0..bl).map(|_| r(rng)).collect(),
                 },
             );
         }
-        let snapshot = |w: &HashMap<&'static str, Wb>, rec: &mut Recorder| {
-            rec.weights(&named(&self.tensors(w))).unwrap();
-        };
-        snapshot(&w, &mut rec);
-        rec.commit().unwrap();
-        let w0 = w.clone();
+        w
+    }
 
-        let opt = &self.optimizer;
-        let mut buf: HashMap<&'static str, Wb> = HashMap::new();
+    /// A weights snapshot of `w` and a commit.
+    fn snapshot(&self, w: &HashMap<&'static str, Wb>, rec: &mut Recorder) {
+        rec.weights(&named(&self.tensors(w))).unwrap();
+        rec.commit().unwrap();
+    }
+
+    /// Records every step's random factors and trains `w` with them.
+    fn train(
+        &self,
+        rng: &mut ChaCha8Rng,
+        rec: &mut Recorder,
+        labels: &[i32],
+        w: &mut HashMap<&'static str, Wb>,
+    ) {
+        let mut sgd = Sgd {
+            opt: &self.optimizer,
+            batch: self.batch,
+            buf: HashMap::new(),
+        };
         let mut step = 0i64;
         for epoch in 0..self.epochs {
-            let lr = opt.lr * 0.5f64.powi(epoch as i32);
+            let lr = self.optimizer.lr * 0.5f64.powi(epoch as i32);
             for _ in 0..self.steps_per_epoch {
-                // A batch of distinct training instances.
-                let mut batch: Vec<i64> = Vec::new();
-                while batch.len() < self.batch {
-                    let i = rng.random_range(0..self.n_train as i64);
-                    if !batch.contains(&i) {
-                        batch.push(i);
-                    }
-                }
+                let batch = self.draw_batch(rng);
                 let blabels: Vec<i32> = batch.iter().map(|&i| labels[i as usize]).collect();
                 rec.step(StepRow {
                     step,
@@ -432,107 +469,51 @@ impl Synth {
                         },
                     )
                     .unwrap();
-                    // The SGD step PyTorch would take: g = −(1/η) Σ ΔW (+ wd·W).
-                    let cur = w.get_mut(l.name()).unwrap();
-                    let mut g = Wb {
-                        w: vec![0.0; cur.w.len()],
-                        b: vec![0.0; cur.b.len()],
-                    };
-                    for i in 0..self.batch {
-                        let d = delta_from_factors(
-                            l,
-                            &widen(&u[i * ul..(i + 1) * ul]),
-                            &widen(&v[i * vl..(i + 1) * vl]),
-                        );
-                        g.w.iter_mut().zip(&d.w).for_each(|(g, d)| *g -= d / lr);
-                        g.b.iter_mut().zip(&d.b).for_each(|(g, d)| *g -= d / lr);
-                    }
-                    if opt.weight_decay != 0.0 {
-                        g.w.iter_mut()
-                            .zip(&cur.w)
-                            .for_each(|(g, w)| *g += opt.weight_decay * w);
-                        g.b.iter_mut()
-                            .zip(&cur.b)
-                            .for_each(|(g, w)| *g += opt.weight_decay * w);
-                    }
-                    let upd = if opt.momentum != 0.0 {
-                        let b = buf.entry(l.name()).or_insert_with(|| g.clone());
-                        if step > 0 {
-                            let d = opt.dampening;
-                            b.w.iter_mut()
-                                .zip(&g.w)
-                                .for_each(|(b, g)| *b = opt.momentum * *b + (1.0 - d) * g);
-                            b.b.iter_mut()
-                                .zip(&g.b)
-                                .for_each(|(b, g)| *b = opt.momentum * *b + (1.0 - d) * g);
-                        }
-                        if opt.nesterov {
-                            Wb {
-                                w: g.w
-                                    .iter()
-                                    .zip(&b.w)
-                                    .map(|(g, b)| g + opt.momentum * b)
-                                    .collect(),
-                                b: g.b
-                                    .iter()
-                                    .zip(&b.b)
-                                    .map(|(g, b)| g + opt.momentum * b)
-                                    .collect(),
-                            }
-                        } else {
-                            b.clone()
-                        }
-                    } else {
-                        g
-                    };
-                    cur.w.iter_mut().zip(&upd.w).for_each(|(w, s)| *w -= lr * s);
-                    cur.b.iter_mut().zip(&upd.b).for_each(|(w, s)| *w -= lr * s);
+                    sgd.step(l, w.get_mut(l.name()).unwrap(), (&u, &v), lr, step);
                 }
                 step += 1;
             }
-            snapshot(&w, &mut rec);
-            rec.commit().unwrap();
+            self.snapshot(w, rec);
         }
+    }
 
-        // The network's final weights are f32.
-        let wt: HashMap<&'static str, Wb> = w
-            .iter()
-            .map(|(k, v)| {
-                (
-                    *k,
-                    Wb {
-                        w: widen(&f32s(&v.w)),
-                        b: widen(&f32s(&v.b)),
-                    },
-                )
-            })
-            .collect();
+    /// A batch of distinct training instances.
+    fn draw_batch(&self, rng: &mut ChaCha8Rng) -> Vec<i64> {
+        let mut batch: Vec<i64> = Vec::new();
+        while batch.len() < self.batch {
+            let i = rng.random_range(0..self.n_train as i64);
+            if !batch.contains(&i) {
+                batch.push(i);
+            }
+        }
+        batch
+    }
 
-        // Probes: the first training instances and every test instance.
+    /// Probes of every layer: the first training instances and every test
+    /// instance, with random inputs and the outputs of the weight change
+    /// `wt − w0`.
+    fn write_probes(
+        &self,
+        rng: &mut ChaCha8Rng,
+        rec: &mut Recorder,
+        labels: &[i32],
+        w0: &HashMap<&'static str, Wb>,
+        wt: &HashMap<&'static str, Wb>,
+    ) {
+        let n = self.n_train + self.n_test;
         let probe_instances: Vec<i64> = (0..self.train_probes as i64)
             .chain(self.n_train as i64..n as i64)
             .collect();
         for l in &self.layers {
             let (_, _, al, pl) = lens(l);
+            let d = wt[l.name()].zip_map(&w0[l.name()], |a, b| a - b);
             let mut a = Vec::new();
             let mut p = Vec::new();
             for _ in &probe_instances {
                 let x: Vec<f64> = (0..al)
                     .map(|_| f64::from(rng.random_range(-1.0f32..1.0)))
                     .collect();
-                let dw: Vec<f64> = wt[l.name()]
-                    .w
-                    .iter()
-                    .zip(&w0[l.name()].w)
-                    .map(|(a, b)| a - b)
-                    .collect();
-                let db: Vec<f64> = wt[l.name()]
-                    .b
-                    .iter()
-                    .zip(&w0[l.name()].b)
-                    .map(|(a, b)| a - b)
-                    .collect();
-                let z = forward(l, &dw, &db, &x);
+                let z = forward(l, &d.w, &d.b, &x);
                 assert_eq!(z.len(), pl);
                 a.extend(x);
                 p.extend(z);
@@ -556,8 +537,87 @@ impl Synth {
             )
             .unwrap();
         }
-        rec.finish(&named(&self.tensors(&wt))).unwrap();
-        Built { w0, wt }
+    }
+}
+
+impl Wb {
+    /// Zeros of `like`'s sizes.
+    fn zeros_like(like: &Wb) -> Wb {
+        Wb {
+            w: vec![0.0; like.w.len()],
+            b: vec![0.0; like.b.len()],
+        }
+    }
+
+    /// Applies `f` to each element of the weight and bias with its
+    /// counterpart in `other`.
+    fn each_mut(&mut self, other: &Wb, f: impl Fn(&mut f64, f64)) {
+        self.w.iter_mut().zip(&other.w).for_each(|(x, &y)| f(x, y));
+        self.b.iter_mut().zip(&other.b).for_each(|(x, &y)| f(x, y));
+    }
+
+    /// `f` of each element of the weight and bias and its counterpart in
+    /// `other`.
+    fn zip_map(&self, other: &Wb, f: impl Fn(f64, f64) -> f64) -> Wb {
+        Wb {
+            w: self
+                .w
+                .iter()
+                .zip(&other.w)
+                .map(|(&x, &y)| f(x, y))
+                .collect(),
+            b: self
+                .b
+                .iter()
+                .zip(&other.b)
+                .map(|(&x, &y)| f(x, y))
+                .collect(),
+        }
+    }
+}
+
+/// The simulated PyTorch SGD (momentum, Nesterov, dampening, weight decay)
+/// with its momentum buffers by layer.
+struct Sgd<'a> {
+    opt: &'a Optimizer,
+    /// Records per step.
+    batch: usize,
+    buf: HashMap<&'static str, Wb>,
+}
+
+impl Sgd<'_> {
+    /// The SGD step PyTorch would take on `l`'s weights `cur` at `step` from
+    /// the step's factors: g = −(1/η) Σ ΔW (+ wd·W).
+    fn step(&mut self, l: &L, cur: &mut Wb, (u, v): (&[f32], &[f32]), lr: f64, step: i64) {
+        let opt = self.opt;
+        let (ul, vl, _, _) = lens(l);
+        let mut g = Wb::zeros_like(cur);
+        for i in 0..self.batch {
+            let d = delta_from_factors(
+                l,
+                &widen(&u[i * ul..(i + 1) * ul]),
+                &widen(&v[i * vl..(i + 1) * vl]),
+            );
+            g.each_mut(&d, |g, d| *g -= d / lr);
+        }
+        if opt.weight_decay != 0.0 {
+            g.each_mut(cur, |g, w| *g += opt.weight_decay * w);
+        }
+        let upd = if opt.momentum != 0.0 {
+            let b = self.buf.entry(l.name()).or_insert_with(|| g.clone());
+            if step > 0 {
+                let d = opt.dampening;
+                b.each_mut(&g, |b, g| *b = opt.momentum * *b + (1.0 - d) * g);
+            }
+            if opt.nesterov {
+                g.zip_map(b, |g, b| g + opt.momentum * b)
+            } else {
+                b.clone()
+            }
+        } else {
+            g
+        };
+        cur.each_mut(&upd, |w, s| *w -= lr * s);
     }
 }
 

@@ -2,7 +2,7 @@
 //! --format parquet|csv|jsonl --out PATH`: one table of a run, streamed
 //! through DataFusion into a file (see `reptrace_analyze::export`), with a
 //! progress bar on stderr.
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use reptrace_analyze::export::{self, Format, Options};
 use reptrace_format::Table;
@@ -53,20 +53,7 @@ impl ExportArgs {
             .format
             .parse()
             .with_context(|| format!("--format {:?}", self.format))?;
-        let columns = match &self.columns {
-            None => Vec::new(),
-            Some(s) => {
-                let v: Vec<String> = s
-                    .split(',')
-                    .map(|c| c.trim().to_owned())
-                    .filter(|c| !c.is_empty())
-                    .collect();
-                if v.is_empty() {
-                    bail!("--columns: no column names in {s:?}");
-                }
-                v
-            }
-        };
+        let columns = super::name_list("--columns", "column", self.columns.as_deref())?;
         Ok(Options {
             table,
             filter: self.filter.clone(),

@@ -11,6 +11,24 @@ pub mod verify;
 use reptrace_analyze::Limits;
 use std::path::PathBuf;
 
+/// The names of a comma-separated option `flag` (`--columns`, `--layers`),
+/// blanks dropped; none given is an empty list, a value without a name an
+/// error (`what`: "column", "layer").
+pub fn name_list(flag: &str, what: &str, value: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let Some(s) = value else {
+        return Ok(Vec::new());
+    };
+    let v: Vec<String> = s
+        .split(',')
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if v.is_empty() {
+        anyhow::bail!("{flag}: no {what} names in {s:?}");
+    }
+    Ok(v)
+}
+
 /// How the computed `contributions` table may work (sql, query, export).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ComputeArgs {

@@ -1,5 +1,5 @@
 //! `reptrace query <run> <name|file.sql>`: a canned query with parameters.
-use crate::cmd::sql::{output_format, stream};
+use crate::cmd::sql::Output;
 use reptrace_analyze::query::Query;
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,21 +18,13 @@ pub struct QueryArgs {
     /// A parameter, NAME=VALUE (repeatable), e.g. --param probe=3 --param k=5.
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
-    /// Output format: table, csv, json or parquet (parquet needs --out).
-    #[arg(long, default_value = "table")]
-    pub format: String,
-    /// Write the result to this file instead of standard output.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
     #[command(flatten)]
-    pub compute: crate::cmd::ComputeArgs,
-    #[command(flatten)]
-    pub limits: crate::cmd::LimitArgs,
+    pub output: Output,
 }
 
 /// Runs `reptrace query`.
 pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let format = output_format(&args.format, args.out.as_deref())?;
+    let format = args.output.format()?;
     let params = args
         .params
         .iter()
@@ -42,16 +34,10 @@ pub fn run(args: &QueryArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<(&str, &str)>>>()?;
     let query = Query::resolve(&args.query)?;
-    let limits = args.limits.limits()?;
-    let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context_limited(&run, &args.compute.options(), &limits)?;
-    stream(
-        &run,
-        &ctx,
-        &limits,
-        async || query.plan(&ctx, &params).await,
+    args.output.query(
+        &args.run,
         format,
-        args.out.as_deref(),
+        async |ctx| query.plan(ctx, &params).await,
         out,
     )
 }

@@ -4,7 +4,7 @@
 //!
 //! The probe's contributions are computed on demand (or read where
 //! `reptrace attribute` materialised them); no attribution step is needed.
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::ProgressBar;
 use reptrace_report as report;
 use std::io::Write;
@@ -46,20 +46,7 @@ impl ReportArgs {
             .ok()
             .filter(|k| (1..=1000).contains(k))
             .ok_or_else(|| anyhow::anyhow!("--k: {:?} is not an integer in 1..=1000", self.k))?;
-        let layers = match &self.layers {
-            None => Vec::new(),
-            Some(s) => {
-                let v: Vec<String> = s
-                    .split(',')
-                    .map(|l| l.trim().to_owned())
-                    .filter(|l| !l.is_empty())
-                    .collect();
-                if v.is_empty() {
-                    bail!("--layers: no layer names in {s:?}");
-                }
-                v
-            }
-        };
+        let layers = super::name_list("--layers", "layer", self.layers.as_deref())?;
         Ok(report::Options {
             probe,
             layers,

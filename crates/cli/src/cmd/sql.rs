@@ -16,6 +16,14 @@ pub struct SqlArgs {
     /// probes, contributions (computed on demand), own_contributions, influence,
     /// examples (training dynamics), layer_steps (what each step applied).
     pub query: String,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+/// Where a query's result goes, in which format, and what computing it may
+/// use (sql, query).
+#[derive(Debug, clap::Args)]
+pub struct Output {
     /// Output format: table, csv, json or parquet (parquet needs --out).
     #[arg(long, default_value = "table")]
     pub format: String,
@@ -26,6 +34,36 @@ pub struct SqlArgs {
     pub compute: crate::cmd::ComputeArgs,
     #[command(flatten)]
     pub limits: crate::cmd::LimitArgs,
+}
+
+impl Output {
+    /// The checked `--format` ([`output_format`]).
+    pub fn format(&self) -> anyhow::Result<Format> {
+        output_format(&self.format, self.out.as_deref())
+    }
+
+    /// Opens the run at `run` within the limits, plans the query with `plan`
+    /// on its session and streams the result in `format` ([`stream`]).
+    pub fn query(
+        &self,
+        run: &Path,
+        format: Format,
+        plan: impl AsyncFnOnce(&SessionContext) -> reptrace_analyze::Result<DataFrame>,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        let limits = self.limits.limits()?;
+        let run = reptrace_analyze::open(run)?;
+        let ctx = reptrace_analyze::context_limited(&run, &self.compute.options(), &limits)?;
+        stream(
+            &run,
+            &ctx,
+            &limits,
+            async || plan(&ctx).await,
+            format,
+            self.out.as_deref(),
+            out,
+        )
+    }
 }
 
 /// A tokio runtime for DataFusion.
@@ -101,17 +139,11 @@ pub(crate) fn stream(
 
 /// Runs `reptrace sql`.
 pub fn run(args: &SqlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let format = output_format(&args.format, args.out.as_deref())?;
-    let limits = args.limits.limits()?;
-    let run = reptrace_analyze::open(&args.run)?;
-    let ctx = reptrace_analyze::context_limited(&run, &args.compute.options(), &limits)?;
-    stream(
-        &run,
-        &ctx,
-        &limits,
-        async || sql::plan(&ctx, &args.query).await,
+    let format = args.output.format()?;
+    args.output.query(
+        &args.run,
         format,
-        args.out.as_deref(),
+        async |ctx| sql::plan(ctx, &args.query).await,
         out,
     )
 }
