@@ -42,6 +42,25 @@ const SORT: &str = "SELECT probe_id, layer, step, instance_id, dot FROM contribu
                     ORDER BY dot DESC, probe_id, layer, step, instance_id";
 
 /// `spill_count=N` summed over the operators of an EXPLAIN ANALYZE.
+/// The shared run, its path as text, and a fresh directory for spill files.
+fn run_and_spill_dir() -> (&'static Path, &'static str, tempfile::TempDir) {
+    let run = run();
+    (run, run.to_str().unwrap(), tempfile::tempdir().unwrap())
+}
+
+/// `reptrace sql RUN SQL --memory-limit LIMIT --spill-dir SPILL`'s output.
+fn explain_under(run: &str, sql: &str, limit: &str, spill: &str) -> String {
+    cli().ok(&[
+        "sql",
+        run,
+        sql,
+        "--memory-limit",
+        limit,
+        "--spill-dir",
+        spill,
+    ])
+}
+
 fn spills(explain: &str) -> u64 {
     explain
         .split("spill_count=")
@@ -58,9 +77,7 @@ fn spills(explain: &str) -> u64 {
 
 #[test]
 fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
-    let run = run();
-    let r = run.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (run, r, dir) = run_and_spill_dir();
     let spill = dir.path().join("spill");
     let s = spill.to_str().unwrap();
     let before = state(run);
@@ -77,25 +94,9 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
 
     // Unlimited: no spills; 64 MiB: the sort spills.
     let explain = format!("EXPLAIN ANALYZE {SORT}");
-    let free = cli().ok(&[
-        "sql",
-        r,
-        &explain,
-        "--memory-limit",
-        "none",
-        "--spill-dir",
-        s,
-    ]);
+    let free = explain_under(r, &explain, "none", s);
     assert_eq!(spills(&free), 0, "{free}");
-    let limited = cli().ok(&[
-        "sql",
-        r,
-        &explain,
-        "--memory-limit",
-        "64MiB",
-        "--spill-dir",
-        s,
-    ]);
+    let limited = explain_under(r, &explain, "64MiB", s);
     assert!(spills(&limited) > 0, "no spill under 64 MiB:\n{limited}");
     assert_eq!(entries(&spill), Vec::<String>::new(), "spill files left");
 
@@ -154,9 +155,7 @@ fn a_sort_larger_than_the_limit_spills_and_gives_the_same_answer() {
 
 #[test]
 fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
-    let run = run();
-    let r = run.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (_, r, dir) = run_and_spill_dir();
     let s = dir.path().to_str().unwrap();
     // One group per contribution row: 4.7 M groups.
     let groups = "SELECT count(*) AS groups, sum(n) AS n FROM (SELECT probe_id, layer, step, \
@@ -191,15 +190,7 @@ fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
         .collect();
     assert!(counts[0] > 4_000_000 && counts[0] == counts[1], "{free}");
     let explain = format!("EXPLAIN ANALYZE {groups}");
-    let limited = cli().ok(&[
-        "sql",
-        r,
-        &explain,
-        "--memory-limit",
-        "64MiB",
-        "--spill-dir",
-        s,
-    ]);
+    let limited = explain_under(r, &explain, "64MiB", s);
     assert!(spills(&limited) > 0, "no spill under 64 MiB:\n{limited}");
     assert_eq!(
         entries(dir.path()),
@@ -210,9 +201,7 @@ fn a_grouped_aggregation_larger_than_the_limit_spills_and_counts_the_same() {
 
 #[test]
 fn a_query_that_cannot_spill_fails_with_one_line_naming_the_limit() {
-    let run = run();
-    let r = run.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (run, r, dir) = run_and_spill_dir();
     let s = dir.path().to_str().unwrap();
     let before = state(run);
     // The build side of a hash join stays in memory: 4.7 M rows do not fit.

@@ -642,9 +642,14 @@ fn tiny_recorder(run: &Path) -> Recorder {
 /// A fresh directory with a tiny recorder writing to `<dir>/r`; the run lives
 /// as long as the directory.
 fn tiny_run() -> (tempfile::TempDir, PathBuf, Recorder) {
+    tiny_run_in(Mode::Instance)
+}
+
+/// [`tiny_run`] recording in `mode`.
+fn tiny_run_in(mode: Mode) -> (tempfile::TempDir, PathBuf, Recorder) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("r");
-    let rec = tiny_recorder(&run);
+    let rec = tiny_builder(&run).mode(mode).build().unwrap();
     (dir, run, rec)
 }
 
@@ -855,9 +860,7 @@ fn writer_error_comes_back_and_aborts_the_run() {
 
 #[test]
 fn batch_mode_accepts_full_updates() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("r");
-    let mut rec = tiny_builder(&run).mode(Mode::Batch).build().unwrap();
+    let (_dir, run, mut rec) = tiny_run_in(Mode::Batch);
     // fc1: ΔW 2×3 followed by Δb (2).
     let v = [3.0f32, 0.0, 0.0, 0.0, 4.0, 0.0, 9.0, 9.0];
     rec.updates("fc1", updates(0, 0, &[7], &[1], &[], &v))
@@ -1095,9 +1098,7 @@ fn checkpoint_probes_are_kept_for_two_commits_and_dropped_at_the_end() {
 /// the members in `batches`; refused in instance mode.
 #[test]
 fn batch_steps_record_whole_updates_and_members() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("r");
-    let mut rec = tiny_builder(&run).mode(Mode::Batch).build().unwrap();
+    let (dir, run, mut rec) = tiny_run_in(Mode::Batch);
     // fc1: ΔW 2×3 then Δb (2); fc2: ΔW 2×2, no bias.
     let fc1 = [3.0f32, 0.0, 0.0, 0.0, 4.0, 0.0, 9.0, 9.0];
     let fc2 = [1.0f32, 2.0, 2.0, 4.0];

@@ -559,23 +559,15 @@ fn draw_epochs(
     classes: &[String],
     predicted: i32,
 ) -> Drawing {
-    let EpochAxes {
-        epochs,
-        labels,
-        x0,
-        x1,
-        x_end,
-        lo,
-        hi,
-    } = axes;
-    let (x0, x1) = (*x0, *x1);
+    let (epochs, labels) = (&axes.epochs, &axes.labels);
+    let (x0, x1, x_end, lo, hi) = (axes.x0, axes.x1, axes.x_end, axes.lo, axes.hi);
     let is_epoch = |v: &f64| (v - v.round()).abs() < 1e-9 && epochs.contains(&(v.round() as i32));
     let mut chart = chart_on(
         root,
         format!("Layer {}: class shares per epoch", layer.name),
         70,
     )
-    .build_cartesian_2d((x0..*x_end).step(1.0), *lo..*hi)?;
+    .build_cartesian_2d((x0..x_end).step(1.0), lo..hi)?;
     mesh_style(&mut chart.configure_mesh())
         .x_desc("epoch")
         .y_desc("share of ‖p‖²")

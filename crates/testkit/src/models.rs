@@ -23,6 +23,19 @@ pub struct Conv {
     spec: Conv2dSpec,
 }
 
+/// Builder setters, each setting the spec's field of its name.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty,)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.spec.$field = value;
+                self
+            }
+        )*
+    };
+}
+
 impl Conv {
     /// A 3×3 "same" convolution (stride 1, padding 1) with bias.
     pub fn new(name: &str, c_in: usize, c_out: usize, input_hw: [usize; 2]) -> Self {
@@ -44,40 +57,19 @@ impl Conv {
         }
     }
 
-    /// Kernel size.
-    pub fn kernel(mut self, k: [usize; 2]) -> Self {
-        self.spec.kernel = k;
-        self
-    }
-
-    /// Stride.
-    pub fn stride(mut self, s: [usize; 2]) -> Self {
-        self.spec.stride = s;
-        self
-    }
-
-    /// Zero padding.
-    pub fn padding(mut self, p: [usize; 2]) -> Self {
-        self.spec.padding = p;
-        self
-    }
-
-    /// Dilation.
-    pub fn dilation(mut self, d: [usize; 2]) -> Self {
-        self.spec.dilation = d;
-        self
-    }
-
-    /// Whether the layer has a bias.
-    pub fn bias(mut self, bias: bool) -> Self {
-        self.spec.bias = bias;
-        self
-    }
-
-    /// Factors or the full per-example ΔW.
-    pub fn storage(mut self, storage: Storage) -> Self {
-        self.spec.storage = storage;
-        self
+    setters! {
+        /// Kernel size.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Zero padding.
+        padding: [usize; 2],
+        /// Dilation.
+        dilation: [usize; 2],
+        /// Whether the layer has a bias.
+        bias: bool,
+        /// Factors or the full per-example ΔW.
+        storage: Storage,
     }
 
     /// The spec, its output size `(in + 2·pad − dil·(k − 1) − 1) / stride + 1`.
