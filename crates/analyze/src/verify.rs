@@ -568,10 +568,7 @@ fn weights_residual(
     let f16 = dtype == Dtype::F16;
     let (u_len, v_len) = layer.record_lens(mode);
     let full = layer.records_full(mode);
-    let positions = match layer {
-        TracedLayer::Conv2d(c) => c.positions(),
-        TracedLayer::Linear(_) => 1,
-    };
+    let positions = layer.positions();
     replay::stream(
         run,
         layer,

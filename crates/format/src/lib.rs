@@ -3,7 +3,8 @@
 //! A *run* is a directory that any Parquet tool can read (Hive-style
 //! partitions by `layer`). This crate is the single source of truth for it:
 //! the Arrow schema of every table ([`schema()`]), the manifest ([`Manifest`]),
-//! where files live ([`layout`]) and the format version ([`FORMAT_VERSION`]).
+//! where files live ([`layout`]), what each traced layer kind stores
+//! ([`kinds`]) and the format version ([`FORMAT_VERSION`]).
 //! It has no heavy dependencies so that writers in any training loop and the
 //! analyzer share one definition. The pure parsers that more than one crate
 //! needs live here too: the data set loaders ([`data`]) and the parameter
@@ -61,6 +62,7 @@ pub mod data;
 pub mod displacement;
 pub mod error;
 pub mod ids;
+pub mod kinds;
 pub mod layout;
 pub mod manifest;
 pub mod params;
@@ -69,6 +71,7 @@ pub mod schema;
 pub use displacement::{StepHyper, displacement_scales, sgd_displacement_scales};
 pub use error::{Error, Result};
 pub use ids::{InstanceId, ProbeId, Step};
+pub use kinds::LayerKind;
 pub use manifest::{
     Aggregation, AnalysisProbes, Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec,
     LrSchedule, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage,

@@ -4,6 +4,8 @@
 //! renamed). A file of the run counts as committed only when a manifest lists
 //! it; readers that go through [`Manifest::files`] never see rows past the
 //! last commit point, even while training is still writing.
+use crate::kinds::LayerKind;
+pub use crate::kinds::{Conv2dSpec, LinearSpec, Storage};
 use crate::layout;
 use crate::schema::Table;
 use crate::{Error, FORMAT_NAME, FORMAT_VERSION, OLDEST_FORMAT_VERSION, Result, Step};
@@ -102,90 +104,6 @@ impl fmt::Display for Dtype {
     }
 }
 
-/// How a Conv2d layer's per-example update is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Storage {
-    /// `u` (C_in·kh·kw × P, row-major) and `v` (C_out × P, row-major), ΔW = v uᵀ.
-    Factors,
-    /// `u` is empty; `v` holds ΔW (C_out × C_in·kh·kw, row-major) followed by
-    /// Δb (C_out) when the layer has a bias.
-    Full,
-}
-
-impl Storage {
-    /// The storage rule every producer follows for a Conv2d layer's
-    /// instance-mode records: the full per-example matrix (`C_out·K`, plus
-    /// the bias) when it is smaller than the factors (`K·P + C_out·P`), else
-    /// the factors. (Batch-mode records are always whole updates.)
-    pub fn for_conv2d(out_channels: usize, patch_len: usize, positions: usize, bias: bool) -> Self {
-        let full = out_channels * patch_len + if bias { out_channels } else { 0 };
-        if full < patch_len * positions + out_channels * positions {
-            Storage::Full
-        } else {
-            Storage::Factors
-        }
-    }
-}
-
-/// A fully connected layer `z = W a + b`, W of shape `out × in`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LinearSpec {
-    /// The layer's name: its `layer=` partition value and the prefix of its
-    /// tensors (`<name>.weight`, `<name>.bias`) in the weights snapshots.
-    pub name: String,
-    /// Length of the input `a` (columns of W).
-    pub in_features: usize,
-    /// Length of the output `z` (rows of W).
-    pub out_features: usize,
-    /// Whether the layer has a bias `b` (`out_features` long).
-    pub bias: bool,
-    /// Whether update records are written for this layer.
-    pub traced: bool,
-}
-
-/// A 2-d convolution (groups 1), W of shape `C_out × C_in × kh × kw`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Conv2dSpec {
-    /// The layer's name: its `layer=` partition value and the prefix of its
-    /// tensors (`<name>.weight`, `<name>.bias`) in the weights snapshots.
-    pub name: String,
-    /// Input channels `C_in`.
-    pub in_channels: usize,
-    /// Output channels `C_out`.
-    pub out_channels: usize,
-    /// Kernel size `[kh, kw]`.
-    pub kernel: [usize; 2],
-    /// Stride `[sh, sw]`.
-    pub stride: [usize; 2],
-    /// Zero padding `[ph, pw]` on each side.
-    pub padding: [usize; 2],
-    /// Dilation `[dh, dw]` of the kernel.
-    pub dilation: [usize; 2],
-    /// Spatial size `[h, w]` of the layer's input.
-    pub input_hw: [usize; 2],
-    /// Spatial size `[h, w]` of the layer's output.
-    pub output_hw: [usize; 2],
-    /// Whether the layer has a bias (`C_out` long).
-    pub bias: bool,
-    /// Whether update records are written for this layer.
-    pub traced: bool,
-    /// Whether records hold factors or the full per-example matrix.
-    pub storage: Storage,
-}
-
-impl Conv2dSpec {
-    /// Rows of the unfolded input: `C_in · kh · kw`.
-    pub fn patch_len(&self) -> usize {
-        self.in_channels * self.kernel[0] * self.kernel[1]
-    }
-
-    /// Output positions `P = h_out · w_out`.
-    pub fn positions(&self) -> usize {
-        self.output_hw[0] * self.output_hw[1]
-    }
-}
-
 /// One module of a sequential model, in forward order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -251,47 +169,33 @@ pub enum TracedLayer<'a> {
 }
 
 impl<'a> TracedLayer<'a> {
+    /// The layer's kind: every per-kind fact of the format
+    /// ([`kinds`](crate::kinds)).
+    pub fn kind(&self) -> &'a dyn LayerKind {
+        match *self {
+            TracedLayer::Linear(l) => l,
+            TracedLayer::Conv2d(c) => c,
+        }
+    }
+
     /// The layer's name (its `layer=` partition).
     pub fn name(&self) -> &'a str {
-        match self {
-            TracedLayer::Linear(l) => &l.name,
-            TracedLayer::Conv2d(c) => &c.name,
-        }
+        self.kind().name()
     }
 
     /// Whether the layer has a bias.
     pub fn bias(&self) -> bool {
-        match self {
-            TracedLayer::Linear(l) => l.bias,
-            TracedLayer::Conv2d(c) => c.bias,
-        }
+        self.kind().bias()
     }
 
     /// Shape of the weight tensor as PyTorch stores it.
     pub fn weight_shape(&self) -> Vec<usize> {
-        match self {
-            TracedLayer::Linear(l) => vec![l.out_features, l.in_features],
-            TracedLayer::Conv2d(c) => {
-                vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]]
-            }
-        }
+        self.kind().weight_shape()
     }
 
     /// Lengths of one record's `u` and `v` lists.
     pub fn factor_lens(&self) -> (usize, usize) {
-        match self {
-            TracedLayer::Linear(l) => (l.in_features, l.out_features),
-            TracedLayer::Conv2d(c) => match c.storage {
-                Storage::Factors => (
-                    c.patch_len() * c.positions(),
-                    c.out_channels * c.positions(),
-                ),
-                Storage::Full => (
-                    0,
-                    c.out_channels * c.patch_len() + if c.bias { c.out_channels } else { 0 },
-                ),
-            },
-        }
+        self.kind().factor_lens()
     }
 
     /// Lengths of one record's `u` and `v` lists in a run of `mode`: in
@@ -306,30 +210,23 @@ impl<'a> TracedLayer<'a> {
 
     /// Length of `vec ΔW` plus `Δb`.
     pub fn update_len(&self) -> usize {
-        match self {
-            TracedLayer::Linear(l) => {
-                l.in_features * l.out_features + if l.bias { l.out_features } else { 0 }
-            }
-            TracedLayer::Conv2d(c) => {
-                c.out_channels * c.patch_len() + if c.bias { c.out_channels } else { 0 }
-            }
-        }
+        self.kind().update_len()
     }
 
     /// Whether records of a run of `mode` hold the whole update (`u` empty).
     pub fn records_full(&self, mode: Mode) -> bool {
-        mode == Mode::Batch || matches!(self, TracedLayer::Conv2d(c) if c.storage == Storage::Full)
+        self.kind().records_full(mode)
     }
 
     /// Lengths of a probe's `a` (layer input) and `p` (refinement) lists.
     pub fn probe_lens(&self) -> (usize, usize) {
-        match self {
-            TracedLayer::Linear(l) => (l.in_features, l.out_features),
-            TracedLayer::Conv2d(c) => (
-                c.in_channels * c.input_hw[0] * c.input_hw[1],
-                c.out_channels * c.positions(),
-            ),
-        }
+        self.kind().probe_lens()
+    }
+
+    /// Output positions each weight is applied at in one forward pass
+    /// (Conv2d: `h_out · w_out`; Linear: 1).
+    pub fn positions(&self) -> usize {
+        self.kind().positions()
     }
 }
 

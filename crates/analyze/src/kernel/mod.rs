@@ -1,0 +1,342 @@
+//! The arithmetic of attribution: contributions of a batch of update records
+//! to a set of probes, as a few matrix products (ndarray, f64).
+//!
+//! Each traced layer kind has its own module holding its arithmetic (its
+//! probe features, record features, update deltas and direct contribution):
+//! [`linear`] and [`conv2d`]. This module holds [`Geometry`] (the shape of a
+//! traced layer, as the arithmetic needs it), the feature types, the helpers
+//! the kinds share, and the public entry points, which hand each kind's work
+//! to its module.
+//!
+//! To add a kind: a variant of [`Geometry`] (built in [`Geometry::of`] from
+//! the format's spec), a module `kernel/<kind>.rs` with its arithmetic, and
+//! one arm per entry point here ([`ProbeFeatures::new`], [`deltas`],
+//! [`accumulate`], [`RecordFeatures::new`], the pair functions, [`direct`]).
+use crate::probes::Probes;
+use crate::records::Records;
+use crate::weights::LayerWeights;
+use crate::{Error, Result};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
+use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
+
+pub mod conv2d;
+pub mod linear;
+
+pub use conv2d::unfold;
+
+/// A row-major matrix view of `data`, which must have exactly `shape` elements.
+fn view2(shape: (usize, usize), data: &[f64]) -> Result<ArrayView2<'_, f64>> {
+    ArrayView2::from_shape(shape, data).map_err(|e| shape_error(shape, data.len(), e))
+}
+
+fn view2_mut(shape: (usize, usize), data: &mut [f64]) -> Result<ArrayViewMut2<'_, f64>> {
+    let n = data.len();
+    ArrayViewMut2::from_shape(shape, data).map_err(|e| shape_error(shape, n, e))
+}
+
+fn matrix(shape: (usize, usize), data: Vec<f64>) -> Result<Array2<f64>> {
+    let n = data.len();
+    Array2::from_shape_vec(shape, data).map_err(|e| shape_error(shape, n, e))
+}
+
+fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error {
+    Error::Internal(format!(
+        "{n} values do not make a {}×{} matrix: {e}",
+        shape.0, shape.1
+    ))
+}
+
+/// The shape of a traced layer, as the arithmetic needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Geometry {
+    /// `full`: records hold `[vec ΔW, Δb]` (batch mode), else factors.
+    Linear {
+        /// Input features (columns of W).
+        inp: usize,
+        /// Output features (rows of W).
+        out: usize,
+        /// Whether the layer has a bias.
+        bias: bool,
+        /// Whether records hold the whole update rather than factors.
+        full: bool,
+    },
+    /// A 2-d convolution; in batch mode its storage is
+    /// [`Storage::Full`].
+    Conv {
+        /// The layer's spec, with the storage its records have.
+        spec: Conv2dSpec,
+    },
+}
+
+impl Geometry {
+    /// The geometry of a traced layer in a run of `mode` (batch-mode
+    /// records hold whole updates).
+    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Self {
+        match layer {
+            TracedLayer::Linear(l) => Geometry::Linear {
+                inp: l.in_features,
+                out: l.out_features,
+                bias: l.bias,
+                full: mode == Mode::Batch,
+            },
+            TracedLayer::Conv2d(c) => {
+                let mut spec = (*c).clone();
+                if mode == Mode::Batch {
+                    spec.storage = Storage::Full;
+                }
+                Geometry::Conv { spec }
+            }
+        }
+    }
+
+    /// Which kind's arithmetic applies, with what it needs.
+    fn kind(&self) -> Kind<'_> {
+        match self {
+            Geometry::Linear {
+                inp,
+                out,
+                bias,
+                full,
+            } => Kind::Linear {
+                dims: linear::Dims {
+                    inp: *inp,
+                    out: *out,
+                    bias: *bias,
+                },
+                full: *full,
+            },
+            Geometry::Conv { spec } => Kind::Conv2d(spec),
+        }
+    }
+
+    /// Whether records hold the whole update `[vec ΔW, Δb]` rather than
+    /// factors.
+    fn full(&self) -> bool {
+        match self.kind() {
+            Kind::Linear { full, .. } => full,
+            Kind::Conv2d(spec) => spec.storage == Storage::Full,
+        }
+    }
+
+    /// Length of `vec ΔW`.
+    pub fn weight_len(&self) -> usize {
+        match self {
+            Geometry::Linear { inp, out, .. } => out * inp,
+            Geometry::Conv { spec } => spec.out_channels * spec.patch_len(),
+        }
+    }
+
+    /// Length of `Δb` (0 without bias).
+    pub fn bias_len(&self) -> usize {
+        match self {
+            Geometry::Linear { out, bias, .. } => {
+                if *bias {
+                    *out
+                } else {
+                    0
+                }
+            }
+            Geometry::Conv { spec } => {
+                if spec.bias {
+                    spec.out_channels
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// Length of `[vec ΔW, Δb]`.
+    pub fn delta_len(&self) -> usize {
+        self.weight_len() + self.bias_len()
+    }
+
+    /// f64 values held per probe by [`ProbeFeatures`].
+    pub fn probe_feature_len(&self) -> usize {
+        match self.kind() {
+            Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
+            Kind::Conv2d(spec) => conv2d::probe_feature_len(spec),
+        }
+    }
+
+    /// f64 values held per record by [`RecordFeatures`] and the work arrays.
+    pub fn record_feature_len(&self) -> usize {
+        match self.kind() {
+            Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
+            Kind::Conv2d(spec) => conv2d::record_feature_len(spec),
+        }
+    }
+}
+
+/// A [`Geometry`] as the dispatch to the kinds' modules reads it.
+enum Kind<'a> {
+    /// [`linear`]: `full` when records hold whole updates.
+    Linear { dims: linear::Dims, full: bool },
+    /// [`conv2d`], with the storage its records have.
+    Conv2d(&'a Conv2dSpec),
+}
+
+/// Appends the upper triangle of the symmetric `m` (K×K) to `out`,
+/// off-diagonal entries multiplied by `off`.
+fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
+    let k = m.nrows();
+    for i in 0..k {
+        out.push(m[[i, i]]);
+        for j in i + 1..k {
+            out.push(off * m[[i, j]]);
+        }
+    }
+}
+
+/// Per-probe features of a set of probes for one layer.
+pub struct ProbeFeatures {
+    /// Linear: `A` (Q×in). Conv2d: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    first: Array2<f64>,
+    /// Linear: `P` (Q×out). Conv2d: Gram features of `A` (Q×gram_len).
+    second: Array2<f64>,
+}
+
+impl ProbeFeatures {
+    /// Computes the features of `probes` (whose `a`, `p` fit `geom`).
+    pub fn new(geom: &Geometry, probes: &Probes) -> Result<Self> {
+        match geom.kind() {
+            Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
+            Kind::Conv2d(spec) => conv2d::probe_features(spec, probes),
+        }
+    }
+}
+
+/// The `[vec ΔW, Δb]` of the records at `rows` (len(rows) × delta_len), each
+/// scaled by its displacement scale.
+pub fn deltas(
+    geom: &Geometry,
+    recs: &Records,
+    scales: &[f64],
+    rows: &[usize],
+) -> Result<Array2<f64>> {
+    let d = geom.delta_len();
+    let mut out = Vec::with_capacity(rows.len() * d);
+    match geom.kind() {
+        _ if geom.full() => {
+            for &i in rows {
+                out.extend(recs.v[i * d..(i + 1) * d].iter().map(|x| x * scales[i]));
+            }
+        }
+        Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),
+        Kind::Conv2d(spec) => conv2d::factor_deltas(spec, recs, scales, rows, &mut out)?,
+    }
+    matrix((rows.len(), d), out)
+}
+
+/// Adds the scaled updates of all records of `recs` to `sum` (`[vec ΔW, Δb]`).
+pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f64]) -> Result<()> {
+    if let Kind::Linear { dims, full: false } = geom.kind() {
+        return linear::accumulate_factors(dims, recs, scales, sum);
+    }
+    let all: Vec<usize> = (0..recs.len()).collect();
+    let d = deltas(geom, recs, scales, &all)?;
+    for (s, x) in sum.iter_mut().zip(d.sum_axis(Axis(0))) {
+        *s += x;
+    }
+    Ok(())
+}
+
+/// Per-record features of a batch (scaled), ready to meet [`ProbeFeatures`].
+pub struct RecordFeatures {
+    /// Linear: `U` (R×in). Conv2d: `[vec ΔW, Δb]` (R×delta_len).
+    first: Array2<f64>,
+    /// Linear: scaled `V` (R×out). Conv2d: Gram features (R×gram_len).
+    second: Array2<f64>,
+    /// Linear: `‖scaled v‖` per record.
+    v_norm: Vec<f64>,
+    bias: bool,
+    kind: FeatureKind,
+}
+
+/// Which arithmetic [`RecordFeatures`] use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeatureKind {
+    LinearFactors,
+    /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
+    LinearFull(linear::Dims),
+    Conv,
+}
+
+impl RecordFeatures {
+    /// Features of the records at `rows` of `recs`.
+    pub fn new(geom: &Geometry, recs: &Records, scales: &[f64], rows: &[usize]) -> Result<Self> {
+        match geom.kind() {
+            Kind::Linear { dims, full: true } => {
+                linear::full_record_features(geom, dims, recs, scales, rows)
+            }
+            Kind::Linear { dims, full: false } => {
+                linear::factor_record_features(dims, recs, scales, rows)
+            }
+            Kind::Conv2d(spec) => conv2d::record_features(geom, spec, recs, scales, rows),
+        }
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.first.nrows()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.first.nrows() == 0
+    }
+
+    /// `dot` and `norm` of every probe (rows) with every record (columns):
+    /// probe-major, the order contribution rows are written in.
+    pub fn all_pairs(&self, probes: &ProbeFeatures) -> Result<(Array2<f64>, Array2<f64>)> {
+        if let FeatureKind::LinearFull(dims) = self.kind {
+            return linear::full_pairs(self, probes, dims);
+        }
+        let first = probes.first.dot(&self.first.t());
+        let second = probes.second.dot(&self.second.t());
+        Ok(match self.kind {
+            FeatureKind::LinearFactors => linear::factor_pairs(self, first, second),
+            _ => conv2d::pairs(first, second),
+        })
+    }
+
+    /// `dot` and `norm` of record `r` with probe `q`.
+    pub fn pair(&self, probes: &ProbeFeatures, r: usize, q: usize) -> (f64, f64) {
+        if let FeatureKind::LinearFull(dims) = self.kind {
+            return linear::full_pair(self, probes, dims, r, q);
+        }
+        let first = self.first.row(r).dot(&probes.first.row(q));
+        let second = self.second.row(r).dot(&probes.second.row(q));
+        match self.kind {
+            FeatureKind::LinearFactors => linear::factor_pair(self, first, second, r),
+            _ => conv2d::pair(first, second),
+        }
+    }
+}
+
+/// The contribution `c = R ⊛ a + r_b` of a weight change (the residual) to a
+/// probe: `(dot, norm)` with its `p`.
+pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Result<(f64, f64)> {
+    let c: Vec<f64> = match geom.kind() {
+        Kind::Linear { dims, .. } => linear::direct(dims, delta, a),
+        Kind::Conv2d(spec) => conv2d::direct(spec, delta, a)?,
+    };
+    let dot = c.iter().zip(p).map(|(x, y)| x * y).sum();
+    let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+    Ok((dot, norm))
+}
+
+/// Splits `[vec ΔW, Δb]` into a [`LayerWeights`].
+pub fn split_delta(geom: &Geometry, sum: &[f64]) -> LayerWeights {
+    let (w, b) = sum.split_at(geom.weight_len().min(sum.len()));
+    LayerWeights {
+        weight: w.to_vec(),
+        bias: b.to_vec(),
+    }
+}
+
+/// `cosine = dot / (norm · ‖p‖)`, 0 when either norm is 0.
+pub fn cosine(dot: f64, norm: f64, p_norm: f64) -> f64 {
+    let d = norm * p_norm;
+    if d > 0.0 { dot / d } else { 0.0 }
+}
