@@ -303,59 +303,15 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
             }
             Ok(())
         };
+        if let Some(layer) = kinds::layer(m) {
+            name_ok(layer.name())?;
+            names.push(layer.name());
+            shape = kinds::of(layer).output_shape(i, &shape).map_err(bad)?;
+            continue;
+        }
         match m {
-            Module::Linear(l) => {
-                name_ok(&l.name)?;
-                names.push(&l.name);
-                if shape != [l.in_features] || l.out_features == 0 {
-                    return Err(bad(format!(
-                        "layer {} expects [{}] inputs, gets {shape:?} (module {i})",
-                        l.name, l.in_features
-                    )));
-                }
-                shape = vec![l.out_features];
-            }
-            Module::Conv2d(c) => {
-                name_ok(&c.name)?;
-                names.push(&c.name);
-                let &[ch, h, w] = shape.as_slice() else {
-                    return Err(bad(format!(
-                        "layer {} expects [C, H, W] inputs, gets {shape:?}",
-                        c.name
-                    )));
-                };
-                if ch != c.in_channels || [h, w] != c.input_hw || c.out_channels == 0 {
-                    return Err(bad(format!(
-                        "layer {} expects [{}, {}, {}] inputs, gets {shape:?}",
-                        c.name, c.in_channels, c.input_hw[0], c.input_hw[1]
-                    )));
-                }
-                let out = (0..2)
-                    .map(|a| {
-                        kinds::conv2d::output_len(
-                            c.input_hw[a],
-                            c.kernel[a],
-                            c.stride[a],
-                            c.padding[a],
-                            c.dilation[a],
-                        )
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .filter(|o| o.iter().all(|&x| x > 0))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "layer {}: kernel larger than its padded input",
-                            c.name
-                        ))
-                    })?;
-                if c.dilation.contains(&0) || out != c.output_hw {
-                    return Err(bad(format!(
-                        "layer {}: output size is {out:?}, the spec says {:?}",
-                        c.name, c.output_hw
-                    )));
-                }
-                shape = vec![c.out_channels, out[0], out[1]];
-            }
+            // Checked by their kinds, above.
+            Module::Linear(_) | Module::Conv2d(_) => {}
             Module::Relu | Module::Tanh | Module::Sigmoid | Module::Gelu => {}
             Module::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
@@ -470,12 +426,6 @@ impl Network {
         let mut params = Vec::with_capacity(model.modules.len());
         for m in &model.modules {
             let (shape, fan_in, bias) = match m {
-                Module::Linear(l) => (vec![l.out_features, l.in_features], l.in_features, l.bias),
-                Module::Conv2d(c) => (
-                    vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]],
-                    c.patch_len(),
-                    c.bias,
-                ),
                 Module::BatchNorm1d { features: n, .. }
                 | Module::BatchNorm2d { channels: n, .. } => {
                     // PyTorch's initialisation: γ = 1, β = 0, mean 0, variance 1.
@@ -494,10 +444,19 @@ impl Network {
                     }));
                     continue;
                 }
-                _ => {
-                    params.push(None);
-                    continue;
-                }
+                // A layer of a traced kind: PyTorch's default, uniform in
+                // ±1/√fan_in (fan_in: the weight's size over its rows).
+                _ => match kinds::layer(m) {
+                    Some(l) => {
+                        let shape = l.weight_shape();
+                        let fan_in: usize = shape[1..].iter().product();
+                        (shape, fan_in, l.bias())
+                    }
+                    None => {
+                        params.push(None);
+                        continue;
+                    }
+                },
             };
             let bound = 1.0 / (fan_in as f64).sqrt();
             let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
@@ -741,13 +700,12 @@ pub fn snapshot_tensor<'t>(
     Ok(t)
 }
 
-/// Name of a Linear/Conv2d module.
+/// Name of a module with parameters: a layer of a traced kind or a batch
+/// norm.
 fn layer_name(m: &Module) -> Option<&str> {
     match m {
-        Module::Linear(l) => Some(&l.name),
-        Module::Conv2d(c) => Some(&c.name),
         Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => Some(name),
-        _ => None,
+        _ => kinds::layer(m).map(|l| l.name()),
     }
 }
 

@@ -36,7 +36,7 @@ use crate::probe::{Displacement, predictions};
 use crate::{Error, Result};
 use crate::{check, kinds};
 use reptrace_format::{
-    Conv2dSpec, Dtype, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, TracedLayer,
+    Dtype, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, TracedLayer,
 };
 use reptrace_record::{
     BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
@@ -204,10 +204,10 @@ enum LayerKind {
     /// A complete spec (the built-in loop's layers, or a user's layer once
     /// its input shape is known).
     Spec(Module),
-    /// A user's Conv2d before its first forward pass: its spec but for the
-    /// input and output sizes and the storage (zeros and `Full` until that
-    /// pass sets them).
-    Conv(Conv2dSpec),
+    /// A user's layer whose kind needs its first input to complete the
+    /// spec (Conv2d: the input and output sizes and the storage), before
+    /// that input ([`kinds::at_first_input`]).
+    Unsized(Module),
 }
 
 #[derive(Debug)]
@@ -224,7 +224,7 @@ impl Layer {
     fn spec(&self) -> Option<TracedLayer<'_>> {
         match &self.kind {
             LayerKind::Spec(m) => kinds::layer(m),
-            LayerKind::Conv(_) => None,
+            LayerKind::Unsized(_) => None,
         }
     }
 
@@ -471,9 +471,9 @@ impl Tracer {
         config: nn::ConvConfig,
     ) -> Result<TracedConv2d> {
         let name = path_name(&path);
-        let kind = LayerKind::Conv(kinds::conv2d::spec(
+        let kind = LayerKind::Unsized(Module::Conv2d(kinds::conv2d::spec(
             &name, in_dim, out_dim, kernel, &config,
-        )?);
+        )?));
         let inner = nn::conv2d(&path, in_dim, out_dim, kernel, config);
         let (ws, bs) = (
             inner.ws.shallow_clone(),
@@ -633,9 +633,8 @@ impl Tracer {
             if input_shape.is_none() {
                 input_shape = Some(shape[1..].to_vec());
             }
-            if let LayerKind::Conv(conv) = &layer.kind {
-                let conv = kinds::conv2d::at_first_input(name, conv, &shape, spec.mode)?;
-                layer.kind = LayerKind::Spec(Module::Conv2d(conv));
+            if let LayerKind::Unsized(m) = &layer.kind {
+                layer.kind = LayerKind::Spec(kinds::at_first_input(name, m, &shape, spec.mode)?);
             }
             if let LayerKind::Spec(m) = &layer.kind {
                 modules.push(m.clone());
@@ -781,10 +780,7 @@ impl Tracer {
                     }
                     None => (true, String::new()),
                 },
-                LayerKind::Conv(conv) => (
-                    kinds::conv2d::fits_unsized(conv, &size),
-                    kinds::conv2d::UNSIZED_INPUT.to_owned(),
-                ),
+                LayerKind::Unsized(m) => kinds::fits_unsized(m, &size),
             };
             if !fits {
                 return bad(format!(

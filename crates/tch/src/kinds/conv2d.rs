@@ -220,6 +220,46 @@ impl Kind for Conv2dSpec {
         )
     }
 
+    fn output_shape(
+        &self,
+        _module: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<usize>, String> {
+        let c = self;
+        let &[ch, h, w] = shape else {
+            return Err(format!(
+                "layer {} expects [C, H, W] inputs, gets {shape:?}",
+                c.name
+            ));
+        };
+        if ch != c.in_channels || [h, w] != c.input_hw || c.out_channels == 0 {
+            return Err(format!(
+                "layer {} expects [{}, {}, {}] inputs, gets {shape:?}",
+                c.name, c.in_channels, c.input_hw[0], c.input_hw[1]
+            ));
+        }
+        let out = (0..2)
+            .map(|a| {
+                output_len(
+                    c.input_hw[a],
+                    c.kernel[a],
+                    c.stride[a],
+                    c.padding[a],
+                    c.dilation[a],
+                )
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|o| o.iter().all(|&x| x > 0))
+            .ok_or_else(|| format!("layer {}: kernel larger than its padded input", c.name))?;
+        if c.dilation.contains(&0) || out != c.output_hw {
+            return Err(format!(
+                "layer {}: output size is {out:?}, the spec says {:?}",
+                c.name, c.output_hw
+            ));
+        }
+        Ok(vec![c.out_channels, out[0], out[1]])
+    }
+
     fn apply(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         Ok(x.f_conv2d(
             weight,

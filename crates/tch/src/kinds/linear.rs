@@ -44,6 +44,20 @@ impl Kind for LinearSpec {
         format!("(batch, {}) inputs", self.in_features)
     }
 
+    fn output_shape(
+        &self,
+        module: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<usize>, String> {
+        if shape != [self.in_features] || self.out_features == 0 {
+            return Err(format!(
+                "layer {} expects [{}] inputs, gets {shape:?} (module {module})",
+                self.name, self.in_features
+            ));
+        }
+        Ok(vec![self.out_features])
+    }
+
     fn apply(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         Ok(x.f_linear(weight, bias)?)
     }

@@ -11,7 +11,8 @@
 //!   first input (Conv2d: the input and output sizes and the storage rule,
 //!   [`conv2d::sized`]);
 //! - the [`Kind`] trait on that spec: the input layout it is traced for and
-//!   the refusal's text ([`Kind::fits`], [`Kind::traced_input`]), the layer's
+//!   the refusal's text ([`Kind::fits`], [`Kind::traced_input`]), the shape
+//!   check of a built-in model ([`Kind::output_shape`]), the layer's
 //!   operation ([`Kind::apply`]: the forward pass, and a probe's refinement
 //!   `p = ΔW ⊛ a + Δb` in `f64`), each example's update factors and update
 //!   norms ([`Kind::factors`], docs/method.md §2) and the gradient check's
@@ -24,14 +25,15 @@
 //!
 //! Adding a kind (its spec and `TracedLayer` variant come from
 //! `reptrace_format`): a module here with its spec builders and its
-//! [`Kind`] implementation, one arm in [`of`] and in [`layer`] (and
-//! [`traced_flag`]), a `Tracer` constructor in [`crate::trace`] (with a
-//! variant of its pending spec if the spec needs the first input), and its
-//! tests; the analyzer's side is in `reptrace_analyze`, the Python tracer's
+//! [`Kind`] implementation; one arm in [`of`], [`layer`], [`traced`] and
+//! [`traced_flag`] (and in [`at_first_input`] and [`fits_unsized`] if its
+//! spec needs the first input); its variant in the `Module` patterns that
+//! [`crate::model`] lists as "of a traced kind" (the compiler finds them);
+//! a `Tracer` constructor in [`crate::trace`]; and its tests; the analyzer's side is in `reptrace_analyze`, the Python tracer's
 //! in `python/reptrace/_kinds.py`.
 use crate::Result;
 use crate::factors::Factors;
-use reptrace_format::{Module, TracedLayer};
+use reptrace_format::{Mode, Module, TracedLayer};
 use tch::Tensor;
 
 pub mod conv2d;
@@ -61,6 +63,15 @@ pub trait Kind {
     /// The inputs the layer is traced for, as the refusal of an input that
     /// does not [`Kind::fits`] says it (`"(batch, 4) inputs"`).
     fn traced_input(&self) -> String;
+
+    /// The shape of one example's output for an example input of `shape`
+    /// when the layer is module `module` of a model, or why the spec does
+    /// not fit that input ([`crate::model::check_model`]).
+    fn output_shape(
+        &self,
+        module: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<usize>, String>;
 
     /// The layer's operation with `weight` and `bias` on `x` (batch first):
     /// its forward pass, and with the displacements `ΔW`, `Δb` in `f64` a
@@ -110,5 +121,30 @@ pub fn traced_flag(module: &mut Module) -> Option<(&str, &mut bool)> {
         Module::Linear(l) => Some((&l.name, &mut l.traced)),
         Module::Conv2d(c) => Some((&c.name, &mut c.traced)),
         _ => None,
+    }
+}
+
+/// A user's layer spec completed from the shape of its first input (batch
+/// first) in a run of `mode`, for the kinds whose spec needs it (Conv2d:
+/// [`conv2d::at_first_input`]); any other spec as it is.
+pub fn at_first_input(name: &str, spec: &Module, shape: &[usize], mode: Mode) -> Result<Module> {
+    Ok(match spec {
+        Module::Conv2d(c) => Module::Conv2d(conv2d::at_first_input(name, c, shape, mode)?),
+        m => m.clone(),
+    })
+}
+
+/// Whether an input of `size` fits a spec not yet completed by
+/// [`at_first_input`], and the inputs it is traced for (the refusal's
+/// text).
+pub fn fits_unsized(spec: &Module, size: &[usize]) -> (bool, String) {
+    match spec {
+        Module::Conv2d(c) => (
+            conv2d::fits_unsized(c, size),
+            conv2d::UNSIZED_INPUT.to_owned(),
+        ),
+        m => layer(m).map_or((true, String::new()), |l| {
+            (of(l).fits(size), of(l).traced_input())
+        }),
     }
 }
