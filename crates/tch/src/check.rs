@@ -10,8 +10,7 @@
 //! (clipping by norm, a loss scale), which is measured by least squares and
 //! folded into the records; any other difference (value clipping, noise, a
 //! hook that edits gradients) is refused.
-use crate::Result;
-use crate::factors::unfold;
+use crate::{Result, kinds};
 use reptrace_format::TracedLayer;
 use tch::{Device, Kind, Tensor};
 
@@ -84,41 +83,18 @@ pub fn measure(
 ) -> Result<std::result::Result<Measured, String>> {
     let device = delta.device();
     let g = delta.f_detach()?.f_to_kind(Kind::Float)?;
-    let b = g.size().first().copied().unwrap_or(0);
     let gw = weight_grad
         .f_detach()?
         .f_to_kind(Kind::Float)?
         .f_reshape([weight_grad.size()[0], -1])?;
     let r = direction(gw.size()[1], seed, device)?;
-    let sum0 = |t: &Tensor, dims: &[i64]| t.f_sum_dim_intlist(dims, false, None::<Kind>);
-    let (rec_w, mag_w, rec_b, mag_b) = match layer {
-        TracedLayer::Linear(_) => {
-            let u = input.f_detach()?.f_to_kind(Kind::Float)?;
-            let ur = u.f_mv(&r)?; // B
-            (
-                g.f_tr()?.f_mv(&ur)?,
-                g.f_abs()?.f_tr()?.f_mv(&ur.f_abs()?)?,
-                sum0(&g, &[0])?,
-                sum0(&g.f_abs()?, &[0])?,
-            )
-        }
-        TracedLayer::Conv2d(c) => {
-            let u = unfold(c, &input.f_to_kind(Kind::Float)?)?; // B × K × P
-            let g = g.f_reshape([b, c.out_channels as i64, -1])?; // B × C × P
-            let ur = u.f_transpose(1, 2)?.f_matmul(&r)?; // B × P
-            let gur = g.f_bmm(&ur.f_unsqueeze(2)?)?.f_squeeze_dim(2)?; // B × C
-            let mag = g
-                .f_abs()?
-                .f_bmm(&ur.f_abs()?.f_unsqueeze(2)?)?
-                .f_squeeze_dim(2)?;
-            (
-                sum0(&gur, &[0])?,
-                sum0(&mag, &[0])?,
-                sum0(&g, &[0, 2])?,
-                sum0(&g.f_abs()?, &[0, 2])?,
-            )
-        }
-    };
+    let products = kinds::of(layer).check_products(input, &g, &r)?;
+    let (rec_w, mag_w, rec_b, mag_b) = (
+        products.weight,
+        products.weight_magnitude,
+        products.bias,
+        products.bias_magnitude,
+    );
     let mut applied = vec![gw.f_mv(&r)?];
     let mut recorded = vec![rec_w];
     let mut magnitude = vec![mag_w];

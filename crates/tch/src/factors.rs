@@ -3,20 +3,21 @@
 //! From one ordinary forward and backward pass: the layer input `a` and
 //! `δ = ∂L_batch/∂z` for every example of the batch. With learning rate `η`:
 //!
-//! - Linear: `u = a` (`B × in`), `v = −η·δ` (`B × out`); `ΔW_i = v_i u_iᵀ`.
-//! - Conv2d, storage factors: `u = unfold(a)` (`B × C_in·kh·kw × P`, rows in
-//!   PyTorch's im2col order `(c_in, kh, kw)`), `v = −η·δ` (`B × C_out × P`);
-//!   `ΔW_i = v_i u_iᵀ`.
-//! - Conv2d, storage full: `u` empty, `v = [ΔW_i | Δb_i]`
-//!   (`B × (C_out·C_in·kh·kw + C_out)`), computed on the device with `bmm`.
+//! Each kind computes its own ([`crate::kinds`]: [`crate::kinds::linear`],
+//! [`crate::kinds::conv2d`]); generally `u` is the (unfolded) input, `v =
+//! −η·δ` and `ΔW_i = v_i u_iᵀ`, or `u` empty and `v = [ΔW_i | Δb_i]` where
+//! the full update is the smaller record.
 //!
 //! Everything stays on the device; [`Factors::start_to_host`] converts each
 //! factor to the run's stored type there and copies it in one contiguous
 //! transfer (asynchronously into pinned memory on CUDA).
-use crate::Result;
-use reptrace_format::{Conv2dSpec, Dtype, Storage, TracedLayer};
+use crate::{Result, kinds};
+use reptrace_format::{Dtype, TracedLayer};
 use reptrace_record::FactorValues;
 use tch::{Device, Kind, Tensor};
+
+pub use crate::kinds::conv2d::{factors as conv2d_factors, unfold};
+pub use crate::kinds::linear::factors as linear_factors;
 
 /// One layer's factors for a batch, on the device, rows = examples.
 #[derive(Debug)]
@@ -118,7 +119,8 @@ impl InFlight {
     }
 }
 
-/// The factors of a traced layer for a batch.
+/// The factors of a traced layer for a batch, as its kind computes them
+/// ([`crate::kinds::Kind::factors`]).
 ///
 /// `input` is the layer input (`B × in` or `B × C_in × H × W`), `delta` the
 /// gradient of the batch loss at the layer output (same shape as the
@@ -129,91 +131,5 @@ pub fn layer_factors(
     delta: &Tensor,
     lr: f64,
 ) -> Result<Factors> {
-    match layer {
-        TracedLayer::Linear(_) => linear_factors(input, delta, lr),
-        TracedLayer::Conv2d(c) => conv2d_factors(c, input, delta, lr),
-    }
-}
-
-/// Linear: `u = a`, `v = −η·δ`, `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.
-pub fn linear_factors(input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors> {
-    let u = input.f_detach()?.f_contiguous()?;
-    let v = delta.f_detach()?.f_mul_scalar(-lr)?.f_contiguous()?;
-    let update_norm = row_norms(&v)?.f_mul(&row_norms(&u)?)?;
-    Ok(Factors { u, v, update_norm })
-}
-
-/// Euclidean norm of each row of a `B × n` tensor.
-fn row_norms(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_mul(t)?
-        .f_sum_dim_intlist(&[1i64][..], false, None::<Kind>)?
-        .f_sqrt()?)
-}
-
-/// The unfolded input of a Conv2d layer: `B × C_in·kh·kw × P`.
-pub fn unfold(spec: &Conv2dSpec, input: &Tensor) -> Result<Tensor> {
-    let i = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
-    Ok(input.f_detach()?.f_im2col(
-        i(spec.kernel),
-        i(spec.dilation),
-        i(spec.padding),
-        i(spec.stride),
-    )?)
-}
-
-/// Conv2d factors (or full per-example matrices, as `spec.storage` says).
-pub fn conv2d_factors(
-    spec: &Conv2dSpec,
-    input: &Tensor,
-    delta: &Tensor,
-    lr: f64,
-) -> Result<Factors> {
-    let b = input.size().first().copied().unwrap_or(0);
-    let (c_out, k, p) = (
-        spec.out_channels as i64,
-        spec.patch_len() as i64,
-        spec.positions() as i64,
-    );
-    let u = unfold(spec, input)?; // B × K × P
-    let v = delta
-        .f_detach()?
-        .f_reshape([b, c_out, p])?
-        .f_mul_scalar(-lr)?; // B × C_out × P
-    match spec.storage {
-        Storage::Factors => {
-            // ‖v uᵀ‖_F² = Σ (vᵀv) ∘ (uᵀu): P×P Gram matrices, cheaper than ΔW
-            // exactly when factors are the smaller storage.
-            let gv = v.f_transpose(1, 2)?.f_bmm(&v)?;
-            let gu = u.f_transpose(1, 2)?.f_bmm(&u)?;
-            let update_norm = gv
-                .f_mul(&gu)?
-                .f_sum_dim_intlist(&[1i64, 2][..], false, None::<Kind>)?
-                .f_clamp_min(0.0)?
-                .f_sqrt()?;
-            Ok(Factors {
-                u: u.f_reshape([b, k * p])?,
-                v: v.f_reshape([b, c_out * p])?,
-                update_norm,
-            })
-        }
-        Storage::Full => {
-            let dw = v.f_bmm(&u.f_transpose(1, 2)?)?; // B × C_out × K
-            let update_norm = dw
-                .f_mul(&dw)?
-                .f_sum_dim_intlist(&[1i64, 2][..], false, None::<Kind>)?
-                .f_sqrt()?;
-            let dw = dw.f_reshape([b, c_out * k])?;
-            let full = if spec.bias {
-                let db = v.f_sum_dim_intlist(&[2i64][..], false, None::<Kind>)?;
-                Tensor::f_cat(&[dw, db], 1)?
-            } else {
-                dw
-            };
-            Ok(Factors {
-                u: Tensor::f_zeros([b, 0], (Kind::Float, input.device()))?,
-                v: full,
-                update_norm,
-            })
-        }
-    }
+    kinds::of(layer).factors(input, delta, lr)
 }

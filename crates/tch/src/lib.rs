@@ -72,6 +72,7 @@ pub mod add;
 pub mod check;
 pub mod error;
 pub mod factors;
+pub mod kinds;
 pub mod model;
 pub mod probe;
 pub mod sgd;

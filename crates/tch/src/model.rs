@@ -14,9 +14,9 @@
 //! ChaCha8 generator seeded with the seed, then moved to the device: a seed
 //! gives the same initial network on every device and in every thread.
 //! Dropout uses libtorch's generator, seeded with `tch::manual_seed(seed)`.
-use crate::{Error, Result};
+use crate::{Error, Result, kinds};
 use rand::{Rng, SeedableRng};
-use reptrace_format::{Conv2dSpec, LinearSpec, Model, Module, Storage, TracedLayer};
+use reptrace_format::{Conv2dSpec, Mode, Model, Module, Storage, TracedLayer};
 use std::fmt;
 use std::str::FromStr;
 use tch::{Device, Kind, Tensor};
@@ -127,35 +127,20 @@ impl fmt::Display for TraceLayers {
     }
 }
 
-/// The storage rule for a Conv2d layer's records ([`Storage::for_conv2d`],
-/// shared with every other producer).
+/// The storage rule for a Conv2d layer's records in instance mode
+/// ([`Storage::for_conv2d`], shared with every other producer;
+/// [`kinds::conv2d::storage`] has the rule of either mode).
 pub fn conv_storage(
     out_channels: usize,
     patch_len: usize,
     positions: usize,
     bias: bool,
 ) -> Storage {
-    Storage::for_conv2d(out_channels, patch_len, positions, bias)
+    kinds::conv2d::storage(out_channels, patch_len, positions, bias, Mode::Instance)
 }
 
-/// Output size of a convolution or pooling along one axis.
-fn conv_out(
-    input: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
-) -> Option<usize> {
-    let span = dilation * (kernel.checked_sub(1)?) + 1;
-    let padded = input + 2 * padding;
-    if stride == 0 || padded < span {
-        return None;
-    }
-    Some((padded - span) / stride + 1)
-}
-
-/// A Conv2d spec with its output size and storage worked out.
-#[allow(clippy::too_many_arguments)]
+/// A traced Conv2d spec (square kernel, dilation 1, bias) for inputs of
+/// `input_hw`, with its output size and instance-mode storage worked out.
 fn conv(
     name: &str,
     in_channels: usize,
@@ -165,12 +150,7 @@ fn conv(
     padding: usize,
     input_hw: [usize; 2],
 ) -> Option<Conv2dSpec> {
-    let output_hw = [
-        conv_out(input_hw[0], kernel, stride, padding, 1)?,
-        conv_out(input_hw[1], kernel, stride, padding, 1)?,
-    ];
-    let patch = in_channels * kernel * kernel;
-    Some(Conv2dSpec {
+    let spec = Conv2dSpec {
         name: name.to_owned(),
         in_channels,
         out_channels,
@@ -178,22 +158,17 @@ fn conv(
         stride: [stride; 2],
         padding: [padding; 2],
         dilation: [1; 2],
-        input_hw,
-        output_hw,
+        input_hw: [0, 0],
+        output_hw: [0, 0],
         bias: true,
         traced: true,
-        storage: conv_storage(out_channels, patch, output_hw[0] * output_hw[1], true),
-    })
+        storage: Storage::Full,
+    };
+    kinds::conv2d::sized(&spec, input_hw, Mode::Instance)
 }
 
 fn linear(name: &str, in_features: usize, out_features: usize) -> Module {
-    Module::Linear(LinearSpec {
-        name: name.to_owned(),
-        in_features,
-        out_features,
-        bias: true,
-        traced: true,
-    })
+    Module::Linear(kinds::linear::spec(name, in_features, out_features, true))
 }
 
 /// Builds the model for examples of `input_shape` and `classes` classes,
@@ -288,11 +263,7 @@ fn set_traced(model: &mut Model, trace: &TraceLayers) -> Result<()> {
     let names: Vec<String> = model
         .modules
         .iter()
-        .filter_map(|m| match m {
-            Module::Linear(l) => Some(l.name.clone()),
-            Module::Conv2d(c) => Some(c.name.clone()),
-            _ => None,
-        })
+        .filter_map(|m| kinds::layer(m).map(|l| l.name().to_owned()))
         .collect();
     if let TraceLayers::Names(wanted) = trace
         && let Some(unknown) = wanted.iter().find(|w| !names.contains(w))
@@ -303,15 +274,13 @@ fn set_traced(model: &mut Model, trace: &TraceLayers) -> Result<()> {
         });
     }
     for m in &mut model.modules {
-        let (name, traced) = match m {
-            Module::Linear(l) => (l.name.clone(), &mut l.traced),
-            Module::Conv2d(c) => (c.name.clone(), &mut c.traced),
-            _ => continue,
+        let Some((name, traced)) = kinds::traced_flag(m) else {
+            continue;
         };
         *traced = match trace {
             TraceLayers::All => true,
             TraceLayers::None => false,
-            TraceLayers::Names(w) => w.contains(&name),
+            TraceLayers::Names(w) => w.iter().any(|w| w == name),
         };
     }
     Ok(())
@@ -334,59 +303,15 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
             }
             Ok(())
         };
+        if let Some(layer) = kinds::layer(m) {
+            name_ok(layer.name())?;
+            names.push(layer.name());
+            shape = kinds::of(layer).output_shape(i, &shape).map_err(bad)?;
+            continue;
+        }
         match m {
-            Module::Linear(l) => {
-                name_ok(&l.name)?;
-                names.push(&l.name);
-                if shape != [l.in_features] || l.out_features == 0 {
-                    return Err(bad(format!(
-                        "layer {} expects [{}] inputs, gets {shape:?} (module {i})",
-                        l.name, l.in_features
-                    )));
-                }
-                shape = vec![l.out_features];
-            }
-            Module::Conv2d(c) => {
-                name_ok(&c.name)?;
-                names.push(&c.name);
-                let &[ch, h, w] = shape.as_slice() else {
-                    return Err(bad(format!(
-                        "layer {} expects [C, H, W] inputs, gets {shape:?}",
-                        c.name
-                    )));
-                };
-                if ch != c.in_channels || [h, w] != c.input_hw || c.out_channels == 0 {
-                    return Err(bad(format!(
-                        "layer {} expects [{}, {}, {}] inputs, gets {shape:?}",
-                        c.name, c.in_channels, c.input_hw[0], c.input_hw[1]
-                    )));
-                }
-                let out = (0..2)
-                    .map(|a| {
-                        conv_out(
-                            c.input_hw[a],
-                            c.kernel[a],
-                            c.stride[a],
-                            c.padding[a],
-                            c.dilation[a],
-                        )
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .filter(|o| o.iter().all(|&x| x > 0))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "layer {}: kernel larger than its padded input",
-                            c.name
-                        ))
-                    })?;
-                if c.dilation.contains(&0) || out != c.output_hw {
-                    return Err(bad(format!(
-                        "layer {}: output size is {out:?}, the spec says {:?}",
-                        c.name, c.output_hw
-                    )));
-                }
-                shape = vec![c.out_channels, out[0], out[1]];
-            }
+            // Checked by their kinds, above.
+            Module::Linear(_) | Module::Conv2d(_) => {}
             Module::Relu | Module::Tanh | Module::Sigmoid | Module::Gelu => {}
             Module::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
@@ -399,8 +324,10 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
                         "pooling (module {i}) expects [C, H, W] inputs, gets {shape:?}"
                     )));
                 };
-                let oh = conv_out(h, kernel[0], stride[0], 0, 1).filter(|&x| x > 0);
-                let ow = conv_out(w, kernel[1], stride[1], 0, 1).filter(|&x| x > 0);
+                let oh =
+                    kinds::conv2d::output_len(h, kernel[0], stride[0], 0, 1).filter(|&x| x > 0);
+                let ow =
+                    kinds::conv2d::output_len(w, kernel[1], stride[1], 0, 1).filter(|&x| x > 0);
                 let (Some(oh), Some(ow)) = (oh, ow) else {
                     return Err(bad(format!("pooling (module {i}) does not fit {shape:?}")));
                 };
@@ -499,12 +426,6 @@ impl Network {
         let mut params = Vec::with_capacity(model.modules.len());
         for m in &model.modules {
             let (shape, fan_in, bias) = match m {
-                Module::Linear(l) => (vec![l.out_features, l.in_features], l.in_features, l.bias),
-                Module::Conv2d(c) => (
-                    vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]],
-                    c.patch_len(),
-                    c.bias,
-                ),
                 Module::BatchNorm1d { features: n, .. }
                 | Module::BatchNorm2d { channels: n, .. } => {
                     // PyTorch's initialisation: γ = 1, β = 0, mean 0, variance 1.
@@ -523,10 +444,19 @@ impl Network {
                     }));
                     continue;
                 }
-                _ => {
-                    params.push(None);
-                    continue;
-                }
+                // A layer of a traced kind: PyTorch's default, uniform in
+                // ±1/√fan_in (fan_in: the weight's size over its rows).
+                _ => match kinds::layer(m) {
+                    Some(l) => {
+                        let shape = l.weight_shape();
+                        let fan_in: usize = shape[1..].iter().product();
+                        (shape, fan_in, l.bias())
+                    }
+                    None => {
+                        params.push(None);
+                        continue;
+                    }
+                },
             };
             let bound = 1.0 / (fan_in as f64).sqrt();
             let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
@@ -668,62 +598,10 @@ impl Network {
     ) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (i, (m, p)) in self.model.modules.iter().zip(&self.params).enumerate() {
-            let name = match m {
-                Module::Linear(l) if l.traced => Some(l.name.as_str()),
-                Module::Conv2d(c) if c.traced => Some(c.name.as_str()),
-                _ => None,
-            };
-            let next = match (m, p) {
-                (Module::Linear(_), Some(p)) => h.f_linear(&p.weight, p.bias.as_ref())?,
-                (Module::Conv2d(c), Some(p)) => h.f_conv2d(
-                    &p.weight,
-                    p.bias.as_ref(),
-                    to_i64(&c.stride),
-                    to_i64(&c.padding),
-                    to_i64(&c.dilation),
-                    1,
-                )?,
-                (Module::Relu, _) => h.f_relu()?,
-                (Module::Tanh, _) => h.f_tanh()?,
-                (Module::Sigmoid, _) => h.f_sigmoid()?,
-                (Module::Gelu, _) => h.f_gelu("none")?,
-                (Module::Dropout { p }, _) => h.f_dropout(*p, train)?,
-                (Module::MaxPool2d { kernel, stride }, _) => {
-                    h.f_max_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], [1i64, 1], false)?
-                }
-                (Module::AvgPool2d { kernel, stride }, _) => {
-                    h.f_avg_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], false, true, None)?
-                }
-                (Module::Flatten, _) => h.f_flatten(1, -1)?,
-                (Module::BatchNorm1d { .. } | Module::BatchNorm2d { .. }, Some(p)) => {
-                    let running = p.running.as_ref().ok_or_else(|| Error::BadModel {
-                        model: self.model.name.clone(),
-                        message: format!("module {i} has no running statistics"),
-                    })?;
-                    // Training mode updates the running statistics in place.
-                    h.f_batch_norm(
-                        Some(&p.weight),
-                        p.bias.as_ref(),
-                        Some(&running.0),
-                        Some(&running.1),
-                        train,
-                        0.1,
-                        1e-5,
-                        false,
-                    )?
-                }
-                (
-                    Module::Linear(_)
-                    | Module::Conv2d(_)
-                    | Module::BatchNorm1d { .. }
-                    | Module::BatchNorm2d { .. },
-                    None,
-                ) => {
-                    return Err(Error::BadModel {
-                        model: self.model.name.clone(),
-                        message: format!("module {i} has no parameters"),
-                    });
-                }
+            let name = kinds::traced(m).map(|l| l.name());
+            let next = match (kinds::layer(m), p) {
+                (Some(layer), Some(p)) => kinds::of(layer).apply(&h, &p.weight, p.bias.as_ref())?,
+                _ => self.module_forward(i, m, p.as_ref(), &h, train)?,
             };
             h = match name {
                 Some(name) => traced(i, name, &h, next)?,
@@ -733,13 +611,60 @@ impl Network {
         Ok(h)
     }
 
+    /// The forward pass of module `i`, `m`, with parameters `p`, when it
+    /// is of no traced kind.
+    fn module_forward(
+        &self,
+        i: usize,
+        m: &Module,
+        p: Option<&Params>,
+        h: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(match (m, p) {
+            (Module::Relu, _) => h.f_relu()?,
+            (Module::Tanh, _) => h.f_tanh()?,
+            (Module::Sigmoid, _) => h.f_sigmoid()?,
+            (Module::Gelu, _) => h.f_gelu("none")?,
+            (Module::Dropout { p }, _) => h.f_dropout(*p, train)?,
+            (Module::MaxPool2d { kernel, stride }, _) => {
+                h.f_max_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], [1i64, 1], false)?
+            }
+            (Module::AvgPool2d { kernel, stride }, _) => {
+                h.f_avg_pool2d(to_i64(kernel), to_i64(stride), [0i64, 0], false, true, None)?
+            }
+            (Module::Flatten, _) => h.f_flatten(1, -1)?,
+            (Module::BatchNorm1d { .. } | Module::BatchNorm2d { .. }, Some(p)) => {
+                let running = p.running.as_ref().ok_or_else(|| Error::BadModel {
+                    model: self.model.name.clone(),
+                    message: format!("module {i} has no running statistics"),
+                })?;
+                // Training mode updates the running statistics in place.
+                h.f_batch_norm(
+                    Some(&p.weight),
+                    p.bias.as_ref(),
+                    Some(&running.0),
+                    Some(&running.1),
+                    train,
+                    0.1,
+                    1e-5,
+                    false,
+                )?
+            }
+            // A module of a traced kind is here without parameters.
+            (Module::Linear(_) | Module::Conv2d(_), _)
+            | (Module::BatchNorm1d { .. } | Module::BatchNorm2d { .. }, None) => {
+                return Err(Error::BadModel {
+                    model: self.model.name.clone(),
+                    message: format!("module {i} has no parameters"),
+                });
+            }
+        })
+    }
+
     /// The traced layer spec of module `module`.
     pub fn traced_layer(&self, module: usize) -> Option<TracedLayer<'_>> {
-        match self.model.modules.get(module)? {
-            Module::Linear(l) if l.traced => Some(TracedLayer::Linear(l)),
-            Module::Conv2d(c) if c.traced => Some(TracedLayer::Conv2d(c)),
-            _ => None,
-        }
+        kinds::traced(self.model.modules.get(module)?)
     }
 }
 
@@ -775,13 +700,12 @@ pub fn snapshot_tensor<'t>(
     Ok(t)
 }
 
-/// Name of a Linear/Conv2d module.
+/// Name of a module with parameters: a layer of a traced kind or a batch
+/// norm.
 fn layer_name(m: &Module) -> Option<&str> {
     match m {
-        Module::Linear(l) => Some(&l.name),
-        Module::Conv2d(c) => Some(&c.name),
         Module::BatchNorm1d { name, .. } | Module::BatchNorm2d { name, .. } => Some(name),
-        _ => None,
+        _ => kinds::layer(m).map(|l| l.name()),
     }
 }
 

@@ -6,8 +6,8 @@
 //! (Conv2d: `C_out × h_out·w_out`). Training ([`crate::train()`]) and probes
 //! added later ([`crate::add_probes`]) both compute them with
 //! [`displacements`] and [`probe_chunk`].
-use crate::Result;
 use crate::model::Network;
+use crate::{Result, kinds};
 use reptrace_format::TracedLayer;
 use tch::{Device, Kind, Tensor};
 
@@ -99,20 +99,7 @@ impl Displacement {
     pub fn refinement(&self, layer: TracedLayer<'_>, a: &Tensor) -> Result<Tensor> {
         let a = a.f_detach()?.f_to_kind(Kind::Double)?;
         let n = a.size().first().copied().unwrap_or(0);
-        let p = match layer {
-            TracedLayer::Linear(_) => a.f_linear(&self.weight, self.bias.as_ref())?,
-            TracedLayer::Conv2d(c) => {
-                let i = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
-                a.f_conv2d(
-                    &self.weight,
-                    self.bias.as_ref(),
-                    i(c.stride),
-                    i(c.padding),
-                    i(c.dilation),
-                    1,
-                )?
-            }
-        };
+        let p = kinds::of(layer).apply(&a, &self.weight, self.bias.as_ref())?;
         Ok(p.f_reshape([n, -1])?)
     }
 

@@ -31,13 +31,12 @@
 //! [`Error::Inexact`]. What each step applied is in the `layer_steps`
 //! table. A loop that takes its gradients from [`Tracer::backward`] hands
 //! them to its optimizer itself, unchecked: apply them as returned.
-use crate::check;
 use crate::factors::layer_factors;
 use crate::probe::{Displacement, predictions};
 use crate::{Error, Result};
+use crate::{check, kinds};
 use reptrace_format::{
-    Conv2dSpec, Dtype, LinearSpec, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split,
-    Storage, TracedLayer,
+    Dtype, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, TracedLayer,
 };
 use reptrace_record::{
     BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
@@ -205,10 +204,10 @@ enum LayerKind {
     /// A complete spec (the built-in loop's layers, or a user's layer once
     /// its input shape is known).
     Spec(Module),
-    /// A user's Conv2d before its first forward pass: its spec but for the
-    /// input and output sizes and the storage (zeros and `Full` until that
-    /// pass sets them).
-    Conv(Conv2dSpec),
+    /// A user's layer whose kind needs its first input to complete the
+    /// spec (Conv2d: the input and output sizes and the storage), before
+    /// that input ([`kinds::at_first_input`]).
+    Unsized(Module),
 }
 
 #[derive(Debug)]
@@ -224,9 +223,8 @@ struct Layer {
 impl Layer {
     fn spec(&self) -> Option<TracedLayer<'_>> {
         match &self.kind {
-            LayerKind::Spec(Module::Linear(l)) => Some(TracedLayer::Linear(l)),
-            LayerKind::Spec(Module::Conv2d(c)) => Some(TracedLayer::Conv2d(c)),
-            _ => None,
+            LayerKind::Spec(m) => kinds::layer(m),
+            LayerKind::Unsized(_) => None,
         }
     }
 
@@ -364,10 +362,6 @@ fn path_name(path: &nn::Path<'_>) -> String {
     path.components().collect::<Vec<_>>().join(".")
 }
 
-fn pair(v: i64) -> [usize; 2] {
-    [v as usize; 2]
-}
-
 impl Default for Tracer {
     fn default() -> Self {
         Self {
@@ -457,13 +451,7 @@ impl Tracer {
         let name = path_name(&path);
         let bias = config.bias;
         let inner = nn::linear(&path, in_dim, out_dim, config);
-        let spec = LinearSpec {
-            name: name.clone(),
-            in_features: in_dim as usize,
-            out_features: out_dim as usize,
-            bias,
-            traced: true,
-        };
+        let spec = kinds::linear::spec(&name, in_dim as usize, out_dim as usize, bias);
         let (ws, bs) = (
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
@@ -483,35 +471,10 @@ impl Tracer {
         config: nn::ConvConfig,
     ) -> Result<TracedConv2d> {
         let name = path_name(&path);
-        if config.groups != 1 {
-            return Err(Error::Trace(format!(
-                "layer {name:?}: grouped convolutions (groups {}) are not traced",
-                config.groups
-            )));
-        }
-        if !matches!(config.padding_mode, nn::PaddingMode::Zeros) {
-            return Err(Error::Trace(format!(
-                "layer {name:?}: padding mode {:?}; only zeros is traced",
-                config.padding_mode
-            )));
-        }
-        let (stride, padding, dilation, bias) =
-            (config.stride, config.padding, config.dilation, config.bias);
+        let kind = LayerKind::Unsized(Module::Conv2d(kinds::conv2d::spec(
+            &name, in_dim, out_dim, kernel, &config,
+        )?));
         let inner = nn::conv2d(&path, in_dim, out_dim, kernel, config);
-        let kind = LayerKind::Conv(Conv2dSpec {
-            name: name.clone(),
-            in_channels: in_dim as usize,
-            out_channels: out_dim as usize,
-            kernel: pair(kernel),
-            stride: pair(stride),
-            padding: pair(padding),
-            dilation: pair(dilation),
-            input_hw: [0, 0],
-            output_hw: [0, 0],
-            bias,
-            traced: true,
-            storage: Storage::Full,
-        });
         let (ws, bs) = (
             inner.ws.shallow_clone(),
             inner.bs.as_ref().map(Tensor::shallow_clone),
@@ -523,14 +486,10 @@ impl Tracer {
     /// [`crate::Network`] layers): `weight` and `bias` are its live
     /// parameters, and its forward pass calls [`Taps::tap`] with its name.
     pub fn add_spec(&mut self, spec: Module, weight: Tensor, bias: Option<Tensor>) -> Result<()> {
-        let name = match &spec {
-            Module::Linear(l) => l.name.clone(),
-            Module::Conv2d(c) => c.name.clone(),
-            _ => {
-                return Err(Error::Trace(
-                    "only Linear and Conv2d layers are traced".into(),
-                ));
-            }
+        let Some(name) = kinds::layer(&spec).map(|l| l.name().to_owned()) else {
+            return Err(Error::Trace(
+                "only Linear and Conv2d layers are traced".into(),
+            ));
         };
         self.add_layer(name, LayerKind::Spec(spec), weight, bias)
     }
@@ -674,35 +633,8 @@ impl Tracer {
             if input_shape.is_none() {
                 input_shape = Some(shape[1..].to_vec());
             }
-            if let LayerKind::Conv(conv) = &layer.kind {
-                let &[_, _, h, w] = shape.as_slice() else {
-                    return Err(Error::Trace(format!(
-                        "layer {name}: input of shape {shape:?}; Conv2d layers are traced for (batch, C, H, W) inputs"
-                    )));
-                };
-                let (kernel, padding, dilation, stride) =
-                    (conv.kernel, conv.padding, conv.dilation, conv.stride);
-                let out = |i: usize, a: usize| {
-                    (i + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1
-                };
-                let output_hw = [out(h, 0), out(w, 1)];
-                let patch = conv.in_channels * kernel[0] * kernel[1];
-                let storage = match spec.mode {
-                    Mode::Batch => Storage::Full,
-                    Mode::Instance => Storage::for_conv2d(
-                        conv.out_channels,
-                        patch,
-                        output_hw[0] * output_hw[1],
-                        conv.bias,
-                    ),
-                };
-                layer.kind = LayerKind::Spec(Module::Conv2d(Conv2dSpec {
-                    name: name.clone(),
-                    input_hw: [h, w],
-                    output_hw,
-                    storage,
-                    ..conv.clone()
-                }));
+            if let LayerKind::Unsized(m) = &layer.kind {
+                layer.kind = LayerKind::Spec(kinds::at_first_input(name, m, &shape, spec.mode)?);
             }
             if let LayerKind::Spec(m) = &layer.kind {
                 modules.push(m.clone());
@@ -840,25 +772,17 @@ impl Tracer {
                 continue;
             };
             let size: Vec<usize> = t.input.size().iter().map(|&d| d as usize).collect();
-            let fits = match &l.kind {
-                LayerKind::Spec(Module::Linear(spec)) => size[1..] == [spec.in_features],
-                LayerKind::Spec(Module::Conv2d(spec)) => {
-                    size[1..] == [spec.in_channels, spec.input_hw[0], spec.input_hw[1]]
-                }
-                LayerKind::Conv(conv) => size.len() == 4 && size[1] == conv.in_channels,
-                LayerKind::Spec(_) => true,
+            let (fits, want) = match &l.kind {
+                LayerKind::Spec(m) => match kinds::layer(m) {
+                    Some(spec) => {
+                        let kind = kinds::of(spec);
+                        (kind.fits(&size), kind.traced_input())
+                    }
+                    None => (true, String::new()),
+                },
+                LayerKind::Unsized(m) => kinds::fits_unsized(m, &size),
             };
             if !fits {
-                let want = match &l.kind {
-                    LayerKind::Spec(Module::Linear(spec)) => {
-                        format!("(batch, {}) inputs", spec.in_features)
-                    }
-                    LayerKind::Spec(Module::Conv2d(spec)) => format!(
-                        "(batch, {}, {}, {}) inputs, the size its first step had",
-                        spec.in_channels, spec.input_hw[0], spec.input_hw[1]
-                    ),
-                    _ => "(batch, C, H, W) inputs".to_owned(),
-                };
                 return bad(format!(
                     "layer {}: input of shape {size:?}; it is traced for {want}",
                     l.name

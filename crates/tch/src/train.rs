@@ -594,7 +594,13 @@ fn run_model(config: &TrainConfig, data: &Dataset) -> Result<(Model, Vec<String>
         // A batch-mode record is the whole update of the layer.
         for m in &mut model.modules {
             if let reptrace_format::Module::Conv2d(c) = m {
-                c.storage = reptrace_format::Storage::Full;
+                c.storage = crate::kinds::conv2d::storage(
+                    c.out_channels,
+                    c.patch_len(),
+                    c.positions(),
+                    c.bias,
+                    config.mode,
+                );
             }
         }
     }

@@ -1,0 +1,80 @@
+//! Linear: `z = W a + b`, `W` of shape `out × in`, inputs `(batch, in)`.
+//!
+//! Factors: `u = a` (`B × in`), `v = −η·δ` (`B × out`); `ΔW_i = v_i u_iᵀ`
+//! and `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.
+use super::{CheckProducts, Kind};
+use crate::Result;
+use crate::factors::Factors;
+use reptrace_format::LinearSpec;
+use tch::Tensor;
+
+/// The spec of a traced Linear layer `name` from `in_features` to
+/// `out_features`.
+pub fn spec(name: &str, in_features: usize, out_features: usize, bias: bool) -> LinearSpec {
+    LinearSpec {
+        name: name.to_owned(),
+        in_features,
+        out_features,
+        bias,
+        traced: true,
+    }
+}
+
+/// Linear: `u = a`, `v = −η·δ`, `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.
+pub fn factors(input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors> {
+    let u = input.f_detach()?.f_contiguous()?;
+    let v = delta.f_detach()?.f_mul_scalar(-lr)?.f_contiguous()?;
+    let update_norm = row_norms(&v)?.f_mul(&row_norms(&u)?)?;
+    Ok(Factors { u, v, update_norm })
+}
+
+/// Euclidean norm of each row of a `B × n` tensor.
+fn row_norms(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_mul(t)?
+        .f_sum_dim_intlist(&[1i64][..], false, None::<tch::Kind>)?
+        .f_sqrt()?)
+}
+
+impl Kind for LinearSpec {
+    fn fits(&self, size: &[usize]) -> bool {
+        size[1..] == [self.in_features]
+    }
+
+    fn traced_input(&self) -> String {
+        format!("(batch, {}) inputs", self.in_features)
+    }
+
+    fn output_shape(
+        &self,
+        module: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<usize>, String> {
+        if shape != [self.in_features] || self.out_features == 0 {
+            return Err(format!(
+                "layer {} expects [{}] inputs, gets {shape:?} (module {module})",
+                self.name, self.in_features
+            ));
+        }
+        Ok(vec![self.out_features])
+    }
+
+    fn apply(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(x.f_linear(weight, bias)?)
+    }
+
+    fn factors(&self, input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors> {
+        factors(input, delta, lr)
+    }
+
+    fn check_products(&self, input: &Tensor, g: &Tensor, r: &Tensor) -> Result<CheckProducts> {
+        let sum0 = |t: &Tensor| t.f_sum_dim_intlist(&[0i64][..], false, None::<tch::Kind>);
+        let u = input.f_detach()?.f_to_kind(tch::Kind::Float)?;
+        let ur = u.f_mv(r)?; // B
+        Ok(CheckProducts {
+            weight: g.f_tr()?.f_mv(&ur)?,
+            weight_magnitude: g.f_abs()?.f_tr()?.f_mv(&ur.f_abs()?)?,
+            bias: sum0(g)?,
+            bias_magnitude: sum0(&g.f_abs()?)?,
+        })
+    }
+}
