@@ -37,13 +37,13 @@ pub struct Output {
 }
 
 impl Output {
-    /// The checked `--format` ([`output_format`]).
+    /// The checked `--format` (`output_format`).
     pub fn format(&self) -> anyhow::Result<Format> {
         output_format(&self.format, self.out.as_deref())
     }
 
     /// Opens the run at `run` within the limits, plans the query with `plan`
-    /// on its session and streams the result in `format` ([`stream`]).
+    /// on its session and streams the result in `format` (`stream`).
     pub fn query(
         &self,
         run: &Path,
