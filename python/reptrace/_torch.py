@@ -694,20 +694,14 @@ class Tracer:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
             return
-        fed, self._fed = self._fed, []
-        if not fed:
+        if not self._fed:
             self._clear()
             raise InvalidInput(
                 "the optimizer took a step with no batch() since the last one: call "
                 "tracer.batch(ids, labels) for each micro-batch"
             )
-        ids = np.concatenate([f[0] for f in fed])
-        labels = np.concatenate([f[1] for f in fed])
-        losses = [f[2] for f in fed if f[2] is not None]
-        loss = math.fsum(losses) if len(losses) == len(fed) else None
-        logits = None
-        if all(f[3] is not None for f in fed):
-            logits = torch.cat([f[3] for f in fed])
+        ids, labels, losses, passes, logits = self._take_fed()
+        loss = math.fsum(losses) if len(losses) == passes else None
         self._stepped = True
         try:
             self.step(loss, ids, labels, logits=logits)
@@ -715,16 +709,26 @@ class Tracer:
             self._stepped = False
             self._before = None
 
+    def _take_fed(self):
+        """The micro-batches told since the last step, joined and forgotten:
+        ``(ids, labels, the losses given, the number of micro-batches, their
+        logits or None unless every one gave them)``."""
+        fed, self._fed = self._fed, []
+        ids = np.concatenate([f[0] for f in fed])
+        labels = np.concatenate([f[1] for f in fed])
+        losses = [f[2] for f in fed if f[2] is not None]
+        logits = None
+        if all(f[3] is not None for f in fed):
+            logits = torch.cat([f[3] for f in fed])
+        return ids, labels, losses, len(fed), logits
+
     def skipped(self) -> None:
         """Under :meth:`follow_optimizer`: the micro-batches told since the
         last step led to no optimizer step (a trainer skipped it, e.g. for a
         non-finite gradient); recorded as a skipped step."""
         if not self._fed:
             return
-        fed, self._fed = self._fed, []
-        ids = np.concatenate([f[0] for f in fed])
-        labels = np.concatenate([f[1] for f in fed])
-        losses = [f[2] for f in fed if f[2] is not None]
+        ids, labels, losses, _, _ = self._take_fed()
         value = math.fsum(losses) if losses else math.nan
         if self._rec is None:
             self._clear()
