@@ -36,6 +36,9 @@
 #                           (scripts/bench/summary.py rss)
 #  10  the gradient check  scripts/bench/check.py: the Python tracer traced
 #                           with its per-step gradient check / without it
+#  11  a transformer        scripts/bench/torch_transformer.py: the test
+#                           transformer traced / untraced, f32 and f16, and
+#                           its bytes on disk per example-step
 # Sizes can be changed through the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -189,6 +192,10 @@ done
 step "10 the Python tracer's gradient check: traced with / without it ($torch_steps steps, $torch_repeats repeats)"
 PYTHONPATH="$out/py" $py scripts/bench/check.py \
   --steps "$torch_steps" --repeats "$torch_repeats" | tee "$logs/check.log"
+
+step "11 a transformer: PyTorch traced / untraced and bytes per example-step ($torch_repeats repeats)"
+PYTHONPATH="$out/py" $py scripts/bench/torch_transformer.py \
+  --repeats "$torch_repeats" | tee "$logs/transformer.log"
 
 step "summary ($(($(date +%s) - start)) s of benchmarks)"
 $py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

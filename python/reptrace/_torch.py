@@ -73,31 +73,80 @@ def _lowest(precisions) -> str:
 
 
 class _Layer:
-    """One traced module and what the current step captured of it: one input
-    and one output gradient per forward/backward pass since the last step."""
+    """One traced module and what the current step captured of it: the
+    input and output gradient of each of its calls since the last step, and
+    the forward pass each call ran in."""
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
         self.module = module
         self.kind = _kinds.of(module)
-        self.bias = module.bias is not None
+        self.bias = len(self.kind.params(module)) > 1
         self.spec: dict | None = None  # manifest entry, once shapes are known
         self.group = 0  # index of the optimizer's param group holding the weight
         self.bias_group = 0
         self.inputs: list[torch.Tensor] = []
+        self.passes: list[int] = []
         self.dtypes: list[torch.dtype] = []
         self.grads: dict[int, torch.Tensor] = {}
+        # The indices of the calls of each forward pass (set by Tracer._passes).
+        self.calls: list[list[int]] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias_param(self) -> torch.Tensor | None:
+        return self.module.bias if self.bias else None
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
-        out = [(f"{self.name}.weight", self.module.weight)]
-        if self.bias:
-            out.append((f"{self.name}.bias", self.module.bias))
-        return out
+        return [(f"{self.name}.{n}", p) for n, p in self.kind.params(self.module)]
 
     def clear(self) -> None:
         self.inputs = []
+        self.passes = []
         self.dtypes = []
         self.grads = {}
+
+
+def _refuse_packed_attention(modules: dict, traceable: dict, layers) -> None:
+    """``nn.MultiheadAttention`` applies its packed ``in_proj_weight`` and its
+    ``out_proj`` weight outside any module's forward, where no hook sees
+    them: refused, whether the whole model or its ``out_proj`` is traced."""
+    for n, m in modules.items():
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        inner = [f"{n}.{c}" if n else c for c, _ in m.named_modules() if c]
+        named = layers is None or any(x in inner or x == n for x in layers)
+        if named:
+            raise InvalidInput(
+                f"module {n!r} is an nn.MultiheadAttention, whose packed in_proj_weight and "
+                "out_proj are applied outside any traced module: build attention from "
+                "nn.Linear q/k/v/o projections (as Hugging Face models do), or name the "
+                "layers to trace without it (layers=[...])"
+            )
+        for x in inner:
+            traceable.pop(x, None)
+
+
+def _refuse_tied(model: nn.Module, layers: list) -> None:
+    """A parameter shared by a traced module and another module (tied
+    weights) is refused: its gradient sums both uses, the records one."""
+    owners: dict[int, dict[int, str]] = {}  # parameter → module → its name
+    for mn, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(m), f"{mn}.{pn}" if mn else pn)
+    for l in layers:
+        for name, p in l.params():
+            others = [x for mid, x in owners.get(id(p), {}).items() if mid != id(l.module)]
+            if others:
+                other = others[0]
+                raise InvalidInput(
+                    f"layer {l.name!r}: its parameter {name!r} is also {other!r} (tied "
+                    "weights), which is not traced: untie them, or leave both modules out "
+                    "with layers=[...]"
+                )
 
 
 class _Refusal(Exception):
@@ -188,9 +237,11 @@ class Tracer:
 
         modules = dict(model.named_modules())
         traceable = {n: m for n, m in modules.items() if _kinds.of(m) is not None}
+        _refuse_packed_attention(modules, traceable, layers)
         if not traceable:
             raise InvalidInput(
-                f"{type(model).__name__} has no {_kinds.ANY_MODULE} layer to trace"
+                f"{type(model).__name__} has no layer of a traced kind ({_kinds.MODULE_NAMES}) "
+                "with a weight to train"
             )
         self._param_group = {
             id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
@@ -202,6 +253,7 @@ class Tracer:
             if refusal is not None:
                 raise InvalidInput(refusal)
         self._layers = [_Layer(n, modules[n]) for n in names]
+        _refuse_tied(model, self._layers)
         self._by_module = {id(l.module): l for l in self._layers}
 
         if mode == "instance":
@@ -239,11 +291,16 @@ class Tracer:
         self._outputs: list[torch.Tensor] = []
         self._explicit_logits = False
         self._hooks.append(model.register_forward_hook(self._model_output))
+        # Forward passes of the whole model since the last step: a layer's
+        # calls in one pass are positions of one record (a reused module).
+        self._model_passes = 0
+        self._hooks.append(model.register_forward_pre_hook(self._model_input))
         # follow_optimizer(): the micro-batches batch() told of since the
         # last step, the traced weights before the step the optimizer is
         # taking, and whether the optimizer has already stepped.
         self._following = False
         self._fed: list[tuple] = []
+        self._fed_sizes: list[int] | None = None
         self._before: list[list[torch.Tensor]] | None = None
         self._stepped = False
 
@@ -256,8 +313,7 @@ class Tracer:
         """The layers to trace and the frozen ones left out: with ``layers``
         None every layer the optimizer updates; a layer must train whole."""
         def state(m) -> str:
-            ps = [m.weight] + ([m.bias] if m.bias is not None else [])
-            trains = [self._trains(p) for p in ps]
+            trains = [self._trains(p) for _, p in _kinds.of(m).params(m)]
             return "trains" if all(trains) else ("frozen" if not any(trains) else "partly")
 
         def partly(n, m) -> InvalidInput:
@@ -313,8 +369,8 @@ class Tracer:
         that shapes a record (weight decay may differ: it is the residual)."""
         groups = self.optimizer.param_groups
         for l in self._layers:
-            l.group = self._param_group[id(l.module.weight)]
-            l.bias_group = self._param_group[id(l.module.bias)] if l.bias else l.group
+            l.group = self._param_group[id(l.weight)]
+            l.bias_group = self._param_group[id(l.bias_param)] if l.bias else l.group
             if self.mode == "instance":
                 self._agree(l)
                 if groups[l.group].get("maximize"):
@@ -414,7 +470,8 @@ class Tracer:
         for n in order:
             l = by_name[n]
             x = l.inputs[0]
-            l.spec = l.kind.spec(n, l.module, x, self.mode)
+            first = [y for y, p in zip(l.inputs, l.passes) if p == l.passes[0]]
+            l.spec = l.kind.spec(n, l.module, first, self.mode)
             modules.append(l.spec)
             if not input_shape:
                 input_shape = [int(s) for s in x.shape[1:]]
@@ -480,6 +537,7 @@ class Tracer:
         layer = self._by_module[id(module)]
         k = len(layer.inputs)
         layer.inputs.append(inputs[0].detach())
+        layer.passes.append(self._model_passes)
         layer.dtypes.append(output.dtype)
         if layer.name not in self._order:
             self._order.append(layer.name)
@@ -489,16 +547,23 @@ class Tracer:
 
         output.register_hook(keep)
 
+    def _model_input(self, module, inputs):
+        if not self._closed and torch.is_grad_enabled():
+            self._model_passes += 1
+
     def _clear(self) -> None:
         for l in self._layers:
             l.clear()
         self._outputs = []
+        self._model_passes = 0
 
     # ------------------------------------------------------------ steps
 
-    def _passes(self) -> list[int]:
+    def _passes(self, examples: int) -> list[int]:
         """The batch size of each forward/backward pass since the last step
-        (one per micro-batch), checked to be the same for every traced layer."""
+        (one per micro-batch), checked to be the same for every traced layer;
+        sets each layer's ``calls``: the indices of its calls in each pass.
+        ``examples``: how many ids the step was given."""
         missing = [l.name for l in self._layers if not l.grads]
         if len(missing) == len(self._layers):
             raise InvalidInput(
@@ -510,32 +575,71 @@ class Tracer:
                 f"no gradient reached layer(s) {', '.join(missing)} in this step; "
                 "trace only layers that take part in the loss (layers=[...])"
             )
-        first = self._layers[0]
-        sizes = [int(x.shape[0]) for x in first.inputs]
         for l in self._layers:
-            calls = len(l.inputs)
-            if calls != len(first.inputs):
+            if len(l.grads) != len(l.inputs):
                 raise InvalidInput(
-                    f"layer {l.name!r} ran {calls} times since the last step and layer "
-                    f"{first.name!r} {len(first.inputs)} times: each traced layer must run once "
-                    "per forward pass (a module used twice in one pass is not traced yet)"
-                )
-            if len(l.grads) != calls:
-                raise InvalidInput(
-                    f"layer {l.name!r} ran {calls} times since the last step but "
+                    f"layer {l.name!r} ran {len(l.inputs)} times since the last step but "
                     f"{len(l.grads)} backward pass(es) reached it: run evaluation under "
                     "torch.no_grad(), and call backward() once per forward pass"
                 )
-            for k, x in enumerate(l.inputs):
-                if int(x.shape[0]) != sizes[k]:
+            # Without a forward pass of the whole model seen (a loop that calls
+            # a part of it), each call is a pass of its own.
+            keys = l.passes if self._model_passes else list(range(len(l.inputs)))
+            order = list(dict.fromkeys(keys))
+            l.calls = [[k for k, p in enumerate(keys) if p == q] for q in order]
+        first = self._layers[0]
+        for l in self._layers:
+            if len(l.calls) != len(first.calls):
+                raise InvalidInput(
+                    f"layer {l.name!r} ran in {len(l.calls)} forward passes since the last "
+                    f"step and layer {first.name!r} in {len(first.calls)}: every traced layer "
+                    "must run in every forward pass"
+                )
+        seen = [
+            {int(l.inputs[k].shape[0]) if l.inputs[k].dim() else 0
+             for l in self._layers for k in l.calls[j]}
+            for j in range(len(first.calls))
+        ]
+        if self._fed_sizes is not None and len(self._fed_sizes) == len(first.calls):
+            sizes = list(self._fed_sizes)
+        elif all(len(x) == 1 for x in seen):
+            sizes = [next(iter(x)) for x in seen]
+        elif len(first.calls) == 1:
+            sizes = [examples]
+        else:  # micro-batches told as one: the largest first dimension is the batch
+            sizes = [max(x) for x in seen]
+        for l in self._layers:
+            for j, calls in enumerate(l.calls):
+                if len(calls) > 1 and not l.kind.sequence:
                     raise InvalidInput(
-                        f"layer {l.name!r} saw {int(x.shape[0])} examples, layer "
-                        f"{first.name!r} {sizes[k]}: every traced layer must see the batch"
+                        f"layer {l.name!r} ran {len(calls)} times in one forward pass: a "
+                        f"{type(l.module).__name__} is traced when it runs once per pass (reused "
+                        "modules are traced for Linear, Embedding and norm layers)"
                     )
-                refusal = l.kind.check_input(l.name, x)
-                if refusal is not None:
-                    raise InvalidInput(refusal)
+                for k in calls:
+                    self._check_call(l, l.inputs[k], sizes[j])
+                if l.spec is not None and l.kind.sequence:
+                    t = sum(l.kind.positions(l.module, l.inputs[k]) for k in calls)
+                    if t != l.spec.get("positions", 1):
+                        raise InvalidInput(
+                            f"layer {l.name!r}: {t} positions per example at step {self._step} "
+                            f"and {l.spec.get('positions', 1)} at the first step; a layer's "
+                            "records have one length: pad every batch to the same sequence "
+                            "length (e.g. padding='max_length')"
+                        )
         return sizes
+
+    def _check_call(self, l: _Layer, x: torch.Tensor, batch: int) -> None:
+        refusal = l.kind.check_input(l.name, x)
+        if refusal is not None:
+            raise InvalidInput(refusal)
+        if int(x.shape[0]) != batch:
+            raise InvalidInput(
+                f"layer {l.name!r}: input of shape {tuple(x.shape)} in a forward pass of "
+                f"{batch} examples: its first dimension must be the batch (an input shared "
+                "by the batch, e.g. position ids of shape (1, T), has no per-example "
+                "update; expand it to (batch, ...) or leave the layer out with layers=[...])"
+            )
 
     def _hyper(self, l: _Layer) -> dict:
         """The layer's parameter group's values for this step."""
@@ -595,9 +699,9 @@ class Tracer:
         when those are (batch, classes) tensors."""
         if self._closed:
             raise RecordError(f"{self.run_dir}: the tracer is finished")
-        sizes = self._passes()
-        batch = sum(sizes)
         ids = _ints(ids, np.int64, "ids")
+        sizes = self._passes(len(ids))
+        batch = sum(sizes)
         labels = _ints(labels, np.int32, "labels")
         passes = f" in {len(sizes)} forward passes" if len(sizes) > 1 else ""
         if len(ids) != batch:
@@ -700,13 +804,16 @@ class Tracer:
                 "the optimizer took a step with no batch() since the last one: call "
                 "tracer.batch(ids, labels) for each micro-batch"
             )
+        sizes = [len(f[0]) for f in self._fed]
         ids, labels, losses, passes, logits = self._take_fed()
         loss = math.fsum(losses) if len(losses) == passes else None
         self._stepped = True
+        self._fed_sizes = sizes
         try:
             self.step(loss, ids, labels, logits=logits)
         finally:
             self._stepped = False
+            self._fed_sizes = None
             self._before = None
 
     def _take_fed(self):
@@ -829,18 +936,26 @@ class Tracer:
         self._pending = (self._step, self._epoch, ids, labels, host)
 
     def _raw_factors(self, l: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, δ) of every example of the step, in float32, rows = examples:
-        the layer's input as the layer used it (cast to the precision it ran
-        in under autocast; unfolded for Conv2d, examples × K × P) and the
-        gradient at its output (Conv2d: examples × C_out × P)."""
+        """(u, δ) of every example of the step, rows = examples, by the
+        layer's kind (:meth:`_kinds.Kind.raw`): the input as the layer used
+        it (cast to the precision it ran in under autocast) and the gradient
+        at its output; the calls of one forward pass are positions of one
+        record, the passes (micro-batches) follow each other."""
         us, gs = [], []
-        for k, x in enumerate(l.inputs):
-            out = l.dtypes[k]
-            if x.is_floating_point() and out in _PRECISION and x.dtype != out:
-                x = x.to(out)  # what autocast fed the layer
-            a, g = l.kind.raw(l.spec, x.float(), l.grads[k].float())
-            us.append(a)
-            gs.append(g)
+        for calls in l.calls:
+            parts = []
+            for k in calls:
+                x = l.inputs[k]
+                out = l.dtypes[k]
+                if x.is_floating_point() and out in _PRECISION and x.dtype != out:
+                    x = x.to(out)  # what autocast fed the layer
+                parts.append(l.kind.raw(l.spec, x, l.grads[k].float()))
+            if len(parts) == 1:
+                us.append(parts[0][0])
+                gs.append(parts[0][1])
+            else:
+                us.append(torch.cat([u for u, _ in parts], dim=1))
+                gs.append(torch.cat([g for _, g in parts], dim=1))
         if len(us) == 1:
             return us[0], gs[0]
         return torch.cat(us), torch.cat(gs)
@@ -858,9 +973,8 @@ class Tracer:
         ``m = Σ_i |g_i| |u_i·r_w + r_b|`` the magnitude of the summed terms,
         which the relative difference is taken against; :meth:`_verdict`
         compares them in float64 on the host."""
-        w = l.module.weight
-        gw = w.grad
-        gb = l.module.bias.grad if l.bias else None
+        gw = l.weight.grad
+        gb = l.bias_param.grad if l.bias else None
         if gw is None or (l.bias and gb is None):
             raise _Refusal(
                 f"layer {l.name!r} at step {self._step}: no .grad on its parameters right "
@@ -868,7 +982,7 @@ class Tracer:
             )
         if not self._check:
             return None
-        gw = gw.detach().reshape(gw.shape[0], -1).float()
+        gw = l.kind.rows(gw.detach()).float()
         n_in = gw.shape[1]
         if self._generator is None or self._generator.device != gw.device:
             self._generator = torch.Generator(device=gw.device).manual_seed(0x7E9)
@@ -880,7 +994,7 @@ class Tracer:
             gb = gb.detach().reshape(-1).float()
             applied = applied + r[n_in] * gb
             norm2 = norm2 + torch.linalg.vector_norm(gb).square()
-        rec, mag = l.kind.check_products(u, g, rw, r[n_in] if l.bias else None)
+        rec, mag = l.kind.check_products(l.spec, u, g, rw, r[n_in] if l.bias else None)
         return torch.cat([applied, rec, mag, norm2.reshape(1)])
 
     def _verdict(self, l: _Layer, terms: np.ndarray, precision: str, shared: float):
@@ -1084,7 +1198,7 @@ def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bo
             layer = _Layer(name, m)
             layer.spec = spec
             w, b = final[name]
-            mine = m.weight.detach().to("cpu", torch.float64).reshape(-1)
+            mine = layer.weight.detach().to("cpu", torch.float64).reshape(-1)
             theirs = torch.from_numpy(w)
             if mine.shape != theirs.shape:
                 raise InvalidInput(
@@ -1093,7 +1207,7 @@ def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bo
                 )
             diff = float((mine - theirs).abs().max()) if mine.numel() else 0.0
             if layer.bias:
-                bias = m.bias.detach().to("cpu", torch.float64).reshape(-1)
+                bias = layer.bias_param.detach().to("cpu", torch.float64).reshape(-1)
                 if bias.shape == torch.from_numpy(b).shape:
                     diff = max(diff, float((bias - torch.from_numpy(b)).abs().max()))
                 else:
@@ -1131,10 +1245,10 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
     if len(ids) != n:
         raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
     was_training = model.training
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[int, list[torch.Tensor]] = {}
 
     def keep(module, inputs_, output):
-        captured[id(module)] = inputs_[0].detach()
+        captured.setdefault(id(module), []).append(inputs_[0].detach())
 
     hooks = [l.module.register_forward_hook(keep) for l in layers]
     try:
@@ -1150,15 +1264,7 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
                     out = out["logits"]
                 predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()
                 for l in layers:
-                    a = captured[id(l.module)].double()
-                    w = l.module.weight.detach().double()
-                    w0, b0 = initial[l.name]
-                    dw = w - torch.as_tensor(w0).to(w.device).double().reshape(w.shape)
-                    db = None
-                    if l.bias:
-                        b = l.module.bias.detach().double()
-                        db = b - torch.as_tensor(b0).to(b.device).double()
-                    p = l.kind.refine(l.spec, a, dw, db)
+                    a, p = _probe(l, captured.get(id(l.module), []), initial[l.name], end - start)
                     rows = end - start
                     emit(
                         l.name,
@@ -1174,6 +1280,45 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
             h.remove()
         model.train(was_training)
     return ids
+
+
+def _probe(l: _Layer, calls: list[torch.Tensor], initial, rows: int):
+    """A layer's probe ``(a, p)`` for one chunk of inputs (float64, rows =
+    inputs) from its calls in the forward pass, against the initial weights."""
+    if not calls:
+        raise InvalidInput(f"probes: layer {l.name!r} did not run in the model's forward pass")
+    if len(calls) > 1 and not l.kind.sequence:
+        raise InvalidInput(
+            f"probes: layer {l.name!r} ran {len(calls)} times in one forward pass"
+        )
+    w = l.weight.detach().double()
+    w0, b0 = initial
+    dw = w - torch.as_tensor(w0).to(w.device).double().reshape(w.shape)
+    db = None
+    if l.bias:
+        b = l.bias_param.detach().double()
+        db = b - torch.as_tensor(b0).to(b.device).double().reshape(b.shape)
+    for x in calls:
+        if x.dim() == 0 or int(x.shape[0]) != rows:
+            raise InvalidInput(
+                f"probes: layer {l.name!r} got an input of shape {tuple(x.shape)} for "
+                f"{rows} inputs: its first dimension must be the batch"
+            )
+    parts = [l.kind.probe(l.spec, x, dw, db) for x in calls]
+    if len(parts) == 1:
+        a, p = parts[0]
+    else:
+        a = torch.cat([a for a, _ in parts], dim=1)
+        p = torch.cat([p for _, p in parts], dim=1)
+    if l.kind.sequence:
+        t = sum(l.kind.positions(l.module, x) for x in calls)
+        want = l.spec.get("positions", 1)
+        if t != want:
+            raise InvalidInput(
+                f"probes: layer {l.name!r} sees {t} positions per input and the run's records "
+                f"{want}: pad probe inputs to the training sequence length"
+            )
+    return a, p
 
 
 class _HostCopy:

@@ -280,7 +280,8 @@ def _rss_rows(b, add):
 
 
 def _later_rows(b, add, missing):
-    """Rows 7 to 10: contributions on demand, start-up, the sort under a limit, the gradient check."""
+    """Rows 7 to 11: contributions on demand, start-up, the sort under a limit, the gradient
+    check, a transformer."""
     setup = next(iter(b["query-setup"]), {})
     # 7. contributions on demand
     od = next(iter(b["ondemand"]), None)
@@ -348,6 +349,18 @@ def _later_rows(b, add, missing):
             f"median of {ck['repeats']}")
     else:
         add("10 gradient check", None, f"≤ {CHECK_GOAL:.2f}", False, "")
+
+    # 11. a transformer recorded by the Python tracer (issue 32): no goal of
+    # its own yet (row 6's ≤ 1.15 is the PyTorch tracer's); reported.
+    for r in b["torch_transformer"]:
+        x = float(r["ratio"])
+        add(f"11 transformer {r['dtype']}", fmt_ratio(x), "report", True,
+            f"traced/untraced time, reptrace.Tracer, the test transformer (2 blocks, width 16, "
+            f"sequences of 8, every layer traced), batch 16, {r['steps']} steps, 1 torch thread, "
+            f"untraced {float(r['untraced_ms_per_step']):.2f} ms/step, traced "
+            f"{float(r['traced_ms_per_step']):.2f}, finish() included; "
+            f"{r['bytes_per_example_step']} bytes on disk per example-step; "
+            f"median of {r['repeats']}")
 
 
 def parse_size_kb(text):

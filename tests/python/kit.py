@@ -290,25 +290,50 @@ def displacement_scales(run, m):
     return out
 
 
-def add_record(W, b, spec, full, scale, u, v):
-    """Adds one record's update, times `scale`, to W (and b) in place."""
+def token_ids(spec, u):
+    """An embedding record's or probe's token ids, from their base-2048
+    digits (most significant first)."""
+    n = spec["num_embeddings"]
+    digits = 1 if n <= 2048 else (2 if n <= 2048**2 else 3)
+    d = np.asarray(u, dtype=np.float64).reshape(-1, digits)
+    assert np.all(d == np.round(d)), "token digits are not integers"
+    return (d @ (2048.0 ** np.arange(digits - 1, -1, -1))).astype(np.int64)
+
+
+def record_update(spec, full, u, v, weight_shape):
+    """One record's (ΔW in the weight's shape, Δb or None), float64, from
+    its u and v by each kind's definition (docs/format.md)."""
     u = np.asarray(u, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    n_w = W.size
-    if full:
-        W += scale * v[:n_w].reshape(W.shape)
-        if b is not None:
-            b += scale * v[n_w:]
-    elif spec["kind"] == "linear":
-        W += scale * np.outer(v, u)
-        if b is not None:
-            b += scale * v
-    else:
-        vv = v.reshape(spec["out_channels"], -1)
-        uu = u.reshape(-1, vv.shape[1])
-        W += scale * (vv @ uu.T).reshape(W.shape)
-        if b is not None:
-            b += scale * vv.sum(axis=1)
+    n_w = int(np.prod(weight_shape))
+    kind = spec["kind"]
+    bias = spec.get("bias", False)
+    if full or kind in ("layer_norm", "rms_norm"):
+        return v[:n_w].reshape(weight_shape), (v[n_w:] if bias else None)
+    if kind == "linear":
+        uu = u.reshape(-1, spec["in_features"])  # positions × in
+        vv = v.reshape(-1, spec["out_features"])
+        return vv.T @ uu, (vv.sum(axis=0) if bias else None)
+    if kind == "embedding":
+        dw = np.zeros(weight_shape)
+        np.add.at(dw, token_ids(spec, u), v.reshape(-1, spec["embedding_dim"]))
+        return dw, None
+    # conv1d / conv2d: u = unfold (K × P), v = C_out × P, per group.
+    groups = spec.get("groups", 1)
+    vv = v.reshape(spec["out_channels"], -1)
+    uu = u.reshape(-1, vv.shape[1])
+    co, k = vv.shape[0] // groups, uu.shape[0] // groups
+    dw = np.concatenate([vv[g * co:(g + 1) * co] @ uu[g * k:(g + 1) * k].T
+                         for g in range(groups)])
+    return dw.reshape(weight_shape), (vv.sum(axis=1) if bias else None)
+
+
+def add_record(W, b, spec, full, scale, u, v):
+    """Adds one record's update, times `scale`, to W (and b) in place."""
+    dw, db = record_update(spec, full, u, v, W.shape)
+    W += scale * dw
+    if b is not None:
+        b += scale * db
 
 
 def reconstruct(run):
@@ -324,7 +349,7 @@ def reconstruct(run):
         full = m["mode"] == "batch" or spec.get("storage") == "full"
         rows = updates.filter(pc.equal(updates["layer"], name)).to_pydict()
         W = w0[f"{name}.weight"].astype(np.float64).copy()
-        b = w0[f"{name}.bias"].astype(np.float64).copy() if spec["bias"] else None
+        b = w0[f"{name}.bias"].astype(np.float64).copy() if spec.get("bias") else None
         for step, u, v in zip(rows["step"], rows["u"], rows["v"]):
             add_record(W, b, spec, full, sigma[name][step], u, v)
         out[name] = (W, b)

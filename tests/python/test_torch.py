@@ -240,7 +240,7 @@ def test_bad_input_gets_a_clear_exception(tmp_path, data):
     with pytest.raises(reptrace.InvalidInput, match="unknown layer 'fc9'.*fc1, fc2, fc3"):
         reptrace.Tracer(model, sgd, str(tmp_path / "a"), classes=CLASSES, layers=["fc9"])
     nothing = nn.Sequential(nn.ReLU())
-    with pytest.raises(reptrace.InvalidInput, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(reptrace.InvalidInput, match="no layer of a traced kind .nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding, nn.LayerNorm, nn.RMSNorm"):
         reptrace.Tracer(nothing, sgd, str(tmp_path / "b"), classes=CLASSES)
     with pytest.raises(reptrace.InvalidInput, match="Adam in instance mode.*mode='batch'"):
         reptrace.Tracer(model, torch.optim.Adam(model.parameters()), str(tmp_path / "c"),

@@ -59,6 +59,16 @@ def hf_args(tmp_path, **over):
 LAYERS = ["bert.pooler.dense", "classifier"]
 
 
+def every_layer_but_positions(model):
+    """Every layer of a traced kind (embeddings, layer norms, the attention
+    and MLP projections over the sequence, pooler, classifier) but BERT's
+    position embedding, whose (1, T) position ids are shared by the batch."""
+    from reptrace import _kinds
+
+    return [n for n, m in model.named_modules()
+            if _kinds.of(m) is not None and n != "bert.embeddings.position_embeddings"]
+
+
 def assert_answers(run, mode, n):
     """The canned questions answer for the run's first probe: its top
     proponents among the n training instances (instance mode), its top
@@ -75,10 +85,10 @@ def assert_answers(run, mode, n):
 
 # A clip of 0.1 clips every step; its larger lr keeps the update well above
 # the float32 rounding of the weights it is added to.
-@pytest.mark.parametrize("optim, mode, clip, lr", [
-    ("sgd", "instance", 1.0, 0.05), ("sgd", "instance", 0.1, 0.5),
-    ("adamw_torch", "batch", 1.0, 0.05)])
-def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, clip, lr):
+@pytest.mark.parametrize("optim, mode, clip, lr, whole", [
+    ("sgd", "instance", 1.0, 0.05, True), ("sgd", "instance", 0.1, 0.5, False),
+    ("adamw_torch", "batch", 1.0, 0.05, False)])
+def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, clip, lr, whole):
     from reptrace.integrations.huggingface import ReptraceCallback
 
     data = Tokens(96)
@@ -86,7 +96,8 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
     initial = start_weights(model)
     run = str(tmp_path / "bert")
     probes = (data.x[:6], data.y[:6])
-    callback = ReptraceCallback(run, classes=["no", "yes"], layers=LAYERS, probes=probes)
+    layers = every_layer_but_positions(model) if whole else LAYERS
+    callback = ReptraceCallback(run, classes=["no", "yes"], layers=layers, probes=probes)
     args = hf_args(tmp_path, optim=optim, max_grad_norm=clip, learning_rate=lr)
     trainer = transformers.Trainer(model=model, args=args,
                                    train_dataset=data, callbacks=[callback])
@@ -94,6 +105,10 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
 
     m = manifest(run)
     assert m["mode"] == mode
+    assert sorted(s["name"] for s in m["model"]["modules"]) == sorted(layers)
+    if whole:
+        kinds = {s["kind"] for s in m["model"]["modules"]}
+        assert kinds == {"embedding", "layer_norm", "linear"}, kinds
     assert m["settings"]["trainer"] == "transformers.Trainer"
     assert m["settings"]["gradient_accumulation_steps"] == 2
     steps = table(run, "steps").to_pydict()

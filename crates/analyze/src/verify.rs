@@ -478,6 +478,13 @@ struct Residual {
     /// For f16 traces, the bound on the rounding of the stored factors,
     /// relative to `‖W_T − W_0‖` (0 otherwise).
     storage_bound: f64,
+    /// The rounding of the training loop's own f32 weights, relative to
+    /// `‖W_T − W_0‖`: each step stores `W_{t+1}` rounded to f32 (at most
+    /// `2⁻²⁴·|w|` per element), `2⁻²⁴ ‖W_T‖ √steps` over the run (rounding
+    /// errors of independent steps add like a random walk). It matters when
+    /// the weights hardly move (`‖W_T‖ ≫ ‖W_T − W_0‖`: a tiny learning rate,
+    /// heavy clipping).
+    weight_rounding: f64,
     /// `‖W_T − W_0‖`.
     change: f64,
 }
@@ -510,8 +517,14 @@ fn weights_verdict(
     } else {
         h.precision.unit_roundoff() * h.applied / r.change
     };
-    let tolerance = options.tolerance + r.storage_bound + compute_bound;
+    let tolerance = options.tolerance + r.storage_bound + compute_bound + r.weight_rounding;
     let mut parts = vec![format!("tolerance {:.1e}", options.tolerance)];
+    if r.weight_rounding >= options.tolerance / 10.0 {
+        parts.push(format!(
+            "+ f32 weight rounding {:.2e} (2⁻²⁴·‖W_T‖·√steps, the weights move little)",
+            r.weight_rounding
+        ));
+    }
     if r.storage_bound > 0.0 {
         parts.push(format!(
             "+ f16 storage rounding bound {:.2e}",
@@ -596,9 +609,12 @@ fn weights_residual(
             message: format!("layer {} did not change during training", layer.name()),
         });
     }
+    let steps = setup.history(layer.name())?.scales.len() as f64;
+    let weight_rounding = f64::powi(2.0, -24) * setup.last.layer(layer)?.norm() * steps.sqrt();
     Ok(Residual {
         relative: residual.norm() / scale,
         storage_bound: bound / scale,
+        weight_rounding: weight_rounding / scale,
         change: scale,
     })
 }

@@ -1,0 +1,429 @@
+"""Tracing the layers transformers are made of: a small transformer
+classifier written here (token and learned positional embeddings, two pre-norm
+blocks with q/k/v/o nn.Linear projections, LayerNorm, a GELU MLP, masked mean
+pooling, a head) trained with SGD and momentum on padded sequences of a few
+lengths, checked against independent computations: the final weights rebuilt
+from the records alone, torch.func per-sample gradients, a brute-force
+contribution computed here against the contributions SQL returns, and training
+without the tracer. Then the smaller kinds (Conv1d, grouped and reflect-padded
+Conv2d, RMSNorm, a reused module, LoRA adapters) and the refusals."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reptrace
+from kit import (
+    assert_reconstructs,
+    completeness,
+    displacement_scales,
+    manifest,
+    record_update,
+    start_weights,
+    table,
+    token_ids,
+    train,
+)
+
+VOCAB, LENGTH, WIDTH, HEADS = 40, 8, 16, 2
+CLASSES = ["a", "b", "c"]
+PAD = 0
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: attention from nn.Linear projections,
+    then a GELU MLP, each added to the residual stream."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln2 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        h = self.ln1(x)
+
+        def split(z):
+            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        att = torch.softmax(scores, dim=-1) @ v
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=VOCAB, length=LENGTH, d=WIDTH, heads=HEADS, classes=len(CLASSES)):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=PAD)
+        self.pos = nn.Embedding(length, d)
+        self.blocks = nn.ModuleList([Block(d, heads), Block(d, heads)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        mask = ids != PAD
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.tok(ids) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return self.head((x * m).sum(1) / m.sum(1))
+
+
+def sequences(n, seed):
+    """Token sequences of lengths 3, 5 and 8, padded with PAD to LENGTH; the
+    class is the count of tokens below VOCAB/2, mod 3."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
+    lengths = torch.tensor([3, 5, 8])[torch.randint(0, 3, (n,), generator=g)]
+    ids[torch.arange(LENGTH).expand(n, LENGTH) >= lengths[:, None]] = PAD
+    labels = (((ids > 0) & (ids < VOCAB // 2)).sum(1) % 3).long()
+    return ids, labels
+
+
+LR = 0.05
+
+
+def fit(run, seed=0, traced=True, seen=None, probes=None, dtype="f32"):
+    """Trains a TinyTransformer for 3 epochs (18 steps of 8), recorded into
+    `run` when `traced`; `seen` collects the parameters and rows of the
+    first two steps. Returns (model, initial state, x, y)."""
+    torch.manual_seed(seed)
+    model = TinyTransformer()
+    initial = start_weights(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, dtype=dtype) if traced else None
+    x, y = sequences(48, seed=1)
+
+    def on_step(step, rows):
+        if seen is not None and step < 2:
+            seen[step] = ({k: v.detach().clone() for k, v in model.named_parameters()}, rows)
+
+    train(model, opt, x, y, epochs=3, batch_size=8, tracer=tracer, on_step=on_step)
+    if tracer is not None:
+        tracer.finish(probes=probes)
+    return model, initial, x, y
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("transformer") / "run")
+    seen = {}
+    xp, yp = sequences(2, seed=7)
+    model, initial, x, y = fit(run, seen=seen, probes=(xp, yp.numpy(), np.array([1000, 1001])))
+    return SimpleNamespace(run=run, model=model, initial=initial, x=x, y=y, seen=seen)
+
+
+def test_every_layer_of_the_transformer_is_traced_and_rebuilt_from_its_records(traced):
+    m = manifest(traced.run)
+    kinds = {spec["name"]: spec["kind"] for spec in m["model"]["modules"]}
+    assert kinds["tok"] == kinds["pos"] == "embedding"
+    assert kinds["blocks.0.ln1"] == kinds["norm"] == "layer_norm"
+    assert kinds["blocks.1.q"] == kinds["head"] == "linear"
+    q = next(s for s in m["model"]["modules"] if s["name"] == "blocks.0.q")
+    assert q["positions"] == LENGTH
+    traced_params = {f"{n}.{p}" for n in kinds for p in ("weight", "bias")}
+    assert {n for n, _ in traced.model.named_parameters()} <= traced_params
+    assert_reconstructs(traced.run, traced.model, traced.initial)
+    completeness(traced.run)
+
+
+def test_records_equal_per_sample_gradients(traced):
+    """The records of the first two steps equal −lr × per-sample gradients of
+    the batch's mean loss from torch.func (vmap over grad), within 1e-5."""
+    from torch.func import functional_call, grad, vmap
+
+    m = manifest(traced.run)
+    updates = table(traced.run, "updates").to_pandas()
+    model = traced.model
+    for step, (params, rows) in traced.seen.items():
+        batch = len(rows)
+
+        def loss_one(p, xi, yi):
+            out = functional_call(model, p, (xi.unsqueeze(0),))
+            return F.cross_entropy(out, yi.unsqueeze(0)) / batch
+
+        per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, traced.x[rows], traced.y[rows])
+        for spec in m["model"]["modules"]:
+            name = spec["name"]
+            got = updates[(updates.layer == name) & (updates.step == step)]
+            assert list(got.instance_id) == rows.tolist(), name
+            shape = tuple(per[f"{name}.weight"].shape[1:])
+            for i, (u, v) in enumerate(zip(got.u, got.v)):
+                dw, db = record_update(spec, spec.get("storage") == "full", u, v, shape)
+                want = -LR * per[f"{name}.weight"][i].double().numpy()
+                scale = max(np.linalg.norm(want), 1e-12)
+                assert np.linalg.norm(dw - want) <= 1e-5 * scale + 1e-9, (step, name, i)
+                if db is not None:
+                    want_b = -LR * per[f"{name}.bias"][i].double().numpy()
+                    scale = max(np.linalg.norm(want_b), 1e-12)
+                    assert np.linalg.norm(db - want_b) <= 1e-5 * scale + 1e-9, (step, name, i)
+
+
+def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path):
+    plain, _, _, _ = fit(None, traced=False)
+    traced_model, _, _, _ = fit(str(tmp_path / "run"))
+    for (k, a), (_, b) in zip(plain.state_dict().items(), traced_model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def _apply(spec, dw, db, a):
+    """The layer's output for a probe input `a` (as stored) under the
+    weight change (dw, db), by each kind's definition."""
+    a = np.asarray(a, dtype=np.float64)
+    if spec["kind"] == "linear":
+        out = a.reshape(-1, spec["in_features"]) @ dw.T
+    elif spec["kind"] == "embedding":
+        out = dw[token_ids(spec, a)]
+    else:  # layer_norm: a is the normalised input
+        out = a.reshape(-1, dw.size) * dw.reshape(-1)
+    return (out + db if db is not None else out).reshape(-1)
+
+
+def test_sql_contributions_equal_a_brute_force_and_add_up(traced):
+    """Contributions of records to two sequence probes, as SQL over
+    `contributions` returns them, equal σ_s ⟨ΔW_i ⊛ a, p⟩ computed here from
+    the records, within 1e-6 relative; and per probe and layer they sum,
+    residual row included, to ‖p‖²."""
+    m = manifest(traced.run)
+    specs = {s["name"]: s for s in m["model"]["modules"]}
+    sigma = displacement_scales(traced.run, m)
+    run = reptrace.open(traced.run)
+    rows = run.sql(
+        "SELECT probe_id, layer, step, instance_id, dot, norm FROM contributions "
+        "WHERE probe_id IN (1000, 1001)"
+    ).to_pandas()
+    probes = table(traced.run, "probes").to_pandas()
+    updates = table(traced.run, "updates").to_pandas()
+    shapes = {n: tuple(p.shape) for n, p in traced.model.named_parameters()}
+    for (probe, layer), got in rows.groupby(["probe_id", "layer"]):
+        spec = specs[layer]
+        pr = probes[(probes.probe_id == probe) & (probes.layer == layer)].iloc[0]
+        p = np.asarray(pr.p, dtype=np.float64)
+        total = got.dot.sum()
+        assert abs(total - p @ p) <= 1e-6 * (p @ p) + 1e-12, (probe, layer, total, p @ p)
+        assert got.step.isna().sum() == 1, "one residual row"
+        for step in (0, 9, 17):
+            for _, rec in updates[(updates.layer == layer) & (updates.step == step)].head(2).iterrows():
+                dw, db = record_update(spec, spec.get("storage") == "full", rec.u, rec.v,
+                                       shapes[f"{layer}.weight"])
+                c = sigma[layer][step] * _apply(spec, dw, db, pr.a)
+                row = got[(got.step == step) & (got.instance_id == rec.instance_id)]
+                assert len(row) == 1, (probe, layer, step)
+                dot, norm = float(row.dot.iloc[0]), float(row.norm.iloc[0])
+                assert abs(dot - c @ p) <= 1e-6 * max(abs(c @ p), 1e-9 * (p @ p)), (layer, step)
+                assert abs(norm - np.linalg.norm(c)) <= 1e-6 * max(np.linalg.norm(c), 1e-12)
+
+
+def test_f16_storage_verifies_and_keeps_token_ids_exact(tmp_path):
+    """An f16 trace of the transformer passes verify (its tolerance adds the
+    f16 rounding bound), and the token ids of embedding records, stored as
+    base-2048 digits, decode to the tokens each example had, also for a
+    vocabulary beyond f16's exact integers (2048)."""
+    run = str(tmp_path / "run")
+    _, _, x, _ = fit(run, dtype="f16")
+    completeness(run)
+    spec = next(s for s in manifest(run)["model"]["modules"] if s["name"] == "tok")
+    rows = table(run, "updates").filter(pc.equal(table(run, "updates")["layer"], "tok"))
+    for i, u in zip(rows["instance_id"].to_pylist()[:16], rows["u"].to_pylist()[:16]):
+        assert token_ids(spec, u).tolist() == x[i].tolist()
+
+    wide = nn.Sequential(nn.Embedding(5000, 4), nn.Flatten(), nn.Linear(4 * 3, 3))
+    ids = torch.tensor([[4999, 2048, 2047], [0, 4097, 12]])
+    tracer, _ = _one_step(wide, ids, torch.tensor([0, 2]), str(tmp_path / "wide"), dtype="f16")
+    tracer.finish()
+    wspec = manifest(str(tmp_path / "wide"))["model"]["modules"][0]
+    assert wspec["storage"] == "factors"
+    got = table(str(tmp_path / "wide"), "updates")
+    got = got.filter(pc.equal(got["layer"], "0")).to_pydict()
+    assert [token_ids(wspec, u).tolist() for u in got["u"]] == ids.tolist()
+
+
+# ------------------------------------------------ the smaller kinds
+
+
+class Recurrent(nn.Module):
+    """An unrolled recurrence: one nn.Linear cell called at each of 3
+    steps of one forward pass, and one embedding looked up twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 6)
+        self.cell = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = torch.zeros(ids.shape[0], 6)
+        for t in range(3):
+            h = torch.tanh(self.cell(torch.cat([self.emb(ids[:, t]), h], dim=1)))
+        return self.head(h + self.emb(ids[:, 3]))
+
+
+class Lora(nn.Module):
+    """A frozen two-layer MLP over sequences whose first layer carries LoRA
+    adapters (peft)."""
+
+    @staticmethod
+    def make():
+        from peft import LoraConfig, get_peft_model
+
+        base = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.GELU(),
+                             nn.Flatten(), nn.Linear(8 * LENGTH, 3))
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["1", "4"], init_lora_weights=False)
+        return get_peft_model(base, config)
+
+
+def _kind_models():
+    return {
+        "conv1d-grouped-reflect": (
+            lambda: nn.Sequential(
+                nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect", groups=2), nn.ReLU(),
+                nn.Conv1d(4, 4, 3, stride=2, dilation=2, padding=2), nn.ReLU(),
+                nn.Flatten(), nn.Linear(4 * 6, 3)),
+            lambda n, g: torch.randn(n, 2, 12, generator=g)),
+        "conv2d-grouped-depthwise-padding-modes": (
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+                nn.Conv2d(4, 8, 3, padding=1, groups=2, padding_mode="reflect"), nn.ReLU(),
+                nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="circular"), nn.ReLU(),
+                nn.Flatten(), nn.Linear(8 * 6 * 6, 3)),
+            lambda n, g: torch.randn(n, 2, 6, 6, generator=g)),
+        "rms-norm-over-a-sequence": (
+            lambda: nn.Sequential(nn.Linear(5, 8), nn.RMSNorm(8), nn.GELU(),
+                                  nn.LayerNorm(8, bias=False), nn.Flatten(), nn.Linear(8 * 4, 3)),
+            lambda n, g: torch.randn(n, 4, 5, generator=g)),
+        "reused-modules": (Recurrent,
+                           lambda n, g: torch.randint(0, VOCAB, (n, 4), generator=g)),
+        "lora": (Lora.make, lambda n, g: torch.randint(0, VOCAB, (n, LENGTH), generator=g)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_kind_models()))
+def test_each_kind_reconstructs_the_final_weights(tmp_path, name):
+    make, inputs = _kind_models()[name]
+    torch.manual_seed(5)
+    model = make()
+    g = torch.Generator().manual_seed(6)
+    x = inputs(32, g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    initial = start_weights(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.05, momentum=0.9)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    train(model, opt, x, y, epochs=2, batch_size=8, tracer=tracer)
+    tracer.finish(probes=(x[:2], y[:2].numpy(), np.array([100, 101])))
+    traced_names = {s["name"] for s in manifest(run)["model"]["modules"]}
+    if name == "lora":
+        assert traced_names and all("lora_" in n for n in traced_names), traced_names
+        assert len(traced_names) == 4  # A and B of both adapted layers
+    assert_reconstructs(run, model, initial)
+    completeness(run)
+    checks = reptrace.open(run).verify()
+    assert not [c for c in checks if c["status"] == "FAIL"], checks
+
+
+# ------------------------------------------------ refusals
+
+
+def _one_step(model, x, y, run, **tracer_args):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, **tracer_args)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    tracer.step(loss, np.arange(len(y)), y)
+    return tracer, opt
+
+
+class SharedPositions(nn.Module):
+    """Position ids of shape (1, T), shared by the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 8)
+        self.pos = nn.Embedding(LENGTH, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        return self.head(x.mean(1))
+
+
+class SequenceFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.mix(self.tok(ids).transpose(0, 1))  # (T, batch, 8)
+        return self.head(h.mean(0))
+
+
+def test_layouts_that_cannot_be_recorded_are_refused_in_one_line(tmp_path):
+    x, y = sequences(5, seed=2)
+    with pytest.raises(reptrace.InvalidInput, match=r"layer 'pos': input of shape \(1, 8\) .*"
+                       r"first dimension must be the batch.*expand it"):
+        _one_step(SharedPositions(), x, y, str(tmp_path / "a"))
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"layer 'mix': input of shape \(8, 5, 8\) in a forward pass of 5"):
+        _one_step(SequenceFirst(), x, y, str(tmp_path / "b"))
+    # A step whose sequences are shorter than the first step's.
+    model = TinyTransformer()
+    tracer, opt = _one_step(model, x, y, str(tmp_path / "c"))
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x[:, :6]), y)
+    loss.backward()
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"layer 'tok': 6 positions per example at step 1 and 8 at the "
+                             r"first step.*padding='max_length'"):
+        tracer.step(loss, np.arange(5), y)
+
+
+def test_modules_that_cannot_be_traced_are_refused_in_one_line(tmp_path):
+    attention = nn.Sequential(nn.Linear(8, 8))
+    attention.add_module("attn", nn.MultiheadAttention(8, 2, batch_first=True))
+    opt = torch.optim.SGD(attention.parameters(), lr=0.1)
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"module 'attn' is an nn.MultiheadAttention.*nn.Linear q/k/v/o"):
+        reptrace.Tracer(attention, opt, str(tmp_path / "a"), classes=CLASSES)
+    with pytest.raises(reptrace.InvalidInput, match=r"module 'attn' is an nn.MultiheadAttention"):
+        reptrace.Tracer(attention, opt, str(tmp_path / "b"), classes=CLASSES,
+                        layers=["attn.out_proj"])
+    # Only layer '0' named: the attention is left alone.
+    reptrace.Tracer(attention, opt, str(tmp_path / "c"), classes=CLASSES, layers=["0"])
+
+    tied = TinyTransformer(classes=VOCAB)
+    tied.head = nn.Linear(WIDTH, VOCAB, bias=False)
+    tied.head.weight = tied.tok.weight
+    opt = torch.optim.SGD(tied.parameters(), lr=0.1)
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"layer '(tok|head)': its parameter .* is also '(head|tok).weight' "
+                             r"\(tied weights\)"):
+        reptrace.Tracer(tied, opt, str(tmp_path / "d"), classes=CLASSES)
+
+    model = TinyTransformer()
+    model.act = nn.GELU()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"layer 'act' is a GELU: only nn.Linear, nn.Conv2d, nn.Conv1d, "
+                             r"nn.Embedding, nn.LayerNorm, nn.RMSNorm layers can be traced"):
+        reptrace.Tracer(model, opt, str(tmp_path / "e"), classes=CLASSES, layers=["act"])
+    sparse = nn.Sequential(nn.Embedding(VOCAB, 4, sparse=True), nn.Flatten(), nn.Linear(32, 3))
+    with pytest.raises(reptrace.InvalidInput, match=r"layer '0': nn.Embedding\(sparse=True\)"):
+        reptrace.Tracer(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1),
+                        str(tmp_path / "f"), classes=CLASSES)
