@@ -8,6 +8,10 @@
 //! Whole updates (batch mode: a record is `[vec ΔW, Δb]` of a step): `C = A
 //! ΔWᵀ + 1 Δbᵀ` (Q×out), one GEMM per record, gives `dot = rowsum(C ∘ P)`
 //! and `norm = ‖C‖` per row.
+//!
+//! Over a sequence of `T > 1` positions a linear layer is a [`Patches`]
+//! layer ([`over_positions`]): `K = in`, `C = out`, `P = T`, position-major.
+use super::patches::{Layout, Patches};
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, shape_error, view2,
     view2_mut,
@@ -25,6 +29,20 @@ pub(super) struct Dims {
     pub(super) inp: usize,
     pub(super) out: usize,
     pub(super) bias: bool,
+}
+
+/// The [`Patches`] of a linear layer over `positions` (> 1) positions;
+/// `full` when its records hold whole updates.
+pub(super) fn over_positions(dims: Dims, positions: usize, full: bool) -> Patches {
+    Patches {
+        out: dims.out,
+        k: dims.inp,
+        groups: 1,
+        positions,
+        bias: dims.bias,
+        full,
+        layout: Layout::Positions,
+    }
 }
 
 /// f64 values per probe: `a` and `p`.

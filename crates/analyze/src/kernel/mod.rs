@@ -3,26 +3,35 @@
 //!
 //! Each traced layer kind has its own module holding its arithmetic (its
 //! probe features, record features, update deltas and direct contribution):
-//! [`linear`] and [`conv2d`]. This module holds [`Geometry`] (the shape of a
-//! traced layer, as the arithmetic needs it), the feature types, the helpers
-//! the kinds share, and the public entry points, which hand each kind's work
-//! to its module.
+//! [`linear`] (one position) and [`patches`], the arithmetic of every layer
+//! whose weight multiplies patches of its input (`ΔW ⊛ a` = ΔW A, grouped):
+//! convolutions ([`conv2d`], which unfolds the input, also for conv1d) and
+//! linear layers over a sequence of positions. This module holds
+//! [`Geometry`] (the shape of a traced layer, as the arithmetic needs it),
+//! the feature types, the helpers the kinds share, and the public entry
+//! points, which hand each kind's work to its module.
 //!
-//! To add a kind: a variant of [`Geometry`] (built in [`Geometry::of`] from
-//! the format's spec), a module `kernel/<kind>.rs` with its arithmetic, and
-//! one arm per entry point here ([`ProbeFeatures::new`], [`deltas`],
-//! [`accumulate`], [`RecordFeatures::new`], the pair functions, [`direct`]).
+//! To add a kind: if its weight multiplies patches of its input (a weight of
+//! C×K/G applied to K×P patches), build a [`Patches`] for it in
+//! [`Geometry::of`] (a layout, and an unfold if its probes hold the raw
+//! input) and nothing else. Otherwise a variant of [`Geometry`] (built in
+//! [`Geometry::of`] from the format's spec), a module `kernel/<kind>.rs`
+//! with its arithmetic, and one arm per entry point here
+//! ([`ProbeFeatures::new`], [`deltas`], [`accumulate`],
+//! [`RecordFeatures::new`], the pair functions, [`direct`]).
 use crate::probes::Probes;
 use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
+use reptrace_format::{Mode, TracedLayer};
 
 pub mod conv2d;
 pub mod linear;
+pub mod patches;
 
 pub use conv2d::unfold;
+pub use patches::Patches;
 
 /// A row-major matrix view of `data`, which must have exactly `shape` elements.
 fn view2(shape: (usize, usize), data: &[f64]) -> Result<ArrayView2<'_, f64>> {
@@ -49,7 +58,8 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
 /// The shape of a traced layer, as the arithmetic needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Geometry {
-    /// `full`: records hold `[vec ΔW, Δb]` (batch mode), else factors.
+    /// A linear layer of one position; `full`: records hold `[vec ΔW, Δb]`
+    /// (batch mode), else factors.
     Linear {
         /// Input features (columns of W).
         inp: usize,
@@ -60,12 +70,9 @@ pub enum Geometry {
         /// Whether records hold the whole update rather than factors.
         full: bool,
     },
-    /// A 2-d convolution; in batch mode its storage is
-    /// [`Storage::Full`].
-    Conv {
-        /// The layer's spec, with the storage its records have.
-        spec: Conv2dSpec,
-    },
+    /// A layer whose weight multiplies patches of its input: a convolution,
+    /// or a linear layer over a sequence of positions.
+    Patches(Patches),
 }
 
 impl Geometry {
@@ -79,13 +86,7 @@ impl Geometry {
                 bias: l.bias,
                 full: mode == Mode::Batch,
             },
-            TracedLayer::Conv2d(c) => {
-                let mut spec = (*c).clone();
-                if mode == Mode::Batch {
-                    spec.storage = Storage::Full;
-                }
-                Geometry::Conv { spec }
-            }
+            TracedLayer::Conv2d(c) => Geometry::Patches(conv2d::patches(c, mode == Mode::Batch)),
         }
     }
 
@@ -105,7 +106,7 @@ impl Geometry {
                 },
                 full: *full,
             },
-            Geometry::Conv { spec } => Kind::Conv2d(spec),
+            Geometry::Patches(patches) => Kind::Patches(patches),
         }
     }
 
@@ -114,7 +115,7 @@ impl Geometry {
     fn full(&self) -> bool {
         match self.kind() {
             Kind::Linear { full, .. } => full,
-            Kind::Conv2d(spec) => spec.storage == Storage::Full,
+            Kind::Patches(patches) => patches.full,
         }
     }
 
@@ -122,7 +123,7 @@ impl Geometry {
     pub fn weight_len(&self) -> usize {
         match self {
             Geometry::Linear { inp, out, .. } => out * inp,
-            Geometry::Conv { spec } => spec.out_channels * spec.patch_len(),
+            Geometry::Patches(patches) => patches.weight_len(),
         }
     }
 
@@ -136,13 +137,7 @@ impl Geometry {
                     0
                 }
             }
-            Geometry::Conv { spec } => {
-                if spec.bias {
-                    spec.out_channels
-                } else {
-                    0
-                }
-            }
+            Geometry::Patches(patches) => patches.bias_len(),
         }
     }
 
@@ -155,7 +150,7 @@ impl Geometry {
     pub fn probe_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
-            Kind::Conv2d(spec) => conv2d::probe_feature_len(spec),
+            Kind::Patches(patches) => patches.probe_feature_len(),
         }
     }
 
@@ -163,7 +158,7 @@ impl Geometry {
     pub fn record_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
-            Kind::Conv2d(spec) => conv2d::record_feature_len(spec),
+            Kind::Patches(patches) => patches.record_feature_len(),
         }
     }
 }
@@ -172,8 +167,8 @@ impl Geometry {
 enum Kind<'a> {
     /// [`linear`]: `full` when records hold whole updates.
     Linear { dims: linear::Dims, full: bool },
-    /// [`conv2d`], with the storage its records have.
-    Conv2d(&'a Conv2dSpec),
+    /// [`patches`].
+    Patches(&'a Patches),
 }
 
 /// Appends the upper triangle of the symmetric `m` (K×K) to `out`,
@@ -190,9 +185,9 @@ fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
 
 /// Per-probe features of a set of probes for one layer.
 pub struct ProbeFeatures {
-    /// Linear: `A` (Q×in). Conv2d: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    /// Linear: `A` (Q×in). Patches: `[vec(p Aᵀ), p 1]` (Q×delta_len).
     first: Array2<f64>,
-    /// Linear: `P` (Q×out). Conv2d: Gram features of `A` (Q×gram_len).
+    /// Linear: `P` (Q×out). Patches: Gram features of `A` (Q×gram_len).
     second: Array2<f64>,
 }
 
@@ -201,7 +196,7 @@ impl ProbeFeatures {
     pub fn new(geom: &Geometry, probes: &Probes) -> Result<Self> {
         match geom.kind() {
             Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
-            Kind::Conv2d(spec) => conv2d::probe_features(spec, probes),
+            Kind::Patches(patches) => patches.probe_features(probes),
         }
     }
 }
@@ -223,7 +218,7 @@ pub fn deltas(
             }
         }
         Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),
-        Kind::Conv2d(spec) => conv2d::factor_deltas(spec, recs, scales, rows, &mut out)?,
+        Kind::Patches(patches) => patches.factor_deltas(recs, scales, rows, &mut out)?,
     }
     matrix((rows.len(), d), out)
 }
@@ -243,9 +238,9 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
 
 /// Per-record features of a batch (scaled), ready to meet [`ProbeFeatures`].
 pub struct RecordFeatures {
-    /// Linear: `U` (R×in). Conv2d: `[vec ΔW, Δb]` (R×delta_len).
+    /// Linear: `U` (R×in). Patches: `[vec ΔW, Δb]` (R×delta_len).
     first: Array2<f64>,
-    /// Linear: scaled `V` (R×out). Conv2d: Gram features (R×gram_len).
+    /// Linear: scaled `V` (R×out). Patches: Gram features (R×gram_len).
     second: Array2<f64>,
     /// Linear: `‖scaled v‖` per record.
     v_norm: Vec<f64>,
@@ -259,7 +254,7 @@ enum FeatureKind {
     LinearFactors,
     /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
     LinearFull(linear::Dims),
-    Conv,
+    Patches,
 }
 
 impl RecordFeatures {
@@ -272,7 +267,7 @@ impl RecordFeatures {
             Kind::Linear { dims, full: false } => {
                 linear::factor_record_features(dims, recs, scales, rows)
             }
-            Kind::Conv2d(spec) => conv2d::record_features(geom, spec, recs, scales, rows),
+            Kind::Patches(patches) => patches.record_features(geom, recs, scales, rows),
         }
     }
 
@@ -296,7 +291,7 @@ impl RecordFeatures {
         let second = probes.second.dot(&self.second.t());
         Ok(match self.kind {
             FeatureKind::LinearFactors => linear::factor_pairs(self, first, second),
-            _ => conv2d::pairs(first, second),
+            _ => patches::pairs(first, second),
         })
     }
 
@@ -309,7 +304,7 @@ impl RecordFeatures {
         let second = self.second.row(r).dot(&probes.second.row(q));
         match self.kind {
             FeatureKind::LinearFactors => linear::factor_pair(self, first, second, r),
-            _ => conv2d::pair(first, second),
+            _ => patches::pair(first, second),
         }
     }
 }
@@ -319,7 +314,7 @@ impl RecordFeatures {
 pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Result<(f64, f64)> {
     let c: Vec<f64> = match geom.kind() {
         Kind::Linear { dims, .. } => linear::direct(dims, delta, a),
-        Kind::Conv2d(spec) => conv2d::direct(spec, delta, a)?,
+        Kind::Patches(patches) => patches.direct(delta, a)?,
     };
     let dot = c.iter().zip(p).map(|(x, y)| x * y).sum();
     let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
