@@ -496,3 +496,25 @@ fn linear_over_positions() {
         70,
     );
 }
+
+#[test]
+fn padding_wider_than_the_input_is_an_error() {
+    let unfold = Unfold {
+        name: "c".into(),
+        in_channels: 1,
+        kernel: [1, 3],
+        stride: [1, 1],
+        padding: [0, 3],
+        dilation: [1, 1],
+        input_hw: [1, 2],
+        output_hw: [1, 6],
+        padding_mode: PaddingMode::Reflect,
+    };
+    let err = unfold.apply(&[1.0, 2.0]).expect_err("reflect 3 of 2");
+    assert!(err.to_string().contains("layer c"), "{err}");
+    let short = Unfold {
+        padding_mode: PaddingMode::Zeros,
+        ..unfold
+    };
+    assert!(short.apply(&[1.0]).is_err(), "an input of 1 value for 2");
+}
