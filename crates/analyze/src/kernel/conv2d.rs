@@ -9,21 +9,7 @@
 use super::patches::{Layout, Patches};
 use crate::{Error, Result};
 use ndarray::Array2;
-use reptrace_format::{Conv2dSpec, Storage};
-
-/// How a convolution's input is padded beyond its edges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PaddingMode {
-    /// Zeros.
-    #[default]
-    Zeros,
-    /// The input mirrored at its edge, the edge not repeated.
-    Reflect,
-    /// The edge repeated.
-    Replicate,
-    /// The input repeated (wrapped around).
-    Circular,
-}
+use reptrace_format::{Conv2dSpec, PaddingMode, Storage};
 
 /// The unfold (`im2col`) of a 2-d convolution's input: `C_in·h·w` values
 /// into the patches `A` (K×P, K = C_in·kh·kw rows ordered `(c_in, kh, kw)`,
@@ -62,7 +48,7 @@ impl Unfold {
             dilation: spec.dilation,
             input_hw: spec.input_hw,
             output_hw: spec.output_hw,
-            padding_mode: PaddingMode::Zeros,
+            padding_mode: spec.padding_mode,
         }
     }
 
@@ -106,8 +92,11 @@ impl Unfold {
             Ok(Some(mapped as usize))
         } else {
             Err(Error::Internal(format!(
-                "layer {}: {:?} padding {:?} does not fit its input of {:?} (the padding must be smaller than the input)",
-                self.name, self.padding_mode, self.padding, self.input_hw
+                "layer '{}': {} padding {:?} does not fit its input of {:?} (the padding must be smaller than the input)",
+                self.name,
+                self.padding_mode.name(),
+                self.padding,
+                self.input_hw
             )))
         }
     }
@@ -119,7 +108,7 @@ impl Unfold {
         let [ho, wo] = self.output_hw;
         if a.len() != self.in_channels * h * w {
             return Err(Error::Internal(format!(
-                "layer {}: an input of {} values is not {}×{}×{}",
+                "layer '{}': an input of {} values is not {}×{}×{}",
                 self.name,
                 a.len(),
                 self.in_channels,
@@ -154,17 +143,30 @@ pub fn unfold(spec: &Conv2dSpec, a: &[f64]) -> Result<Array2<f64>> {
     Unfold::of(spec).apply(a)
 }
 
-/// The [`Patches`] of a Conv2d layer; `full` when its records hold whole
-/// updates.
-pub(super) fn patches(spec: &Conv2dSpec, full: bool) -> Patches {
+/// The [`Patches`] of a Conv2d layer (a Conv1d's [`Conv1dSpec::as_conv2d`]);
+/// `batch` in a batch-mode run (its records hold whole updates). An error
+/// when the groups do not divide the channels or the padding does not fit
+/// the input.
+///
+/// [`Conv1dSpec::as_conv2d`]: reptrace_format::Conv1dSpec::as_conv2d
+pub(super) fn patches(spec: &Conv2dSpec, batch: bool) -> Result<Patches> {
     let unfold = Unfold::of(spec);
-    Patches {
+    let groups = spec.groups;
+    if groups == 0 || spec.in_channels % groups != 0 || spec.out_channels % groups != 0 {
+        return Err(Error::Internal(format!(
+            "layer '{}': groups {groups} does not divide in_channels {} and out_channels {}",
+            spec.name, spec.in_channels, spec.out_channels
+        )));
+    }
+    unfold.sources(0)?;
+    unfold.sources(1)?;
+    Ok(Patches {
         out: spec.out_channels,
         k: unfold.rows(),
-        groups: 1,
+        groups,
         positions: spec.positions(),
         bias: spec.bias,
-        full: full || spec.storage == Storage::Full,
+        full: batch || spec.storage == Storage::Full,
         layout: Layout::Channels(unfold),
-    }
+    })
 }

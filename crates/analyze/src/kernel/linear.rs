@@ -22,6 +22,7 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Axis};
+use reptrace_format::{LinearSpec, Storage};
 
 /// The shape of a Linear layer: W of `out × inp`, a bias of `out` or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +32,16 @@ pub(super) struct Dims {
     pub(super) bias: bool,
 }
 
-/// The [`Patches`] of a linear layer over `positions` (> 1) positions;
-/// `full` when its records hold whole updates.
-pub(super) fn over_positions(dims: Dims, positions: usize, full: bool) -> Patches {
+/// The [`Patches`] of a linear layer over several positions (or with whole
+/// updates in its instance-mode records); `batch` in a batch-mode run.
+pub(super) fn over_positions(spec: &LinearSpec, batch: bool) -> Patches {
     Patches {
-        out: dims.out,
-        k: dims.inp,
+        out: spec.out_features,
+        k: spec.in_features,
         groups: 1,
-        positions,
-        bias: dims.bias,
-        full,
+        positions: spec.positions,
+        bias: spec.bias,
+        full: batch || spec.storage == Storage::Full,
         layout: Layout::Positions,
     }
 }

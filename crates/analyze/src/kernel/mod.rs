@@ -24,7 +24,7 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Mode, TracedLayer};
+use reptrace_format::{Mode, Storage, TracedLayer};
 
 pub mod conv2d;
 pub mod linear;
@@ -77,16 +77,32 @@ pub enum Geometry {
 
 impl Geometry {
     /// The geometry of a traced layer in a run of `mode` (batch-mode
-    /// records hold whole updates).
-    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Self {
+    /// records hold whole updates); an error for a kind that is not
+    /// analysed yet, or a padding wider than the input.
+    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Result<Self> {
+        let unsupported = |what: &str| {
+            Err(Error::Unsupported(format!(
+                "layer '{}': {what} are not analysed yet",
+                layer.name()
+            )))
+        };
+        let batch = mode == Mode::Batch;
         match layer {
-            TracedLayer::Linear(l) => Geometry::Linear {
-                inp: l.in_features,
-                out: l.out_features,
-                bias: l.bias,
-                full: mode == Mode::Batch,
-            },
-            TracedLayer::Conv2d(c) => Geometry::Patches(conv2d::patches(c, mode == Mode::Batch)),
+            // One position, factors: the fast path of `linear`.
+            TracedLayer::Linear(l) if l.positions == 1 && l.storage == Storage::Factors => {
+                Ok(Geometry::Linear {
+                    inp: l.in_features,
+                    out: l.out_features,
+                    bias: l.bias,
+                    full: batch,
+                })
+            }
+            TracedLayer::Linear(l) => Ok(Geometry::Patches(linear::over_positions(l, batch))),
+            TracedLayer::Conv2d(c) => conv2d::patches(c, batch).map(Geometry::Patches),
+            TracedLayer::Conv1d(c) => conv2d::patches(&c.as_conv2d(), batch).map(Geometry::Patches),
+            TracedLayer::Embedding(_) | TracedLayer::LayerNorm(_) | TracedLayer::RmsNorm(_) => {
+                unsupported(&format!("{} layers", layer.kind_name()))
+            }
         }
     }
 

@@ -5,12 +5,14 @@
 //! padded as PyTorch's `F.pad` pads it, then `⟨c, p⟩` and `‖c‖`.
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use reptrace_analyze::kernel::conv2d::{PaddingMode, Unfold};
-use reptrace_analyze::kernel::patches::Layout;
-use reptrace_analyze::kernel::{self, Geometry, Patches, ProbeFeatures, RecordFeatures};
+use reptrace_analyze::kernel::conv2d::Unfold;
+use reptrace_analyze::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use reptrace_analyze::probes::Probes;
 use reptrace_analyze::records::Records;
 use reptrace_analyze::weights::LayerWeights;
+use reptrace_format::{
+    Conv1dSpec, Conv2dSpec, LinearSpec, Mode, PaddingMode, Storage, TracedLayer,
+};
 
 /// A convolution as PyTorch's `nn.Conv2d` takes it.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +52,9 @@ impl Conv {
 #[derive(Debug, Clone, Copy)]
 enum Layer {
     Conv(Conv),
+    /// A Conv1d: the `Conv` of height 1 (kernel, stride, padding, dilation
+    /// and input `[1, n]`).
+    Conv1d(Conv),
     /// A linear layer over `t` positions.
     Seq {
         inp: usize,
@@ -68,14 +73,14 @@ struct Case {
 impl Case {
     fn out(&self) -> usize {
         match self.layer {
-            Layer::Conv(c) => c.cout,
+            Layer::Conv(c) | Layer::Conv1d(c) => c.cout,
             Layer::Seq { out, .. } => out,
         }
     }
 
     fn weight_len(&self) -> usize {
         match self.layer {
-            Layer::Conv(c) => c.weight_len(),
+            Layer::Conv(c) | Layer::Conv1d(c) => c.weight_len(),
             Layer::Seq { inp, out, .. } => inp * out,
         }
     }
@@ -87,7 +92,7 @@ impl Case {
     /// Values of a factor record's `u` and `v`.
     fn factor_lens(&self) -> (usize, usize) {
         match self.layer {
-            Layer::Conv(c) => {
+            Layer::Conv(c) | Layer::Conv1d(c) => {
                 let k = c.cin * c.kernel[0] * c.kernel[1];
                 (k * c.positions(), c.cout * c.positions())
             }
@@ -98,13 +103,15 @@ impl Case {
     /// Values of a probe's `a` and `p`.
     fn probe_lens(&self) -> (usize, usize) {
         match self.layer {
-            Layer::Conv(c) => (c.cin * c.input[0] * c.input[1], c.cout * c.positions()),
+            Layer::Conv(c) | Layer::Conv1d(c) => {
+                (c.cin * c.input[0] * c.input[1], c.cout * c.positions())
+            }
             Layer::Seq { inp, out, t } => (t * inp, t * out),
         }
     }
 }
 
-fn mode(name: &str) -> PaddingMode {
+fn mode_of(name: &str) -> PaddingMode {
     match name {
         "zeros" => PaddingMode::Zeros,
         "reflect" => PaddingMode::Reflect,
@@ -114,38 +121,77 @@ fn mode(name: &str) -> PaddingMode {
     }
 }
 
-/// The analyzer's geometry of the case.
+/// The analyzer's geometry of the case, from the format's spec: whole
+/// updates are the spec's storage in an instance-mode run with a bias, a
+/// batch-mode run without.
 fn geometry(case: &Case) -> Geometry {
-    match case.layer {
-        Layer::Conv(c) => Geometry::Patches(Patches {
-            out: c.cout,
-            k: c.cin * c.kernel[0] * c.kernel[1],
-            groups: c.groups,
-            positions: c.positions(),
-            bias: case.bias,
-            full: case.full,
-            layout: Layout::Channels(Unfold {
+    let mode = if case.full && !case.bias {
+        Mode::Batch
+    } else {
+        Mode::Instance
+    };
+    let storage = if case.full && case.bias {
+        Storage::Full
+    } else {
+        Storage::Factors
+    };
+    let conv2d = |c: Conv| Conv2dSpec {
+        name: "c".into(),
+        in_channels: c.cin,
+        out_channels: c.cout,
+        kernel: c.kernel,
+        stride: c.stride,
+        padding: c.padding,
+        dilation: c.dilation,
+        groups: c.groups,
+        padding_mode: mode_of(c.mode),
+        input_hw: c.input,
+        output_hw: c.output(),
+        bias: case.bias,
+        traced: true,
+        storage,
+    };
+    // The format's layouts are the ones the brute force reads.
+    let of = |layer: TracedLayer<'_>| {
+        assert_eq!(layer.probe_lens(), case.probe_lens(), "probe lens");
+        if storage == Storage::Factors {
+            assert_eq!(layer.factor_lens(), case.factor_lens(), "factor lens");
+        } else {
+            assert_eq!(layer.factor_lens(), (0, case.update_len()), "full lens");
+        }
+        Geometry::of(&layer, mode)
+    };
+    let geom = match case.layer {
+        Layer::Conv(c) => of(TracedLayer::Conv2d(&conv2d(c))),
+        Layer::Conv1d(c) => {
+            let spec = Conv1dSpec {
                 name: "c".into(),
                 in_channels: c.cin,
-                kernel: c.kernel,
-                stride: c.stride,
-                padding: c.padding,
-                dilation: c.dilation,
-                input_hw: c.input,
-                output_hw: c.output(),
-                padding_mode: mode(c.mode),
-            }),
-        }),
-        Layer::Seq { inp, out, t } => Geometry::Patches(Patches {
-            out,
-            k: inp,
-            groups: 1,
-            positions: t,
-            bias: case.bias,
-            full: case.full,
-            layout: Layout::Positions,
-        }),
-    }
+                out_channels: c.cout,
+                kernel: c.kernel[1],
+                stride: c.stride[1],
+                padding: c.padding[1],
+                dilation: c.dilation[1],
+                groups: c.groups,
+                padding_mode: mode_of(c.mode),
+                input_len: c.input[1],
+                output_len: c.output()[1],
+                bias: case.bias,
+                traced: true,
+                storage,
+            };
+            of(TracedLayer::Conv1d(&spec))
+        }
+        Layer::Seq { inp, out, t } => {
+            let spec = LinearSpec {
+                positions: t,
+                storage,
+                ..LinearSpec::new("fc", inp, out, case.bias)
+            };
+            of(TracedLayer::Linear(&spec))
+        }
+    };
+    geom.expect("geometry")
 }
 
 /// One axis of `F.pad`: the input indices the padded axis reads, left pad
@@ -189,7 +235,7 @@ fn pad(c: &Conv, a: &[f64]) -> (Vec<f64>, usize, usize) {
 /// `c = W ⊛ a + b` in the layout of `p`, `w` the weight as PyTorch stores it.
 fn apply(case: &Case, w: &[f64], b: &[f64], a: &[f64]) -> Vec<f64> {
     match case.layer {
-        Layer::Conv(c) => {
+        Layer::Conv(c) | Layer::Conv1d(c) => {
             let (padded, hp, wp) = pad(&c, a);
             let [ho, wo] = c.output();
             let [kh, kw] = c.kernel;
@@ -240,7 +286,7 @@ fn delta(case: &Case, u: &[f64], v: &[f64], scale: f64) -> Vec<f64> {
     }
     let mut d = vec![0.0; case.update_len()];
     match case.layer {
-        Layer::Conv(c) => {
+        Layer::Conv(c) | Layer::Conv1d(c) => {
             // u = unfold (C_in·kh·kw × P), v = C_out × P.
             let p = c.positions();
             let kk = c.kernel[0] * c.kernel[1];
@@ -481,7 +527,7 @@ fn conv1d() {
         groups: 2,
         mode: "circular",
     };
-    check_all("conv1d", Layer::Conv(layer), 60);
+    check_all("conv1d", Layer::Conv1d(layer), 60);
 }
 
 #[test]
@@ -498,6 +544,22 @@ fn linear_over_positions() {
 }
 
 #[test]
+fn one_position_keeps_the_linear_fast_path() {
+    let spec = LinearSpec::new("fc", 4, 3, true);
+    let geom = Geometry::of(&TracedLayer::Linear(&spec), Mode::Instance).expect("geometry");
+    assert!(
+        matches!(geom, Geometry::Linear { full: false, .. }),
+        "{geom:?}"
+    );
+    let seq = LinearSpec {
+        positions: 5,
+        ..spec
+    };
+    let geom = Geometry::of(&TracedLayer::Linear(&seq), Mode::Instance).expect("geometry");
+    assert!(matches!(geom, Geometry::Patches(_)), "{geom:?}");
+}
+
+#[test]
 fn padding_wider_than_the_input_is_an_error() {
     let unfold = Unfold {
         name: "c".into(),
@@ -511,10 +573,30 @@ fn padding_wider_than_the_input_is_an_error() {
         padding_mode: PaddingMode::Reflect,
     };
     let err = unfold.apply(&[1.0, 2.0]).expect_err("reflect 3 of 2");
-    assert!(err.to_string().contains("layer c"), "{err}");
+    assert!(err.to_string().contains("layer 'c'"), "{err}");
     let short = Unfold {
         padding_mode: PaddingMode::Zeros,
         ..unfold
     };
     assert!(short.apply(&[1.0]).is_err(), "an input of 1 value for 2");
+    // Geometry::of checks the padding once, up front.
+    let spec = Conv2dSpec {
+        name: "c".into(),
+        in_channels: 1,
+        out_channels: 1,
+        kernel: [1, 3],
+        stride: [1, 1],
+        padding: [0, 3],
+        dilation: [1, 1],
+        groups: 1,
+        padding_mode: PaddingMode::Reflect,
+        input_hw: [1, 2],
+        output_hw: [1, 6],
+        bias: false,
+        traced: true,
+        storage: Storage::Factors,
+    };
+    let err =
+        Geometry::of(&TracedLayer::Conv2d(&spec), Mode::Instance).expect_err("reflect 3 of 2");
+    assert!(err.to_string().contains("layer 'c': reflect"), "{err}");
 }
