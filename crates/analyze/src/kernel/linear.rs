@@ -8,6 +8,10 @@
 //! Whole updates (batch mode: a record is `[vec ΔW, Δb]` of a step): `C = A
 //! ΔWᵀ + 1 Δbᵀ` (Q×out), one GEMM per record, gives `dot = rowsum(C ∘ P)`
 //! and `norm = ‖C‖` per row.
+//!
+//! Over a sequence of `T > 1` positions a linear layer is a [`Patches`]
+//! layer ([`over_positions`]): `K = in`, `C = out`, `P = T`, position-major.
+use super::patches::{Layout, Patches};
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, shape_error, view2,
     view2_mut,
@@ -18,6 +22,7 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Axis};
+use reptrace_format::{LinearSpec, Storage};
 
 /// The shape of a Linear layer: W of `out × inp`, a bias of `out` or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +30,20 @@ pub(super) struct Dims {
     pub(super) inp: usize,
     pub(super) out: usize,
     pub(super) bias: bool,
+}
+
+/// The [`Patches`] of a linear layer over several positions (or with whole
+/// updates in its instance-mode records); `batch` in a batch-mode run.
+pub(super) fn over_positions(spec: &LinearSpec, batch: bool) -> Patches {
+    Patches {
+        out: spec.out_features,
+        k: spec.in_features,
+        groups: 1,
+        positions: spec.positions,
+        bias: spec.bias,
+        full: batch || spec.storage == Storage::Full,
+        layout: Layout::Positions,
+    }
 }
 
 /// f64 values per probe: `a` and `p`.

@@ -3,26 +3,35 @@
 //!
 //! Each traced layer kind has its own module holding its arithmetic (its
 //! probe features, record features, update deltas and direct contribution):
-//! [`linear`] and [`conv2d`]. This module holds [`Geometry`] (the shape of a
-//! traced layer, as the arithmetic needs it), the feature types, the helpers
-//! the kinds share, and the public entry points, which hand each kind's work
-//! to its module.
+//! [`linear`] (one position) and [`patches`], the arithmetic of every layer
+//! whose weight multiplies patches of its input (`ΔW ⊛ a` = ΔW A, grouped):
+//! convolutions ([`conv2d`], which unfolds the input, also for conv1d) and
+//! linear layers over a sequence of positions. This module holds
+//! [`Geometry`] (the shape of a traced layer, as the arithmetic needs it),
+//! the feature types, the helpers the kinds share, and the public entry
+//! points, which hand each kind's work to its module.
 //!
-//! To add a kind: a variant of [`Geometry`] (built in [`Geometry::of`] from
-//! the format's spec), a module `kernel/<kind>.rs` with its arithmetic, and
-//! one arm per entry point here ([`ProbeFeatures::new`], [`deltas`],
-//! [`accumulate`], [`RecordFeatures::new`], the pair functions, [`direct`]).
+//! To add a kind: if its weight multiplies patches of its input (a weight of
+//! C×K/G applied to K×P patches), build a [`Patches`] for it in
+//! [`Geometry::of`] (a layout, and an unfold if its probes hold the raw
+//! input) and nothing else. Otherwise a variant of [`Geometry`] (built in
+//! [`Geometry::of`] from the format's spec), a module `kernel/<kind>.rs`
+//! with its arithmetic, and one arm per entry point here
+//! ([`ProbeFeatures::new`], [`deltas`], [`accumulate`],
+//! [`RecordFeatures::new`], the pair functions, [`direct`]).
 use crate::probes::Probes;
 use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
+use reptrace_format::{Mode, Storage, TracedLayer};
 
 pub mod conv2d;
 pub mod linear;
+pub mod patches;
 
 pub use conv2d::unfold;
+pub use patches::Patches;
 
 /// A row-major matrix view of `data`, which must have exactly `shape` elements.
 fn view2(shape: (usize, usize), data: &[f64]) -> Result<ArrayView2<'_, f64>> {
@@ -49,7 +58,8 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
 /// The shape of a traced layer, as the arithmetic needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Geometry {
-    /// `full`: records hold `[vec ΔW, Δb]` (batch mode), else factors.
+    /// A linear layer of one position; `full`: records hold `[vec ΔW, Δb]`
+    /// (batch mode), else factors.
     Linear {
         /// Input features (columns of W).
         inp: usize,
@@ -60,18 +70,15 @@ pub enum Geometry {
         /// Whether records hold the whole update rather than factors.
         full: bool,
     },
-    /// A 2-d convolution; in batch mode its storage is
-    /// [`Storage::Full`].
-    Conv {
-        /// The layer's spec, with the storage its records have.
-        spec: Conv2dSpec,
-    },
+    /// A layer whose weight multiplies patches of its input: a convolution,
+    /// or a linear layer over a sequence of positions.
+    Patches(Patches),
 }
 
 impl Geometry {
     /// The geometry of a traced layer in a run of `mode` (batch-mode
-    /// records hold whole updates); an error for a kind (or a linear or
-    /// conv2d layout of format 8) that is not analysed yet.
+    /// records hold whole updates); an error for a kind that is not
+    /// analysed yet, or a padding wider than the input.
     pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Result<Self> {
         let unsupported = |what: &str| {
             Err(Error::Unsupported(format!(
@@ -79,30 +86,23 @@ impl Geometry {
                 layer.name()
             )))
         };
+        let batch = mode == Mode::Batch;
         match layer {
-            TracedLayer::Linear(l) if l.positions != 1 || l.storage == Storage::Full => {
-                unsupported("linear layers at several positions")
+            // One position, factors: the fast path of `linear`.
+            TracedLayer::Linear(l) if l.positions == 1 && l.storage == Storage::Factors => {
+                Ok(Geometry::Linear {
+                    inp: l.in_features,
+                    out: l.out_features,
+                    bias: l.bias,
+                    full: batch,
+                })
             }
-            TracedLayer::Linear(l) => Ok(Geometry::Linear {
-                inp: l.in_features,
-                out: l.out_features,
-                bias: l.bias,
-                full: mode == Mode::Batch,
-            }),
-            TracedLayer::Conv2d(c) if c.groups != 1 || !c.padding_mode.is_zeros() => {
-                unsupported("conv2d layers with groups or a padding mode other than zeros")
+            TracedLayer::Linear(l) => Ok(Geometry::Patches(linear::over_positions(l, batch))),
+            TracedLayer::Conv2d(c) => conv2d::patches(c, batch).map(Geometry::Patches),
+            TracedLayer::Conv1d(c) => conv2d::patches(&c.as_conv2d(), batch).map(Geometry::Patches),
+            TracedLayer::Embedding(_) | TracedLayer::LayerNorm(_) | TracedLayer::RmsNorm(_) => {
+                unsupported(&format!("{} layers", layer.kind_name()))
             }
-            TracedLayer::Conv2d(c) => {
-                let mut spec = (*c).clone();
-                if mode == Mode::Batch {
-                    spec.storage = Storage::Full;
-                }
-                Ok(Geometry::Conv { spec })
-            }
-            TracedLayer::Conv1d(_)
-            | TracedLayer::Embedding(_)
-            | TracedLayer::LayerNorm(_)
-            | TracedLayer::RmsNorm(_) => unsupported(&format!("{} layers", layer.kind_name())),
         }
     }
 
@@ -122,7 +122,7 @@ impl Geometry {
                 },
                 full: *full,
             },
-            Geometry::Conv { spec } => Kind::Conv2d(spec),
+            Geometry::Patches(patches) => Kind::Patches(patches),
         }
     }
 
@@ -131,7 +131,7 @@ impl Geometry {
     fn full(&self) -> bool {
         match self.kind() {
             Kind::Linear { full, .. } => full,
-            Kind::Conv2d(spec) => spec.storage == Storage::Full,
+            Kind::Patches(patches) => patches.full,
         }
     }
 
@@ -139,7 +139,7 @@ impl Geometry {
     pub fn weight_len(&self) -> usize {
         match self {
             Geometry::Linear { inp, out, .. } => out * inp,
-            Geometry::Conv { spec } => spec.out_channels * spec.patch_len(),
+            Geometry::Patches(patches) => patches.weight_len(),
         }
     }
 
@@ -153,13 +153,7 @@ impl Geometry {
                     0
                 }
             }
-            Geometry::Conv { spec } => {
-                if spec.bias {
-                    spec.out_channels
-                } else {
-                    0
-                }
-            }
+            Geometry::Patches(patches) => patches.bias_len(),
         }
     }
 
@@ -172,7 +166,7 @@ impl Geometry {
     pub fn probe_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
-            Kind::Conv2d(spec) => conv2d::probe_feature_len(spec),
+            Kind::Patches(patches) => patches.probe_feature_len(),
         }
     }
 
@@ -180,7 +174,7 @@ impl Geometry {
     pub fn record_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
-            Kind::Conv2d(spec) => conv2d::record_feature_len(spec),
+            Kind::Patches(patches) => patches.record_feature_len(),
         }
     }
 }
@@ -189,8 +183,8 @@ impl Geometry {
 enum Kind<'a> {
     /// [`linear`]: `full` when records hold whole updates.
     Linear { dims: linear::Dims, full: bool },
-    /// [`conv2d`], with the storage its records have.
-    Conv2d(&'a Conv2dSpec),
+    /// [`patches`].
+    Patches(&'a Patches),
 }
 
 /// Appends the upper triangle of the symmetric `m` (K×K) to `out`,
@@ -207,9 +201,9 @@ fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
 
 /// Per-probe features of a set of probes for one layer.
 pub struct ProbeFeatures {
-    /// Linear: `A` (Q×in). Conv2d: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    /// Linear: `A` (Q×in). Patches: `[vec(p Aᵀ), p 1]` (Q×delta_len).
     first: Array2<f64>,
-    /// Linear: `P` (Q×out). Conv2d: Gram features of `A` (Q×gram_len).
+    /// Linear: `P` (Q×out). Patches: Gram features of `A` (Q×gram_len).
     second: Array2<f64>,
 }
 
@@ -218,7 +212,7 @@ impl ProbeFeatures {
     pub fn new(geom: &Geometry, probes: &Probes) -> Result<Self> {
         match geom.kind() {
             Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
-            Kind::Conv2d(spec) => conv2d::probe_features(spec, probes),
+            Kind::Patches(patches) => patches.probe_features(probes),
         }
     }
 }
@@ -240,7 +234,7 @@ pub fn deltas(
             }
         }
         Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),
-        Kind::Conv2d(spec) => conv2d::factor_deltas(spec, recs, scales, rows, &mut out)?,
+        Kind::Patches(patches) => patches.factor_deltas(recs, scales, rows, &mut out)?,
     }
     matrix((rows.len(), d), out)
 }
@@ -260,9 +254,9 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
 
 /// Per-record features of a batch (scaled), ready to meet [`ProbeFeatures`].
 pub struct RecordFeatures {
-    /// Linear: `U` (R×in). Conv2d: `[vec ΔW, Δb]` (R×delta_len).
+    /// Linear: `U` (R×in). Patches: `[vec ΔW, Δb]` (R×delta_len).
     first: Array2<f64>,
-    /// Linear: scaled `V` (R×out). Conv2d: Gram features (R×gram_len).
+    /// Linear: scaled `V` (R×out). Patches: Gram features (R×gram_len).
     second: Array2<f64>,
     /// Linear: `‖scaled v‖` per record.
     v_norm: Vec<f64>,
@@ -276,7 +270,7 @@ enum FeatureKind {
     LinearFactors,
     /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
     LinearFull(linear::Dims),
-    Conv,
+    Patches,
 }
 
 impl RecordFeatures {
@@ -289,7 +283,7 @@ impl RecordFeatures {
             Kind::Linear { dims, full: false } => {
                 linear::factor_record_features(dims, recs, scales, rows)
             }
-            Kind::Conv2d(spec) => conv2d::record_features(geom, spec, recs, scales, rows),
+            Kind::Patches(patches) => patches.record_features(geom, recs, scales, rows),
         }
     }
 
@@ -313,7 +307,7 @@ impl RecordFeatures {
         let second = probes.second.dot(&self.second.t());
         Ok(match self.kind {
             FeatureKind::LinearFactors => linear::factor_pairs(self, first, second),
-            _ => conv2d::pairs(first, second),
+            _ => patches::pairs(first, second),
         })
     }
 
@@ -326,7 +320,7 @@ impl RecordFeatures {
         let second = self.second.row(r).dot(&probes.second.row(q));
         match self.kind {
             FeatureKind::LinearFactors => linear::factor_pair(self, first, second, r),
-            _ => conv2d::pair(first, second),
+            _ => patches::pair(first, second),
         }
     }
 }
@@ -336,7 +330,7 @@ impl RecordFeatures {
 pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Result<(f64, f64)> {
     let c: Vec<f64> = match geom.kind() {
         Kind::Linear { dims, .. } => linear::direct(dims, delta, a),
-        Kind::Conv2d(spec) => conv2d::direct(spec, delta, a)?,
+        Kind::Patches(patches) => patches.direct(delta, a)?,
     };
     let dot = c.iter().zip(p).map(|(x, y)| x * y).sum();
     let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
