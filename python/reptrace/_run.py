@@ -52,7 +52,11 @@ class Run:
         ``state`` says whether the run is still being recorded: ``"recording"``
         (a live recorder holds its lock), ``"killed"`` (status recording, but
         its recorder died: readable up to its last commit), ``"complete"`` or
-        ``"aborted"``; ``locked`` whether a live recorder holds the lock."""
+        ``"aborted"``; ``locked`` whether a live recorder holds the lock;
+        ``storage`` per traced layer its kind, whether its records hold
+        factors or full updates, and the committed ``updates`` records and
+        bytes (``bytes_per_record``: per example and step in instance
+        mode)."""
         m = self.manifest
         rows: dict[str, dict[str, int]] = {}
         files = [f for c in m["commits"] for f in c["files"]]
@@ -64,6 +68,22 @@ class Run:
             per[key] = per.get(key, 0) + f["rows"]
         steps = [c["step"] for c in m["commits"] if c.get("step") is not None]
         locked = _reptrace.lock_held(str(self.path))
+        storage = {}
+        for spec in m["model"]["modules"]:
+            if not spec.get("traced"):
+                continue
+            whole = m["mode"] == "batch" or _reptrace.record_storage(json.dumps(spec)) == "full"
+            mine = [f for c in m["commits"] for f in c["files"]
+                    if f["table"] == "updates" and f.get("layer") == spec["name"]]
+            records = sum(f["rows"] for f in mine)
+            size = sum(f["bytes"] for f in mine)
+            storage[spec["name"]] = {
+                "kind": spec["kind"],
+                "storage": "full" if whole else "factors",
+                "records": records,
+                "bytes": size,
+                "bytes_per_record": size / records if records else None,
+            }
         state = "killed" if m["status"] == "recording" and not locked else m["status"]
         return {
             "run": str(self.path),
@@ -76,6 +96,7 @@ class Run:
             "last_step": max(steps) if steps else None,
             "layers": self.layers,
             "rows": rows,
+            "storage": storage,
         }
 
     def sql(self, query: str) -> pa.Table:

@@ -63,15 +63,10 @@ def train(x, y, steps: int, dtype: str | None, run_dir: Path) -> float:
 
 def storage(run_dir: Path) -> tuple[float, dict[str, tuple[str, float]]]:
     """Bytes of `updates` per example-step in all, and per layer (storage, bytes)."""
-    info = reptrace.open(str(run_dir)).info()
-    modules = {m["name"]: m for m in info["model"]["modules"] if m.get("traced")}
-    per_layer, total, records = {}, 0, 0
-    for t in info["tables"]:
-        if t["table"] == "updates" and t.get("layer"):
-            per_layer[t["layer"]] = (modules[t["layer"]].get("storage", "factors"),
-                                     t["bytes"] / t["rows"])
-            total += t["bytes"]
-            records = max(records, t["rows"])
+    storage = reptrace.open(str(run_dir)).info()["storage"]
+    per_layer = {n: (s["storage"], s["bytes_per_record"]) for n, s in storage.items()}
+    total = sum(s["bytes"] for s in storage.values())
+    records = max(s["records"] for s in storage.values())
     return total / records, per_layer
 
 

@@ -95,6 +95,6 @@ top = run.query("top_proponents", probe=200, k=3).to_pandas()
 print(top[top.layer.isin(["tok", "blocks.1.o"])])
 # 2. Which classes was its representation built from, per layer?
 print(run.query("class_shares", probe=200).to_pandas().head(9))
-# 3. What does each layer store per example and step?
-for layer in run.info()["layers"]:
-    print(layer["name"], layer["kind"], layer["storage"], layer["bytes_per_record"])
+# 3. What does each layer store, and how many bytes per example and step?
+for name, s in run.info()["storage"].items():
+    print(f"{name:<12} {s['kind']:<10} {s['storage']:<8} {s['bytes_per_record']:.0f} B/record")

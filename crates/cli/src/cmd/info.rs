@@ -130,6 +130,10 @@ pub struct TableInfo {
     /// `updates`: bytes / raw_f32_bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// `updates`: bytes on disk per record (per example and step in
+    /// instance mode, per step in batch mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_record: Option<f64>,
 }
 
 pub fn run(args: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -269,6 +273,8 @@ fn table_infos(run: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Vec<Tabl
             bytes,
             raw_f32_bytes: raw,
             ratio: raw.filter(|&r| r > 0).map(|r| bytes as f64 / r as f64),
+            bytes_per_record: (*table == Table::Updates && rows > 0)
+                .then(|| bytes as f64 / rows as f64),
         });
     }
     tables
@@ -375,7 +381,6 @@ fn model_info(m: &Manifest) -> ModelInfo {
                     Some((
                         TracedLayer::Linear(l),
                         l.traced,
-                        (l.positions != 1).then_some(l.storage),
                     )),
                 ),
                 Module::Conv2d(c) => (
@@ -399,7 +404,7 @@ fn model_info(m: &Manifest) -> ModelInfo {
                         c.output_hw[1],
                         if c.bias { ", bias" } else { ", no bias" }
                     ) + &conv_extras(c.groups, c.padding_mode),
-                    Some((TracedLayer::Conv2d(c), c.traced, Some(c.storage))),
+                    Some((TracedLayer::Conv2d(c), c.traced)),
                 ),
                 Module::Conv1d(c) => (
                     "conv1d",
@@ -416,7 +421,7 @@ fn model_info(m: &Manifest) -> ModelInfo {
                         c.output_len,
                         if c.bias { ", bias" } else { ", no bias" }
                     ) + &conv_extras(c.groups, c.padding_mode),
-                    Some((TracedLayer::Conv1d(c), c.traced, Some(c.storage))),
+                    Some((TracedLayer::Conv1d(c), c.traced)),
                 ),
                 Module::Embedding(e) => (
                     "embedding",
@@ -430,19 +435,19 @@ fn model_info(m: &Manifest) -> ModelInfo {
                             .map(|i| format!(", padding_idx {i}"))
                             .unwrap_or_default()
                     ),
-                    Some((TracedLayer::Embedding(e), e.traced, Some(e.storage))),
+                    Some((TracedLayer::Embedding(e), e.traced)),
                 ),
                 Module::LayerNorm(n) => (
                     "layer_norm",
                     Some(n.name.clone()),
                     norm_detail(n),
-                    Some((TracedLayer::LayerNorm(n), n.traced, None)),
+                    Some((TracedLayer::LayerNorm(n), n.traced)),
                 ),
                 Module::RmsNorm(n) => (
                     "rms_norm",
                     Some(n.name.clone()),
                     norm_detail(n),
-                    Some((TracedLayer::RmsNorm(n), n.traced, None)),
+                    Some((TracedLayer::RmsNorm(n), n.traced)),
                 ),
                 Module::Relu => ("relu", None, String::new(), None),
                 Module::Tanh => ("tanh", None, String::new(), None),
@@ -486,7 +491,14 @@ fn model_info(m: &Manifest) -> ModelInfo {
                     .as_ref()
                     .filter(|l| l.1)
                     .map(|l| l.0.record_lens(m.mode).into()),
-                storage: layer.and_then(|l| if l.1 { l.2 } else { None }),
+                // Every traced layer's: what its records of this run hold.
+                storage: layer.filter(|l| l.1).map(|l| {
+                    if l.0.records_full(m.mode) {
+                        Storage::Full
+                    } else {
+                        Storage::Factors
+                    }
+                }),
             }
         })
         .collect();
@@ -721,13 +733,13 @@ fn print_optimizer(o: &reptrace_format::Optimizer, out: &mut dyn Write) -> std::
 fn print_tables(tables: &[TableInfo], out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
-        "table", "layer", "files", "rows", "on disk", "raw f32", "ratio"
+        "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7} {:>9}",
+        "table", "layer", "files", "rows", "on disk", "raw f32", "ratio", "B/record"
     )?;
     for t in tables {
         writeln!(
             out,
-            "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7}",
+            "{:<14} {:<12} {:>6} {:>12} {:>12} {:>12} {:>7} {:>9}",
             t.table,
             t.layer.as_deref().unwrap_or("-"),
             t.files,
@@ -738,6 +750,9 @@ fn print_tables(tables: &[TableInfo], out: &mut dyn Write) -> std::io::Result<()
                 .unwrap_or_else(|| "-".into()),
             t.ratio
                 .map(|r| format!("{r:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            t.bytes_per_record
+                .map(|b| format!("{b:.0}"))
                 .unwrap_or_else(|| "-".into()),
         )?;
     }
