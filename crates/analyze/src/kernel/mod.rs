@@ -3,7 +3,8 @@
 //!
 //! Each traced layer kind has its own module holding its arithmetic (its
 //! probe features, record features, update deltas and direct contribution):
-//! [`linear`] and [`conv2d`]. This module holds [`Geometry`] (the shape of a
+//! [`linear`], [`conv2d`], [`embedding`] and [`norm`] (layer_norm and
+//! rms_norm). This module holds [`Geometry`] (the shape of a
 //! traced layer, as the arithmetic needs it), the feature types, the helpers
 //! the kinds share, and the public entry points, which hand each kind's work
 //! to its module.
@@ -20,7 +21,9 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
 
 pub mod conv2d;
+pub mod embedding;
 pub mod linear;
+pub mod norm;
 
 pub use conv2d::unfold;
 
@@ -66,6 +69,29 @@ pub enum Geometry {
         /// The layer's spec, with the storage its records have.
         spec: Conv2dSpec,
     },
+    /// An embedding: W of `num × dim`, `positions` token ids per example.
+    Embedding {
+        /// The layer's name (for errors about corrupt token ids).
+        name: String,
+        /// Rows of W (num_embeddings).
+        num: usize,
+        /// Columns of W (embedding_dim).
+        dim: usize,
+        /// Positions per example (T).
+        positions: usize,
+        /// Whether records hold the whole update rather than factors.
+        full: bool,
+    },
+    /// The affine part of a layer_norm or rms_norm; records always hold the
+    /// whole update `[Δγ, Δβ]`.
+    Norm {
+        /// Values of γ (D, the product of normalized_shape).
+        dim: usize,
+        /// Positions per example (T).
+        positions: usize,
+        /// Whether the layer has β.
+        bias: bool,
+    },
 }
 
 impl Geometry {
@@ -106,6 +132,31 @@ impl Geometry {
                 full: *full,
             },
             Geometry::Conv { spec } => Kind::Conv2d(spec),
+            Geometry::Embedding {
+                name,
+                num,
+                dim,
+                positions,
+                full,
+            } => Kind::Embedding {
+                name,
+                dims: embedding::Dims {
+                    num: *num,
+                    dim: *dim,
+                    positions: *positions,
+                    digits: embedding::id_digits(*num),
+                },
+                full: *full,
+            },
+            Geometry::Norm {
+                dim,
+                positions,
+                bias,
+            } => Kind::Norm(norm::Dims {
+                dim: *dim,
+                positions: *positions,
+                bias: *bias,
+            }),
         }
     }
 
@@ -115,6 +166,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { full, .. } => full,
             Kind::Conv2d(spec) => spec.storage == Storage::Full,
+            Kind::Embedding { full, .. } => full,
+            Kind::Norm(_) => true,
         }
     }
 
@@ -123,6 +176,8 @@ impl Geometry {
         match self {
             Geometry::Linear { inp, out, .. } => out * inp,
             Geometry::Conv { spec } => spec.out_channels * spec.patch_len(),
+            Geometry::Embedding { num, dim, .. } => num * dim,
+            Geometry::Norm { dim, .. } => *dim,
         }
     }
 
@@ -143,6 +198,14 @@ impl Geometry {
                     0
                 }
             }
+            Geometry::Embedding { .. } => 0,
+            Geometry::Norm { dim, bias, .. } => {
+                if *bias {
+                    *dim
+                } else {
+                    0
+                }
+            }
         }
     }
 
@@ -156,6 +219,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
             Kind::Conv2d(spec) => conv2d::probe_feature_len(spec),
+            Kind::Embedding { dims, .. } => embedding::probe_feature_len(dims),
+            Kind::Norm(dims) => norm::probe_feature_len(dims),
         }
     }
 
@@ -164,6 +229,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
             Kind::Conv2d(spec) => conv2d::record_feature_len(spec),
+            Kind::Embedding { dims, full, .. } => embedding::record_feature_len(dims, full),
+            Kind::Norm(dims) => norm::record_feature_len(dims),
         }
     }
 }
@@ -174,6 +241,15 @@ enum Kind<'a> {
     Linear { dims: linear::Dims, full: bool },
     /// [`conv2d`], with the storage its records have.
     Conv2d(&'a Conv2dSpec),
+    /// [`embedding`]: the layer's name, its dims, `full` when records hold
+    /// whole updates.
+    Embedding {
+        name: &'a str,
+        dims: embedding::Dims,
+        full: bool,
+    },
+    /// [`norm`] (records are always whole updates).
+    Norm(norm::Dims),
 }
 
 /// Appends the upper triangle of the symmetric `m` (K×K) to `out`,
@@ -191,8 +267,12 @@ fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
 /// Per-probe features of a set of probes for one layer.
 pub struct ProbeFeatures {
     /// Linear: `A` (Q×in). Conv2d: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    /// Embedding: `Σ_t p_t` per distinct token (sparse, [`embedding`]).
+    /// Norm: `[Σ_t p ⊙ x̂, Σ_t p]`.
     first: Array2<f64>,
     /// Linear: `P` (Q×out). Conv2d: Gram features of `A` (Q×gram_len).
+    /// Embedding: the tokens and multiplicities. Norm: `[Σ_t x̂², 2 Σ_t x̂,
+    /// T]`.
     second: Array2<f64>,
 }
 
@@ -202,6 +282,8 @@ impl ProbeFeatures {
         match geom.kind() {
             Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
             Kind::Conv2d(spec) => conv2d::probe_features(spec, probes),
+            Kind::Embedding { name, dims, .. } => embedding::probe_features(name, dims, probes),
+            Kind::Norm(dims) => norm::probe_features(dims, probes),
         }
     }
 }
@@ -224,6 +306,11 @@ pub fn deltas(
         }
         Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),
         Kind::Conv2d(spec) => conv2d::factor_deltas(spec, recs, scales, rows, &mut out)?,
+        Kind::Embedding { name, dims, .. } => {
+            embedding::factor_deltas(name, dims, recs, scales, rows, &mut out)?
+        }
+        // Norm records are always whole updates (the first arm).
+        Kind::Norm(_) => {}
     }
     matrix((rows.len(), d), out)
 }
@@ -232,6 +319,14 @@ pub fn deltas(
 pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f64]) -> Result<()> {
     if let Kind::Linear { dims, full: false } = geom.kind() {
         return linear::accumulate_factors(dims, recs, scales, sum);
+    }
+    if let Kind::Embedding {
+        name,
+        dims,
+        full: false,
+    } = geom.kind()
+    {
+        return embedding::accumulate_factors(name, dims, recs, scales, sum);
     }
     let all: Vec<usize> = (0..recs.len()).collect();
     let d = deltas(geom, recs, scales, &all)?;
@@ -243,9 +338,13 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
 
 /// Per-record features of a batch (scaled), ready to meet [`ProbeFeatures`].
 pub struct RecordFeatures {
-    /// Linear: `U` (R×in). Conv2d: `[vec ΔW, Δb]` (R×delta_len).
+    /// Linear: `U` (R×in). Conv2d, Norm and whole Embedding updates:
+    /// `[vec ΔW, Δb]` (R×delta_len). Embedding factors: the rows of ΔW per
+    /// distinct token (sparse, [`embedding`]).
     first: Array2<f64>,
     /// Linear: scaled `V` (R×out). Conv2d: Gram features (R×gram_len).
+    /// Embedding factors: the tokens and the rows' squared norms. Norm:
+    /// `[Δγ², Δγ ⊙ Δβ, ‖Δβ‖²]`.
     second: Array2<f64>,
     /// Linear: `‖scaled v‖` per record.
     v_norm: Vec<f64>,
@@ -260,6 +359,13 @@ enum FeatureKind {
     /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
     LinearFull(linear::Dims),
     Conv,
+    /// [`embedding`]: sparse rows of factor records, or whole updates.
+    Embedding {
+        dims: embedding::Dims,
+        full: bool,
+    },
+    /// [`norm`]: `first` = `[Δγ, Δβ]`, `second` = its norm features.
+    Norm,
 }
 
 impl RecordFeatures {
@@ -273,6 +379,10 @@ impl RecordFeatures {
                 linear::factor_record_features(dims, recs, scales, rows)
             }
             Kind::Conv2d(spec) => conv2d::record_features(geom, spec, recs, scales, rows),
+            Kind::Embedding { name, dims, full } => {
+                embedding::record_features(geom, name, dims, full, recs, scales, rows)
+            }
+            Kind::Norm(dims) => norm::record_features(geom, dims, recs, scales, rows),
         }
     }
 
@@ -292,10 +402,14 @@ impl RecordFeatures {
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pairs(self, probes, dims);
         }
+        if let FeatureKind::Embedding { dims, full } = self.kind {
+            return Ok(embedding::all_pairs(self, probes, dims, full));
+        }
         let first = probes.first.dot(&self.first.t());
         let second = probes.second.dot(&self.second.t());
         Ok(match self.kind {
             FeatureKind::LinearFactors => linear::factor_pairs(self, first, second),
+            FeatureKind::Norm => norm::pairs(first, second),
             _ => conv2d::pairs(first, second),
         })
     }
@@ -305,10 +419,14 @@ impl RecordFeatures {
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pair(self, probes, dims, r, q);
         }
+        if let FeatureKind::Embedding { dims, full } = self.kind {
+            return embedding::pair(self, probes, dims, full, r, q);
+        }
         let first = self.first.row(r).dot(&probes.first.row(q));
         let second = self.second.row(r).dot(&probes.second.row(q));
         match self.kind {
             FeatureKind::LinearFactors => linear::factor_pair(self, first, second, r),
+            FeatureKind::Norm => norm::pair(first, second),
             _ => conv2d::pair(first, second),
         }
     }
@@ -320,6 +438,8 @@ pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Re
     let c: Vec<f64> = match geom.kind() {
         Kind::Linear { dims, .. } => linear::direct(dims, delta, a),
         Kind::Conv2d(spec) => conv2d::direct(spec, delta, a)?,
+        Kind::Embedding { name, dims, .. } => embedding::direct(name, dims, delta, a)?,
+        Kind::Norm(dims) => norm::direct(dims, delta, a)?,
     };
     let dot = c.iter().zip(p).map(|(x, y)| x * y).sum();
     let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
