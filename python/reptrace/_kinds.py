@@ -14,6 +14,8 @@ kind is adding a class here (and its counterpart in the Rust crates:
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,7 +109,7 @@ class Linear(Kind):
 class Conv2d(Kind):
     """``nn.Conv2d`` (groups 1, zero padding): ``u`` the unfolded input
     (K × P), ``v`` the output gradient (C_out × P) scaled, or the full
-    per-example update by ``reptrace_format::Storage::for_conv2d``."""
+    per-example update by its kind's rule (``record_storage``)."""
 
     name = "conv2d"
     module = nn.Conv2d
@@ -130,14 +132,7 @@ class Conv2d(Kind):
             for s, p, d, k, st in zip((h, w), padding, dilation, kernel, stride)
         ]
         bias = m.bias is not None
-        patch = m.in_channels * kernel[0] * kernel[1]
-        positions = out_hw[0] * out_hw[1]
-        storage = (
-            "full"
-            if mode == "batch"
-            else _reptrace.conv2d_storage(m.out_channels, patch, positions, bias)
-        )
-        return {
+        spec = {
             "kind": "conv2d",
             "name": layer,
             "in_channels": m.in_channels,
@@ -150,8 +145,11 @@ class Conv2d(Kind):
             "output_hw": out_hw,
             "bias": bias,
             "traced": True,
-            "storage": storage,
         }
+        spec["storage"] = (
+            "full" if mode == "batch" else _reptrace.record_storage(json.dumps(spec))
+        )
+        return spec
 
     def raw(self, spec, a, g):
         a = F.unfold(a, spec["kernel"], dilation=spec["dilation"], padding=spec["padding"],

@@ -66,6 +66,7 @@ fn main() {
                 c.out_channels, c.in_channels, c.kernel[0], c.kernel[1], c.storage
             )
             .to_lowercase(),
+            other => format!("{} {:?}", other.kind_name(), other.weight_shape()),
         };
         // Warm the page cache, then time the bare decode and the attribution
         // alternately, so that both see the same machine state.

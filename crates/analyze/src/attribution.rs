@@ -834,7 +834,7 @@ pub(crate) fn compute_layer(
     progress: &mut dyn FnMut(u64, u64, u64),
 ) -> Result<Computed> {
     let mode = run.manifest().mode;
-    let geom = Geometry::of(layer, mode);
+    let geom = Geometry::of(layer, mode)?;
     let name = layer.name();
     let out_schema = schema(Table::Contributions, Dtype::F32);
     let records = replay::update_rows(run, name);

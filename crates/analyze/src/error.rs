@@ -139,6 +139,9 @@ pub enum Error {
     /// A computation produced something inconsistent (lengths that do not match).
     #[error("{0}")]
     Internal(String),
+    /// The run holds a layer kind (or layout) this build cannot analyse yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// The query needed more memory than its limit and could not spill it.
     #[error("{}", memory_message(*limit, message))]
     Memory {

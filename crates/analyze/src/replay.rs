@@ -511,7 +511,7 @@ pub fn stream(
     mut on_batch: impl FnMut(&Records, &[f64]) -> Result<()>,
 ) -> Result<()> {
     let mode = run.manifest().mode;
-    let geom = Geometry::of(layer, mode);
+    let geom = Geometry::of(layer, mode)?;
     let (u_len, v_len) = layer.record_lens(mode);
     let reader = RecordReader::new(update_files(run, layer.name()), u_len, v_len, batch_rows);
     std::thread::scope(|scope| {
@@ -546,7 +546,7 @@ pub fn residual(
     setup: &Setup,
     batch_rows: usize,
 ) -> Result<(LayerWeights, LayerWeights)> {
-    let geom = Geometry::of(layer, run.manifest().mode);
+    let geom = Geometry::of(layer, run.manifest().mode)?;
     let mut sum = vec![0.0; geom.delta_len()];
     stream(run, layer, setup, batch_rows, Some(&mut sum), |_, _| Ok(()))?;
     let change = setup.weight_change(layer)?;
@@ -558,8 +558,8 @@ pub fn residual(
 /// plus the per-record work arrays) near `bytes`.
 pub fn batch_rows_for(layer: &TracedLayer<'_>, mode: Mode, bytes: usize) -> usize {
     let (u_len, v_len) = layer.record_lens(mode);
-    let geom = Geometry::of(layer, mode);
+    let feature_len = Geometry::of(layer, mode).map_or(0, |g| g.record_feature_len());
     // f32 decode + f64 copy of the factors, and the f64 work arrays.
-    let per_row = 12 * (u_len + v_len) + 8 * geom.record_feature_len();
+    let per_row = 12 * (u_len + v_len) + 8 * feature_len;
     (bytes / per_row.max(1)).clamp(1, 8192)
 }

@@ -561,7 +561,7 @@ fn weights_residual(
     on_records: &mut dyn FnMut(usize),
 ) -> Result<Residual> {
     let mode = run.manifest().mode;
-    let geom = Geometry::of(layer, mode);
+    let geom = Geometry::of(layer, mode)?;
     let dtype = run.manifest().dtype;
     let mut sum = vec![0.0; geom.delta_len()];
     let mut bound = 0.0;
@@ -645,7 +645,7 @@ fn probes_check(
     let result = (|| -> Result<(f64, usize)> {
         let probes = Probes::read(run, layer)?;
         let change = setup.weight_change(layer)?;
-        let geom = Geometry::of(layer, run.manifest().mode);
+        let geom = Geometry::of(layer, run.manifest().mode)?;
         let mut worst = 0.0f64;
         for q in 0..probes.len() {
             let p = probes.p(q);

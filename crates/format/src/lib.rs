@@ -24,9 +24,7 @@
 //!     name: "tiny".into(),
 //!     input_shape: vec![3],
 //!     structure: Default::default(),
-//!     modules: vec![Module::Linear(LinearSpec {
-//!         name: "fc".into(), in_features: 3, out_features: 2, bias: true, traced: true,
-//!     })],
+//!     modules: vec![Module::Linear(LinearSpec::new("fc", 3, 2, true))],
 //!     frozen: vec![],
 //! };
 //! let classes = vec!["a".into(), "b".into()];
@@ -73,9 +71,9 @@ pub use error::{Error, Result};
 pub use ids::{InstanceId, ProbeId, Step};
 pub use kinds::LayerKind;
 pub use manifest::{
-    Aggregation, AnalysisProbes, Attribution, Commit, Conv2dSpec, Dtype, FileEntry, LinearSpec,
-    LrSchedule, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, Status, Storage,
-    Structure, TracedLayer,
+    Aggregation, AnalysisProbes, Attribution, Commit, Conv1dSpec, Conv2dSpec, Dtype, EmbeddingSpec,
+    FileEntry, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, NormSpec, Optimizer,
+    OptimizerKind, PaddingMode, Split, Status, Storage, Structure, TracedLayer,
 };
 pub use schema::{Table, col, column_since, schema, schema_as_of};
 
@@ -86,7 +84,7 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 
 /// The oldest format version this crate still reads (runs of every version
 /// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).

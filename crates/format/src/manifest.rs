@@ -5,7 +5,9 @@
 //! it; readers that go through [`Manifest::files`] never see rows past the
 //! last commit point, even while training is still writing.
 use crate::kinds::LayerKind;
-pub use crate::kinds::{Conv2dSpec, LinearSpec, Storage};
+pub use crate::kinds::{
+    Conv1dSpec, Conv2dSpec, EmbeddingSpec, LinearSpec, NormSpec, PaddingMode, Storage,
+};
 use crate::layout;
 use crate::schema::Table;
 use crate::{Error, FORMAT_NAME, FORMAT_VERSION, OLDEST_FORMAT_VERSION, Result, Step};
@@ -112,6 +114,14 @@ pub enum Module {
     Linear(LinearSpec),
     /// A 2-d convolution.
     Conv2d(Conv2dSpec),
+    /// A 1-d convolution (format 8).
+    Conv1d(Conv1dSpec),
+    /// An embedding table (format 8).
+    Embedding(EmbeddingSpec),
+    /// A LayerNorm's affine part (format 8).
+    LayerNorm(NormSpec),
+    /// An RMSNorm's scale (format 8; no bias).
+    RmsNorm(NormSpec),
     /// Elementwise `max(x, 0)`.
     Relu,
     /// Elementwise `tanh`.
@@ -159,6 +169,31 @@ pub enum Module {
     },
 }
 
+impl Module {
+    /// The module as a layer with weights of a traced kind, traced or not
+    /// (`None` for the other modules).
+    pub fn layer(&self) -> Option<TracedLayer<'_>> {
+        Some(match self {
+            Module::Linear(l) => TracedLayer::Linear(l),
+            Module::Conv2d(c) => TracedLayer::Conv2d(c),
+            Module::Conv1d(c) => TracedLayer::Conv1d(c),
+            Module::Embedding(e) => TracedLayer::Embedding(e),
+            Module::LayerNorm(n) => TracedLayer::LayerNorm(n),
+            Module::RmsNorm(n) => TracedLayer::RmsNorm(n),
+            Module::Relu
+            | Module::Tanh
+            | Module::Sigmoid
+            | Module::Gelu
+            | Module::MaxPool2d { .. }
+            | Module::AvgPool2d { .. }
+            | Module::Flatten
+            | Module::Dropout { .. }
+            | Module::BatchNorm2d { .. }
+            | Module::BatchNorm1d { .. } => return None,
+        })
+    }
+}
+
 /// A traced layer as the analyzer sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TracedLayer<'a> {
@@ -166,6 +201,14 @@ pub enum TracedLayer<'a> {
     Linear(&'a LinearSpec),
     /// A traced 2-d convolution.
     Conv2d(&'a Conv2dSpec),
+    /// A traced 1-d convolution.
+    Conv1d(&'a Conv1dSpec),
+    /// A traced embedding table.
+    Embedding(&'a EmbeddingSpec),
+    /// A traced LayerNorm.
+    LayerNorm(&'a NormSpec),
+    /// A traced RMSNorm.
+    RmsNorm(&'a NormSpec),
 }
 
 impl<'a> TracedLayer<'a> {
@@ -175,6 +218,22 @@ impl<'a> TracedLayer<'a> {
         match *self {
             TracedLayer::Linear(l) => l,
             TracedLayer::Conv2d(c) => c,
+            TracedLayer::Conv1d(c) => c,
+            TracedLayer::Embedding(e) => e,
+            TracedLayer::LayerNorm(n) | TracedLayer::RmsNorm(n) => n,
+        }
+    }
+
+    /// The kind's name as in the manifest's `kind` tag (`linear`,
+    /// `conv2d`, `conv1d`, `embedding`, `layer_norm`, `rms_norm`).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            TracedLayer::Linear(_) => "linear",
+            TracedLayer::Conv2d(_) => "conv2d",
+            TracedLayer::Conv1d(_) => "conv1d",
+            TracedLayer::Embedding(_) => "embedding",
+            TracedLayer::LayerNorm(_) => "layer_norm",
+            TracedLayer::RmsNorm(_) => "rms_norm",
         }
     }
 
@@ -191,6 +250,28 @@ impl<'a> TracedLayer<'a> {
     /// Shape of the weight tensor as PyTorch stores it.
     pub fn weight_shape(&self) -> Vec<usize> {
         self.kind().weight_shape()
+    }
+
+    /// Shape of the bias tensor, when the layer has one.
+    pub fn bias_shape(&self) -> Vec<usize> {
+        self.kind().bias_shape()
+    }
+
+    /// The storage the kind's rule gives its instance-mode records (what a
+    /// producer writes into the spec's `storage` field).
+    pub fn instance_storage(&self) -> Storage {
+        self.kind().instance_storage()
+    }
+
+    /// Checks the spec's fields that the other methods rely on; the message
+    /// names the layer and the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let TracedLayer::RmsNorm(n) = self
+            && n.bias
+        {
+            return Err(format!("layer '{}': rms_norm has no bias", n.name));
+        }
+        self.kind().check()
     }
 
     /// Lengths of one record's `u` and `v` lists.
@@ -224,7 +305,7 @@ impl<'a> TracedLayer<'a> {
     }
 
     /// Output positions each weight is applied at in one forward pass
-    /// (Conv2d: `h_out · w_out`; Linear: 1).
+    /// (Conv2d: `h_out · w_out`; Linear, Embedding, norms: `T`).
     pub fn positions(&self) -> usize {
         self.kind().positions()
     }
@@ -239,8 +320,8 @@ pub enum Structure {
     #[default]
     Sequential,
     /// A model defined elsewhere (a PyTorch `nn.Module` of any shape):
-    /// `modules` lists its traced Linear and Conv2d layers only, named by
-    /// their qualified module names, in the order they first ran (format 4).
+    /// `modules` lists its traced layers only, named by their qualified
+    /// module names, in the order they first ran (format 4).
     TracedLayers,
 }
 
@@ -256,7 +337,7 @@ pub struct Model {
     #[serde(default, skip_serializing_if = "is_sequential")]
     pub structure: Structure,
     /// The modules in forward order (with [`Structure::TracedLayers`]: the
-    /// traced Linear and Conv2d layers only).
+    /// traced layers only).
     pub modules: Vec<Module>,
     /// Layers left out of the trace because the optimizer does not update
     /// them (frozen, e.g. when fine-tuning), by qualified name (format 7;
@@ -270,11 +351,15 @@ fn is_sequential(s: &Structure) -> bool {
 }
 
 impl Model {
-    /// The traced Linear and Conv2d layers, in forward order.
+    /// The traced layers, in forward order.
     pub fn traced_layers(&self) -> impl Iterator<Item = TracedLayer<'_>> {
         self.modules.iter().filter_map(|m| match m {
             Module::Linear(l) if l.traced => Some(TracedLayer::Linear(l)),
             Module::Conv2d(c) if c.traced => Some(TracedLayer::Conv2d(c)),
+            Module::Conv1d(c) if c.traced => Some(TracedLayer::Conv1d(c)),
+            Module::Embedding(e) if e.traced => Some(TracedLayer::Embedding(e)),
+            Module::LayerNorm(n) if n.traced => Some(TracedLayer::LayerNorm(n)),
+            Module::RmsNorm(n) if n.traced => Some(TracedLayer::RmsNorm(n)),
             _ => None,
         })
     }
@@ -694,6 +779,9 @@ impl Manifest {
         };
         for layer in self.model.traced_layers() {
             layout::check_layer_name(layer.name()).map_err(|e| bad(e.to_string()))?;
+        }
+        for layer in self.model.modules.iter().filter_map(Module::layer) {
+            layer.check().map_err(bad)?;
         }
         for (i, c) in self.commits.iter().enumerate() {
             if c.seq != i as u64 {

@@ -374,13 +374,12 @@ fn examples() -> Vec<Manifest> {
         name: "ResNetish".into(),
         input_shape: vec![1, 8, 8],
         structure: Structure::TracedLayers,
-        modules: vec![Module::Linear(LinearSpec {
-            name: "encoder.block1.fc".into(),
-            in_features: 64,
-            out_features: 16,
-            bias: true,
-            traced: true,
-        })],
+        modules: vec![Module::Linear(LinearSpec::new(
+            "encoder.block1.fc",
+            64,
+            16,
+            true,
+        ))],
         // Format 7: a frozen layer left out of the trace.
         frozen: vec!["encoder.stem".into()],
     };

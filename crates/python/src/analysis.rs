@@ -259,19 +259,30 @@ fn layer_weights<'py>(py: Python<'py>, run: PathBuf, which: &str) -> PyResult<Bo
     Ok(out)
 }
 
-/// The storage a Conv2d layer's records use (`"factors"` or `"full"`), by
-/// the rule every producer follows.
+/// The storage (`"factors"` or `"full"`) a layer's instance-mode records
+/// use by its kind's rule (`LayerKind::instance_storage`): `spec_json` is
+/// one manifest module entry (its `storage` may be left out); a bad spec
+/// raises `InvalidInput`.
 #[pyfunction]
-fn conv2d_storage(
-    out_channels: usize,
-    patch_len: usize,
-    positions: usize,
-    bias: bool,
-) -> &'static str {
-    match reptrace_format::Storage::for_conv2d(out_channels, patch_len, positions, bias) {
+fn record_storage(spec_json: &str) -> PyResult<&'static str> {
+    let bad = |e: String| error::invalid(format!("layer spec: {e}"));
+    let mut value: serde_json::Value =
+        serde_json::from_str(spec_json).map_err(|e| bad(e.to_string()))?;
+    if let Some(obj) = value.as_object_mut() {
+        // The storage is what is asked for; any placeholder parses (a norm
+        // has no such field and ignores it).
+        obj.entry("storage").or_insert_with(|| "factors".into());
+    }
+    let module: reptrace_format::Module =
+        serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    let layer = module
+        .layer()
+        .ok_or_else(|| bad("the module is of no traced kind".into()))?;
+    layer.check().map_err(error::invalid)?;
+    Ok(match layer.instance_storage() {
         reptrace_format::Storage::Full => "full",
         reptrace_format::Storage::Factors => "factors",
-    }
+    })
 }
 
 /// Checks a traced layer's name as the format does; raises `InvalidInput`.
@@ -290,7 +301,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_report, m)?)?;
     m.add_function(wrap_pyfunction!(manifest, m)?)?;
     m.add_function(wrap_pyfunction!(lock_held, m)?)?;
-    m.add_function(wrap_pyfunction!(conv2d_storage, m)?)?;
+    m.add_function(wrap_pyfunction!(record_storage, m)?)?;
     m.add_function(wrap_pyfunction!(layer_weights, m)?)?;
     m.add_function(wrap_pyfunction!(check_layer_name, m)?)?;
     Ok(())

@@ -62,15 +62,7 @@ fn model() -> Model {
         input_shape: vec![784],
         modules: LAYERS
             .iter()
-            .map(|&(name, i, o)| {
-                Module::Linear(LinearSpec {
-                    name: name.into(),
-                    in_features: i,
-                    out_features: o,
-                    bias: true,
-                    traced: true,
-                })
-            })
+            .map(|&(name, i, o)| Module::Linear(LinearSpec::new(name, i, o, true)))
             .collect(),
         frozen: Vec::new(),
     }

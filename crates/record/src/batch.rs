@@ -325,8 +325,21 @@ pub(crate) struct ProbeRows {
 pub(crate) enum NormKind {
     /// Rank one: ΔW = v uᵀ, ‖ΔW‖ = ‖v‖·‖u‖.
     Outer,
-    /// Conv2d factors: U is `k × p`, V is `c_out × p`, ΔW = V Uᵀ.
-    Factors { k: usize, p: usize, c_out: usize },
+    /// Conv2d factors: U is `k × p`, V is `c_out × p`, ΔW = V Uᵀ (with
+    /// `groups` groups: group `g`'s `c_out/groups` rows of V times its
+    /// `k/groups` rows of U).
+    Factors {
+        k: usize,
+        p: usize,
+        c_out: usize,
+        groups: usize,
+    },
+    /// Linear factors at `t` positions: U is `t × n_in`, V is `t × n_out`,
+    /// ΔW = Vᵀ U.
+    Positions { t: usize, n_in: usize, n_out: usize },
+    /// Embedding factors: U holds `t` token ids of `digits` base-2048 digits,
+    /// V is `t × dim`; row `r` of ΔW sums the rows of V whose id is `r`.
+    Embedding { digits: usize, dim: usize },
     /// `v` holds ΔW in its first `weight_len` elements (then the bias).
     Full { weight_len: usize },
 }
@@ -336,8 +349,53 @@ pub(crate) fn update_norm(kind: NormKind, u: &[f32], v: &[f32]) -> f32 {
     match kind {
         NormKind::Outer => (sq_norm(u) * sq_norm(v)).sqrt() as f32,
         NormKind::Full { weight_len } => sq_norm(&v[..weight_len.min(v.len())]).sqrt() as f32,
-        NormKind::Factors { k, p, c_out } => factors_norm(u, v, k, p, c_out) as f32,
+        NormKind::Factors {
+            k,
+            p,
+            c_out,
+            groups,
+        } => {
+            let (kg, cg) = (k / groups.max(1), c_out / groups.max(1));
+            let sq: f64 = (0..groups)
+                .map(|g| {
+                    let ug = u.get(g * kg * p..(g + 1) * kg * p).unwrap_or_default();
+                    let vg = v.get(g * cg * p..(g + 1) * cg * p).unwrap_or_default();
+                    factors_norm(ug, vg, kg, p, cg).powi(2)
+                })
+                .sum();
+            sq.sqrt() as f32
+        }
+        NormKind::Positions { t, n_in, n_out } => {
+            // Transposed into the conv layout: U (n_in × t), V (n_out × t).
+            let transpose = |m: &[f32], cols: usize| -> Vec<f32> {
+                (0..cols)
+                    .flat_map(|c| (0..t).map(move |r| m.get(r * cols + c).copied().unwrap_or(0.0)))
+                    .collect()
+            };
+            factors_norm(&transpose(u, n_in), &transpose(v, n_out), n_in, t, n_out) as f32
+        }
+        NormKind::Embedding { digits, dim } => embedding_norm(u, v, digits, dim),
     }
+}
+
+/// ‖ΔW‖_F of an embedding record: the rows of V summed by token id (NaN
+/// when an id is not a valid base-2048 number).
+fn embedding_norm(u: &[f32], v: &[f32], digits: usize, dim: usize) -> f32 {
+    let mut rows: std::collections::HashMap<u64, Vec<f64>> = std::collections::HashMap::new();
+    for (id, vt) in u
+        .chunks_exact(digits.max(1))
+        .zip(v.chunks_exact(dim.max(1)))
+    {
+        let digits: Vec<f64> = id.iter().map(|&d| f64::from(d)).collect();
+        let Some(id) = reptrace_format::kinds::embedding::id_of(&digits) else {
+            return f32::NAN;
+        };
+        let row = rows.entry(id).or_insert_with(|| vec![0.0; dim]);
+        for (r, &x) in row.iter_mut().zip(vt) {
+            *r += f64::from(x);
+        }
+    }
+    rows.values().flatten().map(|x| x * x).sum::<f64>().sqrt() as f32
 }
 
 fn sq_norm(x: &[f32]) -> f64 {
@@ -500,7 +558,16 @@ mod tests {
             for got in [
                 factors_norm_direct(&u, &v, k, p, c_out),
                 factors_norm_gram(&u, &v, k, p, c_out),
-                f64::from(update_norm(NormKind::Factors { k, p, c_out }, &u, &v)),
+                f64::from(update_norm(
+                    NormKind::Factors {
+                        k,
+                        p,
+                        c_out,
+                        groups: 1,
+                    },
+                    &u,
+                    &v,
+                )),
             ] {
                 assert!(
                     (got - want).abs() <= 1e-6 * want.max(1.0),

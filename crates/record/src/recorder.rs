@@ -15,8 +15,7 @@ use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
 use crate::{Error, Result, durable};
 use reptrace_format::{
-    Dtype, Manifest, Mode, Model, Module, Optimizer, Split, Status, Storage, Table, TracedLayer,
-    layout,
+    Dtype, Manifest, Mode, Model, Module, Optimizer, Split, Status, Table, TracedLayer, layout,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -225,33 +224,17 @@ fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
             });
         }
         let (u_len, v_len) = layer.factor_lens();
-        let (kind, weight_len, out_len) = match layer {
-            TracedLayer::Linear(l) => (
-                NormKind::Outer,
-                l.in_features * l.out_features,
-                l.out_features,
-            ),
-            TracedLayer::Conv2d(c) => {
-                let weight_len = c.out_channels * c.patch_len();
-                let kind = match c.storage {
-                    Storage::Factors => NormKind::Factors {
-                        k: c.patch_len(),
-                        p: c.positions(),
-                        c_out: c.out_channels,
-                    },
-                    Storage::Full => NormKind::Full { weight_len },
-                };
-                (kind, weight_len, c.out_channels)
-            }
+        let weight_len: usize = layer.weight_shape().iter().product();
+        let full_kind = NormKind::Full { weight_len };
+        let kind = if layer.records_full(Mode::Instance) {
+            full_kind
+        } else {
+            factors_norm_kind(layer)
         };
         let mut factor_shapes = vec![(u_len, v_len, kind)];
         // Batch mode may store the whole update of a step: u empty, v = ΔW
         // followed by Δb.
-        let full = (
-            0,
-            weight_len + if layer.bias() { out_len } else { 0 },
-            NormKind::Full { weight_len },
-        );
+        let full = (0, layer.update_len(), full_kind);
         if mode == Mode::Batch && (full.0, full.1) != (u_len, v_len) {
             factor_shapes.push(full);
         }
@@ -264,20 +247,42 @@ fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
     Ok(out)
 }
 
-/// PyTorch shapes of the weights and biases of every Linear and Conv2d module.
+/// How the ‖ΔW‖ of a factors record of `layer` follows from its `u` and `v`.
+fn factors_norm_kind(layer: TracedLayer<'_>) -> NormKind {
+    let conv = |c: &reptrace_format::Conv2dSpec| NormKind::Factors {
+        k: c.patch_len(),
+        p: c.positions(),
+        c_out: c.out_channels,
+        groups: c.groups,
+    };
+    match layer {
+        TracedLayer::Linear(l) if l.positions == 1 => NormKind::Outer,
+        TracedLayer::Linear(l) => NormKind::Positions {
+            t: l.positions,
+            n_in: l.in_features,
+            n_out: l.out_features,
+        },
+        TracedLayer::Conv2d(c) => conv(c),
+        TracedLayer::Conv1d(c) => conv(&c.as_conv2d()),
+        TracedLayer::Embedding(e) => NormKind::Embedding {
+            digits: e.digits(),
+            dim: e.embedding_dim,
+        },
+        // Norm records are always whole updates.
+        TracedLayer::LayerNorm(n) | TracedLayer::RmsNorm(n) => NormKind::Full {
+            weight_len: n.features(),
+        },
+    }
+}
+
+/// PyTorch shapes of the weights and biases of every module with weights.
 fn weight_shapes(model: &Model) -> HashMap<String, Vec<usize>> {
     let mut shapes = HashMap::new();
-    for m in &model.modules {
-        let layer = match m {
-            Module::Linear(l) => TracedLayer::Linear(l),
-            Module::Conv2d(c) => TracedLayer::Conv2d(c),
-            _ => continue,
-        };
-        let w = layer.weight_shape();
+    for layer in model.modules.iter().filter_map(Module::layer) {
         if layer.bias() {
-            shapes.insert(format!("{}.bias", layer.name()), vec![w[0]]);
+            shapes.insert(format!("{}.bias", layer.name()), layer.bias_shape());
         }
-        shapes.insert(format!("{}.weight", layer.name()), w);
+        shapes.insert(format!("{}.weight", layer.name()), layer.weight_shape());
     }
     shapes
 }

@@ -167,6 +167,7 @@ fn brute_norm(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> f64 {
                 .map(|(o, r)| (0..p).map(|q| x(v, o * p + q) * x(u, r * p + q)).sum())
                 .collect()
         }
+        other => panic!("no {} layer in these runs", other.kind_name()),
     };
     delta.iter().map(|w| w * w).sum::<f64>().sqrt()
 }

@@ -88,7 +88,7 @@ pub fn measure(
         .f_to_kind(Kind::Float)?
         .f_reshape([weight_grad.size()[0], -1])?;
     let r = direction(gw.size()[1], seed, device)?;
-    let products = kinds::of(layer).check_products(input, &g, &r)?;
+    let products = kinds::of(layer)?.check_products(input, &g, &r)?;
     let (rec_w, mag_w, rec_b, mag_b) = (
         products.weight,
         products.weight_magnitude,

@@ -131,5 +131,5 @@ pub fn layer_factors(
     delta: &Tensor,
     lr: f64,
 ) -> Result<Factors> {
-    kinds::of(layer).factors(input, delta, lr)
+    kinds::of(layer)?.factors(input, delta, lr)
 }

@@ -158,6 +158,8 @@ fn conv(
         stride: [stride; 2],
         padding: [padding; 2],
         dilation: [1; 2],
+        groups: 1,
+        padding_mode: reptrace_format::PaddingMode::Zeros,
         input_hw: [0, 0],
         output_hw: [0, 0],
         bias: true,
@@ -303,15 +305,21 @@ pub fn check_model(model: &Model) -> Result<Vec<usize>> {
             }
             Ok(())
         };
+        kinds::refuse_untraceable(m).map_err(bad)?;
         if let Some(layer) = kinds::layer(m) {
             name_ok(layer.name())?;
             names.push(layer.name());
-            shape = kinds::of(layer).output_shape(i, &shape).map_err(bad)?;
+            shape = kinds::of(layer)?.output_shape(i, &shape).map_err(bad)?;
             continue;
         }
         match m {
-            // Checked by their kinds, above.
-            Module::Linear(_) | Module::Conv2d(_) => {}
+            // Checked by their kinds, or refused, above.
+            Module::Linear(_)
+            | Module::Conv2d(_)
+            | Module::Conv1d(_)
+            | Module::Embedding(_)
+            | Module::LayerNorm(_)
+            | Module::RmsNorm(_) => {}
             Module::Relu | Module::Tanh | Module::Sigmoid | Module::Gelu => {}
             Module::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
@@ -600,7 +608,9 @@ impl Network {
         for (i, (m, p)) in self.model.modules.iter().zip(&self.params).enumerate() {
             let name = kinds::traced(m).map(|l| l.name());
             let next = match (kinds::layer(m), p) {
-                (Some(layer), Some(p)) => kinds::of(layer).apply(&h, &p.weight, p.bias.as_ref())?,
+                (Some(layer), Some(p)) => {
+                    kinds::of(layer)?.apply(&h, &p.weight, p.bias.as_ref())?
+                }
                 _ => self.module_forward(i, m, p.as_ref(), &h, train)?,
             };
             h = match name {
@@ -650,6 +660,23 @@ impl Network {
                     1e-5,
                     false,
                 )?
+            }
+            // Kinds only the Python tracer records (refused by
+            // `check_model`).
+            (
+                Module::Conv1d(_)
+                | Module::Embedding(_)
+                | Module::LayerNorm(_)
+                | Module::RmsNorm(_),
+                _,
+            ) => {
+                let message = kinds::refuse_untraceable(m)
+                    .err()
+                    .unwrap_or_else(|| format!("module {i} is not traced by tch"));
+                return Err(Error::BadModel {
+                    model: self.model.name.clone(),
+                    message,
+                });
             }
             // A module of a traced kind is here without parameters.
             (Module::Linear(_) | Module::Conv2d(_), _)

@@ -99,7 +99,7 @@ impl Displacement {
     pub fn refinement(&self, layer: TracedLayer<'_>, a: &Tensor) -> Result<Tensor> {
         let a = a.f_detach()?.f_to_kind(Kind::Double)?;
         let n = a.size().first().copied().unwrap_or(0);
-        let p = kinds::of(layer).apply(&a, &self.weight, self.bias.as_ref())?;
+        let p = kinds::of(layer)?.apply(&a, &self.weight, self.bias.as_ref())?;
         Ok(p.f_reshape([n, -1])?)
     }
 

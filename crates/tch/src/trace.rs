@@ -775,7 +775,7 @@ impl Tracer {
             let (fits, want) = match &l.kind {
                 LayerKind::Spec(m) => match kinds::layer(m) {
                     Some(spec) => {
-                        let kind = kinds::of(spec);
+                        let kind = kinds::of(spec)?;
                         (kind.fits(&size), kind.traced_input())
                     }
                     None => (true, String::new()),

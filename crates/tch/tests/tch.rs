@@ -441,6 +441,7 @@ fn factors_sum_to_autograd_gradients() {
                     })
                 })
                 .collect(),
+            other => panic!("the tch tracer does not trace {} layers", other.kind_name()),
         };
         for m in &variants {
             let layer = match m {
@@ -497,6 +498,7 @@ fn factors_sum_to_autograd_gradients() {
             let storage = match layer {
                 TracedLayer::Conv2d(c) => format!("{:?}", c.storage),
                 TracedLayer::Linear(_) => "linear".into(),
+                other => other.kind_name().into(),
             };
             println!(
                 "{} ({storage}): max |Σ ΔW_i − (−η·∇W)| = {err:.2e} (max |−η·∇W| = {scale:.2e})",

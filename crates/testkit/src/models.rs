@@ -2,17 +2,14 @@
 //! Linear and Conv2d specs (a conv's output size computed from its
 //! geometry), an MLP of given widths, the small CNNs of the synthetic runs
 //! and benches, and a model with every module kind.
-use reptrace_format::{Conv2dSpec, LinearSpec, Model, Module, Storage};
+use reptrace_format::{
+    Conv1dSpec, Conv2dSpec, EmbeddingSpec, LinearSpec, Model, Module, NormSpec, PaddingMode,
+    Storage,
+};
 
 /// A traced Linear module.
 pub fn linear(name: &str, in_features: usize, out_features: usize, bias: bool) -> Module {
-    Module::Linear(LinearSpec {
-        name: name.into(),
-        in_features,
-        out_features,
-        bias,
-        traced: true,
-    })
+    Module::Linear(LinearSpec::new(name, in_features, out_features, bias))
 }
 
 /// A traced Conv2d spec of `c_in → c_out` channels on `input_hw` inputs:
@@ -48,6 +45,8 @@ impl Conv {
                 stride: [1, 1],
                 padding: [1, 1],
                 dilation: [1, 1],
+                groups: 1,
+                padding_mode: PaddingMode::Zeros,
                 input_hw,
                 output_hw: [0, 0],
                 bias: true,
@@ -66,6 +65,10 @@ impl Conv {
         padding: [usize; 2],
         /// Dilation.
         dilation: [usize; 2],
+        /// Groups.
+        groups: usize,
+        /// How the padding is filled.
+        padding_mode: PaddingMode,
         /// Whether the layer has a bias.
         bias: bool,
         /// Factors or the full per-example ΔW.
@@ -161,7 +164,10 @@ pub fn bench_cnn() -> Model {
 
 /// A model (`cnn`, 1×8×8 inputs) with every module kind: conv1, ReLU,
 /// max and average pooling, batch norms, flatten, dropout, fc1, tanh,
-/// sigmoid, GELU and an untraced bias-free fc2.
+/// sigmoid, GELU and an untraced bias-free fc2, then (for the manifest's
+/// schema, not a model that runs) a grouped reflect-padded conv2, a linear
+/// layer at 4 positions stored whole, a conv1d, an embedding, a LayerNorm
+/// and an RMSNorm.
 pub fn every_kind() -> Model {
     let mut modules = vec![
         Conv::new("conv1", 1, 4, [8, 8]).module(),
@@ -190,13 +196,65 @@ pub fn every_kind() -> Model {
         Module::Gelu,
     ];
     modules.push(Module::Linear(LinearSpec {
-        name: "fc2".into(),
-        in_features: 16,
-        out_features: 10,
-        bias: false,
         traced: false,
+        ..LinearSpec::new("fc2", 16, 10, false)
     }));
+    modules.extend(format_8_kinds());
     model("cnn", vec![1, 8, 8], modules)
+}
+
+/// One module of each kind or field format 8 added.
+fn format_8_kinds() -> Vec<Module> {
+    let norm = NormSpec {
+        name: "ln".into(),
+        normalized_shape: vec![8],
+        bias: true,
+        eps: 1e-5,
+        positions: 4,
+        traced: true,
+    };
+    vec![
+        Conv::new("conv2", 4, 4, [4, 4])
+            .groups(2)
+            .padding_mode(PaddingMode::Reflect)
+            .module(),
+        Module::Linear(LinearSpec {
+            positions: 4,
+            storage: Storage::Full,
+            ..LinearSpec::new("seq", 8, 8, true)
+        }),
+        Module::Conv1d(Conv1dSpec {
+            name: "conv3".into(),
+            in_channels: 2,
+            out_channels: 2,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+            groups: 2,
+            padding_mode: PaddingMode::Circular,
+            input_len: 4,
+            output_len: 4,
+            bias: true,
+            traced: true,
+            storage: Storage::Full,
+        }),
+        Module::Embedding(EmbeddingSpec {
+            name: "tok".into(),
+            num_embeddings: 100,
+            embedding_dim: 8,
+            padding_idx: Some(0),
+            positions: 4,
+            traced: true,
+            storage: Storage::Factors,
+        }),
+        Module::LayerNorm(norm.clone()),
+        Module::RmsNorm(NormSpec {
+            name: "rms".into(),
+            bias: false,
+            ..norm
+        }),
+    ]
 }
 
 #[cfg(test)]

@@ -96,22 +96,39 @@ pub enum Geometry {
 
 impl Geometry {
     /// The geometry of a traced layer in a run of `mode` (batch-mode
-    /// records hold whole updates).
-    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Self {
+    /// records hold whole updates); an error for a kind (or a linear or
+    /// conv2d layout of format 8) that is not analysed yet.
+    pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Result<Self> {
+        let unsupported = |what: &str| {
+            Err(Error::Unsupported(format!(
+                "layer '{}': {what} are not analysed yet",
+                layer.name()
+            )))
+        };
         match layer {
-            TracedLayer::Linear(l) => Geometry::Linear {
+            TracedLayer::Linear(l) if l.positions != 1 || l.storage == Storage::Full => {
+                unsupported("linear layers at several positions")
+            }
+            TracedLayer::Linear(l) => Ok(Geometry::Linear {
                 inp: l.in_features,
                 out: l.out_features,
                 bias: l.bias,
                 full: mode == Mode::Batch,
-            },
+            }),
+            TracedLayer::Conv2d(c) if c.groups != 1 || !c.padding_mode.is_zeros() => {
+                unsupported("conv2d layers with groups or a padding mode other than zeros")
+            }
             TracedLayer::Conv2d(c) => {
                 let mut spec = (*c).clone();
                 if mode == Mode::Batch {
                     spec.storage = Storage::Full;
                 }
-                Geometry::Conv { spec }
+                Ok(Geometry::Conv { spec })
             }
+            TracedLayer::Conv1d(_)
+            | TracedLayer::Embedding(_)
+            | TracedLayer::LayerNorm(_)
+            | TracedLayer::RmsNorm(_) => unsupported(&format!("{} layers", layer.kind_name())),
         }
     }
 

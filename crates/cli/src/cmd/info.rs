@@ -328,6 +328,29 @@ fn walk(
     Ok(())
 }
 
+/// `, groups G` and `, padding mode M` when they are not the defaults.
+fn conv_extras(groups: usize, mode: reptrace_format::PaddingMode) -> String {
+    let mut s = String::new();
+    if groups != 1 {
+        s += &format!(", groups {groups}");
+    }
+    if !mode.is_zeros() {
+        s += &format!(", padding mode {}", mode.name());
+    }
+    s
+}
+
+/// A norm's shape, eps, positions and bias.
+fn norm_detail(n: &reptrace_format::NormSpec) -> String {
+    format!(
+        "shape {:?} eps {}, {} positions{}",
+        n.normalized_shape,
+        n.eps,
+        n.positions,
+        if n.bias { ", bias" } else { ", no bias" }
+    )
+}
+
 fn model_info(m: &Manifest) -> ModelInfo {
     let modules = m
         .model
@@ -339,12 +362,21 @@ fn model_info(m: &Manifest) -> ModelInfo {
                     "linear",
                     Some(l.name.clone()),
                     format!(
-                        "{} -> {}{}",
+                        "{} -> {}{}{}",
                         l.in_features,
                         l.out_features,
-                        if l.bias { ", bias" } else { ", no bias" }
+                        if l.bias { ", bias" } else { ", no bias" },
+                        if l.positions == 1 {
+                            String::new()
+                        } else {
+                            format!(", {} positions", l.positions)
+                        }
                     ),
-                    Some((TracedLayer::Linear(l), l.traced, None)),
+                    Some((
+                        TracedLayer::Linear(l),
+                        l.traced,
+                        (l.positions != 1).then_some(l.storage),
+                    )),
                 ),
                 Module::Conv2d(c) => (
                     "conv2d",
@@ -366,8 +398,51 @@ fn model_info(m: &Manifest) -> ModelInfo {
                         c.output_hw[0],
                         c.output_hw[1],
                         if c.bias { ", bias" } else { ", no bias" }
-                    ),
+                    ) + &conv_extras(c.groups, c.padding_mode),
                     Some((TracedLayer::Conv2d(c), c.traced, Some(c.storage))),
+                ),
+                Module::Conv1d(c) => (
+                    "conv1d",
+                    Some(c.name.clone()),
+                    format!(
+                        "{} -> {} kernel {} stride {} padding {} dilation {}, input {} -> output {}{}",
+                        c.in_channels,
+                        c.out_channels,
+                        c.kernel,
+                        c.stride,
+                        c.padding,
+                        c.dilation,
+                        c.input_len,
+                        c.output_len,
+                        if c.bias { ", bias" } else { ", no bias" }
+                    ) + &conv_extras(c.groups, c.padding_mode),
+                    Some((TracedLayer::Conv1d(c), c.traced, Some(c.storage))),
+                ),
+                Module::Embedding(e) => (
+                    "embedding",
+                    Some(e.name.clone()),
+                    format!(
+                        "{} x {}, {} positions{}",
+                        e.num_embeddings,
+                        e.embedding_dim,
+                        e.positions,
+                        e.padding_idx
+                            .map(|i| format!(", padding_idx {i}"))
+                            .unwrap_or_default()
+                    ),
+                    Some((TracedLayer::Embedding(e), e.traced, Some(e.storage))),
+                ),
+                Module::LayerNorm(n) => (
+                    "layer_norm",
+                    Some(n.name.clone()),
+                    norm_detail(n),
+                    Some((TracedLayer::LayerNorm(n), n.traced, None)),
+                ),
+                Module::RmsNorm(n) => (
+                    "rms_norm",
+                    Some(n.name.clone()),
+                    norm_detail(n),
+                    Some((TracedLayer::RmsNorm(n), n.traced, None)),
                 ),
                 Module::Relu => ("relu", None, String::new(), None),
                 Module::Tanh => ("tanh", None, String::new(), None),

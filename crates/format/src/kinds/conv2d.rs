@@ -1,41 +1,22 @@
-//! The `conv2d` kind: a 2-d convolution (groups 1).
+//! The `conv2d` kind: a 2-d convolution of `groups` groups and a
+//! [`PaddingMode`].
 //!
-//! With `K = C_in·kh·kw` and `P = h_out·w_out` output positions, an
-//! instance-mode record holds either the factors `u` (K × P, the unfolded
-//! input) and `v` (C_out × P, `∂L/∂z`), `ΔW = v uᵀ`, or the full
-//! per-example `[vec ΔW, Δb]`, whichever is smaller ([`Storage`]). A probe
-//! holds the layer's input `a` (C_in·h·w) and `p` (C_out·P).
-use super::LayerKind;
+//! With `K = C_in·kh·kw` rows of the unfolded input (ordered `(c_in, i,
+//! j)`), `Kg = K / groups` of them per group and `P = h_out·w_out` output
+//! positions, an instance-mode record holds either the factors `u` (K × P,
+//! the unfolded input, padded as the mode says) and `v` (C_out × P,
+//! `∂L/∂z`) or the full per-example `[vec ΔW, Δb]`, whichever is smaller
+//! ([`Conv2dSpec::instance_storage`](LayerKind::instance_storage)). Output
+//! channels `[g·C_out/G, (g+1)·C_out/G)` of group `g` use unfold rows
+//! `[g·Kg, (g+1)·Kg)`: row `o` of ΔW (C_out × Kg) is
+//! `Σ_p v[o,p] · u[g(o)·Kg .. (g(o)+1)·Kg, p]` (with one group, `ΔW = v uᵀ`).
+//! A probe holds the layer's unpadded input `a` (C_in·h·w) and `p`
+//! (C_out·P).
+use super::{LayerKind, PaddingMode, Storage, is_one, one};
 use crate::manifest::Mode;
 use serde::{Deserialize, Serialize};
 
-/// How a Conv2d layer's per-example update is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Storage {
-    /// `u` (C_in·kh·kw × P, row-major) and `v` (C_out × P, row-major), ΔW = v uᵀ.
-    Factors,
-    /// `u` is empty; `v` holds ΔW (C_out × C_in·kh·kw, row-major) followed by
-    /// Δb (C_out) when the layer has a bias.
-    Full,
-}
-
-impl Storage {
-    /// The storage rule every producer follows for a Conv2d layer's
-    /// instance-mode records: the full per-example matrix (`C_out·K`, plus
-    /// the bias) when it is smaller than the factors (`K·P + C_out·P`), else
-    /// the factors. (Batch-mode records are always whole updates.)
-    pub fn for_conv2d(out_channels: usize, patch_len: usize, positions: usize, bias: bool) -> Self {
-        let full = out_channels * patch_len + if bias { out_channels } else { 0 };
-        if full < patch_len * positions + out_channels * positions {
-            Storage::Full
-        } else {
-            Storage::Factors
-        }
-    }
-}
-
-/// A 2-d convolution (groups 1), W of shape `C_out × C_in × kh × kw`.
+/// A 2-d convolution, W of shape `C_out × C_in/groups × kh × kw`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conv2dSpec {
     /// The layer's name: its `layer=` partition value and the prefix of its
@@ -49,10 +30,16 @@ pub struct Conv2dSpec {
     pub kernel: [usize; 2],
     /// Stride `[sh, sw]`.
     pub stride: [usize; 2],
-    /// Zero padding `[ph, pw]` on each side.
+    /// Padding `[ph, pw]` on each side.
     pub padding: [usize; 2],
     /// Dilation `[dh, dw]` of the kernel.
     pub dilation: [usize; 2],
+    /// Groups `G`, dividing `C_in` and `C_out` (format 8; absent: 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub groups: usize,
+    /// How the padding is filled (format 8; absent: zeros).
+    #[serde(default, skip_serializing_if = "PaddingMode::is_zeros")]
+    pub padding_mode: PaddingMode,
     /// Spatial size `[h, w]` of the layer's input.
     pub input_hw: [usize; 2],
     /// Spatial size `[h, w]` of the layer's output.
@@ -61,14 +48,21 @@ pub struct Conv2dSpec {
     pub bias: bool,
     /// Whether update records are written for this layer.
     pub traced: bool,
-    /// Whether records hold factors or the full per-example matrix.
+    /// Whether instance-mode records hold factors or the full per-example
+    /// matrix.
     pub storage: Storage,
 }
 
 impl Conv2dSpec {
-    /// Rows of the unfolded input: `C_in · kh · kw`.
+    /// Rows of the unfolded input: `K = C_in · kh · kw`.
     pub fn patch_len(&self) -> usize {
         self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Rows of the unfold one group's weights multiply (the columns of ΔW):
+    /// `Kg = (C_in / groups) · kh · kw`.
+    pub fn group_patch_len(&self) -> usize {
+        self.in_channels / self.groups.max(1) * self.kernel[0] * self.kernel[1]
     }
 
     /// Output positions `P = h_out · w_out`.
@@ -89,7 +83,7 @@ impl LayerKind for Conv2dSpec {
     fn weight_shape(&self) -> Vec<usize> {
         vec![
             self.out_channels,
-            self.in_channels,
+            self.in_channels / self.groups.max(1),
             self.kernel[0],
             self.kernel[1],
         ]
@@ -106,7 +100,7 @@ impl LayerKind for Conv2dSpec {
     }
 
     fn update_len(&self) -> usize {
-        self.out_channels * self.patch_len() + if self.bias { self.out_channels } else { 0 }
+        self.out_channels * self.group_patch_len() + if self.bias { self.out_channels } else { 0 }
     }
 
     fn probe_lens(&self) -> (usize, usize) {
@@ -122,5 +116,111 @@ impl LayerKind for Conv2dSpec {
 
     fn positions(&self) -> usize {
         Conv2dSpec::positions(self)
+    }
+
+    /// Full iff `C_out·Kg + bias·C_out < K·P + C_out·P`.
+    fn instance_storage(&self) -> Storage {
+        let p = Conv2dSpec::positions(self);
+        Storage::smaller(
+            self.update_len(),
+            self.patch_len() * p + self.out_channels * p,
+        )
+    }
+
+    fn check(&self) -> Result<(), String> {
+        check_groups(&self.name, self.groups, self.in_channels, self.out_channels)
+    }
+}
+
+/// Groups are at least 1 and divide both channel counts.
+pub(crate) fn check_groups(
+    name: &str,
+    groups: usize,
+    c_in: usize,
+    c_out: usize,
+) -> Result<(), String> {
+    if groups == 0 || c_in % groups != 0 || c_out % groups != 0 {
+        return Err(format!(
+            "layer '{name}': groups {groups} does not divide in_channels {c_in} and out_channels {c_out}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(c_in: usize, c_out: usize, groups: usize, hw: usize) -> Conv2dSpec {
+        Conv2dSpec {
+            name: "c".into(),
+            in_channels: c_in,
+            out_channels: c_out,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+            groups,
+            padding_mode: PaddingMode::Zeros,
+            input_hw: [hw, hw],
+            output_hw: [hw, hw],
+            bias: true,
+            traced: true,
+            storage: Storage::Factors,
+        }
+    }
+
+    #[test]
+    fn groups_shrink_the_weight() {
+        let c = spec(4, 6, 2, 5);
+        assert_eq!(c.weight_shape(), vec![6, 2, 3, 3]);
+        assert_eq!(c.patch_len(), 36);
+        assert_eq!(c.group_patch_len(), 18);
+        assert_eq!(c.update_len(), 6 * 18 + 6);
+        // The factors stay the whole unfold.
+        assert_eq!(c.factor_lens(), (36 * 25, 6 * 25));
+        assert_eq!(c.probe_lens(), (4 * 25, 6 * 25));
+        assert!(c.check().is_ok());
+        assert!(spec(4, 6, 4, 5).check().is_err());
+        assert!(spec(4, 6, 0, 5).check().is_err());
+    }
+
+    #[test]
+    fn storage_rule_brute_force() {
+        for c_in in 1..=6 {
+            for c_out in 1..=6 {
+                for g in (1..=c_in).filter(|g| c_in % g == 0 && c_out % g == 0) {
+                    for hw in 1..=4 {
+                        for bias in [false, true] {
+                            let mut c = spec(c_in, c_out, g, hw);
+                            c.bias = bias;
+                            // Count the values of each storage one by one.
+                            let mut full = 0;
+                            for _o in 0..c_out {
+                                for _k in 0..(c_in / g) * 9 {
+                                    full += 1;
+                                }
+                                if bias {
+                                    full += 1;
+                                }
+                            }
+                            let factors = (c_in * 9 + c_out) * hw * hw;
+                            let want = if full < factors {
+                                Storage::Full
+                            } else {
+                                Storage::Factors
+                            };
+                            assert_eq!(c.instance_storage(), want);
+                            if g == 1 {
+                                assert_eq!(
+                                    Storage::for_conv2d(c_out, c_in * 9, hw * hw, bias),
+                                    want
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 use super::{CheckProducts, Kind};
 use crate::factors::Factors;
 use crate::{Error, Result};
-use reptrace_format::{Conv2dSpec, Mode, Storage};
+use reptrace_format::{Conv2dSpec, Mode, PaddingMode, Storage};
 use tch::{Tensor, nn};
 
 /// The inputs a Conv2d layer is traced for before its first input fixed
@@ -47,6 +47,8 @@ pub fn spec(
         stride: pair(config.stride),
         padding: pair(config.padding),
         dilation: pair(config.dilation),
+        groups: 1,
+        padding_mode: PaddingMode::Zeros,
         input_hw: [0, 0],
         output_hw: [0, 0],
         bias: config.bias,

@@ -11,13 +11,7 @@ use tch::Tensor;
 /// The spec of a traced Linear layer `name` from `in_features` to
 /// `out_features`.
 pub fn spec(name: &str, in_features: usize, out_features: usize, bias: bool) -> LinearSpec {
-    LinearSpec {
-        name: name.to_owned(),
-        in_features,
-        out_features,
-        bias,
-        traced: true,
-    }
+    LinearSpec::new(name, in_features, out_features, bias)
 }
 
 /// Linear: `u = a`, `v = −η·δ`, `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.

@@ -88,11 +88,49 @@ pub trait Kind {
     fn check_products(&self, input: &Tensor, g: &Tensor, r: &Tensor) -> Result<CheckProducts>;
 }
 
-/// The kind of a traced layer.
-pub fn of<'a>(layer: TracedLayer<'a>) -> &'a dyn Kind {
+/// The kind of a traced layer; an error for a kind the tch tracer does not
+/// trace.
+pub fn of<'a>(layer: TracedLayer<'a>) -> crate::Result<&'a dyn Kind> {
     match layer {
-        TracedLayer::Linear(l) => l,
-        TracedLayer::Conv2d(c) => c,
+        TracedLayer::Linear(l) => Ok(l),
+        TracedLayer::Conv2d(c) => Ok(c),
+        TracedLayer::Conv1d(_)
+        | TracedLayer::Embedding(_)
+        | TracedLayer::LayerNorm(_)
+        | TracedLayer::RmsNorm(_) => Err(crate::Error::Trace(format!(
+            "layer '{}': {} layers are recorded by the Python tracer; the tch tracer traces linear and conv2d",
+            layer.name(),
+            layer.kind_name()
+        ))),
+    }
+}
+
+/// Refuses, in one line naming the layer, a module the tch tracer does not
+/// trace: a kind only the Python tracer records (conv1d, embedding, norms),
+/// a linear layer at several positions, a grouped or non-zero-padded conv2d.
+pub fn refuse_untraceable(module: &Module) -> std::result::Result<(), String> {
+    let python_only = |name: &str, what: &str| {
+        Err(format!(
+            "layer '{name}': {what} are recorded by the Python tracer; the tch tracer traces linear and conv2d"
+        ))
+    };
+    match module {
+        Module::Conv1d(c) => python_only(&c.name, "conv1d layers"),
+        Module::Embedding(e) => python_only(&e.name, "embedding layers"),
+        Module::LayerNorm(n) => python_only(&n.name, "layer_norm layers"),
+        Module::RmsNorm(n) => python_only(&n.name, "rms_norm layers"),
+        Module::Linear(l) if l.positions != 1 => python_only(
+            &l.name,
+            &format!("linear layers at {} positions", l.positions),
+        ),
+        Module::Conv2d(c) if c.groups != 1 => {
+            python_only(&c.name, &format!("conv2d layers with groups {}", c.groups))
+        }
+        Module::Conv2d(c) if !c.padding_mode.is_zeros() => python_only(
+            &c.name,
+            &format!("conv2d layers with padding mode {}", c.padding_mode.name()),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -143,8 +181,9 @@ pub fn fits_unsized(spec: &Module, size: &[usize]) -> (bool, String) {
             conv2d::fits_unsized(c, size),
             conv2d::UNSIZED_INPUT.to_owned(),
         ),
-        m => layer(m).map_or((true, String::new()), |l| {
-            (of(l).fits(size), of(l).traced_input())
-        }),
+        m => match layer(m).map(of) {
+            Some(Ok(kind)) => (kind.fits(size), kind.traced_input()),
+            _ => (true, String::new()),
+        },
     }
 }

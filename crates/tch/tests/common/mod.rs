@@ -69,5 +69,6 @@ pub fn record_update(layer: TracedLayer<'_>, u: &[f32], v: &[f32]) -> Vec<f64> {
                 }
             }
         }
+        other => panic!("the tch tracer does not trace {} layers", other.kind_name()),
     }
 }
