@@ -25,9 +25,7 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView1, s};
-
-/// Base of the digits a token id is stored in.
-const BASE: usize = 2048;
+use reptrace_format::kinds::embedding::{ID_BASE, id_of};
 
 /// The shape of an Embedding layer: W of `num × dim`, `positions` tokens per
 /// example, each id stored as `digits` base-2048 digits.
@@ -37,18 +35,6 @@ pub(super) struct Dims {
     pub(super) dim: usize,
     pub(super) positions: usize,
     pub(super) digits: usize,
-}
-
-/// Digits per token id for a vocabulary of `num`: 1 up to 2048, 2 up to
-/// 2048², else 3.
-pub(super) fn id_digits(num: usize) -> usize {
-    if num <= BASE {
-        1
-    } else if num <= BASE * BASE {
-        2
-    } else {
-        3
-    }
 }
 
 /// The token ids stored as `digits` (T·digits values, most significant
@@ -63,7 +49,7 @@ fn decode_ids(
     let nd = dims.digits.max(1);
     if digits.len() != dims.positions * nd {
         return Err(Error::Internal(format!(
-            "layer {name}: {} has {} token id digits, not {} positions × {nd}",
+            "layer '{name}': {} has {} token id digits, not {} positions × {nd}",
             what(),
             digits.len(),
             dims.positions
@@ -72,25 +58,14 @@ fn decode_ids(
     digits
         .chunks(nd)
         .enumerate()
-        .map(|(t, ds)| {
-            let mut id: usize = 0;
-            for &d in ds {
-                let ok = d.fract() == 0.0 && (0.0..BASE as f64).contains(&d);
-                id = match (ok, id.checked_mul(BASE)) {
-                    (true, Some(x)) => x + d as usize,
-                    _ => usize::MAX,
-                };
-            }
-            if id < dims.num {
-                Ok(id)
-            } else {
-                Err(Error::Internal(format!(
-                    "layer {name}: {} stores token id digits {ds:?} at position {t}, which are not \
-                     the base-{BASE} digits of an id below num_embeddings {} (corrupt record)",
-                    what(),
-                    dims.num
-                )))
-            }
+        .map(|(t, ds)| match id_of(ds).and_then(|id| usize::try_from(id).ok()) {
+            Some(id) if id < dims.num => Ok(id),
+            _ => Err(Error::Internal(format!(
+                "layer '{name}': {} stores token id digits {ds:?} at position {t}, which are not \
+                 the base-{ID_BASE} digits of an id below num_embeddings {} (corrupt record)",
+                what(),
+                dims.num
+            ))),
         })
         .collect()
 }
@@ -402,6 +377,7 @@ mod tests {
     use crate::weights::LayerWeights;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+    use reptrace_format::{EmbeddingSpec, Mode, Storage, TracedLayer};
 
     const NUM: usize = 3000;
     const DIM: usize = 5;
@@ -420,14 +396,27 @@ mod tests {
             .collect()
     }
 
-    fn geometry(full: bool) -> Geometry {
-        Geometry::Embedding {
+    fn spec(storage: Storage) -> EmbeddingSpec {
+        EmbeddingSpec {
             name: "tok".into(),
-            num: NUM,
-            dim: DIM,
+            num_embeddings: NUM,
+            embedding_dim: DIM,
+            padding_idx: Some(PAD),
             positions: T,
-            full,
+            traced: true,
+            storage,
         }
+    }
+
+    /// The geometry of the layer in instance mode, records stored as
+    /// factors or whole.
+    fn geometry(full: bool) -> Geometry {
+        let storage = if full {
+            Storage::Full
+        } else {
+            Storage::Factors
+        };
+        Geometry::of(&TracedLayer::Embedding(&spec(storage)), Mode::Instance).unwrap()
     }
 
     fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
@@ -570,6 +559,12 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let geom = geometry(full);
             assert_eq!((geom.weight_len(), geom.bias_len()), (NUM * DIM, 0));
+            // Batch-mode records are always whole updates.
+            let batch = Geometry::of(
+                &TracedLayer::Embedding(&spec(Storage::Factors)),
+                Mode::Batch,
+            );
+            assert_eq!(batch.unwrap(), geometry(true));
             let (recs, scales, dw) = records(&mut rng, full, 5);
             let rows = [3, 1];
             let d = deltas(&geom, &recs, &scales, &rows).unwrap();

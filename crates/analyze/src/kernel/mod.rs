@@ -18,7 +18,7 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Conv2dSpec, Mode, Storage, TracedLayer};
+use reptrace_format::{Conv2dSpec, EmbeddingSpec, Mode, Storage, TracedLayer};
 
 pub mod conv2d;
 pub mod embedding;
@@ -69,18 +69,10 @@ pub enum Geometry {
         /// The layer's spec, with the storage its records have.
         spec: Conv2dSpec,
     },
-    /// An embedding: W of `num × dim`, `positions` token ids per example.
+    /// An embedding; in batch mode its storage is [`Storage::Full`].
     Embedding {
-        /// The layer's name (for errors about corrupt token ids).
-        name: String,
-        /// Rows of W (num_embeddings).
-        num: usize,
-        /// Columns of W (embedding_dim).
-        dim: usize,
-        /// Positions per example (T).
-        positions: usize,
-        /// Whether records hold the whole update rather than factors.
-        full: bool,
+        /// The layer's spec, with the storage its records have.
+        spec: EmbeddingSpec,
     },
     /// The affine part of a layer_norm or rms_norm; records always hold the
     /// whole update `[Δγ, Δβ]`.
@@ -125,10 +117,19 @@ impl Geometry {
                 }
                 Ok(Geometry::Conv { spec })
             }
-            TracedLayer::Conv1d(_)
-            | TracedLayer::Embedding(_)
-            | TracedLayer::LayerNorm(_)
-            | TracedLayer::RmsNorm(_) => unsupported(&format!("{} layers", layer.kind_name())),
+            TracedLayer::Embedding(e) => {
+                let mut spec = (*e).clone();
+                if mode == Mode::Batch {
+                    spec.storage = Storage::Full;
+                }
+                Ok(Geometry::Embedding { spec })
+            }
+            TracedLayer::LayerNorm(n) | TracedLayer::RmsNorm(n) => Ok(Geometry::Norm {
+                dim: n.features(),
+                positions: n.positions,
+                bias: n.bias,
+            }),
+            TracedLayer::Conv1d(_) => unsupported(&format!("{} layers", layer.kind_name())),
         }
     }
 
@@ -149,21 +150,15 @@ impl Geometry {
                 full: *full,
             },
             Geometry::Conv { spec } => Kind::Conv2d(spec),
-            Geometry::Embedding {
-                name,
-                num,
-                dim,
-                positions,
-                full,
-            } => Kind::Embedding {
-                name,
+            Geometry::Embedding { spec } => Kind::Embedding {
+                name: &spec.name,
                 dims: embedding::Dims {
-                    num: *num,
-                    dim: *dim,
-                    positions: *positions,
-                    digits: embedding::id_digits(*num),
+                    num: spec.num_embeddings,
+                    dim: spec.embedding_dim,
+                    positions: spec.positions,
+                    digits: spec.digits(),
                 },
-                full: *full,
+                full: spec.storage == Storage::Full,
             },
             Geometry::Norm {
                 dim,
@@ -193,7 +188,7 @@ impl Geometry {
         match self {
             Geometry::Linear { inp, out, .. } => out * inp,
             Geometry::Conv { spec } => spec.out_channels * spec.patch_len(),
-            Geometry::Embedding { num, dim, .. } => num * dim,
+            Geometry::Embedding { spec } => spec.num_embeddings * spec.embedding_dim,
             Geometry::Norm { dim, .. } => *dim,
         }
     }

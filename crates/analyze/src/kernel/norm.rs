@@ -137,6 +137,7 @@ mod tests {
     use crate::weights::LayerWeights;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+    use reptrace_format::{Mode, NormSpec, TracedLayer};
 
     const D: usize = 6;
     const T: usize = 5;
@@ -235,11 +236,29 @@ mod tests {
 
     fn check(which: Which, bias: bool, seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let geom = Geometry::Norm {
-            dim: D,
-            positions: T,
+        // normalized_shape [2, 3]: D = 6.
+        let spec = NormSpec {
+            name: "ln".into(),
+            normalized_shape: vec![2, D / 2],
             bias,
+            eps: EPS,
+            positions: T,
+            traced: true,
         };
+        let layer = match which {
+            Which::LayerNorm => TracedLayer::LayerNorm(&spec),
+            Which::RmsNorm => TracedLayer::RmsNorm(&spec),
+        };
+        let geom = Geometry::of(&layer, Mode::Instance).unwrap();
+        assert_eq!(geom, Geometry::of(&layer, Mode::Batch).unwrap());
+        assert_eq!(
+            geom,
+            Geometry::Norm {
+                dim: D,
+                positions: T,
+                bias
+            }
+        );
         assert_eq!(geom.weight_len(), D);
         assert_eq!(geom.bias_len(), if bias { D } else { 0 });
         let (recs, scales) = records(&mut rng, bias, 6);
