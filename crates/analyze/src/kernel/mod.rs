@@ -4,10 +4,10 @@
 //! Each traced layer kind has its own module holding its arithmetic (its
 //! probe features, record features, update deltas and direct contribution):
 //! [`linear`], [`conv2d`], [`embedding`] and [`norm`] (layer_norm and
-//! rms_norm). This module holds [`Geometry`] (the shape of a
-//! traced layer, as the arithmetic needs it), the feature types, the helpers
-//! the kinds share, and the public entry points, which hand each kind's work
-//! to its module.
+//! rms_norm). This module holds [`Geometry`] (the shape of a traced layer,
+//! as the arithmetic needs it), the feature types, the helpers the kinds
+//! share, and the public entry points, which hand each kind's work to its
+//! module.
 //!
 //! To add a kind: a variant of [`Geometry`] (built in [`Geometry::of`] from
 //! the format's spec), a module `kernel/<kind>.rs` with its arithmetic, and
