@@ -13,9 +13,10 @@ pub struct Snapshot {
 /// One traced layer's weight and bias, widened to f64.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerWeights {
-    /// Row-major `out × in` (Linear) or `C_out × C_in·kh·kw` (Conv2d).
+    /// Row-major `out × in` (Linear), `C_out × C_in·kh·kw` (Conv2d),
+    /// `num_embeddings × embedding_dim` (Embedding) or γ (D, the norms).
     pub weight: Vec<f64>,
-    /// `out` / `C_out` values; empty without bias.
+    /// `out` / `C_out` values, or β (D) of a layer_norm; empty without bias.
     pub bias: Vec<f64>,
 }
 

@@ -6,7 +6,8 @@
 //! [`linear`] (one position) and [`patches`], the arithmetic of every layer
 //! whose weight multiplies patches of its input (`ΔW ⊛ a` = ΔW A, grouped):
 //! convolutions ([`conv2d`], which unfolds the input, also for conv1d) and
-//! linear layers over a sequence of positions. This module holds
+//! linear layers over a sequence of positions; [`embedding`] and [`norm`]
+//! (layer_norm and rms_norm). This module holds
 //! [`Geometry`] (the shape of a traced layer, as the arithmetic needs it),
 //! the feature types, the helpers the kinds share, and the public entry
 //! points, which hand each kind's work to its module.
@@ -24,10 +25,12 @@ use crate::records::Records;
 use crate::weights::LayerWeights;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
-use reptrace_format::{Mode, Storage, TracedLayer};
+use reptrace_format::{EmbeddingSpec, Mode, Storage, TracedLayer};
 
 pub mod conv2d;
+pub mod embedding;
 pub mod linear;
+pub mod norm;
 pub mod patches;
 
 pub use conv2d::unfold;
@@ -73,19 +76,28 @@ pub enum Geometry {
     /// A layer whose weight multiplies patches of its input: a convolution,
     /// or a linear layer over a sequence of positions.
     Patches(Patches),
+    /// An embedding; in batch mode its storage is [`Storage::Full`].
+    Embedding {
+        /// The layer's spec, with the storage its records have.
+        spec: EmbeddingSpec,
+    },
+    /// The affine part of a layer_norm or rms_norm; records always hold the
+    /// whole update `[Δγ, Δβ]`.
+    Norm {
+        /// Values of γ (D, the product of normalized_shape).
+        dim: usize,
+        /// Positions per example (T).
+        positions: usize,
+        /// Whether the layer has β.
+        bias: bool,
+    },
 }
 
 impl Geometry {
     /// The geometry of a traced layer in a run of `mode` (batch-mode
-    /// records hold whole updates); an error for a kind that is not
-    /// analysed yet, or a padding wider than the input.
+    /// records hold whole updates); an error for a padding wider than the
+    /// input.
     pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Result<Self> {
-        let unsupported = |what: &str| {
-            Err(Error::Unsupported(format!(
-                "layer '{}': {what} are not analysed yet",
-                layer.name()
-            )))
-        };
         let batch = mode == Mode::Batch;
         match layer {
             // One position, factors: the fast path of `linear`.
@@ -100,9 +112,18 @@ impl Geometry {
             TracedLayer::Linear(l) => Ok(Geometry::Patches(linear::over_positions(l, batch))),
             TracedLayer::Conv2d(c) => conv2d::patches(c, batch).map(Geometry::Patches),
             TracedLayer::Conv1d(c) => conv2d::patches(&c.as_conv2d(), batch).map(Geometry::Patches),
-            TracedLayer::Embedding(_) | TracedLayer::LayerNorm(_) | TracedLayer::RmsNorm(_) => {
-                unsupported(&format!("{} layers", layer.kind_name()))
+            TracedLayer::Embedding(e) => {
+                let mut spec = (*e).clone();
+                if batch {
+                    spec.storage = Storage::Full;
+                }
+                Ok(Geometry::Embedding { spec })
             }
+            TracedLayer::LayerNorm(n) | TracedLayer::RmsNorm(n) => Ok(Geometry::Norm {
+                dim: n.features(),
+                positions: n.positions,
+                bias: n.bias,
+            }),
         }
     }
 
@@ -123,6 +144,25 @@ impl Geometry {
                 full: *full,
             },
             Geometry::Patches(patches) => Kind::Patches(patches),
+            Geometry::Embedding { spec } => Kind::Embedding {
+                name: &spec.name,
+                dims: embedding::Dims {
+                    num: spec.num_embeddings,
+                    dim: spec.embedding_dim,
+                    positions: spec.positions,
+                    digits: spec.digits(),
+                },
+                full: spec.storage == Storage::Full,
+            },
+            Geometry::Norm {
+                dim,
+                positions,
+                bias,
+            } => Kind::Norm(norm::Dims {
+                dim: *dim,
+                positions: *positions,
+                bias: *bias,
+            }),
         }
     }
 
@@ -132,6 +172,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { full, .. } => full,
             Kind::Patches(patches) => patches.full,
+            Kind::Embedding { full, .. } => full,
+            Kind::Norm(_) => true,
         }
     }
 
@@ -140,6 +182,8 @@ impl Geometry {
         match self {
             Geometry::Linear { inp, out, .. } => out * inp,
             Geometry::Patches(patches) => patches.weight_len(),
+            Geometry::Embedding { spec } => spec.num_embeddings * spec.embedding_dim,
+            Geometry::Norm { dim, .. } => *dim,
         }
     }
 
@@ -154,6 +198,14 @@ impl Geometry {
                 }
             }
             Geometry::Patches(patches) => patches.bias_len(),
+            Geometry::Embedding { .. } => 0,
+            Geometry::Norm { dim, bias, .. } => {
+                if *bias {
+                    *dim
+                } else {
+                    0
+                }
+            }
         }
     }
 
@@ -167,6 +219,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
             Kind::Patches(patches) => patches.probe_feature_len(),
+            Kind::Embedding { dims, .. } => embedding::probe_feature_len(dims),
+            Kind::Norm(dims) => norm::probe_feature_len(dims),
         }
     }
 
@@ -175,6 +229,8 @@ impl Geometry {
         match self.kind() {
             Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
             Kind::Patches(patches) => patches.record_feature_len(),
+            Kind::Embedding { dims, full, .. } => embedding::record_feature_len(dims, full),
+            Kind::Norm(dims) => norm::record_feature_len(dims),
         }
     }
 }
@@ -185,6 +241,15 @@ enum Kind<'a> {
     Linear { dims: linear::Dims, full: bool },
     /// [`patches`].
     Patches(&'a Patches),
+    /// [`embedding`]: the layer's name, its dims, `full` when records hold
+    /// whole updates.
+    Embedding {
+        name: &'a str,
+        dims: embedding::Dims,
+        full: bool,
+    },
+    /// [`norm`] (records are always whole updates).
+    Norm(norm::Dims),
 }
 
 /// Appends the upper triangle of the symmetric `m` (K×K) to `out`,
@@ -202,8 +267,12 @@ fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
 /// Per-probe features of a set of probes for one layer.
 pub struct ProbeFeatures {
     /// Linear: `A` (Q×in). Patches: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    /// Embedding: `Σ_t p_t` per distinct token (sparse, [`embedding`]).
+    /// Norm: `[Σ_t p ⊙ x̂, Σ_t p]`.
     first: Array2<f64>,
     /// Linear: `P` (Q×out). Patches: Gram features of `A` (Q×gram_len).
+    /// Embedding: the tokens and multiplicities. Norm: `[Σ_t x̂², 2 Σ_t x̂,
+    /// T]`.
     second: Array2<f64>,
 }
 
@@ -213,6 +282,8 @@ impl ProbeFeatures {
         match geom.kind() {
             Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
             Kind::Patches(patches) => patches.probe_features(probes),
+            Kind::Embedding { name, dims, .. } => embedding::probe_features(name, dims, probes),
+            Kind::Norm(dims) => norm::probe_features(dims, probes),
         }
     }
 }
@@ -235,6 +306,11 @@ pub fn deltas(
         }
         Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),
         Kind::Patches(patches) => patches.factor_deltas(recs, scales, rows, &mut out)?,
+        Kind::Embedding { name, dims, .. } => {
+            embedding::factor_deltas(name, dims, recs, scales, rows, &mut out)?
+        }
+        // Norm records are always whole updates (the first arm).
+        Kind::Norm(_) => {}
     }
     matrix((rows.len(), d), out)
 }
@@ -243,6 +319,14 @@ pub fn deltas(
 pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f64]) -> Result<()> {
     if let Kind::Linear { dims, full: false } = geom.kind() {
         return linear::accumulate_factors(dims, recs, scales, sum);
+    }
+    if let Kind::Embedding {
+        name,
+        dims,
+        full: false,
+    } = geom.kind()
+    {
+        return embedding::accumulate_factors(name, dims, recs, scales, sum);
     }
     let all: Vec<usize> = (0..recs.len()).collect();
     let d = deltas(geom, recs, scales, &all)?;
@@ -254,9 +338,13 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
 
 /// Per-record features of a batch (scaled), ready to meet [`ProbeFeatures`].
 pub struct RecordFeatures {
-    /// Linear: `U` (R×in). Patches: `[vec ΔW, Δb]` (R×delta_len).
+    /// Linear: `U` (R×in). Patches, Norm and whole Embedding updates:
+    /// `[vec ΔW, Δb]` (R×delta_len). Embedding factors: the rows of ΔW per
+    /// distinct token (sparse, [`embedding`]).
     first: Array2<f64>,
     /// Linear: scaled `V` (R×out). Patches: Gram features (R×gram_len).
+    /// Embedding factors: the tokens and the rows' squared norms. Norm:
+    /// `[Δγ², Δγ ⊙ Δβ, ‖Δβ‖²]`.
     second: Array2<f64>,
     /// Linear: `‖scaled v‖` per record.
     v_norm: Vec<f64>,
@@ -271,6 +359,13 @@ enum FeatureKind {
     /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
     LinearFull(linear::Dims),
     Patches,
+    /// [`embedding`]: sparse rows of factor records, or whole updates.
+    Embedding {
+        dims: embedding::Dims,
+        full: bool,
+    },
+    /// [`norm`]: `first` = `[Δγ, Δβ]`, `second` = its norm features.
+    Norm,
 }
 
 impl RecordFeatures {
@@ -284,6 +379,10 @@ impl RecordFeatures {
                 linear::factor_record_features(dims, recs, scales, rows)
             }
             Kind::Patches(patches) => patches.record_features(geom, recs, scales, rows),
+            Kind::Embedding { name, dims, full } => {
+                embedding::record_features(geom, name, dims, full, recs, scales, rows)
+            }
+            Kind::Norm(dims) => norm::record_features(geom, dims, recs, scales, rows),
         }
     }
 
@@ -303,10 +402,14 @@ impl RecordFeatures {
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pairs(self, probes, dims);
         }
+        if let FeatureKind::Embedding { dims, full } = self.kind {
+            return Ok(embedding::all_pairs(self, probes, dims, full));
+        }
         let first = probes.first.dot(&self.first.t());
         let second = probes.second.dot(&self.second.t());
         Ok(match self.kind {
             FeatureKind::LinearFactors => linear::factor_pairs(self, first, second),
+            FeatureKind::Norm => norm::pairs(first, second),
             _ => patches::pairs(first, second),
         })
     }
@@ -316,10 +419,14 @@ impl RecordFeatures {
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pair(self, probes, dims, r, q);
         }
+        if let FeatureKind::Embedding { dims, full } = self.kind {
+            return embedding::pair(self, probes, dims, full, r, q);
+        }
         let first = self.first.row(r).dot(&probes.first.row(q));
         let second = self.second.row(r).dot(&probes.second.row(q));
         match self.kind {
             FeatureKind::LinearFactors => linear::factor_pair(self, first, second, r),
+            FeatureKind::Norm => norm::pair(first, second),
             _ => patches::pair(first, second),
         }
     }
@@ -331,6 +438,8 @@ pub fn direct(geom: &Geometry, delta: &LayerWeights, a: &[f64], p: &[f64]) -> Re
     let c: Vec<f64> = match geom.kind() {
         Kind::Linear { dims, .. } => linear::direct(dims, delta, a),
         Kind::Patches(patches) => patches.direct(delta, a)?,
+        Kind::Embedding { name, dims, .. } => embedding::direct(name, dims, delta, a)?,
+        Kind::Norm(dims) => norm::direct(dims, delta, a)?,
     };
     let dot = c.iter().zip(p).map(|(x, y)| x * y).sum();
     let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
