@@ -10,7 +10,6 @@ use reptrace_analyze::kernel::conv2d::Unfold;
 use reptrace_analyze::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use reptrace_analyze::probes::Probes;
 use reptrace_analyze::records::Records;
-use reptrace_analyze::weights::LayerWeights;
 use reptrace_analyze::{Options, ProbeSelection, attribute};
 use reptrace_format::{
     Conv1dSpec, Conv2dSpec, LinearSpec, Manifest, Mode, Module, PaddingMode, Storage, TracedLayer,
@@ -432,7 +431,6 @@ fn check(name: &str, case: Case, seed: u64) {
         close(&format!("{name}: direct dot {q}"), d, dot(&c, p));
         close(&format!("{name}: direct norm {q}"), n, dot(&c, &c).sqrt());
     }
-    let _: &LayerWeights = &split;
 }
 
 /// Every case with and without bias, factors and full records.
