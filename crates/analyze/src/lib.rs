@@ -41,9 +41,7 @@
 //! #     name: "tiny".into(),
 //! #     input_shape: vec![2],
 //! #     structure: Default::default(),
-//! #     modules: vec![Module::Linear(LinearSpec {
-//! #         name: "fc".into(), in_features: 2, out_features: 1, bias: false, traced: true,
-//! #     })],
+//! #     modules: vec![Module::Linear(LinearSpec::new("fc", 2, 1, false))],
 //! #     frozen: vec![],
 //! # };
 //! # let mut rec = Recorder::builder(&dir)

@@ -88,8 +88,7 @@ impl Snapshot {
         let name = layer.name();
         let weight = self.tensor(&format!("{name}.weight"), &layer.weight_shape())?;
         let bias = if layer.bias() {
-            let out = layer.weight_shape()[0];
-            self.tensor(&format!("{name}.bias"), &[out])?
+            self.tensor(&format!("{name}.bias"), &layer.bias_shape())?
         } else {
             Vec::new()
         };

@@ -533,6 +533,90 @@ pub(crate) fn check_len(
 mod tests {
     use super::*;
 
+    fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        use rand::Rng;
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn close(got: f32, want: f64) {
+        assert!(
+            (f64::from(got) - want).abs() <= 1e-6 * want.max(1.0),
+            "{got} vs {want}"
+        );
+    }
+
+    #[test]
+    fn format_8_layout_norms_match_the_formed_update() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        // Linear at t positions: ΔW[o][i] = Σ_t v[t][o]·u[t][i].
+        let (t, n_in, n_out) = (5, 3, 4);
+        let (u, v) = (random(&mut rng, t * n_in), random(&mut rng, t * n_out));
+        let mut sq = 0.0;
+        for o in 0..n_out {
+            for i in 0..n_in {
+                let mut w = 0.0;
+                for q in 0..t {
+                    w += f64::from(v[q * n_out + o]) * f64::from(u[q * n_in + i]);
+                }
+                sq += w * w;
+            }
+        }
+        close(
+            update_norm(NormKind::Positions { t, n_in, n_out }, &u, &v),
+            sq.sqrt(),
+        );
+        // Grouped conv: row o of ΔW uses its group's rows of u.
+        let (k, p, c_out, groups) = (6, 4, 4, 2);
+        let (kg, cg) = (k / groups, c_out / groups);
+        let (u, v) = (random(&mut rng, k * p), random(&mut rng, c_out * p));
+        let mut sq = 0.0;
+        for o in 0..c_out {
+            let g = o / cg;
+            for r in 0..kg {
+                let mut w = 0.0;
+                for q in 0..p {
+                    w += f64::from(v[o * p + q]) * f64::from(u[(g * kg + r) * p + q]);
+                }
+                sq += w * w;
+            }
+        }
+        let kind = NormKind::Factors {
+            k,
+            p,
+            c_out,
+            groups,
+        };
+        close(update_norm(kind, &u, &v), sq.sqrt());
+        // Embedding: rows of v summed by token id (2 digits; ids repeat).
+        let ids = [3u64, 2049, 3, 0, 2049, 7];
+        let dim = 3;
+        let u: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| [(id / 2048) as f32, (id % 2048) as f32])
+            .collect();
+        let v = random(&mut rng, ids.len() * dim);
+        let mut table = vec![0.0f64; 4096 * dim];
+        for (q, &id) in ids.iter().enumerate() {
+            for j in 0..dim {
+                table[id as usize * dim + j] += f64::from(v[q * dim + j]);
+            }
+        }
+        let want = table.iter().map(|x| x * x).sum::<f64>().sqrt();
+        close(
+            update_norm(NormKind::Embedding { digits: 2, dim }, &u, &v),
+            want,
+        );
+        assert!(
+            update_norm(
+                NormKind::Embedding { digits: 2, dim },
+                &[0.5, 1.0],
+                &v[..dim]
+            )
+            .is_nan()
+        );
+    }
+
     /// ΔW = V Uᵀ formed explicitly, norm in f64.
     fn brute(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
         let mut s = 0.0;

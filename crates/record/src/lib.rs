@@ -21,9 +21,7 @@
 //!     structure: Default::default(),
 //!     name: "tiny".into(),
 //!     input_shape: vec![3],
-//!     modules: vec![Module::Linear(LinearSpec {
-//!         name: "fc".into(), in_features: 3, out_features: 2, bias: true, traced: true,
-//!     })],
+//!     modules: vec![Module::Linear(LinearSpec::new("fc", 3, 2, true))],
 //!     frozen: vec![],
 //! };
 //! let mut rec = Recorder::builder(&run)

@@ -139,7 +139,7 @@ pub(crate) fn check_groups(
     c_in: usize,
     c_out: usize,
 ) -> Result<(), String> {
-    if groups == 0 || c_in % groups != 0 || c_out % groups != 0 {
+    if groups == 0 || !c_in.is_multiple_of(groups) || !c_out.is_multiple_of(groups) {
         return Err(format!(
             "layer '{name}': groups {groups} does not divide in_channels {c_in} and out_channels {c_out}"
         ));
@@ -187,9 +187,9 @@ mod tests {
 
     #[test]
     fn storage_rule_brute_force() {
-        for c_in in 1..=6 {
-            for c_out in 1..=6 {
-                for g in (1..=c_in).filter(|g| c_in % g == 0 && c_out % g == 0) {
+        for c_in in 1..=6usize {
+            for c_out in 1..=6usize {
+                for g in (1..=c_in).filter(|&g| c_in.is_multiple_of(g) && c_out.is_multiple_of(g)) {
                     for hw in 1..=4 {
                         for bias in [false, true] {
                             let mut c = spec(c_in, c_out, g, hw);

@@ -60,7 +60,7 @@ impl EmbeddingSpec {
     /// multiple of [`EmbeddingSpec::digits`] or a value is not a digit.
     pub fn ids(&self, values: &[f64]) -> Option<Vec<u64>> {
         let d = self.digits();
-        if values.len() % d != 0 {
+        if !values.len().is_multiple_of(d) {
             return None;
         }
         values.chunks_exact(d).map(id_of).collect()
