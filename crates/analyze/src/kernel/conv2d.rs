@@ -152,7 +152,10 @@ pub fn unfold(spec: &Conv2dSpec, a: &[f64]) -> Result<Array2<f64>> {
 pub(super) fn patches(spec: &Conv2dSpec, batch: bool) -> Result<Patches> {
     let unfold = Unfold::of(spec);
     let groups = spec.groups;
-    if groups == 0 || spec.in_channels % groups != 0 || spec.out_channels % groups != 0 {
+    if groups == 0
+        || !spec.in_channels.is_multiple_of(groups)
+        || !spec.out_channels.is_multiple_of(groups)
+    {
         return Err(Error::Internal(format!(
             "layer '{}': groups {groups} does not divide in_channels {} and out_channels {}",
             spec.name, spec.in_channels, spec.out_channels

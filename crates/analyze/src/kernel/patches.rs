@@ -68,14 +68,19 @@ pub enum Layout {
 }
 
 impl Patches {
+    /// Groups `G` (at least 1).
+    fn group_count(&self) -> usize {
+        self.groups.max(1)
+    }
+
     /// Columns `K/G` of the weight: patch rows per group.
     pub fn group_k(&self) -> usize {
-        self.k / self.groups.max(1)
+        self.k / self.group_count()
     }
 
     /// Output rows `C/G` per group.
     fn group_out(&self) -> usize {
-        self.out / self.groups.max(1)
+        self.out / self.group_count()
     }
 
     /// Length of `vec ΔW` (C × K/G).
@@ -96,7 +101,7 @@ impl Patches {
     /// of a (K/G)×(K/G) Gram matrix, plus `K/G + 1` with a bias.
     fn gram_len(&self) -> usize {
         let kg = self.group_k();
-        self.groups.max(1) * (kg * (kg + 1) / 2 + if self.bias { kg + 1 } else { 0 })
+        self.group_count() * (kg * (kg + 1) / 2 + if self.bias { kg + 1 } else { 0 })
     }
 
     /// f64 values per probe: `[vec(p Aᵀ), p 1]` and the Gram features.
@@ -148,7 +153,7 @@ impl Patches {
         for i in 0..q {
             let a = self.patches(probes.a(i))?;
             let p = self.by_position(self.out, probes.p(i))?;
-            for g in 0..self.groups {
+            for g in 0..self.group_count() {
                 let (ag, pg) = (
                     a.slice_axis(Axis(0), self.k_rows(g)),
                     p.slice_axis(Axis(0), self.out_rows(g)),
@@ -159,7 +164,7 @@ impl Patches {
             if self.bias {
                 first.extend(p.sum_axis(Axis(1)).iter());
             }
-            for g in 0..self.groups {
+            for g in 0..self.group_count() {
                 let ag = a.slice_axis(Axis(0), self.k_rows(g));
                 push_upper(&ag.dot(&ag.t()), 1.0, &mut second);
                 if self.bias {
@@ -188,7 +193,7 @@ impl Patches {
         for &i in rows {
             let u = self.by_position(self.k, &recs.u[i * ul..(i + 1) * ul])?;
             let v = self.by_position(self.out, &recs.v[i * vl..(i + 1) * vl])?;
-            for g in 0..self.groups {
+            for g in 0..self.group_count() {
                 general_mat_mul(
                     scales[i],
                     &v.slice_axis(Axis(0), self.out_rows(g)),
@@ -222,7 +227,7 @@ impl Patches {
                 .to_shape((co, kg))
                 .map_err(|e| shape_error((co, kg), w.len(), e))?;
             let b = row.slice(s![co * kg..]);
-            for g in 0..self.groups {
+            for g in 0..self.group_count() {
                 let wg = w.slice_axis(Axis(0), self.out_rows(g));
                 push_upper(&wg.t().dot(&wg), 2.0, &mut gram);
                 if self.bias {
@@ -247,7 +252,7 @@ impl Patches {
         let w = view2((self.out, self.group_k()), &delta.weight)?;
         let a = self.patches(a)?;
         let mut c = Array2::zeros((self.out, self.positions));
-        for g in 0..self.groups {
+        for g in 0..self.group_count() {
             general_mat_mul(
                 1.0,
                 &w.slice_axis(Axis(0), self.out_rows(g)),

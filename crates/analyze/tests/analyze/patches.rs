@@ -3,16 +3,20 @@
 //! from the definitions: ΔW materialised from each record's factors with
 //! naive loops, `c = ΔW ⊛ a + Δb` by a naive convolution over an input
 //! padded as PyTorch's `F.pad` pads it, then `⟨c, p⟩` and `‖c‖`.
+use crate::read;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reptrace_analyze::kernel::conv2d::Unfold;
 use reptrace_analyze::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
 use reptrace_analyze::probes::Probes;
 use reptrace_analyze::records::Records;
-use reptrace_analyze::weights::LayerWeights;
+use reptrace_analyze::{Options, ProbeSelection, attribute};
 use reptrace_format::{
-    Conv1dSpec, Conv2dSpec, LinearSpec, Mode, PaddingMode, Storage, TracedLayer,
+    Conv1dSpec, Conv2dSpec, LinearSpec, Manifest, Mode, Module, PaddingMode, Storage, TracedLayer,
+    displacement_scales,
 };
+use reptrace_testkit::models::{self, Conv as ConvModule};
+use reptrace_testkit::synthetic;
 
 /// A convolution as PyTorch's `nn.Conv2d` takes it.
 #[derive(Debug, Clone, Copy)]
@@ -427,7 +431,6 @@ fn check(name: &str, case: Case, seed: u64) {
         close(&format!("{name}: direct dot {q}"), d, dot(&c, p));
         close(&format!("{name}: direct norm {q}"), n, dot(&c, &c).sqrt());
     }
-    let _: &LayerWeights = &split;
 }
 
 /// Every case with and without bias, factors and full records.
@@ -599,4 +602,145 @@ fn padding_wider_than_the_input_is_an_error() {
     let err =
         Geometry::of(&TracedLayer::Conv2d(&spec), Mode::Instance).expect_err("reflect 3 of 2");
     assert!(err.to_string().contains("layer 'c': reflect"), "{err}");
+}
+
+/// The test's description of a traced layer of an instance-mode run.
+fn case_of(layer: TracedLayer<'_>) -> Case {
+    let conv = |c: &Conv2dSpec| {
+        let conv = Conv {
+            cin: c.in_channels,
+            cout: c.out_channels,
+            kernel: c.kernel,
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
+            input: c.input_hw,
+            groups: c.groups,
+            mode: c.padding_mode.name(),
+        };
+        assert_eq!(conv.output(), c.output_hw, "{}: output size", c.name);
+        conv
+    };
+    let (layer, bias, storage) = match layer {
+        TracedLayer::Conv2d(c) => (Layer::Conv(conv(c)), c.bias, c.storage),
+        TracedLayer::Conv1d(c) => (Layer::Conv1d(conv(&c.as_conv2d())), c.bias, c.storage),
+        TracedLayer::Linear(l) => (
+            Layer::Seq {
+                inp: l.in_features,
+                out: l.out_features,
+                t: l.positions,
+            },
+            l.bias,
+            l.storage,
+        ),
+        other => panic!("not a patches layer: {}", other.kind_name()),
+    };
+    Case {
+        layer,
+        bias,
+        full: storage == Storage::Full,
+    }
+}
+
+/// A written run of every patches layout, attributed: every contribution
+/// row against the brute force from the stored records and probes (the
+/// rows are f32: 1e-6).
+#[test]
+fn attribution_end_to_end() {
+    let modules = vec![
+        ConvModule::new("grouped", 4, 6, [5, 6])
+            .kernel([3, 2])
+            .stride([2, 1])
+            .padding([1, 2])
+            .dilation([1, 2])
+            .groups(2)
+            .padding_mode(PaddingMode::Reflect)
+            .module(),
+        ConvModule::new("depthwise", 3, 3, [4, 4])
+            .groups(3)
+            .padding_mode(PaddingMode::Replicate)
+            .storage(Storage::Full)
+            .module(),
+        Module::Conv1d(Conv1dSpec {
+            name: "conv1d".into(),
+            in_channels: 2,
+            out_channels: 4,
+            kernel: 3,
+            stride: 2,
+            padding: 2,
+            dilation: 1,
+            groups: 2,
+            padding_mode: PaddingMode::Circular,
+            input_len: 7,
+            output_len: 5,
+            bias: false,
+            traced: true,
+            storage: Storage::Factors,
+        }),
+        Module::Linear(LinearSpec {
+            positions: 2,
+            ..LinearSpec::new("seq", 5, 4, true)
+        }),
+        Module::Linear(LinearSpec {
+            positions: 4,
+            storage: Storage::Full,
+            ..LinearSpec::new("seq_full", 3, 2, false)
+        }),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    synthetic::random_run(
+        &run,
+        &models::model("patches", vec![4, 5, 6], modules),
+        40,
+        3,
+    );
+    let options = Options {
+        probes: ProbeSelection::All,
+        ..Options::default()
+    };
+    attribute(&run, &options, &mut |_| {}).unwrap();
+    let m = Manifest::load(&run).unwrap();
+    let o = &m.optimizer;
+    let scales = displacement_scales(&read::lrs(&run), o.momentum, o.dampening, o.nesterov);
+    let cases: Vec<(String, Case)> = m
+        .model
+        .traced_layers()
+        .map(|l| (l.name().to_owned(), case_of(l)))
+        .collect();
+    let updates = read::updates(&run);
+    let rows = read::contributions(&run);
+    let mut checked = 0;
+    for probe in read::probes(&run) {
+        let case = &cases.iter().find(|(n, _)| *n == probe.layer).unwrap().1;
+        let pn = dot(&probe.p, &probe.p).sqrt();
+        for up in updates.iter().filter(|u| u.layer == probe.layer) {
+            let d = delta(case, &up.u, &up.v, scales[up.step as usize]);
+            let wl = case.weight_len();
+            let c = apply(case, &d[..wl], &d[wl..], &probe.a);
+            let row = rows
+                .iter()
+                .find(|r| {
+                    r.layer == probe.layer
+                        && r.probe_id == probe.probe_id
+                        && r.step == Some(up.step)
+                        && r.instance_id == Some(up.instance_id)
+                })
+                .unwrap_or_else(|| panic!("{}: no row for {up:?}", probe.layer));
+            let what = format!("{} probe {} step {}", probe.layer, probe.probe_id, up.step);
+            let (want_dot, want_norm) = (dot(&c, &probe.p), dot(&c, &c).sqrt());
+            assert!(
+                (row.dot - want_dot).abs() <= 1e-6 * (pn * want_norm).max(1e-12),
+                "{what}: dot {} against {want_dot}",
+                row.dot
+            );
+            assert!(
+                (row.norm - want_norm).abs() <= 1e-6 * want_norm.max(1e-12),
+                "{what}: norm {} against {want_norm}",
+                row.norm
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 5 * 3 * 64, "rows checked");
 }
