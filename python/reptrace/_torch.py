@@ -1291,12 +1291,15 @@ def _probe(l: _Layer, calls: list[torch.Tensor], initial, rows: int):
         raise InvalidInput(
             f"probes: layer {l.name!r} ran {len(calls)} times in one forward pass"
         )
-    w = l.weight.detach().double()
+    # The weights as the run's snapshots store them (float32), so that p is
+    # the refinement under the run's own W_T and W_0 (a float64 model's
+    # weights differ from them by their rounding).
+    w = l.weight.detach().float().double()
     w0, b0 = initial
     dw = w - torch.as_tensor(w0).to(w.device).double().reshape(w.shape)
     db = None
     if l.bias:
-        b = l.bias_param.detach().double()
+        b = l.bias_param.detach().float().double()
         db = b - torch.as_tensor(b0).to(b.device).double().reshape(b.shape)
     for x in calls:
         if x.dim() == 0 or int(x.shape[0]) != rows:

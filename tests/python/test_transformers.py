@@ -232,7 +232,7 @@ def test_sql_contributions_equal_a_brute_force_and_add_up(traced):
         spec = specs[layer]
         pr = probes[(probes.probe_id == probe) & (probes.layer == layer)].iloc[0]
         p = np.asarray(pr.p, dtype=np.float64)
-        total = got.dot.sum()
+        total = got["dot"].sum()
         assert abs(total - p @ p) <= 1e-6 * (p @ p) + 1e-12, (probe, layer, total, p @ p)
         assert got.step.isna().sum() == 1, "one residual row"
         for step in (0, 9, 17):
@@ -242,7 +242,7 @@ def test_sql_contributions_equal_a_brute_force_and_add_up(traced):
                 c = sigma[layer][step] * _apply(spec, dw, db, pr.a)
                 row = got[(got.step == step) & (got.instance_id == rec.instance_id)]
                 assert len(row) == 1, (probe, layer, step)
-                dot, norm = float(row.dot.iloc[0]), float(row.norm.iloc[0])
+                dot, norm = float(row["dot"].iloc[0]), float(row["norm"].iloc[0])
                 assert abs(dot - c @ p) <= 1e-6 * max(abs(c @ p), 1e-9 * (p @ p)), (layer, step)
                 assert abs(norm - np.linalg.norm(c)) <= 1e-6 * max(np.linalg.norm(c), 1e-12)
 
