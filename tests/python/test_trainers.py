@@ -139,11 +139,14 @@ def test_hugging_face_callback_refusals_are_one_line(tmp_path):
     with pytest.raises(reptrace.InvalidInput, match="remove_unused_columns=False") as e:
         trainer.train()
     assert "\n" not in str(e.value)
-    # Every Linear, the ones over sequences included: refused at the first step.
+    # Every layer: BERT's position ids, (1, T), are shared by the batch, and
+    # its position embedding is refused at the first step, by name.
     callback = ReptraceCallback(str(tmp_path / "b"), classes=["no", "yes"])
     trainer = transformers.Trainer(model=tiny_bert(), args=hf_args(tmp_path),
                                    train_dataset=data, callbacks=[callback])
-    with pytest.raises(reptrace.InvalidInput, match=r"input of shape \(8, 12, 32\)") as e:
+    with pytest.raises(reptrace.InvalidInput,
+                       match=r"layer 'bert.embeddings.position_embeddings': input of shape "
+                             r"\(1, 12\) in a forward pass of 8 examples") as e:
         trainer.train()
     assert "\n" not in str(e.value)
 
