@@ -1,14 +1,15 @@
 """Recording a PyTorch training loop through the Rust recorder.
 
-The :class:`Tracer` attaches forward hooks to the traced ``nn.Linear`` and
-``nn.Conv2d`` modules of any model. Each time a traced layer runs with
-gradients, a hook keeps the layer's input ``a`` and registers a gradient hook
-on its output, which keeps ``δ = ∂L/∂z`` when ``backward()`` runs; several
-forward/backward passes before one optimizer step (gradient accumulation) are
-kept in order. :meth:`Tracer.step` turns them into the per-example factors
-(``u = a``, unfolded for Conv2d, and ``v = −lr·κ·δ``, or the full per-example
-update where that is smaller, by the rule of
-``reptrace_format::Storage::for_conv2d``), checks them against the gradient
+The :class:`Tracer` attaches forward hooks to the modules of a traced kind
+(``_kinds.py``: Linear, Conv2d, Conv1d, Embedding, LayerNorm, RMSNorm) of
+any model. Each time a traced layer runs with gradients, a hook keeps the
+layer's input ``a`` and registers a gradient hook on its output, which keeps
+``δ = ∂L/∂z`` when ``backward()`` runs; the calls of one forward pass are
+positions of one record (a reused module), and several forward/backward
+passes before one optimizer step (gradient accumulation) are kept in order.
+:meth:`Tracer.step` turns them into the per-example records by each layer's
+kind (for Linear ``u = a`` and ``v = −lr·κ·δ``; the full per-example update
+where that is smaller, by the format's rule for the kind), checks them against the gradient
 the optimizer is about to apply (``.grad``: ``κ`` is the one scalar by which
 the two may differ, e.g. clipping by norm or a gradient scaler's scale), and
 hands them to the recorder, then calls ``optimizer.step()`` (or

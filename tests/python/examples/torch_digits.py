@@ -43,7 +43,7 @@ model = Net()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
 
-# Record every traced layer (all Linear and Conv2d modules; or name them:
+# Record every layer of a traced kind (here its Conv2d and Linear ones; or name them:
 # layers=["block.conv", "head"]). Instance ids are the data set's row numbers.
 tracer = reptrace.Tracer(
     model, optimizer, run_dir, classes=[str(c) for c in range(10)], scheduler=scheduler

@@ -10,7 +10,7 @@
 //! and `norm = ‖C‖` per row.
 //!
 //! Over a sequence of `T > 1` positions a linear layer is a [`Patches`]
-//! layer ([`over_positions`]): `K = in`, `C = out`, `P = T`, position-major.
+//! layer (`over_positions`): `K = in`, `C = out`, `P = T`, position-major.
 use super::patches::{Layout, Patches};
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, shape_error, view2,
