@@ -490,3 +490,20 @@ fn manifest_errors_name_the_problem() {
     let e = Manifest::parse(&m.to_string(), p).expect_err("escape");
     assert!(e.to_string().contains("stay inside the run"), "{e}");
 }
+
+/// The model of a format-7 run (tests/data/v7-digits) reads and writes
+/// back unchanged: the new fields of format 8 have defaults and are left
+/// out when they hold them.
+#[test]
+fn format_7_manifest_reads_and_writes_unchanged() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/v7-digits/manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let raw: Value = serde_json::from_str(&text).unwrap();
+    let m = Manifest::parse(&text, Path::new("v7")).unwrap();
+    assert_eq!(m.format_version, 7);
+    assert_eq!(serde_json::to_value(&m.model).unwrap(), raw["model"]);
+    let fc3 = m.model.traced_layer("fc3").unwrap();
+    assert_eq!(fc3.positions(), 1);
+    assert_eq!(fc3.instance_storage(), Storage::Factors);
+}

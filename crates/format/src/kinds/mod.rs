@@ -256,18 +256,6 @@ mod tests {
     }
 
     #[test]
-    fn format_7_manifest_reads_and_writes_unchanged() {
-        let text = include_str!("../../../../tests/data/v7-digits/manifest.json");
-        let raw: Value = serde_json::from_str(text).unwrap();
-        let m = crate::Manifest::parse(text, std::path::Path::new("v7")).unwrap();
-        assert_eq!(m.format_version, 7);
-        assert_eq!(serde_json::to_value(&m.model).unwrap(), raw["model"]);
-        let fc3 = m.model.traced_layer("fc3").unwrap();
-        assert_eq!(fc3.positions(), 1);
-        assert_eq!(fc3.instance_storage(), Storage::Factors);
-    }
-
-    #[test]
     fn new_fields_are_written_only_when_not_default() {
         let linear = Module::Linear(LinearSpec {
             positions: 7,
