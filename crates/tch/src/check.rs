@@ -248,18 +248,19 @@ mod tests {
     }
 
     #[test]
-    fn agreeing_gradients_keep_scale_one_and_clipping_is_measured() {
+    fn agreeing_gradients_keep_scale_one_and_clipping_is_measured() -> Result<(), String> {
         let f = [0.3, -0.2, 0.7];
         let m = [0.5, 0.4, 0.9];
-        let same = terms(&f, &f, &m).verdict(f64::NAN).unwrap();
+        let same = terms(&f, &f, &m).verdict(f64::NAN)?;
         assert_eq!(same.scale, 1.0);
         let half: Vec<f64> = f.iter().map(|x| 0.5 * x).collect();
-        let clipped = terms(&half, &f, &m).verdict(f64::NAN).unwrap();
+        let clipped = terms(&half, &f, &m).verdict(f64::NAN)?;
         assert!((clipped.scale - 0.5).abs() < 1e-12, "{clipped:?}");
+        Ok(())
     }
 
     #[test]
-    fn a_cancelling_layer_takes_the_scale_the_step_shares() {
+    fn a_cancelling_layer_takes_the_scale_the_step_shares() -> Result<(), String> {
         // Per-example terms of magnitude 100 that nearly cancel: the layer's
         // own least-squares scale (0.5025) is off by its rounding; the
         // step's shared scale (0.5) explains it within that rounding.
@@ -267,12 +268,13 @@ mod tests {
         let a = [0.505, -0.5, 0.5e-3];
         let m = [100.0, 100.0, 0.0];
         let t = terms(&a, &f, &m);
-        let own = t.verdict(f64::NAN).unwrap();
+        let own = t.verdict(f64::NAN)?;
         assert!((own.scale - 0.5025).abs() < 1e-4, "{own:?}");
         let shared = shared_scale(&[t, terms(&[0.5, 1.0], &[1.0, 2.0], &[1.0, 2.0])]);
         assert!(shared.is_finite());
-        let chosen = t.verdict(0.5).unwrap();
+        let chosen = t.verdict(0.5)?;
         assert_eq!(chosen.scale, 0.5);
+        Ok(())
     }
 
     #[test]
