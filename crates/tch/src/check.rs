@@ -69,10 +69,97 @@ fn direction(len: i64, seed: u64, device: Device) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&values)?.f_to_device(device)?)
 }
 
-/// Compares the applied gradient (`weight_grad`, `bias_grad`) with the
-/// records of one layer: its input and `δ` for the step. Returns the
-/// measurement, or the one-line reason when the two differ by more than
-/// one scale (`Ok(Err(..))`).
+/// What the check measured of one layer and step, before its verdict:
+/// with `a` the applied gradient along the direction (and the bias
+/// gradient), `f` the records' sum the same way and `m` the magnitudes of
+/// the summed terms, the inner products the verdict needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    ff: f64,
+    af: f64,
+    aa: f64,
+    mm: f64,
+    norm2: f64,
+    precision: &'static str,
+}
+
+/// The least-squares scale `Σ a·f / Σ f·f` over every layer of the step
+/// (NaN when there is none): clipping by the global norm and a loss scale
+/// scale every layer alike, and the layers whose records fit it well fix it
+/// for one whose per-example gradients nearly cancel (a classifier head
+/// over balanced classes), which fits its own scale only to rounding.
+pub fn shared_scale(terms: &[Terms]) -> f64 {
+    let (af, ff) = terms
+        .iter()
+        .filter(|t| t.af.is_finite() && t.ff.is_finite())
+        .fold((0.0, 0.0), |(af, ff), t| (af + t.af, ff + t.ff));
+    if ff > 0.0 { af / ff } else { f64::NAN }
+}
+
+impl Terms {
+    /// κ and the relative difference it leaves, or the one-line reason the
+    /// two differ by more than one scale. κ stays 1 unless a scale explains
+    /// the difference better than rounding does; then it is the step's
+    /// `shared` scale ([`shared_scale`]) unless the layer's own
+    /// least-squares scale explains it clearly better.
+    pub fn verdict(&self, shared: f64) -> std::result::Result<Measured, String> {
+        let Terms {
+            ff,
+            af,
+            aa,
+            mm,
+            norm2,
+            precision,
+        } = *self;
+        if !(ff.is_finite() && aa.is_finite() && mm.is_finite()) {
+            return Err("the gradient holds inf or NaN".into());
+        }
+        let mag = mm.sqrt();
+        let rel_at = |k: f64| {
+            let diff = (aa - 2.0 * k * af + k * k * ff).max(0.0).sqrt();
+            let denom = k.abs() * mag;
+            if denom > 0.0 {
+                diff / denom
+            } else if aa == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        };
+        let fitted = if ff > 0.0 { af / ff } else { f64::NAN };
+        let noise = if fitted.is_finite() {
+            SCALE_SNAP.max(4.0 * rel_at(fitted))
+        } else {
+            SCALE_SNAP
+        };
+        let (mut scale, mut relative) = (1.0, rel_at(1.0));
+        if fitted.is_finite() && relative > noise {
+            (scale, relative) = (fitted, rel_at(fitted));
+            if shared.is_finite() && shared != 0.0 && rel_at(shared) <= noise {
+                (scale, relative) = (shared, rel_at(shared));
+            }
+        }
+        let tol = tolerance(precision);
+        if relative > tol {
+            return Err(format!(
+                "the gradient the optimizer is about to apply differs from the sum of the \
+                 recorded per-example gradients by {relative:.3e} (relative, {precision}; \
+                 tolerance {tol}) beyond one scale factor: something edits gradients between \
+                 backward and the step (value clipping, noise, a gradient hook), which cannot \
+                 be traced"
+            ));
+        }
+        Ok(Measured {
+            scale,
+            relative,
+            grad_norm: norm2.sqrt(),
+        })
+    }
+}
+
+/// Measures the applied gradient (`weight_grad`, `bias_grad`) against the
+/// records of one layer (its input and `δ` for the step) along a direction
+/// drawn from `seed`; [`Terms::verdict`] judges it.
 pub fn measure(
     layer: TracedLayer<'_>,
     input: &Tensor,
@@ -80,7 +167,7 @@ pub fn measure(
     weight_grad: &Tensor,
     bias_grad: Option<&Tensor>,
     seed: u64,
-) -> Result<std::result::Result<Measured, String>> {
+) -> Result<Terms> {
     let device = delta.device();
     let g = delta.f_detach()?.f_to_kind(Kind::Float)?;
     let gw = weight_grad
@@ -128,45 +215,80 @@ pub fn measure(
     )?
     .f_to_device(Device::Cpu)?;
     let stats = Vec::<f64>::try_from(&stats)?;
-    let [ff, af, aa, mm, norm2] = stats[..] else {
-        return Ok(Err("the check measured nothing".into()));
-    };
-    if !(ff.is_finite() && aa.is_finite()) {
-        return Ok(Err("the gradient holds inf or NaN".into()));
+    // Five values by construction; a missing one reads as NaN (refused).
+    let at = |i: usize| stats.get(i).copied().unwrap_or(f64::NAN);
+    Ok(Terms {
+        ff: at(0),
+        af: at(1),
+        aa: at(2),
+        mm: at(3),
+        norm2: at(4),
+        precision: precision(delta.kind()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dot(x: &[f64], y: &[f64]) -> f64 {
+        x.iter().zip(y).map(|(a, b)| a * b).sum()
     }
-    let mag = mm.sqrt();
-    let rel_at = |k: f64| {
-        let diff = (aa - 2.0 * k * af + k * k * ff).max(0.0).sqrt();
-        let denom = k.abs() * mag;
-        if denom > 0.0 {
-            diff / denom
-        } else if aa == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
+
+    /// The terms of applied `a`, recorded `f` and magnitudes `m`.
+    fn terms(a: &[f64], f: &[f64], m: &[f64]) -> Terms {
+        Terms {
+            ff: dot(f, f),
+            af: dot(a, f),
+            aa: dot(a, a),
+            mm: dot(m, m),
+            norm2: 1.0,
+            precision: "f32",
         }
-    };
-    let fitted = if ff > 0.0 { af / ff } else { 1.0 };
-    let at_one = rel_at(1.0);
-    // κ = 1 unless a scale explains the difference better than rounding does.
-    let (scale, relative) = if at_one <= SCALE_SNAP.max(4.0 * rel_at(fitted)) {
-        (1.0, at_one)
-    } else {
-        (fitted, rel_at(fitted))
-    };
-    let prec = precision(delta.kind());
-    let tol = tolerance(prec);
-    if relative > tol {
-        return Ok(Err(format!(
-            "the gradient the optimizer is about to apply differs from the sum of the recorded \
-             per-example gradients by {relative:.3e} (relative, {prec}; tolerance {tol}) beyond one \
-             scale factor: something edits gradients between backward and the step (value \
-             clipping, noise, a gradient hook), which cannot be traced"
-        )));
     }
-    Ok(Ok(Measured {
-        scale,
-        relative,
-        grad_norm: norm2.sqrt(),
-    }))
+
+    #[test]
+    fn agreeing_gradients_keep_scale_one_and_clipping_is_measured() -> Result<(), String> {
+        let f = [0.3, -0.2, 0.7];
+        let m = [0.5, 0.4, 0.9];
+        let same = terms(&f, &f, &m).verdict(f64::NAN)?;
+        assert_eq!(same.scale, 1.0);
+        let half: Vec<f64> = f.iter().map(|x| 0.5 * x).collect();
+        let clipped = terms(&half, &f, &m).verdict(f64::NAN)?;
+        assert!((clipped.scale - 0.5).abs() < 1e-12, "{clipped:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_cancelling_layer_takes_the_scale_the_step_shares() -> Result<(), String> {
+        // Per-example terms of magnitude 100 that nearly cancel: the layer's
+        // own least-squares scale (0.5025) is off by its rounding; the
+        // step's shared scale (0.5) explains it within that rounding.
+        let f = [1.0, -1.0, 1e-3];
+        let a = [0.505, -0.5, 0.5e-3];
+        let m = [100.0, 100.0, 0.0];
+        let t = terms(&a, &f, &m);
+        let own = t.verdict(f64::NAN)?;
+        assert!((own.scale - 0.5025).abs() < 1e-4, "{own:?}");
+        let shared = shared_scale(&[t, terms(&[0.5, 1.0], &[1.0, 2.0], &[1.0, 2.0])]);
+        assert!(shared.is_finite());
+        let chosen = t.verdict(0.5)?;
+        assert_eq!(chosen.scale, 0.5);
+        Ok(())
+    }
+
+    #[test]
+    fn differences_beyond_one_scale_are_refused_in_one_line() {
+        let f = [1.0, 0.0, 0.0];
+        let a = [0.0, 1.0, 0.0]; // orthogonal: value clipping or noise
+        let m = [1.0, 1.0, 1.0];
+        let e = terms(&a, &f, &m).verdict(f64::NAN);
+        let one_line = |e: &String| e.contains("beyond one scale factor") && !e.contains('\n');
+        assert!(e.as_ref().is_err_and(one_line), "{e:?}");
+        let nan = terms(&[f64::NAN], &[1.0], &[1.0]).verdict(1.0);
+        assert!(
+            nan.as_ref().is_err_and(|e| e.contains("inf or NaN")),
+            "{nan:?}"
+        );
+    }
 }

@@ -882,21 +882,22 @@ impl Tracer {
                 message: format!("{momentum} is not a momentum (a finite number ≥ 0)"),
             });
         }
-        let mut scales = Vec::with_capacity(taps.len());
-        let mut rows = Vec::with_capacity(taps.len());
+        // First every layer's measurement, then the verdicts: κ may be the
+        // scale the step's layers share (check::shared_scale).
+        let mut measured = Vec::with_capacity(taps.len());
         for ((name, tap), delta) in taps.iter().zip(deltas) {
-            // Scales stay aligned with the taps (a tap of no traced layer records nothing).
+            // Taps of no traced layer record nothing (scale 1, no row).
             let Some((layer, spec)) = self
                 .layers
                 .iter()
                 .find(|l| &l.name == name)
                 .and_then(|l| l.spec().map(|spec| (l, spec)))
             else {
-                scales.push(1.0);
+                measured.push(None);
                 continue;
             };
             let grad = layer.weight.grad();
-            let (scale, relative, norm) = if grad.defined() {
+            let terms = if grad.defined() {
                 let bias_grad = layer.bias.as_ref().map(Tensor::grad);
                 if bias_grad.as_ref().is_some_and(|b| !b.defined()) {
                     return Ok(Err(Error::Inexact {
@@ -905,27 +906,47 @@ impl Tracer {
                         message: "its weight has a gradient and its bias none".into(),
                     }));
                 }
-                let seed = (self.step as u64) << 16 ^ rows.len() as u64;
-                match check::measure(spec, &tap.input, delta, &grad, bias_grad.as_ref(), seed)? {
-                    Ok(m) => (m.scale, Some(m.relative), Some(m.grad_norm)),
-                    Err(message) => {
-                        return Ok(Err(Error::Inexact {
-                            layer: name.clone(),
-                            step: self.step,
-                            message,
-                        }));
-                    }
-                }
+                let seed = (self.step as u64) << 16 ^ measured.iter().flatten().count() as u64;
+                Some(check::measure(
+                    spec,
+                    &tap.input,
+                    delta,
+                    &grad,
+                    bias_grad.as_ref(),
+                    seed,
+                )?)
             } else if tap.delta.is_some() {
                 // Gradients as values (Tracer::backward): the optimizer gets
                 // them from the loop, unchecked.
-                (1.0, None, None)
+                None
             } else {
                 return Ok(Err(Error::Inexact {
                     layer: name.clone(),
                     step: self.step,
                     message: "no gradient on its weight right before the optimizer step".into(),
                 }));
+            };
+            measured.push(Some((name, delta, terms)));
+        }
+        let checked: Vec<check::Terms> = measured.iter().flatten().filter_map(|m| m.2).collect();
+        let shared = check::shared_scale(&checked);
+        let mut scales = Vec::with_capacity(taps.len());
+        let mut rows = Vec::with_capacity(taps.len());
+        for m in measured {
+            let Some((name, delta, terms)) = m else {
+                scales.push(1.0);
+                continue;
+            };
+            let (scale, relative, norm) = match terms.map(|t| t.verdict(shared)) {
+                None => (1.0, None, None),
+                Some(Ok(m)) => (m.scale, Some(m.relative), Some(m.grad_norm)),
+                Some(Err(message)) => {
+                    return Ok(Err(Error::Inexact {
+                        layer: name.clone(),
+                        step: self.step,
+                        message,
+                    }));
+                }
             };
             let scale = if s.lr == 0.0 { 1.0 } else { scale };
             scales.push(scale);
