@@ -170,11 +170,13 @@ class Tracer:
         tracer.finish(probes=(x_test, y_test, test_ids))
 
     Parameters:
-        model: any ``nn.Module``; its traced layers are the ``nn.Linear`` and
-            ``nn.Conv2d`` modules named in ``layers`` (qualified names as in
-            ``model.named_modules()``, e.g. ``"encoder.block1.conv"``), or all
-            of them that the optimizer updates (frozen ones are listed in the
-            manifest as ``model.frozen``).
+        model: any ``nn.Module``; its traced layers are the modules of a
+            traced kind (``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d``,
+            ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``) named in
+            ``layers`` (qualified names as in ``model.named_modules()``, e.g.
+            ``"encoder.block1.conv"``), or all of them that the optimizer
+            updates but those named in ``exclude`` (frozen ones are listed in
+            the manifest as ``model.frozen``).
         optimizer: ``torch.optim.SGD`` in instance mode (lr, momentum,
             dampening, Nesterov and weight decay are read from each traced
             layer's parameter group at every step); any optimizer in batch mode.
@@ -201,6 +203,7 @@ class Tracer:
         *,
         classes: list[str],
         layers: list[str] | None = None,
+        exclude: list[str] | None = None,
         mode: str = "instance",
         dtype: str = "f32",
         scheduler=None,
@@ -247,6 +250,18 @@ class Tracer:
         self._param_group = {
             id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
         }
+        if exclude is not None:
+            if layers is not None:
+                raise InvalidInput("exclude: give layers=[...] or exclude=[...], not both")
+            for n in exclude:
+                if n not in traceable:
+                    raise InvalidInput(
+                        f"exclude: {n!r} is no layer of a traced kind; the model's "
+                        f"{_kinds.SHORT_NAMES} layers: " + ", ".join(traceable)
+                    )
+            traceable = {n: m for n, m in traceable.items() if n not in set(exclude)}
+            if not traceable:
+                raise InvalidInput("exclude: every layer of a traced kind is excluded")
         names, self._frozen = self._select(traceable, modules, layers)
         for n in names:
             _reptrace.check_layer_name(n)

@@ -57,16 +57,8 @@ def hf_args(tmp_path, **over):
 
 
 LAYERS = ["bert.pooler.dense", "classifier"]
-
-
-def every_layer_but_positions(model):
-    """Every layer of a traced kind (embeddings, layer norms, the attention
-    and MLP projections over the sequence, pooler, classifier) but BERT's
-    position embedding, whose (1, T) position ids are shared by the batch."""
-    from reptrace import _kinds
-
-    return [n for n, m in model.named_modules()
-            if _kinds.of(m) is not None and n != "bert.embeddings.position_embeddings"]
+# BERT's position embedding: its (1, T) position ids are shared by the batch.
+POSITIONS = "bert.embeddings.position_embeddings"
 
 
 def assert_answers(run, mode, n):
@@ -96,8 +88,11 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
     initial = start_weights(model)
     run = str(tmp_path / "bert")
     probes = (data.x[:6], data.y[:6])
-    layers = every_layer_but_positions(model) if whole else LAYERS
-    callback = ReptraceCallback(run, classes=["no", "yes"], layers=layers, probes=probes)
+    # Whole: every layer of a traced kind (embeddings, layer norms, the
+    # attention and MLP projections over the sequence, pooler, classifier)
+    # but the position embedding.
+    choice = dict(exclude=[POSITIONS]) if whole else dict(layers=LAYERS)
+    callback = ReptraceCallback(run, classes=["no", "yes"], probes=probes, **choice)
     args = hf_args(tmp_path, optim=optim, max_grad_norm=clip, learning_rate=lr)
     trainer = transformers.Trainer(model=model, args=args,
                                    train_dataset=data, callbacks=[callback])
@@ -105,10 +100,14 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
 
     m = manifest(run)
     assert m["mode"] == mode
-    assert sorted(s["name"] for s in m["model"]["modules"]) == sorted(layers)
+    names = {s["name"] for s in m["model"]["modules"]}
     if whole:
         kinds = {s["kind"] for s in m["model"]["modules"]}
         assert kinds == {"embedding", "layer_norm", "linear"}, kinds
+        assert POSITIONS not in names and "bert.embeddings.word_embeddings" in names
+        assert len(names) == 3 + 2 * 8 + 2, names  # embeddings, 2 layers, pooler, head
+    else:
+        assert names == set(LAYERS)
     assert m["settings"]["trainer"] == "transformers.Trainer"
     assert m["settings"]["gradient_accumulation_steps"] == 2
     steps = table(run, "steps").to_pydict()

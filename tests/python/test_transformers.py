@@ -442,6 +442,12 @@ def test_modules_that_cannot_be_traced_are_refused_in_one_line(tmp_path):
                        match=r"layer 'act' is a GELU: only nn.Linear, nn.Conv2d, nn.Conv1d, "
                              r"nn.Embedding, nn.LayerNorm, nn.RMSNorm layers can be traced"):
         reptrace.Tracer(model, opt, str(tmp_path / "e"), classes=CLASSES, layers=["act"])
+    with pytest.raises(reptrace.InvalidInput, match=r"exclude: 'act' is no layer of a traced "
+                                                    r"kind; the model's .* layers: tok, pos, "):
+        reptrace.Tracer(model, opt, str(tmp_path / "g"), classes=CLASSES, exclude=["act"])
+    with pytest.raises(reptrace.InvalidInput, match=r"give layers=\[...\] or exclude=\[...\]"):
+        reptrace.Tracer(model, opt, str(tmp_path / "h"), classes=CLASSES, layers=["tok"],
+                        exclude=["pos"])
     sparse = nn.Sequential(nn.Embedding(VOCAB, 4, sparse=True), nn.Flatten(), nn.Linear(32, 3))
     with pytest.raises(reptrace.InvalidInput, match=r"layer '0': nn.Embedding\(sparse=True\)"):
         reptrace.Tracer(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1),

@@ -19,10 +19,12 @@ class _Recording:
     """What both callbacks hold: the run's options, and the tracer they
     build when training starts."""
 
-    def __init__(self, run_dir, classes, layers, mode, dtype, name, settings, probes):
+    def __init__(self, run_dir, classes, layers, mode, dtype, name, settings, probes,
+                 exclude=None):
         self.run_dir = run_dir
         self.classes = classes
         self.layers = layers
+        self.exclude = exclude
         self.mode = mode
         self.dtype = dtype
         self.name = name
@@ -41,7 +43,8 @@ class _Recording:
 
         mode = self.mode or ("instance" if isinstance(optimizer, torch.optim.SGD) else "batch")
         self.tracer = Tracer(model, optimizer, self.run_dir, classes=self.classes,
-                             layers=self.layers, mode=mode, dtype=self.dtype,
+                             layers=self.layers, exclude=self.exclude, mode=mode,
+                             dtype=self.dtype,
                              scheduler=scheduler, name=self.name,
                              settings={**trainer_settings, **self.settings})
         self.tracer.follow_optimizer()

@@ -31,7 +31,7 @@ class ReptraceCallback(_Recording, TrainerCallback):
         id_column: the batch key holding each example's instance id
             (an integer, e.g. its index in the training set).
         label_column: the batch key holding each example's label.
-        layers, dtype, name, settings: as for :class:`reptrace.Tracer`.
+        layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
             the ``Trainer``'s optimizer is ``torch.optim.SGD``
             (``TrainingArguments(optim="sgd")``), batch mode otherwise.
@@ -41,8 +41,9 @@ class ReptraceCallback(_Recording, TrainerCallback):
     """
 
     def __init__(self, run_dir, *, classes, id_column="reptrace_id", label_column="labels",
-                 layers=None, mode=None, dtype="f32", name=None, settings=None, probes=None):
-        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes)
+                 layers=None, exclude=None, mode=None, dtype="f32", name=None, settings=None,
+                 probes=None):
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude)
         self.id_column = id_column
         self.label_column = label_column
         self._accumulation = 1

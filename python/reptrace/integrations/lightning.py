@@ -39,16 +39,16 @@ class ReptraceCallback(_Recording, Callback):
         run_dir: a new directory for the run.
         classes: class names, indexed by label.
         ids: ``batch -> (instance ids, labels)``; see the module's text.
-        layers, dtype, name, settings: as for :class:`reptrace.Tracer`.
+        layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
             the optimizer is ``torch.optim.SGD``, batch mode otherwise.
         probes: ``(inputs, labels)`` (or with ids) to record as probes when
             training ends.
     """
 
-    def __init__(self, run_dir, *, classes, ids=None, layers=None, mode=None, dtype="f32",
-                 name=None, settings=None, probes=None):
-        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes)
+    def __init__(self, run_dir, *, classes, ids=None, layers=None, exclude=None, mode=None,
+                 dtype="f32", name=None, settings=None, probes=None):
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude)
         self.ids = ids or _default_ids
 
     def on_train_start(self, trainer, pl_module):
