@@ -90,6 +90,9 @@ class _Layer:
         self.passes: list[int] = []
         self.dtypes: list[torch.dtype] = []
         self.grads: dict[int, torch.Tensor] = {}
+        # Whether each call ran inside backward() (a checkpointed module's
+        # recomputation).
+        self.recomputed: list[bool] = []
         # The indices of the calls of each forward pass (set by Tracer._passes).
         self.calls: list[list[int]] = []
 
@@ -109,6 +112,24 @@ class _Layer:
         self.passes = []
         self.dtypes = []
         self.grads = {}
+        self.recomputed = []
+
+    def drop_replaced_calls(self) -> None:
+        """Activation checkpointing runs a module again inside backward()
+        and the gradient reaches the recomputed call, not the original one:
+        the calls no gradient reached are dropped when as many were
+        recomputed (the same inputs, recomputed deterministically)."""
+        if not any(self.recomputed):
+            return
+        keep = [k for k in range(len(self.inputs)) if k in self.grads]
+        originals = sum(1 for r in self.recomputed if not r)
+        if len(keep) != sum(self.recomputed) or (originals and originals != len(keep)):
+            return  # not a recomputation: _passes refuses the mismatch
+        self.inputs = [self.inputs[k] for k in keep]
+        self.passes = [self.passes[k] for k in keep]
+        self.dtypes = [self.dtypes[k] for k in keep]
+        self.grads = {j: self.grads[k] for j, k in enumerate(keep)}
+        self.recomputed = [True] * len(keep)
 
 
 def _refuse_packed_attention(modules: dict, traceable: dict, layers) -> None:
@@ -555,6 +576,7 @@ class Tracer:
         layer.inputs.append(inputs[0].detach())
         layer.passes.append(self._model_passes)
         layer.dtypes.append(output.dtype)
+        layer.recomputed.append(torch._C._current_autograd_node() is not None)
         if layer.name not in self._order:
             self._order.append(layer.name)
 
@@ -592,6 +614,7 @@ class Tracer:
                 "trace only layers that take part in the loss (layers=[...])"
             )
         for l in self._layers:
+            l.drop_replaced_calls()
             if len(l.grads) != len(l.inputs):
                 raise InvalidInput(
                     f"layer {l.name!r} ran {len(l.inputs)} times since the last step but "

@@ -355,6 +355,51 @@ def test_each_kind_reconstructs_the_final_weights(tmp_path, name):
     assert not [c for c in checks if c["status"] == "FAIL"], checks
 
 
+class Checkpointed(nn.Module):
+    """The transformer's blocks under activation checkpointing: their
+    modules run again inside backward(), where the gradient reaches them."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.inner = TinyTransformer()
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        from torch.utils.checkpoint import checkpoint
+
+        t = self.inner
+        mask = ids != PAD
+        x = t.tok(ids) + t.pos(torch.arange(ids.shape[1]).expand_as(ids))
+        for block in t.blocks:
+            x = checkpoint(block, x, mask, use_reentrant=self.reentrant)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return t.head((t.norm(x) * m).sum(1) / m.sum(1))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_is_traced_exactly(tmp_path, reentrant):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant).double()
+    initial = start_weights(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    x, y = sequences(24, seed=1)
+    # Two micro-batches per step: recomputations fall into their own pass.
+    for epoch in range(2):
+        for rows in torch.arange(24).split(8):
+            opt.zero_grad()
+            for half in rows.split(4):
+                loss = F.cross_entropy(model(x[half]), y[half]) / 2
+                loss.backward()
+            tracer.step(loss, rows, y[rows])
+        tracer.end_epoch()
+    tracer.finish()
+    assert len(manifest(run)["model"]["modules"]) == 20
+    assert_reconstructs(run, model, initial, from_initial=True)
+    completeness(run)
+
+
 # ------------------------------------------------ refusals
 
 
