@@ -93,7 +93,10 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
     # but the position embedding.
     choice = dict(exclude=[POSITIONS]) if whole else dict(layers=LAYERS)
     callback = ReptraceCallback(run, classes=["no", "yes"], probes=probes, **choice)
-    args = hf_args(tmp_path, optim=optim, max_grad_norm=clip, learning_rate=lr)
+    # The whole model also trains with gradient checkpointing: its layers
+    # run again inside backward(), and those calls are the ones recorded.
+    args = hf_args(tmp_path, optim=optim, max_grad_norm=clip, learning_rate=lr,
+                   gradient_checkpointing=whole)
     trainer = transformers.Trainer(model=model, args=args,
                                    train_dataset=data, callbacks=[callback])
     trainer.train()
