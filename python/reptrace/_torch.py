@@ -507,7 +507,7 @@ class Tracer:
         for n in order:
             l = by_name[n]
             x = l.inputs[0]
-            first = [y for y, p in zip(l.inputs, l.passes) if p == l.passes[0]]
+            first = [l.inputs[k] for k in l.calls[0]]  # the first pass's calls (_passes)
             l.spec = l.kind.spec(n, l.module, first, self.mode)
             modules.append(l.spec)
             if not input_shape:

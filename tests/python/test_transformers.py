@@ -497,3 +497,36 @@ def test_modules_that_cannot_be_traced_are_refused_in_one_line(tmp_path):
     with pytest.raises(reptrace.InvalidInput, match=r"layer '0': nn.Embedding\(sparse=True\)"):
         reptrace.Tracer(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1),
                         str(tmp_path / "f"), classes=CLASSES)
+
+
+def test_a_model_called_through_another_module_keeps_its_passes_apart(tmp_path):
+    """The tracer sees no forward pass of its model when the loop calls its
+    layers through a wrapper; each call is then a pass of its own, and two
+    accumulated micro-batches stay two passes, not two positions."""
+    inner = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = inner
+
+        def forward(self, x):
+            return self.m[2](self.m[1](self.m[0](x)))
+
+    wrapper = Wrapper()
+    initial = start_weights(inner)
+    opt = torch.optim.SGD(inner.parameters(), lr=0.1)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(inner, opt, run, classes=CLASSES)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    for _ in range(3):
+        opt.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):
+            loss = F.cross_entropy(wrapper(x[half]), y[half]) / 2
+            loss.backward()
+        tracer.step(loss, np.arange(8), y)
+    tracer.finish()
+    assert [s.get("positions", 1) for s in manifest(run)["model"]["modules"]] == [1, 1]
+    assert_reconstructs(run, inner, initial)
+    completeness(run)
