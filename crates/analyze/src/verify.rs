@@ -582,6 +582,7 @@ fn weights_residual(
     let (u_len, v_len) = layer.record_lens(mode);
     let full = layer.records_full(mode);
     let positions = layer.positions();
+    let ids = layer.kind().u_is_ids();
     replay::stream(
         run,
         layer,
@@ -594,7 +595,7 @@ fn weights_residual(
                 for (i, s) in scales.iter().enumerate() {
                     let u = &recs.u[i * u_len..(i + 1) * u_len];
                     let v = &recs.v[i * v_len..(i + 1) * v_len];
-                    bound += s.abs() * f16_update_bound(u, v, full, layer.bias(), positions);
+                    bound += s.abs() * f16_update_bound(u, v, full, layer.bias(), positions, ids);
                 }
             }
             Ok(())
@@ -619,8 +620,18 @@ fn weights_residual(
     })
 }
 
-/// Upper bound on `‖ΔŴ − ΔW‖` (weight and bias) from f16 rounding of one record's factors.
-fn f16_update_bound(u: &[f64], v: &[f64], full: bool, bias: bool, positions: usize) -> f64 {
+/// Upper bound on `‖ΔŴ − ΔW‖` (weight and bias) from f16 rounding of one
+/// record's factors. With `ids` (an embedding: `u` exact token ids, each row
+/// of ΔW a sum of `v` rows) it is `√T ‖E_V‖_F`: a row summing `n` rows errs
+/// by at most `√n` times their errors' norm, and `n ≤ T`.
+fn f16_update_bound(
+    u: &[f64],
+    v: &[f64],
+    full: bool,
+    bias: bool,
+    positions: usize,
+    ids: bool,
+) -> f64 {
     const U: f64 = 1.0 / 2048.0; // unit roundoff of f16, 2⁻¹¹
     const SUB: f64 = 1.0 / 33_554_432.0; // half the subnormal spacing, 2⁻²⁵
     let norm = |x: &[f64]| x.iter().map(|a| a * a).sum::<f64>().sqrt();
@@ -629,6 +640,9 @@ fn f16_update_bound(u: &[f64], v: &[f64], full: bool, bias: bool, positions: usi
     let ev = err(v, nv);
     if full {
         return ev;
+    }
+    if ids {
+        return ev * (positions as f64).sqrt();
     }
     let eu = err(u, nu);
     let weight = ev * nu + (nv + ev) * eu;

@@ -6,7 +6,7 @@
 //! same storage rule: `u` the unfold (K × P, `K = C_in·k`, `P = L_out`),
 //! `v` C_out × P; a probe holds `a` (C_in·L_in) and `p` (C_out·L_out). Only
 //! its weight's shape differs: `C_out × C_in/groups × k`.
-use super::conv2d::check_groups;
+use super::conv2d::{check_groups, check_padding};
 use super::{Conv2dSpec, LayerKind, PaddingMode, Storage, is_one, one};
 use crate::manifest::Mode;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,8 @@ impl LayerKind for Conv1dSpec {
     }
 
     fn check(&self) -> Result<(), String> {
-        check_groups(&self.name, self.groups, self.in_channels, self.out_channels)
+        check_groups(&self.name, self.groups, self.in_channels, self.out_channels)?;
+        check_padding(&self.name, self.padding_mode, self.padding, self.input_len)
     }
 }
 

@@ -128,7 +128,36 @@ impl LayerKind for Conv2dSpec {
     }
 
     fn check(&self) -> Result<(), String> {
-        check_groups(&self.name, self.groups, self.in_channels, self.out_channels)
+        check_groups(&self.name, self.groups, self.in_channels, self.out_channels)?;
+        for (padding, size) in self.padding.into_iter().zip(self.input_hw) {
+            check_padding(&self.name, self.padding_mode, padding, size)?;
+        }
+        Ok(())
+    }
+}
+
+/// A padding mode other than zeros reads the input itself beyond its edge:
+/// reflect needs `padding < size`, replicate and circular `padding ≤ size`
+/// (as PyTorch's `F.pad` requires).
+pub(crate) fn check_padding(
+    name: &str,
+    mode: PaddingMode,
+    padding: usize,
+    size: usize,
+) -> Result<(), String> {
+    let fits = match mode {
+        PaddingMode::Zeros => true,
+        PaddingMode::Reflect => padding < size,
+        PaddingMode::Replicate | PaddingMode::Circular => padding <= size,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "layer '{name}': padding {padding} with padding_mode {} does not fit an input of \
+             size {size}",
+            mode.name()
+        ))
     }
 }
 
@@ -150,6 +179,22 @@ pub(crate) fn check_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_padding_mode_that_reads_beyond_the_input_is_refused() {
+        let mut c = spec(2, 4, 1, 3);
+        c.padding_mode = PaddingMode::Reflect;
+        c.padding = [2, 2];
+        assert!(c.check().is_ok());
+        c.padding = [3, 1];
+        let e = c.check().err().unwrap_or_default();
+        assert!(e.contains("padding 3 with padding_mode reflect"), "{e}");
+        c.padding_mode = PaddingMode::Circular;
+        assert!(c.check().is_ok());
+        c.padding_mode = PaddingMode::Zeros;
+        c.padding = [9, 9];
+        assert!(c.check().is_ok());
+    }
 
     fn spec(c_in: usize, c_out: usize, groups: usize, hw: usize) -> Conv2dSpec {
         Conv2dSpec {

@@ -132,6 +132,10 @@ impl LayerKind for EmbeddingSpec {
         self.positions
     }
 
+    fn u_is_ids(&self) -> bool {
+        true
+    }
+
     /// Full iff `num·dim < T·(digits + dim)`.
     fn instance_storage(&self) -> Storage {
         Storage::smaller(

@@ -200,6 +200,13 @@ pub trait LayerKind {
         1
     }
 
+    /// Whether a factor record's `u` holds exact integers (an embedding's
+    /// token ids), which f16 storage never rounds: its update is a sum of
+    /// `v` rows, whose rounding alone bounds the update's.
+    fn u_is_ids(&self) -> bool {
+        false
+    }
+
     /// The kind's storage rule computed from the spec's other fields: what
     /// a producer writes into the spec's `storage` field for an
     /// instance-mode run ([`Storage`]).
