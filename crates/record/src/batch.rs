@@ -339,7 +339,12 @@ pub(crate) enum NormKind {
     Positions { t: usize, n_in: usize, n_out: usize },
     /// Embedding factors: U holds `t` token ids of `digits` base-2048 digits,
     /// V is `t × dim`; row `r` of ΔW sums the rows of V whose id is `r`.
-    Embedding { digits: usize, dim: usize },
+    Embedding {
+        digits: usize,
+        dim: usize,
+        /// `num_embeddings`: the ids the recorder accepts are below it.
+        num: usize,
+    },
     /// `v` holds ΔW in its first `weight_len` elements (then the bias).
     Full { weight_len: usize },
 }
@@ -374,12 +379,12 @@ pub(crate) fn update_norm(kind: NormKind, u: &[f32], v: &[f32]) -> f32 {
             };
             factors_norm(&transpose(u, n_in), &transpose(v, n_out), n_in, t, n_out) as f32
         }
-        NormKind::Embedding { digits, dim } => embedding_norm(u, v, digits, dim),
+        NormKind::Embedding { digits, dim, .. } => embedding_norm(u, v, digits, dim),
     }
 }
 
-/// ‖ΔW‖_F of an embedding record: the rows of V summed by token id (NaN
-/// when an id is not a valid base-2048 number).
+/// ‖ΔW‖_F of an embedding record: the rows of V summed by token id (the
+/// recorder refuses records whose ids do not decode; NaN if one did).
 fn embedding_norm(u: &[f32], v: &[f32], digits: usize, dim: usize) -> f32 {
     let mut rows: std::collections::HashMap<u64, Vec<f64>> = std::collections::HashMap::new();
     for (id, vt) in u
@@ -604,12 +609,24 @@ mod tests {
         }
         let want = table.iter().map(|x| x * x).sum::<f64>().sqrt();
         close(
-            update_norm(NormKind::Embedding { digits: 2, dim }, &u, &v),
+            update_norm(
+                NormKind::Embedding {
+                    digits: 2,
+                    dim,
+                    num: 5000,
+                },
+                &u,
+                &v,
+            ),
             want,
         );
         assert!(
             update_norm(
-                NormKind::Embedding { digits: 2, dim },
+                NormKind::Embedding {
+                    digits: 2,
+                    dim,
+                    num: 5000
+                },
                 &[0.5, 1.0],
                 &v[..dim]
             )

@@ -204,6 +204,27 @@ impl RecorderBuilder {
     }
 }
 
+/// An embedding record's `u` must hold token ids (`digits` base-2048 digits
+/// each) below `num`: a record that does not is refused, never written.
+fn check_token_ids(context: &str, u: &[f32], digits: usize, num: usize) -> Result<()> {
+    for (t, id) in u.chunks_exact(digits.max(1)).enumerate() {
+        let values: Vec<f64> = id.iter().map(|&d| f64::from(d)).collect();
+        match reptrace_format::kinds::embedding::id_of(&values) {
+            Some(id) if id < num as u64 => {}
+            _ => {
+                return Err(Error::Invalid {
+                    context: context.to_owned(),
+                    message: format!(
+                        "token {t} of the u values ({values:?}) is not the base-2048 digits of \
+                         an id below num_embeddings {num}"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What the recorder needs to know about a traced layer.
 #[derive(Debug, Clone)]
 struct LayerInfo {
@@ -267,6 +288,7 @@ fn factors_norm_kind(layer: TracedLayer<'_>) -> NormKind {
         TracedLayer::Embedding(e) => NormKind::Embedding {
             digits: e.digits(),
             dim: e.embedding_dim,
+            num: e.num_embeddings,
         },
         // Norm records are always whole updates.
         TracedLayer::LayerNorm(n) | TracedLayer::RmsNorm(n) => NormKind::Full {
@@ -569,6 +591,9 @@ impl Recorder {
                 }
             })?;
         self.check_labels(&ctx(), "labels", &batch.labels)?;
+        if let NormKind::Embedding { digits, num, .. } = norm {
+            check_token_ids(&ctx(), &batch.u.as_f32(), digits, num)?;
+        }
         self.see_step(batch.step, batch.epoch);
         if n == 0 {
             return Ok(());

@@ -1732,3 +1732,48 @@ fn owned_and_borrowed_updates_give_identical_rows() {
         &["\"fc1\"", "f16 factors for a run recorded in f32"],
     );
 }
+
+/// An embedding record whose `u` is not token ids (a digit that is not an
+/// integer in 0..2048, or an id at or above num_embeddings) is refused in
+/// one line naming the layer, and nothing of it is written.
+#[test]
+fn embedding_records_must_hold_token_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let tok = Module::Embedding(reptrace_format::EmbeddingSpec {
+        name: "tok".into(),
+        num_embeddings: 100,
+        embedding_dim: 2,
+        padding_idx: None,
+        positions: 2,
+        traced: true,
+        storage: Storage::Factors,
+    });
+    let mut rec = Recorder::builder(&run)
+        .model(model(vec![tok]))
+        .optimizer(Optimizer::sgd(0.5))
+        .classes(vec!["a".into(), "b".into()])
+        .build()
+        .unwrap();
+    rec.step(step_row(0, 0, 0.5, 1, 1.0)).unwrap();
+    let v = [0.5f32; 4];
+    for (bad, words) in [
+        ([3.0f32, 2.5], "token 1 of the u values ([2.5])"),
+        (
+            [3.0, 100.0],
+            "([100.0]) is not the base-2048 digits of an id below num_embeddings 100",
+        ),
+        ([-1.0, 4.0], "token 0 of the u values ([-1.0])"),
+    ] {
+        let e = refused(
+            rec.updates("tok", updates(0, 0, &[7], &[1], &bad, &v)),
+            &["\"tok\"", words],
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
+    rec.updates("tok", updates(0, 0, &[7], &[1], &[3.0, 99.0], &v))
+        .unwrap();
+    let m = rec.finish(&[]).unwrap();
+    let rows: u64 = m.files(Table::Updates).iter().map(|f| f.rows).sum();
+    assert_eq!(rows, 1, "only the good record is written");
+}
