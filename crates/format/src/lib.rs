@@ -72,7 +72,7 @@ pub use ids::{InstanceId, ProbeId, Step};
 pub use kinds::LayerKind;
 pub use manifest::{
     Aggregation, AnalysisProbes, Attribution, Commit, Conv1dSpec, Conv2dSpec, Dtype, EmbeddingSpec,
-    FileEntry, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, NormSpec, Optimizer,
+    FileEntry, Lens, LinearSpec, LrSchedule, Manifest, Mode, Model, Module, NormSpec, Optimizer,
     OptimizerKind, PaddingMode, Split, Status, Storage, Structure, TracedLayer,
 };
 pub use schema::{Table, col, column_since, schema, schema_as_of};
@@ -84,7 +84,7 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 
 /// The oldest format version this crate still reads (runs of every version
 /// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).

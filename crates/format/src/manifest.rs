@@ -6,7 +6,7 @@
 //! last commit point, even while training is still writing.
 use crate::kinds::LayerKind;
 pub use crate::kinds::{
-    Conv1dSpec, Conv2dSpec, EmbeddingSpec, LinearSpec, NormSpec, PaddingMode, Storage,
+    Conv1dSpec, Conv2dSpec, EmbeddingSpec, Lens, LinearSpec, NormSpec, PaddingMode, Storage,
 };
 use crate::layout;
 use crate::schema::Table;
@@ -299,9 +299,44 @@ impl<'a> TracedLayer<'a> {
         self.kind().records_full(mode)
     }
 
-    /// Lengths of a probe's `a` (layer input) and `p` (refinement) lists.
+    /// Lengths of a probe's `a` (layer input) and `p` (refinement) lists
+    /// (of a [ragged](TracedLayer::ragged) layer: at `T` positions).
     pub fn probe_lens(&self) -> (usize, usize) {
         self.kind().probe_lens()
+    }
+
+    /// Whether records and probes hold a variable number of positions
+    /// ([`LayerKind::ragged`]).
+    pub fn ragged(&self) -> bool {
+        self.kind().ragged()
+    }
+
+    /// How long one record's `u` and `v` lists are in a run of `mode`:
+    /// fixed ([`TracedLayer::record_lens`]), or per position for the factor
+    /// records of a [ragged](TracedLayer::ragged) layer.
+    pub fn record_shape(&self, mode: Mode) -> Lens {
+        match self.kind().position_lens() {
+            Some([u, v, _, _]) if self.ragged() && !self.records_full(mode) => {
+                Lens::PerPosition(u, v)
+            }
+            _ => {
+                let (u, v) = self.record_lens(mode);
+                Lens::Fixed(u, v)
+            }
+        }
+    }
+
+    /// How long one probe's `a` and `p` lists are: fixed
+    /// ([`TracedLayer::probe_lens`]), or per position for a
+    /// [ragged](TracedLayer::ragged) layer.
+    pub fn probe_shape(&self) -> Lens {
+        match self.kind().position_lens() {
+            Some([_, _, a, p]) if self.ragged() => Lens::PerPosition(a, p),
+            _ => {
+                let (a, p) = self.probe_lens();
+                Lens::Fixed(a, p)
+            }
+        }
     }
 
     /// Output positions each weight is applied at in one forward pass

@@ -1748,6 +1748,7 @@ fn embedding_records_must_hold_token_ids() {
         positions: 2,
         traced: true,
         storage: Storage::Factors,
+        ragged: false,
     });
     let mut rec = Recorder::builder(&run)
         .model(model(vec![tok]))

@@ -203,7 +203,7 @@ pub fn every_kind() -> Model {
     model("cnn", vec![1, 8, 8], modules)
 }
 
-/// One module of each kind or field format 8 added.
+/// One module of each kind or field formats 8 and 9 added.
 fn format_8_kinds() -> Vec<Module> {
     let norm = NormSpec {
         name: "ln".into(),
@@ -212,6 +212,7 @@ fn format_8_kinds() -> Vec<Module> {
         eps: 1e-5,
         positions: 4,
         traced: true,
+        ragged: true,
     };
     vec![
         Conv::new("conv2", 4, 4, [4, 4])
@@ -221,6 +222,7 @@ fn format_8_kinds() -> Vec<Module> {
         Module::Linear(LinearSpec {
             positions: 4,
             storage: Storage::Full,
+            ragged: true,
             ..LinearSpec::new("seq", 8, 8, true)
         }),
         Module::Conv1d(Conv1dSpec {
@@ -247,6 +249,7 @@ fn format_8_kinds() -> Vec<Module> {
             positions: 4,
             traced: true,
             storage: Storage::Factors,
+            ragged: true,
         }),
         Module::LayerNorm(norm.clone()),
         Module::RmsNorm(NormSpec {

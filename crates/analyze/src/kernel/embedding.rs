@@ -405,6 +405,7 @@ mod tests {
             positions: T,
             traced: true,
             storage,
+            ragged: false,
         }
     }
 

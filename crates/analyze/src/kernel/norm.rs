@@ -244,6 +244,7 @@ mod tests {
             eps: EPS,
             positions: T,
             traced: true,
+            ragged: false,
         };
         let layer = match which {
             Which::LayerNorm => TracedLayer::LayerNorm(&spec),

@@ -130,6 +130,7 @@ fn model() -> (Model, Vec<(&'static str, Layer)>) {
             positions: t,
             traced: true,
             storage,
+            ragged: false,
         })
     };
     let norm = |name: &str, shape: Vec<usize>, bias| NormSpec {
@@ -139,6 +140,7 @@ fn model() -> (Model, Vec<(&'static str, Layer)>) {
         eps: 1e-5,
         positions: 3,
         traced: true,
+        ragged: false,
     };
     let modules = vec![
         emb("tok", 3000, 4, 3, Some(PAD), Storage::Factors),

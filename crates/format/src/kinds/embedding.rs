@@ -11,7 +11,7 @@
 //! ([`EmbeddingSpec::instance_storage`](LayerKind::instance_storage)). A
 //! probe holds `a` (T·digits, its token ids) and `p` (T × dim); a record's
 //! update applied to it is `c_t = ΔW[id_t]`.
-use super::{LayerKind, Storage};
+use super::{LayerKind, Storage, is_false};
 use crate::manifest::Mode;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,10 @@ pub struct EmbeddingSpec {
     /// Whether instance-mode records hold factors or the full per-example
     /// table.
     pub storage: Storage,
+    /// Whether records and probes hold a variable number of positions
+    /// ([`LayerKind::ragged`]; format 9, absent: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ragged: bool,
 }
 
 impl EmbeddingSpec {
@@ -132,6 +136,15 @@ impl LayerKind for EmbeddingSpec {
         self.positions
     }
 
+    fn ragged(&self) -> bool {
+        self.ragged
+    }
+
+    fn position_lens(&self) -> Option<[usize; 4]> {
+        let (d, e) = (self.digits(), self.embedding_dim);
+        Some([d, e, d, e])
+    }
+
     fn u_is_ids(&self) -> bool {
         true
     }
@@ -174,6 +187,7 @@ mod tests {
             positions: t,
             traced: true,
             storage: Storage::Factors,
+            ragged: false,
         }
     }
 

@@ -11,7 +11,7 @@
 //! `T = 1` records always hold the factors: `u = a`, `v = ∂L/∂z`. A probe
 //! holds `a` (T × in) and `p` (T × out), position-major; a record's update
 //! applied to it is `c_t = ΔW a_t + Δb`.
-use super::{LayerKind, Storage, is_one, one};
+use super::{LayerKind, Storage, is_false, is_one, one};
 use crate::manifest::Mode;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,10 @@ pub struct LinearSpec {
     /// update (format 8; absent: factors).
     #[serde(default, skip_serializing_if = "Storage::is_factors")]
     pub storage: Storage,
+    /// Whether records and probes hold a variable number of positions
+    /// ([`LayerKind::ragged`]; format 9, absent: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ragged: bool,
 }
 
 impl LinearSpec {
@@ -51,6 +55,7 @@ impl LinearSpec {
             traced: true,
             positions: 1,
             storage: Storage::Factors,
+            ragged: false,
         }
     }
 }
@@ -95,6 +100,15 @@ impl LayerKind for LinearSpec {
 
     fn positions(&self) -> usize {
         self.positions
+    }
+
+    fn ragged(&self) -> bool {
+        self.ragged
+    }
+
+    fn position_lens(&self) -> Option<[usize; 4]> {
+        let (i, o) = (self.in_features, self.out_features);
+        Some([i, o, i, o])
     }
 
     /// Full iff `T > 1` and `out·in + (bias ? out : 0) < T·(in + out)`: a

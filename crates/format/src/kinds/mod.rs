@@ -149,6 +149,46 @@ pub(crate) fn one() -> usize {
     1
 }
 
+/// Serde `skip_serializing_if` of the `ragged` fields.
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How many values one row's two lists hold: a record's `u` and `v`, or a
+/// probe's `a` and `p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lens {
+    /// Every row holds exactly this many values in each list.
+    Fixed(usize, usize),
+    /// A row holds `n` positions of this many values each, in both lists
+    /// (the same `n`): a ragged layer's ([`LayerKind::ragged`]) records,
+    /// where `n ≥ 0`, and probes, where `n ≥ 1`.
+    PerPosition(usize, usize),
+}
+
+impl Lens {
+    /// The positions `n` of a row whose lists hold `first` and `second`
+    /// values (1 for a [`Lens::Fixed`] row), or what is wrong with it.
+    pub fn positions(&self, first: usize, second: usize) -> Result<usize, String> {
+        match *self {
+            Lens::Fixed(a, b) if (first, second) == (a, b) => Ok(1),
+            Lens::Fixed(a, b) => Err(format!(
+                "holds {first} and {second} values, expected {a} and {b}"
+            )),
+            Lens::PerPosition(a, b) => {
+                let n = if a > 0 { first / a } else { second / b.max(1) };
+                if first == n * a && second == n * b {
+                    Ok(n)
+                } else {
+                    Err(format!(
+                        "holds {first} and {second} values, not the same number of positions of {a} and {b}"
+                    ))
+                }
+            }
+        }
+    }
+}
+
 /// Serde `skip_serializing_if` of the `positions` and `groups` fields.
 pub(crate) fn is_one(n: &usize) -> bool {
     *n == 1
@@ -198,6 +238,22 @@ pub trait LayerKind {
     /// pass (1 for a layer applied once per example).
     fn positions(&self) -> usize {
         1
+    }
+
+    /// Whether records and probes hold a variable number of positions
+    /// (the spec's `ragged` field, format 9): padded positions, and any
+    /// whose output gradient is exactly zero, are left out of a record, so
+    /// its factors hold `n ≤ T` positions (`T` is then the sequence length
+    /// the storage rule was decided with, and a step may have any length);
+    /// a probe holds the positions it has.
+    fn ragged(&self) -> bool {
+        false
+    }
+
+    /// Values per position of a factor record's `u` and `v` and of a
+    /// probe's `a` and `p`, for a kind that can be [`LayerKind::ragged`].
+    fn position_lens(&self) -> Option<[usize; 4]> {
+        None
     }
 
     /// Whether a factor record's `u` holds exact integers (an embedding's
@@ -252,6 +308,47 @@ mod tests {
     const V7_CONV2D: &str = r#"{"kind":"conv2d","name":"conv1","in_channels":1,"out_channels":4,"kernel":[3,3],"stride":[2,2],"padding":[1,1],"dilation":[1,1],"input_hw":[8,8],"output_hw":[4,4],"bias":true,"traced":true,"storage":"full"}"#;
 
     #[test]
+    fn lens_count_positions_of_ragged_rows() {
+        let fixed = Lens::Fixed(6, 4);
+        assert_eq!(fixed.positions(6, 4), Ok(1));
+        assert!(fixed.positions(6, 2).is_err());
+        let per = Lens::PerPosition(3, 2);
+        assert_eq!(per.positions(9, 6), Ok(3));
+        assert_eq!(per.positions(0, 0), Ok(0));
+        // Both lists must hold the same number of positions.
+        assert!(per.positions(9, 4).is_err());
+        assert!(per.positions(7, 4).is_err());
+        // A norm's probe: a and p both D per position; a record with no u.
+        assert_eq!(Lens::PerPosition(0, 5).positions(0, 15), Ok(3));
+    }
+
+    #[test]
+    fn ragged_layers_read_their_lengths_per_position() {
+        let seq = Module::Linear(LinearSpec {
+            positions: 4,
+            ragged: true,
+            ..LinearSpec::new("seq", 3, 2, true)
+        });
+        let layer = seq.layer().unwrap();
+        assert!(layer.ragged());
+        assert_eq!(layer.record_shape(Mode::Instance), Lens::PerPosition(3, 2));
+        assert_eq!(layer.record_shape(Mode::Batch), Lens::Fixed(0, 8));
+        assert_eq!(layer.probe_shape(), Lens::PerPosition(3, 2));
+        let json = serde_json::to_string(&seq).unwrap();
+        assert!(json.contains(r#""ragged":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<Module>(&json).unwrap(), seq);
+        // Not ragged: the fixed lengths of format 8, and no field written.
+        let fixed = Module::Linear(LinearSpec {
+            positions: 4,
+            ..LinearSpec::new("seq", 3, 2, true)
+        });
+        let layer = fixed.layer().unwrap();
+        assert_eq!(layer.record_shape(Mode::Instance), Lens::Fixed(12, 8));
+        assert_eq!(layer.probe_shape(), Lens::Fixed(12, 8));
+        assert!(!serde_json::to_string(&fixed).unwrap().contains("ragged"));
+    }
+
+    #[test]
     fn format_7_modules_serialize_byte_identically() {
         let linear = Module::Linear(LinearSpec::new("fc", 3, 2, true));
         assert_eq!(serde_json::to_string(&linear).unwrap(), V7_LINEAR);
@@ -303,6 +400,7 @@ mod tests {
             eps: 1e-5,
             positions: 10,
             traced: true,
+            ragged: false,
         };
         vec![
             Module::Conv1d(Conv1dSpec {
@@ -329,6 +427,7 @@ mod tests {
                 positions: 10,
                 traced: true,
                 storage: Storage::Factors,
+                ragged: false,
             }),
             Module::LayerNorm(norm.clone()),
             Module::RmsNorm(NormSpec {
@@ -398,6 +497,7 @@ mod tests {
             eps: 1e-6,
             positions: 1,
             traced: true,
+            ragged: false,
         });
         let e = rms.layer().unwrap().check().unwrap_err();
         assert!(e.contains("'rms'") && e.contains("bias"), "{e}");

@@ -8,7 +8,7 @@
 //! `v` = `[Δγ (D), Δβ (D, if bias)]` (there is no `storage` field). A probe
 //! holds `a` = x̂ (T × D) and `p` (T × D); a record's update applied to it
 //! is `c_t = Δγ ⊙ x̂_t + Δβ`.
-use super::{LayerKind, Storage};
+use super::{LayerKind, Storage, is_false};
 use crate::manifest::Mode;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,11 @@ pub struct NormSpec {
     pub positions: usize,
     /// Whether update records are written for this layer.
     pub traced: bool,
+    /// Whether probes hold a variable number of positions (records are
+    /// whole updates either way; [`LayerKind::ragged`]; format 9, absent:
+    /// false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ragged: bool,
 }
 
 impl NormSpec {
@@ -77,6 +82,15 @@ impl LayerKind for NormSpec {
         self.positions
     }
 
+    fn ragged(&self) -> bool {
+        self.ragged
+    }
+
+    fn position_lens(&self) -> Option<[usize; 4]> {
+        let d = self.features();
+        Some([0, 0, d, d])
+    }
+
     fn instance_storage(&self) -> Storage {
         Storage::Full
     }
@@ -108,6 +122,7 @@ mod tests {
             eps: 1e-5,
             positions: 4,
             traced: true,
+            ragged: false,
         };
         assert_eq!(n.features(), 6);
         assert_eq!(n.weight_shape(), vec![2, 3]);

@@ -123,6 +123,9 @@ pub fn refuse_untraceable(module: &Module) -> std::result::Result<(), String> {
             &l.name,
             &format!("linear layers at {} positions", l.positions),
         ),
+        Module::Linear(l) if l.ragged => {
+            python_only(&l.name, "ragged linear layers (variable positions)")
+        }
         Module::Conv2d(c) if c.groups != 1 => {
             python_only(&c.name, &format!("conv2d layers with groups {}", c.groups))
         }
