@@ -176,7 +176,7 @@ impl Lens {
                 "holds {first} and {second} values, expected {a} and {b}"
             )),
             Lens::PerPosition(a, b) => {
-                let n = if a > 0 { first / a } else { second / b.max(1) };
+                let n = first.checked_div(a).unwrap_or(second / b.max(1));
                 if first == n * a && second == n * b {
                     Ok(n)
                 } else {
