@@ -251,9 +251,15 @@ pub(crate) fn list_f64(
     if offsets.is_empty() {
         offsets.push(out.len());
     }
-    // Row ends relative to the values already in `out`.
-    let base = out.len() - start;
-    offsets.extend(arrow_offsets.iter().skip(1).map(|&o| base + o as usize));
+    // Row ends after the values already in `out` (a sliced list's offsets
+    // start past 0).
+    let base = out.len();
+    offsets.extend(
+        arrow_offsets
+            .iter()
+            .skip(1)
+            .map(|&o| base + (o as usize).saturating_sub(start)),
+    );
     out.reserve(end - start);
     match values.data_type() {
         DataType::Float32 => {
@@ -533,6 +539,21 @@ mod tests {
             matches!(&err, Error::Column { column, .. } if column == col::U),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_sliced_list_appends_after_what_is_there() {
+        let lists = ListArray::from_iter_primitive::<Float32Type, _, _>([
+            Some(vec![Some(1.0), Some(2.0)]),
+            Some(vec![]),
+            Some(vec![Some(3.0), Some(4.0), Some(5.0)]),
+        ]);
+        let batch = RecordBatch::try_from_iter([(col::U, Arc::new(lists) as ArrayRef)]).unwrap();
+        let sliced = batch.slice(1, 2);
+        let (mut out, mut offsets) = (vec![9.0], vec![0, 1]);
+        list_f64(&sliced, Path::new("x"), col::U, &mut out, &mut offsets).unwrap();
+        assert_eq!(out, [9.0, 3.0, 4.0, 5.0]);
+        assert_eq!(offsets, [0, 1, 1, 4]);
     }
 
     #[test]
