@@ -1,5 +1,9 @@
 //! Probes (`probes` table) and the instance splits they are selected by.
-use crate::records::{f64s, i32s, i64s, list_f64, nullable, open_columns};
+//!
+//! A probe's `a` and `p` hold the fixed lengths of its layer, or (a ragged
+//! layer, format 9) any number `n ≥ 1` of positions; they are read through
+//! per-probe offsets ([`Probes::a`], [`Probes::p`]).
+use crate::records::{check_rows, f64s, i32s, i64s, list_f64, nullable, open_columns, push_list};
 use crate::run::Run;
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
@@ -17,16 +21,20 @@ pub struct Probes {
     pub label: Vec<i32>,
     /// The class the network predicts for each probe (column `predicted`).
     pub predicted: Vec<i32>,
-    /// `len() × a_len`, row-major: the layer input in the final network.
+    /// Every probe's `a`, one after the other ([`Probes::a`]): the layer
+    /// input in the final network.
     pub a: Vec<f64>,
-    /// `len() × p_len`, row-major: the refinement `z_T − (W_0 ⊛ a + b_0)`.
+    /// Every probe's `p`, one after the other ([`Probes::p`]): the
+    /// refinement `z_T − (W_0 ⊛ a + b_0)`.
     pub p: Vec<f64>,
     /// `‖p‖` of each probe (column `p_norm`).
     pub p_norm: Vec<f64>,
-    /// Values of `a` per probe ([`TracedLayer::probe_lens`]'s first).
-    pub a_len: usize,
-    /// Values of `p` per probe ([`TracedLayer::probe_lens`]'s second).
-    pub p_len: usize,
+    /// Where each probe's `a` starts in `a`, then the end: `len() + 1`
+    /// offsets (or none while there are no probes).
+    pub a_off: Vec<usize>,
+    /// Where each probe's `p` starts in `p`, then the end: `len() + 1`
+    /// offsets (or none while there are no probes).
+    pub p_off: Vec<usize>,
 }
 
 impl Probes {
@@ -42,41 +50,42 @@ impl Probes {
 
     /// Probe `i`'s `a`.
     pub fn a(&self, i: usize) -> &[f64] {
-        &self.a[i * self.a_len..(i + 1) * self.a_len]
+        &self.a[self.a_off[i]..self.a_off[i + 1]]
     }
 
     /// Probe `i`'s `p`.
     pub fn p(&self, i: usize) -> &[f64] {
-        &self.p[i * self.p_len..(i + 1) * self.p_len]
+        &self.p[self.p_off[i]..self.p_off[i + 1]]
+    }
+
+    /// Appends the lists of one more probe (its `probe_id`, `instance_id`,
+    /// `label`, `predicted` and `p_norm` are pushed by the caller).
+    pub fn push_lists(&mut self, a: &[f64], p: &[f64]) {
+        push_list(&mut self.a, &mut self.a_off, a);
+        push_list(&mut self.p, &mut self.p_off, p);
     }
 
     /// The probes at `rows`, in that order.
     pub fn select(&self, rows: &[usize]) -> Probes {
-        let mut out = Probes {
-            a_len: self.a_len,
-            p_len: self.p_len,
-            ..Probes::default()
-        };
+        let mut out = Probes::default();
         for &i in rows {
             out.probe_id.push(self.probe_id[i]);
             out.instance_id.push(self.instance_id[i]);
             out.label.push(self.label[i]);
             out.predicted.push(self.predicted[i]);
-            out.a.extend_from_slice(self.a(i));
-            out.p.extend_from_slice(self.p(i));
+            out.push_lists(self.a(i), self.p(i));
             out.p_norm.push(self.p_norm[i]);
         }
         out
     }
 
-    /// Reads the committed probes of `layer`, sorted by probe id.
+    /// Reads the committed probes of `layer`, sorted by probe id; every
+    /// probe's `a` and `p` must fit the layer's
+    /// [`probe_shape`](TracedLayer::probe_shape) (a ragged probe at least
+    /// one position).
     pub fn read(run: &Run, layer: &TracedLayer<'_>) -> Result<Probes> {
-        let (a_len, p_len) = layer.probe_lens();
-        let mut all = Probes {
-            a_len,
-            p_len,
-            ..Probes::default()
-        };
+        let shape = layer.probe_shape();
+        let mut all = Probes::default();
         let files = run
             .files_by_layer(Table::Probes)
             .remove(&Some(layer.name().to_owned()))
@@ -91,6 +100,7 @@ impl Probes {
             col::P_NORM,
         ];
         for path in files {
+            let mut file_row = 0;
             for batch in open_columns(&path, &columns, 1024)? {
                 let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
                 all.probe_id.extend(i64s(&batch, &path, col::PROBE_ID)?);
@@ -102,8 +112,19 @@ impl Probes {
                     )?);
                 all.label.extend(i32s(&batch, &path, col::LABEL)?);
                 all.predicted.extend(i32s(&batch, &path, col::PREDICTED)?);
-                list_f64(&batch, &path, col::A, a_len, &mut all.a)?;
-                list_f64(&batch, &path, col::P, p_len, &mut all.p)?;
+                let first = all.a_off.len().saturating_sub(1);
+                list_f64(&batch, &path, col::A, &mut all.a, &mut all.a_off)?;
+                list_f64(&batch, &path, col::P, &mut all.p, &mut all.p_off)?;
+                check_rows(
+                    &path,
+                    [col::A, col::P],
+                    shape,
+                    [&all.a_off, &all.p_off],
+                    first,
+                    file_row,
+                    1,
+                )?;
+                file_row += batch.num_rows();
                 all.p_norm.extend(f64s(&batch, &path, col::P_NORM)?);
             }
         }

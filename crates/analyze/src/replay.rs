@@ -512,8 +512,8 @@ pub fn stream(
 ) -> Result<()> {
     let mode = run.manifest().mode;
     let geom = Geometry::of(layer, mode)?;
-    let (u_len, v_len) = layer.record_lens(mode);
-    let reader = RecordReader::new(update_files(run, layer.name()), u_len, v_len, batch_rows);
+    let shape = layer.record_shape(mode);
+    let reader = RecordReader::new(update_files(run, layer.name()), shape, batch_rows);
     std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Result<Records>>(2);
         scope.spawn(move || {
@@ -555,7 +555,8 @@ pub fn residual(
 }
 
 /// A batch size that keeps one batch of `layer`'s records (decoded factors
-/// plus the per-record work arrays) near `bytes`.
+/// plus the per-record work arrays) near `bytes` (an estimate for a ragged
+/// layer, whose records are sized at the spec's `T` positions).
 pub fn batch_rows_for(layer: &TracedLayer<'_>, mode: Mode, bytes: usize) -> usize {
     let (u_len, v_len) = layer.record_lens(mode);
     let feature_len = Geometry::of(layer, mode).map_or(0, |g| g.record_feature_len());

@@ -31,8 +31,8 @@ use crate::run::Run;
 use crate::{Error, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use reptrace_format::{
-    Dtype, FORMAT_VERSION, FileEntry, Manifest, Mode, OLDEST_FORMAT_VERSION, OptimizerKind, Table,
-    TracedLayer, col, kv, layout, schema_as_of,
+    Dtype, FORMAT_VERSION, FileEntry, Lens, Manifest, Mode, OLDEST_FORMAT_VERSION, OptimizerKind,
+    Table, TracedLayer, col, kv, layout, schema_as_of,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -579,7 +579,7 @@ fn weights_residual(
     let mut sum = vec![0.0; geom.delta_len()];
     let mut bound = 0.0;
     let f16 = dtype == Dtype::F16;
-    let (u_len, v_len) = layer.record_lens(mode);
+    let shape = layer.record_shape(mode);
     let full = layer.records_full(mode);
     let positions = layer.positions();
     let ids = layer.kind().u_is_ids();
@@ -593,9 +593,13 @@ fn weights_residual(
             on_records(scales.len());
             if f16 {
                 for (i, s) in scales.iter().enumerate() {
-                    let u = &recs.u[i * u_len..(i + 1) * u_len];
-                    let v = &recs.v[i * v_len..(i + 1) * v_len];
-                    bound += s.abs() * f16_update_bound(u, v, full, layer.bias(), positions, ids);
+                    let (u, v) = (recs.u_of(i), recs.v_of(i));
+                    // A ragged record's own positions; else the spec's T.
+                    let n = match shape {
+                        Lens::PerPosition(..) => shape.positions(u.len(), v.len()).unwrap_or(0),
+                        Lens::Fixed(..) => positions,
+                    };
+                    bound += s.abs() * f16_update_bound(u, v, full, layer.bias(), n, ids);
                 }
             }
             Ok(())

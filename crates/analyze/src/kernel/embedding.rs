@@ -14,11 +14,17 @@
 //! pair, never O(num_embeddings × dim). Whole updates (`v` = vec ΔW) are
 //! read at the probe's tokens only.
 //!
-//! Sparse layout, per probe or factor record (T positions, n ≤ T distinct
-//! tokens): `first` (T·dim) holds the n rows (`P_r`, or scaled `ΔW[r]`)
-//! then zeros; `second` (1 + 2T) holds `[n, ids (T), weights (T)]`, the
-//! weights being the multiplicities `m_r` (probes) or `‖ΔW[r]‖²` (records),
-//! zero-padded. Token ids are integers below 2⁵³, exact in f64.
+//! Sparse layout, per probe or factor record of a batch (W the most
+//! positions a record or probe of the batch holds, `T` unless the layer is
+//! ragged; n ≤ W distinct tokens): `first` (W·dim) holds the n rows (`P_r`,
+//! or scaled `ΔW[r]`) then zeros; `second` (1 + 2W) holds `[n, ids (W),
+//! weights (W)]`, the weights being the multiplicities `m_r` (probes) or
+//! `‖ΔW[r]‖²` (records), zero-padded. Token ids are integers below 2⁵³,
+//! exact in f64.
+//!
+//! The positions of a record or probe are read from its slices (`u` or `a`
+//! hold `digits` values per position, `v` or `p` `dim`): a ragged layer's
+//! vary, and a record may hold none.
 use super::{FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, view2};
 use crate::probes::Probes;
 use crate::records::Records;
@@ -28,7 +34,8 @@ use ndarray::{Array2, ArrayView1, s};
 use reptrace_format::kinds::embedding::{ID_BASE, id_of};
 
 /// The shape of an Embedding layer: W of `num × dim`, `positions` tokens per
-/// example, each id stored as `digits` base-2048 digits.
+/// example (of a ragged layer, the spec's `T`: only an estimate), each id
+/// stored as `digits` base-2048 digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Dims {
     pub(super) num: usize,
@@ -37,22 +44,28 @@ pub(super) struct Dims {
     pub(super) digits: usize,
 }
 
-/// The token ids stored as `digits` (T·digits values, most significant
-/// first), each checked to be below `num`; `what` names the record or probe
-/// for the error.
-fn decode_ids(
+/// The token ids stored as `digits` (`digits` values per position, most
+/// significant first), each checked to be below `num`; with `x`, the rows
+/// (`dim` per position) that go with them, checked to hold as many
+/// positions. `what` names the record or probe for the error.
+fn decode_ids<'a>(
     name: &str,
     dims: Dims,
     digits: &[f64],
+    x: Option<&'a [f64]>,
     what: impl Fn() -> String,
-) -> Result<Vec<usize>> {
+) -> Result<(Vec<usize>, &'a [f64])> {
     let nd = dims.digits.max(1);
-    if digits.len() != dims.positions * nd {
+    let positions = digits.len() / nd;
+    let x_len = x.map_or(positions * dims.dim, <[f64]>::len);
+    if digits.len() != positions * nd || x_len != positions * dims.dim {
         return Err(Error::Internal(format!(
-            "layer '{name}': {} has {} token id digits, not {} positions × {nd}",
+            "layer '{name}': {} has {} token id digits and {} values, not the same positions \
+             of {nd} and {}",
             what(),
             digits.len(),
-            dims.positions
+            x_len,
+            dims.dim
         )));
     }
     digits
@@ -67,7 +80,8 @@ fn decode_ids(
                 dims.num
             ))),
         })
-        .collect()
+        .collect::<Result<Vec<usize>>>()
+        .map(|ids| (ids, x.unwrap_or_default()))
 }
 
 /// The distinct tokens of `ids`, ascending, each with the positions that
@@ -85,14 +99,16 @@ fn groups(ids: &[usize]) -> Vec<(usize, Vec<usize>)> {
     out
 }
 
-/// Length of a sparse `second` row: `[n, ids (T), weights (T)]`.
-fn index_len(dims: Dims) -> usize {
-    1 + 2 * dims.positions
+/// Length of a sparse `second` row of width `w`: `[n, ids (w), weights
+/// (w)]`.
+fn index_len(w: usize) -> usize {
+    1 + 2 * w
 }
 
-/// f64 values per probe: the sparse rows and their index.
+/// f64 values per probe: the sparse rows and their index (at `T`
+/// positions; a ragged layer's vary).
 pub(super) fn probe_feature_len(dims: Dims) -> usize {
-    dims.positions * dims.dim + index_len(dims)
+    dims.positions * dims.dim + index_len(dims.positions)
 }
 
 /// f64 values per record: vec ΔW (`full`), or the sparse rows and their
@@ -105,19 +121,20 @@ pub(super) fn record_feature_len(dims: Dims, full: bool) -> usize {
     }
 }
 
-/// Appends the sparse form of `x` (T×dim, scaled by `scale`) at token ids
-/// `ids` to `first` and `second`; the weight of a token is its
-/// multiplicity (`mult`) or its row's squared norm.
+/// Appends the sparse form of `x` (n×dim) at token ids `ids` (n ≤
+/// `t_len`) to `first` and `second`, padded to width `t_len`: with
+/// `scale`, `x` scaled and the weight of a token its row's squared norm;
+/// without, the weight its multiplicity.
 fn push_sparse(
-    dims: Dims,
+    dim: usize,
+    t_len: usize,
     ids: &[usize],
     x: &[f64],
-    scale: f64,
-    mult: bool,
+    scale: Option<f64>,
     first: &mut Vec<f64>,
     second: &mut Vec<f64>,
 ) {
-    let (t_len, dim) = (dims.positions, dims.dim);
+    let (mult, scale) = (scale.is_none(), scale.unwrap_or(1.0));
     let g = groups(ids);
     let start = first.len();
     let mut weights = Vec::with_capacity(t_len);
@@ -147,18 +164,36 @@ fn push_sparse(
 /// The sparse rows `P_r` and multiplicities of every probe.
 pub(super) fn probe_features(name: &str, dims: Dims, probes: &Probes) -> Result<ProbeFeatures> {
     let q = probes.len();
-    let mut first = Vec::with_capacity(q * dims.positions * dims.dim);
-    let mut second = Vec::with_capacity(q * index_len(dims));
-    for i in 0..q {
-        let ids = decode_ids(name, dims, probes.a(i), || {
-            format!("probe {}", probes.probe_id[i])
-        })?;
-        push_sparse(dims, &ids, probes.p(i), 1.0, true, &mut first, &mut second);
+    let decoded = (0..q)
+        .map(|i| {
+            decode_ids(name, dims, probes.a(i), Some(probes.p(i)), || {
+                format!("probe {}", probes.probe_id[i])
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    sparse_features(dims, &decoded, None).map(|(first, second)| ProbeFeatures { first, second })
+}
+
+/// The sparse form of every `(ids, x)` (x scaled by `scales`, weights the
+/// rows' squared norms; without, weights the multiplicities), as wide as
+/// the most positions any holds.
+fn sparse_features(
+    dims: Dims,
+    decoded: &[(Vec<usize>, &[f64])],
+    scales: Option<&[f64]>,
+) -> Result<(Array2<f64>, Array2<f64>)> {
+    let n = decoded.len();
+    let w = decoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    let mut first = Vec::with_capacity(n * w * dims.dim);
+    let mut second = Vec::with_capacity(n * index_len(w));
+    for (k, (ids, x)) in decoded.iter().enumerate() {
+        let scale = scales.map(|s| s[k]);
+        push_sparse(dims.dim, w, ids, x, scale, &mut first, &mut second);
     }
-    Ok(ProbeFeatures {
-        first: matrix((q, dims.positions * dims.dim), first)?,
-        second: matrix((q, index_len(dims)), second)?,
-    })
+    Ok((
+        matrix((n, w * dims.dim), first)?,
+        matrix((n, index_len(w)), second)?,
+    ))
 }
 
 /// How a record is named in an error: its step and instance.
@@ -169,18 +204,17 @@ fn record_name(recs: &Records, i: usize) -> String {
     }
 }
 
-/// Factor record `i`'s token ids and output gradients (T×dim).
+/// Factor record `i`'s token ids and output gradients (n×dim, n its
+/// positions).
 fn factors<'a>(
     name: &str,
     dims: Dims,
     recs: &'a Records,
     i: usize,
 ) -> Result<(Vec<usize>, &'a [f64])> {
-    let (ul, vl) = (dims.positions * dims.digits, dims.positions * dims.dim);
-    let ids = decode_ids(name, dims, &recs.u[i * ul..(i + 1) * ul], || {
+    decode_ids(name, dims, recs.u_of(i), Some(recs.v_of(i)), || {
         record_name(recs, i)
-    })?;
-    Ok((ids, &recs.v[i * vl..(i + 1) * vl]))
+    })
 }
 
 /// Appends vec(s ΔW) (num×dim, dense) of the factor records at `rows` to
@@ -251,23 +285,23 @@ pub(super) fn record_features(
             kind,
         });
     }
-    let r = rows.len();
-    let mut first = Vec::with_capacity(r * dims.positions * dims.dim);
-    let mut second = Vec::with_capacity(r * index_len(dims));
-    for &i in rows {
-        let (ids, v) = factors(name, dims, recs, i)?;
-        push_sparse(dims, &ids, v, scales[i], false, &mut first, &mut second);
-    }
+    let decoded = rows
+        .iter()
+        .map(|&i| factors(name, dims, recs, i))
+        .collect::<Result<Vec<_>>>()?;
+    let row_scales: Vec<f64> = rows.iter().map(|&i| scales[i]).collect();
+    let (first, second) = sparse_features(dims, &decoded, Some(&row_scales))?;
     Ok(RecordFeatures {
-        first: matrix((r, dims.positions * dims.dim), first)?,
-        second: matrix((r, index_len(dims)), second)?,
+        first,
+        second,
         v_norm: Vec::new(),
         bias: false,
         kind,
     })
 }
 
-/// A sparse row set: `n` distinct tokens, their ids, weights and rows.
+/// A sparse row set: `n` distinct tokens, their ids, weights and rows, in
+/// a layout of width `positions`.
 struct Sparse<'a> {
     n: usize,
     index: ArrayView1<'a, f64>,
@@ -278,11 +312,13 @@ struct Sparse<'a> {
 
 impl<'a> Sparse<'a> {
     fn new(dims: Dims, rows: ArrayView1<'a, f64>, index: ArrayView1<'a, f64>) -> Self {
+        // The width the batch was laid out at: `index` is `1 + 2 w` long.
+        let w = index.len().saturating_sub(1) / 2;
         Sparse {
-            n: (index[0] as usize).min(dims.positions),
+            n: index.first().map_or(0, |&n| n as usize).min(w),
             index,
             rows,
-            positions: dims.positions,
+            positions: w,
             dim: dims.dim,
         }
     }
@@ -364,7 +400,7 @@ pub(super) fn all_pairs(
 pub(super) fn direct(name: &str, dims: Dims, delta: &LayerWeights, a: &[f64]) -> Result<Vec<f64>> {
     let dim = dims.dim;
     let w = view2((dims.num, dim), &delta.weight)?;
-    let ids = decode_ids(name, dims, a, || "a probe".to_owned())?;
+    let (ids, _) = decode_ids(name, dims, a, None, || "a probe".to_owned())?;
     Ok(ids.iter().flat_map(|&id| w.row(id).to_vec()).collect())
 }
 
@@ -454,7 +490,8 @@ mod tests {
                         }
                     }
                 }
-                recs.v.extend(w.iter().map(|x| x / s));
+                let v: Vec<f64> = w.iter().map(|x| x / s).collect();
+                recs.push_lists(&[], &v);
             } else {
                 let ids = draw(rng, &POOL);
                 let mut v = normal(rng, T * DIM);
@@ -466,8 +503,7 @@ mod tests {
                         w[ids[t] * DIM + k] += s * v[t * DIM + k];
                     }
                 }
-                recs.u.extend(encode(&ids));
-                recs.v.extend(v);
+                recs.push_lists(&encode(&ids), &v);
             }
             dw.push(w);
         }
@@ -475,11 +511,7 @@ mod tests {
     }
 
     fn probes(rng: &mut ChaCha8Rng, n: usize) -> (Probes, Vec<Vec<usize>>) {
-        let mut probes = Probes {
-            a_len: T * 2,
-            p_len: T * DIM,
-            ..Probes::default()
-        };
+        let mut probes = Probes::default();
         let mut all_ids = vec![];
         for i in 0..n {
             let ids = draw(rng, &PROBE_POOL);
@@ -487,12 +519,11 @@ mod tests {
             probes.instance_id.push(None);
             probes.label.push(0);
             probes.predicted.push(0);
-            probes.a.extend(encode(&ids));
             let p = normal(rng, T * DIM);
             probes
                 .p_norm
                 .push(p.iter().map(|x| x * x).sum::<f64>().sqrt());
-            probes.p.extend(p);
+            probes.push_lists(&encode(&ids), &p);
             all_ids.push(ids);
         }
         (probes, all_ids)

@@ -9,8 +9,10 @@
 //! ΔWᵀ + 1 Δbᵀ` (Q×out), one GEMM per record, gives `dot = rowsum(C ∘ P)`
 //! and `norm = ‖C‖` per row.
 //!
-//! Over a sequence of `T > 1` positions a linear layer is a [`Patches`]
-//! layer (`over_positions`): `K = in`, `C = out`, `P = T`, position-major.
+//! Over a sequence of `T > 1` positions, or with a variable number of them
+//! (a ragged layer), a linear layer is a [`Patches`] layer
+//! (`over_positions`): `K = in`, `C = out`, `P` the positions of each
+//! record and probe, position-major.
 use super::patches::{Layout, Patches};
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, shape_error, view2,
@@ -78,10 +80,9 @@ pub(super) fn factor_deltas(
     rows: &[usize],
     out: &mut Vec<f64>,
 ) {
-    let Dims { inp, out: o, bias } = dims;
+    let bias = dims.bias;
     for &i in rows {
-        let u = &recs.u[i * inp..(i + 1) * inp];
-        let v = &recs.v[i * o..(i + 1) * o];
+        let (u, v) = (recs.u_of(i), recs.v_of(i));
         for &vo in v {
             let vs = vo * scales[i];
             out.extend(u.iter().map(|&ui| vs * ui));
@@ -147,9 +148,9 @@ pub(super) fn factor_record_features(
     let mut v = Vec::with_capacity(r * out);
     let mut v_norm = Vec::with_capacity(r);
     for &row in rows {
-        u.extend_from_slice(&recs.u[row * inp..(row + 1) * inp]);
+        u.extend_from_slice(recs.u_of(row));
         let s = scales[row];
-        let vr = &recs.v[row * out..(row + 1) * out];
+        let vr = recs.v_of(row);
         v.extend(vr.iter().map(|x| x * s));
         v_norm.push(s.abs() * vr.iter().map(|x| x * x).sum::<f64>().sqrt());
     }

@@ -61,8 +61,8 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
 /// The shape of a traced layer, as the arithmetic needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Geometry {
-    /// A linear layer of one position; `full`: records hold `[vec ΔW, Δb]`
-    /// (batch mode), else factors.
+    /// A linear layer of one position, not ragged; `full`: records hold
+    /// `[vec ΔW, Δb]` (batch mode), else factors.
     Linear {
         /// Input features (columns of W).
         inp: usize,
@@ -74,7 +74,7 @@ pub enum Geometry {
         full: bool,
     },
     /// A layer whose weight multiplies patches of its input: a convolution,
-    /// or a linear layer over a sequence of positions.
+    /// or a linear layer over a sequence of positions (or a ragged one).
     Patches(Patches),
     /// An embedding; in batch mode its storage is [`Storage::Full`].
     Embedding {
@@ -86,7 +86,8 @@ pub enum Geometry {
     Norm {
         /// Values of γ (D, the product of normalized_shape).
         dim: usize,
-        /// Positions per example (T).
+        /// Positions per example (T; a probe of a ragged layer holds its
+        /// own).
         positions: usize,
         /// Whether the layer has β.
         bias: bool,
@@ -100,8 +101,12 @@ impl Geometry {
     pub fn of(layer: &TracedLayer<'_>, mode: Mode) -> Result<Self> {
         let batch = mode == Mode::Batch;
         match layer {
-            // One position, factors: the fast path of `linear`.
-            TracedLayer::Linear(l) if l.positions == 1 && l.storage == Storage::Factors => {
+            // One position, factors: the fast path of `linear` (a ragged
+            // layer's records and probes hold any number of positions: it
+            // is a sequence layer even at T = 1).
+            TracedLayer::Linear(l)
+                if l.positions == 1 && l.storage == Storage::Factors && !l.ragged =>
+            {
                 Ok(Geometry::Linear {
                     inp: l.in_features,
                     out: l.out_features,
@@ -301,7 +306,7 @@ pub fn deltas(
     match geom.kind() {
         _ if geom.full() => {
             for &i in rows {
-                out.extend(recs.v[i * d..(i + 1) * d].iter().map(|x| x * scales[i]));
+                out.extend(recs.v_of(i).iter().map(|x| x * scales[i]));
             }
         }
         Kind::Linear { dims, .. } => linear::factor_deltas(dims, recs, scales, rows, &mut out),

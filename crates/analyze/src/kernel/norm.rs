@@ -9,7 +9,9 @@
 //!   product of the records' `[Δγ², Δγ ⊙ Δβ, ‖Δβ‖²]` with the probes'
 //!   `[Σ_t x̂², 2 Σ_t x̂, T]`.
 //!
-//! Both run as GEMMs over whole batches, O(D) per record–probe pair.
+//! Both run as GEMMs over whole batches, O(D) per record–probe pair. A
+//! probe's positions `T` are read from the length of its `a` (a ragged
+//! layer's vary).
 use super::{FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, view2};
 use crate::Result;
 use crate::probes::Probes;
@@ -18,7 +20,8 @@ use crate::weights::LayerWeights;
 use ndarray::{Array2, Axis};
 
 /// The shape of a norm layer's affine part: γ (and β with a bias) of `dim`
-/// = D values, over `positions` = T rows of the normalized input.
+/// = D values, over `positions` = T rows of the normalized input (the
+/// spec's; a probe holds its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Dims {
     pub(super) dim: usize,
@@ -56,12 +59,11 @@ pub(super) fn record_feature_len(dims: Dims) -> usize {
 /// (Q×gram_len).
 pub(super) fn probe_features(dims: Dims, probes: &Probes) -> Result<ProbeFeatures> {
     let q = probes.len();
-    let shape = (dims.positions, dims.dim);
     let mut first = Vec::with_capacity(q * delta_len(dims));
     let mut second = Vec::with_capacity(q * gram_len(dims));
     for i in 0..q {
-        let a = view2(shape, probes.a(i))?;
-        let p = view2(shape, probes.p(i))?;
+        let a = by_position(dims, probes.a(i))?;
+        let p = view2(a.dim(), probes.p(i))?;
         first.extend((&p * &a).sum_axis(Axis(0)));
         if dims.bias {
             first.extend(p.sum_axis(Axis(0)));
@@ -69,13 +71,18 @@ pub(super) fn probe_features(dims: Dims, probes: &Probes) -> Result<ProbeFeature
         second.extend(a.mapv(|x| x * x).sum_axis(Axis(0)));
         if dims.bias {
             second.extend(a.sum_axis(Axis(0)).iter().map(|x| 2.0 * x));
-            second.push(dims.positions as f64);
+            second.push(a.nrows() as f64);
         }
     }
     Ok(ProbeFeatures {
         first: matrix((q, delta_len(dims)), first)?,
         second: matrix((q, gram_len(dims)), second)?,
     })
+}
+
+/// `x` (T×D, row-major) of a probe, T read from its length.
+fn by_position(dims: Dims, x: &[f64]) -> Result<ndarray::ArrayView2<'_, f64>> {
+    view2((x.len().checked_div(dims.dim).unwrap_or(0), dims.dim), x)
 }
 
 /// `[Δγ, Δβ]` and `[Δγ², Δγ ⊙ Δβ, ‖Δβ‖²]` of every record at `rows`.
@@ -119,7 +126,7 @@ pub(super) fn pair(first: f64, second: f64) -> (f64, f64) {
 /// The layer's output `c_t = R_γ ⊙ x̂_t + R_β` (T×D, row-major) for a
 /// weight change `R` at the normalized input `a`.
 pub(super) fn direct(dims: Dims, delta: &LayerWeights, a: &[f64]) -> Result<Vec<f64>> {
-    let a = view2((dims.positions, dims.dim), a)?;
+    let a = by_position(dims, a)?;
     let g = view2((1, dims.dim), &delta.weight)?;
     let mut c = &a * &g;
     if dims.bias {
@@ -185,29 +192,25 @@ mod tests {
             recs.epoch.push(0);
             recs.instance_id.push(Some(i as i64));
             recs.label.push(Some(1));
-            recs.v.extend(normal(rng, len));
+            recs.push_lists(&[], &normal(rng, len));
             scales.push(rng.random_range(0.5..2.0));
         }
         (recs, scales)
     }
 
     fn probes(rng: &mut ChaCha8Rng, which: Which, n: usize) -> Probes {
-        let mut probes = Probes {
-            a_len: T * D,
-            p_len: T * D,
-            ..Probes::default()
-        };
+        let mut probes = Probes::default();
         for i in 0..n {
             probes.probe_id.push(i as i64);
             probes.instance_id.push(None);
             probes.label.push(0);
             probes.predicted.push(0);
-            probes.a.extend(normalized(rng, which));
+            let a = normalized(rng, which);
             let p = normal(rng, T * D);
             probes
                 .p_norm
                 .push(p.iter().map(|x| x * x).sum::<f64>().sqrt());
-            probes.p.extend(p);
+            probes.push_lists(&a, &p);
         }
         probes
     }

@@ -22,7 +22,10 @@
 //! The [`Layout`] says how records and probes hold their matrices: a
 //! convolution's are channel-major (`u` = unfold(a) K×P, `v` and `p` C×P,
 //! `a` the raw input), a linear sequence layer's position-major (`u`, `a`
-//! P×K, `v`, `p` P×C), read through transposed views.
+//! P×K, `v`, `p` P×C), read through transposed views. A position-major
+//! record or probe holds its own number of positions `P` (a ragged layer's
+//! vary, a record's may be 0), read from the length of its slices; a
+//! channel-major one always holds [`Patches::positions`].
 use super::conv2d::Unfold;
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, push_upper, shape_error,
@@ -45,7 +48,9 @@ pub struct Patches {
     pub k: usize,
     /// Groups `G` (1 but for grouped convolutions); divides `out` and `k`.
     pub groups: usize,
-    /// Positions `P`: columns of `A`.
+    /// Positions `P`: columns of `A` (of a channel-major layout; a
+    /// position-major record or probe holds its own, this many for a layer
+    /// that is not ragged).
     pub positions: usize,
     /// Whether the layer has a bias (`C` long).
     pub bias: bool,
@@ -127,13 +132,29 @@ impl Patches {
         ndarray::Slice::from(g * k..(g + 1) * k)
     }
 
-    /// A matrix of `rows` × P stored in the layout (position-major: P ×
-    /// `rows`, viewed transposed).
-    fn by_position<'a>(&self, rows: usize, data: &'a [f64]) -> Result<ArrayView2<'a, f64>> {
+    /// A matrix of `rows` × `positions` stored in the layout (position-major:
+    /// `positions` × `rows`, viewed transposed).
+    fn at_positions<'a>(
+        &self,
+        rows: usize,
+        positions: usize,
+        data: &'a [f64],
+    ) -> Result<ArrayView2<'a, f64>> {
         match self.layout {
-            Layout::Positions => Ok(view2((self.positions, rows), data)?.reversed_axes()),
-            Layout::Channels(_) => view2((rows, self.positions), data),
+            Layout::Positions => Ok(view2((positions, rows), data)?.reversed_axes()),
+            Layout::Channels(_) => view2((rows, positions), data),
         }
+    }
+
+    /// A matrix of `rows` × P stored in the layout, P read from its length
+    /// in the position-major layout ([`Patches::positions`] in the
+    /// channel-major one).
+    fn by_position<'a>(&self, rows: usize, data: &'a [f64]) -> Result<ArrayView2<'a, f64>> {
+        let positions = match self.layout {
+            Layout::Positions => data.len().checked_div(rows).unwrap_or(0),
+            Layout::Channels(_) => self.positions,
+        };
+        self.at_positions(rows, positions, data)
     }
 
     /// The patches `A` (K×P) of a probe's `a`.
@@ -152,7 +173,9 @@ impl Patches {
         let mut second = Vec::with_capacity(q * self.gram_len());
         for i in 0..q {
             let a = self.patches(probes.a(i))?;
-            let p = self.by_position(self.out, probes.p(i))?;
+            // The probe's positions P: those of its `a`, which `p` must have.
+            let positions = a.ncols();
+            let p = self.at_positions(self.out, positions, probes.p(i))?;
             for g in 0..self.group_count() {
                 let (ag, pg) = (
                     a.slice_axis(Axis(0), self.k_rows(g)),
@@ -169,7 +192,7 @@ impl Patches {
                 push_upper(&ag.dot(&ag.t()), 1.0, &mut second);
                 if self.bias {
                     second.extend(ag.sum_axis(Axis(1)).iter());
-                    second.push(self.positions as f64);
+                    second.push(positions as f64);
                 }
             }
         }
@@ -188,11 +211,12 @@ impl Patches {
         rows: &[usize],
         out: &mut Vec<f64>,
     ) -> Result<()> {
-        let (ul, vl) = (self.k * self.positions, self.out * self.positions);
         let mut w = Array2::zeros((self.out, self.group_k()));
         for &i in rows {
-            let u = self.by_position(self.k, &recs.u[i * ul..(i + 1) * ul])?;
-            let v = self.by_position(self.out, &recs.v[i * vl..(i + 1) * vl])?;
+            // The record's positions P (0 for a ragged record that holds
+            // none: ΔW = 0, Δb = 0): those of its `u`, which `v` must have.
+            let u = self.by_position(self.k, recs.u_of(i))?;
+            let v = self.at_positions(self.out, u.ncols(), recs.v_of(i))?;
             for g in 0..self.group_count() {
                 general_mat_mul(
                     scales[i],
@@ -251,7 +275,7 @@ impl Patches {
     pub(super) fn direct(&self, delta: &LayerWeights, a: &[f64]) -> Result<Vec<f64>> {
         let w = view2((self.out, self.group_k()), &delta.weight)?;
         let a = self.patches(a)?;
-        let mut c = Array2::zeros((self.out, self.positions));
+        let mut c = Array2::zeros((self.out, a.ncols()));
         for g in 0..self.group_count() {
             general_mat_mul(
                 1.0,

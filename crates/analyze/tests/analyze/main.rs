@@ -5,6 +5,7 @@ mod attribution;
 mod kinds;
 mod patches;
 mod queries;
+mod ragged;
 mod read;
 mod sql;
 mod verify;

@@ -359,36 +359,33 @@ fn check(name: &str, case: Case, seed: u64) {
     } else {
         case.factor_lens()
     };
-    let recs = Records {
+    let mut recs = Records {
         step: vec![0; n_rec],
         epoch: vec![0; n_rec],
         instance_id: vec![None; n_rec],
         label: vec![None; n_rec],
-        u: random(&mut rng, n_rec * ul),
-        v: random(&mut rng, n_rec * vl),
+        ..Records::default()
     };
+    for _ in 0..n_rec {
+        let (u, v) = (random(&mut rng, ul), random(&mut rng, vl));
+        recs.push_lists(&u, &v);
+    }
     let scales = random(&mut rng, n_rec);
     let (al, pl) = case.probe_lens();
-    let probes = Probes {
+    let mut probes = Probes {
         probe_id: (0..n_probe as i64).collect(),
         instance_id: vec![None; n_probe],
         label: vec![0; n_probe],
         predicted: vec![0; n_probe],
-        a: random(&mut rng, n_probe * al),
-        p: random(&mut rng, n_probe * pl),
         p_norm: vec![0.0; n_probe],
-        a_len: al,
-        p_len: pl,
+        ..Probes::default()
     };
+    for _ in 0..n_probe {
+        let (a, p) = (random(&mut rng, al), random(&mut rng, pl));
+        probes.push_lists(&a, &p);
+    }
     let deltas: Vec<Vec<f64>> = (0..n_rec)
-        .map(|r| {
-            delta(
-                &case,
-                &recs.u[r * ul..(r + 1) * ul],
-                &recs.v[r * vl..(r + 1) * vl],
-                scales[r],
-            )
-        })
+        .map(|r| delta(&case, recs.u_of(r), recs.v_of(r), scales[r]))
         .collect();
     let wl = case.weight_len();
     let pf = ProbeFeatures::new(&geom, &probes).expect("probe features");
