@@ -524,7 +524,11 @@ impl Recorder {
     /// Adds the update records of one step for traced layer `layer`.
     ///
     /// The slices are copied once into the message for the writer thread;
-    /// [`Recorder::updates_owned`] takes the buffers instead.
+    /// [`Recorder::updates_owned`] takes the buffers instead. The rows of a
+    /// ragged layer's factor records hold `batch.positions[i]` positions
+    /// each (or all the same number, without `positions`); other layers'
+    /// rows have the fixed lengths of `TracedLayer::record_lens` and take
+    /// no `positions`.
     pub fn updates(&mut self, layer: &str, batch: UpdateBatch<'_>) -> Result<()> {
         self.updates_owned(
             layer,
