@@ -58,11 +58,13 @@
 //! # rec.updates("fc", UpdateBatch {
 //! #     step: 0, epoch: 0, instance_ids: &[0, 1], labels: &[0, 1],
 //! #     u: &[1.0, 0.0, 0.0, 1.0], v: &[0.5, -0.25], update_norm: None,
+//! #     positions: None,
 //! # })?;
 //! # // Probe input a = [2, 2]; refinement p = (W_T − W_0) a = 0.5.
 //! # rec.probes("fc", ProbeBatch {
 //! #     probe_ids: &[2], instance_ids: &[None], labels: &[0], predicted: &[0],
 //! #     a: &[2.0, 2.0], p: &[0.5],
+//! #     positions: None,
 //! # })?;
 //! # rec.finish(&[NamedTensor { name: "fc.weight", shape: &[1, 2], data: &[0.5, -0.25] }])?;
 //! let run = reptrace_analyze::open(&dir)?;

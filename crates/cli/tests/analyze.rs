@@ -79,6 +79,7 @@ fn write_run(run: &Path) {
             predicted: &[1, 0, 0],
             a: &a,
             p: &p,
+            positions: None,
         },
     );
     let (wf, bf) = (f32s(&wt), f32s(&bt));

@@ -49,6 +49,7 @@ fn record(run: &Path, steps: i64, rows: usize, every: i64, finish: bool) {
                 predicted: &[1],
                 a: &[0.0; 4],
                 p: &[1.0, 2.0, 2.0],
+                positions: None,
             },
         );
         rec.finish(&weights);
@@ -331,6 +332,7 @@ fn info_shows_what_each_step_applied() {
                     u: &vec![0.5; 2 * ul],
                     v: &vec![0.25; 2 * vl],
                     update_norm: None,
+                    positions: None,
                 },
             )
             .unwrap();

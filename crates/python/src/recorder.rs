@@ -4,9 +4,11 @@
 //! Python side) and are read in place; the recorder copies them into its
 //! queue, so the caller may reuse its buffers as soon as a call returns.
 //! Every call that can wait on the writer thread releases the interpreter
-//! lock.
+//! lock. A ragged layer's `updates` and `probes` take each row's number of
+//! positions in `positions`, a 1-D `uint32` array (an `int64` one is
+//! accepted and converted).
 use crate::error;
-use numpy::PyReadonlyArray1;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
@@ -47,6 +49,52 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> 
     serde_json::from_str(json).map_err(|e| error::invalid(format!("{what}: {e}")))
 }
 
+/// A ragged layer's `positions` argument: a 1-D `uint32` array, read in
+/// place, or an `int64` one (NumPy's default integers), checked and
+/// converted.
+enum Positions<'py> {
+    U32(PyReadonlyArray1<'py, u32>),
+    Converted(Vec<u32>),
+}
+
+impl<'py> Positions<'py> {
+    /// The argument `obj` (`None`: not given) of a call on `context`.
+    fn new(context: &str, obj: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Self>> {
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
+            return Ok(None);
+        };
+        if let Ok(a) = obj.cast::<PyArray1<u32>>() {
+            return Ok(Some(Self::U32(a.readonly())));
+        }
+        let Ok(a) = obj.cast::<PyArray1<i64>>() else {
+            return Err(error::invalid(format!(
+                "{context}: positions must be a 1-D uint32 (or int64) NumPy array"
+            )));
+        };
+        let a = a.readonly();
+        let values = slice(&a, "positions")?;
+        let converted = values
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                u32::try_from(p).map_err(|_| {
+                    error::invalid(format!(
+                        "{context}: positions[{i}] is {p}, expected 0..=4294967295"
+                    ))
+                })
+            })
+            .collect::<PyResult<Vec<u32>>>()?;
+        Ok(Some(Self::Converted(converted)))
+    }
+
+    fn as_slice(&self) -> PyResult<&[u32]> {
+        match self {
+            Self::U32(a) => slice(a, "positions"),
+            Self::Converted(v) => Ok(v),
+        }
+    }
+}
+
 /// One layer's probe rows as NumPy arrays (`instance_ids` −1 for none).
 struct ProbeArrays<'py> {
     probe_ids: PyReadonlyArray1<'py, i64>,
@@ -55,6 +103,7 @@ struct ProbeArrays<'py> {
     predicted: PyReadonlyArray1<'py, i32>,
     a: PyReadonlyArray1<'py, f64>,
     p: PyReadonlyArray1<'py, f64>,
+    positions: Option<Positions<'py>>,
 }
 
 impl ProbeArrays<'_> {
@@ -71,6 +120,11 @@ impl ProbeArrays<'_> {
             predicted: slice(&self.predicted, "predicted")?,
             a: slice(&self.a, "a")?,
             p: slice(&self.p, "p")?,
+            positions: self
+                .positions
+                .as_ref()
+                .map(Positions::as_slice)
+                .transpose()?,
         })
     }
 }
@@ -284,12 +338,14 @@ impl PyRecorder {
     }
 
     /// Instance mode: one layer's per-example factors for a step, row-major
-    /// (`u`: examples × u_len, `v`: examples × v_len).
+    /// (`u`: examples × u_len, `v`: examples × v_len). A ragged layer's
+    /// rows hold `positions[i]` positions each (`positions`: a 1-D `uint32`
+    /// array, one per row; `None`: every row the same number).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (layer, step, epoch, ids, labels, u, v, update_norm=None))]
-    fn updates(
+    #[pyo3(signature = (layer, step, epoch, ids, labels, u, v, update_norm=None, positions=None))]
+    fn updates<'py>(
         &mut self,
-        py: Python<'_>,
+        py: Python<'py>,
         layer: &str,
         step: i64,
         epoch: i32,
@@ -298,11 +354,14 @@ impl PyRecorder {
         u: PyReadonlyArray1<'_, f32>,
         v: PyReadonlyArray1<'_, f32>,
         update_norm: Option<PyReadonlyArray1<'_, f32>>,
+        positions: Option<Bound<'py, PyAny>>,
     ) -> PyResult<()> {
         let norms = match &update_norm {
             Some(n) => Some(slice(n, "update_norm")?),
             None => None,
         };
+        let positions =
+            Positions::new(&format!("updates for layer {layer:?}"), positions.as_ref())?;
         let batch = UpdateBatch {
             step,
             epoch,
@@ -311,6 +370,7 @@ impl PyRecorder {
             u: slice(&u, "u")?,
             v: slice(&v, "v")?,
             update_norm: norms,
+            positions: positions.as_ref().map(Positions::as_slice).transpose()?,
         };
         let rec = self.rec()?;
         py.detach(|| rec.updates(layer, batch))
@@ -356,21 +416,25 @@ impl PyRecorder {
     /// Probes of one traced layer: ids, the training instance each is (or
     /// -1), labels, predictions, the layer inputs `a` and refinements `p`
     /// (row-major `float64`). `checkpoint`: probes as of the next commit's
-    /// weights, for a run that may not finish.
+    /// weights, for a run that may not finish. A ragged layer's rows hold
+    /// `positions[i] ≥ 1` positions each (`positions`: a 1-D `uint32`
+    /// array, one per row; `None`: every row the same number).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (layer, probe_ids, instance_ids, labels, predicted, a, p, checkpoint=false))]
-    fn probes(
+    #[pyo3(signature = (layer, probe_ids, instance_ids, labels, predicted, a, p, checkpoint=false, positions=None))]
+    fn probes<'py>(
         &mut self,
-        py: Python<'_>,
+        py: Python<'py>,
         layer: &str,
-        probe_ids: PyReadonlyArray1<'_, i64>,
-        instance_ids: PyReadonlyArray1<'_, i64>,
-        labels: PyReadonlyArray1<'_, i32>,
-        predicted: PyReadonlyArray1<'_, i32>,
-        a: PyReadonlyArray1<'_, f64>,
-        p: PyReadonlyArray1<'_, f64>,
+        probe_ids: PyReadonlyArray1<'py, i64>,
+        instance_ids: PyReadonlyArray1<'py, i64>,
+        labels: PyReadonlyArray1<'py, i32>,
+        predicted: PyReadonlyArray1<'py, i32>,
+        a: PyReadonlyArray1<'py, f64>,
+        p: PyReadonlyArray1<'py, f64>,
         checkpoint: bool,
+        positions: Option<Bound<'py, PyAny>>,
     ) -> PyResult<()> {
+        let positions = Positions::new(&format!("probes for layer {layer:?}"), positions.as_ref())?;
         let arrays = ProbeArrays {
             probe_ids,
             instance_ids,
@@ -378,6 +442,7 @@ impl PyRecorder {
             predicted,
             a,
             p,
+            positions,
         };
         let rec = self.rec()?;
         arrays.with_batch(|batch| {
@@ -492,19 +557,23 @@ impl PyProbeAppender {
         self.with(py, |a| Ok(a.manifest().to_json()))
     }
 
-    /// Probes of one traced layer, as `Recorder.probes` takes them.
+    /// Probes of one traced layer, as `Recorder.probes` takes them
+    /// (`positions`: a ragged layer's positions per row).
     #[allow(clippy::too_many_arguments)]
-    fn probes(
+    #[pyo3(signature = (layer, probe_ids, instance_ids, labels, predicted, a, p, positions=None))]
+    fn probes<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         layer: &str,
-        probe_ids: PyReadonlyArray1<'_, i64>,
-        instance_ids: PyReadonlyArray1<'_, i64>,
-        labels: PyReadonlyArray1<'_, i32>,
-        predicted: PyReadonlyArray1<'_, i32>,
-        a: PyReadonlyArray1<'_, f64>,
-        p: PyReadonlyArray1<'_, f64>,
+        probe_ids: PyReadonlyArray1<'py, i64>,
+        instance_ids: PyReadonlyArray1<'py, i64>,
+        labels: PyReadonlyArray1<'py, i32>,
+        predicted: PyReadonlyArray1<'py, i32>,
+        a: PyReadonlyArray1<'py, f64>,
+        p: PyReadonlyArray1<'py, f64>,
+        positions: Option<Bound<'py, PyAny>>,
     ) -> PyResult<()> {
+        let positions = Positions::new(&format!("probes for layer {layer:?}"), positions.as_ref())?;
         let arrays = ProbeArrays {
             probe_ids,
             instance_ids,
@@ -512,6 +581,7 @@ impl PyProbeAppender {
             predicted,
             a,
             p,
+            positions,
         };
         arrays.with_batch(|batch| self.with(py, |app| app.probes(layer, batch)))
     }

@@ -111,6 +111,7 @@ fn run(data: &Data, dtype: Dtype, level: i32, steps: usize) -> Row {
                     u,
                     v,
                     update_norm: None,
+                    positions: None,
                 },
             )
             .expect("updates");

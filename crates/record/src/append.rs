@@ -21,7 +21,9 @@ use crate::{Error, Result, columns, durable};
 use arrow_array::{Array, Int64Array};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use reptrace_format::{Commit, FileEntry, Manifest, Status, Step, Table, col, layout, schema};
+use reptrace_format::{
+    Commit, FileEntry, Lens, Manifest, Status, Step, Table, col, layout, schema,
+};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -61,8 +63,8 @@ pub struct ProbeAppender {
     manifest: Manifest,
     /// The weights snapshot new probes are taken against, and its step.
     weights: (String, Step),
-    /// Traced layer name → (a_len, p_len).
-    layers: BTreeMap<String, (usize, usize)>,
+    /// Traced layer name → its probes' shape.
+    layers: BTreeMap<String, Lens>,
     parts: BTreeMap<String, PartWriter>,
     /// Probe ids written per layer in this append.
     ids: BTreeMap<String, Vec<i64>>,
@@ -125,7 +127,7 @@ impl ProbeAppender {
         let layers = manifest
             .model
             .traced_layers()
-            .map(|l| (l.name().to_owned(), l.probe_lens()))
+            .map(|l| (l.name().to_owned(), l.probe_shape()))
             .collect();
         let mut appender = Self {
             run,
@@ -171,13 +173,13 @@ impl ProbeAppender {
     /// Adds probe rows for traced layer `layer`, as
     /// [`crate::Recorder::probes`] takes them.
     pub fn probes(&mut self, layer: &str, batch: ProbeBatch<'_>) -> Result<()> {
-        let Some(&(a_len, p_len)) = self.layers.get(layer) else {
+        let Some(&shape) = self.layers.get(layer) else {
             return Err(Error::UnknownLayer {
                 layer: layer.to_owned(),
                 traced: self.layers.keys().cloned().collect::<Vec<_>>().join(", "),
             });
         };
-        let rows = batch.checked_rows(layer, a_len, p_len, self.manifest.classes.len())?;
+        let rows = batch.checked_rows(layer, shape, self.manifest.classes.len())?;
         let context = format!("probes for layer {layer:?}");
         let seen = self.ids.entry(layer.to_owned()).or_default();
         let mut here: HashSet<i64> = seen.iter().copied().collect();

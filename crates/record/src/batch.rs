@@ -3,7 +3,7 @@
 //! Each `*Batch` is checked on the caller's thread (lengths, layer, order) and
 //! copied once into an owned message for the writer thread, so the caller's
 //! buffers are free again as soon as the call returns.
-use reptrace_format::Split;
+use reptrace_format::{Lens, Split};
 
 /// One row of the `steps` table.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,7 +77,11 @@ pub struct ExampleBatch<'a> {
 /// The update records of one step for one traced layer: `n` rows.
 ///
 /// `u` is `n × u_len` and `v` is `n × v_len`, row-major, with
-/// `(u_len, v_len) = TracedLayer::factor_lens()`.
+/// `(u_len, v_len) = TracedLayer::factor_lens()`. A ragged layer's factor
+/// records (`TracedLayer::record_shape` is `Lens::PerPosition(a, b)`) hold
+/// each row's own number of positions `n_i ≥ 0` instead: row `i` has
+/// `n_i × a` values of `u` and `n_i × b` of `v`, the rows one after the
+/// other, with the `n_i` in `positions`.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateBatch<'a> {
     /// The training step (not negative).
@@ -94,6 +98,11 @@ pub struct UpdateBatch<'a> {
     pub v: &'a [f32],
     /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
     pub update_norm: Option<&'a [f32]>,
+    /// A ragged layer's positions per row, `n` of them (the sums of
+    /// `positions · a` and `positions · b` are the lengths of `u` and `v`);
+    /// `None`: every row holds the same number of positions (any number,
+    /// 0 included). Must be `None` for the other layers.
+    pub positions: Option<&'a [u32]>,
 }
 
 /// Factor values handed over by value: `f32`, or `f16` already converted by
@@ -161,10 +170,15 @@ pub struct UpdateBatchOwned {
     pub v: FactorValues,
     /// ‖ΔW‖_F per row; `None`: computed by the writer thread.
     pub update_norm: Option<Vec<f32>>,
+    /// As [`UpdateBatch::positions`].
+    pub positions: Option<Vec<u32>>,
 }
 
 /// Probe rows for one traced layer: `n` rows, `a` is `n × a_len` and `p` is
-/// `n × p_len` with `(a_len, p_len) = TracedLayer::probe_lens()`.
+/// `n × p_len` with `(a_len, p_len) = TracedLayer::probe_lens()`. A ragged
+/// layer's probes (`TracedLayer::probe_shape` is `Lens::PerPosition(a, p)`)
+/// hold each row's own number of positions `n_i ≥ 1` instead, given in
+/// `positions`.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeBatch<'a> {
     /// Each row's probe id (`probes.probe_id`), `n` of them; a probe has a
@@ -181,6 +195,10 @@ pub struct ProbeBatch<'a> {
     pub a: &'a [f64],
     /// The refinements `p = z_T − (W_0 ⊛ a + b_0)`, `n × p_len`, row-major.
     pub p: &'a [f64],
+    /// A ragged layer's positions per row, `n` of them, each at least 1;
+    /// `None`: every row holds the same number of positions (at least 1).
+    /// Must be `None` for the other layers.
+    pub positions: Option<&'a [u32]>,
 }
 
 /// A named f32 tensor of a weights snapshot (PyTorch name and shape).
@@ -274,8 +292,10 @@ pub(crate) struct UpdateRows {
     pub labels: Vec<Option<i32>>,
     pub u: FactorValues,
     pub v: FactorValues,
-    pub u_len: usize,
-    pub v_len: usize,
+    /// How `u` splits into rows.
+    pub u_rows: RowLens,
+    /// How `v` splits into rows.
+    pub v_rows: RowLens,
     pub norms: Option<Vec<f32>>,
     /// How to compute ‖ΔW‖ when `norms` is `None`.
     pub norm: NormKind,
@@ -316,8 +336,117 @@ pub(crate) struct ProbeRows {
     pub predicted: Vec<i32>,
     pub a: Vec<f64>,
     pub p: Vec<f64>,
-    pub a_len: usize,
-    pub p_len: usize,
+    /// How `a` splits into rows.
+    pub a_rows: RowLens,
+    /// How `p` splits into rows.
+    pub p_rows: RowLens,
+}
+
+/// How the flat values of one list column split into its rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RowLens {
+    /// Every row holds this many values.
+    Fixed(usize),
+    /// Row `i` holds values `offsets[i]..offsets[i + 1]` (`n + 1` offsets,
+    /// from 0): a ragged layer's rows.
+    Offsets(Vec<usize>),
+}
+
+impl RowLens {
+    /// Row `i`'s values.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        match self {
+            Self::Fixed(len) => i * len..(i + 1) * len,
+            Self::Offsets(offsets) => offsets[i]..offsets[i + 1],
+        }
+    }
+}
+
+/// The rows of a ragged layer's batch: `n` rows of `first` and `second`
+/// values, `per.0` and `per.1` values a position, each row holding
+/// `positions[i]` positions (`None`: every row the same number). Rows of
+/// fewer than `min` positions are refused. Errors name `context` and
+/// `positions`.
+pub(crate) fn per_position_rows(
+    context: impl Fn() -> String,
+    positions: Option<&[u32]>,
+    n: usize,
+    names: (&'static str, &'static str),
+    per: (usize, usize),
+    got: (usize, usize),
+    min: u32,
+) -> crate::Result<(RowLens, RowLens)> {
+    let invalid = |message: String| crate::Error::Invalid {
+        context: context(),
+        message,
+    };
+    let too_many = || invalid("the positions' values overflow the address space".to_owned());
+    let Some(ps) = positions else {
+        // Every row holds the same number m of positions: m·per values each.
+        let m = if n == 0 {
+            (got == (0, 0)).then_some(0)
+        } else if got.0.is_multiple_of(n) && got.1.is_multiple_of(n) {
+            Lens::PerPosition(per.0, per.1)
+                .positions(got.0 / n, got.1 / n)
+                .ok()
+        } else {
+            None
+        };
+        let Some(m) = m else {
+            return Err(invalid(format!(
+                "without positions every row holds the same number m of positions, but {} {} \
+                 and {} {} values are not {n} rows of m·{} and m·{} values; pass positions",
+                got.0, names.0, got.1, names.1, per.0, per.1
+            )));
+        };
+        if n > 0 && m < min as usize {
+            return Err(invalid(format!(
+                "without positions every row holds {m} positions, at least {min} needed; \
+                 pass positions"
+            )));
+        }
+        return Ok((RowLens::Fixed(m * per.0), RowLens::Fixed(m * per.1)));
+    };
+    check_len(&context, "positions", n, ps.len())?;
+    if let Some(i) = ps.iter().position(|&p| p < min) {
+        return Err(invalid(format!(
+            "positions[{i}] is {}; every row holds at least {min}",
+            ps[i]
+        )));
+    }
+    let offsets = |unit: usize| -> Option<Vec<usize>> {
+        let mut offsets = Vec::with_capacity(n + 1);
+        let mut end = 0usize;
+        offsets.push(end);
+        for &p in ps {
+            end = end.checked_add((p as usize).checked_mul(unit)?)?;
+            offsets.push(end);
+        }
+        Some(offsets)
+    };
+    let (first, second) = (
+        offsets(per.0).ok_or_else(too_many)?,
+        offsets(per.1).ok_or_else(too_many)?,
+    );
+    let total: u64 = ps.iter().map(|&p| u64::from(p)).sum();
+    for (what, offs, unit, got) in [
+        (names.0, &first, per.0, got.0),
+        (names.1, &second, per.1, got.1),
+    ] {
+        let expected = offs[n];
+        check_len(
+            || {
+                format!(
+                    "{} (positions sum to {total}, of {unit} values each)",
+                    context()
+                )
+            },
+            what,
+            expected,
+            got,
+        )?;
+    }
+    Ok((RowLens::Offsets(first), RowLens::Offsets(second)))
 }
 
 /// How a record's ‖ΔW‖_F follows from its `u` and `v`.
@@ -335,8 +464,9 @@ pub(crate) enum NormKind {
         groups: usize,
     },
     /// Linear factors at `t` positions: U is `t × n_in`, V is `t × n_out`,
-    /// ΔW = Vᵀ U.
-    Positions { t: usize, n_in: usize, n_out: usize },
+    /// ΔW = Vᵀ U; `t` is each record's own (`v.len() / n_out`), so that
+    /// the records of a ragged layer take theirs.
+    Positions { n_in: usize, n_out: usize },
     /// Embedding factors: U holds `t` token ids of `digits` base-2048 digits,
     /// V is `t × dim`; row `r` of ΔW sums the rows of V whose id is `r`.
     Embedding {
@@ -370,7 +500,8 @@ pub(crate) fn update_norm(kind: NormKind, u: &[f32], v: &[f32]) -> f32 {
                 .sum();
             sq.sqrt() as f32
         }
-        NormKind::Positions { t, n_in, n_out } => {
+        NormKind::Positions { n_in, n_out } => {
+            let t = v.len() / n_out.max(1);
             // Transposed into the conv layout: U (n_in × t), V (n_out × t).
             let transpose = |m: &[f32], cols: usize| -> Vec<f32> {
                 (0..cols)
@@ -411,6 +542,10 @@ fn sq_norm(x: &[f32]) -> f64 {
 /// forming ΔW (`c_out·k·p` multiplies) or through the Gram matrices
 /// (`p²·(c_out + k)`).
 fn factors_norm(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> f64 {
+    // No positions (a ragged record whose positions were all left out).
+    if p == 0 {
+        return 0.0;
+    }
     if c_out * k <= p * (c_out + k) {
         factors_norm_direct(u, v, k, p, c_out)
     } else {
@@ -463,13 +598,13 @@ fn factors_norm_gram(u: &[f32], v: &[f32], k: usize, p: usize, c_out: usize) -> 
 
 impl ProbeBatch<'_> {
     /// Checks the rows for traced layer `layer` — every slice's length for
-    /// `a_len` and `p_len` values per row, labels and predictions below
-    /// `n_classes` (unchecked when 0) — and copies them.
+    /// the layer's probe `shape` (fixed lengths, or each row's positions of
+    /// a ragged layer), labels and predictions below `n_classes` (unchecked
+    /// when 0) — and copies them.
     pub(crate) fn checked_rows(
         &self,
         layer: &str,
-        a_len: usize,
-        p_len: usize,
+        shape: Lens,
         n_classes: usize,
     ) -> crate::Result<ProbeRows> {
         let ctx = || format!("probes for layer {layer:?}");
@@ -477,18 +612,35 @@ impl ProbeBatch<'_> {
         check_len(ctx, "instance_ids", n, self.instance_ids.len())?;
         check_len(ctx, "labels", n, self.labels.len())?;
         check_len(ctx, "predicted", n, self.predicted.len())?;
-        check_len(
-            || format!("{} ({n} rows of {a_len} values)", ctx()),
-            "a",
-            n * a_len,
-            self.a.len(),
-        )?;
-        check_len(
-            || format!("{} ({n} rows of {p_len} values)", ctx()),
-            "p",
-            n * p_len,
-            self.p.len(),
-        )?;
+        let (a_rows, p_rows) = match shape {
+            Lens::Fixed(a_len, p_len) => {
+                if self.positions.is_some() {
+                    return Err(fixed_positions(ctx()));
+                }
+                check_len(
+                    || format!("{} ({n} rows of {a_len} values)", ctx()),
+                    "a",
+                    n * a_len,
+                    self.a.len(),
+                )?;
+                check_len(
+                    || format!("{} ({n} rows of {p_len} values)", ctx()),
+                    "p",
+                    n * p_len,
+                    self.p.len(),
+                )?;
+                (RowLens::Fixed(a_len), RowLens::Fixed(p_len))
+            }
+            Lens::PerPosition(a, p) => per_position_rows(
+                ctx,
+                self.positions,
+                n,
+                ("a", "p"),
+                (a, p),
+                (self.a.len(), self.p.len()),
+                1,
+            )?,
+        };
         if n_classes > 0 {
             for (what, values) in [("labels", self.labels), ("predicted", self.predicted)] {
                 if let Some(bad) = values.iter().find(|&&l| l < 0 || l as usize >= n_classes) {
@@ -508,9 +660,19 @@ impl ProbeBatch<'_> {
             predicted: self.predicted.to_vec(),
             a: self.a.to_vec(),
             p: self.p.to_vec(),
-            a_len,
-            p_len,
+            a_rows,
+            p_rows,
         })
+    }
+}
+
+/// The error for `positions` given to a layer whose rows have fixed lengths.
+pub(crate) fn fixed_positions(context: String) -> crate::Error {
+    crate::Error::Invalid {
+        context,
+        message: "positions given, but the layer's rows have fixed lengths (it is not ragged, \
+                  or its records hold the whole update); leave positions out"
+            .to_owned(),
     }
 }
 
@@ -568,7 +730,7 @@ mod tests {
             }
         }
         close(
-            update_norm(NormKind::Positions { t, n_in, n_out }, &u, &v),
+            update_norm(NormKind::Positions { n_in, n_out }, &u, &v),
             sq.sqrt(),
         );
         // Grouped conv: row o of ΔW uses its group's rows of u.

@@ -3,9 +3,11 @@
 //! The column layout is `reptrace_format::schema`: `u` and `v` are
 //! `List<Float32>` or `List<Float16>` (item field `item`, non-null), so a row
 //! of `n × len` row-major values becomes a list array with fixed-length
-//! offsets over one flat value buffer (moved, not copied, for f32).
+//! offsets over one flat value buffer (moved, not copied, for f32); a
+//! ragged layer's rows take their own lengths (offsets from each row's
+//! positions) over the same kind of buffer.
 use crate::batch::{
-    BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow, ProbeRows,
+    BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow, ProbeRows, RowLens,
     StepRowsOwned, UpdateRows, update_norm,
 };
 use crate::{Error, Result};
@@ -28,12 +30,12 @@ fn arrow_err(table: Table, source: arrow_schema::ArrowError) -> Error {
     }
 }
 
-/// A list column of `n` rows of `len` values each, over `values`.
+/// A list column of `n` rows over `values`, split as `rows` says.
 fn list(
     table: Table,
     field_type: &DataType,
     values: ArrayRef,
-    len: usize,
+    rows: &RowLens,
     n: usize,
 ) -> Result<ArrayRef> {
     let DataType::List(item) = field_type else {
@@ -42,16 +44,30 @@ fn list(
             message: format!("schema has {field_type} where a list is expected"),
         });
     };
-    let total = len.checked_mul(n).filter(|&t| i32::try_from(t).is_ok());
-    if total.is_none() {
-        return Err(Error::Invalid {
-            context: table.name().to_owned(),
-            message: format!(
-                "{n} rows of {len} values exceed the 2^31 values one batch can hold; pass fewer rows per call"
-            ),
-        });
-    }
-    let offsets = OffsetBuffer::<i32>::from_repeated_length(len, n);
+    let too_many = |what: String| Error::Invalid {
+        context: table.name().to_owned(),
+        message: format!(
+            "{what} exceed the 2^31 values one batch can hold; pass fewer rows per call"
+        ),
+    };
+    let offsets = match rows {
+        RowLens::Fixed(len) => {
+            let total = len.checked_mul(n).filter(|&t| i32::try_from(t).is_ok());
+            if total.is_none() {
+                return Err(too_many(format!("{n} rows of {len} values")));
+            }
+            OffsetBuffer::<i32>::from_repeated_length(*len, n)
+        }
+        RowLens::Offsets(offsets) => {
+            let total = offsets.last().copied().unwrap_or(0);
+            let offsets = offsets
+                .iter()
+                .map(|&o| i32::try_from(o))
+                .collect::<std::result::Result<Vec<i32>, _>>()
+                .map_err(|_| too_many(format!("{n} rows of {total} values in all")))?;
+            OffsetBuffer::new(ScalarBuffer::from(offsets))
+        }
+    };
     let array =
         ListArray::try_new(item.clone(), offsets, values, None).map_err(|e| arrow_err(table, e))?;
     Ok(Arc::new(array))
@@ -196,8 +212,8 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
                 .map(|i| {
                     update_norm(
                         rows.norm,
-                        &u[i * rows.u_len..(i + 1) * rows.u_len],
-                        &v[i * rows.v_len..(i + 1) * rows.v_len],
+                        &u[rows.u_rows.range(i)],
+                        &v[rows.v_rows.range(i)],
                     )
                 })
                 .collect()
@@ -210,14 +226,14 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
         Table::Updates,
         &u_type,
         factor_values(dtype, rows.u),
-        rows.u_len,
+        &rows.u_rows,
         n,
     )?;
     let v = list(
         Table::Updates,
         &v_type,
         factor_values(dtype, rows.v),
-        rows.v_len,
+        &rows.v_rows,
         n,
     )?;
     batch(
@@ -255,7 +271,7 @@ pub(crate) fn probes(rows: ProbeRows) -> Result<RecordBatch> {
     let n = rows.probe_ids.len();
     let p_norm: Vec<f64> = (0..n)
         .map(|i| {
-            rows.p[i * rows.p_len..(i + 1) * rows.p_len]
+            rows.p[rows.p_rows.range(i)]
                 .iter()
                 .map(|x| x * x)
                 .sum::<f64>()
@@ -269,14 +285,14 @@ pub(crate) fn probes(rows: ProbeRows) -> Result<RecordBatch> {
         Table::Probes,
         &a_type,
         Arc::new(Float64Array::new(ScalarBuffer::from(rows.a), None)),
-        rows.a_len,
+        &rows.a_rows,
         n,
     )?;
     let p = list(
         Table::Probes,
         &p_type,
         Arc::new(Float64Array::new(ScalarBuffer::from(rows.p), None)),
-        rows.p_len,
+        &rows.p_rows,
         n,
     )?;
     batch(

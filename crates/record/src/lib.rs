@@ -4,7 +4,9 @@
 //! A [`Recorder`] takes plain slices — steps, per-example update factors,
 //! instances, weights snapshots, probes — so that any training loop can
 //! produce a trace ([`Recorder::updates_owned`] takes the factor buffers
-//! by value instead, f32 or f16, and saves a copy). Rows are checked on
+//! by value instead, f32 or f16, and saves a copy); the records and probes
+//! of a ragged layer (format 9) hold each row's own number of positions,
+//! given in their `positions`. Rows are checked on
 //! the caller's thread, queued on a bounded channel and written to Parquet
 //! (zstd, byte-stream-split floats) by a background thread. Nothing is visible to readers until a commit
 //! point: [`Recorder::commit`] makes the rows so far durable and lists them
@@ -41,7 +43,7 @@
 //! rec.updates("fc", UpdateBatch {
 //!     step: 0, epoch: 0, instance_ids: &[0, 1], labels: &[0, 1],
 //!     u: &[1.0, 2.0, 3.0, 0.5, 0.5, 0.5], v: &[0.1, -0.1, -0.2, 0.2],
-//!     update_norm: None,
+//!     update_norm: None, positions: None,
 //! })?;
 //! let manifest = rec.finish(&weights)?;
 //! assert_eq!(manifest.status, Status::Complete);

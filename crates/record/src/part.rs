@@ -232,7 +232,7 @@ impl PartWriter {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::batch::{FactorValues, NormKind, UpdateRows};
+    use crate::batch::{FactorValues, NormKind, RowLens, UpdateRows};
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use reptrace_format::{Dtype, schema};
 
@@ -244,8 +244,8 @@ mod tests {
             labels: vec![Some(1); n],
             u: FactorValues::F32((0..n * 4).map(|i| i as f32 * 0.25).collect()),
             v: FactorValues::F32((0..n * 2).map(|i| -(i as f32) * 0.5).collect()),
-            u_len: 4,
-            v_len: 2,
+            u_rows: RowLens::Fixed(4),
+            v_rows: RowLens::Fixed(2),
             norms: None,
             norm: NormKind::Outer,
         }

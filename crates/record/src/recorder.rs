@@ -8,14 +8,15 @@
 use crate::append::lock_run;
 use crate::batch::{
     BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow,
-    NamedTensor, NormKind, OwnedTensor, ProbeBatch, StepRow, UpdateBatch, UpdateBatchOwned,
-    UpdateRows, check_len,
+    NamedTensor, NormKind, OwnedTensor, ProbeBatch, RowLens, StepRow, UpdateBatch,
+    UpdateBatchOwned, UpdateRows, check_len, fixed_positions, per_position_rows,
 };
 use crate::part::{ParquetOptions, properties};
 use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
 use crate::{Error, Result, durable};
 use reptrace_format::{
-    Dtype, Manifest, Mode, Model, Module, Optimizer, Split, Status, Table, TracedLayer, layout,
+    Dtype, Lens, Manifest, Mode, Model, Module, Optimizer, Split, Status, Table, TracedLayer,
+    layout,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -229,9 +230,12 @@ fn check_token_ids(context: &str, u: &[f32], digits: usize, num: usize) -> Resul
 #[derive(Debug, Clone)]
 struct LayerInfo {
     name: String,
-    /// Accepted `(u_len, v_len)` with the norm to compute for each.
+    /// Accepted `(u_len, v_len)` with the norm to compute for each (of a
+    /// ragged layer's factor records: the first one's norm).
     factor_shapes: Vec<(usize, usize, NormKind)>,
-    probe_lens: (usize, usize),
+    /// `TracedLayer::record_shape` in the run's mode.
+    record_shape: Lens,
+    probe_shape: Lens,
 }
 
 fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
@@ -262,7 +266,8 @@ fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
         out.push(LayerInfo {
             name: layer.name().to_owned(),
             factor_shapes,
-            probe_lens: layer.probe_lens(),
+            record_shape: layer.record_shape(mode),
+            probe_shape: layer.probe_shape(),
         });
     }
     Ok(out)
@@ -277,9 +282,9 @@ fn factors_norm_kind(layer: TracedLayer<'_>) -> NormKind {
         groups: c.groups,
     };
     match layer {
-        TracedLayer::Linear(l) if l.positions == 1 => NormKind::Outer,
+        // A ragged layer's records hold any number of positions.
+        TracedLayer::Linear(l) if l.positions == 1 && !l.ragged => NormKind::Outer,
         TracedLayer::Linear(l) => NormKind::Positions {
-            t: l.positions,
             n_in: l.in_features,
             n_out: l.out_features,
         },
@@ -519,7 +524,11 @@ impl Recorder {
     /// Adds the update records of one step for traced layer `layer`.
     ///
     /// The slices are copied once into the message for the writer thread;
-    /// [`Recorder::updates_owned`] takes the buffers instead.
+    /// [`Recorder::updates_owned`] takes the buffers instead. The rows of a
+    /// ragged layer's factor records hold `batch.positions[i]` positions
+    /// each (or all the same number, without `positions`); other layers'
+    /// rows have the fixed lengths of `TracedLayer::record_lens` and take
+    /// no `positions`.
     pub fn updates(&mut self, layer: &str, batch: UpdateBatch<'_>) -> Result<()> {
         self.updates_owned(
             layer,
@@ -531,6 +540,7 @@ impl Recorder {
                 u: FactorValues::F32(batch.u.to_vec()),
                 v: FactorValues::F32(batch.v.to_vec()),
                 update_norm: batch.update_norm.map(<[f32]>::to_vec),
+                positions: batch.positions.map(<[u32]>::to_vec),
             },
         )
     }
@@ -564,32 +574,7 @@ impl Recorder {
                 message: "f16 factors for a run recorded in f32; pass f32 factors (or build the recorder with dtype f16)".into(),
             });
         }
-        // The first accepted shape that fits the slices; report the primary
-        // one when none does.
-        let (got_u, got_v) = (batch.u.len(), batch.v.len());
-        let shapes = &self.layers[li].factor_shapes;
-        let (u_len, v_len, norm) = shapes
-            .iter()
-            .copied()
-            .find(|&(u, v, _)| got_u == n * u && got_v == n * v)
-            .ok_or_else(|| {
-                let (u, v, _) = shapes[0];
-                if got_u != n * u {
-                    Error::Length {
-                        context: format!("{} ({n} rows of {u} values)", ctx()),
-                        what: "u",
-                        expected: n * u,
-                        got: got_u,
-                    }
-                } else {
-                    Error::Length {
-                        context: format!("{} ({n} rows of {v} values)", ctx()),
-                        what: "v",
-                        expected: n * v,
-                        got: got_v,
-                    }
-                }
-            })?;
+        let (u_rows, v_rows, norm) = self.record_rows(li, &ctx, &batch)?;
         self.check_labels(&ctx(), "labels", &batch.labels)?;
         if let NormKind::Embedding { digits, num, .. } = norm {
             check_token_ids(&ctx(), &batch.u.as_f32(), digits, num)?;
@@ -607,8 +592,8 @@ impl Recorder {
                 labels: batch.labels.into_iter().map(Some).collect(),
                 u: batch.u,
                 v: batch.v,
-                u_len,
-                v_len,
+                u_rows,
+                v_rows,
                 norms: batch.update_norm,
                 norm,
             },
@@ -665,8 +650,8 @@ impl Recorder {
                     labels: vec![label],
                     u: FactorValues::F32(Vec::new()),
                     v: FactorValues::F32(delta.to_vec()),
-                    u_len,
-                    v_len,
+                    u_rows: RowLens::Fixed(u_len),
+                    v_rows: RowLens::Fixed(v_len),
                     norms: None,
                     norm,
                 },
@@ -701,8 +686,7 @@ impl Recorder {
     fn send_probes(&mut self, layer: &str, batch: ProbeBatch<'_>, checkpoint: bool) -> Result<()> {
         self.check_open()?;
         let li = self.layer_index(layer)?;
-        let (a_len, p_len) = self.layers[li].probe_lens;
-        let rows = batch.checked_rows(layer, a_len, p_len, self.n_classes)?;
+        let rows = batch.checked_rows(layer, self.layers[li].probe_shape, self.n_classes)?;
         if rows.probe_ids.is_empty() {
             return Ok(());
         }
@@ -818,6 +802,60 @@ impl Recorder {
             Ok(()) => Ok(()),
             Err(_) => Err(self.writer_error()),
         }
+    }
+
+    /// How the `u` and `v` of `batch` split into rows for traced layer
+    /// `li`, and the norm of its records: each row's positions for a
+    /// ragged layer's factor records, else the first accepted fixed shape
+    /// that fits the slices (the primary one is reported when none does).
+    fn record_rows(
+        &self,
+        li: usize,
+        ctx: &dyn Fn() -> String,
+        batch: &UpdateBatchOwned,
+    ) -> Result<(RowLens, RowLens, NormKind)> {
+        let n = batch.instance_ids.len();
+        let (got_u, got_v) = (batch.u.len(), batch.v.len());
+        let info = &self.layers[li];
+        if let Lens::PerPosition(a, b) = info.record_shape {
+            let (u_rows, v_rows) = per_position_rows(
+                ctx,
+                batch.positions.as_deref(),
+                n,
+                ("u", "v"),
+                (a, b),
+                (got_u, got_v),
+                0,
+            )?;
+            return Ok((u_rows, v_rows, info.factor_shapes[0].2));
+        }
+        if batch.positions.is_some() {
+            return Err(fixed_positions(ctx()));
+        }
+        let shapes = &info.factor_shapes;
+        let (u_len, v_len, norm) = shapes
+            .iter()
+            .copied()
+            .find(|&(u, v, _)| got_u == n * u && got_v == n * v)
+            .ok_or_else(|| {
+                let (u, v, _) = shapes[0];
+                if got_u != n * u {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {u} values)", ctx()),
+                        what: "u",
+                        expected: n * u,
+                        got: got_u,
+                    }
+                } else {
+                    Error::Length {
+                        context: format!("{} ({n} rows of {v} values)", ctx()),
+                        what: "v",
+                        expected: n * v,
+                        got: got_v,
+                    }
+                }
+            })?;
+        Ok((RowLens::Fixed(u_len), RowLens::Fixed(v_len), norm))
     }
 
     fn layer_index(&self, layer: &str) -> Result<usize> {

@@ -21,6 +21,9 @@ use reptrace_testkit::synthetic::named;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "record/ragged.rs"]
+mod ragged;
+
 // ---------------------------------------------------------------- helpers
 
 /// Every committed file of `table` (and layer), read in commit order.
@@ -201,6 +204,7 @@ fn updates<'a>(
         u,
         v,
         update_norm: None,
+        positions: None,
     }
 }
 
@@ -220,6 +224,7 @@ fn updates_owned(
         u,
         v,
         update_norm: None,
+        positions: None,
     }
 }
 
@@ -455,6 +460,7 @@ fn run_scenario(s: &Scenario) {
                 predicted: &[0, 2, 2],
                 a: &a,
                 p: &p,
+                positions: None,
             },
         )
         .unwrap();
@@ -691,6 +697,7 @@ fn length_errors_name_layer_and_lengths() {
                 predicted: &[1],
                 a: &[0.0; 2],
                 p: &[0.0; 3],
+                positions: None,
             },
         ),
         &["\"fc2\"", "p has length 3, expected 2"],
@@ -1028,6 +1035,7 @@ fn checkpoint_probes_are_kept_for_two_commits_and_dropped_at_the_end() {
             predicted: &[0],
             a: &[1.0, 2.0, 3.0],
             p: &[0.5, -0.5],
+            positions: None,
         };
         if checkpoint {
             rec.checkpoint_probes("fc1", batch).unwrap();
@@ -1251,6 +1259,7 @@ impl ProbeRows {
             predicted: &self.labels,
             a: &self.a,
             p: &self.p,
+            positions: None,
         }
     }
 }

@@ -31,6 +31,7 @@ fn run_with_rates(dir: &std::path::Path, lrs: [f64; 2]) {
             predicted: &[0],
             a: &[2.0, 2.0],
             p: &[1.0],
+            positions: None,
         },
     );
     rec.finish(&[("fc.weight", &[1, 2], &[1.0, -0.5])]);

@@ -240,6 +240,7 @@ pub fn add_probes(run: &Path, data: &Dataset, options: &AddOptions) -> Result<Ad
                     predicted: &out.predicted,
                     a: &l.a,
                     p: &l.p,
+                    positions: None,
                 },
             )?;
             if start == 0 {

@@ -1108,6 +1108,7 @@ impl Tracer {
                     predicted: &predicted,
                     a: &a,
                     p: &p,
+                    positions: None,
                 };
                 let Some(rec) = self.rec.as_mut() else {
                     break;
@@ -1327,6 +1328,7 @@ impl StepWriter<'_> {
                     u: f.u,
                     v: f.v,
                     update_norm: Some(f.update_norm),
+                    positions: None,
                 },
             )?;
             self.timing.record += t1.elapsed();

@@ -928,6 +928,7 @@ impl Run<'_> {
                     predicted: &out.predicted,
                     a: &l.a,
                     p: &l.p,
+                    positions: None,
                 };
                 if checkpoint {
                     rec.checkpoint_probes(layer.name(), batch)?;

@@ -157,6 +157,7 @@ impl Handmade {
                     u,
                     v,
                     update_norm: None,
+                    positions: None,
                 },
             )
             .unwrap();

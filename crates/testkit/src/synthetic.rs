@@ -466,6 +466,7 @@ impl Synth {
                             u: &u,
                             v: &v,
                             update_norm: None,
+                            positions: None,
                         },
                     )
                     .unwrap();
@@ -533,6 +534,7 @@ impl Synth {
                     predicted: &plabels,
                     a: &a,
                     p: &p,
+                    positions: None,
                 },
             )
             .unwrap();
@@ -787,6 +789,7 @@ pub fn cnn_example(out: &Path, dtype: Dtype) -> reptrace_record::Result<Manifest
                         u: &u,
                         v: &v,
                         update_norm: None, // computed by the writer thread
+                        positions: None,
                     },
                 )?;
             }
@@ -826,6 +829,7 @@ pub fn cnn_example(out: &Path, dtype: Dtype) -> reptrace_record::Result<Manifest
                 predicted: &predicted,
                 a: &a,
                 p: &p,
+                positions: None,
             },
         )?;
     }
@@ -908,6 +912,7 @@ pub fn random_run(dir: &Path, model: &Model, records: usize, probes: usize) {
                     u: &u,
                     v: &v,
                     update_norm: None,
+                    positions: None,
                 },
             )
             .expect("updates");
@@ -933,6 +938,7 @@ pub fn random_run(dir: &Path, model: &Model, records: usize, probes: usize) {
                 predicted: &lab,
                 a: &a,
                 p: &p,
+                positions: None,
             },
         )
         .expect("probes");

@@ -320,6 +320,7 @@ fn write(dir: &Path) -> (Vec<(&'static str, Layer)>, Tensors, Tensors) {
                 u: &u,
                 v: &v,
                 update_norm: None,
+                positions: None,
             };
             rec.updates(name, batch).unwrap();
         }
@@ -348,6 +349,7 @@ fn write(dir: &Path) -> (Vec<(&'static str, Layer)>, Tensors, Tensors) {
             predicted: &[0, 0],
             a: &a,
             p: &p,
+            positions: None,
         };
         rec.probes(name, batch).unwrap();
     }
