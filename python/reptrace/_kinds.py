@@ -17,7 +17,12 @@ Sequence kinds (:attr:`Kind.sequence`) see inputs of shape (batch, ...,
 features): every position is one application of the weight, and the calls
 of a module used several times in one forward pass are further positions
 of the same record. Their ``raw`` and ``probe`` tensors are (batch,
-positions, ...), concatenated by the tracer along dimension 1.
+positions, ...), concatenated by the tracer along dimension 1. A layer
+that sees a sequence is *ragged* (the spec's ``ragged``, format 9): a
+step may have any sequence length, and its factor records (returned by
+:meth:`Kind.record` as (batch, positions, values)) leave out the positions
+whose output gradient is exactly zero (padding), which the tracer drops on
+the host.
 """
 from __future__ import annotations
 
@@ -73,6 +78,11 @@ class Kind:
         """Positions per example of a call of ``m`` with input ``x`` (sequence kinds)."""
         return 1
 
+    def has_sequence(self, m: nn.Module, x: torch.Tensor) -> bool:
+        """Whether input ``x`` has positions between its batch dimension and
+        the values each position holds (then the layer is ragged)."""
+        return False
+
     def spec(self, layer: str, m: nn.Module, xs: list[torch.Tensor], mode: str) -> dict:
         """The manifest entry of ``m``, from the inputs ``xs`` of its calls
         in the first forward pass."""
@@ -120,6 +130,9 @@ class Linear(Kind):
     def positions(self, m, x):
         return math.prod(int(s) for s in x.shape[1:-1])
 
+    def has_sequence(self, m, x):
+        return x.dim() > 2
+
     def spec(self, layer, m, xs, mode):
         spec = {
             "kind": "linear",
@@ -133,6 +146,8 @@ class Linear(Kind):
         if positions > 1:
             spec["positions"] = positions
             spec["storage"] = _storage(spec, mode)
+        if any(self.has_sequence(m, x) for x in xs):
+            spec["ragged"] = True
         return spec
 
     def check_input(self, layer, x):
@@ -157,6 +172,8 @@ class Linear(Kind):
     def record(self, spec, bias, u, v):
         b = u.shape[0]
         if spec.get("storage", "factors") == "factors":
+            if spec.get("ragged"):  # (batch, T, values): positions dropped on the host
+                return u.contiguous(), v.contiguous()
             return u.reshape(b, -1).contiguous(), v.reshape(b, -1).contiguous()
         dw = torch.bmm(v.transpose(1, 2), u).reshape(b, -1)
         if bias:
@@ -203,6 +220,9 @@ class Embedding(Kind):
     def positions(self, m, x):
         return math.prod(int(s) for s in x.shape[1:])
 
+    def has_sequence(self, m, x):
+        return x.dim() > 1
+
     def spec(self, layer, m, xs, mode):
         spec = {
             "kind": "embedding",
@@ -215,6 +235,8 @@ class Embedding(Kind):
         if m.padding_idx is not None:
             spec["padding_idx"] = int(m.padding_idx)
         spec["storage"] = _storage(spec, mode)
+        if any(self.has_sequence(m, x) for x in xs):
+            spec["ragged"] = True
         return spec
 
     def check_input(self, layer, x):
@@ -243,7 +265,10 @@ class Embedding(Kind):
     def record(self, spec, bias, u, v):
         b = u.shape[0]
         if spec["storage"] == "factors":
-            return _encode(u, _digits(spec)).reshape(b, -1), v.reshape(b, -1).contiguous()
+            ids = _encode(u, _digits(spec))
+            if spec.get("ragged"):  # (batch, T, values): positions dropped on the host
+                return ids, v.contiguous()
+            return ids.reshape(b, -1), v.reshape(b, -1).contiguous()
         dense = torch.zeros((b, spec["num_embeddings"], v.shape[-1]), device=v.device)
         dense.scatter_add_(1, u.unsqueeze(-1).expand(-1, -1, v.shape[-1]), v)
         return torch.empty((b, 0), device=v.device), dense.reshape(b, -1)
@@ -267,10 +292,13 @@ class _Norm(Kind):
     def positions(self, m, x):
         return x.numel() // max(1, x.shape[0]) // math.prod(m.normalized_shape)
 
+    def has_sequence(self, m, x):
+        return x.dim() > 1 + len(m.normalized_shape)
+
     def spec(self, layer, m, xs, mode):
         shape = [int(s) for s in m.normalized_shape]
         eps = m.eps if m.eps is not None else torch.finfo(torch.float32).eps
-        return {
+        spec = {
             "kind": self.name,
             "name": layer,
             "normalized_shape": shape,
@@ -279,6 +307,9 @@ class _Norm(Kind):
             "positions": sum(self.positions(m, x) for x in xs),
             "traced": True,
         }
+        if any(self.has_sequence(m, x) for x in xs):
+            spec["ragged"] = True
+        return spec
 
     def normalise(self, spec, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

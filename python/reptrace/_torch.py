@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import _kinds, _reptrace
 from ._reptrace import InvalidInput, RecordError
@@ -657,14 +658,14 @@ class Tracer:
                     )
                 for k in calls:
                     self._check_call(l, l.inputs[k], sizes[j])
-                if l.spec is not None and l.kind.sequence:
+                if l.spec is not None and l.kind.sequence and not l.spec.get("ragged"):
                     t = sum(l.kind.positions(l.module, l.inputs[k]) for k in calls)
                     if t != l.spec.get("positions", 1):
                         raise InvalidInput(
                             f"layer {l.name!r}: {t} positions per example at step {self._step} "
-                            f"and {l.spec.get('positions', 1)} at the first step; a layer's "
-                            "records have one length: pad every batch to the same sequence "
-                            "length (e.g. padding='max_length')"
+                            f"and {l.spec.get('positions', 1)} at the first step; a layer "
+                            "that sees no sequence is recorded at one number of calls per "
+                            "forward pass"
                         )
         return sizes
 
@@ -997,6 +998,13 @@ class Tracer:
                 gs.append(torch.cat([g for _, g in parts], dim=1))
         if len(us) == 1:
             return us[0], gs[0]
+        if l.kind.sequence and len({int(u.shape[1]) for u in us}) > 1:
+            # Micro-batches of a ragged layer padded to different lengths:
+            # zero-gradient positions fill them to the longest, and are
+            # left out of the records (_drop_zero_positions).
+            t = max(int(u.shape[1]) for u in us)
+            us = [F.pad(u, (0, 0) * (u.dim() - 2) + (0, t - int(u.shape[1]))) for u in us]
+            gs = [F.pad(g, (0, 0) * (g.dim() - 2) + (0, t - int(g.shape[1]))) for g in gs]
         return torch.cat(us), torch.cat(gs)
 
     def _check_terms(self, l: _Layer, u: torch.Tensor, g: torch.Tensor):
@@ -1099,10 +1107,16 @@ class Tracer:
         arrays = host.wait()
         if self.mode == "instance":
             for name, u, v in arrays:
-                self._rec.updates(name, step, epoch, ids, labels, u, v)
+                if v.ndim == 3:  # a ragged layer's factors: (examples, T, values)
+                    u, v, positions = _drop_zero_positions(u, v)
+                    self._rec.updates(name, step, epoch, ids, labels, u, v,
+                                      positions=positions)
+                else:
+                    self._rec.updates(name, step, epoch, ids, labels,
+                                      u.reshape(-1), v.reshape(-1))
         else:
             names = [name for name, _, _ in arrays]
-            deltas = [d for _, d, _ in arrays]
+            deltas = [d.reshape(-1) for _, d, _ in arrays]
             self._rec.batch_step(step, epoch, ids, labels, names, deltas)
 
     # ------------------------------------------------------------ commits
@@ -1158,12 +1172,17 @@ class Tracer:
 
     # ------------------------------------------------------------ probes
 
-    def add_probes(self, inputs, labels, ids=None, *, train: bool = False, batch_size: int = 256):
+    def add_probes(self, inputs, labels, ids=None, *, train: bool = False, batch_size: int = 256,
+                   mask=None):
         """Records probes: each traced layer's input ``a`` for every input in
         the trained network (evaluation mode), its refinement
         ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` and the network's prediction.
         ``ids`` default to new ids after every instance id seen; ``train=True``
         marks the inputs as training instances (probe id = instance id).
+        ``mask`` (inputs × sequence length, true at real tokens, e.g. a
+        tokenizer's ``attention_mask``) leaves the padded positions out of
+        the probes of the layers that see the sequence; without it a probe
+        holds every position of its input.
         Before :meth:`finish` the probes go into the run's final commit;
         after it they are added to the completed run (:func:`add_probes`).
         Returns the probe ids."""
@@ -1171,7 +1190,7 @@ class Tracer:
             if self._rec is None:
                 raise RecordError(f"{self.run_dir}: no step was recorded")
             return add_probes(self.run_dir, self.model, inputs, labels, ids,
-                              train=train, batch_size=batch_size)
+                              train=train, batch_size=batch_size, mask=mask)
         if self._rec is None:
             raise RecordError(f"{self.run_dir}: probes are added after the first step")
         self._flush_pending()
@@ -1184,7 +1203,7 @@ class Tracer:
             b0 = self._w0.get(f"{l.name}.bias") if l.bias else None
             initial[l.name] = (w0, b0)
         ids = _record_probes(self.model, self._layers, initial, inputs, labels, ids, train,
-                             batch_size, self._rec.probes)
+                             batch_size, self._rec.probes, mask)
         if len(ids):
             self._max_id = max(self._max_id, int(ids.max()))
         return [int(i) for i in ids]
@@ -1201,7 +1220,7 @@ class Tracer:
 
 
 def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bool = False,
-               batch_size: int = 256) -> list[int]:
+               batch_size: int = 256, mask=None) -> list[int]:
     """Adds probes to a completed run, at any time after training: each
     traced layer's input ``a`` for every input in ``model`` (evaluation
     mode), its refinement ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` against the
@@ -1211,7 +1230,8 @@ def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bo
     ``model`` is the trained model: its traced layers (found by the run's
     qualified layer names) must hold the run's final weights. ``ids`` default
     to new ids above every probe and instance id of the run; ``train=True``
-    marks the inputs as training instances (probe id = instance id).
+    marks the inputs as training instances (probe id = instance id);
+    ``mask`` leaves padded positions out (:meth:`Tracer.add_probes`).
     Returns the probe ids."""
     run_dir = Path(run_dir)
     appender = _reptrace.ProbeAppender(str(run_dir))
@@ -1265,24 +1285,34 @@ def add_probes(run_dir, model: nn.Module, inputs, labels, ids=None, *, train: bo
             start = appender.next_probe_id()
             ids = np.arange(start, start + len(labels), dtype=np.int64)
         ids = _record_probes(model, layers, initial, inputs, labels, ids, train, batch_size,
-                             appender.probes)
+                             appender.probes, mask)
         appender.commit()
     finally:
         appender.discard()
     return [int(i) for i in ids]
 
 
-def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_size, emit):
+def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_size, emit,
+                   mask=None):
     """Runs ``inputs`` through ``model`` (evaluation mode, no gradients) in
     chunks and hands each traced layer's probe rows to ``emit`` (the
     recorder's or an appender's ``probes``). ``initial``: layer name →
-    (flat W_0, flat b_0 or None). Returns the probe ids."""
+    (flat W_0, flat b_0 or None); ``mask``: inputs × sequence length, true
+    at the positions ragged layers keep. Returns the probe ids."""
     n = len(labels)
     if int(inputs.shape[0]) != n:
         raise InvalidInput(f"probes: {int(inputs.shape[0])} inputs and {n} labels")
     ids = _ints(ids, np.int64, "ids")
     if len(ids) != n:
         raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
+    if mask is not None:
+        mask = torch.as_tensor(mask).detach().cpu()
+        if mask.dim() != 2 or int(mask.shape[0]) != n:
+            raise InvalidInput(
+                f"probes: mask of shape {tuple(mask.shape)} for {n} inputs; expected "
+                "(inputs, sequence length), true at real tokens"
+            )
+        mask = mask != 0
     was_training = model.training
     captured: dict[int, list[torch.Tensor]] = {}
 
@@ -1305,14 +1335,21 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
                 for l in layers:
                     a, p = _probe(l, captured.get(id(l.module), []), initial[l.name], end - start)
                     rows = end - start
+                    extra = {}
+                    if l.spec.get("ragged"):
+                        keep = None if mask is None else mask[start:end]
+                        a, p, extra["positions"] = _probe_positions(l, a, p, keep, start)
                     emit(
                         l.name,
                         ids[start:end],
                         ids[start:end] if train else np.full(rows, -1, dtype=np.int64),
                         labels[start:end],
                         np.ascontiguousarray(predicted, dtype=np.int32),
-                        np.ascontiguousarray(a.reshape(rows, -1).cpu().numpy().reshape(-1)),
-                        np.ascontiguousarray(p.reshape(rows, -1).cpu().numpy().reshape(-1)),
+                        np.ascontiguousarray(a.reshape(rows, -1).cpu().numpy().reshape(-1)
+                                             if not extra else a.cpu().numpy().reshape(-1)),
+                        np.ascontiguousarray(p.reshape(rows, -1).cpu().numpy().reshape(-1)
+                                             if not extra else p.cpu().numpy().reshape(-1)),
+                        **extra,
                     )
     finally:
         for h in hooks:
@@ -1352,7 +1389,7 @@ def _probe(l: _Layer, calls: list[torch.Tensor], initial, rows: int):
     else:
         a = torch.cat([a for a, _ in parts], dim=1)
         p = torch.cat([p for _, p in parts], dim=1)
-    if l.kind.sequence:
+    if l.kind.sequence and not l.spec.get("ragged"):
         t = sum(l.kind.positions(l.module, x) for x in calls)
         want = l.spec.get("positions", 1)
         if t != want:
@@ -1361,6 +1398,30 @@ def _probe(l: _Layer, calls: list[torch.Tensor], initial, rows: int):
                 f"{want}: pad probe inputs to the training sequence length"
             )
     return a, p
+
+
+def _probe_positions(l: _Layer, a: torch.Tensor, p: torch.Tensor, keep, first: int):
+    """A ragged layer's probes (inputs × T × values) as kept rows and each
+    probe's number of positions: those ``keep`` (inputs × L, the mask's
+    chunk; None: all) marks, its L positions repeated for each of the
+    layer's calls (T = calls·L). ``first``: the chunk's first input."""
+    rows, t = int(a.shape[0]), int(a.shape[1])
+    if keep is None:
+        return a, p, np.full(rows, t, dtype=np.uint32)
+    width = int(keep.shape[1])
+    if t % width:
+        raise InvalidInput(
+            f"probes: mask has {width} positions per input and layer {l.name!r} sees {t}: "
+            "give the mask of the model's input sequence"
+        )
+    keep = keep.repeat(1, t // width).to(a.device)
+    positions = keep.sum(dim=1)
+    empty = (positions == 0).nonzero()
+    if len(empty):
+        raise InvalidInput(
+            f"probes: input {first + int(empty[0, 0])} has no position left by the mask"
+        )
+    return a[keep], p[keep], positions.cpu().numpy().astype(np.uint32)
 
 
 class _HostCopy:
@@ -1392,13 +1453,23 @@ class _HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return [
-            (
-                name,
-                a.numpy().reshape(-1) if a is not None else None,
-                b.numpy().reshape(-1) if b is not None else None,
-            )
+            (name, a.numpy() if a is not None else None, b.numpy() if b is not None else None)
             for name, a, b in self._items
         ]
+
+
+def _drop_zero_positions(u: np.ndarray, v: np.ndarray):
+    """A ragged layer's factors (examples × T × values) without the
+    positions whose output gradient ``v_t`` is exactly zero (padding the
+    attention and the loss mask out): they add nothing to ``Σ_t v_t u_tᵀ``.
+    Returns the kept rows of ``u`` and ``v`` (flat) and each example's
+    number of kept positions."""
+    keep = np.any(v != 0, axis=2)
+    positions = keep.sum(axis=1).astype(np.uint32)
+    if bool(keep.all()):
+        return u.reshape(-1), v.reshape(-1), positions
+    return (np.ascontiguousarray(u[keep]).reshape(-1),
+            np.ascontiguousarray(v[keep]).reshape(-1), positions)
 
 
 def _to_host(items) -> _HostCopy:

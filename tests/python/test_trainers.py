@@ -11,7 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reptrace
-from kit import CLASSES, MLP, assert_reconstructs, completeness, manifest, start_weights, table
+from kit import (
+    CLASSES,
+    MLP,
+    assert_reconstructs,
+    completeness,
+    manifest,
+    start_weights,
+    table,
+    token_ids,
+)
 
 transformers = pytest.importorskip("transformers")
 lightning = pytest.importorskip("lightning")
@@ -128,6 +137,62 @@ def test_hugging_face_trainer_run_is_recorded_exactly(tmp_path, optim, mode, cli
     completeness(run)
     assert_reconstructs(run, model, initial)
     assert_answers(run, mode, 96)
+
+
+def pad_to_longest(items):
+    """A data collator padding each batch to its own longest sequence, with
+    BERT's attention mask (dynamic padding)."""
+    t = max(int(i["length"]) for i in items)
+    ids = torch.zeros(len(items), t, dtype=torch.long)
+    mask = torch.zeros(len(items), t, dtype=torch.long)
+    for row, i in enumerate(items):
+        ids[row, :i["length"]] = i["input_ids"][:i["length"]]
+        mask[row, :i["length"]] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.stack([i["labels"] for i in items]),
+            "reptrace_id": torch.tensor([i["reptrace_id"] for i in items])}
+
+
+def test_hugging_face_trainer_with_dynamic_padding_records_real_tokens(tmp_path):
+    """Batches padded to their own longest sequence (4 to 12 tokens), with
+    gradient accumulation 2 (micro-batches of different lengths in one
+    step): the whole BERT but its position embedding is recorded, verify
+    passes, W_T is rebuilt, and each example's word-embedding record holds
+    exactly its real tokens (the padding, masked out of the attention, gets
+    no gradient; token 0 is BERT's padding_idx and gets none either)."""
+    from reptrace.integrations.huggingface import ReptraceCallback
+
+    class Ragged(Tokens):
+        def __init__(self, n):
+            super().__init__(n)
+            g = torch.Generator().manual_seed(5)
+            self.lengths = torch.randint(4, SEQ + 1, (n,), generator=g)
+
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "length": int(self.lengths[i])}
+
+    data = Ragged(96)
+    model = tiny_bert()
+    initial = start_weights(model)
+    run = str(tmp_path / "bert")
+    callback = ReptraceCallback(run, classes=["no", "yes"], exclude=[POSITIONS])
+    trainer = transformers.Trainer(model=model, args=hf_args(tmp_path), train_dataset=data,
+                                   data_collator=pad_to_longest, callbacks=[callback])
+    trainer.train()
+    completeness(run)
+    assert_reconstructs(run, model, initial)
+    specs = {s["name"]: s for s in manifest(run)["model"]["modules"]}
+    words = "bert.embeddings.word_embeddings"
+    assert specs[words]["ragged"] and not specs["classifier"].get("ragged")
+    rows = table(run, "updates").to_pandas()
+    rows = rows[rows.layer == words]
+    assert len(rows) == 2 * 96
+    lr = dict(zip(*table(run, "steps").select(["step", "lr"]).to_pydict().values()))
+    for i, step, u in zip(rows.instance_id, rows.step, rows.u):
+        real = data.x[i, :int(data.lengths[i])]
+        # The warm-up's first step has lr 0: no position changes the weight.
+        want = real[real != 0].tolist() if lr[step] > 0 else []
+        assert token_ids(specs[words], u).tolist() == want, (i, step)
 
 
 def test_hugging_face_callback_refusals_are_one_line(tmp_path):

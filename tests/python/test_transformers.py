@@ -247,6 +247,89 @@ def test_sql_contributions_equal_a_brute_force_and_add_up(traced):
                 assert abs(norm - np.linalg.norm(c)) <= 1e-6 * max(np.linalg.norm(c), 1e-12)
 
 
+def fit_padded_per_batch(run, traced=True, epochs=2):
+    """Trains a float64 TinyTransformer on batches padded to their own
+    longest sequence (dynamic padding: steps of length 3, 5 or 8), recorded
+    into `run` when `traced`. Returns (model, initial state, x, y)."""
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    initial = start_weights(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES) if traced else None
+    x, y = sequences(48, seed=1)
+    lengths = (x != PAD).sum(dim=1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x), 8):
+            rows = order[start:start + 8]
+            xb = x[rows, :int(lengths[rows].max())]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), y[rows])
+            loss.backward()
+            if tracer is not None:
+                tracer.step(loss, rows, y[rows])
+            else:
+                opt.step()
+        if tracer is not None:
+            tracer.end_epoch()
+    return model, initial, x, y, tracer
+
+
+def test_batches_padded_to_their_own_length_record_only_their_tokens(tmp_path):
+    """Dynamic padding. Every layer that sees the sequence is ragged: its
+    records keep exactly the example's real tokens (the padded positions'
+    output gradient is zero, the attention and the pooling mask them), the
+    records rebuild W_T within 1e-5, probes of different lengths given with
+    their padding masks hold their real tokens only and their contributions
+    add up to ‖p‖², and training is bit-identical to training untraced."""
+    run = str(tmp_path / "run")
+    model, initial, x, y, tracer = fit_padded_per_batch(run)
+    lengths = (x != PAD).sum(dim=1)
+    steps = table(run, "updates").to_pandas()
+    specs = {s["name"]: s for s in manifest(run)["model"]["modules"]}
+    assert {n for n, s in specs.items() if s.get("ragged")} == set(specs) - {"head"}
+    for layer, width in (("tok", 1), ("blocks.0.k", WIDTH), ("blocks.1.down", 2 * WIDTH)):
+        assert specs[layer].get("storage", "factors") == "factors", layer
+        got = steps[steps.layer == layer]
+        kept = [len(u) // width for u in got.u]  # width: values of u per position
+        assert kept == [int(lengths[i]) for i in got.instance_id], layer
+    # Probes: two inputs padded to 8, their masks given, and one padded to 5.
+    xp, yp = sequences(3, seed=7)
+    short = int((xp[2] != PAD).sum())
+    tracer.add_probes(xp[:2], yp[:2].numpy(), [1000, 1001], mask=xp[:2] != PAD)
+    tracer.add_probes(xp[2:, :max(short, 1)], yp[2:].numpy(), [1002])
+    tracer.finish()
+    assert_reconstructs(run, model, initial, from_initial=True)
+    completeness(run)
+    probes = table(run, "probes").to_pandas()
+    want = {1000: int((xp[0] != PAD).sum()), 1001: int((xp[1] != PAD).sum()), 1002: short}
+    for _, pr in probes[probes.layer == "blocks.0.q"].iterrows():
+        assert len(pr.a) == want[pr.probe_id] * WIDTH, pr.probe_id
+    rows = reptrace.open(run).sql(
+        "SELECT probe_id, layer, SUM(dot) AS total FROM contributions "
+        "WHERE probe_id IN (1000, 1001, 1002) GROUP BY probe_id, layer").to_pandas()
+    assert len(rows) == 3 * len(specs)
+    for _, r in rows.iterrows():
+        pr = probes[(probes.probe_id == r.probe_id) & (probes.layer == r.layer)].iloc[0]
+        p = np.asarray(pr.p, dtype=np.float64)
+        assert abs(r.total - p @ p) <= 1e-6 * (p @ p) + 1e-12, (r.probe_id, r.layer)
+    plain, *_ = fit_padded_per_batch(None, traced=False)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_probe_masks_that_do_not_fit_are_refused(tmp_path):
+    run = str(tmp_path / "run")
+    *_, tracer = fit_padded_per_batch(run, epochs=1)
+    xp, yp = sequences(2, seed=7)
+    with pytest.raises(reptrace.InvalidInput, match="mask of shape"):
+        tracer.add_probes(xp, yp.numpy(), mask=(xp != PAD)[:1])
+    with pytest.raises(reptrace.InvalidInput, match="has no position left by the mask"):
+        tracer.add_probes(xp, yp.numpy(), mask=torch.zeros_like(xp, dtype=torch.bool))
+    tracer.finish()
+
+
 def test_f16_storage_verifies_and_keeps_token_ids_exact(tmp_path):
     """An f16 trace of the transformer passes verify (its tolerance adds the
     f16 rounding bound), and the token ids of embedding records, stored as
@@ -258,7 +341,8 @@ def test_f16_storage_verifies_and_keeps_token_ids_exact(tmp_path):
     spec = next(s for s in manifest(run)["model"]["modules"] if s["name"] == "tok")
     rows = table(run, "updates").filter(pc.equal(table(run, "updates")["layer"], "tok"))
     for i, u in zip(rows["instance_id"].to_pylist()[:16], rows["u"].to_pylist()[:16]):
-        assert token_ids(spec, u).tolist() == x[i].tolist()
+        # The padding (zero gradient) is left out of the ragged records.
+        assert token_ids(spec, u).tolist() == x[i][x[i] != PAD].tolist()
 
     wide = nn.Sequential(nn.Embedding(5000, 4), nn.Flatten(), nn.Linear(4 * 3, 3))
     ids = torch.tensor([[4999, 2048, 2047], [0, 4097, 12]])
@@ -446,16 +530,41 @@ def test_layouts_that_cannot_be_recorded_are_refused_in_one_line(tmp_path):
     with pytest.raises(reptrace.InvalidInput,
                        match=r"layer 'mix': input of shape \(8, 5, 8\) in a forward pass of 5"):
         _one_step(SequenceFirst(), x, y, str(tmp_path / "b"))
-    # A step whose sequences are shorter than the first step's.
-    model = TinyTransformer()
+    # A step whose sequences are shorter than the first step's is recorded
+    # (the layers that see the sequence are ragged); a layer that sees none,
+    # called more often than at the first step, is refused.
+    model = Unrolled()
     tracer, opt = _one_step(model, x, y, str(tmp_path / "c"))
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x[:, :6]), y)
-    loss.backward()
-    with pytest.raises(reptrace.InvalidInput,
-                       match=r"layer 'tok': 6 positions per example at step 1 and 8 at the "
-                             r"first step.*padding='max_length'"):
-        tracer.step(loss, np.arange(5), y)
+    for calls in (2, 3):
+        model.calls = calls
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[:, :6]), y)
+        loss.backward()
+        if calls == 2:
+            tracer.step(loss, np.arange(5), y)
+            continue
+        with pytest.raises(reptrace.InvalidInput,
+                           match=r"layer 'cell': 3 positions per example at step 2 and 2 at "
+                                 r"the first step; a layer that sees no sequence"):
+            tracer.step(loss, np.arange(5), y)
+
+
+class Unrolled(nn.Module):
+    """A cell over (batch, features) called `calls` times per forward pass,
+    after an embedding that sees the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 2
+        self.emb = nn.Embedding(VOCAB, 6)
+        self.cell = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        for _ in range(self.calls):
+            h = torch.tanh(self.cell(h))
+        return self.head(h)
 
 
 def test_modules_that_cannot_be_traced_are_refused_in_one_line(tmp_path):

@@ -19,8 +19,7 @@ run_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/transformer"
 VOCAB, LENGTH, WIDTH, PAD = 40, 8, 16, 0
 
 # A synthetic task: the class of a sequence is the count of its tokens below
-# 20, mod 3. Sequences of 3, 5 or 8 tokens, padded to one length (the records
-# of a layer have one length: pad every batch the same, padding="max_length").
+# 20, mod 3. Sequences of 3, 5 or 8 tokens, padded with PAD.
 g = torch.Generator().manual_seed(0)
 x = torch.randint(1, VOCAB, (240, LENGTH), generator=g)
 lengths = torch.tensor([3, 5, 8])[torch.randint(0, 3, (240,), generator=g)]
@@ -78,15 +77,20 @@ tracer = reptrace.Tracer(model, optimizer, run_dir, classes=["0", "1", "2"])
 tracer.instances(np.arange(200), y_train.numpy(), split="train")
 for epoch in range(3):
     for ids in torch.randperm(200).split(16):
+        # Each batch padded to its own longest sequence: the records keep
+        # each example's real tokens only (the padding gets no gradient).
+        batch = x_train[ids, :int(lengths[ids].max())]
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x_train[ids]), y_train[ids])
+        loss = F.cross_entropy(model(batch), y_train[ids])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # measured and recorded
         tracer.step(loss, ids, y_train[ids])
     tracer.end_epoch()
-# New sequences become probes (ids 200..239): what each layer saw at every
-# position, and how far training moved its output there.
-tracer.finish(probes=(x_new, y_new, np.arange(200, 240)))
+# New sequences become probes (ids 200..239): what each layer saw at each of
+# their real tokens (the mask leaves the padding out), and how far training
+# moved its output there.
+tracer.add_probes(x_new, y_new, np.arange(200, 240), mask=x_new != PAD)
+tracer.finish()
 
 run = reptrace.open(run_dir)
 # 1. Which training sequences shaped sequence 200 most, at the token

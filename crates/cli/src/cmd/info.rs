@@ -8,7 +8,9 @@
 //! as a warning, as are row counts that disagree with the footers.
 use anyhow::Context;
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use reptrace_format::{FileEntry, Manifest, Module, Status, Storage, Table, TracedLayer, layout};
+use reptrace_format::{
+    FileEntry, Lens, Manifest, Module, Status, Storage, Table, TracedLayer, col, layout,
+};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -124,7 +126,8 @@ pub struct TableInfo {
     pub footer_rows: u64,
     /// Bytes on disk according to the manifest.
     pub bytes: u64,
-    /// `updates`: rows × (u_len + v_len) × 4.
+    /// `updates`: rows × (u_len + v_len) × 4 (a ragged layer's: its
+    /// records' values, from the footers, × 4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_f32_bytes: Option<u64>,
     /// `updates`: bytes / raw_f32_bytes.
@@ -243,10 +246,12 @@ fn table_infos(run: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Vec<Tabl
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         let bytes: u64 = files.iter().map(|f| f.bytes).sum();
         let mut footer_rows = 0;
+        let mut factor_values = 0;
         for f in files {
             match footer_rows_of(&run.join(&f.path)) {
-                Ok(n) => {
+                Ok((n, values)) => {
                     footer_rows += n;
+                    factor_values += values;
                     if n != f.rows {
                         warnings.push(format!(
                             "{}: footer has {n} rows, manifest says {}",
@@ -258,9 +263,14 @@ fn table_infos(run: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Vec<Tabl
             }
         }
         let raw = match (table, layer) {
+            // A ragged layer's records differ in length: their values as
+            // the footers count them.
             (Table::Updates, Some(l)) => m.model.traced_layer(l).map(|tl| {
-                let (u, v) = tl.record_lens(m.mode);
-                rows * (u + v) as u64 * 4
+                if let Lens::Fixed(u, v) = tl.record_shape(m.mode) {
+                    rows * (u + v) as u64 * 4
+                } else {
+                    factor_values * 4
+                }
             }),
             _ => None,
         };
@@ -281,12 +291,24 @@ fn table_infos(run: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Vec<Tabl
 }
 
 /// Row count from a Parquet footer (reads only the footer).
-fn footer_rows_of(path: &Path) -> anyhow::Result<u64> {
+/// A file's rows and the values of its `u` and `v` lists, from its footer.
+fn footer_rows_of(path: &Path) -> anyhow::Result<(u64, u64)> {
     let file =
         File::open(path).with_context(|| format!("committed file missing: {}", path.display()))?;
     let reader = SerializedFileReader::new(file)
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
+    let meta = reader.metadata();
+    let mut values = 0;
+    for group in meta.row_groups() {
+        for column in group.columns() {
+            let root = column.column_path().parts().first().map(String::as_str);
+            if matches!(root, Some(col::U | col::V)) {
+                values += u64::try_from(column.num_values()).unwrap_or(0);
+            }
+        }
+    }
+    let rows = u64::try_from(meta.file_metadata().num_rows()).unwrap_or(0);
+    Ok((rows, values))
 }
 
 /// Files under the table and weights directories that no commit lists.
