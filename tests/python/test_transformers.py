@@ -22,6 +22,7 @@ from kit import (
     assert_reconstructs,
     completeness,
     displacement_scales,
+    info_json,
     manifest,
     record_update,
     start_weights,
@@ -276,7 +277,7 @@ def fit_padded_per_batch(run, traced=True, epochs=2):
     return model, initial, x, y, tracer
 
 
-def test_batches_padded_to_their_own_length_record_only_their_tokens(tmp_path):
+def test_batches_padded_to_their_own_length_record_only_their_tokens(tmp_path, reptrace_bin):
     """Dynamic padding. Every layer that sees the sequence is ragged: its
     records keep exactly the example's real tokens (the padded positions'
     output gradient is zero, the attention and the pooling mask them), the
@@ -294,6 +295,12 @@ def test_batches_padded_to_their_own_length_record_only_their_tokens(tmp_path):
         got = steps[steps.layer == layer]
         kept = [len(u) // width for u in got.u]  # width: values of u per position
         assert kept == [int(lengths[i]) for i in got.instance_id], layer
+    # `reptrace info` counts a ragged layer's stored values, not T per record.
+    tables = {(t["table"], t.get("layer")): t for t in info_json(reptrace_bin, run)["tables"]}
+    for layer in ("tok", "blocks.0.k"):
+        got = steps[steps.layer == layer]
+        values = sum(len(u) + len(v) for u, v in zip(got.u, got.v))
+        assert tables[("updates", layer)]["raw_f32_bytes"] == 4 * values, layer
     # Probes: two inputs padded to 8, their masks given, and one padded to 5.
     xp, yp = sequences(3, seed=7)
     short = int((xp[2] != PAD).sum())
