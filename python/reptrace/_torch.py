@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -1179,8 +1180,10 @@ class Tracer:
         ``p = (W_T − W_0) ⊛ a + (b_T − b_0)`` and the network's prediction.
         ``ids`` default to new ids after every instance id seen; ``train=True``
         marks the inputs as training instances (probe id = instance id).
-        ``mask`` (inputs × sequence length, true at real tokens, e.g. a
-        tokenizer's ``attention_mask``) leaves the padded positions out of
+        ``inputs`` is a tensor (the model's one argument) or a dict of
+        tensors (a tokenizer's batch, passed to the model by keyword).
+        ``mask`` (inputs × sequence length, true at real tokens; default:
+        the dict's ``attention_mask``) leaves the padded positions out of
         the probes of the layers that see the sequence; without it a probe
         holds every position of its input.
         Before :meth:`finish` the probes go into the run's final commit;
@@ -1300,8 +1303,15 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
     (flat W_0, flat b_0 or None); ``mask``: inputs × sequence length, true
     at the positions ragged layers keep. Returns the probe ids."""
     n = len(labels)
-    if int(inputs.shape[0]) != n:
-        raise InvalidInput(f"probes: {int(inputs.shape[0])} inputs and {n} labels")
+    keyword = isinstance(inputs, Mapping)
+    if keyword:  # a tokenizer's batch: the model takes it by keyword
+        if not inputs or not all(isinstance(v, torch.Tensor) for v in inputs.values()):
+            raise InvalidInput("probes: a dict of inputs must map names to tensors")
+        if mask is None:
+            mask = inputs.get("attention_mask")
+    sizes = {int(v.shape[0]) for v in inputs.values()} if keyword else {int(inputs.shape[0])}
+    if sizes != {n}:
+        raise InvalidInput(f"probes: {sorted(sizes)} inputs and {n} labels")
     ids = _ints(ids, np.int64, "ids")
     if len(ids) != n:
         raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
@@ -1326,9 +1336,11 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 end = min(start + batch_size, n)
-                x = inputs[start:end].to(device)
                 captured.clear()
-                out = model(x)
+                if keyword:
+                    out = model(**{k: v[start:end].to(device) for k, v in inputs.items()})
+                else:
+                    out = model(inputs[start:end].to(device))
                 if not isinstance(out, torch.Tensor):  # a ModelOutput or a dict with logits
                     out = out["logits"]
                 predicted = out.argmax(dim=1).to("cpu", torch.int32).numpy()

@@ -175,7 +175,12 @@ def test_hugging_face_trainer_with_dynamic_padding_records_real_tokens(tmp_path)
     model = tiny_bert()
     initial = start_weights(model)
     run = str(tmp_path / "bert")
-    callback = ReptraceCallback(run, classes=["no", "yes"], exclude=[POSITIONS])
+    # Probes as a tokenizer's batch: padded to 12, with the attention mask
+    # the model takes and the tracer leaves their padding out by.
+    probes = pad_to_longest([data[i] for i in range(4)])
+    probes = {k: probes[k] for k in ("input_ids", "attention_mask")}
+    callback = ReptraceCallback(run, classes=["no", "yes"], exclude=[POSITIONS],
+                                probes=(probes, data.y[:4], [500, 501, 502, 503]))
     trainer = transformers.Trainer(model=model, args=hf_args(tmp_path), train_dataset=data,
                                    data_collator=pad_to_longest, callbacks=[callback])
     trainer.train()
@@ -193,6 +198,11 @@ def test_hugging_face_trainer_with_dynamic_padding_records_real_tokens(tmp_path)
         # The warm-up's first step has lr 0: no position changes the weight.
         want = real[real != 0].tolist() if lr[step] > 0 else []
         assert token_ids(specs[words], u).tolist() == want, (i, step)
+    got = table(run, "probes").to_pandas()
+    got = got[got.layer == words].sort_values("probe_id")
+    assert [token_ids(specs[words], a).tolist() for a in got.a] == [
+        data.x[i, :int(data.lengths[i])].tolist() for i in range(4)]
+    assert_answers(run, "instance", 96)
 
 
 def test_hugging_face_callback_refusals_are_one_line(tmp_path):
