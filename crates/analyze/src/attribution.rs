@@ -25,7 +25,7 @@
 //! In batch mode a record is the whole update of one step: its rows have the
 //! step, `instance_id` NULL and the batch's label when the batch is of one
 //! class (NULL otherwise); the batch's members are in the `batches` table.
-use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
+use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures, Route};
 use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
 use crate::replay::{self, Setup};
@@ -848,7 +848,7 @@ pub(crate) fn compute_layer(
         });
     }
 
-    let (chunks, batch_rows) = passes(layer, mode, &geom, probes.len(), plan);
+    let (chunks, batch_rows) = passes(layer, mode, &geom, probes, plan);
     tracing::info!(
         layer = name,
         probes = probes.len(),
@@ -908,35 +908,88 @@ pub(crate) fn compute_layer(
     Ok(computed)
 }
 
-/// The passes over the records that `n_probes` probes of `layer` take (as
-/// many probes per pass as fit half the budget; the indices of each pass's
+/// The passes over the records that `probes` of `layer` take (as many
+/// probes per pass as fit half the budget; the indices of each pass's
 /// probes), and the records per batch.
+///
+/// A layer with the factor route ([`Route`]) fills its passes by the
+/// factor route's sizes where every pass then takes that route
+/// ([`factor_passes`]); otherwise each probe counts the larger of the two
+/// routes' sizes, whichever route a pass then takes. Records are sized for
+/// the route alike.
 fn passes(
     layer: &TracedLayer<'_>,
     mode: reptrace_format::Mode,
     geom: &Geometry,
-    n_probes: usize,
+    probes: &Probes,
     plan: &Plan,
 ) -> (Vec<Vec<usize>>, usize) {
-    let per_probe = 8 * geom.probe_feature_len().max(1);
-    let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
-    let chunks: Vec<Vec<usize>> = (0..n_probes)
-        .collect::<Vec<_>>()
-        .chunks(per_pass)
-        .map(<[usize]>::to_vec)
-        .collect();
+    let n_probes = probes.len();
+    let (chunks, record_len) = match factor_passes(geom, probes, plan.memory_budget / 2) {
+        Some(chunks) => (chunks, geom.factor_record_len().unwrap_or(0)),
+        None => {
+            let widest = (0..n_probes)
+                .map(|i| geom.probe_positions(probes, i))
+                .max()
+                .unwrap_or(0);
+            let factor_len = geom.factor_probe_len(widest).unwrap_or(0);
+            let per_probe = 8 * geom.probe_feature_len().max(factor_len).max(1);
+            let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
+            let chunks = (0..n_probes)
+                .collect::<Vec<_>>()
+                .chunks(per_pass)
+                .map(<[usize]>::to_vec)
+                .collect();
+            let record_len = geom
+                .record_feature_len()
+                .max(geom.factor_record_len().unwrap_or(0));
+            (chunks, record_len)
+        }
+    };
+    let per_pass = chunks.iter().map(Vec::len).max().unwrap_or(1);
     let pairs_per_record = if plan.self_only {
         1
     } else {
         per_pass.min(n_probes)
     };
     let batch_rows = plan.batch_rows.unwrap_or_else(|| {
-        let by_factors = replay::batch_rows_for(layer, mode, plan.memory_budget / 8);
+        let by_factors = replay::batch_rows_with(layer, mode, plan.memory_budget / 8, record_len);
         // dot, norm and the output row of each pair: ~80 bytes.
         let by_output = (plan.memory_budget / 8) / (80 * pairs_per_record.max(1));
         by_factors.min(by_output.max(1))
     });
     (chunks, batch_rows)
+}
+
+/// Passes of `probes` filled up to `bytes` each by the factor route's sizes
+/// ([`Geometry::factor_probe_len`] of each probe's positions), where the
+/// layer has the factor route and every pass takes it
+/// ([`ProbeFeatures::new`] decides by the same [`Geometry::route`]); `None`
+/// otherwise.
+fn factor_passes(geom: &Geometry, probes: &Probes, bytes: usize) -> Option<Vec<Vec<usize>>> {
+    if !geom.has_factor_route() {
+        return None;
+    }
+    let (mut chunks, mut chunk, mut used) = (Vec::new(), Vec::new(), 0);
+    for i in 0..probes.len() {
+        let need = 8 * geom
+            .factor_probe_len(geom.probe_positions(probes, i))?
+            .max(1);
+        if !chunk.is_empty() && used + need > bytes {
+            chunks.push(std::mem::take(&mut chunk));
+            used = 0;
+        }
+        chunk.push(i);
+        used += need;
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    let factor_route = |chunk: &Vec<usize>| {
+        let positions: usize = chunk.iter().map(|&i| geom.probe_positions(probes, i)).sum();
+        geom.route(chunk.len(), positions as f64 / chunk.len() as f64) == Route::Factors
+    };
+    chunks.iter().all(factor_route).then_some(chunks)
 }
 
 /// The probes (indices into `probes`) of each instance, for a plan of
@@ -980,7 +1033,7 @@ impl Pass<'_> {
         if rows.is_empty() {
             return Ok(None);
         }
-        let rf = RecordFeatures::new(self.geom, recs, scales, &rows)?;
+        let rf = RecordFeatures::for_probes(self.geom, &self.features, recs, scales, &rows)?;
         if plan.self_only {
             own_pairs(&rf, &self.features, recs, &rows, self.probes, &self.own)
                 .map(|r| r.into_batch(self.schema))
