@@ -6,9 +6,10 @@
 //! [`linear`] (one position) and [`patches`], the arithmetic of every layer
 //! whose weight multiplies patches of its input (`ΔW ⊛ a` = ΔW A, grouped):
 //! convolutions ([`conv2d`], which unfolds the input, also for conv1d) and
-//! linear layers over a sequence of positions, whose factor records may
-//! also take the factor route of [`factors`] ([`Route`]); [`embedding`] and
-//! [`norm`] (layer_norm and rms_norm). This module holds
+//! linear layers over a sequence of positions (the factor records of an
+//! ungrouped one may also take the factor route of [`factors`], see
+//! [`Route`]); [`embedding`] and [`norm`] (layer_norm and rms_norm). This
+//! module holds
 //! [`Geometry`] (the shape of a traced layer, as the arithmetic needs it),
 //! the feature types, the helpers the kinds share, and the public entry
 //! points, which hand each kind's work to its module.
@@ -16,7 +17,7 @@
 //! To add a kind: if its weight multiplies patches of its input (a weight of
 //! C×K/G applied to K×P patches), build a [`Patches`] for it in
 //! [`Geometry::of`] (a layout, and an unfold if its probes hold the raw
-//! input) and nothing else. Otherwise a variant of [`Geometry`] (built in
+//! input) and nothing else (it gets both routes). Otherwise a variant of [`Geometry`] (built in
 //! [`Geometry::of`] from the format's spec), a module `kernel/<kind>.rs`
 //! with its arithmetic, and one arm per entry point here
 //! ([`ProbeFeatures::new`], [`deltas`], [`accumulate`],
