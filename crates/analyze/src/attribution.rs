@@ -25,7 +25,7 @@
 //! In batch mode a record is the whole update of one step: its rows have the
 //! step, `instance_id` NULL and the batch's label when the batch is of one
 //! class (NULL otherwise); the batch's members are in the `batches` table.
-use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
+use crate::kernel::{self, Geometry, ProbeFeatures, RecordFeatures, Route};
 use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
 use crate::replay::{self, Setup};
@@ -848,7 +848,7 @@ pub(crate) fn compute_layer(
         });
     }
 
-    let (chunks, batch_rows) = passes(layer, mode, &geom, probes.len(), plan);
+    let (chunks, batch_rows) = passes(layer, mode, &geom, probes, plan);
     tracing::info!(
         layer = name,
         probes = probes.len(),
@@ -867,7 +867,11 @@ pub(crate) fn compute_layer(
             plan,
             as_of: setup.as_of,
             geom: &geom,
-            features: ProbeFeatures::new(&geom, &chunk_probes)?,
+            features: ProbeFeatures::with_route(
+                &geom,
+                &chunk_probes,
+                pass_route(&geom, probes, chunk, plan.self_only),
+            )?,
             own: own_probes(plan, &chunk_probes),
             probes: &chunk_probes,
             schema: &out_schema,
@@ -908,35 +912,100 @@ pub(crate) fn compute_layer(
     Ok(computed)
 }
 
-/// The passes over the records that `n_probes` probes of `layer` take (as
-/// many probes per pass as fit half the budget; the indices of each pass's
+/// The passes over the records that `probes` of `layer` take (as many
+/// probes per pass as fit half the budget; the indices of each pass's
 /// probes), and the records per batch.
+///
+/// A layer with the factor route ([`Route`]) fills its passes by the
+/// factor route's sizes where every pass then takes that route
+/// ([`factor_passes`]); otherwise each probe counts the larger of the two
+/// routes' sizes, whichever route a pass then takes. Records are sized for
+/// the route alike.
 fn passes(
     layer: &TracedLayer<'_>,
     mode: reptrace_format::Mode,
     geom: &Geometry,
-    n_probes: usize,
+    probes: &Probes,
     plan: &Plan,
 ) -> (Vec<Vec<usize>>, usize) {
-    let per_probe = 8 * geom.probe_feature_len().max(1);
-    let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
-    let chunks: Vec<Vec<usize>> = (0..n_probes)
-        .collect::<Vec<_>>()
-        .chunks(per_pass)
-        .map(<[usize]>::to_vec)
-        .collect();
+    let n_probes = probes.len();
+    let (chunks, record_len) = match factor_passes(geom, probes, plan) {
+        Some(chunks) => (chunks, geom.factor_record_len().unwrap_or(0)),
+        None => {
+            let widest = (0..n_probes)
+                .map(|i| geom.probe_positions(probes, i))
+                .max()
+                .unwrap_or(0);
+            let factor_len = geom.factor_probe_len(widest).unwrap_or(0);
+            let per_probe = 8 * geom.probe_feature_len().max(factor_len).max(1);
+            let per_pass = (plan.memory_budget / 2 / per_probe).max(1);
+            let chunks = (0..n_probes)
+                .collect::<Vec<_>>()
+                .chunks(per_pass)
+                .map(<[usize]>::to_vec)
+                .collect();
+            let record_len = geom
+                .record_feature_len()
+                .max(geom.factor_record_len().unwrap_or(0));
+            (chunks, record_len)
+        }
+    };
+    let per_pass = chunks.iter().map(Vec::len).max().unwrap_or(1);
     let pairs_per_record = if plan.self_only {
         1
     } else {
         per_pass.min(n_probes)
     };
     let batch_rows = plan.batch_rows.unwrap_or_else(|| {
-        let by_factors = replay::batch_rows_for(layer, mode, plan.memory_budget / 8);
+        let by_factors = replay::batch_rows_with(layer, mode, plan.memory_budget / 8, record_len);
         // dot, norm and the output row of each pair: ~80 bytes.
         let by_output = (plan.memory_budget / 8) / (80 * pairs_per_record.max(1));
         by_factors.min(by_output.max(1))
     });
     (chunks, batch_rows)
+}
+
+/// The route of a pass over the probes at `chunk` of `probes`: the cost
+/// model's ([`Geometry::route`], as [`ProbeFeatures::new`] decides) for the
+/// probes each record meets: those of the pass, or one in a self-only plan.
+fn pass_route(geom: &Geometry, probes: &Probes, chunk: &[usize], self_only: bool) -> Route {
+    let positions: usize = chunk.iter().map(|&i| geom.probe_positions(probes, i)).sum();
+    let mean = positions as f64 / chunk.len().max(1) as f64;
+    let met = if self_only {
+        chunk.len().min(1)
+    } else {
+        chunk.len()
+    };
+    geom.route(met, mean)
+}
+
+/// Passes of `probes` filled up to half the plan's budget each by the
+/// factor route's sizes ([`Geometry::factor_probe_len`] of each probe's
+/// positions), where the layer has the factor route and every pass takes
+/// it ([`pass_route`]); `None` otherwise.
+fn factor_passes(geom: &Geometry, probes: &Probes, plan: &Plan) -> Option<Vec<Vec<usize>>> {
+    if !geom.has_factor_route() {
+        return None;
+    }
+    let bytes = plan.memory_budget / 2;
+    let (mut chunks, mut chunk, mut used) = (Vec::new(), Vec::new(), 0);
+    for i in 0..probes.len() {
+        let need = 8 * geom
+            .factor_probe_len(geom.probe_positions(probes, i))?
+            .max(1);
+        if !chunk.is_empty() && used + need > bytes {
+            chunks.push(std::mem::take(&mut chunk));
+            used = 0;
+        }
+        chunk.push(i);
+        used += need;
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    let factor_route =
+        |chunk: &Vec<usize>| pass_route(geom, probes, chunk, plan.self_only) == Route::Factors;
+    chunks.iter().all(factor_route).then_some(chunks)
 }
 
 /// The probes (indices into `probes`) of each instance, for a plan of
@@ -980,7 +1049,7 @@ impl Pass<'_> {
         if rows.is_empty() {
             return Ok(None);
         }
-        let rf = RecordFeatures::new(self.geom, recs, scales, &rows)?;
+        let rf = RecordFeatures::for_probes(self.geom, &self.features, recs, scales, &rows)?;
         if plan.self_only {
             own_pairs(&rf, &self.features, recs, &rows, self.probes, &self.own)
                 .map(|r| r.into_batch(self.schema))
@@ -1224,4 +1293,69 @@ fn own_pairs(
         }
     }
     (!out.probe_id.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reptrace_format::{LinearSpec, Mode};
+
+    /// `n` probes of `t` positions of a linear layer of `k` inputs and outputs.
+    fn probes(n: usize, t: usize, k: usize) -> Probes {
+        let mut probes = Probes::default();
+        for i in 0..n {
+            probes.probe_id.push(i as i64);
+            probes.instance_id.push(Some(i as i64));
+            probes.label.push(0);
+            probes.predicted.push(0);
+            probes.p_norm.push(1.0);
+            probes.push_lists(&vec![0.5; t * k], &vec![0.25; t * k]);
+        }
+        probes
+    }
+
+    fn plan(self_only: bool, memory_budget: usize) -> Plan {
+        Plan {
+            steps: None,
+            instances: None,
+            require_instance: false,
+            self_only,
+            residual: false,
+            memory_budget,
+            batch_rows: None,
+        }
+    }
+
+    #[test]
+    fn passes_follow_the_route_and_self_only_meets_one_probe() {
+        let spec = LinearSpec {
+            positions: 16,
+            ..LinearSpec::new("seq", 32, 32, true)
+        };
+        let layer = TracedLayer::Linear(&spec);
+        let geom = Geometry::of(&layer, Mode::Instance).expect("geometry");
+        // Many probes: every record meets them all on the Gram route, one
+        // at a time (self-only) on the factor route.
+        let many = probes(200, 16, 32);
+        let all: Vec<usize> = (0..many.len()).collect();
+        assert_eq!(pass_route(&geom, &many, &all, false), Route::Gram);
+        assert_eq!(pass_route(&geom, &many, &all, true), Route::Factors);
+        assert!(factor_passes(&geom, &many, &plan(false, 1 << 30)).is_none());
+        let own = factor_passes(&geom, &many, &plan(true, 1 << 30)).expect("factor passes");
+        assert_eq!(own, vec![all.clone()]);
+        // A budget of two probes per pass on the factor route: passes of
+        // two take it (five probes at once would not), filled by its sizes
+        // (each probe 16·(32 + 32 + 3·16) values).
+        let few = probes(5, 16, 32);
+        let per_probe = 8 * geom.factor_probe_len(16).expect("factor route");
+        assert_eq!(per_probe, 8 * 16 * (32 + 32 + 48));
+        let budget = plan(false, 2 * (2 * per_probe + 1));
+        let five: Vec<usize> = (0..5).collect();
+        assert_eq!(pass_route(&geom, &few, &five, false), Route::Gram);
+        assert_eq!(pass_route(&geom, &few, &five[..2], false), Route::Factors);
+        let factor = factor_passes(&geom, &few, &budget).expect("factor passes");
+        let (chunks, _) = passes(&layer, Mode::Instance, &geom, &few, &budget);
+        assert_eq!(chunks, factor);
+        assert_eq!(chunks, vec![vec![0, 1], vec![2, 3], vec![4]]);
+    }
 }

@@ -558,8 +558,19 @@ pub fn residual(
 /// plus the per-record work arrays) near `bytes` (an estimate for a ragged
 /// layer, whose records are sized at the spec's `T` positions).
 pub fn batch_rows_for(layer: &TracedLayer<'_>, mode: Mode, bytes: usize) -> usize {
-    let (u_len, v_len) = layer.record_lens(mode);
     let feature_len = Geometry::of(layer, mode).map_or(0, |g| g.record_feature_len());
+    batch_rows_with(layer, mode, bytes, feature_len)
+}
+
+/// [`batch_rows_for`] with records of `feature_len` f64 values of features
+/// and work arrays (those of the route the pairs take).
+pub fn batch_rows_with(
+    layer: &TracedLayer<'_>,
+    mode: Mode,
+    bytes: usize,
+    feature_len: usize,
+) -> usize {
+    let (u_len, v_len) = layer.record_lens(mode);
     // f32 decode + f64 copy of the factors, and the f64 work arrays.
     let per_row = 12 * (u_len + v_len) + 8 * feature_len;
     (bytes / per_row.max(1)).clamp(1, 8192)

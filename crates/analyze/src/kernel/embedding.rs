@@ -171,7 +171,11 @@ pub(super) fn probe_features(name: &str, dims: Dims, probes: &Probes) -> Result<
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    sparse_features(dims, &decoded, None).map(|(first, second)| ProbeFeatures { first, second })
+    sparse_features(dims, &decoded, None).map(|(first, second)| ProbeFeatures {
+        first,
+        second,
+        factors: None,
+    })
 }
 
 /// The sparse form of every `(ids, x)` (x scaled by `scales`, weights the
@@ -283,6 +287,7 @@ pub(super) fn record_features(
             v_norm: Vec::new(),
             bias: false,
             kind,
+            factors: Vec::new(),
         });
     }
     let decoded = rows
@@ -297,6 +302,7 @@ pub(super) fn record_features(
         v_norm: Vec::new(),
         bias: false,
         kind,
+        factors: Vec::new(),
     })
 }
 

@@ -69,6 +69,7 @@ pub(super) fn probe_features(dims: Dims, probes: &Probes) -> Result<ProbeFeature
     Ok(ProbeFeatures {
         first: view2((q, dims.inp), &probes.a)?.to_owned(),
         second: view2((q, dims.out), &probes.p)?.to_owned(),
+        factors: None,
     })
 }
 
@@ -132,6 +133,7 @@ pub(super) fn full_record_features(
         v_norm: Vec::new(),
         bias: dims.bias,
         kind: FeatureKind::LinearFull(dims),
+        factors: Vec::new(),
     })
 }
 
@@ -160,6 +162,7 @@ pub(super) fn factor_record_features(
         v_norm,
         bias,
         kind: FeatureKind::LinearFactors,
+        factors: Vec::new(),
     })
 }
 

@@ -6,8 +6,10 @@
 //! [`linear`] (one position) and [`patches`], the arithmetic of every layer
 //! whose weight multiplies patches of its input (`ΔW ⊛ a` = ΔW A, grouped):
 //! convolutions ([`conv2d`], which unfolds the input, also for conv1d) and
-//! linear layers over a sequence of positions; [`embedding`] and [`norm`]
-//! (layer_norm and rms_norm). This module holds
+//! linear layers over a sequence of positions (the factor records of an
+//! ungrouped one may also take the factor route of [`factors`], see
+//! [`Route`]); [`embedding`] and [`norm`] (layer_norm and rms_norm). This
+//! module holds
 //! [`Geometry`] (the shape of a traced layer, as the arithmetic needs it),
 //! the feature types, the helpers the kinds share, and the public entry
 //! points, which hand each kind's work to its module.
@@ -15,7 +17,7 @@
 //! To add a kind: if its weight multiplies patches of its input (a weight of
 //! C×K/G applied to K×P patches), build a [`Patches`] for it in
 //! [`Geometry::of`] (a layout, and an unfold if its probes hold the raw
-//! input) and nothing else. Otherwise a variant of [`Geometry`] (built in
+//! input) and nothing else (it gets both routes). Otherwise a variant of [`Geometry`] (built in
 //! [`Geometry::of`] from the format's spec), a module `kernel/<kind>.rs`
 //! with its arithmetic, and one arm per entry point here
 //! ([`ProbeFeatures::new`], [`deltas`], [`accumulate`],
@@ -29,6 +31,7 @@ use reptrace_format::{EmbeddingSpec, Mode, Storage, TracedLayer};
 
 pub mod conv2d;
 pub mod embedding;
+pub mod factors;
 pub mod linear;
 pub mod norm;
 pub mod patches;
@@ -56,6 +59,20 @@ fn shape_error(shape: (usize, usize), n: usize, e: ndarray::ShapeError) -> Error
         "{n} values do not make a {}×{} matrix: {e}",
         shape.0, shape.1
     ))
+}
+
+/// How the pairs of records and probes are computed. Every kind has the
+/// Gram route; the factor records of an ungrouped [`Patches`] layer also
+/// the factor route, which [`ProbeFeatures::new`] takes where it costs less
+/// (the cost model of [`patches`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Each kind's features of materialised updates (for a [`Patches`]
+    /// layer `[vec ΔW, Δb]` and its Gram matrix) met with probe features.
+    Gram,
+    /// A [`Patches`] layer's factor records met with the probes' patches
+    /// through the factors ([`factors`]), never forming `ΔW`.
+    Factors,
 }
 
 /// The shape of a traced layer, as the arithmetic needs it.
@@ -219,7 +236,56 @@ impl Geometry {
         self.weight_len() + self.bias_len()
     }
 
-    /// f64 values held per probe by [`ProbeFeatures`].
+    /// The route [`ProbeFeatures::new`] takes for `probes` probes of
+    /// `mean_positions` positions on average ([`Patches::route`]; the Gram
+    /// route for every other kind).
+    pub fn route(&self, probes: usize, mean_positions: f64) -> Route {
+        match self.kind() {
+            Kind::Patches(patches) => patches.route(probes, mean_positions),
+            _ => Route::Gram,
+        }
+    }
+
+    /// Whether the layer has the factor route ([`Patches::has_factor_route`]).
+    pub fn has_factor_route(&self) -> bool {
+        matches!(self.kind(), Kind::Patches(patches) if patches.has_factor_route())
+    }
+
+    /// Positions of probe `i` of `probes` as the cost model counts them
+    /// ([`Patches::probe_positions`]; 1 for every other kind).
+    pub fn probe_positions(&self, probes: &Probes, i: usize) -> usize {
+        match self.kind() {
+            Kind::Patches(patches) => patches.probe_positions(probes, i),
+            _ => 1,
+        }
+    }
+
+    /// f64 values held per probe of `positions` positions by
+    /// [`ProbeFeatures`] on the factor route, with its share of the work
+    /// arrays; `None` for a layer without the factor route.
+    pub fn factor_probe_len(&self, positions: usize) -> Option<usize> {
+        match self.kind() {
+            Kind::Patches(patches) if patches.has_factor_route() => {
+                Some(patches.factor_probe_len(positions))
+            }
+            _ => None,
+        }
+    }
+
+    /// f64 values held per record (of the spec's positions) by
+    /// [`RecordFeatures`] on the factor route; `None` for a layer without
+    /// the factor route.
+    pub fn factor_record_len(&self) -> Option<usize> {
+        match self.kind() {
+            Kind::Patches(patches) if patches.has_factor_route() => {
+                Some(patches.factor_record_len())
+            }
+            _ => None,
+        }
+    }
+
+    /// f64 values held per probe by [`ProbeFeatures`] on the Gram route
+    /// (every kind's; [`Geometry::factor_probe_len`] on the factor route).
     pub fn probe_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, .. } => linear::probe_feature_len(dims),
@@ -229,7 +295,9 @@ impl Geometry {
         }
     }
 
-    /// f64 values held per record by [`RecordFeatures`] and the work arrays.
+    /// f64 values held per record by [`RecordFeatures`] and the work
+    /// arrays on the Gram route (every kind's;
+    /// [`Geometry::factor_record_len`] on the factor route).
     pub fn record_feature_len(&self) -> usize {
         match self.kind() {
             Kind::Linear { dims, full } => linear::record_feature_len(dims, full),
@@ -269,9 +337,10 @@ fn push_upper(m: &Array2<f64>, off: f64, out: &mut Vec<f64>) {
     }
 }
 
-/// Per-probe features of a set of probes for one layer.
+/// Per-probe features of a set of probes for one layer, on one [`Route`].
 pub struct ProbeFeatures {
-    /// Linear: `A` (Q×in). Patches: `[vec(p Aᵀ), p 1]` (Q×delta_len).
+    /// Linear: `A` (Q×in). Patches: `[vec(p Aᵀ), p 1]` (Q×delta_len; Q×0 on
+    /// the factor route).
     /// Embedding: `Σ_t p_t` per distinct token (sparse, [`embedding`]).
     /// Norm: `[Σ_t p ⊙ x̂, Σ_t p]`.
     first: Array2<f64>,
@@ -279,16 +348,46 @@ pub struct ProbeFeatures {
     /// Embedding: the tokens and multiplicities. Norm: `[Σ_t x̂², 2 Σ_t x̂,
     /// T]`.
     second: Array2<f64>,
+    /// On the factor route: the probes' patches and `p`, stacked.
+    factors: Option<factors::FactorProbes>,
 }
 
 impl ProbeFeatures {
-    /// Computes the features of `probes` (whose `a`, `p` fit `geom`).
+    /// Computes the features of `probes` (whose `a`, `p` fit `geom`) on the
+    /// route that costs less for them ([`Geometry::route`] of their number
+    /// and mean positions).
     pub fn new(geom: &Geometry, probes: &Probes) -> Result<Self> {
+        let q = probes.len();
+        let positions: usize = (0..q).map(|i| geom.probe_positions(probes, i)).sum();
+        let mean = positions as f64 / q.max(1) as f64;
+        Self::with_route(geom, probes, geom.route(q, mean))
+    }
+
+    /// Computes the features of `probes` on `route`; an error for the
+    /// factor route of a layer without one.
+    pub fn with_route(geom: &Geometry, probes: &Probes, route: Route) -> Result<Self> {
+        if route == Route::Factors {
+            return match geom.kind() {
+                Kind::Patches(patches) => patches.factor_probe_features(probes),
+                _ => Err(Error::Internal(
+                    "only a patches layer has the factor route".into(),
+                )),
+            };
+        }
         match geom.kind() {
             Kind::Linear { dims, .. } => linear::probe_features(dims, probes),
             Kind::Patches(patches) => patches.probe_features(probes),
             Kind::Embedding { name, dims, .. } => embedding::probe_features(name, dims, probes),
             Kind::Norm(dims) => norm::probe_features(dims, probes),
+        }
+    }
+
+    /// The route the features are on.
+    pub fn route(&self) -> Route {
+        if self.factors.is_some() {
+            Route::Factors
+        } else {
+            Route::Gram
         }
     }
 }
@@ -333,6 +432,9 @@ pub fn accumulate(geom: &Geometry, recs: &Records, scales: &[f64], sum: &mut [f6
     {
         return embedding::accumulate_factors(name, dims, recs, scales, sum);
     }
+    if let Kind::Patches(patches @ Patches { full: false, .. }) = geom.kind() {
+        return patches.accumulate_factors(recs, scales, sum);
+    }
     let all: Vec<usize> = (0..recs.len()).collect();
     let d = deltas(geom, recs, scales, &all)?;
     for (s, x) in sum.iter_mut().zip(d.sum_axis(Axis(0))) {
@@ -355,6 +457,9 @@ pub struct RecordFeatures {
     v_norm: Vec<f64>,
     bias: bool,
     kind: FeatureKind,
+    /// Patches on the factor route: each record's factors (`first` and
+    /// `second` are R×0).
+    factors: Vec<factors::FactorRecord>,
 }
 
 /// Which arithmetic [`RecordFeatures`] use.
@@ -364,6 +469,8 @@ enum FeatureKind {
     /// Whole Linear updates, `first` = `[vec ΔW, Δb]`.
     LinearFull(linear::Dims),
     Patches,
+    /// [`factors`]: `factors` holds each record's `U`, `s V`, `G`.
+    PatchFactors,
     /// [`embedding`]: sparse rows of factor records, or whole updates.
     Embedding {
         dims: embedding::Dims,
@@ -374,7 +481,26 @@ enum FeatureKind {
 }
 
 impl RecordFeatures {
-    /// Features of the records at `rows` of `recs`.
+    /// Features of the records at `rows` of `recs` on the route of
+    /// `probes`, the features they are to meet.
+    pub fn for_probes(
+        geom: &Geometry,
+        probes: &ProbeFeatures,
+        recs: &Records,
+        scales: &[f64],
+        rows: &[usize],
+    ) -> Result<Self> {
+        match (probes.route(), geom.kind()) {
+            (Route::Factors, Kind::Patches(patches)) => {
+                patches.factor_record_features(recs, scales, rows)
+            }
+            _ => Self::new(geom, recs, scales, rows),
+        }
+    }
+
+    /// Features of the records at `rows` of `recs` on the Gram route (to
+    /// meet [`ProbeFeatures`] on that route; [`RecordFeatures::for_probes`]
+    /// follows the probes' route).
     pub fn new(geom: &Geometry, recs: &Records, scales: &[f64], rows: &[usize]) -> Result<Self> {
         match geom.kind() {
             Kind::Linear { dims, full: true } => {
@@ -404,6 +530,15 @@ impl RecordFeatures {
     /// `dot` and `norm` of every probe (rows) with every record (columns):
     /// probe-major, the order contribution rows are written in.
     pub fn all_pairs(&self, probes: &ProbeFeatures) -> Result<(Array2<f64>, Array2<f64>)> {
+        if self.kind == FeatureKind::PatchFactors {
+            return factors::all_pairs(self, probes);
+        }
+        if probes.route() == Route::Factors {
+            return Err(Error::Internal(
+                "probe features of the factor route met Gram-route records (build both for the same route)"
+                    .into(),
+            ));
+        }
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pairs(self, probes, dims);
         }
@@ -419,8 +554,15 @@ impl RecordFeatures {
         })
     }
 
-    /// `dot` and `norm` of record `r` with probe `q`.
+    /// `dot` and `norm` of record `r` with probe `q` (NaN for features of
+    /// different routes, which [`RecordFeatures::all_pairs`] refuses).
     pub fn pair(&self, probes: &ProbeFeatures, r: usize, q: usize) -> (f64, f64) {
+        if self.kind == FeatureKind::PatchFactors {
+            return factors::pair(self, probes, r, q);
+        }
+        if probes.route() == Route::Factors {
+            return (f64::NAN, f64::NAN);
+        }
         if let FeatureKind::LinearFull(dims) = self.kind {
             return linear::full_pair(self, probes, dims, r, q);
         }

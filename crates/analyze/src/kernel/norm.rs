@@ -77,6 +77,7 @@ pub(super) fn probe_features(dims: Dims, probes: &Probes) -> Result<ProbeFeature
     Ok(ProbeFeatures {
         first: matrix((q, delta_len(dims)), first)?,
         second: matrix((q, gram_len(dims)), second)?,
+        factors: None,
     })
 }
 
@@ -110,6 +111,7 @@ pub(super) fn record_features(
         v_norm: Vec::new(),
         bias: dims.bias,
         kind: FeatureKind::Norm,
+        factors: Vec::new(),
     })
 }
 

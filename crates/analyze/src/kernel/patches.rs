@@ -17,7 +17,25 @@
 //!   features (per group the upper triangle of A_g A_gᵀ).
 //!
 //! Both cost O(K²/G) per record–probe pair instead of the O(C·K·P/G) of
-//! forming `c`, and run as GEMMs over whole batches.
+//! forming `c`, and run as GEMMs over whole batches: this is the Gram
+//! route ([`Route::Gram`](super::Route::Gram)).
+//!
+//! The factor records of an ungrouped layer have a second route,
+//! [`Route::Factors`](super::Route::Factors) ([`super::factors`]): the records' factors meet the
+//! probes' patches directly, never forming `ΔW`. Which is cheaper depends
+//! on the layer and on the probes of a pass, so [`ProbeFeatures::new`]
+//! chooses per pass ([`Patches::route`]) by a count of multiply-adds per
+//! record, with `K' = K + 1` with a bias (`K` without), `T` the spec's
+//! positions ([`Patches::positions`], a record's nominal length), `Q` the
+//! probes of the pass and `P̄` their mean positions:
+//! - Gram route: `C·K'·T` (ΔW from the factors) `+ C·K'²` (its Gram
+//!   matrix) `+ Q·(K'² + C·K')` (the two products with the probes);
+//! - factor route: `Q·T·P̄·(K' + C + T)` (`U A'ᵀ`, `V Pmᵀ`, `G M`).
+//!
+//! The factor route is taken where it costs less: wide layers (large `K`,
+//! `C`) met by few probes of few positions; the Gram route where many
+//! probes share each record's `K'²` Gram matrix. Whole-update records and
+//! grouped convolutions always take the Gram route.
 //!
 //! The [`Layout`] says how records and probes hold their matrices: a
 //! convolution's are channel-major (`u` = unfold(a) K×P, `v` and `p` C×P,
@@ -29,7 +47,7 @@
 use super::conv2d::Unfold;
 use super::{
     FeatureKind, Geometry, ProbeFeatures, RecordFeatures, deltas, matrix, push_upper, shape_error,
-    view2,
+    view2, view2_mut,
 };
 use crate::Result;
 use crate::probes::Probes;
@@ -74,7 +92,7 @@ pub enum Layout {
 
 impl Patches {
     /// Groups `G` (at least 1).
-    fn group_count(&self) -> usize {
+    pub(super) fn group_count(&self) -> usize {
         self.groups.max(1)
     }
 
@@ -134,7 +152,7 @@ impl Patches {
 
     /// A matrix of `rows` × `positions` stored in the layout (position-major:
     /// `positions` × `rows`, viewed transposed).
-    fn at_positions<'a>(
+    pub(super) fn at_positions<'a>(
         &self,
         rows: usize,
         positions: usize,
@@ -149,7 +167,11 @@ impl Patches {
     /// A matrix of `rows` × P stored in the layout, P read from its length
     /// in the position-major layout ([`Patches::positions`] in the
     /// channel-major one).
-    fn by_position<'a>(&self, rows: usize, data: &'a [f64]) -> Result<ArrayView2<'a, f64>> {
+    pub(super) fn by_position<'a>(
+        &self,
+        rows: usize,
+        data: &'a [f64],
+    ) -> Result<ArrayView2<'a, f64>> {
         let positions = match self.layout {
             Layout::Positions => data.len().checked_div(rows).unwrap_or(0),
             Layout::Channels(_) => self.positions,
@@ -158,7 +180,7 @@ impl Patches {
     }
 
     /// The patches `A` (K×P) of a probe's `a`.
-    fn patches<'a>(&self, a: &'a [f64]) -> Result<CowArray<'a, f64, Ix2>> {
+    pub(super) fn patches<'a>(&self, a: &'a [f64]) -> Result<CowArray<'a, f64, Ix2>> {
         match &self.layout {
             Layout::Positions => Ok(self.by_position(self.k, a)?.into()),
             Layout::Channels(unfold) => Ok(unfold.apply(a)?.into()),
@@ -199,6 +221,7 @@ impl Patches {
         Ok(ProbeFeatures {
             first: matrix((q, self.update_len()), first)?,
             second: matrix((q, self.gram_len()), second)?,
+            factors: None,
         })
     }
 
@@ -229,6 +252,38 @@ impl Patches {
             out.extend(w.iter());
             if self.bias {
                 out.extend(v.rows().into_iter().map(|r| scales[i] * r.sum()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `[vec ΔW, Δb]` of every factor record of `recs` (`ΔW_g = s V_g
+    /// U_gᵀ`, `Δb = s V 1`) to `sum`, one record at a time (no batch of
+    /// updates is formed).
+    pub(super) fn accumulate_factors(
+        &self,
+        recs: &Records,
+        scales: &[f64],
+        sum: &mut [f64],
+    ) -> Result<()> {
+        let (w, b) = sum.split_at_mut(self.weight_len().min(sum.len()));
+        let mut w = view2_mut((self.out, self.group_k()), w)?;
+        for (i, &s) in scales.iter().enumerate().take(recs.len()) {
+            let u = self.by_position(self.k, recs.u_of(i))?;
+            let v = self.at_positions(self.out, u.ncols(), recs.v_of(i))?;
+            for g in 0..self.group_count() {
+                general_mat_mul(
+                    s,
+                    &v.slice_axis(Axis(0), self.out_rows(g)),
+                    &u.slice_axis(Axis(0), self.k_rows(g)).t(),
+                    1.0,
+                    &mut w.slice_axis_mut(Axis(0), self.out_rows(g)),
+                );
+            }
+            if self.bias {
+                for (b, row) in b.iter_mut().zip(v.rows()) {
+                    *b += s * row.sum();
+                }
             }
         }
         Ok(())
@@ -267,6 +322,7 @@ impl Patches {
             v_norm: Vec::new(),
             bias: self.bias,
             kind: FeatureKind::Patches,
+            factors: Vec::new(),
         })
     }
 

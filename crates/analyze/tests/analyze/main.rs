@@ -2,6 +2,7 @@
 //! written through the Recorder with a simulated SGD, then attributed,
 //! queried and verified against independent computations.
 mod attribution;
+mod factor_route;
 mod kinds;
 mod patches;
 mod queries;

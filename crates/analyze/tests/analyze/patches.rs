@@ -7,7 +7,7 @@ use crate::read;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reptrace_analyze::kernel::conv2d::Unfold;
-use reptrace_analyze::kernel::{self, Geometry, ProbeFeatures, RecordFeatures};
+use reptrace_analyze::kernel::{self, Geometry, ProbeFeatures, RecordFeatures, Route};
 use reptrace_analyze::probes::Probes;
 use reptrace_analyze::records::Records;
 use reptrace_analyze::{Options, ProbeSelection, attribute};
@@ -388,19 +388,42 @@ fn check(name: &str, case: Case, seed: u64) {
         .map(|r| delta(&case, recs.u_of(r), recs.v_of(r), scales[r]))
         .collect();
     let wl = case.weight_len();
-    let pf = ProbeFeatures::new(&geom, &probes).expect("probe features");
+    // The route ProbeFeatures::new takes, then each route forced (the
+    // factor route where the layer has it: factor records, no groups).
+    let mut routes = vec![None, Some(Route::Gram)];
+    assert_eq!(
+        geom.has_factor_route(),
+        !case.full && !matches!(case.layer, Layer::Conv(c) | Layer::Conv1d(c) if c.groups > 1),
+        "{name}: factor route"
+    );
+    if geom.has_factor_route() {
+        routes.push(Some(Route::Factors));
+    } else {
+        let err = ProbeFeatures::with_route(&geom, &probes, Route::Factors);
+        assert!(err.is_err(), "{name}: a factor route without one");
+    }
     let rows: Vec<usize> = (0..n_rec).collect();
-    let rf = RecordFeatures::new(&geom, &recs, &scales, &rows).expect("record features");
-    let (dots, norms) = rf.all_pairs(&pf).expect("all pairs");
-    for (q, (a, p)) in probes.a.chunks(al).zip(probes.p.chunks(pl)).enumerate() {
-        for (r, d) in deltas.iter().enumerate() {
-            let c = apply(&case, &d[..wl], &d[wl..], a);
-            let (want_dot, want_norm) = (dot(&c, p), dot(&c, &c).sqrt());
-            close(&format!("{name}: dot {q},{r}"), dots[[q, r]], want_dot);
-            close(&format!("{name}: norm {q},{r}"), norms[[q, r]], want_norm);
-            let (d1, n1) = rf.pair(&pf, r, q);
-            close(&format!("{name}: pair dot {q},{r}"), d1, want_dot);
-            close(&format!("{name}: pair norm {q},{r}"), n1, want_norm);
+    for route in routes {
+        let name = format!("{name} {route:?}");
+        let pf = match route {
+            None => ProbeFeatures::new(&geom, &probes),
+            Some(route) => ProbeFeatures::with_route(&geom, &probes, route),
+        }
+        .expect("probe features");
+        assert!(route.is_none_or(|r| r == pf.route()), "{name}: route");
+        let rf =
+            RecordFeatures::for_probes(&geom, &pf, &recs, &scales, &rows).expect("record features");
+        let (dots, norms) = rf.all_pairs(&pf).expect("all pairs");
+        for (q, (a, p)) in probes.a.chunks(al).zip(probes.p.chunks(pl)).enumerate() {
+            for (r, d) in deltas.iter().enumerate() {
+                let c = apply(&case, &d[..wl], &d[wl..], a);
+                let (want_dot, want_norm) = (dot(&c, p), dot(&c, &c).sqrt());
+                close(&format!("{name}: dot {q},{r}"), dots[[q, r]], want_dot);
+                close(&format!("{name}: norm {q},{r}"), norms[[q, r]], want_norm);
+                let (d1, n1) = rf.pair(&pf, r, q);
+                close(&format!("{name}: pair dot {q},{r}"), d1, want_dot);
+                close(&format!("{name}: pair norm {q},{r}"), n1, want_norm);
+            }
         }
     }
     // The deltas of a subset, in its order.
@@ -528,6 +551,29 @@ fn conv1d() {
         mode: "circular",
     };
     check_all("conv1d", Layer::Conv1d(layer), 60);
+}
+
+#[test]
+fn conv1d_ungrouped_zeros_and_reflect() {
+    // Both routes (factor records of an ungrouped layer).
+    for (k, mode) in ["zeros", "reflect"].into_iter().enumerate() {
+        let layer = Conv {
+            cin: 3,
+            cout: 5,
+            kernel: [1, 3],
+            stride: [1, 2],
+            padding: [0, 2],
+            dilation: [1, 2],
+            input: [1, 9],
+            groups: 1,
+            mode,
+        };
+        check_all(
+            &format!("conv1d {mode}"),
+            Layer::Conv1d(layer),
+            80 + 10 * k as u64,
+        );
+    }
 }
 
 #[test]

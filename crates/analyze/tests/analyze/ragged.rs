@@ -6,7 +6,7 @@ use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reptrace_analyze::kernel::{
-    self, Geometry, Patches, ProbeFeatures, RecordFeatures, patches::Layout,
+    self, Geometry, Patches, ProbeFeatures, RecordFeatures, Route, patches::Layout,
 };
 use reptrace_analyze::probes::Probes;
 use reptrace_analyze::records::Records;
@@ -77,7 +77,10 @@ struct Brute<'a> {
 }
 
 /// Every entry point of the kernel on `recs` and `probes` against the
-/// brute force; returns `(dot, norm)` of every pair (probe-major).
+/// brute force, the pairs on the route [`ProbeFeatures::new`] takes and
+/// (a layer with the factor route) on each route forced, which agree to
+/// 1e-9 relative; returns `(dot, norm)` of every pair (probe-major) on the
+/// route taken.
 fn check(
     name: &str,
     geom: &Geometry,
@@ -88,26 +91,46 @@ fn check(
     rng: &mut ChaCha8Rng,
 ) -> Pairs {
     let rows: Vec<usize> = (0..recs.len()).collect();
-    let pf = ProbeFeatures::new(geom, probes).expect("probe features");
-    let rf = RecordFeatures::new(geom, recs, scales, &rows).expect("record features");
-    let (dots, norms) = rf.all_pairs(&pf).expect("all pairs");
-    assert_eq!(dots.dim(), (probes.len(), recs.len()), "{name}: pairs");
-    let wl = geom.weight_len();
-    for q in 0..probes.len() {
-        let (a, p) = (probes.a(q), probes.p(q));
-        for (r, d) in brute.deltas.iter().enumerate() {
-            let c = (brute.apply)(d, a);
-            assert_eq!(c.len(), p.len(), "{name}: c of probe {q}");
-            let (want_dot, want_norm) = (dot(&c, p), dot(&c, &c).sqrt());
-            let scale = want_norm * dot(p, p).sqrt();
-            let at = format!("{name}: probe {q} record {r}");
-            close(&format!("{at} dot"), dots[[q, r]], want_dot, scale, 1e-9);
-            close(&format!("{at} norm"), norms[[q, r]], want_norm, 0.0, 1e-9);
-            let (d1, n1) = rf.pair(&pf, r, q);
-            close(&format!("{at} pair dot"), d1, want_dot, scale, 1e-9);
-            close(&format!("{at} pair norm"), n1, want_norm, 0.0, 1e-9);
-        }
+    let mut routes = vec![None];
+    if geom.has_factor_route() {
+        routes.extend([Some(Route::Gram), Some(Route::Factors)]);
     }
+    let mut on_route = Vec::new();
+    for route in routes {
+        let name = format!("{name} ({route:?})");
+        let pf = match route {
+            None => ProbeFeatures::new(geom, probes),
+            Some(route) => ProbeFeatures::with_route(geom, probes, route),
+        }
+        .expect("probe features");
+        assert!(route.is_none_or(|r| r == pf.route()), "{name}: route");
+        let rf =
+            RecordFeatures::for_probes(geom, &pf, recs, scales, &rows).expect("record features");
+        let (dots, norms) = rf.all_pairs(&pf).expect("all pairs");
+        assert_eq!(dots.dim(), (probes.len(), recs.len()), "{name}: pairs");
+        for q in 0..probes.len() {
+            let (a, p) = (probes.a(q), probes.p(q));
+            for (r, d) in brute.deltas.iter().enumerate() {
+                let c = (brute.apply)(d, a);
+                assert_eq!(c.len(), p.len(), "{name}: c of probe {q}");
+                let (want_dot, want_norm) = (dot(&c, p), dot(&c, &c).sqrt());
+                let scale = want_norm * dot(p, p).sqrt();
+                let at = format!("{name}: probe {q} record {r}");
+                close(&format!("{at} dot"), dots[[q, r]], want_dot, scale, 1e-9);
+                close(&format!("{at} norm"), norms[[q, r]], want_norm, 0.0, 1e-9);
+                let (d1, n1) = rf.pair(&pf, r, q);
+                close(&format!("{at} pair dot"), d1, want_dot, scale, 1e-9);
+                close(&format!("{at} pair norm"), n1, want_norm, 0.0, 1e-9);
+            }
+        }
+        on_route.push((pf.route(), (dots, norms)));
+    }
+    // The factor route against the Gram route forced.
+    if let [_, (_, gram), (_, factors)] = &on_route[..] {
+        agree_to(name, probes, factors, gram, 1e-9, "factor route");
+    }
+    let (_, (dots, norms)) = on_route.swap_remove(0);
+    let wl = geom.weight_len();
     // The deltas of a subset, in its order (the record without positions
     // among them).
     let some = [3, 1, 0];
@@ -157,23 +180,28 @@ type Pairs = (Array2<f64>, Array2<f64>);
 /// (under the non-ragged geometry) agree to 1e-12 relative (a dot relative
 /// to `‖c‖ ‖p‖`).
 fn agree(name: &str, probes: &Probes, ragged: &Pairs, padded: &Pairs) {
-    let ((rd, rn), (pd, pn)) = (ragged, padded);
+    agree_to(name, probes, ragged, padded, 1e-12, "padded");
+}
+
+/// The pairs `got` and `want` agree to `rel` (a dot relative to `‖c‖ ‖p‖`).
+fn agree_to(name: &str, probes: &Probes, got: &Pairs, want: &Pairs, rel: f64, what: &str) {
+    let ((rd, rn), (pd, pn)) = (got, want);
     assert_eq!(rd.dim(), pd.dim(), "{name}: pairs");
     for ((q, r), x) in rd.indexed_iter() {
         let scale = pn[[q, r]] * probes.p_norm[q];
         close(
-            &format!("{name}: padded dot {q},{r}"),
+            &format!("{name}: {what} dot {q},{r}"),
             *x,
             pd[[q, r]],
             scale,
-            1e-12,
+            rel,
         );
         close(
-            &format!("{name}: padded norm {q},{r}"),
+            &format!("{name}: {what} norm {q},{r}"),
             rn[[q, r]],
             pn[[q, r]],
             0.0,
-            1e-12,
+            rel,
         );
     }
 }
