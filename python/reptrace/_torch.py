@@ -1311,7 +1311,8 @@ def _record_probes(model, layers, initial, inputs, labels, ids, train, batch_siz
             mask = inputs.get("attention_mask")
     sizes = {int(v.shape[0]) for v in inputs.values()} if keyword else {int(inputs.shape[0])}
     if sizes != {n}:
-        raise InvalidInput(f"probes: {sorted(sizes)} inputs and {n} labels")
+        got = " or ".join(str(s) for s in sorted(sizes))
+        raise InvalidInput(f"probes: {got} inputs and {n} labels")
     ids = _ints(ids, np.int64, "ids")
     if len(ids) != n:
         raise InvalidInput(f"probes: {len(ids)} ids for {n} inputs")
