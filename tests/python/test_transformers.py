@@ -296,7 +296,10 @@ def test_batches_padded_to_their_own_length_record_only_their_tokens(tmp_path, r
         kept = [len(u) // width for u in got.u]  # width: values of u per position
         assert kept == [int(lengths[i]) for i in got.instance_id], layer
     # `reptrace info` counts a ragged layer's stored values, not T per record.
-    tables = {(t["table"], t.get("layer")): t for t in info_json(reptrace_bin, run)["tables"]}
+    info = info_json(reptrace_bin, run)
+    tables = {(t["table"], t.get("layer")): t for t in info["tables"]}
+    tok = next(m for m in info["model"]["modules"] if m.get("name") == "tok")
+    assert tok["per_position"] and tok["factor_lens"] == [1, WIDTH], tok
     for layer in ("tok", "blocks.0.k"):
         got = steps[steps.layer == layer]
         values = sum(len(u) + len(v) for u, v in zip(got.u, got.v))

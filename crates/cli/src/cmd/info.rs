@@ -95,9 +95,14 @@ pub struct ModuleInfo {
     pub traced: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_shape: Option<Vec<usize>>,
-    /// Lengths of one update record's `u` and `v` (traced layers).
+    /// Lengths of one update record's `u` and `v` (traced layers); per
+    /// position when `per_position`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub factor_lens: Option<[usize; 2]>,
+    /// Whether `factor_lens` are per position: a ragged layer's records
+    /// hold any number of positions (format 9).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub per_position: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<Storage>,
 }
@@ -503,16 +508,24 @@ fn model_info(m: &Manifest) -> ModelInfo {
                 ),
             };
             let traced = layer.as_ref().is_some_and(|l| l.1);
+            let shape = layer
+                .as_ref()
+                .filter(|l| l.1)
+                .map(|l| l.0.record_shape(m.mode));
+            let mut detail = detail;
+            if layer.as_ref().is_some_and(|l| l.0.ragged()) {
+                detail.push_str(", ragged");
+            }
             ModuleInfo {
                 kind: kind.to_owned(),
                 name,
                 detail,
                 traced,
                 weight_shape: layer.as_ref().map(|l| l.0.weight_shape()),
-                factor_lens: layer
-                    .as_ref()
-                    .filter(|l| l.1)
-                    .map(|l| l.0.record_lens(m.mode).into()),
+                factor_lens: shape.map(|s| match s {
+                    Lens::Fixed(u, v) | Lens::PerPosition(u, v) => [u, v],
+                }),
+                per_position: matches!(shape, Some(Lens::PerPosition(..))),
                 // Every traced layer's: what its records of this run hold.
                 storage: layer.filter(|l| l.1).map(|l| {
                     if l.0.records_full(m.mode) {
@@ -715,7 +728,8 @@ fn print_modules(modules: &[ModuleInfo], out: &mut dyn Write) -> std::io::Result
         );
         if m.traced {
             if let Some([u, v]) = m.factor_lens {
-                line.push_str(&format!("; traced: u {u}, v {v}"));
+                let per = if m.per_position { " per position" } else { "" };
+                line.push_str(&format!("; traced: u {u}, v {v}{per}"));
             }
             if let Some(s) = m.storage {
                 line.push_str(match s {
