@@ -5,7 +5,14 @@
 #  2. runs the reconstruction tests, the tracing-does-not-change-training
 #     test and the f16 test on CUDA (REPTRACE_TEST_DEVICE=cuda);
 #  3. prints traced/untraced ratios for MLP 784-256-10 at batch 64 and
-#     MLP 3072-1024-10 at batch 256, f32 and f16 (goal ≤ 1.3 each).
+#     MLP 3072-1024-10 at batch 256, f32 and f16 (goal ≤ 1.3 each);
+#  4. the PyTorch tracer on CUDA (scripts/bench/torch_cuda.py): traced /
+#     untraced for MLP 3072-1024-10 at batch 256 and the test suite's CNN,
+#     f32 and f16, and the records of each rebuilding its final weights.
+#     It needs the reptrace Python package's compiled module in
+#     python/reptrace/ (`scripts/setup.sh` builds it; `build` copies it into
+#     DIR, `run` puts it back) and a python3 with torch 2.11 with CUDA,
+#     numpy and pyarrow; without them step 4 is skipped with a line.
 #
 #   scripts/gpu-check.sh             # build and run: cargo, libtorch with CUDA, a GPU
 #   scripts/gpu-check.sh build       # build only, stripped, into target/gpu-check (about 35 MB)
@@ -45,6 +52,11 @@ for line in (out / "build.json").read_text().splitlines():
             print(f"gpu-check: {out / dest}")
 PY
   rm -f "$dir/build.json"
+  if [ -f python/reptrace/_reptrace.abi3.so ]; then
+    cp python/reptrace/_reptrace.abi3.so "$dir/"
+  else
+    echo "gpu-check: no python/reptrace/_reptrace.abi3.so (run scripts/setup.sh): step 4 will be skipped" >&2
+  fi
 }
 
 run() {
@@ -72,6 +84,18 @@ run() {
   REPTRACE_BENCH_DEVICE=cuda REPTRACE_BENCH_INPUT=3072 REPTRACE_BENCH_HIDDEN=1024 \
     REPTRACE_BENCH_BATCH=256 REPTRACE_BENCH_ROWS=$((steps / 5 * 256)) REPTRACE_BENCH_REPEATS=$repeats \
     "$dir/overhead" --bench
+  echo "== the PyTorch tracer on CUDA: MLP 3072-1024-10 b256 and the test CNN, f32 and f16"
+  if [ ! -f python/reptrace/_reptrace.abi3.so ] && [ -f "$dir/_reptrace.abi3.so" ]; then
+    cp "$dir/_reptrace.abi3.so" python/reptrace/
+  fi
+  py=python3
+  [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null && py=.venv/bin/python
+  if [ -f python/reptrace/_reptrace.abi3.so ] && "$py" -c 'import torch, numpy, pyarrow' 2>/dev/null; then
+    PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" "$py" scripts/bench/torch_cuda.py \
+      --device cuda --steps $((steps / 3)) --repeats "$repeats"
+  else
+    echo "gpu-check: step 4 skipped: no compiled Python module or no torch/numpy/pyarrow for $py" >&2
+  fi
 }
 
 case $mode in

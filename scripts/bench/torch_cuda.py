@@ -1,0 +1,154 @@
+"""The PyTorch tracer on a GPU: traced / untraced time and a reconstruction
+check, in one short run (scripts/gpu-check.sh runs it on CUDA).
+
+    python scripts/bench/torch_cuda.py [--device cuda|cpu] [--steps N] [--repeats R]
+
+Two models, each trained untraced, traced with f32 factors and traced with
+f16 factors, side by side in every repeat (the figures are medians of the
+per-repeat ratios; a traced run's time includes ``finish()``, and every
+time ends with a device synchronisation):
+
+- ``mlp3072``: MLP 3072-1024-10, batch 256, plain SGD, random inputs;
+- ``cnn``: the test suite's residual CNN (``tests/python/kit.py``,
+  ``ResCNN``: conv stem, a residual block of two convs, a linear head) on
+  8×8 inputs, batch 64, SGD with momentum.
+
+After the repeats, one traced f32 run of each model is rebuilt from its
+records (``kit.assert_reconstructs``: every traced parameter within 1e-5 of
+how far training moved it, plus float32's rounding floor); a failure exits
+with status 1. ``--device cpu`` runs the same on the CPU (a dry run).
+
+Prints a table and one line per model and dtype:
+``BENCH torch_cuda model=M dtype=D device=DEV ratio=R untraced_ms_per_step=U traced_ms_per_step=T steps=S repeats=N``
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+
+import reptrace  # noqa: E402
+from kit import ResCNN, assert_reconstructs, start_weights  # noqa: E402
+
+CLASSES = [str(c) for c in range(10)]
+
+
+def mlp3072() -> nn.Module:
+    return nn.Sequential(nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+# name → (model, features per input, batch, SGD options)
+MODELS = {
+    "mlp3072": (mlp3072, 3072, 256, {"lr": 0.05}),
+    "cnn": (ResCNN, 64, 64, {"lr": 0.05, "momentum": 0.9}),
+}
+
+
+def data(features: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs in [0, 1] around a fixed prototype per class, and the classes."""
+    g = torch.Generator().manual_seed(7)
+    protos = torch.rand(10, features, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (protos[y] + 0.3 * (torch.rand(n, features, generator=g) - 0.5)).clamp(0, 1)
+    return x.to(device), y.to(device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(name, x, y, steps, dtype, run_dir, device):
+    """(seconds, model, initial state) of `steps` steps; traced when `dtype`."""
+    make, _, batch, sgd = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(device)
+    initial = start_weights(model)
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    tracer = None
+    if dtype is not None:
+        tracer = reptrace.Tracer(model, opt, run_dir, classes=CLASSES, dtype=dtype)
+    batches = x.shape[0] // batch
+    sync(device)
+    start = time.perf_counter()
+    for step in range(steps):
+        i = (step % batches) * batch
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        if tracer is None:
+            opt.step()
+        else:
+            tracer.step(loss, torch.arange(i, i + batch), yb)
+    if tracer is not None:
+        tracer.finish()
+    sync(device)
+    return time.perf_counter() - start, model, initial
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("torch_cuda: this torch sees no CUDA device", file=sys.stderr)
+        return 1
+    print(f"extension: {reptrace._reptrace.__file__}; torch {torch.__version__} on {device}",
+          file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix="reptrace-torch-cuda-"))
+    failed = False
+    try:
+        print(f"{'model':<9}{'dtype':<6}{'untraced ms/step':>18}{'traced ms/step':>16}{'ratio':>8}")
+        for name, (_, features, batch, _) in MODELS.items():
+            x, y = data(features, 64 * batch, device)
+            train(name, x, y, 20, "f32", tmp / f"{name}-warm-up", device)
+            ratios = {"f32": [], "f16": []}
+            plain_ms, traced_ms = [], {"f32": [], "f16": []}
+            for r in range(args.repeats):
+                base, _, _ = train(name, x, y, args.steps, None, None, device)
+                plain_ms.append(base / args.steps * 1e3)
+                for dtype in ratios:
+                    run = tmp / f"{name}-{dtype}-{r}"
+                    secs, _, _ = train(name, x, y, args.steps, dtype, run, device)
+                    ratios[dtype].append(secs / base)
+                    traced_ms[dtype].append(secs / args.steps * 1e3)
+                    shutil.rmtree(run)
+            for dtype in ratios:
+                ratio = statistics.median(ratios[dtype])
+                u, t = statistics.median(plain_ms), statistics.median(traced_ms[dtype])
+                print(f"{name:<9}{dtype:<6}{u:>18.3f}{t:>16.3f}{ratio:>8.2f}")
+                print(f"BENCH torch_cuda model={name} dtype={dtype} device={device.type} "
+                      f"ratio={ratio:.4f} untraced_ms_per_step={u:.4f} traced_ms_per_step={t:.4f} "
+                      f"steps={args.steps} repeats={args.repeats}", flush=True)
+            # The records rebuild the final weights (on the host).
+            run = tmp / f"{name}-check"
+            _, model, initial = train(name, x, y, min(args.steps, 100), "f32", run, device)
+            try:
+                worst = assert_reconstructs(str(run), model.cpu(),
+                                            {k: v.cpu() for k, v in initial.items()})
+                print(f"reconstruction {name}: pass, worst {worst:.2e}", flush=True)
+            except AssertionError as e:
+                failed = True
+                print(f"reconstruction {name}: FAIL: {e}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
