@@ -833,7 +833,8 @@ pub(crate) fn compute_layer(
     sink: &mut dyn FnMut(RecordBatch) -> Result<()>,
     progress: &mut dyn FnMut(u64, u64, u64),
 ) -> Result<Computed> {
-    let mode = run.manifest().mode;
+    // A preconditioned run's records reach the kernel as whole updates.
+    let mode = crate::precondition::records_mode(run.manifest());
     let geom = Geometry::of(layer, mode)?;
     let name = layer.name();
     let out_schema = schema(Table::Contributions, Dtype::F32);

@@ -102,6 +102,7 @@ pub mod interrupt;
 pub mod kernel;
 pub mod limits;
 mod memory;
+pub mod precondition;
 pub mod probes;
 pub mod query;
 pub mod records;

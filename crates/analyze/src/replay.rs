@@ -2,6 +2,7 @@
 //! displacement scale of each step, and a streaming pass over one layer's
 //! records (read on a background thread, bounded queue).
 use crate::kernel::{self, Geometry};
+use crate::precondition::{self, Preconditioner};
 use crate::records::{
     RecordReader, Records, bools, f64s, f64s_opt, i32s, i64s, open_columns, strings,
 };
@@ -90,6 +91,10 @@ pub struct LayerHistory {
     /// Whether the run has `layer_steps` rows for the layer (format 7
     /// producers in instance mode).
     pub per_step: bool,
+    /// Adam's preconditioner `G_t` per step, for a run of Adam or AdamW in
+    /// instance mode ([`precondition::preconditioned`]): its records are
+    /// replayed as `G_t ⊙ [vec ΔW, Δb]` with scale 1.
+    pub preconditioner: Option<Preconditioner>,
 }
 
 impl Setup {
@@ -118,12 +123,16 @@ impl Setup {
         let steps = step_rows(run, as_of)?;
         let mut per_layer = layer_rows(run, as_of)?;
         let mut layers = HashMap::new();
+        // The preconditioners are held for the whole analysis: bounded by
+        // the memory limit of the environment (or the machine's default).
+        let budget = crate::Limits::default().memory.unwrap_or(u64::MAX);
         for layer in m.model.traced_layers() {
             let rows = per_layer.remove(layer.name()).unwrap_or_default();
-            layers.insert(
-                layer.name().to_owned(),
-                LayerHistory::of(run, layer.name(), &steps, rows)?,
-            );
+            let mut history = LayerHistory::of(run, layer.name(), &steps, rows)?;
+            if precondition::preconditioned(m) {
+                history.preconditioner = Some(Preconditioner::load(run, &layer, as_of, budget)?);
+            }
+            layers.insert(layer.name().to_owned(), history);
         }
         Ok(Setup {
             initial: Snapshot::read(&run.path(initial_rel))?,
@@ -182,6 +191,7 @@ impl LayerHistory {
                 precision: Precision::F32,
                 applied: 0.0,
                 per_step,
+                preconditioner: None,
             });
         }
         let o = &m.optimizer;
@@ -216,7 +226,16 @@ impl LayerHistory {
             };
             hyper.push(h);
         }
-        let scales = sgd_displacement_scales(&hyper);
+        // Adam's records are scaled by the preconditioner instead
+        // (precondition.rs): σ is 1 for every step that ran.
+        let scales = if precondition::preconditioned(m) {
+            hyper
+                .iter()
+                .map(|h| if h.skipped { 0.0 } else { 1.0 })
+                .collect()
+        } else {
+            sgd_displacement_scales(&hyper)
+        };
         let applied = rows
             .iter()
             .zip(&scales)
@@ -231,6 +250,7 @@ impl LayerHistory {
             precision,
             applied,
             per_step,
+            preconditioner: None,
         })
     }
 }
@@ -511,7 +531,11 @@ pub fn stream(
     mut on_batch: impl FnMut(&Records, &[f64]) -> Result<()>,
 ) -> Result<()> {
     let mode = run.manifest().mode;
-    let geom = Geometry::of(layer, mode)?;
+    // The geometry of the stored records; that of the records handed on
+    // (whole updates for a preconditioned run) for the sum.
+    let stored = Geometry::of(layer, mode)?;
+    let geom = precondition::geometry(layer, run.manifest())?;
+    let pre = setup.history(layer.name())?.preconditioner.as_ref();
     let shape = layer.record_shape(mode);
     let reader = RecordReader::new(update_files(run, layer.name()), shape, batch_rows);
     std::thread::scope(|scope| {
@@ -529,7 +553,13 @@ pub fn stream(
             // (attribution, computed contributions, verify).
             crate::interrupt::check()?;
             let recs = item?;
-            let scales = setup.record_scales(layer.name(), &recs)?;
+            let (recs, scales) = match pre {
+                Some(pre) => pre.apply(&stored, &recs, setup.as_of)?,
+                None => {
+                    let scales = setup.record_scales(layer.name(), &recs)?;
+                    (recs, scales)
+                }
+            };
             if let Some(sum) = sum.as_deref_mut() {
                 kernel::accumulate(&geom, &recs, &scales, sum)?;
             }
@@ -546,7 +576,7 @@ pub fn residual(
     setup: &Setup,
     batch_rows: usize,
 ) -> Result<(LayerWeights, LayerWeights)> {
-    let geom = Geometry::of(layer, run.manifest().mode)?;
+    let geom = precondition::geometry(layer, run.manifest())?;
     let mut sum = vec![0.0; geom.delta_len()];
     stream(run, layer, setup, batch_rows, Some(&mut sum), |_, _| Ok(()))?;
     let change = setup.weight_change(layer)?;

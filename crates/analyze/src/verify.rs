@@ -508,7 +508,10 @@ fn weights_verdict(
     };
     let exact = match m.mode {
         Mode::Batch => true,
-        Mode::Instance => m.optimizer.kind == OptimizerKind::Sgd && !h.weight_decay,
+        Mode::Instance => {
+            (m.optimizer.kind == OptimizerKind::Sgd || h.preconditioner.is_some())
+                && !h.weight_decay
+        }
     };
     // Steps that ran in bf16 or f16 (autocast) applied gradients rounded to
     // that type: at most u·‖g_t‖ per step, moved by σ_t η_t.
@@ -538,9 +541,15 @@ fn weights_verdict(
             h.precision.unit_roundoff()
         ));
     }
+    if h.preconditioner.is_some() {
+        parts.push(format!(
+            "(records scaled by {}'s preconditioner)",
+            format!("{:?}", m.optimizer.kind).to_lowercase()
+        ));
+    }
     let mut detail = parts.join(" ");
     if !exact {
-        let why = if m.optimizer.kind == OptimizerKind::Sgd {
+        let why = if m.optimizer.kind == OptimizerKind::Sgd || h.preconditioner.is_some() {
             "weight decay leaves a residual by design (docs/method.md §5)".to_owned()
         } else {
             format!(
@@ -573,7 +582,9 @@ fn weights_residual(
     options: &Options,
     on_records: &mut dyn FnMut(usize),
 ) -> Result<Residual> {
-    let mode = run.manifest().mode;
+    // A preconditioned run's records are replayed as whole updates
+    // (precondition.rs): its f16 bound is that of whole updates.
+    let mode = crate::precondition::records_mode(run.manifest());
     let geom = Geometry::of(layer, mode)?;
     let dtype = run.manifest().dtype;
     let mut sum = vec![0.0; geom.delta_len()];

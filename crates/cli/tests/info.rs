@@ -414,3 +414,65 @@ fn info_shows_what_each_step_applied() {
 fn rec_err(rec: &mut Recorder, row: reptrace_record::LayerStepRow) -> String {
     rec.layer_steps(vec![row]).unwrap_err().to_string()
 }
+
+#[test]
+fn info_shows_the_preconditioner_bytes_of_an_adam_run() {
+    use reptrace_format::{Optimizer, OptimizerKind};
+    use reptrace_record::{AdamStep, LayerStepRow};
+    let (_dir, run) = handmade::temp_run(|run| {
+        let adam = Optimizer {
+            kind: OptimizerKind::Adam,
+            betas: Some([0.9, 0.999]),
+            eps: Some(1e-8),
+            ..Optimizer::sgd(0.01)
+        };
+        let mut hand = Handmade::with(run, handmade::tiny(2, 1, true), &["a", "b"], |b| {
+            b.optimizer(adam)
+        });
+        hand.instances(&[0, 1], &[Split::Train; 2]);
+        hand.weights(&[("fc.weight", &[1, 2], &[0.0, 0.0]), ("fc.bias", &[1], &[0.0])]);
+        for step in 0..3 {
+            let batch = Batch::new(step, 0, &[0, 1], &[0, 1]);
+            hand.step(&batch, 0.01);
+            hand.update("fc", &batch, &[1.0, 0.0, 0.0, 1.0], &[0.5, -0.25]);
+            let row = LayerStepRow {
+                step,
+                epoch: 0,
+                layer: "fc".into(),
+                param_group: 0,
+                lr: 0.01,
+                momentum: 0.0,
+                dampening: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+                grad_scale: 1.0,
+                grad_check: None,
+                grad_norm: None,
+                precision: "f32".into(),
+                adam: Some(AdamStep {
+                    beta1: 0.9,
+                    step_size: 0.01,
+                    preconditioner: vec![2.0, 3.0 + step as f32, 4.0],
+                }),
+            };
+            hand.recorder().layer_steps(vec![row]).unwrap();
+        }
+        hand.finish(&[("fc.weight", &[1, 2], &[0.1, 0.2]), ("fc.bias", &[1], &[0.3])]);
+    });
+    let j = cli().info_json(&run);
+    let p = &j["preconditioner"];
+    assert!(p["bytes"].as_u64().unwrap() > 0, "{j:#}");
+    let m = Manifest::load(&run).unwrap();
+    let updates: u64 = m.files(Table::Updates).iter().map(|f| f.bytes).sum();
+    let steps: u64 = m.files(Table::LayerSteps).iter().map(|f| f.bytes).sum();
+    assert_eq!(p["updates_bytes"].as_u64(), Some(updates), "{j:#}");
+    // A column of the layer_steps files: less than the files themselves.
+    assert!(p["bytes"].as_u64().unwrap() < steps, "{j:#}");
+    let text =
+        String::from_utf8(cli().output(&[OsStr::new("info"), run.as_os_str()]).stdout).unwrap();
+    assert!(text.contains("precond    "), "{text}");
+    assert!(text.contains("Adam's preconditioner"), "{text}");
+    // An SGD run has no such line.
+    let (_dir, sgd) = handmade::temp_run(|run| record(run, 2, 2, 1, true));
+    assert!(cli().info_json(&sgd).get("preconditioner").is_none());
+}

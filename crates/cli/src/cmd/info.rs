@@ -64,6 +64,10 @@ pub struct Info {
     /// Bytes of `updates` and `batches` per committed training step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_per_step: Option<StoragePerStep>,
+    /// Adam's and AdamW's preconditioner in instance mode (format 10):
+    /// its bytes beside the records'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preconditioner: Option<PreconditionerBytes>,
     /// Layers left out of the trace because the optimizer does not update
     /// them (format 7).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -116,6 +120,17 @@ pub struct StoragePerStep {
     pub bytes: u64,
     /// `bytes / steps`.
     pub bytes_per_step: f64,
+}
+
+/// What the preconditioner of an Adam/AdamW run in instance mode costs.
+#[derive(Debug, Serialize)]
+pub struct PreconditionerBytes {
+    /// Compressed bytes of the `preconditioner` column of the committed
+    /// `layer_steps` files (all layers: the table is not partitioned), from
+    /// their Parquet footers.
+    pub bytes: u64,
+    /// Bytes of the committed `updates` files, for comparison.
+    pub updates_bytes: u64,
 }
 
 /// The committed files of one table (and layer).
@@ -186,6 +201,27 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         bytes_per_step: recorded as f64 / steps as f64,
     });
 
+    let preconditioner = (m.mode == reptrace_format::Mode::Instance
+        && m.optimizer.kind.preconditioned())
+    .then(|| {
+        let mut bytes = 0;
+        for f in m.files(Table::LayerSteps) {
+            match footer_column_bytes(&run.join(&f.path), col::PRECONDITIONER) {
+                Ok(b) => bytes += b,
+                Err(e) => warnings.push(format!("{}: {e:#}", f.path)),
+            }
+        }
+        let updates_bytes = tables
+            .iter()
+            .filter(|t| t.table == Table::Updates.name())
+            .map(|t| t.bytes)
+            .sum();
+        PreconditionerBytes {
+            bytes,
+            updates_bytes,
+        }
+    });
+
     let steps_applied = match reptrace_analyze::session::Run::open(run)
         .and_then(|r| reptrace_analyze::replay::summarize_steps(&r))
     {
@@ -228,6 +264,7 @@ pub fn gather(run: &Path) -> anyhow::Result<Info> {
         probes_as_of_step: analysis.and_then(|a| a.step).map(|s| s.0),
         weights,
         storage_per_step,
+        preconditioner,
         frozen: m.model.frozen.clone(),
         steps_applied,
         tables,
@@ -314,6 +351,24 @@ fn footer_rows_of(path: &Path) -> anyhow::Result<(u64, u64)> {
     }
     let rows = u64::try_from(meta.file_metadata().num_rows()).unwrap_or(0);
     Ok((rows, values))
+}
+
+/// Compressed bytes of the column chunks of `column` in a Parquet file
+/// (its footer only).
+fn footer_column_bytes(path: &Path, column: &str) -> anyhow::Result<u64> {
+    let file =
+        File::open(path).with_context(|| format!("committed file missing: {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let mut bytes = 0;
+    for group in reader.metadata().row_groups() {
+        for chunk in group.columns() {
+            if chunk.column_path().parts().first().map(String::as_str) == Some(column) {
+                bytes += u64::try_from(chunk.compressed_size()).unwrap_or(0);
+            }
+        }
+    }
+    Ok(bytes)
 }
 
 /// Files under the table and weights directories that no commit lists.
@@ -660,6 +715,14 @@ fn print_text(i: &Info, out: &mut dyn Write) -> std::io::Result<()> {
             "storage    {} per step (updates and batches, {} steps)",
             crate::cmd::human_bytes(s.bytes_per_step.round() as u64),
             s.steps
+        )?;
+    }
+    if let Some(p) = &i.preconditioner {
+        writeln!(
+            out,
+            "precond    {} (Adam's preconditioner in layer_steps, beside {} of updates)",
+            crate::cmd::human_bytes(p.bytes),
+            crate::cmd::human_bytes(p.updates_bytes)
         )?;
     }
     if !i.frozen.is_empty() {
