@@ -208,7 +208,13 @@ impl Preconditioner {
         let mut rho = 1.0f64;
         let mut next_beta1 = 0.0f64;
         let steps: Vec<i64> = rows.keys().copied().collect();
-        for (k, row) in rows.into_values().enumerate().collect::<Vec<_>>().into_iter().rev() {
+        for (k, row) in rows
+            .into_values()
+            .enumerate()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             let c = rho * row.step_size;
             let out = &mut g[k * len..(k + 1) * len];
             for ((hj, &dj), gj) in h.iter_mut().zip(&row.d).zip(out.iter_mut()) {
@@ -238,7 +244,12 @@ impl Preconditioner {
     /// of the layer's records (`geom`: the geometry of the run's own
     /// records), as records of whole updates (`u` empty), and their scales:
     /// 1, or 0 for records after `as_of` (their update is then zero).
-    pub fn apply(&self, geom: &Geometry, recs: &Records, as_of: i64) -> Result<(Records, Vec<f64>)> {
+    pub fn apply(
+        &self,
+        geom: &Geometry,
+        recs: &Records,
+        as_of: i64,
+    ) -> Result<(Records, Vec<f64>)> {
         let n = recs.len();
         let scales: Vec<f64> = recs
             .step
@@ -319,7 +330,12 @@ mod tests {
         let map: BTreeMap<i64, Row> = steps
             .iter()
             .zip(rows.iter())
-            .map(|(&s, r)| (s, row(r.lr, r.weight_decay, r.beta1, r.step_size, [r.d[0], r.d[1]])))
+            .map(|(&s, r)| {
+                (
+                    s,
+                    row(r.lr, r.weight_decay, r.beta1, r.step_size, [r.d[0], r.d[1]]),
+                )
+            })
             .collect();
         let p = Preconditioner::from_rows(2, map, true);
         for t in 0..3 {
@@ -332,7 +348,10 @@ mod tests {
                 }
                 want *= 1.0 - rows[t].beta1;
                 let got = p.of_step(steps[t]).unwrap()[j];
-                assert!((got - want).abs() <= 1e-15 * want.abs().max(1.0), "t {t} j {j}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-15 * want.abs().max(1.0),
+                    "t {t} j {j}: {got} vs {want}"
+                );
             }
         }
         assert!(p.of_step(1).is_none());

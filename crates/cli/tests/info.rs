@@ -430,7 +430,10 @@ fn info_shows_the_preconditioner_bytes_of_an_adam_run() {
             b.optimizer(adam)
         });
         hand.instances(&[0, 1], &[Split::Train; 2]);
-        hand.weights(&[("fc.weight", &[1, 2], &[0.0, 0.0]), ("fc.bias", &[1], &[0.0])]);
+        hand.weights(&[
+            ("fc.weight", &[1, 2], &[0.0, 0.0]),
+            ("fc.bias", &[1], &[0.0]),
+        ]);
         for step in 0..3 {
             let batch = Batch::new(step, 0, &[0, 1], &[0, 1]);
             hand.step(&batch, 0.01);
@@ -457,7 +460,10 @@ fn info_shows_the_preconditioner_bytes_of_an_adam_run() {
             };
             hand.recorder().layer_steps(vec![row]).unwrap();
         }
-        hand.finish(&[("fc.weight", &[1, 2], &[0.1, 0.2]), ("fc.bias", &[1], &[0.3])]);
+        hand.finish(&[
+            ("fc.weight", &[1, 2], &[0.1, 0.2]),
+            ("fc.bias", &[1], &[0.3]),
+        ]);
     });
     let j = cli().info_json(&run);
     let p = &j["preconditioner"];

@@ -114,7 +114,9 @@ fn write(dir: &Path, case: Case, without: Option<usize>) -> Trained {
     let n = STEPS * BATCH;
     let labels: Vec<i32> = (0..n as i32).map(|i| i % OUT as i32).collect();
     run.instances(&labels, &vec![Split::Train; n]);
-    let x: Vec<f32> = (0..n * IN).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    let x: Vec<f32> = (0..n * IN)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
     let theta0: Vec<f32> = (0..LEN).map(|_| rng.random::<f32>() - 0.5).collect();
     run.weights(&snapshot(&theta0));
     let mut theta = widen(&theta0);
@@ -304,11 +306,20 @@ fn effective_updates_contributions_and_residual() {
         let m = run.manifest().clone();
         let layer = m.model.traced_layers().next().unwrap();
         let (residual, change) = replay::residual(&run, &layer, &setup, 7).unwrap();
-        let residual: Vec<f64> = residual.weight.iter().chain(&residual.bias).copied().collect();
+        let residual: Vec<f64> = residual
+            .weight
+            .iter()
+            .chain(&residual.bias)
+            .copied()
+            .collect();
         let change: Vec<f64> = change.weight.iter().chain(&change.bias).copied().collect();
         let want_change: Vec<f64> = t.last.iter().zip(&t.initial).map(|(a, b)| a - b).collect();
         assert!(norm(&want_change) > 0.1, "{what}: the weights hardly moved");
-        let diff: Vec<f64> = change.iter().zip(&want_change).map(|(a, b)| a - b).collect();
+        let diff: Vec<f64> = change
+            .iter()
+            .zip(&want_change)
+            .map(|(a, b)| a - b)
+            .collect();
         assert!(norm(&diff) <= 1e-12 * norm(&want_change), "{what}");
         if case.wd == 0.0 {
             assert!(
@@ -354,7 +365,12 @@ fn effective_updates_contributions_and_residual() {
                     .filter(|r| r.probe_id == probe && r.step == Some(share.step as i64))
                     .filter(|r| r.instance_id == Some(share.instance))
                     .collect();
-                assert_eq!(found.len(), 1, "{what}: probe {probe} record {}", share.instance);
+                assert_eq!(
+                    found.len(),
+                    1,
+                    "{what}: probe {probe} record {}",
+                    share.instance
+                );
                 let row = found[0];
                 let tol = 1e-6 * norm(&c) * norm(p);
                 assert!(
@@ -426,7 +442,13 @@ fn a_missing_preconditioner_names_file_step_and_layer() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains('\n'), "{err}");
-    for part in ["layer_steps", "preconditioner", "step 3", "layer fc", "null"] {
+    for part in [
+        "layer_steps",
+        "preconditioner",
+        "step 3",
+        "layer fc",
+        "null",
+    ] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
 }
@@ -508,7 +530,14 @@ fn a_preconditioner_of_the_wrong_length_names_file_step_and_layer() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains('\n'), "{err}");
-    for part in ["layer_steps", "preconditioner", "step 3", "layer fc", "27 values", "28"] {
+    for part in [
+        "layer_steps",
+        "preconditioner",
+        "step 3",
+        "layer fc",
+        "27 values",
+        "28",
+    ] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
 }
