@@ -38,11 +38,18 @@ DIGITS = ROOT / "crates/format/data/digits.csv.gz"
 N_TRAIN = 1437  # docs/data.md: the first 1,437 rows train, the last 360 test
 N_TEST = 360
 
-REGIMES = {
-    "demo MLP (32, 16; 20 epochs)": ["--model", "mlp", "--epochs", "20"],
-    "wide MLP (128, 64; 60 epochs)": ["--model", "mlp:128,64", "--epochs", "60"],
-}
 COMMON = ["--momentum", "0.9", "--lr-schedule", "cosine", "--probes", "train"]
+REGIMES = {
+    "demo MLP (32, 16; 20 epochs)": ["--model", "mlp", "--epochs", "20", *COMMON],
+    "wide MLP (128, 64; 60 epochs)": ["--model", "mlp:128,64", "--epochs", "60", *COMMON],
+}
+# `--optimizer adam`: the same models trained with Adam in instance mode
+# (docs/method.md §6), lr 0.003 with the cosine schedule.
+ADAM = ["--optimizer", "adam", "--lr", "0.003", "--lr-schedule", "cosine", "--probes", "train"]
+ADAM_REGIMES = {
+    "demo MLP, Adam (32, 16; 20 epochs)": ["--model", "mlp", "--epochs", "20", *ADAM],
+    "wide MLP, Adam (128, 64; 60 epochs)": ["--model", "mlp:128,64", "--epochs", "60", *ADAM],
+}
 
 
 def flipped_digits(fraction: float, seed: int, path: Path) -> np.ndarray:
@@ -123,20 +130,21 @@ def scores(bin_: str, run: Path) -> dict[str, pd.Series]:
     return out
 
 
-def evaluate(bin_: str, out: Path, fraction: float = 0.1, seed: int = 7):
-    """Trains both regimes in `out`; returns ({score: {regime: AUC}}, the
-    flipped ids, {regime: share of the flipped labels predicted in the last
-    epoch})."""
+def evaluate(bin_: str, out: Path, fraction: float = 0.1, seed: int = 7, regimes=None):
+    """Trains both regimes (of `regimes`, default REGIMES) in `out`; returns
+    ({score: {regime: AUC}}, the flipped ids, {regime: share of the flipped
+    labels predicted in the last epoch})."""
+    regimes = REGIMES if regimes is None else regimes
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "digits-flipped.csv"
     flipped = set(int(i) for i in flipped_digits(fraction, seed, csv))
     data = f"csv:{csv}?scale=0.0625&test={N_TEST}"
     table: dict[str, dict[str, float]] = {}
     fits: dict[str, float] = {}
-    for name, model in REGIMES.items():
+    for name, model in regimes.items():
         run = out / ("run-" + name.split(" ")[0])
         subprocess.run(
-            [bin_, "train", "--data", data, "--out", str(run), *model, *COMMON],
+            [bin_, "train", "--data", data, "--out", str(run), *model],
             check=True, capture_output=True, text=True,
         )
         fits[name] = float(sql(bin_, run, f"""
@@ -155,13 +163,17 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                    help="train the regimes with SGD + momentum (default) or Adam")
     args = ap.parse_args()
+    regimes = ADAM_REGIMES if args.optimizer == "adam" else REGIMES
     with tempfile.TemporaryDirectory() as tmp:
-        table, flipped, fits = evaluate(args.bin, args.out or Path(tmp), args.fraction, args.seed)
+        table, flipped, fits = evaluate(args.bin, args.out or Path(tmp), args.fraction,
+                                        args.seed, regimes)
     for name, fit in fits.items():
         print(f"{name}: in its last epoch it predicts {fit:.0%} of the flipped labels",
               file=sys.stderr)
-    names = list(REGIMES)
+    names = list(regimes)
     print(f"ROC AUC for finding the {len(flipped)} flipped training labels "
           f"({args.fraction:.0%} of {N_TRAIN}, seed {args.seed})\n")
     print("| score | " + " | ".join(names) + " |")

@@ -1,5 +1,5 @@
 //! Runs of every older format version still open: `tests/data/v1-digits`
-//! to `v8-digits` (formats 1 to 8: a one-epoch digits run, layer fc3
+//! to `v9-digits` (formats 1 to 9: a one-epoch digits run, layer fc3
 //! traced, attributed for probes 1437 and 1500) are read, verified, queried
 //! and attributed again by this build.
 use reptrace_testkit::cli::Cli;
@@ -57,6 +57,11 @@ fn format_7_run_opens_verifies_queries_and_attributes() {
 #[test]
 fn format_8_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(8);
+}
+
+#[test]
+fn format_9_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(9);
 }
 
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {

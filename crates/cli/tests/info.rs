@@ -277,7 +277,7 @@ fn info_on_a_killed_run_reports_the_last_commit() {
 /// refuses rows it cannot store faithfully.
 #[test]
 fn info_shows_what_each_step_applied() {
-    use reptrace_record::LayerStepRow;
+    use reptrace_record::{AdamStep, LayerStepRow};
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut m = model();
@@ -304,6 +304,7 @@ fn info_shows_what_each_step_applied() {
         grad_check: Some(1e-7),
         grad_norm: Some(1.0),
         precision: if layer == "fc2" { "bf16" } else { "f32" }.into(),
+        adam: None,
     };
     for t in 0..4 {
         rec.step(StepRow {
@@ -360,6 +361,27 @@ fn info_shows_what_each_step_applied() {
             ..row(3, "fc1")
         })
         .contains("precision \"f8\"")
+    );
+    let adam = |preconditioner: Vec<f32>, beta1: f64| {
+        Some(AdamStep {
+            beta1,
+            step_size: 0.1,
+            preconditioner,
+        })
+    };
+    assert!(
+        bad(LayerStepRow {
+            adam: adam(vec![1.0; 3], 0.9),
+            ..row(3, "fc1")
+        })
+        .contains("the preconditioner has 3 values")
+    );
+    assert!(
+        bad(LayerStepRow {
+            adam: adam(vec![1.0], 1.0),
+            ..row(3, "fc1")
+        })
+        .contains("beta1 is 1")
     );
     rec.commit().unwrap();
     rec.flush().unwrap();

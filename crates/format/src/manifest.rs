@@ -420,6 +420,15 @@ pub enum OptimizerKind {
     Other,
 }
 
+impl OptimizerKind {
+    /// Whether the optimizer scales each coordinate by a preconditioner
+    /// (Adam, AdamW): in instance mode its `layer_steps` rows carry it
+    /// (format 10) and a record's update is scaled by it, not by one number.
+    pub fn preconditioned(self) -> bool {
+        matches!(self, Self::Adam | Self::Adamw)
+    }
+}
+
 /// How the learning rate changes over steps (the per-step value is in `steps.lr`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -489,12 +498,12 @@ impl Optimizer {
     }
 
     /// Whether the stored records account for the whole weight change, so
-    /// that the reconstruction residual must be ~0 (SGD without weight decay,
-    /// in instance mode or batch mode; any optimizer in batch mode).
+    /// that the reconstruction residual must be ~0 (SGD, Adam and AdamW
+    /// without weight decay in instance mode; any optimizer in batch mode).
     pub fn promises_exactness(&self, mode: Mode) -> bool {
         match mode {
             Mode::Batch => true,
-            Mode::Instance => self.kind == OptimizerKind::Sgd && self.weight_decay == 0.0,
+            Mode::Instance => self.kind != OptimizerKind::Other && self.weight_decay == 0.0,
         }
     }
 }

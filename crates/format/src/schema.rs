@@ -101,6 +101,18 @@ pub mod col {
     /// `layer_steps`: the precision the layer's forward and backward pass
     /// ran in at the step: `f32`, `bf16` or `f16` (string).
     pub const PRECISION: &str = "precision";
+    /// `layer_steps`: Adam's β₁ of the layer's group at the step (float64;
+    /// null for other optimizers and in runs of format 9 and older).
+    pub const BETA1: &str = "beta1";
+    /// `layer_steps`: Adam's step size `c_t = η_t / (1 − β₁^k)`, `k` the
+    /// optimizer's own step count after the step (float64; null for other
+    /// optimizers).
+    pub const STEP_SIZE: &str = "step_size";
+    /// `layer_steps`: Adam's preconditioner after the step,
+    /// `D_t = 1 / (sqrt(v_t / (1 − β₂^k)) + ε)` per parameter value, `vec W`
+    /// then the bias (list of float32, in every run dtype; null for other
+    /// optimizers).
+    pub const PRECONDITIONER: &str = "preconditioner";
 }
 
 /// The tables of a run.
@@ -283,6 +295,9 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(GRAD_CHECK, DataType::Float64, true),
             Field::new(GRAD_NORM, DataType::Float64, true),
             Field::new(PRECISION, DataType::Utf8, false),
+            Field::new(BETA1, DataType::Float64, true),
+            Field::new(STEP_SIZE, DataType::Float64, true),
+            Field::new(PRECONDITIONER, list_of(DataType::Float32), true),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -294,6 +309,7 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
 pub fn column_since(table: Table, column: &str) -> u32 {
     match (table, column) {
         (Table::Steps, col::SKIPPED) => 7,
+        (Table::LayerSteps, col::BETA1 | col::STEP_SIZE | col::PRECONDITIONER) => 10,
         _ => 1,
     }
 }

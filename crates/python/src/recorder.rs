@@ -12,7 +12,7 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch, Recorder,
+    AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch, Recorder,
     StepRow, UpdateBatch,
 };
 use std::sync::Mutex;
@@ -38,6 +38,9 @@ type LayerStepTuple = (
     Option<f64>,
     String,
 );
+
+/// Adam's part of a `layer_steps` row: `(beta1, step_size, preconditioner)`.
+type AdamTuple<'py> = (f64, f64, PyReadonlyArray1<'py, f32>);
 
 /// A contiguous array's elements, or an error naming the argument.
 fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
@@ -289,11 +292,46 @@ impl PyRecorder {
 
     /// The `layer_steps` rows of one step: per traced layer `(layer,
     /// param_group, lr, momentum, dampening, nesterov, weight_decay,
-    /// grad_scale, grad_check, grad_norm, precision)`.
-    fn layer_steps(&mut self, step: i64, epoch: i32, rows: Vec<LayerStepTuple>) -> PyResult<()> {
+    /// grad_scale, grad_check, grad_norm, precision)`; under Adam/AdamW
+    /// `adam` holds, per row, `(beta1, step_size, preconditioner)` (a
+    /// contiguous float32 array: `vec W`, then the bias) or `None`.
+    #[pyo3(signature = (step, epoch, rows, adam=None))]
+    fn layer_steps(
+        &mut self,
+        step: i64,
+        epoch: i32,
+        rows: Vec<LayerStepTuple>,
+        adam: Option<Vec<Option<AdamTuple<'_>>>>,
+    ) -> PyResult<()> {
+        let mut adam = match adam {
+            Some(a) if a.len() != rows.len() => {
+                return Err(error::invalid(format!(
+                    "adam: {} entries for {} layer_steps rows",
+                    a.len(),
+                    rows.len()
+                )));
+            }
+            Some(a) => a,
+            None => Vec::new(),
+        };
+        adam.resize_with(rows.len(), || None);
+        let adam = adam
+            .into_iter()
+            .map(|a| {
+                a.map(|(beta1, step_size, d)| -> PyResult<AdamStep> {
+                    Ok(AdamStep {
+                        beta1,
+                        step_size,
+                        preconditioner: slice(&d, "adam preconditioner")?.to_vec(),
+                    })
+                })
+                .transpose()
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let rows = rows
             .into_iter()
-            .map(|t| LayerStepRow {
+            .zip(adam)
+            .map(|(t, adam)| LayerStepRow {
                 step,
                 epoch,
                 layer: t.0,
@@ -307,6 +345,7 @@ impl PyRecorder {
                 grad_check: t.8,
                 grad_norm: t.9,
                 precision: t.10,
+                adam,
             })
             .collect();
         self.rec()?.layer_steps(rows).map_err(error::record)

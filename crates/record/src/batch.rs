@@ -53,6 +53,23 @@ pub struct LayerStepRow {
     pub grad_norm: Option<f64>,
     /// `f32`, `bf16` or `f16`: the precision the layer ran in.
     pub precision: String,
+    /// Adam's and AdamW's per-coordinate scaling of the step (format 10);
+    /// `None` for other optimizers.
+    pub adam: Option<AdamStep>,
+}
+
+/// What Adam or AdamW applied to one traced layer at one step, besides the
+/// gradient: the analyzer scales the step's records by it
+/// (docs/method.md §6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamStep {
+    /// β₁ of the layer's group at the step, in `[0, 1)`.
+    pub beta1: f64,
+    /// `c_t = η_t / (1 − β₁^k)`, `k` the optimizer's step count after the step.
+    pub step_size: f64,
+    /// `D_t = 1 / (sqrt(v_t / (1 − β₂^k)) + ε)` per parameter value: `vec W`
+    /// (PyTorch's layout, row-major), then the bias; every value positive.
+    pub preconditioner: Vec<f32>,
 }
 
 /// The training dynamics of one step (table `examples`): `n` rows, one per

@@ -16,8 +16,8 @@ use arrow_array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
     PrimitiveArray, RecordBatch, StringArray,
 };
-use arrow_buffer::{OffsetBuffer, ScalarBuffer};
-use arrow_schema::{DataType, SchemaRef};
+use arrow_buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
+use arrow_schema::{DataType, Field, SchemaRef};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use reptrace_format::{Dtype, Table, col, schema};
@@ -177,8 +177,42 @@ pub(crate) fn layer_steps(rows: &[LayerStepRow]) -> Result<RecordBatch> {
                     .map(|r| Some(r.precision.as_str()))
                     .collect::<StringArray>(),
             ),
+            opt(&|r| r.adam.as_ref().map(|a| a.beta1)),
+            opt(&|r| r.adam.as_ref().map(|a| a.step_size)),
+            preconditioners(rows)?,
         ],
     )
+}
+
+/// The nullable `layer_steps.preconditioner` list column (float32).
+fn preconditioners(rows: &[LayerStepRow]) -> Result<ArrayRef> {
+    let table = Table::LayerSteps;
+    let mut offsets = Vec::with_capacity(rows.len() + 1);
+    offsets.push(0i32);
+    let mut values = Vec::new();
+    for r in rows {
+        if let Some(a) = &r.adam {
+            values.extend_from_slice(&a.preconditioner);
+        }
+        let end = i32::try_from(values.len()).map_err(|_| Error::Invalid {
+            context: table.name().to_owned(),
+            message: format!(
+                "preconditioners of {} rows exceed the 2^31 values one batch can hold",
+                rows.len()
+            ),
+        })?;
+        offsets.push(end);
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let valid = NullBuffer::from(rows.iter().map(|r| r.adam.is_some()).collect::<Vec<_>>());
+    let array = ListArray::try_new(
+        item,
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        Arc::new(Float32Array::from(values)),
+        Some(valid),
+    )
+    .map_err(|e| arrow_err(table, e))?;
+    Ok(Arc::new(array))
 }
 
 /// `examples` rows; `loss` widened to f64, `p_label = exp(−loss)` computed

@@ -66,7 +66,7 @@ mod writer;
 
 pub use append::ProbeAppender;
 pub use batch::{
-    BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch, StepRow,
+    AdamStep, BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch, StepRow,
     UpdateBatch, UpdateBatchOwned,
 };
 pub use error::{Error, Result};

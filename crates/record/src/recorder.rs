@@ -7,7 +7,7 @@
 //! thread come back from the next call.
 use crate::append::lock_run;
 use crate::batch::{
-    BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow,
+    AdamStep, BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow,
     NamedTensor, NormKind, OwnedTensor, ProbeBatch, RowLens, StepRow, UpdateBatch,
     UpdateBatchOwned, UpdateRows, check_len, fixed_positions, per_position_rows,
 };
@@ -236,6 +236,8 @@ struct LayerInfo {
     /// `TracedLayer::record_shape` in the run's mode.
     record_shape: Lens,
     probe_shape: Lens,
+    /// Length of `vec ΔW` plus `Δb`: of an Adam step's preconditioner.
+    update_len: usize,
 }
 
 fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
@@ -268,6 +270,7 @@ fn layer_infos(model: &Model, mode: Mode) -> Result<Vec<LayerInfo>> {
             factor_shapes,
             record_shape: layer.record_shape(mode),
             probe_shape: layer.probe_shape(),
+            update_len: layer.update_len(),
         });
     }
     Ok(out)
@@ -479,6 +482,13 @@ impl Recorder {
                         r.precision
                     ),
                 });
+            }
+            if let Some(adam) = &r.adam {
+                let len = self.layers[self.layer_index(&r.layer)?].update_len;
+                check_adam(adam, len).map_err(|message| Error::Invalid {
+                    context: ctx.clone(),
+                    message,
+                })?;
             }
             self.see_step(r.step, r.epoch);
         }
@@ -976,4 +986,30 @@ mod tests {
         send::<Recorder>();
         send::<Error>();
     }
+}
+
+/// What is wrong with an Adam step of a layer whose update has `len` values.
+fn check_adam(adam: &AdamStep, len: usize) -> std::result::Result<(), String> {
+    if !(0.0..1.0).contains(&adam.beta1) {
+        return Err(format!("beta1 is {}, expected a number in [0, 1)", adam.beta1));
+    }
+    if !(adam.step_size.is_finite() && adam.step_size >= 0.0) {
+        return Err(format!(
+            "step_size is {}, expected a finite number ≥ 0",
+            adam.step_size
+        ));
+    }
+    let d = &adam.preconditioner;
+    if d.len() != len {
+        return Err(format!(
+            "the preconditioner has {} values, the layer's weight and bias {len}",
+            d.len()
+        ));
+    }
+    if let Some((i, x)) = d.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x > 0.0)) {
+        return Err(format!(
+            "preconditioner value {i} is {x}, expected a finite number > 0"
+        ));
+    }
+    Ok(())
 }

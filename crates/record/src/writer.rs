@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 
 /// Steps rows are buffered and written in chunks of this many rows.
 const STEP_CHUNK: usize = 4096;
+/// Preconditioner values (Adam, 4 bytes each) held before `layer_steps`
+/// rows are written out: a part file per 64 MiB of them.
+const PRECONDITIONER_CHUNK: usize = 1 << 24;
 
 /// Examples rows are buffered and written in chunks of this many rows.
 const EXAMPLE_CHUNK: usize = 65536;
@@ -214,7 +217,13 @@ impl Writer {
             }
             Msg::LayerSteps(rows) => {
                 self.layer_steps.extend(rows);
-                if self.layer_steps.len() >= STEP_CHUNK {
+                let held: usize = self
+                    .layer_steps
+                    .iter()
+                    .filter_map(|r| r.adam.as_ref())
+                    .map(|a| a.preconditioner.len())
+                    .sum();
+                if self.layer_steps.len() >= STEP_CHUNK || held >= PRECONDITIONER_CHUNK {
                     self.flush_layer_steps()?;
                 }
             }

@@ -964,6 +964,7 @@ impl Tracer {
                 grad_check: relative,
                 grad_norm: norm,
                 precision: check::precision(delta.kind()).to_owned(),
+                adam: None,
             });
         }
         Ok(Ok((scales, rows)))
