@@ -13,7 +13,10 @@ where that is smaller, by the format's rule for the kind), checks them against t
 the optimizer is about to apply (``.grad``: ``κ`` is the one scalar by which
 the two may differ, e.g. clipping by norm or a gradient scaler's scale), and
 hands them to the recorder, then calls ``optimizer.step()`` (or
-``scaler.step(optimizer)``). In batch mode it records the whole update
+``scaler.step(optimizer)``). Under Adam and AdamW the records hold
+``v = −κ·δ`` (no learning rate) and, after the step, each layer's step size
+and preconditioner are read from the optimizer's state into ``layer_steps``
+and the applied change is checked against them (docs/method.md §6). In batch mode it records the whole update
 ``W_{t+1} − W_t`` of each traced layer around the optimizer step instead, for
 any optimizer. The hooks only read tensors: training with the tracer attached
 is bit-identical to training without it.
@@ -222,9 +225,10 @@ class Tracer:
             ``"encoder.block1.conv"``), or all of them that the optimizer
             updates but those named in ``exclude`` (frozen ones are listed in
             the manifest as ``model.frozen``).
-        optimizer: ``torch.optim.SGD`` in instance mode (lr, momentum,
-            dampening, Nesterov and weight decay are read from each traced
-            layer's parameter group at every step); any optimizer in batch mode.
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` in instance
+            mode (lr, momentum, dampening, Nesterov and weight decay, or
+            Adam's betas, eps and state, are read for each traced layer at
+            every step); any optimizer in batch mode.
         run_dir: the run directory to create (missing or empty).
         classes: class names, indexed by label.
         mode: ``"instance"`` (each example's share of each update) or
