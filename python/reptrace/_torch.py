@@ -16,7 +16,8 @@ hands them to the recorder, then calls ``optimizer.step()`` (or
 ``scaler.step(optimizer)``). Under Adam and AdamW the records hold
 ``v = −κ·δ`` (no learning rate) and, after the step, each layer's step size
 and preconditioner are read from the optimizer's state into ``layer_steps``
-and the applied change is checked against them (docs/method.md §6). In batch mode it records the whole update
+and the applied change is checked against them (docs/method.md §6). In
+batch mode it records the whole update
 ``W_{t+1} − W_t`` of each traced layer around the optimizer step instead, for
 any optimizer. The hooks only read tensors: training with the tracer attached
 is bit-identical to training without it.
@@ -476,7 +477,8 @@ class Tracer:
                     f"layer {l.name!r}: its weight (param group {l.group}) and bias (param "
                     f"group {l.bias_group}) have different {k}{at} ({_group_value(gw, k)} and "
                     f"{_group_value(gb, k)}); a record holds one update of the whole layer: "
-                    "give them the same settings or one group"
+                    "give them the same settings or one group, or record in batch mode "
+                    "(mode='batch')"
                 )
                 raise InvalidInput(message) if step is None else _Refusal(message)
 
