@@ -108,8 +108,8 @@ class Kind:
         raise NotImplementedError
 
     def record(self, spec: dict, bias: bool, u, v: torch.Tensor):
-        """One step's records ``(u, v)`` from ``u`` and ``v = −lr·κ·δ``,
-        rows = examples."""
+        """One step's records ``(u, v)`` from ``u`` and ``v = −lr·κ·δ``
+        (``−κ·δ`` under Adam), rows = examples."""
         raise NotImplementedError
 
     def probe(self, spec: dict, x: torch.Tensor, dw: torch.Tensor, db):

@@ -13,7 +13,11 @@ where that is smaller, by the format's rule for the kind), checks them against t
 the optimizer is about to apply (``.grad``: ``κ`` is the one scalar by which
 the two may differ, e.g. clipping by norm or a gradient scaler's scale), and
 hands them to the recorder, then calls ``optimizer.step()`` (or
-``scaler.step(optimizer)``). In batch mode it records the whole update
+``scaler.step(optimizer)``). Under Adam and AdamW the records hold
+``v = −κ·δ`` (no learning rate) and, after the step, each layer's step size
+and preconditioner are read from the optimizer's state into ``layer_steps``
+and the applied change is checked against them (docs/method.md §6). In
+batch mode it records the whole update
 ``W_{t+1} − W_t`` of each traced layer around the optimizer step instead, for
 any optimizer. The hooks only read tensors: training with the tracer attached
 is bit-identical to training without it.
@@ -50,6 +54,28 @@ _OPTIMIZER_KINDS = {
 # The hyper-parameters of an SGD parameter group that shape a record's
 # displacement (docs/method.md §5); weight and bias of a layer must agree on them.
 _SHAPING = ("lr", "momentum", "dampening", "nesterov", "maximize")
+# Those of an Adam/AdamW group: a layer_steps row holds one lr and β₁ (its
+# step size) and, under decoupled decay, one weight decay (the factor d_t
+# later updates are shrunk by); β₂, eps and amsgrad are per parameter, in
+# the preconditioner D.
+_ADAM_SHAPING = ("lr", "beta1", "maximize", "differentiable", "decoupled_weight_decay")
+
+
+def _adam_kind(optimizer) -> str | None:
+    """"adam" or "adamw" for torch.optim.Adam and its subclasses (AdamW, and
+    Adam(decoupled_weight_decay=True), are "adamw"), else None."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        return None
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+        g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
+    return "adamw" if decoupled else "adam"
+
+
+def _group_value(g: dict, k: str):
+    if k == "beta1":
+        return float(g["betas"][0])
+    v = g.get(k)
+    return float(v) if isinstance(v, torch.Tensor) else v
 
 # The precision a layer ran in, by the dtype of its output.
 _PRECISION = {torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -200,9 +226,10 @@ class Tracer:
             ``"encoder.block1.conv"``), or all of them that the optimizer
             updates but those named in ``exclude`` (frozen ones are listed in
             the manifest as ``model.frozen``).
-        optimizer: ``torch.optim.SGD`` in instance mode (lr, momentum,
-            dampening, Nesterov and weight decay are read from each traced
-            layer's parameter group at every step); any optimizer in batch mode.
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` in instance
+            mode (lr, momentum, dampening, Nesterov and weight decay, or
+            Adam's betas, eps and state, are read for each traced layer at
+            every step); any optimizer in batch mode.
         run_dir: the run directory to create (missing or empty).
         classes: class names, indexed by label.
         mode: ``"instance"`` (each example's share of each update) or
@@ -302,11 +329,14 @@ class Tracer:
                         f"module {n!r} ({type(m).__name__}) couples the examples of a batch, "
                         "so per-example updates are not defined: record in batch mode (mode='batch')"
                     )
-            if not isinstance(optimizer, torch.optim.SGD):
+            if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
                 raise InvalidInput(
-                    f"{type(optimizer).__name__} in instance mode: only torch.optim.SGD "
-                    "updates are sums of per-example shares; record in batch mode (mode='batch')"
+                    f"{type(optimizer).__name__} in instance mode: only torch.optim.SGD, "
+                    "Adam and AdamW updates are traced per example; record in batch mode "
+                    "(mode='batch')"
                 )
+        # "adam"/"adamw" when instance mode records Adam's preconditioner.
+        self._adam = _adam_kind(optimizer) if mode == "instance" else None
         self._assign_groups()
         self._optimizer_json = self._describe_optimizer()
 
@@ -412,23 +442,43 @@ class Tracer:
             l.bias_group = self._param_group[id(l.bias_param)] if l.bias else l.group
             if self.mode == "instance":
                 self._agree(l)
-                if groups[l.group].get("maximize"):
-                    raise InvalidInput(
-                        f"layer {l.name!r}: SGD with maximize=True is not traced"
-                    )
+                refusal = self._unsupported(l)
+                if refusal is not None:
+                    raise InvalidInput(refusal)
+
+    def _unsupported(self, l: _Layer) -> str | None:
+        """Why the options of the layer's parameter groups cannot be traced
+        in instance mode, in one line, or None."""
+        name = type(self.optimizer).__name__
+        for i in dict.fromkeys((l.group, l.bias_group)):
+            g = self.optimizer.param_groups[i]
+            for option in ("maximize", "differentiable") if self._adam else ("maximize",):
+                if g.get(option):
+                    return (f"layer {l.name!r}: {name} with {option}=True is not traced in "
+                            "instance mode; record in batch mode (mode='batch')")
+            decoupled = bool(g.get("decoupled_weight_decay", False)) or isinstance(
+                self.optimizer, torch.optim.AdamW)
+            if self._adam is not None and decoupled != (self._adam == "adamw"):
+                return (f"layer {l.name!r}: {name} with decoupled_weight_decay in some param "
+                        "groups and not in others is not traced in instance mode")
+        return None
 
     def _agree(self, l: _Layer, step: int | None = None) -> None:
         if l.bias_group == l.group:
             return
         gw, gb = self.optimizer.param_groups[l.group], self.optimizer.param_groups[l.bias_group]
-        for k in _SHAPING:
-            if gw.get(k) != gb.get(k):
+        shaping = _SHAPING
+        if self._adam is not None:
+            shaping = _ADAM_SHAPING + (("weight_decay",) if self._adam == "adamw" else ())
+        for k in shaping:
+            if _group_value(gw, k) != _group_value(gb, k):
                 at = "" if step is None else f" at step {step}"
                 message = (
                     f"layer {l.name!r}: its weight (param group {l.group}) and bias (param "
-                    f"group {l.bias_group}) have different {k}{at} ({gw.get(k)} and "
-                    f"{gb.get(k)}); a record holds one update of the whole layer: give "
-                    "them the same settings or one group"
+                    f"group {l.bias_group}) have different {k}{at} ({_group_value(gw, k)} and "
+                    f"{_group_value(gb, k)}); a record holds one update of the whole layer: "
+                    "give them the same settings or one group, or record in batch mode "
+                    "(mode='batch')"
                 )
                 raise InvalidInput(message) if step is None else _Refusal(message)
 
@@ -437,6 +487,8 @@ class Tracer:
         kind = next(
             (k for cls, k in _OPTIMIZER_KINDS.items() if type(self.optimizer) is cls), "other"
         )
+        if self._adam is not None or kind == "adam" and g.get("decoupled_weight_decay"):
+            kind = self._adam or "adamw"
         self.settings.setdefault("optimizer", type(self.optimizer).__name__)
         self.settings.setdefault("producer", "reptrace python package (PyTorch "
                                  + torch.__version__ + ")")
@@ -457,6 +509,7 @@ class Tracer:
         if kind in ("adam", "adamw"):
             opt["betas"] = [float(b) for b in g["betas"]]
             opt["eps"] = float(g["eps"])
+            opt["momentum"], opt["dampening"], opt["nesterov"] = 0.0, 0.0, False
         if kind != "sgd" and self.mode == "batch":
             # The analyzer reads nothing of them in batch mode; kept for the reader.
             opt["momentum"], opt["dampening"], opt["nesterov"] = 0.0, 0.0, False
@@ -686,8 +739,10 @@ class Tracer:
         """The layer's parameter group's values for this step."""
         self._agree(l, self._step)
         g = self.optimizer.param_groups[l.group]
-        if self.mode == "instance" and g.get("maximize"):
-            raise _Refusal(f"layer {l.name!r}: SGD with maximize=True is not traced")
+        if self.mode == "instance":
+            refusal = self._unsupported(l)
+            if refusal is not None:
+                raise _Refusal(f"{refusal} (step {self._step})")
         return {
             "lr": float(g["lr"]),
             "momentum": float(g.get("momentum", 0.0) or 0.0),
@@ -943,11 +998,19 @@ class Tracer:
                 scale, check, norm = 1.0, None, None
             else:
                 scale, check, norm = self._verdict(l, next(values), precision, shared)
-            if h["lr"] == 0.0:
-                scale = 1.0
-            factors.append((l.name, *self._factors(l, u, g, -h["lr"] * scale)))
+            if self._adam is not None:
+                # v = −κ·δ: Adam's step size and preconditioner are in layer_steps.
+                factor = -scale
+            else:
+                if h["lr"] == 0.0:
+                    scale = 1.0
+                factor = -h["lr"] * scale
+            factors.append((l.name, *self._factors(l, u, g, factor)))
             rows.append((l.name, l.group, h["lr"], h["momentum"], h["dampening"],
                          h["nesterov"], h["weight_decay"], scale, check, norm, precision))
+        if self._adam is not None:
+            self._record_adam(batch, value, ids, labels, examples, lr, rows, factors)
+            return
         self._flush_pending()
         self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
@@ -955,6 +1018,101 @@ class Tracer:
         self._rec.layer_steps(self._step, self._epoch, rows)
         self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
         self._optimizer_step()
+
+    def _record_adam(self, batch, value, ids, labels, examples, lr, rows, factors) -> None:
+        """The rest of an Adam/AdamW step in instance mode: the optimizer
+        steps, then each traced layer's step size and preconditioner are read
+        from its state (:meth:`_adam_steps`) and the applied change is checked
+        against them; only then is the step written (a refused step leaves
+        the run at the weights from before it)."""
+        host = _to_host(factors)  # the copy runs while the optimizer steps
+        if self._stepped:
+            before = self._before
+        else:
+            before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+        self._optimizer_step()
+        try:
+            adam, d = self._adam_steps(before, rows)
+        except _Refusal:
+            self._before, self._stepped = before, True  # _stop snapshots W_t
+            raise
+        self._flush_pending()
+        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if examples is not None:
+            self._rec.examples(self._step, self._epoch, ids, labels, *examples)
+        self._pending = (self._step, self._epoch, ids, labels, host, (rows, adam, d))
+
+    def _adam_steps(self, before, rows):
+        """Per traced layer, Adam's ``(β₁, step size)`` of this step and its
+        preconditioner ``D = 1/(sqrt(v/(1−β₂^k)) + ε)`` (float64 on the
+        device, copied off it as float32 asynchronously), read from the
+        optimizer's state after the step (``state["step"]`` k, ``exp_avg_sq``
+        or ``max_exp_avg_sq`` with amsgrad), with the producer check: the
+        applied change ``W_{t+1} − d_t·W_t`` (``d_t = 1 − lr·wd`` under
+        decoupled decay) must equal ``−step_size·D ⊙ exp_avg`` within float32
+        rounding (one synchronisation for every layer). Returns
+        ``([(β₁, step size)], host copy of the D's)``."""
+        opt = self.optimizer
+        scalars, ds, meta = [], [], []
+        for l, old, row in zip(self._layers, before, rows):
+            g = opt.param_groups[l.group]
+            beta1, lr = float(g["betas"][0]), float(g["lr"])
+            parts, checks, steps = [], [], []
+            for (_, p), w0 in zip(l.params(), old):
+                st = opt.state.get(p, {})
+                pg = opt.param_groups[self._param_group[id(p)]]
+                if "exp_avg" not in st:
+                    raise _Refusal(
+                        f"layer {l.name!r} at step {self._step}: {type(opt).__name__} kept no "
+                        "state for its parameters after the step (no gradient reached them?)"
+                    )
+                dev = p.device
+                k = st["step"].to(dev, torch.float64) if isinstance(st["step"], torch.Tensor) \
+                    else torch.tensor(float(st["step"]), dtype=torch.float64, device=dev)
+                beta2, eps = float(pg["betas"][1]), float(pg["eps"])
+                v = st["max_exp_avg_sq"] if pg.get("amsgrad") else st["exp_avg_sq"]
+                dd = 1.0 / (torch.sqrt(v.detach().double() / (1.0 - beta2 ** k)) + eps)
+                step_size = lr / (1.0 - beta1 ** k)
+                decay = 1.0 - lr * float(pg["weight_decay"]) if self._adam == "adamw" else 1.0
+                after, prior = p.detach().double(), w0.double()
+                expected = -step_size * dd * st["exp_avg"].detach().double()
+                diff = (after - decay * prior) - expected
+                sq = lambda x: torch.linalg.vector_norm(x).square()  # noqa: E731
+                checks.append(torch.stack([sq(diff), sq(expected), sq(after) + sq(prior)]))
+                parts.append(dd.reshape(-1))
+                steps.append(k.reshape(1))
+            scalars.append(torch.cat([torch.cat(steps), torch.stack(checks).sum(0)]))
+            ds.append((l.name, torch.cat(parts).float(), None))
+            meta.append((beta1, lr, len(steps)))
+        # One synchronisation for the step counts and checks of every layer.
+        flat = torch.cat([s.to(scalars[0].device) for s in scalars]).cpu().numpy()
+        adam, at = [], 0
+        for l, (beta1, lr, n) in zip(self._layers, meta):
+            ks, (err2, exp2, w2) = flat[at:at + n], flat[at + n:at + n + 3]
+            at += n + 3
+            if len(set(ks.tolist())) > 1:
+                raise _Refusal(
+                    f"layer {l.name!r} at step {self._step}: {type(opt).__name__} counts "
+                    f"different steps for its weight and bias ({', '.join(map(str, ks))}); "
+                    "a record holds one update of the whole layer"
+                )
+            k = float(ks[0])
+            # What rounding in the parameters' type allows (unit roundoff u:
+            # 2⁻²⁴ in float32): the update's own computation, relative to it,
+            # and the rounding of d_t·W_t and of W_{t+1}, relative to W.
+            u = torch.finfo(l.weight.dtype).eps / 2
+            allowed = (max(CHECK_TOLERANCE["f32"], 64 * u) * math.sqrt(exp2)
+                       + 4 * u * math.sqrt(w2))
+            if not math.sqrt(err2) <= allowed:
+                raise _Refusal(
+                    f"layer {l.name!r} at step {self._step}: the change {type(opt).__name__} "
+                    f"applied differs from −step_size·D ⊙ exp_avg by {math.sqrt(err2):.3g} "
+                    f"(allowed {allowed:.3g}): the optimizer does not take torch.optim."
+                    f"{'AdamW' if self._adam == 'adamw' else 'Adam'}'s step, which cannot "
+                    "be traced in instance mode; record in batch mode (mode='batch')"
+                )
+            adam.append((beta1, lr / (1.0 - beta1 ** k)))
+        return adam, _to_host(ds)
 
     def _record_batch(self, batch, value, ids, labels, examples, lr) -> None:
         self._flush_pending()
@@ -1100,12 +1258,19 @@ class Tracer:
 
     def _flush_pending(self) -> None:
         """Hands the previous step's factors to the recorder: their copies
-        off the device ran while this step computed."""
+        off the device ran while this step computed (under Adam also its
+        layer_steps rows, with the preconditioners copied off the device)."""
         if self._pending is None:
             return
-        step, epoch, ids, labels, host = self._pending
+        step, epoch, ids, labels, host, *adam = self._pending
         self._pending = None
         arrays = host.wait()
+        if adam:
+            rows, scalars, d = adam[0]
+            ds = [x for _, x, _ in d.wait()]
+            self._rec.layer_steps(step, epoch, rows, adam=[
+                (beta1, step_size, np.ascontiguousarray(x.reshape(-1), dtype=np.float32))
+                for (beta1, step_size), x in zip(scalars, ds)])
         if self.mode == "instance":
             for name, u, v in arrays:
                 if v.ndim == 3:  # a ragged layer's factors: (examples, T, values)

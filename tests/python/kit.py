@@ -337,16 +337,50 @@ def add_record(W, b, spec, full, scale, u, v):
         b += scale * db
 
 
+def is_adam(m):
+    """Whether the run is an Adam/AdamW run in instance mode (its records
+    are scaled elementwise by Adam's effective step sizes)."""
+    return m["mode"] == "instance" and m["optimizer"]["kind"] in ("adam", "adamw")
+
+
+def adam_effective(run, m):
+    """layer → ({step: G_t}, Π_t d_t) for an Adam/AdamW instance-mode run,
+    from its `layer_steps` alone (docs/method.md): walking the steps
+    backwards, `H_t = ρ_t · step_size_t · D_t + β1_{next} · H_{next}` and
+    `G_t = (1 − β1_t) · H_t` (float64, the layer's update length), with
+    `d_t = 1 − lr_t·wd_t` under AdamW (1 under Adam) and `ρ_t` the product
+    of the d of the steps after t. A record's true share of the weight
+    change is `G_t ⊙ [vec ΔW_rec, Δb_rec]`; W_0 ends at `Π d · W_0`."""
+    rows = table(run, "layer_steps").to_pylist()
+    decoupled = m["optimizer"]["kind"] == "adamw"
+    out = {}
+    for spec in m["model"]["modules"]:
+        mine = sorted((r for r in rows if r["layer"] == spec["name"]), key=lambda r: r["step"])
+        g, h, rho, beta_next = {}, None, 1.0, 0.0
+        for r in reversed(mine):
+            assert r["preconditioner"] is not None, (spec["name"], r["step"])
+            d = np.asarray(r["preconditioner"], dtype=np.float64)
+            term = rho * r["step_size"] * d
+            h = term if h is None else term + beta_next * h
+            g[r["step"]] = (1.0 - r["beta1"]) * h
+            beta_next = r["beta1"]
+            rho *= (1.0 - r["lr"] * r["weight_decay"]) if decoupled else 1.0
+        out[spec["name"]] = (g, rho)
+    return out
+
+
 def reconstruct(run, w0=None):
     """layer → (W_T, b_T) rebuilt from the run's files alone: W_0 from the
     initial weights (or `w0`: name → tensor) plus every record's update
-    scaled by its step's σ_s."""
+    scaled by its step's σ_s (under Adam/AdamW in instance mode: `Π d · W_0`
+    plus every record's update times `G_t` elementwise, `adam_effective`)."""
     m = manifest(run)
     if w0 is None:
         w0 = safetensors(os.path.join(run, m["commits"][0]["weights"]))
     else:
         w0 = {k: v.detach().double().numpy() for k, v in w0.items()}
-    sigma = displacement_scales(run, m)
+    adam = adam_effective(run, m) if is_adam(m) else None
+    sigma = None if adam else displacement_scales(run, m)
     updates = table(run, "updates")
     out = {}
     for spec in m["model"]["modules"]:
@@ -355,8 +389,19 @@ def reconstruct(run, w0=None):
         rows = updates.filter(pc.equal(updates["layer"], name)).to_pydict()
         W = w0[f"{name}.weight"].astype(np.float64).copy()
         b = w0[f"{name}.bias"].astype(np.float64).copy() if spec.get("bias") else None
-        for step, u, v in zip(rows["step"], rows["u"], rows["v"]):
-            add_record(W, b, spec, full, sigma[name][step], u, v)
+        if adam:
+            g, rho = adam[name]
+            W *= rho
+            if b is not None:
+                b *= rho
+            for step, u, v in zip(rows["step"], rows["u"], rows["v"]):
+                dw, db = record_update(spec, full, u, v, W.shape)
+                W += g[step][:W.size].reshape(W.shape) * dw
+                if b is not None:
+                    b += g[step][W.size:] * db
+        else:
+            for step, u, v in zip(rows["step"], rows["u"], rows["v"]):
+                add_record(W, b, spec, full, sigma[name][step], u, v)
         out[name] = (W, b)
     return out
 

@@ -242,8 +242,8 @@ def test_bad_input_gets_a_clear_exception(tmp_path, data):
     nothing = nn.Sequential(nn.ReLU())
     with pytest.raises(reptrace.InvalidInput, match="no layer of a traced kind .nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding, nn.LayerNorm, nn.RMSNorm"):
         reptrace.Tracer(nothing, sgd, str(tmp_path / "b"), classes=CLASSES)
-    with pytest.raises(reptrace.InvalidInput, match="Adam in instance mode.*mode='batch'"):
-        reptrace.Tracer(model, torch.optim.Adam(model.parameters()), str(tmp_path / "c"),
+    with pytest.raises(reptrace.InvalidInput, match="RMSprop in instance mode.*mode='batch'"):
+        reptrace.Tracer(model, torch.optim.RMSprop(model.parameters()), str(tmp_path / "c"),
                         classes=CLASSES)
     bn = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
     with pytest.raises(reptrace.InvalidInput, match="BatchNorm1d.*batch mode"):

@@ -10,7 +10,8 @@ PyTorch loop needs neither. Both build a :class:`reptrace.Tracer` on the
 trainer's model and optimizer when training starts and let it follow the
 optimizer (:meth:`reptrace.Tracer.follow_optimizer`), so clipping, gradient
 accumulation and the scheduler the trainer runs are recorded as they
-happen; instance mode when the optimizer is ``torch.optim.SGD``, batch mode
+happen; instance mode when the optimizer is ``torch.optim.SGD``, ``Adam`` or
+``AdamW`` (the Hugging Face default, also its fused variant), batch mode
 otherwise.
 """
 
@@ -35,13 +36,15 @@ class _Recording:
 
     def _follow(self, model, optimizer, scheduler, trainer_settings: dict):
         """A Tracer on ``model`` and ``optimizer`` that follows the
-        optimizer: instance mode for ``torch.optim.SGD`` unless ``mode``
-        says otherwise, batch mode for any other optimizer."""
+        optimizer: instance mode for ``torch.optim.SGD``, ``Adam`` and
+        ``AdamW`` unless ``mode`` says otherwise, batch mode for any other
+        optimizer."""
         import torch
 
         from .._torch import Tracer
 
-        mode = self.mode or ("instance" if isinstance(optimizer, torch.optim.SGD) else "batch")
+        traced = (torch.optim.SGD, torch.optim.Adam)  # AdamW is an Adam
+        mode = self.mode or ("instance" if isinstance(optimizer, traced) else "batch")
         self.tracer = Tracer(model, optimizer, self.run_dir, classes=self.classes,
                              layers=self.layers, exclude=self.exclude, mode=mode,
                              dtype=self.dtype,

@@ -33,8 +33,9 @@ class ReptraceCallback(_Recording, TrainerCallback):
         label_column: the batch key holding each example's label.
         layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
-            the ``Trainer``'s optimizer is ``torch.optim.SGD``
-            (``TrainingArguments(optim="sgd")``), batch mode otherwise.
+            the ``Trainer``'s optimizer is ``torch.optim.SGD``, ``Adam`` or
+            ``AdamW`` (``TrainingArguments(optim="sgd")``, the default
+            ``"adamw_torch"``, ``"adamw_torch_fused"``), batch mode otherwise.
         probes: ``(inputs, labels)`` (or with ids) to record as probes when
             training ends; probes can also be added later with
             :func:`reptrace.add_probes`.

@@ -41,7 +41,8 @@ class ReptraceCallback(_Recording, Callback):
         ids: ``batch -> (instance ids, labels)``; see the module's text.
         layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
-            the optimizer is ``torch.optim.SGD``, batch mode otherwise.
+            the optimizer is ``torch.optim.SGD``, ``Adam`` or ``AdamW``, batch
+            mode otherwise.
         probes: ``(inputs, labels)`` (or with ids) to record as probes when
             training ends.
     """
