@@ -133,9 +133,7 @@ fn record_sums(
             for i in 0..b.num_rows() {
                 records += 1;
                 let (u, v) = (list(&b, col::U, i), list(&b, col::V, i));
-                let sum = sums
-                    .entry(step.value(i))
-                    .or_insert_with(|| vec![0.0; len]);
+                let sum = sums.entry(step.value(i)).or_insert_with(|| vec![0.0; len]);
                 if u.is_empty() {
                     assert_eq!(v.len(), len, "{layer}: a whole update's length");
                     sum.iter_mut().zip(&v).for_each(|(s, x)| *s += x);
@@ -236,7 +234,11 @@ fn assert_reconstructs(run: &Path, layers: usize, decay: bool) {
     let results = reconstruction(run);
     for (name, err, decay_share, records) in &results {
         println!("{name}: residual {err:.2e}, decay's share {decay_share:.2e}");
-        assert_eq!(*records, 2 * 1437, "{name}: one record per example and epoch");
+        assert_eq!(
+            *records,
+            2 * 1437,
+            "{name}: one record per example and epoch"
+        );
         assert!(
             *err <= 1e-5,
             "{name}: effective updates miss W_T − W_0 by {err:.2e}"

@@ -88,5 +88,7 @@ pub use probe::ProbeSet;
 /// Data sets (digits, CSV, IDX): pure Rust, shared with the analyzer.
 pub use reptrace_format::data;
 pub use sgd::{Sgd, learning_rate};
-pub use trace::{AdamParam, Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer};
+pub use trace::{
+    AdamParam, Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer,
+};
 pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};

@@ -1053,7 +1053,10 @@ impl Tracer {
             let applied = Tensor::f_cat(&applied, 0)?;
             let expected = Tensor::f_cat(&expected, 0)?;
             let norm = |t: &Tensor| -> Result<f64> {
-                Ok(t.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?.sqrt())
+                Ok(t.f_square()?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?
+                    .sqrt())
             };
             let diff = norm(&applied.f_sub(&expected)?)?;
             let scale = norm(&expected)?;

@@ -892,9 +892,10 @@ impl Run<'_> {
                 s.optimizer,
                 |o| o.step(params, &grads, s.lr),
                 |o, name| match o {
-                    OptimizerState::Adam(adam) => {
-                        names.iter().position(|n| n == name).and_then(|i| adam.state(i))
-                    }
+                    OptimizerState::Adam(adam) => names
+                        .iter()
+                        .position(|n| n == name)
+                        .and_then(|i| adam.state(i)),
                     OptimizerState::Sgd(_) => None,
                 },
             )??;
