@@ -421,20 +421,27 @@ fn refused_in_one_error_line(o: &std::process::Output, words: &[&str]) {
     }
 }
 
-/// Adam needs batch mode; the error names the flag.
+/// Adam takes betas, not SGD's momentum (in either mode); the error names
+/// the flag. (Adam in instance mode is tests/adam.rs.)
 #[test]
-fn adam_in_instance_mode_is_refused() {
+fn adam_with_momentum_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = cli().output(&[
-        "train",
-        "--optimizer",
-        "adam",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    refused_in_one_error_line(&o, &["--optimizer", "--mode batch"]);
-    assert!(!out.exists(), "nothing recorded");
+    for mode in ["instance", "batch"] {
+        let o = cli().output(&[
+            "train",
+            "--optimizer",
+            "adam",
+            "--momentum",
+            "0.9",
+            "--mode",
+            mode,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        refused_in_one_error_line(&o, &["--momentum", "adam"]);
+        assert!(!out.exists(), "nothing recorded");
+    }
 }
 
 /// BatchNorm in training mode with class-pure batches: batch mode traces the

@@ -1,7 +1,8 @@
 //! Adam and AdamW with PyTorch's `torch.optim.Adam` / `AdamW` semantics
-//! (no AMSGrad), for batch-mode tracing: their per-coordinate scaling breaks
-//! the rank-one form of a per-example update, so a run records each step's
-//! whole update instead.
+//! (no AMSGrad). Batch mode records each step's whole update; instance mode
+//! records each example's gradient share and, per step and traced layer,
+//! the step size and the preconditioner read from this optimizer's state
+//! after the step ([`Adam::state`]; docs/method.md §6).
 //!
 //! For each parameter `p` with gradient `g` at step `t` (from 1) with
 //! learning rate `η`:
@@ -52,6 +53,44 @@ impl Adam {
             step: 0,
             moments: (0..n_params).map(|_| None).collect(),
         }
+    }
+
+    /// The optimizer's step count (PyTorch's `state["step"]`): the number of
+    /// steps taken so far.
+    pub fn steps(&self) -> i64 {
+        i64::from(self.step)
+    }
+
+    /// `[β₁, β₂]`.
+    pub fn betas(&self) -> [f64; 2] {
+        self.betas
+    }
+
+    /// The term added to the denominator.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The weight decay and how it is applied.
+    pub fn weight_decay(&self) -> (f64, Decay) {
+        (self.weight_decay, self.decay)
+    }
+
+    /// Parameter `i`'s moment estimates `(exp_avg, exp_avg_sq)` (`m`, `v`),
+    /// or `None` before its first step.
+    pub fn moments(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.moments.get(i)?.as_ref().map(|(m, v)| (m, v))
+    }
+
+    /// Parameter `i`'s state as the tracer reads it after a step
+    /// ([`crate::trace::Tracer::step_adam`]); `None` before its first step.
+    pub fn state(&self, i: usize) -> Option<crate::trace::AdamParam> {
+        let (m, v) = self.moments(i)?;
+        Some(crate::trace::AdamParam {
+            step: self.steps(),
+            exp_avg: m.shallow_clone(),
+            exp_avg_sq: v.shallow_clone(),
+        })
     }
 
     /// Updates `params` in place from `grads` (same order) with learning rate `lr`.

@@ -39,7 +39,7 @@
 //!
 //! [`train()`] is the built-in loop (what `reptrace train` runs): mini-batch
 //! SGD (PyTorch semantics: momentum, dampening, Nesterov, weight decay,
-//! per-step learning rate), or Adam/AdamW in batch mode, on a sequential
+//! per-step learning rate) or Adam/AdamW, in instance or batch mode, on a sequential
 //! model ([`model`]) and a data set ([`data`]); it records through the same
 //! [`Tracer`]. [`add_probes`] adds probes (new inputs) to a run at any time
 //! after training ([`add`]).
@@ -88,5 +88,7 @@ pub use probe::ProbeSet;
 /// Data sets (digits, CSV, IDX): pure Rust, shared with the analyzer.
 pub use reptrace_format::data;
 pub use sgd::{Sgd, learning_rate};
-pub use trace::{Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer};
+pub use trace::{
+    AdamParam, Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer,
+};
 pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};

@@ -19,8 +19,10 @@
 //! Instance mode records SGD (any learning rate per step, momentum,
 //! dampening, Nesterov, weight decay, as [`RunSpec::optimizer`] describes
 //! your optimizer; a momentum that changes per step through
-//! [`Step::momentum`]); batch mode records each step's whole update and
-//! works with any optimizer. The built-in loop ([`crate::train()`]) records
+//! [`Step::momentum`]) and Adam/AdamW ([`Tracer::step_adam`]: records
+//! `v = −κ·δ` and per step and layer the step size and preconditioner read
+//! from the optimizer's state; docs/method.md §6); batch mode records each
+//! step's whole update and works with any optimizer. The built-in loop ([`crate::train()`]) records
 //! through this same tracer.
 //!
 //! Each instance-mode step is checked before your optimizer runs: every
@@ -39,7 +41,7 @@ use reptrace_format::{
     Dtype, Manifest, Mode, Model, Module, Optimizer, OptimizerKind, Split, TracedLayer,
 };
 use reptrace_record::{
-    BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
+    AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
     UpdateBatchOwned,
 };
 use std::collections::BTreeMap;
@@ -50,6 +52,23 @@ use tch::{Device, Kind, Tensor, nn};
 
 /// Rows per forward pass when probing.
 const PROBE_CHUNK: usize = 1024;
+
+/// The relative difference allowed between an Adam/AdamW update as applied
+/// and as `−c·D⊙m` from the optimizer's state (float32 rounding).
+const ADAM_CHECK: f64 = 1e-4;
+
+/// One parameter's Adam/AdamW state right after a step, as PyTorch keeps it
+/// (`optimizer.state[p]`): what [`Tracer::step_adam`] reads.
+#[derive(Debug)]
+pub struct AdamParam {
+    /// `state["step"]`: the optimizer's steps for this parameter so far.
+    pub step: i64,
+    /// `state["exp_avg"]`: the first moment `m_t`.
+    pub exp_avg: Tensor,
+    /// `state["exp_avg_sq"]`: the second moment `v_t` (under AMSGrad its
+    /// running maximum, `max_exp_avg_sq`).
+    pub exp_avg_sq: Tensor,
+}
 
 /// What traced layers leave for the tracer in a forward pass; shared by the
 /// tracer and its layers (cheap to clone).
@@ -246,9 +265,9 @@ pub struct RunSpec {
     pub name: String,
     /// Class names, indexed by label.
     pub classes: Vec<String>,
-    /// Your optimizer, as the manifest describes it: in instance mode SGD
-    /// with the hyper-parameters your optimizer uses (the learning rate of
-    /// each step is given to [`Tracer::step`]).
+    /// Your optimizer, as the manifest describes it: in instance mode SGD,
+    /// Adam or AdamW (betas, eps) with the hyper-parameters your optimizer
+    /// uses (the learning rate of each step is given to [`Tracer::step`]).
     pub optimizer: Optimizer,
     /// Instance mode (each example's share of each update; SGD) or batch
     /// mode (each step's whole update; any optimizer).
@@ -518,10 +537,10 @@ impl Tracer {
                 format!("{} given, at least 2 needed", spec.classes.len()),
             );
         }
-        if spec.mode == Mode::Instance && spec.optimizer.kind != OptimizerKind::Sgd {
+        if spec.mode == Mode::Instance && spec.optimizer.kind == OptimizerKind::Other {
             return bad(
                 "optimizer",
-                "instance mode records SGD updates only (momentum, Nesterov and weight decay included); record other optimizers in batch mode".into(),
+                "instance mode records SGD (momentum, Nesterov and weight decay included), Adam and AdamW (with Tracer::step_adam); record other optimizers in batch mode".into(),
             );
         }
         if spec.out.exists()
@@ -794,15 +813,54 @@ impl Tracer {
 
     /// Records this training step, then runs `update` (your optimizer's
     /// step) and returns what it returns. Call it after `loss.backward()`
-    /// (or [`Tracer::backward`]), in place of the optimizer step.
+    /// (or [`Tracer::backward`]), in place of the optimizer step. An
+    /// Adam/AdamW run in instance mode steps with [`Tracer::step_adam`].
     pub fn step<R>(&mut self, s: &Step<'_>, update: impl FnOnce() -> R) -> Result<R> {
+        if self.mode == Mode::Instance
+            && self.optimizer.kind.preconditioned()
+            && (self.rec.is_some() || self.pending.is_some())
+        {
+            return Err(Error::Trace(
+                "an Adam/AdamW run in instance mode steps with Tracer::step_adam, which reads the optimizer's state after the update".into(),
+            ));
+        }
+        self.step_with(s, &mut (), |_| update(), None)
+    }
+
+    /// Instance mode under Adam/AdamW: records this step like
+    /// [`Tracer::step`] (records `v = −κ·δ`, without the learning rate),
+    /// runs `update(optimizer)`, then reads each traced parameter's state
+    /// with `state(optimizer, name)` (`name`: `layer.weight`, `layer.bias`)
+    /// and writes the step size and preconditioner `D_t` of each layer
+    /// into its `layer_steps` row (docs/method.md §6). Each layer's applied
+    /// update is checked against `−c_t·D_t ⊙ m_t` (after decoupled decay); a
+    /// difference beyond float32 rounding stops the run with
+    /// [`Error::Inexact`]. With SGD or in batch mode it is [`Tracer::step`].
+    pub fn step_adam<O, R>(
+        &mut self,
+        s: &Step<'_>,
+        optimizer: &mut O,
+        update: impl FnOnce(&mut O) -> R,
+        state: impl Fn(&O, &str) -> Option<AdamParam>,
+    ) -> Result<R> {
+        self.step_with(s, optimizer, update, Some(&state))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn step_with<O, R>(
+        &mut self,
+        s: &Step<'_>,
+        optimizer: &mut O,
+        update: impl FnOnce(&mut O) -> R,
+        state: Option<&dyn Fn(&O, &str) -> Option<AdamParam>>,
+    ) -> Result<R> {
         if self.closed {
             return Err(Error::Trace("the tracer is finished".into()));
         }
         let taps = self.taps.take()?;
         if self.rec.is_none() && self.pending.is_none() {
             // Not recording: the update alone.
-            return Ok(update());
+            return Ok(update(optimizer));
         }
         let batch = self.check_step(s, &taps)?;
         // Every layer's δ before anything of this step is recorded, so that
@@ -831,8 +889,50 @@ impl Tracer {
             (Vec::new(), Vec::new())
         };
         let (step, epoch) = (self.step, self.epoch);
+        let preconditioned = self.mode == Mode::Instance && self.optimizer.kind.preconditioned();
+        let mut rows = rows;
+        let mut update = Some(update);
+        // The optimizer step, which runs once.
+        let mut run_update = |optimizer: &mut O| -> Result<R> {
+            match update.take() {
+                Some(update) => Ok(update(optimizer)),
+                None => Err(Error::Trace("the optimizer step ran twice".into())),
+            }
+        };
+        let adam_result = if preconditioned {
+            let Some(state) = state else {
+                return Err(Error::Trace(
+                    "an Adam/AdamW run in instance mode steps with Tracer::step_adam".into(),
+                ));
+            };
+            // W_t before the update, for the check of the applied update.
+            let before = self.layer_copies()?;
+            let result = run_update(optimizer)?;
+            match self.adam_steps(s, &before, &|name: &str| state(optimizer, name))? {
+                Ok(steps) => {
+                    for row in &mut rows {
+                        row.adam = steps
+                            .iter()
+                            .find(|(n, _)| *n == row.layer)
+                            .map(|(_, a)| a.clone());
+                    }
+                }
+                Err(e) => {
+                    // The update is applied but not recorded: the run ends at
+                    // its last commit.
+                    self.abort(&e.to_string())?;
+                    return Err(e);
+                }
+            }
+            Some(result)
+        } else {
+            None
+        };
         let Some(rec) = self.rec.as_mut() else {
-            return Ok(update());
+            return match adam_result {
+                Some(r) => Ok(r),
+                None => run_update(optimizer),
+            };
         };
         let mut w = StepWriter {
             rec,
@@ -852,13 +952,138 @@ impl Tracer {
             skipped: false,
         };
         let result = if self.mode == Mode::Batch {
-            w.whole_updates(s, row, update)?
+            w.whole_updates(s, row, || run_update(optimizer))??
+        } else if let Some(result) = adam_result {
+            w.factors(s, row, rows, &taps, &deltas, &scales, None)?;
+            result
         } else {
-            w.factors(s, row, rows, &taps, &deltas, &scales)?;
-            update()
+            w.factors(s, row, rows, &taps, &deltas, &scales, Some(s.lr))?;
+            run_update(optimizer)?
         };
         self.step += 1;
         Ok(result)
+    }
+
+    /// Copies of every traced layer's weight and bias.
+    fn layer_copies(&self) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+        self.layers
+            .iter()
+            .map(|l| -> Result<_> {
+                Ok((
+                    l.weight.f_detach_copy()?,
+                    l.bias.as_ref().map(Tensor::f_detach_copy).transpose()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// After an Adam/AdamW update: each traced layer's [`AdamStep`] from the
+    /// optimizer's state, and the check that the update applied to the
+    /// layer is `−c_t·D_t ⊙ m_t` (after the decoupled decay `d_t`), or the
+    /// error that stops the run.
+    #[allow(clippy::type_complexity)]
+    fn adam_steps(
+        &self,
+        s: &Step<'_>,
+        before: &[(Tensor, Option<Tensor>)],
+        state: &dyn Fn(&str) -> Option<AdamParam>,
+    ) -> Result<std::result::Result<Vec<(String, AdamStep)>, Error>> {
+        let _guard = tch::no_grad_guard();
+        let o = &self.optimizer;
+        let [beta1, beta2] = o.betas.unwrap_or([0.9, 0.999]);
+        let eps = o.eps.unwrap_or(1e-8);
+        let decay = if o.kind == OptimizerKind::Adamw {
+            1.0 - s.lr * o.weight_decay
+        } else {
+            1.0
+        };
+        let inexact = |layer: &str, message: String| {
+            Ok(Err(Error::Inexact {
+                layer: layer.to_owned(),
+                step: self.step,
+                message,
+            }))
+        };
+        let f64_flat = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_detach()?.f_to_kind(Kind::Double)?.f_flatten(0, -1)?)
+        };
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (l, (w0, b0)) in self.layers.iter().zip(before) {
+            if l.spec().is_none() {
+                continue;
+            }
+            let mut params = vec![(format!("{}.weight", l.name), &l.weight, w0)];
+            if let (Some(b), Some(b0)) = (&l.bias, b0) {
+                params.push((format!("{}.bias", l.name), b, b0));
+            }
+            let mut k = None;
+            let (mut d_parts, mut applied, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+            let mut before_norm = 0.0f64;
+            for (name, now, then) in &params {
+                let Some(p) = state(name) else {
+                    return inexact(
+                        &l.name,
+                        format!("the optimizer holds no Adam state for {name} after the step"),
+                    );
+                };
+                if k.is_some_and(|k| k != p.step) || p.step < 1 {
+                    return inexact(
+                        &l.name,
+                        format!("{name}: optimizer step count {} after the step", p.step),
+                    );
+                }
+                k = Some(p.step);
+                let k = p.step as i32;
+                // D = 1 / (sqrt(v / (1 − β₂ᵏ)) + ε), in f64.
+                let d = f64_flat(&p.exp_avg_sq)?
+                    .f_div_scalar(1.0 - beta2.powi(k))?
+                    .f_sqrt()?
+                    .f_add_scalar(eps)?
+                    .f_reciprocal()?;
+                let step_size = s.lr / (1.0 - beta1.powi(k));
+                let m = f64_flat(&p.exp_avg)?;
+                let (now, then) = (f64_flat(now)?, f64_flat(then)?);
+                before_norm += then.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                applied.push(now.f_sub(&then.f_mul_scalar(decay)?)?);
+                expected.push(d.f_mul(&m)?.f_mul_scalar(-step_size)?);
+                d_parts.push(d);
+            }
+            let Some(k) = k else { continue };
+            let step_size = s.lr / (1.0 - beta1.powi(k as i32));
+            let applied = Tensor::f_cat(&applied, 0)?;
+            let expected = Tensor::f_cat(&expected, 0)?;
+            let norm = |t: &Tensor| -> Result<f64> {
+                Ok(t.f_square()?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?
+                    .sqrt())
+            };
+            let diff = norm(&applied.f_sub(&expected)?)?;
+            let scale = norm(&expected)?;
+            // Float32 rounding of the stored weights (twice under AdamW).
+            let tolerance = ADAM_CHECK * scale + 1e-6 * before_norm.sqrt();
+            if !(diff <= tolerance) {
+                return inexact(
+                    &l.name,
+                    format!(
+                        "the applied update differs from −c·D⊙m of the optimizer's state by {:.3e} relative (allowed {ADAM_CHECK:.0e}): the preconditioner would not reconstruct it",
+                        diff / scale.max(f64::MIN_POSITIVE)
+                    ),
+                );
+            }
+            let d = Tensor::f_cat(&d_parts, 0)?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(Device::Cpu)?;
+            out.push((
+                l.name.clone(),
+                AdamStep {
+                    beta1,
+                    step_size,
+                    preconditioner: Vec::<f32>::try_from(&d)?,
+                },
+            ));
+        }
+        Ok(Ok(out))
     }
 
     /// Instance mode: each traced layer's gradient as the optimizer will
@@ -948,7 +1173,13 @@ impl Tracer {
                     }));
                 }
             };
-            let scale = if s.lr == 0.0 { 1.0 } else { scale };
+            // Under SGD a step with learning rate 0 moves nothing; under
+            // Adam its gradient enters the moments, so κ stays.
+            let scale = if s.lr == 0.0 && !o.kind.preconditioned() {
+                1.0
+            } else {
+                scale
+            };
             scales.push(scale);
             rows.push(LayerStepRow {
                 step: self.step,
@@ -1278,7 +1509,8 @@ impl StepWriter<'_> {
     }
 
     /// Instance mode: the step's row and `layer_steps` rows, then every
-    /// layer's factors (`v = −η·κ·δ`, the measured scale folded in).
+    /// layer's factors (`v = −η·κ·δ`, the measured scale folded in; `lr`
+    /// `None`: `v = −κ·δ`, Adam/AdamW).
     fn factors(
         &mut self,
         s: &Step<'_>,
@@ -1287,6 +1519,7 @@ impl StepWriter<'_> {
         taps: &[(String, Tap)],
         deltas: &[Tensor],
         scales: &[f64],
+        lr: Option<f64>,
     ) -> Result<()> {
         let (step, epoch) = (row.step, row.epoch);
         let t0 = Instant::now();
@@ -1305,8 +1538,14 @@ impl StepWriter<'_> {
             };
             let Some(spec) = layer.spec() else { continue };
             device = delta.device();
-            // v = −η·κ·δ: the measured scale of the applied gradient folded in.
-            let lr = if *scale == 1.0 { s.lr } else { s.lr * scale };
+            // v = −η·κ·δ: the measured scale of the applied gradient folded
+            // in; under Adam/AdamW (`lr` None) v = −κ·δ, the learning rate
+            // being in the step size.
+            let lr = match lr {
+                Some(lr) if *scale == 1.0 => lr,
+                Some(lr) => lr * scale,
+                None => *scale,
+            };
             let f = layer_factors(spec, &tap.input, delta, lr)?;
             flights.push((name.as_str(), f.start_to_host(self.dtype)?));
         }

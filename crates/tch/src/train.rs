@@ -15,6 +15,11 @@
 //! run that never finishes can still be analysed up to its last commit. With no traced layers
 //! nothing is recorded and training is the same, bit for bit.
 //!
+//! Under Adam/AdamW an instance-mode record holds the example's share of the
+//! gradient (`v = −κ·δ`, no learning rate) and each `layer_steps` row the
+//! step size and preconditioner `D_t` read from the optimizer after the step
+//! (docs/method.md §6).
+//!
 //! Batch mode ([`Mode::Batch`]) records instead, per step and traced layer,
 //! the whole update `ΔW = W_{t+1} − W_t` (and `Δb`) as one row, with the
 //! batch's members in `batches`: it works with any optimizer (Adam, AdamW)
@@ -135,14 +140,15 @@ pub struct TrainConfig {
     /// Weight decay, ≥ 0 (`--weight-decay`; default 0): L2 added to the
     /// gradient for SGD and Adam, decoupled for AdamW, as in PyTorch.
     pub weight_decay: f64,
-    /// SGD, Adam or AdamW (the last two need batch mode).
+    /// SGD, Adam or AdamW (PyTorch semantics, no AMSGrad), in either mode.
     pub optimizer: OptimizerKind,
     /// Adam/AdamW coefficients of the moment estimates.
     pub betas: [f64; 2],
     /// Adam/AdamW term added to the denominator.
     pub eps: f64,
-    /// Instance mode (one record per example, SGD) or batch mode (one record
-    /// per step: the whole update, any optimizer).
+    /// Instance mode (one record per example; under Adam/AdamW with each
+    /// step's preconditioner in `layer_steps`) or batch mode (one record per
+    /// step: the whole update).
     pub mode: Mode,
     /// Every batch holds instances of a single class: each class's
     /// instances, shuffled, are cut into batches, and the batches are
@@ -249,14 +255,6 @@ impl TrainConfig {
         }
         if self.optimizer != OptimizerKind::Sgd {
             let name = optimizer_name(self.optimizer);
-            if self.mode == Mode::Instance {
-                return bad(
-                    "optimizer",
-                    format!(
-                        "{name} needs --mode batch: its per-coordinate scaling has no per-example rank-one update"
-                    ),
-                );
-            }
             if self.momentum != 0.0 || self.nesterov {
                 return bad(
                     "momentum",
@@ -740,7 +738,7 @@ impl Run<'_> {
         let (cfg, data, net) = (self.config, self.data, self.net);
         let (x_all, y_all) = data_tensors(data, net.device())?;
 
-        let params: Vec<Tensor> = net.parameters().into_iter().map(|(_, t)| t).collect();
+        let (names, params): (Vec<String>, Vec<Tensor>) = net.parameters().into_iter().unzip();
         let initial: Vec<Tensor> = params
             .iter()
             .map(|p| p.f_detach_copy())
@@ -792,6 +790,7 @@ impl Run<'_> {
                     x_all: &x_all,
                     y_all: &y_all,
                     params: &params,
+                    names: &names,
                     optimizer: &mut optimizer,
                 })?;
                 loss_sum += loss;
@@ -884,7 +883,25 @@ impl Run<'_> {
             momentum: None,
             logits: self.config.examples.then_some(&logits),
         };
-        tracer.step(&step, || s.optimizer.step(s.params, &grads, s.lr))??;
+        if self.config.optimizer.preconditioned() {
+            // Adam/AdamW: the tracer reads each traced parameter's moments
+            // after the update (its preconditioner and the check).
+            let (params, names) = (s.params, s.names);
+            tracer.step_adam(
+                &step,
+                s.optimizer,
+                |o| o.step(params, &grads, s.lr),
+                |o, name| match o {
+                    OptimizerState::Adam(adam) => names
+                        .iter()
+                        .position(|n| n == name)
+                        .and_then(|i| adam.state(i)),
+                    OptimizerState::Sgd(_) => None,
+                },
+            )??;
+        } else {
+            tracer.step(&step, || s.optimizer.step(s.params, &grads, s.lr))??;
+        }
         Ok((loss_value, correct))
     }
 
@@ -950,6 +967,8 @@ struct StepInput<'a> {
     x_all: &'a Tensor,
     y_all: &'a Tensor,
     params: &'a [Tensor],
+    /// The parameters' names (`layer.weight`), in the order of `params`.
+    names: &'a [String],
     optimizer: &'a mut OptimizerState,
 }
 

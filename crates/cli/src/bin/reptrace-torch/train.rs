@@ -1,5 +1,5 @@
-//! `reptrace train`: train a model (SGD; Adam or AdamW in batch mode) and
-//! record its trace.
+//! `reptrace train`: train a model (SGD, Adam or AdamW, in instance or
+//! batch mode) and record its trace.
 //!
 //! The flags are parsed in two steps: clap collects them as text, then
 //! [`TrainArgs::config`] turns them into a validated
@@ -21,7 +21,7 @@ use std::str::FromStr;
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     /// Model: mlp (hidden layers 32, 16), mlp:H1,H2,…, cnn, or cnn-bn (cnn with
-    /// BatchNorm2d after each convolution; needs --mode batch).
+    /// BatchNorm2d after each convolution; needs --mode batch, any optimizer).
     #[arg(long, default_value = "mlp")]
     pub model: String,
     /// Data: digits (bundled), csv:PATH[?label=…&header=…&shape=CxHxW&scale=…&test=…&classes=…]
@@ -47,7 +47,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub nesterov: bool,
     /// Weight decay (L2; decoupled with adamw), PyTorch semantics; in instance
-    /// mode it shows up as the residual.
+    /// mode it shows up as the residual (exactly (Π(1 − lr·wd) − 1)·W_0 under
+    /// adamw).
     #[arg(long, default_value = "0", allow_hyphen_values = true)]
     pub weight_decay: String,
     /// Seed for initialisation, shuffling and dropout.
@@ -75,11 +76,12 @@ pub struct TrainArgs {
     /// The run directory to create (must not exist or be empty).
     #[arg(long)]
     pub out: PathBuf,
-    /// instance (one record per example and step; SGD) or batch (one record
-    /// per step: the whole update; any optimizer).
+    /// instance (one record per example and step; under adam/adamw each step's
+    /// preconditioner goes with it) or batch (one record per step: the whole
+    /// update).
     #[arg(long, default_value = "instance")]
     pub mode: String,
-    /// sgd, adam or adamw (adam and adamw need --mode batch).
+    /// sgd, adam or adamw (PyTorch semantics, no AMSGrad), in either mode.
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
     /// Adam/AdamW betas, as B1,B2.
