@@ -12,8 +12,8 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch, Recorder,
-    StepRow, UpdateBatch,
+    AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch,
+    Recorder, StepRow, UpdateBatch,
 };
 use std::sync::Mutex;
 

@@ -66,8 +66,8 @@ mod writer;
 
 pub use append::ProbeAppender;
 pub use batch::{
-    AdamStep, BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch, StepRow,
-    UpdateBatch, UpdateBatchOwned,
+    AdamStep, BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch,
+    StepRow, UpdateBatch, UpdateBatchOwned,
 };
 pub use error::{Error, Result};
 pub use part::ParquetOptions;

@@ -7,8 +7,8 @@
 //! thread come back from the next call.
 use crate::append::lock_run;
 use crate::batch::{
-    AdamStep, BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow,
-    NamedTensor, NormKind, OwnedTensor, ProbeBatch, RowLens, StepRow, UpdateBatch,
+    AdamStep, BatchRows, BatchStep, ExampleBatch, ExampleRowsOwned, FactorValues, InstanceRows,
+    LayerStepRow, NamedTensor, NormKind, OwnedTensor, ProbeBatch, RowLens, StepRow, UpdateBatch,
     UpdateBatchOwned, UpdateRows, check_len, fixed_positions, per_position_rows,
 };
 use crate::part::{ParquetOptions, properties};
@@ -991,7 +991,10 @@ mod tests {
 /// What is wrong with an Adam step of a layer whose update has `len` values.
 fn check_adam(adam: &AdamStep, len: usize) -> std::result::Result<(), String> {
     if !(0.0..1.0).contains(&adam.beta1) {
-        return Err(format!("beta1 is {}, expected a number in [0, 1)", adam.beta1));
+        return Err(format!(
+            "beta1 is {}, expected a number in [0, 1)",
+            adam.beta1
+        ));
     }
     if !(adam.step_size.is_finite() && adam.step_size >= 0.0) {
         return Err(format!(
@@ -1006,7 +1009,11 @@ fn check_adam(adam: &AdamStep, len: usize) -> std::result::Result<(), String> {
             d.len()
         ));
     }
-    if let Some((i, x)) = d.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x > 0.0)) {
+    if let Some((i, x)) = d
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+    {
         return Err(format!(
             "preconditioner value {i} is {x}, expected a finite number > 0"
         ));
