@@ -347,7 +347,7 @@ mod tests {
                     want += carry * rho * rows[r].step_size * f64::from(rows[r].d[j]);
                 }
                 want *= 1.0 - rows[t].beta1;
-                let got = p.of_step(steps[t]).unwrap()[j];
+                let got = p.of_step(steps[t]).expect("a row of the step")[j];
                 assert!(
                     (got - want).abs() <= 1e-15 * want.abs().max(1.0),
                     "t {t} j {j}: {got} vs {want}"

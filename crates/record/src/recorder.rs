@@ -975,19 +975,6 @@ impl Drop for Recorder {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A training loop may hand the recorder to another thread.
-    #[test]
-    fn recorder_is_send() {
-        fn send<T: Send>() {}
-        send::<Recorder>();
-        send::<Error>();
-    }
-}
-
 /// What is wrong with an Adam step of a layer whose update has `len` values.
 fn check_adam(adam: &AdamStep, len: usize) -> std::result::Result<(), String> {
     if !(0.0..1.0).contains(&adam.beta1) {
@@ -1019,4 +1006,17 @@ fn check_adam(adam: &AdamStep, len: usize) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training loop may hand the recorder to another thread.
+    #[test]
+    fn recorder_is_send() {
+        fn send<T: Send>() {}
+        send::<Recorder>();
+        send::<Error>();
+    }
 }

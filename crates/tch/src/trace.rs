@@ -1062,7 +1062,8 @@ impl Tracer {
             let scale = norm(&expected)?;
             // Float32 rounding of the stored weights (twice under AdamW).
             let tolerance = ADAM_CHECK * scale + 1e-6 * before_norm.sqrt();
-            if !(diff <= tolerance) {
+            // NaN (a non-finite update) fails the check too.
+            if diff.is_nan() || diff > tolerance {
                 return inexact(
                     &l.name,
                     format!(
@@ -1511,6 +1512,7 @@ impl StepWriter<'_> {
     /// Instance mode: the step's row and `layer_steps` rows, then every
     /// layer's factors (`v = −η·κ·δ`, the measured scale folded in; `lr`
     /// `None`: `v = −κ·δ`, Adam/AdamW).
+    #[allow(clippy::too_many_arguments)]
     fn factors(
         &mut self,
         s: &Step<'_>,

@@ -123,6 +123,7 @@ fn write(dir: &Path, case: Case, without: Option<usize>) -> Trained {
     let (mut m, mut v) = (vec![0.0; LEN], vec![0.0; LEN]);
     let mut shares = Vec::new();
     let mut applied = Vec::new();
+    #[allow(clippy::needless_range_loop)]
     for s in 0..STEPS {
         let ids: Vec<i64> = (s * BATCH..(s + 1) * BATCH).map(|i| i as i64).collect();
         let batch_labels: Vec<i32> = ids.iter().map(|&i| labels[i as usize]).collect();
