@@ -279,47 +279,37 @@ fn adamw_cnn_reconstructs_the_final_weights() {
 }
 
 /// `reptrace verify` on Adam and AdamW runs (the analyzer's side of
-/// docs/method.md §6): every traced layer's weights completeness passes,
-/// with no warning.
+/// docs/method.md §6): without weight decay every traced layer's weights
+/// completeness passes, with no warning; with AdamW's decay the residual is
+/// reported for information (it is `(Π d − 1)·W_0`, checked exactly in
+/// `assert_reconstructs`) and nothing fails.
 #[test]
 fn verify_passes_on_adam_runs() {
-    for (model, optimizer, wd) in [("mlp", "adam", "0"), ("cnn", "adamw", "0.01")] {
+    for (model, optimizer, wd) in [
+        ("mlp", "adam", "0"),
+        ("cnn", "adamw", "0"),
+        ("mlp", "adamw", "0.01"),
+    ] {
         let run = run(model, optimizer, wd);
         let out = cli().ok(&["verify", run.to_str().unwrap()]);
         let m = Manifest::load(run).unwrap();
+        let decay = wd != "0";
         for layer in m.model.traced_layers() {
             let tag = format!("completeness: {} weights", layer.name());
             let line = out
                 .lines()
                 .find(|l| l.contains(&tag))
                 .unwrap_or_else(|| panic!("{model} {optimizer}: no {tag}: {out}"));
-            assert!(line.starts_with("pass"), "{model} {optimizer}: {line}");
+            if decay {
+                assert!(
+                    line.starts_with("warn") && line.contains("weight decay"),
+                    "{model} {optimizer}: {line}"
+                );
+            } else {
+                assert!(line.starts_with("pass"), "{model} {optimizer}: {line}");
+            }
         }
-        assert!(
-            !out.lines()
-                .any(|l| l.starts_with("warn") || l.starts_with("fail")),
-            "{model} {optimizer}: {out}"
-        );
-    }
-}
-
-/// The BatchNorm model couples a batch's examples: refused in instance
-/// mode under Adam too, in one line, with nothing written.
-#[test]
-fn batch_norm_is_refused_in_instance_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    for optimizer in ["adam", "adamw"] {
-        let args = Digits::new()
-            .model("cnn-bn")
-            .epochs(1)
-            .optimizer(optimizer)
-            .mode("instance")
-            .args(&out);
-        cli().refused(&args, &["batch norm"]);
-        assert!(
-            !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(),
-            "nothing is written"
-        );
+        let bad = |l: &&str| l.starts_with("fail") || (!decay && l.starts_with("warn"));
+        assert!(!out.lines().any(|l| bad(&l)), "{model} {optimizer}: {out}");
     }
 }
