@@ -313,3 +313,127 @@ fn verify_passes_on_adam_runs() {
         assert!(!out.lines().any(|l| bad(&l)), "{model} {optimizer}: {out}");
     }
 }
+
+/// `G_t` of every step of `layer` (docs/method.md §6), from the run's rows.
+fn effective_scales(steps: &BTreeMap<i64, AdamRow>, decoupled: bool) -> BTreeMap<i64, Vec<f64>> {
+    let n = steps.values().next().map_or(0, |r| r.preconditioner.len());
+    let (mut h, mut out) = (vec![0.0; n], BTreeMap::new());
+    let (mut rho, mut beta1_next) = (1.0f64, 0.0f64);
+    for (step, r) in steps.iter().rev() {
+        for j in 0..n {
+            h[j] = rho * r.step_size * r.preconditioner[j] + beta1_next * h[j];
+        }
+        out.insert(*step, h.iter().map(|x| (1.0 - r.beta1) * x).collect());
+        if decoupled {
+            rho *= 1.0 - r.lr * r.weight_decay;
+        }
+        beta1_next = r.beta1;
+    }
+    out
+}
+
+/// Contributions of single records to two test probes, as `reptrace sql`
+/// computes them over `contributions`, equal a brute-force computation
+/// here: the record's effective update `G_t ⊙ (v uᵀ, v)` (G from the
+/// recursion over the run's own layer_steps rows, in f64), met with the
+/// probe's stored `a` and `p`; and completeness: over all records plus the
+/// residual row, Σ dot = ‖p‖².
+#[test]
+fn adamw_contributions_equal_a_brute_force_replay() {
+    let run = run("mlp", "adamw", "0.01");
+    let m = Manifest::load(run).unwrap();
+    let layer = "fc2";
+    let rows = layer_steps(run, &m);
+    let g = effective_scales(&rows[layer], true);
+    let spec = m.model.traced_layer(layer).unwrap();
+    let (out, k) = (spec.weight_shape()[0], spec.weight_shape()[1]);
+    // Records of the first, a middle and the last step.
+    let mut records = Vec::new();
+    for f in m.files(Table::Updates) {
+        if f.layer.as_deref() != Some(layer) {
+            continue;
+        }
+        for b in read_parquet(&run.join(&f.path)) {
+            let step = column::<Int64Array>(&b, col::STEP);
+            let id = column::<Int64Array>(&b, col::INSTANCE_ID);
+            for i in 0..b.num_rows() {
+                if [0, 11, 44].contains(&step.value(i)) && records.len() < 9 {
+                    records.push((
+                        step.value(i),
+                        id.value(i),
+                        list(&b, col::U, i),
+                        list(&b, col::V, i),
+                    ));
+                }
+            }
+        }
+    }
+    assert!(records.len() >= 6, "records of steps 0, 11 and 44");
+    let probes = [1437i64, 1500];
+    let mut checked = 0;
+    for probe in probes {
+        let pr = cli().sql_json(
+            run,
+            &format!(
+                "SELECT a, p, p_norm FROM probes WHERE layer = '{layer}' AND probe_id = {probe}"
+            ),
+        );
+        let nums = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (a, p) = (nums(&pr[0]["a"]), nums(&pr[0]["p"]));
+        let p_norm = pr[0]["p_norm"].as_f64().unwrap();
+        assert_eq!((a.len(), p.len()), (k, out));
+        for (step, id, u, v) in &records {
+            let gt = &g[step];
+            let c: Vec<f64> = (0..out)
+                .map(|o| {
+                    let w: f64 = (0..k).map(|j| gt[o * k + j] * v[o] * u[j] * a[j]).sum();
+                    w + gt[out * k + o] * v[o]
+                })
+                .collect();
+            let dot: f64 = c.iter().zip(&p).map(|(x, y)| x * y).sum();
+            let norm = norm(c.iter().copied());
+            let got = cli().sql_json(
+                run,
+                &format!(
+                    "SELECT dot, norm FROM contributions WHERE layer = '{layer}' \
+                     AND probe_id = {probe} AND step = {step} AND instance_id = {id}"
+                ),
+            );
+            assert_eq!(got.len(), 1, "one row for step {step}, instance {id}");
+            let (d, n) = (
+                got[0]["dot"].as_f64().unwrap(),
+                got[0]["norm"].as_f64().unwrap(),
+            );
+            assert!(
+                (d - dot).abs() <= 1e-6 * dot.abs().max(1e-3 * p_norm * norm),
+                "probe {probe} step {step} instance {id}: dot {d} vs {dot}"
+            );
+            assert!((n - norm).abs() <= 1e-6 * norm, "norm {n} vs {norm}");
+            checked += 1;
+        }
+        let sum = cli().sql_json(
+            run,
+            &format!(
+                "SELECT SUM(dot) AS s, SUM(CASE WHEN step IS NULL THEN dot END) AS r \
+                 FROM contributions WHERE layer = '{layer}' AND probe_id = {probe}"
+            ),
+        );
+        let (s, r) = (sum[0]["s"].as_f64().unwrap(), sum[0]["r"].as_f64().unwrap());
+        let want = p_norm * p_norm;
+        assert!(
+            (s - want).abs() <= 1e-9 * want,
+            "probe {probe}: Σ dot {s} vs ‖p‖² {want}"
+        );
+        assert!(
+            r.abs() > 1e-6 * want,
+            "AdamW's decay leaves a residual row: {r}"
+        );
+    }
+    assert!(checked >= 12);
+}
