@@ -320,8 +320,8 @@ fn effective_scales(steps: &BTreeMap<i64, AdamRow>, decoupled: bool) -> BTreeMap
     let (mut h, mut out) = (vec![0.0; n], BTreeMap::new());
     let (mut rho, mut beta1_next) = (1.0f64, 0.0f64);
     for (step, r) in steps.iter().rev() {
-        for j in 0..n {
-            h[j] = rho * r.step_size * r.preconditioner[j] + beta1_next * h[j];
+        for (hj, dj) in h.iter_mut().zip(&r.preconditioner) {
+            *hj = rho * r.step_size * dj + beta1_next * *hj;
         }
         out.insert(*step, h.iter().map(|x| (1.0 - r.beta1) * x).collect());
         if decoupled {
