@@ -24,50 +24,20 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 import reptrace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_overhead import BATCH, synthetic  # noqa: E402
-
-OPTIMIZERS = {
-    "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
-    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
-}
+from torch_overhead import OPTIMIZERS, synthetic  # noqa: E402
+from torch_overhead import train as train_once  # noqa: E402
 
 
 def train(x, y, steps: int, optimizer: str, run_dir: Path | None) -> float:
-    """Seconds for `steps` steps (and finish() when traced, `run_dir` given)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = OPTIMIZERS[optimizer](model.parameters())
-    start = time.perf_counter()
-    tracer = None
-    if run_dir is not None:
-        tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)])
-    batches = x.shape[0] // BATCH
-    for step in range(steps):
-        i = (step % batches) * BATCH
-        xb, yb = x[i:i + BATCH], y[i:i + BATCH]
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        if tracer is None:
-            opt.step()
-        else:
-            tracer.step(loss, torch.arange(i, i + BATCH), yb)
-            if (step + 1) % batches == 0:
-                tracer.end_epoch()
-    if tracer is not None:
-        tracer.finish()
-    return time.perf_counter() - start
+    """Seconds for `steps` steps of `optimizer` (and finish() when traced,
+    `run_dir` given), f32."""
+    return train_once(x, y, steps, run_dir is not None, "f32", run_dir, optimizer=optimizer)
 
 
 def column_bytes(files: list[Path], columns: set[str]) -> int:

@@ -52,12 +52,20 @@ def synthetic(n: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     return (protos[labels] + noise).clamp(0, 1), labels
 
 
-def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool = True) -> float:
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+}
+
+
+def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool = True,
+          optimizer: str = "sgd") -> float:
     """Seconds for `steps` training steps (and finish() when traced); `check`
-    False turns the tracer's per-step gradient check off (scripts/bench/check.py)."""
+    False turns the tracer's per-step gradient check off (scripts/bench/check.py);
+    `optimizer` is a key of OPTIMIZERS (scripts/bench/torch_adam.py)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = OPTIMIZERS[optimizer](model.parameters())
     tracer = None
     start = time.perf_counter()
     if traced:
