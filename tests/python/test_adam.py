@@ -171,19 +171,36 @@ def test_records_and_preconditioner_rebuild_the_final_weights(tmp_path, data, ma
         assert last[spec["name"]]["beta1"] == pytest.approx(0.9)
 
 
+def contribution(spec, dw, db, a):
+    """c = ΔW ⊛ a + Δb of one layer for a probe's stored input `a` (float64):
+    a matrix product for a linear layer, torch's conv2d for a convolution."""
+    if spec["kind"] == "linear":
+        return dw @ a + db
+    x = torch.from_numpy(a).reshape(1, spec["in_channels"], *spec["input_hw"])
+    assert spec.get("padding_mode", "zeros") == "zeros"
+    c = F.conv2d(x, torch.from_numpy(dw), torch.from_numpy(db), stride=spec["stride"],
+                 padding=spec["padding"], dilation=spec.get("dilation", [1, 1]),
+                 groups=spec.get("groups", 1))
+    return c.reshape(-1).numpy()
+
+
+@pytest.mark.parametrize("make, layers", [(MLP, ("fc2", "fc3")), (ResCNN, ("stem", "head"))],
+                         ids=["mlp", "cnn"])
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
-def test_contributions_equal_a_brute_force_replay(tmp_path, data, kind):
+def test_contributions_equal_a_brute_force_replay(tmp_path, data, kind, make, layers):
     """(b) contributions of a few records to two probes, by SQL over
-    `contributions`, equal c = ΔW_eff·a + Δb_eff computed here (the records'
-    gradients times Adam's effective step sizes G, replayed in float64);
-    Σ dot over the records and the residual row is ‖p‖²; verify passes
-    (Adam without weight decay promises exactness)."""
-    run, _, _, _ = record(tmp_path, data, MLP, kind)
+    `contributions`, equal c = ΔW_eff ⊛ a + Δb_eff computed here (the
+    records' gradients times Adam's effective step sizes G, replayed in
+    float64; torch's conv2d for the convolution); Σ dot over the records and
+    the residual row is ‖p‖²; verify passes (Adam without weight decay
+    promises exactness)."""
+    run, _, _, _ = record(tmp_path, data, make, kind)
     eff, _, _ = effective_updates(run)
+    specs = {spec["name"]: spec for spec in manifest(run)["model"]["modules"]}
     probes = table(run, "probes").to_pylist()
     r = reptrace.open(run)
     for probe in PROBES[:2]:
-        for layer in ("fc2", "fc3"):
+        for layer in layers:
             pr = next(x for x in probes if x["probe_id"] == probe and x["layer"] == layer)
             a, p = np.asarray(pr["a"], np.float64), np.asarray(pr["p"], np.float64)
             got = r.sql(
@@ -195,7 +212,7 @@ def test_contributions_equal_a_brute_force_replay(tmp_path, data, kind):
             assert len(picked) >= 5
             for x in picked:
                 dw, db = eff[layer][(x["step"], x["instance_id"])]
-                c = dw @ a + db
+                c = contribution(specs[layer], dw, db, a)
                 assert x["dot"] == pytest.approx(c @ p, rel=1e-6, abs=1e-12 * (p @ p)), x
                 assert x["norm"] == pytest.approx(np.linalg.norm(c), rel=1e-6), x
             total = sum(x["dot"] for x in got)
