@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("weights", 1),
     ("probes", 1),
     ("kernel", 1),
+    ("precondition", 1),
     ("replay", 1),
     ("attribution", 1),
     ("verify", 1),
