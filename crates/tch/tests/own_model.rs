@@ -350,11 +350,11 @@ fn tracer_misuse_is_one_clear_error() {
         .unwrap_err();
     assert!(err.to_string().contains("traced twice"), "{err}");
 
-    // Adam in instance mode.
+    // An optimizer other than SGD, Adam and AdamW in instance mode.
     let err = tracer
         .record(RunSpec {
             optimizer: Optimizer {
-                kind: OptimizerKind::Adam,
+                kind: OptimizerKind::Other,
                 ..Optimizer::sgd(0.1)
             },
             ..RunSpec::sgd(tmp.path().join("r"), classes.clone(), 0.1)
