@@ -1170,7 +1170,7 @@ fn bad_settings_name_the_setting() {
         (
             "optimizer",
             TrainConfig {
-                optimizer: OptimizerKind::Adam,
+                optimizer: OptimizerKind::Other,
                 ..TrainConfig::default()
             },
         ),
