@@ -439,17 +439,18 @@ fn a_missing_preconditioner_names_file_step_and_layer() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
     write(&dir, CASES[0], Some(3));
-    let err = attribute(&dir, &Options::default(), &mut |_| {})
+    assert_attribute_refuses(&dir, &["null"]);
+}
+
+/// `attribute` on the run at `dir` fails with one line naming the
+/// layer_steps file's preconditioner, step 3, layer fc and `more`.
+fn assert_attribute_refuses(dir: &Path, more: &[&str]) {
+    let err = attribute(dir, &Options::default(), &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(!err.contains('\n'), "{err}");
-    for part in [
-        "layer_steps",
-        "preconditioner",
-        "step 3",
-        "layer fc",
-        "null",
-    ] {
+    let parts = ["layer_steps", "preconditioner", "step 3", "layer fc"];
+    for part in parts.iter().chain(more) {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
 }
@@ -527,18 +528,5 @@ fn a_preconditioner_of_the_wrong_length_names_file_step_and_layer() {
     let dir = tmp.path().join("run");
     write(&dir, CASES[1], None);
     shorten_preconditioner(&dir);
-    let err = attribute(&dir, &Options::default(), &mut |_| {})
-        .unwrap_err()
-        .to_string();
-    assert!(!err.contains('\n'), "{err}");
-    for part in [
-        "layer_steps",
-        "preconditioner",
-        "step 3",
-        "layer fc",
-        "27 values",
-        "28",
-    ] {
-        assert!(err.contains(part), "{part:?} not in: {err}");
-    }
+    assert_attribute_refuses(&dir, &["27 values", "28"]);
 }
