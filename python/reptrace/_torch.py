@@ -999,6 +999,12 @@ class Tracer:
             else:
                 scale, check, norm = self._verdict(l, next(values), precision, shared)
             if self._adam is not None:
+                if precision != "f32":
+                    raise _Refusal(
+                        f"layer {l.name!r} at step {self._step}: {type(self.optimizer).__name__} "
+                        f"under autocast ({precision}) is not traced in instance mode yet (its "
+                        "rounding is not bounded by verify); train in float32 or record in "
+                        "batch mode (mode='batch')")
                 # v = −κ·δ: Adam's step size and preconditioner are in layer_steps.
                 factor = -scale
             else:

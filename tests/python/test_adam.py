@@ -329,3 +329,22 @@ def test_what_instance_mode_does_not_cover_is_refused_with_one_line(tmp_path, da
     assert "\n" not in str(e.value)
     m = manifest(run)
     assert m["status"] == "aborted"
+
+
+def test_adam_under_autocast_is_refused_with_one_line(tmp_path, data):
+    """Adam under torch.autocast is refused at its first step (verify's
+    rounding bound does not cover it yet), never recorded and then failed."""
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model = MLP()
+    opt = optimizer(model.parameters(), "adam")
+    tracer = reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES)
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x[:BATCH]), y[:BATCH])
+    loss.backward()
+    with pytest.raises(Exception) as e:
+        tracer.step(loss, torch.arange(BATCH), y[:BATCH])
+    message = str(e.value)
+    assert "\n" not in message
+    assert "autocast (bf16)" in message and "batch mode" in message
