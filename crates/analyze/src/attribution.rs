@@ -30,6 +30,7 @@ use crate::probes::{Probes, instance_splits};
 use crate::records::Records;
 use crate::replay::{self, Setup};
 use crate::run::Run;
+use crate::weights::LayerWeights;
 use crate::writer::{PartWriter, write_manifest};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
@@ -361,7 +362,7 @@ fn check_aggregation(run: &Run, options: &Options) -> Result<()> {
 }
 
 /// Removes the unpublished parts `written`.
-fn discard(run: &Run, written: &[FileEntry]) {
+pub(crate) fn discard(run: &Run, written: &[FileEntry]) {
     for f in written {
         layout::remove(run.dir(), &f.path);
     }
@@ -371,7 +372,7 @@ fn discard(run: &Run, written: &[FileEntry]) {
 /// publishes its parts and removes the files of the attributions it
 /// replaced; how many it replaced. On failure before the manifest is
 /// written, the parts are discarded.
-fn commit(run: &Run, attribution: &Attribution, written: &[FileEntry]) -> Result<usize> {
+pub(crate) fn commit(run: &Run, attribution: &Attribution, written: &[FileEntry]) -> Result<usize> {
     // Under the run's lock (an appender of probes may be writing the
     // manifest), re-read the manifest so that nothing it gained meanwhile is
     // lost.
@@ -432,7 +433,7 @@ fn covers(new: &Attribution, old: &Attribution) -> bool {
 /// Refuses a run whose recorder is alive: it is still being written, and
 /// an attribution stands on final weights. A killed run (status `recording`,
 /// nobody holding its lock) is attributed at its last commit point.
-fn refuse_live_recording(run: &Run) -> Result<()> {
+pub(crate) fn refuse_live_recording(run: &Run) -> Result<()> {
     if run.manifest().status != reptrace_format::Status::Recording {
         return Ok(());
     }
@@ -481,7 +482,7 @@ fn lock_run(run: &Run) -> Result<std::fs::File> {
 }
 
 /// The traced layers to attribute, in forward order.
-fn chosen_layers<'a>(run: &'a Run, options: &Options) -> Result<Vec<TracedLayer<'a>>> {
+pub(crate) fn chosen_layers<'a>(run: &'a Run, options: &Options) -> Result<Vec<TracedLayer<'a>>> {
     let model = &run.manifest().model;
     let traced: Vec<TracedLayer<'a>> = model.traced_layers().collect();
     let known = || {
@@ -540,7 +541,7 @@ fn chosen_layers<'a>(run: &'a Run, options: &Options) -> Result<Vec<TracedLayer<
 }
 
 /// The probes of `layer` that `options` selects.
-fn select_probes(
+pub(crate) fn select_probes(
     run: &Run,
     layer: &TracedLayer<'_>,
     options: &Options,
@@ -619,7 +620,7 @@ fn summarize_ids(ids: &[i64]) -> String {
 
 /// The part number for this attribution's files: after every commit and
 /// every previous attribution, and not taken by any file on disk.
-fn next_part_seq(run: &Run) -> u64 {
+pub(crate) fn next_part_seq(run: &Run) -> u64 {
     let m = run.manifest();
     let mut seq = m.commits.len() as u64;
     for f in m
@@ -899,18 +900,28 @@ pub(crate) fn compute_layer(
         // Residual rows: what no record explains.
         let change = setup.weight_change(layer)?;
         let residual = change.minus(&kernel::split_delta(&geom, &sum));
-        let mut out = Rows::default();
-        for q in 0..probes.len() {
-            let (dot, norm) = kernel::direct(&geom, &residual, probes.a(q), probes.p(q))?;
-            out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
-        }
-        let batch = out.into_batch(&out_schema)?;
+        let batch = residual_rows(&geom, &residual, probes)?;
         computed.rows += batch.num_rows() as u64;
         sink(batch)?;
         computed.change_norm = Some(change.norm());
         computed.residual_norm = Some(residual.norm());
     }
     Ok(computed)
+}
+
+/// The residual row of each probe (step, epoch, instance and label NULL):
+/// the contribution of `residual`, the weight change no record explains.
+pub(crate) fn residual_rows(
+    geom: &Geometry,
+    residual: &LayerWeights,
+    probes: &Probes,
+) -> Result<RecordBatch> {
+    let mut out = Rows::default();
+    for q in 0..probes.len() {
+        let (dot, norm) = kernel::direct(geom, residual, probes.a(q), probes.p(q))?;
+        out.push(probes.probe_id[q], None, dot, norm, probes.p_norm[q]);
+    }
+    out.into_batch(&schema(Table::Contributions, Dtype::F32))
 }
 
 /// The passes over the records that `probes` of `layer` take (as many
@@ -1041,24 +1052,54 @@ impl Pass<'_> {
     /// when it keeps none or no pair).
     fn batch(&self, recs: &Records, scales: &[f64]) -> Result<Option<RecordBatch>> {
         let plan = self.plan;
+        if !plan.self_only {
+            return pairs_of(
+                plan,
+                self.as_of,
+                self.geom,
+                &self.features,
+                self.probes,
+                recs,
+                scales,
+                self.schema,
+            );
+        }
         let rows: Vec<usize> = (0..recs.len())
             .filter(|&i| plan.keeps(recs, i, self.as_of))
-            .filter(|&i| {
-                !plan.self_only || recs.instance_id[i].is_some_and(|id| self.own.contains_key(&id))
-            })
+            .filter(|&i| recs.instance_id[i].is_some_and(|id| self.own.contains_key(&id)))
             .collect();
         if rows.is_empty() {
             return Ok(None);
         }
         let rf = RecordFeatures::for_probes(self.geom, &self.features, recs, scales, &rows)?;
-        if plan.self_only {
-            own_pairs(&rf, &self.features, recs, &rows, self.probes, &self.own)
-                .map(|r| r.into_batch(self.schema))
-                .transpose()
-        } else {
-            all_pairs(&rf, &self.features, recs, &rows, self.probes, self.schema).map(Some)
-        }
+        own_pairs(&rf, &self.features, recs, &rows, self.probes, &self.own)
+            .map(|r| r.into_batch(self.schema))
+            .transpose()
     }
+}
+
+/// The contributions to every probe of `probes` (whose `features` these
+/// are) of the records of `recs` that `plan` keeps, as of step `as_of`
+/// (`None` when it keeps none): what a pass makes of one batch of records.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pairs_of(
+    plan: &Plan,
+    as_of: i64,
+    geom: &Geometry,
+    features: &ProbeFeatures,
+    probes: &Probes,
+    recs: &Records,
+    scales: &[f64],
+    schema: &SchemaRef,
+) -> Result<Option<RecordBatch>> {
+    let rows: Vec<usize> = (0..recs.len())
+        .filter(|&i| plan.keeps(recs, i, as_of))
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let rf = RecordFeatures::for_probes(geom, features, recs, scales, &rows)?;
+    all_pairs(&rf, features, recs, &rows, probes, schema).map(Some)
 }
 
 /// The group of an aggregated row: (probe, epoch, instance, label, residual).

@@ -21,7 +21,7 @@
 //! | layer | modules | may import |
 //! |---|---|---|
 //! | 0 the run | `error`, `memory`, [`limits`], [`interrupt`], [`run`] | layer 0 |
-//! | 1 the arithmetic | [`records`], [`weights`], [`probes`], [`kernel`], [`precondition`], [`replay`], [`attribution`], [`verify`], [`writer`] | layers 0–1 |
+//! | 1 the arithmetic | [`records`], [`weights`], [`probes`], [`kernel`], [`precondition`], [`replay`], [`attribution`], [`shard`], [`verify`], [`writer`] | layers 0–1 |
 //! | 2 the DataFusion adapter | [`computed`], [`session`], [`sql`], [`query`], [`export`] | layers 0–2 |
 //!
 //! A run of one SGD step on instances 0 and 1 of a layer `fc` (2 inputs,
@@ -109,6 +109,7 @@ pub mod records;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod shard;
 pub mod sql;
 pub mod verify;
 pub mod weights;

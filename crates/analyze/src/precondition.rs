@@ -235,6 +235,24 @@ impl Preconditioner {
         Some(&self.g[k * self.len..(k + 1) * self.len])
     }
 
+    /// The update length, the steps and `G_t` of each, `steps × len`
+    /// values (to send it elsewhere; [`Preconditioner::from_parts`]).
+    pub(crate) fn parts(&self) -> (usize, &[i64], &[f64]) {
+        (self.len, &self.steps, &self.g)
+    }
+
+    /// A preconditioner from its [`Preconditioner::parts`].
+    pub(crate) fn from_parts(len: usize, steps: Vec<i64>, g: Vec<f64>) -> Result<Self> {
+        if g.len() != steps.len() * len {
+            return Err(Error::Internal(format!(
+                "a preconditioner of {} steps × {len} values holds {}",
+                steps.len(),
+                g.len()
+            )));
+        }
+        Ok(Self { len, steps, g })
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.g.len() * 8

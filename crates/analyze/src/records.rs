@@ -348,26 +348,38 @@ impl RecordReader {
 
     /// The records of `batch`, whose first row is row `file_row` of `path`.
     fn convert(&self, path: &Path, batch: &RecordBatch, file_row: usize) -> Result<Records> {
-        let mut r = Records {
-            step: i64s(batch, path, col::STEP)?,
-            epoch: i32s(batch, path, col::EPOCH)?,
-            instance_id: nullable::<Int64Type>(batch, path, col::INSTANCE_ID)?,
-            label: nullable::<Int32Type>(batch, path, col::LABEL)?,
-            ..Records::default()
-        };
-        list_f64(batch, path, col::U, &mut r.u, &mut r.u_off)?;
-        list_f64(batch, path, col::V, &mut r.v, &mut r.v_off)?;
-        check_rows(
-            path,
-            [col::U, col::V],
-            self.shape,
-            [&r.u_off, &r.v_off],
-            0,
-            file_row,
-            0,
-        )?;
-        Ok(r)
+        records_of(path, batch, file_row, self.shape)
     }
+}
+
+/// The records of a batch of `updates` rows, whose first row is row
+/// `file_row` of `path` (named in errors); every record's `u` and `v` must
+/// fit `shape`.
+pub(crate) fn records_of(
+    path: &Path,
+    batch: &RecordBatch,
+    file_row: usize,
+    shape: Lens,
+) -> Result<Records> {
+    let mut r = Records {
+        step: i64s(batch, path, col::STEP)?,
+        epoch: i32s(batch, path, col::EPOCH)?,
+        instance_id: nullable::<Int64Type>(batch, path, col::INSTANCE_ID)?,
+        label: nullable::<Int32Type>(batch, path, col::LABEL)?,
+        ..Records::default()
+    };
+    list_f64(batch, path, col::U, &mut r.u, &mut r.u_off)?;
+    list_f64(batch, path, col::V, &mut r.v, &mut r.v_off)?;
+    check_rows(
+        path,
+        [col::U, col::V],
+        shape,
+        [&r.u_off, &r.v_off],
+        0,
+        file_row,
+        0,
+    )?;
+    Ok(r)
 }
 
 impl Iterator for RecordReader {

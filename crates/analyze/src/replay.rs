@@ -158,22 +158,27 @@ impl Setup {
     /// Displacement scale of each record of `recs` (records of `layer`),
     /// and whether it belongs to the replay (its step is at most `as_of`).
     pub fn record_scales(&self, layer: &str, recs: &Records) -> Result<Vec<f64>> {
-        let scales = &self.history(layer)?.scales;
-        recs.step
-            .iter()
-            .map(|&s| {
-                if s < 0 {
-                    Err(Error::Internal(format!(
-                        "update record with negative step {s}"
-                    )))
-                } else {
-                    // Records after the snapshot are not part of W_T: scale 0
-                    // keeps them out of every sum.
-                    Ok(scales.get(s as usize).copied().unwrap_or(0.0))
-                }
-            })
-            .collect()
+        scales_of(&self.history(layer)?.scales, recs)
     }
+}
+
+/// The scale of each record of `recs` from the displacement scales of the
+/// steps `0..=as_of` ([`LayerHistory::scales`]).
+pub(crate) fn scales_of(scales: &[f64], recs: &Records) -> Result<Vec<f64>> {
+    recs.step
+        .iter()
+        .map(|&s| {
+            if s < 0 {
+                Err(Error::Internal(format!(
+                    "update record with negative step {s}"
+                )))
+            } else {
+                // Records after the snapshot are not part of W_T: scale 0
+                // keeps them out of every sum.
+                Ok(scales.get(s as usize).copied().unwrap_or(0.0))
+            }
+        })
+        .collect()
 }
 
 impl LayerHistory {

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("kernel", 1),
     ("precondition", 1),
     ("replay", 1),
+    ("shard", 1),
     ("attribution", 1),
     ("verify", 1),
     ("writer", 1),

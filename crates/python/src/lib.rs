@@ -22,6 +22,7 @@ pub mod analysis;
 pub mod arrow_stream;
 pub mod error;
 pub mod recorder;
+pub mod shard;
 
 use pyo3::prelude::*;
 
@@ -38,5 +39,6 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
     analysis::register(m)?;
+    shard::register(m)?;
     Ok(())
 }

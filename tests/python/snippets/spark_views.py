@@ -2,7 +2,9 @@
 # over exactly the committed files (basePath makes `layer` a column), and run
 # a canned query with Spark's named parameter markers: the files' `$probe`
 # placeholders become `:probe`, and the values are bound, not spliced.
+import os
 import re
+import sys
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -11,7 +13,10 @@ from duckdb_views import OWN_CONTRIBUTIONS, PARTITIONED, TABLES, committed_files
 
 
 def spark_session():
-    """A quiet local Spark session (2 cores, no UI, few shuffle partitions)."""
+    """A quiet local Spark session (2 cores, no UI, few shuffle partitions);
+    its Python workers run this interpreter (reptrace.spark's computations
+    need pyarrow and reptrace there)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = (
         SparkSession.builder.master("local[2]")
         .appName("reptrace")

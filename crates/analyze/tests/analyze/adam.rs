@@ -41,7 +41,7 @@ fn beta1(s: usize) -> f64 {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Case {
+pub(super) struct Case {
     kind: OptimizerKind,
     wd: f64,
 }
@@ -60,7 +60,7 @@ struct Applied {
 }
 
 /// What the test knows about the run it wrote.
-struct Trained {
+pub(super) struct Trained {
     initial: Vec<f64>,
     last: Vec<f64>,
     /// The final weights before their rounding to f32.
@@ -98,7 +98,7 @@ fn norm(a: &[f64]) -> f64 {
 
 /// Trains and records the run in `dir`; `without` names a step whose
 /// layer_steps row carries no preconditioner.
-fn write(dir: &Path, case: Case, without: Option<usize>) -> Trained {
+pub(super) fn write(dir: &Path, case: Case, without: Option<usize>) -> Trained {
     let mut rng = ChaCha8Rng::seed_from_u64(61);
     let optimizer = Optimizer {
         kind: case.kind,
@@ -278,7 +278,7 @@ fn brute_force(case: Case, t: &Trained, share: &Share) -> Vec<f64> {
     disp
 }
 
-const CASES: [Case; 3] = [
+pub(super) const CASES: [Case; 3] = [
     Case {
         kind: OptimizerKind::Adam,
         wd: 0.0,

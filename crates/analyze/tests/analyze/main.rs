@@ -9,5 +9,6 @@ mod patches;
 mod queries;
 mod ragged;
 mod read;
+mod shard;
 mod sql;
 mod verify;
