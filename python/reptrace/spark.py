@@ -20,12 +20,12 @@ Spark".
 """
 from __future__ import annotations
 
-import os
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import _reptrace
 from ._reptrace import AnalysisError
@@ -172,15 +172,23 @@ def attribute(spark, run, probes, *, by="step", layers=None, steps=None) -> dict
         raise _reptrace.InvalidInput(f"by: {by!r}: expected step, instance or epoch")
     run = str(Path(run).resolve())
     task = plan(run, probes, layers=layers, steps=steps)
-    rows = _contributions(spark, task, steps)
-    if by != "step":
-        rows = _influence(rows, by)
     first = _reptrace.first_part_seq(run)
     run_id = _run_id(run)
-    write = _writer_function(run, run_id, by, first)
-    partitions = rows.rdd.getNumPartitions()
+    if by == "step":
+        # Computed and written in the same worker; the residual rows are the
+        # driver's part, numbered after the workers'.
+        sent = spark.sparkContext.broadcast(task.to_bytes())
+        updates = _updates(spark, task, steps)
+        partitions = updates.rdd.getNumPartitions()
+        jobs = updates.mapInArrow(_writer_function(run, run_id, by, first, sent), _ENTRIES_SCHEMA)
+    else:
+        rows = _influence(_contributions(spark, task, steps), by)
+        partitions = rows.rdd.getNumPartitions()
+        jobs = rows.mapInArrow(_writer_function(run, run_id, by, first), _ENTRIES_SCHEMA)
     try:
-        entries = [r.entry for r in _collect(rows.mapInArrow(write, _ENTRIES_SCHEMA))]
+        entries = [r.entry for r in _collect(jobs)]
+        if by == "step":
+            entries += _write_residual(spark, task, sent, run, run_id, first + partitions)
     except BaseException:
         _reptrace.discard_parts(run, by, task.layers, first, first + partitions)
         raise
@@ -194,6 +202,17 @@ def attribute(spark, run, probes, *, by="step", layers=None, steps=None) -> dict
         "rows": sum(_entry_rows(e) for e in entries),
         "replaced": replaced,
     }
+
+
+def _write_residual(spark, task, sent, run, run_id, seq) -> list:
+    """The residual rows, written by the driver as part `seq` of each layer."""
+    table = _residual_table(spark, task, sent)
+    entries = []
+    for layer in task.layers:
+        writer = _reptrace.PartWriter(run, run_id, "step", layer, seq)
+        writer.write(table.filter(pc.equal(table["layer"], layer)))
+        entries.append(writer.finish())
+    return entries
 
 
 def _entry_rows(entry: str) -> int:
@@ -261,12 +280,19 @@ def _updates(spark, task, steps=None):
 def _residual_rows(spark, task, sent):
     """One residual row per probe and layer: the executors sum every
     record's update of their partitions, the driver finishes the sums."""
-    partial = _executor_function("partial_sums", sent)
-    sums: dict = {}
-    for row in _collect(_updates(spark, task).mapInArrow(partial, _PARTIALS_SCHEMA)):
-        sums.setdefault(row.layer, []).append(bytes(row.sum))
-    tables = [pa.table(task.residual(layer, sums.get(layer, []))) for layer in task.layers]
-    return spark.createDataFrame(pa.concat_tables(tables), CONTRIBUTIONS_SCHEMA)
+    return spark.createDataFrame(_residual_table(spark, task, sent), CONTRIBUTIONS_SCHEMA)
+
+
+def _residual_table(spark, task, sent, sums=None) -> pa.Table:
+    """The residual rows of every layer of the task, on the driver."""
+    if sums is None:
+        partial = _executor_function("partial_sums", sent)
+        sums = {}
+        for row in _collect(_updates(spark, task).mapInArrow(partial, _PARTIALS_SCHEMA)):
+            sums.setdefault(row.layer, []).append(bytes(row.sum))
+    return pa.concat_tables(
+        [pa.table(task.residual(layer, sums.get(layer, []))) for layer in task.layers]
+    )
 
 
 def _collect(df):
@@ -283,31 +309,38 @@ def _collect(df):
         raise
 
 
-def _executor_function(method, sent):
-    """The function ``mapInArrow`` runs on the executors: the task's
-    ``method`` on each batch. Defined here, it pickles by value and imports
-    reptrace only on the executor (from the shipped archive if there)."""
+def _core_importer():
+    """A function that imports the package's core on an executor (from the
+    shipped archive if it is not installed there). Built here so that it
+    pickles by value with the functions that call it: an executor without
+    reptrace cannot import this module."""
+    archive = ARCHIVE_NAME
+    missing = MISSING
 
-    def run(batches):
+    def core():
+        import os
         import sys
-
-        import pyarrow as pa
 
         try:
             from reptrace import _reptrace
         except ImportError:
             from pyspark import SparkFiles
 
-            path = os.path.join(SparkFiles.getRootDirectory(), ARCHIVE_NAME)
+            path = os.path.join(SparkFiles.getRootDirectory(), archive)
             if os.path.isdir(path) and path not in sys.path:
                 sys.path.insert(0, path)
             try:
                 from reptrace import _reptrace
             except ImportError:
-                raise RuntimeError(MISSING) from None
+                raise RuntimeError(missing) from None
+        return _reptrace
+
+    def task_of(sent):
         # One decoded task per Python worker and broadcast (workers are reused).
         import hashlib
+        import sys
 
+        _reptrace = core()
         cache = sys.modules.setdefault("_reptrace_spark_tasks", type(sys)("_reptrace_spark_tasks"))
         data = sent.value
         key = "task_" + hashlib.sha1(data).hexdigest()
@@ -315,6 +348,20 @@ def _executor_function(method, sent):
         if task is None:
             task = _reptrace.ShardTask.from_bytes(data)
             setattr(cache, key, task)
+        return task
+
+    return core, task_of
+
+
+def _executor_function(method, sent):
+    """The function ``mapInArrow`` runs on the executors: the task's
+    ``method`` on each batch."""
+    _, task_of = _core_importer()
+
+    def run(batches):
+        import pyarrow as pa
+
+        task = task_of(sent)
         if method == "contributions":
             for batch in batches:
                 yield from pa.table(task.contributions(pa.Table.from_batches([batch]))).to_batches()
@@ -333,32 +380,27 @@ def _executor_function(method, sent):
     return run
 
 
-def _writer_function(run, run_id, by, first):
+def _writer_function(run, run_id, by, first, sent=None):
     """The function that writes a partition's rows as parts of an
     attribution (one per layer, numbered ``first`` + the partition) and
-    yields their file entries."""
+    yields their file entries. With ``sent`` (the task) its batches are
+    ``updates`` rows whose contributions it computes and writes in the same
+    worker: the rows never become Spark rows."""
+    core, task_of = _core_importer()
 
     def write(batches):
-        import sys
-
         import pyarrow as pa
         import pyarrow.compute as pc
-        from pyspark import SparkFiles, TaskContext
+        from pyspark import TaskContext
 
-        try:
-            from reptrace import _reptrace
-        except ImportError:
-            path = os.path.join(SparkFiles.getRootDirectory(), ARCHIVE_NAME)
-            if os.path.isdir(path) and path not in sys.path:
-                sys.path.insert(0, path)
-            try:
-                from reptrace import _reptrace
-            except ImportError:
-                raise RuntimeError(MISSING) from None
+        _reptrace = core()
+        task = None if sent is None else task_of(sent)
         seq = first + TaskContext.get().partitionId()
         parts: dict = {}
         for batch in batches:
             table = pa.Table.from_batches([batch])
+            if task is not None:
+                table = pa.table(task.contributions(table))
             for layer in pc.unique(table["layer"]).to_pylist():
                 rows = table.filter(pc.equal(table["layer"], layer))
                 if layer not in parts:

@@ -333,3 +333,14 @@ def test_a_standalone_cluster_computes_what_datafusion_does(run, on_demand, clus
     assert report["tasks"] >= 2 and report["executors"] == 2, report
     rows = [type("Row", (), r)() for r in pq.read_table(out).to_pylist()]
     assert_same_rows(rows, on_demand)
+
+
+def test_the_documented_snippet_answers_like_the_cli(reptrace_bin, run, spark, snippets, monkeypatch):
+    from spark_scale_out import top_proponents_on_spark
+
+    monkeypatch.chdir(ROOT)
+    for _ in range(2):  # shipping twice is harmless
+        got = [r.asDict() for r in top_proponents_on_spark(spark, run, PROBES, PROBES[1], k=5)]
+    want = cli_json(reptrace_bin, "query", run, "top_proponents", "--param", f"probe={PROBES[1]}",
+                    "--param", "k=5", "--format", "json")
+    assert_same_answer(got, want, "snippet top_proponents")
