@@ -364,7 +364,9 @@ def _executor_function(method, sent):
         task = task_of(sent)
         if method == "contributions":
             for batch in batches:
-                yield from pa.table(task.contributions(pa.Table.from_batches([batch]))).to_batches()
+                rows = pa.table(task.contributions(pa.Table.from_batches([batch])))
+                # Batches of at most 64 Ki rows: the JVM takes them in pieces.
+                yield from rows.to_batches(max_chunksize=1 << 16)
         else:
             sums: dict = {}
             for batch in batches:

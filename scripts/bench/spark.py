@@ -9,17 +9,22 @@ traced layer, residual rows included, both ways, alternating, R times each:
 - DataFusion: ``reptrace.open(run).sql("SELECT COUNT(*), SUM(dot) FROM
   contributions WHERE probe_id IN (…)")`` (computed on demand, in-process);
 - Spark local[2]: ``reptrace.spark.contributions(...)`` aggregated the same
-  way, the JVM already up (one warm-up job first).
+  way, the JVM already up (one warm-up job first);
+
+and materialised as an attribution (per record) of a copy of the run, both ways:
+``Run.attribute(probes="ids:…")`` (DataFusion's process) and
+``reptrace.spark.attribute(...)`` (computed and written by the executors).
 
 The rate is records × probes per second (every update record of the run
 met by every probe). Prints a table and one line for scripts/bench.sh:
-``BENCH spark records=N probes=P datafusion_pairs_per_s=A spark_pairs_per_s=B ratio=B/A``
+``BENCH spark records=N probes=P datafusion_pairs_per_s=A spark_pairs_per_s=B ratio=B/A attribute_ratio=C``
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,12 +77,29 @@ def main() -> None:
         ).collect()[0]
         return r.n, r.s
 
+    attr_ids = "ids:" + ",".join(map(str, probes))
+    # A copy for the attributions: the queries' run keeps none (materialised
+    # rows would be read instead of computed).
+    materialised = work / "materialised"
+    shutil.copytree(run, materialised)
+
+    def attribute_datafusion():
+        reptrace.open(materialised).attribute(probes=attr_ids)
+
+    def attribute_spark():
+        rs.attribute(spark, materialised, probes)
+
     want = datafusion()
     got = on_spark()  # warm-up: the JVM and the Python workers up
     assert got[0] == want[0] and abs(got[1] - want[1]) <= 1e-9 * abs(want[1]), (got, want)
-    times = {"datafusion": [], "spark": []}
+    attribute_spark()  # warm-up
+    runs = (
+        ("datafusion", datafusion), ("spark", on_spark),
+        ("attribute datafusion", attribute_datafusion), ("attribute spark", attribute_spark),
+    )
+    times = {name: [] for name, _ in runs}
     for _ in range(args.repeats):
-        for name, f in (("datafusion", datafusion), ("spark", on_spark)):
+        for name, f in runs:
             t = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t)
@@ -88,11 +110,12 @@ def main() -> None:
           f"{want[0]} rows, {os.cpu_count()} cores")
     print("| engine | median s | records × probes / s |")
     print("|---|---:|---:|")
-    for k in ("datafusion", "spark"):
+    for k in times:
         print(f"| {k} | {statistics.median(times[k]):.2f} | {rate[k] / 1e6:.2f} M |")
     print(f"BENCH spark records={records} probes={len(probes)} "
           f"datafusion_pairs_per_s={rate['datafusion']:.0f} spark_pairs_per_s={rate['spark']:.0f} "
-          f"ratio={rate['spark'] / rate['datafusion']:.3f}")
+          f"ratio={rate['spark'] / rate['datafusion']:.3f} "
+          f"attribute_ratio={rate['attribute spark'] / rate['attribute datafusion']:.3f}")
 
 
 if __name__ == "__main__":

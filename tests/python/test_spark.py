@@ -344,3 +344,44 @@ def test_the_documented_snippet_answers_like_the_cli(reptrace_bin, run, spark, s
     want = cli_json(reptrace_bin, "query", run, "top_proponents", "--param", f"probe={PROBES[1]}",
                     "--param", "k=5", "--format", "json")
     assert_same_answer(got, want, "snippet top_proponents")
+
+
+def test_a_driver_killed_mid_write_leaves_the_manifest_unchanged(run, tmp_path):
+    """kill -9 of the whole driver (and its JVM) while the executors write
+    the parts: the manifest is byte for byte as before, and the run reads
+    as before (the parts left under temporary names are not part of it)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "manifest.json").read_bytes()
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from spark_views import spark_session\n"
+        "from reptrace import spark as rs\n"
+        "spark = spark_session()\n"
+        "spark.conf.set('spark.sql.files.maxPartitionBytes', '64k')\n"
+        "spark.conf.set('spark.sql.files.openCostInBytes', '1')\n"
+        "rs.attribute(spark, sys.argv[2], [int(p) for p in sys.argv[3:]])\n"
+        "print('finished')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(ROOT / "tests" / "python" / "snippets"), str(copy),
+         *map(str, PROBES)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    parts = copy / "contributions"
+    while time.time() < deadline and proc.poll() is None:
+        if parts.exists() and any(p.name.endswith(".tmp") for p in parts.rglob("*")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the job ended before a part was written"
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    assert (copy / "manifest.json").read_bytes() == before
+    got = pa.table(reptrace.open(copy).sql(
+        f"SELECT COUNT(*) AS n FROM contributions WHERE probe_id = {PROBES[0]}"
+    )).to_pylist()[0]["n"]
+    want = pa.table(reptrace.open(run).sql(
+        f"SELECT COUNT(*) AS n FROM contributions WHERE probe_id = {PROBES[0]}"
+    )).to_pylist()[0]["n"]
+    assert got == want
