@@ -36,6 +36,8 @@
 #                           (scripts/bench/summary.py rss)
 #  10  the gradient check  scripts/bench/check.py: the Python tracer traced
 #                           with its per-step gradient check / without it
+#  12  Spark                scripts/bench/spark.py: contributions on Spark
+#                           local[2] / DataFusion, records × probes per second
 #  11  a transformer        scripts/bench/torch_transformer.py: the test
 #                           transformer traced / untraced, f32 and f16, and
 #                           its bytes on disk per example-step
@@ -196,6 +198,10 @@ PYTHONPATH="$out/py" $py scripts/bench/check.py \
 step "11 a transformer: PyTorch traced / untraced and bytes per example-step ($torch_repeats repeats)"
 PYTHONPATH="$out/py" $py scripts/bench/torch_transformer.py \
   --repeats "$torch_repeats" | tee "$logs/transformer.log"
+
+step "12 Spark: contributions on Spark local[2] beside DataFusion ($torch_repeats repeats)"
+PYTHONPATH="$out/py" $py scripts/bench/spark.py --bin "$bin" --epochs "$((epochs * 10))" \
+  --probes 359 --repeats "$torch_repeats" | tee "$logs/spark.log"
 
 step "summary ($(($(date +%s) - start)) s of benchmarks)"
 $py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

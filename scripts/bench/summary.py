@@ -43,6 +43,8 @@ STARTUP_GOAL = 1.5
 # Row 9: peak RSS of the 31 M-row sort under its memory limit / the limit.
 SORT_RSS_GOAL = 1.3
 CHECK_GOAL = 1.03
+# Row 12: records × probes per second on Spark local[2] / DataFusion's.
+SPARK_GOAL = 0.5
 # "Flat": peak RSS at 10x the run length at most this times the 1x peak.
 FLAT_GOAL = 1.2
 QUERIES = [
@@ -361,6 +363,20 @@ def _later_rows(b, add, missing):
             f"{float(r['traced_ms_per_step']):.2f}, finish() included; "
             f"{r['bytes_per_example_step']} bytes on disk per example-step; "
             f"median of {r['repeats']}")
+
+
+    # 12. contributions on Spark beside DataFusion (issue 34).
+    sp = next(iter(b["spark"]), None)
+    for what, key, detail in (
+        ("rows", "ratio", "a DataFrame of the rows, counted and summed on Spark"),
+        ("attribute", "attribute_ratio", "materialised as an attribution (parts written by the executors)"),
+    ):
+        x = float(sp[key]) if sp and key in sp else None
+        add(f"12 Spark / DataFusion, {what}", None if x is None else fmt_ratio(x), f"≥ {SPARK_GOAL:.1f}",
+            x is not None and x >= SPARK_GOAL,
+            "" if sp is None else
+            f"records × probes per second, Spark local[2] (JVM up) / DataFusion in-process, {detail}; "
+            f"digits MLP, {sp['records']} records × {sp['probes']} probes")
 
 
 def parse_size_kb(text):
