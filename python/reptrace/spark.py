@@ -53,7 +53,15 @@ def plan(run, probes, *, layers=None, steps=None) -> _reptrace.ShardTask:
     """The task the executors run: the probes' features, the displacement
     scales (and Adam's preconditioner) of every chosen layer. Refuses a run
     still being recorded, and a probe id the run lacks, with one line."""
+    import json
+
     steps = None if steps is None else _steps(steps)
+    if json.loads(_reptrace.manifest(str(run))).get("dtype") == "f16":
+        # Spark 4 refuses Parquet's FLOAT16 columns (PARQUET_TYPE_ILLEGAL).
+        raise _reptrace.InvalidInput(
+            f"{run}: the run's updates are float16, which Spark cannot read (Parquet FLOAT16); "
+            "compute its contributions with reptrace itself (Run.sql, Run.attribute)"
+        )
     return _reptrace.ShardTask.plan(str(Path(run)), [int(p) for p in probes], layers, steps)
 
 

@@ -216,6 +216,15 @@ def test_bad_input_is_one_line(run, tmp_path, spark):
     with pytest.raises(reptrace.InvalidInput) as e:
         rs.contributions(spark, run, [1437, 999999])
     assert "999999" in str(e.value) and "\n" not in str(e.value)
+    # A float16 run: Spark cannot read its updates.
+    f16 = tmp_path / "f16"
+    shutil.copytree(run, f16)
+    m = json.loads((f16 / "manifest.json").read_text())
+    m["dtype"] = "f16"
+    (f16 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(reptrace.InvalidInput) as e:
+        rs.contributions(spark, f16, PROBES)
+    assert "float16" in str(e.value) and "\n" not in str(e.value)
     # A run whose recorder is alive.
     live = tmp_path / "live"
     shutil.copytree(run, live)
