@@ -1,0 +1,198 @@
+"""reptrace.Tracer under torch.distributed: two processes launched by
+torchrun (gloo on the CPU) train with DistributedDataParallel and record
+into one run (tests/python/examples/ddp_digits.py).
+
+The reference for the per-example factors is the same training in this
+process over the same global batches (each rank's local batch is a
+contiguous part of the global one, so the ranks' batches concatenated in
+rank order are the global batch): DDP averages the ranks' gradients, so a
+rank's record of an example must equal that example's record in one
+process whose loss is the mean over the global batch."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kit
+import reptrace
+
+SCRIPT = Path(__file__).resolve().parent / "examples" / "ddp_digits.py"
+ROWS, BATCH, WORLD = 768, 64, 2
+
+
+def torchrun(*args, timeout=150):
+    """Runs the example under torchrun (2 processes); the completed process.
+    The processes import the reptrace package this test imported."""
+    env = dict(os.environ)
+    package = str(Path(reptrace.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--standalone", "--monitor-interval", "0.2", str(SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=kit.ROOT)
+
+
+def one_process(run, make, epochs):
+    """The same training in one process over the global batches, traced."""
+    x, y = kit.digits()
+    x, y = x[:ROWS], y[:ROWS]
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracer = reptrace.Tracer(model, opt, run, classes=kit.CLASSES)
+    tracer.instances(torch.arange(ROWS), y, split="train")
+    for epoch in range(epochs):
+        for rows in kit.batches(ROWS, BATCH, epoch):
+            opt.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            tracer.step(None, rows, y[rows])
+        tracer.end_epoch()
+    tracer.finish()
+    return model
+
+
+def records(run):
+    """layer → (step, instance_id, rank, u, v) of every record, sorted by
+    step and instance."""
+    t = kit.table(run, "updates")
+    out = {}
+    for layer in sorted(set(t["layer"].to_pylist())):
+        rows = t.filter(pc.equal(t["layer"], layer))
+        key = np.lexsort((rows["instance_id"].to_numpy(), rows["step"].to_numpy()))
+        out[layer] = (
+            rows["step"].to_numpy()[key],
+            rows["instance_id"].to_numpy()[key],
+            np.array(rows["rank"].to_pylist(), dtype=object)[key],
+            np.array(rows["u"].to_pylist(), dtype=np.float64)[key],
+            np.array(rows["v"].to_pylist(), dtype=np.float64)[key],
+        )
+    return out
+
+
+def expected_ranks(epochs):
+    """(step, instance_id) → the rank that processed it."""
+    out = {}
+    step = 0
+    for epoch in range(epochs):
+        for rows in kit.batches(ROWS, BATCH, epoch):
+            part = len(rows) // WORLD
+            for r in range(WORLD):
+                for i in rows[r * part:(r + 1) * part].tolist():
+                    out[(step, i)] = r
+            step += 1
+    return out
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_ddp_run_verifies_rebuilds_and_equals_one_process(tmp_path, model):
+    epochs = 2
+    run = tmp_path / "ddp"
+    proc = torchrun(run, "--model", model, "--epochs", epochs, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    make = kit.MLP if model == "mlp" else kit.ResCNN
+
+    # verify passes, every layer's completeness enforced.
+    kit.completeness(run)
+    m = kit.manifest(run)
+    assert m["format_version"] == reptrace.FORMAT_VERSION == 11
+    assert m["status"] == "complete"
+    assert m["settings"]["world_size"] == WORLD
+    # Every rank's parts are listed, and nothing else is on disk.
+    listed = {f["path"] for c in m["commits"] for f in c["files"]}
+    assert any("-rank1.parquet" in p for p in listed)
+    on_disk = {str(p.relative_to(run)) for p in run.rglob("*.parquet")}
+    assert on_disk == listed
+
+    # DDP's averaging is known, not fitted: no step needed a scale κ.
+    scales = kit.table(run, "layer_steps")["grad_scale"].to_numpy()
+    assert len(scales) and np.all(scales == 1.0), np.unique(scales)
+
+    # W_T rebuilt from the records (an oracle independent of reptrace).
+    saved = torch.load(tmp_path / "weights.pt")
+    trained = make()
+    trained.load_state_dict(saved["final"])
+    kit.assert_reconstructs(run, trained, saved["initial"], tolerance=1e-5)
+
+    # The same training in one process: same steps, same records.
+    single = tmp_path / "single"
+    reference = one_process(single, make, epochs)
+    for name, p in reference.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), saved["final"][name].numpy(),
+                                   rtol=0, atol=1e-5, err_msg=name)
+    got, want = records(run), records(single)
+    assert got.keys() == want.keys() and len(got) == len(m["model"]["modules"])
+    ranks = expected_ranks(epochs)
+    for layer in got:
+        step, ids, rank, u, v = got[layer]
+        s_step, s_ids, s_rank, s_u, s_v = want[layer]
+        assert len(step) == ROWS * epochs
+        np.testing.assert_array_equal(step, s_step)
+        np.testing.assert_array_equal(ids, s_ids)
+        # Each record carries the rank that processed its example; a
+        # single-process run's carry none.
+        assert [ranks[(int(s), int(i))] for s, i in zip(step, ids)] == rank.tolist()
+        assert set(s_rank.tolist()) == {None}
+        for what, a, b in (("u", u, s_u), ("v", v, s_v)):
+            if b.size == 0:  # u of a layer whose records are whole updates
+                assert a.size == 0, f"{layer}.{what}"
+                continue
+            scale = np.abs(b).max()
+            diff = np.abs(a - b).max()
+            assert diff <= 1e-5 * max(scale, 1.0), f"{layer}.{what}: {diff:.2e} ({scale:.2e})"
+        assert np.linalg.norm(v - s_v) <= 1e-5 * np.linalg.norm(s_v), layer
+
+    # The rest reads like the single-process run: steps (global batch
+    # size and loss), examples (every example once per step).
+    steps, s_steps = kit.table(run, "steps"), kit.table(single, "steps")
+    assert steps["batch_size"].to_pylist() == s_steps["batch_size"].to_pylist()
+    np.testing.assert_allclose(steps["loss"].to_numpy(), s_steps["loss"].to_numpy(),
+                               rtol=1e-5)
+    ex, s_ex = kit.table(run, "examples"), kit.table(single, "examples")
+    assert sorted(zip(ex["step"].to_pylist(), ex["instance_id"].to_pylist())) == sorted(
+        zip(s_ex["step"].to_pylist(), s_ex["instance_id"].to_pylist()))
+    # And through the package: the rank is a column like any other.
+    per_rank = reptrace.open(run).sql(
+        "SELECT rank, count(*) AS n FROM updates GROUP BY rank ORDER BY rank").to_pydict()
+    n_layers = len(got)
+    assert per_rank == {"rank": [0, 1], "n": [ROWS * epochs * n_layers // 2] * 2}
+
+
+def test_a_killed_rank_leaves_the_run_at_its_last_commit(tmp_path):
+    run = tmp_path / "ddp"
+    steps_per_epoch = ROWS // BATCH
+    kill_at = steps_per_epoch + 3  # rank 1 dies in the second epoch
+    proc = torchrun(run, "--epochs", 3, "--kill-at", kill_at)
+    assert proc.returncode != 0
+    m = kit.manifest(run)
+    assert m["status"] in ("recording", "aborted"), m["status"]
+    last = [c for c in m["commits"] if c.get("step") is not None][-1]
+    assert last["step"] == steps_per_epoch - 1, "the commit at the end of epoch 0"
+    # Readable and verified up to it: both ranks' records of epoch 0, none later.
+    checks = reptrace.open(run).verify()
+    assert not [c for c in checks if c["status"] == "FAIL"], checks
+    weights = [c for c in checks if c["name"].endswith(" weights")]
+    assert weights and all(c["status"] == "pass" for c in weights), weights
+    per_rank = reptrace.open(run).sql(
+        "SELECT rank, max(step) AS last, count(*) AS n FROM updates WHERE layer = 'fc1' "
+        "GROUP BY rank ORDER BY rank").to_pydict()
+    assert per_rank == {"rank": [0, 1], "last": [steps_per_epoch - 1] * 2,
+                        "n": [ROWS // 2] * 2}
+
+
+def test_ranks_tracing_different_layers_are_refused_on_every_rank(tmp_path):
+    run = tmp_path / "ddp"
+    proc = torchrun(run, "--rank1-layers", "fc1,fc2")
+    assert proc.returncode != 0
+    refused = sorted(l for l in proc.stdout.splitlines() if l.startswith("REFUSED"))
+    assert len(refused) == 2, proc.stdout + proc.stderr[-2000:]
+    lines = [l.split(": ", 1)[1] for l in refused]
+    assert lines[0] == lines[1], lines
+    assert "rank 1 traces fc1 (Linear 32×64), fc2 (Linear 16×32)" in lines[0], lines[0]
+    assert "rank 0 fc1 (Linear 32×64), fc2 (Linear 16×32), fc3 (Linear 10×16)" in lines[0]
+    assert not run.exists() or not any(run.iterdir()), "nothing was written"
