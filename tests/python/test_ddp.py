@@ -32,6 +32,7 @@ def torchrun(*args, timeout=150):
     env = dict(os.environ)
     package = str(Path(reptrace.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([package, env.get("PYTHONPATH", "")])
+    env["PYTHONFAULTHANDLER"] = "1"  # a crashing rank shows where
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
            "--standalone", "--monitor-interval", "0.2", str(SCRIPT), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
