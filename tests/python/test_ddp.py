@@ -26,15 +26,15 @@ SCRIPT = Path(__file__).resolve().parent / "examples" / "ddp_digits.py"
 ROWS, BATCH, WORLD = 768, 64, 2
 
 
-def torchrun(*args, timeout=150):
-    """Runs the example under torchrun (2 processes); the completed process.
+def torchrun(*args, script=SCRIPT, timeout=150):
+    """Runs `script` under torchrun (2 processes); the completed process.
     The processes import the reptrace package this test imported."""
     env = dict(os.environ)
     package = str(Path(reptrace.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([package, env.get("PYTHONPATH", "")])
     env["PYTHONFAULTHANDLER"] = "1"  # a crashing rank shows where
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--standalone", "--monitor-interval", "0.2", str(SCRIPT), *map(str, args)]
+           "--standalone", "--monitor-interval", "0.2", str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=kit.ROOT)
 
@@ -197,3 +197,14 @@ def test_ranks_tracing_different_layers_are_refused_on_every_rank(tmp_path):
     assert "rank 1 traces fc1 (Linear 32×64), fc2 (Linear 16×32)" in lines[0], lines[0]
     assert "rank 0 fc1 (Linear 32×64), fc2 (Linear 16×32), fc3 (Linear 10×16)" in lines[0]
     assert not run.exists() or not any(run.iterdir()), "nothing was written"
+
+
+def test_the_documented_example_runs_on_two_ranks(tmp_path):
+    """docs/python.md shows tests/python/examples/ddp_minimal.py (checked by
+    test_python_docs.py); it runs as shown and its run verifies."""
+    run = tmp_path / "ddp"
+    proc = torchrun(run, script=SCRIPT.parent / "ddp_minimal.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [l.split() for l in proc.stdout.splitlines()[-2:]] == [
+        ["0", "0", "2872"], ["1", "1", "2872"]], proc.stdout
+    kit.completeness(run)
