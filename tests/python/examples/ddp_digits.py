@@ -15,6 +15,7 @@ global batches is the reference (test_ddp.py). Options:
     --kill-at STEP       rank 1 kills itself (SIGKILL) before that step
     --rank1-layers A,B   rank 1 traces only these layers (refused)
     --out DIR            rank 0 saves the initial and final weights there
+                         (each rank its refusal, refused-<rank>.txt)
 """
 import argparse
 import os
@@ -50,8 +51,8 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    x, y = kit.digits()
-    x, y = x[:ROWS], y[:ROWS]
+    x_all, y_all = kit.digits()
+    x, y = x_all[:ROWS], y_all[:ROWS]
 
     torch.manual_seed(0)
     net = kit.MLP() if args.model == "mlp" else kit.ResCNN()
@@ -65,9 +66,13 @@ def main():
         tracer = reptrace.Tracer(model, optimizer, args.run, classes=kit.CLASSES,
                                  layers=layers)
     except reptrace.InvalidInput as e:
+        # Handled: exit 0, so that torchrun lets every rank report it (a
+        # failed rank makes it stop the others).
         print(f"REFUSED rank {rank}: {e}", flush=True)
+        if args.out:  # the ranks' output may interleave: a file each
+            (Path(args.out) / f"refused-{rank}.txt").write_text(str(e))
         dist.destroy_process_group()
-        sys.exit(3)
+        return
     tracer.instances(torch.arange(ROWS), y, split="train")
 
     step = 0
@@ -83,7 +88,9 @@ def main():
             tracer.step(loss, mine, y[mine])
             step += 1
         tracer.end_epoch()
-    tracer.finish()
+    # Probes: 40 test rows (every rank passes them; rank 0 records them).
+    tests = torch.arange(kit.TRAIN_ROWS, kit.TRAIN_ROWS + 40)
+    tracer.finish(probes=(x_all[tests], y_all[tests], tests))
     if rank == 0 and args.out:
         torch.save({"initial": initial, "final": kit.start_weights(net)},
                    Path(args.out) / "weights.pt")
