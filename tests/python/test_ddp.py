@@ -215,3 +215,25 @@ def test_the_documented_example_runs_on_two_ranks(tmp_path):
     assert [l.split() for l in proc.stdout.splitlines()[-2:]] == [
         ["0", "0", "2872"], ["1", "1", "2872"]], proc.stdout
     kit.completeness(run)
+
+
+def test_a_step_that_does_not_add_up_is_refused_on_every_rank(tmp_path):
+    """Gradient values clipped at a step of the second epoch: the records of
+    both ranks together no longer sum to the applied update, every rank
+    refuses in the same line, and the run stays at its last commit."""
+    run = tmp_path / "ddp"
+    steps_per_epoch = ROWS // BATCH
+    proc = torchrun(run, "--clip-value-at", steps_per_epoch + 2, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [(tmp_path / f"refused-{r}.txt").read_text() for r in range(WORLD)]
+    assert lines[0] == lines[1] and "\n" not in lines[0], lines
+    assert f"at step {steps_per_epoch + 2}" in lines[0], lines[0]
+    assert "differs from the sum of the recorded per-example gradients" in lines[0]
+    m = kit.manifest(run)
+    assert m["status"] == "aborted" and "at step" in m["abort_reason"], m["abort_reason"]
+    assert [c for c in m["commits"] if c.get("step") is not None][-1]["step"] == \
+        steps_per_epoch - 1
+    checks = reptrace.open(run).verify()
+    assert not [c for c in checks if c["status"] == "FAIL"], checks
+    # Nothing uncommitted is left behind by either rank.
+    assert not [c for c in checks if c["status"] == "warn"], checks

@@ -14,6 +14,7 @@ global batches is the reference (test_ddp.py). Options:
     --epochs N           epochs (a commit at each epoch's end)
     --kill-at STEP       rank 1 kills itself (SIGKILL) before that step
     --rank1-layers A,B   rank 1 traces only these layers (refused)
+    --clip-value-at STEP every rank clips gradient values at that step (refused)
     --out DIR            rank 0 saves the initial and final weights there
                          (each rank its refusal, refused-<rank>.txt)
 """
@@ -45,6 +46,7 @@ def main():
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--rank1-layers", default=None)
+    p.add_argument("--clip-value-at", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -62,17 +64,19 @@ def main():
     layers = None
     if rank == 1 and args.rank1_layers:
         layers = args.rank1_layers.split(",")
-    try:
-        tracer = reptrace.Tracer(model, optimizer, args.run, classes=kit.CLASSES,
-                                 layers=layers)
-    except reptrace.InvalidInput as e:
+    def refused(e):
         # Handled: exit 0, so that torchrun lets every rank report it (a
         # failed rank makes it stop the others).
         print(f"REFUSED rank {rank}: {e}", flush=True)
         if args.out:  # the ranks' output may interleave: a file each
             (Path(args.out) / f"refused-{rank}.txt").write_text(str(e))
         dist.destroy_process_group()
-        return
+
+    try:
+        tracer = reptrace.Tracer(model, optimizer, args.run, classes=kit.CLASSES,
+                                 layers=layers)
+    except reptrace.InvalidInput as e:
+        return refused(e)
     tracer.instances(torch.arange(ROWS), y, split="train")
 
     step = 0
@@ -85,7 +89,12 @@ def main():
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x[mine]), y[mine])
             loss.backward()
-            tracer.step(loss, mine, y[mine])
+            if step == args.clip_value_at:  # not one scale: cannot be traced
+                torch.nn.utils.clip_grad_value_(model.parameters(), 1e-4)
+            try:
+                tracer.step(loss, mine, y[mine])
+            except reptrace.RecordError as e:
+                return refused(e)
             step += 1
         tracer.end_epoch()
     # Probes: 40 test rows (every rank passes them; rank 0 records them).
