@@ -237,3 +237,18 @@ def test_a_step_that_does_not_add_up_is_refused_on_every_rank(tmp_path):
     assert not [c for c in checks if c["status"] == "FAIL"], checks
     # Nothing uncommitted is left behind by either rank.
     assert not [c for c in checks if c["status"] == "warn"], checks
+
+
+def test_batch_mode_records_each_step_once_and_every_ranks_members(tmp_path):
+    """Batch mode under DDP: rank 0 records each step's whole update (the
+    same on every rank), every rank the members it processed."""
+    run = tmp_path / "ddp"
+    proc = torchrun(run, "--mode", "batch", "--epochs", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kit.completeness(run)
+    steps = ROWS // BATCH
+    updates = kit.table(run, "updates")
+    assert updates.num_rows == steps * 3 and set(updates["rank"].to_pylist()) == {0}
+    members = kit.table(run, "batches")
+    assert sorted(zip(members["step"].to_pylist(), members["instance_id"].to_pylist())) == \
+        sorted(expected_ranks(1))

@@ -12,6 +12,7 @@ global batches is the reference (test_ddp.py). Options:
 
     --model mlp|cnn      the kit's MLP or its residual CNN
     --epochs N           epochs (a commit at each epoch's end)
+    --mode M             the tracer's mode, instance (default) or batch
     --kill-at STEP       rank 1 kills itself (SIGKILL) before that step
     --rank1-layers A,B   rank 1 traces only these layers (refused)
     --clip-value-at STEP every rank clips gradient values at that step (refused)
@@ -47,6 +48,7 @@ def main():
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--rank1-layers", default=None)
     p.add_argument("--clip-value-at", type=int, default=None)
+    p.add_argument("--mode", default="instance")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -74,7 +76,7 @@ def main():
 
     try:
         tracer = reptrace.Tracer(model, optimizer, args.run, classes=kit.CLASSES,
-                                 layers=layers)
+                                 layers=layers, mode=args.mode)
     except reptrace.InvalidInput as e:
         return refused(e)
     tracer.instances(torch.arange(ROWS), y, split="train")
