@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _kinds, _reptrace
+from . import _distributed, _kinds, _reptrace
 from ._reptrace import InvalidInput, RecordError
 
 # Modules that couple the examples of a batch in training mode: their
@@ -243,6 +243,14 @@ class Tracer:
             scaler skips.
         name: the model's name in the manifest (default: its class name).
         settings: free-form JSON-able training settings kept in the manifest.
+
+    Under ``torch.distributed`` (detected when the tracer is made: a
+    ``DistributedDataParallel`` model, or its ``module``, in an initialised
+    process group) every rank makes its own tracer with the same arguments
+    and run directory, and records the examples it processed into that one
+    run (on a file system every rank shares); commits are collective and
+    rank 0 writes the rest of the run (docs/python.md, "Distributed
+    training (DDP)").
     """
 
     def __init__(
@@ -270,10 +278,19 @@ class Tracer:
                 f"scaler: a {type(scaler).__name__}, expected a torch.amp.GradScaler"
             )
         run_dir = Path(run_dir)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise InvalidInput(
-                f"{run_dir}: the run directory exists and is not empty; give a new one"
-            )
+        # A DDP wrapper records as its module: the layers keep their names.
+        ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+        if ddp is not None and isinstance(model, ddp):
+            model = model.module
+        # torch.distributed: the ranks record one run (_distributed.py).
+        self._world = _distributed.World.detect()
+        self._owner = self._world is None or self._world.owner
+        problem = None
+        if self._owner and run_dir.exists() and (
+                not run_dir.is_dir() or any(run_dir.iterdir())):
+            problem = f"{run_dir}: the run directory exists and is not empty; give a new one"
+            if self._world is None:
+                raise InvalidInput(problem)
         self.model = model
         self.optimizer = optimizer
         self.run_dir = run_dir
@@ -339,6 +356,8 @@ class Tracer:
         self._adam = _adam_kind(optimizer) if mode == "instance" else None
         self._assign_groups()
         self._optimizer_json = self._describe_optimizer()
+        if self._world is not None:
+            self._agree_world(problem)
 
         # W_0: the initial weights of the traced layers, kept until the
         # recorder starts (the manifest needs the shapes the first step shows).
@@ -515,6 +534,35 @@ class Tracer:
             opt["momentum"], opt["dampening"], opt["nesterov"] = 0.0, 0.0, False
         return opt
 
+    def _agree_world(self, problem: str | None) -> None:
+        """torch.distributed: the ranks compare what they trace (layers,
+        kinds and parameter shapes, mode and dtype) and rank 0's verdict on
+        the run directory; a difference is refused on every rank, in the
+        same line."""
+        world = self._world
+        mine = (_distributed.layer_table(self._layers), self.mode, self.dtype)
+        views = world.agree((mine, problem))
+        if views[0][1] is not None:
+            raise InvalidInput(views[0][1])
+        first = views[0][0]
+        for r, (theirs, _) in enumerate(views):
+            if theirs == first:
+                continue
+            if theirs[1:] != first[1:]:
+                what = (f"records mode={theirs[1]!r}, dtype={theirs[2]!r} and rank 0 "
+                        f"mode={first[1]!r}, dtype={first[2]!r}")
+            else:
+                what = (f"traces {_distributed.describe(theirs[0])} and rank 0 "
+                        f"{_distributed.describe(first[0])}")
+            raise InvalidInput(
+                f"torch.distributed: rank {r} {what}: every rank records one run and must "
+                "trace the same layers of the same model (give every rank the same model, "
+                "layers=[...] and settings)"
+            )
+        self.settings.setdefault("world_size", world.size)
+        if world.owner:
+            self.settings.setdefault("distributed_backend", torch.distributed.get_backend())
+
     def _weights(self, tensors=None) -> list[tuple[str, list[int], np.ndarray]]:
         """The traced layers' parameters, or ``tensors`` in their place (per
         layer, in the order of its params)."""
@@ -545,7 +593,9 @@ class Tracer:
         splits = [split] * len(ids) if isinstance(split, str) else list(split)
         if len(splits) != len(ids):
             raise InvalidInput(f"instances: {len(ids)} ids and {len(splits)} splits")
-        if self._rec is not None:
+        if not self._owner:
+            pass  # rank 0 writes the instances of a distributed run
+        elif self._rec is not None:
             self._rec.instances(ids, labels, splits)
         else:
             self._instances = (ids, labels, splits)
@@ -576,7 +626,20 @@ class Tracer:
         }
         if self._frozen:
             model["frozen"] = self._frozen
-        self._rec = _reptrace.Recorder(
+        self._w0 = {name: arr for name, _, arr in self._initial}
+        if self._world is not None:
+            self._start_world(model)
+            self._initial = None
+            return
+        self._rec = self._recorder(model)
+        self._initial = None
+
+    def _recorder(self, model: dict, run_id: str | None = None):
+        """The Rust recorder: creates the run (rank 0 of a distributed run
+        or a single process: with the instances and initial weights as
+        commit 0), or, on another rank, writes into rank 0's run."""
+        rank = None if self._world is None else self._world.rank
+        rec = _reptrace.Recorder(
             str(self.run_dir),
             json.dumps(model),
             json.dumps(self._optimizer_json),
@@ -584,14 +647,59 @@ class Tracer:
             self.dtype,
             self.mode,
             json.dumps(self.settings),
+            run_id=run_id,
+            rank=rank,
         )
-        if self._instances is not None:
-            self._rec.instances(*self._instances)
-            self._instances = None
-        self._rec.weights(*self._unpack(self._initial))
-        self._w0 = {name: arr for name, _, arr in self._initial}
-        self._initial = None
-        self._rec.commit()
+        if self._owner:
+            if self._instances is not None:
+                rec.instances(*self._instances)
+                self._instances = None
+            rec.weights(*self._unpack(self._initial))
+            rec.commit()
+        return rec
+
+    def _start_world(self, model: dict) -> None:
+        """torch.distributed: the ranks agree on the model's specs (from
+        their first step's shapes), rank 0 creates the run and every other
+        rank joins it by its run id; a failure is raised on every rank."""
+        world = self._world
+        specs = world.agree(json.dumps(model["modules"], sort_keys=True))
+        for r, theirs in enumerate(specs):
+            if theirs != specs[0]:
+                self._closed_quietly()
+                raise InvalidInput(
+                    f"torch.distributed: rank {r}'s traced layers saw other shapes at the "
+                    f"first step than rank 0's ({theirs} vs {specs[0]}): every rank must "
+                    "feed the model inputs of one shape"
+                )
+        run_id, problem = None, None
+        if world.owner:
+            try:
+                self._rec = self._recorder(model)
+                run_id = self._rec.run_id
+            except Exception as e:  # every rank learns why
+                problem = f"{type(e).__name__}: {e}"
+        run_id, problem = world.broadcast((run_id, problem))
+        if problem is not None:
+            self._closed_quietly()
+            raise RecordError(f"torch.distributed: rank 0 could not create the run: {problem}")
+        if not world.owner:
+            try:
+                self._rec = self._recorder(model, run_id)
+            except Exception as e:
+                problem = f"rank {world.rank}: {type(e).__name__}: {e}"
+        problems = [p for p in world.agree(problem) if p is not None]
+        if problems:
+            self._closed_quietly()
+            raise RecordError(f"torch.distributed: a rank could not join the run: {problems[0]}")
+
+    def _closed_quietly(self) -> None:
+        """Closes a tracer whose ranks could not start together (rank 0's
+        run, if made, is marked aborted)."""
+        rec, self._rec = self._rec, None
+        self._close()
+        if rec is not None:
+            rec.abandon("the ranks of the distributed run could not start together")
 
     # ------------------------------------------------------------ capture
 
@@ -822,6 +930,9 @@ class Tracer:
                 )
             loss = float(np.mean(examples[0], dtype=np.float64)) if len(examples[0]) else 0.0
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        total = batch
+        if self._world is not None:
+            value, total = self._world_step(value, batch)
         if self._rec is None:
             self._start()
         if not math.isfinite(value):
@@ -833,16 +944,25 @@ class Tracer:
         lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
         try:
             if self._skips():
-                self._record_skipped(batch, value, ids, labels, examples, lr)
+                self._record_skipped(total, value, ids, labels, examples, lr)
             elif self.mode == "instance":
-                self._record_instance(batch, value, ids, labels, examples, lr)
+                self._record_instance(total, value, ids, labels, examples, lr)
             else:
-                self._record_batch(batch, value, ids, labels, examples, lr)
+                self._record_batch(total, value, ids, labels, examples, lr)
         except _Refusal as e:
             self._stop(str(e), str(e))
         finally:
             self._clear()
         self._step += 1
+
+    def _world_step(self, value: float, batch: int) -> tuple[float, int]:
+        """torch.distributed: the step's loss and batch size over every
+        rank (the loss averaged by the ranks' batch sizes: the mean over the
+        global batch when each rank's is its local mean)."""
+        t = torch.tensor([value * batch, float(batch)], dtype=torch.float64)
+        self._world.sum_(t)
+        total = int(round(float(t[1])))
+        return (float(t[0]) / total if total else value), total
 
     def follow_optimizer(self) -> None:
         """Records each step as the optimizer takes it, for loops and
@@ -937,9 +1057,12 @@ class Tracer:
             self._clear()
             return
         lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
+        total = len(ids)
+        if self._world is not None:
+            value, total = self._world_step(value, total)
         self._stepped = True
         try:
-            self._record_skipped(len(ids), value, ids, labels, None, lr)
+            self._record_skipped(total, value, ids, labels, None, lr)
         finally:
             self._stepped = False
             self._clear()
@@ -950,7 +1073,17 @@ class Tracer:
         far are committed with a snapshot of the weights they led to (the
         optimizer has not applied the refused step, or, when it already has
         under :meth:`follow_optimizer`, the weights from before it), so the run
-        is analysed up to its last good step."""
+        is analysed up to its last good step. Under torch.distributed the
+        run stays at its last commit instead (a commit needs every rank, and
+        the others may be gone): what each rank recorded since is dropped."""
+        if self._world is not None:
+            self._pending = None
+            self._rec.abandon(reason)
+            self._close()
+            raise RecordError(
+                f"{message}: {self.run_dir} stays readable up to its last commit and is "
+                "marked aborted"
+            )
         self._flush_pending()
         if self._step - 1 > self._snapshot_step:
             before = self._before if self._stepped else None
@@ -974,7 +1107,8 @@ class Tracer:
         """A step the gradient scaler skips: a `steps` row marked skipped,
         the examples, no update."""
         self._flush_pending()
-        self._rec.step(self._step, self._epoch, lr, batch, value, skipped=True)
+        if self._owner:
+            self._rec.step(self._step, self._epoch, lr, batch, value, skipped=True)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         self._optimizer_step()
@@ -984,11 +1118,15 @@ class Tracer:
         for l in self._layers:
             h = self._hyper(l)
             u, g = self._raw_factors(l)
+            if self._world is not None:
+                # DDP applies the mean of the ranks' gradients: each rank's
+                # examples enter the update divided by the world size.
+                g = g * (1.0 / self._world.size)
             precision = _lowest(_precision(d) for d in l.dtypes)
             layers.append((l, h, u, g, precision, self._check_terms(l, u, g)))
         # One synchronisation for the checks of every layer.
         terms = [t for *_, t in layers if t is not None]
-        flat = torch.cat(terms).double().cpu().numpy() if terms else np.zeros(0)
+        flat = self._check_sums(terms)
         vectors = np.split(flat, np.cumsum([len(t) for t in terms])[:-1]) if terms else []
         shared = _shared_scale(vectors)
         values = iter(vectors)
@@ -1018,12 +1156,38 @@ class Tracer:
             self._record_adam(batch, value, ids, labels, examples, lr, rows, factors)
             return
         self._flush_pending()
-        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if self._owner:
+            self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
-        self._rec.layer_steps(self._step, self._epoch, rows)
+        if self._owner:
+            self._rec.layer_steps(self._step, self._epoch, rows)
         self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
         self._optimizer_step()
+
+    def _check_sums(self, terms: list[torch.Tensor]) -> np.ndarray:
+        """The gradient check's terms of every layer (:meth:`_check_terms`)
+        as one float64 vector on the host. Under torch.distributed the
+        records' terms (``f``, ``m``) are summed over the ranks, so that the
+        applied gradient (the same on every rank: rank 0's copy is kept) is
+        checked against every rank's records together; every rank then
+        reaches the same verdict."""
+        if not terms:
+            return np.zeros(0)
+        if self._world is None:
+            return torch.cat(terms).double().cpu().numpy()
+        parts = []
+        for t in terms:
+            c = (len(t) - 1) // 3
+            t = t.double()
+            if self._world.owner:
+                parts.append(t)
+            else:
+                zero = torch.zeros(1, dtype=t.dtype, device=t.device)
+                parts += [zero.expand(c), t[c:3 * c], zero]
+        flat = torch.cat(parts)
+        self._world.sum_(flat)
+        return flat.cpu().numpy()
 
     def _record_adam(self, batch, value, ids, labels, examples, lr, rows, factors) -> None:
         """The rest of an Adam/AdamW step in instance mode: the optimizer
@@ -1043,7 +1207,8 @@ class Tracer:
             self._before, self._stepped = before, True  # _stop snapshots W_t
             raise
         self._flush_pending()
-        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if self._owner:
+            self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         self._pending = (self._step, self._epoch, ids, labels, host, (rows, adam, d))
@@ -1122,7 +1287,8 @@ class Tracer:
 
     def _record_batch(self, batch, value, ids, labels, examples, lr) -> None:
         self._flush_pending()
-        self._rec.step(self._step, self._epoch, lr, batch, value)
+        if self._owner:
+            self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         if self._stepped:
@@ -1130,6 +1296,10 @@ class Tracer:
         else:
             before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
         self._optimizer_step()
+        if not self._owner:
+            # The whole update is the same on every rank: rank 0 records it.
+            self._pending = (self._step, self._epoch, ids, labels, _to_host([]))
+            return
         deltas = []
         for l, old in zip(self._layers, before):
             parts = [
@@ -1271,7 +1441,7 @@ class Tracer:
         step, epoch, ids, labels, host, *adam = self._pending
         self._pending = None
         arrays = host.wait()
-        if adam:
+        if adam and self._owner:
             rows, scalars, d = adam[0]
             ds = [x for _, x, _ in d.wait()]
             self._rec.layer_steps(step, epoch, rows, adam=[
@@ -1306,11 +1476,60 @@ class Tracer:
         if self._rec is None:
             return
         self._flush_pending()
+        if self._world is not None:
+            self._commit_world(lambda: self._rec.weights(*self._unpack(self._weights())))
+            self._snapshot_step = self._step - 1
+            return
         self._rec.weights(*self._unpack(self._weights()))
         self._snapshot_step = self._step - 1
         self._rec.commit()
         # The commit is done when this returns: durable and visible.
         self._rec.flush()
+
+    def _commit_world(self, before, finish=None):
+        """A collective commit: every rank other than 0 makes its part
+        files durable and sends their entries to rank 0, which runs
+        ``before`` (the weights snapshot), lists them with its own in one
+        commit (``finish``: ``rec.finish`` with the final weights, instead
+        of a commit) and tells every rank how it went; a failure is raised
+        on every rank, the run left at its previous commit. Returns the
+        manifest as JSON with ``finish``."""
+        world = self._world
+        staged, problem = "[]", None
+        if not world.owner:
+            try:
+                staged = self._rec.stage()
+            except Exception as e:
+                problem = f"rank {world.rank}: {e}"
+        gathered = world.gather((staged, problem))
+        outcome = None
+        if world.owner:
+            problems = [p for _, p in gathered if p is not None]
+            try:
+                if problems:
+                    raise RecordError(problems[0])
+                for files, _ in gathered[1:]:
+                    self._rec.adopt(files)
+                before()
+                if finish is None:
+                    self._rec.commit()
+                    self._rec.flush()
+                    outcome = (None, None)
+                else:
+                    outcome = (None, finish())
+            except Exception as e:
+                outcome = (f"{e}", None)
+        problem, manifest = world.broadcast(outcome)
+        if problem is not None:
+            self._pending = None
+            if self._rec is not None and self._rec.is_open:
+                self._rec.abandon(f"commit failed: {problem}")
+            self._close()
+            raise RecordError(
+                f"torch.distributed commit failed: {problem}; {self.run_dir} stays at its "
+                "last commit"
+            )
+        return manifest
 
     def finish(self, probes=None) -> dict:
         """Writes the final weights and, if given, the probes
@@ -1323,6 +1542,14 @@ class Tracer:
         self._flush_pending()
         if probes is not None:
             self.add_probes(*probes)
+        if self._world is not None:
+            final = self._unpack(self._weights()) if self._owner else None
+            manifest = self._commit_world(lambda: None,
+                                          finish=lambda: self._rec.finish(*final))
+            if not self._owner:
+                self._rec.abandon("finished")  # a worker's last files are staged
+            self._close()
+            return json.loads(manifest)
         manifest = self._rec.finish(*self._unpack(self._weights()))
         self._close()
         return json.loads(manifest)
@@ -1331,8 +1558,14 @@ class Tracer:
         """Stops recording: what is pending is committed and the run is marked
         aborted with ``reason``."""
         if self._rec is not None and not self._closed:
-            self._flush_pending()
-            self._rec.abort(reason)
+            if self._world is not None:
+                # No collective here (another rank may be gone): the run
+                # stays at its last commit, marked aborted by rank 0.
+                self._pending = None
+                self._rec.abandon(reason)
+            else:
+                self._flush_pending()
+                self._rec.abort(reason)
         self._close()
 
     def _close(self) -> None:
@@ -1363,14 +1596,25 @@ class Tracer:
         if self._closed:
             if self._rec is None:
                 raise RecordError(f"{self.run_dir}: no step was recorded")
+            if not self._owner:
+                raise InvalidInput(
+                    f"add_probes() after finish() on rank {self._world.rank}: probes are added "
+                    "to a finished distributed run by rank 0 alone"
+                )
             return add_probes(self.run_dir, self.model, inputs, labels, ids,
                               train=train, batch_size=batch_size, mask=mask)
         if self._rec is None:
             raise RecordError(f"{self.run_dir}: probes are added after the first step")
         self._flush_pending()
         labels = _ints(labels, np.int32, "labels")
+        if self._world is not None:
+            # Every rank saw other instances: ids above all of them.
+            self._max_id = self._world.max(self._max_id)
         if ids is None:
             ids = np.arange(self._max_id + 1, self._max_id + 1 + len(labels), dtype=np.int64)
+        if not self._owner:
+            # Rank 0 records the probes of a distributed run.
+            return [int(i) for i in _ints(ids, np.int64, "ids")]
         initial = {}
         for l in self._layers:
             w0 = self._w0[f"{l.name}.weight"]

@@ -1,5 +1,5 @@
 //! Runs of every older format version still open: `tests/data/v1-digits`
-//! to `v9-digits` (formats 1 to 9: a one-epoch digits run, layer fc3
+//! to `v10-digits` (formats 1 to 10: a one-epoch digits run, layer fc3
 //! traced, attributed for probes 1437 and 1500) are read, verified, queried
 //! and attributed again by this build.
 use reptrace_testkit::cli::Cli;
@@ -62,6 +62,11 @@ fn format_8_run_opens_verifies_queries_and_attributes() {
 #[test]
 fn format_9_run_opens_verifies_queries_and_attributes() {
     old_run_opens_verifies_queries_and_attributes(9);
+}
+
+#[test]
+fn format_10_run_opens_verifies_queries_and_attributes() {
+    old_run_opens_verifies_queries_and_attributes(10);
 }
 
 fn old_run_opens_verifies_queries_and_attributes(version: u32) {
@@ -127,6 +132,24 @@ fn old_run_opens_verifies_queries_and_attributes(version: u32) {
         out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap(),
         null_skipped
     );
+    // updates.rank (format 11) reads as null in every older run.
+    let updates: u64 = m
+        .files(reptrace_format::Table::Updates)
+        .iter()
+        .map(|f| f.rows)
+        .sum();
+    let out = cli().ok(&[
+        "sql",
+        r,
+        "SELECT count(*) FROM updates WHERE rank IS NULL",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap(),
+        updates
+    );
+    assert!(updates > 0);
     let shares = cli().ok(&[
         "query",
         r,

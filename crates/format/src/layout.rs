@@ -92,6 +92,16 @@ pub fn part_path(table: Table, layer: Option<&str>, seq: u64) -> String {
     format!("{}/part-{seq:06}.parquet", table_dir(table, layer))
 }
 
+/// Relative path of part `seq` of a table written by rank `rank` of a
+/// distributed run other than rank 0 (format 11): the ranks write side by
+/// side into one run, and rank 0's commit lists every rank's parts.
+pub fn rank_part_path(table: Table, layer: Option<&str>, seq: u64, rank: u32) -> String {
+    format!(
+        "{}/part-{seq:06}-rank{rank}.parquet",
+        table_dir(table, layer)
+    )
+}
+
 /// Relative path of part `seq` of the checkpoint probes of `layer`.
 pub fn checkpoint_probes_path(layer: &str, seq: u64) -> String {
     format!("{CHECKPOINTS}/probes/layer={layer}/part-{seq:06}.parquet")

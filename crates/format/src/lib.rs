@@ -84,7 +84,7 @@ pub const FORMAT_NAME: &str = "reptrace";
 ///
 /// Every change to a schema or to the manifest bumps it and adds a row to
 /// the version table in `docs/format.md`.
-pub const FORMAT_VERSION: u32 = 10;
+pub const FORMAT_VERSION: u32 = 11;
 
 /// The oldest format version this crate still reads (runs of every version
 /// from it to [`FORMAT_VERSION`] open; `tests/data/` keeps one of each).

@@ -113,6 +113,10 @@ pub mod col {
     /// then the bias (list of float32, in every run dtype; null for other
     /// optimizers).
     pub const PRECONDITIONER: &str = "preconditioner";
+    /// `updates`: the rank (`torch.distributed`) of the process that
+    /// computed and wrote the record (int32; null in single-process runs
+    /// and in runs of format 10 and older).
+    pub const RANK: &str = "rank";
 }
 
 /// The tables of a run.
@@ -234,6 +238,8 @@ pub fn schema(table: Table, dtype: Dtype) -> SchemaRef {
             Field::new(U, list_of(dtype.arrow()), false),
             Field::new(V, list_of(dtype.arrow()), false),
             Field::new(UPDATE_NORM, DataType::Float32, false),
+            // Null in single-process runs (format 11).
+            Field::new(RANK, DataType::Int32, true),
         ],
         Table::Probes => vec![
             Field::new(PROBE_ID, DataType::Int64, false),
@@ -310,6 +316,7 @@ pub fn column_since(table: Table, column: &str) -> u32 {
     match (table, column) {
         (Table::Steps, col::SKIPPED) => 7,
         (Table::LayerSteps, col::BETA1 | col::STEP_SIZE | col::PRECONDITIONER) => 10,
+        (Table::Updates, col::RANK) => 11,
         _ => 1,
     }
 }

@@ -170,10 +170,13 @@ impl PyRecorder {
     /// Creates the run directory `run_dir` (missing or empty) and its
     /// manifest. `model_json` and `optimizer_json` follow
     /// `schemas/manifest.schema.json`; `settings_json` is a JSON object of
-    /// free-form training settings.
+    /// free-form training settings. `run_id`: the run's id (default a new
+    /// UUID). `rank`: this process's rank in a distributed run (rank 0
+    /// creates the run and commits; any other rank writes its part files
+    /// into rank 0's run directory and stages them, see `stage`).
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}"))]
+    #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}", run_id=None, rank=None))]
     fn new(
         py: Python<'_>,
         run_dir: String,
@@ -183,6 +186,8 @@ impl PyRecorder {
         dtype: &str,
         mode: &str,
         settings_json: &str,
+        run_id: Option<String>,
+        rank: Option<u32>,
     ) -> PyResult<Self> {
         let model: Model = parse("model", model_json)?;
         let optimizer: Optimizer = parse("optimizer", optimizer_json)?;
@@ -205,6 +210,12 @@ impl PyRecorder {
         for (k, v) in settings {
             builder = builder.setting(k, v);
         }
+        if let Some(id) = run_id {
+            builder = builder.run_id(id);
+        }
+        if let Some(rank) = rank {
+            builder = builder.rank(rank);
+        }
         let inner = py.detach(|| builder.build()).map_err(error::record)?;
         Ok(Self {
             inner: Some(inner),
@@ -216,6 +227,40 @@ impl PyRecorder {
     #[getter]
     fn run_dir(&self) -> &str {
         &self.run_dir
+    }
+
+    /// The run id (in the manifest and every file).
+    #[getter]
+    fn run_id(&mut self) -> PyResult<String> {
+        Ok(self.rec()?.run_id().to_owned())
+    }
+
+    /// A rank other than 0 of a distributed run: makes its part files since
+    /// the last commit durable under their temporary names and returns
+    /// their manifest entries as a JSON list, for rank 0's `adopt`.
+    fn stage(&mut self, py: Python<'_>) -> PyResult<String> {
+        let rec = self.rec()?;
+        let files = py.detach(|| rec.stage()).map_err(error::record)?;
+        serde_json::to_string(&files).map_err(|e| error::invalid(format!("stage: {e}")))
+    }
+
+    /// Rank 0 of a distributed run: lists the files other ranks staged (a
+    /// JSON list of manifest file entries, as `stage` returns) in the next
+    /// commit.
+    fn adopt(&mut self, py: Python<'_>, files_json: &str) -> PyResult<()> {
+        let files: Vec<reptrace_format::FileEntry> = parse("adopt", files_json)?;
+        let rec = self.rec()?;
+        py.detach(|| rec.adopt(files)).map_err(error::record)
+    }
+
+    /// Ends recording without a commit: what is not committed (or staged)
+    /// is removed; rank 0 (or a single process) marks the run aborted with
+    /// `reason`, keeping its commits. The recorder is closed afterwards.
+    fn abandon(&mut self, py: Python<'_>, reason: String) -> PyResult<()> {
+        let rec = self.rec()?;
+        py.detach(|| rec.abandon(reason)).map_err(error::record)?;
+        self.inner = None;
+        Ok(())
     }
 
     /// The training instances: ids, labels and splits (`"train"`/`"test"`).

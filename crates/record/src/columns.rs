@@ -236,7 +236,9 @@ pub(crate) fn examples(rows: ExampleRowsOwned) -> Result<RecordBatch> {
 }
 
 /// `updates` rows of one layer; computes `update_norm` when not given.
-pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
+/// `updates` rows of one step and layer; `rank`: the writer's rank in a
+/// distributed run (column `rank`, null otherwise).
+pub(crate) fn updates(rows: UpdateRows, dtype: Dtype, rank: Option<i32>) -> Result<RecordBatch> {
     let n = rows.ids.len();
     let norms = match rows.norms {
         Some(norms) => norms,
@@ -281,6 +283,7 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype) -> Result<RecordBatch> {
             u,
             v,
             Arc::new(Float32Array::from(norms)),
+            Arc::new(Int32Array::from(vec![rank; n])),
         ],
     )
 }

@@ -133,6 +133,28 @@ pub enum Error {
         /// The writer thread's error, as text.
         reason: String,
     },
+    /// A call that the recorder's rank in a distributed run does not make:
+    /// ranks other than 0 write `updates`, `examples` and `batches` only
+    /// and stage them for rank 0's commit; rank 0 alone commits.
+    #[error("rank {rank}: {call} {why}")]
+    Rank {
+        /// The recorder's rank.
+        rank: u32,
+        /// The call, e.g. `commit()`.
+        call: &'static str,
+        /// Who makes it instead.
+        why: &'static str,
+    },
+    /// A part file another rank staged for this commit is not in the run
+    /// directory as this process sees it.
+    #[error(
+        "{path}: staged by another rank but not found in the run directory: every rank must write \
+         the run on one shared file system"
+    )]
+    Unshared {
+        /// The file, under the run directory.
+        path: PathBuf,
+    },
     /// `finish()` or `abort()` was already called.
     #[error("recorder is closed: {0} was already called")]
     Closed(&'static str),

@@ -274,7 +274,7 @@ mod tests {
                 .path()
                 .join("updates/layer=fc1/.part-000007.parquet.tmp");
             assert!(temp.is_file(), "writes to the temporary name first");
-            w.write(&crate::columns::updates(rows(50), dtype).unwrap())
+            w.write(&crate::columns::updates(rows(50), dtype, None).unwrap())
                 .unwrap();
             let (entry, staged) = w.finish().unwrap();
             assert_eq!(
@@ -350,7 +350,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..writes {
-            w.write(&crate::columns::updates(rows(rows_each), Dtype::F32).unwrap())
+            w.write(&crate::columns::updates(rows(rows_each), Dtype::F32, None).unwrap())
                 .unwrap();
         }
         let (_, path) = w.finish().unwrap();

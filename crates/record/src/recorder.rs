@@ -12,11 +12,11 @@ use crate::batch::{
     UpdateBatchOwned, UpdateRows, check_len, fixed_positions, per_position_rows,
 };
 use crate::part::{ParquetOptions, properties};
-use crate::writer::{Msg, Shared, Snapshot, Writer, now, usable_run_dir};
+use crate::writer::{Msg, Role, Shared, Snapshot, Writer, now, usable_run_dir};
 use crate::{Error, Result, durable};
 use reptrace_format::{
-    Dtype, Lens, Manifest, Mode, Model, Module, Optimizer, Split, Status, Table, TracedLayer,
-    layout,
+    Dtype, FileEntry, Lens, Manifest, Mode, Model, Module, Optimizer, Split, Status, Table,
+    TracedLayer, layout,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,7 @@ pub struct RecorderBuilder {
     queue_depth: usize,
     parquet: ParquetOptions,
     run_id: Option<String>,
+    role: Role,
 }
 
 impl RecorderBuilder {
@@ -106,13 +107,36 @@ impl RecorderBuilder {
         self
     }
 
+    /// Records rank `rank` of a distributed run (`torch.distributed`;
+    /// format 11) into the one run directory every rank shares. Rank 0 is
+    /// the owner: it creates the run, holds its lock, writes every table
+    /// and the manifest, and lists in each commit the part files the other
+    /// ranks staged ([`Recorder::adopt`]). Any other rank is a worker: it
+    /// writes `updates`, `examples` and `batches` part files under names of
+    /// its own into the existing run directory, takes no lock, never writes
+    /// the manifest, and at each commit point hands its files over with
+    /// [`Recorder::stage`]. Every rank's records carry its rank (column
+    /// `updates.rank`; null without this setting). Give every rank the run
+    /// id of rank 0 ([`RecorderBuilder::run_id`]).
+    pub fn rank(mut self, rank: u32) -> Self {
+        self.role = if rank == 0 {
+            Role::Owner { rank: Some(0) }
+        } else {
+            Role::Worker { rank }
+        };
+        self
+    }
+
     /// Creates the run directory, takes its lock (`<run>/.lock`, held until
     /// `finish`, `abort` or drop, and by the system until the process ends),
     /// writes the first manifest (status `recording`, no commits) and starts
     /// the writer thread.
-    pub fn build(self) -> Result<Recorder> {
-        let model = self.model.ok_or(Error::Missing { what: "model" })?;
-        let optimizer = self.optimizer.ok_or(Error::Missing { what: "optimizer" })?;
+    pub fn build(mut self) -> Result<Recorder> {
+        let model = self.model.take().ok_or(Error::Missing { what: "model" })?;
+        let optimizer = self
+            .optimizer
+            .take()
+            .ok_or(Error::Missing { what: "optimizer" })?;
         for (setting, value) in [
             ("queue_depth", self.queue_depth),
             ("row_group_rows", self.parquet.row_group_rows),
@@ -128,11 +152,15 @@ impl RecorderBuilder {
         }
         let run_id = self
             .run_id
+            .take()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Checks the zstd level now rather than at the first write.
         properties(&self.parquet, &run_id, Table::Steps, None)?;
         let layers = layer_infos(&model, self.mode)?;
         let weight_shapes = weight_shapes(&model);
+        if let Role::Worker { rank } = self.role {
+            return self.build_worker(rank, run_id, model, optimizer, layers, weight_shapes);
+        }
 
         if !usable_run_dir(&self.dir)? {
             return Err(Error::NotEmpty { path: self.dir });
@@ -178,6 +206,7 @@ impl RecorderBuilder {
             self.parquet,
             layers.iter().map(|l| l.name.clone()).collect(),
             Arc::clone(&shared),
+            self.role,
         );
         let thread = std::thread::Builder::new()
             .name("reptrace-writer".into())
@@ -201,6 +230,74 @@ impl RecorderBuilder {
             closed: None,
             failed: None,
             lock,
+            role: self.role,
+        })
+    }
+
+    /// A worker of a distributed run: the run directory is rank 0's (it
+    /// must exist); no lock, no manifest on disk (the writer keeps one in
+    /// memory for the run id, mode and dtype of its files).
+    fn build_worker(
+        self,
+        rank: u32,
+        run_id: String,
+        model: Model,
+        optimizer: Optimizer,
+        layers: Vec<LayerInfo>,
+        weight_shapes: HashMap<String, Vec<usize>>,
+    ) -> Result<Recorder> {
+        if !self.dir.is_dir() {
+            return Err(Error::Invalid {
+                context: format!("{}", self.dir.display()),
+                message: format!(
+                    "rank {rank} found no run directory: rank 0 creates it, on a file system \
+                     every rank shares"
+                ),
+            });
+        }
+        let manifest = Manifest::new(
+            run_id.clone(),
+            self.mode,
+            self.dtype,
+            model,
+            optimizer,
+            self.classes,
+            now(),
+        );
+        let n_classes = manifest.classes.len();
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::sync_channel(self.queue_depth);
+        let writer = Writer::new(
+            self.dir.clone(),
+            manifest,
+            self.parquet,
+            layers.iter().map(|l| l.name.clone()).collect(),
+            Arc::clone(&shared),
+            self.role,
+        );
+        let thread = std::thread::Builder::new()
+            .name("reptrace-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::io(&self.dir, e))?;
+        Ok(Recorder {
+            run: self.dir,
+            run_id,
+            tx: Some(tx),
+            thread: Some(thread),
+            shared,
+            layers,
+            weight_shapes,
+            n_classes,
+            mode: self.mode,
+            dtype: self.dtype,
+            last_step: None,
+            last_step_row: None,
+            pending_weights: None,
+            weight_paths: HashSet::new(),
+            closed: None,
+            failed: None,
+            lock: None,
+            role: self.role,
         })
     }
 }
@@ -342,6 +439,8 @@ pub struct Recorder {
     /// written its last manifest (`finish`, `abort`, drop); the system
     /// releases it when the process dies.
     lock: Option<std::fs::File>,
+    /// The owner of the run, or a worker of a distributed one.
+    role: Role,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -370,6 +469,92 @@ impl Recorder {
             queue_depth: 64,
             parquet: ParquetOptions::default(),
             run_id: None,
+            role: Role::Owner { rank: None },
+        }
+    }
+
+    /// The rank given to [`RecorderBuilder::rank`], if any.
+    pub fn rank(&self) -> Option<u32> {
+        match self.role {
+            Role::Owner { rank } => rank,
+            Role::Worker { rank } => Some(rank),
+        }
+    }
+
+    /// Refuses a call that only the owner (rank 0) makes.
+    fn owner_only(&self, call: &'static str) -> Result<()> {
+        match self.role.worker() {
+            Some(rank) => Err(Error::Rank {
+                rank,
+                call,
+                why: "is rank 0's job: the other ranks write updates, examples and batches, \
+                      and stage them for rank 0's commit",
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A worker of a distributed run ([`RecorderBuilder::rank`] > 0): at a
+    /// commit point, makes every part file it wrote since the last one
+    /// durable (footer, fsync, directory fsync) under its temporary name,
+    /// and returns their manifest entries, for rank 0 to [`adopt`]
+    /// into its commit. Until a manifest lists them readers do not see
+    /// them; the owner's commit publishes them under their final names.
+    ///
+    /// [`adopt`]: Recorder::adopt
+    pub fn stage(&mut self) -> Result<Vec<FileEntry>> {
+        self.check_open()?;
+        if self.role.worker().is_none() {
+            return Err(Error::Invalid {
+                context: "stage()".into(),
+                message: "only a recorder of a rank other than 0 stages its files; rank 0 \
+                          commits"
+                    .into(),
+            });
+        }
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Stage(reply_tx))?;
+        match reply_rx.recv() {
+            Ok(files) => Ok(files),
+            Err(_) => Err(self.writer_error()),
+        }
+    }
+
+    /// Rank 0 of a distributed run: lists `files`, staged by the other
+    /// ranks ([`Recorder::stage`]), in the next commit. Each must be a part
+    /// file of a table inside the run, present in the run directory as this
+    /// process sees it (a run on file systems the ranks do not share is
+    /// refused at the commit, naming the file).
+    pub fn adopt(&mut self, files: Vec<FileEntry>) -> Result<()> {
+        self.check_open()?;
+        self.owner_only("adopt()")?;
+        if files.is_empty() {
+            return Ok(());
+        }
+        self.send(Msg::Adopt(files))
+    }
+
+    /// Ends recording without another commit: what is not committed (or,
+    /// on a worker, staged) is removed; the owner marks the run aborted
+    /// with `reason`, keeping its commits. In a distributed run this is how
+    /// a rank stops when another has failed: the run stays at its last
+    /// commit, which every rank's files of it are part of. A worker ends
+    /// this way after its last [`Recorder::stage`] too.
+    pub fn abandon(&mut self, reason: impl Into<String>) -> Result<()> {
+        self.check_open()?;
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Abandon {
+            reason: reason.into(),
+            reply: reply_tx,
+        })?;
+        let reply = reply_rx.recv();
+        self.closed = Some("abandon()");
+        self.tx = None;
+        self.join();
+        self.lock = None;
+        match reply {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.writer_error()),
         }
     }
 
@@ -386,6 +571,7 @@ impl Recorder {
     /// Adds rows to the `instances` table.
     pub fn instances(&mut self, ids: &[i64], labels: &[i32], splits: &[Split]) -> Result<()> {
         self.check_open()?;
+        self.owner_only("instances()")?;
         let ctx = || "instances".to_owned();
         check_len(ctx, "labels", ids.len(), labels.len())?;
         check_len(ctx, "splits", ids.len(), splits.len())?;
@@ -404,6 +590,7 @@ impl Recorder {
     /// (`initial` before the first step, `step-<last step>` after).
     pub fn weights(&mut self, tensors: &[NamedTensor<'_>]) -> Result<()> {
         self.check_open()?;
+        self.owner_only("weights()")?;
         self.pending_weights = Some(self.own_weights(tensors)?);
         Ok(())
     }
@@ -412,6 +599,7 @@ impl Recorder {
     /// since the last commit, become durable and listed in the manifest.
     pub fn commit(&mut self) -> Result<()> {
         self.check_open()?;
+        self.owner_only("commit()")?;
         let weights = self.take_pending_snapshot()?;
         self.send(Msg::Commit {
             step: self.last_step,
@@ -422,6 +610,7 @@ impl Recorder {
     /// Adds one row to the `steps` table. Steps must be strictly increasing.
     pub fn step(&mut self, row: StepRow) -> Result<()> {
         self.check_open()?;
+        self.owner_only("step()")?;
         if row.step < 0 {
             return Err(Error::Invalid {
                 context: "steps".into(),
@@ -447,6 +636,7 @@ impl Recorder {
     /// and its values finite; the precision is `f32`, `bf16` or `f16`.
     pub fn layer_steps(&mut self, rows: Vec<LayerStepRow>) -> Result<()> {
         self.check_open()?;
+        self.owner_only("layer_steps()")?;
         for r in &rows {
             let ctx = format!("layer_steps of step {} for layer {:?}", r.step, r.layer);
             self.layer_index(&r.layer)?;
@@ -636,6 +826,10 @@ impl Recorder {
             Some((first, rest)) if rest.iter().all(|l| l == first) => Some(*first),
             _ => None,
         };
+        if !batch.deltas.is_empty() {
+            // The whole update is the same on every rank: rank 0 records it.
+            self.owner_only("batch_step() with deltas")?;
+        }
         let mut rows = Vec::with_capacity(batch.deltas.len());
         for (layer, delta) in batch.deltas {
             let li = self.layer_index(layer)?;
@@ -695,6 +889,7 @@ impl Recorder {
 
     fn send_probes(&mut self, layer: &str, batch: ProbeBatch<'_>, checkpoint: bool) -> Result<()> {
         self.check_open()?;
+        self.owner_only("probes()")?;
         let li = self.layer_index(layer)?;
         let rows = batch.checked_rows(layer, self.layers[li].probe_shape, self.n_classes)?;
         if rows.probe_ids.is_empty() {
@@ -725,6 +920,7 @@ impl Recorder {
     /// committed first, as their own snapshot.
     pub fn finish(&mut self, final_weights: &[NamedTensor<'_>]) -> Result<Manifest> {
         self.check_open()?;
+        self.owner_only("finish()")?;
         let tensors = self.own_weights(final_weights)?;
         if self.pending_weights.is_some() {
             self.commit()?;
@@ -741,6 +937,7 @@ impl Recorder {
     /// `aborted` and `reason` is kept in the manifest.
     pub fn abort(&mut self, reason: impl Into<String>) -> Result<Manifest> {
         self.check_open()?;
+        self.owner_only("abort()")?;
         let weights = self.take_pending_snapshot()?;
         self.close("abort()", Status::Aborted, Some(reason.into()), weights)
     }

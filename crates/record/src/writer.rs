@@ -7,6 +7,15 @@
 //! snapshot, and then replaces the manifest. If anything fails, the thread
 //! removes its uncommitted files, marks the run aborted (committed data is
 //! kept as it was) and stops; the caller sees the error on its next call.
+//!
+//! In a distributed run ([`Role`]) the writer of rank 0 (the owner) works as
+//! above and also lists in its next commit the part files the other ranks
+//! staged ([`Msg::Adopt`]); the writer of another rank (a worker) writes
+//! part files under rank-suffixed names and, at each commit point, makes
+//! them durable under their temporary names and hands back their manifest
+//! entries ([`Msg::Stage`]) instead of committing: it never writes the
+//! manifest. Rank 0's commit renames every listed file, its own and the
+//! workers', once the manifest that lists them is durable.
 use crate::batch::{
     BatchRows, ExampleRowsOwned, InstanceRows, LayerStepRow, OwnedTensor, ProbeRows, StepRow,
     StepRowsOwned, UpdateRows,
@@ -15,7 +24,7 @@ use crate::part::{ParquetOptions, PartWriter, properties};
 use crate::{Error, Result, columns, durable, weights};
 use arrow_array::RecordBatch;
 use reptrace_format::{
-    Commit, Dtype, FORMAT_VERSION, Manifest, Status, Step, Table, layout, schema,
+    Commit, Dtype, FORMAT_VERSION, FileEntry, Manifest, Status, Step, Table, layout, schema,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -62,6 +71,17 @@ pub(crate) enum Msg {
         weights: Option<Snapshot>,
     },
     Flush(SyncSender<()>),
+    /// Owner: list these files, staged by other ranks, in the next commit.
+    Adopt(Vec<FileEntry>),
+    /// Worker: make the part files so far durable under their temporary
+    /// names and reply with their manifest entries.
+    Stage(SyncSender<Vec<FileEntry>>),
+    /// End without a commit: remove what is not committed (or staged); the
+    /// owner marks the run aborted with `reason`.
+    Abandon {
+        reason: String,
+        reply: SyncSender<()>,
+    },
     /// Last message of `finish()`/`abort()`: commit what is pending (always
     /// for `Complete`, when anything is pending for `Aborted`), set the
     /// status and reply with the final manifest.
@@ -106,6 +126,35 @@ impl Shared {
     }
 }
 
+/// Which process of a run a writer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Writes the manifest: the one process of a run, or rank 0 of a
+    /// distributed one (`rank` `Some(0)`).
+    Owner { rank: Option<u32> },
+    /// Rank `rank` > 0 of a distributed run: part files only, staged for
+    /// the owner's commit.
+    Worker { rank: u32 },
+}
+
+impl Role {
+    /// The `updates.rank` value of the writer's records.
+    pub(crate) fn column(self) -> Option<i32> {
+        let rank = match self {
+            Role::Owner { rank } => rank?,
+            Role::Worker { rank } => rank,
+        };
+        Some(i32::try_from(rank).unwrap_or(i32::MAX))
+    }
+
+    pub(crate) fn worker(self) -> Option<u32> {
+        match self {
+            Role::Worker { rank } => Some(rank),
+            Role::Owner { .. } => None,
+        }
+    }
+}
+
 /// Key of an open part: table, traced-layer index and whether it holds
 /// checkpoint probes.
 type PartKey = (Table, Option<usize>, bool);
@@ -126,6 +175,12 @@ pub(crate) struct Writer {
     layer_steps: Vec<LayerStepRow>,
     examples: ExampleRowsOwned,
     shared: Arc<Shared>,
+    role: Role,
+    /// Owner: files staged by other ranks for the next commit.
+    adopted: Vec<FileEntry>,
+    /// Worker: the number in the names of its next parts (1, 2, …: commit 0
+    /// of a run is the owner's, with the instances and initial weights).
+    stage_seq: u64,
 }
 
 /// Whether the loop goes on after a message.
@@ -141,6 +196,7 @@ impl Writer {
         options: ParquetOptions,
         layers: Vec<String>,
         shared: Arc<Shared>,
+        role: Role,
     ) -> Self {
         let dtype = manifest.dtype;
         Self {
@@ -154,6 +210,9 @@ impl Writer {
             layer_steps: Vec::new(),
             examples: ExampleRowsOwned::default(),
             shared,
+            role,
+            adopted: Vec::new(),
+            stage_seq: 1,
         }
     }
 
@@ -245,7 +304,7 @@ impl Writer {
             }
             Msg::Updates { layer, rows } => {
                 if !rows.ids.is_empty() {
-                    let batch = columns::updates(rows, self.dtype)?;
+                    let batch = columns::updates(rows, self.dtype, self.role.column())?;
                     self.write(Table::Updates, Some(layer), &batch)?;
                 }
             }
@@ -263,11 +322,28 @@ impl Writer {
             Msg::Flush(ack) => {
                 let _ = ack.send(());
             }
+            Msg::Adopt(files) => self.adopt(files)?,
+            Msg::Stage(reply) => {
+                let files = self.stage()?;
+                let _ = reply.send(files);
+            }
+            Msg::Abandon { reason, reply } => {
+                self.discard();
+                if self.role.worker().is_none() {
+                    self.manifest.status = Status::Aborted;
+                    self.manifest.abort_reason = Some(reason);
+                    self.write_manifest()?;
+                }
+                let _ = reply.send(());
+                return Ok(Flow::Stop);
+            }
             Msg::Drop => {
                 self.discard();
-                self.manifest.status = Status::Aborted;
-                self.manifest.abort_reason = Some(DROPPED_REASON.to_owned());
-                self.write_manifest()?;
+                if self.role.worker().is_none() {
+                    self.manifest.status = Status::Aborted;
+                    self.manifest.abort_reason = Some(DROPPED_REASON.to_owned());
+                    self.write_manifest()?;
+                }
                 return Ok(Flow::Stop);
             }
             Msg::Close { .. } => {} // handled in `run`
@@ -285,8 +361,9 @@ impl Writer {
             let name = layer.and_then(|i| self.layers.get(i)).map(String::as_str);
             let props = properties(&self.options, &self.manifest.run_id, table, name)?;
             let seq = self.manifest.commits.len() as u64;
-            let rel = match (checkpoint, name) {
-                (true, Some(l)) => layout::checkpoint_probes_path(l, seq),
+            let rel = match (checkpoint, name, self.role.worker()) {
+                (_, _, Some(rank)) => layout::rank_part_path(table, name, self.stage_seq, rank),
+                (true, Some(l), None) => layout::checkpoint_probes_path(l, seq),
                 _ => layout::part_path(table, name, seq),
             };
             let part = PartWriter::create_at(
@@ -339,6 +416,64 @@ impl Writer {
             || self.steps.len() > 0
             || !self.layer_steps.is_empty()
             || self.examples.len() > 0
+    }
+
+    /// Owner: checks that the files another rank staged are in the run
+    /// directory (under their temporary or final names) and keeps them for
+    /// the next commit.
+    fn adopt(&mut self, files: Vec<FileEntry>) -> Result<()> {
+        for f in &files {
+            let table: Table = f.table.parse()?;
+            let rel = std::path::Path::new(&f.path);
+            let inside = rel.is_relative()
+                && rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+                && f.path.starts_with(&format!("{}/", table.name()));
+            if !inside {
+                return Err(Error::Invalid {
+                    context: format!("adopted file {:?}", f.path),
+                    message: format!("not a part file of table {table} inside the run"),
+                });
+            }
+            let path = self.run.join(&f.path);
+            if !(layout::temp_path(&path).is_file() || path.is_file()) {
+                return Err(Error::Unshared { path });
+            }
+        }
+        self.adopted.extend(files);
+        Ok(())
+    }
+
+    /// Worker: finishes the open parts (footer, fsync, directory fsync),
+    /// leaving them under their temporary names for the owner's commit to
+    /// publish, and returns their manifest entries.
+    fn stage(&mut self) -> Result<Vec<FileEntry>> {
+        self.flush_examples()?;
+        let mut files = Vec::new();
+        let mut dirs = BTreeSet::new();
+        let mut parts = std::mem::take(&mut self.parts).into_iter();
+        for (_, part) in parts.by_ref() {
+            match part.finish() {
+                Ok((entry, temp)) => {
+                    if let Some(d) = temp.parent() {
+                        dirs.insert(d.to_path_buf());
+                    }
+                    files.push(entry);
+                }
+                Err(e) => {
+                    for (_, part) in parts {
+                        part.discard();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for d in &dirs {
+            durable::sync_dir(d)?;
+        }
+        self.stage_seq += 1;
+        Ok(files)
     }
 
     /// Makes the pending parts and an optional weights snapshot durable and
@@ -409,6 +544,14 @@ impl Writer {
             }
             undo(staged, weights_written);
             return Err(e);
+        }
+        // The files of the other ranks, durable under their temporary names
+        // (their directories fsynced by the rank that wrote them).
+        for f in std::mem::take(&mut self.adopted) {
+            if let Some(d) = self.run.join(&f.path).parent() {
+                dirs.insert(d.to_path_buf());
+            }
+            files.push(f);
         }
         self.manifest.commits.push(Commit {
             seq,
@@ -528,10 +671,15 @@ impl Writer {
         self.examples = ExampleRowsOwned::default();
     }
 
-    /// Cleans up after an error and marks the run aborted with the error.
+    /// Cleans up after an error and marks the run aborted with the error
+    /// (a worker only cleans up: the owner keeps the manifest).
     fn fail(&mut self, e: Error) {
         tracing::error!("recorder: {e}");
         self.discard();
+        if self.role.worker().is_some() {
+            self.shared.set_error(e);
+            return;
+        }
         self.manifest.status = Status::Aborted;
         self.manifest.abort_reason = Some(format!("recorder error: {e}"));
         if let Err(e2) = self.write_manifest() {

@@ -1787,3 +1787,166 @@ fn embedding_records_must_hold_token_ids() {
     let rows: u64 = m.files(Table::Updates).iter().map(|f| f.rows).sum();
     assert_eq!(rows, 1, "only the good record is written");
 }
+
+// ------------------------------------------------ distributed runs (format 11)
+
+/// The `rank` column of every committed `updates` file of layer fc1.
+fn ranks(run: &Path, m: &Manifest) -> Vec<Option<i32>> {
+    read_table(run, m, Table::Updates, Some("fc1"))
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column_by_name("rank")
+                .unwrap()
+                .as_primitive::<Int32Type>();
+            (0..c.len())
+                .map(|i| c.is_valid(i).then(|| c.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Rank 0 owns the run; rank 1 writes its records beside it, stages them,
+/// and rank 0's commit lists and publishes them: every record carries its
+/// rank, and nothing of rank 1 is visible before the commit that lists it.
+#[test]
+fn ranks_write_one_run_and_rank_0_commits_every_ranks_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let mut owner = tiny_builder(&run).rank(0).build().unwrap();
+    // A worker finds the run directory rank 0 made, and takes its run id.
+    let mut worker = tiny_builder(&run)
+        .rank(1)
+        .run_id(owner.run_id())
+        .build()
+        .unwrap();
+    assert_eq!(worker.rank(), Some(1));
+    owner.commit().unwrap();
+    for t in 0..2 {
+        owner.step(step_row(t, 0, 0.5, 4, 1.0)).unwrap();
+        owner
+            .updates("fc1", updates(t, 0, &[0, 1], &[0, 1], &[1.0; 6], &[0.5; 4]))
+            .unwrap();
+        worker
+            .updates(
+                "fc1",
+                updates(t, 0, &[2, 3], &[1, 0], &[2.0; 6], &[0.25; 4]),
+            )
+            .unwrap();
+    }
+    // Only rank 0 commits; a worker's rows go into its staged files.
+    refused(worker.commit(), &["rank 1", "commit()", "rank 0's job"]);
+    refused(
+        worker.step(step_row(2, 0, 0.5, 4, 1.0)),
+        &["rank 1", "step()"],
+    );
+    refused(owner.stage(), &["only a recorder of a rank other than 0"]);
+    let staged = worker.stage().unwrap();
+    assert_eq!(staged.len(), 1);
+    assert_eq!(
+        staged[0].path,
+        "updates/layer=fc1/part-000001-rank1.parquet"
+    );
+    assert_eq!(staged[0].rows, 4);
+    let path = run.join(&staged[0].path);
+    assert!(!path.exists() && layout::temp_path(&path).exists());
+    // Not yet listed: readers of the manifest do not see it.
+    assert_eq!(Manifest::load(&run).unwrap().commits.len(), 1);
+    owner.adopt(staged).unwrap();
+    owner.commit().unwrap();
+    owner.flush().unwrap();
+    assert!(path.exists(), "published by rank 0's commit");
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(m.commits.len(), 2);
+    assert_eq!(
+        m.commits[1].files.len(),
+        3,
+        "steps, rank 0's and rank 1's updates"
+    );
+    let mut got = ranks(&run, &m);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(1),
+            Some(1),
+            Some(1),
+            Some(1)
+        ]
+    );
+    // Files keep the run's id in their metadata (verify checks it).
+    let ids = i64s(
+        &read_table(&run, &m, Table::Updates, Some("fc1")),
+        "instance_id",
+    );
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(ids, [0, 0, 1, 1, 2, 2, 3, 3]);
+
+    // A rank that dies before staging leaves the run at the last commit:
+    // its next records never reach a manifest.
+    worker
+        .updates(
+            "fc1",
+            updates(2, 0, &[2, 3], &[1, 0], &[2.0; 6], &[0.25; 4]),
+        )
+        .unwrap();
+    worker.flush().unwrap();
+    drop(worker);
+    assert!(
+        !run.join("updates/layer=fc1/.part-000002-rank1.parquet.tmp")
+            .exists()
+    );
+    owner.step(step_row(2, 0, 0.5, 4, 1.0)).unwrap();
+    owner.abandon("rank 1 stopped").unwrap();
+    let end = Manifest::load(&run).unwrap();
+    assert_eq!(end.status, Status::Aborted);
+    assert_eq!(end.abort_reason.as_deref(), Some("rank 1 stopped"));
+    assert_eq!(end.commits, m.commits, "nothing after the last commit");
+    assert!(!run.join("steps/.part-000002.parquet.tmp").exists());
+}
+
+/// A single-process run's records have a null rank; a file staged on a
+/// file system rank 0 does not see is refused, naming it.
+#[test]
+fn single_process_records_have_no_rank_and_unshared_files_are_refused() {
+    let (_dir, run, mut rec) = tiny_run();
+    rec.commit().unwrap();
+    step_with_updates(&mut rec, 0);
+    rec.commit().unwrap();
+    rec.flush().unwrap();
+    let m = Manifest::load(&run).unwrap();
+    assert_eq!(ranks(&run, &m), [None, None]);
+
+    let (_dir2, run2, mut owner) = tiny_run();
+    let elsewhere = reptrace_format::FileEntry {
+        path: "updates/layer=fc1/part-000001-rank1.parquet".into(),
+        table: "updates".into(),
+        layer: Some("fc1".into()),
+        rows: 2,
+        bytes: 100,
+    };
+    owner.adopt(vec![elsewhere.clone()]).unwrap();
+    let e = refused(
+        owner.flush(),
+        &["part-000001-rank1.parquet", "shared file system"],
+    );
+    assert!(!e.contains('\n'), "{e}");
+    let m = Manifest::load(&run2).unwrap();
+    assert_eq!(m.status, Status::Aborted);
+    // Paths outside the run's tables are refused too.
+    let (_dir3, _, mut owner) = tiny_run();
+    let outside = reptrace_format::FileEntry {
+        path: "../x/part-1.parquet".into(),
+        ..elsewhere
+    };
+    owner.adopt(vec![outside]).unwrap();
+    refused(
+        owner.flush(),
+        &["not a part file of table updates inside the run"],
+    );
+}
