@@ -38,6 +38,8 @@
 #                           with its per-step gradient check / without it
 #  12  Spark                scripts/bench/spark.py: contributions on Spark
 #                           local[2] / DataFusion, records × probes per second
+#  13  DDP                  scripts/bench/torch_ddp.py: 2 CPU processes under
+#                           torchrun (gloo), traced / untraced
 #  11  a transformer        scripts/bench/torch_transformer.py: the test
 #                           transformer traced / untraced, f32 and f16, and
 #                           its bytes on disk per example-step
@@ -202,6 +204,9 @@ PYTHONPATH="$out/py" $py scripts/bench/torch_transformer.py \
 step "12 Spark: contributions on Spark local[2] beside DataFusion ($torch_repeats repeats)"
 PYTHONPATH="$out/py" $py scripts/bench/spark.py --bin "$bin" --epochs "$((epochs * 10))" \
   --probes 359 --repeats "$torch_repeats" | tee "$logs/spark.log"
+
+step "13 DDP: PyTorch traced / untraced on 2 CPU processes ($torch_repeats repeats)"
+PYTHONPATH="$out/py" $py scripts/bench/torch_ddp.py --repeats "$torch_repeats" | tee "$logs/ddp.log"
 
 step "summary ($(($(date +%s) - start)) s of benchmarks)"
 $py scripts/bench/summary.py table "$logs"/*.log --md "$out/table.md"

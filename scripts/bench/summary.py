@@ -379,6 +379,17 @@ def _later_rows(b, add, missing):
             f"digits MLP, {sp['records']} records × {sp['probes']} probes")
 
 
+    # 13. recording under DDP, 2 CPU processes (issue 34): reported beside
+    # row 6 (whose goal is the one-process tracer's).
+    for r in b["torch_ddp"]:
+        x = float(r["ratio"])
+        add("13 DDP traced/untraced", fmt_ratio(x), "report", True,
+            f"traced/untraced time, reptrace.Tracer under DistributedDataParallel (gloo), "
+            f"{r['world']} CPU processes, MLP 784-256-10, 64 examples per rank, {r['steps']} steps, "
+            f"untraced {float(r['untraced_ms_per_step']):.2f} ms/step, traced "
+            f"{float(r['traced_ms_per_step']):.2f}, finish() included; median of {r['repeats']}")
+
+
 def parse_size_kb(text):
     """`512MiB`, `1GiB`, `600MB` in KiB (the units of ru_maxrss)."""
     units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
