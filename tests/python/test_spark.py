@@ -210,6 +210,15 @@ def test_a_cancelled_job_leaves_the_run_unchanged(run, tmp_path, spark):
     assert left == [], left
 
 
+def copy_with(run, to, **manifest):
+    """A copy of `run` at `to` whose manifest has these fields changed."""
+    shutil.copytree(run, to)
+    m = json.loads((to / "manifest.json").read_text())
+    m.update(manifest)
+    (to / "manifest.json").write_text(json.dumps(m))
+    return to
+
+
 def test_bad_input_is_one_line(run, tmp_path, spark):
     from reptrace import spark as rs
 
@@ -217,20 +226,11 @@ def test_bad_input_is_one_line(run, tmp_path, spark):
         rs.contributions(spark, run, [1437, 999999])
     assert "999999" in str(e.value) and "\n" not in str(e.value)
     # A float16 run: Spark cannot read its updates.
-    f16 = tmp_path / "f16"
-    shutil.copytree(run, f16)
-    m = json.loads((f16 / "manifest.json").read_text())
-    m["dtype"] = "f16"
-    (f16 / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(reptrace.InvalidInput) as e:
-        rs.contributions(spark, f16, PROBES)
+        rs.contributions(spark, copy_with(run, tmp_path / "f16", dtype="f16"), PROBES)
     assert "float16" in str(e.value) and "\n" not in str(e.value)
     # A run whose recorder is alive.
-    live = tmp_path / "live"
-    shutil.copytree(run, live)
-    m = json.loads((live / "manifest.json").read_text())
-    m["status"] = "recording"
-    (live / "manifest.json").write_text(json.dumps(m))
+    live = copy_with(run, tmp_path / "live", status="recording")
     import fcntl
 
     with open(live / ".lock", "a") as lock:

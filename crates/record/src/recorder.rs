@@ -187,51 +187,16 @@ impl RecorderBuilder {
             self.dtype,
             model,
             optimizer,
-            self.classes,
+            self.classes.clone(),
             now(),
         );
-        manifest.settings = self.settings;
+        manifest.settings = self.settings.clone();
         durable::write_atomic(
             &layout::manifest_path(&self.dir),
             manifest.to_json().as_bytes(),
         )?;
 
-        let n_classes = manifest.classes.len();
-        let manifest_mode = manifest.mode;
-        let shared = Arc::new(Shared::default());
-        let (tx, rx) = mpsc::sync_channel(self.queue_depth);
-        let writer = Writer::new(
-            self.dir.clone(),
-            manifest,
-            self.parquet,
-            layers.iter().map(|l| l.name.clone()).collect(),
-            Arc::clone(&shared),
-            self.role,
-        );
-        let thread = std::thread::Builder::new()
-            .name("reptrace-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| Error::io(&self.dir, e))?;
-        Ok(Recorder {
-            run: self.dir,
-            run_id,
-            tx: Some(tx),
-            thread: Some(thread),
-            shared,
-            layers,
-            weight_shapes,
-            n_classes,
-            mode: manifest_mode,
-            dtype: self.dtype,
-            last_step: None,
-            last_step_row: None,
-            pending_weights: None,
-            weight_paths: HashSet::new(),
-            closed: None,
-            failed: None,
-            lock,
-            role: self.role,
-        })
+        self.start(manifest, run_id, layers, weight_shapes, lock)
     }
 
     /// A worker of a distributed run: the run directory is rank 0's (it
@@ -261,10 +226,24 @@ impl RecorderBuilder {
             self.dtype,
             model,
             optimizer,
-            self.classes,
+            self.classes.clone(),
             now(),
         );
+        self.start(manifest, run_id, layers, weight_shapes, None)
+    }
+
+    /// The recorder of `manifest` (kept in memory by its writer thread),
+    /// started: its writer thread spawned.
+    fn start(
+        self,
+        manifest: Manifest,
+        run_id: String,
+        layers: Vec<LayerInfo>,
+        weight_shapes: HashMap<String, Vec<usize>>,
+        lock: Option<std::fs::File>,
+    ) -> Result<Recorder> {
         let n_classes = manifest.classes.len();
+        let mode = manifest.mode;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::sync_channel(self.queue_depth);
         let writer = Writer::new(
@@ -288,7 +267,7 @@ impl RecorderBuilder {
             layers,
             weight_shapes,
             n_classes,
-            mode: self.mode,
+            mode,
             dtype: self.dtype,
             last_step: None,
             last_step_row: None,
@@ -296,7 +275,7 @@ impl RecorderBuilder {
             weight_paths: HashSet::new(),
             closed: None,
             failed: None,
-            lock: None,
+            lock,
             role: self.role,
         })
     }
