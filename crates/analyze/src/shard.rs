@@ -7,14 +7,14 @@
 //! besides the records. The task travels as bytes ([`Task::to_bytes`], sent
 //! to every worker once) and computes, on each worker, the contributions of
 //! any batch of `updates` rows ([`Task::contributions`]) with the same code
-//! as `reptrace attribute` ([`attribution::pairs_of`]). The residual rows
+//! as `reptrace attribute` (`attribution::pairs_of`). The residual rows
 //! need the sum of every record's update: each worker adds up its batches
 //! ([`Task::partial_sums`]) and the driver finishes them
 //! ([`Task::residual`]).
 //!
 //! Materialised, the rows become an attribution of the run with the same
 //! files and commit as `reptrace attribute`: workers write their parts
-//! under temporary names ([`write_part`]), the driver commits them
+//! under temporary names ([`part_writer`], [`write_rows`]), the driver commits them
 //! ([`commit`]) or, when the job failed, removes them ([`discard`]).
 use crate::attribution::{self, Options, Plan, ProbeSelection, StepRange};
 use crate::kernel::{self, Geometry, ProbeFeatures};
