@@ -72,7 +72,14 @@ def main():
         print(f"REFUSED rank {rank}: {e}", flush=True)
         if args.out:  # the ranks' output may interleave: a file each
             (Path(args.out) / f"refused-{rank}.txt").write_text(str(e))
+        # Both ranks leave together, and without the interpreter's teardown:
+        # destroying the DDP model's process group at exit aborted a rank
+        # now and then (SIGABRT from C++, "terminate called without an
+        # active exception"), after the refusal was reported.
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
 
     try:
         tracer = reptrace.Tracer(model, optimizer, args.run, classes=kit.CLASSES,
