@@ -16,7 +16,20 @@ from ._reptrace import (
     InvalidInput,
     RecordError,
 )
+from ._reptrace import compact as _compact
 from ._run import Run, open
+
+
+def compact(run_dir, *, zstd_level: int = 1) -> dict:
+    """Rewrites the part files of a run recorded with ``compression="none"``
+    in the storage encoding (zstd), as one crash-safe commit; files already
+    compressed are left alone. Refused while the run is being recorded.
+    Returns what it did: ``files``, ``bytes_before``, ``bytes_after``,
+    ``leftovers_removed`` and ``seconds``."""
+    import os
+
+    return _compact(os.fspath(run_dir), zstd_level)
+
 
 __all__ = [
     "FORMAT_VERSION",
@@ -27,6 +40,7 @@ __all__ = [
     "Run",
     "Tracer",
     "add_probes",
+    "compact",
     "open",
 ]
 

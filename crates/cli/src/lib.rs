@@ -1,7 +1,7 @@
 //! The `reptrace` command line as a library, shared by its two binaries.
 //!
 //! - `reptrace` ([`Analysis`] commands: `info`, `attribute`, `sql`,
-//!   `query`, `verify`, `report`, `export`) reads and derives from runs and
+//!   `query`, `verify`, `report`, `export`, `compact`) reads and derives from runs and
 //!   does not link libtorch, so it starts like a database shell. It hands
 //!   `train`, `demo` and `probe` to its sibling binary.
 //! - `reptrace-torch` (feature `tch`, on by default) has every command,
@@ -70,6 +70,8 @@ pub enum Analysis {
     Report(cmd::report::ReportArgs),
     /// Stream one table of a run to Parquet, CSV or JSON lines.
     Export(cmd::export::ExportArgs),
+    /// Rewrite a run recorded with `--compression none` in the storage encoding.
+    Compact(cmd::compact::CompactArgs),
 }
 
 impl Analysis {
@@ -85,6 +87,7 @@ impl Analysis {
             Self::Verify(args) => cmd::verify::run(args, out),
             Self::Report(args) => cmd::report::run(args, out),
             Self::Export(args) => cmd::export::run(args, out),
+            Self::Compact(args) => cmd::compact::run(args, out),
         }
     }
 }

@@ -11,6 +11,11 @@
 //!   Directory-listing readers (a pandas, DuckDB or Spark glob over a table's
 //!   directory) see only committed files right after the kill, and exactly
 //!   the committed files and rows once a reptrace command opened the run.
+//! - `uncompressed_recording_and_compaction_survive_kills`: a run recorded
+//!   with `--compression none`, killed mid-training, passes the same checks;
+//!   `reptrace compact` killed mid-way leaves the manifest byte for byte as
+//!   it was and the run as it reads; a compaction run again finishes the
+//!   job, and the compacted runs read the same rows and pass `verify`.
 //! - `readers_see_only_committed_steps_while_training`: `info` and `sql`
 //!   run over and over against a run in training and never fail nor see an
 //!   uncommitted step.
@@ -32,9 +37,15 @@ const STEPS_PER_EPOCH: i64 = 1437_usize.div_ceil(BATCH) as i64;
 
 /// `reptrace train` on digits into `run`, in the background.
 fn start_training(run: &Path, epochs: usize) -> Child {
+    start_training_with(run, epochs, &[])
+}
+
+/// [`start_training`] with more arguments.
+fn start_training_with(run: &Path, epochs: usize, more: &[&str]) -> Child {
     cli()
         .command()
         .args(["train", "--epochs", &epochs.to_string()])
+        .args(more)
         .args([
             "--batch-size",
             &BATCH.to_string(),
@@ -314,6 +325,172 @@ fn killed_training_leaves_an_analysable_trace() {
         .filter(|s| s.is_some_and(|s| s >= STEPS_PER_EPOCH - 1))
         .count();
     assert!(after_first_epoch >= 3, "{seen_steps:?}");
+}
+
+/// What a run reads as: per table, its rows' count and a sum over them.
+fn fingerprint(run: &Path) -> Vec<Vec<f64>> {
+    [
+        "SELECT count(*), sum(step), sum(loss) FROM steps",
+        "SELECT count(*), sum(step), sum(instance_id), sum(update_norm) FROM updates",
+        "SELECT count(*), sum(loss), sum(predicted) FROM examples",
+        "SELECT count(*), sum(p_norm) FROM probes",
+    ]
+    .iter()
+    .flat_map(|q| sql_numbers(run, q))
+    .collect()
+}
+
+/// The codecs of every column chunk of the run's committed files.
+fn codecs(run: &Path) -> std::collections::BTreeSet<String> {
+    use parquet::file::reader::FileReader;
+    let m = reptrace_format::Manifest::load(run).unwrap();
+    m.all_files()
+        .iter()
+        .flat_map(|f| {
+            let file = std::fs::File::open(run.join(&f.path)).unwrap();
+            let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+            let meta = reader.metadata().clone();
+            meta.row_groups()
+                .iter()
+                .flat_map(|g| g.columns().iter().map(|c| format!("{:?}", c.compression())))
+                .collect::<Vec<_>>()
+        })
+        .map(|c| c.split('(').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `reptrace verify` passes with no warning about stray files.
+fn verified_clean(run: &Path, what: &str) {
+    let o = cli().output(&["verify", run.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{what}: verify failed:\n{out}");
+    let stray = out
+        .lines()
+        .find(|l| l.contains("stray files"))
+        .unwrap_or("");
+    assert!(stray.starts_with("pass"), "{what}: {stray}");
+}
+
+#[test]
+fn uncompressed_recording_and_compaction_survive_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = ["--compression", "none"];
+
+    // Killed while recording without compression: as analysable as ever,
+    // then compacted.
+    let killed = dir.path().join("killed");
+    let mut child = start_training_with(&killed, EPOCHS, &none);
+    wait_for_manifest(&killed);
+    let start = Instant::now();
+    // The first write after the first epoch end.
+    while reptrace_format::Manifest::load(&killed).map_or(0, |m| m.commits.len()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no epoch end");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while !writing(&killed) && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let last = check_killed(&killed, "killed uncompressed").flatten();
+    assert!(last.is_some(), "the kill came before the first step");
+    // (`check_killed` attributed: those parts are compressed.)
+    assert!(codecs(&killed).contains("UNCOMPRESSED"));
+    let before = fingerprint(&killed);
+    let o = cli().output(&["compact", killed.to_str().unwrap()]);
+    assert!(o.status.success(), "compact: {}", text(&o.stderr));
+    assert_eq!(
+        fingerprint(&killed),
+        before,
+        "compaction changed the killed run"
+    );
+    assert_eq!(codecs(&killed), ["ZSTD".to_owned()].into());
+    verified_clean(&killed, "killed, then compacted");
+
+    // A whole run recorded without compression; a compaction killed as soon
+    // as its first file is being written changes nothing.
+    let run = dir.path().join("run");
+    let mut child = start_training_with(&run, 3, &none);
+    assert!(child.wait().unwrap().success());
+    let manifest = std::fs::read(run.join("manifest.json")).unwrap();
+    let before = fingerprint(&run);
+    let bytes_before: u64 = committed_bytes(&run);
+    {
+        let mut compact = cli()
+            .command()
+            .args(["compact"])
+            .arg(&run)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !writing(&run) && compact.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "compaction hangs"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        compact.kill().unwrap();
+        let status = compact.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the compaction finished before it was seen writing"
+        );
+        assert_eq!(
+            std::fs::read(run.join("manifest.json")).unwrap(),
+            manifest,
+            "a killed compaction changed the manifest"
+        );
+        assert_eq!(
+            glob_tables(&run),
+            committed_tables(&run),
+            "glob after a killed compaction"
+        );
+        assert_eq!(
+            fingerprint(&run),
+            before,
+            "a killed compaction changed the rows"
+        );
+        let o = cli().output(&["verify", run.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "verify after a killed compaction:\n{}",
+            text(&o.stdout)
+        );
+    }
+    let o = cli().output(&["compact", run.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "compact: {}", text(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["files"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["leftovers_removed"].as_u64().unwrap() > 0,
+        "the killed compaction's temporary files are removed: {report}"
+    );
+    assert_eq!(fingerprint(&run), before, "compaction changed the rows");
+    assert_eq!(codecs(&run), ["ZSTD".to_owned()].into());
+    let bytes_after = committed_bytes(&run);
+    assert!(
+        (bytes_after as f64) < 0.8 * bytes_before as f64,
+        "compacted {bytes_before} → {bytes_after} bytes"
+    );
+    assert_eq!(
+        glob_tables(&run),
+        committed_tables(&run),
+        "glob after compaction"
+    );
+    verified_clean(&run, "compacted");
+    // Nothing left to do the second time.
+    let o = cli().output(&["compact", run.to_str().unwrap(), "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["files"], 0, "{again}");
+}
+
+/// Bytes of the run's committed files, per the manifest.
+fn committed_bytes(run: &Path) -> u64 {
+    let m = reptrace_format::Manifest::load(run).unwrap();
+    m.all_files().iter().map(|f| f.bytes).sum()
 }
 
 #[test]

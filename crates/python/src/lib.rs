@@ -38,6 +38,7 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recorder::PyRecorder>()?;
     m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
+    m.add_function(wrap_pyfunction!(recorder::compact, m)?)?;
     analysis::register(m)?;
     shard::register(m)?;
     Ok(())

@@ -12,8 +12,8 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender, ProbeBatch,
-    Recorder, StepRow, UpdateBatch,
+    AdamStep, BatchStep, Compression, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender,
+    ProbeBatch, Recorder, StepRow, UpdateBatch,
 };
 use std::sync::Mutex;
 
@@ -174,9 +174,10 @@ impl PyRecorder {
     /// UUID). `rank`: this process's rank in a distributed run (rank 0
     /// creates the run and commits; any other rank writes its part files
     /// into rank 0's run directory and stages them, see `stage`).
+    /// `compression`: "zstd" (default) or "none" (see `compact`).
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}", run_id=None, rank=None))]
+    #[pyo3(signature = (run_dir, model_json, optimizer_json, classes, dtype="f32", mode="instance", settings_json="{}", run_id=None, rank=None, compression="zstd"))]
     fn new(
         py: Python<'_>,
         run_dir: String,
@@ -188,7 +189,11 @@ impl PyRecorder {
         settings_json: &str,
         run_id: Option<String>,
         rank: Option<u32>,
+        compression: &str,
     ) -> PyResult<Self> {
+        let compression: Compression = compression
+            .parse()
+            .map_err(|e| error::invalid(format!("compression: {e}")))?;
         let model: Model = parse("model", model_json)?;
         let optimizer: Optimizer = parse("optimizer", optimizer_json)?;
         let dtype: Dtype = parse("dtype", &format!("{dtype:?}")).map_err(|_| {
@@ -206,7 +211,8 @@ impl PyRecorder {
             .optimizer(optimizer)
             .classes(classes)
             .dtype(dtype)
-            .mode(mode);
+            .mode(mode)
+            .compression(compression);
         for (k, v) in settings {
             builder = builder.setting(k, v);
         }
@@ -687,4 +693,31 @@ impl PyProbeAppender {
     fn discard(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+}
+
+/// Rewrites the part files of a run recorded with `compression="none"` in
+/// the storage encoding (zstd at `zstd_level`), as one crash-safe commit;
+/// a dict of what it did (`files`, `bytes_before`, `bytes_after`,
+/// `leftovers_removed`, `seconds`).
+#[pyfunction]
+#[pyo3(signature = (run_dir, zstd_level=1))]
+pub fn compact<'py>(
+    py: Python<'py>,
+    run_dir: String,
+    zstd_level: i32,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let options = reptrace_record::ParquetOptions {
+        zstd_level,
+        ..reptrace_record::ParquetOptions::default()
+    };
+    let report = py
+        .detach(|| reptrace_record::compact(std::path::Path::new(&run_dir), &options))
+        .map_err(error::record)?;
+    let out = pyo3::types::PyDict::new(py);
+    out.set_item("files", report.files)?;
+    out.set_item("bytes_before", report.bytes_before)?;
+    out.set_item("bytes_after", report.bytes_after)?;
+    out.set_item("leftovers_removed", report.leftovers)?;
+    out.set_item("seconds", report.seconds)?;
+    Ok(out)
 }

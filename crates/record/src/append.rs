@@ -29,24 +29,28 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 /// Takes the run's lock ([`layout::lock`]) without waiting, or says that
-/// another process holds it.
-pub(crate) fn lock_run(run: &Path) -> Result<File> {
+/// another process holds it; `then` says what to do once training is over
+/// ("add to it").
+pub(crate) fn lock_run(run: &Path, then: &str) -> Result<File> {
     let path = run.join(layout::LOCK);
     match layout::lock(run, false) {
         Ok(Some(file)) => Ok(file),
         Ok(None) => {
             let recording = Manifest::load(run).is_ok_and(|m| m.status == Status::Recording);
             let message = if recording {
-                "the run is still being recorded: its recorder, a live process, holds .lock; \
-                 add to it once training has finished (queries read its committed steps \
-                 meanwhile)"
+                format!(
+                    "the run is still being recorded: its recorder, a live process, holds \
+                     .lock; {then} once training has finished (queries read its committed \
+                     steps meanwhile)"
+                )
             } else {
                 "another process is writing to this run (it holds .lock); try again when it \
                  is done"
+                    .to_owned()
             };
             Err(Error::Invalid {
                 context: run.display().to_string(),
-                message: message.to_owned(),
+                message,
             })
         }
         Err(e) => Err(Error::io(&path, e)),
@@ -97,7 +101,7 @@ impl ProbeAppender {
         // Opened first for its clear message about a path that is not a run;
         // read again under the lock, which another appender may have held.
         Manifest::open(&run)?;
-        let lock = lock_run(&run)?;
+        let lock = lock_run(&run, "add to it")?;
         // Under the lock: a `recording` run has no live writer (a recorder
         // holds the lock for its whole life), so its manifest is final.
         let manifest = Manifest::load(&run)?;

@@ -57,6 +57,7 @@
 mod append;
 mod batch;
 mod columns;
+mod compact;
 mod durable;
 pub mod error;
 mod part;
@@ -69,6 +70,7 @@ pub use batch::{
     AdamStep, BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch,
     StepRow, UpdateBatch, UpdateBatchOwned,
 };
+pub use compact::{Compacted, compact, compact_with};
 pub use error::{Error, Result};
-pub use part::ParquetOptions;
+pub use part::{Compression, ParquetOptions};
 pub use recorder::{Recorder, RecorderBuilder};

@@ -12,7 +12,7 @@ use crate::durable;
 use crate::{Error, Result};
 use arrow_array::RecordBatch;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::basic::{Compression as Codec, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
@@ -20,11 +20,48 @@ use reptrace_format::{FORMAT_VERSION, FileEntry, Table, col, kv, layout};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+/// How a recorder compresses the part files it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Zstandard at [`ParquetOptions::zstd_level`], float columns
+    /// byte-stream-split: the storage encoding (default).
+    #[default]
+    Zstd,
+    /// No compression, float columns plain: the writer encodes at close to
+    /// memory speed, and the files are about 1.6 to 2 times larger until
+    /// [`compact`](crate::compact()) rewrites them in the storage encoding.
+    None,
+}
+
+impl Compression {
+    /// The name the command line and the Python package use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "zstd" => Ok(Compression::Zstd),
+            "none" => Ok(Compression::None),
+            other => Err(format!("unknown compression {other:?}; use zstd or none")),
+        }
+    }
+}
+
 /// Parquet settings shared by every part of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParquetOptions {
     /// Zstandard level, 1..=22.
     pub zstd_level: i32,
+    /// Compression while recording.
+    pub compression: Compression,
     /// Most rows in one row group.
     pub row_group_rows: usize,
     /// A row group is flushed once its estimated encoded size passes this.
@@ -37,6 +74,7 @@ impl Default for ParquetOptions {
             // Level 1: faster and, on factors, no larger than 3
             // (crates/record/benches/write.rs, docs/benchmarks.md).
             zstd_level: 1,
+            compression: Compression::Zstd,
             row_group_rows: 65_536,
             row_group_bytes: 32 << 20,
         }
@@ -84,11 +122,6 @@ pub(crate) fn properties(
     table: Table,
     layer: Option<&str>,
 ) -> Result<WriterProperties> {
-    let level = ZstdLevel::try_new(options.zstd_level).map_err(|_| Error::Setting {
-        setting: "zstd_level",
-        value: options.zstd_level.to_string(),
-        why: "must be between 1 and 22",
-    })?;
     let mut kvs = vec![
         KeyValue::new(kv::FORMAT_VERSION.to_owned(), FORMAT_VERSION.to_string()),
         KeyValue::new(kv::RUN_ID.to_owned(), run_id.to_owned()),
@@ -97,8 +130,28 @@ pub(crate) fn properties(
     if let Some(layer) = layer {
         kvs.push(KeyValue::new(kv::LAYER.to_owned(), layer.to_owned()));
     }
+    properties_with(options, table, kvs)
+}
+
+/// Writer properties for one part file of `table` with footer metadata `kvs`.
+pub(crate) fn properties_with(
+    options: &ParquetOptions,
+    table: Table,
+    kvs: Vec<KeyValue>,
+) -> Result<WriterProperties> {
+    let level = ZstdLevel::try_new(options.zstd_level).map_err(|_| Error::Setting {
+        setting: "zstd_level",
+        value: options.zstd_level.to_string(),
+        why: "must be between 1 and 22",
+    })?;
+    let (codec, float_encoding) = match options.compression {
+        Compression::Zstd => (Codec::ZSTD(level), Encoding::BYTE_STREAM_SPLIT),
+        // Byte-stream-split only helps a compressor; without one it is a
+        // transposition for nothing.
+        Compression::None => (Codec::UNCOMPRESSED, Encoding::PLAIN),
+    };
     let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(level))
+        .set_compression(codec)
         .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_key_value_metadata(Some(kvs))
@@ -106,7 +159,7 @@ pub(crate) fn properties(
     for path in float_columns(table) {
         b = b
             .set_column_dictionary_enabled(path.clone(), false)
-            .set_column_encoding(path.clone(), Encoding::BYTE_STREAM_SPLIT)
+            .set_column_encoding(path.clone(), float_encoding)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
     }
     Ok(b.build())
@@ -318,7 +371,7 @@ mod tests {
                         && !enc.contains(&Encoding::PLAIN_DICTIONARY),
                     "{dtype} {name}: {enc:?}"
                 );
-                assert!(matches!(c.compression(), Compression::ZSTD(_)));
+                assert!(matches!(c.compression(), Codec::ZSTD(_)));
             }
             let step = rg
                 .columns()
@@ -368,6 +421,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = ParquetOptions {
             zstd_level: 1,
+            compression: Compression::Zstd,
             row_group_rows: 64,
             row_group_bytes: 1 << 20,
         };

@@ -11,7 +11,7 @@ use crate::batch::{
     LayerStepRow, NamedTensor, NormKind, OwnedTensor, ProbeBatch, RowLens, StepRow, UpdateBatch,
     UpdateBatchOwned, UpdateRows, check_len, fixed_positions, per_position_rows,
 };
-use crate::part::{ParquetOptions, properties};
+use crate::part::{Compression, ParquetOptions, properties};
 use crate::writer::{Msg, Role, Shared, Snapshot, Writer, now, usable_run_dir};
 use crate::{Error, Result, durable};
 use reptrace_format::{
@@ -101,6 +101,16 @@ impl RecorderBuilder {
         self
     }
 
+    /// How part files are compressed while recording (default
+    /// [`Compression::Zstd`], the storage encoding). [`Compression::None`]
+    /// keeps the writer thread off a fast training loop's critical path;
+    /// [`compact`](crate::compact()) rewrites the run in the storage encoding
+    /// afterwards.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.parquet.compression = compression;
+        self
+    }
+
     /// The run id (default: a random UUID).
     pub fn run_id(mut self, id: impl Into<String>) -> Self {
         self.run_id = Some(id.into());
@@ -168,7 +178,7 @@ impl RecorderBuilder {
         durable::create_dir(&self.dir)?;
         // Held for the recorder's whole life: a run whose status is still
         // `recording` while its lock is free has lost its writer.
-        let lock = match lock_run(&self.dir) {
+        let lock = match lock_run(&self.dir, "add to it") {
             Ok(lock) => Some(lock),
             // A file system without advisory locks: record anyway.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::Unsupported => {

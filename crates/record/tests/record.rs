@@ -21,6 +21,8 @@ use reptrace_testkit::synthetic::named;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "record/compact.rs"]
+mod compact;
 #[path = "record/ragged.rs"]
 mod ragged;
 

@@ -6,11 +6,11 @@
 //!
 //! MLP 784-256-10, batch 64, plain SGD, on MNIST-shaped synthetic data
 //! (class prototypes plus noise), every layer traced. Each repeat trains
-//! untraced, traced with f32 factors, traced with f16 factors and traced
-//! with f32 factors at zstd level 3 (the default before level 1) and traced
-//! with f32 factors without the `examples` table (training dynamics), side
-//! by side, so that all of them see the same machine state; the table gives
-//! medians. "loop" is the training loop (steps and epoch-end commits);
+//! untraced, traced with f32 and with f16 factors, each with the storage
+//! encoding (zstd) and without compression (`--compression none`), and
+//! traced with f32 factors without the `examples` table (training
+//! dynamics), side by side, so that all of them see the same machine
+//! state; the table gives medians. "loop" is the training loop (steps and epoch-end commits);
 //! "total" adds the final flush of the recorder's queue and the last commit.
 //! Of the loop, "factors" is the time spent building the factors and copying
 //! them to the host, "recorder" the time spent in recorder calls, which block
@@ -19,11 +19,15 @@
 //! The ratios are medians of the per-repeat ratios (each traced run over the
 //! untraced run of the same repeat). Besides the table, one line per traced
 //! variant for scripts (`scripts/bench.sh`):
-//! `BENCH overhead dtype=f32 ratio=R loop_ratio=L untraced_ms_per_step=M steps=S repeats=N`,
+//! `BENCH overhead dtype=f32 compression=zstd ratio=R loop_ratio=L untraced_ms_per_step=M steps=S repeats=N`,
 //! where `ratio` is the total-time ratio (the trace is complete only once the
-//! recorder has flushed). And the cost of the `examples` table, traced f32
-//! over traced f32 without it (per repeat, then the median):
+//! recorder has flushed); f16 time over f32 time, per compression:
+//! `BENCH f16_over_f32 compression=none ratio=R loop_ratio=L …`; and the
+//! cost of the `examples` table, traced f32 over traced f32 without it (per
+//! repeat, then the median):
 //! `BENCH examples ratio=R loop_ratio=L steps=S repeats=N`.
+//! `REPTRACE_BENCH_ONLY` (a variant's name, e.g. `f32 none`) runs the
+//! untraced loop and that variant only, for a profiler.
 //!
 //! Environment: `REPTRACE_BENCH_REPEATS` (default 5), `REPTRACE_BENCH_ROWS`
 //! (training rows, default 6400 = 100 steps), `REPTRACE_BENCH_EPOCHS`
@@ -33,6 +37,7 @@
 //! `scripts/gpu-check.sh` runs 3072-1024-10 at batch 256 too.
 use rand::{Rng, SeedableRng};
 use reptrace_format::Dtype;
+use reptrace_record::Compression;
 use reptrace_tch::{
     Dataset, DeviceChoice, ModelChoice, ProbeSet, TraceLayers, TrainConfig, train_on,
 };
@@ -116,15 +121,59 @@ fn main() {
         threads,
         ..TrainConfig::default()
     };
-    // (name, layers, dtype, zstd level, examples table)
-    let variants: [(&str, TraceLayers, Dtype, Option<i32>, bool); 5] = [
-        ("untraced", TraceLayers::None, Dtype::F32, None, true),
-        ("traced f32", TraceLayers::All, Dtype::F32, None, true),
-        ("traced f16", TraceLayers::All, Dtype::F16, None, true),
-        ("f32 zstd 3", TraceLayers::All, Dtype::F32, Some(3), true),
-        ("f32 no ex.", TraceLayers::All, Dtype::F32, None, false),
+    // (name, layers, dtype, compression, examples table)
+    let all: [(&str, TraceLayers, Dtype, Compression, bool); 6] = [
+        (
+            "untraced",
+            TraceLayers::None,
+            Dtype::F32,
+            Compression::Zstd,
+            true,
+        ),
+        (
+            "f32 zstd",
+            TraceLayers::All,
+            Dtype::F32,
+            Compression::Zstd,
+            true,
+        ),
+        (
+            "f16 zstd",
+            TraceLayers::All,
+            Dtype::F16,
+            Compression::Zstd,
+            true,
+        ),
+        (
+            "f32 none",
+            TraceLayers::All,
+            Dtype::F32,
+            Compression::None,
+            true,
+        ),
+        (
+            "f16 none",
+            TraceLayers::All,
+            Dtype::F16,
+            Compression::None,
+            true,
+        ),
+        (
+            "f32 no ex.",
+            TraceLayers::All,
+            Dtype::F32,
+            Compression::Zstd,
+            false,
+        ),
     ];
-    const NO_EXAMPLES: usize = 4;
+    let only = std::env::var("REPTRACE_BENCH_ONLY").ok();
+    let variants: Vec<_> = all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, v)| *i == 0 || only.as_deref().is_none_or(|o| o == v.0))
+        .map(|(_, v)| v)
+        .collect();
+    let index = |name: &str| variants.iter().position(|v| v.0 == name);
     // Warm-up (allocator, libtorch kernels), not measured.
     let warm = TrainConfig {
         out: dir.path().join("warm"),
@@ -137,12 +186,12 @@ fn main() {
     let mut record_s = vec![Vec::new(); variants.len()];
     let mut bytes = vec![0u64; variants.len()];
     for r in 0..repeats {
-        for (i, (name, trace, dtype, zstd, examples)) in variants.iter().enumerate() {
+        for (i, (name, trace, dtype, compression, examples)) in variants.iter().enumerate() {
             let out = dir.path().join(format!("r{r}-{i}"));
             let cfg = TrainConfig {
                 trace_layers: trace.clone(),
                 dtype: *dtype,
-                zstd_level: *zstd,
+                compression: *compression,
                 examples: *examples,
                 out: out.clone(),
                 ..base.clone()
@@ -189,12 +238,27 @@ fn main() {
         median(&mut r)
     };
     let ratios = |times: &[Vec<f64>], i: usize| ratio_to(times, i, 0);
-    let mut summary = vec![format!(
-        "BENCH examples ratio={:.4} loop_ratio={:.4} steps={steps} repeats={repeats}",
-        ratio_to(&total_s, 1, NO_EXAMPLES),
-        ratio_to(&loop_s, 1, NO_EXAMPLES)
-    )];
-    for (i, (name, _, dtype, zstd, examples)) in variants.iter().enumerate() {
+    let mut summary = Vec::new();
+    if let (Some(with), Some(without)) = (index("f32 zstd"), index("f32 no ex.")) {
+        summary.push(format!(
+            "BENCH examples ratio={:.4} loop_ratio={:.4} steps={steps} repeats={repeats}",
+            ratio_to(&total_s, with, without),
+            ratio_to(&loop_s, with, without)
+        ));
+    }
+    for c in [Compression::Zstd, Compression::None] {
+        let (f32_name, f16_name) = (format!("f32 {}", c.name()), format!("f16 {}", c.name()));
+        if let (Some(f32_i), Some(f16_i)) = (index(&f32_name), index(&f16_name)) {
+            summary.push(format!(
+                "BENCH f16_over_f32 compression={} ratio={:.4} loop_ratio={:.4} steps={steps} \
+                 repeats={repeats}",
+                c.name(),
+                ratio_to(&total_s, f16_i, f32_i),
+                ratio_to(&loop_s, f16_i, f32_i)
+            ));
+        }
+    }
+    for (i, (name, _, dtype, compression, examples)) in variants.iter().enumerate() {
         let (loop_ratio, total_ratio) = (ratios(&loop_s, i), ratios(&total_s, i));
         let l = median(&mut loop_s[i]);
         let t = median(&mut total_s[i]);
@@ -207,16 +271,12 @@ fn main() {
             bytes[i]
         );
         if i > 0 && *examples {
-            // The zstd-3 variant is a comparison, not a row of the summary table.
-            let part = if zstd.is_some() {
-                "overhead_zstd3"
-            } else {
-                "overhead"
-            };
             summary.push(format!(
-                "BENCH {part} dtype={dtype} ratio={total_ratio:.4} loop_ratio={loop_ratio:.4} \
+                "BENCH overhead dtype={dtype} compression={} ratio={total_ratio:.4} \
+                 loop_ratio={loop_ratio:.4} \
                  untraced_ms_per_step={:.4} steps={steps} repeats={repeats} \
                  model={input}-{hidden}-10 batch={batch} device={device}",
+                compression.name(),
                 1000.0 * base_loop / steps as f64
             ));
         }

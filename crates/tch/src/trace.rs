@@ -281,6 +281,8 @@ pub struct RunSpec {
     pub settings: Vec<(String, serde_json::Value)>,
     /// Zstandard level of the run's Parquet files (`None`: 1).
     pub zstd_level: Option<i32>,
+    /// Compression while recording (default zstd).
+    pub compression: reptrace_record::Compression,
 }
 
 impl RunSpec {
@@ -296,6 +298,7 @@ impl RunSpec {
             input_shape: None,
             settings: Vec::new(),
             zstd_level: None,
+            compression: reptrace_record::Compression::Zstd,
         }
     }
 }
@@ -683,6 +686,7 @@ impl Tracer {
         if let Some(level) = spec.zstd_level {
             builder = builder.zstd_level(level);
         }
+        builder = builder.compression(spec.compression);
         for (k, v) in &spec.settings {
             builder = builder.setting(k.clone(), v.clone());
         }

@@ -171,6 +171,10 @@ pub struct TrainConfig {
     /// Zstandard level of the run's Parquet files (`None`: the recorder's
     /// default, 1).
     pub zstd_level: Option<i32>,
+    /// Compression while recording (default zstd, the storage encoding;
+    /// `None` keeps the writer off a fast loop's critical path, and
+    /// `reptrace compact` rewrites the run afterwards).
+    pub compression: reptrace_record::Compression,
     /// libtorch's intra-op CPU threads (process-wide, set when training
     /// starts); `None`: one less than the available cores (at least 1), which
     /// leaves a core to the recorder's writer thread. Small models train
@@ -208,6 +212,7 @@ impl Default for TrainConfig {
             probes: ProbeSet::Test,
             out: PathBuf::from("runs/run"),
             zstd_level: None,
+            compression: reptrace_record::Compression::Zstd,
             threads: None,
             examples: true,
         }
@@ -631,6 +636,7 @@ fn recorder(
     if let Some(level) = config.zstd_level {
         builder = builder.zstd_level(level);
     }
+    builder = builder.compression(config.compression);
     Ok(builder
         .model(model.clone())
         .optimizer(config.optimizer())

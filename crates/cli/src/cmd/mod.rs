@@ -1,6 +1,7 @@
 //! One module per subcommand: its clap arguments struct and
 //! `pub fn run(args, out) -> anyhow::Result<()>`.
 pub mod attribute;
+pub mod compact;
 pub mod export;
 pub mod info;
 pub mod query;

@@ -60,6 +60,11 @@ pub struct TrainArgs {
     /// Type of the stored factors: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Compression while recording: zstd (the storage encoding) or none
+    /// (the writer keeps up with a fast loop; `reptrace compact RUN`
+    /// rewrites the run in the storage encoding afterwards).
+    #[arg(long, default_value = "zstd")]
+    pub compression: String,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -175,6 +180,10 @@ impl TrainArgs {
             mode,
             class_pure_batches: self.class_pure_batches,
             zstd_level: None,
+            compression: self
+                .compression
+                .parse()
+                .map_err(|e| anyhow!("--compression: {e}"))?,
             seed: parse("seed", &self.seed, "a non-negative integer")?,
             trace_layers,
             dtype,
