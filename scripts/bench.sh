@@ -9,15 +9,17 @@
 #   scripts/bench.sh
 #
 # Rows, each a ratio of two things measured in this run:
-#   1  recording overhead   crates/tch/benches/overhead.rs
-#   2  storage              crates/record/benches/write.rs (synthetic) and
+#   1  recording overhead   crates/tch/benches/overhead.rs (zstd and
+#                           --compression none; f16 time / f32 time)
+#   2  storage              crates/record/benches/write.rs (synthetic; and
+#                           the compaction of an uncompressed run) and
 #                           `reptrace info --json` of digits runs
 #   3  attribution          crates/analyze/benches/attribution.rs
 #   4  queries              crates/analyze/benches/queries.rs (DataFusion) vs
 #                           scripts/bench/duckdb_queries.py (DuckDB), same files
 #   5  peak RSS             `reptrace train` / `reptrace attribute` at E and
 #                           10·E epochs (scripts/bench/summary.py rss)
-#   6  the Python package   scripts/bench/torch_overhead.py: PyTorch training
+#   6  the Python package   scripts/bench/torch_overhead.py (MLP and CNN): PyTorch training
 #                           traced / untraced, and its peak RSS at S and 10·S
 #                           steps, with the release build of the extension
 #   7  on demand            crates/analyze/benches/queries.rs: top_proponents
@@ -187,6 +189,8 @@ done
 step "6 the Python package: PyTorch traced / untraced ($torch_steps steps, $torch_repeats repeats) and peak RSS"
 PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py \
   --steps "$torch_steps" --repeats "$torch_repeats" | tee "$logs/torch.log"
+PYTHONPATH="$out/py" $py scripts/bench/torch_overhead.py --model cnn \
+  --steps "$((torch_steps / 2))" --repeats "$torch_repeats" | tee "$logs/torch-cnn.log"
 for scale in 1 10; do
   s=$((torch_steps * scale))
   $py scripts/bench/summary.py rss what=torch scale=$scale steps=$s -- \

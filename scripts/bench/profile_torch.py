@@ -113,6 +113,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
+COMPRESSION = "zstd"
+
+
 def run(x, y, steps, make, traced, run_dir):
     """ms per step of each part of the loop (and `total`, `finish`)."""
     torch.manual_seed(0)
@@ -122,7 +125,8 @@ def run(x, y, steps, make, traced, run_dir):
     tracer = None
     undo = lambda: None  # noqa: E731
     if traced:
-        tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)])
+        tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)],
+                                 compression=COMPRESSION)
         undo = _instrument(times)
     batches = x.shape[0] // BATCH
     start = time.perf_counter()
@@ -162,7 +166,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    ap.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     args = ap.parse_args()
+    global COMPRESSION
+    COMPRESSION = args.compression
     make = {"mlp": mlp, "cnn": cnn}[args.model]
     print(f"extension: {reptrace._reptrace.__file__}", file=sys.stderr)
     x, y = synthetic(64000)

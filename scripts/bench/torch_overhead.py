@@ -1,15 +1,16 @@
 """Recording overhead of the Python package: PyTorch training traced / untraced.
 
-    python scripts/bench/torch_overhead.py [--steps N] [--repeats R]
+    python scripts/bench/torch_overhead.py [--steps N] [--repeats R] [--model mlp|cnn]
     python scripts/bench/torch_overhead.py --once traced|untraced --steps N
 
 MLP 784-256-10, batch 64, plain SGD (lr 0.05), on MNIST-shaped synthetic data
 (a fixed random prototype per class plus noise), both layers traced with
 ``reptrace.Tracer`` in instance mode. Each repeat trains untraced, traced
-with f32 factors and traced with f16 factors with PyTorch's default number
-of threads, and untraced and traced (f32) with one thread fewer than cores
-(``torch.set_num_threads``), which leaves a core to the recorder's writer
-thread, side by side, so that all of them see the same machine state; the
+with f32 and with f16 factors, each with the storage encoding (zstd) and
+without compression (``compression="none"``), with PyTorch's default number
+of threads, and untraced and traced (f32, both compressions) with one thread
+fewer than cores (``torch.set_num_threads``), which leaves a core to the
+recorder's writer thread, side by side, so that all of them see the same machine state; the
 figures are medians of the per-repeat ratios (traced over the untraced run
 of the same repeat and thread count). A traced run's time
 includes ``finish()``: the trace is complete only once the recorder has
@@ -17,7 +18,10 @@ flushed its queue and committed.
 
 Prints a table and, for scripts/bench.sh, one line per traced variant:
 ``BENCH torch_overhead dtype=f32 ratio=R untraced_ms_per_step=M traced_ms_per_step=T threads=K steps=S repeats=N``
-(``dtype`` f32, f16 and ``f32_threadsK``).
+(``dtype`` f32, f16, f32_none, f16_none, ``f32_threadsK`` and
+``f32_none_threadsK``; ``model=cnn`` with ``--model cnn``: conv 1→8 3×3,
+conv 8→16 3×3 stride 2, linear 2304→10, the test CNN of
+scripts/bench/profile_torch.py).
 
 ``--once`` trains one run and exits (scripts/bench.sh measures its peak RSS
 at 1x and 10x the number of steps). The ``reptrace`` package is imported
@@ -58,18 +62,27 @@ OPTIMIZERS = {
 }
 
 
+MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)),
+    "cnn": lambda: nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 3), nn.ReLU(),
+                                 nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(16 * 12 * 12, 10)),
+}
+
+
 def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool = True,
-          optimizer: str = "sgd") -> float:
+          optimizer: str = "sgd", compression: str = "zstd", model: str = "mlp") -> float:
     """Seconds for `steps` training steps (and finish() when traced); `check`
     False turns the tracer's per-step gradient check off (scripts/bench/check.py);
     `optimizer` is a key of OPTIMIZERS (scripts/bench/torch_adam.py)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = MODELS[model]()
     opt = OPTIMIZERS[optimizer](model.parameters())
     tracer = None
     start = time.perf_counter()
     if traced:
-        tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)], dtype=dtype)
+        tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)],
+                                 dtype=dtype, compression=compression)
         tracer._check = check
     n = x.shape[0]
     batches = n // BATCH
@@ -97,6 +110,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64000, help="training rows (one epoch = rows / 64 steps)")
     ap.add_argument("--once", choices=["traced", "untraced"])
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="mlp")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,42 +122,47 @@ def main() -> None:
             secs = train(x, y, args.steps, args.once == "traced", "f32", tmp / "run")
             print(f"{args.once}: {args.steps} steps in {secs:.2f} s", file=sys.stderr)
             return
-        train(x, y, 50, True, "f32", tmp / "warm-up")  # imports, allocator, page cache
+        m = args.model
+        train(x, y, 50, True, "f32", tmp / "warm-up", model=m)  # imports, allocator, page cache
         default_threads = torch.get_num_threads()
         fewer = max(1, (os.cpu_count() or 1) - 1)
-        # (name, dtype, torch threads): PyTorch's default thread count, and
-        # one thread fewer than cores, which leaves a core to the writer thread.
-        variants = [("f32", "f32", default_threads), ("f16", "f16", default_threads),
-                    (f"f32_threads{fewer}", "f32", fewer)]
-        ratios = {name: [] for name, _, _ in variants}
+        # (name, dtype, torch threads, compression): PyTorch's default thread
+        # count, and one thread fewer than cores, which leaves a core to the
+        # writer thread.
+        variants = [("f32", "f32", default_threads, "zstd"), ("f16", "f16", default_threads, "zstd"),
+                    ("f32_none", "f32", default_threads, "none"),
+                    ("f16_none", "f16", default_threads, "none"),
+                    (f"f32_threads{fewer}", "f32", fewer, "zstd"),
+                    (f"f32_none_threads{fewer}", "f32", fewer, "none")]
+        ratios = {name: [] for name, _, _, _ in variants}
         base_ms = {default_threads: [], fewer: []}
         traced_ms = {name: [] for name in ratios}
         for r in range(args.repeats):
             base = {}
             for threads in base_ms:
                 torch.set_num_threads(threads)
-                base[threads] = train(x, y, args.steps, False, "f32", tmp / "none")
+                base[threads] = train(x, y, args.steps, False, "f32", tmp / "none", model=m)
                 base_ms[threads].append(base[threads] / args.steps * 1e3)
             line = [f"repeat {r + 1}: untraced " + ", ".join(
                 f"{t} threads {b:.2f} s" for t, b in base.items())]
-            for name, dtype, threads in variants:
+            for name, dtype, threads, compression in variants:
                 torch.set_num_threads(threads)
                 run = tmp / f"{name}-{r}"
-                secs = train(x, y, args.steps, True, dtype, run)
+                secs = train(x, y, args.steps, True, dtype, run, compression=compression, model=m)
                 ratios[name].append(secs / base[threads])
                 traced_ms[name].append(secs / args.steps * 1e3)
                 line.append(f"{name} {secs:.2f} s ({secs / base[threads]:.2f})")
                 shutil.rmtree(run)
             print(", ".join(line), file=sys.stderr)
         torch.set_num_threads(default_threads)
-        print(f"\nPyTorch MLP 784-256-10, batch 64, {args.steps} steps, median of {args.repeats}; "
+        print(f"\nPyTorch {m.upper()}, batch 64, {args.steps} steps, median of {args.repeats}; "
               f"{os.cpu_count()} cores, PyTorch's default {default_threads} threads")
-        print(f"{'variant':<14}{'threads':>8}{'traced/untraced':>17}{'traced ms/step':>16}{'untraced ms/step':>18}")
-        for name, dtype, threads in variants:
-            print(f"{name:<14}{threads:>8}{statistics.median(ratios[name]):>17.2f}"
+        print(f"{'variant':<22}{'threads':>8}{'traced/untraced':>17}{'traced ms/step':>16}{'untraced ms/step':>18}")
+        for name, dtype, threads, _ in variants:
+            print(f"{name:<22}{threads:>8}{statistics.median(ratios[name]):>17.2f}"
                   f"{statistics.median(traced_ms[name]):>16.2f}{statistics.median(base_ms[threads]):>18.2f}")
-        for name, dtype, threads in variants:
-            print(f"BENCH torch_overhead dtype={name} ratio={statistics.median(ratios[name]):.4f} "
+        for name, dtype, threads, _ in variants:
+            print(f"BENCH torch_overhead model={m} dtype={name} ratio={statistics.median(ratios[name]):.4f} "
                   f"untraced_ms_per_step={statistics.median(base_ms[threads]):.4f} "
                   f"traced_ms_per_step={statistics.median(traced_ms[name]):.4f} threads={threads} "
                   f"steps={args.steps} repeats={args.repeats}", flush=True)

@@ -4,20 +4,26 @@
 //!
 //! Records an MLP 784-256-10 (both layers traced, batch 64) with realistic
 //! factors — ReLU-like sparse inputs `u` (about half zeros), Gaussian
-//! `v = −η·δ` — and prints, per factor dtype and zstd level: the raw f32
-//! size of the factors handed over, the bytes on disk, their ratio, and the
-//! rate at which the recorder accepted the data (until the last `updates`
-//! call returned) and wrote it (until `finish` returned).
+//! `v = −η·δ` — and prints, per factor dtype and zstd level (and without
+//! compression, `none`): the raw f32 size of the factors handed over, the
+//! bytes on disk, their ratio, and the rate at which the recorder accepted
+//! the data (until the last `updates` call returned) and wrote it (until
+//! `finish` returned). The run recorded without compression is then
+//! compacted (`reptrace_record::compact`), timed, and its size compared
+//! with the zstd-1 run's.
 //!
 //! Environment: `REPTRACE_BENCH_STEPS` (default 400), `REPTRACE_BENCH_REPEATS`
 //! (default 3; the row is the run with the median total time). Besides the
 //! table, one line per row for scripts (`scripts/bench.sh`):
 //! `BENCH storage data=synthetic dtype=f32 zstd=3 default=true ratio=R raw_bytes=… disk_bytes=… steps=S repeats=N`
-//! (`default`: the recorder's default zstd level).
+//! (`default`: the recorder's default zstd level; `zstd=none`: uncompressed);
+//! `BENCH write dtype=f16 compression=none seconds=… steps=S` (the writer's
+//! total time); `BENCH compact dtype=f32 seconds=… seconds_per_gb=…
+//! input_bytes=… output_bytes=… zstd_bytes=…` (per GB of uncompressed input).
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reptrace_format::{Dtype, LinearSpec, Model, Module, Optimizer, Table};
-use reptrace_record::{ParquetOptions, Recorder, StepRow, UpdateBatch};
+use reptrace_record::{Compression, ParquetOptions, Recorder, StepRow, UpdateBatch, compact};
 use std::time::Instant;
 
 const BATCH: usize = 64;
@@ -73,16 +79,22 @@ struct Row {
     disk: u64,
     accept_s: f64,
     total_s: f64,
+    /// Compaction: seconds, bytes of the parts it read, bytes of the
+    /// compacted `updates`.
+    compacted: Option<(f64, u64, u64)>,
 }
 
-fn run(data: &Data, dtype: Dtype, level: i32, steps: usize) -> Row {
+/// Records `steps` steps with zstd at `level`, or uncompressed (`None`,
+/// then compacted).
+fn run(data: &Data, dtype: Dtype, level: Option<i32>, steps: usize) -> Row {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = dir.path().join("run");
     let mut rec = Recorder::builder(&run)
         .model(model())
         .optimizer(Optimizer::sgd(0.1))
         .dtype(dtype)
-        .zstd_level(level)
+        .zstd_level(level.unwrap_or(1))
+        .compression(level.map_or(Compression::None, |_| Compression::Zstd))
         .build()
         .expect("recorder");
     let ids: Vec<i64> = (0..BATCH as i64).collect();
@@ -125,11 +137,20 @@ fn run(data: &Data, dtype: Dtype, level: i32, steps: usize) -> Row {
     let m = rec.finish(&[]).expect("finish");
     let total_s = start.elapsed().as_secs_f64();
     let disk = m.files(Table::Updates).iter().map(|f| f.bytes).sum();
+    let compacted = level.is_none().then(|| {
+        let start = Instant::now();
+        let report = compact(&run, &ParquetOptions::default()).expect("compact");
+        let secs = start.elapsed().as_secs_f64();
+        let m = reptrace_format::Manifest::load(&run).expect("manifest");
+        let updates = m.files(Table::Updates).iter().map(|f| f.bytes).sum();
+        (secs, report.bytes_before, updates)
+    });
     Row {
         raw,
         disk,
         accept_s,
         total_s,
+        compacted,
     }
 }
 
@@ -158,7 +179,8 @@ fn main() {
     );
     let mut summary = Vec::new();
     for dtype in [Dtype::F32, Dtype::F16] {
-        for level in [1, 3] {
+        let mut zstd1_bytes = 0;
+        for level in [Some(1), Some(3), None] {
             // The run with the median total time.
             let mut rows: Vec<Row> = (0..repeats)
                 .map(|_| run(&data, dtype, level, steps))
@@ -166,10 +188,11 @@ fn main() {
             rows.sort_by(|a, b| a.total_s.total_cmp(&b.total_s));
             let r = &rows[rows.len() / 2];
             let mb = r.raw as f64 / 1e6;
+            let name = level.map_or("none".to_owned(), |l| l.to_string());
             println!(
                 "{:<6} {:>5} {:>12.1} {:>12.1} {:>8.3} {:>12.0} {:>12.0}",
                 dtype.to_string(),
-                level,
+                name,
                 mb,
                 r.disk as f64 / 1e6,
                 r.disk as f64 / r.raw as f64,
@@ -177,13 +200,45 @@ fn main() {
                 mb / r.total_s
             );
             summary.push(format!(
-                "BENCH storage data=synthetic dtype={dtype} zstd={level} default={} ratio={:.4} \
+                "BENCH storage data=synthetic dtype={dtype} zstd={name} default={} ratio={:.4} \
                  raw_bytes={} disk_bytes={} steps={steps} repeats={repeats}",
-                level == default_level,
+                level == Some(default_level),
                 r.disk as f64 / r.raw as f64,
                 r.raw,
                 r.disk
             ));
+            summary.push(format!(
+                "BENCH write dtype={dtype} compression={} seconds={:.4} steps={steps} \
+                 repeats={repeats}",
+                if level.is_some() {
+                    format!("zstd{name}")
+                } else {
+                    name.clone()
+                },
+                r.total_s
+            ));
+            if level == Some(1) {
+                zstd1_bytes = r.disk;
+            }
+            if let Some((secs, input, output)) = r.compacted {
+                println!(
+                    "{:<6} {:>5} compacted to {:.1} MB ({:.3} of the zstd-1 run) in {secs:.2} s: \
+                     {:.2} s per GB of uncompressed parts",
+                    dtype.to_string(),
+                    "",
+                    output as f64 / 1e6,
+                    output as f64 / zstd1_bytes.max(1) as f64,
+                    secs / (input as f64 / 1e9)
+                );
+                summary.push(format!(
+                    "BENCH compact dtype={dtype} seconds={secs:.4} seconds_per_gb={:.4} \
+                     input_bytes={} output_bytes={} zstd_bytes={zstd1_bytes} steps={steps} \
+                     repeats={repeats}",
+                    secs / (input as f64 / 1e9),
+                    input,
+                    output
+                ));
+            }
         }
     }
     for line in summary {
