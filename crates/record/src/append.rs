@@ -216,6 +216,7 @@ impl ProbeAppender {
                 &self.manifest.run_id,
                 Table::Probes,
                 Some(layer),
+                self.manifest.dtype,
             )?;
             let part = PartWriter::create_at(
                 &self.run,

@@ -17,11 +17,12 @@
 use crate::append::lock_run;
 use crate::part::{Compression, ParquetOptions, properties_with};
 use crate::{Error, Result, durable};
+use arrow_schema::DataType;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression as Codec;
 use parquet::file::metadata::KeyValue;
-use reptrace_format::{FileEntry, Manifest, Table, layout};
+use reptrace_format::{Dtype, FileEntry, Manifest, Table, col, layout};
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub fn compact_with(
         ..*options
     };
     // A bad level is refused before anything is read.
-    properties_with(&options, Table::Steps, Vec::new())?;
+    properties_with(&options, Table::Steps, Vec::new(), Dtype::F32)?;
     let _lock = lock_run(run, "compact it")?;
     let mut manifest = Manifest::open(run)?;
     let mut report = Compacted {
@@ -190,8 +191,13 @@ fn rewrite(
         context: src.display().to_string(),
         message: format!("unknown table {:?} in the manifest", entry.table),
     })?;
-    let props = properties_with(options, table, kvs)?;
     let schema = builder.schema().clone();
+    // The factor type, for the encoding of the factor columns.
+    let half = schema.field_with_name(col::U).is_ok_and(
+        |f| matches!(f.data_type(), DataType::List(item) if item.data_type() == &DataType::Float16),
+    );
+    let dtype = if half { Dtype::F16 } else { Dtype::F32 };
+    let props = properties_with(options, table, kvs, dtype)?;
     let reader = builder
         .with_batch_size(8192)
         .build()

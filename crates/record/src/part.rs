@@ -16,7 +16,7 @@ use parquet::basic::{Compression as Codec, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use reptrace_format::{FORMAT_VERSION, FileEntry, Table, col, kv, layout};
+use reptrace_format::{Dtype, FORMAT_VERSION, FileEntry, Table, col, kv, layout};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -90,7 +90,10 @@ pub(crate) fn list_item_path(name: &str) -> ColumnPath {
 
 /// The float columns of a table: stored without dictionary (factor values
 /// barely repeat), with BYTE_STREAM_SPLIT (which lets zstd find the
-/// exponent bytes' redundancy) and without statistics (nobody filters on them).
+/// exponent bytes' redundancy) and without statistics (nobody filters on
+/// them). Float16 factors (`dtype` f16) are the exception: DuckDB reads
+/// BYTE_STREAM_SPLIT for FLOAT, DOUBLE, INT32 and INT64 only, so they are
+/// stored PLAIN.
 fn float_columns(table: Table) -> Vec<ColumnPath> {
     match table {
         Table::Updates => vec![
@@ -121,6 +124,7 @@ pub(crate) fn properties(
     run_id: &str,
     table: Table,
     layer: Option<&str>,
+    dtype: Dtype,
 ) -> Result<WriterProperties> {
     let mut kvs = vec![
         KeyValue::new(kv::FORMAT_VERSION.to_owned(), FORMAT_VERSION.to_string()),
@@ -130,7 +134,7 @@ pub(crate) fn properties(
     if let Some(layer) = layer {
         kvs.push(KeyValue::new(kv::LAYER.to_owned(), layer.to_owned()));
     }
-    properties_with(options, table, kvs)
+    properties_with(options, table, kvs, dtype)
 }
 
 /// Writer properties for one part file of `table` with footer metadata `kvs`.
@@ -138,6 +142,7 @@ pub(crate) fn properties_with(
     options: &ParquetOptions,
     table: Table,
     kvs: Vec<KeyValue>,
+    dtype: Dtype,
 ) -> Result<WriterProperties> {
     let level = ZstdLevel::try_new(options.zstd_level).map_err(|_| Error::Setting {
         setting: "zstd_level",
@@ -156,10 +161,16 @@ pub(crate) fn properties_with(
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_key_value_metadata(Some(kvs))
         .set_created_by(format!("reptrace-record {}", env!("CARGO_PKG_VERSION")));
+    let half = [list_item_path(col::U), list_item_path(col::V)];
     for path in float_columns(table) {
+        let encoding = if table == Table::Updates && dtype == Dtype::F16 && half.contains(&path) {
+            Encoding::PLAIN
+        } else {
+            float_encoding
+        };
         b = b
             .set_column_dictionary_enabled(path.clone(), false)
-            .set_column_encoding(path.clone(), float_encoding)
+            .set_column_encoding(path.clone(), encoding)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
     }
     Ok(b.build())
@@ -304,15 +315,15 @@ mod tests {
         }
     }
 
-    /// The float columns really get BYTE_STREAM_SPLIT and no dictionary, for
-    /// both dtypes: this checks the `u.list.item` leaf path and that arrow-rs
-    /// honours the encoding for Float16 (FIXED_LEN_BYTE_ARRAY(2)).
+    /// The float columns really get BYTE_STREAM_SPLIT and no dictionary
+    /// (this checks the `u.list.item` leaf path), but Float16 factors
+    /// (FIXED_LEN_BYTE_ARRAY(2)), which are PLAIN so that DuckDB reads them.
     #[test]
     fn float_columns_use_byte_stream_split() {
         for dtype in [Dtype::F32, Dtype::F16] {
             let dir = tempfile::tempdir().unwrap();
             let opts = ParquetOptions::default();
-            let props = properties(&opts, "run-x", Table::Updates, Some("fc1")).unwrap();
+            let props = properties(&opts, "run-x", Table::Updates, Some("fc1"), dtype).unwrap();
             let mut w = PartWriter::create(
                 dir.path(),
                 Table::Updates,
@@ -362,8 +373,10 @@ mod tests {
                     .find(|c| c.column_path().string() == name)
                     .unwrap_or_else(|| panic!("{dtype}: no column {name}"));
                 let enc: Vec<_> = c.encodings().collect();
-                assert!(
+                let half = dtype == Dtype::F16 && name != "update_norm";
+                assert_eq!(
                     enc.contains(&Encoding::BYTE_STREAM_SPLIT),
+                    !half,
                     "{dtype} {name}: {enc:?}"
                 );
                 assert!(
@@ -391,7 +404,7 @@ mod tests {
         writes: usize,
         rows_each: usize,
     ) -> Vec<i64> {
-        let props = properties(opts, "r", Table::Updates, Some("l")).unwrap();
+        let props = properties(opts, "r", Table::Updates, Some("l"), Dtype::F32).unwrap();
         let mut w = PartWriter::create(
             dir,
             Table::Updates,
@@ -441,7 +454,7 @@ mod tests {
     fn discard_removes_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let opts = ParquetOptions::default();
-        let props = properties(&opts, "r", Table::Steps, None).unwrap();
+        let props = properties(&opts, "r", Table::Steps, None, Dtype::F32).unwrap();
         let w = PartWriter::create(
             dir.path(),
             Table::Steps,
@@ -463,7 +476,7 @@ mod tests {
             zstd_level: 99,
             ..ParquetOptions::default()
         };
-        let e = properties(&opts, "r", Table::Steps, None).unwrap_err();
+        let e = properties(&opts, "r", Table::Steps, None, Dtype::F32).unwrap_err();
         assert!(e.to_string().contains("zstd_level"), "{e}");
     }
 }

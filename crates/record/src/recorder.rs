@@ -165,7 +165,7 @@ impl RecorderBuilder {
             .take()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Checks the zstd level now rather than at the first write.
-        properties(&self.parquet, &run_id, Table::Steps, None)?;
+        properties(&self.parquet, &run_id, Table::Steps, None, self.dtype)?;
         let layers = layer_infos(&model, self.mode)?;
         let weight_shapes = weight_shapes(&model);
         if let Role::Worker { rank } = self.role {

@@ -359,7 +359,13 @@ impl Writer {
         if !self.parts.contains_key(&key) {
             let (table, layer, checkpoint) = key;
             let name = layer.and_then(|i| self.layers.get(i)).map(String::as_str);
-            let props = properties(&self.options, &self.manifest.run_id, table, name)?;
+            let props = properties(
+                &self.options,
+                &self.manifest.run_id,
+                table,
+                name,
+                self.dtype,
+            )?;
             let seq = self.manifest.commits.len() as u64;
             let rel = match (checkpoint, name, self.role.worker()) {
                 (_, _, Some(rank)) => layout::rank_part_path(table, name, self.stage_seq, rank),
