@@ -70,7 +70,8 @@ def sync(device) -> None:
 
 
 def train(name, x, y, steps, dtype, run_dir, device):
-    """(seconds, model, initial state) of `steps` steps; traced when `dtype`."""
+    """(seconds, model, initial state) of `steps` steps; traced when `dtype`
+    (`f32`, `f16`, or either with `_none`: recorded without compression)."""
     make, _, batch, sgd = MODELS[name]
     torch.manual_seed(0)
     model = make().to(device)
@@ -78,7 +79,9 @@ def train(name, x, y, steps, dtype, run_dir, device):
     opt = torch.optim.SGD(model.parameters(), **sgd)
     tracer = None
     if dtype is not None:
-        tracer = reptrace.Tracer(model, opt, run_dir, classes=CLASSES, dtype=dtype)
+        kind, _, compression = dtype.partition("_")
+        tracer = reptrace.Tracer(model, opt, run_dir, classes=CLASSES, dtype=kind,
+                                 compression=compression or "zstd")
     batches = x.shape[0] // batch
     sync(device)
     start = time.perf_counter()
@@ -113,12 +116,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="reptrace-torch-cuda-"))
     failed = False
     try:
-        print(f"{'model':<9}{'dtype':<6}{'untraced ms/step':>18}{'traced ms/step':>16}{'ratio':>8}")
+        print(f"{'model':<9}{'dtype':<10}{'untraced ms/step':>18}{'traced ms/step':>16}{'ratio':>8}")
         for name, (_, features, batch, _) in MODELS.items():
             x, y = data(features, 64 * batch, device)
             train(name, x, y, 20, "f32", tmp / f"{name}-warm-up", device)
-            ratios = {"f32": [], "f16": []}
-            plain_ms, traced_ms = [], {"f32": [], "f16": []}
+            variants = ("f32", "f16", "f32_none", "f16_none")
+            ratios = {v: [] for v in variants}
+            plain_ms, traced_ms = [], {v: [] for v in variants}
             for r in range(args.repeats):
                 base, _, _ = train(name, x, y, args.steps, None, None, device)
                 plain_ms.append(base / args.steps * 1e3)
@@ -131,7 +135,7 @@ def main() -> int:
             for dtype in ratios:
                 ratio = statistics.median(ratios[dtype])
                 u, t = statistics.median(plain_ms), statistics.median(traced_ms[dtype])
-                print(f"{name:<9}{dtype:<6}{u:>18.3f}{t:>16.3f}{ratio:>8.2f}")
+                print(f"{name:<9}{dtype:<10}{u:>18.3f}{t:>16.3f}{ratio:>8.2f}")
                 print(f"BENCH torch_cuda model={name} dtype={dtype} device={device.type} "
                       f"ratio={ratio:.4f} untraced_ms_per_step={u:.4f} traced_ms_per_step={t:.4f} "
                       f"steps={args.steps} repeats={args.repeats}", flush=True)

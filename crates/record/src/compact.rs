@@ -52,14 +52,16 @@ const COMPACTED: &str = "-z";
 /// compressed are left alone, so running it twice does nothing the second
 /// time.
 pub fn compact(run: &Path, options: &ParquetOptions) -> Result<Compacted> {
-    compact_with(run, options, &mut |_, _| {})
+    compact_with(run, options, &mut |_, _| true)
 }
 
-/// [`compact`], calling `progress(done, total)` after each file.
+/// [`compact`], calling `progress(done, total)` after each file rewritten;
+/// when it returns false the compaction stops, removes what it wrote and
+/// fails with [`Error::Stopped`], leaving the run as it was.
 pub fn compact_with(
     run: &Path,
     options: &ParquetOptions,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Compacted> {
     let start = Instant::now();
     let options = ParquetOptions {
@@ -98,7 +100,12 @@ pub fn compact_with(
                 return Err(e);
             }
         }
-        progress(i + 1, todo.len());
+        if !progress(i + 1, todo.len()) {
+            discard(&written);
+            return Err(Error::Stopped {
+                run: run.to_path_buf(),
+            });
+        }
     }
     if written.is_empty() {
         report.seconds = start.elapsed().as_secs_f64();

@@ -161,6 +161,12 @@ pub enum Error {
     /// The writer thread stopped unexpectedly.
     #[error("recorder writer thread stopped unexpectedly")]
     WriterGone,
+    /// A compaction stopped by its caller before its commit.
+    #[error("{run}: compaction stopped before its commit; the run is as it was")]
+    Stopped {
+        /// The run directory.
+        run: PathBuf,
+    },
 }
 
 impl Error {

@@ -174,9 +174,14 @@ fn main() {
         .map(|(_, v)| v)
         .collect();
     let index = |name: &str| variants.iter().position(|v| v.0 == name);
-    // Warm-up (allocator, libtorch kernels), not measured.
+    // Warm-up (allocator, libtorch kernels), not measured: the first traced
+    // variant's settings (so that a profile of one variant sees only it).
+    let first = &variants[variants.len().min(2) - 1];
     let warm = TrainConfig {
         out: dir.path().join("warm"),
+        trace_layers: first.1.clone(),
+        dtype: first.2,
+        compression: first.3,
         ..base.clone()
     };
     train_on(&warm, &data, &mut |_| {}).expect("warm-up run");

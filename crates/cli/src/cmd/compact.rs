@@ -32,11 +32,16 @@ pub fn run(args: &CompactArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     let bar =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    // Ctrl-C stops it after the file being written, before its commit.
     let report = compact_with(&args.run, &options, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        reptrace_analyze::interrupt::signal().is_none()
     });
     bar.finish_and_clear();
+    if let Err(reptrace_record::Error::Stopped { .. }) = &report {
+        reptrace_analyze::interrupt::check()?;
+    }
     let report = report?;
     if args.json {
         let json = serde_json::json!({
