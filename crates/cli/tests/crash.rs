@@ -411,8 +411,25 @@ fn uncompressed_recording_and_compaction_survive_kills() {
     // A whole run recorded without compression; a compaction killed as soon
     // as its first file is being written changes nothing.
     let run = dir.path().join("run");
-    let mut child = start_training_with(&run, 3, &none);
-    assert!(child.wait().unwrap().success());
+    let o = cli().output(&[
+        "train",
+        "--epochs",
+        "3",
+        "--batch-size",
+        &BATCH.to_string(),
+        "--threads",
+        "1",
+        "--compression",
+        "none",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains(&format!("reptrace compact {}", run.display())),
+        "train names the compaction: {}",
+        text(&o.stdout)
+    );
     let manifest = std::fs::read(run.join("manifest.json")).unwrap();
     let before = fingerprint(&run);
     let bytes_before: u64 = committed_bytes(&run);

@@ -25,6 +25,7 @@ fn bad_flag_values_give_one_line_naming_the_flag() {
         (&["--data", "csv:/nonexistent/x.csv"], "--data"),
         (&["--trace-layers", "fc1,fc9"], "--trace-layers"),
         (&["--dtype", "f64"], "--dtype"),
+        (&["--compression", "lz4"], "--compression"),
         (&["--device", "tpu"], "--device"),
         (&["--probes", "some"], "--probes"),
         (&["--model", "cnn", "--data", "csv:flat.csv"], "--model"),

@@ -355,5 +355,13 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
 pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let config = args.config()?;
     let summary = train_with_progress(&config)?;
-    write_summary(out, &summary)
+    write_summary(out, &summary)?;
+    if config.compression == reptrace_record::Compression::None && summary.run.is_some() {
+        writeln!(
+            out,
+            "  recorded without compression: `reptrace compact {}` rewrites it with zstd",
+            config.out.display()
+        )?;
+    }
+    Ok(())
 }
