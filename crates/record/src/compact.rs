@@ -76,25 +76,16 @@ pub fn compact_with(
         leftovers: remove_leftovers(run, &manifest),
         ..Compacted::default()
     };
-    let mut todo = Vec::new();
+    let mut todo: Vec<FileEntry> = Vec::new();
     for f in manifest.all_files() {
         if uncompressed(&run.join(&f.path))? {
-            todo.push(f.path.clone());
+            todo.push(f.clone());
         }
     }
     let mut written: Vec<(String, FileEntry, PathBuf)> = Vec::new();
-    for (i, old) in todo.iter().enumerate() {
-        let entry = manifest
-            .all_files()
-            .into_iter()
-            .find(|f| &f.path == old)
-            .cloned()
-            .ok_or_else(|| Error::Invalid {
-                context: run.display().to_string(),
-                message: format!("{old} vanished from the manifest"),
-            })?;
-        match rewrite(run, &entry, &options) {
-            Ok((new, temp)) => written.push((old.clone(), new, temp)),
+    for (i, entry) in todo.iter().enumerate() {
+        match rewrite(run, entry, &options) {
+            Ok((new, temp)) => written.push((entry.path.clone(), new, temp)),
             Err(e) => {
                 discard(&written);
                 return Err(e);
@@ -112,7 +103,7 @@ pub fn compact_with(
         return Ok(report);
     }
     let swap = |manifest: &mut Manifest| -> Result<()> {
-        for (old, new, temp) in &written {
+        for (old, new, _) in &written {
             let entry = entries_mut(manifest)
                 .find(|f| &f.path == old)
                 .ok_or_else(|| Error::Invalid {
@@ -120,9 +111,10 @@ pub fn compact_with(
                     message: format!("{old} vanished from the manifest"),
                 })?;
             *entry = new.clone();
-            if let Some(dir) = temp.parent() {
-                durable::sync_dir(dir)?;
-            }
+        }
+        let dirs: BTreeSet<&Path> = written.iter().filter_map(|(_, _, t)| t.parent()).collect();
+        for dir in dirs {
+            durable::sync_dir(dir)?;
         }
         durable::write_atomic(&layout::manifest_path(run), manifest.to_json().as_bytes())
     };
