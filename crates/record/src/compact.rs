@@ -15,10 +15,10 @@
 //!
 //! The run's lock is held throughout: a run still being recorded is refused.
 use crate::append::lock_run;
+use crate::encode::FileWriter;
 use crate::part::{Compression, ParquetOptions, properties_with};
 use crate::{Error, Result, durable};
 use arrow_schema::DataType;
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression as Codec;
 use parquet::file::metadata::KeyValue;
@@ -180,7 +180,7 @@ fn rewrite(
         .key_value_metadata()
         .map(|kvs| {
             kvs.iter()
-                // arrow-rs writes the Arrow schema again itself.
+                // The writer stores the Arrow schema again itself.
                 .filter(|kv| kv.key != "ARROW:schema")
                 .cloned()
                 .collect()
@@ -207,7 +207,7 @@ fn rewrite(
     let write = || -> Result<u64> {
         let out = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
         let mut writer =
-            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| Error::parquet(&temp, e))?;
+            FileWriter::try_new(out, schema, props).map_err(|e| Error::parquet(&temp, e))?;
         let mut rows = 0u64;
         for batch in reader {
             let batch = batch.map_err(|e| Error::Arrow {

@@ -59,6 +59,7 @@ mod batch;
 mod columns;
 mod compact;
 mod durable;
+mod encode;
 pub mod error;
 mod part;
 mod recorder;

@@ -9,9 +9,9 @@
 //! (`reptrace_format::layout::publish`), so directory-listing readers never
 //! see an uncommitted part.
 use crate::durable;
+use crate::encode::FileWriter;
 use crate::{Error, Result};
 use arrow_array::RecordBatch;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as Codec, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -183,7 +183,7 @@ pub(crate) struct PartWriter {
     table: Table,
     layer: Option<String>,
     temp: PathBuf,
-    writer: ArrowWriter<File>,
+    writer: FileWriter<File>,
     rows: u64,
     row_group_bytes: usize,
 }
@@ -220,8 +220,8 @@ impl PartWriter {
             durable::create_dir(dir)?;
         }
         let file = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
-        let writer = ArrowWriter::try_new(file, schema, Some(props))
-            .map_err(|e| Error::parquet(&temp, e))?;
+        let writer =
+            FileWriter::try_new(file, schema, props).map_err(|e| Error::parquet(&temp, e))?;
         Ok(Self {
             rel,
             table,

@@ -1,0 +1,639 @@
+//! The Parquet file writer behind every part and every compacted file.
+//!
+//! arrow-rs encodes the columns, row group by row group, except lists of
+//! `Float16` (the factors of an f16 run): arrow-rs writes a FLOAT16 value as
+//! a FIXED_LEN_BYTE_ARRAY with one reference-counted buffer per value, which
+//! made writing half the bytes of an f32 run take longer than the f32 run.
+//! This module writes those column chunks itself, in bulk: PLAIN values (the
+//! two bytes of each half float, as FIXED_LEN_BYTE_ARRAY(2) pages with the
+//! FLOAT16 logical type, exactly what arrow-rs would have written) copied a
+//! row at a time, repetition and definition levels as RLE runs (two per
+//! row), data pages (v1) cut at row boundaries and listed in the offset
+//! index. Readers see the same schema and the same values.
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float16Type;
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
+use arrow_schema::{DataType, Field, SchemaRef};
+use bytes::Bytes;
+use parquet::arrow::ArrowSchemaConverter;
+use parquet::arrow::add_encoded_arrow_schema_to_metadata;
+use parquet::arrow::arrow_writer::{ArrowColumnWriter, ArrowRowGroupWriterFactory, compute_leaves};
+use parquet::basic::{Compression as Codec, Encoding};
+use parquet::column::page::{CompressedPage, Page, PageWriter};
+use parquet::column::writer::ColumnCloseResult;
+use parquet::errors::{ParquetError, Result};
+use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder};
+use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
+use parquet::file::writer::{SerializedFileWriter, SerializedPageWriter, TrackedWrite};
+use parquet::schema::types::ColumnDescPtr;
+use std::io::Write;
+use std::sync::Arc;
+
+/// Writes record batches of one Arrow schema to one Parquet file.
+pub(crate) struct FileWriter<W: Write + Send> {
+    file: SerializedFileWriter<W>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    /// How each top-level field is encoded.
+    plans: Vec<Plan>,
+    /// The row group being filled.
+    group: Option<Vec<Chunk>>,
+    group_rows: usize,
+    max_rows: usize,
+}
+
+/// How one top-level field is encoded.
+enum Plan {
+    /// By arrow-rs, as this many leaf columns.
+    Arrow(usize),
+    /// As a list of half floats, by [`HalfList`].
+    Half(ColumnDescPtr),
+}
+
+/// One top-level field's column chunk(s) in the row group being filled.
+enum Chunk {
+    Arrow(Vec<ArrowColumnWriter>),
+    Half(Box<HalfList>),
+}
+
+impl<W: Write + Send> FileWriter<W> {
+    /// A writer for `schema` with `props` (the Arrow schema is stored in the
+    /// footer, as arrow-rs's own writer does).
+    pub(crate) fn try_new(out: W, schema: SchemaRef, mut props: WriterProperties) -> Result<Self> {
+        let parquet = ArrowSchemaConverter::new()
+            .with_coerce_types(props.coerce_types())
+            .convert(&schema)?;
+        add_encoded_arrow_schema_to_metadata(&schema, &mut props);
+        let max_rows = props.max_row_group_row_count().unwrap_or(usize::MAX).max(1);
+        let props: WriterPropertiesPtr = Arc::new(props);
+        let file = SerializedFileWriter::new(out, parquet.root_schema_ptr(), Arc::clone(&props))?;
+        let mut leaves = vec![0usize; schema.fields().len()];
+        for i in 0..parquet.num_columns() {
+            leaves[parquet.get_column_root_idx(i)] += 1;
+        }
+        let mut first_leaf = 0;
+        let plans = schema
+            .fields()
+            .iter()
+            .zip(leaves)
+            .map(|(field, n)| {
+                let descr = parquet.column(first_leaf);
+                first_leaf += n;
+                if n == 1
+                    && is_half_list(field)
+                    && descr.max_def_level() == 1
+                    && descr.max_rep_level() == 1
+                {
+                    Plan::Half(descr)
+                } else {
+                    Plan::Arrow(n)
+                }
+            })
+            .collect();
+        let factory = ArrowRowGroupWriterFactory::new(&file, Arc::clone(&schema));
+        Ok(Self {
+            file,
+            factory,
+            schema,
+            plans,
+            group: None,
+            group_rows: 0,
+            max_rows,
+        })
+    }
+
+    /// Appends the rows of `batch`, closing a row group at the row limit.
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        if batch.num_columns() != self.plans.len() {
+            return Err(ParquetError::General(format!(
+                "a batch of {} columns for a schema of {}",
+                batch.num_columns(),
+                self.plans.len()
+            )));
+        }
+        if self.group_rows + rows > self.max_rows {
+            let first = self.max_rows - self.group_rows;
+            self.write(&batch.slice(0, first))?;
+            return self.write(&batch.slice(first, rows - first));
+        }
+        let mut group = match self.group.take() {
+            Some(group) => group,
+            None => self.start_group()?,
+        };
+        for ((chunk, field), column) in group
+            .iter_mut()
+            .zip(self.schema.fields())
+            .zip(batch.columns())
+        {
+            match chunk {
+                Chunk::Arrow(writers) => {
+                    for (writer, leaf) in writers.iter_mut().zip(compute_leaves(field, column)?) {
+                        writer.write(&leaf)?;
+                    }
+                }
+                Chunk::Half(half) => half.write(field, column)?,
+            }
+        }
+        self.group = Some(group);
+        self.group_rows += rows;
+        if self.group_rows >= self.max_rows {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn start_group(&self) -> Result<Vec<Chunk>> {
+        let props = self.file.properties();
+        let mut writers = self
+            .factory
+            .create_column_writers(self.file.flushed_row_groups().len())?
+            .into_iter();
+        self.plans
+            .iter()
+            .map(|plan| match plan {
+                Plan::Arrow(n) => Ok(Chunk::Arrow(writers.by_ref().take(*n).collect())),
+                Plan::Half(descr) => {
+                    // arrow-rs's writer for this leaf is not used.
+                    writers.next();
+                    HalfList::new(Arc::clone(descr), props).map(|h| Chunk::Half(Box::new(h)))
+                }
+            })
+            .collect()
+    }
+
+    /// Encoded bytes of the row group being filled (an estimate for the
+    /// columns arrow-rs encodes).
+    pub(crate) fn in_progress_size(&self) -> usize {
+        self.group.iter().flatten().map(Chunk::size).sum()
+    }
+
+    /// Memory held by the row group being filled.
+    pub(crate) fn memory_size(&self) -> usize {
+        self.group.iter().flatten().map(Chunk::memory).sum()
+    }
+
+    /// Writes the row group being filled to the file.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        self.group_rows = 0;
+        let mut out = self.file.next_row_group()?;
+        for chunk in group {
+            match chunk {
+                Chunk::Arrow(writers) => {
+                    for writer in writers {
+                        writer.close()?.append_to_row_group(&mut out)?;
+                    }
+                }
+                Chunk::Half(half) => {
+                    let (bytes, close) = half.close()?;
+                    out.append_column(&bytes, close)?;
+                }
+            }
+        }
+        out.close()?;
+        Ok(())
+    }
+
+    /// Writes the last row group and the footer.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file.finish()?;
+        Ok(())
+    }
+
+    /// The file being written.
+    pub(crate) fn inner(&self) -> &W {
+        self.file.inner()
+    }
+
+    /// Writes the last row group and the footer and returns the file.
+    pub(crate) fn into_inner(mut self) -> Result<W> {
+        self.flush()?;
+        self.file.into_inner()
+    }
+}
+
+impl Chunk {
+    fn size(&self) -> usize {
+        match self {
+            Chunk::Arrow(writers) => writers
+                .iter()
+                .map(ArrowColumnWriter::get_estimated_total_bytes)
+                .sum(),
+            Chunk::Half(half) => half.size(),
+        }
+    }
+
+    fn memory(&self) -> usize {
+        match self {
+            Chunk::Arrow(writers) => writers.iter().map(ArrowColumnWriter::memory_size).sum(),
+            Chunk::Half(half) => half.memory(),
+        }
+    }
+}
+
+/// A non-null list of non-null half floats.
+fn is_half_list(field: &Field) -> bool {
+    match field.data_type() {
+        DataType::List(item) => {
+            !field.is_nullable() && !item.is_nullable() && item.data_type() == &DataType::Float16
+        }
+        _ => false,
+    }
+}
+
+/// The column chunk of a `List<Float16>` field (max definition and
+/// repetition level 1: a list's values have definition level 1, an empty
+/// list is one entry of level 0), written page by page into memory.
+struct HalfList {
+    descr: ColumnDescPtr,
+    codec: Codec,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    page_limit: usize,
+    /// The chunk's pages so far.
+    out: TrackedWrite<Vec<u8>>,
+    offsets: OffsetIndexBuilder,
+    rows: u64,
+    entries: i64,
+    compressed: i64,
+    uncompressed: i64,
+    /// The page being filled.
+    rep: Runs,
+    def: Runs,
+    values: Vec<u8>,
+    page_rows: i64,
+    page_entries: u32,
+    scratch: Vec<u8>,
+}
+
+impl HalfList {
+    fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
+        let codec = props.compression(descr.path());
+        let zstd = match codec {
+            Codec::UNCOMPRESSED => None,
+            Codec::ZSTD(level) => Some(
+                zstd::bulk::Compressor::new(level.compression_level())
+                    .map_err(|e| ParquetError::External(Box::new(e)))?,
+            ),
+            other => {
+                return Err(ParquetError::NYI(format!(
+                    "{other} for the half-float column {}",
+                    descr.path()
+                )));
+            }
+        };
+        Ok(Self {
+            page_limit: props.column_data_page_size_limit(descr.path()).max(1),
+            descr,
+            codec,
+            zstd,
+            out: TrackedWrite::new(Vec::new()),
+            offsets: OffsetIndexBuilder::new(),
+            rows: 0,
+            entries: 0,
+            compressed: 0,
+            uncompressed: 0,
+            rep: Runs::default(),
+            def: Runs::default(),
+            values: Vec::new(),
+            page_rows: 0,
+            page_entries: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn write(&mut self, field: &Field, column: &ArrayRef) -> Result<()> {
+        let list: &ListArray = column.as_list_opt().ok_or_else(|| {
+            ParquetError::General(format!("column {} is not a list", field.name()))
+        })?;
+        let items = list
+            .values()
+            .as_primitive_opt::<Float16Type>()
+            .ok_or_else(|| {
+                ParquetError::General(format!("column {} is not a list of float16", field.name()))
+            })?;
+        if list.null_count() > 0 || items.null_count() > 0 {
+            return Err(ParquetError::General(format!(
+                "column {} holds nulls, its schema none",
+                field.name()
+            )));
+        }
+        let bytes: &[u8] = items.values().inner().as_slice();
+        for window in list.value_offsets().windows(2) {
+            let (start, end) = (window[0] as usize, window[1] as usize);
+            let len = (end - start) as u64;
+            self.rep.push(0, 1);
+            if len == 0 {
+                self.def.push(0, 1);
+            } else {
+                self.rep.push(1, len - 1);
+                self.def.push(1, len);
+                self.values.extend_from_slice(&bytes[start * 2..end * 2]);
+            }
+            let entries = len.max(1);
+            self.page_entries += entries as u32;
+            self.page_rows += 1;
+            self.rows += 1;
+            if self.values.len() >= self.page_limit {
+                self.flush_page()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the page being filled: repetition levels, definition levels
+    /// (each a 4-byte length and RLE runs), then the values.
+    fn flush_page(&mut self) -> Result<()> {
+        if self.page_entries == 0 {
+            return Ok(());
+        }
+        let buf = &mut self.scratch;
+        buf.clear();
+        for runs in [&mut self.rep, &mut self.def] {
+            let levels = runs.finish();
+            buf.extend_from_slice(&(levels.len() as u32).to_le_bytes());
+            buf.extend_from_slice(levels);
+        }
+        buf.extend_from_slice(&self.values);
+        let uncompressed = buf.len();
+        let data = match &mut self.zstd {
+            None => Bytes::copy_from_slice(buf),
+            Some(zstd) => Bytes::from(
+                zstd.compress(buf)
+                    .map_err(|e| ParquetError::External(Box::new(e)))?,
+            ),
+        };
+        let page = Page::DataPage {
+            buf: data,
+            num_values: self.page_entries,
+            encoding: Encoding::PLAIN,
+            def_level_encoding: Encoding::RLE,
+            rep_level_encoding: Encoding::RLE,
+            statistics: None,
+        };
+        let spec = SerializedPageWriter::new(&mut self.out)
+            .write_page(CompressedPage::new(page, uncompressed))?;
+        self.offsets
+            .append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
+        self.offsets.append_row_count(self.page_rows);
+        self.compressed += spec.compressed_size as i64;
+        self.uncompressed += spec.uncompressed_size as i64;
+        self.entries += i64::from(self.page_entries);
+        self.rep.clear();
+        self.def.clear();
+        self.values.clear();
+        self.page_rows = 0;
+        self.page_entries = 0;
+        Ok(())
+    }
+
+    fn size(&self) -> usize {
+        self.out.bytes_written() + self.values.len()
+    }
+
+    fn memory(&self) -> usize {
+        self.out.bytes_written() + self.values.capacity() + self.scratch.capacity()
+    }
+
+    /// The chunk's bytes and what the row group needs to splice them in.
+    fn close(mut self) -> Result<(Bytes, ColumnCloseResult)> {
+        self.flush_page()?;
+        let metadata = ColumnChunkMetaData::builder(Arc::clone(&self.descr))
+            .set_compression(self.codec)
+            .set_encodings(vec![Encoding::PLAIN, Encoding::RLE])
+            .set_num_values(self.entries)
+            .set_total_compressed_size(self.compressed)
+            .set_total_uncompressed_size(self.uncompressed)
+            .set_data_page_offset(0)
+            .build()?;
+        let bytes = Bytes::from(self.out.into_inner()?);
+        let close = ColumnCloseResult {
+            bytes_written: bytes.len() as u64,
+            rows_written: self.rows,
+            metadata,
+            bloom_filter: None,
+            column_index: None,
+            offset_index: Some(self.offsets.build()),
+        };
+        Ok((bytes, close))
+    }
+}
+
+/// Levels of bit width 1 as RLE runs of the RLE/bit-packing hybrid: each
+/// run is its length shifted left by one (ULEB128), then the value in one
+/// byte.
+#[derive(Default)]
+struct Runs {
+    buf: Vec<u8>,
+    value: u8,
+    count: u64,
+}
+
+impl Runs {
+    fn push(&mut self, value: u8, count: u64) {
+        if count == 0 {
+            return;
+        }
+        if self.count > 0 && value == self.value {
+            self.count += count;
+        } else {
+            self.emit();
+            self.value = value;
+            self.count = count;
+        }
+    }
+
+    fn emit(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let mut header = self.count << 1;
+        loop {
+            let byte = (header & 0x7f) as u8;
+            header >>= 7;
+            if header == 0 {
+                self.buf.push(byte);
+                break;
+            }
+            self.buf.push(byte | 0x80);
+        }
+        self.buf.push(self.value);
+        self.count = 0;
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        self.emit();
+        &self.buf
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use arrow_array::builder::{Float16Builder, Float32Builder, ListBuilder};
+    use arrow_array::{Float16Array, UInt64Array};
+    use arrow_schema::Schema;
+    use half::f16;
+    use parquet::arrow::ArrowWriter;
+    use parquet::arrow::arrow_reader::{
+        ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+    };
+    use parquet::basic::ZstdLevel;
+    use parquet::file::metadata::PageIndexPolicy;
+    use proptest::prelude::*;
+
+    fn schema() -> SchemaRef {
+        let item = |t| Arc::new(Field::new("item", t, false));
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt64, false),
+            Field::new("u", DataType::List(item(DataType::Float16)), false),
+            Field::new("w", DataType::List(item(DataType::Float32)), false),
+            Field::new("v", DataType::List(item(DataType::Float16)), false),
+        ]))
+    }
+
+    /// Rows with `lens[i]` half floats in `u`, `lens[i] / 2` in `v` and
+    /// `lens[i] % 3` f32 in `w`, values from the row and position.
+    fn batch(first: u64, lens: &[usize]) -> RecordBatch {
+        let item = |t| Arc::new(Field::new("item", t, false));
+        let mut u = ListBuilder::new(Float16Builder::new()).with_field(item(DataType::Float16));
+        let mut v = ListBuilder::new(Float16Builder::new()).with_field(item(DataType::Float16));
+        let mut w = ListBuilder::new(Float32Builder::new()).with_field(item(DataType::Float32));
+        for (r, &len) in lens.iter().enumerate() {
+            let x = |j: usize| (first as f32 + r as f32) * 0.37 - j as f32 * 1.5;
+            for j in 0..len {
+                u.values().append_value(f16::from_f32(x(j)));
+            }
+            for j in 0..len / 2 {
+                v.values().append_value(f16::from_f32(-x(j)));
+            }
+            for j in 0..len % 3 {
+                w.values().append_value(x(j));
+            }
+            u.append(true);
+            v.append(true);
+            w.append(true);
+        }
+        let ids = UInt64Array::from_iter_values(first..first + lens.len() as u64);
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(ids),
+                Arc::new(u.finish()),
+                Arc::new(w.finish()),
+                Arc::new(v.finish()),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn props(codec: Codec, page: usize, rows: usize) -> WriterProperties {
+        WriterProperties::builder()
+            .set_compression(codec)
+            .set_data_page_size_limit(page)
+            .set_max_row_group_row_count(Some(rows))
+            .set_dictionary_enabled(false)
+            .build()
+    }
+
+    fn read(bytes: Bytes, selection: Option<RowSelection>) -> RecordBatch {
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required);
+        let mut builder =
+            ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options).unwrap();
+        if let Some(selection) = selection {
+            builder = builder.with_row_selection(selection);
+        }
+        let batches: Vec<_> = builder.build().unwrap().map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&schema(), &batches).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Half-float lists written in bulk read back (whole, and a row
+        /// selection through the offset index) as arrow-rs's own writer's
+        /// file does, with the same Parquet schema, whatever the list
+        /// lengths (empty ones too), page size, row group size and codec.
+        #[test]
+        fn half_lists_read_back_as_arrow_rs_writes_them(
+            batches in prop::collection::vec(prop::collection::vec(0usize..40, 1..30), 1..6),
+            page in 16usize..400,
+            rows in 1usize..50,
+            zstd in any::<bool>(),
+            skip in 0usize..40,
+            take in 1usize..40,
+        ) {
+            let codec = if zstd { Codec::ZSTD(ZstdLevel::try_new(1).unwrap()) } else { Codec::UNCOMPRESSED };
+            let mut first = 0u64;
+            let batches: Vec<_> = batches.iter().map(|lens| {
+                let b = batch(first, lens);
+                first += lens.len() as u64;
+                b
+            }).collect();
+            let mut ours = FileWriter::try_new(Vec::new(), schema(), props(codec, page, rows)).unwrap();
+            let mut theirs = ArrowWriter::try_new(Vec::new(), schema(), Some(props(codec, page, rows))).unwrap();
+            for b in &batches {
+                ours.write(b).unwrap();
+                theirs.write(b).unwrap();
+            }
+            let ours = Bytes::from(ours.into_inner().unwrap());
+            let theirs = Bytes::from(theirs.into_inner().unwrap());
+            let meta = |b: &Bytes| ParquetRecordBatchReaderBuilder::try_new(b.clone()).unwrap().metadata().clone();
+            let (m1, m2) = (meta(&ours), meta(&theirs));
+            prop_assert_eq!(m1.file_metadata().schema_descr(), m2.file_metadata().schema_descr());
+            prop_assert_eq!(m1.num_row_groups(), m2.num_row_groups());
+            let expected = read(theirs.clone(), None);
+            prop_assert_eq!(&read(ours.clone(), None), &expected);
+            let n = first as usize;
+            let skip = skip.min(n - 1);
+            let take = take.min(n - skip);
+            let selection = RowSelection::from(vec![
+                RowSelector::skip(skip),
+                RowSelector::select(take),
+                RowSelector::skip(n - skip - take),
+            ]);
+            prop_assert_eq!(read(ours, Some(selection)), expected.slice(skip, take));
+        }
+    }
+
+    #[test]
+    fn half_list_pages_are_cut_at_the_page_limit() {
+        let lens = vec![100; 50];
+        let mut w = FileWriter::try_new(
+            Vec::new(),
+            schema(),
+            props(Codec::UNCOMPRESSED, 1000, 1_000_000),
+        )
+        .unwrap();
+        w.write(&batch(0, &lens)).unwrap();
+        let bytes = Bytes::from(w.into_inner().unwrap());
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required);
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new_with_options(bytes.clone(), options).unwrap();
+        let offsets = builder.metadata().offset_index().unwrap();
+        // 200 bytes of `u` per row: a page every 5 rows.
+        let u = &offsets[0][1];
+        let firsts: Vec<i64> = u
+            .page_locations()
+            .iter()
+            .map(|p| p.first_row_index)
+            .collect();
+        assert_eq!(firsts, (0..10).map(|i| i * 5).collect::<Vec<_>>());
+        let values = read(bytes, None);
+        let u = values.column(1).as_list::<i32>().value(7);
+        let row7: &Float16Array = u.as_primitive::<Float16Type>();
+        assert_eq!(row7.value(3), f16::from_f32(7.0 * 0.37 - 3.0 * 1.5));
+    }
+}
