@@ -9,8 +9,9 @@
 #  4. the PyTorch tracer on CUDA (scripts/bench/torch_cuda.py): traced /
 #     untraced for MLP 3072-1024-10 at batch 256 and the test suite's CNN,
 #     f32 and f16, each with zstd and without compression (the overhead
-#     bench of step 3 has both too), and the records of each rebuilding its
-#     final weights.
+#     bench of step 3 has both too), the device synchronisations inside a
+#     traced step (PyTorch's sync debug mode; goal 1), and the records of
+#     each rebuilding its final weights.
 #     It needs the reptrace Python package's compiled module in
 #     python/reptrace/ (`scripts/setup.sh` builds it; `build` copies it into
 #     DIR, `run` puts it back) and a python3 with torch 2.11 with CUDA,

@@ -719,7 +719,9 @@ class Tracer:
     def _examples(self, logits, labels: np.ndarray):
         """Each example's cross-entropy and predicted class from the step's
         output (logits or log-probabilities: log_softmax of either is the
-        same), or None when the output is not (batch, classes)."""
+        same), on the device, or None when the output is not (batch,
+        classes); they reach the host with the step's one transfer
+        (:meth:`_fetch`)."""
         if logits is None:
             return None
         if not isinstance(logits, torch.Tensor):
@@ -734,9 +736,7 @@ class Tracer:
         log_p = torch.log_softmax(logits.detach().float(), dim=1)
         target = torch.as_tensor(labels, dtype=torch.int64, device=log_p.device)
         loss = -log_p.gather(1, target.unsqueeze(1)).squeeze(1)
-        predicted = log_p.argmax(dim=1).to(torch.int32)
-        return (np.ascontiguousarray(loss.cpu().numpy(), dtype=np.float32),
-                np.ascontiguousarray(predicted.cpu().numpy(), dtype=np.int32))
+        return loss, log_p.argmax(dim=1)
 
     def _forward(self, module, inputs, output):
         if self._closed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
@@ -912,10 +912,10 @@ class Tracer:
         when those are (batch, classes) tensors."""
         if self._closed:
             raise RecordError(f"{self.run_dir}: the tracer is finished")
-        ids = _ints(ids, np.int64, "ids")
+        # Tensors (on a GPU, say) in one copy to the host.
+        ids, labels = _ints_together([(ids, np.int64, "ids"), (labels, np.int32, "labels")])
         sizes = self._passes(len(ids))
         batch = sum(sizes)
-        labels = _ints(labels, np.int32, "labels")
         passes = f" in {len(sizes)} forward passes" if len(sizes) > 1 else ""
         if len(ids) != batch:
             raise InvalidInput(f"ids: {len(ids)} ids for a batch of {batch} examples{passes}")
@@ -931,38 +931,49 @@ class Tracer:
         if logits is None and self._outputs and sum(len(o) for o in self._outputs) == batch:
             logits = torch.cat(self._outputs) if len(self._outputs) > 1 else self._outputs[0]
         examples = self._examples(logits, labels)
-        if loss is None:
-            if examples is None:
-                raise InvalidInput(
-                    "batch(): no loss given and no (batch, classes) output of the model to "
-                    "compute it from; give each micro-batch's loss: batch(ids, labels, loss=...)"
-                )
-            loss = float(np.mean(examples[0], dtype=np.float64)) if len(examples[0]) else 0.0
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        total = batch
-        if self._world is not None:
-            value, total = self._world_step(value, batch)
+        if loss is None and examples is None:
+            raise InvalidInput(
+                "batch(): no loss given and no (batch, classes) output of the model to "
+                "compute it from; give each micro-batch's loss: batch(ids, labels, loss=...)"
+            )
+        due = _Due(loss, examples, batch)
         if self._rec is None:
             self._start()
-        if not math.isfinite(value):
-            self._stop(
-                f"non-finite loss {value} at step {self._step}",
-                f"non-finite loss {value} at step {self._step}",
-            )
         self._max_id = max(self._max_id, int(ids.max()) if len(ids) else -1)
         lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
         try:
             if self._skips():
-                self._record_skipped(total, value, ids, labels, examples, lr)
+                self._record_skipped(due, ids, labels, lr)
             elif self.mode == "instance":
-                self._record_instance(total, value, ids, labels, examples, lr)
+                self._record_instance(due, ids, labels, lr)
             else:
-                self._record_batch(total, value, ids, labels, examples, lr)
+                self._record_batch(due, ids, labels, lr)
         except _Refusal as e:
             self._stop(str(e), str(e))
         finally:
             self._clear()
         self._step += 1
+
+    def _fetch(self, due: "_Due", terms=(), finite: bool = True
+               ) -> tuple[np.ndarray, int, float, tuple | None]:
+        """The step's one transfer from the device: the gradient check's
+        terms of every layer (:meth:`_check_flat`) and what the host needs
+        of the step (:class:`_Due`) in one copy, so that a step on a GPU
+        synchronises once. Returns the terms (float64), the step's batch
+        size and loss (over every rank under torch.distributed) and its
+        examples' ``(loss, predicted)``; refuses a non-finite loss unless
+        ``finite`` is False."""
+        flat = self._check_flat(terms)
+        parts = ([] if flat is None else [flat]) + due.parts()
+        host = _host(parts)
+        n = 0 if flat is None else int(flat.shape[0])
+        value, examples = due.decode(host[n:])
+        total = due.batch
+        if self._world is not None:
+            value, total = self._world_step(value, due.batch)
+        if finite and not math.isfinite(value):
+            raise _Refusal(f"non-finite loss {value} at step {self._step}")
+        return host[:n], total, value, examples
 
     def _world_step(self, value: float, batch: int) -> tuple[float, int]:
         """torch.distributed: the step's loss and batch size over every
@@ -1009,10 +1020,12 @@ class Tracer:
             )
         if self._closed:
             raise RecordError(f"{self.run_dir}: the tracer is finished")
+        # Tensors stay where they are until the step reads every
+        # micro-batch's ids and labels in one copy (:meth:`_take_fed`).
         self._fed.append((
-            _ints(ids, np.int64, "ids"),
-            _ints(labels, np.int32, "labels"),
-            None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss),
+            _int_tensor(ids, "ids"),
+            _int_tensor(labels, "labels"),
+            None if loss is None else _scalar(loss),
             None if logits is None else logits.detach(),
         ))
 
@@ -1031,7 +1044,7 @@ class Tracer:
             )
         sizes = [len(f[0]) for f in self._fed]
         ids, labels, losses, passes, logits = self._take_fed()
-        loss = math.fsum(losses) if len(losses) == passes else None
+        loss = _sum_losses(losses) if len(losses) == passes else None
         self._stepped = True
         self._fed_sizes = sizes
         try:
@@ -1046,8 +1059,10 @@ class Tracer:
         ``(ids, labels, the losses given, the number of micro-batches, their
         logits or None unless every one gave them)``."""
         fed, self._fed = self._fed, []
-        ids = np.concatenate([f[0] for f in fed])
-        labels = np.concatenate([f[1] for f in fed])
+        values = _ints_together([(f[0], np.int64, "ids") for f in fed]
+                                + [(f[1], np.int32, "labels") for f in fed])
+        ids = np.concatenate(values[:len(fed)])
+        labels = np.concatenate(values[len(fed):])
         losses = [f[2] for f in fed if f[2] is not None]
         logits = None
         if all(f[3] is not None for f in fed):
@@ -1061,17 +1076,16 @@ class Tracer:
         if not self._fed:
             return
         ids, labels, losses, _, _ = self._take_fed()
-        value = math.fsum(losses) if losses else math.nan
+        value = _sum_losses(losses) if losses else math.nan
         if self._rec is None:
             self._clear()
             return
         lr = float(self.optimizer.param_groups[self._layers[0].group]["lr"])
-        total = len(ids)
-        if self._world is not None:
-            value, total = self._world_step(value, total)
         self._stepped = True
         try:
-            self._record_skipped(total, value, ids, labels, None, lr)
+            # A trainer skips a step for its non-finite gradient or loss:
+            # recorded as it is.
+            self._record_skipped(_Due(value, None, len(ids)), ids, labels, lr, finite=False)
         finally:
             self._stepped = False
             self._clear()
@@ -1112,9 +1126,10 @@ class Tracer:
         else:
             self.optimizer.step()
 
-    def _record_skipped(self, batch, value, ids, labels, examples, lr) -> None:
+    def _record_skipped(self, due, ids, labels, lr, finite: bool = True) -> None:
         """A step the gradient scaler skips: a `steps` row marked skipped,
         the examples, no update."""
+        _, batch, value, examples = self._fetch(due, finite=finite)
         self._flush_pending()
         if self._owner:
             self._rec.step(self._step, self._epoch, lr, batch, value, skipped=True)
@@ -1122,7 +1137,7 @@ class Tracer:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         self._optimizer_step()
 
-    def _record_instance(self, batch, value, ids, labels, examples, lr) -> None:
+    def _record_instance(self, due, ids, labels, lr) -> None:
         layers = []
         for l in self._layers:
             h = self._hyper(l)
@@ -1133,9 +1148,10 @@ class Tracer:
                 g = g * (1.0 / self._world.size)
             precision = _lowest(_precision(d) for d in l.dtypes)
             layers.append((l, h, u, g, precision, self._check_terms(l, u, g)))
-        # One synchronisation for the checks of every layer.
+        # One synchronisation for the checks of every layer, the loss and
+        # the examples.
         terms = [t for *_, t in layers if t is not None]
-        flat = self._check_sums(terms)
+        flat, batch, value, examples = self._fetch(due, terms)
         vectors = np.split(flat, np.cumsum([len(t) for t in terms])[:-1]) if terms else []
         shared = _shared_scale(vectors)
         values = iter(vectors)
@@ -1174,17 +1190,17 @@ class Tracer:
         self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
         self._optimizer_step()
 
-    def _check_sums(self, terms: list[torch.Tensor]) -> np.ndarray:
+    def _check_flat(self, terms) -> torch.Tensor | None:
         """The gradient check's terms of every layer (:meth:`_check_terms`)
-        as one float64 vector on the host. Under torch.distributed the
+        as one float64 vector on the device, None without any. Under torch.distributed the
         records' terms (``f``, ``m``) are summed over the ranks, so that the
         applied gradient (the same on every rank: rank 0's copy is kept) is
         checked against every rank's records together; every rank then
         reaches the same verdict."""
         if not terms:
-            return np.zeros(0)
+            return None
         if self._world is None:
-            return torch.cat(terms).double().cpu().numpy()
+            return torch.cat(terms).double()
         parts = []
         for t in terms:
             c = (len(t) - 1) // 3
@@ -1196,7 +1212,7 @@ class Tracer:
                 parts += [zero.expand(c), t[c:3 * c], zero]
         flat = torch.cat(parts)
         self._world.sum_(flat)
-        return flat.cpu().numpy()
+        return flat
 
     def _record_adam(self, batch, value, ids, labels, examples, lr, rows, factors) -> None:
         """The rest of an Adam/AdamW step in instance mode: the optimizer
@@ -1294,7 +1310,8 @@ class Tracer:
             adam.append((beta1, lr / (1.0 - beta1 ** k)))
         return adam, _to_host(ds)
 
-    def _record_batch(self, batch, value, ids, labels, examples, lr) -> None:
+    def _record_batch(self, due, ids, labels, lr) -> None:
+        _, batch, value, examples = self._fetch(due)
         self._flush_pending()
         if self._owner:
             self._rec.step(self._step, self._epoch, lr, batch, value)
@@ -1913,6 +1930,78 @@ def _to_host(items) -> _HostCopy:
     return _HostCopy(items)
 
 
+class _Due:
+    """What the host needs of a step that is still on the device: its loss
+    (a tensor, a number, or None for the mean of its examples' losses), its
+    examples' loss and predicted class (:meth:`Tracer._examples`), and its
+    batch size. :meth:`Tracer._fetch` copies it to the host together with
+    the gradient check's terms, in one transfer."""
+
+    def __init__(self, loss, examples, batch: int):
+        self.loss = _scalar(loss) if loss is not None else None
+        self.examples = examples
+        self.batch = batch
+
+    def parts(self) -> list[torch.Tensor]:
+        out = []
+        if isinstance(self.loss, torch.Tensor):
+            out.append(self.loss.reshape(1))
+        if self.examples is not None:
+            out += [self.examples[0].reshape(-1), self.examples[1].reshape(-1)]
+        return out
+
+    def decode(self, host: np.ndarray) -> tuple[float, tuple | None]:
+        """``(loss, (each example's loss, predicted class) or None)`` from
+        the host copy of :meth:`parts`."""
+        k = 0
+        value = self.loss
+        if isinstance(self.loss, torch.Tensor):
+            value, k = float(host[0]), 1
+        examples = None
+        if self.examples is not None:
+            n = int(self.examples[0].shape[0])
+            examples = (np.ascontiguousarray(host[k:k + n], dtype=np.float32),
+                        np.ascontiguousarray(host[k + n:k + 2 * n], dtype=np.int32))
+            if value is None:
+                value = float(np.mean(examples[0], dtype=np.float64)) if n else 0.0
+        return float(value), examples
+
+
+def _scalar(loss):
+    """A loss as given: a one-element tensor (detached, left on its
+    device) or a number."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise InvalidInput(
+                f"loss: expected a scalar, got a tensor of shape {tuple(loss.shape)}"
+            )
+        return loss.detach()
+    return float(loss)
+
+
+def _sum_losses(losses):
+    """The sum of micro-batch losses (numbers or one-element tensors), on
+    the device when any is a tensor, so that no synchronisation is needed."""
+    tensors = [x for x in losses if isinstance(x, torch.Tensor)]
+    if not tensors:
+        return math.fsum(losses)
+    device = tensors[0].device
+    return torch.stack([
+        x.reshape(()).to(device=device, dtype=torch.float64) if isinstance(x, torch.Tensor)
+        else torch.tensor(x, dtype=torch.float64, device=device)
+        for x in losses
+    ]).sum()
+
+
+def _host(parts: list[torch.Tensor]) -> np.ndarray:
+    """Device tensors as one float64 vector on the host, in one copy."""
+    if not parts:
+        return np.zeros(0)
+    device = parts[0].device
+    flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
+    return flat.cpu().numpy()
+
+
 def _shared_scale(vectors) -> float:
     """The least-squares scale ``Σ a·f / Σ f·f`` over every checked layer's
     ``(a, f)`` (:meth:`Tracer._check_terms`), or NaN."""
@@ -1924,6 +2013,35 @@ def _shared_scale(vectors) -> float:
             af += float(a @ f)
             ff += float(f @ f)
     return af / ff if ff > 0 else math.nan
+
+
+def _int_tensor(values, what: str):
+    """Integer ids or labels as given: a tensor (detached, left on its
+    device) or a NumPy array."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise InvalidInput(f"{what}: integers expected, got {values.dtype}")
+        return values.detach()
+    return _ints(values, np.int64 if what == "ids" else np.int32, what)
+
+
+def _ints_together(items) -> list[np.ndarray]:
+    """:func:`_ints` of each ``(values, dtype, what)``; the tensors among
+    them are copied to the host together, in one transfer."""
+    tensors = [(i, _int_tensor(v, what)) for i, (v, _, what) in enumerate(items)
+               if isinstance(v, torch.Tensor)]
+    out = [None] * len(items)
+    if tensors:
+        device = tensors[0][1].device
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64)
+                          for _, t in tensors]).cpu().numpy()
+        start = 0
+        for i, t in tensors:
+            n = t.numel()
+            out[i] = flat[start:start + n]
+            start += n
+    return [_ints(v if out[i] is None else out[i], dtype, what)
+            for i, (v, dtype, what) in enumerate(items)]
 
 
 def _ints(values, dtype, what: str) -> np.ndarray:

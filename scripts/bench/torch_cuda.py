@@ -13,13 +13,21 @@ time ends with a device synchronisation):
   ``ResCNN``: conv stem, a residual block of two convs, a linear head) on
   8×8 inputs, batch 64, SGD with momentum.
 
+The device synchronisations of a traced step: PyTorch's sync debug mode
+(``torch.cuda.set_sync_debug_mode("warn")``) warns at each operation that
+waits for the device; counted over ``tracer.step`` in steady-state steps
+(the tracer's goal: one per step, the gradient check's single transfer;
+the untraced loop itself has none). Labels are given from the host, as
+docs/python.md advises.
+
 After the repeats, one traced f32 run of each model is rebuilt from its
 records (``kit.assert_reconstructs``: every traced parameter within 1e-5 of
 how far training moved it, plus float32's rounding floor); a failure exits
 with status 1. ``--device cpu`` runs the same on the CPU (a dry run).
 
 Prints a table and one line per model and dtype:
-``BENCH torch_cuda model=M dtype=D device=DEV ratio=R untraced_ms_per_step=U traced_ms_per_step=T steps=S repeats=N``
+``BENCH torch_cuda model=M dtype=D device=DEV ratio=R untraced_ms_per_step=U traced_ms_per_step=T steps=S repeats=N``,
+and per model ``BENCH torch_cuda_syncs model=M device=DEV syncs_per_step=K``.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,9 +78,11 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(name, x, y, steps, dtype, run_dir, device):
+def train(name, x, y, steps, dtype, run_dir, device, syncs=None):
     """(seconds, model, initial state) of `steps` steps; traced when `dtype`
-    (`f32`, `f16`, or either with `_none`: recorded without compression)."""
+    (`f32`, `f16`, or either with `_none`: recorded without compression).
+    With a list `syncs` (CUDA), the device synchronisations inside each
+    ``tracer.step`` after the first three are appended to it."""
     make, _, batch, sgd = MODELS[name]
     torch.manual_seed(0)
     model = make().to(device)
@@ -83,6 +94,7 @@ def train(name, x, y, steps, dtype, run_dir, device):
         tracer = reptrace.Tracer(model, opt, run_dir, classes=CLASSES, dtype=kind,
                                  compression=compression or "zstd")
     batches = x.shape[0] // batch
+    y_host = y.cpu()
     sync(device)
     start = time.perf_counter()
     for step in range(steps):
@@ -93,8 +105,17 @@ def train(name, x, y, steps, dtype, run_dir, device):
         loss.backward()
         if tracer is None:
             opt.step()
+        elif syncs is not None and step >= 3 and device.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    tracer.step(loss, torch.arange(i, i + batch), y_host[i:i + batch])
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs.append(sum("synchroniz" in str(w.message) for w in caught))
         else:
-            tracer.step(loss, torch.arange(i, i + batch), yb)
+            tracer.step(loss, torch.arange(i, i + batch), y_host[i:i + batch])
     if tracer is not None:
         tracer.finish()
     sync(device)
@@ -139,6 +160,12 @@ def main() -> int:
                 print(f"BENCH torch_cuda model={name} dtype={dtype} device={device.type} "
                       f"ratio={ratio:.4f} untraced_ms_per_step={u:.4f} traced_ms_per_step={t:.4f} "
                       f"steps={args.steps} repeats={args.repeats}", flush=True)
+            counts: list[int] = []
+            train(name, x, y, 10, "f32", tmp / f"{name}-syncs", device, syncs=counts)
+            per_step = statistics.median(counts) if counts else 0
+            print(f"syncs {name}: {counts} per traced step (median {per_step})")
+            print(f"BENCH torch_cuda_syncs model={name} device={device.type} "
+                  f"syncs_per_step={per_step}", flush=True)
             # The records rebuild the final weights (on the host).
             run = tmp / f"{name}-check"
             _, model, initial = train(name, x, y, min(args.steps, 100), "f32", run, device)

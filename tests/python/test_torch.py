@@ -574,3 +574,78 @@ def test_an_uncompressed_recording_compacts_to_the_same_rows(tmp_path, data, dty
     assert reptrace.compact(plain)["files"] == 0
     with pytest.raises(reptrace.InvalidInput, match="compression"):
         reptrace.Tracer(MLP(), opt, str(tmp_path / "bad"), classes=CLASSES, compression="lz4")
+
+
+# What copies a tensor's value to the host: on a GPU each call waits for the
+# device (a synchronisation).
+_HOST_READS = ("cpu", "item", "tolist", "__float__", "__int__", "__bool__")
+
+
+@pytest.mark.parametrize("labels_as", ["numpy", "tensor"])
+@pytest.mark.parametrize("follow", [False, True], ids=["step", "follow_optimizer"])
+def test_a_traced_step_reads_the_device_once(tmp_path, data, monkeypatch, follow, labels_as):
+    """A step's loss, its examples' losses and predictions and the gradient
+    check's terms reach the host in one copy (on a GPU: one synchronisation
+    per step; the factors' copies are waited for a step later); labels
+    given as tensors (on a GPU: on the device) add one copy per step, for
+    every micro-batch's ids and labels together. Counted on the CPU by the
+    calls that would each wait for a GPU, in steady-state steps (the first
+    starts the recorder), with two micro-batches per step under
+    follow_optimizer; the records are the same as reading each value on
+    its own (the examples equal the model's cross-entropy and argmax, the
+    steps' losses the sums of the micro-batches' losses)."""
+    x, y, _, _ = data
+    run = str(tmp_path / "run")
+    model, opt, tracer = traced_model(run, seed=3)
+    if follow:
+        tracer.follow_optimizer()
+    reads = []
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    micro = 2 if follow else 1
+    per_step, logits_seen, losses = [], [], []
+    for step in range(6):
+        rows = np.arange(step * 32, step * 32 + 32)
+        opt.zero_grad()
+        parts = np.split(rows, micro)
+        step_loss = 0.0
+        for part in parts:
+            logits = model(x[part])
+            logits_seen.append((part, logits.detach().clone()))
+            loss = F.cross_entropy(logits, y[part]) / micro
+            loss.backward()
+            step_loss += float(loss)
+            if follow:
+                labels = y[part] if labels_as == "tensor" else y[part].numpy()
+                with monkeypatch.context() as m:
+                    for name in _HOST_READS:
+                        m.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+                    tracer.batch(torch.as_tensor(part) if labels_as == "tensor" else part,
+                                 labels, loss=loss)
+        losses.append(step_loss)
+        with monkeypatch.context() as m:
+            for name in _HOST_READS:
+                m.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+            if follow:
+                opt.step()
+            else:
+                labels = y[rows] if labels_as == "tensor" else y[rows].numpy()
+                tracer.step(loss, rows, labels)
+            per_step.append(list(reads))
+            reads.clear()
+    tracer.finish()
+    want = ["cpu"] * (2 if labels_as == "tensor" else 1)
+    assert all(r == want for r in per_step[1:]), per_step
+    ex = table(run, "examples").sort_by([("step", "ascending"), ("instance_id", "ascending")])
+    want_loss = torch.cat([F.cross_entropy(lg, y[p], reduction="none") for p, lg in logits_seen])
+    want_pred = torch.cat([lg.argmax(dim=1) for _, lg in logits_seen])
+    np.testing.assert_allclose(ex["loss"].to_numpy(), want_loss.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(ex["predicted"].to_numpy(), want_pred.numpy())
+    assert ex["instance_id"].to_pylist() == list(range(6 * 32))
+    steps = table(run, "steps").sort_by("step")
+    np.testing.assert_allclose(steps["loss"].to_numpy(), losses, rtol=1e-6)
