@@ -734,7 +734,13 @@ class Tracer:
                 )
             return None
         log_p = torch.log_softmax(logits.detach().float(), dim=1)
-        target = torch.as_tensor(labels, dtype=torch.int64, device=log_p.device)
+        target = torch.from_numpy(labels.astype(np.int64))
+        if log_p.device.type == "cuda":
+            # From pinned memory without waiting: a copy from pageable
+            # memory would synchronise the device.
+            target = target.pin_memory().to(log_p.device, non_blocking=True)
+        else:
+            target = target.to(log_p.device)
         loss = -log_p.gather(1, target.unsqueeze(1)).squeeze(1)
         return loss, log_p.argmax(dim=1)
 
@@ -1023,8 +1029,8 @@ class Tracer:
         # Tensors stay where they are until the step reads every
         # micro-batch's ids and labels in one copy (:meth:`_take_fed`).
         self._fed.append((
-            _int_tensor(ids, "ids"),
-            _int_tensor(labels, "labels"),
+            _int_tensor(ids, np.int64, "ids"),
+            _int_tensor(labels, np.int32, "labels"),
             None if loss is None else _scalar(loss),
             None if logits is None else logits.detach(),
         ))
@@ -2015,20 +2021,20 @@ def _shared_scale(vectors) -> float:
     return af / ff if ff > 0 else math.nan
 
 
-def _int_tensor(values, what: str):
+def _int_tensor(values, dtype, what: str):
     """Integer ids or labels as given: a tensor (detached, left on its
-    device) or a NumPy array."""
+    device) or, for anything else, :func:`_ints`."""
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
             raise InvalidInput(f"{what}: integers expected, got {values.dtype}")
         return values.detach()
-    return _ints(values, np.int64 if what == "ids" else np.int32, what)
+    return _ints(values, dtype, what)
 
 
 def _ints_together(items) -> list[np.ndarray]:
     """:func:`_ints` of each ``(values, dtype, what)``; the tensors among
     them are copied to the host together, in one transfer."""
-    tensors = [(i, _int_tensor(v, what)) for i, (v, _, what) in enumerate(items)
+    tensors = [(i, _int_tensor(v, dtype, what)) for i, (v, dtype, what) in enumerate(items)
                if isinstance(v, torch.Tensor)]
     out = [None] * len(items)
     if tensors:
