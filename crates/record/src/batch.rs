@@ -147,6 +147,14 @@ impl FactorValues {
         self.len() == 0
     }
 
+    /// Bytes the values take in memory.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Self::F32(v) => 4 * v.len(),
+            Self::F16(v) => 2 * v.len(),
+        }
+    }
+
     /// The values widened to f32 (a copy only for f16).
     pub(crate) fn as_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {

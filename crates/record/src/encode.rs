@@ -207,9 +207,9 @@ impl<W: Write + Send> FileWriter<W> {
         Ok(())
     }
 
-    /// The file being written.
-    pub(crate) fn inner(&self) -> &W {
-        self.file.inner()
+    /// The file being written, to finish it after [`FileWriter::finish`].
+    pub(crate) fn inner_mut(&mut self) -> &mut W {
+        self.file.inner_mut()
     }
 
     /// Writes the last row group and the footer and returns the file.

@@ -58,6 +58,7 @@ mod append;
 mod batch;
 mod columns;
 mod compact;
+mod direct;
 mod durable;
 mod encode;
 pub mod error;

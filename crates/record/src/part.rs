@@ -8,6 +8,7 @@
 //! `part-<seq>.parquet` only after the manifest that lists it is durable
 //! (`reptrace_format::layout::publish`), so directory-listing readers never
 //! see an uncommitted part.
+use crate::direct::PartFile;
 use crate::durable;
 use crate::encode::FileWriter;
 use crate::{Error, Result};
@@ -17,7 +18,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use reptrace_format::{Dtype, FORMAT_VERSION, FileEntry, Table, col, kv, layout};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 /// How a recorder compresses the part files it writes.
@@ -183,7 +184,7 @@ pub(crate) struct PartWriter {
     table: Table,
     layer: Option<String>,
     temp: PathBuf,
-    writer: FileWriter<File>,
+    writer: FileWriter<PartFile>,
     rows: u64,
     row_group_bytes: usize,
 }
@@ -219,7 +220,10 @@ impl PartWriter {
         if let Some(dir) = path.parent() {
             durable::create_dir(dir)?;
         }
-        let file = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
+        // The factor tables go to the device around the page cache (see
+        // crate::direct); the small tables through it.
+        let direct = matches!(table, Table::Updates | Table::Probes);
+        let file = PartFile::create(&temp, direct).map_err(|e| Error::io(&temp, e))?;
         let writer =
             FileWriter::try_new(file, schema, props).map_err(|e| Error::parquet(&temp, e))?;
         Ok(Self {
@@ -277,7 +281,9 @@ impl PartWriter {
         self.writer
             .finish()
             .map_err(|e| Error::parquet(&self.temp, e))?;
-        let file = self.writer.inner();
+        let file = self.writer.inner_mut();
+        file.finish().map_err(|e| Error::io(&self.temp, e))?;
+        let file = file.file();
         file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
         Ok(file.metadata().map_err(|e| Error::io(&self.temp, e))?.len())
     }
@@ -299,6 +305,7 @@ mod tests {
     use crate::batch::{FactorValues, NormKind, RowLens, UpdateRows};
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use reptrace_format::{Dtype, schema};
+    use std::fs::File;
 
     fn rows(n: usize) -> UpdateRows {
         UpdateRows {

@@ -35,6 +35,7 @@ pub struct RecorderBuilder {
     mode: Mode,
     settings: BTreeMap<String, serde_json::Value>,
     queue_depth: usize,
+    queue_bytes: usize,
     parquet: ParquetOptions,
     run_id: Option<String>,
     role: Role,
@@ -77,9 +78,20 @@ impl RecorderBuilder {
         self
     }
 
-    /// Messages the queue to the writer thread holds before the caller waits (default 64).
+    /// Messages the queue to the writer thread holds before the caller
+    /// waits (default 1024); [`RecorderBuilder::queue_bytes`] bounds the
+    /// factor rows it holds.
     pub fn queue_depth(mut self, depth: usize) -> Self {
         self.queue_depth = depth;
+        self
+    }
+
+    /// Bytes of factor values (`updates` and `probes` rows) the queue to
+    /// the writer thread holds before the caller waits (default 64 MiB):
+    /// enough for the writer's bursts (a row group going to disk) not to
+    /// stop training, whatever the size of a step's rows.
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
         self
     }
 
@@ -149,6 +161,7 @@ impl RecorderBuilder {
             .ok_or(Error::Missing { what: "optimizer" })?;
         for (setting, value) in [
             ("queue_depth", self.queue_depth),
+            ("queue_bytes", self.queue_bytes),
             ("row_group_rows", self.parquet.row_group_rows),
             ("row_group_bytes", self.parquet.row_group_bytes),
         ] {
@@ -274,6 +287,7 @@ impl RecorderBuilder {
             tx: Some(tx),
             thread: Some(thread),
             shared,
+            queue_bytes: self.queue_bytes,
             layers,
             weight_shapes,
             n_classes,
@@ -410,6 +424,8 @@ pub struct Recorder {
     tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    /// [`RecorderBuilder::queue_bytes`].
+    queue_bytes: usize,
     layers: Vec<LayerInfo>,
     weight_shapes: HashMap<String, Vec<usize>>,
     n_classes: usize,
@@ -455,7 +471,8 @@ impl Recorder {
             dtype: Dtype::F32,
             mode: Mode::Instance,
             settings: BTreeMap::new(),
-            queue_depth: 64,
+            queue_depth: 1024,
+            queue_bytes: 64 << 20,
             parquet: ParquetOptions::default(),
             run_id: None,
             role: Role::Owner { rank: None },
@@ -994,6 +1011,7 @@ impl Recorder {
         let Some(tx) = &self.tx else {
             return Err(Error::WriterGone);
         };
+        self.shared.reserve(msg.queued_bytes(), self.queue_bytes);
         match tx.send(msg) {
             Ok(()) => Ok(()),
             Err(_) => Err(self.writer_error()),

@@ -31,7 +31,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Steps rows are buffered and written in chunks of this many rows.
 const STEP_CHUNK: usize = 4096;
@@ -96,14 +97,68 @@ pub(crate) enum Msg {
     Drop,
 }
 
+impl Msg {
+    /// The bytes of factor values a message carries, which the recorder's
+    /// queue bounds (`RecorderBuilder::queue_bytes`); other messages are
+    /// small and only counted by the queue's depth.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        match self {
+            Msg::Updates { rows, .. } => rows.u.bytes() + rows.v.bytes(),
+            Msg::Probes { rows, .. } => 4 * (rows.a.len() + rows.p.len()),
+            _ => 0,
+        }
+    }
+}
+
 /// State shared between the caller and the writer thread.
 #[derive(Default)]
 pub(crate) struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
+    /// Bytes of factor rows queued for the writer thread
+    /// ([`Shared::reserve`], [`Shared::release`]).
+    queued: Mutex<usize>,
+    drained: Condvar,
+    /// Set when the writer thread has ended (for whatever reason).
+    gone: AtomicBool,
 }
 
 impl Shared {
+    /// Waits until `bytes` more fit under `limit` bytes queued (or nothing
+    /// is queued, so one message larger than the limit goes alone), then
+    /// counts them; returns at once when the writer thread has failed or
+    /// ended (the send that follows reports it).
+    pub(crate) fn reserve(&self, bytes: usize, limit: usize) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        while *queued > 0
+            && queued.saturating_add(bytes) > limit
+            && !self.failed()
+            && !self.gone.load(Ordering::Acquire)
+        {
+            queued = self
+                .drained
+                .wait_timeout(queued, Duration::from_millis(100))
+                .map(|(q, _)| q)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *queued = queued.saturating_add(bytes);
+    }
+
+    /// The writer thread is done with a message of `bytes` bytes.
+    fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        *queued = queued.saturating_sub(bytes);
+        self.drained.notify_all();
+    }
+
+    fn end(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.drained.notify_all();
+    }
+
     /// Whether the writer thread has failed.
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
@@ -218,10 +273,20 @@ impl Writer {
 
     /// The thread's main loop.
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
+        /// Marks the writer thread ended however it ends (a panic included),
+        /// so that no caller waits for queue space that never comes.
+        struct Ended(Arc<Shared>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.end();
+            }
+        }
+        let _ended = Ended(Arc::clone(&self.shared));
         loop {
             // A closed channel without Close/Drop means the Recorder vanished
             // without running its destructor: treat it like a drop.
             let msg = rx.recv().unwrap_or(Msg::Drop);
+            let bytes = msg.queued_bytes();
             let mut reply = None;
             let result = match msg {
                 Msg::Close {
@@ -237,6 +302,7 @@ impl Writer {
                 }
                 other => self.handle(other),
             };
+            self.shared.release(bytes);
             match result {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => {
@@ -706,5 +772,50 @@ pub(crate) fn usable_run_dir(dir: &Path) -> Result<bool> {
         Ok(mut it) => Ok(it.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod queue_tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A caller waits while its bytes do not fit, goes on once the writer
+    /// releases enough, and never waits for a writer that has ended.
+    #[test]
+    fn reserve_waits_for_room_and_not_for_an_ended_writer() {
+        let shared = Arc::new(Shared::default());
+        shared.reserve(10, 15);
+        // Alone in the queue, a message larger than the limit goes at once.
+        let done = Arc::new(AtomicUsize::new(0));
+        let waiter = {
+            let (shared, done) = (Arc::clone(&shared), Arc::clone(&done));
+            std::thread::spawn(move || {
+                shared.reserve(10, 15);
+                done.store(1, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "10 + 10 bytes do not fit in 15"
+        );
+        shared.release(10);
+        waiter.join().unwrap();
+        assert_eq!(*shared.queued.lock().unwrap(), 10);
+
+        let waiter = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || shared.reserve(100, 15))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        shared.end();
+        waiter.join().unwrap();
+
+        let alone = Shared::default();
+        alone.reserve(1 << 30, 15);
+        assert_eq!(*alone.queued.lock().unwrap(), 1 << 30);
     }
 }
