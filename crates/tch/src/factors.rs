@@ -26,8 +26,9 @@ pub struct Factors {
     pub u: Tensor,
     /// `B × v_len`.
     pub v: Tensor,
-    /// `‖ΔW_i‖_F` per example (bias excluded), `B`.
-    pub update_norm: Tensor,
+    /// `‖ΔW_i‖_F` per example (bias excluded), `B`; `None` where the
+    /// recorder computes it from the stored factors (Linear).
+    pub update_norm: Option<Tensor>,
 }
 
 /// The factors copied to the host, row-major, in the run's stored type,
@@ -40,8 +41,9 @@ pub struct HostFactors {
     /// [`Factors::v`] in the stored type: `B × v_len` values.
     pub v: FactorValues,
     /// [`Factors::update_norm`]: `‖ΔW_i‖_F` per example (bias excluded), `B`
-    /// values, `f32` whatever the stored type.
-    pub update_norm: Vec<f32>,
+    /// values, `f32` whatever the stored type (`None`: the recorder computes
+    /// it from the stored factors).
+    pub update_norm: Option<Vec<f32>>,
 }
 
 /// Factors on their way to the host ([`Factors::start_to_host`]): on a CUDA
@@ -52,7 +54,7 @@ pub struct HostFactors {
 pub struct InFlight {
     u: Tensor,
     v: Tensor,
-    update_norm: Tensor,
+    update_norm: Option<Tensor>,
     dtype: Dtype,
 }
 
@@ -90,7 +92,11 @@ impl Factors {
         Ok(InFlight {
             u: start(&self.u, kind)?,
             v: start(&self.v, kind)?,
-            update_norm: start(&self.update_norm, Kind::Float)?,
+            update_norm: self
+                .update_norm
+                .as_ref()
+                .map(|n| start(n, Kind::Float))
+                .transpose()?,
             dtype,
         })
     }
@@ -114,7 +120,7 @@ impl InFlight {
         Ok(HostFactors {
             u: values(&self.u)?,
             v: values(&self.v)?,
-            update_norm: copy::<f32>(&self.update_norm)?,
+            update_norm: self.update_norm.as_ref().map(copy::<f32>).transpose()?,
         })
     }
 }

@@ -1439,25 +1439,31 @@ struct StepWriter<'t> {
 
 impl StepWriter<'_> {
     /// The step's `examples` rows: each example's loss and predicted class
-    /// from the logits.
+    /// from the logits, computed on the host from one copy of them (a
+    /// handful of values per example, where the device would take a dozen
+    /// operations and two transfers).
     fn examples(&mut self, s: &Step<'_>, logits: &Tensor, step: i64, epoch: i32) -> Result<()> {
         let t0 = Instant::now();
-        let device = logits.device();
-        let labels64: Vec<i64> = s.labels.iter().map(|&l| i64::from(l)).collect();
-        let y = Tensor::f_from_slice(&labels64)?.f_to_device(device)?;
-        let losses = logits
-            .f_detach()?
-            .f_log_softmax(-1, Kind::Float)?
-            .f_gather(1, &y.f_unsqueeze(1)?, false)?
-            .f_neg()?
-            .f_reshape([-1])?
-            .f_to_device(Device::Cpu)?;
-        let losses = Vec::<f32>::try_from(&losses)?;
-        let predicted = logits
-            .f_argmax(-1, false)?
-            .f_to_kind(Kind::Int)?
-            .f_to_device(Device::Cpu)?;
-        let predicted = Vec::<i32>::try_from(&predicted)?;
+        let size = logits.size();
+        let &[rows, classes] = size.as_slice() else {
+            return Err(Error::Trace(format!(
+                "logits of shape {size:?}: the examples table takes (batch, classes) logits"
+            )));
+        };
+        if rows as usize != s.labels.len() || classes < 1 {
+            return Err(Error::Trace(format!(
+                "logits of shape {size:?} for a batch of {} examples",
+                s.labels.len()
+            )));
+        }
+        if let Some(l) = s.labels.iter().find(|&&l| i64::from(l) >= classes) {
+            return Err(Error::Trace(format!(
+                "label {l} for logits of {classes} classes (shape {size:?})"
+            )));
+        }
+        let z = logits.f_detach()?.f_to_kind(Kind::Float)?.f_reshape([-1])?;
+        let z = Vec::<f32>::try_from(&z)?;
+        let (losses, predicted) = example_losses(&z, classes as usize, s.labels);
         self.rec.examples(ExampleBatch {
             step,
             epoch,
@@ -1573,7 +1579,7 @@ impl StepWriter<'_> {
                     labels: s.labels.to_vec(),
                     u: f.u,
                     v: f.v,
-                    update_norm: Some(f.update_norm),
+                    update_norm: f.update_norm,
                     positions: None,
                 },
             )?;
@@ -1581,6 +1587,29 @@ impl StepWriter<'_> {
         }
         Ok(())
     }
+}
+
+/// Each row's cross-entropy `−log softmax(z)_y` (in f64, stored as f32)
+/// and predicted class (the first largest logit, as `argmax` takes it) of
+/// row-major `logits`, `classes` per row; labels are in range (checked with
+/// the step).
+fn example_losses(logits: &[f32], classes: usize, labels: &[i32]) -> (Vec<f32>, Vec<i32>) {
+    logits
+        .chunks_exact(classes)
+        .zip(labels)
+        .map(|(z, &label)| {
+            let (mut best, mut max) = (0, z[0]);
+            for (c, &x) in z.iter().enumerate().skip(1) {
+                if x > max {
+                    (best, max) = (c, x);
+                }
+            }
+            let max = f64::from(max);
+            let sum: f64 = z.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+            let loss = max + sum.ln() - f64::from(z[label as usize]);
+            (loss as f32, best as i32)
+        })
+        .unzip()
 }
 
 /// A layer's whole update since `w0`, `b0`: `vec(W − W0)` then `b − b0`,
@@ -1601,4 +1630,48 @@ fn whole_update(l: &Layer, w0: &Tensor, b0: Option<&Tensor>) -> Result<Vec<f32>>
         .f_to_kind(Kind::Float)?
         .f_to_device(Device::Cpu)?;
     Ok(Vec::<f32>::try_from(&all)?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod example_tests {
+    use super::*;
+
+    /// The host's losses and predictions equal PyTorch's cross-entropy and
+    /// argmax on the same logits (ties included: the first largest wins).
+    #[test]
+    fn example_losses_match_cross_entropy_and_argmax() {
+        tch::manual_seed(3);
+        let (rows, classes) = (37i64, 11i64);
+        let logits = Tensor::randn([rows, classes], (Kind::Float, Device::Cpu))
+            .f_mul_scalar(4.0)
+            .unwrap();
+        // Row 0: a tie between classes 2 and 5.
+        let _ = logits.get(0).get(2).fill_(9.0);
+        let _ = logits.get(0).get(5).fill_(9.0);
+        let labels: Vec<i32> = (0..rows).map(|i| (i * 7 % classes) as i32).collect();
+        let y = Tensor::from_slice(&labels.iter().map(|&l| i64::from(l)).collect::<Vec<_>>());
+        let want_loss = Vec::<f32>::try_from(&logits.cross_entropy_loss::<Tensor>(
+            &y,
+            None,
+            tch::Reduction::None,
+            -100,
+            0.0,
+        ))
+        .unwrap();
+        let want_pred = Vec::<i64>::try_from(&logits.argmax(-1, false)).unwrap();
+        let z = Vec::<f32>::try_from(&logits.reshape([-1])).unwrap();
+        let (loss, pred) = example_losses(&z, classes as usize, &labels);
+        assert_eq!(pred[0], 2);
+        for i in 0..rows as usize {
+            assert_eq!(i64::from(pred[i]), want_pred[i], "row {i}");
+            let err = (loss[i] - want_loss[i]).abs();
+            assert!(
+                err <= 1e-5 * want_loss[i].abs().max(1.0),
+                "row {i}: {} vs {}",
+                loss[i],
+                want_loss[i]
+            );
+        }
+    }
 }

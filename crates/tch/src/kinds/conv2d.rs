@@ -188,7 +188,7 @@ pub fn factors(spec: &Conv2dSpec, input: &Tensor, delta: &Tensor, lr: f64) -> Re
             Ok(Factors {
                 u: u.f_reshape([b, k * p])?,
                 v: v.f_reshape([b, c_out * p])?,
-                update_norm,
+                update_norm: Some(update_norm),
             })
         }
         Storage::Full => {
@@ -204,7 +204,7 @@ pub fn factors(spec: &Conv2dSpec, input: &Tensor, delta: &Tensor, lr: f64) -> Re
             Ok(Factors {
                 u: Tensor::f_zeros([b, 0], (tch::Kind::Float, input.device()))?,
                 v: full,
-                update_norm,
+                update_norm: Some(update_norm),
             })
         }
     }

@@ -1,7 +1,8 @@
 //! Linear: `z = W a + b`, `W` of shape `out × in`, inputs `(batch, in)`.
 //!
 //! Factors: `u = a` (`B × in`), `v = −η·δ` (`B × out`); `ΔW_i = v_i u_iᵀ`
-//! and `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.
+//! and `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`, which the recorder's writer thread computes
+//! from the stored factors.
 use super::{CheckProducts, Kind};
 use crate::Result;
 use crate::factors::Factors;
@@ -14,19 +15,17 @@ pub fn spec(name: &str, in_features: usize, out_features: usize, bias: bool) -> 
     LinearSpec::new(name, in_features, out_features, bias)
 }
 
-/// Linear: `u = a`, `v = −η·δ`, `‖ΔW_i‖ = ‖v_i‖·‖u_i‖`.
+/// Linear: `u = a`, `v = −η·δ`; `‖ΔW_i‖ = ‖v_i‖·‖u_i‖` is left to the
+/// recorder (`update_norm` none), which takes it from the stored factors
+/// on its own thread instead of the training's.
 pub fn factors(input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors> {
     let u = input.f_detach()?.f_contiguous()?;
     let v = delta.f_detach()?.f_mul_scalar(-lr)?.f_contiguous()?;
-    let update_norm = row_norms(&v)?.f_mul(&row_norms(&u)?)?;
-    Ok(Factors { u, v, update_norm })
-}
-
-/// Euclidean norm of each row of a `B × n` tensor.
-fn row_norms(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_mul(t)?
-        .f_sum_dim_intlist(&[1i64][..], false, None::<tch::Kind>)?
-        .f_sqrt()?)
+    Ok(Factors {
+        u,
+        v,
+        update_norm: None,
+    })
 }
 
 impl Kind for LinearSpec {
