@@ -77,7 +77,14 @@ impl PartFile {
                 path: path.to_owned(),
                 direct: Some(Blocks::new()),
             }),
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput || is_unsupported(&e) => plain(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+                ) =>
+            {
+                plain()
+            }
             Err(e) => Err(e),
         }
     }
@@ -198,10 +205,6 @@ fn open_direct(path: &Path) -> io::Result<File> {
 #[cfg(not(target_os = "linux"))]
 fn open_direct(_path: &Path) -> io::Result<File> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
-fn is_unsupported(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Unsupported
 }
 
 #[cfg(test)]

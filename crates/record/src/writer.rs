@@ -129,6 +129,9 @@ impl Shared {
     /// counts them; returns at once when the writer thread has failed or
     /// ended (the send that follows reports it).
     pub(crate) fn reserve(&self, bytes: usize, limit: usize) {
+        if bytes == 0 {
+            return;
+        }
         let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
         while *queued > 0
             && queued.saturating_add(bytes) > limit
