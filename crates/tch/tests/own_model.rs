@@ -22,8 +22,19 @@ use reptrace_tch::{Dataset, ModelChoice, Network, TrainConfig, layer_factors, tr
 use reptrace_testkit::files::read_parquet;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use tch::nn::ModuleT;
 use tch::{Kind, Tensor, nn};
+
+/// libtorch's global generator (`manual_seed`, the default initialisation
+/// of `nn::linear`/`conv2d`, `randn`) is one per process and the test
+/// harness runs tests on several threads: a test that seeds it and then
+/// draws from it would draw what another test's seed set. The tests of
+/// this file take turns.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// (step, instance id, u, v) of each `updates` row, per layer.
 type Rows = HashMap<String, Vec<(i64, i64, Vec<f32>, Vec<f32>)>>;
@@ -78,6 +89,7 @@ fn norm(v: &[f64]) -> f64 {
 
 #[test]
 fn own_model_reconstructs_and_records_each_examples_gradient() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("own");
     let settings = Settings {
@@ -177,6 +189,7 @@ fn own_model_reconstructs_and_records_each_examples_gradient() {
 
 #[test]
 fn own_model_training_is_bit_identical_with_and_without_tracing() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let traced = Settings {
         epochs: 1,
@@ -207,6 +220,7 @@ fn own_model_training_is_bit_identical_with_and_without_tracing() {
 /// got them before it recorded through the tracer), for a CNN at step 0.
 #[test]
 fn built_in_loop_records_the_factors_of_one_backward_pass() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         model: ModelChoice::Cnn,
@@ -281,6 +295,7 @@ fn built_in_loop_records_the_factors_of_one_backward_pass() {
 /// (each record is the whole update of its step).
 #[test]
 fn any_optimizer_in_batch_mode() {
+    let _serial = serial();
     use reptrace_format::{Mode, Optimizer, OptimizerKind};
     use reptrace_tch::trace::{RunSpec, Step};
     use tch::nn::{Module, OptimizerConfig};
@@ -335,6 +350,7 @@ fn any_optimizer_in_batch_mode() {
 /// run stays readable up to its last commit.
 #[test]
 fn tracer_misuse_is_one_clear_error() {
+    let _serial = serial();
     use reptrace_format::{Optimizer, OptimizerKind};
     use reptrace_tch::trace::{RunSpec, Step};
     use tch::nn::Module;
@@ -521,6 +537,7 @@ fn layer_steps(run: &Path, layer: &str) -> Vec<(f64, f64, f64)> {
 /// Noise added to a gradient stops the run at that step.
 #[test]
 fn clip_grad_norm_and_cycling_momentum_reconstruct_exactly() {
+    let _serial = serial();
     use reptrace_format::Optimizer;
     use reptrace_tch::Error;
     use reptrace_tch::trace::{RunSpec, Step};
