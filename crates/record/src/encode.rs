@@ -1,17 +1,30 @@
 //! The Parquet file writer behind every part and every compacted file.
 //!
-//! arrow-rs encodes the columns, row group by row group, except lists of
-//! `Float16` (the factors of an f16 run): arrow-rs writes a FLOAT16 value as
-//! a FIXED_LEN_BYTE_ARRAY with one reference-counted buffer per value, which
-//! made writing half the bytes of an f32 run take longer than the f32 run.
-//! This module writes those column chunks itself, in bulk: PLAIN values (the
-//! two bytes of each half float, as FIXED_LEN_BYTE_ARRAY(2) pages with the
-//! FLOAT16 logical type, exactly what arrow-rs would have written) copied a
-//! row at a time, repetition and definition levels as RLE runs (two per
-//! row), data pages (v1) cut at row boundaries and listed in the offset
-//! index. Readers see the same schema and the same values.
+//! arrow-rs encodes the columns, row group by row group, except the lists
+//! of factor values (`u`, `v`, `a`, `p`), which this module writes itself,
+//! in bulk:
+//!
+//! - lists of `Float16` (the factors of an f16 run): arrow-rs writes a
+//!   FLOAT16 value as a FIXED_LEN_BYTE_ARRAY with one reference-counted
+//!   buffer per value, which made writing half the bytes of an f32 run take
+//!   longer than the f32 run;
+//! - lists of `Float32` stored BYTE_STREAM_SPLIT without dictionary,
+//!   statistics or bloom filter (how compressed parts and compacted files
+//!   store f32 factors): arrow-rs splits the values' bytes one at a time,
+//!   this module into four streams at once (`benches/write.rs`, zstd level
+//!   1: the writer's time −8 %). PLAIN f32 lists (uncompressed parts) stay
+//!   with arrow-rs, which measured as fast or faster there than copying
+//!   the values once more into a page.
+//!
+//! The values are copied a row at a time (the two bytes of each half float
+//! as FIXED_LEN_BYTE_ARRAY(2) with the FLOAT16 logical type, the four of
+//! each f32 as FLOAT, split into their byte streams page by page),
+//! repetition and definition levels are RLE runs (two per row), data pages
+//! (v1) are cut at row boundaries and listed in the offset index: what
+//! arrow-rs would have written with the same properties. Readers see the
+//! same schema and the same values.
 use arrow_array::cast::AsArray;
-use arrow_array::types::Float16Type;
+use arrow_array::types::{Float16Type, Float32Type};
 use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
 use arrow_schema::{DataType, Field, SchemaRef};
 use bytes::Bytes;
@@ -23,7 +36,7 @@ use parquet::column::page::{CompressedPage, Page, PageWriter};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::errors::{ParquetError, Result};
 use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder};
-use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesPtr};
 use parquet::file::writer::{SerializedFileWriter, SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 use std::io::Write;
@@ -46,14 +59,14 @@ pub(crate) struct FileWriter<W: Write + Send> {
 enum Plan {
     /// By arrow-rs, as this many leaf columns.
     Arrow(usize),
-    /// As a list of half floats, by [`HalfList`].
-    Half(ColumnDescPtr),
+    /// As a list of floats, by [`FloatList`].
+    Floats(ColumnDescPtr, Layout),
 }
 
 /// One top-level field's column chunk(s) in the row group being filled.
 enum Chunk {
     Arrow(Vec<ArrowColumnWriter>),
-    Half(Box<HalfList>),
+    Floats(Box<FloatList>),
 }
 
 impl<W: Write + Send> FileWriter<W> {
@@ -79,14 +92,9 @@ impl<W: Write + Send> FileWriter<W> {
             .map(|(field, n)| {
                 let descr = parquet.column(first_leaf);
                 first_leaf += n;
-                if n == 1
-                    && is_half_list(field)
-                    && descr.max_def_level() == 1
-                    && descr.max_rep_level() == 1
-                {
-                    Plan::Half(descr)
-                } else {
-                    Plan::Arrow(n)
+                match float_list(field, &descr, &props) {
+                    Some(layout) if n == 1 => Plan::Floats(descr, layout),
+                    _ => Plan::Arrow(n),
                 }
             })
             .collect();
@@ -135,7 +143,7 @@ impl<W: Write + Send> FileWriter<W> {
                         writer.write(&leaf)?;
                     }
                 }
-                Chunk::Half(half) => half.write(field, column)?,
+                Chunk::Floats(list) => list.write(field, column)?,
             }
         }
         self.group = Some(group);
@@ -156,10 +164,11 @@ impl<W: Write + Send> FileWriter<W> {
             .iter()
             .map(|plan| match plan {
                 Plan::Arrow(n) => Ok(Chunk::Arrow(writers.by_ref().take(*n).collect())),
-                Plan::Half(descr) => {
+                Plan::Floats(descr, layout) => {
                     // arrow-rs's writer for this leaf is not used.
                     writers.next();
-                    HalfList::new(Arc::clone(descr), props).map(|h| Chunk::Half(Box::new(h)))
+                    FloatList::new(Arc::clone(descr), *layout, props)
+                        .map(|list| Chunk::Floats(Box::new(list)))
                 }
             })
             .collect()
@@ -190,8 +199,8 @@ impl<W: Write + Send> FileWriter<W> {
                         writer.close()?.append_to_row_group(&mut out)?;
                     }
                 }
-                Chunk::Half(half) => {
-                    let (bytes, close) = half.close()?;
+                Chunk::Floats(list) => {
+                    let (bytes, close) = list.close()?;
                     out.append_column(&bytes, close)?;
                 }
             }
@@ -226,33 +235,81 @@ impl Chunk {
                 .iter()
                 .map(ArrowColumnWriter::get_estimated_total_bytes)
                 .sum(),
-            Chunk::Half(half) => half.size(),
+            Chunk::Floats(list) => list.size(),
         }
     }
 
     fn memory(&self) -> usize {
         match self {
             Chunk::Arrow(writers) => writers.iter().map(ArrowColumnWriter::memory_size).sum(),
-            Chunk::Half(half) => half.memory(),
+            Chunk::Floats(list) => list.memory(),
         }
     }
 }
 
-/// A non-null list of non-null half floats.
-fn is_half_list(field: &Field) -> bool {
-    match field.data_type() {
-        DataType::List(item) => {
-            !field.is_nullable() && !item.is_nullable() && item.data_type() == &DataType::Float16
+/// How a list column written in bulk lays out its values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layout {
+    /// Float16, PLAIN: two bytes per value.
+    Half,
+    /// Float32, BYTE_STREAM_SPLIT: a page's first bytes of every value,
+    /// then their second bytes, and so on.
+    SingleSplit,
+}
+
+impl Layout {
+    fn width(self) -> usize {
+        match self {
+            Layout::Half => 2,
+            Layout::SingleSplit => 4,
         }
-        _ => false,
+    }
+
+    fn encoding(self) -> Encoding {
+        match self {
+            Layout::Half => Encoding::PLAIN,
+            Layout::SingleSplit => Encoding::BYTE_STREAM_SPLIT,
+        }
     }
 }
 
-/// The column chunk of a `List<Float16>` field (max definition and
-/// repetition level 1: a list's values have definition level 1, an empty
-/// list is one entry of level 0), written page by page into memory.
-struct HalfList {
+/// How `field` (Parquet leaf `descr`) is written in bulk, if it is: a
+/// non-null list of non-null half floats, or of single floats whose
+/// properties ask for nothing but their values split into byte streams
+/// (BYTE_STREAM_SPLIT; no dictionary, statistics or bloom filter). Max
+/// definition and repetition level 1: a list's values have definition
+/// level 1, an empty list is one entry of level 0.
+fn float_list(field: &Field, descr: &ColumnDescPtr, props: &WriterProperties) -> Option<Layout> {
+    let DataType::List(item) = field.data_type() else {
+        return None;
+    };
+    if field.is_nullable()
+        || item.is_nullable()
+        || descr.max_def_level() != 1
+        || descr.max_rep_level() != 1
+    {
+        return None;
+    }
+    let path = descr.path();
+    match item.data_type() {
+        DataType::Float16 => Some(Layout::Half),
+        DataType::Float32
+            if !props.dictionary_enabled(path)
+                && props.statistics_enabled(path) == EnabledStatistics::None
+                && props.bloom_filter_properties(path).is_none() =>
+        {
+            (props.encoding(path) == Some(Encoding::BYTE_STREAM_SPLIT))
+                .then_some(Layout::SingleSplit)
+        }
+        _ => None,
+    }
+}
+
+/// The column chunk of a list field written in bulk ([`float_list`]),
+/// page by page into memory.
+struct FloatList {
     descr: ColumnDescPtr,
+    layout: Layout,
     codec: Codec,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     page_limit: usize,
@@ -270,10 +327,12 @@ struct HalfList {
     page_rows: i64,
     page_entries: u32,
     scratch: Vec<u8>,
+    /// The compressed page, when compressed.
+    packed: Vec<u8>,
 }
 
-impl HalfList {
-    fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
+impl FloatList {
+    fn new(descr: ColumnDescPtr, layout: Layout, props: &WriterProperties) -> Result<Self> {
         let codec = props.compression(descr.path());
         let zstd = match codec {
             Codec::UNCOMPRESSED => None,
@@ -283,7 +342,7 @@ impl HalfList {
             ),
             other => {
                 return Err(ParquetError::NYI(format!(
-                    "{other} for the half-float column {}",
+                    "{other} for the float list column {}",
                     descr.path()
                 )));
             }
@@ -291,6 +350,7 @@ impl HalfList {
         Ok(Self {
             page_limit: props.column_data_page_size_limit(descr.path()).max(1),
             descr,
+            layout,
             codec,
             zstd,
             out: TrackedWrite::new(Vec::new()),
@@ -305,6 +365,7 @@ impl HalfList {
             page_rows: 0,
             page_entries: 0,
             scratch: Vec::new(),
+            packed: Vec::new(),
         })
     }
 
@@ -312,19 +373,33 @@ impl HalfList {
         let list: &ListArray = column.as_list_opt().ok_or_else(|| {
             ParquetError::General(format!("column {} is not a list", field.name()))
         })?;
-        let items = list
-            .values()
-            .as_primitive_opt::<Float16Type>()
-            .ok_or_else(|| {
-                ParquetError::General(format!("column {} is not a list of float16", field.name()))
-            })?;
+        let items = list.values();
+        let bytes: &[u8] = match self.layout {
+            Layout::Half => items
+                .as_primitive_opt::<Float16Type>()
+                .map(|v| v.values().inner().as_slice()),
+            Layout::SingleSplit => items
+                .as_primitive_opt::<Float32Type>()
+                .map(|v| v.values().inner().as_slice()),
+        }
+        .ok_or_else(|| {
+            ParquetError::General(format!(
+                "column {} is not a list of {}",
+                field.name(),
+                if self.layout == Layout::Half {
+                    "float16"
+                } else {
+                    "float32"
+                }
+            ))
+        })?;
         if list.null_count() > 0 || items.null_count() > 0 {
             return Err(ParquetError::General(format!(
                 "column {} holds nulls, its schema none",
                 field.name()
             )));
         }
-        let bytes: &[u8] = items.values().inner().as_slice();
+        let width = self.layout.width();
         for window in list.value_offsets().windows(2) {
             let (start, end) = (window[0] as usize, window[1] as usize);
             let len = (end - start) as u64;
@@ -334,7 +409,8 @@ impl HalfList {
             } else {
                 self.rep.push(1, len - 1);
                 self.def.push(1, len);
-                self.values.extend_from_slice(&bytes[start * 2..end * 2]);
+                self.values
+                    .extend_from_slice(&bytes[start * width..end * width]);
             }
             let entries = len.max(1);
             self.page_entries += entries as u32;
@@ -360,25 +436,44 @@ impl HalfList {
             buf.extend_from_slice(&(levels.len() as u32).to_le_bytes());
             buf.extend_from_slice(levels);
         }
-        buf.extend_from_slice(&self.values);
+        if self.layout == Layout::SingleSplit {
+            split_streams(&self.values, buf);
+        } else {
+            buf.extend_from_slice(&self.values);
+        }
         let uncompressed = buf.len();
-        let data = match &mut self.zstd {
-            None => Bytes::copy_from_slice(buf),
-            Some(zstd) => Bytes::from(
-                zstd.compress(buf)
-                    .map_err(|e| ParquetError::External(Box::new(e)))?,
-            ),
+        // The page's buffer is handed to the page writer and taken back
+        // afterwards: no fresh allocation (and no first touch of new
+        // memory) per page.
+        let compressed = match &mut self.zstd {
+            None => false,
+            Some(zstd) => {
+                let out = &mut self.packed;
+                out.clear();
+                out.reserve(zstd::zstd_safe::compress_bound(uncompressed));
+                zstd.compress_to_buffer(buf.as_slice(), out)
+                    .map_err(|e| ParquetError::External(Box::new(e)))?;
+                true
+            }
         };
+        let owner = if compressed {
+            &mut self.packed
+        } else {
+            &mut self.scratch
+        };
+        let data = Bytes::from(std::mem::take(owner));
+        let keep = data.clone();
         let page = Page::DataPage {
             buf: data,
             num_values: self.page_entries,
-            encoding: Encoding::PLAIN,
+            encoding: self.layout.encoding(),
             def_level_encoding: Encoding::RLE,
             rep_level_encoding: Encoding::RLE,
             statistics: None,
         };
         let spec = SerializedPageWriter::new(&mut self.out)
             .write_page(CompressedPage::new(page, uncompressed))?;
+        *owner = keep.try_into_mut().map(Vec::from).unwrap_or_default();
         self.offsets
             .append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
         self.offsets.append_row_count(self.page_rows);
@@ -398,7 +493,10 @@ impl HalfList {
     }
 
     fn memory(&self) -> usize {
-        self.out.bytes_written() + self.values.capacity() + self.scratch.capacity()
+        self.out.bytes_written()
+            + self.values.capacity()
+            + self.scratch.capacity()
+            + self.packed.capacity()
     }
 
     /// The chunk's bytes and what the row group needs to splice them in.
@@ -406,7 +504,7 @@ impl HalfList {
         self.flush_page()?;
         let metadata = ColumnChunkMetaData::builder(Arc::clone(&self.descr))
             .set_compression(self.codec)
-            .set_encodings(vec![Encoding::PLAIN, Encoding::RLE])
+            .set_encodings(vec![self.layout.encoding(), Encoding::RLE])
             .set_num_values(self.entries)
             .set_total_compressed_size(self.compressed)
             .set_total_uncompressed_size(self.uncompressed)
@@ -422,6 +520,25 @@ impl HalfList {
             offset_index: Some(self.offsets.build()),
         };
         Ok((bytes, close))
+    }
+}
+
+/// Appends f32 values (`plain`: four little-endian bytes each) to `out` as
+/// BYTE_STREAM_SPLIT lays them out: every value's first byte, then every
+/// second byte, and so on.
+fn split_streams(plain: &[u8], out: &mut Vec<u8>) {
+    let n = plain.len() / 4;
+    let at = out.len();
+    out.resize(at + 4 * n, 0);
+    let (s0, rest) = out[at..].split_at_mut(n);
+    let (s1, rest) = rest.split_at_mut(n);
+    let (s2, s3) = rest.split_at_mut(n);
+    let streams = s0.iter_mut().zip(s1).zip(s2).zip(s3);
+    for (value, (((b0, b1), b2), b3)) in plain.chunks_exact(4).zip(streams) {
+        *b0 = value[0];
+        *b1 = value[1];
+        *b2 = value[2];
+        *b3 = value[3];
     }
 }
 
@@ -492,6 +609,7 @@ mod tests {
     };
     use parquet::basic::ZstdLevel;
     use parquet::file::metadata::PageIndexPolicy;
+    use parquet::schema::types::ColumnPath;
     use proptest::prelude::*;
 
     fn schema() -> SchemaRef {
@@ -540,12 +658,54 @@ mod tests {
     }
 
     fn props(codec: Codec, page: usize, rows: usize) -> WriterProperties {
-        WriterProperties::builder()
+        props_w(codec, page, rows, None)
+    }
+
+    /// `props`, with `w` (the f32 list) stored as parts store factors when
+    /// `w` is given: that encoding and no statistics.
+    fn props_w(codec: Codec, page: usize, rows: usize, w: Option<Encoding>) -> WriterProperties {
+        let b = WriterProperties::builder()
             .set_compression(codec)
             .set_data_page_size_limit(page)
             .set_max_row_group_row_count(Some(rows))
-            .set_dictionary_enabled(false)
-            .build()
+            .set_dictionary_enabled(false);
+        match w {
+            None => b,
+            Some(encoding) => {
+                let path = ColumnPath::new(vec!["w".into(), "list".into(), "item".into()]);
+                b.set_column_encoding(path.clone(), encoding)
+                    .set_column_statistics_enabled(path, EnabledStatistics::None)
+            }
+        }
+        .build()
+    }
+
+    /// Which fields of `schema()` are written in bulk under `props`.
+    fn bulk(props: WriterProperties) -> Vec<Option<Layout>> {
+        FileWriter::try_new(Vec::new(), schema(), props)
+            .unwrap()
+            .plans
+            .iter()
+            .map(|plan| match plan {
+                Plan::Arrow(_) => None,
+                Plan::Floats(_, layout) => Some(*layout),
+            })
+            .collect()
+    }
+
+    /// Half-float lists are always written in bulk; f32 lists only when
+    /// their properties ask for nothing but BYTE_STREAM_SPLIT values.
+    #[test]
+    fn which_lists_are_written_in_bulk() {
+        let c = Codec::UNCOMPRESSED;
+        let half = Some(Layout::Half);
+        assert_eq!(bulk(props(c, 100, 10)), [None, half, None, half]);
+        let plain = props_w(c, 100, 10, Some(Encoding::PLAIN));
+        assert_eq!(bulk(plain), [None, half, None, half]);
+        let split = props_w(c, 100, 10, Some(Encoding::BYTE_STREAM_SPLIT));
+        assert_eq!(bulk(split), [None, half, Some(Layout::SingleSplit), half]);
+        let delta = props_w(c, 100, 10, Some(Encoding::RLE));
+        assert_eq!(bulk(delta), [None, half, None, half]);
     }
 
     fn read(bytes: Bytes, selection: Option<RowSelection>) -> RecordBatch {
@@ -562,16 +722,18 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// Half-float lists written in bulk read back (whole, and a row
-        /// selection through the offset index) as arrow-rs's own writer's
-        /// file does, with the same Parquet schema, whatever the list
-        /// lengths (empty ones too), page size, row group size and codec.
+        /// Float lists written in bulk (half floats; f32
+        /// BYTE_STREAM_SPLIT) read back (whole, and a row selection through
+        /// the offset index) as arrow-rs's own writer's file does, with the
+        /// same Parquet schema, whatever the list lengths (empty ones too),
+        /// page size, row group size and codec.
         #[test]
-        fn half_lists_read_back_as_arrow_rs_writes_them(
+        fn float_lists_read_back_as_arrow_rs_writes_them(
             batches in prop::collection::vec(prop::collection::vec(0usize..40, 1..30), 1..6),
             page in 16usize..400,
             rows in 1usize..50,
             zstd in any::<bool>(),
+            w in prop::option::of(prop::sample::select(vec![Encoding::PLAIN, Encoding::BYTE_STREAM_SPLIT])),
             skip in 0usize..40,
             take in 1usize..40,
         ) {
@@ -582,8 +744,8 @@ mod tests {
                 first += lens.len() as u64;
                 b
             }).collect();
-            let mut ours = FileWriter::try_new(Vec::new(), schema(), props(codec, page, rows)).unwrap();
-            let mut theirs = ArrowWriter::try_new(Vec::new(), schema(), Some(props(codec, page, rows))).unwrap();
+            let mut ours = FileWriter::try_new(Vec::new(), schema(), props_w(codec, page, rows, w)).unwrap();
+            let mut theirs = ArrowWriter::try_new(Vec::new(), schema(), Some(props_w(codec, page, rows, w))).unwrap();
             for b in &batches {
                 ours.write(b).unwrap();
                 theirs.write(b).unwrap();
@@ -594,6 +756,15 @@ mod tests {
             let (m1, m2) = (meta(&ours), meta(&theirs));
             prop_assert_eq!(m1.file_metadata().schema_descr(), m2.file_metadata().schema_descr());
             prop_assert_eq!(m1.num_row_groups(), m2.num_row_groups());
+            for g in 0..m1.num_row_groups() {
+                let encodings = |m: &parquet::file::metadata::ParquetMetaData| {
+                    m.row_group(g).column(2).encodings().collect::<Vec<_>>()
+                };
+                // Both files store `w` as `props_w` says.
+                let (e1, e2) = (encodings(&m1), encodings(&m2));
+                prop_assert_eq!(e1.contains(&Encoding::BYTE_STREAM_SPLIT), e2.contains(&Encoding::BYTE_STREAM_SPLIT));
+                prop_assert_eq!(e1.contains(&Encoding::BYTE_STREAM_SPLIT), w == Some(Encoding::BYTE_STREAM_SPLIT));
+            }
             let expected = read(theirs.clone(), None);
             prop_assert_eq!(&read(ours.clone(), None), &expected);
             let n = first as usize;
