@@ -1,8 +1,9 @@
 //! The Parquet file writer behind every part and every compacted file.
 //!
-//! arrow-rs encodes the columns, row group by row group, except the lists
-//! of factor values (`u`, `v`, `a`, `p`), which this module writes itself,
-//! in bulk:
+//! arrow-rs encodes the columns, row group by row group, except two kinds
+//! of list columns (factor values, `u`, `v`, `a`, `p`, as parts store them),
+//! which this module writes itself, in bulk, when they are uncompressed or
+//! compressed with zstd:
 //!
 //! - lists of `Float16` (the factors of an f16 run): arrow-rs writes a
 //!   FLOAT16 value as a FIXED_LEN_BYTE_ARRAY with one reference-counted
@@ -276,21 +277,25 @@ impl Layout {
 /// How `field` (Parquet leaf `descr`) is written in bulk, if it is: a
 /// non-null list of non-null half floats, or of single floats whose
 /// properties ask for nothing but their values split into byte streams
-/// (BYTE_STREAM_SPLIT; no dictionary, statistics or bloom filter). Max
-/// definition and repetition level 1: a list's values have definition
-/// level 1, an empty list is one entry of level 0.
+/// (BYTE_STREAM_SPLIT; no dictionary, statistics or bloom filter), not
+/// compressed or compressed with zstd. Max definition and repetition level
+/// 1: a list's values have definition level 1, an empty list is one entry
+/// of level 0.
 fn float_list(field: &Field, descr: &ColumnDescPtr, props: &WriterProperties) -> Option<Layout> {
     let DataType::List(item) = field.data_type() else {
         return None;
     };
-    if field.is_nullable()
+    let path = descr.path();
+    if !matches!(
+        props.compression(path),
+        Codec::UNCOMPRESSED | Codec::ZSTD(_)
+    ) || field.is_nullable()
         || item.is_nullable()
         || descr.max_def_level() != 1
         || descr.max_rep_level() != 1
     {
         return None;
     }
-    let path = descr.path();
     match item.data_type() {
         DataType::Float16 => Some(Layout::Half),
         DataType::Float32
@@ -693,8 +698,9 @@ mod tests {
             .collect()
     }
 
-    /// Half-float lists are always written in bulk; f32 lists only when
-    /// their properties ask for nothing but BYTE_STREAM_SPLIT values.
+    /// Half-float lists are written in bulk; f32 lists only when their
+    /// properties ask for nothing but BYTE_STREAM_SPLIT values; neither
+    /// under a codec other than zstd.
     #[test]
     fn which_lists_are_written_in_bulk() {
         let c = Codec::UNCOMPRESSED;
@@ -706,6 +712,9 @@ mod tests {
         assert_eq!(bulk(split), [None, half, Some(Layout::SingleSplit), half]);
         let delta = props_w(c, 100, 10, Some(Encoding::RLE));
         assert_eq!(bulk(delta), [None, half, None, half]);
+        // Other codecs: arrow-rs writes every column.
+        let snappy = props_w(Codec::SNAPPY, 100, 10, Some(Encoding::BYTE_STREAM_SPLIT));
+        assert_eq!(bulk(snappy), [None, None, None, None]);
     }
 
     fn read(bytes: Bytes, selection: Option<RowSelection>) -> RecordBatch {
