@@ -67,8 +67,10 @@ fn explain_under(run: &str, sql: &str, limit: &str, spill: &str) -> String {
 /// input tasks at once (reported upstream as apache/datafusion#24883,
 /// fixed by #24891): every worker parks and the query never returns. It
 /// was seen once here, on DataFusion 55.2.0, with this file's grouped
-/// aggregation under 64 MiB; a hung test would hold CI until its time-out. A run that has not ended
-/// after two minutes (a healthy one takes seconds) is killed and tried
+/// aggregation under 64 MiB; a hung test would hold CI until its time-out.
+/// A run that has not ended after two minutes (a healthy one takes
+/// seconds) is stopped with SIGTERM (which also stops a deadlocked query
+/// and removes its spill directory; SIGKILL after 10 s more) and tried
 /// again, at most three times, saying so; any other failure fails at once.
 fn limited_ok(args: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,6 +89,13 @@ fn limited_ok(args: &[&str]) -> String {
                 break Some(status);
             }
             if Instant::now() > deadline {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let stopped = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().unwrap().is_none() && Instant::now() < stopped {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
