@@ -381,6 +381,7 @@ class Tracer:
         self._closed = False
         self._max_id = -1
         self._generator: torch.Generator | None = None
+        self._draws = 0x7E9 << 32  # seeds of the check's directions on the host
         self._hooks = [l.module.register_forward_hook(self._forward) for l in self._layers]
         # The model's outputs of the step's forward passes, for the `examples`
         # table (each example's loss and prediction).
@@ -970,16 +971,19 @@ class Tracer:
         examples' ``(loss, predicted)``; refuses a non-finite loss unless
         ``finite`` is False."""
         flat = self._check_flat(terms)
-        parts = ([] if flat is None else [flat]) + due.parts()
-        host = _host(parts)
-        n = 0 if flat is None else int(flat.shape[0])
-        value, examples = due.decode(host[n:])
+        if isinstance(flat, np.ndarray):  # every layer checked on the host
+            checks, rest = flat, _host(due.parts())
+        else:
+            host = _host(([] if flat is None else [flat]) + due.parts())
+            n = 0 if flat is None else int(flat.shape[0])
+            checks, rest = host[:n], host[n:]
+        value, examples = due.decode(rest)
         total = due.batch
         if self._world is not None:
             value, total = self._world_step(value, due.batch)
         if finite and not math.isfinite(value):
             raise _Refusal(f"non-finite loss {value} at step {self._step}")
-        return host[:n], total, value, examples
+        return checks, total, value, examples
 
     def _world_step(self, value: float, batch: int) -> tuple[float, int]:
         """torch.distributed: the step's loss and batch size over every
@@ -1158,15 +1162,16 @@ class Tracer:
         # the examples.
         terms = [t for *_, t in layers if t is not None]
         flat, batch, value, examples = self._fetch(due, terms)
-        vectors = np.split(flat, np.cumsum([len(t) for t in terms])[:-1]) if terms else []
-        shared = _shared_scale(vectors)
-        values = iter(vectors)
+        precisions = [precision for *_, precision, t in layers if t is not None]
+        verdicts = iter(_reptrace.check_verdicts(
+            np.ascontiguousarray(flat, dtype=np.float64), [len(t) for t in terms],
+            [CHECK_TOLERANCE[p] for p in precisions], _SCALE_SNAP) if terms else ())
         factors, rows = [], []
         for l, h, u, g, precision, t in layers:
             if t is None:
                 scale, check, norm = 1.0, None, None
             else:
-                scale, check, norm = self._verdict(l, next(values), precision, shared)
+                scale, check, norm = self._verdict(l, next(verdicts), precision)
             if self._adam is not None:
                 if precision != "f32":
                     raise _Refusal(
@@ -1206,7 +1211,11 @@ class Tracer:
         if not terms:
             return None
         if self._world is None:
-            return torch.cat(terms).double()
+            if all(isinstance(t, np.ndarray) for t in terms):
+                return np.concatenate(terms)
+            device = next(t.device for t in terms if isinstance(t, torch.Tensor))
+            return torch.cat([torch.from_numpy(t).to(device) if isinstance(t, np.ndarray)
+                              else t.double() for t in terms])
         parts = []
         for t in terms:
             c = (len(t) - 1) // 3
@@ -1383,10 +1392,13 @@ class Tracer:
         ``Σ_i g_i [u_i | 1]ᵀ`` along a random direction ``r`` drawn each
         step: ``a = ∇W r_w + r_b ∇b`` against ``f = Σ_i g_i (u_i·r_w + r_b)``
         (matrix-vector products instead of a second weight gradient).
-        Returns ``[a, f, m, ‖(∇W, ∇b)‖²]`` (float32, one vector) with
+        Returns ``[a, f, m, ‖(∇W, ∇b)‖²]`` (one vector) with
         ``m = Σ_i |g_i| |u_i·r_w + r_b|`` the magnitude of the summed terms,
         which the relative difference is taken against; :meth:`_verdict`
-        compares them in float64 on the host."""
+        compares them in float64 on the host. A float32 linear layer on the
+        CPU (outside torch.distributed) gets them from one call into the
+        extension, as a float64 NumPy array, its direction drawn there;
+        any other from PyTorch operations on its device (float32)."""
         gw = l.weight.grad
         gb = l.bias_param.grad if l.bias else None
         if gw is None or (l.bias and gb is None):
@@ -1396,6 +1408,19 @@ class Tracer:
             )
         if not self._check:
             return None
+        if (self._world is None and l.kind.name == "linear" and gw.device.type == "cpu"
+                and gw.dtype == torch.float32 and u.dtype == torch.float32
+                and g.dtype == torch.float32 and (gb is None or gb.dtype == torch.float32)):
+            # A dense layer on the CPU: the same terms in one call into the
+            # extension instead of some twenty small PyTorch operations.
+            self._draws += 1
+            n_in = u.shape[-1]
+            return _reptrace.linear_check_terms(
+                gw.detach().contiguous().numpy(),
+                None if gb is None else gb.detach().reshape(-1).contiguous().numpy(),
+                u.detach().reshape(-1, n_in).contiguous().numpy(),
+                g.detach().reshape(-1, gw.shape[0]).contiguous().numpy(),
+                self._draws)
         gw = l.kind.rows(gw.detach()).float()
         n_in = gw.shape[1]
         if self._generator is None or self._generator.device != gw.device:
@@ -1411,45 +1436,27 @@ class Tracer:
         rec, mag = l.kind.check_products(l.spec, u, g, rw, r[n_in] if l.bias else None)
         return torch.cat([applied, rec, mag, norm2.reshape(1)])
 
-    def _verdict(self, l: _Layer, terms: np.ndarray, precision: str, shared: float):
-        """``(κ, relative difference, ‖(∇W, ∇b)‖)`` from the check's terms
-        (:meth:`_check_terms`, float64); raises :class:`_Refusal` when the
+    def _verdict(self, l: _Layer, verdict: tuple, precision: str):
+        """``(κ, relative difference, ‖(∇W, ∇b)‖)`` from the layer's
+        verdict (``_reptrace.check_verdicts`` over the step's terms, in
+        float64: :meth:`_check_terms`); raises :class:`_Refusal` when the
         applied gradient and the records differ by more than one scale.
         ``κ`` stays 1 unless a scale explains the difference better than
-        rounding does; then it is the step's ``shared`` scale (clipping by
-        the global norm and loss scaling scale every layer alike) unless the
+        rounding does; then it is the step's shared scale (clipping by the
+        global norm and loss scaling scale every layer alike) unless the
         layer's own least-squares scale ``a·f / f·f`` explains it clearly
         better. A layer whose per-example gradients nearly cancel (a
         classifier head over balanced classes) fits its own scale only to
         rounding; the shared one, dominated by well-conditioned layers, is
         its exact value."""
-        c = (len(terms) - 1) // 3
-        a, f, m, norm2 = terms[:c], terms[c:2 * c], terms[2 * c:3 * c], terms[-1]
-        if not (np.all(np.isfinite(terms[:c])) and np.all(np.isfinite(m))
-                and math.isfinite(norm2)):
+        scale, relative, norm, problem = verdict
+        if problem == "not finite":
             raise _Refusal(
                 f"layer {l.name!r} at step {self._step}: the gradient holds inf or NaN "
                 "(use a torch.amp.GradScaler through Tracer(scaler=...), or lower the lr)"
             )
-        mag = float(np.linalg.norm(m))
-        aa = float(a @ a)
-
-        def rel(k: float) -> float:
-            denom = abs(k) * mag
-            if denom > 0:
-                return float(np.linalg.norm(a - k * f)) / denom
-            return 0.0 if aa == 0 else math.inf
-
-        ff = float(f @ f)
-        kappa = float(a @ f) / ff if ff > 0 else math.nan
-        scale, relative = 1.0, rel(1.0)
-        noise = max(_SCALE_SNAP, 4 * rel(kappa)) if math.isfinite(kappa) else _SCALE_SNAP
-        if math.isfinite(kappa) and relative > noise:
-            scale, relative = kappa, rel(kappa)
-            if math.isfinite(shared) and shared != 0.0 and rel(shared) <= noise:
-                scale, relative = shared, rel(shared)
-        tol = CHECK_TOLERANCE[precision]
-        if relative > tol:
+        if problem:
+            tol = CHECK_TOLERANCE[precision]
             raise _Refusal(
                 f"layer {l.name!r} at step {self._step}: the gradient the optimizer is about "
                 f"to apply differs from the sum of the recorded per-example gradients by "
@@ -1457,7 +1464,7 @@ class Tracer:
                 "factor: something edits gradients between backward() and the step "
                 "(value clipping, noise, a gradient hook), which cannot be traced"
             )
-        return scale, relative, math.sqrt(max(norm2, 0.0))
+        return scale, relative, norm
 
     def _factors(self, l: _Layer, u: torch.Tensor, g: torch.Tensor, factor: float):
         """(u, v) of one layer for the step, on the device, rows = examples;
@@ -2006,19 +2013,6 @@ def _host(parts: list[torch.Tensor]) -> np.ndarray:
     device = parts[0].device
     flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
     return flat.cpu().numpy()
-
-
-def _shared_scale(vectors) -> float:
-    """The least-squares scale ``Σ a·f / Σ f·f`` over every checked layer's
-    ``(a, f)`` (:meth:`Tracer._check_terms`), or NaN."""
-    af = ff = 0.0
-    for v in vectors:
-        c = (len(v) - 1) // 3
-        a, f = v[:c], v[c:2 * c]
-        if np.all(np.isfinite(a)) and np.all(np.isfinite(f)):
-            af += float(a @ f)
-            ff += float(f @ f)
-    return af / ff if ff > 0 else math.nan
 
 
 def _int_tensor(values, dtype, what: str):

@@ -49,8 +49,8 @@ PARTS = [
     ("_record_instance", 1, "record the step"),
     ("_hyper", 2, "read the parameter group"),
     ("_raw_factors", 2, "collect u and δ per layer"),
-    ("_check_terms", 2, "gradient check: products on the device"),
-    ("_verdict", 2, "gradient check: verdict on the host"),
+    ("_check_terms", 2, "gradient check: products (CPU linear: Rust)"),
+    ("check_verdicts", 2, "gradient check: verdicts on the host (Rust)"),
     ("_factors", 2, "records (factors or full) on the device"),
     ("_flush_pending", 2, "hand the previous step's records to Rust"),
     ("_to_host", 2, "copy this step's records off the device"),
@@ -83,8 +83,9 @@ def _instrument(times):
     """Wraps the tracer's functions of PARTS; returns a function undoing it."""
     saved = []
     for name, _, _ in PARTS:
-        # A method of the tracer, or a function of its module (_to_host).
-        owner = _torch.Tracer if hasattr(_torch.Tracer, name) else _torch
+        # A method of the tracer, a function of its module (_to_host) or
+        # of the extension (check_verdicts).
+        owner = next(o for o in (_torch.Tracer, _torch, _torch._reptrace) if hasattr(o, name))
         original = getattr(owner, name)
         saved.append((owner, name, original))
 

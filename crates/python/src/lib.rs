@@ -20,6 +20,7 @@
 
 pub mod analysis;
 pub mod arrow_stream;
+pub mod check;
 pub mod error;
 pub mod recorder;
 pub mod shard;
@@ -39,6 +40,8 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
     m.add_function(wrap_pyfunction!(recorder::compact, m)?)?;
+    m.add_function(wrap_pyfunction!(check::linear_check_terms, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_verdicts, m)?)?;
     analysis::register(m)?;
     shard::register(m)?;
     Ok(())
