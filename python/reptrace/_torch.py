@@ -91,6 +91,11 @@ CHECK_TOLERANCE = {"f32": 1e-4, "bf16": 3e-2, "f16": 4e-3}
 # without clipping records what it did before).
 _SCALE_SNAP = 1e-6
 
+# CPU tensors take the extension's one-call paths (a float32 Linear's check
+# terms, the examples' losses, ids and labels without a copy); tests turn
+# it off to run the device path, a GPU's, on the CPU.
+_ON_HOST = True
+
 
 def _precision(dtype: torch.dtype) -> str:
     return _PRECISION.get(dtype, "f32")
@@ -720,9 +725,10 @@ class Tracer:
     def _examples(self, logits, labels: np.ndarray):
         """Each example's cross-entropy and predicted class from the step's
         output (logits or log-probabilities: log_softmax of either is the
-        same), on the device, or None when the output is not (batch,
-        classes); they reach the host with the step's one transfer
-        (:meth:`_fetch`)."""
+        same), or None when the output is not (batch, classes): on the
+        device as tensors, which reach the host with the step's one
+        transfer (:meth:`_fetch`), or for CPU logits on the host already
+        (NumPy arrays from the extension)."""
         if logits is None:
             return None
         if not isinstance(logits, torch.Tensor):
@@ -734,6 +740,13 @@ class Tracer:
                     f"{len(self.classes)}) (batch, classes)"
                 )
             return None
+        if _ON_HOST and logits.device.type == "cpu":
+            # One call into the extension (float64, as `reptrace train`
+            # computes them) instead of a handful of small operations.
+            z = logits.detach()
+            return _reptrace.example_losses(
+                (z if z.dtype == torch.float32 else z.float()).contiguous().numpy(),
+                np.ascontiguousarray(labels, dtype=np.int32))
         log_p = torch.log_softmax(logits.detach().float(), dim=1)
         target = torch.from_numpy(labels.astype(np.int64))
         if log_p.device.type == "cuda":
@@ -1408,7 +1421,8 @@ class Tracer:
             )
         if not self._check:
             return None
-        if (self._world is None and l.kind.name == "linear" and gw.device.type == "cpu"
+        if (_ON_HOST and self._world is None and l.kind.name == "linear"
+                and gw.device.type == "cpu"
                 and gw.dtype == torch.float32 and u.dtype == torch.float32
                 and g.dtype == torch.float32 and (gb is None or gb.dtype == torch.float32)):
             # A dense layer on the CPU: the same terms in one call into the
@@ -1959,7 +1973,7 @@ class _Due:
         out = []
         if isinstance(self.loss, torch.Tensor):
             out.append(self.loss.reshape(1))
-        if self.examples is not None:
+        if self.examples is not None and isinstance(self.examples[0], torch.Tensor):
             out += [self.examples[0].reshape(-1), self.examples[1].reshape(-1)]
         return out
 
@@ -1970,13 +1984,13 @@ class _Due:
         value = self.loss
         if isinstance(self.loss, torch.Tensor):
             value, k = float(host[0]), 1
-        examples = None
-        if self.examples is not None:
-            n = int(self.examples[0].shape[0])
+        examples = self.examples  # NumPy arrays when computed on the host
+        if examples is not None and isinstance(examples[0], torch.Tensor):
+            n = int(examples[0].shape[0])
             examples = (np.ascontiguousarray(host[k:k + n], dtype=np.float32),
                         np.ascontiguousarray(host[k + n:k + 2 * n], dtype=np.int32))
-            if value is None:
-                value = float(np.mean(examples[0], dtype=np.float64)) if n else 0.0
+        if examples is not None and value is None:
+            value = float(np.mean(examples[0], dtype=np.float64)) if len(examples[0]) else 0.0
         return float(value), examples
 
 
@@ -2031,7 +2045,10 @@ def _ints_together(items) -> list[np.ndarray]:
     tensors = [(i, _int_tensor(v, dtype, what)) for i, (v, dtype, what) in enumerate(items)
                if isinstance(v, torch.Tensor)]
     out = [None] * len(items)
-    if tensors:
+    if tensors and _ON_HOST and all(t.device.type == "cpu" for _, t in tensors):
+        for i, t in tensors:
+            out[i] = t.reshape(-1).numpy()
+    elif tensors:
         device = tensors[0][1].device
         flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64)
                           for _, t in tensors]).cpu().numpy()

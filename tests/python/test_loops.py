@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reptrace
+from reptrace import _torch
 from kit import (
     CLASSES,
     MLP,
@@ -76,7 +77,12 @@ def assert_exact(run, model, initial):
     assert_reconstructs(run, model, initial)
 
 
-def test_clip_grad_norm_is_measured_and_folded_into_the_records(tmp_path, data):
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_clip_grad_norm_is_measured_and_folded_into_the_records(tmp_path, data, monkeypatch,
+                                                                path):
+    """Checked on the host (the extension's one call per CPU Linear) and by
+    the PyTorch operations a GPU runs, here on the CPU."""
+    monkeypatch.setattr(_torch, "_ON_HOST", path == "host")
     torch.manual_seed(1)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -215,8 +221,11 @@ def test_grad_scaler_with_autocast_f16_skips_and_unscales(tmp_path, data):
     assert_reconstructs(run, model, initial, tolerance=stated)
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @pytest.mark.parametrize("edit", ["noise", "value-clipping"])
-def test_a_loop_that_edits_gradients_is_stopped_at_the_step(tmp_path, data, edit):
+def test_a_loop_that_edits_gradients_is_stopped_at_the_step(tmp_path, data, monkeypatch, edit,
+                                                            path):
+    monkeypatch.setattr(_torch, "_ON_HOST", path == "host")
     x, y, _, _ = data
     run = str(tmp_path / edit)
     model, opt, tracer = traced_model(run, seed=8)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reptrace
+from reptrace import _torch
 from kit import (
     CLASSES,
     MLP,
@@ -593,7 +594,10 @@ def test_a_traced_step_reads_the_device_once(tmp_path, data, monkeypatch, follow
     starts the recorder), with two micro-batches per step under
     follow_optimizer; the records are the same as reading each value on
     its own (the examples equal the model's cross-entropy and argmax, the
-    steps' losses the sums of the micro-batches' losses)."""
+    steps' losses the sums of the micro-batches' losses). The CPU's own
+    one-call paths (the extension's check and examples) are turned off, so
+    that the path a GPU takes runs here."""
+    monkeypatch.setattr(_torch, "_ON_HOST", False)
     x, y, _, _ = data
     run = str(tmp_path / "run")
     model, opt, tracer = traced_model(run, seed=3)

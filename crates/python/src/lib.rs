@@ -20,8 +20,8 @@
 
 pub mod analysis;
 pub mod arrow_stream;
-pub mod check;
 pub mod error;
+pub mod host;
 pub mod recorder;
 pub mod shard;
 
@@ -40,8 +40,9 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
     m.add_function(wrap_pyfunction!(recorder::compact, m)?)?;
-    m.add_function(wrap_pyfunction!(check::linear_check_terms, m)?)?;
-    m.add_function(wrap_pyfunction!(check::check_verdicts, m)?)?;
+    m.add_function(wrap_pyfunction!(host::linear_check_terms, m)?)?;
+    m.add_function(wrap_pyfunction!(host::check_verdicts, m)?)?;
+    m.add_function(wrap_pyfunction!(host::example_losses, m)?)?;
     analysis::register(m)?;
     shard::register(m)?;
     Ok(())

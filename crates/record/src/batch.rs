@@ -91,6 +91,31 @@ pub struct ExampleBatch<'a> {
     pub predicted: &'a [i32],
 }
 
+/// Each row's cross-entropy `−log softmax(z)_y` (in f64, stored as f32)
+/// and predicted class (the first largest logit, as `argmax` takes it) of
+/// row-major `logits`, `classes` per row, one row per label. A label out of
+/// range gets a NaN loss; without classes there are no rows.
+pub fn example_losses(logits: &[f32], classes: usize, labels: &[i32]) -> (Vec<f32>, Vec<i32>) {
+    logits
+        .chunks_exact(classes.max(1))
+        .take(if classes == 0 { 0 } else { labels.len() })
+        .zip(labels)
+        .map(|(z, &label)| {
+            let (mut best, mut max) = (0, z[0]);
+            for (c, &x) in z.iter().enumerate().skip(1) {
+                if x > max {
+                    (best, max) = (c, x);
+                }
+            }
+            let max = f64::from(max);
+            let sum: f64 = z.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+            let picked = usize::try_from(label).ok().and_then(|y| z.get(y));
+            let loss = picked.map_or(f64::NAN, |&z_y| max + sum.ln() - f64::from(z_y));
+            (loss as f32, best as i32)
+        })
+        .unzip()
+}
+
 /// The update records of one step for one traced layer: `n` rows.
 ///
 /// `u` is `n × u_len` and `v` is `n × v_len`, row-major, with

@@ -70,7 +70,7 @@ mod writer;
 pub use append::ProbeAppender;
 pub use batch::{
     AdamStep, BatchStep, ExampleBatch, FactorValues, LayerStepRow, NamedTensor, ProbeBatch,
-    StepRow, UpdateBatch, UpdateBatchOwned,
+    StepRow, UpdateBatch, UpdateBatchOwned, example_losses,
 };
 pub use compact::{Compacted, compact, compact_with};
 pub use error::{Error, Result};

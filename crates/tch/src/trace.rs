@@ -42,7 +42,7 @@ use reptrace_format::{
 };
 use reptrace_record::{
     AdamStep, BatchStep, ExampleBatch, LayerStepRow, NamedTensor, ProbeBatch, Recorder, StepRow,
-    UpdateBatchOwned,
+    UpdateBatchOwned, example_losses,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -1587,29 +1587,6 @@ impl StepWriter<'_> {
         }
         Ok(())
     }
-}
-
-/// Each row's cross-entropy `−log softmax(z)_y` (in f64, stored as f32)
-/// and predicted class (the first largest logit, as `argmax` takes it) of
-/// row-major `logits`, `classes` per row; labels are in range (checked with
-/// the step).
-fn example_losses(logits: &[f32], classes: usize, labels: &[i32]) -> (Vec<f32>, Vec<i32>) {
-    logits
-        .chunks_exact(classes)
-        .zip(labels)
-        .map(|(z, &label)| {
-            let (mut best, mut max) = (0, z[0]);
-            for (c, &x) in z.iter().enumerate().skip(1) {
-                if x > max {
-                    (best, max) = (c, x);
-                }
-            }
-            let max = f64::from(max);
-            let sum: f64 = z.iter().map(|&x| (f64::from(x) - max).exp()).sum();
-            let loss = max + sum.ln() - f64::from(z[label as usize]);
-            (loss as f32, best as i32)
-        })
-        .unzip()
 }
 
 /// A layer's whole update since `w0`, `b0`: `vec(W − W0)` then `b − b0`,

@@ -1,14 +1,20 @@
-//! The per-step gradient check of a dense layer on the host, in one call.
+//! The Python tracer's per-step arithmetic on the host, one call each.
 //!
-//! The Python tracer checks, before every optimizer step, that the gradient
-//! the optimizer is about to apply is the sum of the per-example gradients
-//! it records (docs/python.md, "Training loops"). On a GPU it does so with
-//! a few PyTorch operations per layer; for a CPU layer of the plain dense
-//! kind (`nn.Linear` over `(batch, features)` inputs) that is about twenty
-//! small operations launched from Python, most of their cost being the
-//! launches. [`linear_check_terms`] computes the same terms in one call:
-//! four matrix-vector products in plain loops the compiler vectorises
-//! (the crate is built optimised in every profile, Cargo.toml).
+//! Before every optimizer step the tracer checks that the gradient the
+//! optimizer is about to apply is the sum of the per-example gradients it
+//! records (docs/python.md, "Training loops"), and it computes each
+//! example's loss and prediction for the `examples` table. On a GPU it does
+//! so with PyTorch operations on the device. On the CPU, for small models,
+//! launching some twenty small operations per layer from Python costs more
+//! than their arithmetic, so:
+//!
+//! - [`linear_check_terms`]: a float32 `nn.Linear`'s check terms, four
+//!   matrix-vector products (AVX2 and FMA where the CPU has them, plain
+//!   loops elsewhere);
+//! - [`check_verdicts`]: every checked layer's verdict from its terms, in
+//!   float64, the step's shared scale included (for either path);
+//! - [`example_losses`]: each example's cross-entropy and prediction from
+//!   CPU logits, in float64, as `reptrace train` computes them.
 use crate::error;
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -368,6 +374,41 @@ pub fn check_verdicts(
             Verdict::Differs { relative } => (f64::NAN, relative, f64::NAN, "differs"),
         })
         .collect())
+}
+
+/// Each example's loss and predicted class, as NumPy arrays.
+type Examples<'py> = (Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<i32>>);
+
+/// `example_losses(logits, labels)`: each example's cross-entropy
+/// `−log softmax(z)_y` (computed in float64, returned as float32) and
+/// predicted class (the first largest logit) from float32 `logits` (batch
+/// × classes, C-contiguous) and int32 `labels` (batch, in `0..classes`).
+#[pyfunction]
+pub fn example_losses<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray2<'py, f32>,
+    labels: PyReadonlyArray1<'py, i32>,
+) -> PyResult<Examples<'py>> {
+    let (z, [rows, classes]) = matrix(&logits, "logits")?;
+    let labels = labels
+        .as_slice()
+        .map_err(|_| error::invalid("labels: the array must be contiguous"))?;
+    if labels.len() != rows {
+        return Err(error::invalid(format!(
+            "labels: {} labels for {rows} rows of logits",
+            labels.len()
+        )));
+    }
+    if let Some(bad) = labels.iter().find(|&&y| y < 0 || y as usize >= classes) {
+        return Err(error::invalid(format!(
+            "labels: {bad} is not a class of {classes}"
+        )));
+    }
+    let (loss, predicted) = reptrace_record::example_losses(z, classes, labels);
+    Ok((
+        PyArray1::from_vec(py, loss),
+        PyArray1::from_vec(py, predicted),
+    ))
 }
 
 #[cfg(test)]
