@@ -2025,6 +2025,8 @@ def _host(parts: list[torch.Tensor]) -> np.ndarray:
     if not parts:
         return np.zeros(0)
     device = parts[0].device
+    if _ON_HOST and len(parts) == 1 and device.type == "cpu" and parts[0].numel() == 1:
+        return np.array([parts[0].item()], dtype=np.float64)  # a CPU loss: no copies
     flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
     return flat.cpu().numpy()
 
