@@ -32,7 +32,9 @@ pub use crate::memory::{
 };
 use crate::{Error, Result};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,7 +182,7 @@ impl Limits {
         if let Some(bytes) = self.memory {
             let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
             builder = builder.with_memory_pool(Arc::new(TrackConsumersPool::new(
-                FairSpillPool::new(bytes),
+                RepartitionInMemory(FairSpillPool::new(bytes)),
                 std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN),
             )));
         }
@@ -195,6 +197,68 @@ impl Limits {
     pub fn sort_spill_reservation(&self) -> usize {
         let bytes = self.memory.map_or(10 << 20, |m| m / 4);
         usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+}
+
+/// A memory pool that grants DataFusion's `RepartitionExec` whatever it
+/// asks instead of letting it spill, counted against the pool, so that the
+/// operators that can spill spill sooner. DataFusion 55.2's
+/// `RepartitionExec` deadlocks when two of its input tasks spill into one
+/// output partition's spill pool at once (apache/datafusion#24883, fixed
+/// upstream after 55.2): every worker waits and the query never answers
+/// (`tests/analyze/limits.rs` hung in 7 and 8 of 12 attempts on the plain
+/// pool). What it holds is the batches in flight between its inputs and
+/// outputs, bounded by its channels' back-pressure while its consumers keep
+/// up; where it outgrows the limit, an operator that cannot spill fails with
+/// the memory error instead of the query hanging.
+#[derive(Debug)]
+struct RepartitionInMemory<P>(P);
+
+impl<P: MemoryPool> std::fmt::Display for RepartitionInMemory<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<P: MemoryPool> MemoryPool for RepartitionInMemory<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.0.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.0.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.0.grow(reservation, additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.0.shrink(reservation, shrink);
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        if reservation.consumer().name().starts_with("RepartitionExec") {
+            self.0.grow(reservation, additional);
+            return Ok(());
+        }
+        self.0.try_grow(reservation, additional)
+    }
+
+    fn reserved(&self) -> usize {
+        self.0.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.0.memory_limit()
     }
 }
 

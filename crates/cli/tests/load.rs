@@ -63,59 +63,48 @@ fn explain_under(run: &str, sql: &str, limit: &str, spill: &str) -> String {
 
 /// A command under a memory limit that must succeed; its stdout.
 ///
-/// DataFusion's `RepartitionExec` can deadlock when it spills from two
-/// input tasks at once (reported upstream as apache/datafusion#24883,
-/// fixed by #24891): every worker parks and the query never returns. It
-/// was seen once here, on DataFusion 55.2.0, with this file's grouped
-/// aggregation under 64 MiB; a hung test would hold CI until its time-out.
-/// A run that has not ended after two minutes (a healthy one takes
-/// seconds) is stopped with SIGTERM (which also stops a deadlocked query
-/// and removes its spill directory; SIGKILL after 10 s more) and tried
-/// again, at most three times, saying so; any other failure fails at once.
+/// A run that has not ended after two minutes (a healthy one takes seconds)
+/// is stopped with SIGTERM (SIGKILL after 10 s more) and fails the test: a
+/// query that hangs is a bug. DataFusion 55.2's `RepartitionExec` spill
+/// deadlock (apache/datafusion#24883) hung this file's grouped aggregation
+/// once before the session's pool stopped `RepartitionExec` from spilling
+/// (`reptrace_analyze::limits`, tested in `tests/analyze/limits.rs`).
 fn limited_ok(args: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
-    for attempt in 1..=3 {
-        let (out, err) = (tmp.path().join("out"), tmp.path().join("err"));
-        let mut child = cli()
-            .command()
-            .args(args)
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.id().to_string()])
-                    .status();
-                let stopped = Instant::now() + Duration::from_secs(10);
-                while child.try_wait().unwrap().is_none() && Instant::now() < stopped {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let stdout = std::fs::read_to_string(&out).unwrap();
-        let stderr = std::fs::read_to_string(&err).unwrap();
-        match status {
-            Some(status) => {
-                assert!(status.success(), "{args:?}: {stdout}{stderr}");
-                return stdout;
-            }
-            None => println!(
-                "{args:?}: no answer after 120 s (attempt {attempt}; DataFusion's \
-                 RepartitionExec spill deadlock, apache/datafusion#24883): running again"
-            ),
+    let (out, err) = (tmp.path().join("out"), tmp.path().join("err"));
+    let mut child = cli()
+        .command()
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
         }
-    }
-    panic!("{args:?}: no answer after three attempts of 120 s");
+        if Instant::now() > deadline {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let stopped = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() && Instant::now() < stopped {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&out).unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    let Some(status) = status else {
+        panic!("{args:?}: no answer after 120 s (a hung query): {stdout}{stderr}")
+    };
+    assert!(status.success(), "{args:?}: {stdout}{stderr}");
+    stdout
 }
 
 fn spills(explain: &str) -> u64 {

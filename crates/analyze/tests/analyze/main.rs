@@ -5,6 +5,7 @@ mod adam;
 mod attribution;
 mod factor_route;
 mod kinds;
+mod limits;
 mod patches;
 mod queries;
 mod ragged;
