@@ -1409,9 +1409,10 @@ class Tracer:
         ``m = Σ_i |g_i| |u_i·r_w + r_b|`` the magnitude of the summed terms,
         which the relative difference is taken against; :meth:`_verdict`
         compares them in float64 on the host. A float32 linear layer on the
-        CPU (outside torch.distributed) gets them from one call into the
-        extension, as a float64 NumPy array, its direction drawn there;
-        any other from PyTorch operations on its device (float32)."""
+        CPU (outside torch.distributed), or a convolution of one group, gets
+        them from one call into the extension, as a float64 NumPy array, its
+        direction drawn there; any other from PyTorch operations on its
+        device (float32)."""
         gw = l.weight.grad
         gb = l.bias_param.grad if l.bias else None
         if gw is None or (l.bias and gb is None):
@@ -1421,20 +1422,22 @@ class Tracer:
             )
         if not self._check:
             return None
-        if (_ON_HOST and self._world is None and l.kind.name == "linear"
-                and gw.device.type == "cpu"
-                and gw.dtype == torch.float32 and u.dtype == torch.float32
-                and g.dtype == torch.float32 and (gb is None or gb.dtype == torch.float32)):
-            # A dense layer on the CPU: the same terms in one call into the
-            # extension instead of some twenty small PyTorch operations.
+        host = _ON_HOST and self._world is None and gw.device.type == "cpu" and all(
+            t is None or t.dtype == torch.float32 for t in (gw, gb, u, g))
+        if host and (l.kind.name == "linear" or (l.kind.name in ("conv2d", "conv1d")
+                                                 and l.spec.get("groups", 1) == 1)):
+            # A float32 Linear or convolution on the CPU: the same terms in
+            # one call into the extension instead of some twenty small
+            # PyTorch operations. Linear: one position per row; conv: u is
+            # (examples, C_in·kernel, positions), g (examples, C_out, positions).
             self._draws += 1
-            n_in = u.shape[-1]
-            return _reptrace.linear_check_terms(
-                gw.detach().contiguous().numpy(),
+            w = l.kind.rows(gw.detach())
+            if l.kind.name == "linear":
+                u, g = u.reshape(-1, w.shape[1], 1), g.reshape(-1, w.shape[0], 1)
+            return _reptrace.check_terms(
+                w.contiguous().numpy(),
                 None if gb is None else gb.detach().reshape(-1).contiguous().numpy(),
-                u.detach().reshape(-1, n_in).contiguous().numpy(),
-                g.detach().reshape(-1, gw.shape[0]).contiguous().numpy(),
-                self._draws)
+                u.detach().contiguous().numpy(), g.detach().contiguous().numpy(), self._draws)
         gw = l.kind.rows(gw.detach()).float()
         n_in = gw.shape[1]
         if self._generator is None or self._generator.device != gw.device:

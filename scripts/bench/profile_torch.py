@@ -49,7 +49,7 @@ PARTS = [
     ("_record_instance", 1, "record the step"),
     ("_hyper", 2, "read the parameter group"),
     ("_raw_factors", 2, "collect u and δ per layer"),
-    ("_check_terms", 2, "gradient check: products (CPU linear: Rust)"),
+    ("_check_terms", 2, "gradient check: products (CPU: Rust)"),
     ("check_verdicts", 2, "gradient check: verdicts on the host (Rust)"),
     ("_factors", 2, "records (factors or full) on the device"),
     ("_flush_pending", 2, "hand the previous step's records to Rust"),

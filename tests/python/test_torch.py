@@ -42,10 +42,18 @@ from kit import (
         (MLP, dict(lr=0.05, momentum=0.9, nesterov=True), True),
         (ResCNN, dict(lr=0.05), False),
         (ResCNN, dict(lr=0.02, momentum=0.9, dampening=0.1), True),
+        (ResCNN, dict(lr=0.05), "device"),
     ],
-    ids=["mlp-sgd", "mlp-nesterov-cosine", "cnn-sgd", "cnn-momentum-dampening-step"],
+    ids=["mlp-sgd", "mlp-nesterov-cosine", "cnn-sgd", "cnn-momentum-dampening-step",
+         "cnn-sgd-device-path"],
 )
-def test_trace_reconstructs_the_final_weights(tmp_path, data, make, sgd, sched):
+def test_trace_reconstructs_the_final_weights(tmp_path, data, monkeypatch, make, sgd, sched):
+    """`sched` "device": without a scheduler, the gradient check by the
+    PyTorch operations a GPU runs (here on the CPU) instead of the
+    extension's one call per layer."""
+    if sched == "device":
+        monkeypatch.setattr(_torch, "_ON_HOST", False)
+        sched = False
     x, y, _, _ = data
     torch.manual_seed(0)
     model = make()
@@ -655,43 +663,49 @@ def test_a_traced_step_reads_the_device_once(tmp_path, data, monkeypatch, follow
     np.testing.assert_allclose(steps["loss"].to_numpy(), losses, rtol=1e-6)
 
 
+@pytest.mark.parametrize("positions", [1, 37])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_host_gradient_check_computes_what_pytorch_computes(bias):
-    """`_reptrace.linear_check_terms` (a dense CPU layer's check in one call)
-    against the same products in PyTorch float64, with the direction it
-    drew recovered from an identity layer of the same seed."""
+def test_the_host_gradient_check_computes_what_pytorch_computes(bias, positions):
+    """`_reptrace.check_terms` (a CPU layer's check in one call: a Linear's
+    one position per row, a convolution's unfolded positions) against the
+    same products in PyTorch float64, with the direction it drew recovered
+    from an identity layer of the same seed."""
     from reptrace import _reptrace
 
     g = torch.Generator().manual_seed(3)
     out, n_in, n = 37, 300, 21
     gw, gb = torch.randn(out, n_in, generator=g), torch.randn(out, generator=g)
-    u, d = torch.randn(n, n_in, generator=g), torch.randn(n, out, generator=g)
+    u = torch.randn(n, n_in, positions, generator=g)
+    d = torch.randn(n, out, positions, generator=g)
     seed = 12345
-    # a = I r_w + r_b·1 with an identity weight and a bias gradient of ones:
-    # the direction itself.
+    # a = I r_w + r_b·e with an identity weight and a bias gradient e of
+    # zeros and a last one: the direction itself.
     eye = np.eye(n_in + 1, n_in, dtype=np.float32)
-    ones = np.zeros(n_in + 1, dtype=np.float32)
-    ones[n_in] = 1.0
-    probe = _reptrace.linear_check_terms(eye, ones, np.zeros((1, n_in), np.float32),
-                                         np.zeros((1, n_in + 1), np.float32), seed)
+    e = np.zeros(n_in + 1, dtype=np.float32)
+    e[n_in] = 1.0
+    probe = _reptrace.check_terms(eye, e, np.zeros((1, n_in, 1), np.float32),
+                                  np.zeros((1, n_in + 1, 1), np.float32), seed)
     r = torch.from_numpy(probe[:n_in + 1].copy())
     rw, rb = r[:n_in], (r[n_in] if bias else torch.tensor(0.0, dtype=torch.float64))
     assert rw.abs().max() < 1 and rw.std() > 0.3, "the direction is spread over (-1, 1)"
-    got = _reptrace.linear_check_terms(gw.numpy(), gb.numpy() if bias else None, u.numpy(),
-                                       d.numpy(), seed)
+    got = _reptrace.check_terms(gw.numpy(), gb.numpy() if bias else None, u.numpy(),
+                                d.numpy(), seed)
     gw64, gb64, u64, d64 = gw.double(), gb.double(), u.double(), d.double()
-    s = u64 @ rw + rb
+    s = torch.einsum("ikp,k->ip", u64, rw) + rb
     a = gw64 @ rw + (rb * gb64 if bias else 0)
     norm2 = gw64.square().sum() + (gb64.square().sum() if bias else 0)
-    want = torch.cat([a, d64.T @ s, d64.abs().T @ s.abs(), norm2.reshape(1)]).numpy()
+    f = torch.einsum("icp,ip->c", d64, s)
+    m = torch.einsum("icp,ip->c", d64.abs(), s.abs())
+    want = torch.cat([a, f, m, norm2.reshape(1)]).numpy()
     assert got.shape == want.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # Non-contiguous or mis-shaped arrays: one clear error naming the argument.
     with pytest.raises(reptrace.InvalidInput, match="gw: the array must be C-contiguous"):
-        _reptrace.linear_check_terms(np.asfortranarray(gw.numpy()), None, u.numpy(), d.numpy(),
-                                     seed)
-    with pytest.raises(reptrace.InvalidInput, match="u: 299 values per row"):
-        _reptrace.linear_check_terms(gw.numpy(), None, u.numpy()[:, 1:].copy(), d.numpy(), seed)
+        _reptrace.check_terms(np.asfortranarray(gw.numpy()), None, u.numpy(), d.numpy(), seed)
+    with pytest.raises(reptrace.InvalidInput, match="u: 299 values per position"):
+        _reptrace.check_terms(gw.numpy(), None, u.numpy()[:, 1:].copy(), d.numpy(), seed)
+    with pytest.raises(reptrace.InvalidInput, match="g: shape"):
+        _reptrace.check_terms(gw.numpy(), None, u.numpy(), d.numpy()[:, 1:].copy(), seed)
 
 
 def test_the_strided_unfold_is_f_unfold_bit_for_bit():

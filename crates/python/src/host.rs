@@ -8,15 +8,17 @@
 //! launching some twenty small operations per layer from Python costs more
 //! than their arithmetic, so:
 //!
-//! - [`linear_check_terms`]: a float32 `nn.Linear`'s check terms, four
-//!   matrix-vector products (AVX2 and FMA where the CPU has them, plain
-//!   loops elsewhere);
+//! - [`check_terms`]: a float32 `nn.Linear`'s or convolution's check
+//!   terms, matrix-vector products (AVX2 and FMA where the CPU has them,
+//!   plain loops elsewhere);
 //! - [`check_verdicts`]: every checked layer's verdict from its terms, in
 //!   float64, the step's shared scale included (for either path);
 //! - [`example_losses`]: each example's cross-entropy and prediction from
 //!   CPU logits, in float64, as `reptrace train` computes them.
 use crate::error;
-use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -64,7 +66,7 @@ fn dot_plain(a: &[f32], b: &[f32], norm: bool) -> (f32, f32) {
 /// fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 fn dot_avx2(a: &[f32], b: &[f32], norm: bool) -> (f32, f32) {
-    // SAFETY: chosen only where the CPU has AVX2 and FMA (`terms`).
+    // SAFETY: chosen only where the CPU has AVX2 and FMA (`Kernels`).
     unsafe { dot_avx2_unchecked(a, b, norm) }
 }
 
@@ -104,6 +106,97 @@ fn dot_avx2_unchecked(a: &[f32], b: &[f32], norm: bool) -> (f32, f32) {
     (sum(d) + tail_d, sum(n) + tail_n)
 }
 
+/// `Σ_k |a_k| b_k` over the shorter of the two (`b` holds magnitudes).
+type DotAbs = fn(&[f32], &[f32]) -> f32;
+
+/// `y ← y + w x`.
+type Axpy = fn(f32, &[f32], &mut [f32]);
+
+/// The arithmetic [`terms`] runs on: AVX2 and FMA where the CPU has them,
+/// plain loops elsewhere.
+#[derive(Clone, Copy)]
+struct Kernels {
+    dot: Dot,
+    dot_abs: DotAbs,
+    axpy: Axpy,
+}
+
+impl Kernels {
+    fn of_this_cpu() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Self {
+                dot: dot_avx2,
+                dot_abs: dot_abs_avx2,
+                axpy: axpy_avx2,
+            };
+        }
+        Self {
+            dot: dot_plain,
+            dot_abs: dot_abs_plain,
+            axpy: axpy_plain,
+        }
+    }
+}
+
+fn dot_abs_plain(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x.abs() * y).sum()
+}
+
+fn axpy_plain(w: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += w * x;
+    }
+}
+
+/// [`DotAbs`] in AVX2 registers (the sign bits cleared with a mask).
+#[cfg(target_arch = "x86_64")]
+fn dot_abs_avx2(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: chosen only where the CPU has AVX2 and FMA (`Kernels`).
+    unsafe { dot_abs_avx2_unchecked(a, b) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_abs_avx2_unchecked(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut d = [_mm256_setzero_ps(); 2];
+    let (a16, a_tail) = a.as_chunks::<16>();
+    let (b16, _) = b.as_chunks::<16>();
+    for (a, b) in a16.iter().zip(b16) {
+        for (k, d) in d.iter_mut().enumerate() {
+            // SAFETY: each chunk holds 16 values; lane k reads 8 from 8·k.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr().add(8 * k)),
+                    _mm256_loadu_ps(b.as_ptr().add(8 * k)),
+                )
+            };
+            *d = _mm256_fmadd_ps(_mm256_and_ps(x, magnitude), y, *d);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds the 8 values stored.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(d[0], d[1])) };
+    lanes.iter().sum::<f32>() + dot_abs_plain(a_tail, &b[len - a_tail.len()..])
+}
+
+/// [`Axpy`] compiled for AVX2 (the loop is vectorised eight lanes wide).
+#[cfg(target_arch = "x86_64")]
+fn axpy_avx2(w: f32, x: &[f32], y: &mut [f32]) {
+    // SAFETY: chosen only where the CPU has AVX2 and FMA (`Kernels`).
+    unsafe { axpy_avx2_unchecked(w, x, y) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_avx2_unchecked(w: f32, x: &[f32], y: &mut [f32]) {
+    axpy_plain(w, x, y);
+}
+
 /// The check's random direction `r` (`len` values, uniform in (−1, 1)),
 /// drawn from `seed`.
 fn direction(seed: u64, len: usize) -> Vec<f32> {
@@ -113,61 +206,86 @@ fn direction(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The terms of one dense layer's check: `[a, f, m, ‖(∇W, ∇b)‖²]`.
+/// The terms of one layer's check: `[a, f, m, ‖(∇W, ∇b)‖²]`.
 ///
-/// `gw` is `∇W` (out × in), `gb` `∇b` (out) or `None` without a bias, `u`
-/// the step's inputs (n × in, one row per example) and `g` the gradients
-/// at the layer's output (n × out). With `r = (r_w, r_b)` drawn from `seed`:
-/// `a = ∇W r_w + r_b ∇b`, `f = Σ_i g_i (u_i·r_w + r_b)` and
-/// `m = Σ_i |g_i| |u_i·r_w + r_b|`, the products in float32 as PyTorch
-/// computes them, returned as float64 like the tracer's other terms.
+/// `gw` is `∇W` as a matrix (out × inputs: a convolution's `C_out × K`),
+/// `gb` `∇b` (out) or `None` without a bias, `u` the step's inputs (n ×
+/// inputs × positions: a linear layer's one row per example and position,
+/// positions 1; a convolution's unfolded input per example) and `g` the
+/// gradients at the layer's output (n × out × positions). With
+/// `r = (r_w, r_b)` drawn from `seed` and `s_ip = u_ip·r_w + r_b`:
+/// `a = ∇W r_w + r_b ∇b`, `f = Σ_i Σ_p g_ip s_ip` and
+/// `m = Σ_i Σ_p |g_ip| |s_ip|`, the products in float32 as PyTorch computes
+/// them, returned as float64 like the tracer's other terms.
 pub fn terms(
     gw: &[f32],
     gb: Option<&[f32]>,
     u: &[f32],
     g: &[f32],
-    shape: [usize; 3],
+    shape: [usize; 4],
     seed: u64,
 ) -> Vec<f64> {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        return terms_with(dot_avx2, gw, gb, u, g, shape, seed);
-    }
-    terms_with(dot_plain, gw, gb, u, g, shape, seed)
+    terms_with(Kernels::of_this_cpu(), gw, gb, u, g, shape, seed)
 }
 
 fn terms_with(
-    dot: Dot,
+    k: Kernels,
     gw: &[f32],
     gb: Option<&[f32]>,
     u: &[f32],
     g: &[f32],
-    shape: [usize; 3],
+    shape: [usize; 4],
     seed: u64,
 ) -> Vec<f64> {
-    let [out, inputs, n] = shape;
+    let [out, inputs, n, positions] = shape;
     let r = direction(seed, inputs + 1);
     let (rw, rb) = (&r[..inputs], if gb.is_some() { r[inputs] } else { 0.0 });
     let mut a = vec![0f32; out];
-    let mut norm2 = mat_vec(dot, gw, inputs, rw, &mut a, true);
-    let mut s = vec![0f32; n];
-    mat_vec(dot, u, inputs, rw, &mut s, false);
+    let mut norm2 = mat_vec(k.dot, gw, inputs, rw, &mut a, true);
     if let Some(gb) = gb {
         for (a, &b) in a.iter_mut().zip(gb) {
             *a += rb * b;
         }
         norm2 += gb.iter().map(|&x| f64::from(x * x)).sum::<f64>();
-        for s in &mut s {
-            *s += rb;
-        }
     }
-    // gᵀ s and |g|ᵀ |s|, g (n × out) read row by row.
     let (mut f, mut m) = (vec![0f32; out], vec![0f32; out]);
-    for (row, &x) in g.chunks_exact(out).zip(&s) {
-        let ax = x.abs();
-        for ((f, m), &v) in f.iter_mut().zip(m.iter_mut()).zip(row) {
-            *f += x * v;
-            *m += ax * v.abs();
+    if positions == 1 {
+        // One s per row: U r_w, then gᵀ s and |g|ᵀ |s| with g (n × out)
+        // read row by row.
+        let mut s = vec![rb; n];
+        for (s, row) in s.iter_mut().zip(u.chunks_exact(inputs.max(1))) {
+            *s += (k.dot)(row, rw, false).0;
+        }
+        for (row, &x) in g.chunks_exact(out.max(1)).zip(&s) {
+            (k.axpy)(x, row, &mut f);
+            let ax = x.abs();
+            for (m, &v) in m.iter_mut().zip(row) {
+                *m += ax * v.abs();
+            }
+        }
+    } else {
+        // Per example: s over its positions (the rows of its unfolded input
+        // weighted by r_w), then one dot product per output channel.
+        let (mut s, mut s_abs) = (vec![0f32; positions], vec![0f32; positions]);
+        let examples = u
+            .chunks_exact((inputs * positions).max(1))
+            .zip(g.chunks_exact((out * positions).max(1)));
+        for (ui, gi) in examples {
+            s.fill(rb);
+            for (&w, row) in rw.iter().zip(ui.chunks_exact(positions)) {
+                (k.axpy)(w, row, &mut s);
+            }
+            for (sa, x) in s_abs.iter_mut().zip(&s) {
+                *sa = x.abs();
+            }
+            for ((f, m), row) in f
+                .iter_mut()
+                .zip(m.iter_mut())
+                .zip(gi.chunks_exact(positions))
+            {
+                *f += (k.dot)(row, &s, false).0;
+                *m += (k.dot_abs)(row, &s_abs);
+            }
         }
     }
     let mut all = Vec::with_capacity(3 * out + 1);
@@ -176,30 +294,43 @@ fn terms_with(
     all
 }
 
-/// `linear_check_terms(gw, gb, u, g, seed)`: [`terms`] for NumPy float32
-/// arrays (contiguous; `gb` None without a bias), as a float64 array of
+/// A C-contiguous 3-D array's elements and shape, or an error naming it.
+fn block<'a>(a: &'a PyReadonlyArray3<'_, f32>, what: &str) -> PyResult<(&'a [f32], [usize; 3])> {
+    let shape = a.shape();
+    let values = a
+        .as_slice()
+        .ok()
+        .filter(|_| a.is_c_contiguous())
+        .ok_or_else(|| error::invalid(format!("{what}: the array must be C-contiguous")))?;
+    Ok((values, [shape[0], shape[1], shape[2]]))
+}
+
+/// `check_terms(gw, gb, u, g, seed)`: [`terms`] for NumPy float32 arrays
+/// (C-contiguous; `gw` out × inputs, `u` n × inputs × positions, `g` n ×
+/// out × positions, `gb` None without a bias), as a float64 array of
 /// `3·out + 1` values.
 #[pyfunction]
 #[pyo3(signature = (gw, gb, u, g, seed))]
-pub fn linear_check_terms<'py>(
+pub fn check_terms<'py>(
     py: Python<'py>,
     gw: PyReadonlyArray2<'py, f32>,
     gb: Option<PyReadonlyArray1<'py, f32>>,
-    u: PyReadonlyArray2<'py, f32>,
-    g: PyReadonlyArray2<'py, f32>,
+    u: PyReadonlyArray3<'py, f32>,
+    g: PyReadonlyArray3<'py, f32>,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let (gw_values, [out, inputs]) = matrix(&gw, "gw")?;
-    let (u_values, [n, u_inputs]) = matrix(&u, "u")?;
-    let (g_values, [g_n, g_out]) = matrix(&g, "g")?;
+    let (u_values, [n, u_inputs, positions]) = block(&u, "u")?;
+    let (g_values, g_shape) = block(&g, "g")?;
     if u_inputs != inputs {
         return Err(error::invalid(format!(
-            "u: {u_inputs} values per row for a layer of {inputs} inputs"
+            "u: {u_inputs} values per position for a layer of {inputs} inputs"
         )));
     }
-    if g_n != n || g_out != out {
+    if g_shape != [n, out, positions] {
+        let [a, b, c] = g_shape;
         return Err(error::invalid(format!(
-            "g: shape ({g_n}, {g_out}) for {n} rows and {out} outputs"
+            "g: shape ({a}, {b}, {c}) for {n} rows, {out} outputs and {positions} positions"
         )));
     }
     let gb_values = match &gb {
@@ -217,16 +348,8 @@ pub fn linear_check_terms<'py>(
         }
         None => None,
     };
-    let all = py.detach(|| {
-        terms(
-            gw_values,
-            gb_values,
-            u_values,
-            g_values,
-            [out, inputs, n],
-            seed,
-        )
-    });
+    let shape = [out, inputs, n, positions];
+    let all = py.detach(|| terms(gw_values, gb_values, u_values, g_values, shape, seed));
     Ok(PyArray1::from_vec(py, all))
 }
 
@@ -422,10 +545,10 @@ mod tests {
         gb: Option<&[f32]>,
         u: &[f32],
         g: &[f32],
-        shape: [usize; 3],
+        shape: [usize; 4],
         seed: u64,
     ) -> Vec<f64> {
-        let [out, inputs, n] = shape;
+        let [out, inputs, n, positions] = shape;
         let r: Vec<f64> = direction(seed, inputs + 1)
             .into_iter()
             .map(f64::from)
@@ -442,16 +565,16 @@ mod tests {
                 + gb.map_or(0.0, |b| f64::from(b[j]) * rb);
         }
         for i in 0..n {
-            let s = u[i * inputs..(i + 1) * inputs]
-                .iter()
-                .zip(&r)
-                .map(|(&x, &r)| f64::from(x) * r)
-                .sum::<f64>()
-                + rb;
-            for j in 0..out {
-                let d = f64::from(g[i * out + j]);
-                all[out + j] += d * s;
-                all[2 * out + j] += d.abs() * s.abs();
+            for p in 0..positions {
+                let s = (0..inputs)
+                    .map(|k| f64::from(u[(i * inputs + k) * positions + p]) * r[k])
+                    .sum::<f64>()
+                    + rb;
+                for j in 0..out {
+                    let d = f64::from(g[(i * out + j) * positions + p]);
+                    all[out + j] += d * s;
+                    all[2 * out + j] += d.abs() * s.abs();
+                }
             }
         }
         all[3 * out] = gw
@@ -465,19 +588,24 @@ mod tests {
     proptest! {
         #[test]
         fn terms_match_their_definition(
-            out in 1usize..20, inputs in 1usize..40, n in 1usize..12, bias: bool, seed: u64,
-            values in proptest::collection::vec(-2f32..2f32, 2000),
+            out in 1usize..20, inputs in 1usize..40, n in 1usize..12, positions in 1usize..30,
+            bias: bool, seed: u64, values in proptest::collection::vec(-2f32..2f32, 2000),
         ) {
             let mut next = values.iter().copied().cycle();
             let mut take = |k: usize| (0..k).map(|_| next.next().unwrap_or(0.0)).collect::<Vec<f32>>();
-            let (gw, gb, u, g) = (take(out * inputs), take(out), take(n * inputs), take(n * out));
+            let (gw, gb) = (take(out * inputs), take(out));
+            let (u, g) = (take(n * inputs * positions), take(n * out * positions));
             let gb = bias.then_some(&gb[..]);
-            let got = terms(&gw, gb, &u, &g, [out, inputs, n], seed);
-            let want = brute(&gw, gb, &u, &g, [out, inputs, n], seed);
-            prop_assert_eq!(got.len(), want.len());
-            let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
-            for (k, (x, y)) in got.iter().zip(&want).enumerate() {
-                prop_assert!((x - y).abs() <= 1e-5 * scale, "term {}: {} vs {}", k, x, y);
+            let shape = [out, inputs, n, positions];
+            let want = brute(&gw, gb, &u, &g, shape, seed);
+            let plain = Kernels { dot: dot_plain, dot_abs: dot_abs_plain, axpy: axpy_plain };
+            for kernels in [Kernels::of_this_cpu(), plain] {
+                let got = terms_with(kernels, &gw, gb, &u, &g, shape, seed);
+                prop_assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+                for (k, (x, y)) in got.iter().zip(&want).enumerate() {
+                    prop_assert!((x - y).abs() <= 1e-5 * scale, "term {}: {} vs {}", k, x, y);
+                }
             }
         }
     }

@@ -40,7 +40,7 @@ fn _reptrace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recorder::PyProbeAppender>()?;
     m.add_class::<arrow_stream::ArrowStream>()?;
     m.add_function(wrap_pyfunction!(recorder::compact, m)?)?;
-    m.add_function(wrap_pyfunction!(host::linear_check_terms, m)?)?;
+    m.add_function(wrap_pyfunction!(host::check_terms, m)?)?;
     m.add_function(wrap_pyfunction!(host::check_verdicts, m)?)?;
     m.add_function(wrap_pyfunction!(host::example_losses, m)?)?;
     analysis::register(m)?;
