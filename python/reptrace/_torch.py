@@ -91,9 +91,11 @@ CHECK_TOLERANCE = {"f32": 1e-4, "bf16": 3e-2, "f16": 4e-3}
 # without clipping records what it did before).
 _SCALE_SNAP = 1e-6
 
-# CPU tensors take the extension's one-call paths (a float32 Linear's check
-# terms, the examples' losses, ids and labels without a copy); tests turn
-# it off to run the device path, a GPU's, on the CPU.
+# CPU tensors take the extension's one-call paths: the check terms of a
+# float32 Linear or convolution, the examples' losses, and ids, labels and
+# the loss read without a copy (every layer's verdict comes from the
+# extension either way). Tests turn it off to run the device path, a GPU's,
+# on the CPU.
 _ON_HOST = True
 
 
