@@ -16,22 +16,25 @@
 //! - [`example_losses`]: each example's cross-entropy and prediction from
 //!   CPU logits, in float64, as `reptrace train` computes them.
 use crate::error;
+use numpy::ndarray::Dimension;
 use numpy::{
-    PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
-/// A contiguous 2-D array's elements and shape, or an error naming it.
-fn matrix<'a>(a: &'a PyReadonlyArray2<'_, f32>, what: &str) -> PyResult<(&'a [f32], [usize; 2])> {
-    let shape = a.shape();
-    let values = a
-        .as_slice()
+/// A C-contiguous array's elements, or an error naming it (a Fortran-order
+/// array is contiguous too, but its elements are not in row-major order).
+fn values<'a, T: Element, D: Dimension>(
+    a: &'a PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
         .ok()
         .filter(|_| a.is_c_contiguous())
-        .ok_or_else(|| error::invalid(format!("{what}: the array must be C-contiguous")))?;
-    Ok((values, [shape[0], shape[1]]))
+        .ok_or_else(|| error::invalid(format!("{what}: the array must be C-contiguous")))
 }
 
 /// `(Σ_k a_k b_k, Σ_k a_k²)` over the shorter of the two: a row of `A`
@@ -294,17 +297,6 @@ fn terms_with(
     all
 }
 
-/// A C-contiguous 3-D array's elements and shape, or an error naming it.
-fn block<'a>(a: &'a PyReadonlyArray3<'_, f32>, what: &str) -> PyResult<(&'a [f32], [usize; 3])> {
-    let shape = a.shape();
-    let values = a
-        .as_slice()
-        .ok()
-        .filter(|_| a.is_c_contiguous())
-        .ok_or_else(|| error::invalid(format!("{what}: the array must be C-contiguous")))?;
-    Ok((values, [shape[0], shape[1], shape[2]]))
-}
-
 /// `check_terms(gw, gb, u, g, seed)`: [`terms`] for NumPy float32 arrays
 /// (C-contiguous; `gw` out × inputs, `u` n × inputs × positions, `g` n ×
 /// out × positions, `gb` None without a bias), as a float64 array of
@@ -319,32 +311,31 @@ pub fn check_terms<'py>(
     g: PyReadonlyArray3<'py, f32>,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let (gw_values, [out, inputs]) = matrix(&gw, "gw")?;
-    let (u_values, [n, u_inputs, positions]) = block(&u, "u")?;
-    let (g_values, g_shape) = block(&g, "g")?;
+    let (gw_values, u_values, g_values) = (values(&gw, "gw")?, values(&u, "u")?, values(&g, "g")?);
+    let ((out, inputs), (n, u_inputs, positions)) =
+        (gw.dims().into_pattern(), u.dims().into_pattern());
+    let g_shape = g.dims().into_pattern();
     if u_inputs != inputs {
         return Err(error::invalid(format!(
             "u: {u_inputs} values per position for a layer of {inputs} inputs"
         )));
     }
-    if g_shape != [n, out, positions] {
-        let [a, b, c] = g_shape;
+    if g_shape != (n, out, positions) {
+        let (a, b, c) = g_shape;
         return Err(error::invalid(format!(
             "g: shape ({a}, {b}, {c}) for {n} rows, {out} outputs and {positions} positions"
         )));
     }
     let gb_values = match &gb {
         Some(b) => {
-            let values = b
-                .as_slice()
-                .map_err(|_| error::invalid("gb: the array must be contiguous"))?;
-            if values.len() != out {
+            let b = values(b, "gb")?;
+            if b.len() != out {
                 return Err(error::invalid(format!(
                     "gb: {} values for a layer of {out} outputs",
-                    values.len()
+                    b.len()
                 )));
             }
-            Some(values)
+            Some(b)
         }
         None => None,
     };
@@ -473,9 +464,7 @@ pub fn check_verdicts(
     tolerances: Vec<f64>,
     snap: f64,
 ) -> PyResult<Vec<(f64, f64, f64, &'static str)>> {
-    let values = flat
-        .as_slice()
-        .map_err(|_| error::invalid("flat: the array must be contiguous"))?;
+    let values = values(&flat, "flat")?;
     if sizes.len() != tolerances.len() || sizes.iter().sum::<usize>() != values.len() {
         return Err(error::invalid(format!(
             "sizes: {} layers of {} terms in all for {} tolerances and {} terms",
@@ -512,10 +501,8 @@ pub fn example_losses<'py>(
     logits: PyReadonlyArray2<'py, f32>,
     labels: PyReadonlyArray1<'py, i32>,
 ) -> PyResult<Examples<'py>> {
-    let (z, [rows, classes]) = matrix(&logits, "logits")?;
-    let labels = labels
-        .as_slice()
-        .map_err(|_| error::invalid("labels: the array must be contiguous"))?;
+    let (z, (rows, classes)) = (values(&logits, "logits")?, logits.dims().into_pattern());
+    let labels = values(&labels, "labels")?;
     if labels.len() != rows {
         return Err(error::invalid(format!(
             "labels: {} labels for {rows} rows of logits",
