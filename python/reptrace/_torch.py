@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -206,6 +208,31 @@ def _refuse_tied(model: nn.Module, layers: list) -> None:
                 )
 
 
+def _caller() -> int:
+    """The stack level, for ``warnings.warn`` in the function that calls
+    this, of the first frame outside this package and torch: the user's
+    line that led to the warning."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# torch's intra-op thread count while tracers on the CPU hold it one below
+# the cores (Tracer(torch_threads="auto")): how many running tracers hold
+# it, the count before the first of them lowered it and the count it set.
+_LOWERED: dict = {"holders": 0, "before": None, "to": None}
+
+
 class _Refusal(Exception):
     """A step the tracer cannot record exactly: the run stops at its last commit."""
 
@@ -246,6 +273,15 @@ class Tracer:
             the recorder's writer then keeps up with a fast loop at the cost
             of 1.6 to 2 times the bytes until ``reptrace.compact(run_dir)``
             (or ``reptrace compact``) rewrites the run, after training.
+        torch_threads: ``"auto"`` (default): when the traced layers are on
+            the CPU, the factors are compressed (zstd) and PyTorch runs as
+            many threads as the process has cores, the tracer lowers
+            PyTorch's thread count by one from its first step to
+            ``finish()`` (or its end) and says so in a warning, so that the
+            recorder's writer thread has a core of its own; PyTorch's
+            waiting OpenMP threads and that thread slow each other down
+            otherwise (×1.2 to ×1.8 on two cores). ``None`` leaves the
+            thread count alone.
         scheduler: the learning-rate scheduler, if any (only its name is
             recorded; the values each step used are read at the step).
         scaler: a ``torch.amp.GradScaler``: ``step()`` then calls
@@ -276,6 +312,7 @@ class Tracer:
         mode: str = "instance",
         dtype: str = "f32",
         compression: str = "zstd",
+        torch_threads: str | None = "auto",
         scheduler=None,
         scaler=None,
         name: str | None = None,
@@ -287,6 +324,11 @@ class Tracer:
             raise InvalidInput(f"dtype: {dtype!r}, expected 'f32' or 'f16'")
         if compression not in ("zstd", "none"):
             raise InvalidInput(f"compression: {compression!r}, expected 'zstd' or 'none'")
+        if torch_threads not in ("auto", None):
+            raise InvalidInput(
+                f"torch_threads: {torch_threads!r}, expected 'auto' or None (to set a number, "
+                "call torch.set_num_threads and pass None)"
+            )
         if scaler is not None and not (hasattr(scaler, "step") and hasattr(scaler, "unscale_")):
             raise InvalidInput(
                 f"scaler: a {type(scaler).__name__}, expected a torch.amp.GradScaler"
@@ -314,6 +356,8 @@ class Tracer:
         self.mode = mode
         self.dtype = dtype
         self.compression = compression
+        self.torch_threads = torch_threads
+        self._holds_threads = False
         self.scheduler = scheduler
         self.scaler = scaler
         self.name = name or type(model).__name__
@@ -643,12 +687,48 @@ class Tracer:
         if self._frozen:
             model["frozen"] = self._frozen
         self._w0 = {name: arr for name, _, arr in self._initial}
+        self._lower_threads()
         if self._world is not None:
             self._start_world(model)
             self._initial = None
             return
         self._rec = self._recorder(model)
         self._initial = None
+
+    def _lower_threads(self) -> None:
+        """torch_threads="auto": one PyTorch thread fewer than cores while
+        this tracer records on the CPU with compression, so that the
+        recorder's writer thread has a core of its own; every tracer that
+        finds the count lowered holds it until its end
+        (:meth:`_raise_threads`). Without compression the writer needs a
+        fraction of a core, and a small CNN on 2 cores trained faster with
+        every thread than with one fewer (docs/benchmarks.md)."""
+        if (self.torch_threads != "auto" or self.compression == "none"
+                or self._layers[0].weight.device.type != "cpu"):
+            return
+        if _LOWERED["holders"] == 0:
+            cores, before = _cores(), torch.get_num_threads()
+            if cores < 2 or before < cores:
+                return
+            torch.set_num_threads(cores - 1)
+            _LOWERED.update(before=before, to=cores - 1)
+            warnings.warn(
+                f"reptrace: PyTorch's threads {before} -> {cores - 1} while the tracer records "
+                f"on {cores} cores, leaving one to its writer thread (until finish(); "
+                "Tracer(torch_threads=None) keeps them)",
+                RuntimeWarning, stacklevel=_caller())
+        _LOWERED["holders"] += 1
+        self._holds_threads = True
+
+    def _raise_threads(self) -> None:
+        """Gives PyTorch its thread count back once no tracer holds it
+        lowered, unless the program has set another one since."""
+        if not self._holds_threads:
+            return
+        self._holds_threads = False
+        _LOWERED["holders"] -= 1
+        if _LOWERED["holders"] == 0 and torch.get_num_threads() == _LOWERED["to"]:
+            torch.set_num_threads(_LOWERED["before"])
 
     def _recorder(self, model: dict, run_id: str | None = None):
         """The Rust recorder: creates the run (rank 0 of a distributed run
@@ -1628,6 +1708,7 @@ class Tracer:
 
     def _close(self) -> None:
         self._closed = True
+        self._raise_threads()
         self._clear()
         for h in self._hooks:
             h.remove()

@@ -294,9 +294,10 @@ def _rss_rows(b, add):
     for model, what in (("mlp", "MLP 784-256-10"), ("cnn", "CNN conv 1→8, conv 8→16 s2, linear 2304→10")):
         torch_over = {r["dtype"]: r for r in b["torch_overhead"] if r.get("model", "mlp") == model}
         fewer = [d for d in torch_over if "_threads" in d] or ["f32_threads"]
-        for dtype in ["f32", "f16", "f32_none", "f16_none", *fewer]:
+        for dtype in ["f32", "f16", "f32_none", "f16_none", "f32_kept", *fewer]:
             r = torch_over.get(dtype)
-            label = dtype.replace("_none", ", compression none").replace("_threads", ", threads ")
+            label = (dtype.replace("_none", ", compression none").replace("_threads", ", threads ")
+                     .replace("_kept", ", torch_threads=None"))
             row = f"6 PyTorch {model.upper()} overhead {label}"
             goal = TORCH_OVERHEAD_GOAL_FEWER if "_threads" in dtype else TORCH_OVERHEAD_GOAL
             if r:

@@ -8,17 +8,20 @@ MLP 784-256-10, batch 64, plain SGD (lr 0.05), on MNIST-shaped synthetic data
 ``reptrace.Tracer`` in instance mode. Each repeat trains untraced, traced
 with f32 and with f16 factors, each with the storage encoding (zstd) and
 without compression (``compression="none"``), with PyTorch's default number
-of threads, and untraced and traced (f32, both compressions) with one thread
-fewer than cores (``torch.set_num_threads``), which leaves a core to the
-recorder's writer thread, side by side, so that all of them see the same machine state; the
-figures are medians of the per-repeat ratios (traced over the untraced run
-of the same repeat and thread count). A traced run's time
+of threads (which the tracer lowers by one on the CPU when it is one per
+core and compresses: ``Tracer(torch_threads="auto")``), the same with the
+threads kept (``torch_threads=None``, f32 zstd), and untraced and traced
+(f32, both compressions) with one thread fewer than cores set by the
+program (``torch.set_num_threads``), side by side, so that all of them see
+the same machine state; the figures are medians of the per-repeat ratios
+(traced over the untraced run of the same repeat and of the thread count
+the program set). A traced run's time
 includes ``finish()``: the trace is complete only once the recorder has
 flushed its queue and committed.
 
 Prints a table and, for scripts/bench.sh, one line per traced variant:
 ``BENCH torch_overhead dtype=f32 ratio=R untraced_ms_per_step=M traced_ms_per_step=T threads=K steps=S repeats=N``
-(``dtype`` f32, f16, f32_none, f16_none, ``f32_threadsK`` and
+(``dtype`` f32, f16, f32_none, f16_none, f32_kept, ``f32_threadsK`` and
 ``f32_none_threadsK``; ``model=cnn`` with ``--model cnn``: conv 1→8 3×3,
 conv 8→16 3×3 stride 2, linear 2304→10, the test CNN of
 scripts/bench/profile_torch.py).
@@ -37,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,10 +75,12 @@ MODELS = {
 
 
 def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool = True,
-          optimizer: str = "sgd", compression: str = "zstd", model: str = "mlp") -> float:
+          optimizer: str = "sgd", compression: str = "zstd", model: str = "mlp",
+          torch_threads: str | None = "auto") -> float:
     """Seconds for `steps` training steps (and finish() when traced); `check`
     False turns the tracer's per-step gradient check off (scripts/bench/check.py);
-    `optimizer` is a key of OPTIMIZERS (scripts/bench/torch_adam.py)."""
+    `optimizer` is a key of OPTIMIZERS (scripts/bench/torch_adam.py);
+    `torch_threads` is the Tracer's (None: PyTorch's threads left as they are)."""
     torch.manual_seed(0)
     model = MODELS[model]()
     opt = OPTIMIZERS[optimizer](model.parameters())
@@ -82,7 +88,8 @@ def train(x, y, steps: int, traced: bool, dtype: str, run_dir: Path, check: bool
     start = time.perf_counter()
     if traced:
         tracer = reptrace.Tracer(model, opt, run_dir, classes=[str(c) for c in range(10)],
-                                 dtype=dtype, compression=compression)
+                                 dtype=dtype, compression=compression,
+                                 torch_threads=torch_threads)
         tracer._check = check
     n = x.shape[0]
     batches = n // BATCH
@@ -126,15 +133,18 @@ def main() -> None:
         train(x, y, 50, True, "f32", tmp / "warm-up", model=m)  # imports, allocator, page cache
         default_threads = torch.get_num_threads()
         fewer = max(1, (os.cpu_count() or 1) - 1)
-        # (name, dtype, torch threads, compression): PyTorch's default thread
-        # count, and one thread fewer than cores, which leaves a core to the
-        # writer thread.
-        variants = [("f32", "f32", default_threads, "zstd"), ("f16", "f16", default_threads, "zstd"),
-                    ("f32_none", "f32", default_threads, "none"),
-                    ("f16_none", "f16", default_threads, "none"),
-                    (f"f32_threads{fewer}", "f32", fewer, "zstd"),
-                    (f"f32_none_threads{fewer}", "f32", fewer, "none")]
-        ratios = {name: [] for name, _, _, _ in variants}
+        # (name, dtype, torch threads, compression, Tracer's torch_threads):
+        # PyTorch's default thread count (which the tracer lowers by one on
+        # the CPU when it is one per core; "kept": left as it is), and one
+        # thread fewer than cores set by the program.
+        variants = [("f32", "f32", default_threads, "zstd", "auto"),
+                    ("f16", "f16", default_threads, "zstd", "auto"),
+                    ("f32_none", "f32", default_threads, "none", "auto"),
+                    ("f16_none", "f16", default_threads, "none", "auto"),
+                    ("f32_kept", "f32", default_threads, "zstd", None),
+                    (f"f32_threads{fewer}", "f32", fewer, "zstd", "auto"),
+                    (f"f32_none_threads{fewer}", "f32", fewer, "none", "auto")]
+        ratios = {name: [] for name, *_ in variants}
         base_ms = {default_threads: [], fewer: []}
         traced_ms = {name: [] for name in ratios}
         for r in range(args.repeats):
@@ -145,10 +155,13 @@ def main() -> None:
                 base_ms[threads].append(base[threads] / args.steps * 1e3)
             line = [f"repeat {r + 1}: untraced " + ", ".join(
                 f"{t} threads {b:.2f} s" for t, b in base.items())]
-            for name, dtype, threads, compression in variants:
+            for name, dtype, threads, compression, lower in variants:
                 torch.set_num_threads(threads)
                 run = tmp / f"{name}-{r}"
-                secs = train(x, y, args.steps, True, dtype, run, compression=compression, model=m)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # the threads lowered
+                    secs = train(x, y, args.steps, True, dtype, run, compression=compression,
+                                 model=m, torch_threads=lower)
                 ratios[name].append(secs / base[threads])
                 traced_ms[name].append(secs / args.steps * 1e3)
                 line.append(f"{name} {secs:.2f} s ({secs / base[threads]:.2f})")
@@ -158,10 +171,10 @@ def main() -> None:
         print(f"\nPyTorch {m.upper()}, batch 64, {args.steps} steps, median of {args.repeats}; "
               f"{os.cpu_count()} cores, PyTorch's default {default_threads} threads")
         print(f"{'variant':<22}{'threads':>8}{'traced/untraced':>17}{'traced ms/step':>16}{'untraced ms/step':>18}")
-        for name, dtype, threads, _ in variants:
+        for name, dtype, threads, *_ in variants:
             print(f"{name:<22}{threads:>8}{statistics.median(ratios[name]):>17.2f}"
                   f"{statistics.median(traced_ms[name]):>16.2f}{statistics.median(base_ms[threads]):>18.2f}")
-        for name, dtype, threads, _ in variants:
+        for name, dtype, threads, *_ in variants:
             print(f"BENCH torch_overhead model={m} dtype={name} ratio={statistics.median(ratios[name]):.4f} "
                   f"untraced_ms_per_step={statistics.median(base_ms[threads]):.4f} "
                   f"traced_ms_per_step={statistics.median(traced_ms[name]):.4f} threads={threads} "

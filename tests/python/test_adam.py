@@ -223,15 +223,16 @@ def test_contributions_equal_a_brute_force_replay(tmp_path, data, kind, make, la
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path, data, kind):
-    """(c) the weights and the optimizer's state, bit for bit."""
+    """(c) the weights and the optimizer's state, bit for bit, at the same
+    PyTorch thread count (test_torch.py: the count the tracer lowers)."""
     x, y, _, _ = data
     finals = []
     for traced in (False, True):
         torch.manual_seed(3)
         model = ResCNN()
         opt = optimizer(model.parameters(), kind)
-        tracer = (reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES)
-                  if traced else None)
+        tracer = (reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES,
+                                  torch_threads=None) if traced else None)
         fit(model, opt, x, y, 1, tracer)
         if tracer:
             tracer.finish()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -151,22 +152,118 @@ def test_factors_equal_per_sample_gradients(tmp_path, data):
                 assert rel <= 1e-5, f"step {step} {name} example {i}: {rel:.2e}"
 
 
-def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path, data):
+@pytest.fixture
+def all_cores():
+    """PyTorch at one thread per core (its default), put back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(_torch._cores())
+    yield _torch._cores()
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [None, "auto"])
+def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path, data, all_cores,
+                                                               threads):
+    """With torch_threads="auto" on two cores or more the tracer trains at
+    one PyTorch thread fewer from its first step on (a different thread
+    count may round differently): bit-identical to untraced training that
+    lowers the count at the same point."""
     x, y, _, _ = data
+    lowered = all_cores - 1 if threads == "auto" and all_cores >= 2 else all_cores
     finals = []
     for traced in (False, True):
+        torch.set_num_threads(all_cores)
         torch.manual_seed(3)
         model = ResCNN()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        tracer = (
-            reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES) if traced else None
-        )
-        train(model, opt, x, y, epochs=1, tracer=tracer)
+        tracer = None
+        if traced:
+            tracer = reptrace.Tracer(model, opt, str(tmp_path / "run"), classes=CLASSES,
+                                     torch_threads=threads)
+
+        def lower(step, rows):
+            if step == 0 and tracer is None:
+                torch.set_num_threads(lowered)
+            assert step == 0 or torch.get_num_threads() == lowered
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            train(model, opt, x, y, epochs=1, tracer=tracer, on_step=lower)
         if tracer:
             tracer.finish()
+            assert torch.get_num_threads() == all_cores, "finish() gives the threads back"
         finals.append(start_weights(model))
     for k in finals[0]:
         assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_the_tracer_leaves_a_core_to_its_writer_on_the_cpu(tmp_path, data, monkeypatch,
+                                                           all_cores):
+    """torch_threads="auto": PyTorch's threads one below the cores from a
+    tracer's first step until the last running tracer ends, said in one
+    warning; None, compression="none" and a thread count below the cores
+    leave them alone."""
+    x, y, _, _ = data
+    monkeypatch.setattr(_torch, "_cores", lambda: 4)
+    torch.set_num_threads(4)
+    rows = np.arange(64)
+
+    def one_step(tracer, model, opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        tracer.step(None, rows, y[rows])
+
+    a = traced_model(str(tmp_path / "a"), seed=1)
+    b = traced_model(str(tmp_path / "b"), seed=2)
+    assert torch.get_num_threads() == 4, "made, not started: nothing changes"
+    with pytest.warns(RuntimeWarning,
+                      match=r"PyTorch's threads 4 -> 3 .*torch_threads=None") as said:
+        one_step(a[2], *a[:2])
+    assert said[0].filename == __file__, "the warning names the program's line"
+    assert torch.get_num_threads() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second tracer finds them lowered: no warning
+        one_step(b[2], *b[:2])
+    a[2].finish()
+    assert torch.get_num_threads() == 3, "b still records"
+    b[2].abort("stopped by the test")
+    assert torch.get_num_threads() == 4
+
+    # Kept: None, no compression (the writer needs little of a core), or
+    # fewer threads than cores already.
+    model, opt, _ = traced_model(str(tmp_path / "unused"), seed=3)
+    for threads, run, options in ((4, "c", dict(torch_threads=None)),
+                                  (4, "c2", dict(compression="none")), (2, "d", {})):
+        torch.set_num_threads(threads)
+        kept = reptrace.Tracer(model, opt, str(tmp_path / run), classes=CLASSES, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            one_step(kept, model, opt)
+        assert torch.get_num_threads() == threads
+        kept.finish()
+        assert torch.get_num_threads() == threads
+
+    # An exception in the `with` block ends the tracer: the threads come back.
+    torch.set_num_threads(4)
+    model, opt, tracer = traced_model(str(tmp_path / "e"), seed=4)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError):
+        with tracer:
+            one_step(tracer, model, opt)
+            assert torch.get_num_threads() == 3
+            raise ValueError("the loop failed")
+    assert torch.get_num_threads() == 4
+    assert manifest(str(tmp_path / "e"))["status"] == "aborted"
+
+    # A count the program set while tracing is its own: not put back.
+    model, opt, tracer = traced_model(str(tmp_path / "f"), seed=5)
+    with pytest.warns(RuntimeWarning):
+        one_step(tracer, model, opt)
+    torch.set_num_threads(2)
+    tracer.finish()
+    assert torch.get_num_threads() == 2
+
+    with pytest.raises(reptrace.InvalidInput, match=r"^torch_threads: 3, expected 'auto' or None"):
+        reptrace.Tracer(model, opt, str(tmp_path / "f"), classes=CLASSES, torch_threads=3)
 
 
 def test_analysis_from_python_equals_the_cli(reptrace_bin, tmp_path, data):
@@ -546,8 +643,10 @@ def test_an_uncompressed_recording_compacts_to_the_same_rows(tmp_path, data, dty
         initial = start_weights(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         run = str(tmp_path / compression)
+        # The threads kept: the tracer lowers them with zstd only, and the
+        # rows are compared bit for bit.
         tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, dtype=dtype,
-                                 compression=compression)
+                                 compression=compression, torch_threads=None)
         train(model, opt, x, y, epochs=2, tracer=tracer)
         tracer.finish()
         runs[compression] = run

@@ -109,7 +109,8 @@ def sequences(n, seed):
 LR = 0.1
 
 
-def fit(run, seed=0, traced=True, seen=None, probes=None, dtype="f32", double=False):
+def fit(run, seed=0, traced=True, seen=None, probes=None, dtype="f32", double=False,
+        torch_threads="auto"):
     """Trains a TinyTransformer for 4 epochs (24 steps of 8), recorded into
     `run` when `traced`; `seen` collects the parameters and rows of the
     first two steps; `double`: the model in float64 (the trace stays
@@ -120,7 +121,8 @@ def fit(run, seed=0, traced=True, seen=None, probes=None, dtype="f32", double=Fa
         model = model.double()
     initial = start_weights(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, dtype=dtype) if traced else None
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, dtype=dtype,
+                             torch_threads=torch_threads) if traced else None
     x, y = sequences(48, seed=1)
 
     def on_step(step, rows):
@@ -194,8 +196,9 @@ def test_records_equal_per_sample_gradients(traced):
 
 
 def test_training_is_bit_identical_with_and_without_the_tracer(tmp_path):
+    """At the same PyTorch thread count (test_torch.py: the lowered one)."""
     plain, _, _, _ = fit(None, traced=False)
-    traced_model, _, _, _ = fit(str(tmp_path / "run"))
+    traced_model, _, _, _ = fit(str(tmp_path / "run"), torch_threads=None)
     for (k, a), (_, b) in zip(plain.state_dict().items(), traced_model.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -248,15 +251,18 @@ def test_sql_contributions_equal_a_brute_force_and_add_up(traced):
                 assert abs(norm - np.linalg.norm(c)) <= 1e-6 * max(np.linalg.norm(c), 1e-12)
 
 
-def fit_padded_per_batch(run, traced=True, epochs=2):
+def fit_padded_per_batch(run, traced=True, epochs=2, torch_threads=None):
     """Trains a float64 TinyTransformer on batches padded to their own
     longest sequence (dynamic padding: steps of length 3, 5 or 8), recorded
-    into `run` when `traced`. Returns (model, initial state, x, y)."""
+    into `run` when `traced` (PyTorch's threads kept: its test compares the
+    weights with untraced training's bit for bit). Returns (model, initial
+    state, x, y)."""
     torch.manual_seed(0)
     model = TinyTransformer().double()
     initial = start_weights(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES) if traced else None
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES,
+                             torch_threads=torch_threads) if traced else None
     x, y = sequences(48, seed=1)
     lengths = (x != PAD).sum(dim=1)
     g = torch.Generator().manual_seed(3)
