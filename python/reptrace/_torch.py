@@ -687,23 +687,22 @@ class Tracer:
         if self._frozen:
             model["frozen"] = self._frozen
         self._w0 = {name: arr for name, _, arr in self._initial}
-        self._lower_threads()
         if self._world is not None:
             self._start_world(model)
-            self._initial = None
-            return
-        self._rec = self._recorder(model)
+        else:
+            self._rec = self._recorder(model)
         self._initial = None
+        self._lower_threads()
 
     def _lower_threads(self) -> None:
-        """torch_threads="auto": one PyTorch thread fewer than cores while
-        this tracer records on the CPU with compression, so that the
+        """torch_threads="auto", once the run is made: one PyTorch thread
+        fewer than cores while this tracer records on the CPU with compression, so that the
         recorder's writer thread has a core of its own; every tracer that
         finds the count lowered holds it until its end
         (:meth:`_raise_threads`). Without compression the writer needs a
         fraction of a core, and a small CNN on 2 cores trained faster with
         every thread than with one fewer (docs/benchmarks.md)."""
-        if (self.torch_threads != "auto" or self.compression == "none"
+        if (self._holds_threads or self.torch_threads != "auto" or self.compression == "none"
                 or self._layers[0].weight.device.type != "cpu"):
             return
         if _LOWERED["holders"] == 0:

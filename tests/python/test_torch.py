@@ -202,7 +202,7 @@ def test_the_tracer_leaves_a_core_to_its_writer_on_the_cpu(tmp_path, data, monke
     """torch_threads="auto": PyTorch's threads one below the cores from a
     tracer's first step until the last running tracer ends, said in one
     warning; None, compression="none" and a thread count below the cores
-    leave them alone."""
+    leave them alone, and so does a first step that cannot make the run."""
     x, y, _, _ = data
     monkeypatch.setattr(_torch, "_cores", lambda: 4)
     torch.set_num_threads(4)
@@ -261,6 +261,16 @@ def test_the_tracer_leaves_a_core_to_its_writer_on_the_cpu(tmp_path, data, monke
     torch.set_num_threads(2)
     tracer.finish()
     assert torch.get_num_threads() == 2
+
+    # A run that cannot be made at the first step: nothing lowered.
+    torch.set_num_threads(4)
+    model, opt, tracer = traced_model(str(tmp_path / "g"), seed=6)
+    (tmp_path / "g").write_text("in the way")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(reptrace.RecordError, match=r"/g: Not a directory"):
+            one_step(tracer, model, opt)
+    assert torch.get_num_threads() == 4
 
     with pytest.raises(reptrace.InvalidInput, match=r"^torch_threads: 3, expected 'auto' or None"):
         reptrace.Tracer(model, opt, str(tmp_path / "f"), classes=CLASSES, torch_threads=3)
