@@ -4,7 +4,10 @@ PyTorch Lightning, through reptrace.integrations. Each run is checked as
 the plain loops are: verify's completeness checks pass, the traced layers'
 final weights are rebuilt from the records, and `top_proponents` answers
 for a probe."""
+import glob
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
@@ -184,11 +187,17 @@ def test_hugging_face_trainer_with_dynamic_padding_records_real_tokens(tmp_path)
     # the model takes and the tracer leaves their padding out by.
     probes = pad_to_longest([data[i] for i in range(4)])
     probes = {k: probes[k] for k in ("input_ids", "attention_mask")}
+    # The tracer's options reach it through the callback.
     callback = ReptraceCallback(run, classes=["no", "yes"], exclude=[POSITIONS],
-                                probes=(probes, data.y[:4], [500, 501, 502, 503]))
+                                probes=(probes, data.y[:4], [500, 501, 502, 503]),
+                                compression="none", torch_threads=None)
     trainer = transformers.Trainer(model=model, args=hf_args(tmp_path), train_dataset=data,
                                    data_collator=pad_to_longest, callbacks=[callback])
     trainer.train()
+    assert callback.tracer.torch_threads is None
+    codecs = {pq.ParquetFile(f).metadata.row_group(0).column(0).compression
+              for f in glob.glob(f"{run}/updates/*/*.parquet")}
+    assert codecs == {"UNCOMPRESSED"}, codecs
     completeness(run)
     assert_reconstructs(run, model, initial)
     specs = {s["name"]: s for s in manifest(run)["model"]["modules"]}

@@ -21,8 +21,10 @@ class _Recording:
     build when training starts."""
 
     def __init__(self, run_dir, classes, layers, mode, dtype, name, settings, probes,
-                 exclude=None):
+                 exclude=None, compression="zstd", torch_threads="auto"):
         self.run_dir = run_dir
+        self.compression = compression
+        self.torch_threads = torch_threads
         self.classes = classes
         self.layers = layers
         self.exclude = exclude
@@ -47,7 +49,8 @@ class _Recording:
         mode = self.mode or ("instance" if isinstance(optimizer, traced) else "batch")
         self.tracer = Tracer(model, optimizer, self.run_dir, classes=self.classes,
                              layers=self.layers, exclude=self.exclude, mode=mode,
-                             dtype=self.dtype,
+                             dtype=self.dtype, compression=self.compression,
+                             torch_threads=self.torch_threads,
                              scheduler=scheduler, name=self.name,
                              settings={**trainer_settings, **self.settings})
         self.tracer.follow_optimizer()

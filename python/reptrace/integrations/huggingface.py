@@ -31,7 +31,8 @@ class ReptraceCallback(_Recording, TrainerCallback):
         id_column: the batch key holding each example's instance id
             (an integer, e.g. its index in the training set).
         label_column: the batch key holding each example's label.
-        layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
+        layers, exclude, dtype, compression, torch_threads, name, settings: as
+            for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
             the ``Trainer``'s optimizer is ``torch.optim.SGD``, ``Adam`` or
             ``AdamW`` (``TrainingArguments(optim="sgd")``, the default
@@ -43,8 +44,9 @@ class ReptraceCallback(_Recording, TrainerCallback):
 
     def __init__(self, run_dir, *, classes, id_column="reptrace_id", label_column="labels",
                  layers=None, exclude=None, mode=None, dtype="f32", name=None, settings=None,
-                 probes=None):
-        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude)
+                 probes=None, compression="zstd", torch_threads="auto"):
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude,
+                         compression, torch_threads)
         self.id_column = id_column
         self.label_column = label_column
         self._accumulation = 1

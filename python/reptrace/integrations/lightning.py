@@ -39,7 +39,8 @@ class ReptraceCallback(_Recording, Callback):
         run_dir: a new directory for the run.
         classes: class names, indexed by label.
         ids: ``batch -> (instance ids, labels)``; see the module's text.
-        layers, exclude, dtype, name, settings: as for :class:`reptrace.Tracer`.
+        layers, exclude, dtype, compression, torch_threads, name, settings: as
+            for :class:`reptrace.Tracer`.
         mode: ``"instance"`` or ``"batch"``; by default instance mode when
             the optimizer is ``torch.optim.SGD``, ``Adam`` or ``AdamW``, batch
             mode otherwise.
@@ -48,8 +49,10 @@ class ReptraceCallback(_Recording, Callback):
     """
 
     def __init__(self, run_dir, *, classes, ids=None, layers=None, exclude=None, mode=None,
-                 dtype="f32", name=None, settings=None, probes=None):
-        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude)
+                 dtype="f32", name=None, settings=None, probes=None, compression="zstd",
+                 torch_threads="auto"):
+        super().__init__(run_dir, classes, layers, mode, dtype, name, settings, probes, exclude,
+                         compression, torch_threads)
         self.ids = ids or _default_ids
 
     def on_train_start(self, trainer, pl_module):
