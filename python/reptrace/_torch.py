@@ -1292,7 +1292,7 @@ class Tracer:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
         if self._owner:
             self._rec.layer_steps(self._step, self._epoch, rows)
-        self._pending = (self._step, self._epoch, ids, labels, _to_host(factors))
+        self._hand_over(self._step, self._epoch, ids, labels, _to_host(factors))
         self._optimizer_step()
 
     def _check_flat(self, terms) -> torch.Tensor | None:
@@ -1345,7 +1345,7 @@ class Tracer:
             self._rec.step(self._step, self._epoch, lr, batch, value)
         if examples is not None:
             self._rec.examples(self._step, self._epoch, ids, labels, *examples)
-        self._pending = (self._step, self._epoch, ids, labels, host, (rows, adam, d))
+        self._hand_over(self._step, self._epoch, ids, labels, host, (rows, adam, d))
 
     def _adam_steps(self, before, rows):
         """Per traced layer, Adam's ``(β₁, step size)`` of this step and its
@@ -1433,7 +1433,7 @@ class Tracer:
         self._optimizer_step()
         if not self._owner:
             # The whole update is the same on every rank: rank 0 records it.
-            self._pending = (self._step, self._epoch, ids, labels, _to_host([]))
+            self._hand_over(self._step, self._epoch, ids, labels, _to_host([]))
             return
         deltas = []
         for l, old in zip(self._layers, before):
@@ -1443,7 +1443,7 @@ class Tracer:
             ]
             deltas.append(torch.cat(parts).float())
         host = _to_host([(l.name, d, None) for l, d in zip(self._layers, deltas)])
-        self._pending = (self._step, self._epoch, ids, labels, host)
+        self._hand_over(self._step, self._epoch, ids, labels, host)
 
     def _raw_factors(self, l: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, δ) of every example of the step, rows = examples, by the
@@ -1568,6 +1568,19 @@ class Tracer:
         """(u, v) of one layer for the step, on the device, rows = examples;
         ``v = factor·g`` (``−lr·κ·δ``), or the full per-example update."""
         return l.kind.record(l.spec, l.bias, u, g * factor)
+
+    def _hand_over(self, step, epoch, ids, labels, host, *adam) -> None:
+        """The step's records for the recorder (:meth:`_flush_pending`): at
+        once when they are on the host, one step later while their copy off
+        a GPU is in flight (it then overlaps the next step). Nothing held
+        for later shares memory with the program's tensors: a loop that
+        reuses a buffer (its inputs, its ids) or a layer fed a view of a
+        parameter would change it in place before the records are written."""
+        if host.in_flight:
+            self._pending = (step, epoch, np.array(ids), np.array(labels), host, *adam)
+        else:
+            self._pending = (step, epoch, ids, labels, host, *adam)
+            self._flush_pending()
 
     def _flush_pending(self) -> None:
         """Hands the previous step's factors to the recorder: their copies
@@ -1992,7 +2005,10 @@ def _probe_positions(l: _Layer, a: torch.Tensor, p: torch.Tensor, keep, first: i
 
 class _HostCopy:
     """Factors being copied off the device: asynchronous into pinned memory
-    on CUDA (waited for one step later), immediate on the CPU."""
+    on CUDA (waited for one step later: ``in_flight``), none on the CPU
+    (the recorder copies them when they are handed over, at once), unless
+    some are on a GPU: then the CPU ones are copied too, since they are
+    handed over a step later."""
 
     def __init__(self, items):
         self._event = None
@@ -2013,7 +2029,14 @@ class _HostCopy:
             host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(t, non_blocking=True)
             return host
+        if cuda:
+            return t.to(torch.float32, copy=True).contiguous()
         return t.to(torch.float32).contiguous()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the copy runs on a GPU still (handed over a step later)."""
+        return self._event is not None
 
     def wait(self):
         if self._event is not None:

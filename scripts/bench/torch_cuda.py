@@ -20,10 +20,13 @@ waits for the device; counted over ``tracer.step`` in steady-state steps
 the untraced loop itself has none). Labels are given from the host, as
 docs/python.md advises.
 
-After the repeats, one traced f32 run of each model is rebuilt from its
-records (``kit.assert_reconstructs``: every traced parameter within 1e-5 of
-how far training moved it, plus float32's rounding floor); a failure exits
-with status 1. ``--device cpu`` runs the same on the CPU (a dry run).
+After the repeats, one traced f32 run of each model, whose loop copies
+each batch into one input tensor and its ids into one ids tensor (reused
+from step to step while the tracer holds a step's records until the next),
+is rebuilt from its records (``kit.assert_reconstructs``: every traced
+parameter within 1e-5 of how far training moved it, plus float32's
+rounding floor) and its records' ids are checked; a failure exits with
+status 1. ``--device cpu`` runs the same on the CPU (a dry run).
 
 Prints a table and one line per model and dtype:
 ``BENCH torch_cuda model=M dtype=D device=DEV ratio=R untraced_ms_per_step=U traced_ms_per_step=T steps=S repeats=N``,
@@ -48,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 
 import reptrace  # noqa: E402
-from kit import ResCNN, assert_reconstructs, start_weights  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from kit import ResCNN, assert_reconstructs, start_weights, table  # noqa: E402
 
 CLASSES = [str(c) for c in range(10)]
 
@@ -78,11 +82,14 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(name, x, y, steps, dtype, run_dir, device, syncs=None):
+def train(name, x, y, steps, dtype, run_dir, device, syncs=None, reuse=False):
     """(seconds, model, initial state) of `steps` steps; traced when `dtype`
     (`f32`, `f16`, or either with `_none`: recorded without compression).
     With a list `syncs` (CUDA), the device synchronisations inside each
-    ``tracer.step`` after the first three are appended to it."""
+    ``tracer.step`` after the first three are appended to it. `reuse`: each
+    batch is copied into one input tensor on the device and its ids into
+    one ids tensor on the host, overwritten in place at the next step
+    while the tracer still holds the step's records."""
     make, _, batch, sgd = MODELS[name]
     torch.manual_seed(0)
     model = make().to(device)
@@ -95,11 +102,15 @@ def train(name, x, y, steps, dtype, run_dir, device, syncs=None):
                                  compression=compression or "zstd")
     batches = x.shape[0] // batch
     y_host = y.cpu()
+    inputs = torch.empty((batch, *x.shape[1:]), device=device)
+    ids = torch.empty(batch, dtype=torch.int64)
     sync(device)
     start = time.perf_counter()
     for step in range(steps):
         i = (step % batches) * batch
-        xb, yb = x[i:i + batch], y[i:i + batch]
+        xb, yb, step_ids = x[i:i + batch], y[i:i + batch], torch.arange(i, i + batch)
+        if reuse:
+            xb, step_ids = inputs.copy_(xb), ids.copy_(step_ids)
         opt.zero_grad()
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
@@ -110,12 +121,12 @@ def train(name, x, y, steps, dtype, run_dir, device, syncs=None):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    tracer.step(loss, torch.arange(i, i + batch), y_host[i:i + batch])
+                    tracer.step(loss, step_ids, y_host[i:i + batch])
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs.append(sum("synchroniz" in str(w.message) for w in caught))
         else:
-            tracer.step(loss, torch.arange(i, i + batch), y_host[i:i + batch])
+            tracer.step(loss, step_ids, y_host[i:i + batch])
     if tracer is not None:
         tracer.finish()
     sync(device)
@@ -166,12 +177,21 @@ def main() -> int:
             print(f"syncs {name}: {counts} per traced step (median {per_step})")
             print(f"BENCH torch_cuda_syncs model={name} device={device.type} "
                   f"syncs_per_step={per_step}", flush=True)
-            # The records rebuild the final weights (on the host).
+            # The records rebuild the final weights (on the host), with the
+            # loop's input and ids buffers reused from step to step, and hold
+            # each step's ids.
             run = tmp / f"{name}-check"
-            _, model, initial = train(name, x, y, min(args.steps, 100), "f32", run, device)
+            steps = min(args.steps, 100)
+            _, model, initial = train(name, x, y, steps, "f32", run, device, reuse=True)
             try:
                 worst = assert_reconstructs(str(run), model.cpu(),
                                             {k: v.cpu() for k, v in initial.items()})
+                updates = table(str(run), "updates")
+                first = updates.filter(pc.equal(updates["layer"], updates["layer"][0]))
+                for step in range(steps):
+                    i = (step % (x.shape[0] // batch)) * batch
+                    got = first.filter(pc.equal(first["step"], step))["instance_id"].to_pylist()
+                    assert got == list(range(i, i + batch)), f"step {step}: ids {got[:4]}…"
                 print(f"reconstruction {name}: pass, worst {worst:.2e}", flush=True)
             except AssertionError as e:
                 failed = True

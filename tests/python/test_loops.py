@@ -94,6 +94,46 @@ def test_clip_grad_norm_is_measured_and_folded_into_the_records(tmp_path, data, 
     assert_exact(run, model, initial)
 
 
+@pytest.mark.parametrize("optimizer, mode, path", [
+    ("sgd", "instance", "host"), ("sgd", "instance", "device"), ("adam", "instance", "host"),
+    ("sgd", "batch", "host"),
+], ids=["sgd", "sgd-device-path", "adam", "batch-mode"])
+def test_a_loop_that_reuses_its_buffers_is_recorded_exactly(tmp_path, data, monkeypatch,
+                                                            optimizer, mode, path):
+    """A loop that copies each batch into one input tensor and its ids into
+    one ids tensor (a static or pinned buffer) overwrites both in place at
+    the next step: a step's records must not change with them. Each step's
+    records hold that step's ids, and the run adds up. (On the CPU the
+    records held the next step's inputs before: verify found fc1 off by
+    0.57.)"""
+    monkeypatch.setattr(_torch, "_ON_HOST", path == "host")
+    x, y, _, _ = data
+    torch.manual_seed(9)
+    model = MLP()
+    initial = start_weights(model)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-2))
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, mode=mode)
+    inputs, ids = torch.empty(64, x.shape[1]), torch.empty(64, dtype=torch.int64)
+    steps = batches(len(x), 64, 0)
+    for rows in steps:
+        n = len(rows)
+        inputs[:n].copy_(x[rows])
+        ids[:n].copy_(torch.as_tensor(rows))
+        opt.zero_grad()
+        F.cross_entropy(model(inputs[:n]), y[rows]).backward()
+        tracer.step(None, ids[:n], y[rows])
+    tracer.finish()
+    assert_exact(run, model, initial)
+    members = table(run, "updates") if mode == "instance" else table(run, "batches")
+    if mode == "instance":
+        members = members.filter(pc.equal(members["layer"], "fc1"))
+    for step, rows in enumerate(steps):
+        got = members.filter(pc.equal(members["step"], step))["instance_id"].to_pylist()
+        assert got == list(rows), step
+
+
 def test_one_cycle_with_cycling_momentum_is_exact(tmp_path, data):
     torch.manual_seed(2)
     model = MLP()
