@@ -418,9 +418,10 @@ class Tracer:
         if self._world is not None:
             self._agree_world(problem)
 
-        # W_0: the initial weights of the traced layers, kept until the
-        # recorder starts (the manifest needs the shapes the first step shows).
-        self._initial = self._weights()
+        # W_0: the traced layers' weights as the first step finds them, read
+        # when the recorder starts (_start): a checkpoint loaded after the
+        # tracer was made is where training starts from.
+        self._initial = None
         self._instances = None
         self._rec: _reptrace.Recorder | None = None
         self._step = 0
@@ -664,7 +665,10 @@ class Tracer:
 
     def _start(self) -> None:
         """Creates the run at the first step: the manifest (shapes from the
-        captured inputs), the instances and the initial weights."""
+        captured inputs), the instances and the initial weights W_0, the
+        weights the first update starts from (under :meth:`follow_optimizer`
+        the optimizer has taken that step already: from before it)."""
+        self._initial = self._weights(self._before if self._stepped else None)
         order = [n for n in self._order if n in {l.name for l in self._layers}]
         by_name = {l.name: l for l in self._layers}
         modules = []

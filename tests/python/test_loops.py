@@ -7,6 +7,8 @@ PyTorch's own SGD computes from the per-step hyper-parameters the run
 recorded (an oracle independent of reptrace's arithmetic) — and compared
 with the weights the model ended with. A loop that edits gradients in a way
 that cannot be traced is stopped at the step, with one line."""
+import os
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -23,6 +25,7 @@ from kit import (
     batches,
     completeness,
     manifest,
+    safetensors,
     start_weights,
     table,
     traced_model,
@@ -132,6 +135,33 @@ def test_a_loop_that_reuses_its_buffers_is_recorded_exactly(tmp_path, data, monk
     for step, rows in enumerate(steps):
         got = members.filter(pc.equal(members["step"], step))["instance_id"].to_pylist()
         assert got == list(rows), step
+
+
+@pytest.mark.parametrize("how", ["step", "follow_optimizer"])
+def test_weights_loaded_after_the_tracer_is_made_are_where_training_starts(tmp_path, data,
+                                                                           how):
+    """A loop that makes the tracer, then loads a checkpoint into the model
+    (or initialises it its own way) before the first step: the run's initial
+    weights are those the first step starts from. (The tracer read them
+    when it was made before: verify found the records short of W_T − W_0.)"""
+    x, y, _, _ = data
+    torch.manual_seed(10)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run = str(tmp_path / how)
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    torch.manual_seed(11)
+    model.load_state_dict(MLP().state_dict())  # in place, into the same parameters
+    initial = start_weights(model)
+    if how == "step":
+        loop(model, opt, x, y, tracer)
+    else:
+        follow_loop(model, opt, x, y, tracer)
+    assert_exact(run, model, initial)
+    m = manifest(run)
+    w0 = safetensors(os.path.join(run, m["commits"][0]["weights"]))
+    for name, value in initial.items():
+        assert np.array_equal(w0[name], value.numpy()), name
 
 
 def test_one_cycle_with_cycling_momentum_is_exact(tmp_path, data):
