@@ -1017,6 +1017,8 @@ class Tracer:
         when those are (batch, classes) tensors."""
         if self._closed:
             raise RecordError(f"{self.run_dir}: the tracer is finished")
+        if self._rec is None and not self._stepped:
+            self._refuse_carried_state()
         # Tensors (on a GPU, say) in one copy to the host.
         ids, labels = _ints_together([(ids, np.int64, "ids"), (labels, np.int32, "labels")])
         sizes = self._passes(len(ids))
@@ -1139,7 +1141,34 @@ class Tracer:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._closed:
+            if self._rec is None:
+                self._refuse_carried_state()
             self._before = [[p.detach().clone() for _, p in l.params()] for l in self._layers]
+
+    def _refuse_carried_state(self) -> None:
+        """Instance mode, before the run's first optimizer step: the
+        optimizer must hold no first moment (SGD's momentum buffer, Adam's
+        ``exp_avg``) for a traced parameter. One carried over from earlier
+        steps (a resumed checkpoint, steps taken before tracing) adds
+        gradients the run has no records of to every later update, and the
+        trace would not add up. Read once, at the first step; a refusal
+        ends the tracer before it made the run."""
+        if self.mode != "instance":
+            return
+        key, what = (("exp_avg", f"{type(self.optimizer).__name__}'s first moment (exp_avg)")
+                     if self._adam is not None else ("momentum_buffer", "a momentum buffer"))
+        for l in self._layers:
+            for name, p in l.params():
+                moment = self.optimizer.state.get(p, {}).get(key)
+                if moment is not None and bool(moment.detach().ne(0).any()):
+                    self._close()  # its hooks off the model and the optimizer
+                    raise InvalidInput(
+                        f"parameter {name!r}: the optimizer holds {what} from steps before the run's "
+                        "first (a resumed checkpoint, or steps taken before tracing), whose "
+                        "gradients the run has no records of and every later update carries: "
+                        "instance mode cannot trace it; start the run with the optimizer's "
+                        "state fresh, or record in batch mode (mode='batch')"
+                    )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
