@@ -444,6 +444,10 @@ class Tracer:
         # calls in one pass are positions of one record (a reused module).
         self._model_passes = 0
         self._hooks.append(model.register_forward_pre_hook(self._model_input))
+        # An optimizer step the run has no records of (taken outside step()
+        # once recording started) is refused before it changes the weights.
+        self._in_step = False
+        self._hooks.append(optimizer.register_step_pre_hook(self._outside_step))
         # follow_optimizer(): the micro-batches batch() told of since the
         # last step, the traced weights before the step the optimizer is
         # taking, and whether the optimizer has already stepped.
@@ -1258,10 +1262,27 @@ class Tracer:
     def _optimizer_step(self) -> None:
         if self._stepped:
             return  # follow_optimizer(): the optimizer has taken the step
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
+        self._in_step = True
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        finally:
+            self._in_step = False
+
+    def _outside_step(self, optimizer, args, kwargs) -> None:
+        """The optimizer is about to step outside :meth:`step` after the
+        run's first step (without :meth:`follow_optimizer`): its update
+        would have no records, and the trace would not add up. The run
+        stops at the weights before it, and the step is not taken."""
+        if self._in_step or self._following or self._closed or self._rec is None:
+            return
+        reason = (f"the optimizer was stepped outside tracer.step() after step "
+                  f"{self._step - 1}")
+        self._stop(reason, f"{reason}: an update the run has no records of; call "
+                           "tracer.step(loss, ids, labels) in place of optimizer.step(), or "
+                           "tracer.follow_optimizer() with tracer.batch(ids, labels)")
 
     def _record_skipped(self, due, ids, labels, lr, finite: bool = True) -> None:
         """A step the gradient scaler skips: a `steps` row marked skipped,

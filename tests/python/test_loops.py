@@ -206,6 +206,41 @@ def test_an_optimizer_resumed_with_a_first_moment_is_refused_in_instance_mode(
         initial = start_weights(model)
 
 
+def test_an_optimizer_step_outside_the_tracer_stops_the_run_before_it(tmp_path, data):
+    """Once recording started, an `optimizer.step()` outside `tracer.step()`
+    would apply an update the run has no records of (the trace then did not
+    add up, silently): it is refused before it changes the weights, with
+    one line, and the run stays exact up to the step before it. After
+    `finish()` the optimizer is the loop's again."""
+    x, y, _, _ = data
+    torch.manual_seed(13)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    initial = start_weights(model)
+    run = str(tmp_path / "run")
+    tracer = reptrace.Tracer(model, opt, run, classes=CLASSES)
+    steps = batches(len(x), 64, 0)
+    for rows in steps[:3]:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[rows]), y[rows])
+        loss.backward()
+        tracer.step(loss, rows, y[rows])
+    rows = steps[3]
+    opt.zero_grad()
+    F.cross_entropy(model(x[rows]), y[rows]).backward()
+    before = start_weights(model)
+    with pytest.raises(reptrace.RecordError,
+                       match=r"^the optimizer was stepped outside tracer.step\(\) after step 2: "
+                             r"an update the run has no records of; .* marked aborted$") as e:
+        opt.step()
+    assert "\n" not in str(e.value)
+    for k, v in start_weights(model).items():
+        assert torch.equal(v, before[k]), f"{k}: the refused step changed the weights"
+    assert manifest(run)["status"] == "aborted"
+    assert_exact(run, model, initial)
+    opt.step()  # the tracer has ended: its hooks are gone
+
+
 def test_one_cycle_with_cycling_momentum_is_exact(tmp_path, data):
     torch.manual_seed(2)
     model = MLP()
