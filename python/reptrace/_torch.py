@@ -1167,8 +1167,8 @@ class Tracer:
                 if moment is not None and bool(moment.detach().ne(0).any()):
                     self._close()  # its hooks off the model and the optimizer
                     raise InvalidInput(
-                        f"parameter {name!r}: the optimizer holds {what} from steps before the run's "
-                        "first (a resumed checkpoint, or steps taken before tracing), whose "
+                        f"parameter {name!r}: the optimizer holds {what} from steps before the "
+                        "run's first (a resumed checkpoint, or steps taken before tracing), whose "
                         "gradients the run has no records of and every later update carries: "
                         "instance mode cannot trace it; start the run with the optimizer's "
                         "state fresh, or record in batch mode (mode='batch')"
