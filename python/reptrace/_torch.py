@@ -999,7 +999,12 @@ class Tracer:
     def step(self, loss, ids, labels, *, logits=None) -> None:
         """Records this training step and then calls ``optimizer.step()``
         (``scaler.step(optimizer)`` with a scaler): call it after
-        ``backward()``, in place of the optimizer step.
+        ``backward()``, in place of the optimizer step. Once the run's first
+        step is recorded, an ``optimizer.step()`` outside it is refused
+        before it changes the weights (the run stops at the step before it).
+        At the first step the run's initial weights are read, and in
+        instance mode an optimizer holding a momentum buffer or Adam's first
+        moment from earlier steps is refused.
 
         ``ids`` are the batch's instance ids (e.g. the data set indices),
         ``labels`` their classes, both in the batch's order; with gradient
