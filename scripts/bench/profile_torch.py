@@ -52,7 +52,7 @@ PARTS = [
     ("_check_terms", 2, "gradient check: products (CPU: Rust)"),
     ("check_verdicts", 2, "gradient check: verdicts on the host (Rust)"),
     ("_factors", 2, "records (factors or full) on the device"),
-    ("_flush_pending", 2, "hand the previous step's records to Rust"),
+    ("_flush_pending", 2, "hand the records to Rust (GPU: the previous step's)"),
     ("_to_host", 2, "copy this step's records off the device"),
     ("_optimizer_step", 2, "the optimizer's own step"),
 ]
