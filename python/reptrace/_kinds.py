@@ -112,6 +112,11 @@ class Kind:
         (``−κ·δ`` under Adam), rows = examples."""
         raise NotImplementedError
 
+    def stores_v(self, spec: dict) -> bool:
+        """Whether :meth:`record` stores ``v`` as given (reshaped, one row
+        per example), so that it may be scaled after it."""
+        return False
+
     def probe(self, spec: dict, x: torch.Tensor, dw: torch.Tensor, db):
         """``(a, p)`` of one call in float64: the input as stored in a probe
         and the refinement ``p = ΔW ⊛ a + Δb``."""
@@ -168,6 +173,9 @@ class Linear(Kind):
         if rb is not None:
             ur = ur + rb
         return ur @ g2, ur.abs() @ g2.abs()
+
+    def stores_v(self, spec):
+        return spec.get("storage", "factors") == "factors" and not spec.get("ragged")
 
     def record(self, spec, bias, u, v):
         b = u.shape[0]

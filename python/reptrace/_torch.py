@@ -1039,7 +1039,8 @@ class Tracer:
             raise InvalidInput(
                 f"labels: {len(labels)} labels for a batch of {batch} examples{passes}"
             )
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+        # (int32 labels: a negative one is a large unsigned one.)
+        if len(labels) and labels.view(np.uint32).max() >= len(self.classes):
             raise InvalidInput(
                 f"labels: values must be in 0..{len(self.classes) - 1} ({len(self.classes)} classes)"
             )
@@ -1570,14 +1571,15 @@ class Tracer:
             # one call into the extension instead of some twenty small
             # PyTorch operations. Linear: one position per row; conv: u is
             # (examples, C_in·kernel, positions), g (examples, C_out, positions).
+            # (u and δ are detached already: the hooks keep them so.)
             self._draws += 1
-            w = l.kind.rows(gw.detach())
+            w = (gw if gw.dim() == 2 else l.kind.rows(gw)).detach().contiguous().numpy()
+            u, g = u.contiguous().numpy(), g.contiguous().numpy()
             if l.kind.name == "linear":
                 u, g = u.reshape(-1, w.shape[1], 1), g.reshape(-1, w.shape[0], 1)
             return _reptrace.check_terms(
-                w.contiguous().numpy(),
-                None if gb is None else gb.detach().reshape(-1).contiguous().numpy(),
-                u.detach().contiguous().numpy(), g.detach().contiguous().numpy(), self._draws)
+                w, None if gb is None else gb.detach().contiguous().numpy().reshape(-1),
+                u, g, self._draws)
         gw = l.kind.rows(gw.detach()).float()
         n_in = gw.shape[1]
         if self._generator is None or self._generator.device != gw.device:
@@ -1624,9 +1626,16 @@ class Tracer:
         return scale, relative, norm
 
     def _factors(self, l: _Layer, u: torch.Tensor, g: torch.Tensor, factor: float):
-        """(u, v) of one layer for the step, on the device, rows = examples;
-        ``v = factor·g`` (``−lr·κ·δ``), or the full per-example update."""
-        return l.kind.record(l.spec, l.bias, u, g * factor)
+        """(u, v, scale) of one layer for the step, on the device, rows =
+        examples: ``v = factor·g`` (``−lr·κ·δ``) or the full per-example
+        update, and scale None; or, for float32 factors on the CPU that the
+        layer's kind stores as they are, ``v = g`` and scale ``factor``,
+        which the recorder multiplies in as it copies them (the same
+        float32 products, one tensor operation less per layer and step)."""
+        if (_ON_HOST and g.dtype == torch.float32 and g.device.type == "cpu"
+                and l.kind.stores_v(l.spec)):
+            return (*l.kind.record(l.spec, l.bias, u, g), factor)
+        return (*l.kind.record(l.spec, l.bias, u, g * factor), None)
 
     def _hand_over(self, step, epoch, ids, labels, host, *adam) -> None:
         """The step's records for the recorder (:meth:`_flush_pending`): at
@@ -1657,14 +1666,14 @@ class Tracer:
                 (beta1, step_size, np.ascontiguousarray(x.reshape(-1), dtype=np.float32))
                 for (beta1, step_size), x in zip(scalars, ds)])
         if self.mode == "instance":
-            for name, u, v in arrays:
+            for name, u, v, scale in arrays:
                 if v.ndim == 3:  # a ragged layer's factors: (examples, T, values)
                     u, v, positions = _drop_zero_positions(u, v)
                     self._rec.updates(name, step, epoch, ids, labels, u, v,
                                       positions=positions)
-                else:
+                else:  # v = scale·δ when scale is given (Tracer._factors)
                     self._rec.updates(name, step, epoch, ids, labels,
-                                      u.reshape(-1), v.reshape(-1))
+                                      u.reshape(-1), v.reshape(-1), scale=scale)
         else:
             names = [name for name, _, _ in arrays]
             deltas = [d.reshape(-1) for _, d, _ in arrays]
@@ -2072,9 +2081,9 @@ class _HostCopy:
     def __init__(self, items):
         self._event = None
         out = []
-        cuda = any(t is not None and t.is_cuda for _, a, b in items for t in (a, b))
-        for name, a, b in items:
-            out.append((name, self._copy(a, cuda), self._copy(b, cuda)))
+        cuda = any(t is not None and t.is_cuda for _, a, b, *_ in items for t in (a, b))
+        for name, a, b, *scale in items:
+            out.append((name, self._copy(a, cuda), self._copy(b, cuda), *scale))
         if cuda:
             self._event = torch.cuda.Event()
             self._event.record()
@@ -2101,8 +2110,9 @@ class _HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return [
-            (name, a.numpy() if a is not None else None, b.numpy() if b is not None else None)
-            for name, a, b in self._items
+            (name, a.numpy() if a is not None else None, b.numpy() if b is not None else None,
+             *scale)
+            for name, a, b, *scale in self._items
         ]
 
 

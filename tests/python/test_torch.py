@@ -694,6 +694,54 @@ def test_an_uncompressed_recording_compacts_to_the_same_rows(tmp_path, data, dty
         reptrace.Tracer(MLP(), opt, str(tmp_path / "bad"), classes=CLASSES, compression="lz4")
 
 
+def test_a_cpu_linear_layers_records_are_pytorchs_products_bit_for_bit(tmp_path, data,
+                                                                      monkeypatch):
+    """On the CPU a float32 Linear layer's ``v = −lr·κ·δ`` is multiplied by
+    the recorder as it copies δ (``Recorder.updates(scale=...)``): the
+    stored rows are, bit for bit, the input and PyTorch's product
+    ``δ * (−lr)``, taken by a hook of the test's own, and the same as the
+    rows of the path that multiplies with a tensor operation."""
+    x, y, _, _ = data
+    runs, seen = {}, []
+    for path in ("recorder", "tensor"):
+        if path == "tensor":
+            monkeypatch.setattr(reptrace._kinds.Linear, "stores_v", lambda self, spec: False)
+        torch.manual_seed(3)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.07)
+        first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        grads, inputs = [], []
+
+        def keep(module, args, out, inputs=inputs, grads=grads):
+            inputs.append(args[0].detach().clone())
+            out.register_hook(lambda g: grads.append(g.detach().clone()))
+
+        first.register_forward_hook(keep)
+        run = str(tmp_path / path)
+        tracer = reptrace.Tracer(model, opt, run, classes=CLASSES, torch_threads=None)
+        for step in range(3):
+            idx = np.arange(step * 32, step * 32 + 32)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            tracer.step(None, idx, y[idx])
+        tracer.finish()
+        runs[path] = run
+        seen.append((inputs, grads))
+    name = next(n for n, m in MLP().named_modules() if isinstance(m, nn.Linear))
+    rows = {path: table(run, "updates").filter(pa.compute.equal(
+        table(run, "updates")["layer"], name)).sort_by([("step", "ascending"),
+                                                        ("instance_id", "ascending")])
+        for path, run in runs.items()}
+    assert rows["recorder"] == rows["tensor"], "both paths store the same rows"
+    inputs, grads = seen[0]
+    for step in range(3):
+        at = rows["recorder"].filter(pa.compute.equal(rows["recorder"]["step"], step))
+        u = np.array(at["u"].to_pylist(), dtype=np.float32)
+        v = np.array(at["v"].to_pylist(), dtype=np.float32)
+        assert np.array_equal(u, inputs[step].numpy())
+        assert np.array_equal(v, (grads[step] * -0.07).numpy()), step
+
+
 # What copies a tensor's value to the host: on a GPU each call waits for the
 # device (a synchronisation).
 _HOST_READS = ("cpu", "item", "tolist", "__float__", "__int__", "__bool__")

@@ -12,8 +12,8 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
-    AdamStep, BatchStep, Compression, ExampleBatch, LayerStepRow, NamedTensor, ProbeAppender,
-    ProbeBatch, Recorder, StepRow, UpdateBatch,
+    AdamStep, BatchStep, Compression, ExampleBatch, FactorValues, LayerStepRow, NamedTensor,
+    ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch, UpdateBatchOwned,
 };
 use std::sync::Mutex;
 
@@ -430,9 +430,13 @@ impl PyRecorder {
     /// Instance mode: one layer's per-example factors for a step, row-major
     /// (`u`: examples × u_len, `v`: examples × v_len). A ragged layer's
     /// rows hold `positions[i]` positions each (`positions`: a 1-D `uint32`
-    /// array, one per row; `None`: every row the same number).
+    /// array, one per row; `None`: every row the same number). `scale`:
+    /// `v` holds the output gradients δ and the stored factors are
+    /// `scale·δ`, multiplied in float32 while they are copied (the product
+    /// PyTorch computes for `δ * scale`), so that the caller needs no
+    /// tensor of its own for them.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (layer, step, epoch, ids, labels, u, v, update_norm=None, positions=None))]
+    #[pyo3(signature = (layer, step, epoch, ids, labels, u, v, update_norm=None, positions=None, scale=None))]
     fn updates<'py>(
         &mut self,
         py: Python<'py>,
@@ -445,6 +449,7 @@ impl PyRecorder {
         v: PyReadonlyArray1<'_, f32>,
         update_norm: Option<PyReadonlyArray1<'_, f32>>,
         positions: Option<Bound<'py, PyAny>>,
+        scale: Option<f32>,
     ) -> PyResult<()> {
         let norms = match &update_norm {
             Some(n) => Some(slice(n, "update_norm")?),
@@ -452,6 +457,27 @@ impl PyRecorder {
         };
         let positions =
             Positions::new(&format!("updates for layer {layer:?}"), positions.as_ref())?;
+        if let Some(scale) = scale {
+            let (ids, labels) = (slice(&ids, "ids")?, slice(&labels, "labels")?);
+            let (u, v) = (slice(&u, "u")?, slice(&v, "v")?);
+            let positions = positions.as_ref().map(Positions::as_slice).transpose()?;
+            let rec = self.rec()?;
+            return py
+                .detach(|| {
+                    let batch = UpdateBatchOwned {
+                        step,
+                        epoch,
+                        instance_ids: ids.to_vec(),
+                        labels: labels.to_vec(),
+                        u: FactorValues::F32(u.to_vec()),
+                        v: FactorValues::F32(v.iter().map(|&d| d * scale).collect()),
+                        update_norm: norms.map(<[f32]>::to_vec),
+                        positions: positions.map(<[u32]>::to_vec),
+                    };
+                    rec.updates_owned(layer, batch)
+                })
+                .map_err(error::record);
+        }
         let batch = UpdateBatch {
             step,
             epoch,
