@@ -29,12 +29,11 @@ from pathlib import Path
 
 def child(steps: int, threads: int) -> None:
     import torch
-    import torch.nn as nn
     import torch.nn.functional as F
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import reptrace
-    from torch_overhead import BATCH, synthetic
+    from torch_overhead import BATCH, MODELS, synthetic
 
     torch.set_num_threads(threads)
     x, y = synthetic(64000)
@@ -42,7 +41,7 @@ def child(steps: int, threads: int) -> None:
 
     def run(traced: bool, n: int) -> tuple[float, float]:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+        model = MODELS["mlp"]()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         tmp = tempfile.mkdtemp(prefix="reptrace-step-ab-")
         tracer = reptrace.Tracer(model, opt, f"{tmp}/run", classes=[str(c) for c in range(10)],
