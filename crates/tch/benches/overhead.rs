@@ -87,6 +87,8 @@ fn synthetic(n_train: usize, n_test: usize, shape: &[usize]) -> Dataset {
 }
 
 fn main() {
+    // As `reptrace train` does at start, for untraced and traced runs alike.
+    reptrace_tch::keep_freed_memory();
     // `cargo test --benches` runs bench binaries with `--bench` absent: keep it short then.
     let quick = !std::env::args().any(|a| a == "--bench");
     let repeats: usize = env("REPTRACE_BENCH_REPEATS", if quick { 1 } else { 5 });

@@ -91,4 +91,7 @@ pub use sgd::{Sgd, learning_rate};
 pub use trace::{
     AdamParam, Probes, RunSpec, Step, Taps, Traced, TracedConv2d, TracedLinear, Tracer,
 };
-pub use train::{DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, train, train_on};
+pub use train::{
+    DeviceChoice, EpochStats, Progress, TrainConfig, TrainSummary, keep_freed_memory, train,
+    train_on,
+};

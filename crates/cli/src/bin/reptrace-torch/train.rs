@@ -354,6 +354,7 @@ pub fn write_summary(out: &mut dyn Write, summary: &TrainSummary) -> anyhow::Res
 /// Runs `reptrace train`.
 pub fn run(args: &TrainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let config = args.config()?;
+    reptrace_tch::keep_freed_memory();
     let summary = train_with_progress(&config)?;
     write_summary(out, &summary)?;
     if config.compression == reptrace_record::Compression::None && summary.run.is_some() {
