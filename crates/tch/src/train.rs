@@ -1035,3 +1035,42 @@ pub fn accuracy(
     }
     Ok(correct as f64 / rows.len().max(1) as f64)
 }
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod memory_tests {
+    use super::keep_freed_memory;
+
+    /// Minor page faults of the calling thread so far.
+    fn faults() -> i64 {
+        // SAFETY: getrusage writes one `rusage` we own.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) },
+            0
+        );
+        usage.ru_minflt
+    }
+
+    /// A block the size of a step's factors, freed and asked for again,
+    /// comes back without the system faulting its pages in anew.
+    #[test]
+    fn freed_blocks_are_reused_without_faults() {
+        assert!(keep_freed_memory(), "glibc refused the settings");
+        let touch = |n: usize| -> Vec<u8> {
+            let mut v = vec![0u8; n];
+            for i in (0..n).step_by(4096) {
+                v[i] = i as u8;
+            }
+            std::hint::black_box(v)
+        };
+        let n = 4 << 20;
+        drop(touch(n));
+        let before = faults();
+        drop(touch(n));
+        let again = faults() - before;
+        assert!(
+            again < 64,
+            "{again} page faults for a block of {n} bytes freed just before"
+        );
+    }
+}
