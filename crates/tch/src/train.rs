@@ -498,8 +498,8 @@ pub struct TrainSummary {
 /// row groups) to the system when they are freed, so that every step
 /// faults its pages in again (about 60 faults per step of a 784-256-10 MLP
 /// at batch 64 in the writer alone). Kept, they are reused: on a 2-core
-/// machine that MLP with zstd trained traced at ×1.15 of its untraced time
-/// instead of ×1.22 (docs/benchmarks.md, "Freed memory kept for reuse").
+/// machine that MLP with zstd trained traced at ×1.14 of its untraced time
+/// instead of ×1.23 (docs/benchmarks.md, "Freed memory kept for reuse").
 /// The process's resident memory then stays at its peak. Call it before
 /// training, in a program of your own too; it does nothing outside glibc
 /// (Linux with the GNU C library) and returns whether it applied.
