@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use reptrace_format::{Dtype, Mode, Model, Optimizer, Split};
 use reptrace_record::{
     AdamStep, BatchStep, Compression, ExampleBatch, FactorValues, LayerStepRow, NamedTensor,
-    ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatch, UpdateBatchOwned,
+    ProbeAppender, ProbeBatch, Recorder, StepRow, UpdateBatchOwned,
 };
 use std::sync::Mutex;
 
@@ -457,40 +457,28 @@ impl PyRecorder {
         };
         let positions =
             Positions::new(&format!("updates for layer {layer:?}"), positions.as_ref())?;
-        if let Some(scale) = scale {
-            let (ids, labels) = (slice(&ids, "ids")?, slice(&labels, "labels")?);
-            let (u, v) = (slice(&u, "u")?, slice(&v, "v")?);
-            let positions = positions.as_ref().map(Positions::as_slice).transpose()?;
-            let rec = self.rec()?;
-            return py
-                .detach(|| {
-                    let batch = UpdateBatchOwned {
-                        step,
-                        epoch,
-                        instance_ids: ids.to_vec(),
-                        labels: labels.to_vec(),
-                        u: FactorValues::F32(u.to_vec()),
-                        v: FactorValues::F32(v.iter().map(|&d| d * scale).collect()),
-                        update_norm: norms.map(<[f32]>::to_vec),
-                        positions: positions.map(<[u32]>::to_vec),
-                    };
-                    rec.updates_owned(layer, batch)
-                })
-                .map_err(error::record);
-        }
-        let batch = UpdateBatch {
-            step,
-            epoch,
-            instance_ids: slice(&ids, "ids")?,
-            labels: slice(&labels, "labels")?,
-            u: slice(&u, "u")?,
-            v: slice(&v, "v")?,
-            update_norm: norms,
-            positions: positions.as_ref().map(Positions::as_slice).transpose()?,
-        };
+        let (ids, labels) = (slice(&ids, "ids")?, slice(&labels, "labels")?);
+        let (u, v) = (slice(&u, "u")?, slice(&v, "v")?);
+        let positions = positions.as_ref().map(Positions::as_slice).transpose()?;
         let rec = self.rec()?;
-        py.detach(|| rec.updates(layer, batch))
-            .map_err(error::record)
+        py.detach(|| {
+            let v = match scale {
+                Some(scale) => v.iter().map(|&d| d * scale).collect(),
+                None => v.to_vec(),
+            };
+            let batch = UpdateBatchOwned {
+                step,
+                epoch,
+                instance_ids: ids.to_vec(),
+                labels: labels.to_vec(),
+                u: FactorValues::F32(u.to_vec()),
+                v: FactorValues::F32(v),
+                update_norm: norms.map(<[f32]>::to_vec),
+                positions: positions.map(<[u32]>::to_vec),
+            };
+            rec.updates_owned(layer, batch)
+        })
+        .map_err(error::record)
     }
 
     /// Batch mode: a step's whole update per traced layer (`ΔW` row-major,
