@@ -1,7 +1,7 @@
 //! The Parquet file writer behind every part and every compacted file.
 //!
 //! arrow-rs encodes the columns, row group by row group, except two kinds
-//! of list columns (factor values, `u`, `v`, `a`, `p`, as parts store them),
+//! of list columns (factor values, `u` and `v`, as parts store them),
 //! which this module writes itself, in bulk, when they are uncompressed or
 //! compressed with zstd:
 //!
@@ -16,6 +16,17 @@
 //!   1: the writer's time −8 %). PLAIN f32 lists (uncompressed parts) stay
 //!   with arrow-rs, which measured as fast or faster there than copying
 //!   the values once more into a page.
+//!
+//! Compressed with zstd, a column's pages are packed as trying its first
+//! page in a file found smallest ([`Packing`]): f32 values split into byte
+//! streams or PLAIN, and zstd's level with its own match search or, at
+//! level 1, a search that skips ahead where matches are rare and
+//! Huffman-codes every literal. Which wins depends on the data (the
+//! inputs of an MLP's layers: split and the skipping search, 1 % smaller
+//! and 1.7 times as fast; a convolution's unfolded patches: PLAIN, whose
+//! repeats zstd finds; docs/benchmarks.md, "Pages packed as a trial
+//! finds smallest"). Readers read either encoding; any zstd decoder reads
+//! the pages.
 //!
 //! The values are copied a row at a time (the two bytes of each half float
 //! as FIXED_LEN_BYTE_ARRAY(2) with the FLOAT16 logical type, the four of
@@ -60,8 +71,9 @@ pub(crate) struct FileWriter<W: Write + Send> {
 enum Plan {
     /// By arrow-rs, as this many leaf columns.
     Arrow(usize),
-    /// As a list of floats, by [`FloatList`].
-    Floats(ColumnDescPtr, Layout),
+    /// As a list of floats, by [`FloatList`], packed as the file's first
+    /// row group found best (`None` before it is written).
+    Floats(ColumnDescPtr, Layout, Option<Packing>),
 }
 
 /// One top-level field's column chunk(s) in the row group being filled.
@@ -94,7 +106,7 @@ impl<W: Write + Send> FileWriter<W> {
                 let descr = parquet.column(first_leaf);
                 first_leaf += n;
                 match float_list(field, &descr, &props) {
-                    Some(layout) if n == 1 => Plan::Floats(descr, layout),
+                    Some(layout) if n == 1 => Plan::Floats(descr, layout, None),
                     _ => Plan::Arrow(n),
                 }
             })
@@ -165,10 +177,10 @@ impl<W: Write + Send> FileWriter<W> {
             .iter()
             .map(|plan| match plan {
                 Plan::Arrow(n) => Ok(Chunk::Arrow(writers.by_ref().take(*n).collect())),
-                Plan::Floats(descr, layout) => {
+                Plan::Floats(descr, layout, packing) => {
                     // arrow-rs's writer for this leaf is not used.
                     writers.next();
-                    FloatList::new(Arc::clone(descr), *layout, props)
+                    FloatList::new(Arc::clone(descr), *layout, *packing, props)
                         .map(|list| Chunk::Floats(Box::new(list)))
                 }
             })
@@ -193,7 +205,7 @@ impl<W: Write + Send> FileWriter<W> {
         };
         self.group_rows = 0;
         let mut out = self.file.next_row_group()?;
-        for chunk in group {
+        for (chunk, plan) in group.into_iter().zip(&mut self.plans) {
             match chunk {
                 Chunk::Arrow(writers) => {
                     for writer in writers {
@@ -201,7 +213,10 @@ impl<W: Write + Send> FileWriter<W> {
                     }
                 }
                 Chunk::Floats(list) => {
-                    let (bytes, close) = list.close()?;
+                    let (bytes, close, packing) = list.close()?;
+                    if let Plan::Floats(_, _, chosen) = plan {
+                        *chosen = chosen.or(packing);
+                    }
                     out.append_column(&bytes, close)?;
                 }
             }
@@ -248,28 +263,56 @@ impl Chunk {
     }
 }
 
-/// How a list column written in bulk lays out its values.
+/// Which list column is written in bulk.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Layout {
     /// Float16, PLAIN: two bytes per value.
     Half,
-    /// Float32, BYTE_STREAM_SPLIT: a page's first bytes of every value,
-    /// then their second bytes, and so on.
-    SingleSplit,
+    /// Float32 whose properties ask for BYTE_STREAM_SPLIT (a page's first
+    /// bytes of every value, then their second bytes, and so on); with zstd
+    /// PLAIN where that packs smaller ([`Packing`]).
+    Single,
 }
 
 impl Layout {
     fn width(self) -> usize {
         match self {
             Layout::Half => 2,
-            Layout::SingleSplit => 4,
+            Layout::Single => 4,
         }
     }
 
+    /// The packings a trial of a zstd-compressed column at `level` tries,
+    /// the properties' own first: on equal sizes the earlier wins.
+    fn candidates(self, level: i32) -> Vec<Packing> {
+        let splits: &[bool] = match self {
+            // DuckDB refuses BYTE_STREAM_SPLIT on FLOAT16.
+            Layout::Half => &[false],
+            Layout::Single => &[true, false],
+        };
+        let fasts: &[bool] = if level == 1 { &[false, true] } else { &[false] };
+        splits
+            .iter()
+            .flat_map(|&split| fasts.iter().map(move |&fast| Packing { split, fast }))
+            .collect()
+    }
+}
+
+/// How a bulk-written column chunk's pages are packed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Packing {
+    /// The values split into byte streams (BYTE_STREAM_SPLIT), else PLAIN.
+    split: bool,
+    /// zstd level 1 with [`compressor`]'s skipping search.
+    fast: bool,
+}
+
+impl Packing {
     fn encoding(self) -> Encoding {
-        match self {
-            Layout::Half => Encoding::PLAIN,
-            Layout::SingleSplit => Encoding::BYTE_STREAM_SPLIT,
+        if self.split {
+            Encoding::BYTE_STREAM_SPLIT
+        } else {
+            Encoding::PLAIN
         }
     }
 }
@@ -303,8 +346,7 @@ fn float_list(field: &Field, descr: &ColumnDescPtr, props: &WriterProperties) ->
                 && props.statistics_enabled(path) == EnabledStatistics::None
                 && props.bloom_filter_properties(path).is_none() =>
         {
-            (props.encoding(path) == Some(Encoding::BYTE_STREAM_SPLIT))
-                .then_some(Layout::SingleSplit)
+            (props.encoding(path) == Some(Encoding::BYTE_STREAM_SPLIT)).then_some(Layout::Single)
         }
         _ => None,
     }
@@ -323,16 +365,33 @@ fn float_list(field: &Field, descr: &ColumnDescPtr, props: &WriterProperties) ->
 /// and f16 pages keep zstd's settings. Any zstd decoder reads the pages.
 const INPUTS_HASH_LOG: u32 = 10;
 
-/// The compressor of a bulk-written column chunk's pages.
+/// zstd level 1's fast strategy looks for matches at every position and
+/// skips ahead faster the longer it finds none; a target length above 0
+/// makes it skip faster from the start (zstd's negative levels), which
+/// would also store literals without Huffman codes, unless they are asked
+/// for. 1024, with literals Huffman-coded and a 2^10 match table, is
+/// almost a Huffman coder of the page's bytes: on factor pages whose
+/// streams barely repeat (an MLP's inputs and output gradients, split into
+/// byte streams) the trial of [`Layout::candidates`] picks it; where
+/// values repeat (a convolution's unfolded patches) zstd's own search wins.
+const FAST_TARGET_LENGTH: u32 = 1024;
+
+/// The compressor of a bulk-written column chunk's pages, packed as
+/// `packing` at zstd `level`.
 fn compressor(
     descr: &ColumnDescPtr,
-    layout: Layout,
+    packing: Packing,
     level: i32,
 ) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    use zstd::zstd_safe::{CParameter, ParamSwitch};
     let mut zstd = zstd::bulk::Compressor::new(level)?;
     let inputs = descr.path().parts().first().is_some_and(|c| c == "u");
-    if inputs && layout == Layout::SingleSplit && level == 1 {
-        zstd.set_parameter(zstd::zstd_safe::CParameter::HashLog(INPUTS_HASH_LOG))?;
+    if packing.fast {
+        zstd.set_parameter(CParameter::HashLog(INPUTS_HASH_LOG))?;
+        zstd.set_parameter(CParameter::TargetLength(FAST_TARGET_LENGTH))?;
+        zstd.set_parameter(CParameter::LiteralCompressionMode(ParamSwitch::Enable))?;
+    } else if inputs && packing.split && level == 1 {
+        zstd.set_parameter(CParameter::HashLog(INPUTS_HASH_LOG))?;
     }
     Ok(zstd)
 }
@@ -343,6 +402,9 @@ struct FloatList {
     descr: ColumnDescPtr,
     layout: Layout,
     codec: Codec,
+    /// How the pages are packed: with zstd, `None` until the first page's
+    /// trial.
+    packing: Option<Packing>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     page_limit: usize,
     /// The chunk's pages so far.
@@ -364,14 +426,29 @@ struct FloatList {
 }
 
 impl FloatList {
-    fn new(descr: ColumnDescPtr, layout: Layout, props: &WriterProperties) -> Result<Self> {
+    /// The chunk of `descr`, packed as `packing` if given, else as its
+    /// first page's trial finds best.
+    fn new(
+        descr: ColumnDescPtr,
+        layout: Layout,
+        packing: Option<Packing>,
+        props: &WriterProperties,
+    ) -> Result<Self> {
         let codec = props.compression(descr.path());
-        let zstd = match codec {
-            Codec::UNCOMPRESSED => None,
-            Codec::ZSTD(level) => Some(
-                compressor(&descr, layout, level.compression_level())
-                    .map_err(|e| ParquetError::External(Box::new(e)))?,
-            ),
+        let (packing, zstd) = match codec {
+            Codec::UNCOMPRESSED => {
+                let split = layout == Layout::Single;
+                (Some(Packing { split, fast: false }), None)
+            }
+            Codec::ZSTD(level) => {
+                let zstd = match packing {
+                    Some(packing) => Some(
+                        compressor(&descr, packing, level.compression_level()).map_err(external)?,
+                    ),
+                    None => None,
+                };
+                (packing, zstd)
+            }
             other => {
                 return Err(ParquetError::NYI(format!(
                     "{other} for the float list column {}",
@@ -384,6 +461,7 @@ impl FloatList {
             descr,
             layout,
             codec,
+            packing,
             zstd,
             out: TrackedWrite::new(Vec::new()),
             offsets: OffsetIndexBuilder::new(),
@@ -410,7 +488,7 @@ impl FloatList {
             Layout::Half => items
                 .as_primitive_opt::<Float16Type>()
                 .map(|v| v.values().inner().as_slice()),
-            Layout::SingleSplit => items
+            Layout::Single => items
                 .as_primitive_opt::<Float32Type>()
                 .map(|v| v.values().inner().as_slice()),
         }
@@ -455,12 +533,10 @@ impl FloatList {
         Ok(())
     }
 
-    /// Writes the page being filled: repetition levels, definition levels
-    /// (each a 4-byte length and RLE runs), then the values.
-    fn flush_page(&mut self) -> Result<()> {
-        if self.page_entries == 0 {
-            return Ok(());
-        }
+    /// The page being filled, into `scratch`: repetition levels,
+    /// definition levels (each a 4-byte length and RLE runs), then the
+    /// values, split into byte streams or PLAIN.
+    fn page(&mut self, split: bool) {
         let buf = &mut self.scratch;
         buf.clear();
         for runs in [&mut self.rep, &mut self.def] {
@@ -468,11 +544,53 @@ impl FloatList {
             buf.extend_from_slice(&(levels.len() as u32).to_le_bytes());
             buf.extend_from_slice(levels);
         }
-        if self.layout == Layout::SingleSplit {
+        if split {
             split_streams(&self.values, buf);
         } else {
             buf.extend_from_slice(&self.values);
         }
+    }
+
+    /// Packs the chunk's pages as the candidate that compresses the page
+    /// being filled into the fewest bytes (the earlier of equals).
+    fn choose(&mut self) -> Result<Packing> {
+        let Codec::ZSTD(level) = self.codec else {
+            return Err(ParquetError::General(format!(
+                "no packing to try for {} without zstd",
+                self.descr.path()
+            )));
+        };
+        let level = level.compression_level();
+        let mut best: Option<(usize, Packing)> = None;
+        for packing in self.layout.candidates(level) {
+            self.page(packing.split);
+            let mut zstd = compressor(&self.descr, packing, level).map_err(external)?;
+            let out = &mut self.packed;
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(self.scratch.len()));
+            zstd.compress_to_buffer(self.scratch.as_slice(), out)
+                .map_err(external)?;
+            if best.is_none_or(|(size, _)| out.len() < size) {
+                best = Some((out.len(), packing));
+            }
+        }
+        let (_, packing) = best.ok_or_else(|| ParquetError::General("no packing to try".into()))?;
+        self.zstd = Some(compressor(&self.descr, packing, level).map_err(external)?);
+        self.packing = Some(packing);
+        Ok(packing)
+    }
+
+    /// Writes the page being filled.
+    fn flush_page(&mut self) -> Result<()> {
+        if self.page_entries == 0 {
+            return Ok(());
+        }
+        let packing = match self.packing {
+            Some(packing) => packing,
+            None => self.choose()?,
+        };
+        self.page(packing.split);
+        let buf = &mut self.scratch;
         let uncompressed = buf.len();
         // The page's buffer is handed to the page writer and taken back
         // afterwards: no fresh allocation (and no first touch of new
@@ -484,7 +602,7 @@ impl FloatList {
                 out.clear();
                 out.reserve(zstd::zstd_safe::compress_bound(uncompressed));
                 zstd.compress_to_buffer(buf.as_slice(), out)
-                    .map_err(|e| ParquetError::External(Box::new(e)))?;
+                    .map_err(external)?;
                 true
             }
         };
@@ -498,7 +616,7 @@ impl FloatList {
         let page = Page::DataPage {
             buf: data,
             num_values: self.page_entries,
-            encoding: self.layout.encoding(),
+            encoding: packing.encoding(),
             def_level_encoding: Encoding::RLE,
             rep_level_encoding: Encoding::RLE,
             statistics: None,
@@ -531,12 +649,21 @@ impl FloatList {
             + self.packed.capacity()
     }
 
-    /// The chunk's bytes and what the row group needs to splice them in.
-    fn close(mut self) -> Result<(Bytes, ColumnCloseResult)> {
+    /// The chunk's bytes, what the row group needs to splice them in, and
+    /// how its pages were packed (`None` if it has none).
+    fn close(mut self) -> Result<(Bytes, ColumnCloseResult, Option<Packing>)> {
         self.flush_page()?;
+        let encoding = self.packing.map_or(
+            if self.layout == Layout::Single {
+                Encoding::BYTE_STREAM_SPLIT
+            } else {
+                Encoding::PLAIN
+            },
+            Packing::encoding,
+        );
         let metadata = ColumnChunkMetaData::builder(Arc::clone(&self.descr))
             .set_compression(self.codec)
-            .set_encodings(vec![self.layout.encoding(), Encoding::RLE])
+            .set_encodings(vec![encoding, Encoding::RLE])
             .set_num_values(self.entries)
             .set_total_compressed_size(self.compressed)
             .set_total_uncompressed_size(self.uncompressed)
@@ -551,8 +678,12 @@ impl FloatList {
             column_index: None,
             offset_index: Some(self.offsets.build()),
         };
-        Ok((bytes, close))
+        Ok((bytes, close, self.packing))
     }
+}
+
+fn external(e: std::io::Error) -> ParquetError {
+    ParquetError::External(Box::new(e))
 }
 
 /// Appends f32 values (`plain`: four little-endian bytes each) to `out` as
@@ -720,7 +851,7 @@ mod tests {
             .iter()
             .map(|plan| match plan {
                 Plan::Arrow(_) => None,
-                Plan::Floats(_, layout) => Some(*layout),
+                Plan::Floats(_, layout, _) => Some(*layout),
             })
             .collect()
     }
@@ -736,7 +867,7 @@ mod tests {
         let plain = props_w(c, 100, 10, Some(Encoding::PLAIN));
         assert_eq!(bulk(plain), [None, half, None, half]);
         let split = props_w(c, 100, 10, Some(Encoding::BYTE_STREAM_SPLIT));
-        assert_eq!(bulk(split), [None, half, Some(Layout::SingleSplit), half]);
+        assert_eq!(bulk(split), [None, half, Some(Layout::Single), half]);
         let delta = props_w(c, 100, 10, Some(Encoding::RLE));
         assert_eq!(bulk(delta), [None, half, None, half]);
         // Other codecs: arrow-rs writes every column.
@@ -792,14 +923,23 @@ mod tests {
             let (m1, m2) = (meta(&ours), meta(&theirs));
             prop_assert_eq!(m1.file_metadata().schema_descr(), m2.file_metadata().schema_descr());
             prop_assert_eq!(m1.num_row_groups(), m2.num_row_groups());
+            let mut chosen = None;
             for g in 0..m1.num_row_groups() {
                 let encodings = |m: &parquet::file::metadata::ParquetMetaData| {
                     m.row_group(g).column(2).encodings().collect::<Vec<_>>()
                 };
-                // Both files store `w` as `props_w` says.
                 let (e1, e2) = (encodings(&m1), encodings(&m2));
-                prop_assert_eq!(e1.contains(&Encoding::BYTE_STREAM_SPLIT), e2.contains(&Encoding::BYTE_STREAM_SPLIT));
-                prop_assert_eq!(e1.contains(&Encoding::BYTE_STREAM_SPLIT), w == Some(Encoding::BYTE_STREAM_SPLIT));
+                let split = |e: &[Encoding]| e.contains(&Encoding::BYTE_STREAM_SPLIT);
+                // arrow-rs stores `w` as `props_w` says; so do we without
+                // compression, and with zstd PLAIN where the trial finds
+                // it smaller, the same in every row group of the file.
+                prop_assert_eq!(split(&e2), w == Some(Encoding::BYTE_STREAM_SPLIT));
+                if zstd {
+                    prop_assert!(!split(&e1) || split(&e2));
+                    prop_assert_eq!(chosen.get_or_insert_with(|| e1.clone()), &e1);
+                } else {
+                    prop_assert_eq!(split(&e1), split(&e2));
+                }
             }
             let expected = read(theirs.clone(), None);
             prop_assert_eq!(&read(ours.clone(), None), &expected);
@@ -815,15 +955,10 @@ mod tests {
         }
     }
 
-    /// The pages of f32 inputs `u` (byte-stream-split, zstd level 1) take
-    /// fewer bytes than arrow-rs's, whose pages zstd compresses with the
-    /// level's own settings: `compressor`'s table size is applied, and on
-    /// input-like values (the outputs of a ReLU, half of them zero) it does
-    /// what `INPUTS_HASH_LOG`'s comment says. The values read back equal.
-    #[test]
-    fn split_factor_pages_are_smaller_than_with_zstds_own_settings() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    /// One f32 list column `u` of 512 rows of 256 values, whose row `r`
+    /// holds `value(r, j)`.
+    fn inputs(value: impl FnMut(usize, usize) -> f32) -> RecordBatch {
+        let mut value = value;
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let schema = Arc::new(Schema::new(vec![Field::new(
             "u",
@@ -831,27 +966,115 @@ mod tests {
             false,
         )]));
         let mut u = ListBuilder::new(Float32Builder::new()).with_field(item);
-        for _ in 0..512 {
-            for _ in 0..256 {
-                let (a, b): (f32, f32) = (rng.random(), rng.random());
-                u.values().append_value((a + b - 1.0).max(0.0) * 3.0);
+        for r in 0..512 {
+            for j in 0..256 {
+                u.values().append_value(value(r, j));
             }
             u.append(true);
         }
-        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(u.finish())]).unwrap();
+        RecordBatch::try_new(schema, vec![Arc::new(u.finish())]).unwrap()
+    }
+
+    /// Input-like values: the outputs of a ReLU, half of them zero.
+    fn relu_outputs() -> RecordBatch {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        inputs(|_, _| {
+            let (a, b): (f32, f32) = (rng.random(), rng.random());
+            (a + b - 1.0).max(0.0) * 3.0
+        })
+    }
+
+    /// Unfolded patches: every row 16 shifted copies of 16 of the values
+    /// of one random image row, as a convolution's inputs repeat.
+    fn unfolded_patches() -> RecordBatch {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let image: Vec<f32> = (0..512 + 32).map(|_| rng.random()).collect();
+        inputs(|r, j| image[r + j / 16 + j % 16])
+    }
+
+    /// How parts store f32 factors: zstd 1, byte-stream-split asked, no
+    /// dictionary or statistics.
+    fn factor_props() -> WriterProperties {
         let path = ColumnPath::new(vec!["u".into(), "list".into(), "item".into()]);
-        let props = || {
-            WriterProperties::builder()
-                .set_compression(Codec::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_dictionary_enabled(false)
-                .set_column_encoding(path.clone(), Encoding::BYTE_STREAM_SPLIT)
-                .set_column_statistics_enabled(path.clone(), EnabledStatistics::None)
-                .build()
+        WriterProperties::builder()
+            .set_compression(Codec::ZSTD(ZstdLevel::try_new(1).unwrap()))
+            .set_dictionary_enabled(false)
+            .set_column_encoding(path.clone(), Encoding::BYTE_STREAM_SPLIT)
+            .set_column_statistics_enabled(path, EnabledStatistics::None)
+            .build()
+    }
+
+    /// `batch` written by [`FileWriter`] (packed as `packing` if given):
+    /// the column chunk's compressed bytes and the packing it used.
+    fn packed(batch: &RecordBatch, packing: Option<Packing>) -> (i64, Packing, Bytes) {
+        let mut w = FileWriter::try_new(Vec::new(), batch.schema(), factor_props()).unwrap();
+        if let Plan::Floats(_, _, p) = &mut w.plans[0] {
+            *p = packing;
+        }
+        w.write(batch).unwrap();
+        w.flush().unwrap();
+        let Plan::Floats(_, _, Some(used)) = w.plans[0] else {
+            panic!("u is not written in bulk");
         };
+        let bytes = Bytes::from(w.into_inner().unwrap());
+        let meta = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .unwrap()
+            .metadata()
+            .clone();
+        (meta.row_group(0).column(0).compressed_size(), used, bytes)
+    }
+
+    /// The trial packs a column as the smallest of its candidates, and
+    /// which that is depends on the values: ReLU outputs barely repeat,
+    /// and the skipping search wins; unfolded patches repeat, and zstd's
+    /// own search wins. Both read back equal.
+    #[test]
+    fn the_trial_packs_a_column_as_its_smallest_candidate() {
+        let mut fast = Vec::new();
+        for batch in [relu_outputs(), unfolded_patches()] {
+            let (size, chosen, bytes) = packed(&batch, None);
+            let sizes: Vec<(i64, Packing)> = Layout::Single
+                .candidates(1)
+                .into_iter()
+                .map(|p| (packed(&batch, Some(p)).0, p))
+                .collect();
+            assert_eq!(sizes.len(), 4);
+            let smallest = sizes.iter().map(|&(s, _)| s).min().unwrap();
+            assert_eq!(size, smallest, "{chosen:?} among {sizes:?}");
+            assert!(
+                sizes.contains(&(size, chosen)),
+                "{chosen:?} among {sizes:?}"
+            );
+            let read = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>();
+            assert_eq!(
+                arrow::compute::concat_batches(&batch.schema(), &read).unwrap(),
+                batch
+            );
+            fast.push(chosen.fast);
+        }
+        assert_eq!(fast, [true, false]);
+    }
+
+    /// The pages of f32 inputs `u` (zstd level 1) take fewer bytes than
+    /// arrow-rs's, whose pages zstd compresses with the level's own
+    /// settings and byte-stream-split as the properties ask. The values
+    /// read back equal.
+    #[test]
+    fn factor_pages_are_smaller_than_arrow_rs_writes_them() {
+        let batch = relu_outputs();
+        let schema = batch.schema();
+        let props = factor_props;
         let mut ours = FileWriter::try_new(Vec::new(), Arc::clone(&schema), props()).unwrap();
         assert!(matches!(
             ours.plans[0],
-            Plan::Floats(_, Layout::SingleSplit)
+            Plan::Floats(_, Layout::Single, None)
         ));
         let mut theirs =
             ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(props())).unwrap();
