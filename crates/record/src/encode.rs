@@ -282,6 +282,15 @@ impl Layout {
         }
     }
 
+    /// The packing the properties ask for: split f32, PLAIN f16, zstd's
+    /// own search.
+    fn asked(self) -> Packing {
+        Packing {
+            split: self == Layout::Single,
+            fast: false,
+        }
+    }
+
     /// The packings a trial of a zstd-compressed column at `level` tries,
     /// the properties' own first: on equal sizes the earlier wins.
     fn candidates(self, level: i32) -> Vec<Packing> {
@@ -436,10 +445,7 @@ impl FloatList {
     ) -> Result<Self> {
         let codec = props.compression(descr.path());
         let (packing, zstd) = match codec {
-            Codec::UNCOMPRESSED => {
-                let split = layout == Layout::Single;
-                (Some(Packing { split, fast: false }), None)
-            }
+            Codec::UNCOMPRESSED => (Some(layout.asked()), None),
             Codec::ZSTD(level) => {
                 let zstd = match packing {
                     Some(packing) => Some(
@@ -562,8 +568,13 @@ impl FloatList {
         };
         let level = level.compression_level();
         let mut best: Option<(usize, Packing)> = None;
+        let mut built = None;
         for packing in self.layout.candidates(level) {
-            self.page(packing.split);
+            // Candidates of one layout are adjacent: each page body once.
+            if built != Some(packing.split) {
+                self.page(packing.split);
+                built = Some(packing.split);
+            }
             let mut zstd = compressor(&self.descr, packing, level).map_err(external)?;
             let out = &mut self.packed;
             out.clear();
@@ -653,14 +664,7 @@ impl FloatList {
     /// how its pages were packed (`None` if it has none).
     fn close(mut self) -> Result<(Bytes, ColumnCloseResult, Option<Packing>)> {
         self.flush_page()?;
-        let encoding = self.packing.map_or(
-            if self.layout == Layout::Single {
-                Encoding::BYTE_STREAM_SPLIT
-            } else {
-                Encoding::PLAIN
-            },
-            Packing::encoding,
-        );
+        let encoding = self.packing.unwrap_or(self.layout.asked()).encoding();
         let metadata = ColumnChunkMetaData::builder(Arc::clone(&self.descr))
             .set_compression(self.codec)
             .set_encodings(vec![encoding, Encoding::RLE])
@@ -957,8 +961,7 @@ mod tests {
 
     /// One f32 list column `u` of 512 rows of 256 values, whose row `r`
     /// holds `value(r, j)`.
-    fn inputs(value: impl FnMut(usize, usize) -> f32) -> RecordBatch {
-        let mut value = value;
+    fn inputs(mut value: impl FnMut(usize, usize) -> f32) -> RecordBatch {
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let schema = Arc::new(Schema::new(vec![Field::new(
             "u",
@@ -1070,14 +1073,14 @@ mod tests {
     fn factor_pages_are_smaller_than_arrow_rs_writes_them() {
         let batch = relu_outputs();
         let schema = batch.schema();
-        let props = factor_props;
-        let mut ours = FileWriter::try_new(Vec::new(), Arc::clone(&schema), props()).unwrap();
+        let mut ours =
+            FileWriter::try_new(Vec::new(), Arc::clone(&schema), factor_props()).unwrap();
         assert!(matches!(
             ours.plans[0],
             Plan::Floats(_, Layout::Single, None)
         ));
         let mut theirs =
-            ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(props())).unwrap();
+            ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(factor_props())).unwrap();
         ours.write(&batch).unwrap();
         theirs.write(&batch).unwrap();
         let ours = Bytes::from(ours.into_inner().unwrap());
