@@ -7,6 +7,21 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+# Runs a cargo command on one package; fails if it fails, or if it compiles
+# arrow, parquet or DataFusion again instead of reusing the workspace's
+# dependency build (its features resolved for that package alone differ).
+reuses_workspace_build() {
+  local log
+  log=$(mktemp)
+  "$@" 2>&1 | tee "$log"
+  if grep -qE "(Compiling|Checking) (arrow|parquet|datafusion)" "$log"; then
+    echo "\`$*\` resolves other dependency features than the workspace build"
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
+}
+
 step "set-up"
 scripts/setup.sh
 
@@ -20,8 +35,10 @@ scripts/check-package.sh
 
 step "build (binaries, examples and benchmarks compiled, not run)"
 cargo build --workspace --all-targets --locked --profile dev
-# The analyzer and the CLI must build without libtorch.
-cargo check -p reptrace-cli --no-default-features --locked
+# The analyzer and the CLI must build without libtorch. That check reuses
+# clippy's dependency check above (crates/cli/Cargo.toml pins the features
+# that make the two agree; otherwise DataFusion is checked a second time).
+reuses_workspace_build cargo check -p reptrace-cli --no-default-features --locked
 # The CUDA build links: the overhead bench with feature `cuda`, which
 # force-links libtorch_cuda from the CUDA 13 libtorch of PyPI's torch;
 # running it needs a GPU (scripts/gpu-check.sh). `--workspace` keeps the
@@ -32,10 +49,7 @@ cargo build --workspace --features reptrace-tch/cuda --bench overhead --locked
 # maturin (scripts/setup.sh) builds crates/python on its own; that must reuse
 # this dependency build, not compile parquet and DataFusion a second time
 # (crates/python/Cargo.toml pins the features that make the two agree).
-if cargo build -p reptrace-python --lib --locked 2>&1 | grep -E "Compiling (arrow|parquet|datafusion)"; then
-  echo "crates/python alone resolves other dependency features than the workspace build"
-  exit 1
-fi
+reuses_workspace_build cargo build -p reptrace-python --lib --locked
 
 step "Rust tests"
 cargo test --workspace --locked
