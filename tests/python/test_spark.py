@@ -414,3 +414,25 @@ def test_a_driver_killed_mid_write_leaves_the_manifest_unchanged(run, tmp_path):
         f"SELECT COUNT(*) AS n FROM contributions WHERE probe_id = {PROBES[0]}"
     )).to_pylist()[0]["n"]
     assert got == want
+
+
+def test_the_package_archive_holds_the_package_and_is_made_once(tmp_path):
+    """What `ship` sends: every file of the installed package (the compiled
+    core byte for byte, no __pycache__), made once per process unless a
+    directory is given."""
+    import tarfile
+
+    from reptrace import spark as rs
+
+    first = rs.package_archive()
+    assert rs.package_archive() == first
+    given = rs.package_archive(tmp_path)
+    assert Path(given).parent == tmp_path and given != first
+    source = Path(reptrace.__file__).resolve().parent
+    want = {str(Path("reptrace") / p.relative_to(source))
+            for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    with tarfile.open(given) as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+        assert names == want
+        core = next(n for n in names if n.startswith("reptrace/_reptrace") and n.endswith(".so"))
+        assert tar.extractfile(core).read() == (source / Path(core).name).read_bytes()
