@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 # Runs a cargo command on one package; fails if it fails, or if it compiles
 # arrow, parquet or DataFusion again instead of reusing the workspace's
@@ -65,5 +65,6 @@ set +e
 .venv/bin/python -m pytest tests/python -q
 rc=$?
 set -e
+step "done, rc=$rc"
 # pytest exits 5 when it collected no test: that is a failure here too.
 exit $rc
