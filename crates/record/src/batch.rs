@@ -590,6 +590,40 @@ fn sq_norm(x: &[f32]) -> f64 {
     x.iter().map(|&e| f64::from(e) * f64::from(e)).sum()
 }
 
+/// [`update_norm`] of a record stored in half precision, from the stored
+/// values (each widened to f32 exactly): the same sums in the same order as
+/// [`update_norm`] of the widened record, without widening a whole buffer.
+pub(crate) fn update_norm_f16(kind: NormKind, u: &[half::f16], v: &[half::f16]) -> f32 {
+    match kind {
+        NormKind::Outer => (sq_norm_f16(u) * sq_norm_f16(v)).sqrt() as f32,
+        NormKind::Full { weight_len } => sq_norm_f16(&v[..weight_len.min(v.len())]).sqrt() as f32,
+        _ => update_norm(kind, &widen(u), &widen(v)),
+    }
+}
+
+fn widen(x: &[half::f16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0.0; x.len()];
+    x.convert_to_f32_slice(&mut out);
+    out
+}
+
+/// [`sq_norm`] of half-precision values, widened a block at a time (the
+/// slice conversion uses the CPU's half-float instructions where it has them).
+fn sq_norm_f16(x: &[half::f16]) -> f64 {
+    use half::slice::HalfFloatSliceExt;
+    let mut block = [0.0f32; 512];
+    let mut total = 0.0;
+    for chunk in x.chunks(block.len()) {
+        let widened = &mut block[..chunk.len()];
+        chunk.convert_to_f32_slice(widened);
+        for &e in widened.iter() {
+            total += f64::from(e) * f64::from(e);
+        }
+    }
+    total
+}
+
 /// ‖V Uᵀ‖_F for U (`k × p`) and V (`c_out × p`), whichever way is cheaper:
 /// forming ΔW (`c_out·k·p` multiplies) or through the Gram matrices
 /// (`p²·(c_out + k)`).
@@ -762,6 +796,43 @@ mod tests {
             (f64::from(got) - want).abs() <= 1e-6 * want.max(1.0),
             "{got} vs {want}"
         );
+    }
+
+    /// A half-precision record's norm is the norm of its widened values,
+    /// bit for bit, for every kind (records longer than one widening block).
+    #[test]
+    fn half_records_norms_are_those_of_their_widened_values() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+        let mut half = |n: usize| -> (Vec<half::f16>, Vec<f32>) {
+            let h: Vec<half::f16> = random(&mut rng, n)
+                .into_iter()
+                .map(|x| half::f16::from_f32(x * 300.0))
+                .collect();
+            let w = h.iter().map(|x| x.to_f32()).collect();
+            (h, w)
+        };
+        let kinds = [
+            (NormKind::Outer, 1300, 700),
+            (NormKind::Full { weight_len: 1100 }, 0, 1200),
+            (
+                NormKind::Factors {
+                    k: 6,
+                    p: 4,
+                    c_out: 4,
+                    groups: 2,
+                },
+                24,
+                16,
+            ),
+            (NormKind::Positions { n_in: 3, n_out: 4 }, 15, 20),
+        ];
+        for (kind, nu, nv) in kinds {
+            let ((uh, uw), (vh, vw)) = (half(nu), half(nv));
+            let (got, want) = (update_norm_f16(kind, &uh, &vh), update_norm(kind, &uw, &vw));
+            assert_eq!(got.to_bits(), want.to_bits(), "{kind:?}: {got} vs {want}");
+            assert!(want > 0.0, "{kind:?}");
+        }
     }
 
     #[test]

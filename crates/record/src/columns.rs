@@ -8,7 +8,7 @@
 //! positions) over the same kind of buffer.
 use crate::batch::{
     BatchRows, ExampleRowsOwned, FactorValues, InstanceRows, LayerStepRow, ProbeRows, RowLens,
-    StepRowsOwned, UpdateRows, update_norm,
+    StepRowsOwned, UpdateRows, update_norm, update_norm_f16,
 };
 use crate::{Error, Result};
 use arrow_array::types::Float16Type;
@@ -73,26 +73,30 @@ fn list(
     Ok(Arc::new(array))
 }
 
-/// Factor values in the run's dtype (f16 values are only accepted, by the
-/// recorder, for an f16 run).
-fn factor_values(dtype: Dtype, values: FactorValues) -> ArrayRef {
+/// The values as a run of `dtype` stores them: an f16 run's f32 values
+/// rounded to f16 (in bulk, with the CPU's half-float instructions where it
+/// has them). The recorder refuses f16 values for an f32 run; widened here.
+fn stored(dtype: Dtype, values: FactorValues) -> FactorValues {
     match (dtype, values) {
-        (Dtype::F32, FactorValues::F32(values)) => {
-            Arc::new(Float32Array::new(ScalarBuffer::from(values), None))
-        }
-        (Dtype::F32, FactorValues::F16(values)) => Arc::new(Float32Array::new(
-            ScalarBuffer::from(values.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()),
-            None,
-        )),
         (Dtype::F16, FactorValues::F32(values)) => {
             let mut out = vec![f16::ZERO; values.len()];
             out.convert_from_f32_slice(&values);
-            Arc::new(PrimitiveArray::<Float16Type>::new(
-                ScalarBuffer::from(out),
-                None,
-            ))
+            FactorValues::F16(out)
         }
-        (Dtype::F16, FactorValues::F16(values)) => Arc::new(PrimitiveArray::<Float16Type>::new(
+        (Dtype::F32, FactorValues::F16(values)) => {
+            let mut out = vec![0.0; values.len()];
+            values.convert_to_f32_slice(&mut out);
+            FactorValues::F32(out)
+        }
+        (_, values) => values,
+    }
+}
+
+/// Stored values ([`stored`]) as an Arrow array, without copying them.
+fn factor_values(values: FactorValues) -> ArrayRef {
+    match values {
+        FactorValues::F32(values) => Arc::new(Float32Array::new(ScalarBuffer::from(values), None)),
+        FactorValues::F16(values) => Arc::new(PrimitiveArray::<Float16Type>::new(
             ScalarBuffer::from(values),
             None,
         )),
@@ -235,25 +239,25 @@ pub(crate) fn examples(rows: ExampleRowsOwned) -> Result<RecordBatch> {
     )
 }
 
-/// `updates` rows of one layer; computes `update_norm` when not given.
 /// `updates` rows of one step and layer; `rank`: the writer's rank in a
-/// distributed run (column `rank`, null otherwise).
+/// distributed run (column `rank`, null otherwise). Computes `update_norm`
+/// when not given, from the values as stored (an f16 run's rounded ones).
 pub(crate) fn updates(rows: UpdateRows, dtype: Dtype, rank: Option<i32>) -> Result<RecordBatch> {
     let n = rows.ids.len();
+    let (u_values, v_values) = (stored(dtype, rows.u), stored(dtype, rows.v));
     let norms = match rows.norms {
         Some(norms) => norms,
-        None => {
-            let (u, v) = (rows.u.as_f32(), rows.v.as_f32());
-            (0..n)
-                .map(|i| {
-                    update_norm(
-                        rows.norm,
-                        &u[rows.u_rows.range(i)],
-                        &v[rows.v_rows.range(i)],
-                    )
-                })
-                .collect()
-        }
+        None => (0..n)
+            .map(|i| {
+                let (ur, vr) = (rows.u_rows.range(i), rows.v_rows.range(i));
+                match (&u_values, &v_values) {
+                    (FactorValues::F16(u), FactorValues::F16(v)) => {
+                        update_norm_f16(rows.norm, &u[ur], &v[vr])
+                    }
+                    (u, v) => update_norm(rows.norm, &u.as_f32()[ur], &v.as_f32()[vr]),
+                }
+            })
+            .collect(),
     };
     let schema = schema(Table::Updates, dtype);
     let u_type = field_type(&schema, Table::Updates, col::U)?;
@@ -261,14 +265,14 @@ pub(crate) fn updates(rows: UpdateRows, dtype: Dtype, rank: Option<i32>) -> Resu
     let u = list(
         Table::Updates,
         &u_type,
-        factor_values(dtype, rows.u),
+        factor_values(u_values),
         &rows.u_rows,
         n,
     )?;
     let v = list(
         Table::Updates,
         &v_type,
-        factor_values(dtype, rows.v),
+        factor_values(v_values),
         &rows.v_rows,
         n,
     )?;

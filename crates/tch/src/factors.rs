@@ -31,14 +31,15 @@ pub struct Factors {
     pub update_norm: Option<Tensor>,
 }
 
-/// The factors copied to the host, row-major, in the run's stored type,
-/// ready to be handed to [`reptrace_record::Recorder::updates_owned`].
+/// The factors copied to the host, row-major, ready to be handed to
+/// [`reptrace_record::Recorder::updates_owned`]: `f32`, or for an f16 run
+/// on a CUDA device `f16` converted there (on the CPU the recorder rounds
+/// an f16 run's values on its writer thread).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostFactors {
-    /// [`Factors::u`] in the stored type: `B × u_len` values (none for
-    /// Conv2d storage full).
+    /// [`Factors::u`]: `B × u_len` values (none for Conv2d storage full).
     pub u: FactorValues,
-    /// [`Factors::v`] in the stored type: `B × v_len` values.
+    /// [`Factors::v`]: `B × v_len` values.
     pub v: FactorValues,
     /// [`Factors::update_norm`]: `‖ΔW_i‖_F` per example (bias excluded), `B`
     /// values, `f32` whatever the stored type (`None`: the recorder computes
@@ -55,12 +56,12 @@ pub struct InFlight {
     u: Tensor,
     v: Tensor,
     update_norm: Option<Tensor>,
-    dtype: Dtype,
 }
 
 impl Factors {
-    /// Copies the factors to the host in `dtype` (converted on the device
-    /// for f16, so half the bytes travel), one contiguous copy per factor.
+    /// Copies the factors of a run recorded in `dtype` to the host (an f16
+    /// run's converted on a CUDA device, so half the bytes travel), one
+    /// contiguous copy per factor.
     /// Synchronous; the training loop uses [`Factors::start_to_host`].
     pub fn to_host(&self, dtype: Dtype) -> Result<HostFactors> {
         let flight = self.start_to_host(dtype)?;
@@ -70,15 +71,18 @@ impl Factors {
         flight.finish()
     }
 
-    /// Starts copying the factors to the host in `dtype`. On a CUDA device
+    /// Starts copying the factors of a run recorded in `dtype` to the host
+    /// ([`HostFactors`] says in which type). On a CUDA device
     /// the f16 conversion runs on the device and the copies are
     /// asynchronous (non-blocking, into pinned memory); the caller
     /// synchronises the device once for all layers of a step before
     /// [`InFlight::finish`]. On the CPU nothing is copied yet.
     pub fn start_to_host(&self, dtype: Dtype) -> Result<InFlight> {
-        let kind = match dtype {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
+        let kind = match (dtype, self.v.device()) {
+            // On the CPU an f16 run's factors stay f32: the recorder's writer
+            // thread rounds them in bulk, off the training thread.
+            (Dtype::F32, _) | (Dtype::F16, Device::Cpu) => Kind::Float,
+            (Dtype::F16, _) => Kind::Half,
         };
         let start = |t: &Tensor, kind: Kind| -> Result<Tensor> {
             let t = t.f_to_kind(kind)?;
@@ -97,7 +101,6 @@ impl Factors {
                 .as_ref()
                 .map(|n| start(n, Kind::Float))
                 .transpose()?,
-            dtype,
         })
     }
 }
@@ -112,9 +115,9 @@ impl InFlight {
             Ok(out)
         }
         let values = |t: &Tensor| -> Result<FactorValues> {
-            Ok(match self.dtype {
-                Dtype::F32 => FactorValues::F32(copy::<f32>(t)?),
-                Dtype::F16 => FactorValues::F16(copy::<half::f16>(t)?),
+            Ok(match t.kind() {
+                Kind::Half => FactorValues::F16(copy::<half::f16>(t)?),
+                _ => FactorValues::F32(copy::<f32>(t)?),
             })
         };
         Ok(HostFactors {

@@ -33,7 +33,6 @@
 //! [`Error::Inexact`]. What each step applied is in the `layer_steps`
 //! table. A loop that takes its gradients from [`Tracer::backward`] hands
 //! them to its optimizer itself, unchecked: apply them as returned.
-use crate::factors::layer_factors;
 use crate::probe::{Displacement, predictions};
 use crate::{Error, Result};
 use crate::{check, kinds};
@@ -1558,7 +1557,7 @@ impl StepWriter<'_> {
                 Some(lr) => lr * scale,
                 None => *scale,
             };
-            let f = layer_factors(spec, &tap.input, delta, lr)?;
+            let f = kinds::of(spec)?.factors_stored(&tap.input, delta, lr, self.dtype)?;
             flights.push((name.as_str(), f.start_to_host(self.dtype)?));
         }
         if let Device::Cuda(i) = device {

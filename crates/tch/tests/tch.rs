@@ -802,11 +802,10 @@ fn update_rows(run: &Path) -> Vec<UpdateRow> {
     out
 }
 
-/// The factors of a run recorded in f16 are converted on the device (the
-/// tch loop hands f16 buffers to the recorder): they are exactly the f32
-/// run's factors rounded to f16 the way the recorder rounds them (`half`,
-/// round to nearest even), so a run recorded through the new path reads back
-/// the rows the old one (f32 handed over, converted by the writer) wrote.
+/// The factors of a run recorded in f16 are exactly the f32 run's factors
+/// rounded to f16 (round to nearest even), whoever rounds them: the recorder's
+/// writer on the CPU (`half`), the device on CUDA (libtorch), where the same
+/// rounding keeps the rows those of a run recorded on the CPU.
 #[test]
 fn f16_factors_converted_on_the_device_equal_the_recorders_rounding() {
     let dir = tempfile::tempdir().unwrap();

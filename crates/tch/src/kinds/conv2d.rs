@@ -8,7 +8,7 @@
 use super::{CheckProducts, Kind};
 use crate::factors::Factors;
 use crate::{Error, Result};
-use reptrace_format::{Conv2dSpec, Mode, PaddingMode, Storage};
+use reptrace_format::{Conv2dSpec, Dtype, Mode, PaddingMode, Storage};
 use tch::{Tensor, nn};
 
 /// The inputs a Conv2d layer is traced for before its first input fixed
@@ -166,6 +166,24 @@ fn i(v: [usize; 2]) -> [i64; 2] {
 
 /// Conv2d factors (or full per-example matrices, as `spec.storage` says).
 pub fn factors(spec: &Conv2dSpec, input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors> {
+    factors_stored(spec, input, delta, lr, Dtype::F32)
+}
+
+/// [`factors`] with `update_norm` of the values a run of `dtype` stores:
+/// for f16, of the factors rounded to f16 (and widened exactly).
+pub fn factors_stored(
+    spec: &Conv2dSpec,
+    input: &Tensor,
+    delta: &Tensor,
+    lr: f64,
+    dtype: Dtype,
+) -> Result<Factors> {
+    let stored = |t: &Tensor| -> Result<Tensor> {
+        Ok(match dtype {
+            Dtype::F32 => t.shallow_clone(),
+            Dtype::F16 => t.f_to_kind(tch::Kind::Half)?.f_to_kind(tch::Kind::Float)?,
+        })
+    };
     let sum = |t: &Tensor, dims: &[i64]| t.f_sum_dim_intlist(dims, false, None::<tch::Kind>);
     let b = input.size().first().copied().unwrap_or(0);
     let (c_out, k, p) = (
@@ -182,8 +200,9 @@ pub fn factors(spec: &Conv2dSpec, input: &Tensor, delta: &Tensor, lr: f64) -> Re
         Storage::Factors => {
             // ‖v uᵀ‖_F² = Σ (vᵀv) ∘ (uᵀu): P×P Gram matrices, cheaper than ΔW
             // exactly when factors are the smaller storage.
-            let gv = v.f_transpose(1, 2)?.f_bmm(&v)?;
-            let gu = u.f_transpose(1, 2)?.f_bmm(&u)?;
+            let (us, vs) = (stored(&u)?, stored(&v)?);
+            let gv = vs.f_transpose(1, 2)?.f_bmm(&vs)?;
+            let gu = us.f_transpose(1, 2)?.f_bmm(&us)?;
             let update_norm = sum(&gv.f_mul(&gu)?, &[1, 2])?.f_clamp_min(0.0)?.f_sqrt()?;
             Ok(Factors {
                 u: u.f_reshape([b, k * p])?,
@@ -193,7 +212,8 @@ pub fn factors(spec: &Conv2dSpec, input: &Tensor, delta: &Tensor, lr: f64) -> Re
         }
         Storage::Full => {
             let dw = v.f_bmm(&u.f_transpose(1, 2)?)?; // B × C_out × K
-            let update_norm = sum(&dw.f_mul(&dw)?, &[1, 2])?.f_sqrt()?;
+            let dws = stored(&dw)?;
+            let update_norm = sum(&dws.f_mul(&dws)?, &[1, 2])?.f_sqrt()?;
             let dw = dw.f_reshape([b, c_out * k])?;
             let full = if spec.bias {
                 let db = sum(&v, &[2])?;
@@ -277,6 +297,16 @@ impl Kind for Conv2dSpec {
         factors(self, input, delta, lr)
     }
 
+    fn factors_stored(
+        &self,
+        input: &Tensor,
+        delta: &Tensor,
+        lr: f64,
+        dtype: Dtype,
+    ) -> Result<Factors> {
+        factors_stored(self, input, delta, lr, dtype)
+    }
+
     fn check_products(&self, input: &Tensor, g: &Tensor, r: &Tensor) -> Result<CheckProducts> {
         let sum0 = |t: &Tensor, dims: &[i64]| t.f_sum_dim_intlist(dims, false, None::<tch::Kind>);
         let b = g.size().first().copied().unwrap_or(0);
@@ -294,5 +324,70 @@ impl Kind for Conv2dSpec {
             bias: sum0(&g, &[0, 2])?,
             bias_magnitude: sum0(&g.f_abs()?, &[0, 2])?,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// An f16 run's conv norms are those of the values it stores. Inputs of
+    /// 1.0001 are 1 in f16, so with factor storage every stored `ΔW_i` is
+    /// `K` copies of each output channel's `Σ_p v` (rounded `v`), about
+    /// 5e-5 below the f32 update here: far above the f32 products' rounding.
+    /// With full storage the stored `ΔW_i` is the f32 one rounded to f16.
+    #[test]
+    fn f16_norms_are_those_of_the_stored_values() {
+        let (b, c_in, c_out, lr) = (2usize, 2usize, 3usize, 0.5f64);
+        let k = c_in * 2 * 2;
+        let input = Tensor::from_slice(&vec![1.0001f32; b * c_in * 16]).reshape([2, 2, 4, 4]);
+        let deltas: Vec<f32> = (0..b * c_out * 9).map(|i| 0.1 + 0.013 * i as f32).collect();
+        let delta = Tensor::from_slice(&deltas).reshape([2, 3, 3, 3]);
+        let v: Vec<f32> = deltas.iter().map(|&d| d * -(lr as f32)).collect();
+        let h = |x: f32| f64::from(half::f16::from_f32(x).to_f32());
+        for storage in [Storage::Factors, Storage::Full] {
+            let mut s = spec("c", 2, 3, 2, &nn::ConvConfig::default()).unwrap();
+            (s.input_hw, s.output_hw, s.storage) = ([4, 4], [3, 3], storage);
+            let norms = |dtype| {
+                let f = factors_stored(&s, &input, &delta, lr, dtype).unwrap();
+                Vec::<f32>::try_from(f.update_norm.unwrap()).unwrap()
+            };
+            let (wide, half_norms) = (norms(Dtype::F32), norms(Dtype::F16));
+            for i in 0..b {
+                let channel = |o: usize| &v[(i * c_out + o) * 9..(i * c_out + o + 1) * 9];
+                let (want, f32_norm) = match storage {
+                    Storage::Factors => {
+                        let sums = (0..c_out).map(|o| channel(o).iter().map(|&x| h(x)).sum());
+                        let sq: f64 = sums.map(|s: f64| k as f64 * s * s).sum();
+                        (sq.sqrt(), f64::from(wide[i]))
+                    }
+                    Storage::Full => {
+                        let sq: f64 = (0..c_out)
+                            .map(|o| {
+                                let s: f64 = channel(o).iter().map(|&x| f64::from(x)).sum();
+                                k as f64 * h((s * 1.0001) as f32).powi(2)
+                            })
+                            .sum();
+                        (sq.sqrt(), f64::from(wide[i]))
+                    }
+                };
+                let got = f64::from(half_norms[i]);
+                let tol = match storage {
+                    Storage::Factors => 2e-6,
+                    Storage::Full => 2e-4,
+                };
+                assert!(
+                    (got - want).abs() <= tol * want,
+                    "{storage:?} {i}: {got} vs {want}"
+                );
+                if storage == Storage::Factors {
+                    assert!(
+                        (f32_norm - want).abs() > 2e-5 * want,
+                        "{f32_norm} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

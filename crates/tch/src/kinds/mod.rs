@@ -33,7 +33,7 @@
 //! in `python/reptrace/_kinds.py`.
 use crate::Result;
 use crate::factors::Factors;
-use reptrace_format::{Mode, Module, TracedLayer};
+use reptrace_format::{Dtype, Mode, Module, TracedLayer};
 use tch::Tensor;
 
 pub mod conv2d;
@@ -82,6 +82,19 @@ pub trait Kind {
     /// is the layer input, `delta` the gradient of the batch loss at the
     /// layer output (same shape as the output), `lr` the learning rate.
     fn factors(&self, input: &Tensor, delta: &Tensor, lr: f64) -> Result<Factors>;
+
+    /// [`Kind::factors`] for a run recorded in `dtype`: an `update_norm` the
+    /// kind computes is that of the values the run stores (for f16, of the
+    /// factors rounded to f16), as the recorder's own is.
+    fn factors_stored(
+        &self,
+        input: &Tensor,
+        delta: &Tensor,
+        lr: f64,
+        _dtype: Dtype,
+    ) -> Result<Factors> {
+        self.factors(input, delta, lr)
+    }
 
     /// The gradient check's products: `input` the layer input, `g` its `δ`
     /// in `f32`, `r` the direction (the weight's `[0]` rows flattened).
